@@ -1,0 +1,17 @@
+"""fanout: long jobs split into checkpointed chunks under a time budget,
+written as Avro, run locally or on AWS."""
+
+from fanout.context import ChunkContext, Continue
+from fanout.errors import PermanentError, RecordError, UserError
+from fanout.jobs import Job, RunSettings
+
+__all__ = [
+    "ChunkContext",
+    "Continue",
+    "Job",
+    "PermanentError",
+    "RecordError",
+    "RunSettings",
+    "UserError",
+]
+__version__ = "0.1.0"

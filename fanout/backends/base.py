@@ -1,0 +1,320 @@
+"""The backend seam: the records the engine keeps and the three Protocols
+(queue, object store, ledger) that every backend implements.
+
+The engine (``fanout.runner``, ``fanout.coordinator``) speaks only to these
+Protocols. Each method of :class:`Ledger` is one atomic step of the correctness
+model in DESIGN.md (a conditional write on DynamoDB, one transaction in SQLite),
+so a crash between two calls leaves the ledger in a state the next call can
+reason about. The contract suite in ``tests/contract/`` runs against every
+backend.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol, runtime_checkable
+
+
+class TaskState(enum.StrEnum):
+    """Where one task (a chunk id at one ``seq``) stands."""
+
+    QUEUED = "queued"  # registered, waiting for a worker (or for its back-off)
+    RUNNING = "running"  # a worker holds the lease
+    DONE = "done"  # committed (its output, if any, counts)
+    DEAD = "dead"  # failed max_attempts times; kept for replay
+    CANCELLED = "cancelled"  # skipped because its run was stopped by a runaway bound
+
+
+FINISHED_TASK_STATES = frozenset({TaskState.DONE, TaskState.DEAD, TaskState.CANCELLED})
+
+
+class RunState(enum.StrEnum):
+    """The life of a run. ``finalizing`` is the short step that writes the manifest."""
+
+    RUNNING = "running"
+    FINALIZING = "finalizing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # drained, with dead chunks
+    STOPPED = "stopped"  # drained after a runaway bound was hit
+
+
+TERMINAL_RUN_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskKey:
+    """A task's identity: chunk ids are deterministic (``0``, ``0/3``, ``0/3/1``),
+    a continuation bumps ``seq``."""
+
+    run_id: str
+    chunk_id: str
+    seq: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.run_id}:{self.chunk_id}#{self.seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task to register: its key and the encoded message that runs it."""
+
+    chunk_id: str
+    seq: int
+    depth: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A committed Avro file."""
+
+    key: str
+    records: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why an attempt failed, as kept in the ledger for ``fanout failed``."""
+
+    kind: str  # "error", "timed out", "crashed", "bad record"
+    error: str  # one line
+    traceback: str = ""
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """A task as the ledger keeps it."""
+
+    run_id: str
+    chunk_id: str
+    seq: int
+    state: TaskState
+    attempt: int  # claims so far (lifetime)
+    attempt_floor: int  # attempts before the last replay; the budget counts from here
+    depth: int
+    message: str
+    lease_token: str | None = None
+    lease_expires: float = 0.0
+    not_before: float = 0.0  # back-off: no claim before this time
+    output: Output | None = None
+    error: str | None = None
+    traceback: str | None = None
+    history: list[dict[str, object]] = field(default_factory=list)
+    updated_at: float = 0.0
+
+    @property
+    def key(self) -> TaskKey:
+        return TaskKey(self.run_id, self.chunk_id, self.seq)
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """A run as the ledger keeps it, with its counters."""
+
+    run_id: str
+    job: str  # how to load the job again: "/abs/path.py" or "module:attr"
+    job_name: str
+    params: dict[str, object]
+    settings: dict[str, object]
+    state: RunState = RunState.RUNNING
+    stop_reason: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    finished_at: float | None = None
+    outstanding: int = 0  # registered tasks not yet finished (the fan-in counter)
+    tasks_total: int = 0  # tasks registered (a continuation is a task)
+    chunks_total: int = 0  # distinct chunk ids registered (what max_chunks bounds)
+    tasks_done: int = 0
+    tasks_dead: int = 0
+    tasks_cancelled: int = 0
+    records: int = 0
+    bytes: int = 0
+    retries: int = 0
+    manifest_key: str | None = None
+
+
+class ClaimOutcome(enum.StrEnum):
+    """What a claim found. Only ``claimed`` means: run the task now."""
+
+    CLAIMED = "claimed"
+    FINISHED = "finished"  # duplicate delivery of a finished task: acknowledge and skip
+    BUSY = "busy"  # another worker's lease is live: retry after ``retry_after``
+    WAIT = "wait"  # in back-off until ``retry_after``
+    BURIED = "buried"  # an expired lease used the last attempt: now dead
+    CANCELLED = "cancelled"  # its run was stopped: skipped
+    MISSING = "missing"  # no such task (never registered): acknowledge and log
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The answer to :meth:`Ledger.claim`."""
+
+    outcome: ClaimOutcome
+    task: TaskRecord | None = None
+    attempt: int = 0  # the attempt number within the current budget (1-based)
+    retry_after: float = 0.0  # seconds, for BUSY and WAIT
+    takeover: str | None = None  # "timed out" / "crashed" when an expired lease was taken over
+    drained: bool = False  # this step brought the run's outstanding counter to zero
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """The answer to a step that finishes a task."""
+
+    ok: bool  # False: the lease was lost (another attempt owns the task now)
+    drained: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """The answer to :meth:`Ledger.register`."""
+
+    created: int  # tasks newly created (already-registered ones are not counted twice)
+    over_limit: bool = False  # max_chunks would be exceeded: nothing was registered
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    """Runs, tasks and their counters. Every method is atomic."""
+
+    def create_run(self, run: RunRecord, root: NewTask) -> None:
+        """Create ``run`` with its root task queued and ``outstanding == 1``.
+        Raises ``KeyError`` if the run id exists."""
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run, or None."""
+
+    def list_runs(
+        self, limit: int = 50, states: Collection[RunState] | None = None
+    ) -> list[RunRecord]:
+        """Newest first (optionally only those in ``states``)."""
+
+    def register(self, run_id: str, tasks: Sequence[NewTask], max_chunks: int) -> Registration:
+        """Create the tasks that do not exist yet (conditional create), raising
+        ``outstanding`` and ``tasks_total`` by the number created. If that would
+        take ``chunks_total`` (tasks at seq 0) over ``max_chunks``, create nothing
+        and say so."""
+
+    def claim(
+        self, key: TaskKey, token: str, lease_seconds: float, max_attempts: int, now: float
+    ) -> Claim:
+        """Take the lease on a queued task, or on a running one whose lease expired
+        (the next attempt; the expired one is recorded as timed out or crashed).
+        A takeover beyond ``max_attempts`` buries the task instead."""
+
+    def commit(
+        self, key: TaskKey, token: str, output: Output | None, outcome: str, now: float
+    ) -> Settle:
+        """Mark the task done with its output, if ``token`` still holds the lease.
+        ``outcome`` ("committed", "continued") goes into its history."""
+
+    def retry(self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float) -> bool:
+        """Release the lease after a failed attempt; no claim before ``not_before``."""
+
+    def bury(self, key: TaskKey, token: str, failure: Failure, now: float) -> Settle:
+        """Dead-letter the task (its message stays in the ledger for replay)."""
+
+    def stop(self, run_id: str, reason: str) -> None:
+        """Note that a runaway bound stopped the run: queued tasks are cancelled when claimed."""
+
+    def get_task(self, key: TaskKey) -> TaskRecord | None:
+        """The task, or None."""
+
+    def list_tasks(self, run_id: str, states: Collection[TaskState] | None = None) -> list[TaskRecord]:
+        """The run's tasks (optionally only those in ``states``), ordered by chunk id and seq."""
+
+    def reopen(self, run_id: str, chunk_ids: Collection[str] | None, now: float) -> list[TaskRecord]:
+        """Put dead tasks (all, or those of ``chunk_ids``) back in the queue state with a
+        fresh attempt budget, and the run back to running. Returns the reopened tasks."""
+
+    def begin_finalize(self, run_id: str, now: float, stale_after: float) -> bool:
+        """Take the right to write the manifest: true once per drain (or again after
+        ``stale_after`` seconds, if the finalizer died)."""
+
+    def finish(self, run_id: str, state: RunState, manifest_key: str, now: float) -> None:
+        """Record the run's final state and manifest."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One received message."""
+
+    body: str
+    receipt: str
+    receive_count: int
+
+
+@runtime_checkable
+class Queue(Protocol):
+    """At-least-once delivery with visibility timeouts, like SQS."""
+
+    max_message_bytes: int
+
+    def send(self, bodies: Sequence[str], delay: float = 0.0) -> None:
+        """Enqueue messages, visible after ``delay`` seconds."""
+
+    def receive(self, max_messages: int, visibility: float) -> list[Delivery]:
+        """Up to ``max_messages`` visible messages, hidden for ``visibility`` seconds."""
+
+    def ack(self, receipt: str) -> None:
+        """Delete a received message. A stale receipt (redelivered since) is ignored."""
+
+    def release(self, receipt: str, delay: float) -> None:
+        """Make a received message visible again after ``delay`` seconds."""
+
+    def pending(self) -> int:
+        """Messages not yet deleted (visible, delayed or in flight)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    """An object store keyed like S3 (``runs/<run_id>/...``)."""
+
+    def put(self, key: str, data: bytes | BinaryIO, *, if_absent: bool = False) -> bool:
+        """Write an object atomically (readers never see half of it). With
+        ``if_absent``, write only if the key does not exist; return whether it wrote."""
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; ``KeyError`` if missing."""
+
+    def open(self, key: str) -> BinaryIO:
+        """A binary file object to read; ``KeyError`` if missing."""
+
+    def exists(self, key: str) -> bool:
+        """Whether the key exists."""
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys under ``prefix``, sorted."""
+
+    def delete(self, key: str) -> None:
+        """Remove the key if present."""
+
+    def url(self, key: str) -> str:
+        """Where the object is, for people (a path or an s3:// URL)."""
+
+    def close(self) -> None:
+        """Release resources."""
+
+
+@dataclass
+class Backend:
+    """The three seams of one backend, opened together."""
+
+    name: str
+    queue: Queue
+    store: Store
+    ledger: Ledger
+
+    def close(self) -> None:
+        self.queue.close()
+        self.ledger.close()
+        self.store.close()

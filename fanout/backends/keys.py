@@ -1,0 +1,60 @@
+"""Validation of object-store keys, shared by every :class:`~fanout.backends.base.Store`.
+
+Keys are S3-style relative paths (``runs/<run_id>/_manifest.json``). They can
+arrive inside queue messages, so a store must never let one escape its root
+(``../``, an absolute path) or alias another key (``a//b``, ``a/./b``,
+``a\\b`` on Windows). Every store checks keys here so they all accept and
+reject the same ones.
+"""
+
+from __future__ import annotations
+
+#: Names starting with this are a store's own in-progress files (see ``DirStore``);
+#: a key may not use it, or ``list`` would hide the object.
+TEMP_PREFIX = ".tmp-"
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` unchanged if it is a valid object key, else raise ``ValueError``."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"bad store key {key!r}: must be a non-empty string")
+    _check_segments(key, key.split("/"))
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Return ``prefix`` unchanged if it is a valid listing prefix, else raise ``ValueError``.
+
+    A prefix is a plain string prefix of keys, like S3's (``runs/abc/da`` matches
+    ``runs/abc/data/x``), so its last segment may be partial or empty; the
+    segments before it must be valid key segments.
+    """
+    if not isinstance(prefix, str):
+        raise ValueError(f"bad store prefix {prefix!r}: must be a string")
+    if not prefix:
+        return prefix
+    segments = prefix.split("/")
+    # The last segment may be empty ("runs/") or partial ("runs/ab"), never "..".
+    _check_segments(prefix, segments[:-1])
+    _check_chars(prefix, segments[-1])
+    if segments[-1] in (".", ".."):
+        raise ValueError(f"bad store prefix {prefix!r}: '.' and '..' are not allowed")
+    return prefix
+
+
+def _check_segments(key: str, segments: list[str]) -> None:
+    for segment in segments:
+        if not segment:
+            raise ValueError(f"bad store key {key!r}: no leading, trailing or doubled '/' allowed")
+        if segment in (".", ".."):
+            raise ValueError(f"bad store key {key!r}: '.' and '..' segments are not allowed")
+        if segment.startswith(TEMP_PREFIX):
+            raise ValueError(f"bad store key {key!r}: names starting {TEMP_PREFIX!r} are reserved")
+        _check_chars(key, segment)
+
+
+def _check_chars(key: str, segment: str) -> None:
+    if "\\" in segment:
+        raise ValueError(f"bad store key {key!r}: backslashes are not allowed")
+    if "\x00" in segment:
+        raise ValueError(f"bad store key {key!r}: NUL characters are not allowed")

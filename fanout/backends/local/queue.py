@@ -1,0 +1,133 @@
+"""A work queue in SQLite with SQS semantics: visibility timeouts, at-least-once.
+
+Every receive hides the messages it returns for ``visibility`` seconds by moving
+their ``visible_at`` into the future, in the same statement that picks them, so
+two processes can never both hold a message while it is invisible. A message
+that is not acknowledged in time becomes visible again and is redelivered with
+a higher ``receive_count``; the receipt carries that count, so the first
+receiver's late ``ack`` or ``release`` cannot touch the redelivered copy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from fanout.backends.base import Delivery
+from fanout.backends.local.db import Database
+
+# AUTOINCREMENT (not just INTEGER PRIMARY KEY): a plain rowid can be reused
+# after the newest row is deleted, and a stale receipt "id:count" could then
+# acknowledge a different message that happens to get the same id and count.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    body TEXT NOT NULL,
+    visible_at REAL NOT NULL,
+    receive_count INTEGER NOT NULL DEFAULT 0,
+    sent_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_queue_visible ON messages (queue, visible_at);
+"""
+
+_INSERT = (
+    "INSERT INTO messages (queue, body, visible_at, receive_count, sent_at) VALUES (?, ?, ?, 0, ?)"
+)
+
+# One statement picks and hides: no window between choosing a row and claiming it.
+# The (queue, visible_at) index yields rows in (visible_at, id) order directly.
+_RECEIVE = """
+UPDATE messages SET visible_at = ?, receive_count = receive_count + 1
+WHERE id IN (
+    SELECT id FROM messages WHERE queue = ? AND visible_at <= ?
+    ORDER BY visible_at, id LIMIT ?
+)
+RETURNING id, body, receive_count
+"""
+
+_ACK = "DELETE FROM messages WHERE id = ? AND receive_count = ? AND queue = ?"
+_RELEASE = "UPDATE messages SET visible_at = ? WHERE id = ? AND receive_count = ? AND queue = ?"
+_PENDING = "SELECT count(*) FROM messages WHERE queue = ?"
+
+
+class SQLiteQueue:
+    """The :class:`~fanout.backends.base.Queue` of the local and memory backends.
+
+    Several logical queues (``name``) can share the one ``messages`` table.
+    """
+
+    #: The SQS limit, so the engine's offload-large-messages-to-the-store path
+    #: runs locally too.
+    max_message_bytes: int = 256 * 1024
+
+    def __init__(self, db: Database, name: str = "work") -> None:
+        self.db = db
+        self.name = name
+        db.executescript(_SCHEMA)
+
+    def send(self, bodies: Sequence[str], delay: float = 0.0) -> None:
+        """Enqueue ``bodies`` in one transaction, visible after ``delay`` seconds.
+
+        Raises ``ValueError`` (and sends nothing) if a body is larger than
+        :attr:`max_message_bytes` in UTF-8, as SQS would refuse it.
+        """
+        if not bodies:
+            return
+        limit = self.max_message_bytes
+        for body in bodies:
+            # A str of n characters is at most 4n UTF-8 bytes: only encode the
+            # few bodies that could be over the limit (keeps 10k sends cheap).
+            if len(body) * 4 > limit and len(body.encode()) > limit:
+                raise ValueError(f"message of {len(body.encode())} bytes exceeds {limit} bytes")
+        now = time.time()
+        visible_at = now + max(delay, 0.0)
+        name = self.name
+        with self.db.write() as conn:
+            conn.executemany(_INSERT, [(name, body, visible_at, now) for body in bodies])
+
+    def receive(self, max_messages: int, visibility: float) -> list[Delivery]:
+        """Up to ``max_messages`` visible messages, oldest first, hidden for
+        ``visibility`` seconds. Within one batch, messages come in send order."""
+        if max_messages <= 0:
+            return []
+        now = time.time()
+        with self.db.write() as conn:
+            rows = conn.execute(
+                _RECEIVE, (now + max(visibility, 0.0), self.name, now, max_messages)
+            ).fetchall()
+        # RETURNING has no defined order; the ids are the send order.
+        rows.sort(key=lambda row: row[0])
+        return [Delivery(body, f"{id_}:{count}", count) for id_, body, count in rows]
+
+    def ack(self, receipt: str) -> None:
+        """Delete the message, unless it was redelivered since ``receipt`` was issued."""
+        id_, count = _parse_receipt(receipt)
+        with self.db.write() as conn:
+            conn.execute(_ACK, (id_, count, self.name))
+
+    def release(self, receipt: str, delay: float) -> None:
+        """Make the message visible again after ``delay`` seconds, unless it was
+        redelivered since ``receipt`` was issued."""
+        id_, count = _parse_receipt(receipt)
+        visible_at = time.time() + max(delay, 0.0)
+        with self.db.write() as conn:
+            conn.execute(_RELEASE, (visible_at, id_, count, self.name))
+
+    def pending(self) -> int:
+        """Messages of this queue not yet deleted (visible, delayed or in flight)."""
+        row = self.db.conn.execute(_PENDING, (self.name,)).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        """Nothing to release: the shared :class:`Database` is closed by the backend."""
+
+
+def _parse_receipt(receipt: str) -> tuple[int, int]:
+    id_, sep, count = receipt.partition(":")
+    if not sep:
+        raise ValueError(f"bad receipt {receipt!r}")
+    try:
+        return int(id_), int(count)
+    except ValueError:
+        raise ValueError(f"bad receipt {receipt!r}") from None

@@ -1,0 +1,418 @@
+"""The ``fanout`` command line.
+
+Exit codes: 0 success, 1 the run failed (or was stopped), 2 bad usage or bad
+input. A user error prints one line naming the problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fanout import coordinator
+from fanout.backends import BACKENDS, default_home, open_backend
+from fanout.backends.base import Backend, RunRecord, RunState, TaskState
+from fanout.errors import UserError
+from fanout.jobs import RunSettings, load_job
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Group(click.Group):
+    """Turns :class:`UserError` into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_USAGE)
+
+
+def _split_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"{what} {pair!r} is not KEY=VALUE")
+        # A JSON list or object is taken as such; everything else is a string
+        # that the job's pydantic model converts (so "2" fits an int field).
+        if value[:1] in "[{":
+            try:
+                out[key] = json.loads(value)
+                continue
+            except json.JSONDecodeError:
+                pass
+        out[key] = value
+    return out
+
+
+def _params(pairs: tuple[str, ...], params_file: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if params_file:
+        try:
+            loaded = json.loads(Path(params_file).read_text())
+        except FileNotFoundError:
+            raise UserError(f"params file {params_file} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"params file {params_file} is not valid JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"params file {params_file} must hold a JSON object")
+        params.update(loaded)
+    params.update(_split_pairs(pairs, "--param"))
+    return params
+
+
+def _backend(ctx: click.Context) -> Backend:
+    obj = ctx.ensure_object(dict)
+    if "backend" not in obj:
+        backend = open_backend(obj["backend_name"], home=obj["home"])
+        ctx.call_on_close(backend.close)
+        obj["backend"] = backend
+    result: Backend = obj["backend"]
+    return result
+
+
+def _latest_run(backend: Backend) -> str:
+    runs = backend.ledger.list_runs(limit=1)
+    if not runs:
+        raise UserError("no runs yet (start one with `fanout run JOB`)")
+    return runs[0].run_id
+
+
+def _human(n: float) -> str:
+    for unit in ("", "k", "M", "G"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}" if unit else f"{n:.0f}"
+        n /= 1000
+    return f"{n:.3g}T"
+
+
+def _progress_line(status: coordinator.Status) -> str:
+    r, c = status.run, status.tasks
+    finished = c["done"] + c["dead"] + c["cancelled"]
+    return (
+        f"{r.run_id}  {r.state.value}  chunks {finished}/{r.tasks_total}"
+        f" ({c['running']} running, {c['dead']} dead, {r.retries} retries)"
+        f"  records {r.records:,}  {_human(status.rate)}/s  {status.elapsed:.1f}s"
+    )
+
+
+def _summary(status: coordinator.Status, backend: Backend) -> str:
+    r = status.run
+    lines = [
+        f"run {r.run_id} {r.state.value}: {r.records:,} records, {r.bytes:,} bytes"
+        f" from {status.tasks['done']} chunks in {status.elapsed:.2f}s"
+        f" ({_human(status.rate)} records/s)"
+    ]
+    if r.stop_reason:
+        lines.append(f"stopped: {r.stop_reason}")
+    if status.tasks["dead"]:
+        lines.append(
+            f"{status.tasks['dead']} dead chunks: see `fanout failed {r.run_id}`,"
+            f" fix the job, then `fanout replay {r.run_id}`"
+        )
+    if r.manifest_key:
+        lines.append(f"manifest: {backend.store.url(r.manifest_key)}")
+    return "\n".join(lines)
+
+
+def _exit_code(run: RunRecord) -> int:
+    return 0 if run.state == RunState.SUCCEEDED else EXIT_FAILED
+
+
+def _work(
+    ctx: click.Context, run_id: str, workers: int, chunk_timeout: float, as_json: bool
+) -> None:
+    """Work the queue until ``run_id`` finishes, showing progress; exit with its outcome."""
+    from fanout.worker import WorkerOptions, WorkerPool
+
+    backend = _backend(ctx)
+    obj = ctx.obj
+    opts = WorkerOptions(
+        backend=obj["backend_name"], home=obj["home"], workers=workers, chunk_timeout=chunk_timeout
+    )
+    tty = sys.stderr.isatty()
+    last_print = [0.0]
+
+    def tick() -> None:
+        if as_json:
+            return
+        now = time.time()
+        line = _progress_line(coordinator.status(backend, run_id))
+        if tty:
+            click.echo("\r" + line.ljust(110), err=True, nl=False)
+        elif now - last_print[0] >= 2.0:
+            click.echo(line, err=True)
+            last_print[0] = now
+
+    def finished() -> bool:
+        run = backend.ledger.get_run(run_id)
+        return run is not None and run.state in (
+            RunState.SUCCEEDED,
+            RunState.FAILED,
+            RunState.STOPPED,
+        )
+
+    pool = WorkerPool(opts)
+    pool.run(until=finished, tick=tick)
+    if tty and not as_json:
+        click.echo("", err=True)
+    status = coordinator.status(backend, run_id)
+    if as_json:
+        click.echo(json.dumps(status.to_dict()))
+    else:
+        click.echo(_summary(status, backend))
+    if not finished():
+        click.echo(f"interrupted: resume with `fanout worker --until-idle` ({run_id})", err=True)
+        ctx.exit(130)
+    ctx.exit(_exit_code(status.run))
+
+
+# -- options shared by several commands ------------------------------------------
+
+def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "-S",
+        "--setting",
+        "settings",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Run setting: " + ", ".join(RunSettings.model_fields) + ".",
+    )(fn)
+    fn = click.option(
+        "--params-file", type=click.Path(dir_okay=False), help="JSON object of params."
+    )(fn)
+    fn = click.option(
+        "-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A job param."
+    )(fn)
+    return click.argument("job")(fn)
+
+
+def _worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--chunk-timeout",
+        type=click.FloatRange(min=1.0),
+        default=60.0,
+        show_default=True,
+        help="Hard timeout of one chunk (s); the soft deadline is 10% (at least 1 s) earlier.",
+    )(fn)
+    return click.option(
+        "-w",
+        "--workers",
+        type=click.IntRange(min=1),
+        default=os.cpu_count() or 1,
+        show_default=True,
+        help="Worker processes.",
+    )(fn)
+
+
+# -- commands --------------------------------------------------------------------
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Local backend home (default: $FANOUT_HOME or ./.fanout).",
+)
+@click.option(
+    "--backend", "backend_name", type=click.Choice(BACKENDS), default="local", show_default=True
+)
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="fanout")
+@click.pass_context
+def main(ctx: click.Context, home: Path | None, backend_name: str, verbose: int) -> None:
+    """fanout: long jobs split into checkpointed chunks, written as Avro."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.ensure_object(dict)
+    ctx.obj["home"] = home or default_home()
+    ctx.obj["backend_name"] = backend_name
+
+
+@main.command()
+@_job_options
+@_worker_options
+@click.option("--json", "as_json", is_flag=True, help="Print the final status as JSON.")
+@click.pass_context
+def run(
+    ctx: click.Context,
+    job: str,
+    params: tuple[str, ...],
+    params_file: str | None,
+    settings: tuple[str, ...],
+    workers: int,
+    chunk_timeout: float,
+    as_json: bool,
+) -> None:
+    """Submit JOB and work it to completion on this machine."""
+    record = coordinator.submit(
+        _backend(ctx), job, _params(params, params_file), _split_pairs(settings, "--setting")
+    )
+    if not as_json:
+        click.echo(f"run {record.run_id}", err=True)
+    _work(ctx, record.run_id, workers, chunk_timeout, as_json)
+
+
+@main.command()
+@_job_options
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    job: str,
+    params: tuple[str, ...],
+    params_file: str | None,
+    settings: tuple[str, ...],
+) -> None:
+    """Submit JOB (enqueue only) and print the run id."""
+    record = coordinator.submit(
+        _backend(ctx), job, _params(params, params_file), _split_pairs(settings, "--setting")
+    )
+    click.echo(record.run_id)
+
+
+@main.command()
+@_worker_options
+@click.option("--until-idle", is_flag=True, help="Exit once no work is left.")
+@click.pass_context
+def worker(ctx: click.Context, workers: int, chunk_timeout: float, until_idle: bool) -> None:
+    """Work the queue (all runs) until stopped with Ctrl-C / SIGTERM."""
+    from fanout.worker import WorkerOptions, WorkerPool
+
+    obj = ctx.obj
+    opts = WorkerOptions(
+        backend=obj["backend_name"], home=obj["home"], workers=workers, chunk_timeout=chunk_timeout
+    )
+    pool = WorkerPool(opts)
+    click.echo(f"fanout worker: {workers} processes on {obj['home']}", err=True)
+    pool.run(until_idle=until_idle)
+    if pool.timed_out or pool.crashed:
+        click.echo(f"{pool.timed_out} chunks timed out, {pool.crashed} crashed", err=True)
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
+    """Progress of RUN (default: the latest run)."""
+    backend = _backend(ctx)
+    st = coordinator.status(backend, run_id or _latest_run(backend))
+    if as_json:
+        click.echo(json.dumps(st.to_dict()))
+        return
+    click.echo(_progress_line(st))
+    click.echo("chunks: " + ", ".join(f"{k} {v}" for k, v in st.tasks.items()))
+    click.echo(f"bytes {st.run.bytes:,}  outstanding {st.run.outstanding}")
+    if st.run.stop_reason:
+        click.echo(f"stopped: {st.run.stop_reason}")
+    if st.run.manifest_key:
+        click.echo(f"manifest: {backend.store.url(st.run.manifest_key)}")
+
+
+@main.command()
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """Recent runs, newest first."""
+    records = _backend(ctx).ledger.list_runs(limit=limit)
+    if as_json:
+        for r in records:
+            click.echo(json.dumps({"run_id": r.run_id, "job": r.job_name, "state": r.state.value,
+                                   "records": r.records, "created_at": r.created_at}))
+        return
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
+        click.echo(f"{r.run_id:<50} {r.state.value:<10} {r.records:>12,} records  {when}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--traceback", "show_tb", is_flag=True, help="Show each chunk's traceback.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def failed(ctx: click.Context, run_id: str, show_tb: bool, as_json: bool) -> None:
+    """Dead chunks of RUN, with their errors and attempt history."""
+    backend = _backend(ctx)
+    coordinator.get_run(backend, run_id)
+    dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    for t in dead:
+        if as_json:
+            click.echo(json.dumps({"chunk_id": t.chunk_id, "seq": t.seq, "error": t.error,
+                                   "history": t.history, "traceback": t.traceback}))
+            continue
+        click.echo(f"{t.chunk_id} (seq {t.seq}, {t.attempt - t.attempt_floor} attempts): {t.error}")
+        for event in t.history:
+            detail = f": {event['error']}" if "error" in event else ""
+            click.echo(f"    attempt {event.get('attempt')}: {event.get('outcome')}{detail}")
+        if show_tb and t.traceback:
+            click.echo("    " + t.traceback.rstrip().replace("\n", "\n    "))
+    if not dead and not as_json:
+        click.echo(f"run {run_id} has no dead chunks")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--chunk", "chunks", multiple=True, metavar="ID", help="Replay only this chunk.")
+@_worker_options
+@click.option("--work", is_flag=True, help="Also work the run to completion here.")
+@click.pass_context
+def replay(
+    ctx: click.Context,
+    run_id: str,
+    chunks: tuple[str, ...],
+    workers: int,
+    chunk_timeout: float,
+    work: bool,
+) -> None:
+    """Put RUN's dead chunks back in the queue (after you fixed the job)."""
+    reopened = coordinator.replay(_backend(ctx), run_id, chunks or None)
+    click.echo(f"replaying {len(reopened)} chunks of {run_id}", err=True)
+    if work:
+        _work(ctx, run_id, workers, chunk_timeout, as_json=False)
+    else:
+        click.echo("work them with `fanout worker --until-idle`", err=True)
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.option("-n", "--limit", type=click.IntRange(min=0), default=None)
+@click.pass_context
+def cat(ctx: click.Context, run_id: str | None, limit: int | None) -> None:
+    """The committed records of RUN as JSON lines (from its manifest)."""
+    from fanout.avro import to_json_safe
+
+    backend = _backend(ctx)
+    out = sys.stdout
+    for i, record in enumerate(coordinator.committed_records(backend, run_id or _latest_run(backend))):
+        if limit is not None and i >= limit:
+            break
+        out.write(json.dumps(to_json_safe(record), separators=(",", ":")) + "\n")
+
+
+@main.command()
+@_job_options
+def validate(
+    job: str, params: tuple[str, ...], params_file: str | None, settings: tuple[str, ...]
+) -> None:
+    """Load JOB and its schema and check params, without running anything."""
+    loaded = load_job(job)
+    loaded.check()
+    model = loaded.validate_params(_params(params, params_file))
+    schema = loaded.schema
+    click.echo(f"job {loaded.name}: ok")
+    click.echo(f"  schema: {schema.name if schema else '(none: emits nothing)'}")
+    click.echo(f"  plan: {'yes' if loaded.plan_fn else 'no (one chunk holding the params)'}")
+    shown = model.model_dump(mode="json") if hasattr(model, "model_dump") else model
+    click.echo(f"  params: {json.dumps(shown)}")

@@ -1,0 +1,117 @@
+"""What a chunk sees: its params and cursor, the time it has left, and the ways
+to emit records, spawn children and checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from fanout.errors import RecordError
+from fanout.inputs import list_inputs, open_input
+
+if TYPE_CHECKING:
+    from fanout.avro import RecordWriter
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Returned by ``ctx.resume_at(cursor)``: checkpoint here, continue in a fresh chunk."""
+
+    cursor: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    """A child chunk asked for by ``ctx.spawn``."""
+
+    payload: Any
+    delay: float
+
+
+class ChunkLogger(logging.LoggerAdapter[logging.Logger]):
+    """``ctx.log``: a logger whose records carry the run id, chunk id and attempt."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = dict(self.extra or {})
+        extra.update(kwargs.pop("extra", None) or {})
+        kwargs["extra"] = {"fanout": extra}
+        return msg, kwargs
+
+
+class ChunkContext:
+    """The context passed to ``@job.plan`` and ``@job.process`` functions."""
+
+    def __init__(
+        self,
+        *,
+        params: Any,
+        run_id: str,
+        chunk_id: str,
+        seq: int,
+        attempt: int,
+        cursor: Any,
+        soft_deadline: float,
+        writer: RecordWriter | None,
+        job_name: str,
+    ) -> None:
+        self.params = params
+        self.run_id = run_id
+        self.chunk_id = chunk_id
+        self.seq = seq
+        self.attempt = attempt
+        self.cursor = cursor
+        self._soft_deadline = soft_deadline  # time.monotonic() value
+        self._writer = writer
+        self._job_name = job_name
+        self.spawned: list[Spawn] = []
+        self.log = ChunkLogger(
+            logging.getLogger(f"fanout.job.{job_name}"),
+            {"run_id": run_id, "chunk_id": chunk_id, "seq": seq, "attempt": attempt},
+        )
+
+    def time_left(self) -> float:
+        """Seconds left before the soft deadline (checkpoint when this gets small)."""
+        return self._soft_deadline - time.monotonic()
+
+    def resume_at(self, cursor: Any) -> Continue:
+        """Checkpoint: ``return ctx.resume_at(cursor)`` ends this chunk; a continuation
+        runs the same payload with ``ctx.cursor == cursor``. The cursor must be JSON."""
+        _check_json(cursor, "cursor")
+        return Continue(cursor)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Write one output record (checked against the job's Avro schema)."""
+        if self._writer is None:
+            raise RecordError(f"job {self._job_name} has no schema, so it cannot emit records")
+        self._writer.add(record)
+
+    def spawn(self, payload: Any, delay: float = 0.0) -> None:
+        """Start a child chunk with ``payload`` (JSON) once this chunk commits,
+        after ``delay`` seconds."""
+        _check_json(payload, "payload")
+        if delay < 0:
+            raise ValueError("spawn delay must be >= 0")
+        self.spawned.append(Spawn(payload, float(delay)))
+
+    @property
+    def records(self) -> int:
+        """Records emitted so far by this chunk."""
+        return self._writer.count if self._writer is not None else 0
+
+    def list(self, prefix: str) -> list[str]:
+        """Input files under a local directory or ``s3://`` prefix, sorted."""
+        return list_inputs(prefix)
+
+    def open(self, path: str) -> BinaryIO:
+        """Open an input (local path or ``s3://`` URL) for binary reading."""
+        return open_input(path)
+
+
+def _check_json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be JSON (no pickle): {exc}") from None

@@ -1,0 +1,202 @@
+"""Runs as a whole: submit, replay dead chunks, repair stalls, report status."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from fanout.backends.base import (
+    Backend,
+    NewTask,
+    RunRecord,
+    RunState,
+    TaskRecord,
+    TaskState,
+)
+from fanout.errors import UnknownRunError, UserError
+from fanout.jobs import RunSettings, canonical_ref, load_job
+from fanout.messages import ChunkMessage, offload
+from fanout.runner import FINALIZE_STALE, Runner
+
+
+def new_run_id(job_name: str) -> str:
+    """``<job>-<UTC yyyymmddThhmmss>-<6 hex>``: sortable by time, unique."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return f"{job_name}-{stamp}-{secrets.token_hex(3)}"
+
+
+def submit(
+    backend: Backend,
+    job_ref: str,
+    params: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+) -> RunRecord:
+    """Validate the job and its params, record the run and enqueue its first chunk.
+
+    Raises :class:`UserError` (one line) for a job that does not load, params
+    that do not validate or settings that are out of range.
+    """
+    job = load_job(job_ref)
+    job.check()
+    model = job.validate_params(params or {})
+    raw_params = model.model_dump(mode="json") if isinstance(model, BaseModel) else dict(model)
+    try:
+        run_settings = RunSettings.model_validate(
+            {**job.settings.model_dump(), **(settings or {})}
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        raise UserError(f"setting {where}: {err['msg']}") from None
+    schema = job.schema
+    now = time.time()
+    run = RunRecord(
+        run_id=run_id or new_run_id(job.name),
+        job=canonical_ref(job_ref),
+        job_name=job.name,
+        params=raw_params,
+        settings={**run_settings.model_dump(), "schema": schema.raw if schema else None},
+        created_at=now,
+    )
+    # A job without a plan gets one chunk holding the params.
+    if job.plan_fn is not None:
+        root = ChunkMessage(run_id=run.run_id, chunk_id="0", kind="plan")
+    else:
+        root = ChunkMessage(run_id=run.run_id, chunk_id="0", payload=raw_params)
+    body = offload(root, backend.store, backend.queue.max_message_bytes)
+    backend.ledger.create_run(run, NewTask("0", 0, 0, body))
+    # Should this send be lost (a crash right here), the recovery sweep re-sends
+    # queued tasks of a run that has nothing in the queue.
+    backend.queue.send([body])
+    return run
+
+
+def get_run(backend: Backend, run_id: str) -> RunRecord:
+    """The run, or :class:`UnknownRunError`."""
+    run = backend.ledger.get_run(run_id)
+    if run is None:
+        raise UnknownRunError(f"unknown run id {run_id!r} (see `fanout runs`)")
+    return run
+
+
+def replay(backend: Backend, run_id: str, chunk_ids: Collection[str] | None = None) -> list[TaskRecord]:
+    """Put dead chunks (all, or those named) back in the queue; the run reopens
+    and its manifest is rewritten when it drains again."""
+    get_run(backend, run_id)
+    dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    if chunk_ids:
+        unknown = sorted(set(chunk_ids) - {t.chunk_id for t in dead})
+        if unknown:
+            raise UserError(f"run {run_id} has no dead chunk {unknown[0]!r} (see `fanout failed`)")
+    elif not dead:
+        raise UserError(f"run {run_id} has no dead chunks to replay")
+    reopened = backend.ledger.reopen(run_id, set(chunk_ids) if chunk_ids else None, time.time())
+    if reopened:
+        backend.queue.send([t.message for t in reopened])
+    return reopened
+
+
+def recover(backend: Backend, stale_after: float = FINALIZE_STALE) -> list[str]:
+    """Repair what a crash at the wrong moment can leave behind; returns what it did.
+
+    - a drained run whose finalizer died before writing the manifest is finalized;
+    - a running run with work registered but nothing at all in the queue (the
+      send after a ledger write was lost) has its queued tasks re-sent.
+    Safe to call at any time from any process; called by idle workers.
+    """
+    actions = []
+    runner = Runner(backend)
+    open_runs = backend.ledger.list_runs(
+        limit=1000, states=(RunState.RUNNING, RunState.FINALIZING)
+    )
+    for run in open_runs:
+        if run.outstanding == 0:
+            if runner.finalize(run.run_id):
+                actions.append(f"finalized {run.run_id}")
+    if open_runs and backend.queue.pending() == 0:
+        now = time.time()
+        for run in open_runs:
+            if run.outstanding == 0:
+                continue
+            stranded = [
+                t.message
+                for t in backend.ledger.list_tasks(run.run_id, (TaskState.QUEUED, TaskState.RUNNING))
+                if t.state == TaskState.QUEUED or t.lease_expires < now
+            ]
+            if stranded:
+                backend.queue.send(stranded)
+                actions.append(f"re-sent {len(stranded)} stranded tasks of {run.run_id}")
+    return actions
+
+
+@dataclass
+class Status:
+    """A run's progress, for ``fanout status`` (and its ``--json``)."""
+
+    run: RunRecord
+    tasks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def elapsed(self) -> float:
+        end = self.run.finished_at or time.time()
+        return max(0.0, end - self.run.created_at)
+
+    @property
+    def rate(self) -> float:
+        """Records per second over the run's life."""
+        return self.run.records / self.elapsed if self.elapsed > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        r = self.run
+        return {
+            "run_id": r.run_id,
+            "job": r.job_name,
+            "state": r.state.value,
+            "stop_reason": r.stop_reason,
+            "chunks": self.tasks,
+            "outstanding": r.outstanding,
+            "retries": r.retries,
+            "records": r.records,
+            "bytes": r.bytes,
+            "elapsed_s": round(self.elapsed, 3),
+            "records_per_s": round(self.rate, 1),
+            "created_at": r.created_at,
+            "finished_at": r.finished_at,
+            "manifest": r.manifest_key,
+        }
+
+
+def status(backend: Backend, run_id: str) -> Status:
+    """Counts of the run's tasks by state, with its counters."""
+    run = get_run(backend, run_id)
+    counts = {s.value: 0 for s in TaskState}
+    for task in backend.ledger.list_tasks(run_id):
+        counts[task.state.value] += 1
+    return Status(run, counts)
+
+
+def read_manifest(backend: Backend, run_id: str) -> dict[str, Any]:
+    """The run's manifest; :class:`UserError` if the run has not finished yet."""
+    run = get_run(backend, run_id)
+    key = run.manifest_key or f"runs/{run_id}/_manifest.json"
+    try:
+        manifest: dict[str, Any] = json.loads(backend.store.get(key))
+    except KeyError:
+        raise UserError(f"run {run_id} has no manifest yet (state: {run.state.value})") from None
+    return manifest
+
+
+def committed_records(backend: Backend, run_id: str) -> Iterator[dict[str, Any]]:
+    """Every committed record of a finished run, in manifest order."""
+    from fanout.avro import read_records
+
+    for entry in read_manifest(backend, run_id)["files"]:
+        with backend.store.open(entry["key"]) as f:
+            yield from read_records(f)

@@ -1,0 +1,52 @@
+"""Inputs a chunk reads: local paths and ``s3://`` URLs (``ctx.list`` / ``ctx.open``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+
+def _split_s3(url: str) -> tuple[str, str]:
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"not an s3:// URL with a bucket: {url!r}")
+    return bucket, key
+
+
+def _s3() -> Any:
+    # Imported here: an ETL job reading local files never pays for boto3.
+    import boto3
+
+    return boto3.client("s3")
+
+
+def list_inputs(prefix: str) -> list[str]:
+    """Files under a local directory (recursively) or objects under an ``s3://``
+    prefix, sorted. A local path naming one file lists that file."""
+    if prefix.startswith("s3://"):
+        bucket, key = _split_s3(prefix)
+        paginator = _s3().get_paginator("list_objects_v2")
+        return sorted(
+            f"s3://{bucket}/{obj['Key']}"
+            for page in paginator.paginate(Bucket=bucket, Prefix=key)
+            for obj in page.get("Contents", ())
+        )
+    path = Path(prefix.removeprefix("file://")).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"input {prefix} does not exist")
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found.extend(os.path.join(root, f) for f in files if not f.startswith("."))
+    return sorted(found)
+
+
+def open_input(url: str) -> BinaryIO:
+    """A binary file object for a local path or an ``s3://`` URL."""
+    if url.startswith("s3://"):
+        bucket, key = _split_s3(url)
+        return cast(BinaryIO, _s3().get_object(Bucket=bucket, Key=key)["Body"])
+    return open(Path(url.removeprefix("file://")).expanduser(), "rb")

@@ -1,0 +1,225 @@
+"""The job API (:class:`Job`) and loading a job from ``path.py`` or ``module:attr``."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fanout.errors import JobLoadError, ParamsError, UserError
+
+if TYPE_CHECKING:
+    from fanout.avro import Schema
+    from fanout.context import ChunkContext, Continue
+
+PlanFn = Callable[[Any, "ChunkContext"], Iterable[Any]]
+ProcessFn = Callable[[Any, "ChunkContext"], "Continue | None"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RunSettings(BaseModel):
+    """Per-run limits, defaulted from the job and overridable per run (``-S KEY=VALUE``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    max_attempts: int = Field(3, ge=1, le=100, description="attempts before a chunk is dead")
+    backoff_base: float = Field(1.0, ge=0, description="first retry waits up to this (s)")
+    backoff_cap: float = Field(300.0, ge=0, description="no retry waits longer (s)")
+    max_chunks: int = Field(100_000, ge=1, description="distinct chunks a run may register")
+    max_depth: int = Field(32, ge=0, le=63, description="spawn generations below the root")
+    max_continuations: int = Field(
+        10_000, ge=0, description="continuations of one chunk (resume_at)"
+    )
+    codec: str = Field("deflate", pattern="^(null|deflate)$", description="Avro codec")
+
+
+class Job:
+    """A job: how to plan a run's first chunks and how to process one chunk.
+
+    ``schema`` is a name (``"meter_reading"`` → ``schemas/meter_reading.avsc``),
+    a path to an ``.avsc`` file, or a dict; retry, back-off and runaway bounds
+    are keyword arguments (see :class:`RunSettings`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        params: type[BaseModel] | None = None,
+        schema: str | os.PathLike[str] | dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> None:
+        if not _NAME.match(name):
+            raise ValueError(f"job name {name!r}: use letters, digits, '.', '_' or '-'")
+        self.name = name
+        self.params_model = params
+        self.schema_spec = schema
+        try:
+            self.settings = RunSettings(**settings)
+        except ValidationError as exc:
+            raise ValueError(f"job {name}: {_first_error(exc)}") from None
+        self.plan_fn: PlanFn | None = None
+        self.process_fn: ProcessFn | None = None
+        self.source: Path | None = None  # the file that defined it, set by the loader
+        self._schema: Schema | None = None
+
+    def plan(self, fn: PlanFn) -> PlanFn:
+        """Decorator: ``fn(params, ctx)`` yields the payloads of the run's first chunks."""
+        self.plan_fn = fn
+        return fn
+
+    def process(self, fn: ProcessFn) -> ProcessFn:
+        """Decorator: ``fn(payload, ctx)`` runs one chunk."""
+        self.process_fn = fn
+        return fn
+
+    def validate_params(self, raw: Mapping[str, Any]) -> BaseModel | dict[str, Any]:
+        """Params checked against the job's model; :class:`ParamsError` names the field."""
+        if self.params_model is None:
+            return dict(raw)
+        try:
+            return self.params_model.model_validate(dict(raw))
+        except ValidationError as exc:
+            raise ParamsError(f"params for job {self.name}: {_first_error(exc)}") from None
+
+    def schema_dirs(self) -> list[Path]:
+        """Where a schema given by name is looked up, in order."""
+        dirs = [Path(p) for p in os.environ.get("FANOUT_SCHEMA_PATH", "").split(os.pathsep) if p]
+        if self.source is not None:
+            dirs += [self.source.parent / "schemas", self.source.parent.parent / "schemas"]
+        dirs.append(Path.cwd() / "schemas")
+        return dirs
+
+    @property
+    def schema(self) -> Schema | None:
+        """The loaded Avro schema (None for a job that emits nothing)."""
+        if self._schema is None and self.schema_spec is not None:
+            from fanout.avro import load_schema
+
+            spec = self.schema_spec
+            if isinstance(spec, str | os.PathLike) and self.source is not None:
+                path = Path(spec)
+                if (path.suffix == ".avsc" or "/" in str(spec)) and not path.is_absolute():
+                    # A relative schema path is relative to the job file, not the cwd.
+                    spec = str(self.source.parent / path)
+            self._schema = load_schema(spec, self.schema_dirs())
+        return self._schema
+
+    def check(self) -> None:
+        """Raise :class:`UserError` if the job cannot run (no process function, bad schema)."""
+        if self.process_fn is None:
+            raise JobLoadError(f"job {self.name} has no @job.process function")
+        _ = self.schema
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{where}: {err['msg']}" if where else str(err["msg"])
+
+
+# -- loading ----------------------------------------------------------------------
+
+_loaded: dict[str, Job] = {}
+
+
+def is_path_ref(ref: str) -> bool:
+    """``jobs/x.py`` or ``./x.py`` is a file; ``package.module:attr`` is a module."""
+    return ref.endswith(".py") or os.sep in ref or "/" in ref
+
+
+def canonical_ref(ref: str) -> str:
+    """The reference workers load: an absolute path for files."""
+    return str(Path(ref).resolve()) if is_path_ref(ref) else ref
+
+
+def load_job(ref: str) -> Job:
+    """Load the job named by ``ref`` (``path.py``, ``path.py:attr`` or ``module[:attr]``).
+
+    Raises :class:`JobLoadError` with one line saying what is wrong.
+    """
+    if ref in _loaded:
+        return _loaded[ref]
+    target, _, attr = ref.partition(":") if not ref.endswith(".py") else (ref, "", "")
+    if is_path_ref(target):
+        module = _import_file(Path(target))
+        where = target
+    else:
+        module = _import_module(target)
+        where = f"module {target}"
+    job = _find_job(module, attr, where)
+    if job.source is None and getattr(module, "__file__", None):
+        job.source = Path(str(module.__file__)).resolve()
+    _loaded[ref] = job
+    return job
+
+
+def _import_file(path: Path) -> ModuleType:
+    if not path.exists():
+        raise JobLoadError(f"job file {path} does not exist")
+    if path.is_dir() or path.suffix != ".py":
+        raise JobLoadError(f"job file {path} is not a .py file")
+    path = path.resolve()
+    name = "fanout_job_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise JobLoadError(f"job file {path} cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    # A job may import helper modules that sit beside it.
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except UserError:
+        raise
+    except BaseException as exc:
+        sys.modules.pop(name, None)
+        raise JobLoadError(f"job file {path} does not import: {_describe(exc)}") from exc
+    return module
+
+
+def _import_module(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            raise JobLoadError(f"job module {name} not found") from None
+        raise JobLoadError(f"job module {name} does not import: {_describe(exc)}") from exc
+    except UserError:
+        raise
+    except BaseException as exc:
+        raise JobLoadError(f"job module {name} does not import: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} (line {exc.lineno})"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _find_job(module: ModuleType, attr: str, where: str) -> Job:
+    if attr:
+        job = getattr(module, attr, None)
+        if not isinstance(job, Job):
+            raise JobLoadError(f"{where} has no Job named {attr!r}")
+        return job
+    job = getattr(module, "job", None)
+    if isinstance(job, Job):
+        return job
+    found = [v for v in vars(module).values() if isinstance(v, Job)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise JobLoadError(f"{where} defines no Job (expected `job = Job(...)`)")
+    raise JobLoadError(f"{where} defines several Jobs: name one as {where}:ATTR")

@@ -1,0 +1,440 @@
+"""One delivery in: claim the task, run it, then commit, retry or dead-letter it.
+
+The order of the commit steps is the correctness model (DESIGN.md):
+
+1. write the chunk's Avro output under an attempt-unique key (uncommitted files
+   are garbage: only the ledger makes a file count);
+2. register the children and the continuation (conditional creates that raise
+   the run's outstanding counter), then send their messages;
+3. commit the task in the ledger (conditional on still holding the lease),
+   which lowers the counter; the step that takes it to zero finalizes the run;
+4. acknowledge the message.
+
+A crash between any two steps is repaired by redelivery: a re-run registers
+the same deterministic child ids (no double count) and re-sends those still
+queued; a duplicate of a committed task is acknowledged and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from fanout.backends.base import (
+    Backend,
+    ClaimOutcome,
+    Delivery,
+    Failure,
+    NewTask,
+    Output,
+    RunState,
+    TaskKey,
+    TaskState,
+)
+from fanout.context import ChunkContext, Continue
+from fanout.errors import PermanentError, RecordError
+from fanout.jobs import Job, RunSettings, load_job
+from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
+from fanout.retry import compute_backoff
+
+log = logging.getLogger("fanout.runner")
+
+#: A lease outlives the hard timeout by this much, so a supervisor that kills an
+#: overrunning attempt records it before any other worker may take the task over.
+LEASE_GRACE = 5.0
+#: A finalizer that has not finished after this long is presumed dead.
+FINALIZE_STALE = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The attempt in progress: what a supervisor needs to fail one it killed."""
+
+    key: TaskKey
+    token: str
+    attempt: int
+    receipt: str
+    deadline: float  # wall clock: the hard timeout
+
+    def to_json(self) -> str:
+        return json.dumps(
+            [self.key.run_id, self.key.chunk_id, self.key.seq, self.token, self.attempt,
+             self.receipt, self.deadline]
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Attempt:
+        run_id, chunk_id, seq, token, attempt, receipt, deadline = json.loads(text)
+        return cls(TaskKey(run_id, chunk_id, seq), token, attempt, receipt, deadline)
+
+
+@dataclass
+class _Run:
+    """What a worker caches about a run: its immutable parts."""
+
+    job_ref: str
+    job_name: str
+    raw_params: dict[str, Any]
+    settings: RunSettings
+    schema: Any
+    job: Job | None = None
+    params: BaseModel | dict[str, Any] | None = None
+
+
+def soft_margin(timeout: float) -> float:
+    """How long before the hard timeout the soft deadline falls: 10%, at least 1 s."""
+    return max(1.0, 0.1 * timeout)
+
+
+def manifest_key(run_id: str) -> str:
+    """Where the run's manifest is written."""
+    return f"runs/{run_id}/_manifest.json"
+
+
+class Runner:
+    """Runs deliveries against one backend. One per worker process."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        on_start: Callable[[Attempt], None] | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.ledger = backend.ledger
+        self.queue = backend.queue
+        self.store = backend.store
+        self.on_start = on_start
+        self.on_end = on_end
+        self._runs: dict[str, _Run] = {}
+
+    # -- one delivery -------------------------------------------------------------
+
+    def handle(self, delivery: Delivery, timeout: float) -> str:
+        """Process one delivery under a hard ``timeout`` (s); returns what happened."""
+        try:
+            msg = decode(delivery.body)
+        except MessageError as exc:
+            # Untrusted input that is not ours: drop it, loudly.
+            log.error("dropping a message that is not a fanout envelope: %s", exc)
+            self.queue.ack(delivery.receipt)
+            return "invalid"
+        run = self._run(msg.run_id)
+        if run is None:
+            log.warning("dropping a message for unknown run %s", msg.run_id)
+            self.queue.ack(delivery.receipt)
+            return "unknown run"
+        key = TaskKey(msg.run_id, msg.chunk_id, msg.seq)
+        token = uuid.uuid4().hex
+        now = time.time()
+        claim = self.ledger.claim(
+            key, token, timeout + LEASE_GRACE, run.settings.max_attempts, now
+        )
+        if claim.outcome in (ClaimOutcome.BUSY, ClaimOutcome.WAIT):
+            self.queue.release(delivery.receipt, claim.retry_after)
+            return claim.outcome.value
+        if claim.outcome is not ClaimOutcome.CLAIMED:
+            if claim.outcome is ClaimOutcome.BURIED:
+                self._keep_dead_letter(key, "crashed: the worker died during the last attempt", "")
+            if claim.outcome is ClaimOutcome.MISSING:
+                log.warning("dropping a message for unregistered task %s", key)
+            self.queue.ack(delivery.receipt)
+            if claim.drained:
+                self.finalize(key.run_id)
+            return claim.outcome.value
+        assert claim.task is not None
+        if claim.takeover:
+            log.warning("task %s: took over after the previous attempt %s", key, claim.takeover)
+        attempt = Attempt(key, token, claim.attempt, delivery.receipt, now + timeout)
+        if self.on_start is not None:
+            self.on_start(attempt)
+        try:
+            # The ledger's copy of the message is the authority on what to run:
+            # the delivered body only named the task.
+            return self._work(run, attempt, decode(claim.task.message), timeout)
+        finally:
+            if self.on_end is not None:
+                self.on_end()
+
+    def _work(self, run: _Run, attempt: Attempt, msg: ChunkMessage, timeout: float) -> str:
+        started = time.monotonic()
+        writer = None
+        try:
+            job, params = self._job(run)
+            payload, cursor = resolve(msg, self.store)
+            schema = job.schema
+            if schema is not None:
+                from fanout.avro import RecordWriter
+
+                writer = RecordWriter(schema, codec=run.settings.codec)
+            ctx = ChunkContext(
+                params=params,
+                run_id=msg.run_id,
+                chunk_id=msg.chunk_id,
+                seq=msg.seq,
+                attempt=attempt.attempt,
+                cursor=cursor,
+                soft_deadline=started + timeout - soft_margin(timeout),
+                writer=writer,
+                job_name=job.name,
+            )
+            continuation = None
+            if msg.kind == "plan":
+                assert job.plan_fn is not None
+                for child in job.plan_fn(params, ctx):
+                    ctx.spawn(child)
+            else:
+                assert job.process_fn is not None
+                result = job.process_fn(payload, ctx)
+                if isinstance(result, Continue):
+                    continuation = result
+            data = writer.finish() if writer is not None and writer.count else b""
+        except Exception as exc:
+            self.fail(attempt, _failure(exc))
+            return "failed"
+        return self._commit(run, attempt, msg, payload, ctx, continuation, data, writer)
+
+    def _commit(
+        self,
+        run: _Run,
+        attempt: Attempt,
+        msg: ChunkMessage,
+        payload: Any,
+        ctx: ChunkContext,
+        continuation: Continue | None,
+        data: bytes,
+        writer: Any,
+    ) -> str:
+        key, settings = attempt.key, run.settings
+        output = None
+        if data:
+            okey = (
+                f"runs/{key.run_id}/data/{key.chunk_id.replace('/', '.')}"
+                f"-s{key.seq}-a{attempt.attempt}-{attempt.token[:8]}.avro"
+            )
+            self.store.put(okey, data)
+            output = Output(okey, writer.count, len(data))
+
+        children, stop_reason = self._children(msg, payload, ctx, continuation, settings)
+        if children:
+            tasks = [task for task, _ in children]
+            registration = self.ledger.register(key.run_id, tasks, settings.max_chunks)
+            if registration.over_limit:
+                stop_reason = f"max_chunks ({settings.max_chunks}) reached at chunk {key.chunk_id}"
+                children = []
+            elif registration.created < len(children):
+                # A re-run of this task registered them before: re-send only those
+                # not yet taken (a retried parent must not strand its children).
+                children = [
+                    (t, d)
+                    for t, d in children
+                    if (rec := self.ledger.get_task(TaskKey(key.run_id, t.chunk_id, t.seq)))
+                    and rec.state == TaskState.QUEUED
+                ]
+            by_delay: dict[float, list[str]] = defaultdict(list)
+            for task, delay in children:
+                by_delay[delay].append(task.message)
+            for delay, bodies in by_delay.items():
+                self.queue.send(bodies, delay=delay)
+        if stop_reason:
+            log.warning("run %s stopped: %s", key.run_id, stop_reason)
+            self.ledger.stop(key.run_id, stop_reason)
+
+        outcome = "continued" if continuation is not None else "committed"
+        settle = self.ledger.commit(key, attempt.token, output, outcome, time.time())
+        if not settle.ok:
+            # Our lease expired and another attempt owns the task: its output
+            # counts, ours is garbage.
+            log.warning("task %s: lease lost before commit; output discarded", key)
+            self.queue.ack(attempt.receipt)
+            return "lease lost"
+        self.queue.ack(attempt.receipt)
+        if settle.drained:
+            self.finalize(key.run_id)
+        return outcome
+
+    def _children(
+        self,
+        msg: ChunkMessage,
+        payload: Any,
+        ctx: ChunkContext,
+        continuation: Continue | None,
+        settings: RunSettings,
+    ) -> tuple[list[tuple[NewTask, float]], str | None]:
+        """The tasks this chunk asks for, or the runaway bound they would break."""
+        limit = self.queue.max_message_bytes
+        children: list[tuple[NewTask, float]] = []
+        if ctx.spawned:
+            depth = msg.depth + 1
+            if depth > settings.max_depth:
+                return [], f"max_depth ({settings.max_depth}) reached at chunk {msg.chunk_id}"
+            for i, spawn in enumerate(ctx.spawned):
+                child = ChunkMessage(
+                    run_id=msg.run_id, chunk_id=f"{msg.chunk_id}/{i}", payload=spawn.payload
+                )
+                body = offload(child, self.store, limit)
+                children.append((NewTask(child.chunk_id, 0, depth, body), spawn.delay))
+        if continuation is not None:
+            if msg.seq + 1 > settings.max_continuations:
+                return [], (
+                    f"max_continuations ({settings.max_continuations}) reached"
+                    f" at chunk {msg.chunk_id}"
+                )
+            nxt = ChunkMessage(
+                run_id=msg.run_id,
+                chunk_id=msg.chunk_id,
+                seq=msg.seq + 1,
+                kind=msg.kind,
+                payload=payload,
+                cursor=continuation.cursor,
+            )
+            body = offload(nxt, self.store, limit)
+            children.append((NewTask(nxt.chunk_id, nxt.seq, msg.depth, body), 0.0))
+        return children, None
+
+    # -- failure ------------------------------------------------------------------
+
+    def fail(self, attempt: Attempt, failure: Failure) -> str:
+        """Retry the attempt's task with back-off, or dead-letter it when its
+        attempts are spent (at once for a permanent error). Also used by a
+        supervisor for an attempt it killed."""
+        key = attempt.key
+        run = self._run(key.run_id)
+        settings = run.settings if run is not None else RunSettings()
+        now = time.time()
+        permanent = failure.kind in ("bad record", "permanent")
+        # An attempt the user interrupted is handed back at once and may run again
+        # even if it was the last one: stopping a worker must not kill chunks.
+        interrupted = failure.kind == "interrupted"
+        if interrupted or (not permanent and attempt.attempt < settings.max_attempts):
+            delay = 0.0 if interrupted else compute_backoff(
+                attempt.attempt, base=settings.backoff_base, cap=settings.backoff_cap
+            )
+            if self.ledger.retry(key, attempt.token, failure, now + delay, now):
+                log.warning(
+                    "task %s attempt %d %s: %s; retry in %.1fs",
+                    key, attempt.attempt, failure.kind, failure.error, delay,
+                )
+                self.queue.release(attempt.receipt, delay)
+                return "retry"
+            return "lease lost"
+        settle = self.ledger.bury(key, attempt.token, failure, now)
+        if settle.ok:
+            log.error("task %s is dead after attempt %d: %s", key, attempt.attempt, failure.error)
+            self._keep_dead_letter(key, f"{failure.kind}: {failure.error}", failure.traceback)
+        self.queue.ack(attempt.receipt)
+        if settle.drained:
+            self.finalize(key.run_id)
+        return "dead"
+
+    def _keep_dead_letter(self, key: TaskKey, error: str, tb: str) -> None:
+        """Keep the dead chunk's message and error in the store, beside its run."""
+        task = self.ledger.get_task(key)
+        letter = {
+            "run_id": key.run_id,
+            "chunk_id": key.chunk_id,
+            "seq": key.seq,
+            "error": error,
+            "traceback": tb,
+            "message": json.loads(task.message) if task else None,
+            "history": task.history if task else [],
+        }
+        dkey = f"runs/{key.run_id}/dead/{key.chunk_id.replace('/', '.')}-s{key.seq}.json"
+        self.store.put(dkey, json.dumps(letter, indent=2).encode())
+
+    # -- the end of a run ---------------------------------------------------------
+
+    def finalize(self, run_id: str) -> bool:
+        """Write the manifest of a drained run and record its final state.
+        Only one caller per drain does the work; returns whether this one did."""
+        now = time.time()
+        if not self.ledger.begin_finalize(run_id, now, FINALIZE_STALE):
+            return False
+        record = self.ledger.get_run(run_id)
+        assert record is not None
+        done = self.ledger.list_tasks(run_id, (TaskState.DONE,))
+        dead = self.ledger.list_tasks(run_id, (TaskState.DEAD,))
+        files = [
+            {
+                "key": t.output.key,
+                "records": t.output.records,
+                "bytes": t.output.bytes,
+                "chunk_id": t.chunk_id,
+                "seq": t.seq,
+            }
+            for t in done
+            if t.output is not None
+        ]
+        if record.stop_reason:
+            state = RunState.STOPPED
+        elif dead:
+            state = RunState.FAILED
+        else:
+            state = RunState.SUCCEEDED
+        manifest = {
+            "version": 1,
+            "run_id": run_id,
+            "job": record.job_name,
+            "state": state.value,
+            "stop_reason": record.stop_reason,
+            "created_at": record.created_at,
+            "finished_at": now,
+            "records": sum(f["records"] for f in files),  # type: ignore[misc]
+            "files": files,
+            "dead_chunks": [{"chunk_id": t.chunk_id, "seq": t.seq, "error": t.error} for t in dead],
+            "schema": record.settings.get("schema"),
+        }
+        key = manifest_key(run_id)
+        self.store.put(key, json.dumps(manifest, indent=1).encode())
+        self.ledger.finish(run_id, state, key, time.time())
+        log.info("run %s %s: %d records in %d files", run_id, state.value, manifest["records"],
+                 len(files))
+        return True
+
+    # -- caches -------------------------------------------------------------------
+
+    def _run(self, run_id: str) -> _Run | None:
+        run = self._runs.get(run_id)
+        if run is None:
+            record = self.ledger.get_run(run_id)
+            if record is None:
+                return None
+            settings = {k: v for k, v in record.settings.items() if k != "schema"}
+            run = _Run(
+                job_ref=record.job,
+                job_name=record.job_name,
+                raw_params=record.params,
+                settings=RunSettings.model_validate(settings),
+                schema=record.settings.get("schema"),
+            )
+            self._runs[run_id] = run
+        return run
+
+    def _job(self, run: _Run) -> tuple[Job, Any]:
+        if run.job is None:
+            job = load_job(run.job_ref)
+            job.check()
+            run.params = job.validate_params(run.raw_params)
+            run.job = job
+        return run.job, run.params
+
+
+def _failure(exc: BaseException) -> Failure:
+    if isinstance(exc, RecordError):
+        kind = "bad record"
+    elif isinstance(exc, PermanentError):
+        kind = "permanent"
+    else:
+        kind = "error"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return Failure(kind, error, traceback.format_exc())

@@ -1,0 +1,226 @@
+"""The local worker: N child processes polling the queue, under a supervisor
+that enforces each chunk's hard timeout like Lambda does.
+
+Each child tells the supervisor which attempt it is running (through shared
+memory, no pickle) and when its hard deadline falls. A child past its deadline
+is killed with SIGKILL, its attempt is failed as "timed out" (retried with
+back-off, or dead-lettered), and a fresh child takes its place. A child that
+dies on its own is recorded as "crashed" the same way.
+
+SIGINT/SIGTERM stop the pool gracefully: children finish the chunk in hand
+(their soft deadline makes that short) and exit; a second signal kills them and
+hands their chunks back to the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized, SynchronizedString
+from pathlib import Path
+from typing import Any
+
+from fanout.backends import open_backend
+from fanout.backends.base import Failure
+from fanout.runner import LEASE_GRACE, Attempt, Runner
+
+log = logging.getLogger("fanout.worker")
+
+_CTX = mp.get_context("fork")  # children inherit the loaded job; no pickling of state
+_SLOT_BYTES = 2048
+#: How long an idle child sleeps between empty polls, at most (s).
+MAX_POLL_SLEEP = 0.2
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a pool works."""
+
+    backend: str = "local"
+    home: Path | None = None
+    workers: int = os.cpu_count() or 1
+    chunk_timeout: float = 60.0
+    batch: int = 1
+
+
+class _Slot:
+    """Shared memory between one child and the supervisor: the attempt in hand."""
+
+    def __init__(self) -> None:
+        self.deadline: Synchronized[float] = _CTX.Value(ctypes.c_double, 0.0)
+        self.attempt: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)  # type: ignore[assignment]
+
+    def start(self, attempt: Attempt) -> None:
+        self.attempt.value = attempt.to_json().encode()[: _SLOT_BYTES - 1]
+        self.deadline.value = attempt.deadline
+
+    def end(self) -> None:
+        self.deadline.value = 0.0
+
+    def take(self) -> Attempt | None:
+        """The attempt the child was running when it was stopped, if any."""
+        if self.deadline.value == 0.0:
+            return None
+        self.deadline.value = 0.0
+        return Attempt.from_json(self.attempt.value.decode())
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: die with the supervisor (``kill -9`` of the supervisor must not
+    leave children working unsupervised)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> None:
+    _set_parent_death_signal()
+    # Ctrl-C reaches the whole process group; the supervisor decides for us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    backend = open_backend(opts.backend, home=opts.home)
+    runner = Runner(backend, on_start=slot.start, on_end=slot.end)
+    visibility = opts.chunk_timeout + LEASE_GRACE
+    sleep = 0.005
+    try:
+        while not stop.is_set() and os.getppid() == parent:
+            deliveries = backend.queue.receive(opts.batch, visibility)
+            if not deliveries:
+                time.sleep(sleep)
+                sleep = min(sleep * 2, MAX_POLL_SLEEP)
+                continue
+            sleep = 0.005
+            for delivery in deliveries:
+                runner.handle(delivery, opts.chunk_timeout)
+    finally:
+        backend.close()
+
+
+class WorkerPool:
+    """The supervisor of ``opts.workers`` child processes."""
+
+    def __init__(self, opts: WorkerOptions) -> None:
+        self.opts = opts
+        self.backend = open_backend(opts.backend, home=opts.home)
+        self.runner = Runner(self.backend)
+        self.stop_event = _CTX.Event()
+        self.slots = [_Slot() for _ in range(opts.workers)]
+        self.procs: list[Any] = [None] * opts.workers
+        self.timed_out = 0
+        self.crashed = 0
+        self._signals = 0
+
+    def _spawn(self, i: int) -> None:
+        proc = _CTX.Process(
+            target=_child_main,
+            args=(self.opts, self.slots[i], self.stop_event, os.getpid()),
+            name=f"fanout-worker-{i}",
+            daemon=True,
+        )
+        proc.start()
+        self.procs[i] = proc
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        self.stop_event.set()
+        if self._signals == 1:
+            log.warning("stopping: finishing chunks in hand (signal again to force)")
+
+    def run(
+        self,
+        until: Callable[[], bool] | None = None,
+        until_idle: bool = False,
+        tick: Callable[[], None] | None = None,
+        tick_every: float = 0.5,
+    ) -> None:
+        """Supervise until ``until()`` is true, the queue is idle (``until_idle``),
+        or a signal asks to stop."""
+        from fanout.coordinator import recover
+
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        recover(self.backend)
+        for i in range(self.opts.workers):
+            self._spawn(i)
+        next_tick = idle_since = 0.0
+        try:
+            while not self.stop_event.is_set():
+                now = time.time()
+                self._police(now)
+                if tick is not None and now >= next_tick:
+                    tick()
+                    next_tick = now + tick_every
+                if until is not None and until():
+                    break
+                if until_idle or until is not None:
+                    busy = any(s.deadline.value for s in self.slots)
+                    if not busy and self.backend.queue.pending() == 0:
+                        if recover(self.backend):
+                            idle_since = 0.0
+                        elif until_idle:
+                            # Idle twice in a row: nothing is in flight between checks.
+                            if idle_since and now - idle_since > 0.2:
+                                break
+                            idle_since = idle_since or now
+                    else:
+                        idle_since = 0.0
+                time.sleep(0.02)
+        finally:
+            self._shutdown()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if tick is not None:
+                tick()
+
+    def _police(self, now: float) -> None:
+        """Kill children past their hard deadline; replace children that died."""
+        for i, proc in enumerate(self.procs):
+            slot = self.slots[i]
+            deadline = slot.deadline.value
+            if deadline and now > deadline and proc.is_alive():
+                proc.kill()
+                proc.join()
+                attempt = slot.take()
+                if attempt is not None:
+                    self.timed_out += 1
+                    limit = self.opts.chunk_timeout
+                    self.runner.fail(
+                        attempt,
+                        Failure("timed out", f"chunk exceeded its {limit:g}s hard timeout"),
+                    )
+                if not self.stop_event.is_set():
+                    self._spawn(i)
+            elif not proc.is_alive():
+                proc.join()
+                attempt = slot.take()
+                if attempt is not None:
+                    self.crashed += 1
+                    self.runner.fail(
+                        attempt, Failure("crashed", f"worker process died (exit {proc.exitcode})")
+                    )
+                if not self.stop_event.is_set():
+                    self._spawn(i)
+
+    def _shutdown(self) -> None:
+        self.stop_event.set()
+        deadline = max([s.deadline.value for s in self.slots] + [time.time()]) + 1.0
+        for i, proc in enumerate(self.procs):
+            if proc is None:
+                continue
+            while proc.is_alive() and time.time() < deadline and self._signals < 2:
+                proc.join(0.05)
+                self._police(time.time())
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            attempt = self.slots[i].take()
+            if attempt is not None:
+                # Forced stop: hand the chunk back so nothing is lost.
+                self.runner.fail(attempt, Failure("interrupted", "the worker was stopped"))
+        self.backend.close()
