@@ -1,0 +1,842 @@
+"""Avro schemas and output files.
+
+A job names one Avro schema (an ``.avsc`` file, or an inline dict); every record a
+chunk emits goes through a :class:`RecordWriter`, which produces one Avro object
+container file per chunk. :func:`read_records` and :func:`to_json_safe` serve
+``fanout cat``, which prints an output file as JSON lines.
+
+Checking records cheaply
+------------------------
+fastavro's own per-record validation (``validator=True``) costs ~40-70% of the
+write time, so :class:`RecordWriter` writes *without* it and instead:
+
+* at ``add`` time, checks only that the record is a dict (one type check);
+* at batch time (every ``batch_size`` records and at ``finish``), runs
+  column-wise checks (C-speed ``map``/``set`` over one field of the whole batch)
+  for exactly the cases where fastavro's unvalidated writer silently accepts a
+  wrong value, i.e. where it coerces instead of raising:
+
+  - ``float``/``double`` fields: fastavro calls ``float(value)``, so the string
+    ``"1.5"``, ``True`` and ``Decimal("1.5")`` are written as numbers. Only
+    ``int`` and ``float`` (and other ``numbers.Real`` except ``bool``) pass.
+  - ``int``/``long`` fields: floats are truncated (``1.7`` is written as ``1``),
+    ``True`` is written as ``1``; an ``int`` field takes any 64-bit value
+    (``2**40`` is written, and breaks readers that honour the schema). Only
+    ints (not bools) pass, within the 32-bit range for ``int``.
+  - ``float`` (32-bit) fields: values beyond +-3.4e38 are written as infinity.
+  - ``boolean`` fields: any value is written by truthiness (``"no"`` -> true,
+    ``None`` -> false). Only ``bool`` passes.
+  - ``timestamp-millis``/``timestamp-micros``: floats are truncated, and a naive
+    datetime is silently taken as UTC (wrong by the host's UTC offset if it was
+    local time): only aware datetimes and ints pass.
+  - ``date``: a datetime is silently truncated to its date: rejected.
+  - arrays: any iterable is accepted (a str becomes a list of characters, a
+    dict a list of its keys): only lists and tuples pass.
+  - records (top level and nested): keys that are not fields of the schema are
+    silently dropped (a misspelt optional field loses its data): rejected.
+  - the same coercions inside nested records, arrays and maps.
+
+* everything else is left to fastavro, which raises on its own when it writes
+  the batch: missing required fields, non-strings for strings, non-bytes for
+  bytes, unknown enum symbols, fixed of the wrong size, decimals of the wrong
+  scale/precision, malformed UUID strings, map keys that are not strings, and
+  union values that match no branch (fastavro resolves unions by validating).
+
+Whenever a batch check fails or fastavro raises, the batch is re-examined
+record by record with a strict checker (and, failing that, by writing each
+record alone) to find the first offending record, and :class:`RecordError`
+names its index and field. A record whose field is missing from the dict but
+has a default (or is a union with ``"null"``) is written with the default /
+null, as fastavro does.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import math
+import numbers
+import os
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import date, datetime, time
+from decimal import Decimal
+from functools import partial
+from itertools import chain
+from operator import itemgetter
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import fastavro
+from fastavro.write import Writer
+
+from fanout.errors import RecordError, SchemaError
+
+__all__ = [
+    "RecordWriter",
+    "Schema",
+    "load_schema",
+    "read_records",
+    "to_json_safe",
+]
+
+SchemaNode = Any  # a node of a parsed schema: str (primitive or name), list (union) or dict
+_Column = Callable[[], Iterator[Any]]  # returns a fresh iterator over one column of a batch
+
+
+class Schema:
+    """A loaded Avro record schema.
+
+    Attributes:
+        name: the record's full name (``namespace.name``).
+        raw: the schema as JSON-able data, exactly as loaded (for run manifests).
+        parsed: fastavro's ``parse_schema`` result, for writing.
+        path: the ``.avsc`` file it came from, or None for an inline schema.
+    """
+
+    __slots__ = ("_checker", "name", "parsed", "path", "raw")
+
+    def __init__(self, raw: dict[str, Any], parsed: dict[str, Any], path: Path | None = None):
+        self.raw = raw
+        self.parsed = parsed
+        self.name: str = parsed["name"]
+        self.path = path
+        self._checker: _Checker | None = None
+
+    def __repr__(self) -> str:
+        where = f" from {self.path}" if self.path is not None else ""
+        return f"<Schema {self.name}{where}>"
+
+    def checker(self) -> _Checker:
+        """The record checker for this schema (built once, on first use)."""
+        if self._checker is None:
+            self._checker = _Checker(self.parsed)
+        return self._checker
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+_CACHE: dict[tuple[str, int, int], Schema] = {}
+
+
+def load_schema(
+    spec: str | os.PathLike[str] | dict[str, Any],
+    search_dirs: Sequence[str | os.PathLike[str]] = (),
+) -> Schema:
+    """Load an Avro record schema.
+
+    Args:
+        spec: an inline schema (a dict); a path to an ``.avsc`` file (a path
+            object, or a str that contains a ``/`` or ends with ``.avsc``;
+            relative paths are relative to the current directory); or a bare
+            name such as ``"meter_reading"``, looked up as
+            ``<dir>/meter_reading.avsc`` in each of ``search_dirs`` in order.
+        search_dirs: directories to look up bare names in.
+
+    Returns:
+        The schema. Files are cached by resolved path, mtime and size.
+
+    Raises:
+        SchemaError: the schema cannot be found, is not valid JSON, does not
+            parse, or is not a record. The message is one line naming the
+            schema and the problem.
+    """
+    if isinstance(spec, dict):
+        return _build(copy.deepcopy(spec), "inline schema", None)
+    if (
+        isinstance(spec, str)
+        and "/" not in spec
+        and os.sep not in spec
+        and not spec.endswith(".avsc")
+    ):
+        return _load_file(_find_by_name(spec, search_dirs))
+    path = Path(spec)
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "not found"
+        raise SchemaError(f"schema file {path} {what}")
+    return _load_file(path)
+
+
+def _find_by_name(name: str, search_dirs: Sequence[str | os.PathLike[str]]) -> Path:
+    if not name:
+        raise SchemaError("schema name is empty")
+    for directory in search_dirs:
+        candidate = Path(directory) / f"{name}.avsc"
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(d) for d in search_dirs) or "no schema directories given"
+    raise SchemaError(f"schema {name!r} not found (looked in: {looked})")
+
+
+def _load_file(path: Path) -> Schema:
+    try:
+        resolved = path.resolve()
+        st = resolved.stat()
+    except OSError as exc:
+        raise SchemaError(f"schema file {path} cannot be read: {exc.strerror}") from None
+    key = (str(resolved), st.st_mtime_ns, st.st_size)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return cached
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SchemaError(f"schema file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SchemaError(
+            f"schema file {path} is not valid JSON: not UTF-8 ({exc.reason})"
+        ) from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SchemaError(
+            f"schema file {path} is not valid JSON: {exc.msg} (line {exc.lineno})"
+        ) from None
+    schema = _build(raw, f"schema file {path}", path)
+    _CACHE[key] = schema
+    return schema
+
+
+def _build(raw: Any, what: str, path: Path | None) -> Schema:
+    if not isinstance(raw, dict) or raw.get("type") != "record":
+        kind = raw.get("type") if isinstance(raw, dict) else raw
+        raise SchemaError(f"{what} must be an Avro record, not {_short(kind)}")
+    if not isinstance(raw.get("fields"), list):
+        raise SchemaError(f"{what} does not parse: the record has no 'fields' list")
+    try:
+        parsed: dict[str, Any] = fastavro.parse_schema(copy.deepcopy(raw))  # type: ignore[assignment]
+    except Exception as exc:  # fastavro raises several unrelated types
+        message = " ".join(str(exc).split())
+        if type(exc).__name__ == "UnknownType":
+            message = f"unknown type {message}"
+        raise SchemaError(f"{what} does not parse: {message}") from None
+    return Schema(raw, parsed, path)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+class RecordWriter:
+    """Accumulates records and produces one Avro object container file.
+
+    ``add`` is the hot path (called once per emitted record): it only appends
+    to a batch. Every ``batch_size`` records, and at :meth:`finish`, the batch
+    is checked column-wise and written by fastavro without per-record
+    validation (see the module docstring for what is checked where). A record
+    that does not fit raises :class:`RecordError` naming its 0-based index
+    among the records added to this writer and the offending field; the writer
+    is unusable afterwards.
+
+    Args:
+        schema: the record schema.
+        codec: an Avro codec fastavro supports (``"null"``, ``"deflate"``, ...).
+        batch_size: records per batch (keyword-only).
+    """
+
+    def __init__(self, schema: Schema, codec: str = "deflate", *, batch_size: int = 8192):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.schema = schema
+        self.codec = codec
+        self._batch_size = batch_size
+        self._batch: list[dict[str, Any]] = []
+        self._written = 0
+        self._checker = schema.checker()
+        self._buf = io.BytesIO()
+        self._writer = Writer(self._buf, schema.parsed, codec=codec)  # ValueError on bad codec
+        self._failure: Exception | None = None
+        self._result: bytes | None = None
+
+    @property
+    def count(self) -> int:
+        """How many records have been added (written or pending)."""
+        return self._written + len(self._batch)
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Add one record (a dict whose keys are the schema's field names).
+
+        Raises:
+            RecordError: the record is not a dict, or (when this call completes
+                a batch) a record of the batch does not fit the schema.
+        """
+        if type(record) is not dict and not isinstance(record, dict):
+            self._fail_not_dict(record)
+        batch = self._batch
+        batch.append(record)
+        if len(batch) >= self._batch_size:
+            self._flush()
+
+    def finish(self) -> bytes:
+        """Write the pending records and return the whole Avro file.
+
+        Returns b"" if no record was added, so the caller can skip the file.
+        Calling it again returns the same bytes; ``add`` afterwards raises.
+
+        Raises:
+            RecordError: a pending record does not fit the schema.
+        """
+        if self._result is not None:
+            return self._result
+        if self._batch:
+            self._flush()
+        self._check_usable()
+        if self._written == 0:
+            self._result = b""
+        else:
+            self._writer.flush()
+            self._result = self._buf.getvalue()
+        self._buf = io.BytesIO()
+        return self._result
+
+    # -- internals ----------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._result is not None:
+            raise RuntimeError("RecordWriter.add() called after finish()")
+
+    def _fail_not_dict(self, record: object) -> None:
+        self._check_usable()
+        index = self.count
+        self._failure = RecordError(
+            f"record {index} does not fit schema {self.schema.name}: "
+            f"a record must be a dict, got {type(record).__name__} {_short(record)}"
+        )
+        raise self._failure
+
+    def _flush(self) -> None:
+        self._check_usable()
+        batch = self._batch
+        if not self._checker.batch_ok(batch):
+            self._raise_first_bad(batch, None)  # returns if it was a false alarm
+        try:
+            deque(map(self._writer.write, batch), maxlen=0)
+        except Exception as exc:  # fastavro raises TypeError/ValueError/KeyError/...
+            self._raise_first_bad(batch, exc)
+            # No record fails on its own: not a record problem (e.g. codec). The
+            # block buffer may hold a partial record, so the writer is dead.
+            self._failure = exc
+            raise
+        self._written += len(batch)
+        self._batch = []
+
+    def _raise_first_bad(self, batch: list[dict[str, Any]], exc: Exception | None) -> None:
+        """Raise RecordError for the first record of ``batch`` that does not fit.
+
+        ``exc`` is the exception fastavro raised writing the batch (None if only
+        the column checks complained). Returns if no record is at fault.
+        """
+        checker = self._checker
+        parsed = self.schema.parsed
+        for offset, record in enumerate(batch):
+            problem = checker.explain(record)
+            if problem is None and exc is not None:
+                try:
+                    fastavro.schemaless_writer(io.BytesIO(), parsed, record)
+                except Exception as single:
+                    problem = " ".join(f"{type(single).__name__}: {single}".split())
+            if problem is not None:
+                self._failure = RecordError(
+                    f"record {self._written + offset} does not fit schema "
+                    f"{self.schema.name}: {problem}"
+                )
+                if exc is None:
+                    raise self._failure
+                raise self._failure from exc
+
+
+# ---------------------------------------------------------------------------
+# Record checks
+
+
+_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+_LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
+_FLOAT_MAX = 3.4028234663852886e38
+_TIMESTAMPS = frozenset({"timestamp-millis", "timestamp-micros", "timestamp-nanos"})
+_LOCAL_TIMESTAMPS = frozenset(
+    {"local-timestamp-millis", "local-timestamp-micros", "local-timestamp-nanos"}
+)
+_NONE = type(None)
+
+# Exact Python types that pass the fast column check for each lenient type.
+# Anything else (subclasses included) sends the batch to the strict per-record
+# check, which decides.
+_FAST_TYPES: dict[str, frozenset[type]] = {
+    "null": frozenset({_NONE}),
+    "boolean": frozenset({bool}),
+    "int": frozenset({int}),
+    "long": frozenset({int}),
+    "float": frozenset({float, int}),
+    "double": frozenset({float, int}),
+    "timestamp": frozenset({datetime, int}),
+    "local-timestamp": frozenset({datetime, int}),
+    "date": frozenset({date, int, str}),
+    "time": frozenset({time, int}),
+}
+
+
+class _Checker:
+    """Record checks for one parsed schema.
+
+    ``batch_ok`` is the fast, conservative, column-wise check of a batch: True
+    means every record is fine as far as the cases fastavro would silently
+    accept go; False means "look closer". ``explain`` is the strict per-record
+    check that produces the message.
+    """
+
+    def __init__(self, parsed: dict[str, Any]):
+        self._top = parsed
+        self._named: dict[str, Any] = parsed.get("__named_schemas", {})
+        self._needs: dict[int, bool] = {}
+        self._plans: dict[int, tuple[int, frozenset[str], bool, list[tuple[str, Any, bool]]]] = {}
+
+    # -- fast path ------------------------------------------------------------
+
+    def batch_ok(self, batch: list[dict[str, Any]]) -> bool:
+        """Whether the batch passes the column checks (see the module docstring)."""
+        return self._record_column_ok(batch, self._top, top=True)
+
+    def _resolve(self, node: SchemaNode) -> SchemaNode:
+        while isinstance(node, str) and node in self._named:
+            node = self._named[node]
+        return node
+
+    def _needs_check(self, node: SchemaNode, seen: frozenset[int] = frozenset()) -> bool:
+        """Whether values of this type need a column check at all."""
+        node = self._resolve(node)
+        if isinstance(node, str):
+            return node in _FAST_TYPES
+        key = id(node)
+        cached = self._needs.get(key)
+        if cached is not None:
+            return cached
+        if key in seen:  # recursive type: its fields are checked where they recur
+            return False
+        seen = seen | {key}
+        if isinstance(node, list):
+            # fastavro resolves a union by validating the value against each
+            # branch, which is strict for primitives (and the int range); what
+            # slips through: the contents of records/arrays/maps, naive or
+            # truncated datetimes, and float overflow.
+            result = any(
+                self._needs_check(branch, seen)
+                for branch in map(self._resolve, node)
+                if _is_container(branch)
+                or branch == "float"
+                or (isinstance(branch, dict) and _logical_kind(branch.get("logicalType", "")))
+            )
+        else:
+            kind = node["type"]
+            logical = node.get("logicalType")
+            if kind in ("array", "map", "record", "error"):
+                result = True
+            elif kind in ("enum", "fixed") or logical in ("decimal", "uuid"):
+                result = False
+            elif logical is not None and _logical_kind(logical) is not None:
+                result = True
+            else:
+                result = self._needs_check(kind, seen)
+        self._needs[key] = result
+        return result
+
+    def _record_plan(
+        self, node: dict[str, Any]
+    ) -> tuple[int, frozenset[str], bool, list[tuple[str, Any, bool]]]:
+        plan = self._plans.get(id(node))
+        if plan is None:
+            fields = node["fields"]
+            names = frozenset(f["name"] for f in fields)
+            optional = any(not _required(f) for f in fields)
+            checked = [
+                (f["name"], f["type"], _required(f)) for f in fields if self._needs_check(f["type"])
+            ]
+            plan = (len(fields), names, optional, checked)
+            self._plans[id(node)] = plan
+        return plan
+
+    def _record_column_ok(self, values: list[Any], node: dict[str, Any], top: bool = False) -> bool:
+        if not top and not set(map(type, values)) <= {dict}:
+            return False
+        n_fields, names, optional, checked = self._record_plan(node)
+        # Extra keys: with every field required, fastavro raises for a missing
+        # one, so len(record) <= n_fields means no extra key.
+        if max(map(len, values)) > n_fields:
+            return False
+        if optional and not all(map(names.issuperset, values)):
+            return False
+        try:
+            for name, field_type, required in checked:
+                if required:  # a missing one raises KeyError
+                    column: _Column = partial(map, itemgetter(name), values)
+                else:
+                    present = [v[name] for v in values if name in v]
+                    if not present:
+                        continue
+                    column = partial(iter, present)
+                if not self._column_ok(column, field_type):
+                    return False
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def _column_ok(self, column: _Column, node: SchemaNode) -> bool:
+        """Check a non-empty column; ``column()`` returns a fresh iterator over it.
+
+        A column is rebuilt for each pass rather than materialised: one
+        ``map(itemgetter)`` pass per check is cheaper than a list.
+        """
+        node = self._resolve(node)
+        if isinstance(node, str):
+            return _primitive_column_ok(column, node)
+        if isinstance(node, list):
+            return self._union_column_ok(list(column()), node)
+        kind = node["type"]
+        logical = node.get("logicalType")
+        if logical is not None:
+            lkind = _logical_kind(logical)
+            if lkind is not None:
+                types = set(map(type, column()))
+                if not types <= _FAST_TYPES[lkind]:
+                    return False
+                if lkind == "timestamp" and datetime in types:
+                    # Comparing naive with aware datetimes raises TypeError, so
+                    # the minimum is aware iff they all are.
+                    if int in types:
+                        earliest = min(v for v in column() if type(v) is datetime)
+                    else:
+                        earliest = min(column())
+                    return earliest.tzinfo is not None
+                return True
+            if logical in ("decimal", "uuid"):
+                return True
+        if kind in ("record", "error"):
+            return self._record_column_ok(list(column()), node)
+        if kind == "array":
+            if not set(map(type, column())) <= {list, tuple}:
+                return False
+            if not self._needs_check(node["items"]):
+                return True
+            items = list(chain.from_iterable(column()))
+            return not items or self._column_ok(partial(iter, items), node["items"])
+        if kind == "map":
+            if not set(map(type, column())) <= {dict}:
+                return False
+            if not self._needs_check(node["values"]):
+                return True
+            items = list(chain.from_iterable(map(dict.values, column())))
+            return not items or self._column_ok(partial(iter, items), node["values"])
+        if kind in ("enum", "fixed"):
+            return True
+        return self._column_ok(column, kind)
+
+    def _union_column_ok(self, values: list[Any], branches: list[Any]) -> bool:
+        # Values are grouped by Python type; a group that only one branch can
+        # hold is checked against that branch column-wise, a group no branch
+        # can hold makes fastavro raise, and an ambiguous group goes through
+        # the strict check value by value.
+        by_type: dict[type, list[Any]] = {}
+        for value in values:
+            by_type.setdefault(type(value), []).append(value)
+        for pytype, group in by_type.items():
+            candidates = [b for b in branches if _could_hold(self._resolve(b), pytype)]
+            if len(candidates) == 1:
+                if not self._column_ok(partial(iter, group), candidates[0]):
+                    return False
+            elif candidates and any(self._explain(v, branches, "") is not None for v in group):
+                return False
+        return True
+
+    # -- strict path ----------------------------------------------------------
+
+    def explain(self, record: Any) -> str | None:
+        """The first problem with one record, as ``field <path>: <problem>``, or None."""
+        if not isinstance(record, dict):
+            return f"a record must be a dict, got {type(record).__name__} {_short(record)}"
+        return self._explain_record(record, self._top, "")
+
+    def _explain_record(self, value: Any, node: dict[str, Any], path: str) -> str | None:
+        fields = node["fields"]
+        names = {f["name"] for f in fields}
+        extra = [k for k in value if k not in names]
+        if extra:
+            where = f"{path}.{extra[0]}" if path else str(extra[0])
+            known = ", ".join(f["name"] for f in fields)
+            return f"field {where} is not in the schema (fields: {known})"
+        for field in fields:
+            name = field["name"]
+            field_path = f"{path}.{name}" if path else name
+            if name not in value:
+                if _required(field):
+                    return f"field {field_path}: missing (the schema gives no default)"
+                continue
+            problem = self._explain(value[name], field["type"], field_path)
+            if problem is not None:
+                return problem
+        return None
+
+    def _explain(self, value: Any, node: SchemaNode, path: str) -> str | None:
+        node = self._resolve(node)
+        if isinstance(node, list):
+            for branch in node:
+                if self._explain(value, branch, path) is None:
+                    return None
+            real = [b for b in node if self._resolve(b) != "null"]
+            if len(real) == 1 and len(node) == 2 and value is not None:
+                return self._explain(value, real[0], path)
+            return _bad(path, value, f"does not match any of {_type_names(node)}")
+        if isinstance(node, str):
+            return _explain_primitive(value, node, path)
+        kind = node["type"]
+        logical = node.get("logicalType")
+        if logical is not None:
+            problem = _explain_logical(value, kind, logical, path)
+            if problem != "":
+                return problem
+        if kind in ("record", "error"):
+            if not isinstance(value, dict):
+                return _bad(path, value, f"is not a record ({node['name']}): expected a dict")
+            return self._explain_record(value, node, path)
+        if kind == "array":
+            if not isinstance(value, (list, tuple)):
+                return _bad(path, value, "is not an array: expected a list")
+            for i, item in enumerate(value):
+                problem = self._explain(item, node["items"], f"{path}[{i}]")
+                if problem is not None:
+                    return problem
+            return None
+        if kind == "map":
+            if not isinstance(value, dict):
+                return _bad(path, value, "is not a map: expected a dict")
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return _bad(path, key, "is not a map key: keys must be strings")
+                problem = self._explain(item, node["values"], f"{path}[{key!r}]")
+                if problem is not None:
+                    return problem
+            return None
+        if kind == "enum":
+            if value not in node["symbols"] or not isinstance(value, str):
+                symbols = ", ".join(node["symbols"])
+                return _bad(path, value, f"is not a symbol of enum {node['name']} ({symbols})")
+            return None
+        if kind == "fixed":
+            if not isinstance(value, (bytes, bytearray)) or len(value) != node["size"]:
+                return _bad(path, value, f"is not {node['size']} bytes (fixed {node['name']})")
+            return None
+        return self._explain(value, kind, path)
+
+
+def _required(field: Mapping[str, Any]) -> bool:
+    """Whether fastavro raises when the field is missing from a record."""
+    field_type = field["type"]
+    return "default" not in field and not (isinstance(field_type, list) and "null" in field_type)
+
+
+def _logical_kind(logical: str) -> str | None:
+    if logical in _TIMESTAMPS:
+        return "timestamp"
+    if logical in _LOCAL_TIMESTAMPS:
+        return "local-timestamp"
+    if logical == "date":
+        return "date"
+    if logical in ("time-millis", "time-micros"):
+        return "time"
+    return None
+
+
+def _primitive_column_ok(column: _Column, kind: str) -> bool:
+    allowed = _FAST_TYPES.get(kind)
+    if allowed is None:  # string, bytes: fastavro raises on a wrong type
+        return True
+    if not set(map(type, column())) <= allowed:
+        return False
+    if kind == "int":
+        return bool(min(column()) >= _INT_MIN and max(column()) <= _INT_MAX)
+    if kind == "float":
+        # NaN makes max() unreliable but never hides an overflow: it either
+        # comes out as the max (and fails the test) or is skipped.
+        return bool(max(map(abs, column())) <= _FLOAT_MAX)
+    return True
+
+
+def _could_hold(node: SchemaNode, pytype: type) -> bool:
+    """Whether a value of this Python type could be written as this union branch."""
+    if isinstance(node, list):
+        return False
+    kind, logical = (
+        (node, None) if isinstance(node, str) else (node["type"], node.get("logicalType"))
+    )
+    allowed: tuple[type, ...]
+    lkind = _logical_kind(logical) if logical else None
+    if lkind is not None:
+        allowed = tuple(_FAST_TYPES[lkind])
+    elif logical == "decimal":
+        allowed = (Decimal,)
+    elif logical == "uuid":
+        allowed = (uuid.UUID, str)
+    elif kind in ("record", "error", "map"):
+        allowed = (dict,)
+    elif kind == "array":
+        allowed = (list, tuple)
+    elif kind in ("enum", "string"):
+        allowed = (str,)
+    elif kind in ("fixed", "bytes"):
+        allowed = (bytes, bytearray, memoryview)
+    elif kind in _FAST_TYPES:
+        allowed = tuple(_FAST_TYPES[kind])
+    else:
+        return True
+    return issubclass(pytype, allowed)
+
+
+def _is_container(node: SchemaNode) -> bool:
+    return isinstance(node, dict) and node["type"] in ("record", "error", "array", "map")
+
+
+def _type_names(branches: list[Any]) -> str:
+    names = []
+    for branch in branches:
+        if isinstance(branch, dict):
+            names.append(str(branch.get("name") or branch.get("logicalType") or branch["type"]))
+        else:
+            names.append(str(branch))
+    return ", ".join(names)
+
+
+def _bad(path: str, value: Any, problem: str) -> str:
+    return f"field {path}: {_short(value)} {problem}"
+
+
+def _explain_primitive(value: Any, kind: str, path: str) -> str | None:
+    if kind == "null":
+        return None if value is None else _bad(path, value, "is not null")
+    if kind == "boolean":
+        return None if isinstance(value, bool) else _bad(path, value, "is not a boolean")
+    if kind in ("int", "long"):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            return _bad(path, value, f"is not an {kind}" if kind == "int" else "is not a long")
+        low, high = (_INT_MIN, _INT_MAX) if kind == "int" else (_LONG_MIN, _LONG_MAX)
+        if not low <= int(value) <= high:
+            bits = 32 if kind == "int" else 64
+            return _bad(path, value, f"is out of range for {kind} ({bits}-bit)")
+        return None
+    if kind in ("float", "double"):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return _bad(path, value, f"is not a {kind}")
+        if kind == "float" and math.isfinite(value) and abs(float(value)) > _FLOAT_MAX:
+            return _bad(path, value, "is out of range for float (32-bit)")
+        return None
+    if kind == "string":
+        if not isinstance(value, str):
+            return _bad(path, value, "is not a string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return _bad(path, value, f"cannot be encoded as UTF-8 ({exc.reason})")
+        return None
+    if kind == "bytes":
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return None
+        return _bad(path, value, "is not bytes")
+    return None  # unknown: leave it to fastavro
+
+
+def _explain_logical(value: Any, kind: str, logical: str, path: str) -> str | None:
+    """The problem, None if fine, or "" to check it as its underlying type."""
+    lkind = _logical_kind(logical)
+    if lkind in ("timestamp", "local-timestamp"):
+        if isinstance(value, datetime):
+            if lkind == "timestamp" and value.tzinfo is None:
+                return _bad(
+                    path,
+                    value,
+                    "is a naive datetime: give it a timezone, e.g. tzinfo=timezone.utc",
+                )
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            return _bad(path, value, f"is not a {logical} (an aware datetime or an int)")
+        return None
+    if lkind == "date":
+        if isinstance(value, datetime):
+            return _bad(path, value, "is a datetime, not a date (the time would be lost)")
+        if isinstance(value, (date, str)) or (
+            isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        ):
+            return None
+        return _bad(path, value, "is not a date")
+    if lkind == "time":
+        if isinstance(value, time) or (
+            isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        ):
+            return None
+        return _bad(path, value, f"is not a {logical} (a datetime.time or an int)")
+    if logical == "decimal":
+        if isinstance(value, Decimal):
+            return None  # scale and precision: fastavro checks
+        return _bad(path, value, "is not a decimal.Decimal")
+    if logical == "uuid":
+        if isinstance(value, (uuid.UUID, str)):
+            return None  # a malformed string: fastavro raises
+        return _bad(path, value, "is not a UUID")
+    return ""
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def read_records(data: BinaryIO) -> Iterator[dict[str, Any]]:
+    """Yield the records of an Avro object container file.
+
+    Timestamps come back as aware UTC datetimes, dates as ``date``, decimals as
+    ``Decimal`` (see :func:`to_json_safe` to print them as JSON).
+    """
+    yield from fastavro.reader(data)  # type: ignore[misc]
+
+
+def to_json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a record that ``json.dumps`` accepts, for printing.
+
+    datetime, date and time become ISO 8601 strings (a datetime keeps its
+    timezone, e.g. ``2024-01-01T00:15:00+00:00``); Decimal and UUID become
+    strings; bytes become base64 strings; NaN and infinities become the
+    strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (strict JSON has no
+    such numbers); tuples become lists. Lists and dicts are converted
+    recursively.
+    """
+    return {str(key): _json_safe(value) for key, value in record.items()}
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, (Decimal, uuid.UUID)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, Iterable):
+        return [_json_safe(v) for v in value]
+    return value

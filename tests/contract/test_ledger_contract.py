@@ -1,0 +1,257 @@
+"""The ledger contract: every backend's ledger keeps these promises."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from fanout.backends.base import (
+    Backend,
+    ClaimOutcome,
+    Failure,
+    NewTask,
+    Output,
+    RunRecord,
+    RunState,
+    TaskKey,
+    TaskState,
+)
+
+RUN = "r1"
+ROOT = TaskKey(RUN, "0", 0)
+
+
+def _run(backend: Backend, run_id: str = RUN, created_at: float | None = None) -> RunRecord:
+    record = RunRecord(
+        run_id=run_id,
+        job="/jobs/x.py",
+        job_name="x",
+        params={"a": 1},
+        settings={"max_attempts": 3},
+        created_at=created_at or time.time(),
+    )
+    backend.ledger.create_run(record, NewTask("0", 0, 0, '{"m": 0}'))
+    return record
+
+
+def _claim(backend: Backend, key: TaskKey = ROOT, token: str = "t1", lease: float = 30.0,
+           max_attempts: int = 3, now: float | None = None):  # noqa: ANN202
+    return backend.ledger.claim(key, token, lease, max_attempts, now or time.time())
+
+
+def _children(n: int, parent: str = "0", depth: int = 1) -> list[NewTask]:
+    return [NewTask(f"{parent}/{i}", 0, depth, f'{{"c": {i}}}') for i in range(n)]
+
+
+def test_create_run_starts_with_one_outstanding_root(backend: Backend) -> None:
+    _run(backend)
+    run = backend.ledger.get_run(RUN)
+    assert run is not None
+    assert (run.state, run.outstanding, run.tasks_total, run.params) == (
+        RunState.RUNNING, 1, 1, {"a": 1})
+    root = backend.ledger.get_task(ROOT)
+    assert root is not None and root.state == TaskState.QUEUED and root.message == '{"m": 0}'
+    with pytest.raises(KeyError):
+        _run(backend)
+    assert backend.ledger.get_run("nope") is None
+
+
+def test_list_runs_newest_first_and_by_state(backend: Backend) -> None:
+    _run(backend, "a", created_at=100.0)
+    _run(backend, "b", created_at=200.0)
+    assert [r.run_id for r in backend.ledger.list_runs()] == ["b", "a"]
+    assert [r.run_id for r in backend.ledger.list_runs(limit=1)] == ["b"]
+    assert backend.ledger.list_runs(states=(RunState.SUCCEEDED,)) == []
+
+
+def test_register_is_idempotent_and_counts_exactly(backend: Backend) -> None:
+    _run(backend)
+    first = backend.ledger.register(RUN, _children(5), max_chunks=100)
+    again = backend.ledger.register(RUN, _children(7), max_chunks=100)
+    assert (first.created, again.created) == (5, 2)
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and (run.outstanding, run.tasks_total, run.chunks_total) == (8, 8, 8)
+
+
+def test_register_over_max_chunks_registers_nothing(backend: Backend) -> None:
+    _run(backend)
+    result = backend.ledger.register(RUN, _children(5), max_chunks=5)
+    assert result.over_limit and result.created == 0
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.outstanding == 1
+    assert backend.ledger.get_task(TaskKey(RUN, "0/0")) is None
+
+
+def test_continuations_do_not_count_against_max_chunks(backend: Backend) -> None:
+    _run(backend)
+    result = backend.ledger.register(RUN, [NewTask("0", 1, 0, "{}")], max_chunks=1)
+    assert not result.over_limit and result.created == 1
+
+
+def test_claim_then_duplicate_is_busy_then_finished_after_commit(backend: Backend) -> None:
+    _run(backend)
+    claim = _claim(backend)
+    assert claim.outcome == ClaimOutcome.CLAIMED and claim.attempt == 1
+    assert claim.task is not None and claim.task.message == '{"m": 0}'
+    busy = _claim(backend, token="t2")
+    assert busy.outcome == ClaimOutcome.BUSY and 0 < busy.retry_after <= 30
+    settle = backend.ledger.commit(ROOT, "t1", Output("k.avro", 10, 99), "committed", time.time())
+    assert settle.ok and settle.drained
+    assert _claim(backend, token="t3").outcome == ClaimOutcome.FINISHED
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and (run.outstanding, run.records, run.bytes, run.tasks_done) == (
+        0, 10, 99, 1)
+    task = backend.ledger.get_task(ROOT)
+    assert task is not None and task.output == Output("k.avro", 10, 99)
+
+
+def test_commit_with_a_lost_lease_is_refused(backend: Backend) -> None:
+    _run(backend)
+    _claim(backend, token="old", lease=0.01)
+    time.sleep(0.02)
+    takeover = _claim(backend, token="new")
+    assert takeover.outcome == ClaimOutcome.CLAIMED and takeover.attempt == 2
+    assert takeover.takeover == "crashed"
+    assert not backend.ledger.commit(ROOT, "old", None, "committed", time.time()).ok
+    assert not backend.ledger.retry(ROOT, "old", Failure("error", "x"), 0, time.time())
+    assert not backend.ledger.bury(ROOT, "old", Failure("error", "x"), time.time()).ok
+    assert backend.ledger.commit(ROOT, "new", None, "committed", time.time()).ok
+    task = backend.ledger.get_task(ROOT)
+    assert task is not None
+    assert [e["outcome"] for e in task.history] == ["crashed", "committed"]
+    assert task.history[0]["attempt"] == 1 and task.history[1]["attempt"] == 2
+
+
+def test_retry_sets_back_off_and_counts(backend: Backend) -> None:
+    _run(backend)
+    now = time.time()
+    _claim(backend, now=now)
+    assert backend.ledger.retry(ROOT, "t1", Failure("error", "boom", "tb"), now + 100, now)
+    wait = _claim(backend, token="t2", now=now + 1)
+    assert wait.outcome == ClaimOutcome.WAIT and wait.retry_after == pytest.approx(99)
+    again = _claim(backend, token="t3", now=now + 101)
+    assert again.outcome == ClaimOutcome.CLAIMED and again.attempt == 2
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.retries == 1
+    task = backend.ledger.get_task(ROOT)
+    assert task is not None and task.error == "boom" and task.traceback == "tb"
+
+
+def test_takeover_past_max_attempts_buries(backend: Backend) -> None:
+    _run(backend)
+    now = time.time()
+    for attempt in (1, 2):
+        claim = _claim(backend, token=f"t{attempt}", lease=1, max_attempts=2, now=now + 10 * attempt)
+        assert claim.outcome == ClaimOutcome.CLAIMED and claim.attempt == attempt
+    buried = _claim(backend, token="t3", lease=1, max_attempts=2, now=now + 30)
+    assert buried.outcome == ClaimOutcome.BURIED and buried.drained
+    task = backend.ledger.get_task(ROOT)
+    assert task is not None and task.state == TaskState.DEAD and "crashed" in (task.error or "")
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and (run.outstanding, run.tasks_dead) == (0, 1)
+
+
+def test_bury_keeps_the_message_and_reopen_restores_the_budget(backend: Backend) -> None:
+    _run(backend)
+    _claim(backend)
+    settle = backend.ledger.bury(ROOT, "t1", Failure("error", "boom", "tb"), time.time())
+    assert settle.ok and settle.drained
+    dead = backend.ledger.list_tasks(RUN, (TaskState.DEAD,))
+    assert [t.chunk_id for t in dead] == ["0"] and dead[0].message == '{"m": 0}'
+    assert backend.ledger.begin_finalize(RUN, time.time(), 60)
+    backend.ledger.finish(RUN, RunState.FAILED, "runs/r1/_manifest.json", time.time())
+    reopened = backend.ledger.reopen(RUN, None, time.time())
+    assert [t.chunk_id for t in reopened] == ["0"]
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and (run.state, run.outstanding, run.tasks_dead) == (
+        RunState.RUNNING, 1, 0)
+    claim = _claim(backend, token="t9")
+    assert claim.outcome == ClaimOutcome.CLAIMED and claim.attempt == 1
+
+
+def test_reopen_only_named_chunks(backend: Backend) -> None:
+    _run(backend)
+    backend.ledger.register(RUN, _children(3), max_chunks=100)
+    for i in range(3):
+        key = TaskKey(RUN, f"0/{i}")
+        _claim(backend, key=key, token=f"t{i}")
+        backend.ledger.bury(key, f"t{i}", Failure("error", "x"), time.time())
+    reopened = backend.ledger.reopen(RUN, {"0/1"}, time.time())
+    assert [t.chunk_id for t in reopened] == ["0/1"]
+    assert [t.chunk_id for t in backend.ledger.list_tasks(RUN, (TaskState.DEAD,))] == ["0/0", "0/2"]
+
+
+def test_fan_in_drains_exactly_once(backend: Backend) -> None:
+    _run(backend)
+    _claim(backend)
+    backend.ledger.register(RUN, _children(3), max_chunks=100)
+    assert not backend.ledger.commit(ROOT, "t1", None, "committed", time.time()).drained
+    drained = []
+    for i in range(3):
+        key = TaskKey(RUN, f"0/{i}")
+        _claim(backend, key=key, token=f"c{i}")
+        drained.append(backend.ledger.commit(key, f"c{i}", None, "committed", time.time()).drained)
+        # A duplicate commit of the same task changes nothing.
+        assert not backend.ledger.commit(key, f"c{i}", None, "committed", time.time()).ok
+    assert drained == [False, False, True]
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.outstanding == 0 and run.tasks_done == 4
+
+
+def test_begin_finalize_is_granted_once_unless_stale(backend: Backend) -> None:
+    _run(backend)
+    now = time.time()
+    assert not backend.ledger.begin_finalize(RUN, now, 60)  # not drained yet
+    _claim(backend)
+    backend.ledger.commit(ROOT, "t1", None, "committed", now)
+    assert backend.ledger.begin_finalize(RUN, now, 60)
+    assert not backend.ledger.begin_finalize(RUN, now + 1, 60)
+    assert backend.ledger.begin_finalize(RUN, now + 120, 60)  # the first finalizer died
+    backend.ledger.finish(RUN, RunState.SUCCEEDED, "m.json", now + 121)
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.state == RunState.SUCCEEDED and run.manifest_key == "m.json"
+    assert not backend.ledger.begin_finalize(RUN, now + 500, 60)
+
+
+def test_stop_cancels_queued_tasks_at_claim(backend: Backend) -> None:
+    _run(backend)
+    _claim(backend)
+    backend.ledger.register(RUN, _children(2), max_chunks=100)
+    backend.ledger.stop(RUN, "max_depth (1) reached")
+    backend.ledger.stop(RUN, "a later reason")
+    backend.ledger.commit(ROOT, "t1", None, "committed", time.time())
+    first = _claim(backend, key=TaskKey(RUN, "0/0"))
+    second = _claim(backend, key=TaskKey(RUN, "0/1"))
+    assert first.outcome == second.outcome == ClaimOutcome.CANCELLED
+    assert (first.drained, second.drained) == (False, True)
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.stop_reason == "max_depth (1) reached"
+    assert run.tasks_cancelled == 2
+
+
+def test_missing_task(backend: Backend) -> None:
+    _run(backend)
+    assert _claim(backend, key=TaskKey(RUN, "9/9")).outcome == ClaimOutcome.MISSING
+
+
+def test_list_tasks_in_chunk_order(backend: Backend) -> None:
+    _run(backend)
+    backend.ledger.register(RUN, _children(12), max_chunks=100)
+    backend.ledger.register(RUN, [NewTask("0/2", 1, 1, "{}")], max_chunks=100)
+    ids = [(t.chunk_id, t.seq) for t in backend.ledger.list_tasks(RUN)]
+    assert ids[:5] == [("0", 0), ("0/0", 0), ("0/1", 0), ("0/2", 0), ("0/2", 1)]
+    assert ids[-1] == ("0/11", 0)
+
+
+def test_ledger_state_survives_reopen(backend: Backend, reopen: Callable[[], Backend]) -> None:
+    _run(backend)
+    _claim(backend)
+    backend.ledger.register(RUN, _children(2), max_chunks=100)
+    backend.ledger.commit(ROOT, "t1", Output("k", 3, 4), "committed", time.time())
+    again = reopen()
+    run = again.ledger.get_run(RUN)
+    assert run is not None and (run.outstanding, run.records) == (2, 3)
+    assert _claim(again, key=TaskKey(RUN, "0/1")).outcome == ClaimOutcome.CLAIMED
+    assert _claim(again).outcome == ClaimOutcome.FINISHED

@@ -1,0 +1,299 @@
+"""The correctness model, end to end in one process on the memory backend."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import TREE, drain
+from fanout import coordinator
+from fanout.backends.base import Backend, RunState, TaskKey, TaskState
+from fanout.runner import Runner
+from testjobs.tree import Params, expected_items
+
+
+def _run(backend: Backend, settings: dict[str, Any] | None = None, **params: Any) -> str:
+    return coordinator.submit(backend, TREE, params, settings).run_id
+
+
+def _items(backend: Backend, run_id: str) -> Counter[str]:
+    return Counter(r["item"] for r in coordinator.committed_records(backend, run_id))
+
+
+def _assert_exactly_once(backend: Backend, run_id: str, **params: Any) -> None:
+    items = _items(backend, run_id)
+    assert [i for i, n in items.items() if n > 1] == []
+    assert set(items) == expected_items(Params(**params))
+
+
+def test_plan_chunks_and_manifest(mem: Backend) -> None:
+    run_id = _run(mem, chunks=4, rows=25)
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED and run.records == 100
+    _assert_exactly_once(mem, run_id, chunks=4, rows=25)
+    manifest = coordinator.read_manifest(mem, run_id)
+    assert manifest["state"] == "succeeded" and manifest["records"] == 100
+    assert sorted(f["chunk_id"] for f in manifest["files"]) == ["0/0", "0/1", "0/2", "0/3"]
+    assert all(f["records"] == 25 for f in manifest["files"])
+    assert manifest["schema"]["name"] == "row"
+    # Only committed files are listed, and every one exists.
+    for entry in manifest["files"]:
+        assert mem.store.exists(entry["key"])
+
+
+def test_job_without_plan_gets_one_chunk_holding_the_params(mem: Backend, tmp_path: Path) -> None:
+    job = tmp_path / "single.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('single', schema={'type': 'record', 'name': 'r', 'fields':"
+        " [{'name': 'x', 'type': 'long'}]})\n"
+        "@job.process\n"
+        "def process(payload, ctx):\n"
+        "    ctx.emit({'x': payload['x'] * 2})\n"
+    )
+    run_id = coordinator.submit(mem, str(job), {"x": 21}).run_id
+    assert drain(mem, run_id).state == RunState.SUCCEEDED
+    assert list(coordinator.committed_records(mem, run_id)) == [{"x": 42}]
+
+
+def test_continuations_bump_seq_and_write_each_slice_once(mem: Backend) -> None:
+    run_id = _run(mem, chunks=2, rows=10, step=3)
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED
+    _assert_exactly_once(mem, run_id, chunks=2, rows=10, step=3)
+    seqs = sorted((t.chunk_id, t.seq) for t in mem.ledger.list_tasks(run_id) if t.chunk_id != "0")
+    assert seqs == [(c, s) for c in ("0/0", "0/1") for s in range(4)]
+    first = mem.ledger.get_task(TaskKey(run_id, "0/0", 0))
+    assert first is not None and first.history[-1]["outcome"] == "continued"
+    # A continuation is not a failure.
+    assert run.retries == 0 and all(t.attempt == 1 for t in mem.ledger.list_tasks(run_id))
+
+
+def test_retries_with_back_off_then_success(mem: Backend) -> None:
+    run_id = _run(mem, chunks=3, rows=5, fail_chunks=[1], fail_times=2)
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED and run.retries == 2
+    _assert_exactly_once(mem, run_id, chunks=3, rows=5)
+    task = mem.ledger.get_task(TaskKey(run_id, "0/1"))
+    assert task is not None
+    assert [(e["attempt"], e["outcome"]) for e in task.history] == [
+        (1, "error"), (2, "error"), (3, "committed")]
+    assert "flaky chunk 1, attempt 2" in str(task.history[1]["error"])
+
+
+def test_dead_letter_after_max_attempts(mem: Backend) -> None:
+    run_id = _run(mem, {"max_attempts": 2}, chunks=3, rows=5, fail_chunks=[2], fail_times=9)
+    run = drain(mem, run_id)
+    assert run.state == RunState.FAILED and run.tasks_dead == 1
+    dead = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    assert [t.chunk_id for t in dead] == ["0/2"]
+    assert "flaky chunk 2" in (dead[0].error or "") and "RuntimeError" in (dead[0].traceback or "")
+    letter = json.loads(mem.store.get(f"runs/{run_id}/dead/0.2-s0.json"))
+    assert letter["message"]["payload"] == {"name": "2", "level": 0}
+    manifest = coordinator.read_manifest(mem, run_id)
+    assert manifest["state"] == "failed"
+    assert [d["chunk_id"] for d in manifest["dead_chunks"]] == ["0/2"]
+    assert set(_items(mem, run_id)) == {f"{c}:{r}" for c in "01" for r in range(5)}
+
+
+def test_replay_after_fix_reopens_and_rewrites_manifest(mem: Backend, tmp_path: Path) -> None:
+    flag = tmp_path / "broken"
+    flag.touch()
+    params = {"chunks": 3, "rows": 4, "broken_flag": str(flag)}
+    run_id = _run(mem, {"max_attempts": 1}, **params)
+    assert drain(mem, run_id).state == RunState.FAILED
+    assert coordinator.read_manifest(mem, run_id)["records"] == 8
+    with pytest.raises(Exception, match="no dead chunk '0/1'"):
+        coordinator.replay(mem, run_id, ["0/1"])
+    flag.unlink()  # "fix the code"
+    reopened = coordinator.replay(mem, run_id)
+    assert [t.chunk_id for t in reopened] == ["0/0"]
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED and run.records == 12
+    manifest = coordinator.read_manifest(mem, run_id)
+    assert manifest["state"] == "succeeded" and manifest["dead_chunks"] == []
+    _assert_exactly_once(mem, run_id, chunks=3, rows=4)
+    with pytest.raises(Exception, match="no dead chunks"):
+        coordinator.replay(mem, run_id)
+
+
+def test_duplicate_deliveries_are_skipped(mem: Backend) -> None:
+    sent: list[str] = []
+    original = mem.queue.send
+
+    def send_twice(bodies: Any, delay: float = 0.0) -> None:
+        sent.extend(bodies)
+        original(list(bodies) * 2, delay)
+
+    mem.queue.send = send_twice  # type: ignore[method-assign]
+    params = {"chunks": 3, "rows": 3, "children": 2, "depth": 2, "step": 2}
+    run_id = _run(mem, **params)
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED
+    _assert_exactly_once(mem, run_id, **params)
+    # Every task ran once: duplicates were acknowledged without running.
+    tasks = mem.ledger.list_tasks(run_id)
+    assert all(t.attempt == 1 for t in tasks) and run.tasks_done == len(tasks)
+    # A late duplicate after the run finished changes nothing.
+    original(sent[:3])
+    drain(mem, run_id)
+    assert mem.ledger.get_run(run_id).records == run.records  # type: ignore[union-attr]
+
+
+def test_expired_lease_is_taken_over_as_crashed(mem: Backend, fast_leases: None) -> None:
+    run_id = _run(mem, chunks=2, rows=3)
+    drain_root(mem)
+    # A worker claims chunk 0/0 and dies: its lease is never committed.
+    mem.ledger.claim(TaskKey(run_id, "0/0"), "dead-worker", 0.01, 3, __import__("time").time())
+    run = drain(mem, run_id, chunk_timeout=0.2)
+    assert run.state == RunState.SUCCEEDED
+    task = mem.ledger.get_task(TaskKey(run_id, "0/0"))
+    assert task is not None and [e["outcome"] for e in task.history] == ["crashed", "committed"]
+    _assert_exactly_once(mem, run_id, chunks=2, rows=3)
+
+
+def drain_root(backend: Backend) -> None:
+    """Run only the plan chunk."""
+    (delivery,) = backend.queue.receive(1, 30)
+    Runner(backend).handle(delivery, 10)
+
+
+class _Crash(BaseException):
+    """Stands for the process dying between two steps."""
+
+
+@pytest.mark.parametrize("step", ["send", "commit", "ack"])
+def test_crash_between_commit_steps_keeps_fan_in_exact(
+    mem: Backend, fast_leases: None, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Die after registering children (before or after sending them), after the
+    ledger commit, or before the ack: the run still finishes, exactly once."""
+    params = {"chunks": 2, "rows": 2, "children": 3, "depth": 1}
+    run_id = _run(mem, **params)
+    target = {"send": mem.queue, "commit": mem.ledger, "ack": mem.queue}[step]
+    method = {"send": "send", "commit": "commit", "ack": "ack"}[step]
+    original = getattr(target, method)
+    crashed: list[bool] = []
+
+    def dying(*args: Any, **kwargs: Any) -> Any:
+        # Crash once, on the first parent chunk that has children.
+        key = args[0] if step == "commit" else None
+        if not crashed and (step != "commit" or key.chunk_id == "0/0"):
+            if step == "send" and not any('"0/0/' in b for b in args[0]):
+                return original(*args, **kwargs)
+            crashed.append(True)
+            if step in ("commit", "ack"):
+                original(*args, **kwargs)  # the step happened; the process died after it
+            raise _Crash
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, method, dying)
+    runner = Runner(mem)
+    with pytest.raises(_Crash):
+        drain(mem, run_id, chunk_timeout=0.2, runner=runner)
+    run = drain(mem, run_id, chunk_timeout=0.2, runner=Runner(mem), limit=20)
+    assert crashed and run.state == RunState.SUCCEEDED and run.outstanding == 0
+    _assert_exactly_once(mem, run_id, **params)
+    assert run.tasks_done == len(mem.ledger.list_tasks(run_id)) == 1 + 2 + 6
+
+
+def test_runaway_max_depth_stops_the_run(mem: Backend) -> None:
+    run_id = _run(mem, {"max_depth": 2}, chunks=1, rows=1, children=2, depth=5)
+    run = drain(mem, run_id)
+    assert run.state == RunState.STOPPED
+    assert run.stop_reason is not None and "max_depth (2)" in run.stop_reason
+    manifest = coordinator.read_manifest(mem, run_id)
+    assert manifest["state"] == "stopped" and manifest["records"] == run.records
+    # 0/0 and the chunk that hit the bound committed their records; its sibling,
+    # still queued when the run stopped, was cancelled rather than run.
+    assert run.records + run.tasks_cancelled == 3 and run.records >= 2
+
+
+def test_runaway_max_chunks_stops_the_run(mem: Backend) -> None:
+    run_id = _run(mem, {"max_chunks": 10}, chunks=3, rows=1, children=3, depth=3)
+    run = drain(mem, run_id)
+    assert run.state == RunState.STOPPED and "max_chunks (10)" in (run.stop_reason or "")
+    assert run.chunks_total <= 10
+
+
+def test_runaway_max_continuations_stops_the_run(mem: Backend) -> None:
+    run_id = _run(mem, {"max_continuations": 2}, chunks=1, rows=10, step=1)
+    run = drain(mem, run_id)
+    assert run.state == RunState.STOPPED and "max_continuations (2)" in (run.stop_reason or "")
+    assert run.records == 3  # seq 0, 1, 2
+
+
+def test_bad_record_fails_the_chunk_at_once_naming_the_field(mem: Backend) -> None:
+    run_id = _run(mem, chunks=2, rows=2, bad_record_chunk=1)
+    run = drain(mem, run_id)
+    assert run.state == RunState.FAILED and run.retries == 0
+    (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    assert dead.chunk_id == "0/1" and dead.attempt == 1
+    assert "bad record" in (dead.error or "") and "n" in (dead.error or "")
+    # The chunk wrote nothing: its good records before the bad one are not committed.
+    assert set(_items(mem, run_id)) == {"0:0", "0:1"}
+
+
+def test_large_payloads_travel_through_the_store(mem: Backend) -> None:
+    params = {"chunks": 1, "rows": 1, "children": 2, "depth": 1, "big_payload": 300_000}
+    run_id = _run(mem, **params)
+    assert drain(mem, run_id).state == RunState.SUCCEEDED
+    _assert_exactly_once(mem, run_id, **params)
+    assert list(mem.store.list(f"runs/{run_id}/payloads/"))
+
+
+def test_invalid_and_foreign_messages_are_dropped(mem: Backend) -> None:
+    mem.queue.send(["not json", '{"v": 1, "run_id": "x", "chunk_id": "../etc"}'])
+    mem.queue.send(['{"v": 1, "run_id": "nosuchrun", "chunk_id": "0"}'])
+    runner = Runner(mem)
+    outcomes = [runner.handle(d, 5) for d in mem.queue.receive(10, 30)]
+    assert outcomes == ["invalid", "invalid", "unknown run"]
+    assert mem.queue.pending() == 0
+
+
+def test_forged_payload_is_ignored_in_favour_of_the_ledger(mem: Backend) -> None:
+    run_id = _run(mem, chunks=1, rows=2)
+    drain_root(mem)
+    forged = json.dumps({"v": 1, "run_id": run_id, "chunk_id": "0/0",
+                         "payload": {"name": "evil", "level": 0}})
+    # The real message for 0/0 is already queued; deliver the forged one first.
+    for d in mem.queue.receive(10, 30):
+        mem.queue.release(d.receipt, 0)
+    mem.queue.send([forged])
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED
+    assert set(_items(mem, run_id)) == {"0:0", "0:1"}
+
+
+def test_recover_resends_a_lost_first_message(mem: Backend) -> None:
+    original = mem.queue.send
+    mem.queue.send = lambda bodies, delay=0.0: None  # type: ignore[assignment,method-assign]
+    run_id = _run(mem, chunks=2, rows=1)
+    mem.queue.send = original  # type: ignore[method-assign]
+    assert mem.queue.pending() == 0
+    assert coordinator.recover(mem) == [f"re-sent 1 stranded tasks of {run_id}"]
+    assert drain(mem, run_id).state == RunState.SUCCEEDED
+
+
+def test_recover_finalizes_a_drained_run_whose_finalizer_died(mem: Backend) -> None:
+    run_id = _run(mem, chunks=1, rows=1)
+    runner = Runner(mem)
+    runner.finalize = lambda run_id: False  # type: ignore[method-assign]
+    for _ in range(2):
+        for d in mem.queue.receive(10, 30):
+            runner.handle(d, 10)
+    run = mem.ledger.get_run(run_id)
+    assert run is not None and run.outstanding == 0 and run.state == RunState.RUNNING
+    assert coordinator.recover(mem) == [f"finalized {run_id}"]
+    assert mem.ledger.get_run(run_id).state == RunState.SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_unknown_run_is_a_user_error(mem: Backend) -> None:
+    from fanout.errors import UnknownRunError
+
+    with pytest.raises(UnknownRunError, match="unknown run id 'nope'"):
+        coordinator.status(mem, "nope")
