@@ -98,11 +98,12 @@ def _human(n: float) -> str:
 
 
 def _progress_line(status: coordinator.Status) -> str:
-    r, c = status.run, status.tasks
-    finished = c["done"] + c["dead"] + c["cancelled"]
+    # From the run's counters only: cheap enough to print twice a second.
+    r = status.run
+    finished = r.tasks_done + r.tasks_dead + r.tasks_cancelled
     return (
         f"{r.run_id}  {r.state.value}  chunks {finished}/{r.tasks_total}"
-        f" ({c['running']} running, {c['dead']} dead, {r.retries} retries)"
+        f" ({r.tasks_dead} dead, {r.retries} retries)"
         f"  records {r.records:,}  {_human(status.rate)}/s  {status.elapsed:.1f}s"
     )
 
@@ -148,7 +149,7 @@ def _work(
         if as_json:
             return
         now = time.time()
-        line = _progress_line(coordinator.status(backend, run_id))
+        line = _progress_line(coordinator.Status(coordinator.get_run(backend, run_id)))
         if tty:
             click.echo("\r" + line.ljust(110), err=True, nl=False)
         elif now - last_print[0] >= 2.0:

@@ -37,6 +37,9 @@ _CTX = mp.get_context("fork")  # children inherit the loaded job; no pickling of
 _SLOT_BYTES = 2048
 #: How long an idle child sleeps between empty polls, at most (s).
 MAX_POLL_SLEEP = 0.2
+#: A prefetched message may wait this long in a child before it is started; one
+#: that waited longer is handed back, so its visibility always covers a full chunk.
+PREFETCH_SLACK = 5.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class WorkerOptions:
     home: Path | None = None
     workers: int = os.cpu_count() or 1
     chunk_timeout: float = 60.0
-    batch: int = 1
+    batch: int = 10  # messages received at a time (see PREFETCH_SLACK)
 
 
 class _Slot:
@@ -87,7 +90,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     backend = open_backend(opts.backend, home=opts.home)
     runner = Runner(backend, on_start=slot.start, on_end=slot.end)
-    visibility = opts.chunk_timeout + LEASE_GRACE
+    visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     sleep = 0.005
     try:
         while not stop.is_set() and os.getppid() == parent:
@@ -97,8 +100,12 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
                 sleep = min(sleep * 2, MAX_POLL_SLEEP)
                 continue
             sleep = 0.005
+            received = time.monotonic()
             for delivery in deliveries:
-                runner.handle(delivery, opts.chunk_timeout)
+                if stop.is_set() or time.monotonic() - received > PREFETCH_SLACK:
+                    backend.queue.release(delivery.receipt, 0.0)
+                else:
+                    runner.handle(delivery, opts.chunk_timeout)
     finally:
         backend.close()
 

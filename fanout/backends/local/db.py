@@ -8,6 +8,8 @@ makes a writer wait for the lock instead of failing.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ class Database:
         self.path = str(path)
         self._local = threading.local()
         self._shared: sqlite3.Connection | None = None
+        self._lock_path = self.path + ".lock"
         if self.path == ":memory:":
             # One connection shared by all threads of this process (the memory backend).
             self._shared = self._connect()
@@ -50,11 +53,10 @@ class Database:
     def conn(self) -> sqlite3.Connection:
         if self._shared is not None:
             return self._shared
-        import os
-
         pid = os.getpid()
         if getattr(self._local, "pid", None) != pid:
             self._local.conn = self._connect()
+            self._local.lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             self._local.pid = pid
         conn: sqlite3.Connection = self._local.conn
         return conn
@@ -65,8 +67,18 @@ class Database:
         if self._shared is not None:
             with self._lock:
                 yield from self._tx(self._shared)
-        else:
-            yield from self._tx(self.conn)
+            return
+        conn = self.conn
+        # Writers queue on a kernel file lock before SQLite's own lock: the
+        # kernel wakes the next writer the moment the lock is free, where
+        # SQLite's busy handler would sleep 1-100 ms between retries (which
+        # halved throughput with two worker processes).
+        fd = self._local.lock_fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield from self._tx(conn)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     @staticmethod
     def _tx(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
@@ -86,4 +98,7 @@ class Database:
         conn = self._shared or getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
+        fd = getattr(self._local, "lock_fd", None)
+        if fd is not None and getattr(self._local, "pid", None) == os.getpid():
+            os.close(fd)
         self._local = threading.local()

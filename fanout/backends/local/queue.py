@@ -6,10 +6,16 @@ two processes can never both hold a message while it is invisible. A message
 that is not acknowledged in time becomes visible again and is redelivered with
 a higher ``receive_count``; the receipt carries that count, so the first
 receiver's late ``ack`` or ``release`` cannot touch the redelivered copy.
+
+Acks are deferred: they are applied inside this process's next receive (or
+``pending``/``close``), saving one write transaction per message on the hot
+path. That keeps at-least-once delivery: an ack lost with its process only means
+a redelivery, which the ledger recognises as a finished task.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Sequence
 
@@ -61,9 +67,13 @@ class SQLiteQueue:
     #: runs locally too.
     max_message_bytes: int = 256 * 1024
 
+    #: Deferred acks are flushed at the latest once this many have built up.
+    max_deferred_acks: int = 256
+
     def __init__(self, db: Database, name: str = "work") -> None:
         self.db = db
         self.name = name
+        self._acks: list[tuple[int, int, str]] = []
         db.executescript(_SCHEMA)
 
     def send(self, bodies: Sequence[str], delay: float = 0.0) -> None:
@@ -93,6 +103,7 @@ class SQLiteQueue:
             return []
         now = time.time()
         with self.db.write() as conn:
+            self._flush(conn)
             rows = conn.execute(
                 _RECEIVE, (now + max(visibility, 0.0), self.name, now, max_messages)
             ).fetchall()
@@ -103,8 +114,20 @@ class SQLiteQueue:
     def ack(self, receipt: str) -> None:
         """Delete the message, unless it was redelivered since ``receipt`` was issued."""
         id_, count = _parse_receipt(receipt)
-        with self.db.write() as conn:
-            conn.execute(_ACK, (id_, count, self.name))
+        self._acks.append((id_, count, self.name))
+        if len(self._acks) >= self.max_deferred_acks:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply the deferred acks now."""
+        if self._acks:
+            with self.db.write() as conn:
+                self._flush(conn)
+
+    def _flush(self, conn: sqlite3.Connection) -> None:
+        if self._acks:
+            conn.executemany(_ACK, self._acks)
+            self._acks.clear()
 
     def release(self, receipt: str, delay: float) -> None:
         """Make the message visible again after ``delay`` seconds, unless it was
@@ -116,11 +139,16 @@ class SQLiteQueue:
 
     def pending(self) -> int:
         """Messages of this queue not yet deleted (visible, delayed or in flight)."""
+        self.flush()
         row = self.db.conn.execute(_PENDING, (self.name,)).fetchone()
         return int(row[0])
 
     def close(self) -> None:
-        """Nothing to release: the shared :class:`Database` is closed by the backend."""
+        """Apply deferred acks; the shared :class:`Database` is closed by the backend."""
+        try:
+            self.flush()
+        except sqlite3.ProgrammingError:
+            pass  # the database was closed first: those messages will be redelivered
 
 
 def _parse_receipt(receipt: str) -> tuple[int, int]:

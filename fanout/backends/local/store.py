@@ -87,22 +87,23 @@ class DirStore:
     def list(self, prefix: str) -> Iterator[str]:
         """Keys starting with ``prefix`` (a plain string prefix, as in S3), sorted."""
         check_prefix(prefix)
-        # Only walk the deepest directory the prefix names in full.
-        base_dir, _, _ = prefix.rpartition("/")
+        # Walk only the deepest directory the prefix names in full, and in it only
+        # the entries matching the prefix's partial last segment.
+        base_dir, _, partial = prefix.rpartition("/")
         start = self.root.joinpath(*base_dir.split("/")) if base_dir else self.root
-        keys = [key for key in self._walk(start, base_dir) if key.startswith(prefix)]
+        keys = list(self._walk(start, base_dir, partial))
         # Sort whole keys: directory order differs ("a.x" < "a/b" as strings).
         keys.sort()
         return iter(keys)
 
-    def _walk(self, directory: Path, key_prefix: str) -> Iterator[str]:
+    def _walk(self, directory: Path, key_prefix: str, name_prefix: str = "") -> Iterator[str]:
         try:
             entries = list(os.scandir(directory))
         except (FileNotFoundError, NotADirectoryError):
             return
         for entry in entries:
-            if entry.name.startswith(TEMP_PREFIX):
-                continue  # another writer's object in progress
+            if entry.name.startswith(TEMP_PREFIX) or not entry.name.startswith(name_prefix):
+                continue  # a temp file is another writer's object in progress
             key = f"{key_prefix}/{entry.name}" if key_prefix else entry.name
             if entry.is_dir(follow_symlinks=False):
                 yield from self._walk(Path(entry.path), key)

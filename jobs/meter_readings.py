@@ -1,0 +1,112 @@
+"""Example job: meter-reading CSV files to Avro, one chunk per file.
+
+Every ``.csv`` file under ``source`` (a local directory or an ``s3://`` prefix)
+becomes a chunk. A chunk reads ``meter_id,read_at,kwh`` rows and emits one
+``meter_reading`` record per row, with ``adjusted_kwh = kwh * scale + offset``.
+When its time budget runs low it checkpoints at the next row, and a
+continuation picks up from there.
+
+Run it on the shipped sample (5 files, 4,000 rows)::
+
+    fanout run jobs/meter_readings.py
+    fanout run jobs/meter_readings.py -p scale=1.02 -p offset=0.1
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from fanout import Job
+
+HEADER = ["meter_id", "read_at", "kwh"]
+CHECK_EVERY = 1000  # rows between time-budget checks
+MIN_TIME_LEFT = 1.0  # seconds: checkpoint below this
+
+
+class Params(BaseModel):
+    source: str = str(Path(__file__).parent / "data" / "readings")
+    scale: float = 1.0  # adjustment factor applied to kwh
+    offset: float = 0.0  # added after scaling
+
+
+job = Job("meter-readings", params=Params, schema="meter_reading")
+
+
+@job.plan
+def plan(params: Params, ctx: Any) -> Iterator[dict[str, str]]:
+    """One chunk per CSV file under ``params.source``."""
+    for path in ctx.list(params.source):
+        if path.endswith(".csv"):
+            yield {"path": path}
+
+
+@job.process
+def process(chunk: dict[str, Any], ctx: Any) -> Any:
+    """Convert one CSV file, from row ``ctx.cursor`` (1-based) if resuming."""
+    path: str = chunk["path"]
+    params: Params = ctx.params
+    scale = params.scale
+    offset = params.offset
+    start: int = ctx.cursor or 1  # the first data row not yet emitted
+    emit = ctx.emit
+    time_left = ctx.time_left
+    parse_time = datetime.fromisoformat
+
+    with io.TextIOWrapper(ctx.open(path), encoding="utf-8", newline="") as text:
+        reader = csv.reader(text)
+        header = next(reader, None)
+        if header is None:
+            return None  # an empty file: nothing to emit
+        if [h.strip().lstrip("\ufeff") for h in header] != HEADER:
+            raise ValueError(f"{path}: header is {header}, expected {','.join(HEADER)}")
+        rows: Iterator[list[str]] = reader
+        if start > 1:
+            rows = islice(reader, start - 1, None)  # skip the rows already emitted
+        for line, row in enumerate(rows, start):
+            if not line % CHECK_EVERY and line != start and time_left() < MIN_TIME_LEFT:
+                return ctx.resume_at(line)
+            try:
+                meter_id, read_at, kwh_text = row
+                kwh = float(kwh_text)
+                when = parse_time(read_at)
+            except ValueError:
+                if not row:
+                    continue  # a blank line
+                raise ValueError(f"{path} line {line}: {_row_problem(row)}") from None
+            if when.tzinfo is not UTC:
+                when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+            emit(
+                {
+                    "meter_id": meter_id,
+                    "read_at": when,
+                    "kwh": kwh,
+                    "adjusted_kwh": kwh * scale + offset,
+                    "source": path,
+                    "line": line,
+                }
+            )
+    return None
+
+
+def _row_problem(row: list[str]) -> str:
+    """Why a data row does not parse (the slow path, for the error message)."""
+    if len(row) != len(HEADER):
+        return f"expected {len(HEADER)} columns ({','.join(HEADER)}), got {len(row)}: {row}"
+    _, read_at, kwh = row
+    try:
+        float(kwh)
+    except ValueError:
+        return f"kwh {kwh!r} is not a number"
+    try:
+        datetime.fromisoformat(read_at)
+    except ValueError:
+        return f"read_at {read_at!r} is not an ISO 8601 timestamp"
+    return f"cannot parse {row}"
