@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import TREE, drain
+from helpers import TREE, drain
 from fanout import coordinator
 from fanout.backends.base import Backend, RunState, TaskKey, TaskState
 from fanout.runner import Runner

@@ -1,0 +1,35 @@
+"""Helpers shared by the tests: the test job and an in-process drain loop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord
+from fanout.runner import Runner
+
+JOBS = Path(__file__).parent / "testjobs"
+TREE = str(JOBS / "tree.py")
+def drain(
+    backend: Backend,
+    run_id: str,
+    chunk_timeout: float = 10.0,
+    limit: float = 30.0,
+    runner: Runner | None = None,
+) -> RunRecord:
+    """Work the queue in this process until the run finishes."""
+    from fanout import runner as runner_mod
+
+    runner = runner or Runner(backend)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        deliveries = backend.queue.receive(10, chunk_timeout + runner_mod.LEASE_GRACE)
+        for delivery in deliveries:
+            runner.handle(delivery, chunk_timeout)
+        run = backend.ledger.get_run(run_id)
+        assert run is not None
+        if run.state in TERMINAL_RUN_STATES:
+            return run
+        if not deliveries:
+            time.sleep(0.005)
+    raise AssertionError(f"run {run_id} did not finish within {limit}s")
