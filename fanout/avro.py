@@ -11,10 +11,11 @@ fastavro's own per-record validation (``validator=True``) costs ~40-70% of the
 write time, so :class:`RecordWriter` writes *without* it and instead:
 
 * at ``add`` time, checks only that the record is a dict (one type check);
-* at batch time (every ``batch_size`` records and at ``finish``), runs
-  column-wise checks (C-speed ``map``/``set`` over one field of the whole batch)
-  for exactly the cases where fastavro's unvalidated writer silently accepts a
-  wrong value, i.e. where it coerces instead of raising:
+* at batch time (every ``batch_size`` records and at ``finish``), before
+  fastavro writes the batch, runs column-wise checks (C-speed ``map``/``set``/
+  ``min``/``max`` over one field of the whole batch) for the cases where
+  fastavro's unvalidated writer silently accepts a wrong value, coercing it
+  instead of raising, or writes a file it cannot read back:
 
   - ``float``/``double`` fields: fastavro calls ``float(value)``, so the string
     ``"1.5"``, ``True`` and ``Decimal("1.5")`` are written as numbers. Only
@@ -26,28 +27,38 @@ write time, so :class:`RecordWriter` writes *without* it and instead:
   - ``float`` (32-bit) fields: values beyond +-3.4e38 are written as infinity.
   - ``boolean`` fields: any value is written by truthiness (``"no"`` -> true,
     ``None`` -> false). Only ``bool`` passes.
-  - ``timestamp-millis``/``timestamp-micros``: floats are truncated, and a naive
-    datetime is silently taken as UTC (wrong by the host's UTC offset if it was
-    local time): only aware datetimes and ints pass.
+  - ``timestamp-*``: floats are truncated, and a naive datetime is silently
+    taken as UTC (wrong by the host's UTC offset if it was local time): only
+    aware datetimes and ints pass.
   - ``date``: a datetime is silently truncated to its date: rejected.
+  - ``time-*``: floats are truncated: only ``datetime.time`` and ints pass.
+  - raw ints for ``date``/``time-*``/``timestamp-*`` outside years 1-9999 (or
+    a day, for times) are written, and the file can then not be read back:
+    rejected.
+  - ``uuid`` strings are written unchecked, and a malformed one makes the file
+    unreadable: only ``uuid.UUID`` and well-formed strings pass.
   - arrays: any iterable is accepted (a str becomes a list of characters, a
     dict a list of its keys): only lists and tuples pass.
   - records (top level and nested): keys that are not fields of the schema are
     silently dropped (a misspelt optional field loses its data): rejected.
-  - the same coercions inside nested records, arrays and maps.
+  - the same coercions inside nested records, arrays, maps and unions.
 
 * everything else is left to fastavro, which raises on its own when it writes
-  the batch: missing required fields, non-strings for strings, non-bytes for
-  bytes, unknown enum symbols, fixed of the wrong size, decimals of the wrong
-  scale/precision, malformed UUID strings, map keys that are not strings, and
-  union values that match no branch (fastavro resolves unions by validating).
+  the batch: missing required fields, non-strings for strings (including
+  strings UTF-8 cannot encode), non-bytes for bytes, unknown enum symbols,
+  fixed of the wrong size, decimals of the wrong type/scale/precision, bad
+  ISO date strings, map keys that are not strings, values too large for a
+  long, and union values that match no branch (fastavro resolves unions by
+  validating the value against each branch, strictly for primitives).
 
 Whenever a batch check fails or fastavro raises, the batch is re-examined
 record by record with a strict checker (and, failing that, by writing each
 record alone) to find the first offending record, and :class:`RecordError`
-names its index and field. A record whose field is missing from the dict but
-has a default (or is a union with ``"null"``) is written with the default /
-null, as fastavro does.
+names its index and field. The column checks compare exact types, so values
+of other types that are fine (a dict subclass, a numpy float) send their batch
+down that slow path without failing it. A field missing from the dict that has
+a default (or is a union with ``"null"``) is written with the default / null,
+as fastavro does.
 """
 
 from __future__ import annotations
@@ -59,10 +70,11 @@ import json
 import math
 import numbers
 import os
+import re
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from functools import partial
 from itertools import chain
@@ -292,6 +304,7 @@ class RecordWriter:
             self._writer.flush()
             self._result = self._buf.getvalue()
         self._buf = io.BytesIO()
+        self._batch_size = 0  # any further add() goes to _flush(), which raises
         return self._result
 
     # -- internals ----------------------------------------------------------
@@ -304,12 +317,18 @@ class RecordWriter:
 
     def _fail_not_dict(self, record: object) -> None:
         self._check_usable()
-        index = self.count
-        self._failure = RecordError(
-            f"record {index} does not fit schema {self.schema.name}: "
-            f"a record must be a dict, got {type(record).__name__} {_short(record)}"
+        raise self._fail(
+            RecordError(
+                f"record {self.count} does not fit schema {self.schema.name}: "
+                f"a record must be a dict, got {type(record).__name__} {_short(record)}"
+            )
         )
-        raise self._failure
+
+    def _fail(self, exc: Exception) -> Exception:
+        """Remember the failure: from now on every add() and finish() raises it."""
+        self._failure = exc
+        self._batch_size = 0  # any further add() goes to _flush(), which raises
+        return exc
 
     def _flush(self) -> None:
         self._check_usable()
@@ -322,7 +341,7 @@ class RecordWriter:
             self._raise_first_bad(batch, exc)
             # No record fails on its own: not a record problem (e.g. codec). The
             # block buffer may hold a partial record, so the writer is dead.
-            self._failure = exc
+            self._fail(exc)
             raise
         self._written += len(batch)
         self._batch = []
@@ -343,20 +362,21 @@ class RecordWriter:
                 except Exception as single:
                     problem = " ".join(f"{type(single).__name__}: {single}".split())
             if problem is not None:
-                self._failure = RecordError(
-                    f"record {self._written + offset} does not fit schema "
-                    f"{self.schema.name}: {problem}"
+                error = self._fail(
+                    RecordError(
+                        f"record {self._written + offset} does not fit schema "
+                        f"{self.schema.name}: {problem}"
+                    )
                 )
                 if exc is None:
-                    raise self._failure
-                raise self._failure from exc
+                    raise error
+                raise error from exc
 
 
 # ---------------------------------------------------------------------------
 # Record checks
 
 
-_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 _FLOAT_MAX = 3.4028234663852886e38
@@ -365,6 +385,22 @@ _LOCAL_TIMESTAMPS = frozenset(
     {"local-timestamp-millis", "local-timestamp-micros", "local-timestamp-nanos"}
 )
 _NONE = type(None)
+_UUID_RE = re.compile(
+    r"(?:urn:uuid:)?\{?[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
+    r"[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\}?"
+)
+_EPOCH_DAYS = date(1970, 1, 1).toordinal()
+_MIN_SECONDS = (datetime(1, 1, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).days * 86400
+_MAX_SECONDS = (datetime(9999, 12, 31, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).days * 86400
+# Ints a logical type can hold and still be read back as a Python value.
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "date": (date.min.toordinal() - _EPOCH_DAYS, date.max.toordinal() - _EPOCH_DAYS),
+    "time-millis": (0, 86_400_000 - 1),
+    "time-micros": (0, 86_400_000_000 - 1),
+}
+for _unit, _scale in (("millis", 1000), ("micros", 1_000_000), ("nanos", 1_000_000_000)):
+    for _prefix in ("timestamp", "local-timestamp"):
+        _INT_RANGES[f"{_prefix}-{_unit}"] = (_MIN_SECONDS * _scale, _MAX_SECONDS * _scale)
 
 # Exact Python types that pass the fast column check for each lenient type.
 # Anything else (subclasses included) sends the batch to the strict per-record
@@ -431,14 +467,20 @@ class _Checker:
                 for branch in map(self._resolve, node)
                 if _is_container(branch)
                 or branch == "float"
-                or (isinstance(branch, dict) and _logical_kind(branch.get("logicalType", "")))
+                or (
+                    isinstance(branch, dict)
+                    and (
+                        _logical_kind(branch.get("logicalType", "")) is not None
+                        or branch.get("logicalType") == "uuid"
+                    )
+                )
             )
         else:
             kind = node["type"]
             logical = node.get("logicalType")
-            if kind in ("array", "map", "record", "error"):
+            if kind in ("array", "map", "record", "error") or logical == "uuid":
                 result = True
-            elif kind in ("enum", "fixed") or logical in ("decimal", "uuid"):
+            elif kind in ("enum", "fixed") or logical == "decimal":
                 result = False
             elif logical is not None and _logical_kind(logical) is not None:
                 result = True
@@ -506,6 +548,13 @@ class _Checker:
                 types = set(map(type, column()))
                 if not types <= _FAST_TYPES[lkind]:
                     return False
+                if int in types:
+                    # Raw ints: fastavro writes any long, but cannot read back
+                    # one outside Python's date/time range.
+                    low, high = _INT_RANGES[logical]
+                    ints = [v for v in column() if type(v) is int]
+                    if min(ints) < low or max(ints) > high:
+                        return False
                 if lkind == "timestamp" and datetime in types:
                     # Comparing naive with aware datetimes raises TypeError, so
                     # the minimum is aware iff they all are.
@@ -515,8 +564,17 @@ class _Checker:
                         earliest = min(column())
                     return earliest.tzinfo is not None
                 return True
-            if logical in ("decimal", "uuid"):
+            if logical == "uuid":
+                # fastavro writes any string, and then cannot read the file back.
+                types = set(map(type, column()))
+                if not types <= {str, uuid.UUID}:
+                    return False
+                if str in types:
+                    strings = (v for v in column() if type(v) is str)
+                    return all(map(_UUID_RE.fullmatch, strings))
                 return True
+            if logical == "decimal":
+                return True  # fastavro raises on a wrong type, scale or precision
         if kind in ("record", "error"):
             return self._record_column_ok(list(column()), node)
         if kind == "array":
@@ -597,7 +655,7 @@ class _Checker:
         kind = node["type"]
         logical = node.get("logicalType")
         if logical is not None:
-            problem = _explain_logical(value, kind, logical, path)
+            problem = _explain_logical(value, node, logical, path)
             if problem != "":
                 return problem
         if kind in ("record", "error"):
@@ -749,43 +807,60 @@ def _explain_primitive(value: Any, kind: str, path: str) -> str | None:
     return None  # unknown: leave it to fastavro
 
 
-def _explain_logical(value: Any, kind: str, logical: str, path: str) -> str | None:
+def _explain_logical(value: Any, node: Mapping[str, Any], logical: str, path: str) -> str | None:
     """The problem, None if fine, or "" to check it as its underlying type."""
     lkind = _logical_kind(logical)
-    if lkind in ("timestamp", "local-timestamp"):
-        if isinstance(value, datetime):
+    if lkind is not None:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            low, high = _INT_RANGES[logical]
+            if not low <= int(value) <= high:
+                span = "within a day" if lkind == "time" else "years 1 to 9999"
+                return _bad(path, value, f"is out of range for {logical} ({span})")
+            return None
+        if lkind in ("timestamp", "local-timestamp"):
+            if not isinstance(value, datetime):
+                return _bad(path, value, f"is not a {logical} (an aware datetime or an int)")
             if lkind == "timestamp" and value.tzinfo is None:
                 return _bad(
-                    path,
-                    value,
-                    "is a naive datetime: give it a timezone, e.g. tzinfo=timezone.utc",
+                    path, value, "is a naive datetime: give it a timezone, e.g. tzinfo=timezone.utc"
                 )
             return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            return _bad(path, value, f"is not a {logical} (an aware datetime or an int)")
-        return None
-    if lkind == "date":
-        if isinstance(value, datetime):
-            return _bad(path, value, "is a datetime, not a date (the time would be lost)")
-        if isinstance(value, (date, str)) or (
-            isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        ):
-            return None
-        return _bad(path, value, "is not a date")
-    if lkind == "time":
-        if isinstance(value, time) or (
-            isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        ):
+        if lkind == "date":
+            if isinstance(value, datetime):
+                return _bad(path, value, "is a datetime, not a date (the time would be lost)")
+            if isinstance(value, str):
+                try:
+                    date.fromisoformat(value)
+                except ValueError:
+                    return _bad(path, value, "is not a date (nor an ISO 8601 date string)")
+                return None
+            return None if isinstance(value, date) else _bad(path, value, "is not a date")
+        if isinstance(value, time):
             return None
         return _bad(path, value, f"is not a {logical} (a datetime.time or an int)")
     if logical == "decimal":
-        if isinstance(value, Decimal):
-            return None  # scale and precision: fastavro checks
-        return _bad(path, value, "is not a decimal.Decimal")
+        if not isinstance(value, Decimal):
+            return _bad(path, value, "is not a decimal.Decimal")
+        _, digits, exponent = value.as_tuple()
+        if not isinstance(exponent, int):
+            return _bad(path, value, "is not a finite decimal")
+        scale = int(node.get("scale", 0))
+        precision = int(node.get("precision", 0))
+        if -exponent > scale:
+            return _bad(path, value, f"has more than {scale} decimal places (the schema's scale)")
+        if precision and len(digits) + exponent + scale > precision:
+            return _bad(path, value, f"has more than {precision} digits (the schema's precision)")
+        return None
     if logical == "uuid":
-        if isinstance(value, (uuid.UUID, str)):
-            return None  # a malformed string: fastavro raises
-        return _bad(path, value, "is not a UUID")
+        if isinstance(value, uuid.UUID):
+            return None
+        if not isinstance(value, str):
+            return _bad(path, value, "is not a UUID")
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            return _bad(path, value, "is not a UUID string (the file could not be read back)")
+        return None
     return ""
 
 

@@ -417,3 +417,7 @@ def validate(
     click.echo(f"  plan: {'yes' if loaded.plan_fn else 'no (one chunk holding the params)'}")
     shown = model.model_dump(mode="json") if hasattr(model, "model_dump") else model
     click.echo(f"  params: {json.dumps(shown)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -54,11 +54,30 @@ class WorkerOptions:
 
 
 class _Slot:
-    """Shared memory between one child and the supervisor: the attempt in hand."""
+    """Shared memory between one child and the supervisor: the attempt in hand,
+    and the receipts of the messages it received but has not started yet."""
 
     def __init__(self) -> None:
         self.deadline: Synchronized[float] = _CTX.Value(ctypes.c_double, 0.0)
         self.attempt: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)  # type: ignore[assignment]
+        self.prefetched: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)  # type: ignore[assignment]
+
+    def hold(self, receipts: list[str]) -> None:
+        """Note the receipts of prefetched messages (as many as fit), so that if this
+        child dies the supervisor hands them back at once instead of leaving them
+        invisible for a whole visibility timeout."""
+        text = ""
+        for receipt in receipts:
+            if len(text) + len(receipt) + 1 >= _SLOT_BYTES:
+                break  # the rest come back when their visibility expires
+            text += receipt + ","
+        self.prefetched.value = text.encode()
+
+    def take_prefetched(self) -> list[str]:
+        """The receipts a dead child left behind (and forget them)."""
+        text = self.prefetched.value.decode()
+        self.prefetched.value = b""
+        return [r for r in text.split(",") if r]
 
     def start(self, attempt: Attempt) -> None:
         self.attempt.value = attempt.to_json().encode()[: _SLOT_BYTES - 1]
@@ -101,7 +120,9 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
                 continue
             sleep = 0.005
             received = time.monotonic()
-            for delivery in deliveries:
+            receipts = [d.receipt for d in deliveries]
+            for i, delivery in enumerate(deliveries):
+                slot.hold(receipts[i + 1 :])
                 if stop.is_set() or time.monotonic() - received > PREFETCH_SLACK:
                     backend.queue.release(delivery.receipt, 0.0)
                 else:
@@ -185,6 +206,12 @@ class WorkerPool:
             if tick is not None:
                 tick()
 
+    def _release_prefetched(self, slot: _Slot) -> None:
+        """Hand back the messages a dead child had received but not started."""
+        for receipt in slot.take_prefetched():
+            with contextlib.suppress(Exception):
+                self.backend.queue.release(receipt, 0.0)
+
     def _police(self, now: float) -> None:
         """Kill children past their hard deadline; replace children that died."""
         for i, proc in enumerate(self.procs):
@@ -193,6 +220,7 @@ class WorkerPool:
             if deadline and now > deadline and proc.is_alive():
                 proc.kill()
                 proc.join()
+                self._release_prefetched(slot)
                 attempt = slot.take()
                 if attempt is not None:
                     self.timed_out += 1
@@ -205,6 +233,7 @@ class WorkerPool:
                     self._spawn(i)
             elif not proc.is_alive():
                 proc.join()
+                self._release_prefetched(slot)
                 attempt = slot.take()
                 if attempt is not None:
                     self.crashed += 1
@@ -226,6 +255,7 @@ class WorkerPool:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+            self._release_prefetched(self.slots[i])
             attempt = self.slots[i].take()
             if attempt is not None:
                 # Forced stop: hand the chunk back so nothing is lost.

@@ -30,6 +30,10 @@ class Barrier(Protocol):
 SHORT = 0.2
 #: ... and how long to sleep for it to pass (with a margin for slow machines).
 PAST_SHORT = 0.35
+#: A delay after which a test checks at once that the message is NOT visible yet:
+#: longer, so a descheduled test process on a loaded machine cannot outlive it.
+HIDE = 0.6
+PAST_HIDE = 0.8
 #: A visibility timeout no test outlives.
 LONG = 60.0
 
@@ -81,9 +85,9 @@ def test_receive_returns_at_most_max_messages(backend: Backend) -> None:
 def test_invisible_during_visibility_then_redelivered(backend: Backend) -> None:
     q = backend.queue
     q.send(["m"])
-    [first] = q.receive(10, SHORT)
-    assert q.receive(10, SHORT) == [], "an in-flight message must be invisible"
-    time.sleep(PAST_SHORT)
+    [first] = q.receive(10, HIDE)
+    assert q.receive(10, HIDE) == [], "an in-flight message must be invisible"
+    time.sleep(PAST_HIDE)
     [second] = q.receive(10, LONG)
     assert second.body == "m"
     assert second.receipt != first.receipt
@@ -138,19 +142,19 @@ def test_release_with_delay(backend: Backend) -> None:
     q = backend.queue
     q.send(["m"])
     [first] = q.receive(10, LONG)
-    q.release(first.receipt, SHORT)
+    q.release(first.receipt, HIDE)
     assert q.receive(10, LONG) == [], "released with a delay: not visible yet"
-    time.sleep(PAST_SHORT)
+    time.sleep(PAST_HIDE)
     [again] = q.receive(10, LONG)
     assert again.body == "m"
 
 
 def test_send_with_delay(backend: Backend) -> None:
     q = backend.queue
-    q.send(["later"], delay=SHORT)
+    q.send(["later"], delay=HIDE)
     assert q.receive(10, LONG) == []
     assert q.pending() == 1, "a delayed message is pending"
-    time.sleep(PAST_SHORT)
+    time.sleep(PAST_HIDE)
     [d] = q.receive(10, LONG)
     assert d.body == "later"
     assert d.receive_count == 1
@@ -171,10 +175,10 @@ def test_batch_keeps_send_order(backend: Backend) -> None:
 
 def test_delayed_message_queues_behind_visible_ones(backend: Backend) -> None:
     q = backend.queue
-    q.send(["late"], delay=SHORT)
+    q.send(["late"], delay=HIDE)
     q.send(["now"])
     assert [d.body for d in q.receive(10, LONG)] == ["now"]
-    time.sleep(PAST_SHORT)
+    time.sleep(PAST_HIDE)
     assert [d.body for d in q.receive(10, LONG)] == ["late"]
 
 

@@ -435,7 +435,8 @@ class SQLiteLedger:
         return reopened
 
     def close(self) -> None:
-        """The database is shared with the queue: the backend closes it."""
+        """Close the database (shared with the queue, which ``Backend.close`` closes first)."""
+        self.db.close()
 
 
 def _key(key: TaskKey) -> tuple[str, str, int]:

@@ -15,6 +15,7 @@ a redelivery, which the ledger recognises as a finished task.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -126,8 +127,10 @@ class SQLiteQueue:
 
     def _flush(self, conn: sqlite3.Connection) -> None:
         if self._acks:
-            conn.executemany(_ACK, self._acks)
-            self._acks.clear()
+            # Take the list before writing: threads share this queue object, and an
+            # ack appended while executemany runs must not be wiped by a clear().
+            acks, self._acks = self._acks, []
+            conn.executemany(_ACK, acks)
 
     def release(self, receipt: str, delay: float) -> None:
         """Make the message visible again after ``delay`` seconds, unless it was
@@ -145,10 +148,9 @@ class SQLiteQueue:
 
     def close(self) -> None:
         """Apply deferred acks; the shared :class:`Database` is closed by the backend."""
-        try:
+        # If the database was closed first, those messages will just be redelivered.
+        with contextlib.suppress(sqlite3.ProgrammingError):
             self.flush()
-        except sqlite3.ProgrammingError:
-            pass  # the database was closed first: those messages will be redelivered
 
 
 def _parse_receipt(receipt: str) -> tuple[int, int]:

@@ -1,0 +1,153 @@
+"""Engine benchmarks, each figure a ratio against a baseline measured in the same run.
+
+    python tests/bench/bench_engine.py            # full size (10,000 chunks, 1,000,000 rows)
+    python tests/bench/bench_engine.py --quick    # a tenth of that
+
+(a) no-op chunk throughput of the local backend with 2 workers, end to end
+    (submit → plan → every chunk claimed, run and committed → manifest), against
+    the 1,000 chunks/s target and against a bare multiprocessing pool doing
+    nothing per task (the floor of "Python processes passing messages").
+(b) the meter-readings ETL over 1,000,000 CSV rows with 1 and 2 workers, against
+    the loop a user would write by hand: csv.reader → dict → fastavro.writer,
+    same rows, same schema, same codec.
+
+Not a test: CI does not run it (machines are noisy; compare within one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import fastavro
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from jobs.data.make_readings import write_readings  # noqa: E402
+
+NOOP_JOB = '''
+from pydantic import BaseModel
+from fanout import Job
+
+class Params(BaseModel):
+    chunks: int = 1000
+
+job = Job("noop", params=Params)
+
+@job.plan
+def plan(params, ctx):
+    for i in range(params.chunks):
+        yield {"i": i}
+
+@job.process
+def process(chunk, ctx):
+    return None
+'''
+
+
+def fanout_run(home: Path, job: str, *args: str) -> tuple[float, dict[str, object]]:
+    """``fanout run ... --json`` as a user runs it; (wall seconds, final status)."""
+    cmd = [sys.executable, "-m", "fanout.cli", "--home", str(home), "run", job, "--json", *args]
+    start = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    wall = time.perf_counter() - start
+    status: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    assert status["state"] == "succeeded", status
+    return wall, status
+
+
+def _noop(_: int) -> None:
+    return None
+
+
+def bench_noop(tmp: Path, chunks: int) -> None:
+    job = tmp / "noop.py"
+    job.write_text(NOOP_JOB)
+    # Baseline: the same number of no-op tasks through a 2-process pool.
+    start = time.perf_counter()
+    with mp.get_context("fork").Pool(2) as pool:
+        pool.map(_noop, range(chunks), chunksize=1)
+    pool_rate = chunks / (time.perf_counter() - start)
+
+    wall, status = fanout_run(tmp / "home-noop", str(job), "-p", f"chunks={chunks}", "-w", "2")
+    elapsed = float(status["elapsed_s"])  # type: ignore[arg-type]
+    rate = (chunks + 1) / elapsed
+    print(f"(a) no-op chunks, local backend, 2 workers, {chunks:,} chunks")
+    print(f"    fanout: {rate:,.0f} chunks/s (run {elapsed:.2f}s; {wall:.2f}s with CLI start/stop)")
+    print(f"    target 1,000 chunks/s: ratio {rate / 1000:.2f}")
+    print(f"    multiprocessing.Pool(2).map of no-ops (chunksize=1): {pool_rate:,.0f} tasks/s,"
+          f" fanout/pool = {rate / pool_rate:.2f}")
+
+
+def plain_loop(src: Path, out: Path, schema: dict[str, object], codec: str) -> int:
+    """What a user writes by hand: csv → dict → fastavro, one Avro file per CSV."""
+    parsed = fastavro.parse_schema(schema)
+    total = 0
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.glob("*.csv")):
+        records = []
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            next(reader)
+            for line, (meter_id, read_at, kwh) in enumerate(reader, 1):
+                value = float(kwh)
+                records.append({
+                    "meter_id": meter_id,
+                    "read_at": datetime.fromisoformat(read_at),
+                    "kwh": value,
+                    "adjusted_kwh": value * 1.0 + 0.0,
+                    "source": path.name,
+                    "line": line,
+                })
+        with (out / (path.stem + ".avro")).open("wb") as f:
+            fastavro.writer(f, parsed, records, codec=codec)
+        total += len(records)
+    return total
+
+
+def bench_etl(tmp: Path, rows: int) -> None:
+    files = 20
+    src = tmp / "csv"
+    write_readings(src, files=files, rows_per_file=rows // files)
+    schema = json.loads((ROOT / "schemas" / "meter_reading.avsc").read_text())
+    job = str(ROOT / "jobs" / "meter_readings.py")
+
+    start = time.perf_counter()
+    n = plain_loop(src, tmp / "plain", schema, "deflate")
+    plain = time.perf_counter() - start
+    print(f"(b) meter-readings ETL, {n:,} rows in {files} CSV files, codec deflate")
+    print(f"    plain csv → fastavro loop: {n / plain:,.0f} rows/s ({plain:.2f}s)")
+    for workers in (1, 2):
+        wall, status = fanout_run(
+            tmp / f"home-etl-{workers}", job, "-p", f"source={src}", "-w", str(workers)
+        )
+        assert status["records"] == n, status
+        elapsed = float(status["elapsed_s"])  # type: ignore[arg-type]
+        print(
+            f"    fanout run, {workers} worker{'s' if workers > 1 else ''}: {n / wall:,.0f} rows/s"
+            f" ({wall:.2f}s with CLI start; run {elapsed:.2f}s)"
+            f" — ratio to plain {plain / wall:.2f} (run only {plain / elapsed:.2f})"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tenth of the full size")
+    args = parser.parse_args()
+    scale = 10 if args.quick else 1
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_noop(Path(tmp), 10_000 // scale)
+        bench_etl(Path(tmp), 1_000_000 // scale)
+
+
+if __name__ == "__main__":
+    main()

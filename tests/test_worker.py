@@ -1,0 +1,338 @@
+"""The worker pool at process level, driven through the CLI as a user would:
+hard timeouts, crashing children, ``kill -9`` of the whole worker, graceful
+SIGTERM/SIGINT, ``--until-idle``.
+
+Every process a test starts runs in its own session (so its process group can
+be killed as a whole) and is killed in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import TREE
+from testjobs.tree import Params, expected_items
+
+from fanout.backends import open_backend
+from fanout.backends.base import Backend, RunRecord, TaskKey, TaskRecord, TaskState
+
+CLI = [sys.executable, "-m", "fanout.cli"]
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def fanout(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run one ``fanout`` command to completion."""
+    return subprocess.run(
+        [*CLI, "--home", str(home), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _params_args(params: dict[str, Any]) -> list[str]:
+    return [a for k, v in params.items() for a in ("-p", f"{k}={json.dumps(v)}")]
+
+
+def submit(home: Path, **params: Any) -> str:
+    result = fanout(home, "submit", TREE, *_params_args(params))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@contextlib.contextmanager
+def worker(home: Path, tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """A ``fanout worker`` in its own session; its whole group is killed on exit."""
+    log = open(tmp_path / f"worker-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [*CLI, "--home", str(home), "worker", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        log.close()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = text[text.rindex(")") + 2 :].split()
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state not in ("Z", "X"):
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def wait_for(what: str, check: Callable[[], Any], limit: float, every: float = 0.05) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``limit`` s."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {limit}s waiting for {what}")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def ledger(home: Path) -> Iterator[Backend]:
+    """The local backend of ``home``, opened in the test process to watch the ledger."""
+    backend = open_backend("local", home=home)
+    yield backend
+    backend.close()
+
+
+def get_run(backend: Backend, run_id: str) -> RunRecord:
+    run = backend.ledger.get_run(run_id)
+    assert run is not None
+    return run
+
+
+def outcomes(task: TaskRecord) -> list[str]:
+    return [str(e["outcome"]) for e in task.history]
+
+
+def status(home: Path, run_id: str) -> dict[str, Any]:
+    result = fanout(home, "status", run_id, "--json")
+    assert result.returncode == 0, result.stderr
+    st: dict[str, Any] = json.loads(result.stdout)
+    return st
+
+
+def assert_exact_output(home: Path, run_id: str, **params: Any) -> None:
+    """``fanout cat`` holds every expected item exactly once, and nothing else."""
+    result = fanout(home, "cat", run_id)
+    assert result.returncode == 0, result.stderr
+    items = Counter(json.loads(line)["item"] for line in result.stdout.splitlines())
+    assert sorted(i for i, n in items.items() if n > 1) == []
+    expected = expected_items(Params(**params))
+    assert sorted(expected - set(items)) == []
+    assert sorted(set(items) - expected) == []
+
+
+def run_id_of(result: subprocess.CompletedProcess[str]) -> str:
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("run "), result.stderr
+    return first.split()[1]
+
+
+# -- hard timeout and crashes ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_hard_timeout_kills_the_chunk_and_retries_it(home: Path, ledger: Backend) -> None:
+    params = {"chunks": 3, "rows": 20, "sleep_chunks": [1], "sleep": 60.0}
+    started = time.monotonic()
+    result = fanout(home, "run", TREE, *_params_args(params), "-w", "2", "--chunk-timeout", "2")
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    run_id = run_id_of(result)
+    assert f"run {run_id} succeeded" in result.stdout
+    # Killed at the 2 s hard timeout, not after the 60 s sleep.
+    assert took < 20
+
+    # Retried, so nothing is dead ...
+    failed = fanout(home, "failed", run_id)
+    assert failed.returncode == 0
+    assert failed.stdout.strip() == f"run {run_id} has no dead chunks"
+    # ... but the chunk's history says what happened.
+    task = ledger.ledger.get_task(TaskKey(run_id, "0/1"))
+    assert task is not None and task.state == TaskState.DONE
+    assert outcomes(task) == ["timed out", "committed"]
+    assert task.history[0]["error"] == "chunk exceeded its 2s hard timeout"
+    others = [t for t in ledger.ledger.list_tasks(run_id) if t.chunk_id != "0/1"]
+    assert [outcomes(t) for t in others] == [["committed"]] * 3
+    st = status(home, run_id)
+    assert st["state"] == "succeeded" and st["retries"] == 1 and st["records"] == 60
+    assert st["chunks"]["done"] == 4 and st["chunks"]["dead"] == 0
+    # The other chunks did not wait for the killed child's messages to come
+    # back by visibility timeout (timeout + lease grace + prefetch slack = 12 s).
+    assert st["elapsed_s"] < 8
+    assert_exact_output(home, run_id, **params)
+
+
+@pytest.mark.slow
+def test_a_child_that_dies_is_recorded_as_crashed_and_retried(
+    home: Path, ledger: Backend
+) -> None:
+    params = {"chunks": 4, "rows": 15, "step": 5, "crash_chunks": [2]}
+    result = fanout(home, "run", TREE, *_params_args(params), "-w", "2", "--chunk-timeout", "5")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    run_id = run_id_of(result)
+    tasks = ledger.ledger.list_tasks(run_id)
+    assert all(t.state == TaskState.DONE for t in tasks)
+    # Each slice of chunk 2 crashes on its first attempt (the job's rule) and
+    # is retried; every other task ran once.
+    history = {(t.chunk_id, t.seq): outcomes(t) for t in tasks}
+    assert history[("0/2", 0)] == ["crashed", "continued"]
+    assert history[("0/2", 1)] == ["crashed", "continued"]
+    assert history[("0/2", 2)] == ["crashed", "committed"]
+    crashed = [t for t in tasks if t.chunk_id == "0/2"]
+    assert {str(t.history[0]["error"]) for t in crashed} == {"worker process died (exit 3)"}
+    others = [o for (chunk_id, _), o in history.items() if chunk_id != "0/2"]
+    assert all(o in (["committed"], ["continued"]) for o in others), history
+    st = status(home, run_id)
+    assert st["state"] == "succeeded" and st["retries"] == 3
+    # 1 plan task + 4 chunks x 3 slices.
+    assert st["chunks"]["done"] == 13
+    # No chunk waited for a visibility timeout (5 + 5 + 5 s) after the crash.
+    assert st["elapsed_s"] < 8
+    assert_exact_output(home, run_id, **params)
+
+
+# -- kill -9 of the whole worker -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_worker_group_then_resume_gives_exact_output(
+    home: Path, tmp_path: Path, ledger: Backend
+) -> None:
+    params = {"chunks": 20, "rows": 200, "step": 100, "row_sleep": 0.002}
+    run_id = submit(home, **params)
+    total_tasks = 1 + 20 * 2
+    with worker(home, tmp_path, "--workers", "2", "--chunk-timeout", "3") as proc:
+
+        def midway() -> bool:
+            run = get_run(ledger, run_id)
+            running = ledger.ledger.list_tasks(run_id, (TaskState.RUNNING,))
+            return run.tasks_done >= 8 and bool(running) and run.state.value == "running"
+
+        wait_for("some chunks committed, some in flight", midway, limit=30, every=0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        # The children die with the supervisor: nothing of the group is left.
+        wait_for("the worker's group to be empty", lambda: not group_members(proc.pid), 5)
+
+    run = get_run(ledger, run_id)
+    assert run.state.value == "running" and 8 <= run.tasks_done < total_tasks
+    running = ledger.ledger.list_tasks(run_id, (TaskState.RUNNING,))
+    in_flight = {(t.chunk_id, t.seq) for t in running}
+    assert in_flight, "the kill should have caught chunks in flight"
+
+    # Resume. The dead worker's leases expire after 3 + 5 s and its messages
+    # come back after their visibility timeout: allow for that.
+    resume = fanout(
+        home, "worker", "--until-idle", "--workers", "2", "--chunk-timeout", "3", timeout=90
+    )
+    assert resume.returncode == 0, resume.stderr
+    assert "Traceback" not in resume.stderr
+
+    st = status(home, run_id)
+    assert st["state"] == "succeeded"
+    assert st["chunks"]["done"] == total_tasks and st["chunks"]["dead"] == 0
+    assert st["records"] == 20 * 200 and st["outstanding"] == 0
+    # Every attempt the kill interrupted was taken over as crashed, then committed.
+    for chunk_id, seq in in_flight:
+        task = ledger.ledger.get_task(TaskKey(run_id, chunk_id, seq))
+        assert task is not None and task.state == TaskState.DONE
+        assert "crashed" in outcomes(task), (chunk_id, seq, task.history)
+    assert_exact_output(home, run_id, **params)
+    # The run's queue is empty: nothing left to redeliver.
+    assert ledger.queue.pending() == 0
+
+
+# -- graceful stop ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "to_group"),
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["sigterm-to-supervisor", "sigint-to-group"],
+)
+def test_graceful_stop_finishes_work_in_hand_then_resume_is_exact(
+    home: Path, tmp_path: Path, ledger: Backend, signum: int, to_group: bool
+) -> None:
+    # Chunks of about 0.6 s: longer than the polling, well under the timeout.
+    params = {"chunks": 8, "rows": 60, "row_sleep": 0.01}
+    run_id = submit(home, **params)
+    with worker(home, tmp_path, "--workers", "2", "--chunk-timeout", "3") as proc:
+
+        def chunks_in_flight() -> set[tuple[str, int]]:
+            return {
+                (t.chunk_id, t.seq)
+                for t in ledger.ledger.list_tasks(run_id, (TaskState.RUNNING,))
+                if t.chunk_id != "0"
+            }
+
+        wait_for("a chunk in flight", chunks_in_flight, limit=30, every=0.02)
+        in_hand = chunks_in_flight()
+        if to_group:
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)
+        signalled = time.monotonic()
+        rc = proc.wait(timeout=15)
+        took = time.monotonic() - signalled
+        assert rc == 0
+        assert took < 6
+        wait_for("the worker's group to be empty", lambda: not group_members(proc.pid), 5)
+
+    run = get_run(ledger, run_id)
+    tasks = ledger.ledger.list_tasks(run_id)
+    # Stopped part way: work is left, and none of it is held by a dead lease.
+    assert run.state.value == "running"
+    assert [t.chunk_id for t in tasks if t.state == TaskState.RUNNING] == []
+    assert any(t.state == TaskState.QUEUED for t in tasks)
+    for t in tasks:
+        # Nothing was killed: each attempt committed or was handed back.
+        assert set(outcomes(t)) <= {"committed", "interrupted"}, (t.chunk_id, t.history)
+    for chunk_id, seq in in_hand:
+        task = ledger.ledger.get_task(TaskKey(run_id, chunk_id, seq))
+        assert task is not None
+        assert task.state == TaskState.DONE or (
+            task.state == TaskState.QUEUED and outcomes(task) == ["interrupted"]
+        ), (chunk_id, task.state, task.history)
+
+    resume = fanout(home, "worker", "--until-idle", "--workers", "2", "--chunk-timeout", "3")
+    assert resume.returncode == 0, resume.stderr
+    st = status(home, run_id)
+    assert st["state"] == "succeeded" and st["chunks"]["done"] == 9
+    for t in ledger.ledger.list_tasks(run_id):
+        # No lease of the stopped worker had to expire to be taken over.
+        assert "crashed" not in outcomes(t) and "timed out" not in outcomes(t), t.history
+    assert_exact_output(home, run_id, **params)
+
+
+# -- idle ------------------------------------------------------------------------
+
+
+def test_until_idle_exits_by_itself_on_an_empty_home(home: Path) -> None:
+    started = time.monotonic()
+    result = fanout(home, "worker", "--until-idle", "--workers", "2", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 10
+    assert "Traceback" not in result.stderr
+    assert f"fanout worker: 2 processes on {home}" in result.stderr
+    # And `fanout runs` on that home is empty.
+    runs = fanout(home, "runs", "--json")
+    assert runs.returncode == 0 and runs.stdout == ""
