@@ -143,7 +143,8 @@ def _work(
         backend=obj["backend_name"], home=obj["home"], workers=workers, chunk_timeout=chunk_timeout
     )
     tty = sys.stderr.isatty()
-    last_print = [0.0]
+    # Without a terminal, a progress line every few seconds (none for a short run).
+    last_print = [time.time()]
 
     def tick() -> None:
         if as_json:
@@ -152,7 +153,7 @@ def _work(
         line = _progress_line(coordinator.Status(coordinator.get_run(backend, run_id)))
         if tty:
             click.echo("\r" + line.ljust(110), err=True, nl=False)
-        elif now - last_print[0] >= 2.0:
+        elif now - last_print[0] >= 5.0:
             click.echo(line, err=True)
             last_print[0] = now
 

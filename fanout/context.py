@@ -66,6 +66,9 @@ class ChunkContext:
         self._soft_deadline = soft_deadline  # time.monotonic() value
         self._writer = writer
         self._job_name = job_name
+        if writer is not None:
+            # The hot path: one call per record, straight into the writer.
+            self.emit = writer.add  # type: ignore[method-assign]
         self.spawned: list[Spawn] = []
         self.log = ChunkLogger(
             logging.getLogger(f"fanout.job.{job_name}"),

@@ -40,6 +40,11 @@ MAX_POLL_SLEEP = 0.2
 #: A prefetched message may wait this long in a child before it is started; one
 #: that waited longer is handed back, so its visibility always covers a full chunk.
 PREFETCH_SLACK = 5.0
+#: A child prefetches (receives up to ``WorkerOptions.batch`` messages at a time)
+#: only while its chunks take less than this on average (s); slower chunks are
+#: received one at a time, so they spread over all the children instead of
+#: queueing behind each other in the one child that happened to receive them.
+QUICK_CHUNK = 0.05
 
 
 @dataclass(frozen=True)
@@ -111,9 +116,10 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
     runner = Runner(backend, on_start=slot.start, on_end=slot.end)
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     sleep = 0.005
+    batch = 1
     try:
         while not stop.is_set() and os.getppid() == parent:
-            deliveries = backend.queue.receive(opts.batch, visibility)
+            deliveries = backend.queue.receive(batch, visibility)
             if not deliveries:
                 time.sleep(sleep)
                 sleep = min(sleep * 2, MAX_POLL_SLEEP)
@@ -127,6 +133,8 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
                     backend.queue.release(delivery.receipt, 0.0)
                 else:
                     runner.handle(delivery, opts.chunk_timeout)
+            quick = (time.monotonic() - received) / len(deliveries) < QUICK_CHUNK
+            batch = min(opts.batch, batch * 2) if quick else 1
     finally:
         backend.close()
 
