@@ -48,9 +48,7 @@ def submit(
     model = job.validate_params(params or {})
     raw_params = model.model_dump(mode="json") if isinstance(model, BaseModel) else dict(model)
     try:
-        run_settings = RunSettings.model_validate(
-            {**job.settings.model_dump(), **(settings or {})}
-        )
+        run_settings = RunSettings.model_validate({**job.settings.model_dump(), **(settings or {})})
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err.get("loc", ()))
@@ -86,7 +84,9 @@ def get_run(backend: Backend, run_id: str) -> RunRecord:
     return run
 
 
-def replay(backend: Backend, run_id: str, chunk_ids: Collection[str] | None = None) -> list[TaskRecord]:
+def replay(
+    backend: Backend, run_id: str, chunk_ids: Collection[str] | None = None
+) -> list[TaskRecord]:
     """Put dead chunks (all, or those named) back in the queue; the run reopens
     and its manifest is rewritten when it drains again."""
     get_run(backend, run_id)
@@ -113,13 +113,10 @@ def recover(backend: Backend, stale_after: float = FINALIZE_STALE) -> list[str]:
     """
     actions = []
     runner = Runner(backend)
-    open_runs = backend.ledger.list_runs(
-        limit=1000, states=(RunState.RUNNING, RunState.FINALIZING)
-    )
+    open_runs = backend.ledger.list_runs(limit=1000, states=(RunState.RUNNING, RunState.FINALIZING))
     for run in open_runs:
-        if run.outstanding == 0:
-            if runner.finalize(run.run_id):
-                actions.append(f"finalized {run.run_id}")
+        if run.outstanding == 0 and runner.finalize(run.run_id):
+            actions.append(f"finalized {run.run_id}")
     if open_runs and backend.queue.pending() == 0:
         now = time.time()
         for run in open_runs:
@@ -127,7 +124,9 @@ def recover(backend: Backend, stale_after: float = FINALIZE_STALE) -> list[str]:
                 continue
             stranded = [
                 t.message
-                for t in backend.ledger.list_tasks(run.run_id, (TaskState.QUEUED, TaskState.RUNNING))
+                for t in backend.ledger.list_tasks(
+                    run.run_id, (TaskState.QUEUED, TaskState.RUNNING)
+                )
                 if t.state == TaskState.QUEUED or t.lease_expires < now
             ]
             if stranded:

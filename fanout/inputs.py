@@ -37,7 +37,7 @@ def list_inputs(prefix: str) -> list[str]:
         return [str(path)]
     if not path.is_dir():
         raise FileNotFoundError(f"input {prefix} does not exist")
-    found = []
+    found: list[str] = []
     for root, dirs, files in os.walk(path):
         dirs.sort()
         found.extend(os.path.join(root, f) for f in files if not f.startswith("."))

@@ -67,8 +67,15 @@ class Attempt:
 
     def to_json(self) -> str:
         return json.dumps(
-            [self.key.run_id, self.key.chunk_id, self.key.seq, self.token, self.attempt,
-             self.receipt, self.deadline]
+            [
+                self.key.run_id,
+                self.key.chunk_id,
+                self.key.seq,
+                self.token,
+                self.attempt,
+                self.receipt,
+                self.deadline,
+            ]
         )
 
     @classmethod
@@ -136,9 +143,7 @@ class Runner:
         key = TaskKey(msg.run_id, msg.chunk_id, msg.seq)
         token = uuid.uuid4().hex
         now = time.time()
-        claim = self.ledger.claim(
-            key, token, timeout + LEASE_GRACE, run.settings.max_attempts, now
-        )
+        claim = self.ledger.claim(key, token, timeout + LEASE_GRACE, run.settings.max_attempts, now)
         if claim.outcome in (ClaimOutcome.BUSY, ClaimOutcome.WAIT):
             self.queue.release(delivery.receipt, claim.retry_after)
             return claim.outcome.value
@@ -316,13 +321,21 @@ class Runner:
         # even if it was the last one: stopping a worker must not kill chunks.
         interrupted = failure.kind == "interrupted"
         if interrupted or (not permanent and attempt.attempt < settings.max_attempts):
-            delay = 0.0 if interrupted else compute_backoff(
-                attempt.attempt, base=settings.backoff_base, cap=settings.backoff_cap
+            delay = (
+                0.0
+                if interrupted
+                else compute_backoff(
+                    attempt.attempt, base=settings.backoff_base, cap=settings.backoff_cap
+                )
             )
             if self.ledger.retry(key, attempt.token, failure, now + delay, now):
                 log.warning(
                     "task %s attempt %d %s: %s; retry in %.1fs",
-                    key, attempt.attempt, failure.kind, failure.error, delay,
+                    key,
+                    attempt.attempt,
+                    failure.kind,
+                    failure.error,
+                    delay,
                 )
                 self.queue.release(attempt.receipt, delay)
                 return "retry"
@@ -396,8 +409,13 @@ class Runner:
         key = manifest_key(run_id)
         self.store.put(key, json.dumps(manifest, indent=1).encode())
         self.ledger.finish(run_id, state, key, time.time())
-        log.info("run %s %s: %d records in %d files", run_id, state.value, manifest["records"],
-                 len(files))
+        log.info(
+            "run %s %s: %d records in %d files",
+            run_id,
+            state.value,
+            manifest["records"],
+            len(files),
+        )
         return True
 
     # -- caches -------------------------------------------------------------------

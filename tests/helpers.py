@@ -10,6 +10,8 @@ from fanout.runner import Runner
 
 JOBS = Path(__file__).parent / "testjobs"
 TREE = str(JOBS / "tree.py")
+
+
 def drain(
     backend: Backend,
     run_id: str,

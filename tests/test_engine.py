@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from helpers import TREE, drain
 from fanout import coordinator
 from fanout.backends.base import Backend, RunState, TaskKey, TaskState
 from fanout.runner import Runner
+from helpers import TREE, drain
 from testjobs.tree import Params, expected_items
 
 
@@ -81,7 +81,10 @@ def test_retries_with_back_off_then_success(mem: Backend) -> None:
     task = mem.ledger.get_task(TaskKey(run_id, "0/1"))
     assert task is not None
     assert [(e["attempt"], e["outcome"]) for e in task.history] == [
-        (1, "error"), (2, "error"), (3, "committed")]
+        (1, "error"),
+        (2, "error"),
+        (3, "committed"),
+    ]
     assert "flaky chunk 1, attempt 2" in str(task.history[1]["error"])
 
 
@@ -258,8 +261,9 @@ def test_invalid_and_foreign_messages_are_dropped(mem: Backend) -> None:
 def test_forged_payload_is_ignored_in_favour_of_the_ledger(mem: Backend) -> None:
     run_id = _run(mem, chunks=1, rows=2)
     drain_root(mem)
-    forged = json.dumps({"v": 1, "run_id": run_id, "chunk_id": "0/0",
-                         "payload": {"name": "evil", "level": 0}})
+    forged = json.dumps(
+        {"v": 1, "run_id": run_id, "chunk_id": "0/0", "payload": {"name": "evil", "level": 0}}
+    )
     # The real message for 0/0 is already queued; deliver the forged one first.
     for d in mem.queue.receive(10, 30):
         mem.queue.release(d.receipt, 0)

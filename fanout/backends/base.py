@@ -211,7 +211,9 @@ class Ledger(Protocol):
         """Mark the task done with its output, if ``token`` still holds the lease.
         ``outcome`` ("committed", "continued") goes into its history."""
 
-    def retry(self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float) -> bool:
+    def retry(
+        self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float
+    ) -> bool:
         """Release the lease after a failed attempt; no claim before ``not_before``."""
 
     def bury(self, key: TaskKey, token: str, failure: Failure, now: float) -> Settle:
@@ -223,10 +225,14 @@ class Ledger(Protocol):
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""
 
-    def list_tasks(self, run_id: str, states: Collection[TaskState] | None = None) -> list[TaskRecord]:
+    def list_tasks(
+        self, run_id: str, states: Collection[TaskState] | None = None
+    ) -> list[TaskRecord]:
         """The run's tasks (optionally only those in ``states``), ordered by chunk id and seq."""
 
-    def reopen(self, run_id: str, chunk_ids: Collection[str] | None, now: float) -> list[TaskRecord]:
+    def reopen(
+        self, run_id: str, chunk_ids: Collection[str] | None, now: float
+    ) -> list[TaskRecord]:
         """Put dead tasks (all, or those of ``chunk_ids``) back in the queue state with a
         fresh attempt budget, and the run back to running. Returns the reopened tasks."""
 

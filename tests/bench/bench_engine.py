@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from jobs.data.make_readings import write_readings  # noqa: E402
 
-NOOP_JOB = '''
+NOOP_JOB = """
 from pydantic import BaseModel
 from fanout import Job
 
@@ -51,7 +51,7 @@ def plan(params, ctx):
 @job.process
 def process(chunk, ctx):
     return None
-'''
+"""
 
 
 def fanout_run(home: Path, job: str, *args: str) -> tuple[float, dict[str, object]]:
@@ -84,8 +84,10 @@ def bench_noop(tmp: Path, chunks: int) -> None:
     print(f"(a) no-op chunks, local backend, 2 workers, {chunks:,} chunks")
     print(f"    fanout: {rate:,.0f} chunks/s (run {elapsed:.2f}s; {wall:.2f}s with CLI start/stop)")
     print(f"    target 1,000 chunks/s: ratio {rate / 1000:.2f}")
-    print(f"    multiprocessing.Pool(2).map of no-ops (chunksize=1): {pool_rate:,.0f} tasks/s,"
-          f" fanout/pool = {rate / pool_rate:.2f}")
+    print(
+        f"    multiprocessing.Pool(2).map of no-ops (chunksize=1): {pool_rate:,.0f} tasks/s,"
+        f" fanout/pool = {rate / pool_rate:.2f}"
+    )
 
 
 def plain_loop(src: Path, out: Path, schema: dict[str, object], codec: str) -> int:
@@ -100,14 +102,16 @@ def plain_loop(src: Path, out: Path, schema: dict[str, object], codec: str) -> i
             next(reader)
             for line, (meter_id, read_at, kwh) in enumerate(reader, 1):
                 value = float(kwh)
-                records.append({
-                    "meter_id": meter_id,
-                    "read_at": datetime.fromisoformat(read_at),
-                    "kwh": value,
-                    "adjusted_kwh": value * 1.0 + 0.0,
-                    "source": path.name,
-                    "line": line,
-                })
+                records.append(
+                    {
+                        "meter_id": meter_id,
+                        "read_at": datetime.fromisoformat(read_at),
+                        "kwh": value,
+                        "adjusted_kwh": value * 1.0 + 0.0,
+                        "source": path.name,
+                        "line": line,
+                    }
+                )
         with (out / (path.stem + ".avro")).open("wb") as f:
             fastavro.writer(f, parsed, records, codec=codec)
         total += len(records)

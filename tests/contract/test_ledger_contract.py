@@ -36,8 +36,14 @@ def _run(backend: Backend, run_id: str = RUN, created_at: float | None = None) -
     return record
 
 
-def _claim(backend: Backend, key: TaskKey = ROOT, token: str = "t1", lease: float = 30.0,
-           max_attempts: int = 3, now: float | None = None):  # noqa: ANN202
+def _claim(
+    backend: Backend,
+    key: TaskKey = ROOT,
+    token: str = "t1",
+    lease: float = 30.0,
+    max_attempts: int = 3,
+    now: float | None = None,
+):
     return backend.ledger.claim(key, token, lease, max_attempts, now or time.time())
 
 
@@ -50,7 +56,11 @@ def test_create_run_starts_with_one_outstanding_root(backend: Backend) -> None:
     run = backend.ledger.get_run(RUN)
     assert run is not None
     assert (run.state, run.outstanding, run.tasks_total, run.params) == (
-        RunState.RUNNING, 1, 1, {"a": 1})
+        RunState.RUNNING,
+        1,
+        1,
+        {"a": 1},
+    )
     root = backend.ledger.get_task(ROOT)
     assert root is not None and root.state == TaskState.QUEUED and root.message == '{"m": 0}'
     with pytest.raises(KeyError):
@@ -102,7 +112,11 @@ def test_claim_then_duplicate_is_busy_then_finished_after_commit(backend: Backen
     assert _claim(backend, token="t3").outcome == ClaimOutcome.FINISHED
     run = backend.ledger.get_run(RUN)
     assert run is not None and (run.outstanding, run.records, run.bytes, run.tasks_done) == (
-        0, 10, 99, 1)
+        0,
+        10,
+        99,
+        1,
+    )
     task = backend.ledger.get_task(ROOT)
     assert task is not None and task.output == Output("k.avro", 10, 99)
 
@@ -143,7 +157,9 @@ def test_takeover_past_max_attempts_buries(backend: Backend) -> None:
     _run(backend)
     now = time.time()
     for attempt in (1, 2):
-        claim = _claim(backend, token=f"t{attempt}", lease=1, max_attempts=2, now=now + 10 * attempt)
+        claim = _claim(
+            backend, token=f"t{attempt}", lease=1, max_attempts=2, now=now + 10 * attempt
+        )
         assert claim.outcome == ClaimOutcome.CLAIMED and claim.attempt == attempt
     buried = _claim(backend, token="t3", lease=1, max_attempts=2, now=now + 30)
     assert buried.outcome == ClaimOutcome.BURIED and buried.drained
@@ -166,7 +182,10 @@ def test_bury_keeps_the_message_and_reopen_restores_the_budget(backend: Backend)
     assert [t.chunk_id for t in reopened] == ["0"]
     run = backend.ledger.get_run(RUN)
     assert run is not None and (run.state, run.outstanding, run.tasks_dead) == (
-        RunState.RUNNING, 1, 0)
+        RunState.RUNNING,
+        1,
+        0,
+    )
     claim = _claim(backend, token="t9")
     assert claim.outcome == ClaimOutcome.CLAIMED and claim.attempt == 1
 

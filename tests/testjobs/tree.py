@@ -71,7 +71,9 @@ def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
         return ctx.resume_at(end)
     if chunk["level"] < p.depth:
         for c in range(p.children):
-            ctx.spawn({"name": f"{name}.{c}", "level": chunk["level"] + 1, "pad": "x" * p.big_payload})
+            ctx.spawn(
+                {"name": f"{name}.{c}", "level": chunk["level"] + 1, "pad": "x" * p.big_payload}
+            )
     return None
 
 

@@ -257,7 +257,9 @@ class SQLiteLedger:
                     f"UPDATE tasks SET {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
                     (_event("crashed", now), *_key(key)),
                 )
-                conn.execute("UPDATE runs SET retries = retries + 1 WHERE run_id = ?", (key.run_id,))
+                conn.execute(
+                    "UPDATE runs SET retries = retries + 1 WHERE run_id = ?", (key.run_id,)
+                )
                 if attempt - row["attempt_floor"] >= max_attempts:
                     failure = Failure("crashed", "the worker died during the last attempt")
                     drained = self._bury(conn, key, failure, now, log=False)
@@ -352,7 +354,8 @@ class SQLiteLedger:
         log: bool = True,
     ) -> bool:
         conn.execute(
-            "UPDATE tasks SET error = ?, traceback = ? WHERE run_id = ? AND chunk_id = ? AND seq = ?",
+            "UPDATE tasks SET error = ?, traceback = ?"
+            " WHERE run_id = ? AND chunk_id = ? AND seq = ?",
             (f"{failure.kind}: {failure.error}", failure.traceback, *_key(key)),
         )
         if log:
