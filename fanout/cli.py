@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from fanout import coordinator
 from fanout.backends import BACKENDS, default_home, open_backend
@@ -412,12 +413,21 @@ def validate(
     loaded = load_job(job)
     loaded.check()
     model = loaded.validate_params(_params(params, params_file))
+    # The -S settings too, as `fanout submit` would check them.
+    overrides = _split_pairs(settings, "--setting")
+    try:
+        run_settings = RunSettings.model_validate({**loaded.settings.model_dump(), **overrides})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        raise UserError(f"setting {where}: {err['msg']}") from None
     schema = loaded.schema
     click.echo(f"job {loaded.name}: ok")
     click.echo(f"  schema: {schema.name if schema else '(none: emits nothing)'}")
     click.echo(f"  plan: {'yes' if loaded.plan_fn else 'no (one chunk holding the params)'}")
     shown = model.model_dump(mode="json") if hasattr(model, "model_dump") else model
     click.echo(f"  params: {json.dumps(shown)}")
+    click.echo(f"  settings: {json.dumps(run_settings.model_dump(mode='json'))}")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,18 @@ def _first_error(exc: ValidationError) -> str:
 
 # -- loading ----------------------------------------------------------------------
 
-_loaded: dict[str, Job] = {}
+# ref -> (the job file's mtime when loaded, the job): a worker that outlives an
+# edit of the job file (fix, then `fanout replay`) loads the new code.
+_loaded: dict[str, tuple[float, Job]] = {}
+
+
+def _mtime(ref: str) -> float:
+    if not is_path_ref(ref):
+        return 0.0
+    try:
+        return Path(ref.partition(":")[0] if not ref.endswith(".py") else ref).stat().st_mtime
+    except OSError:
+        return -1.0
 
 
 def is_path_ref(ref: str) -> bool:
@@ -147,8 +158,10 @@ def load_job(ref: str) -> Job:
 
     Raises :class:`JobLoadError` with one line saying what is wrong.
     """
-    if ref in _loaded:
-        return _loaded[ref]
+    mtime = _mtime(ref)
+    cached = _loaded.get(ref)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
     target, _, attr = ref.partition(":") if not ref.endswith(".py") else (ref, "", "")
     if is_path_ref(target):
         module = _import_file(Path(target))
@@ -159,7 +172,7 @@ def load_job(ref: str) -> Job:
     job = _find_job(module, attr, where)
     if job.source is None and getattr(module, "__file__", None):
         job.source = Path(str(module.__file__)).resolve()
-    _loaded[ref] = job
+    _loaded[ref] = (mtime, job)
     return job
 
 

@@ -438,12 +438,12 @@ class Runner:
         return run
 
     def _job(self, run: _Run) -> tuple[Job, Any]:
-        if run.job is None:
-            job = load_job(run.job_ref)
+        job = load_job(run.job_ref)  # cached; reloaded if the job file changed
+        if job is not run.job:
             job.check()
             run.params = job.validate_params(run.raw_params)
             run.job = job
-        return run.job, run.params
+        return job, run.params
 
 
 def _failure(exc: BaseException) -> Failure:

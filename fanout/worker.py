@@ -64,8 +64,8 @@ class _Slot:
 
     def __init__(self) -> None:
         self.deadline: Synchronized[float] = _CTX.Value(ctypes.c_double, 0.0)
-        self.attempt: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)  # type: ignore[assignment]
-        self.prefetched: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)  # type: ignore[assignment]
+        self.attempt: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)
+        self.prefetched: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)
 
     def hold(self, receipts: list[str]) -> None:
         """Note the receipts of prefetched messages (as many as fit), so that if this

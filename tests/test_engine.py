@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -301,3 +302,31 @@ def test_unknown_run_is_a_user_error(mem: Backend) -> None:
 
     with pytest.raises(UnknownRunError, match="unknown run id 'nope'"):
         coordinator.status(mem, "nope")
+
+
+def test_replay_runs_the_fixed_job_code_in_a_long_lived_worker(
+    mem: Backend, tmp_path: Path
+) -> None:
+    job = tmp_path / "fixme.py"
+    source = (
+        "from fanout import Job\n"
+        "job = Job('fixme', max_attempts=1, schema={'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
+        "@job.plan\n"
+        "def plan(params, ctx):\n"
+        "    yield from ({'x': i} for i in range(3))\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    BUG\n"
+        "    ctx.emit({'x': chunk['x']})\n"
+    )
+    job.write_text(source.replace("BUG", "if chunk['x'] == 1: raise ValueError('bug')"))
+    run_id = coordinator.submit(mem, str(job)).run_id
+    runner = Runner(mem)  # one worker process, alive across the fix
+    assert drain(mem, run_id, runner=runner).state == RunState.FAILED
+    job.write_text(source.replace("BUG", "pass"))
+    stat = job.stat()
+    os.utime(job, (stat.st_atime, stat.st_mtime + 2))  # an edit, whatever the clock's grain
+    coordinator.replay(mem, run_id)
+    assert drain(mem, run_id, runner=runner).state == RunState.SUCCEEDED
+    assert sorted(r["x"] for r in coordinator.committed_records(mem, run_id)) == [0, 1, 2]

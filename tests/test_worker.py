@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import TREE
-from testjobs.tree import Params, expected_items
 
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, RunRecord, TaskKey, TaskRecord, TaskState
+from helpers import TREE
+from testjobs.tree import Params, expected_items
 
 CLI = [sys.executable, "-m", "fanout.cli"]
 
@@ -40,8 +40,12 @@ def fanout(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedP
     )
 
 
+def _value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, list | dict) else str(v)
+
+
 def _params_args(params: dict[str, Any]) -> list[str]:
-    return [a for k, v in params.items() for a in ("-p", f"{k}={json.dumps(v)}")]
+    return [a for k, v in params.items() for a in ("-p", f"{k}={_value(v)}")]
 
 
 def submit(home: Path, **params: Any) -> str:
@@ -207,6 +211,18 @@ def test_a_child_that_dies_is_recorded_as_crashed_and_retried(
     # No chunk waited for a visibility timeout (5 + 5 + 5 s) after the crash.
     assert st["elapsed_s"] < 8
     assert_exact_output(home, run_id, **params)
+
+
+@pytest.mark.slow
+def test_slow_chunks_spread_over_all_children(home: Path) -> None:
+    # Four chunks of about 1 s each on two children: about 2 s in parallel,
+    # 4 s if one child prefetched them all and ran them one after the other.
+    params = {"chunks": 4, "rows": 50, "row_sleep": 0.02}
+    result = fanout(home, "run", TREE, *_params_args(params), "-w", "2", "--chunk-timeout", "10")
+    assert result.returncode == 0, result.stderr
+    st = status(home, run_id_of(result))
+    assert st["state"] == "succeeded" and st["records"] == 200
+    assert st["elapsed_s"] < 3.5
 
 
 # -- kill -9 of the whole worker -------------------------------------------------

@@ -1,0 +1,341 @@
+"""The ``fanout`` command line as a user meets it: happy paths of every command,
+exit codes (0 ok, 1 run failed, 2 bad input) and one-line errors.
+
+Commands that start worker processes (``run``, ``worker``, ``replay --work``)
+run as real subprocesses; the others go through click's CliRunner.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from fanout.cli import main
+from helpers import TREE
+from testjobs.tree import Params, expected_items
+
+CLI = [sys.executable, "-m", "fanout.cli"]
+WORK = ["-w", "2", "--chunk-timeout", "10"]
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def fanout(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``fanout --home HOME ARGS`` as a separate process."""
+    return subprocess.run(
+        [*CLI, "--home", str(home), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def cli(home: Path, *args: str) -> Result:
+    """``fanout --home HOME ARGS`` in this process (no worker processes)."""
+    return CliRunner().invoke(main, ["--home", str(home), *args])
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
+def _value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, list | dict) else str(v)
+
+
+def p(**params: Any) -> list[str]:
+    """``-p KEY=VALUE`` arguments (lists as JSON)."""
+    return [a for k, v in params.items() for a in ("-p", f"{k}={_value(v)}")]
+
+
+def assert_user_error(result: Result | subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Exit 2, one line on stderr starting ``error:`` (naming ``needles``), no traceback."""
+    if isinstance(result, Result):
+        code, stdout, stderr = result.exit_code, result.stdout, result.stderr
+        # Only the deliberate exit, no exception escaping the command.
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            result.exception
+        )
+    else:
+        code, stdout, stderr = result.returncode, result.stdout, result.stderr
+    assert code == 2, (code, stdout, stderr)
+    assert "Traceback" not in stdout + stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert stdout == ""
+    return lines[0]
+
+
+def run_id_of(result: subprocess.CompletedProcess[str]) -> str:
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("run "), result.stderr
+    return first.split()[1]
+
+
+def items(home: Path, run_id: str) -> Counter[str]:
+    return Counter(json.loads(line)["item"] for line in ok(cli(home, "cat", run_id)).splitlines())
+
+
+def assert_exact_output(home: Path, run_id: str, **params: Any) -> None:
+    got = items(home, run_id)
+    assert sorted(i for i, n in got.items() if n > 1) == []
+    assert set(got) == expected_items(Params(**params))
+
+
+def status(home: Path, run_id: str) -> dict[str, Any]:
+    st: dict[str, Any] = json.loads(ok(cli(home, "status", run_id, "--json")))
+    return st
+
+
+def manifest(home: Path, run_id: str) -> dict[str, Any]:
+    key = status(home, run_id)["manifest"]
+    assert key is not None
+    m: dict[str, Any] = json.loads((home / "store" / key).read_text())
+    return m
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+# -- happy paths -----------------------------------------------------------------
+
+
+def test_run_then_status_runs_cat_failed(home: Path) -> None:
+    params = {"chunks": 4, "rows": 25, "step": 10}
+    result = fanout(home, "run", TREE, *p(**params), *WORK)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    run_id = run_id_of(result)
+    out = result.stdout.splitlines()
+    assert out[0].startswith(f"run {run_id} succeeded: 100 records")
+    assert out[-1] == f"manifest: {home / 'store' / 'runs' / run_id / '_manifest.json'}"
+
+    st = status(home, run_id)
+    # The plan task, then 4 chunks of 3 slices each (10 + 10 + 5 rows).
+    assert st["run_id"] == run_id and st["job"] == "tree" and st["state"] == "succeeded"
+    assert st["chunks"] == {"queued": 0, "running": 0, "done": 13, "dead": 0, "cancelled": 0}
+    assert st["records"] == 100 and st["outstanding"] == 0 and st["retries"] == 0
+    assert st["finished_at"] >= st["created_at"]
+    m = manifest(home, run_id)
+    assert m["state"] == "succeeded" and m["records"] == 100 and m["dead_chunks"] == []
+    assert sum(f["records"] for f in m["files"]) == 100
+
+    # Without a run id: the latest run.
+    text = ok(cli(home, "status")).splitlines()
+    assert text[0].startswith(f"{run_id}  succeeded  chunks 13/13")
+    assert text[1] == "chunks: queued 0, running 0, done 13, dead 0, cancelled 0"
+
+    runs = [json.loads(line) for line in ok(cli(home, "runs", "--json")).splitlines()]
+    assert [(r["run_id"], r["job"], r["state"], r["records"]) for r in runs] == [
+        (run_id, "tree", "succeeded", 100)
+    ]
+    listing = ok(cli(home, "runs")).splitlines()
+    assert len(listing) == 1 and listing[0].split()[:3] == [run_id, "succeeded", "100"]
+
+    assert_exact_output(home, run_id, **params)
+    assert ok(cli(home, "cat")) == ok(cli(home, "cat", run_id))  # latest run
+    assert len(ok(cli(home, "cat", run_id, "-n", "7")).splitlines()) == 7
+
+    assert ok(cli(home, "failed", run_id)) == f"run {run_id} has no dead chunks\n"
+    assert ok(cli(home, "failed", run_id, "--json")) == ""
+    assert_user_error(cli(home, "replay", run_id), "has no dead chunks")
+    assert_user_error(cli(home, "replay", run_id, "--chunk", "0/1"), "no dead chunk '0/1'")
+
+
+def test_run_json_prints_one_status_object(home: Path) -> None:
+    result = fanout(home, "run", TREE, *p(chunks=2, rows=3), *WORK, "--json")
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    st = json.loads(line)
+    assert st["state"] == "succeeded" and st["records"] == 6
+    assert st["manifest"] == f"runs/{st['run_id']}/_manifest.json"
+
+
+def test_submit_then_worker_until_idle(home: Path) -> None:
+    params = {"chunks": 3, "rows": 5, "children": 2, "depth": 1}
+    run_id = ok(cli(home, *["submit", TREE, *p(**params)])).strip()
+    assert run_id.startswith("tree-")
+    st = status(home, run_id)
+    assert st["state"] == "running" and st["chunks"]["queued"] == 1 and st["manifest"] is None
+    assert_user_error(cli(home, "cat", run_id), "has no manifest yet", "running")
+
+    result = fanout(home, "worker", "--until-idle", *WORK)
+    assert result.returncode == 0, result.stderr
+    st = status(home, run_id)
+    assert st["state"] == "succeeded" and st["chunks"]["done"] == 1 + 3 + 6
+    assert_exact_output(home, run_id, **params)
+
+
+def test_validate_checks_params_and_settings_without_running(home: Path, tmp_path: Path) -> None:
+    params_file = tmp_path / "params.json"
+    params_file.write_text(json.dumps({"chunks": 7, "rows": 1}))
+    out = ok(
+        cli(
+            home, "validate", TREE, "--params-file", str(params_file),
+            "-p", "rows=5", "-p", "fail_chunks=[1, 2]", "-S", "max_attempts=2",
+        )
+    ).splitlines()
+    assert out[:3] == ["job tree: ok", "  schema: tests.row", "  plan: yes"]
+    assert out[3].startswith("  params: ") and out[4].startswith("  settings: ")
+    shown = json.loads(out[3].removeprefix("  params: "))
+    # --param wins over --params-file; values are converted by the job's model.
+    assert shown["chunks"] == 7 and shown["rows"] == 5 and shown["fail_chunks"] == [1, 2]
+    settings = json.loads(out[4].removeprefix("  settings: "))
+    assert settings["max_attempts"] == 2 and settings["backoff_base"] == 0.01  # job default
+    assert not home.exists()  # nothing was recorded anywhere
+
+
+# -- failures and replay ---------------------------------------------------------
+
+
+def test_run_exits_1_when_chunks_die_and_failed_lists_them(home: Path) -> None:
+    params = {"chunks": 4, "rows": 3, "fail_chunks": [1, 2], "fail_times": 5}
+    result = fanout(home, "run", TREE, *p(**params), "-S", "max_attempts=1", *WORK)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    run_id = run_id_of(result)
+    assert f"run {run_id} failed: 6 records" in result.stdout
+    assert f"2 dead chunks: see `fanout failed {run_id}`" in result.stdout
+
+    text = ok(cli(home, "failed", run_id))
+    assert "0/1 (seq 0, 1 attempts): error: RuntimeError: flaky chunk 1, attempt 1" in text
+    assert "0/2 (seq 0, 1 attempts): error: RuntimeError: flaky chunk 2, attempt 1" in text
+    assert "Traceback" not in text
+    assert "Traceback (most recent call last)" in ok(cli(home, "failed", run_id, "--traceback"))
+    dead = [json.loads(line) for line in ok(cli(home, "failed", run_id, "--json")).splitlines()]
+    assert [d["chunk_id"] for d in dead] == ["0/1", "0/2"]
+    for d in dead:
+        assert [e["outcome"] for e in d["history"]] == ["error", "dead"]
+        assert "RuntimeError: flaky chunk" in d["error"] and "RuntimeError" in d["traceback"]
+
+    st = status(home, run_id)
+    assert st["state"] == "failed" and st["chunks"]["dead"] == 2 and st["chunks"]["done"] == 3
+    assert [d["chunk_id"] for d in manifest(home, run_id)["dead_chunks"]] == ["0/1", "0/2"]
+    # What did commit is there, exactly once.
+    assert items(home, run_id) == Counter(f"{c}:{r}" for c in (0, 3) for r in range(3))
+
+
+def test_replay_after_fix_rewrites_the_manifest(home: Path, tmp_path: Path) -> None:
+    flag = tmp_path / "broken"
+    flag.touch()
+    params = {"chunks": 3, "rows": 4, "broken_flag": str(flag)}
+    result = fanout(home, "run", TREE, *p(**params), "-S", "max_attempts=1", *WORK)
+    assert result.returncode == 1, result.stderr
+    run_id = run_id_of(result)
+    text = ok(cli(home, "failed", run_id))
+    assert text.startswith("0/0 (seq 0, 1 attempts): error: RuntimeError: broken until the flag")
+    before = manifest(home, run_id)
+    assert before["state"] == "failed" and before["records"] == 8
+    assert [d["chunk_id"] for d in before["dead_chunks"]] == ["0/0"]
+
+    flag.unlink()  # the fix
+    result = fanout(home, "replay", run_id, "--work", *WORK)
+    assert result.returncode == 0, result.stderr
+    assert f"replaying 1 chunks of {run_id}" in result.stderr
+    assert f"run {run_id} succeeded: 12 records" in result.stdout
+
+    after = manifest(home, run_id)
+    assert after["state"] == "succeeded" and after["records"] == 12 and after["dead_chunks"] == []
+    assert after["finished_at"] > before["finished_at"]
+    assert status(home, run_id)["chunks"]["dead"] == 0
+    assert_exact_output(home, run_id, chunks=3, rows=4)
+    assert ok(cli(home, "failed", run_id)) == f"run {run_id} has no dead chunks\n"
+    assert_user_error(cli(home, "replay", run_id), "no dead chunks")
+
+
+# -- bad input: exit 2, one line -------------------------------------------------
+
+SYNTAX_ERROR = "def broken(:\n"
+NO_JOB = "x = 1\n"
+BAD_SCHEMA = """\
+from fanout import Job
+
+job = Job("noschema", schema="no_such_schema")
+
+
+@job.process
+def process(payload, ctx):
+    pass
+"""
+
+#: (name, files to write, argv with {tmp} for the directory, what the message names)
+BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
+    ("missing job file", {}, ["validate", "{tmp}/missing.py"], ["missing.py", "does not exist"]),
+    ("syntax error", {"syn.py": SYNTAX_ERROR}, ["submit", "{tmp}/syn.py"],
+     ["syn.py", "SyntaxError", "line 1"]),
+    ("no Job", {"nojob.py": NO_JOB}, ["validate", "{tmp}/nojob.py"], ["defines no Job"]),
+    ("no such attr in file", {}, ["validate", TREE + ":nope"], ["no Job named 'nope'"]),
+    ("no such attr in module", {}, ["submit", "fanout.jobs:nope"],
+     ["module fanout.jobs", "no Job named 'nope'"]),
+    ("no such module", {}, ["validate", "no_such_module_xyz:job"], ["no_such_module_xyz"]),
+    ("invalid param", {}, ["submit", TREE, "-p", "rows=abc"], ["rows", "integer"]),
+    ("invalid list param", {}, ["validate", TREE, "-p", "fail_chunks=[\"x\"]"], ["fail_chunks"]),
+    ("param without =", {}, ["submit", TREE, "-p", "rows"], ["--param 'rows'", "KEY=VALUE"]),
+    ("params file missing", {}, ["submit", TREE, "--params-file", "{tmp}/nope.json"],
+     ["nope.json", "does not exist"]),
+    ("params file not JSON", {"bad.json": "{rows: 1"},
+     ["validate", TREE, "--params-file", "{tmp}/bad.json"], ["bad.json", "not valid JSON"]),
+    ("params file not an object", {"list.json": "[1, 2]"},
+     ["submit", TREE, "--params-file", "{tmp}/list.json"], ["list.json", "JSON object"]),
+    ("setting out of range", {}, ["submit", TREE, "-S", "max_attempts=0"], ["max_attempts"]),
+    ("unknown setting", {}, ["submit", TREE, "-S", "max_attempt=2"], ["max_attempt"]),
+    ("setting without =", {}, ["submit", TREE, "-S", "max_attempts"], ["KEY=VALUE"]),
+    ("bad setting on validate", {}, ["validate", TREE, "-S", "codec=zstd"], ["codec"]),
+    ("schema name not found", {"noschema.py": BAD_SCHEMA}, ["submit", "{tmp}/noschema.py"],
+     ["no_such_schema", "not found"]),
+    ("schema name not found on validate", {"noschema.py": BAD_SCHEMA},
+     ["validate", "{tmp}/noschema.py"], ["no_such_schema"]),
+    ("status of unknown run", {}, ["status", "tree-nope"], ["unknown run id 'tree-nope'"]),
+    ("failed of unknown run", {}, ["failed", "tree-nope"], ["unknown run id 'tree-nope'"]),
+    ("replay of unknown run", {}, ["replay", "tree-nope"], ["unknown run id 'tree-nope'"]),
+    ("cat of unknown run", {}, ["cat", "tree-nope"], ["unknown run id 'tree-nope'"]),
+    ("status without runs", {}, ["status"], ["no runs yet"]),
+    ("cat without runs", {}, ["cat"], ["no runs yet"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("files", "argv", "needles"),
+    [pytest.param(f, a, n, id=name) for name, f, a, n in BAD_INPUT],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    home: Path, tmp_path: Path, files: dict[str, str], argv: list[str], needles: list[str]
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert_user_error(cli(home, *args), *needles)
+    if home.exists():
+        # Nothing was submitted.
+        assert ok(cli(home, "runs", "--json")) == ""
+
+
+@pytest.mark.parametrize(
+    "make_args",
+    [
+        pytest.param(lambda tmp: ["run", str(tmp / "missing.py")], id="missing job file"),
+        pytest.param(lambda tmp: ["run", TREE, "-p", "chunks=many"], id="invalid param"),
+        pytest.param(lambda tmp: ["run", TREE, "-S", "max_attempts=0"], id="bad setting"),
+        pytest.param(lambda tmp: ["replay", "tree-nope", "--work"], id="replay unknown run"),
+    ],
+)
+def test_bad_input_to_worker_commands_in_a_real_process(
+    home: Path, tmp_path: Path, make_args: Callable[[Path], list[str]]
+) -> None:
+    result = fanout(home, *make_args(tmp_path), *WORK, timeout=30)
+    line = assert_user_error(result)
+    assert "\n" not in line
+    if home.exists():
+        assert ok(cli(home, "runs", "--json")) == ""
