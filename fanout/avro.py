@@ -544,6 +544,17 @@ class _Checker:
         logical = node.get("logicalType")
         if logical is not None:
             lkind = _logical_kind(logical)
+            if lkind == "timestamp":
+                # The common case in one pass: datetimes only compare with
+                # datetimes, and naive with aware ones raises TypeError, so if
+                # min() succeeds and gives an aware datetime, all are aware
+                # datetimes. (Anything else gets the full check below.)
+                try:
+                    earliest = min(column())
+                except TypeError:
+                    return False
+                if type(earliest) is datetime:
+                    return earliest.tzinfo is not None
             if lkind is not None:
                 types = set(map(type, column()))
                 if not types <= _FAST_TYPES[lkind]:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from fanout import coordinator
 from fanout.backends import BACKENDS, default_home, open_backend
-from fanout.backends.base import Backend, RunRecord, RunState, TaskState
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, RunState, TaskState
 from fanout.errors import UserError
 from fanout.jobs import RunSettings, load_job
 
@@ -29,7 +29,8 @@ EXIT_USAGE = 2
 
 
 class _Group(click.Group):
-    """Turns :class:`UserError` into one line on stderr and exit code 2."""
+    """Turns :class:`UserError` and click's usage errors into one line on stderr
+    and exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -37,6 +38,23 @@ class _Group(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(EXIT_USAGE)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+            message = " ".join(exc.format_message().split())
+            click.echo(f"error: {message}{where}", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _split_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -123,7 +141,7 @@ def _summary(status: coordinator.Status, backend: Backend) -> str:
             f"{status.tasks['dead']} dead chunks: see `fanout failed {r.run_id}`,"
             f" fix the job, then `fanout replay {r.run_id}`"
         )
-    if r.manifest_key:
+    if r.manifest_key and r.state in TERMINAL_RUN_STATES:
         lines.append(f"manifest: {backend.store.url(r.manifest_key)}")
     return "\n".join(lines)
 
@@ -183,6 +201,7 @@ def _work(
 
 # -- options shared by several commands ------------------------------------------
 
+
 def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "-S",
@@ -220,6 +239,7 @@ def _worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # -- commands --------------------------------------------------------------------
+
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
@@ -319,7 +339,7 @@ def status(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
     click.echo(f"bytes {st.run.bytes:,}  outstanding {st.run.outstanding}")
     if st.run.stop_reason:
         click.echo(f"stopped: {st.run.stop_reason}")
-    if st.run.manifest_key:
+    if st.run.manifest_key and st.run.state in TERMINAL_RUN_STATES:
         click.echo(f"manifest: {backend.store.url(st.run.manifest_key)}")
 
 
@@ -332,8 +352,17 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
     records = _backend(ctx).ledger.list_runs(limit=limit)
     if as_json:
         for r in records:
-            click.echo(json.dumps({"run_id": r.run_id, "job": r.job_name, "state": r.state.value,
-                                   "records": r.records, "created_at": r.created_at}))
+            click.echo(
+                json.dumps(
+                    {
+                        "run_id": r.run_id,
+                        "job": r.job_name,
+                        "state": r.state.value,
+                        "records": r.records,
+                        "created_at": r.created_at,
+                    }
+                )
+            )
         return
     for r in records:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
@@ -352,10 +381,21 @@ def failed(ctx: click.Context, run_id: str, show_tb: bool, as_json: bool) -> Non
     dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
     for t in dead:
         if as_json:
-            click.echo(json.dumps({"chunk_id": t.chunk_id, "seq": t.seq, "error": t.error,
-                                   "history": t.history, "traceback": t.traceback}))
+            click.echo(
+                json.dumps(
+                    {
+                        "chunk_id": t.chunk_id,
+                        "seq": t.seq,
+                        "error": t.error,
+                        "history": t.history,
+                        "traceback": t.traceback,
+                    }
+                )
+            )
             continue
-        click.echo(f"{t.chunk_id} (seq {t.seq}, {t.attempt - t.attempt_floor} attempts): {t.error}")
+        attempts = t.attempt - t.attempt_floor
+        plural = "attempt" if attempts == 1 else "attempts"
+        click.echo(f"{t.chunk_id} (seq {t.seq}, {attempts} {plural}): {t.error}")
         for event in t.history:
             detail = f": {event['error']}" if "error" in event else ""
             click.echo(f"    attempt {event.get('attempt')}: {event.get('outcome')}{detail}")
@@ -398,7 +438,8 @@ def cat(ctx: click.Context, run_id: str | None, limit: int | None) -> None:
 
     backend = _backend(ctx)
     out = sys.stdout
-    for i, record in enumerate(coordinator.committed_records(backend, run_id or _latest_run(backend))):
+    records = coordinator.committed_records(backend, run_id or _latest_run(backend))
+    for i, record in enumerate(records):
         if limit is not None and i >= limit:
             break
         out.write(json.dumps(to_json_safe(record), separators=(",", ":")) + "\n")

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from fanout.backends.base import (
+    TERMINAL_RUN_STATES,
     Backend,
     NewTask,
     RunRecord,
@@ -184,6 +185,9 @@ def status(backend: Backend, run_id: str) -> Status:
 def read_manifest(backend: Backend, run_id: str) -> dict[str, Any]:
     """The run's manifest; :class:`UserError` if the run has not finished yet."""
     run = get_run(backend, run_id)
+    if run.state not in TERMINAL_RUN_STATES:
+        # Includes a replayed run: its old manifest no longer tells the truth.
+        raise UserError(f"run {run_id} has not finished (state: {run.state.value})")
     key = run.manifest_key or f"runs/{run_id}/_manifest.json"
     try:
         manifest: dict[str, Any] = json.loads(backend.store.get(key))

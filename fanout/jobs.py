@@ -86,6 +86,17 @@ class Job:
         """Params checked against the job's model; :class:`ParamsError` names the field."""
         if self.params_model is None:
             return dict(raw)
+        if self.params_model.model_config.get("extra") != "allow":
+            # A misspelled param (`-p row=5` for `rows`) must not silently run
+            # with the default.
+            fields = self.params_model.model_fields
+            known = set(fields) | {f.alias for f in fields.values() if f.alias}
+            unknown = sorted(set(raw) - known)
+            if unknown:
+                raise ParamsError(
+                    f"params for job {self.name}: unknown param {unknown[0]!r}"
+                    f" (known: {', '.join(fields) or 'none'})"
+                )
         try:
             return self.params_model.model_validate(dict(raw))
         except ValidationError as exc:
@@ -97,7 +108,7 @@ class Job:
         if self.source is not None:
             dirs += [self.source.parent / "schemas", self.source.parent.parent / "schemas"]
         dirs.append(Path.cwd() / "schemas")
-        return dirs
+        return list(dict.fromkeys(d.resolve() for d in dirs))  # each directory once
 
     @property
     def schema(self) -> Schema | None:

@@ -38,7 +38,7 @@ def fanout(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedP
 
 def cli(home: Path, *args: str) -> Result:
     """``fanout --home HOME ARGS`` in this process (no worker processes)."""
-    return CliRunner().invoke(main, ["--home", str(home), *args])
+    return CliRunner().invoke(main, ["--home", str(home), *args], prog_name="fanout")
 
 
 def ok(result: Result) -> str:
@@ -169,7 +169,7 @@ def test_submit_then_worker_until_idle(home: Path) -> None:
     assert run_id.startswith("tree-")
     st = status(home, run_id)
     assert st["state"] == "running" and st["chunks"]["queued"] == 1 and st["manifest"] is None
-    assert_user_error(cli(home, "cat", run_id), "has no manifest yet", "running")
+    assert_user_error(cli(home, "cat", run_id), "has not finished", "running")
 
     result = fanout(home, "worker", "--until-idle", *WORK)
     assert result.returncode == 0, result.stderr
@@ -183,8 +183,17 @@ def test_validate_checks_params_and_settings_without_running(home: Path, tmp_pat
     params_file.write_text(json.dumps({"chunks": 7, "rows": 1}))
     out = ok(
         cli(
-            home, "validate", TREE, "--params-file", str(params_file),
-            "-p", "rows=5", "-p", "fail_chunks=[1, 2]", "-S", "max_attempts=2",
+            home,
+            "validate",
+            TREE,
+            "--params-file",
+            str(params_file),
+            "-p",
+            "rows=5",
+            "-p",
+            "fail_chunks=[1, 2]",
+            "-S",
+            "max_attempts=2",
         )
     ).splitlines()
     assert out[:3] == ["job tree: ok", "  schema: tests.row", "  plan: yes"]
@@ -210,8 +219,8 @@ def test_run_exits_1_when_chunks_die_and_failed_lists_them(home: Path) -> None:
     assert f"2 dead chunks: see `fanout failed {run_id}`" in result.stdout
 
     text = ok(cli(home, "failed", run_id))
-    assert "0/1 (seq 0, 1 attempts): error: RuntimeError: flaky chunk 1, attempt 1" in text
-    assert "0/2 (seq 0, 1 attempts): error: RuntimeError: flaky chunk 2, attempt 1" in text
+    assert "0/1 (seq 0, 1 attempt): error: RuntimeError: flaky chunk 1, attempt 1" in text
+    assert "0/2 (seq 0, 1 attempt): error: RuntimeError: flaky chunk 2, attempt 1" in text
     assert "Traceback" not in text
     assert "Traceback (most recent call last)" in ok(cli(home, "failed", run_id, "--traceback"))
     dead = [json.loads(line) for line in ok(cli(home, "failed", run_id, "--json")).splitlines()]
@@ -235,11 +244,17 @@ def test_replay_after_fix_rewrites_the_manifest(home: Path, tmp_path: Path) -> N
     assert result.returncode == 1, result.stderr
     run_id = run_id_of(result)
     text = ok(cli(home, "failed", run_id))
-    assert text.startswith("0/0 (seq 0, 1 attempts): error: RuntimeError: broken until the flag")
+    assert text.startswith("0/0 (seq 0, 1 attempt): error: RuntimeError: broken until the flag")
     before = manifest(home, run_id)
     assert before["state"] == "failed" and before["records"] == 8
     assert [d["chunk_id"] for d in before["dead_chunks"]] == ["0/0"]
 
+    # Replayed but not yet worked: the old manifest no longer tells the truth.
+    assert ok(cli(home, "replay", run_id)) == ""
+    assert_user_error(cli(home, "cat", run_id), "has not finished", "running")
+    result = fanout(home, "worker", "--until-idle", *WORK)
+    assert result.returncode == 0, result.stderr
+    assert status(home, run_id)["state"] == "failed"  # not fixed yet: dead again
     flag.unlink()  # the fix
     result = fanout(home, "replay", run_id, "--work", *WORK)
     assert result.returncode == 0, result.stderr
@@ -273,36 +288,68 @@ def process(payload, ctx):
 #: (name, files to write, argv with {tmp} for the directory, what the message names)
 BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("missing job file", {}, ["validate", "{tmp}/missing.py"], ["missing.py", "does not exist"]),
-    ("syntax error", {"syn.py": SYNTAX_ERROR}, ["submit", "{tmp}/syn.py"],
-     ["syn.py", "SyntaxError", "line 1"]),
+    (
+        "syntax error",
+        {"syn.py": SYNTAX_ERROR},
+        ["submit", "{tmp}/syn.py"],
+        ["syn.py", "SyntaxError", "line 1"],
+    ),
     ("no Job", {"nojob.py": NO_JOB}, ["validate", "{tmp}/nojob.py"], ["defines no Job"]),
     ("no such attr in file", {}, ["validate", TREE + ":nope"], ["no Job named 'nope'"]),
-    ("no such attr in module", {}, ["submit", "fanout.jobs:nope"],
-     ["module fanout.jobs", "no Job named 'nope'"]),
+    (
+        "no such attr in module",
+        {},
+        ["submit", "fanout.jobs:nope"],
+        ["module fanout.jobs", "no Job named 'nope'"],
+    ),
     ("no such module", {}, ["validate", "no_such_module_xyz:job"], ["no_such_module_xyz"]),
     ("invalid param", {}, ["submit", TREE, "-p", "rows=abc"], ["rows", "integer"]),
-    ("invalid list param", {}, ["validate", TREE, "-p", "fail_chunks=[\"x\"]"], ["fail_chunks"]),
+    ("invalid list param", {}, ["validate", TREE, "-p", 'fail_chunks=["x"]'], ["fail_chunks"]),
     ("param without =", {}, ["submit", TREE, "-p", "rows"], ["--param 'rows'", "KEY=VALUE"]),
-    ("params file missing", {}, ["submit", TREE, "--params-file", "{tmp}/nope.json"],
-     ["nope.json", "does not exist"]),
-    ("params file not JSON", {"bad.json": "{rows: 1"},
-     ["validate", TREE, "--params-file", "{tmp}/bad.json"], ["bad.json", "not valid JSON"]),
-    ("params file not an object", {"list.json": "[1, 2]"},
-     ["submit", TREE, "--params-file", "{tmp}/list.json"], ["list.json", "JSON object"]),
+    (
+        "params file missing",
+        {},
+        ["submit", TREE, "--params-file", "{tmp}/nope.json"],
+        ["nope.json", "does not exist"],
+    ),
+    (
+        "params file not JSON",
+        {"bad.json": "{rows: 1"},
+        ["validate", TREE, "--params-file", "{tmp}/bad.json"],
+        ["bad.json", "not valid JSON"],
+    ),
+    (
+        "params file not an object",
+        {"list.json": "[1, 2]"},
+        ["submit", TREE, "--params-file", "{tmp}/list.json"],
+        ["list.json", "JSON object"],
+    ),
     ("setting out of range", {}, ["submit", TREE, "-S", "max_attempts=0"], ["max_attempts"]),
     ("unknown setting", {}, ["submit", TREE, "-S", "max_attempt=2"], ["max_attempt"]),
     ("setting without =", {}, ["submit", TREE, "-S", "max_attempts"], ["KEY=VALUE"]),
     ("bad setting on validate", {}, ["validate", TREE, "-S", "codec=zstd"], ["codec"]),
-    ("schema name not found", {"noschema.py": BAD_SCHEMA}, ["submit", "{tmp}/noschema.py"],
-     ["no_such_schema", "not found"]),
-    ("schema name not found on validate", {"noschema.py": BAD_SCHEMA},
-     ["validate", "{tmp}/noschema.py"], ["no_such_schema"]),
+    (
+        "schema name not found",
+        {"noschema.py": BAD_SCHEMA},
+        ["submit", "{tmp}/noschema.py"],
+        ["no_such_schema", "not found"],
+    ),
+    (
+        "schema name not found on validate",
+        {"noschema.py": BAD_SCHEMA},
+        ["validate", "{tmp}/noschema.py"],
+        ["no_such_schema"],
+    ),
     ("status of unknown run", {}, ["status", "tree-nope"], ["unknown run id 'tree-nope'"]),
     ("failed of unknown run", {}, ["failed", "tree-nope"], ["unknown run id 'tree-nope'"]),
     ("replay of unknown run", {}, ["replay", "tree-nope"], ["unknown run id 'tree-nope'"]),
     ("cat of unknown run", {}, ["cat", "tree-nope"], ["unknown run id 'tree-nope'"]),
     ("status without runs", {}, ["status"], ["no runs yet"]),
     ("cat without runs", {}, ["cat"], ["no runs yet"]),
+    ("misspelled param", {}, ["submit", TREE, "-p", "row=5"], ["unknown param 'row'", "rows"]),
+    ("missing argument", {}, ["run"], ["Missing argument 'JOB'", "fanout run --help"]),
+    ("unknown option", {}, ["--bogus", "runs"], ["No such option '--bogus'"]),
+    ("out of range option", {}, ["worker", "--workers", "0"], ["--workers", "0"]),
 ]
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import boto3
 import pytest
-from helpers import drain
 from moto import mock_aws
 
 from fanout import coordinator
 from fanout.backends.base import Backend, RunState
 from fanout.inputs import list_inputs, open_input
+from helpers import drain
 
 ROOT = Path(__file__).resolve().parents[1]
 METER_JOB = str(ROOT / "jobs" / "meter_readings.py")
@@ -34,7 +34,10 @@ def test_local_listing_is_recursive_sorted_and_skips_dotfiles(tmp_path: Path) ->
     for name in ("b/2.csv", "a.csv", ".hidden", "b/1.csv"):
         (tmp_path / name).write_text(name)
     assert list_inputs(str(tmp_path)) == [
-        str(tmp_path / "a.csv"), str(tmp_path / "b" / "1.csv"), str(tmp_path / "b" / "2.csv")]
+        str(tmp_path / "a.csv"),
+        str(tmp_path / "b" / "1.csv"),
+        str(tmp_path / "b" / "2.csv"),
+    ]
     assert list_inputs(str(tmp_path / "a.csv")) == [str(tmp_path / "a.csv")]
     with open_input(str(tmp_path / "a.csv")) as f:
         assert f.read() == b"a.csv"

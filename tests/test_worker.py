@@ -184,9 +184,7 @@ def test_hard_timeout_kills_the_chunk_and_retries_it(home: Path, ledger: Backend
 
 
 @pytest.mark.slow
-def test_a_child_that_dies_is_recorded_as_crashed_and_retried(
-    home: Path, ledger: Backend
-) -> None:
+def test_a_child_that_dies_is_recorded_as_crashed_and_retried(home: Path, ledger: Backend) -> None:
     params = {"chunks": 4, "rows": 15, "step": 5, "crash_chunks": [2]}
     result = fanout(home, "run", TREE, *_params_args(params), "-w", "2", "--chunk-timeout", "5")
     assert result.returncode == 0, result.stderr
