@@ -196,7 +196,8 @@ def test_round_trip_meter_readings(meter: Schema, codec: str) -> None:
         assert writer.count == n
     data = writer.finish()
     reader = fastavro.reader(io.BytesIO(data))
-    assert reader.writer_schema["name"] == METER
+    writer_schema: Any = reader.writer_schema
+    assert writer_schema["name"] == METER
     assert reader.metadata["avro.codec"] == codec
     back = list(read_records(io.BytesIO(data)))
     assert back == records
@@ -512,6 +513,25 @@ def test_batch_check_catches_what_fastavro_writes_silently(
     assert not meter.checker().batch_ok(records)
     # ...and fastavro without validation would have written the record.
     fastavro.writer(io.BytesIO(), meter.parsed, records)
+
+
+def test_recursive_schema() -> None:
+    schema = load_schema(
+        {
+            "type": "record",
+            "name": "node",
+            "fields": [
+                {"name": "v", "type": "double"},
+                {"name": "next", "type": ["null", "node"], "default": None},
+            ],
+        }
+    )
+    good = {"v": 1.0, "next": {"v": 2, "next": {"v": 3.0, "next": None}}}
+    bad = {"v": 1.0, "next": {"v": 2.0, "next": {"v": "3"}}}
+    [back] = read_records(io.BytesIO(write(schema, [good])))
+    assert back["next"]["next"]["v"] == 3.0
+    message = record_error(schema, [good, bad])
+    assert message == "record 1 does not fit schema node: field next.next.v: '3' is not a double"
 
 
 def test_batch_check_passes_clean_nested_records(nested: Schema) -> None:

@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--codec", default="deflate")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=None, help="RecordWriter batch_size")
     args = parser.parse_args()
 
     schema: Schema = load_schema("meter_reading", [REPO / "schemas"])
@@ -78,7 +79,11 @@ def main() -> None:
         return buf.getvalue()
 
     def record_writer() -> bytes:
-        writer = RecordWriter(schema, codec=codec)
+        writer = (
+            RecordWriter(schema, codec=codec)
+            if args.batch_size is None
+            else RecordWriter(schema, codec=codec, batch_size=args.batch_size)
+        )
         add = writer.add
         for record in records:
             add(record)
