@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -70,6 +71,8 @@ class ChunkContext:
             # The hot path: one call per record, straight into the writer.
             self.emit = writer.add  # type: ignore[method-assign]
         self.spawned: list[Spawn] = []
+        #: Counters added to the run's stats when the chunk commits (``fanout status``).
+        self.stats: Counter[str] = Counter()
         self.log = ChunkLogger(
             logging.getLogger(f"fanout.job.{job_name}"),
             {"run_id": run_id, "chunk_id": chunk_id, "seq": seq, "attempt": attempt},

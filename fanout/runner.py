@@ -255,7 +255,9 @@ class Runner:
             self.ledger.stop(key.run_id, stop_reason)
 
         outcome = "continued" if continuation is not None else "committed"
-        settle = self.ledger.commit(key, attempt.token, output, outcome, time.time())
+        settle = self.ledger.commit(
+            key, attempt.token, output, outcome, time.time(), stats=dict(ctx.stats) or None
+        )
         if not settle.ok:
             # Our lease expired and another attempt owns the task: its output
             # counts, ours is garbage.

@@ -12,7 +12,7 @@ backend.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -134,6 +134,7 @@ class RunRecord:
     bytes: int = 0
     retries: int = 0
     manifest_key: str | None = None
+    stats: dict[str, int] = field(default_factory=dict)  # summed over committed tasks
 
 
 class ClaimOutcome(enum.StrEnum):
@@ -206,10 +207,17 @@ class Ledger(Protocol):
         A takeover beyond ``max_attempts`` buries the task instead."""
 
     def commit(
-        self, key: TaskKey, token: str, output: Output | None, outcome: str, now: float
+        self,
+        key: TaskKey,
+        token: str,
+        output: Output | None,
+        outcome: str,
+        now: float,
+        stats: Mapping[str, int] | None = None,
     ) -> Settle:
         """Mark the task done with its output, if ``token`` still holds the lease.
-        ``outcome`` ("committed", "continued") goes into its history."""
+        ``outcome`` ("committed", "continued") goes into its history; ``stats``
+        (counters such as pages fetched) are added to the run's."""
 
     def retry(
         self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float
@@ -221,6 +229,11 @@ class Ledger(Protocol):
 
     def stop(self, run_id: str, reason: str) -> None:
         """Note that a runaway bound stopped the run: queued tasks are cancelled when claimed."""
+
+    def claim_urls(self, run_id: str, owner: str, fingerprints: Sequence[str]) -> set[str]:
+        """The run-wide seen-set of a crawl: record each fingerprint not seen yet
+        as owned by chunk ``owner``; return those ``owner`` owns now (new, or
+        claimed by an earlier attempt of the same chunk)."""
 
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""

@@ -274,3 +274,29 @@ def test_ledger_state_survives_reopen(backend: Backend, reopen: Callable[[], Bac
     assert run is not None and (run.outstanding, run.records) == (2, 3)
     assert _claim(again, key=TaskKey(RUN, "0/1")).outcome == ClaimOutcome.CLAIMED
     assert _claim(again).outcome == ClaimOutcome.FINISHED
+
+
+def test_claim_urls_gives_each_fingerprint_one_owner(backend: Backend) -> None:
+    _run(backend)
+    assert backend.ledger.claim_urls(RUN, "0/1", ["a", "b"]) == {"a", "b"}
+    assert backend.ledger.claim_urls(RUN, "0/2", ["b", "c"]) == {"c"}
+    # A retried chunk gets back what it owned, and nothing else.
+    assert backend.ledger.claim_urls(RUN, "0/1", ["a", "b", "c", "d"]) == {"a", "b", "d"}
+    _run(backend, "other")
+    assert backend.ledger.claim_urls("other", "0/9", ["a"]) == {"a"}  # per run
+    many = [f"fp{i}" for i in range(1200)]
+    assert backend.ledger.claim_urls(RUN, "0/3", many) == set(many)
+    assert backend.ledger.claim_urls(RUN, "0/1", []) == set()
+
+
+def test_commit_sums_stats_into_the_run(backend: Backend) -> None:
+    _run(backend)
+    _claim(backend)
+    backend.ledger.register(RUN, _children(2), max_chunks=100)
+    backend.ledger.commit(ROOT, "t1", None, "committed", time.time(), stats={"pages": 3})
+    for i, stats in enumerate([{"pages": 4, "status/200": 4}, None]):
+        key = TaskKey(RUN, f"0/{i}")
+        _claim(backend, key=key, token=f"c{i}")
+        backend.ledger.commit(key, f"c{i}", None, "committed", time.time(), stats=stats)
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.stats == {"pages": 7, "status/200": 4}

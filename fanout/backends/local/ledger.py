@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from fanout.backends.base import (
     Claim,
@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS runs (
     records INTEGER NOT NULL DEFAULT 0,
     bytes INTEGER NOT NULL DEFAULT 0,
     retries INTEGER NOT NULL DEFAULT 0,
-    manifest_key TEXT
+    manifest_key TEXT,
+    stats TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at);
 CREATE TABLE IF NOT EXISTS tasks (
@@ -76,6 +77,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     PRIMARY KEY (run_id, chunk_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (run_id, state);
+CREATE TABLE IF NOT EXISTS seen (
+    run_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    PRIMARY KEY (run_id, fingerprint)
+) WITHOUT ROWID;
 """
 
 # Appends one JSON event to a task's history inside the UPDATE itself, stamped
@@ -279,7 +286,13 @@ class SQLiteLedger:
             )
 
     def commit(
-        self, key: TaskKey, token: str, output: Output | None, outcome: str, now: float
+        self,
+        key: TaskKey,
+        token: str,
+        output: Output | None,
+        outcome: str,
+        now: float,
+        stats: Mapping[str, int] | None = None,
     ) -> Settle:
         """Mark the task done with its output, if the lease is still ours."""
         with self.db.write() as conn:
@@ -303,9 +316,17 @@ class SQLiteLedger:
             row = conn.execute(
                 "UPDATE runs SET outstanding = outstanding - 1, tasks_done = tasks_done + 1,"
                 " records = records + ?, bytes = bytes + ?, updated_at = ? WHERE run_id = ?"
-                " RETURNING outstanding",
+                " RETURNING outstanding, stats",
                 (output.records if output else 0, output.bytes if output else 0, now, key.run_id),
             ).fetchone()
+            if stats:
+                # Summed here, under the same write lock, so no increment is lost.
+                total = json.loads(row[1])
+                for name, value in stats.items():
+                    total[name] = total.get(name, 0) + value
+                conn.execute(
+                    "UPDATE runs SET stats = ? WHERE run_id = ?", (json.dumps(total), key.run_id)
+                )
             return Settle(ok=True, drained=row[0] == 0)
 
     def retry(
@@ -386,6 +407,28 @@ class SQLiteLedger:
             (now, key.run_id),
         ).fetchone()
         return bool(row[0] == 0)
+
+    def claim_urls(self, run_id: str, owner: str, fingerprints: Sequence[str]) -> set[str]:
+        """Claim unseen fingerprints for ``owner``; the ones it owns now."""
+        if not fingerprints:
+            return set()
+        with self.db.write() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO seen (run_id, fingerprint, owner) VALUES (?, ?, ?)",
+                [(run_id, fp, owner) for fp in fingerprints],
+            )
+            owned = set()
+            for start in range(0, len(fingerprints), 500):  # SQLite's variable limit
+                part = fingerprints[start : start + 500]
+                owned.update(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT fingerprint FROM seen WHERE run_id = ? AND owner = ?"
+                        f" AND fingerprint IN ({','.join('?' * len(part))})",
+                        (run_id, owner, *part),
+                    )
+                )
+            return owned
 
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""
@@ -468,6 +511,7 @@ def _run(row: sqlite3.Row) -> RunRecord:
         bytes=row["bytes"],
         retries=row["retries"],
         manifest_key=row["manifest_key"],
+        stats=json.loads(row["stats"]),
     )
 
 
