@@ -39,26 +39,29 @@ write time, so :class:`RecordWriter` writes *without* it and instead:
     unreadable: only ``uuid.UUID`` and well-formed strings pass.
   - arrays: any iterable is accepted (a str becomes a list of characters, a
     dict a list of its keys): only lists and tuples pass.
-  - records (top level and nested): keys that are not fields of the schema are
-    silently dropped (a misspelt optional field loses its data): rejected.
   - the same coercions inside nested records, arrays, maps and unions.
 
+* fastavro is asked (``strict_allow_default``) to raise for record keys that
+  are not fields of the schema, which it would otherwise drop silently (a
+  misspelt optional field would lose its data), and for missing fields without
+  a default, where it would otherwise write null for a union with ``"null"``.
+  This costs nothing measurable, unlike a Python-level pass over the keys.
+
 * everything else is left to fastavro, which raises on its own when it writes
-  the batch: missing required fields, non-strings for strings (including
-  strings UTF-8 cannot encode), non-bytes for bytes, unknown enum symbols,
-  fixed of the wrong size, decimals of the wrong type/scale/precision, bad
-  ISO date strings, map keys that are not strings, values too large for a
-  long, and union values that match no branch (fastavro resolves unions by
-  validating the value against each branch, strictly for primitives).
+  the batch: non-strings for strings (including strings UTF-8 cannot encode),
+  non-bytes for bytes, unknown enum symbols, fixed of the wrong size, decimals
+  of the wrong type/scale/precision, bad ISO date strings, map keys that are
+  not strings, values too large for a long, and union values that match no
+  branch (fastavro resolves unions by validating the value against each
+  branch, strictly for primitives).
 
 Whenever a batch check fails or fastavro raises, the batch is re-examined
 record by record with a strict checker (and, failing that, by writing each
 record alone) to find the first offending record, and :class:`RecordError`
 names its index and field. The column checks compare exact types, so values
 of other types that are fine (a dict subclass, a numpy float) send their batch
-down that slow path without failing it. A field missing from the dict that has
-a default (or is a union with ``"null"``) is written with the default / null,
-as fastavro does.
+down that slow path without failing it. A field missing from the dict is
+written with its default.
 """
 
 from __future__ import annotations
@@ -261,7 +264,12 @@ class RecordWriter:
         self._written = 0
         self._checker = schema.checker()
         self._buf = io.BytesIO()
-        self._writer = Writer(self._buf, schema.parsed, codec=codec)  # ValueError on bad codec
+        # strict_allow_default: fastavro raises for keys that are not fields and
+        # for missing fields without a default (at no measurable cost), where
+        # it would otherwise drop the former and write null for the latter.
+        self._writer = Writer(  # ValueError on an unknown codec
+            self._buf, schema.parsed, codec=codec, options={"strict_allow_default": True}
+        )
         self._failure: Exception | None = None
         self._result: bytes | None = None
 
@@ -358,7 +366,9 @@ class RecordWriter:
             problem = checker.explain(record)
             if problem is None and exc is not None:
                 try:
-                    fastavro.schemaless_writer(io.BytesIO(), parsed, record)
+                    fastavro.schemaless_writer(
+                        io.BytesIO(), parsed, record, strict_allow_default=True
+                    )
                 except Exception as single:
                     problem = " ".join(f"{type(single).__name__}: {single}".split())
             if problem is not None:
@@ -432,7 +442,7 @@ class _Checker:
         self._top = parsed
         self._named: dict[str, Any] = parsed.get("__named_schemas", {})
         self._needs: dict[int, bool] = {}
-        self._plans: dict[int, tuple[int, frozenset[str], bool, list[tuple[str, Any, bool]]]] = {}
+        self._plans: dict[int, list[tuple[str, Any, bool]]] = {}
 
     # -- fast path ------------------------------------------------------------
 
@@ -489,31 +499,22 @@ class _Checker:
         self._needs[key] = result
         return result
 
-    def _record_plan(
-        self, node: dict[str, Any]
-    ) -> tuple[int, frozenset[str], bool, list[tuple[str, Any, bool]]]:
+    def _record_plan(self, node: dict[str, Any]) -> list[tuple[str, Any, bool]]:
+        """(name, type, required) of the record's fields that need a column check."""
         plan = self._plans.get(id(node))
         if plan is None:
-            fields = node["fields"]
-            names = frozenset(f["name"] for f in fields)
-            optional = any(not _required(f) for f in fields)
-            checked = [
-                (f["name"], f["type"], _required(f)) for f in fields if self._needs_check(f["type"])
+            plan = [
+                (f["name"], f["type"], _required(f))
+                for f in node["fields"]
+                if self._needs_check(f["type"])
             ]
-            plan = (len(fields), names, optional, checked)
             self._plans[id(node)] = plan
         return plan
 
     def _record_column_ok(self, values: list[Any], node: dict[str, Any], top: bool = False) -> bool:
         if not top and not set(map(type, values)) <= {dict}:
             return False
-        n_fields, names, optional, checked = self._record_plan(node)
-        # Extra keys: with every field required, fastavro raises for a missing
-        # one, so len(record) <= n_fields means no extra key.
-        if max(map(len, values)) > n_fields:
-            return False
-        if optional and not all(map(names.issuperset, values)):
-            return False
+        checked = self._record_plan(node)
         try:
             for name, field_type, required in checked:
                 if required:  # a missing one raises KeyError
@@ -704,9 +705,8 @@ class _Checker:
 
 
 def _required(field: Mapping[str, Any]) -> bool:
-    """Whether fastavro raises when the field is missing from a record."""
-    field_type = field["type"]
-    return "default" not in field and not (isinstance(field_type, list) and "null" in field_type)
+    """Whether a record must have the field (it has no default)."""
+    return "default" not in field
 
 
 def _logical_kind(logical: str) -> str | None:

@@ -15,6 +15,7 @@ from fanout.inputs import list_inputs, open_input
 
 if TYPE_CHECKING:
     from fanout.avro import RecordWriter
+    from fanout.backends.base import Ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class ChunkContext:
         soft_deadline: float,
         writer: RecordWriter | None,
         job_name: str,
+        ledger: Ledger | None = None,
     ) -> None:
         self.params = params
         self.run_id = run_id
@@ -67,6 +69,7 @@ class ChunkContext:
         self._soft_deadline = soft_deadline  # time.monotonic() value
         self._writer = writer
         self._job_name = job_name
+        self._ledger = ledger  # for engine-level jobs (crawl de-duplication), not user code
         if writer is not None:
             # The hot path: one call per record, straight into the writer.
             self.emit = writer.add  # type: ignore[method-assign]

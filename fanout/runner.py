@@ -191,6 +191,7 @@ class Runner:
                 soft_deadline=started + timeout - soft_margin(timeout),
                 writer=writer,
                 job_name=job.name,
+                ledger=self.ledger,
             )
             continuation = None
             if msg.kind == "plan":

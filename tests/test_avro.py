@@ -328,6 +328,25 @@ def test_extra_field(meter: Schema) -> None:
     )
 
 
+def test_missing_union_field_without_default() -> None:
+    schema = load_schema(
+        {
+            "type": "record",
+            "name": "r",
+            "fields": [
+                {"name": "a", "type": ["null", "string"]},
+                {"name": "b", "type": ["null", "string"], "default": None},
+            ],
+        }
+    )
+    [back] = read_records(io.BytesIO(write(schema, [{"a": None}])))
+    assert back == {"a": None, "b": None}
+    message = record_error(schema, [{"a": "x"}, {"b": "y"}])
+    assert (
+        message == "record 1 does not fit schema r: field a: missing (the schema gives no default)"
+    )
+
+
 def test_extra_field_with_a_missing_one(meter: Schema) -> None:
     records = [reading(i) for i in range(5)]
     records[1]["adjusted"] = records[1].pop("adjusted_kwh")
@@ -500,7 +519,6 @@ def test_nested_errors(nested: Schema, changes: dict[str, Any], where: str, prob
         {"line": True},
         {"read_at": 1.5e12},
         {"read_at": datetime(2024, 1, 1)},
-        {"extra": 1},
     ],
 )
 def test_batch_check_catches_what_fastavro_writes_silently(

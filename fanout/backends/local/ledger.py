@@ -417,7 +417,7 @@ class SQLiteLedger:
                 "INSERT OR IGNORE INTO seen (run_id, fingerprint, owner) VALUES (?, ?, ?)",
                 [(run_id, fp, owner) for fp in fingerprints],
             )
-            owned = set()
+            owned: set[str] = set()
             for start in range(0, len(fingerprints), 500):  # SQLite's variable limit
                 part = fingerprints[start : start + 500]
                 owned.update(

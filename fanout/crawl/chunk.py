@@ -1,0 +1,231 @@
+"""One crawl chunk: the real Scrapy engine on a slice of the frontier, in a
+fresh process.
+
+Twisted's reactor cannot be restarted, so every chunk forks a child from the
+worker (which has Scrapy imported but no reactor running): the child installs a
+reactor, crawls, and streams its items, pending requests and stats back over a
+pipe as JSON lines, then exits. The worker turns the items into Avro records
+(the usual commit protocol) and the pending requests into child chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import scrapy.crawler  # noqa: F401  (imported before the fork: children start warm)
+from scrapy import Request, Spider
+
+from fanout.crawl import components
+from fanout.crawl.codec import decode_value, request_from_json
+
+if TYPE_CHECKING:
+    from fanout.backends.base import Ledger
+
+
+@dataclass
+class ChunkResult:
+    """What a crawl chunk sent back."""
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -> type[Spider]:
+    """``base``, starting from ``frontier`` (serialized requests) instead of its own
+    start requests when given. Every request is scheduled at once, so that any
+    the chunk does not reach are handed on rather than lost."""
+
+    class ChunkSpider(base):  # type: ignore[valid-type,misc]
+        async def start(self) -> Any:
+            components.CHUNK["spider"] = self
+            engine = self.crawler.engine
+            if frontier is None:
+                async for thing in super().start():
+                    if isinstance(thing, Request):
+                        engine.crawl(thing)
+                    else:
+                        yield thing
+                return
+            fingerprint = self.crawler.request_fingerprinter.fingerprint
+            approved = components.CHUNK["frontier_fps"]
+            for data in frontier:
+                request = request_from_json(data, self)
+                approved.add(fingerprint(request).hex())
+                engine.crawl(request)
+
+    ChunkSpider.__name__ = ChunkSpider.__qualname__ = base.__name__
+    ChunkSpider.__module__ = base.__module__
+    return ChunkSpider
+
+
+def _settings(spider_cls: type[Spider], drain: float, log_level: str) -> Any:
+    from scrapy.settings import Settings
+
+    settings = Settings()
+    custom = getattr(spider_cls, "custom_settings", None) or {}
+    here = "fanout.crawl.components."
+    settings.set("SCHEDULER", here + "ChunkScheduler", priority="cmdline")
+    settings.set("DUPEFILTER_CLASS", here + "LedgerDupeFilter", priority="cmdline")
+    extensions = settings.getdict("EXTENSIONS_BASE")
+    extensions[here + "ChunkBudget"] = 0
+    settings.set("EXTENSIONS_BASE", extensions, priority="cmdline")
+    pipelines = settings.getdict("ITEM_PIPELINES_BASE")
+    pipelines[here + "ItemSink"] = 2**31 - 1  # after the user's own pipelines
+    settings.set("ITEM_PIPELINES_BASE", pipelines, priority="cmdline")
+    # An in-flight download must finish inside the chunk's drain time.
+    timeout = min(float(custom.get("DOWNLOAD_TIMEOUT", 180)), max(1.0, drain))
+    settings.set("DOWNLOAD_TIMEOUT", timeout, priority="cmdline")
+    # No per-chunk servers: a chunk is short-lived and unattended.
+    settings.set("TELNETCONSOLE_ENABLED", False, priority="cmdline")
+    settings.set("REMOTE_CONTROL_ENABLED", False, priority="cmdline")
+    settings.set("LOG_LEVEL", log_level, priority="project")
+    return settings
+
+
+_warm = False
+
+
+def prewarm() -> None:
+    """Import, once per worker process, every module a crawler loads from its
+    settings, so each forked chunk starts warm instead of importing them again."""
+    global _warm
+    if _warm:
+        return
+    from scrapy.settings import Settings
+    from scrapy.utils.misc import load_object
+
+    settings = Settings()
+    for name in (
+        "DOWNLOADER_MIDDLEWARES_BASE",
+        "SPIDER_MIDDLEWARES_BASE",
+        "EXTENSIONS_BASE",
+        "DOWNLOAD_HANDLERS_BASE",
+        "ITEM_PIPELINES_BASE",
+    ):
+        components_ = settings.getdict(name)
+        # Handlers map a scheme to a path; the others map a path to an order.
+        paths = components_.values() if name == "DOWNLOAD_HANDLERS_BASE" else components_
+        for path in paths:
+            try:
+                load_object(path)
+            except Exception:  # an optional component whose extra is not installed
+                continue
+    for name in (
+        "SCHEDULER_PRIORITY_QUEUE",
+        "SCHEDULER_MEMORY_QUEUE",
+        "STATS_CLASS",
+        "REQUEST_FINGERPRINTER_CLASS",
+        "DOWNLOADER",
+        "ITEM_PROCESSOR",
+        "SPIDER_LOADER_CLASS",
+        "TWISTED_DNS_RESOLVER",
+    ):
+        path = settings.get(name)
+        if isinstance(path, str):
+            with contextlib.suppress(Exception):
+                load_object(path)
+    import twisted.internet.asyncioreactor  # noqa: F401  (the module, not installed)
+
+    _warm = True
+
+
+def _child(
+    spider_cls: type[Spider],
+    spider_kwargs: dict[str, Any],
+    frontier: list[dict[str, Any]] | None,
+    chunk: dict[str, Any],
+    write_fd: int,
+) -> None:
+    """The forked chunk process: crawl, report, never return."""
+    code = 1
+    try:
+        with os.fdopen(write_fd, "w", buffering=1 << 16) as channel:
+            components.CHANNEL = channel
+            try:
+                # Die with the worker (a hard timeout kills the worker, not us).
+                ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                components.CHUNK.clear()
+                components.CHUNK.update(chunk)
+                from scrapy.crawler import CrawlerProcess
+
+                # Scrapy installs its own root log handler at LOG_LEVEL.
+                logging.root.handlers.clear()
+                settings = _settings(spider_cls, chunk["drain"], chunk["log_level"])
+                process = CrawlerProcess(settings)
+                process.crawl(frontier_spider(spider_cls, frontier), **spider_kwargs)
+                process.start(install_signal_handlers=False)
+                code = 0
+            except BaseException:
+                components.send("error", traceback.format_exc())
+    finally:
+        os._exit(code)
+
+
+def run_chunk(
+    spider_cls: type[Spider],
+    spider_kwargs: dict[str, Any],
+    frontier: list[dict[str, Any]] | None,
+    *,
+    ledger: Ledger,
+    run_id: str,
+    chunk_id: str,
+    pages_per_chunk: int,
+    time_left: float,
+    log_level: str = "WARNING",
+) -> ChunkResult:
+    """Crawl one chunk in a forked process and collect what it sent."""
+    drain = max(1.0, 0.2 * time_left)  # time kept for in-flight requests to finish
+    chunk = {
+        "run_id": run_id,
+        "chunk_id": chunk_id,
+        "ledger": ledger,
+        "pages_per_chunk": pages_per_chunk,
+        "close_at": time.monotonic() + time_left - drain,
+        "drain": drain,
+        "log_level": log_level,
+    }
+    prewarm()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child never returns)
+        os.close(read_fd)
+        _child(spider_cls, spider_kwargs, frontier, chunk, write_fd)
+    os.close(write_fd)
+    result = ChunkResult()
+    with os.fdopen(read_fd, "r") as pipe:
+        for line in pipe:
+            event = json.loads(line)
+            if "item" in event:
+                result.items.append(decode_value(event["item"]))
+            elif "pending" in event:
+                result.pending.append(event["pending"])
+            elif "stats" in event:
+                result.stats = event["stats"]
+            elif "error" in event:
+                result.errors.append(event["error"])
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or (result.errors and not result.stats):
+        detail = result.errors[-1].strip().splitlines()[-1] if result.errors else ""
+        raise RuntimeError(
+            f"crawl process of chunk {chunk_id} failed"
+            f" ({_describe_status(status)}){': ' + detail if detail else ''}"
+        )
+    return result
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit {os.WEXITSTATUS(status)}"
