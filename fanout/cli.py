@@ -339,6 +339,15 @@ def status(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
     click.echo(f"bytes {st.run.bytes:,}  outstanding {st.run.outstanding}")
     if st.run.stop_reason:
         click.echo(f"stopped: {st.run.stop_reason}")
+    stats = dict(st.run.stats)
+    if stats or st.pending_requests:
+        statuses = {
+            k[len("status/") :]: stats.pop(k) for k in sorted(stats) if k.startswith("status/")
+        }
+        stats["pending requests"] = st.pending_requests
+        click.echo("crawl: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in stats.items()))
+        if statuses:
+            click.echo("http: " + ", ".join(f"{k}: {v:,}" for k, v in statuses.items()))
     if st.run.manifest_key and st.run.state in TERMINAL_RUN_STATES:
         click.echo(f"manifest: {backend.store.url(st.run.manifest_key)}")
 

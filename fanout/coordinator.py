@@ -142,6 +142,7 @@ class Status:
 
     run: RunRecord
     tasks: dict[str, int] = field(default_factory=dict)
+    pending_requests: int = 0  # crawl requests waiting in chunks not yet finished
 
     @property
     def elapsed(self) -> float:
@@ -170,6 +171,8 @@ class Status:
             "created_at": r.created_at,
             "finished_at": r.finished_at,
             "manifest": r.manifest_key,
+            "stats": r.stats,
+            "pending_requests": self.pending_requests,
         }
 
 
@@ -177,9 +180,14 @@ def status(backend: Backend, run_id: str) -> Status:
     """Counts of the run's tasks by state, with its counters."""
     run = get_run(backend, run_id)
     counts = {s.value: 0 for s in TaskState}
+    pending = 0
     for task in backend.ledger.list_tasks(run_id):
         counts[task.state.value] += 1
-    return Status(run, counts)
+        if task.state in (TaskState.QUEUED, TaskState.RUNNING) and '"requests"' in task.message:
+            payload = json.loads(task.message).get("payload")
+            if isinstance(payload, dict) and isinstance(payload.get("requests"), list):
+                pending += len(payload["requests"])
+    return Status(run, counts, pending)
 
 
 def read_manifest(backend: Backend, run_id: str) -> dict[str, Any]:

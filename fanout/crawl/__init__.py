@@ -26,6 +26,7 @@ import os
 from typing import Any
 
 from fanout.context import ChunkContext
+from fanout.errors import PermanentError
 from fanout.jobs import Job
 from fanout.retry import compute_backoff
 
@@ -66,15 +67,18 @@ class CrawlJob(Job):
     def _process(self, payload: Any, ctx: ChunkContext) -> None:
         from fanout.crawl.chunk import run_chunk
 
-        if ctx._ledger is None:
-            raise RuntimeError("crawl chunks need the run's ledger")
+        ledger = ctx._ledger
+        if ledger is None or not getattr(ledger, "shared_across_processes", True):
+            # Each crawl chunk is a forked process: an in-process ledger would
+            # give every chunk its own copy of the seen-set.
+            raise PermanentError("crawl jobs need a backend shared across processes (local, aws)")
         frontier = None if ctx.chunk_id == "0" else payload["requests"]
         log_level = logging.getLevelName(logging.getLogger("fanout").getEffectiveLevel())
         result = run_chunk(
             self.spider_cls,
             dict(ctx.params or {}),
             frontier,
-            ledger=ctx._ledger,
+            ledger=ledger,
             run_id=ctx.run_id,
             chunk_id=ctx.chunk_id,
             pages_per_chunk=self.pages_per_chunk,
@@ -86,7 +90,7 @@ class CrawlJob(Job):
         for item in result.items:
             ctx.emit(item)
         ctx.stats.update(result.stats)
-        ctx.stats["pending"] += len(result.pending)
+        ctx.stats["handed_on"] += len(result.pending)  # requests passed to child chunks
         self._hand_on(result.pending, ctx)
 
     def _hand_on(self, pending: list[dict[str, Any]], ctx: ChunkContext) -> None:

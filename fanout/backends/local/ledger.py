@@ -112,6 +112,8 @@ class SQLiteLedger:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        #: Whether another process (a forked crawl chunk) sees this ledger's writes.
+        self.shared_across_processes = db.path != ":memory:"
         db.executescript(SCHEMA)
 
     # -- runs -----------------------------------------------------------------
