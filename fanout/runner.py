@@ -152,6 +152,10 @@ class Runner:
                 self._keep_dead_letter(key, "crashed: the worker died during the last attempt", "")
             if claim.outcome is ClaimOutcome.MISSING:
                 log.warning("dropping a message for unregistered task %s", key)
+            if claim.outcome is ClaimOutcome.FINISHED:
+                # A redelivery: the attempt that finished may have died before
+                # sending its children. Sending again is harmless (claims dedupe).
+                self._send([(t.message, 0.0) for t in self.ledger.queued_children(key)])
             self.queue.ack(delivery.receipt)
             if claim.drained:
                 self.finalize(key.run_id)
@@ -233,24 +237,12 @@ class Runner:
         children, stop_reason = self._children(msg, payload, ctx, continuation, settings)
         if children:
             tasks = [task for task, _ in children]
-            registration = self.ledger.register(key.run_id, tasks, settings.max_chunks)
+            registration = self.ledger.register(
+                key.run_id, tasks, settings.max_chunks, spawned_by=attempt.token
+            )
             if registration.over_limit:
                 stop_reason = f"max_chunks ({settings.max_chunks}) reached at chunk {key.chunk_id}"
                 children = []
-            elif registration.created < len(children):
-                # A re-run of this task registered them before: re-send only those
-                # not yet taken (a retried parent must not strand its children).
-                children = [
-                    (t, d)
-                    for t, d in children
-                    if (rec := self.ledger.get_task(TaskKey(key.run_id, t.chunk_id, t.seq)))
-                    and rec.state == TaskState.QUEUED
-                ]
-            by_delay: dict[float, list[str]] = defaultdict(list)
-            for task, delay in children:
-                by_delay[delay].append(task.message)
-            for delay, bodies in by_delay.items():
-                self.queue.send(bodies, delay=delay)
         if stop_reason:
             log.warning("run %s stopped: %s", key.run_id, stop_reason)
             self.ledger.stop(key.run_id, stop_reason)
@@ -261,14 +253,26 @@ class Runner:
         )
         if not settle.ok:
             # Our lease expired and another attempt owns the task: its output
-            # counts, ours is garbage.
+            # counts, ours is garbage, and so are the children we registered
+            # (they stay queued until that attempt replaces or orphans them).
             log.warning("task %s: lease lost before commit; output discarded", key)
             self.queue.ack(attempt.receipt)
             return "lease lost"
+        # Sent only now: a child runs only once its parent committed. A crash
+        # before these sends is repaired by the redelivery of this message
+        # (see handle: a finished task re-sends its queued children).
+        self._send([(t.message, d) for t, d in children])
         self.queue.ack(attempt.receipt)
         if settle.drained:
             self.finalize(key.run_id)
         return outcome
+
+    def _send(self, bodies: list[tuple[str, float]]) -> None:
+        by_delay: dict[float, list[str]] = defaultdict(list)
+        for body, delay in bodies:
+            by_delay[delay].append(body)
+        for delay, group in by_delay.items():
+            self.queue.send(group, delay=delay)
 
     def _children(
         self,
@@ -290,7 +294,8 @@ class Runner:
                     run_id=msg.run_id, chunk_id=f"{msg.chunk_id}/{i}", payload=spawn.payload
                 )
                 body = offload(child, self.store, limit)
-                children.append((NewTask(child.chunk_id, 0, depth, body), spawn.delay))
+                task = NewTask(child.chunk_id, 0, depth, body, msg.chunk_id, msg.seq)
+                children.append((task, spawn.delay))
         if continuation is not None:
             if msg.seq + 1 > settings.max_continuations:
                 return [], (
@@ -306,7 +311,9 @@ class Runner:
                 cursor=continuation.cursor,
             )
             body = offload(nxt, self.store, limit)
-            children.append((NewTask(nxt.chunk_id, nxt.seq, msg.depth, body), 0.0))
+            children.append(
+                (NewTask(nxt.chunk_id, nxt.seq, msg.depth, body, msg.chunk_id, msg.seq), 0.0)
+            )
         return children, None
 
     # -- failure ------------------------------------------------------------------

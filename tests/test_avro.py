@@ -11,6 +11,7 @@ from collections import OrderedDict
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import fastavro
@@ -251,9 +252,18 @@ def test_ints_and_nan_are_fine_for_doubles(meter: Schema) -> None:
     assert back[1]["kwh"] == float("inf")
 
 
-def test_dict_subclass_records_are_fine(meter: Schema) -> None:
-    records = [OrderedDict(reading(i)) for i in range(10)]
-    assert list(read_records(io.BytesIO(write(meter, records, batch_size=4)))) == records
+class Kwh(float):
+    pass
+
+
+def test_dict_subclasses_and_mappings_are_fine(meter: Schema) -> None:
+    records: list[Any] = [OrderedDict(reading(i)) for i in range(10)]
+    records[3] = MappingProxyType(reading(3))
+    records[5] = reading(5, kwh=Kwh(0.5))  # not exactly a float: the slow path, which passes
+    assert not meter.checker().batch_ok(records)
+    back = list(read_records(io.BytesIO(write(meter, records, batch_size=4))))
+    assert [r["line"] for r in back] == list(range(1, 11))
+    assert back[3] == reading(3)
 
 
 # -- record errors: the meter schema ---------------------------------------------
@@ -353,18 +363,26 @@ def test_extra_field_with_a_missing_one(meter: Schema) -> None:
     assert "record 1 " in record_error(meter, records)
 
 
-@pytest.mark.parametrize("value", [None, [1, 2], "meter", ("M1", T0)])
-def test_not_a_dict_fails_at_add(meter: Schema, value: Any) -> None:
-    writer = RecordWriter(meter)
+@pytest.mark.parametrize("value", [None, 5, [1, 2], "meter", ("M1", T0), reading])
+def test_not_a_dict(meter: Schema, value: Any) -> None:
+    writer = RecordWriter(meter, batch_size=4)
     writer.add(reading(0))
     writer.add(reading(1))
+    writer.add(value)  # add() does not check: the batch does
     with pytest.raises(RecordError) as info:
-        writer.add(value)
+        writer.finish()
     assert str(info.value).startswith(
-        f"record 2 does not fit schema {METER}: a record must be a dict"
+        f"record 2 does not fit schema {METER}: a record must be a dict, got "
     )
     with pytest.raises(RecordError):  # the writer stays failed
-        writer.finish()
+        writer.add(reading(3))
+
+
+@pytest.mark.parametrize("value", [None, 5, ["a"], "meter"])
+def test_not_a_dict_when_no_field_is_column_checked(value: Any) -> None:
+    schema = load_schema(small("strings"))
+    message = record_error(schema, [{"a": "x"}, value, {"a": "y"}])
+    assert message.startswith("record 1 does not fit schema t.strings: a record must be a dict")
 
 
 def test_writer_stays_failed(meter: Schema) -> None:

@@ -330,3 +330,42 @@ def test_replay_runs_the_fixed_job_code_in_a_long_lived_worker(
     coordinator.replay(mem, run_id)
     assert drain(mem, run_id, runner=runner).state == RunState.SUCCEEDED
     assert sorted(r["x"] for r in coordinator.committed_records(mem, run_id)) == [0, 1, 2]
+
+
+def test_a_retry_that_spawns_differently_after_a_crash_loses_and_doubles_nothing(
+    mem: Backend, tmp_path: Path, fast_leases: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attempt 1 registers its children and dies before committing; attempt 2
+    spawns a different set (as a crawl does when its timing differs). Only
+    attempt 2's children run; attempt 1's extras are cancelled as orphans."""
+    job = tmp_path / "moody.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('moody', schema={'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 'x', 'type': 'string'}]})\n"
+        "@job.process\n"
+        "def process(payload, ctx):\n"
+        "    if 'child' in payload:\n"
+        "        ctx.emit({'x': payload['child']})\n"
+        "        return\n"
+        "    names = ['a1', 'a2', 'a3'] if ctx.attempt == 1 else ['b1', 'b2']\n"
+        "    for name in names:\n"
+        "        ctx.spawn({'child': name})\n"
+    )
+    run_id = coordinator.submit(mem, str(job)).run_id
+    original = mem.ledger.commit
+
+    def die_on_first_root_commit(key: TaskKey, *args: Any, **kwargs: Any) -> Any:
+        if key.chunk_id == "0" and not died:
+            died.append(True)
+            raise _Crash
+        return original(key, *args, **kwargs)
+
+    died: list[bool] = []
+    monkeypatch.setattr(mem.ledger, "commit", die_on_first_root_commit)
+    with pytest.raises(_Crash):
+        drain(mem, run_id, chunk_timeout=0.2)
+    run = drain(mem, run_id, chunk_timeout=0.2)
+    assert run.state == RunState.SUCCEEDED and run.outstanding == 0
+    assert sorted(r["x"] for r in coordinator.committed_records(mem, run_id)) == ["b1", "b2"]
+    assert (run.tasks_done, run.tasks_cancelled) == (3, 1)

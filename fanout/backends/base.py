@@ -58,12 +58,15 @@ class TaskKey:
 
 @dataclass(frozen=True, slots=True)
 class NewTask:
-    """A task to register: its key and the encoded message that runs it."""
+    """A task to register: its key, the encoded message that runs it, and the
+    task whose commit releases it (None for a run's root)."""
 
     chunk_id: str
     seq: int
     depth: int
     message: str
+    parent_chunk: str | None = None
+    parent_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,18 +196,32 @@ class Ledger(Protocol):
     ) -> list[RunRecord]:
         """Newest first (optionally only those in ``states``)."""
 
-    def register(self, run_id: str, tasks: Sequence[NewTask], max_chunks: int) -> Registration:
+    def register(
+        self,
+        run_id: str,
+        tasks: Sequence[NewTask],
+        max_chunks: int,
+        spawned_by: str | None = None,
+    ) -> Registration:
         """Create the tasks that do not exist yet (conditional create), raising
         ``outstanding`` and ``tasks_total`` by the number created. If that would
         take ``chunks_total`` (tasks at seq 0) over ``max_chunks``, create nothing
-        and say so."""
+        and say so.
+
+        ``spawned_by`` is the lease token of the parent attempt registering them:
+        a task runs only once its parent committed with that same token. A task
+        already registered by an earlier attempt of the parent that never
+        committed is taken over (its message replaced) while still queued, or
+        revived if it was cancelled as an orphan."""
 
     def claim(
         self, key: TaskKey, token: str, lease_seconds: float, max_attempts: int, now: float
     ) -> Claim:
         """Take the lease on a queued task, or on a running one whose lease expired
         (the next attempt; the expired one is recorded as timed out or crashed).
-        A takeover beyond ``max_attempts`` buries the task instead."""
+        A takeover beyond ``max_attempts`` buries the task instead. A task whose
+        parent has not committed waits; one whose parent committed from another
+        attempt (or died) is an orphan, and is cancelled."""
 
     def commit(
         self,
@@ -229,6 +246,10 @@ class Ledger(Protocol):
 
     def stop(self, run_id: str, reason: str) -> None:
         """Note that a runaway bound stopped the run: queued tasks are cancelled when claimed."""
+
+    def queued_children(self, key: TaskKey) -> list[TaskRecord]:
+        """Tasks registered by ``key`` that are still queued (to re-send them when a
+        duplicate delivery shows the parent's sends may have been lost)."""
 
     def claim_urls(self, run_id: str, owner: str, fingerprints: Sequence[str]) -> set[str]:
         """The run-wide seen-set of a crawl: record each fingerprint not seen yet

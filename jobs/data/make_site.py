@@ -61,22 +61,28 @@ CATEGORY_NAMES = [
     "Crime",
 ]
 RATINGS = ["One", "Two", "Three", "Four", "Five"]  # the class names books.toscrape uses
-ADJECTIVES = (
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+ADJECTIVES = _words(
     "Silent Hidden Last Broken Golden Distant Quiet Wild Lost Burning Crimson "
     "Hollow Secret Frozen Wandering Little Bright Forgotten Salted Restless"
-).split()
-NOUNS = (
+)
+NOUNS = _words(
     "River Garden Harbor Letter Lantern Orchard Mountain Kingdom Map Winter "
     "Bridge Island Library Compass Forest Clockmaker Archive Lighthouse Meadow Voyage"
-).split()
-PEOPLE = "Keeper Cartographer Baker Night Nurse Astronomer Sister Beekeeper Ferryman".split()
-LOREM = (
+)
+PEOPLE = _words("Keeper Cartographer Baker Night Nurse Astronomer Sister Beekeeper Ferryman")
+LOREM = _words(
     "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
     "incididunt ut labore et dolore magna aliqua enim ad minim veniam quis nostrud "
     "exercitation ullamco laboris nisi aliquip ex ea commodo consequat duis aute irure "
     "in reprehenderit voluptate velit esse cillum fugiat nulla pariatur excepteur sint "
     "occaecat cupidatat non proident sunt culpa qui officia deserunt mollit anim id est"
-).split()
+)
 
 STYLE = """\
 body { font-family: Helvetica, Arial, sans-serif; margin: 0; color: #333; }
@@ -259,7 +265,9 @@ def _stars(rating: int) -> str:
 
 def _page(title: str, root: str, breadcrumb: list[tuple[str, str | None]], body: str) -> bytes:
     crumbs = "".join(
-        f'<li><a href="{href}">{_e(text)}</a></li>' if href else f'<li class="active">{_e(text)}</li>'
+        f'<li><a href="{href}">{_e(text)}</a></li>'
+        if href
+        else f'<li class="active">{_e(text)}</li>'
         for text, href in breadcrumb
     )
     return f"""<!DOCTYPE html>
@@ -323,21 +331,28 @@ def render_catalogue(site: Layout, page: CataloguePage) -> bytes:
         short = book.title if len(book.title) <= 40 else book.title[:37] + "..."
         href = f"../../book_{book.number}/index.html"
         in_stock = "instock" if book.stock else "outofstock"
+        short_stock = "In stock" if book.stock else "Out of stock"
         pods.append(f"""          <li class="col-xs-6 col-sm-4 col-md-3 col-lg-3">
             <article class="product_pod">
-              <div class="image_container"><a href="{href}"><span class="thumb">{book.number}</span></a></div>
+              <div class="image_container">
+                <a href="{href}"><span class="thumb">{book.number}</span></a>
+              </div>
               {_stars(book.rating)}
               <h3><a href="{href}" title="{_e(book.title)}">{_e(short)}</a></h3>
               <div class="product_price">
                 <p class="price_color">£{book.price:.2f}</p>
-                <p class="{in_stock} availability">{"In stock" if book.stock else "Out of stock"}</p>
-                <form><button type="submit" class="btn btn-primary btn-block">Add to basket</button></form>
+                <p class="{in_stock} availability">{short_stock}</p>
+                <form>
+                  <button type="submit" class="btn btn-primary btn-block">Add to basket</button>
+                </form>
               </div>
             </article>
           </li>""")
     pager = [f'<li class="current">Page {page.number} of {page.count}</li>']
     if page.number > 1:
-        pager.insert(0, f'<li class="previous"><a href="page-{page.number - 1}.html">previous</a></li>')
+        pager.insert(
+            0, f'<li class="previous"><a href="page-{page.number - 1}.html">previous</a></li>'
+        )
     if page.number < page.count:
         pager.append(f'<li class="next"><a href="page-{page.number + 1}.html">next</a></li>')
     body = f"""      <div class="page-header action"><h1>{_e(page.category.name)}</h1></div>

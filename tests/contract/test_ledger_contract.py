@@ -300,3 +300,60 @@ def test_commit_sums_stats_into_the_run(backend: Backend) -> None:
         backend.ledger.commit(key, f"c{i}", None, "committed", time.time(), stats=stats)
     run = backend.ledger.get_run(RUN)
     assert run is not None and run.stats == {"pages": 7, "status/200": 4}
+
+
+def _kids(n: int, tag: str) -> list[NewTask]:
+    return [NewTask(f"0/{i}", 0, 1, f'{{"{tag}": {i}}}', "0", 0) for i in range(n)]
+
+
+def test_children_wait_for_their_parent_to_commit(backend: Backend) -> None:
+    _run(backend)
+    _claim(backend, token="p1")
+    backend.ledger.register(RUN, _kids(1, "a"), max_chunks=100, spawned_by="p1")
+    early = _claim(backend, key=TaskKey(RUN, "0/0"), token="c")
+    assert early.outcome == ClaimOutcome.WAIT and early.retry_after > 0
+    backend.ledger.commit(ROOT, "p1", None, "committed", time.time())
+    assert _claim(backend, key=TaskKey(RUN, "0/0"), token="c").outcome == ClaimOutcome.CLAIMED
+
+
+def test_a_retried_parent_replaces_its_children_and_orphans_the_rest(backend: Backend) -> None:
+    _run(backend)
+    now = time.time()
+    _claim(backend, token="p1", lease=0.01, now=now)
+    # Attempt 1 registers three children, then dies before committing.
+    assert backend.ledger.register(RUN, _kids(3, "a"), 100, spawned_by="p1").created == 3
+    # Attempt 2 takes over and registers two different ones under the same ids.
+    assert _claim(backend, token="p2", now=now + 1).attempt == 2
+    assert backend.ledger.register(RUN, _kids(2, "b"), 100, spawned_by="p2").created == 0
+    assert [t.chunk_id for t in backend.ledger.queued_children(ROOT)] == ["0/0", "0/1", "0/2"]
+    assert backend.ledger.commit(ROOT, "p2", None, "committed", now + 2).ok
+    # The commit itself cancelled attempt 1's extra child: nothing waits on it.
+    assert [t.chunk_id for t in backend.ledger.queued_children(ROOT)] == ["0/0", "0/1"]
+    first = _claim(backend, key=TaskKey(RUN, "0/0"), token="c0", now=now + 3)
+    assert first.outcome == ClaimOutcome.CLAIMED and first.task is not None
+    assert first.task.message == '{"b": 0}'  # attempt 2's version
+    orphan = _claim(backend, key=TaskKey(RUN, "0/2"), token="c2", now=now + 3)
+    assert orphan.outcome == ClaimOutcome.FINISHED
+    backend.ledger.commit(TaskKey(RUN, "0/0"), "c0", None, "committed", now + 4)
+    _claim(backend, key=TaskKey(RUN, "0/1"), token="c1", now=now + 4)
+    last = backend.ledger.commit(TaskKey(RUN, "0/1"), "c1", None, "committed", now + 5)
+    assert last.drained  # exact: 1 root + 3 registered - 1 orphan
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and (run.tasks_done, run.tasks_cancelled) == (3, 1)
+
+
+def test_children_of_a_dead_parent_are_orphans_and_come_back_on_replay(backend: Backend) -> None:
+    _run(backend)
+    _claim(backend, token="p1")
+    backend.ledger.register(RUN, _kids(1, "a"), 100, spawned_by="p1")
+    backend.ledger.bury(ROOT, "p1", Failure("error", "boom"), time.time())
+    orphan = _claim(backend, key=TaskKey(RUN, "0/0"), token="c")
+    assert orphan.outcome == ClaimOutcome.CANCELLED and orphan.drained
+    backend.ledger.reopen(RUN, None, time.time())
+    _claim(backend, token="p2")
+    assert backend.ledger.register(RUN, _kids(1, "b"), 100, spawned_by="p2").created == 1
+    backend.ledger.commit(ROOT, "p2", None, "committed", time.time())
+    revived = _claim(backend, key=TaskKey(RUN, "0/0"), token="c2")
+    assert revived.outcome == ClaimOutcome.CLAIMED and revived.task is not None
+    assert revived.task.message == '{"b": 0}'
+    assert backend.ledger.commit(TaskKey(RUN, "0/0"), "c2", None, "committed", time.time()).drained

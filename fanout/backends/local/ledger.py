@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Collection, Mapping, Sequence
 
 from fanout.backends.base import (
@@ -74,9 +75,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     traceback TEXT,
     history TEXT NOT NULL DEFAULT '[]',
     updated_at REAL NOT NULL,
+    parent_chunk TEXT,
+    parent_seq INTEGER NOT NULL DEFAULT 0,
+    spawned_by TEXT,
+    committed_by TEXT,
     PRIMARY KEY (run_id, chunk_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (run_id, state);
+CREATE INDEX IF NOT EXISTS tasks_by_parent ON tasks (run_id, parent_chunk, parent_seq);
 CREATE TABLE IF NOT EXISTS seen (
     run_id TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
@@ -137,7 +143,7 @@ class SQLiteLedger:
                         run.created_at,
                     ),
                 )
-                self._insert_tasks(conn, run.run_id, [root], run.created_at)
+                self._insert_tasks(conn, run.run_id, [root], run.created_at, None)
         except sqlite3.IntegrityError:
             raise KeyError(run.run_id) from None
 
@@ -188,18 +194,20 @@ class SQLiteLedger:
 
     # -- tasks ----------------------------------------------------------------
 
-    def register(self, run_id: str, tasks: Sequence[NewTask], max_chunks: int) -> Registration:
+    def register(
+        self,
+        run_id: str,
+        tasks: Sequence[NewTask],
+        max_chunks: int,
+        spawned_by: str | None = None,
+    ) -> Registration:
         """Create the tasks not yet registered and count them, all or nothing."""
         if not tasks:
             return Registration(created=0)
-        import time
-
         now = time.time()
         try:
             with self.db.write() as conn:
-                before = conn.total_changes
-                new_chunks = self._insert_tasks(conn, run_id, tasks, now)
-                created = conn.total_changes - before
+                created, new_chunks = self._insert_tasks(conn, run_id, tasks, now, spawned_by)
                 row = conn.execute(
                     "UPDATE runs SET outstanding = outstanding + ?, tasks_total = tasks_total + ?,"
                     " chunks_total = chunks_total + ?, updated_at = ? WHERE run_id = ?"
@@ -216,22 +224,64 @@ class SQLiteLedger:
 
     @staticmethod
     def _insert_tasks(
-        conn: sqlite3.Connection, run_id: str, tasks: Sequence[NewTask], now: float
-    ) -> int:
-        """Insert (or ignore) tasks; returns how many new seq-0 chunks were created."""
+        conn: sqlite3.Connection,
+        run_id: str,
+        tasks: Sequence[NewTask],
+        now: float,
+        spawned_by: str | None,
+    ) -> tuple[int, int]:
+        """Insert tasks (or take over an earlier attempt's); returns (tasks counted
+        as new, new seq-0 chunks)."""
+        rows = [
+            (
+                run_id,
+                t.chunk_id,
+                t.seq,
+                t.depth,
+                t.message,
+                now,
+                t.parent_chunk,
+                t.parent_seq,
+                spawned_by,
+            )
+            for t in tasks
+        ]
+        insert = (
+            "INSERT OR IGNORE INTO tasks (run_id, chunk_id, seq, state, depth, message,"
+            " updated_at, parent_chunk, parent_seq, spawned_by)"
+            " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"
+        )
+        before = conn.total_changes
+        conn.executemany(insert, [r for r in rows if r[2] == 0])
+        new_chunks = conn.total_changes - before
+        conn.executemany(insert, [r for r in rows if r[2] != 0])
+        created = conn.total_changes - before
+        if spawned_by is None:
+            return created, new_chunks
+        keyed = [(t.message, spawned_by, now, run_id, t.chunk_id, t.seq, spawned_by) for t in tasks]
+        # An earlier attempt of the parent registered these and never committed:
+        # this attempt's version replaces theirs while they wait...
+        conn.executemany(
+            "UPDATE tasks SET message = ?, spawned_by = ?, updated_at = ?"
+            " WHERE run_id = ? AND chunk_id = ? AND seq = ? AND state = 'queued'"
+            " AND spawned_by IS NOT ?",
+            keyed,
+        )
+        # ...and comes back if it was cancelled as an orphan meanwhile.
         before = conn.total_changes
         conn.executemany(
-            "INSERT OR IGNORE INTO tasks (run_id, chunk_id, seq, state, depth, message, updated_at)"
-            " VALUES (?, ?, ?, 'queued', ?, ?, ?) ",
-            [(run_id, t.chunk_id, 0, t.depth, t.message, now) for t in tasks if t.seq == 0],
+            f"UPDATE tasks SET state = 'queued', message = ?, spawned_by = ?, updated_at = ?,"
+            f" {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?"
+            " AND state = 'cancelled' AND spawned_by IS NOT ?",
+            [(m, sb, n, _event("revived", n), r, c, q, sb2) for m, sb, n, r, c, q, sb2 in keyed],
         )
-        new_chunks = conn.total_changes - before
-        conn.executemany(
-            "INSERT OR IGNORE INTO tasks (run_id, chunk_id, seq, state, depth, message, updated_at)"
-            " VALUES (?, ?, ?, 'queued', ?, ?, ?) ",
-            [(run_id, t.chunk_id, t.seq, t.depth, t.message, now) for t in tasks if t.seq != 0],
-        )
-        return new_chunks
+        revived = conn.total_changes - before
+        if revived:
+            conn.execute(
+                "UPDATE runs SET tasks_cancelled = tasks_cancelled - ? WHERE run_id = ?",
+                (revived, run_id),
+            )
+        return created + revived, new_chunks
 
     def claim(
         self, key: TaskKey, token: str, lease_seconds: float, max_attempts: int, now: float
@@ -251,6 +301,21 @@ class SQLiteLedger:
             live = state == TaskState.RUNNING and row["lease_expires"] > now
             if live:
                 return Claim(ClaimOutcome.BUSY, retry_after=row["lease_expires"] - now)
+            if row["parent_chunk"] is not None:
+                parent = conn.execute(
+                    "SELECT state, committed_by, lease_expires FROM tasks"
+                    " WHERE run_id = ? AND chunk_id = ? AND seq = ?",
+                    (key.run_id, row["parent_chunk"], row["parent_seq"]),
+                ).fetchone()
+                if parent is not None and parent["state"] not in _FINISHED:
+                    # Registered by a parent attempt that has not committed (yet).
+                    wait = max(0.5, parent["lease_expires"] - now)
+                    return Claim(ClaimOutcome.WAIT, retry_after=min(wait, 30.0))
+                if parent is not None and parent["committed_by"] != row["spawned_by"]:
+                    # Its parent committed from another attempt, or died: the
+                    # attempt that registered this task never counted.
+                    drained = self._settle(conn, key, TaskState.CANCELLED, now, "orphaned")
+                    return Claim(ClaimOutcome.CANCELLED, drained=drained)
             if row["run_stop"] is not None:
                 drained = self._settle(conn, key, TaskState.CANCELLED, now, "cancelled")
                 return Claim(ClaimOutcome.CANCELLED, drained=drained)
@@ -299,7 +364,8 @@ class SQLiteLedger:
         """Mark the task done with its output, if the lease is still ours."""
         with self.db.write() as conn:
             cur = conn.execute(
-                "UPDATE tasks SET state = 'done', lease_token = NULL, output_key = ?, records = ?,"
+                "UPDATE tasks SET state = 'done', committed_by = lease_token, lease_token = NULL,"
+                " output_key = ?, records = ?,"
                 f" bytes = ?, updated_at = ?, {_APPEND}"
                 " WHERE run_id = ? AND chunk_id = ? AND seq = ? AND state = 'running'"
                 " AND lease_token = ? RETURNING 1",
@@ -315,11 +381,30 @@ class SQLiteLedger:
             )
             if cur.fetchone() is None:
                 return Settle(ok=False)
+            # Tasks an earlier, uncommitted attempt registered and this one did
+            # not take over are orphans: cancelled here, so none is left waiting.
+            orphans = conn.execute(
+                # INDEXED BY: without statistics SQLite would pick the primary
+                # key's run_id prefix and scan the whole run on every commit.
+                f"UPDATE tasks INDEXED BY tasks_by_parent SET state = 'cancelled',"
+                f" updated_at = ?, {_APPEND}"
+                " WHERE run_id = ? AND parent_chunk = ? AND parent_seq = ? AND state = 'queued'"
+                " AND spawned_by IS NOT ?",
+                (now, _event("orphaned", now), *_key(key), token),
+            ).rowcount
             row = conn.execute(
-                "UPDATE runs SET outstanding = outstanding - 1, tasks_done = tasks_done + 1,"
+                "UPDATE runs SET outstanding = outstanding - 1 - ?, tasks_done = tasks_done + 1,"
+                " tasks_cancelled = tasks_cancelled + ?,"
                 " records = records + ?, bytes = bytes + ?, updated_at = ? WHERE run_id = ?"
                 " RETURNING outstanding, stats",
-                (output.records if output else 0, output.bytes if output else 0, now, key.run_id),
+                (
+                    orphans,
+                    orphans,
+                    output.records if output else 0,
+                    output.bytes if output else 0,
+                    now,
+                    key.run_id,
+                ),
             ).fetchone()
             if stats:
                 # Summed here, under the same write lock, so no increment is lost.
@@ -409,6 +494,15 @@ class SQLiteLedger:
             (now, key.run_id),
         ).fetchone()
         return bool(row[0] == 0)
+
+    def queued_children(self, key: TaskKey) -> list[TaskRecord]:
+        """Still-queued tasks registered by ``key``."""
+        rows = self.db.conn.execute(
+            "SELECT * FROM tasks INDEXED BY tasks_by_parent"
+            " WHERE run_id = ? AND parent_chunk = ? AND parent_seq = ? AND state = 'queued'",
+            _key(key),
+        )
+        return [_task(r) for r in rows]
 
     def claim_urls(self, run_id: str, owner: str, fingerprints: Sequence[str]) -> set[str]:
         """Claim unseen fingerprints for ``owner``; the ones it owns now."""
