@@ -43,8 +43,10 @@ class BooksSpider(scrapy.Spider):
 
     def parse(self, response: Response, **kwargs: Any) -> Iterator[scrapy.Request]:
         """The home page and catalogue pages: follow categories, books and the next page."""
-        yield from response.follow_all(css="ul.categories a", callback=self.parse)
-        yield from response.follow_all(css="article.product_pod h3 a", callback=self.parse_book)
+        for href in response.css("ul.categories a::attr(href)").getall():
+            yield response.follow(href, callback=self.parse)
+        for href in response.css("article.product_pod h3 a::attr(href)").getall():
+            yield response.follow(href, callback=self.parse_book)
         next_page = response.css("li.next a::attr(href)").get()
         if next_page:
             yield response.follow(next_page, callback=self.parse)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import html
+import signal
 import socket
 import struct
 import sys
@@ -543,7 +544,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "fanout-test-site/1.0"
-    sys_version = ""
     disable_nagle_algorithm = True
     timeout = 120  # seconds an idle keep-alive connection is kept
 
@@ -569,6 +569,9 @@ class _Handler(BaseHTTPRequestHandler):
         if send_body:
             self.wfile.write(reply.body)
 
+    def version_string(self) -> str:
+        return self.server_version
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
@@ -578,6 +581,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = True  # server_close() joins the handler threads
+    request_queue_size = 128  # listen backlog: a crawler opens its connections all at once
 
     def __init__(self, address: tuple[str, int], owner: SiteServer) -> None:
         self.owner = owner
@@ -699,8 +703,10 @@ def main(argv: list[str] | None = None) -> None:
     site: Site = BookSite(args.pages, args.per_page) if args.site == "books" else TrapSite()
     server = SiteServer(site, port=args.port).start()
     print(f"serving the {args.site} site at {server.url} (Ctrl-C to stop)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        threading.Event().wait()
+        stop.wait()
     except KeyboardInterrupt:
         pass
     finally:

@@ -14,12 +14,13 @@ Layout, for ``pages`` HTML pages in all (all links relative)::
                                                   and ``li.next a`` to page n+1
     /catalogue/book_<n>/index.html                a book: title, price, availability, rating
 
-Only the home page links to the categories, and each catalogue page to its own
-books and next page, so a spider that follows category, book and next links
-walks a tree: every page is reached once, at one depth (home 0, a category's
-page n at depth n, its books at n + 1). Everything is derived from the page
-count and layout, deterministically: two renders of the same layout are
-byte-identical.
+Only the home page lists the categories (``ul.categories``), and each catalogue
+page lists its own books and next page (breadcrumbs and "previous" links lead
+back up), so a spider that follows the category list, the books and the next
+links walks a tree: every page is reached once, at one depth (home 0, a
+category's page n at depth n, its books at n + 1; at most 11 by default).
+Everything is derived from the page count and layout, deterministically: two
+renders of the same layout are byte-identical.
 """
 
 from __future__ import annotations

@@ -186,9 +186,8 @@ def main() -> None:
     for path in (ROOT, ROOT / "tests"):
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
-    from sites import BookSite, SiteServer
-
     from jobs.site_crawl import BooksSpider
+    from sites import BookSite, SiteServer
 
     site = BookSite(args.pages)
     expected = site.expected_books()
