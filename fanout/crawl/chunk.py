@@ -77,6 +77,12 @@ def _settings(spider_cls: type[Spider], drain: float, log_level: str) -> Any:
     here = "fanout.crawl.components."
     settings.set("SCHEDULER", here + "ChunkScheduler", priority="cmdline")
     settings.set("DUPEFILTER_CLASS", here + "LedgerDupeFilter", priority="cmdline")
+    middlewares = settings.getdict("DOWNLOADER_MIDDLEWARES_BASE")
+    # Sees a response just before Scrapy's retry (550) does ...
+    middlewares[here + "ThrottleWatch"] = 555
+    # ... and last, nearest the engine, once every other middleware let it through.
+    middlewares[here + "ThrottleRescue"] = 0
+    settings.set("DOWNLOADER_MIDDLEWARES_BASE", middlewares, priority="cmdline")
     extensions = settings.getdict("EXTENSIONS_BASE")
     extensions[here + "ChunkBudget"] = 0
     settings.set("EXTENSIONS_BASE", extensions, priority="cmdline")

@@ -1,0 +1,133 @@
+"""Crawl jobs for the process-level crawl tests (``tests/test_crawl_process.py``),
+one per attribute, loaded as ``crawl_process.py:NAME``:
+
+* ``books``: the example ``BooksSpider`` (``jobs/site_crawl.py``) as is, in
+  chunks of 40 pages;
+* ``stalling``: the same spider, but the first book callback that finds the
+  file ``marker`` (a spider argument) removes it, writes its pid to
+  ``marker + ".pid"`` and hangs: the chunk overruns its hard timeout once;
+* ``failing``: the same spider, but the callback of the book page at
+  ``fail_path`` raises;
+* ``throttled``: the trap spider with Scrapy's retries off, with a small
+  ``throttle_base``, for a site that answers 503 for a while.
+
+Spiders get their settings as spider arguments (``-p start_url=...``), as
+``scrapy crawl -a`` passes them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from scrapy.http import Response
+
+ROOT = Path(__file__).resolve().parents[2]
+for path in (ROOT, ROOT / "tests"):  # the CLI's workers: make jobs/ and tests/ importable
+    if str(path) not in sys.path:
+        sys.path.append(str(path))
+
+from fanout.crawl import CrawlJob  # noqa: E402
+from jobs.site_crawl import BooksSpider  # noqa: E402
+from sites import TrapSpider  # noqa: E402
+
+BOOK_SCHEMA = str(ROOT / "schemas" / "book.avsc")
+ITEM_SCHEMA = {
+    "type": "record",
+    "name": "page_item",
+    "fields": [{"name": "id", "type": "string"}, {"name": "title", "type": ["null", "string"]}],
+}
+#: Quick retries: the tests wait for chunks, not for back-off.
+FAST_RETRY = {"backoff_base": 0.05, "backoff_cap": 0.2}
+
+
+class StallingBooks(BooksSpider):
+    """Hangs (blocking the reactor, as a buggy callback would) in the first book
+    callback that finds ``marker``; only that one, since it removes the file."""
+
+    name = "stalling-books"
+
+    def __init__(self, marker: str = "", stall: str = "60", *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.marker = marker
+        self.stall = float(stall)
+
+    def parse_book(self, response: Response) -> Iterator[dict[str, Any]]:
+        if self.marker:
+            try:
+                os.remove(self.marker)
+            except FileNotFoundError:
+                pass
+            else:
+                Path(self.marker + ".pid").write_text(str(os.getpid()))
+                time.sleep(self.stall)
+        yield from super().parse_book(response)
+
+
+class FailingBooks(BooksSpider):
+    """Raises in the callback of the book page at ``fail_path``."""
+
+    name = "failing-books"
+
+    def __init__(self, fail_path: str = "", *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_path = fail_path
+
+    def parse_book(self, response: Response) -> Iterator[dict[str, Any]]:
+        if urlsplit(response.url).path == self.fail_path:
+            raise ValueError(f"a bug in the spider, on {self.fail_path}")
+        yield from super().parse_book(response)
+
+
+class NoRetries(TrapSpider):
+    """Follows every link; Scrapy's own retry is off, so a 503 reaches fanout."""
+
+    name = "no-retries"
+    custom_settings = {"RETRY_TIMES": 0, "DEPTH_LIMIT": 3}
+
+
+books = CrawlJob(BooksSpider, schema=BOOK_SCHEMA, name="books", pages_per_chunk=40, **FAST_RETRY)
+stalling = CrawlJob(
+    StallingBooks, schema=BOOK_SCHEMA, name="stalling", pages_per_chunk=15, **FAST_RETRY
+)
+failing = CrawlJob(
+    FailingBooks, schema=BOOK_SCHEMA, name="failing", pages_per_chunk=15, **FAST_RETRY
+)
+throttled = CrawlJob(
+    NoRetries,
+    schema=ITEM_SCHEMA,
+    name="throttled",
+    pages_per_chunk=50,
+    throttle_base=float(os.environ.get("THROTTLE_BASE", "0.5")),
+    **FAST_RETRY,
+)
+
+
+class Reordering(TrapSpider):
+    """Follows links one request at a time, in page order, but in reverse order
+    on the first attempt (while ``marker`` exists), as a change in timing or in
+    the site would; that first attempt then hangs in the callback of ``/p``,
+    after following its links."""
+
+    name = "reordering"
+    custom_settings = {"CONCURRENT_REQUESTS": 1, "DEPTH_LIMIT": 3}
+
+    def __init__(self, marker: str = "", *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.marker = marker
+
+    def parse(self, response: Response, **kwargs: Any) -> Any:
+        first = bool(self.marker) and os.path.exists(self.marker)
+        found = list(super().parse(response, **kwargs))
+        yield from reversed(found) if first else found
+        if first and urlsplit(response.url).path == "/p":
+            os.remove(self.marker)
+            time.sleep(60)
+
+
+reordering = CrawlJob(Reordering, schema=ITEM_SCHEMA, name="reordering", pages_per_chunk=2)
