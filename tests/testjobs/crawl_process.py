@@ -111,8 +111,7 @@ throttled = CrawlJob(
 class Reordering(TrapSpider):
     """Follows links one request at a time, in page order, but in reverse order
     on the first attempt (while ``marker`` exists), as a change in timing or in
-    the site would; that first attempt then hangs in the callback of ``/p``,
-    after following its links."""
+    the site would; that first attempt then hangs in the callback of ``/p/item``."""
 
     name = "reordering"
     custom_settings = {"CONCURRENT_REQUESTS": 1, "DEPTH_LIMIT": 3}
@@ -123,11 +122,11 @@ class Reordering(TrapSpider):
 
     def parse(self, response: Response, **kwargs: Any) -> Any:
         first = bool(self.marker) and os.path.exists(self.marker)
-        found = list(super().parse(response, **kwargs))
-        yield from reversed(found) if first else found
-        if first and urlsplit(response.url).path == "/p":
+        if first and urlsplit(response.url).path == "/p/item":
             os.remove(self.marker)
             time.sleep(60)
+        found = list(super().parse(response, **kwargs))
+        yield from reversed(found) if first else found
 
 
-reordering = CrawlJob(Reordering, schema=ITEM_SCHEMA, name="reordering", pages_per_chunk=2)
+reordering = CrawlJob(Reordering, schema=ITEM_SCHEMA, name="reordering", pages_per_chunk=3)
