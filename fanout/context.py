@@ -16,6 +16,7 @@ from fanout.inputs import list_inputs, open_input
 if TYPE_CHECKING:
     from fanout.avro import RecordWriter
     from fanout.backends.base import Ledger
+    from fanout.jobs import RunSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class ChunkContext:
         writer: RecordWriter | None,
         job_name: str,
         ledger: Ledger | None = None,
+        settings: RunSettings | None = None,
     ) -> None:
         self.params = params
         self.run_id = run_id
@@ -70,6 +72,8 @@ class ChunkContext:
         self._writer = writer
         self._job_name = job_name
         self._ledger = ledger  # for engine-level jobs (crawl de-duplication), not user code
+        #: The run's settings (retry, bounds, codec, pages_per_chunk).
+        self.settings = settings
         if writer is not None:
             # The hot path: one call per record, straight into the writer.
             self.emit = writer.add  # type: ignore[method-assign]

@@ -41,6 +41,9 @@ class RunSettings(BaseModel):
         10_000, ge=0, description="continuations of one chunk (resume_at)"
     )
     codec: str = Field("deflate", pattern="^(null|deflate)$", description="Avro codec")
+    pages_per_chunk: int = Field(
+        250, ge=1, description="crawl jobs: responses a chunk fetches before handing on"
+    )
 
 
 class Job:

@@ -196,6 +196,7 @@ class Runner:
                 writer=writer,
                 job_name=job.name,
                 ledger=self.ledger,
+                settings=run.settings,
             )
             continuation = None
             if msg.kind == "plan":

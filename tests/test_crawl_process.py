@@ -422,9 +422,9 @@ def test_an_exception_in_a_callback_loses_that_page_only(home: Path, ledger: Bac
 
 class ForkSite:
     """``/`` links to ``/p`` (a hub linking to the item ``/p/item``) and to the
-    items ``/q`` and ``/r``."""
+    item ``/q``."""
 
-    LINKS = {"/": ["/p", "/q", "/r"], "/p": ["/p/item"], "/p/item": [], "/q": [], "/r": []}
+    LINKS = {"/": ["/p", "/q"], "/p": ["/p/item"], "/p/item": [], "/q": []}
 
     def respond(self, key: str, host: str, hit: int) -> Reply:
         if key not in self.LINKS:

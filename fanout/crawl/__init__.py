@@ -41,7 +41,8 @@ class CrawlJob(Job):
     """A job that runs the Scrapy spider ``spider_cls`` in chunks.
 
     ``pages_per_chunk`` bounds the responses one chunk fetches before it hands
-    its frontier on; ``throttle_base`` is the first back-off (s) of requests to
+    its frontier on (a run setting: ``-S pages_per_chunk=N`` overrides it);
+    ``throttle_base`` is the first back-off (s) of requests to
     a domain that answered 429 or 503. Other keywords are :class:`Job`'s.
     """
 
@@ -56,11 +57,14 @@ class CrawlJob(Job):
         **settings: Any,
     ) -> None:
         settings.setdefault("max_depth", 63)  # chunk generations, not page depth
-        super().__init__(name or spider_cls.name, params=None, schema=schema, **settings)
-        if pages_per_chunk < 1:
-            raise ValueError("pages_per_chunk must be at least 1")
+        super().__init__(
+            name or spider_cls.name,
+            params=None,
+            schema=schema,
+            pages_per_chunk=pages_per_chunk,  # a run setting: -S pages_per_chunk=N
+            **settings,
+        )
         self.spider_cls = spider_cls
-        self.pages_per_chunk = pages_per_chunk
         self.throttle_base = throttle_base
         self.process(self._process)
 
@@ -81,7 +85,7 @@ class CrawlJob(Job):
             ledger=ledger,
             run_id=ctx.run_id,
             chunk_id=ctx.chunk_id,
-            pages_per_chunk=self.pages_per_chunk,
+            pages_per_chunk=self._pages_per_chunk(ctx),
             time_left=ctx.time_left(),
             log_level=os.environ.get("FANOUT_SCRAPY_LOG_LEVEL", log_level),
         )
@@ -92,6 +96,10 @@ class CrawlJob(Job):
         ctx.stats.update(result.stats)
         ctx.stats["handed_on"] += len(result.pending)  # requests passed to child chunks
         self._hand_on(result.pending, ctx)
+
+    def _pages_per_chunk(self, ctx: ChunkContext) -> int:
+        settings = ctx.settings or self.settings
+        return settings.pages_per_chunk
 
     def _hand_on(self, pending: list[dict[str, Any]], ctx: ChunkContext) -> None:
         """Pending requests become child chunks of ``pages_per_chunk`` each, in a
@@ -107,7 +115,7 @@ class CrawlJob(Job):
                 throttled.setdefault(level, []).append(request)
             else:
                 normal.append(request)
-        size = self.pages_per_chunk
+        size = self._pages_per_chunk(ctx)
         for start in range(0, len(normal), size):
             ctx.spawn({"requests": normal[start : start + size]})
         for level, requests in sorted(throttled.items()):

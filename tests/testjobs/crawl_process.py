@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from scrapy import Request
 from scrapy.http import Response
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,9 +110,9 @@ throttled = CrawlJob(
 
 
 class Reordering(TrapSpider):
-    """Follows links one request at a time, in page order, but in reverse order
-    on the first attempt (while ``marker`` exists), as a change in timing or in
-    the site would; that first attempt then hangs in the callback of ``/p/item``."""
+    """Follows links one request at a time; ``/p`` first on the first attempt
+    (while ``marker`` exists), last otherwise, as a change in timing or in the
+    site could have it. The first attempt hangs as it closes (``closed``)."""
 
     name = "reordering"
     custom_settings = {"CONCURRENT_REQUESTS": 1, "DEPTH_LIMIT": 3}
@@ -120,13 +121,19 @@ class Reordering(TrapSpider):
         super().__init__(*args, **kwargs)
         self.marker = marker
 
+    def _first(self) -> bool:
+        return bool(self.marker) and os.path.exists(self.marker)
+
     def parse(self, response: Response, **kwargs: Any) -> Any:
-        first = bool(self.marker) and os.path.exists(self.marker)
-        if first and urlsplit(response.url).path == "/p/item":
+        for thing in super().parse(response, **kwargs):
+            if isinstance(thing, Request) and urlsplit(thing.url).path == "/p":
+                thing = thing.replace(priority=1 if self._first() else -1)
+            yield thing
+
+    def closed(self, reason: str) -> None:
+        if self._first():
             os.remove(self.marker)
             time.sleep(60)
-        found = list(super().parse(response, **kwargs))
-        yield from reversed(found) if first else found
 
 
-reordering = CrawlJob(Reordering, schema=ITEM_SCHEMA, name="reordering", pages_per_chunk=3)
+reordering = CrawlJob(Reordering, schema=ITEM_SCHEMA, name="reordering", pages_per_chunk=2)
