@@ -256,6 +256,10 @@ class Ledger(Protocol):
         as owned by chunk ``owner``; return those ``owner`` owns now (new, or
         claimed by an earlier attempt of the same chunk)."""
 
+    def release_urls(self, run_id: str, owner: str) -> int:
+        """Forget the fingerprints chunk ``owner`` claimed (its earlier attempts never
+        committed, so nothing else holds them); returns how many."""
+
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""
 

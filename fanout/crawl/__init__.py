@@ -77,6 +77,12 @@ class CrawlJob(Job):
             # give every chunk its own copy of the seen-set.
             raise PermanentError("crawl jobs need a backend shared across processes (local, aws)")
         frontier = None if ctx.chunk_id == "0" else payload["requests"]
+        # Claims left by an earlier attempt of this chunk: that attempt never
+        # committed (its children are orphans), so nothing fetches them unless
+        # this attempt can claim them again.
+        released = ledger.release_urls(ctx.run_id, ctx.chunk_id)
+        if released:
+            ctx.log.info("released %d claims of an earlier attempt", released)
         log_level = logging.getLevelName(logging.getLogger("fanout").getEffectiveLevel())
         result = run_chunk(
             self.spider_cls,

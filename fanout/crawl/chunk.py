@@ -159,8 +159,11 @@ def _child(
         with os.fdopen(write_fd, "w", buffering=1 << 16) as channel:
             components.CHANNEL = channel
             try:
-                # Die with the worker (a hard timeout kills the worker, not us).
+                # Die with the worker (a hard timeout kills the worker, not us),
+                # and leave at once if it died before the wish was registered.
                 ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
+                if os.getppid() != chunk["worker_pid"]:
+                    os._exit(1)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 components.CHUNK.clear()
                 components.CHUNK.update(chunk)
@@ -201,6 +204,7 @@ def run_chunk(
         "close_at": time.monotonic() + time_left - drain,
         "drain": drain,
         "log_level": log_level,
+        "worker_pid": os.getpid(),
     }
     prewarm()
     read_fd, write_fd = os.pipe()

@@ -357,3 +357,12 @@ def test_children_of_a_dead_parent_are_orphans_and_come_back_on_replay(backend: 
     assert revived.outcome == ClaimOutcome.CLAIMED and revived.task is not None
     assert revived.task.message == '{"b": 0}'
     assert backend.ledger.commit(TaskKey(RUN, "0/0"), "c2", None, "committed", time.time()).drained
+
+
+def test_release_urls_forgets_one_owners_claims(backend: Backend) -> None:
+    _run(backend)
+    backend.ledger.claim_urls(RUN, "0/1", ["a", "b"])
+    backend.ledger.claim_urls(RUN, "0/2", ["c"])
+    assert backend.ledger.release_urls(RUN, "0/1") == 2
+    assert backend.ledger.claim_urls(RUN, "0/3", ["a", "b", "c"]) == {"a", "b"}
+    assert backend.ledger.release_urls(RUN, "0/9") == 0

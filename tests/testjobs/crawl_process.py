@@ -3,13 +3,15 @@ one per attribute, loaded as ``crawl_process.py:NAME``:
 
 * ``books``: the example ``BooksSpider`` (``jobs/site_crawl.py``) as is, in
   chunks of 40 pages;
-* ``stalling``: the same spider, but the first book callback that finds the
-  file ``marker`` (a spider argument) removes it, writes its pid to
-  ``marker + ".pid"`` and hangs: the chunk overruns its hard timeout once;
+* ``stalling``: the same spider, but the callback of the book page at
+  ``stall_path`` hangs while the file ``marker`` exists (it removes it first):
+  the chunk overruns its hard timeout once;
 * ``failing``: the same spider, but the callback of the book page at
   ``fail_path`` raises;
 * ``throttled``: the trap spider with Scrapy's retries off, with a small
-  ``throttle_base``, for a site that answers 503 for a while.
+  ``throttle_base``, for a site that answers 503 for a while;
+* ``reordering``: a spider that takes another path on a retry (see
+  ``Reordering``), one request at a time, in chunks of 2 pages.
 
 Spiders get their settings as spider arguments (``-p start_url=...``), as
 ``scrapy crawl -a`` passes them.
@@ -48,18 +50,22 @@ FAST_RETRY = {"backoff_base": 0.05, "backoff_cap": 0.2}
 
 
 class StallingBooks(BooksSpider):
-    """Hangs (blocking the reactor, as a buggy callback would) in the first book
-    callback that finds ``marker``; only that one, since it removes the file."""
+    """Hangs (blocking the reactor, as a buggy callback would) in the callback of
+    the book page at ``stall_path`` while ``marker`` exists; removes it first, so
+    only the first attempt hangs. Writes its pid to ``marker + ".pid"``."""
 
     name = "stalling-books"
 
-    def __init__(self, marker: str = "", stall: str = "60", *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, marker: str = "", stall_path: str = "", stall: str = "60", *args: Any, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.marker = marker
+        self.stall_path = stall_path
         self.stall = float(stall)
 
     def parse_book(self, response: Response) -> Iterator[dict[str, Any]]:
-        if self.marker:
+        if self.marker and urlsplit(response.url).path == self.stall_path:
             try:
                 os.remove(self.marker)
             except FileNotFoundError:

@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS seen (
     owner TEXT NOT NULL,
     PRIMARY KEY (run_id, fingerprint)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_by_owner ON seen (run_id, owner);
 """
 
 # Appends one JSON event to a task's history inside the UPDATE itself, stamped
@@ -525,6 +526,13 @@ class SQLiteLedger:
                     )
                 )
             return owned
+
+    def release_urls(self, run_id: str, owner: str) -> int:
+        """Drop ``owner``'s claims."""
+        with self.db.write() as conn:
+            return conn.execute(
+                "DELETE FROM seen WHERE run_id = ? AND owner = ?", (run_id, owner)
+            ).rowcount
 
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""
