@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +23,16 @@ def mem() -> Iterator[Backend]:
 def fast_leases(monkeypatch: pytest.MonkeyPatch) -> None:
     """Leases that outlive the hard timeout by 50 ms, not 5 s, so takeovers are quick."""
     monkeypatch.setattr("fanout.runner.LEASE_GRACE", 0.05)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def ledger(home: Path) -> Iterator[Backend]:
+    """The local backend of ``home``, opened in the test process to watch the ledger."""
+    backend = open_backend("local", home=home)
+    yield backend
+    backend.close()

@@ -10,52 +10,45 @@ session and its whole group is killed in a ``finally``.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from procs import (
+    alive,
+    crawl_processes,
+    fanout,
+    get_run,
+    group_members,
+    outcomes,
+    run_id_of,
+    status,
+    wait_for,
+    worker,
+)
 from scrapy import Request, Spider
 from scrapy.exceptions import NotConfigured
 from scrapy.http import HtmlResponse
 from scrapy.utils.test import get_crawler
 
-from fanout.backends import open_backend
-from fanout.backends.base import Backend, RunRecord, TaskRecord, TaskState
+from fanout.backends.base import Backend, TaskState
 from fanout.crawl import THROTTLE_META, components
 from helpers import JOBS
 from sites import HTML, BookSite, Reply, Site, SiteServer, expected_books
 
-CLI = [sys.executable, "-m", "fanout.cli"]
 JOB = str(JOBS / "crawl_process.py")
 
 
 # -- helpers ---------------------------------------------------------------------
-
-
-def fanout(
-    home: Path, *args: str, timeout: float = 60, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run one ``fanout`` command to completion."""
-    return subprocess.run(
-        [*CLI, "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def job(name: str) -> str:
@@ -64,102 +57,6 @@ def job(name: str) -> str:
 
 def params(**values: Any) -> list[str]:
     return [a for k, v in values.items() for a in ("-p", f"{k}={v}")]
-
-
-def run_id_of(result: subprocess.CompletedProcess[str]) -> str:
-    first = result.stderr.splitlines()[0]
-    assert first.startswith("run "), result.stderr
-    return first.split()[1]
-
-
-@contextlib.contextmanager
-def worker(home: Path, tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
-    """A ``fanout worker`` in its own session; its whole group is killed on exit."""
-    log = open(tmp_path / f"worker-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [*CLI, "--home", str(home), "worker", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        log.close()
-
-
-def processes() -> dict[int, tuple[int, int]]:
-    """Live (non-zombie) processes: pid → (parent pid, process group), from /proc."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = text[text.rindex(")") + 2 :].split()
-        if fields[0] not in ("Z", "X"):
-            found[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
-    return found
-
-
-def group_members(pgid: int) -> list[int]:
-    return [pid for pid, (_, pgrp) in processes().items() if pgrp == pgid]
-
-
-def crawl_processes(supervisor: int) -> list[int]:
-    """The crawl chunks running under a worker: grandchildren of its supervisor."""
-    procs = processes()
-    children = {pid for pid, (ppid, _) in procs.items() if ppid == supervisor}
-    return [pid for pid, (ppid, _) in procs.items() if ppid in children]
-
-
-def alive(pid: int) -> bool:
-    return pid in processes()
-
-
-def wait_for(what: str, check: Callable[[], Any], limit: float, every: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``limit`` s."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {limit}s waiting for {what}")
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
-
-
-@pytest.fixture
-def ledger(home: Path) -> Iterator[Backend]:
-    """The local backend of ``home``, opened in the test process to watch the ledger."""
-    backend = open_backend("local", home=home)
-    yield backend
-    backend.close()
-
-
-def get_run(backend: Backend, run_id: str) -> RunRecord:
-    run = backend.ledger.get_run(run_id)
-    assert run is not None
-    return run
-
-
-def outcomes(task: TaskRecord) -> list[str]:
-    return [str(e["outcome"]) for e in task.history]
-
-
-def status(home: Path, run_id: str) -> dict[str, Any]:
-    result = fanout(home, "status", run_id, "--json")
-    assert result.returncode == 0, result.stderr
-    st: dict[str, Any] = json.loads(result.stdout)
-    return st
 
 
 def records(home: Path, run_id: str) -> list[dict[str, Any]]:
@@ -501,8 +398,8 @@ def test_a_503_is_kept_for_later_unless_the_spider_asked_for_it(
     assert (kept.url, kept.meta) == (request.url, request.meta)
     _, kept = answer(429, depth=2)
     assert isinstance(kept, Request) and kept.meta["depth"] == 2
-    for status in (200, 404, 500):
-        _, response = answer(status)
+    for code in (200, 404, 500):
+        _, response = answer(code)
         assert not isinstance(response, Request)
     # The spider handles 503s itself: it gets them.
     _, response = answer(503, handle_httpstatus_list=[503])

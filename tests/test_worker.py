@@ -8,36 +8,31 @@ be killed as a whole) and is killed in a ``finally``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import (
+    fanout,
+    get_run,
+    group_members,
+    outcomes,
+    run_id_of,
+    status,
+    wait_for,
+    worker,
+)
 
-from fanout.backends import open_backend
-from fanout.backends.base import Backend, RunRecord, TaskKey, TaskRecord, TaskState
+from fanout.backends.base import Backend, TaskKey, TaskState
 from helpers import TREE
 from testjobs.tree import Params, expected_items
 
-CLI = [sys.executable, "-m", "fanout.cli"]
-
-
 # -- helpers ---------------------------------------------------------------------
-
-
-def fanout(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run one ``fanout`` command to completion."""
-    return subprocess.run(
-        [*CLI, "--home", str(home), *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def _value(v: Any) -> str:
@@ -54,82 +49,6 @@ def submit(home: Path, **params: Any) -> str:
     return result.stdout.strip()
 
 
-@contextlib.contextmanager
-def worker(home: Path, tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
-    """A ``fanout worker`` in its own session; its whole group is killed on exit."""
-    log = open(tmp_path / f"worker-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [*CLI, "--home", str(home), "worker", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        log.close()
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = text[text.rindex(")") + 2 :].split()
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state not in ("Z", "X"):
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def wait_for(what: str, check: Callable[[], Any], limit: float, every: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``limit`` s."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {limit}s waiting for {what}")
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
-
-
-@pytest.fixture
-def ledger(home: Path) -> Iterator[Backend]:
-    """The local backend of ``home``, opened in the test process to watch the ledger."""
-    backend = open_backend("local", home=home)
-    yield backend
-    backend.close()
-
-
-def get_run(backend: Backend, run_id: str) -> RunRecord:
-    run = backend.ledger.get_run(run_id)
-    assert run is not None
-    return run
-
-
-def outcomes(task: TaskRecord) -> list[str]:
-    return [str(e["outcome"]) for e in task.history]
-
-
-def status(home: Path, run_id: str) -> dict[str, Any]:
-    result = fanout(home, "status", run_id, "--json")
-    assert result.returncode == 0, result.stderr
-    st: dict[str, Any] = json.loads(result.stdout)
-    return st
-
-
 def assert_exact_output(home: Path, run_id: str, **params: Any) -> None:
     """``fanout cat`` holds every expected item exactly once, and nothing else."""
     result = fanout(home, "cat", run_id)
@@ -139,12 +58,6 @@ def assert_exact_output(home: Path, run_id: str, **params: Any) -> None:
     expected = expected_items(Params(**params))
     assert sorted(expected - set(items)) == []
     assert sorted(set(items) - expected) == []
-
-
-def run_id_of(result: subprocess.CompletedProcess[str]) -> str:
-    first = result.stderr.splitlines()[0]
-    assert first.startswith("run "), result.stderr
-    return first.split()[1]
 
 
 # -- hard timeout and crashes ----------------------------------------------------
