@@ -244,6 +244,8 @@ class Runner:
             if registration.over_limit:
                 stop_reason = f"max_chunks ({settings.max_chunks}) reached at chunk {key.chunk_id}"
                 children = []
+            elif registration.lease_lost:
+                children = []  # the commit below fails too: another attempt owns the task
         if stop_reason:
             log.warning("run %s stopped: %s", key.run_id, stop_reason)
             self.ledger.stop(key.run_id, stop_reason)

@@ -178,6 +178,7 @@ class Registration:
 
     created: int  # tasks newly created (already-registered ones are not counted twice)
     over_limit: bool = False  # max_chunks would be exceeded: nothing was registered
+    lease_lost: bool = False  # the registering attempt no longer holds its parent's lease
 
 
 @runtime_checkable
@@ -209,7 +210,9 @@ class Ledger(Protocol):
         and say so.
 
         ``spawned_by`` is the lease token of the parent attempt registering them:
-        a task runs only once its parent committed with that same token. A task
+        a task runs only once its parent committed with that same token, and
+        nothing is registered unless that attempt still holds the parent's lease
+        (a late attempt must not take over children of the one that won). A task
         already registered by an earlier attempt of the parent that never
         committed is taken over (its message replaced) while still queued, or
         revived if it was cancelled as an orphan."""

@@ -366,3 +366,19 @@ def test_release_urls_forgets_one_owners_claims(backend: Backend) -> None:
     assert backend.ledger.release_urls(RUN, "0/1") == 2
     assert backend.ledger.claim_urls(RUN, "0/3", ["a", "b", "c"]) == {"a", "b"}
     assert backend.ledger.release_urls(RUN, "0/9") == 0
+
+
+def test_only_the_lease_holder_registers_children(backend: Backend) -> None:
+    _run(backend)
+    now = time.time()
+    _claim(backend, token="slow", lease=0.01, now=now)
+    assert _claim(backend, token="winner", now=now + 1).attempt == 2
+    assert backend.ledger.register(RUN, _kids(2, "w"), 100, spawned_by="winner").created == 2
+    backend.ledger.commit(ROOT, "winner", None, "committed", now + 2)
+    # The slow attempt wakes up late: it may not touch the winner's children.
+    late = backend.ledger.register(RUN, _kids(3, "late"), 100, spawned_by="slow")
+    assert late.lease_lost and late.created == 0
+    claim = _claim(backend, key=TaskKey(RUN, "0/0"), token="c", now=now + 3)
+    assert claim.outcome == ClaimOutcome.CLAIMED and claim.task is not None
+    assert claim.task.message == '{"w": 0}'
+    assert backend.ledger.get_task(TaskKey(RUN, "0/2")) is None

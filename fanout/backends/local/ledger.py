@@ -208,6 +208,16 @@ class SQLiteLedger:
         now = time.time()
         try:
             with self.db.write() as conn:
+                if spawned_by is not None:
+                    parents = {(t.parent_chunk, t.parent_seq) for t in tasks}
+                    for parent_chunk, parent_seq in parents:
+                        held = conn.execute(
+                            "SELECT 1 FROM tasks WHERE run_id = ? AND chunk_id = ? AND seq = ?"
+                            " AND state = 'running' AND lease_token = ?",
+                            (run_id, parent_chunk, parent_seq, spawned_by),
+                        ).fetchone()
+                        if held is None:
+                            return Registration(created=0, lease_lost=True)
                 created, new_chunks = self._insert_tasks(conn, run_id, tasks, now, spawned_by)
                 row = conn.execute(
                     "UPDATE runs SET outstanding = outstanding + ?, tasks_total = tasks_total + ?,"
