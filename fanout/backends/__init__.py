@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fanout.backends.base import Backend
 
-BACKENDS = ("local", "memory")
+BACKENDS = ("local", "memory", "aws")
 
 
 def default_home() -> Path:
@@ -16,8 +16,9 @@ def default_home() -> Path:
 
 
 def open_backend(name: str = "local", *, home: str | Path | None = None) -> Backend:
-    """Open a backend by name: ``local`` (SQLite + a directory under ``home``) or
-    ``memory`` (everything in this process; for tests)."""
+    """Open a backend by name: ``local`` (SQLite + a directory under ``home``),
+    ``memory`` (everything in this process; for tests) or ``aws`` (SQS, S3,
+    DynamoDB; ``home`` is not used)."""
     if name == "local":
         from fanout.backends.local import open_local
 
@@ -26,4 +27,10 @@ def open_backend(name: str = "local", *, home: str | Path | None = None) -> Back
         from fanout.backends.memory import open_memory
 
         return open_memory()
+    if name == "aws":
+        # Resources named by FANOUT_AWS_* / FANOUT_STAGE and the standard AWS
+        # environment (region, endpoint, credentials).
+        from fanout.backends.aws import open_aws
+
+        return open_aws()
     raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

@@ -310,10 +310,13 @@ class Queue(Protocol):
         """Up to ``max_messages`` visible messages, hidden for ``visibility`` seconds."""
 
     def ack(self, receipt: str) -> None:
-        """Delete a received message. A stale receipt (redelivered since) is ignored."""
+        """Delete a received message. A queue that can tell a stale receipt
+        (redelivered since) ignores it; SQS may still honour one. Either is safe:
+        the ledger, not the queue, decides what runs and what is finished."""
 
     def release(self, receipt: str, delay: float) -> None:
-        """Make a received message visible again after ``delay`` seconds."""
+        """Make a received message visible again after ``delay`` seconds (rounded
+        up to the queue's unit: whole seconds on SQS)."""
 
     def pending(self) -> int:
         """Messages not yet deleted (visible, delayed or in flight)."""

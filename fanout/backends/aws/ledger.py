@@ -1,0 +1,669 @@
+"""The ledger on DynamoDB: runs, tasks, the fan-in counter and a crawl's seen-set
+in one on-demand table.
+
+Layout (single-table design)::
+
+    pk            sk                     what
+    RUN#<run>     RUN                    the run and its counters (gsi1: newest first)
+    RUN#<run>     TASK#<chunk>#<seq:08>  one task (gsi2: by the parent that registered it)
+    RUN#<run>     SEEN#<fingerprint>     a crawl's seen-set entry (gsi2: by owning chunk)
+
+* ``gsi1`` (``gsi1pk = "RUNS"``, ``gsi1sk = <created_at>#<run>``) lists runs newest
+  first. It projects only ``state``: the run item's counters change on every
+  commit, and a projection of them would double the cost of the hottest writes.
+* ``gsi2`` is overloaded: ``KIDS#<run>#<parent>#<seq>`` on tasks (what
+  ``queued_children`` and a commit's orphan sweep look up, without scanning the
+  run) and ``OWNS#<run>#<chunk>`` on seen items (what ``release_urls`` deletes).
+  It projects ``state``, ``spawned_by`` and the attempt counters only, so the
+  writes that touch none of them (retry history, lease renewals, commits' outputs
+  are all state changes, but takeovers of a message are not) stay off the index. Being a GSI, it is
+  eventually consistent; see :meth:`DynamoLedger.commit` for why that is safe.
+
+Every state transition is a conditional write (on ``state``, ``lease_token`` or
+the item's ``ver``sion), and every task transition moves the run's counters in
+the same ``TransactWriteItems``, so the outstanding counter stays exact under
+duplicate deliveries and crashes, as in the SQLite ledger this one mirrors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from botocore.exceptions import ClientError
+
+from fanout.backends.aws.ledger_items import (
+    _RUN_SK,
+    MAX_TRANSACTION_ITEMS,
+    Item,
+    _av,
+    _chunk_sort_key,
+    _event,
+    _Expr,
+    _int,
+    _is_token,
+    _is_version,
+    _key,
+    _kids_key,
+    _owns_key,
+    _py,
+    _run,
+    _run_key,
+    _run_pk,
+    _task,
+    _task_key,
+    _task_sk,
+    create_table,
+)
+from fanout.backends.aws.ledger_register import RETRIES, Registrar
+from fanout.backends.base import (
+    FINISHED_TASK_STATES,
+    Claim,
+    ClaimOutcome,
+    Failure,
+    NewTask,
+    Output,
+    RunRecord,
+    RunState,
+    Settle,
+    TaskKey,
+    TaskRecord,
+    TaskState,
+)
+
+__all__ = ["DynamoLedger", "create_table"]
+
+
+class DynamoLedger(Registrar):
+    """The :class:`~fanout.backends.base.Ledger` on one DynamoDB table."""
+
+    #: Forked crawl chunks see this ledger's writes (it is a remote service).
+    shared_across_processes = True
+
+    def _drained(self, run_id: str) -> bool:
+        """Whether the run's outstanding counter is zero now.
+
+        A transaction cannot return values, so the step that finishes a task
+        reads the counter right after it. The last finisher always sees zero;
+        two finishing at once may both see it, which is harmless: the right
+        to finalize is granted once, by :meth:`begin_finalize`."""
+        item = self._get(_run_key(run_id), ["outstanding"])
+        return item is not None and int(item["outstanding"]["N"]) == 0
+
+    # -- runs ----------------------------------------------------------------------
+
+    def create_run(self, run: RunRecord, root: NewTask) -> None:
+        """Create the run and its root task, ``outstanding == 1``, in one transaction."""
+        now = run.created_at
+        item = {
+            **_run_key(run.run_id),
+            "gsi1pk": {"S": "RUNS"},
+            # Fixed width, so the string order of the index is the time order.
+            "gsi1sk": {"S": f"{run.created_at:017.6f}#{run.run_id}"},
+            "run_id": {"S": run.run_id},
+            "job": {"S": run.job},
+            "job_name": {"S": run.job_name},
+            "params": {"S": json.dumps(run.params)},
+            "settings": {"S": json.dumps(run.settings)},
+            "state": {"S": RunState.RUNNING.value},
+            "created_at": _av(now),
+            "updated_at": _av(now),
+            "outstanding": _av(1),
+            "tasks_total": _av(1),
+            "chunks_total": _av(1),
+            **{c: _av(0) for c in ("tasks_done", "tasks_dead", "tasks_cancelled")},
+            **{c: _av(0) for c in ("records", "bytes", "retries")},
+            # Must exist for commit to sum counters into it (SET stats.#k = ...).
+            "stats": {"M": {}},
+        }
+        absent = "attribute_not_exists(pk)"
+        reasons = self._transact(
+            [
+                {"Put": {"TableName": self.table, "Item": item, "ConditionExpression": absent}},
+                {
+                    "Put": {
+                        "TableName": self.table,
+                        "Item": self._new_task(run.run_id, root, now, None),
+                        "ConditionExpression": absent,
+                    }
+                },
+            ]
+        )
+        if reasons is not None:
+            if "ConditionalCheckFailed" in reasons:
+                raise KeyError(run.run_id)
+            raise RuntimeError(f"create_run {run.run_id}: transaction cancelled ({reasons})")
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run, or None."""
+        item = self._get(_run_key(run_id))
+        return _run(item) if item else None
+
+    def list_runs(
+        self, limit: int = 50, states: Collection[RunState] | None = None
+    ) -> list[RunRecord]:
+        """Newest first, from ``gsi1`` (eventually consistent: a run created a
+        moment ago may be missing), then the runs themselves."""
+        params: Item = {
+            "IndexName": "gsi1",
+            "KeyConditionExpression": "gsi1pk = :runs",
+            "ExpressionAttributeValues": {":runs": {"S": "RUNS"}},
+            "ScanIndexForward": False,
+        }
+        if states is not None:
+            if not states:
+                return []
+            wanted = {f":s{i}": {"S": s.value} for i, s in enumerate(states)}
+            params["FilterExpression"] = f"#state IN ({', '.join(wanted)})"
+            params["ExpressionAttributeNames"] = {"#state": "state"}
+            params["ExpressionAttributeValues"].update(wanted)
+        keys: list[Item] = []
+        for entry in self._query(**params):
+            keys.append(_key(entry["pk"]["S"], entry["sk"]["S"]))
+            if len(keys) >= limit:
+                break
+        found = {item["pk"]["S"]: _run(item) for item in self._batch_get_full(keys)}
+        ordered = [found[k["pk"]["S"]] for k in keys if k["pk"]["S"] in found]
+        if states is not None:  # the index may lag a state change
+            ordered = [r for r in ordered if r.state in states]
+        return ordered
+
+    def _batch_get_full(self, keys: Sequence[Item]) -> list[Item]:
+        """Whole items for ``keys`` (strongly consistent)."""
+        items: list[Item] = []
+        for start in range(0, len(keys), 100):
+            request: Item = {
+                self.table: {"Keys": list(keys[start : start + 100]), "ConsistentRead": True}
+            }
+            delay = 0.05
+            while request:
+                reply = self.client.batch_get_item(RequestItems=request)
+                items.extend(reply["Responses"].get(self.table, []))
+                request = reply.get("UnprocessedKeys") or {}
+                if request:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        return items
+
+    def stop(self, run_id: str, reason: str) -> None:
+        """Record the first runaway bound that stopped the run."""
+        e = _Expr()
+        stop = e.n("stop_reason")
+        e.sets.append(f"{stop} = if_not_exists({stop}, {e.v(reason)})")
+        e.where(f"attribute_exists({e.n('pk')})")
+        self._update(e, _run_key(run_id))
+
+    def begin_finalize(self, run_id: str, now: float, stale_after: float) -> bool:
+        """Move a drained run to ``finalizing``; true for the one caller that did."""
+        e = _Expr().set("state", RunState.FINALIZING.value).set("finalize_at", now)
+        e.set("updated_at", now)
+        state, at = e.n("state"), e.n("finalize_at")
+        e.where(f"{e.n('outstanding')} = {e.v(0)}")
+        e.where(
+            f"{state} = {e.v(RunState.RUNNING.value)} OR ({state} ="
+            f" {e.v(RunState.FINALIZING.value)} AND {at} < {e.v(now - stale_after)})"
+        )
+        return self._update(e, _run_key(run_id)) is not None
+
+    def finish(self, run_id: str, state: RunState, manifest_key: str, now: float) -> None:
+        """Record the final state, unless the run was reopened meanwhile."""
+        e = _Expr().set("state", state.value).set("manifest_key", manifest_key)
+        e.set("finished_at", now).set("updated_at", now)
+        e.where(f"{e.n('state')} = {e.v(RunState.FINALIZING.value)}")
+        e.where(f"{e.n('outstanding')} = {e.v(0)}")
+        self._update(e, _run_key(run_id))
+
+    # -- registration ----------------------------------------------------------------
+
+    # -- claim ---------------------------------------------------------------------------
+
+    def claim(
+        self, key: TaskKey, token: str, lease_seconds: float, max_attempts: int, now: float
+    ) -> Claim:
+        """Lease the task for one attempt, or say why not (see :class:`ClaimOutcome`).
+
+        Optimistic: read the task (and its run, and its parent), decide, and
+        write conditionally on the task's version; if another step changed the
+        task in between, read again and decide again."""
+        for _ in range(RETRIES):
+            claim = self._try_claim(key, token, lease_seconds, max_attempts, now)
+            if claim is not None:
+                return claim
+        # Still contended after many rounds: let the message come back later.
+        return Claim(ClaimOutcome.BUSY, retry_after=1.0)
+
+    def _try_claim(
+        self, key: TaskKey, token: str, lease_seconds: float, max_attempts: int, now: float
+    ) -> Claim | None:
+        """One round of :meth:`claim`; None if the task changed under it."""
+        found = self._batch_get_full([_task_key(key), _run_key(key.run_id)])
+        items = {item["sk"]["S"]: item for item in found}
+        item = items.get(_task_sk(key.chunk_id, key.seq))
+        if item is None:
+            return Claim(ClaimOutcome.MISSING)
+        task = _task(item)
+        version = int(item["ver"]["N"])
+        run = items.get(_RUN_SK)
+        if task.state in FINISHED_TASK_STATES:
+            return Claim(ClaimOutcome.FINISHED, task=task)
+        if task.state == TaskState.RUNNING and task.lease_expires > now:
+            return Claim(ClaimOutcome.BUSY, retry_after=task.lease_expires - now)
+        if "parent_chunk" in item:
+            parent = self._get(
+                _task_key(TaskKey(key.run_id, item["parent_chunk"]["S"], _int(item, "parent_seq"))),
+                ["state", "committed_by", "lease_expires"],
+            )
+            if parent is not None and parent["state"]["S"] not in FINISHED_TASK_STATES:
+                # Registered by a parent attempt that has not committed (yet).
+                wait = max(0.5, float(_py(parent["lease_expires"])) - now)
+                return Claim(ClaimOutcome.WAIT, retry_after=min(wait, 30.0))
+            committed_by = parent.get("committed_by", {}).get("S") if parent else None
+            if parent is not None and committed_by != item.get("spawned_by", {}).get("S"):
+                # Its parent committed from another attempt, or died: the
+                # attempt that registered this task never counted.
+                return self._cancel_at_claim(key, task, version, now, "orphaned")
+        if run is not None and "stop_reason" in run and "S" in run["stop_reason"]:
+            return self._cancel_at_claim(key, task, version, now, "cancelled")
+        if task.state == TaskState.QUEUED and task.not_before > now:
+            return Claim(ClaimOutcome.WAIT, retry_after=task.not_before - now)
+        attempt = task.attempt - task.attempt_floor
+        e = _Expr()
+        e.where(_is_version(e, version)).bump()
+        takeover = None
+        entries: list[Item] = []
+        if task.state == TaskState.RUNNING:
+            # The lease expired with no word from its holder: it died
+            # (killed, out of memory, machine lost) mid-attempt.
+            takeover = "crashed"
+            crashed = _event("crashed", now, attempt)
+            if attempt >= max_attempts:
+                failure = Failure("crashed", "the worker died during the last attempt")
+                e.set("error", f"{failure.kind}: {failure.error}").set("traceback", "")
+                e.set("state", TaskState.DEAD.value).remove("lease_token")
+                e.set("updated_at", now).append("history", crashed, _event("dead", now, attempt))
+                entries = [
+                    {"Update": e.update(self.table, _task_key(key))},
+                    self._run_counters(key.run_id, now, retries=1, outstanding=-1, tasks_dead=1),
+                ]
+                if self._transact(entries) is not None:
+                    return None
+                return Claim(
+                    ClaimOutcome.BURIED, takeover=takeover, drained=self._drained(key.run_id)
+                )
+            e.append("history", crashed)
+            task.history.append(crashed)
+        e.set("state", TaskState.RUNNING.value).add("attempt", 1).set("lease_token", token)
+        e.set("lease_expires", now + lease_seconds).set("updated_at", now)
+        if takeover:
+            entries = [
+                {"Update": e.update(self.table, _task_key(key))},
+                self._run_counters(key.run_id, now, retries=1),
+            ]
+            if self._transact(entries) is not None:
+                return None
+        elif self._update(e, _task_key(key)) is None:
+            return None
+        task.state, task.attempt, task.lease_token = TaskState.RUNNING, task.attempt + 1, token
+        task.lease_expires, task.updated_at = now + lease_seconds, now
+        return Claim(ClaimOutcome.CLAIMED, task=task, attempt=attempt + 1, takeover=takeover)
+
+    def _cancel_at_claim(
+        self, key: TaskKey, task: TaskRecord, version: int, now: float, outcome: str
+    ) -> Claim | None:
+        e = _Expr()
+        e.where(_is_version(e, version)).bump()
+        e.set("state", TaskState.CANCELLED.value).remove("lease_token").set("updated_at", now)
+        e.append("history", _event(outcome, now, task.attempt - task.attempt_floor))
+        entries = [
+            {"Update": e.update(self.table, _task_key(key))},
+            self._run_counters(key.run_id, now, outstanding=-1, tasks_cancelled=1),
+        ]
+        if self._transact(entries) is not None:
+            return None
+        return Claim(ClaimOutcome.CANCELLED, drained=self._drained(key.run_id))
+
+    # -- settling ------------------------------------------------------------------------
+
+    def _leased(self, key: TaskKey, token: str) -> TaskRecord | None:
+        """The task if ``token`` holds its lease now (to stamp history with the attempt)."""
+        item = self._get(_task_key(key))
+        if item is None:
+            return None
+        task = _task(item)
+        if task.state != TaskState.RUNNING or task.lease_token != token:
+            return None
+        return task
+
+    def commit(
+        self,
+        key: TaskKey,
+        token: str,
+        output: Output | None,
+        outcome: str,
+        now: float,
+        stats: Mapping[str, int] | None = None,
+    ) -> Settle:
+        """Mark the task done with its output, if the lease is still ours, and
+        cancel the orphans an earlier attempt registered (in the same transaction).
+
+        Orphans are found on ``gsi2``, which is eventually consistent, and only
+        for a task that had an earlier attempt (a first attempt has no one else's
+        children). The earlier attempt's registrations are at least a lease (or
+        a back-off) old by then, far longer than the index lags.
+        """
+        for _ in range(RETRIES):
+            task = self._leased(key, token)
+            if task is None:
+                return Settle(ok=False)
+            orphans = self._orphans(key, token) if task.attempt > 1 else []
+            # More orphans than one transaction holds: cancel the excess first,
+            # each batch guarded by our lease (so a stale attempt cannot cancel
+            # the children of the attempt that took over) and with its own
+            # counter update; a crash after some leaves a state the next attempt
+            # repairs (it revives what it registers, and commits the rest).
+            head, rest = orphans[: MAX_TRANSACTION_ITEMS - 2], orphans[MAX_TRANSACTION_ITEMS - 2 :]
+            lost = False
+            while rest:
+                part, rest = rest[: MAX_TRANSACTION_ITEMS - 2], rest[MAX_TRANSACTION_ITEMS - 2 :]
+                guard = _Expr()
+                guard.where(_is_token(guard, token))
+                entries = [
+                    {"ConditionCheck": guard.check(self.table, _task_key(key))},
+                    *(self._orphan_entry(o, token, now) for o in part),
+                    self._run_counters(
+                        key.run_id, now, outstanding=-len(part), tasks_cancelled=len(part)
+                    ),
+                ]
+                reasons = self._transact(entries)
+                if reasons is not None:
+                    lost = True
+                    break
+            if lost:
+                continue  # our lease is gone (re-read says so) or an orphan changed
+            e = _Expr().set("state", TaskState.DONE.value).set("committed_by", token)
+            e.remove("lease_token").set("updated_at", now).bump()
+            e.set("output_key", output.key if output else None)
+            e.set("records", output.records if output else 0)
+            e.set("bytes", output.bytes if output else 0)
+            records = output.records if output else 0
+            attempt = task.attempt - task.attempt_floor
+            e.append("history", _event(outcome, now, attempt, records=records))
+            e.where(_is_token(e, token))
+            run = self._run_counters(
+                key.run_id,
+                now,
+                outstanding=-1 - len(head),
+                tasks_done=1,
+                tasks_cancelled=len(head),
+                records=records,
+                bytes=output.bytes if output else 0,
+            )
+            if stats:
+                self._sum_stats(run["Update"], stats)
+            entries = [
+                {"Update": e.update(self.table, _task_key(key))},
+                *(self._orphan_entry(o, token, now) for o in head),
+                run,
+            ]
+            if self._transact(entries) is None:
+                return Settle(ok=True, drained=self._drained(key.run_id))
+        raise RuntimeError(f"commit {key}: too much contention")
+
+    @staticmethod
+    def _sum_stats(update: Item, stats: Mapping[str, int]) -> None:
+        """Add ``SET stats.#k = if_not_exists(stats.#k, 0) + :v`` clauses to a run
+        update: DynamoDB's ADD works on top-level attributes only."""
+        names, values = update["ExpressionAttributeNames"], update["ExpressionAttributeValues"]
+        names["#stats"] = "stats"
+        values[":zero"] = _av(0)
+        clauses = []
+        for i, (name, value) in enumerate(stats.items()):
+            names[f"#k{i}"], values[f":k{i}"] = name, _av(int(value))
+            path = f"#stats.#k{i}"
+            clauses.append(f"{path} = if_not_exists({path}, :zero) + :k{i}")
+        # The run's entry always has a SET clause first (updated_at).
+        update["UpdateExpression"] = update["UpdateExpression"].replace(
+            "SET ", "SET " + ", ".join(clauses) + ", ", 1
+        )
+
+    def _orphans(self, key: TaskKey, token: str) -> list[Item]:
+        """Queued children of ``key`` that ``token``'s attempt did not register."""
+        return [
+            entry
+            for entry in self._query(
+                IndexName="gsi2",
+                KeyConditionExpression="gsi2pk = :kids",
+                ExpressionAttributeValues={
+                    ":kids": {"S": _kids_key(key.run_id, key.chunk_id, key.seq)}
+                },
+            )
+            if entry.get("state", {}).get("S") == TaskState.QUEUED
+            and entry.get("spawned_by", {}).get("S") != token
+        ]
+
+    def _orphan_entry(self, entry: Item, token: str, now: float) -> Item:
+        """A transaction entry cancelling one orphan, if it is still one."""
+        e = _Expr().set("state", TaskState.CANCELLED.value).set("updated_at", now).bump()
+        attempt = _int(entry, "attempt") - _int(entry, "attempt_floor")
+        e.append("history", _event("orphaned", now, attempt))
+        by = e.n("spawned_by")
+        e.where(f"{e.n('state')} = {e.v(TaskState.QUEUED.value)}")
+        e.where(f"attribute_not_exists({by}) OR {by} <> {e.v(token)}")
+        return {"Update": e.update(self.table, _key(entry["pk"]["S"], entry["sk"]["S"]))}
+
+    def retry(
+        self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float
+    ) -> bool:
+        """Give the lease back after a failed attempt; no claim before ``not_before``."""
+        task = self._leased(key, token)
+        if task is None:
+            return False
+        e = _Expr().set("state", TaskState.QUEUED.value).remove("lease_token")
+        e.set("lease_expires", 0).set("not_before", not_before).set("error", failure.error)
+        e.set("traceback", failure.traceback).set("updated_at", now).bump()
+        attempt = task.attempt - task.attempt_floor
+        e.append("history", _event(failure.kind, now, attempt, error=failure.error))
+        e.where(_is_token(e, token))
+        entries = [
+            {"Update": e.update(self.table, _task_key(key))},
+            self._run_counters(key.run_id, now, retries=1),
+        ]
+        return self._transact(entries) is None
+
+    def bury(self, key: TaskKey, token: str, failure: Failure, now: float) -> Settle:
+        """Dead-letter the task if the lease is still ours."""
+        task = self._leased(key, token)
+        if task is None:
+            return Settle(ok=False)
+        attempt = task.attempt - task.attempt_floor
+        e = _Expr().set("state", TaskState.DEAD.value).remove("lease_token").bump()
+        e.set("error", f"{failure.kind}: {failure.error}").set("traceback", failure.traceback)
+        e.set("updated_at", now).append(
+            "history",
+            _event(failure.kind, now, attempt, error=failure.error),
+            _event("dead", now, attempt),
+        )
+        e.where(_is_token(e, token))
+        entries = [
+            {"Update": e.update(self.table, _task_key(key))},
+            self._run_counters(key.run_id, now, outstanding=-1, tasks_dead=1),
+        ]
+        if self._transact(entries) is not None:
+            return Settle(ok=False)
+        return Settle(ok=True, drained=self._drained(key.run_id))
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def queued_children(self, key: TaskKey) -> list[TaskRecord]:
+        """Still-queued tasks registered by ``key``: their keys from ``gsi2``,
+        then the tasks themselves (consistent reads), checked again."""
+        keys = [
+            _key(entry["pk"]["S"], entry["sk"]["S"])
+            for entry in self._query(
+                IndexName="gsi2",
+                KeyConditionExpression="gsi2pk = :kids",
+                FilterExpression="#state = :queued",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={
+                    ":kids": {"S": _kids_key(key.run_id, key.chunk_id, key.seq)},
+                    ":queued": {"S": TaskState.QUEUED.value},
+                },
+            )
+        ]
+        tasks = [_task(item) for item in self._batch_get_full(keys)]
+        tasks = [t for t in tasks if t.state == TaskState.QUEUED]
+        tasks.sort(key=_chunk_sort_key)
+        return tasks
+
+    def get_task(self, key: TaskKey) -> TaskRecord | None:
+        """The task, or None."""
+        item = self._get(_task_key(key))
+        return _task(item) if item else None
+
+    def list_tasks(
+        self, run_id: str, states: Collection[TaskState] | None = None
+    ) -> list[TaskRecord]:
+        """The run's tasks in chunk order (a strongly consistent query of the run)."""
+        params: Item = {
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :task)",
+            "ExpressionAttributeValues": {
+                ":pk": {"S": _run_pk(run_id)},
+                ":task": {"S": "TASK#"},
+            },
+            "ConsistentRead": True,
+        }
+        if states is not None:
+            if not states:
+                return []
+            wanted = {f":s{i}": {"S": s.value} for i, s in enumerate(states)}
+            params["FilterExpression"] = f"#state IN ({', '.join(wanted)})"
+            params["ExpressionAttributeNames"] = {"#state": "state"}
+            params["ExpressionAttributeValues"].update(wanted)
+        tasks = [_task(item) for item in self._query(**params)]
+        tasks.sort(key=_chunk_sort_key)
+        return tasks
+
+    def reopen(
+        self, run_id: str, chunk_ids: Collection[str] | None, now: float
+    ) -> list[TaskRecord]:
+        """Dead tasks back to queued with a fresh attempt budget; the run reopens.
+
+        Each transaction reopens up to 99 tasks with the run's counters, so
+        the counters are exact after each; a larger replay is several
+        transactions (a crash between them reopens only part: run it again)."""
+        reopened: list[TaskRecord] = []
+        for _ in range(RETRIES):
+            dead = [
+                t
+                for t in self.list_tasks(run_id, (TaskState.DEAD,))
+                if chunk_ids is None or t.chunk_id in chunk_ids
+            ]
+            if not dead:
+                break
+            batch = dead[: MAX_TRANSACTION_ITEMS - 1]
+            entries = []
+            for t in batch:
+                e = _Expr().set("state", TaskState.QUEUED.value).set("attempt_floor", t.attempt)
+                e.set("not_before", 0).remove("lease_token").set("lease_expires", 0)
+                event = _event("replayed", now, t.attempt - t.attempt_floor)
+                e.set("updated_at", now).append("history", event).bump()
+                e.where(f"{e.n('state')} = {e.v(TaskState.DEAD.value)}")
+                entries.append({"Update": e.update(self.table, _task_key(t.key))})
+                t.state, t.attempt_floor, t.not_before = TaskState.QUEUED, t.attempt, 0.0
+                t.lease_token, t.lease_expires, t.updated_at = None, 0.0, now
+                t.history.append(event)
+            # A replay runs what the user asked for, even in a run a bound had stopped.
+            e = _Expr().set("state", RunState.RUNNING.value).set("updated_at", now)
+            e.remove("stop_reason").remove("finished_at")
+            e.add("outstanding", len(batch)).add("tasks_dead", -len(batch))
+            e.where(f"attribute_exists({e.n('pk')})")
+            entries.append({"Update": e.update(self.table, _run_key(run_id))})
+            if self._transact(entries) is None:
+                reopened.extend(batch)
+                if len(batch) == len(dead):
+                    break
+            # Else a task changed meanwhile (or more remain): read the dead ones again.
+        reopened.sort(key=_chunk_sort_key)
+        return reopened
+
+    # -- the crawl's seen-set ----------------------------------------------------------------
+
+    def claim_urls(self, run_id: str, owner: str, fingerprints: Sequence[str]) -> set[str]:
+        """Claim unseen fingerprints for ``owner``; the ones it owns now.
+
+        A consistent batch read sorts them into owned (by ``owner`` or by
+        another chunk) and free; each free one is then a conditional put
+        (``attribute_not_exists(pk) OR owner = :owner``), so a race with another
+        chunk is settled per fingerprint. Plain puts, not transactions: the
+        fingerprints are independent, and a transactional write costs double.
+        """
+        if not fingerprints:
+            return set()
+        pk = _run_pk(run_id)
+        wanted = list(dict.fromkeys(fingerprints))
+        seen = self._batch_get([_key(pk, f"SEEN#{fp}") for fp in wanted], ["owner"])
+        owned = {
+            fp for fp in wanted if seen.get(f"SEEN#{fp}", {}).get("owner", {}).get("S") == owner
+        }
+        free = [fp for fp in wanted if f"SEEN#{fp}" not in seen]
+        if len(free) <= 1:
+            won = [fp for fp in free if self._claim_url(run_id, owner, fp)]
+        else:
+            # boto3 clients are thread-safe; a few threads hide the round trips.
+            with ThreadPoolExecutor(max_workers=min(8, len(free))) as pool:
+                flags = pool.map(lambda fp: self._claim_url(run_id, owner, fp), free)
+                won = [fp for fp, ok in zip(free, flags, strict=True) if ok]
+        owned.update(won)
+        return owned
+
+    def _claim_url(self, run_id: str, owner: str, fingerprint: str) -> bool:
+        """Record ``fingerprint`` as ``owner``'s unless another chunk has it."""
+        sk = f"SEEN#{fingerprint}"
+        try:
+            self.client.put_item(
+                TableName=self.table,
+                Item={
+                    **_key(_run_pk(run_id), sk),
+                    "owner": {"S": owner},
+                    "gsi2pk": {"S": _owns_key(run_id, owner)},
+                    "gsi2sk": {"S": sk},
+                },
+                ConditionExpression="attribute_not_exists(pk) OR #owner = :owner",
+                ExpressionAttributeNames={"#owner": "owner"},
+                ExpressionAttributeValues={":owner": {"S": owner}},
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+    def release_urls(self, run_id: str, owner: str) -> int:
+        """Drop ``owner``'s claims (found on ``gsi2``; each delete is conditional
+        on the owner, so a claim someone else made since is kept)."""
+        released = 0
+        for entry in self._query(
+            IndexName="gsi2",
+            KeyConditionExpression="gsi2pk = :owns",
+            ExpressionAttributeValues={":owns": {"S": _owns_key(run_id, owner)}},
+        ):
+            try:
+                self.client.delete_item(
+                    TableName=self.table,
+                    Key=_key(entry["pk"]["S"], entry["sk"]["S"]),
+                    ConditionExpression="#owner = :owner",
+                    ExpressionAttributeNames={"#owner": "owner"},
+                    ExpressionAttributeValues={":owner": {"S": owner}},
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                    raise
+                continue
+            released += 1
+        return released
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        self.client.close()

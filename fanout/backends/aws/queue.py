@@ -1,0 +1,238 @@
+"""The work queue on SQS (a standard queue).
+
+What SQS gives, and how the engine copes where it gives less than the
+:class:`~fanout.backends.base.Queue` contract of the local queue:
+
+- **Whole seconds.** Visibility timeouts and delays are whole seconds in SQS;
+  they are rounded *up* (a message is never visible earlier than asked).
+  :attr:`SqsQueue.min_visibility` says so to callers and tests.
+- **Delays up to 15 minutes.** ``DelaySeconds`` is at most 900: a longer delay
+  sends the message delayed by 900 s. When it arrives early, the ledger's claim
+  answers WAIT (the task's ``not_before`` is still ahead) and the engine
+  releases it again for the rest of the back-off, so a long delay costs a few
+  extra receives, never an early run.
+- **Stale receipts.** A receipt handle is meant for the latest receive only, but
+  SQS (and moto) may still honour an older one: a late ``ack`` from a worker
+  whose lease expired can delete the redelivered copy, and a late ``release``
+  can make it visible. The ledger keeps this safe: a released copy is claimed
+  BUSY and released again while the new lease is live, and a task whose message
+  was deleted while it was still running is re-sent by the recovery sweep
+  (``fanout.coordinator.recover``) if that attempt dies. :attr:`SqsQueue.exact_receipts`
+  is False to say so.
+- **No order.** A standard queue delivers in roughly, not exactly, send order
+  (:attr:`SqsQueue.ordered` is False); the engine never relies on order.
+- **At least once.** SQS may, rarely, deliver a message twice even while it is
+  in flight; the ledger's claim makes the second delivery harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from fanout.backends.aws import AwsSettings
+from fanout.backends.aws.clients import client, error_code
+from fanout.backends.base import Delivery
+
+log = logging.getLogger(__name__)
+
+#: SQS's limits.
+MAX_BATCH = 10
+MAX_DELAY = 900  # DelaySeconds
+MAX_VISIBILITY = 43_200  # VisibilityTimeout (12 hours)
+
+#: How many times entries of a batch that SQS failed (not the sender's fault) are
+#: re-sent before ``send`` gives up. botocore already retried the whole call.
+SEND_ATTEMPTS = 5
+
+#: Receipt errors that only mean "this receipt is stale": the message was
+#: deleted, or received again since, or is no longer in flight.
+_STALE_RECEIPT_CODES = frozenset(
+    {
+        "ReceiptHandleIsInvalid",
+        "AWS.SimpleQueueService.ReceiptHandleIsInvalid",
+        "InvalidParameterValue",  # e.g. "Value ... for parameter ReceiptHandle is invalid"
+        "MessageNotInflight",
+        "AWS.SimpleQueueService.MessageNotInflight",
+    }
+)
+
+#: Characters SQS refuses in a message body.
+_BAD_CHARS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _seconds(value: float, limit: int) -> int:
+    """``value`` seconds as SQS's whole seconds: rounded up, within 0..limit."""
+    return min(max(math.ceil(value), 0), limit)
+
+
+class SqsQueue:
+    """The :class:`~fanout.backends.base.Queue` of the AWS backend, on one SQS queue."""
+
+    #: SQS's message size limit (UTF-8 bytes of the body), also per batch.
+    max_message_bytes: int = 256 * 1024
+
+    #: Visibility timeouts and delays are whole seconds (rounded up).
+    min_visibility: float = 1.0
+
+    #: A standard queue does not keep send order.
+    ordered: bool = False
+
+    #: A stale receipt may still delete or release the message (see the module doc).
+    exact_receipts: bool = False
+
+    def __init__(self, settings: AwsSettings, sqs: Any = None) -> None:
+        self.settings = settings
+        self.sqs: Any = sqs if sqs is not None else client("sqs", settings)
+        name = settings.queue
+        if name.startswith(("https://", "http://")):
+            self.url = name
+        else:
+            self.url = str(self.sqs.get_queue_url(QueueName=name)["QueueUrl"])
+
+    # -- send ---------------------------------------------------------------------
+
+    def send(self, bodies: Sequence[str], delay: float = 0.0) -> None:
+        """Enqueue ``bodies`` (``SendMessageBatch``, 10 a call), visible after
+        ``delay`` seconds (rounded up; at most 900, see the module doc).
+
+        Raises ``ValueError`` (and sends nothing) if a body is over
+        :attr:`max_message_bytes` in UTF-8 or holds characters SQS refuses.
+        Entries SQS fails on its side are re-sent a few times; then
+        ``RuntimeError``. Not atomic: on an error, earlier batches stay sent
+        (the engine's sends are idempotent).
+        """
+        if not bodies:
+            return
+        sizes = [self._check(body) for body in bodies]
+        delay_seconds = _seconds(delay, MAX_DELAY)
+        for batch in _batches(bodies, sizes, self.max_message_bytes):
+            self._send_batch(batch, delay_seconds)
+
+    def _check(self, body: str) -> int:
+        size = len(body.encode())
+        if size > self.max_message_bytes:
+            raise ValueError(f"message of {size} bytes exceeds {self.max_message_bytes} bytes")
+        bad = _BAD_CHARS.search(body)
+        if bad:
+            raise ValueError(f"message holds a character SQS refuses: {bad.group()!r}")
+        return size
+
+    def _send_batch(self, batch: list[str], delay_seconds: int) -> None:
+        entries = {
+            str(i): {"Id": str(i), "MessageBody": body, "DelaySeconds": delay_seconds}
+            for i, body in enumerate(batch)
+        }
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            response = self.sqs.send_message_batch(
+                QueueUrl=self.url, Entries=list(entries.values())
+            )
+            failed = response.get("Failed") or []
+            if not failed:
+                return
+            sender_faults = [f for f in failed if f.get("SenderFault")]
+            if sender_faults:
+                first = sender_faults[0]
+                raise ValueError(
+                    f"SQS refused {len(sender_faults)} message(s):"
+                    f" {first.get('Code')}: {first.get('Message')}"
+                )
+            entries = {f["Id"]: entries[f["Id"]] for f in failed}
+            log.warning(
+                "SQS failed %d of a batch (attempt %d): %s",
+                len(entries),
+                attempt,
+                failed[0].get("Code"),
+            )
+            time.sleep(min(0.1 * 2**attempt, 2.0))
+        raise RuntimeError(f"SQS kept failing {len(entries)} message(s) of a batch")
+
+    # -- receive ------------------------------------------------------------------
+
+    def receive(self, max_messages: int, visibility: float) -> list[Delivery]:
+        """Up to ``max_messages`` visible messages, hidden for ``visibility``
+        seconds (rounded up to whole seconds, at most 12 hours).
+
+        Calls ``ReceiveMessage`` (10 at most a call, no long polling) until it
+        has ``max_messages`` or a call returns nothing; a short poll samples
+        SQS's servers, so it may return fewer messages than are visible.
+        """
+        timeout = _seconds(visibility, MAX_VISIBILITY)
+        got: list[Delivery] = []
+        while len(got) < max_messages:
+            response = self.sqs.receive_message(
+                QueueUrl=self.url,
+                MaxNumberOfMessages=min(MAX_BATCH, max_messages - len(got)),
+                VisibilityTimeout=timeout,
+                WaitTimeSeconds=0,
+                MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            )
+            messages = response.get("Messages") or []
+            if not messages:
+                break
+            for m in messages:
+                count = int((m.get("Attributes") or {}).get("ApproximateReceiveCount", 1))
+                got.append(Delivery(m["Body"], m["ReceiptHandle"], count))
+        return got
+
+    # -- settle -------------------------------------------------------------------
+
+    def ack(self, receipt: str) -> None:
+        """Delete the message. An invalid receipt (already deleted) is ignored; a
+        stale one may still delete it in SQS (see the module doc)."""
+        try:
+            self.sqs.delete_message(QueueUrl=self.url, ReceiptHandle=receipt)
+        except Exception as exc:
+            if error_code(exc) not in _STALE_RECEIPT_CODES:
+                raise
+            log.debug("ack of a stale receipt ignored: %s", exc)
+
+    def release(self, receipt: str, delay: float) -> None:
+        """Make the message visible again after ``delay`` seconds (rounded up; at
+        most 12 hours after its receive, SQS's limit). An invalid or expired
+        receipt is ignored: the message is visible already, or gone."""
+        try:
+            self.sqs.change_message_visibility(
+                QueueUrl=self.url,
+                ReceiptHandle=receipt,
+                VisibilityTimeout=_seconds(delay, MAX_VISIBILITY),
+            )
+        except Exception as exc:
+            if error_code(exc) not in _STALE_RECEIPT_CODES:
+                raise
+            # Also "total visibility beyond 12 hours": the message then simply
+            # becomes visible when its current timeout ends, and is claimed WAIT.
+            log.debug("release of a stale receipt ignored: %s", exc)
+
+    def pending(self) -> int:
+        """Messages not yet deleted: visible, delayed and in flight (SQS's
+        approximate counts, which lag by up to a minute)."""
+        names = [
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        ]
+        response = self.sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=names)
+        attributes = response.get("Attributes") or {}
+        return sum(int(attributes.get(name, 0)) for name in names)
+
+    def close(self) -> None:
+        """Nothing to release: the boto3 client is shared by the process."""
+
+
+def _batches(bodies: Sequence[str], sizes: Sequence[int], max_bytes: int) -> Iterator[list[str]]:
+    """Groups of at most 10 bodies and ``max_bytes`` in all (SQS's batch limits)."""
+    batch: list[str] = []
+    total = 0
+    for body, size in zip(bodies, sizes, strict=True):
+        if batch and (len(batch) == MAX_BATCH or total + size > max_bytes):
+            yield batch
+            batch, total = [], 0
+        batch.append(body)
+        total += size
+    if batch:
+        yield batch

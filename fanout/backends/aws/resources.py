@@ -1,0 +1,134 @@
+"""Create the AWS backend's resources: the SQS queue (and its dead-letter queue),
+the S3 bucket and the DynamoDB table.
+
+For tests (under moto) and for ``fanout deploy``; idempotent, so running it on
+an existing stack is harmless. Production stacks may come from a template
+instead; this creates the same shape:
+
+- queue: SQS-managed encryption, 14 days retention, a redrive policy moving a
+  message that was received 50 times to ``<queue>-dlq`` (the engine's ledger
+  remains the record of every task; the DLQ only keeps poison messages from
+  circling forever);
+- bucket: all public access blocked, default encryption (SSE-S3), incomplete
+  multipart uploads aborted after a day;
+- table: created by ``fanout.backends.aws.ledger.create_table`` when that exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fanout.backends.aws import AwsSettings
+from fanout.backends.aws.clients import client, error_code
+
+log = logging.getLogger(__name__)
+
+#: Receives after which SQS moves a message to the dead-letter queue.
+MAX_RECEIVE_COUNT = 50
+RETENTION_SECONDS = 14 * 24 * 3600  # SQS's maximum
+DEFAULT_VISIBILITY = 30
+
+
+def queue_name(settings: AwsSettings) -> str:
+    """The queue's name (``settings.queue`` may be a URL)."""
+    return settings.queue.rstrip("/").rsplit("/", 1)[-1]
+
+
+def create_queue(settings: AwsSettings) -> str:
+    """Create the work queue and its dead-letter queue; returns the queue URL."""
+    sqs = client("sqs", settings)
+    name = queue_name(settings)
+    encrypted = {"SqsManagedSseEnabled": "true"}
+    dlq_url = sqs.create_queue(
+        QueueName=f"{name}-dlq",
+        Attributes={**encrypted, "MessageRetentionPeriod": str(RETENTION_SECONDS)},
+    )["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT})
+    attributes = {
+        **encrypted,
+        "MessageRetentionPeriod": str(RETENTION_SECONDS),
+        "VisibilityTimeout": str(DEFAULT_VISIBILITY),
+        "RedrivePolicy": redrive,
+    }
+    try:
+        url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    except Exception as exc:
+        if error_code(exc) not in ("QueueAlreadyExists", "QueueNameExists"):
+            raise
+        # It exists with other attributes: bring them to ours.
+        url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
+    return str(url)
+
+
+def create_bucket(settings: AwsSettings) -> str:
+    """Create the bucket: private, encrypted by default; returns its name."""
+    s3 = client("s3", settings)
+    bucket = settings.bucket
+    kwargs: dict[str, Any] = {"Bucket": bucket}
+    region = settings.region or s3.meta.region_name
+    if region and region != "us-east-1":
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        s3.create_bucket(**kwargs)
+    except Exception as exc:
+        if error_code(exc) != "BucketAlreadyOwnedByYou":
+            raise
+    s3.put_public_access_block(
+        Bucket=bucket,
+        PublicAccessBlockConfiguration={
+            "BlockPublicAcls": True,
+            "IgnorePublicAcls": True,
+            "BlockPublicPolicy": True,
+            "RestrictPublicBuckets": True,
+        },
+    )
+    s3.put_bucket_encryption(
+        Bucket=bucket,
+        ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+        },
+    )
+    s3.put_bucket_lifecycle_configuration(
+        Bucket=bucket,
+        LifecycleConfiguration={
+            "Rules": [
+                {
+                    "ID": "abort-incomplete-uploads",
+                    "Status": "Enabled",
+                    "Filter": {"Prefix": ""},
+                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+                }
+            ]
+        },
+    )
+    return bucket
+
+
+def create_table(settings: AwsSettings) -> bool:
+    """Create the ledger's table if the ledger module offers ``create_table``;
+    returns whether it did."""
+    try:
+        from fanout.backends.aws import ledger
+
+        create = ledger.create_table  # type: ignore[attr-defined,unused-ignore]
+    except (ImportError, AttributeError):
+        log.warning("fanout.backends.aws.ledger.create_table is not available: no table created")
+        return False
+    create(settings)
+    return True
+
+
+def create_resources(settings: AwsSettings) -> dict[str, object]:
+    """Create the queue, bucket and table of ``settings`` (idempotent); returns
+    what it made: ``{"queue_url": ..., "bucket": ..., "table": bool}``."""
+    return {
+        "queue_url": create_queue(settings),
+        "bucket": create_bucket(settings),
+        "table": create_table(settings),
+    }

@@ -1,0 +1,233 @@
+"""The queue and store contracts on the AWS backend's SQS queue and S3 store,
+under moto in this process (no network, no credentials).
+
+The ledger is the local SQLite one until the DynamoDB ledger joins the shared
+``conftest.py``; this module overrides the ``backend`` fixtures for its own
+tests and collects the contract tests of ``test_queue_contract`` and
+``test_store_contract`` again, so they run once more here, on AWS.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import test_queue_contract as queue_contract
+import test_store_contract as store_contract
+
+from fanout.backends.aws import AwsSettings
+from fanout.backends.aws.clients import clear_cache
+from fanout.backends.base import Backend
+from fanout.backends.local.db import Database
+from fanout.backends.local.ledger import SQLiteLedger
+
+moto = pytest.importorskip("moto")
+
+Opener = Callable[[], Backend]
+
+#: Contract tests that cannot run on in-process moto, and why.
+NOT_HERE = {
+    # Forked children get a copy of moto's in-process state, not a connection
+    # to it (this one needs a moto server, or AWS).
+    "test_concurrent_processes_never_share_a_message",
+}
+
+for _module in (queue_contract, store_contract):
+    for _name, _test in vars(_module).items():
+        if _name.startswith("test_") and callable(_test) and _name not in NOT_HERE:
+            globals()[_name] = _test
+
+
+def _locked(lock: threading.RLock, method: Any) -> Any:
+    @functools.wraps(method)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return method(*args, **kwargs)
+
+    return locked
+
+
+def _patch_moto() -> None:
+    """Patches to moto's SQS (idempotent). It reads the clock through
+    ``datetime.utcnow`` arithmetic for every message it scans, and scans the
+    whole queue per message (its retention check recomputes every queue
+    attribute): quadratic and slow. Same times, cheaper."""
+    import moto.sqs.models as sqs_models
+
+    if getattr(sqs_models, "_fanout_patched", False):
+        return
+
+    def unix_time(dt: Any = None) -> float:
+        return time.time() if dt is None else float(original(dt))
+
+    def retained(self: Any, queue_name: str, message: Any) -> bool:
+        queue = self.get_queue(queue_name)
+        sent: float = message.sent_timestamp / 1000
+        return int(queue.message_retention_period) + sent > time.time()
+
+    original = getattr(sqs_models, "unix_time")  # noqa: B009 (not exported: no stub)
+    setattr(sqs_models, "unix_time", unix_time)  # noqa: B010
+    setattr(sqs_models, "unix_time_millis", lambda dt=None: unix_time(dt) * 1000.0)  # noqa: B010
+    setattr(sqs_models.SQSBackend, "is_message_valid_based_on_retention_period", retained)  # noqa: B010
+    # moto's SQS is not thread-safe: two concurrent deletes each rebuild the
+    # message list from the same old one, and one deletion is lost (the message
+    # then stays in flight, and "pending" never reaches 0). One lock around the
+    # calls that change the list.
+    lock = threading.RLock()
+    for cls, name in (
+        (sqs_models.SQSBackend, "receive_message"),
+        (sqs_models.SQSBackend, "delete_message"),
+        (sqs_models.SQSBackend, "change_message_visibility"),
+        (sqs_models.SQSBackend, "send_message"),
+    ):
+        setattr(cls, name, _locked(lock, getattr(cls, name)))
+    setattr(sqs_models, "_fanout_patched", True)  # noqa: B010
+
+
+@pytest.fixture
+def aws_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[AwsSettings]:
+    """Fake credentials, a region, and the stack's resources, under ``mock_aws``."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    _patch_moto()
+    clear_cache()
+    settings = AwsSettings(
+        queue="fanout-test-work",
+        bucket="fanout-test-store",
+        table="fanout-test-ledger",
+        region="us-east-1",
+    )
+    with moto.mock_aws():
+        from fanout.backends.aws.resources import create_bucket, create_queue
+
+        create_queue(settings)
+        create_bucket(settings)
+        yield settings
+    clear_cache()
+
+
+def _open(settings: AwsSettings, ledger_path: Path) -> Backend:
+    from fanout.backends.aws.queue import SqsQueue
+    from fanout.backends.aws.store import S3Store
+
+    return Backend(
+        "aws",
+        queue=SqsQueue(settings),
+        store=S3Store(settings),
+        ledger=SQLiteLedger(Database(ledger_path)),
+    )
+
+
+@pytest.fixture
+def backend_name() -> str:
+    return "aws"
+
+
+@pytest.fixture
+def backend(aws_settings: AwsSettings, tmp_path: Path) -> Iterator[Backend]:
+    """SQS and S3 under moto, with a local ledger."""
+    opened = _open(aws_settings, tmp_path / "ledger.db")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
+def open_same(aws_settings: AwsSettings, tmp_path: Path) -> Iterator[Opener]:
+    """Another backend on the same (moto) queue, bucket and ledger file."""
+    opened: list[Backend] = []
+
+    def opener() -> Backend:
+        again = _open(aws_settings, tmp_path / "ledger.db")
+        opened.append(again)
+        return again
+
+    yield opener
+    for again in opened:
+        again.close()
+
+
+def test_not_run_here() -> None:
+    """Lists the contract tests this module leaves out (see ``NOT_HERE``)."""
+    pytest.skip(f"not on in-process moto: {', '.join(sorted(NOT_HERE))}")
+
+
+# -- AWS-specific behaviour ------------------------------------------------------
+
+
+def test_large_file_objects_go_in_parts(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import os
+
+    from fanout.backends.aws import store as s3_store
+
+    monkeypatch.setattr(s3_store, "SINGLE_PUT_BYTES", 1024 * 1024)
+    monkeypatch.setattr(s3_store, "PART_BYTES", 5 * 1024 * 1024)
+    data = os.urandom(11 * 1024 * 1024 + 3)
+    store = backend.store
+    assert store.put("runs/r1/big", io.BytesIO(data)) is True  # s3transfer
+    assert store.get("runs/r1/big") == data
+    assert store.put("runs/r1/once", io.BytesIO(data), if_absent=True) is True  # own parts
+    assert store.put("runs/r1/once", io.BytesIO(data[::-1]), if_absent=True) is False
+    assert store.get("runs/r1/once") == data
+    assert list(store.list("runs/r1/")) == ["runs/r1/big", "runs/r1/once"]
+
+
+def test_url_is_s3(backend: Backend, aws_settings: AwsSettings) -> None:
+    assert backend.store.url("runs/r1/x") == f"s3://{aws_settings.bucket}/runs/r1/x"
+
+
+def test_queue_by_url_and_long_delays(backend: Backend, aws_settings: AwsSettings) -> None:
+    from fanout.backends.aws.queue import SqsQueue
+
+    assert isinstance(backend.queue, SqsQueue)
+    by_url = SqsQueue(AwsSettings(queue=backend.queue.url, region=aws_settings.region))
+    by_url.send(["later"], delay=3600)  # sent delayed by SQS's maximum, 900 s
+    assert backend.queue.pending() == 1
+    assert backend.queue.receive(10, 60) == []
+
+
+def test_settling_a_deleted_message_is_ignored(backend: Backend) -> None:
+    q = backend.queue
+    q.send(["m"])
+    [d] = q.receive(1, 60)
+    q.ack(d.receipt)
+    q.ack(d.receipt)
+    q.release(d.receipt, 0)
+    assert q.pending() == 0
+
+
+def test_resources_are_idempotent(aws_settings: AwsSettings) -> None:
+    import json
+
+    from fanout.backends.aws.clients import client
+    from fanout.backends.aws.resources import create_resources
+
+    made = create_resources(aws_settings)  # again: the fixture made them once
+    sqs = client("sqs", aws_settings)
+    attributes = sqs.get_queue_attributes(QueueUrl=made["queue_url"], AttributeNames=["All"])[
+        "Attributes"
+    ]
+    assert json.loads(attributes["RedrivePolicy"])["maxReceiveCount"] == 50
+    assert attributes["SqsManagedSseEnabled"] == "true"
+    s3 = client("s3", aws_settings)
+    block = s3.get_public_access_block(Bucket=aws_settings.bucket)
+    assert all(block["PublicAccessBlockConfiguration"].values())
+    rules = s3.get_bucket_encryption(Bucket=aws_settings.bucket)[
+        "ServerSideEncryptionConfiguration"
+    ]["Rules"]
+    assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
