@@ -53,6 +53,8 @@ log = logging.getLogger("fanout.runner")
 LEASE_GRACE = 5.0
 #: A finalizer that has not finished after this long is presumed dead.
 FINALIZE_STALE = 60.0
+#: Outcomes of :meth:`Runner.handle` that hand the message back to the queue.
+RELEASED = frozenset({"busy", "wait", "retry"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +129,9 @@ class Runner:
     # -- one delivery -------------------------------------------------------------
 
     def handle(self, delivery: Delivery, timeout: float) -> str:
-        """Process one delivery under a hard ``timeout`` (s); returns what happened."""
+        """Process one delivery under a hard ``timeout`` (s); returns what happened.
+        The message was released back to the queue (not acknowledged) exactly
+        when the result is in :data:`RELEASED`."""
         try:
             msg = decode(delivery.body)
         except MessageError as exc:
@@ -210,8 +214,7 @@ class Runner:
                     continuation = result
             data = writer.finish() if writer is not None and writer.count else b""
         except Exception as exc:
-            self.fail(attempt, _failure(exc))
-            return "failed"
+            return self.fail(attempt, _failure(exc))
         return self._commit(run, attempt, msg, payload, ctx, continuation, data, writer)
 
     def _commit(

@@ -59,3 +59,81 @@ def test_dead_letter_and_replay_on_aws(aws: Backend, tmp_path: object) -> None:
     assert run.state == RunState.FAILED
     (dead,) = aws.ledger.list_tasks(run_id, (TaskState.DEAD,))
     assert dead.chunk_id == "0/1" and "flaky chunk 1" in (dead.error or "")
+
+
+class _Context:
+    """The part of Lambda's context object the handler uses."""
+
+    def __init__(self, remaining_ms: int) -> None:
+        self.remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+def _event_source_poll(aws: Backend, remaining_ms: int = 60_000) -> tuple[int, int]:
+    """One poll of the SQS event source: receive a batch, invoke the handler,
+    delete what it did not report as failed. Returns (records, failures)."""
+    import fanout.aws_lambda as lambda_mod
+
+    sqs = aws.queue.sqs  # type: ignore[attr-defined]
+    url = aws.queue.url  # type: ignore[attr-defined]
+    messages = sqs.receive_message(
+        QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=30, AttributeNames=["All"]
+    ).get("Messages", [])
+    event = {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m["Attributes"],
+                "eventSource": "aws:sqs",
+            }
+            for m in messages
+        ]
+    }
+    response = lambda_mod.handler(event, _Context(remaining_ms))
+    failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
+    for m in messages:
+        if m["MessageId"] not in failed:
+            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    return len(messages), len(failed)
+
+
+@pytest.fixture
+def lambda_env(aws: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    import fanout.aws_lambda as lambda_mod
+
+    monkeypatch.setattr(lambda_mod, "_warm", None)  # a cold container per test
+    return aws
+
+
+def test_lambda_handler_driven_like_the_sqs_event_source(lambda_env: Backend) -> None:
+    import time as _time
+
+    params = {"chunks": 4, "rows": 5, "fail_chunks": [2], "fail_times": 1}
+    run_id = coordinator.submit(lambda_env, TREE, params).run_id
+    deadline = _time.monotonic() + 120
+    released = 0
+    while _time.monotonic() < deadline:
+        records, failures = _event_source_poll(lambda_env)
+        released += failures
+        run = lambda_env.ledger.get_run(run_id)
+        assert run is not None
+        if run.state != RunState.RUNNING:
+            break
+        if not records:
+            _time.sleep(0.2)
+    assert run.state == RunState.SUCCEEDED and run.retries == 1
+    assert released >= 1  # the retried chunk was handed back, not deleted
+    items = Counter(r["item"] for r in coordinator.committed_records(lambda_env, run_id))
+    assert set(items) == expected_items(Params(**params)) and max(items.values()) == 1
+
+
+def test_lambda_hands_back_records_it_has_no_time_for(lambda_env: Backend) -> None:
+    run_id = coordinator.submit(lambda_env, TREE, {"chunks": 1, "rows": 1}).run_id
+    records, failures = _event_source_poll(lambda_env, remaining_ms=2_500)
+    assert records == failures == 1
+    root = lambda_env.ledger.list_tasks(run_id)[0]
+    assert root.attempt == 0  # never claimed
