@@ -31,6 +31,7 @@ import json
 import time
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from botocore.exceptions import ClientError
 
@@ -155,10 +156,7 @@ class DynamoLedger(Registrar):
         if states is not None:
             if not states:
                 return []
-            wanted = {f":s{i}": {"S": s.value} for i, s in enumerate(states)}
-            params["FilterExpression"] = f"#state IN ({', '.join(wanted)})"
-            params["ExpressionAttributeNames"] = {"#state": "state"}
-            params["ExpressionAttributeValues"].update(wanted)
+            _filter_states(params, states)
         keys: list[Item] = []
         for entry in self._query(**params):
             keys.append(_key(entry["pk"]["S"], entry["sk"]["S"]))
@@ -537,10 +535,7 @@ class DynamoLedger(Registrar):
         if states is not None:
             if not states:
                 return []
-            wanted = {f":s{i}": {"S": s.value} for i, s in enumerate(states)}
-            params["FilterExpression"] = f"#state IN ({', '.join(wanted)})"
-            params["ExpressionAttributeNames"] = {"#state": "state"}
-            params["ExpressionAttributeValues"].update(wanted)
+            _filter_states(params, states)
         tasks = [_task(item) for item in self._query(**params)]
         tasks.sort(key=_chunk_sort_key)
         return tasks
@@ -667,3 +662,11 @@ class DynamoLedger(Registrar):
     def close(self) -> None:
         """Close the client's connections."""
         self.client.close()
+
+
+def _filter_states(params: dict[str, Any], states: Collection[RunState | TaskState]) -> None:
+    """Add ``state IN (...)`` to a Query's parameters."""
+    wanted = {f":s{i}": {"S": s.value} for i, s in enumerate(states)}
+    params["FilterExpression"] = f"#state IN ({', '.join(wanted)})"
+    params["ExpressionAttributeNames"] = {"#state": "state"}
+    params["ExpressionAttributeValues"].update(wanted)
