@@ -480,5 +480,41 @@ def validate(
     click.echo(f"  settings: {json.dumps(run_settings.model_dump(mode='json'))}")
 
 
+@main.command()
+@click.option("--stage", required=True, help="Stage to deploy (stack fanout-STAGE).")
+@click.option("--dry-run", is_flag=True, help="Build the zip and print the plan; call no AWS API.")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=".",
+    show_default=True,
+    help="Project directory holding jobs/ and schemas/.",
+)
+@click.option("--code-bucket", help="Bucket for the code zip (default: fanout-STAGE-code-...).")
+@click.option(
+    "--parameter", "-p", "parameters", multiple=True, help="Stack parameter KEY=VALUE (repeatable)."
+)
+def deploy(
+    stage: str, dry_run: bool, root: Path, code_bucket: str | None, parameters: tuple[str, ...]
+) -> None:
+    """Package the code and create or update the AWS stack of STAGE."""
+    import tempfile
+
+    # Imported here: deploy pulls in YAML and boto3 that other commands never need.
+    from fanout.deploy import build_zip, parse_parameters, plan
+    from fanout.deploy import deploy as deploy_stack
+
+    overrides = parse_parameters(parameters)
+    if dry_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            size = build_zip(root, Path(tmp) / "fanout.zip").stat().st_size
+        click.echo(f"zip: {size} bytes")
+        click.echo(plan(stage, overrides))
+        return
+    outputs = deploy_stack(stage, root, code_bucket=code_bucket, parameters=overrides)
+    for key in sorted(outputs):
+        click.echo(f"{key}: {outputs[key]}")
+
+
 if __name__ == "__main__":
     main()

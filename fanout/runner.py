@@ -42,6 +42,7 @@ from fanout.backends.base import (
 )
 from fanout.context import ChunkContext, Continue
 from fanout.errors import PermanentError, RecordError
+from fanout.events import EventSink, emit, events_for
 from fanout.jobs import Job, RunSettings, load_job
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.retry import compute_backoff
@@ -117,13 +118,18 @@ class Runner:
         backend: Backend,
         on_start: Callable[[Attempt], None] | None = None,
         on_end: Callable[[], None] | None = None,
+        *,
+        events: EventSink | None = None,
     ) -> None:
+        """``events``: where run events go (``fanout.events``); by default the
+        backend's own sink (SNS on AWS with an events topic, else nowhere)."""
         self.backend = backend
         self.ledger = backend.ledger
         self.queue = backend.queue
         self.store = backend.store
         self.on_start = on_start
         self.on_end = on_end
+        self.events: EventSink = events if events is not None else events_for(backend)
         self._runs: dict[str, _Run] = {}
 
     # -- one delivery -------------------------------------------------------------
@@ -252,6 +258,7 @@ class Runner:
         if stop_reason:
             log.warning("run %s stopped: %s", key.run_id, stop_reason)
             self.ledger.stop(key.run_id, stop_reason)
+            emit(self.events, "run.stopped", key.run_id, reason=stop_reason, chunk_id=key.chunk_id)
 
         outcome = "continued" if continuation is not None else "committed"
         settle = self.ledger.commit(
@@ -379,6 +386,15 @@ class Runner:
         }
         dkey = f"runs/{key.run_id}/dead/{key.chunk_id.replace('/', '.')}-s{key.seq}.json"
         self.store.put(dkey, json.dumps(letter, indent=2).encode())
+        emit(
+            self.events,
+            "chunk.dead",
+            key.run_id,
+            chunk_id=key.chunk_id,
+            seq=key.seq,
+            error=error,
+            dead_letter=dkey,
+        )
 
     # -- the end of a run ---------------------------------------------------------
 
@@ -425,6 +441,18 @@ class Runner:
         key = manifest_key(run_id)
         self.store.put(key, json.dumps(manifest, indent=1).encode())
         self.ledger.finish(run_id, state, key, time.time())
+        emit(
+            self.events,
+            "run.finished",
+            run_id,
+            job=record.job_name,
+            state=state.value,
+            stop_reason=record.stop_reason,
+            records=manifest["records"],
+            files=len(files),
+            dead_chunks=len(dead),
+            manifest=key,
+        )
         log.info(
             "run %s %s: %d records in %d files",
             run_id,

@@ -21,10 +21,19 @@ class AwsSettings:
     table: str = "fanout-ledger"
     region: str | None = None
     endpoint_url: str | None = None  # a moto server or other emulator
+    #: SNS topic (name or ARN) the work queue is subscribed to with raw message
+    #: delivery; when set, undelayed messages are dispatched through it (see
+    #: ``fanout.backends.aws.queue``). None: straight to SQS.
+    topic: str | None = None
+    #: SNS topic (name or ARN) that run events are published to (see
+    #: ``fanout.events``). None: no events.
+    events_topic: str | None = None
 
     @classmethod
     def from_env(cls, stage: str | None = None) -> AwsSettings:
-        """``FANOUT_AWS_QUEUE``/``_BUCKET``/``_TABLE``, or names derived from the stage."""
+        """``FANOUT_AWS_QUEUE``/``_BUCKET``/``_TABLE``, or names derived from the stage;
+        the optional topics from ``FANOUT_AWS_DISPATCH_TOPIC`` and
+        ``FANOUT_AWS_EVENTS_TOPIC`` (unset or empty: not used)."""
         stage = stage or os.environ.get("FANOUT_STAGE", "dev")
         return cls(
             queue=os.environ.get("FANOUT_AWS_QUEUE", f"fanout-{stage}-work"),
@@ -32,6 +41,10 @@ class AwsSettings:
             table=os.environ.get("FANOUT_AWS_TABLE", f"fanout-{stage}-ledger"),
             region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
             endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
+            # Opt-in, never derived from the stage: a topic that does not exist
+            # would fail every send.
+            topic=os.environ.get("FANOUT_AWS_DISPATCH_TOPIC") or None,
+            events_topic=os.environ.get("FANOUT_AWS_EVENTS_TOPIC") or None,
         )
 
 

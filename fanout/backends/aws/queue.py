@@ -23,6 +23,18 @@ What SQS gives, and how the engine copes where it gives less than the
   (:attr:`SqsQueue.ordered` is False); the engine never relies on order.
 - **At least once.** SQS may, rarely, deliver a message twice even while it is
   in flight; the ledger's claim makes the second delivery harmless.
+
+**Dispatch through SNS** (optional, :attr:`AwsSettings.topic`). Messages are
+then published to an SNS topic (``PublishBatch``, 10 a call) that has the work
+queue subscribed with raw message delivery, so the queue receives the body
+unchanged and the receiving side is the same; other subscribers (an audit
+queue, a second region) can see the work without the engine knowing. SNS has
+no per-message delay, so *delayed* messages (back-offs, ``spawn(delay=...)``)
+still go straight to SQS with ``DelaySeconds``: publishing them through SNS
+would deliver them at once, and the engine would only claim them WAIT and
+release them again, a receive per message for nothing. No message attributes
+are set: raw delivery would pass them on as SQS attributes nobody reads, and
+they count against the 256 KiB limit.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fanout.backends.aws import AwsSettings
@@ -85,7 +97,7 @@ class SqsQueue:
     #: A stale receipt may still delete or release the message (see the module doc).
     exact_receipts: bool = False
 
-    def __init__(self, settings: AwsSettings, sqs: Any = None) -> None:
+    def __init__(self, settings: AwsSettings, sqs: Any = None, sns: Any = None) -> None:
         self.settings = settings
         self.sqs: Any = sqs if sqs is not None else client("sqs", settings)
         name = settings.queue
@@ -93,12 +105,20 @@ class SqsQueue:
             self.url = name
         else:
             self.url = str(self.sqs.get_queue_url(QueueName=name)["QueueUrl"])
+        #: The dispatch topic's ARN, or None to send straight to SQS.
+        self.topic_arn: str | None = None
+        self.sns: Any = None
+        if settings.topic:
+            self.sns = sns if sns is not None else client("sns", settings)
+            self.topic_arn = topic_arn(self.sns, settings.topic)
 
     # -- send ---------------------------------------------------------------------
 
     def send(self, bodies: Sequence[str], delay: float = 0.0) -> None:
         """Enqueue ``bodies`` (``SendMessageBatch``, 10 a call), visible after
-        ``delay`` seconds (rounded up; at most 900, see the module doc).
+        ``delay`` seconds (rounded up; at most 900, see the module doc). With a
+        dispatch topic, undelayed bodies are published to it instead
+        (``PublishBatch``, 10 a call; see the module doc).
 
         Raises ``ValueError`` (and sends nothing) if a body is over
         :attr:`max_message_bytes` in UTF-8 or holds characters SQS refuses.
@@ -111,7 +131,10 @@ class SqsQueue:
         sizes = [self._check(body) for body in bodies]
         delay_seconds = _seconds(delay, MAX_DELAY)
         for batch in _batches(bodies, sizes, self.max_message_bytes):
-            self._send_batch(batch, delay_seconds)
+            if self.topic_arn is not None and delay_seconds == 0:
+                self._publish_batch(batch)
+            else:
+                self._send_batch(batch, delay_seconds)
 
     def _check(self, body: str) -> int:
         size = len(body.encode())
@@ -127,29 +150,19 @@ class SqsQueue:
             str(i): {"Id": str(i), "MessageBody": body, "DelaySeconds": delay_seconds}
             for i, body in enumerate(batch)
         }
-        for attempt in range(1, SEND_ATTEMPTS + 1):
-            response = self.sqs.send_message_batch(
-                QueueUrl=self.url, Entries=list(entries.values())
-            )
-            failed = response.get("Failed") or []
-            if not failed:
-                return
-            sender_faults = [f for f in failed if f.get("SenderFault")]
-            if sender_faults:
-                first = sender_faults[0]
-                raise ValueError(
-                    f"SQS refused {len(sender_faults)} message(s):"
-                    f" {first.get('Code')}: {first.get('Message')}"
-                )
-            entries = {f["Id"]: entries[f["Id"]] for f in failed}
-            log.warning(
-                "SQS failed %d of a batch (attempt %d): %s",
-                len(entries),
-                attempt,
-                failed[0].get("Code"),
-            )
-            time.sleep(min(0.1 * 2**attempt, 2.0))
-        raise RuntimeError(f"SQS kept failing {len(entries)} message(s) of a batch")
+        _send_entries(
+            "SQS",
+            lambda e: self.sqs.send_message_batch(QueueUrl=self.url, Entries=e),
+            entries,
+        )
+
+    def _publish_batch(self, batch: list[str]) -> None:
+        entries = {str(i): {"Id": str(i), "Message": body} for i, body in enumerate(batch)}
+        _send_entries(
+            "SNS",
+            lambda e: self.sns.publish_batch(TopicArn=self.topic_arn, PublishBatchRequestEntries=e),
+            entries,
+        )
 
     # -- receive ------------------------------------------------------------------
 
@@ -222,6 +235,47 @@ class SqsQueue:
 
     def close(self) -> None:
         """Nothing to release: the boto3 client is shared by the process."""
+
+
+def _send_entries(
+    service: str,
+    call: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    entries: dict[str, dict[str, Any]],
+) -> None:
+    """Send a batch with ``call`` (``SendMessageBatch`` or ``PublishBatch``: the
+    same ``Failed`` answer), re-sending the entries the service failed on its
+    side; the sender's faults are ``ValueError`` (resending cannot help)."""
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        response = call(list(entries.values()))
+        failed = response.get("Failed") or []
+        if not failed:
+            return
+        sender_faults = [f for f in failed if f.get("SenderFault")]
+        if sender_faults:
+            first = sender_faults[0]
+            raise ValueError(
+                f"{service} refused {len(sender_faults)} message(s):"
+                f" {first.get('Code')}: {first.get('Message')}"
+            )
+        entries = {f["Id"]: entries[f["Id"]] for f in failed}
+        log.warning(
+            "%s failed %d of a batch (attempt %d): %s",
+            service,
+            len(entries),
+            attempt,
+            failed[0].get("Code"),
+        )
+        time.sleep(min(0.1 * 2**attempt, 2.0))
+    raise RuntimeError(f"{service} kept failing {len(entries)} message(s) of a batch")
+
+
+def topic_arn(sns: Any, topic: str) -> str:
+    """The ARN of ``topic`` (an ARN, used as is, or a name). A name is resolved
+    with ``CreateTopic``, which is idempotent and returns the existing topic's
+    ARN; it needs ``sns:CreateTopic``, so production settings should give ARNs."""
+    if topic.startswith("arn:"):
+        return topic
+    return str(sns.create_topic(Name=topic)["TopicArn"])
 
 
 def _batches(bodies: Sequence[str], sizes: Sequence[int], max_bytes: int) -> Iterator[list[str]]:

@@ -11,7 +11,12 @@ instead; this creates the same shape:
   circling forever);
 - bucket: all public access blocked, default encryption (SSE-S3), incomplete
   multipart uploads aborted after a day;
-- table: created by ``fanout.backends.aws.ledger.create_table`` when that exists.
+- table: created by ``fanout.backends.aws.ledger.create_table`` when that exists;
+- dispatch topic (only when ``AwsSettings.topic`` is set): an SNS topic with the
+  work queue subscribed with raw message delivery, and a queue policy letting
+  that topic (and only it) send to the queue;
+- events topic (only when ``AwsSettings.events_topic`` is set): an SNS topic;
+  who subscribes to it is up to its consumers.
 """
 
 from __future__ import annotations
@@ -124,11 +129,71 @@ def create_table(settings: AwsSettings) -> bool:
     return True
 
 
+def _topic_name(topic: str) -> str:
+    """A topic's name from its name or ARN."""
+    return topic.rsplit(":", 1)[-1]
+
+
+def create_topic(settings: AwsSettings, topic: str) -> str:
+    """Create an SNS topic (idempotent); returns its ARN."""
+    sns = client("sns", settings)
+    return str(sns.create_topic(Name=_topic_name(topic))["TopicArn"])
+
+
+def create_dispatch(settings: AwsSettings, queue_url: str) -> str | None:
+    """Create the dispatch topic and subscribe the work queue to it with raw
+    message delivery (idempotent); returns the topic ARN, or None when
+    ``settings.topic`` is not set."""
+    if not settings.topic:
+        return None
+    arn = create_topic(settings, settings.topic)
+    sqs = client("sqs", settings)
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    # SNS delivers to SQS as the SNS service principal: without this statement
+    # the subscription exists but every delivery is silently refused. Scoped to
+    # this topic, so no other topic can write to the work queue.
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "fanout-dispatch",
+                "Effect": "Allow",
+                "Principal": {"Service": "sns.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": {"ArnEquals": {"aws:SourceArn": arn}},
+            }
+        ],
+    }
+    sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"Policy": json.dumps(policy)})
+    sns = client("sns", settings)
+    # SNS returns the existing subscription for the same topic, protocol,
+    # endpoint and attributes, so a re-run does not subscribe twice. Raw
+    # delivery: the queue gets the body itself, not SNS's JSON envelope.
+    sns.subscribe(
+        TopicArn=arn,
+        Protocol="sqs",
+        Endpoint=queue_arn,
+        Attributes={"RawMessageDelivery": "true"},
+        ReturnSubscriptionArn=True,
+    )
+    return arn
+
+
 def create_resources(settings: AwsSettings) -> dict[str, object]:
-    """Create the queue, bucket and table of ``settings`` (idempotent); returns
-    what it made: ``{"queue_url": ..., "bucket": ..., "table": bool}``."""
-    return {
-        "queue_url": create_queue(settings),
+    """Create the queue, bucket and table of ``settings``, and the topics when
+    set (idempotent); returns what it made: ``{"queue_url": ..., "bucket": ...,
+    "table": bool}``, plus ``"topic"`` and ``"events_topic"`` ARNs when set."""
+    queue_url = create_queue(settings)
+    made: dict[str, object] = {
+        "queue_url": queue_url,
         "bucket": create_bucket(settings),
         "table": create_table(settings),
     }
+    if settings.topic:
+        made["topic"] = create_dispatch(settings, queue_url)
+    if settings.events_topic:
+        made["events_topic"] = create_topic(settings, settings.events_topic)
+    return made

@@ -1,0 +1,316 @@
+"""``fanout deploy``: package the code and create or update one stage's stack.
+
+The stack is ``deploy/template.yaml`` (queue + DLQ, bucket, table, topic, the
+Lambda worker and its roles). Deploying is:
+
+1. :func:`build_zip`: the ``fanout`` package plus the project's ``jobs/`` and
+   ``schemas/`` directories, byte-for-byte reproducible, so the same sources give
+   the same zip and the same content-addressed key;
+2. upload it to a code bucket (created private and encrypted if missing);
+3. create the CloudFormation stack ``fanout-<stage>``, or update it.
+
+``--dry-run`` does steps 1 and prints :func:`plan`, calling no AWS API.
+
+The zip holds no third-party packages: the Lambda runtime provides boto3, but
+pydantic and fastavro must come from a layer (not built here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import fanout
+from fanout.errors import UserError
+
+#: The template shipped next to the package in the source tree.
+TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "template.yaml"
+
+#: Directories of the user's project that go into the zip besides ``fanout``.
+PROJECT_DIRS = ("jobs", "schemas")
+
+#: Directory names never packaged: tests, docs and caches are not needed at run
+#: time and would only make the zip larger (and non-reproducible, for caches).
+EXCLUDED_DIRS = frozenset(
+    {"__pycache__", "tests", "test", "docs", "doc", ".git", ".mypy_cache", ".pytest_cache"}
+)
+EXCLUDED_SUFFIXES = frozenset({".pyc", ".pyo"})
+
+#: Every entry gets this timestamp (the zip format's earliest) so that a build
+#: depends only on the files' paths and bytes, not on when they were checked out.
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+#: Lambda's limit for a zip uploaded through S3, unzipped size aside.
+MAX_ZIP_BYTES = 50 * 1024 * 1024
+
+#: SQS event sources want the queue's visibility timeout at least this many times
+#: the function's timeout (AWS's advice), so a batch is not redelivered while the
+#: function still retries it. CloudFormation cannot multiply, hence this check.
+VISIBILITY_FACTOR = 6
+
+
+def stack_name(stage: str) -> str:
+    """The CloudFormation stack of ``stage``."""
+    return f"fanout-{stage}"
+
+
+def _files(base: Path, prefix: str) -> Iterator[tuple[str, Path]]:
+    """``(archive name, path)`` of the files under ``base`` worth packaging."""
+    for path in base.rglob("*"):
+        rel = path.relative_to(base)
+        if any(part in EXCLUDED_DIRS or part.startswith(".") for part in rel.parts):
+            continue
+        if not path.is_file() or path.suffix in EXCLUDED_SUFFIXES:
+            continue
+        yield f"{prefix}/{rel.as_posix()}", path
+
+
+def zip_entries(root: Path) -> list[tuple[str, Path]]:
+    """What :func:`build_zip` packs, sorted by archive name."""
+    package = Path(fanout.__file__).resolve().parent
+    entries = list(_files(package, "fanout"))
+    for name in PROJECT_DIRS:
+        directory = root / name
+        if directory.is_dir():
+            entries.extend(_files(directory, name))
+    return sorted(entries)
+
+
+def build_zip(root: Path, out: Path) -> Path:
+    """Write the function's zip to ``out`` and return it.
+
+    Holds the installed ``fanout`` package and ``root``'s ``jobs/`` and
+    ``schemas/`` (when present), without tests, docs or ``__pycache__``. Entries
+    are in sorted order with fixed timestamps and modes, so equal sources give
+    equal bytes.
+    """
+    entries = zip_entries(root)
+    if not any(name.startswith("jobs/") for name, _ in entries):
+        raise UserError(f"no jobs/ directory with files under {root}")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, path in entries:
+            info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16  # readable by the Lambda runtime's user
+            archive.writestr(info, path.read_bytes())
+    data = buffer.getvalue()
+    if len(data) > MAX_ZIP_BYTES:
+        raise UserError(f"the zip is {len(data)} bytes, over Lambda's {MAX_ZIP_BYTES}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return out
+
+
+def load_template(template: Path = TEMPLATE) -> dict[str, Any]:
+    """The template as a dict; short-form tags become their long form
+    (``!Ref X`` -> ``{"Ref": "X"}``, ``!GetAtt A.B`` -> ``{"Fn::GetAtt": ["A", "B"]}``).
+
+    Needs PyYAML (a dependency of cfn-lint and awscli, not of fanout itself).
+    """
+    try:
+        import yaml  # type: ignore[import-untyped]  # no stubs installed
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise UserError("fanout deploy needs PyYAML: pip install pyyaml") from None
+
+    # A SafeLoader of our own, so the tags are not registered on yaml's global one.
+    loader_class: Any = type("CfnLoader", (yaml.SafeLoader,), {})
+
+    def intrinsic(loader: Any, suffix: str, node: Any) -> dict[str, Any]:
+        name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
+        value: Any
+        if isinstance(node, yaml.ScalarNode):
+            value = loader.construct_scalar(node)
+            if suffix == "GetAtt":
+                value = str(value).split(".", 1)
+        elif isinstance(node, yaml.SequenceNode):
+            value = loader.construct_sequence(node, deep=True)
+        else:
+            value = loader.construct_mapping(node, deep=True)
+        return {name: value}
+
+    loader_class.add_multi_constructor("!", intrinsic)
+    try:
+        parsed = yaml.load(template.read_text(), Loader=loader_class)
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{template} does not load: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"{template} is not a CloudFormation template")
+    return parsed
+
+
+def parse_parameters(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict of stack parameters."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--parameter {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def effective_parameters(overrides: Mapping[str, str], template: Path = TEMPLATE) -> dict[str, str]:
+    """The template's defaults with ``overrides`` applied, checked.
+
+    Raises :class:`UserError` for an unknown parameter or a visibility timeout
+    under ``VISIBILITY_FACTOR`` x the function timeout.
+    """
+    declared: dict[str, Any] = load_template(template)["Parameters"]
+    unknown = sorted(set(overrides) - set(declared))
+    if unknown:
+        raise UserError(f"unknown stack parameter(s): {', '.join(unknown)}")
+    values = {k: str(v["Default"]) for k, v in declared.items() if "Default" in v}
+    values.update(overrides)
+    try:
+        timeout = int(values["FunctionTimeout"])
+        visibility = int(values["VisibilityTimeout"])
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"FunctionTimeout/VisibilityTimeout must be integers: {exc}") from None
+    if visibility < VISIBILITY_FACTOR * timeout:
+        raise UserError(
+            f"VisibilityTimeout {visibility} is under {VISIBILITY_FACTOR} x FunctionTimeout"
+            f" ({VISIBILITY_FACTOR * timeout})"
+        )
+    return values
+
+
+def plan(
+    stage: str,
+    parameters: Mapping[str, str] | None = None,
+    *,
+    stack_exists: bool | None = None,
+    template: Path = TEMPLATE,
+) -> str:
+    """A description of what deploying ``stage`` would create or update.
+
+    ``stack_exists`` None means "not looked up" (a dry run calls no AWS API).
+    """
+    params = effective_parameters(dict(parameters or {}), template)
+    params["Stage"] = stage
+    body = load_template(template)
+    name = stack_name(stage)
+    if stack_exists is None:
+        action = "create, or update if it exists (not looked up: dry run)"
+    else:
+        action = "update" if stack_exists else "create"
+    lines = [f"stack {name}: {action}", "parameters:"]
+    for key in sorted(params):
+        lines.append(f"  {key} = {params[key]}")
+    lines.append("resources:")
+    for logical, resource in body["Resources"].items():
+        lines.append(f"  {logical:<20} {resource['Type']}")
+    return "\n".join(lines)
+
+
+# -- the real deployment (AWS calls) ------------------------------------------------
+
+
+def _error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def ensure_code_bucket(s3: Any, bucket: str, region: str) -> None:
+    """Create ``bucket`` (private, encrypted) unless this account already has it."""
+    try:
+        s3.head_bucket(Bucket=bucket)
+        return
+    except Exception as exc:
+        if _error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+            raise
+    kwargs: dict[str, Any] = {"Bucket": bucket}
+    if region != "us-east-1":  # us-east-1 rejects an explicit location constraint
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    s3.create_bucket(**kwargs)
+    s3.put_public_access_block(
+        Bucket=bucket,
+        PublicAccessBlockConfiguration={
+            "BlockPublicAcls": True,
+            "IgnorePublicAcls": True,
+            "BlockPublicPolicy": True,
+            "RestrictPublicBuckets": True,
+        },
+    )
+    s3.put_bucket_encryption(
+        Bucket=bucket,
+        ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+        },
+    )
+
+
+def _stack_exists(cfn: Any, name: str) -> bool:
+    try:
+        stacks = cfn.describe_stacks(StackName=name)["Stacks"]
+    except Exception as exc:
+        if _error_code(exc) == "ValidationError":  # "Stack with id ... does not exist"
+            return False
+        raise
+    # A stack whose creation failed and rolled back cannot be updated, only deleted.
+    status = stacks[0]["StackStatus"] if stacks else ""
+    if status == "ROLLBACK_COMPLETE":
+        raise UserError(f"stack {name} is ROLLBACK_COMPLETE: delete it, then deploy again")
+    return bool(stacks) and status != "DELETE_COMPLETE"
+
+
+def deploy(
+    stage: str,
+    root: Path,
+    *,
+    code_bucket: str | None = None,
+    parameters: Mapping[str, str] | None = None,
+    template: Path = TEMPLATE,
+    session: Any = None,
+) -> dict[str, str]:
+    """Build, upload and create-or-update the stack of ``stage``; returns its outputs."""
+    import tempfile
+
+    import boto3
+
+    params = effective_parameters(dict(parameters or {}), template)
+    session = session or boto3.session.Session()
+    region = session.region_name or "us-east-1"
+    s3 = session.client("s3", region_name=region)
+    cfn = session.client("cloudformation", region_name=region)
+    if code_bucket is None:
+        account = session.client("sts", region_name=region).get_caller_identity()["Account"]
+        code_bucket = f"fanout-{stage}-code-{account}-{region}"
+    ensure_code_bucket(s3, code_bucket, region)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = build_zip(root, Path(tmp) / "fanout.zip").read_bytes()
+    # Content-addressed: CloudFormation only redeploys the function when CodeKey
+    # changes, and equal sources give equal zips (see build_zip).
+    key = f"fanout/{stage}/{hashlib.sha256(data).hexdigest()[:20]}.zip"
+    s3.put_object(Bucket=code_bucket, Key=key, Body=data)
+
+    params.update(Stage=stage, CodeBucket=code_bucket, CodeKey=key)
+    name = stack_name(stage)
+    request: dict[str, Any] = {
+        "StackName": name,
+        "TemplateBody": template.read_text(),
+        "Parameters": [{"ParameterKey": k, "ParameterValue": v} for k, v in params.items()],
+        # The roles are unnamed (CloudFormation names them), so CAPABILITY_IAM is
+        # enough; CAPABILITY_NAMED_IAM is not asked for.
+        "Capabilities": ["CAPABILITY_IAM"],
+        "Tags": [{"Key": "fanout:stage", "Value": stage}],
+    }
+    if _stack_exists(cfn, name):
+        try:
+            cfn.update_stack(**request)
+        except Exception as exc:
+            # Same template, code and parameters: nothing to do is not an error.
+            if "No updates are to be performed" not in str(exc):
+                raise
+        else:
+            cfn.get_waiter("stack_update_complete").wait(StackName=name)
+    else:
+        cfn.create_stack(**request)
+        cfn.get_waiter("stack_create_complete").wait(StackName=name)
+    stack = cfn.describe_stacks(StackName=name)["Stacks"][0]
+    return {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}

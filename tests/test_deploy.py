@@ -1,0 +1,325 @@
+"""deploy/template.yaml (lint, security properties, creation under moto) and
+``fanout deploy`` (zip, plan, dry run, the real path under moto)."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from fanout.cli import main
+from fanout.deploy import (
+    TEMPLATE,
+    VISIBILITY_FACTOR,
+    build_zip,
+    deploy,
+    effective_parameters,
+    load_template,
+    plan,
+)
+from fanout.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    return load_template(TEMPLATE)
+
+
+def resources(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    """The template's resources of type ``kind``, by logical id."""
+    return {k: v for k, v in template["Resources"].items() if v["Type"] == kind}
+
+
+# -- the template ---------------------------------------------------------------------
+
+
+def test_cfn_lint_reports_no_errors() -> None:
+    from cfnlint.api import lint_all  # type: ignore[import-untyped]
+
+    matches = lint_all(TEMPLATE.read_text())
+    errors = [str(m) for m in matches if m.rule.id.startswith("E")]
+    assert errors == []
+
+
+def _statements(template: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for name, role in resources(template, "AWS::IAM::Role").items():
+        for policy in role["Properties"].get("Policies", []):
+            for statement in policy["PolicyDocument"]["Statement"]:
+                yield name, statement
+        # Managed policies (e.g. AWSLambdaBasicExecutionRole) hold Resource "*"
+        # statements: the template scopes logs permissions inline instead.
+        assert not role["Properties"].get("ManagedPolicyArns"), name
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def test_iam_is_least_privilege(template: dict[str, Any]) -> None:
+    statements = list(_statements(template))
+    assert statements
+    for role, statement in statements:
+        assert statement["Effect"] == "Allow"
+        for action in _as_list(statement["Action"]):
+            assert "*" not in action, (role, statement)
+        # No exception needed: every action used scopes to a resource ARN.
+        for resource in _as_list(statement["Resource"]):
+            assert resource != "*", (role, statement)
+            # Either an intrinsic naming a stack resource, or a scoped ARN string.
+            if isinstance(resource, str):
+                assert resource.startswith("arn:"), (role, statement)
+
+
+def test_scheduler_may_only_send_to_the_work_queue(template: dict[str, Any]) -> None:
+    role = template["Resources"]["SchedulerRole"]["Properties"]
+    (statement,) = role["Policies"][0]["PolicyDocument"]["Statement"]
+    assert statement["Action"] == "sqs:SendMessage"
+    assert statement["Resource"] == {"Fn::GetAtt": ["WorkQueue", "Arn"]}
+
+
+def test_function_role_covers_table_indexes(template: dict[str, Any]) -> None:
+    ledger = next(s for _, s in _statements(template) if s.get("Sid") == "Ledger")
+    text = str(ledger["Resource"])
+    assert "index/gsi1" in text
+    assert "index/gsi2" in text
+
+
+def test_bucket_is_encrypted_and_private(template: dict[str, Any]) -> None:
+    (bucket,) = resources(template, "AWS::S3::Bucket").values()
+    props = bucket["Properties"]
+    rules = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert rules[0]["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in ("AES256", "aws:kms")
+    block = props["PublicAccessBlockConfiguration"]
+    assert set(block) == {
+        "BlockPublicAcls",
+        "BlockPublicPolicy",
+        "IgnorePublicAcls",
+        "RestrictPublicBuckets",
+    }
+    assert all(v is True for v in block.values())
+
+
+def test_queues_are_encrypted_with_redrive(template: dict[str, Any]) -> None:
+    queues = resources(template, "AWS::SQS::Queue")
+    assert set(queues) == {"WorkQueue", "DeadLetterQueue"}
+    for queue in queues.values():
+        assert queue["Properties"]["SqsManagedSseEnabled"] is True
+    redrive = queues["WorkQueue"]["Properties"]["RedrivePolicy"]
+    assert redrive["maxReceiveCount"] == 50
+    assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
+
+
+def test_table_matches_create_table(template: dict[str, Any]) -> None:
+    (table,) = resources(template, "AWS::DynamoDB::Table").values()
+    props = table["Properties"]
+    assert props["SSESpecification"]["SSEEnabled"] is True
+    assert props["BillingMode"] == "PAY_PER_REQUEST"
+    # The same shape as fanout/backends/aws/ledger_items.py:create_table.
+    assert [(k["AttributeName"], k["KeyType"]) for k in props["KeySchema"]] == [
+        ("pk", "HASH"),
+        ("sk", "RANGE"),
+    ]
+    indexes = {i["IndexName"]: i for i in props["GlobalSecondaryIndexes"]}
+    assert set(indexes) == {"gsi1", "gsi2"}
+    assert indexes["gsi1"]["Projection"]["NonKeyAttributes"] == ["state"]
+    assert indexes["gsi2"]["Projection"]["NonKeyAttributes"] == [
+        "state",
+        "spawned_by",
+        "attempt",
+        "attempt_floor",
+    ]
+
+
+def test_topic_is_encrypted(template: dict[str, Any]) -> None:
+    (topic,) = resources(template, "AWS::SNS::Topic").values()
+    assert topic["Properties"]["KmsMasterKeyId"] == "alias/aws/sns"
+
+
+def test_visibility_default_is_six_times_timeout(template: dict[str, Any]) -> None:
+    params = template["Parameters"]
+    timeout = params["FunctionTimeout"]["Default"]
+    assert timeout == 60
+    assert params["VisibilityTimeout"]["Default"] >= VISIBILITY_FACTOR * timeout
+    queue = template["Resources"]["WorkQueue"]["Properties"]
+    assert queue["VisibilityTimeout"] == {"Ref": "VisibilityTimeout"}
+
+
+def test_visibility_check_rejects_short_visibility() -> None:
+    assert effective_parameters({})["VisibilityTimeout"] == "360"
+    with pytest.raises(UserError, match="VisibilityTimeout"):
+        effective_parameters({"FunctionTimeout": "120"})
+    with pytest.raises(UserError, match="unknown"):
+        effective_parameters({"Nope": "1"})
+
+
+def test_function(template: dict[str, Any]) -> None:
+    props = template["Resources"]["Function"]["Properties"]
+    assert props["RecursiveLoop"] == "Allow"
+    assert props["Handler"] == "fanout.aws_lambda.handler"
+    assert set(props["Environment"]["Variables"]) >= {
+        "FANOUT_STAGE",
+        "FANOUT_AWS_QUEUE",
+        "FANOUT_AWS_BUCKET",
+        "FANOUT_AWS_TABLE",
+        "FANOUT_AWS_EVENTS_TOPIC",  # read by AwsSettings.from_env
+    }
+    assert props["ReservedConcurrentExecutions"]["Fn::If"][0] == "HasReservedConcurrency"
+    mapping = template["Resources"]["WorkQueueMapping"]["Properties"]
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["BatchSize"] == 10
+
+
+# -- moto -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    from moto import mock_aws
+
+    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        yield
+
+
+def test_create_stack_under_moto(aws: None, tmp_path: Path) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="code")
+    s3.put_object(Bucket="code", Key="f.zip", Body=build_zip(REPO, tmp_path / "f.zip").read_bytes())
+    cfn = boto3.client("cloudformation")
+    cfn.create_stack(
+        StackName="fanout-t",
+        TemplateBody=TEMPLATE.read_text(),
+        Parameters=[
+            {"ParameterKey": "Stage", "ParameterValue": "t"},
+            {"ParameterKey": "CodeBucket", "ParameterValue": "code"},
+            {"ParameterKey": "CodeKey", "ParameterValue": "f.zip"},
+        ],
+        Capabilities=["CAPABILITY_IAM"],
+    )
+    stack = cfn.describe_stacks(StackName="fanout-t")["Stacks"][0]
+    assert stack["StackStatus"] == "CREATE_COMPLETE"
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]}
+    attrs = boto3.client("sqs").get_queue_attributes(
+        QueueUrl=outputs["QueueUrl"], AttributeNames=["All"]
+    )["Attributes"]
+    assert attrs["VisibilityTimeout"] == "360"
+    assert attrs["SqsManagedSseEnabled"] == "true"
+    config = boto3.client("lambda").get_function(FunctionName=outputs["FunctionName"])
+    env = config["Configuration"]["Environment"]["Variables"]
+    assert env["FANOUT_AWS_QUEUE"] == outputs["QueueUrl"]
+    assert env["FANOUT_AWS_TABLE"] == outputs["TableName"] == "fanout-t-ledger"
+    assert env["FANOUT_AWS_EVENTS_TOPIC"] == outputs["TopicArn"]
+
+
+def test_deploy_creates_then_updates_under_moto(aws: None) -> None:
+    import boto3
+
+    outputs = deploy("t", REPO, code_bucket="fanout-code")
+    assert outputs["TableName"] == "fanout-t-ledger"
+    assert outputs["FunctionName"] == "fanout-t-worker"
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="fanout-code")["Contents"]]
+    assert len(keys) == 1 and keys[0].startswith("fanout/t/")
+    # Same sources: same key; a second deploy updates the stack, not fails.
+    again = deploy("t", REPO, code_bucket="fanout-code", parameters={"MemorySize": "2048"})
+    assert again["QueueUrl"] == outputs["QueueUrl"]
+    response = boto3.client("s3").list_objects_v2(Bucket="fanout-code")
+    assert [o["Key"] for o in response["Contents"]] == keys
+
+
+# -- zip, plan, CLI ---------------------------------------------------------------------
+
+
+def _project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    (root / "jobs" / "__pycache__").mkdir(parents=True)
+    (root / "jobs" / "tests").mkdir()
+    (root / "jobs" / "a.py").write_text("A = 1\n")
+    (root / "jobs" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    (root / "jobs" / "tests" / "test_a.py").write_text("")
+    (root / "schemas").mkdir()
+    (root / "schemas" / "s.avsc").write_text("{}")
+    (root / "docs").mkdir()
+    (root / "docs" / "x.md").write_text("")
+    return root
+
+
+def test_zip_contents_and_determinism(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    first = build_zip(root, tmp_path / "1.zip")
+    names = zipfile.ZipFile(first).namelist()
+    assert names == sorted(names)
+    assert "fanout/aws_lambda.py" in names
+    assert "fanout/__init__.py" in names
+    assert "jobs/a.py" in names
+    assert "schemas/s.avsc" in names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert not [n for n in names if "/tests/" in n or n.startswith("docs/")]
+    assert all(i.date_time == (1980, 1, 1, 0, 0, 0) for i in zipfile.ZipFile(first).infolist())
+    # Touching a file changes its mtime, not the zip.
+    (root / "jobs" / "a.py").touch()
+    second = build_zip(root, tmp_path / "2.zip")
+    assert first.read_bytes() == second.read_bytes()
+    assert 0 < first.stat().st_size < 5 * 1024 * 1024
+
+
+def test_zip_needs_jobs(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="jobs"):
+        build_zip(tmp_path, tmp_path / "f.zip")
+
+
+def test_plan_names_stack_and_resources() -> None:
+    text = plan("qa", {"MemorySize": "2048"})
+    assert text.startswith("stack fanout-qa: create")
+    assert "MemorySize = 2048" in text
+    assert "Stage = qa" in text
+    assert "AWS::Lambda::Function" in text
+    assert "update" in plan("qa", stack_exists=True).splitlines()[0]
+
+
+def test_cli_dry_run_calls_no_aws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("dry run called AWS")
+
+    monkeypatch.setattr(boto3, "client", forbidden)
+    monkeypatch.setattr(boto3.session.Session, "client", forbidden)
+    root = _project(tmp_path)
+    result = CliRunner().invoke(
+        main, ["deploy", "--stage", "qa", "--dry-run", "--root", str(root)], standalone_mode=False
+    )
+    assert result.exception is None or (
+        isinstance(result.exception, SystemExit) and result.exception.code == 0
+    ), result.output
+    assert "zip: " in result.output
+    assert "stack fanout-qa" in result.output
+    assert "AWS::SQS::Queue" in result.output
+
+
+def test_cli_rejects_bad_parameter(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    args = [
+        "deploy",
+        "--stage",
+        "qa",
+        "--dry-run",
+        "--root",
+        str(root),
+        "-p",
+        "FunctionTimeout=900",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "VisibilityTimeout" in result.output
