@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import fanout
+from fanout.backends.aws.clients import error_code
+from fanout.backends.aws.resources import make_private_bucket
 from fanout.errors import UserError
 
 #: The template shipped next to the package in the source tree.
@@ -210,45 +212,22 @@ def plan(
 # -- the real deployment (AWS calls) ------------------------------------------------
 
 
-def _error_code(exc: Exception) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
 def ensure_code_bucket(s3: Any, bucket: str, region: str) -> None:
     """Create ``bucket`` (private, encrypted) unless this account already has it."""
     try:
         s3.head_bucket(Bucket=bucket)
         return
     except Exception as exc:
-        if _error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+        if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
             raise
-    kwargs: dict[str, Any] = {"Bucket": bucket}
-    if region != "us-east-1":  # us-east-1 rejects an explicit location constraint
-        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    s3.create_bucket(**kwargs)
-    s3.put_public_access_block(
-        Bucket=bucket,
-        PublicAccessBlockConfiguration={
-            "BlockPublicAcls": True,
-            "IgnorePublicAcls": True,
-            "BlockPublicPolicy": True,
-            "RestrictPublicBuckets": True,
-        },
-    )
-    s3.put_bucket_encryption(
-        Bucket=bucket,
-        ServerSideEncryptionConfiguration={
-            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
-        },
-    )
+    make_private_bucket(s3, bucket, region)
 
 
 def _stack_exists(cfn: Any, name: str) -> bool:
     try:
         stacks = cfn.describe_stacks(StackName=name)["Stacks"]
     except Exception as exc:
-        if _error_code(exc) == "ValidationError":  # "Stack with id ... does not exist"
+        if error_code(exc) == "ValidationError":  # "Stack with id ... does not exist"
             return False
         raise
     # A stack whose creation failed and rolled back cannot be updated, only deleted.

@@ -71,13 +71,11 @@ def create_queue(settings: AwsSettings) -> str:
     return str(url)
 
 
-def create_bucket(settings: AwsSettings) -> str:
-    """Create the bucket: private, encrypted by default; returns its name."""
-    s3 = client("s3", settings)
-    bucket = settings.bucket
+def make_private_bucket(s3: Any, bucket: str, region: str | None) -> None:
+    """Create ``bucket`` (an existing one of ours is fine), block all public
+    access and encrypt it by default: every bucket fanout makes is private."""
     kwargs: dict[str, Any] = {"Bucket": bucket}
-    region = settings.region or s3.meta.region_name
-    if region and region != "us-east-1":
+    if region and region != "us-east-1":  # us-east-1 rejects an explicit constraint
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
     try:
         s3.create_bucket(**kwargs)
@@ -99,6 +97,13 @@ def create_bucket(settings: AwsSettings) -> str:
             "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
         },
     )
+
+
+def create_bucket(settings: AwsSettings) -> str:
+    """Create the store bucket: private, encrypted by default; returns its name."""
+    s3 = client("s3", settings)
+    bucket = settings.bucket
+    make_private_bucket(s3, bucket, settings.region or s3.meta.region_name)
     s3.put_bucket_lifecycle_configuration(
         Bucket=bucket,
         LifecycleConfiguration={
