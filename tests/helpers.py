@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord
 from fanout.runner import Runner
@@ -35,3 +36,25 @@ def drain(
         if not deliveries:
             time.sleep(0.005)
     raise AssertionError(f"run {run_id} did not finish within {limit}s")
+
+
+def fake_aws(monkeypatch: Any, **env: str) -> None:
+    """Fake credentials and region for moto (never a user's real ones: profiles
+    and endpoint overrides are cleared), plus any ``env`` a test needs."""
+    for name in (
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_SQS",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL_DYNAMODB",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        **env,
+    }.items():
+        monkeypatch.setenv(name, value)

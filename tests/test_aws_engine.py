@@ -14,20 +14,13 @@ from fanout.backends import open_backend
 from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.resources import create_resources
 from fanout.backends.base import Backend, RunState, TaskState
-from helpers import TREE, drain
+from helpers import TREE, drain, fake_aws
 from testjobs.tree import Params, expected_items
 
 
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
-    for name, value in {
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "FANOUT_STAGE": "test",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    fake_aws(monkeypatch, FANOUT_STAGE="test")
     with mock_aws():
         create_resources(AwsSettings.from_env())
         backend = open_backend("aws")

@@ -19,22 +19,18 @@ from fanout.backends.aws.resources import create_dispatch, create_resources
 from fanout.backends.base import Backend, RunState
 from fanout.events import NoEvents, SnsEvents, events_for
 from fanout.runner import Runner
-from helpers import TREE, drain
+from helpers import TREE, drain, fake_aws
 from testjobs.tree import Params, expected_items
 
 
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name, value in {
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "FANOUT_STAGE": "test",
-        "FANOUT_AWS_DISPATCH_TOPIC": "fanout-test-dispatch",
-        "FANOUT_AWS_EVENTS_TOPIC": "fanout-test-events",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    fake_aws(
+        monkeypatch,
+        FANOUT_STAGE="test",
+        FANOUT_AWS_DISPATCH_TOPIC="fanout-test-dispatch",
+        FANOUT_AWS_EVENTS_TOPIC="fanout-test-events",
+    )
     with mock_aws():
         yield
 

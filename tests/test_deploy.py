@@ -22,6 +22,7 @@ from fanout.deploy import (
     plan,
 )
 from fanout.errors import UserError
+from helpers import fake_aws
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,11 +183,7 @@ def test_function(template: dict[str, Any]) -> None:
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     from moto import mock_aws
 
-    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fake_aws(monkeypatch)
     with mock_aws():
         yield
 

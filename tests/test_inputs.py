@@ -12,7 +12,7 @@ from moto import mock_aws
 from fanout import coordinator
 from fanout.backends.base import Backend, RunState
 from fanout.inputs import list_inputs, open_input
-from helpers import drain
+from helpers import drain, fake_aws
 
 ROOT = Path(__file__).resolve().parents[1]
 METER_JOB = str(ROOT / "jobs" / "meter_readings.py")
@@ -21,9 +21,7 @@ SAMPLE = ROOT / "jobs" / "data" / "readings"
 
 @pytest.fixture
 def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    fake_aws(monkeypatch)
     with mock_aws():
         boto3.client("s3").create_bucket(Bucket="inputs")
         yield "inputs"

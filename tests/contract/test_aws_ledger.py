@@ -27,6 +27,7 @@ from fanout.backends.base import Backend, NewTask
 from fanout.backends.local.db import Database
 from fanout.backends.local.queue import SQLiteQueue
 from fanout.backends.memory import MemoryStore
+from helpers import fake_aws
 
 SETTINGS = AwsSettings(table="fanout-test-ledger", region="us-east-1")
 
@@ -40,11 +41,7 @@ def backend_name() -> str:
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Fake credentials (never real ones) and moto's DynamoDB with the table."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fake_aws(monkeypatch)
     with mock_aws():
         create_table(SETTINGS)
         yield

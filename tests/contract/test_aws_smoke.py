@@ -25,6 +25,7 @@ from fanout.backends.aws.clients import clear_cache
 from fanout.backends.base import Backend
 from fanout.backends.local.db import Database
 from fanout.backends.local.ledger import SQLiteLedger
+from helpers import fake_aws
 
 moto = pytest.importorskip("moto")
 
@@ -92,16 +93,7 @@ def _patch_moto() -> None:
 @pytest.fixture
 def aws_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[AwsSettings]:
     """Fake credentials, a region, and the stack's resources, under ``mock_aws``."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
+    fake_aws(monkeypatch)
     _patch_moto()
     clear_cache()
     settings = AwsSettings(
