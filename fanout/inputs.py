@@ -15,10 +15,13 @@ def _split_s3(url: str) -> tuple[str, str]:
 
 
 def _s3() -> Any:
-    # Imported here: an ETL job reading local files never pays for boto3.
-    import boto3
+    # Imported here: an ETL job reading local files never pays for boto3. The
+    # shared client retries throttling and transient errors and honours the
+    # standard AWS environment (region, AWS_ENDPOINT_URL, profiles).
+    from fanout.backends.aws import AwsSettings
+    from fanout.backends.aws.clients import client
 
-    return boto3.client("s3")
+    return client("s3", AwsSettings.from_env())
 
 
 def list_inputs(prefix: str) -> list[str]:

@@ -11,6 +11,16 @@ from fanout.backends import open_backend
 from fanout.backends.base import Backend
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """moto, where installed, gets the patches that make it fast enough for the
+    AWS tests (same behaviour; see ``motopatch``)."""
+    try:
+        from motopatch import patch_moto
+    except ImportError:  # pragma: no cover - moto is a dev extra
+        return
+    patch_moto()
+
+
 @pytest.fixture
 def mem() -> Iterator[Backend]:
     """An in-process memory backend."""

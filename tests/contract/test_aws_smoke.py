@@ -9,12 +9,8 @@ tests and collects the contract tests of ``test_queue_contract`` and
 
 from __future__ import annotations
 
-import functools
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import test_queue_contract as queue_contract
@@ -26,6 +22,7 @@ from fanout.backends.base import Backend
 from fanout.backends.local.db import Database
 from fanout.backends.local.ledger import SQLiteLedger
 from helpers import fake_aws
+from motopatch import patch_moto
 
 moto = pytest.importorskip("moto")
 
@@ -44,57 +41,11 @@ for _module in (queue_contract, store_contract):
             globals()[_name] = _test
 
 
-def _locked(lock: threading.RLock, method: Any) -> Any:
-    @functools.wraps(method)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        with lock:
-            return method(*args, **kwargs)
-
-    return locked
-
-
-def _patch_moto() -> None:
-    """Patches to moto's SQS (idempotent). It reads the clock through
-    ``datetime.utcnow`` arithmetic for every message it scans, and scans the
-    whole queue per message (its retention check recomputes every queue
-    attribute): quadratic and slow. Same times, cheaper."""
-    import moto.sqs.models as sqs_models
-
-    if getattr(sqs_models, "_fanout_patched", False):
-        return
-
-    def unix_time(dt: Any = None) -> float:
-        return time.time() if dt is None else float(original(dt))
-
-    def retained(self: Any, queue_name: str, message: Any) -> bool:
-        queue = self.get_queue(queue_name)
-        sent: float = message.sent_timestamp / 1000
-        return int(queue.message_retention_period) + sent > time.time()
-
-    original = getattr(sqs_models, "unix_time")  # noqa: B009 (not exported: no stub)
-    setattr(sqs_models, "unix_time", unix_time)  # noqa: B010
-    setattr(sqs_models, "unix_time_millis", lambda dt=None: unix_time(dt) * 1000.0)  # noqa: B010
-    setattr(sqs_models.SQSBackend, "is_message_valid_based_on_retention_period", retained)  # noqa: B010
-    # moto's SQS is not thread-safe: two concurrent deletes each rebuild the
-    # message list from the same old one, and one deletion is lost (the message
-    # then stays in flight, and "pending" never reaches 0). One lock around the
-    # calls that change the list.
-    lock = threading.RLock()
-    for cls, name in (
-        (sqs_models.SQSBackend, "receive_message"),
-        (sqs_models.SQSBackend, "delete_message"),
-        (sqs_models.SQSBackend, "change_message_visibility"),
-        (sqs_models.SQSBackend, "send_message"),
-    ):
-        setattr(cls, name, _locked(lock, getattr(cls, name)))
-    setattr(sqs_models, "_fanout_patched", True)  # noqa: B010
-
-
 @pytest.fixture
 def aws_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[AwsSettings]:
     """Fake credentials, a region, and the stack's resources, under ``mock_aws``."""
     fake_aws(monkeypatch)
-    _patch_moto()
+    patch_moto()
     clear_cache()
     settings = AwsSettings(
         queue="fanout-test-work",

@@ -9,10 +9,10 @@ import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
-import boto3
 from botocore.exceptions import ClientError
 
 from fanout.backends.aws import AwsSettings
+from fanout.backends.aws.clients import client
 from fanout.backends.base import (
     Output,
     RunRecord,
@@ -257,7 +257,7 @@ def _task(item: Item) -> TaskRecord:
 
 def create_table(settings: AwsSettings) -> None:
     """Create the ledger's table (on-demand, encrypted) and wait until it is active."""
-    client = _client(settings)
+    ddb = _client(settings)
     attrs = ["pk", "sk", "gsi1pk", "gsi1sk", "gsi2pk", "gsi2sk"]
 
     def index(name: str, pk: str, sk: str, include: list[str]) -> Item:
@@ -270,7 +270,7 @@ def create_table(settings: AwsSettings) -> None:
             "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": include},
         }
 
-    client.create_table(
+    ddb.create_table(
         TableName=settings.table,
         AttributeDefinitions=[{"AttributeName": a, "AttributeType": "S"} for a in attrs],
         KeySchema=[
@@ -284,11 +284,13 @@ def create_table(settings: AwsSettings) -> None:
         BillingMode="PAY_PER_REQUEST",
         SSESpecification={"Enabled": True},
     )
-    client.get_waiter("table_exists").wait(TableName=settings.table)
+    ddb.get_waiter("table_exists").wait(TableName=settings.table)
 
 
 def _client(settings: AwsSettings) -> Any:
-    return boto3.client("dynamodb", region_name=settings.region, endpoint_url=settings.endpoint_url)
+    # The shared client: botocore's standard retry mode (throttling and transient
+    # errors retried with back-off), one per process and settings.
+    return client("dynamodb", settings)
 
 
 class DynamoTable:

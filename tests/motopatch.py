@@ -1,0 +1,126 @@
+"""Patches to moto for the tests (idempotent): same behaviour, cheaper.
+
+- SQS reads the clock through ``datetime`` arithmetic for every message it
+  scans and scans the whole queue per message (its retention check recomputes
+  every queue attribute): quadratic and slow. It is also not thread-safe: two
+  concurrent deletes each rebuild the message list from the same old one, and
+  one deletion is lost. One lock around the calls that change the list.
+- DynamoDB's ``TransactWriteItems`` deep-copies the whole table once per item
+  of the transaction, so that it can roll back: a 100-item transaction on a
+  table of a few thousand items takes seconds. Here it keeps an undo log of
+  just the items the transaction touches instead, and rolls back from that.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import threading
+import time
+from typing import Any
+
+
+def patch_moto() -> None:
+    """Apply both patches (once per process)."""
+    _patch_sqs()
+    _patch_dynamodb()
+
+
+def _locked(lock: threading.RLock, method: Any) -> Any:
+    @functools.wraps(method)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return method(*args, **kwargs)
+
+    return locked
+
+
+def _patch_sqs() -> None:
+    import moto.sqs.models as sqs_models
+
+    if getattr(sqs_models, "_fanout_patched", False):
+        return
+
+    def unix_time(dt: Any = None) -> float:
+        return time.time() if dt is None else float(original(dt))
+
+    def retained(self: Any, queue_name: str, message: Any) -> bool:
+        queue = self.get_queue(queue_name)
+        sent: float = message.sent_timestamp / 1000
+        return int(queue.message_retention_period) + sent > time.time()
+
+    original = getattr(sqs_models, "unix_time")  # noqa: B009 (not exported: no stub)
+    setattr(sqs_models, "unix_time", unix_time)  # noqa: B010
+    setattr(sqs_models, "unix_time_millis", lambda dt=None: unix_time(dt) * 1000.0)  # noqa: B010
+    setattr(sqs_models.SQSBackend, "is_message_valid_based_on_retention_period", retained)  # noqa: B010
+    lock = threading.RLock()
+    for cls, name in (
+        (sqs_models.SQSBackend, "receive_message"),
+        (sqs_models.SQSBackend, "delete_message"),
+        (sqs_models.SQSBackend, "change_message_visibility"),
+        (sqs_models.SQSBackend, "send_message"),
+    ):
+        setattr(cls, name, _locked(lock, getattr(cls, name)))
+    setattr(sqs_models, "_fanout_patched", True)  # noqa: B010
+
+
+class _CopyShim:
+    """``copy`` for moto's DynamoDB models: a table is not deep-copied while a
+    transaction keeps its own undo log (see ``_patch_dynamodb``)."""
+
+    active = threading.local()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(copy, name)
+
+    def deepcopy(self, obj: Any, memo: Any = None) -> Any:
+        from moto.dynamodb.models.table import Table
+
+        if isinstance(obj, Table) and getattr(self.active, "on", False):
+            return obj
+        return copy.deepcopy(obj, memo)
+
+
+def _patch_dynamodb() -> None:
+    import moto.dynamodb.models as ddb_models
+
+    if getattr(ddb_models, "_fanout_patched", False):
+        return
+    shim = _CopyShim()
+    setattr(ddb_models, "copy", shim)  # noqa: B010
+    original = ddb_models.DynamoDBBackend.transact_write_items
+
+    def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> None:
+        undo: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+        try:
+            for item in transact_items:
+                op_type, op = next(iter(item.items()))
+                name = op.get("TableName")
+                if name not in self.tables:
+                    continue
+                table = self.tables[name]
+                if op_type == "Put":
+                    names = [table.hash_key_attr, table.range_key_attr]
+                    key = {k: op["Item"][k] for k in names if k}
+                else:
+                    key = op["Key"]
+                current = self.get_item(name, key)
+                old = copy.deepcopy(current.to_json()["Attributes"]) if current else None
+                undo.append((name, key, old))
+        except Exception:
+            return original(self, transact_items)  # odd input: moto's own way
+        shim.active.on = True
+        try:
+            return original(self, transact_items)
+        except Exception:
+            for name, key, old in reversed(undo):
+                if old is not None:
+                    self.put_item(name, old)
+                elif self.get_item(name, key) is not None:
+                    self.delete_item(name, key)
+            raise
+        finally:
+            shim.active.on = False
+
+    setattr(ddb_models.DynamoDBBackend, "transact_write_items", transact_write_items)  # noqa: B010
+    setattr(ddb_models, "_fanout_patched", True)  # noqa: B010
