@@ -30,7 +30,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class RunSettings(BaseModel):
     """Per-run limits, defaulted from the job and overridable per run (``-S KEY=VALUE``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # defer_build: the validator is built when settings are first checked (a job
+    # loads, a run is read), not at import: the Lambda handler imports this module.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
 
     max_attempts: int = Field(3, ge=1, le=100, description="attempts before a chunk is dead")
     backoff_base: float = Field(1.0, ge=0, description="first retry waits up to this (s)")

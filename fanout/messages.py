@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from fanout.backends.base import Store
 
@@ -27,7 +27,9 @@ class MessageError(ValueError):
 class ChunkMessage(BaseModel):
     """One task to run: the plan of a run, or one chunk of work (at one ``seq``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: the validator is built on the first message, not when the
+    # module is imported (Lambda's init stays short; see tests/bench/bench_coldstart.py).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     v: Literal[1] = 1
     run_id: str = Field(pattern=RUN_ID_PATTERN)
@@ -42,6 +44,38 @@ class ChunkMessage(BaseModel):
     def depth(self) -> int:
         """0 for the root chunk, 1 for its children, ..."""
         return self.chunk_id.count("/")
+
+
+#: The ``kind`` of a :class:`ScheduleFire` message.
+FIRE_KIND = "schedule.fire"
+
+
+class ScheduleFire(BaseModel):
+    """A schedule's tick, sent to the work queue by EventBridge Scheduler.
+
+    Names the schedule and the tick only: the receiver reads the schedule
+    itself for its job and params (``definition`` is the copy EventBridge
+    keeps in the schedule's input, not trusted on receipt).
+    """
+
+    # Built on the first schedule tick received: most processes never see one.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    v: Literal[1] = 1
+    kind: Literal["schedule.fire"] = "schedule.fire"
+    schedule: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    scheduled_time: AwareDatetime
+    definition: dict[str, JsonValue] | None = None
+
+
+def decode_fire(body: str | bytes) -> ScheduleFire:
+    """Parse and validate a schedule fire message; :class:`MessageError` if it is not one."""
+    try:
+        return ScheduleFire.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "message"
+        raise MessageError(f"invalid schedule fire message: {where}: {first.get('msg')}") from None
 
 
 def encode(message: ChunkMessage) -> str:

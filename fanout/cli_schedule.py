@@ -1,0 +1,288 @@
+"""The schedule commands: ``fanout schedule add|list|show|remove`` and
+``fanout scheduler`` (the local loop, or one pass at a given instant with ``--at``).
+
+Registered on the group by :mod:`fanout.cli`; this module does not import
+``fanout.cli`` (which imports it), so ``python -m fanout.cli`` works too.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import BaseModel
+
+from fanout.backends import open_backend
+from fanout.backends.base import Backend
+from fanout.errors import UserError
+from fanout.jobs import canonical_ref, is_path_ref, load_job
+from fanout.schedules import Schedule, ScheduleStore, open_store, parse_spec
+from fanout.schedules.fire import Fired, fire_due, run_loop, takes_scheduled_time
+from fanout.schedules.model import NAME_PATTERN, SCHEDULED_TIME, iso, now_utc, parse_time
+
+EXIT_FAILED = 1
+
+
+def _backend(ctx: click.Context) -> Backend:
+    """The group's backend, opened once per command (as ``fanout.cli._backend``)."""
+    obj = ctx.ensure_object(dict)
+    if "backend" not in obj:
+        backend = open_backend(obj["backend_name"], home=obj["home"])
+        ctx.call_on_close(backend.close)
+        obj["backend"] = backend
+    result: Backend = obj["backend"]
+    return result
+
+
+def _store(ctx: click.Context) -> ScheduleStore:
+    store = open_store(_backend(ctx))
+    ctx.call_on_close(store.close)
+    return store
+
+
+def _pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` params, as ``fanout submit -p`` reads them (JSON lists and
+    objects as such, everything else a string for the job's model to convert)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--param {pair!r} is not KEY=VALUE")
+        if value[:1] in "[{":
+            try:
+                out[key] = json.loads(value)
+                continue
+            except json.JSONDecodeError:
+                pass
+        out[key] = value
+    return out
+
+
+def _job_ref(job: str, backend_name: str) -> str:
+    """The job reference a schedule keeps. Locally an absolute path (the scheduler
+    may run elsewhere); on AWS a path relative to this directory, the project
+    root, which is where the deployed code finds ``jobs/`` too."""
+    if backend_name != "aws" or not is_path_ref(job):
+        return canonical_ref(job)
+    path = Path(job).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        raise UserError(
+            f"job {job}: on AWS a job file must be under the project directory"
+            " (deployed with its jobs/)"
+        ) from None
+
+
+def _checked_params(job_ref: str, params: dict[str, Any], first: datetime) -> dict[str, Any]:
+    """The params as the schedule keeps them, validated now (with a sample
+    ``scheduled_time`` when the job takes one) so a typo fails here, not at 3 a.m."""
+    if SCHEDULED_TIME in params:
+        raise UserError(f"--param {SCHEDULED_TIME} is set by the scheduler to each tick's time")
+    job = load_job(job_ref)
+    job.check()
+    sample = {**params, SCHEDULED_TIME: iso(first)} if takes_scheduled_time(job_ref) else params
+    model = job.validate_params(sample)
+    if not isinstance(model, BaseModel):
+        return params
+    # What the user set, as the model normalized it (a relative path made absolute).
+    kept: dict[str, Any] = model.model_dump(mode="json", exclude_unset=True)
+    kept.pop(SCHEDULED_TIME, None)
+    return kept
+
+
+@click.group("schedule")
+def schedule() -> None:
+    """Cron schedules: submit a job at the ticks of a cron or rate expression.
+
+    \b
+    Expressions (all UTC):
+      "*/5 * * * *"                 standard 5-field cron (and @hourly, @daily, ...)
+      "cron(0 12 ? * MON-FRI *)"    AWS cron: min hour day month day-of-week year
+      "rate(5 minutes)"             every 5 minutes, counted from the Unix epoch
+    """
+
+
+@schedule.command("add")
+@click.argument("name")
+@click.option("--cron", "expression", required=True, metavar="EXPR", help="When it fires.")
+@click.argument("job")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A job param.")
+@click.option(
+    "--overlap",
+    type=click.Choice(["skip", "allow"]),
+    default="allow",
+    show_default=True,
+    help="skip: no run starts while the previous run of this schedule is still going.",
+)
+@click.option(
+    "--catch-up",
+    "catch_up",
+    type=click.Choice(["none", "latest", "all"]),
+    default="latest",
+    show_default=True,
+    help="Ticks missed while no scheduler ran: fire none, the latest, or all of them.",
+)
+@click.option("--start", metavar="ISO-TIME", help="No tick before this fires (default: now).")
+@click.pass_context
+def add(
+    ctx: click.Context,
+    name: str,
+    expression: str,
+    job: str,
+    params: tuple[str, ...],
+    overlap: str,
+    catch_up: str,
+    start: str | None,
+) -> None:
+    """Add schedule NAME: submit JOB at every tick of EXPR."""
+    import re
+
+    if not re.match(NAME_PATTERN, name):
+        raise UserError(
+            f"schedule name {name!r}: use at most 64 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit"
+        )
+    spec = parse_spec(expression)
+    now = now_utc()
+    begin = parse_time(start, "--start") if start else now
+    first = spec.next_after(begin - timedelta(microseconds=1))
+    if first is None:
+        raise UserError(f"schedule expression {expression!r} never fires after {iso(begin)}")
+    backend_name = ctx.obj["backend_name"]
+    ref = _job_ref(job, backend_name)
+    if backend_name == "aws":
+        spec.aws_expression()  # fail before any AWS call if EventBridge cannot say it
+    entry = Schedule(
+        name=name,
+        expression=expression,
+        job=ref,
+        params=_checked_params(ref, _pairs(params), first),
+        overlap=overlap,
+        catch_up=catch_up,
+        start=begin,
+        created_at=now,
+    )
+    _store(ctx).add(entry)
+    where = ""
+    if backend_name == "aws":
+        from fanout.schedules.aws import group_name
+
+        where = f" (EventBridge schedule {group_name()}/{name})"
+    click.echo(f"schedule {name} added{where}: {entry.expression}, first fire {iso(first)}")
+
+
+@schedule.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per schedule.")
+@click.pass_context
+def list_(ctx: click.Context, as_json: bool) -> None:
+    """Every schedule, with its next fire time."""
+    now = now_utc()
+    entries = _store(ctx).list()
+    for entry in entries:
+        nxt = entry.spec.next_after(max(now, entry.start))
+        if as_json:
+            click.echo(
+                json.dumps({**entry.model_dump(mode="json"), "next": iso(nxt) if nxt else None})
+            )
+            continue
+        click.echo(
+            f"{entry.name:<24} {entry.expression:<28} {Path(entry.job).name:<24}"
+            f" overlap {entry.overlap:<5} catch-up {entry.catch_up:<6}"
+            f" next {iso(nxt) if nxt else '-'}"
+        )
+    if not entries and not as_json:
+        click.echo("no schedules (add one with `fanout schedule add`)", err=True)
+
+
+@schedule.command("show")
+@click.argument("name")
+@click.option("-n", "count", type=click.IntRange(min=1, max=1000), default=5, show_default=True)
+@click.option("--after", metavar="ISO-TIME", help="List fire times after this (default: now).")
+@click.pass_context
+def show(ctx: click.Context, name: str, count: int, after: str | None) -> None:
+    """Schedule NAME and its next fire times."""
+    store = _store(ctx)
+    entry = _get(store, name)
+    since = parse_time(after, "--after") if after else now_utc()
+    # Nothing fires before the schedule's start (which is inclusive).
+    since = max(since, entry.start - timedelta(microseconds=1))
+    click.echo(f"schedule {entry.name}: {entry.expression}")
+    click.echo(f"  job: {entry.job}")
+    click.echo(f"  params: {json.dumps(entry.params)}")
+    click.echo(f"  overlap: {entry.overlap}  catch-up: {entry.catch_up}")
+    click.echo(f"  start: {iso(entry.start)}  created: {iso(entry.created_at)}")
+    last = store.last_tick(name)
+    if last is not None:
+        click.echo(f"  last tick: {iso(last)}")
+    fires = entry.spec.fires(since, count)
+    click.echo("  next: " + (", ".join(iso(t) for t in fires) if fires else "(never again)"))
+
+
+@schedule.command("remove")
+@click.argument("name")
+@click.pass_context
+def remove(ctx: click.Context, name: str) -> None:
+    """Remove schedule NAME (runs it started are kept)."""
+    if not _store(ctx).remove(name):
+        raise UserError(f"no schedule named {name!r} (see `fanout schedule list`)")
+    click.echo(f"schedule {name} removed")
+
+
+def _get(store: ScheduleStore, name: str) -> Schedule:
+    entry = store.get(name)
+    if entry is None:
+        raise UserError(f"no schedule named {name!r} (see `fanout schedule list`)")
+    return entry
+
+
+def _report(result: Fired) -> None:
+    click.echo(str(result))
+
+
+@click.command("scheduler")
+@click.option(
+    "--at",
+    "at",
+    metavar="ISO-TIME",
+    help="Fire exactly what is due at this instant, then exit (testing schedules).",
+)
+@click.pass_context
+def scheduler(ctx: click.Context, at: str | None) -> None:
+    """Submit the runs of due schedule ticks, until Ctrl-C / SIGTERM.
+
+    Several schedulers may share a home: each tick is claimed by one of them.
+    Workers run what it submits (or use `fanout worker --with-scheduler`).
+    """
+    backend_name = ctx.obj["backend_name"]
+    if at is not None:
+        when = parse_time(at, "--at")
+        results = fire_due(_backend(ctx), _store(ctx), when)
+        for result in results:
+            _report(result)
+        if not results:
+            click.echo(f"nothing due at {iso(when)}", err=True)
+        if any(r.outcome == "failed" for r in results):
+            ctx.exit(EXIT_FAILED)
+        return
+    if backend_name == "aws":
+        raise UserError(
+            "on AWS, EventBridge Scheduler fires the schedules; `fanout scheduler`"
+            " without --at is the local backend's loop"
+        )
+    backend, store = _backend(ctx), _store(ctx)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    count = len(store.list())
+    click.echo(f"fanout scheduler: {count} schedules on {ctx.obj['home']} (Ctrl-C stops)", err=True)
+    try:
+        run_loop(backend, store, stop, report=_report)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    click.echo("fanout scheduler: stopped", err=True)

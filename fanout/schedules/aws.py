@@ -1,0 +1,237 @@
+"""Schedules on AWS: EventBridge Scheduler schedules that send a fire message to
+the work queue.
+
+Each fanout schedule is one EventBridge schedule in the group ``fanout-<stage>``
+(created on first use). Its target is the work queue, sent to with the stack's
+scheduler role (``FANOUT_AWS_SCHEDULE_ROLE``: the stack output
+``SchedulerRoleArn``), and its input is a :class:`~fanout.messages.ScheduleFire`
+message: the schedule's name, ``<aws.scheduler.scheduled-time>`` (which
+EventBridge fills in) and the schedule's definition. The definition lives only
+there; whoever receives a fire message reads the schedule back from EventBridge
+(``get``) rather than trusting the message's copy.
+
+Claimed ticks (``fanout --backend aws scheduler --at``) are items of the ledger
+table under their own partition, ``SCHEDULE#<name>``, which no ledger query or
+index ever reads.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+from datetime import UTC, datetime
+
+from fanout.backends.aws import AwsSettings
+from fanout.backends.aws.clients import client, error_code
+from fanout.errors import UserError
+from fanout.messages import ScheduleFire
+from fanout.schedules.model import Schedule
+from fanout.schedules.spec import as_utc, parse_spec
+
+#: The environment variable naming the role EventBridge sends with.
+ROLE_ENV = "FANOUT_AWS_SCHEDULE_ROLE"
+#: What EventBridge replaces with the tick's time in a target's input.
+SCHEDULED_TIME_PLACEHOLDER = "<aws.scheduler.scheduled-time>"
+#: EventBridge's limit on a target's input.
+MAX_INPUT = 8192
+_NOT_FOUND = ("ResourceNotFoundException",)
+
+
+def group_name(stage: str | None = None) -> str:
+    """The schedule group of a stage: ``fanout-<stage>``."""
+    return f"fanout-{stage or os.environ.get('FANOUT_STAGE', 'dev')}"
+
+
+def fire_input(schedule: Schedule) -> str:
+    """The target input of ``schedule``: a fire message whose time EventBridge fills in."""
+    message = ScheduleFire(
+        schedule=schedule.name,
+        scheduled_time=datetime(2000, 1, 1, tzinfo=UTC),  # a stand-in, replaced below
+        definition=json.loads(schedule.model_dump_json()),
+    )
+    body = json.loads(message.model_dump_json())
+    body["scheduled_time"] = SCHEDULED_TIME_PLACEHOLDER
+    return json.dumps(body, separators=(",", ":"))
+
+
+class EventBridgeScheduleStore:
+    """A :class:`~fanout.schedules.model.ScheduleStore` on EventBridge Scheduler
+    (claims in the ledger table)."""
+
+    def __init__(self, settings: AwsSettings | None = None, *, group: str | None = None) -> None:
+        self.settings = settings or AwsSettings.from_env()
+        self.group = group or group_name()
+        self.scheduler = client("scheduler", self.settings)
+        self.dynamodb = client("dynamodb", self.settings)
+        self.table = self.settings.table
+
+    # -- the schedules ---------------------------------------------------------------
+
+    def _queue_arn(self) -> str:
+        sqs = client("sqs", self.settings)
+        queue = self.settings.queue
+        url = queue if "://" in queue else sqs.get_queue_url(QueueName=queue)["QueueUrl"]
+        attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+        return str(attributes["Attributes"]["QueueArn"])
+
+    def _ensure_group(self) -> None:
+        try:
+            self.scheduler.get_schedule_group(Name=self.group)
+        except Exception as exc:
+            if error_code(exc) not in _NOT_FOUND:
+                raise
+            try:
+                self.scheduler.create_schedule_group(Name=self.group)
+            except Exception as exc2:  # created meanwhile by another process
+                if error_code(exc2) != "ConflictException":
+                    raise
+
+    def add(self, schedule: Schedule) -> None:
+        """Create the EventBridge schedule; :class:`UserError` if the name is taken,
+        the role is not configured or the expression has no EventBridge form."""
+        role = os.environ.get(ROLE_ENV)
+        if not role:
+            raise UserError(
+                f"set {ROLE_ENV} to the stack's SchedulerRoleArn output (`fanout deploy` prints it)"
+            )
+        spec = parse_spec(schedule.expression)
+        body = fire_input(schedule)
+        if len(body) > MAX_INPUT:
+            raise UserError(
+                f"schedule {schedule.name}: its params take {len(body)} bytes;"
+                f" EventBridge allows {MAX_INPUT} in a schedule's input"
+            )
+        kwargs: dict[str, object] = {
+            "Name": schedule.name,
+            "GroupName": self.group,
+            "ScheduleExpression": spec.aws_expression(),
+            "ScheduleExpressionTimezone": "UTC",
+            "FlexibleTimeWindow": {"Mode": "OFF"},
+            "State": "ENABLED",
+            "Description": f"fanout: {schedule.job}"[:512],
+            "Target": {"Arn": self._queue_arn(), "RoleArn": role, "Input": body},
+        }
+        # EventBridge counts a rate from its StartDate: the first epoch-aligned tick
+        # keeps it on the grid the local scheduler uses. A start in the past is
+        # left out (EventBridge refuses one more than 5 minutes ago).
+        first = spec.next_after(schedule.start) if spec.interval else schedule.start
+        if first is not None and first > datetime.now(UTC):
+            kwargs["StartDate"] = first
+        self._ensure_group()
+        try:
+            self.scheduler.create_schedule(**kwargs)
+        except Exception as exc:
+            if error_code(exc) == "ConflictException":
+                raise UserError(
+                    f"schedule {schedule.name!r} exists (`fanout schedule remove"
+                    f" {schedule.name}` first)"
+                ) from None
+            raise
+
+    def get(self, name: str) -> Schedule | None:
+        """The schedule, read back from its target's input; None if there is none."""
+        try:
+            found = self.scheduler.get_schedule(Name=name, GroupName=self.group)
+        except Exception as exc:
+            if error_code(exc) in _NOT_FOUND:
+                return None
+            raise
+        body = json.loads(found["Target"]["Input"])
+        return Schedule.model_validate(body["definition"])
+
+    def list(self) -> list[Schedule]:
+        """Every schedule of the group, by name."""
+        names: list[str] = []
+        try:
+            for page in self.scheduler.get_paginator("list_schedules").paginate(
+                GroupName=self.group
+            ):
+                names.extend(s["Name"] for s in page.get("Schedules", ()))
+        except Exception as exc:
+            if error_code(exc) in _NOT_FOUND:
+                return []
+            raise
+        found = (self.get(name) for name in sorted(names))
+        return [s for s in found if s is not None]
+
+    def remove(self, name: str) -> bool:
+        """Delete the EventBridge schedule and its claimed ticks; whether it existed."""
+        try:
+            self.scheduler.delete_schedule(Name=name, GroupName=self.group)
+        except Exception as exc:
+            if error_code(exc) in _NOT_FOUND:
+                return False
+            raise
+        for tick in self._ticks(name, newest_first=False, limit=None):
+            self.dynamodb.delete_item(
+                TableName=self.table, Key={"pk": {"S": _pk(name)}, "sk": {"S": tick}}
+            )
+        return True
+
+    # -- claims -------------------------------------------------------------------
+
+    def claim_tick(self, name: str, tick: datetime) -> bool:
+        """A conditional put of the tick's item: True for exactly one caller."""
+        item = {
+            "pk": {"S": _pk(name)},
+            "sk": {"S": _sk(tick)},
+            "claimed_at": {"N": repr(datetime.now(UTC).timestamp())},
+        }
+        try:
+            self.dynamodb.put_item(
+                TableName=self.table, Item=item, ConditionExpression="attribute_not_exists(pk)"
+            )
+        except Exception as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+    def last_tick(self, name: str, at_or_before: datetime | None = None) -> datetime | None:
+        """The latest claimed tick (at or before ``at_or_before``), or None."""
+        for sk in self._ticks(name, newest_first=True, limit=1, upto=at_or_before):
+            return datetime.fromtimestamp(int(sk.removeprefix("TICK#")), UTC)
+        return None
+
+    def _ticks(
+        self,
+        name: str,
+        *,
+        newest_first: bool,
+        limit: int | None,
+        upto: datetime | None = None,
+    ) -> builtins.list[str]:
+        # Sort keys are fixed-width, so their string order is the time order.
+        high = _sk(upto) if upto is not None else "TICK#~"
+        kwargs: dict[str, object] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "pk = :pk AND sk BETWEEN :lo AND :hi",
+            "ExpressionAttributeValues": {
+                ":pk": {"S": _pk(name)},
+                ":lo": {"S": "TICK#"},
+                ":hi": {"S": high},
+            },
+            "ScanIndexForward": not newest_first,
+            "ConsistentRead": True,
+        }
+        if limit is not None:
+            kwargs["Limit"] = limit
+        found: builtins.list[str] = []
+        while True:
+            page = self.dynamodb.query(**kwargs)
+            found.extend(item["sk"]["S"] for item in page.get("Items", ()))
+            if (limit is not None and len(found) >= limit) or "LastEvaluatedKey" not in page:
+                return found
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def close(self) -> None:
+        """Nothing to release: the boto3 clients are shared by the process."""
+
+
+def _pk(name: str) -> str:
+    return f"SCHEDULE#{name}"
+
+
+def _sk(tick: datetime) -> str:
+    return f"TICK#{int(as_utc(tick).timestamp()):012d}"

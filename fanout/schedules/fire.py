@@ -1,0 +1,253 @@
+"""Firing schedules: which ticks are due, firing one tick, and the scheduler loop.
+
+A tick fires as ``coordinator.submit`` with the deterministic run id
+``<name>-<yyyymmddThhmm>``: the ledger refuses a second run with the same id,
+so a tick fired twice (two schedulers, two ``--at`` calls, a redelivered
+EventBridge message) is one run and one set of records.
+
+Catch-up, when the scheduler was not running at a tick's time (``due``):
+
+- ``none``: only a tick less than :data:`GRACE` late fires; missed ones are dropped;
+- ``latest``: the latest missed tick fires, once;
+- ``all``: every missed tick fires, oldest first (at most :data:`MAX_CATCH_UP` a pass).
+
+Overlap ``skip``: a tick does not start a run while another run of the same
+schedule is still running (the tick is claimed and dropped, not postponed).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import islice, takewhile
+from pathlib import Path
+from typing import Any
+
+from fanout.backends.base import Backend, Delivery, RunState
+from fanout.errors import UserError
+from fanout.jobs import load_job
+from fanout.messages import MessageError, decode_fire
+from fanout.schedules.model import (
+    SCHEDULED_TIME,
+    CatchUp,
+    Schedule,
+    ScheduleStore,
+    iso,
+    now_utc,
+    run_id_for,
+    run_id_pattern,
+)
+from fanout.schedules.spec import Spec, as_utc, floor_minute
+
+log = logging.getLogger("fanout.scheduler")
+
+#: How late a tick may be and still count as on time (catch-up ``none``).
+GRACE = timedelta(seconds=60)
+#: Missed ticks fired in one pass under catch-up ``all``; the next pass goes on.
+MAX_CATCH_UP = 1000
+#: The loop wakes at least this often, so it sees schedules added meanwhile (s).
+MAX_SLEEP = 30.0
+_OPEN = (RunState.RUNNING, RunState.FINALIZING)
+
+
+@dataclass(frozen=True)
+class Fired:
+    """What happened to one tick."""
+
+    schedule: str
+    tick: datetime
+    run_id: str
+    outcome: str  # "fired", "skipped", "already fired", "claimed elsewhere", "failed"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"{self.schedule} {iso(self.tick)}: {self.outcome} {self.run_id}{detail}"
+
+
+def due(spec: Spec, after: datetime, now: datetime, catch_up: CatchUp) -> list[datetime]:
+    """The ticks to fire at ``now``: of those in ``(after, now]``, what ``catch_up``
+    keeps (see the module docstring)."""
+    after, now = as_utc(after), as_utc(now)
+    if now <= after:
+        return []
+    if catch_up == "all":
+        ticks = takewhile(lambda tick: tick <= now, spec.ticks_after(after))
+        return list(islice(ticks, MAX_CATCH_UP))
+    latest = spec.latest_at_or_before(now)
+    if latest is None or latest <= after:
+        return []
+    if catch_up == "latest" or now - latest < GRACE:
+        return [latest]
+    return []
+
+
+def due_for(store: ScheduleStore, schedule: Schedule, now: datetime) -> list[datetime]:
+    """The ticks of ``schedule`` due at ``now``, after its last claimed tick (or
+    from its start). Claims after ``now`` (an ``--at`` in the future) do not count:
+    their ticks are claimed already when their time comes."""
+    last = store.last_tick(schedule.name, now)
+    # start is inclusive: a tick exactly at start fires.
+    after = last if last is not None else schedule.start - timedelta(microseconds=1)
+    return due(schedule.spec, after, now, schedule.catch_up)
+
+
+def scheduled_params(schedule: Schedule, tick: datetime) -> dict[str, Any]:
+    """The run params of one tick: the schedule's, plus ``scheduled_time`` when the
+    job takes it (a job whose Params model does not declare it would reject it)."""
+    params: dict[str, Any] = dict(schedule.params)
+    if takes_scheduled_time(schedule.job):
+        params[SCHEDULED_TIME] = iso(tick)
+    return params
+
+
+def takes_scheduled_time(job_ref: str) -> bool:
+    """Whether the job's params accept ``scheduled_time``: it declares the field,
+    allows extra params, or has no Params model (a plain dict)."""
+    model = load_job(job_ref).params_model
+    if model is None or model.model_config.get("extra") == "allow":
+        return True
+    fields = model.model_fields
+    return SCHEDULED_TIME in fields or any(f.alias == SCHEDULED_TIME for f in fields.values())
+
+
+def running_runs(backend: Backend, name: str) -> list[str]:
+    """Run ids of schedule ``name`` that are still going."""
+    pattern = re.compile(run_id_pattern(name))
+    runs = backend.ledger.list_runs(limit=10_000, states=_OPEN)
+    return [r.run_id for r in runs if pattern.match(r.run_id)]
+
+
+def fire(backend: Backend, schedule: Schedule, tick: datetime) -> Fired:
+    """Submit the run of one tick (or skip it, under ``overlap skip``)."""
+    from fanout import coordinator
+
+    tick = floor_minute(tick)
+    run_id = run_id_for(schedule.name, tick)
+    if schedule.overlap == "skip":
+        going = [r for r in running_runs(backend, schedule.name) if r != run_id]
+        if going:
+            return Fired(schedule.name, tick, run_id, "skipped", f"{going[0]} is still going")
+    try:
+        coordinator.submit(backend, schedule.job, scheduled_params(schedule, tick), run_id=run_id)
+    except KeyError:
+        return Fired(schedule.name, tick, run_id, "already fired")
+    except UserError as exc:
+        # The job file moved, or its params no longer validate: say so and go on
+        # with the other schedules.
+        return Fired(schedule.name, tick, run_id, "failed", str(exc))
+    return Fired(schedule.name, tick, run_id, "fired")
+
+
+def fire_due(
+    backend: Backend, store: ScheduleStore, now: datetime, names: list[str] | None = None
+) -> list[Fired]:
+    """Fire every tick due at ``now`` (of the schedules ``names``, default all).
+    A tick another process claimed first is reported, not fired."""
+    results = []
+    for schedule in store.list():
+        if names is not None and schedule.name not in names:
+            continue
+        for tick in due_for(store, schedule, now):
+            if not store.claim_tick(schedule.name, tick):
+                run_id = run_id_for(schedule.name, tick)
+                results.append(Fired(schedule.name, tick, run_id, "claimed elsewhere"))
+                continue
+            results.append(fire(backend, schedule, tick))
+    return results
+
+
+def next_wake(store: ScheduleStore, now: datetime) -> datetime | None:
+    """The earliest tick after ``now`` of any schedule."""
+    upcoming = [s.spec.next_after(max(now, s.start)) for s in store.list()]
+    found = [t for t in upcoming if t is not None]
+    return min(found) if found else None
+
+
+def run_loop(
+    backend: Backend,
+    store: ScheduleStore,
+    stop: threading.Event,
+    report: Callable[[Fired], None] | None = None,
+    clock: Callable[[], datetime] = now_utc,
+) -> None:
+    """Fire due ticks until ``stop`` is set: wake at the next tick (at least every
+    :data:`MAX_SLEEP` s, to see new schedules). A failing pass is logged and retried."""
+    while not stop.is_set():
+        try:
+            for result in fire_due(backend, store, clock()):
+                (report or _log)(result)
+            wake = next_wake(store, clock())
+        except Exception:
+            log.exception("scheduler pass failed; retrying")
+            wake = None
+        now = clock()
+        pause = MAX_SLEEP if wake is None else (wake - now).total_seconds()
+        stop.wait(min(max(pause, 0.01), MAX_SLEEP))
+
+
+def _log(result: Fired) -> None:
+    level = logging.ERROR if result.outcome == "failed" else logging.INFO
+    log.log(level, "%s", result)
+
+
+def start_thread(backend_name: str, home: Path) -> Callable[[], None]:
+    """Run the scheduler loop in a daemon thread (``fanout worker --with-scheduler``);
+    returns the function that stops it. The thread opens its own backend."""
+    from fanout.backends import open_backend
+    from fanout.schedules import open_store
+
+    stop = threading.Event()
+
+    def main() -> None:
+        backend = open_backend(backend_name, home=home)
+        store = open_store(backend)
+        try:
+            run_loop(backend, store, stop)
+        finally:
+            store.close()
+            backend.close()
+
+    thread = threading.Thread(target=main, name="fanout-scheduler", daemon=True)
+    thread.start()
+
+    def stop_thread() -> None:
+        stop.set()
+        thread.join(timeout=10)
+
+    return stop_thread
+
+
+# -- EventBridge's fire messages, received by the runner ----------------------------
+
+
+def handle_fire_message(backend: Backend, delivery: Delivery) -> str:
+    """Fire the tick a :class:`~fanout.messages.ScheduleFire` message names, with the
+    schedule as the store keeps it (the message only names it), then acknowledge.
+    Infrastructure errors propagate, so the message is redelivered; the run id
+    makes the retry harmless."""
+    from fanout.schedules import open_store
+
+    try:
+        message = decode_fire(delivery.body)
+    except MessageError as exc:
+        log.error("dropping a message that is not a fanout envelope: %s", exc)
+        backend.queue.ack(delivery.receipt)
+        return "invalid"
+    store = open_store(backend)
+    try:
+        schedule = store.get(message.schedule)
+    finally:
+        store.close()
+    if schedule is None:
+        log.warning("dropping a fire message of unknown schedule %s", message.schedule)
+        backend.queue.ack(delivery.receipt)
+        return "unknown schedule"
+    result = fire(backend, schedule, message.scheduled_time)
+    _log(result)
+    backend.queue.ack(delivery.receipt)
+    return f"schedule {result.outcome}"

@@ -1,0 +1,116 @@
+"""Schedules in the local backend's SQLite database (beside the queue and ledger).
+
+Two tables: ``schedules`` (one row per schedule, its definition as JSON) and
+``schedule_ticks`` (one row per claimed tick). A claim is ``INSERT OR IGNORE``
+on the primary key ``(name, tick)`` inside a write transaction, so of two
+scheduler processes evaluating the same tick exactly one inserts the row and
+fires it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+from fanout.backends.local.db import Database
+from fanout.errors import UserError
+from fanout.schedules.model import Schedule
+from fanout.schedules.spec import as_utc
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedule_ticks (
+    name TEXT NOT NULL,
+    tick INTEGER NOT NULL,
+    claimed_at REAL NOT NULL,
+    PRIMARY KEY (name, tick)
+);
+"""
+
+#: Claimed ticks older than this are forgotten (all but the latest one): a claim
+#: only has to outlive the processes racing for the same tick.
+KEEP_TICKS = timedelta(days=7)
+
+
+def _seconds(when: datetime) -> int:
+    return int(as_utc(when).timestamp())
+
+
+class SQLiteScheduleStore:
+    """A :class:`~fanout.schedules.model.ScheduleStore` on the backend's database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.db.executescript(SCHEMA)
+
+    def add(self, schedule: Schedule) -> None:
+        """Create the schedule; :class:`UserError` if the name is taken."""
+        try:
+            with self.db.write() as conn:
+                conn.execute(
+                    "INSERT INTO schedules (name, definition) VALUES (?, ?)",
+                    (schedule.name, schedule.model_dump_json()),
+                )
+                # A schedule removed and added again starts with no claims.
+                conn.execute("DELETE FROM schedule_ticks WHERE name = ?", (schedule.name,))
+        except sqlite3.IntegrityError:
+            raise UserError(
+                f"schedule {schedule.name!r} exists (`fanout schedule remove {schedule.name}`"
+                " first)"
+            ) from None
+
+    def get(self, name: str) -> Schedule | None:
+        """The schedule, or None."""
+        row = self.db.conn.execute(
+            "SELECT definition FROM schedules WHERE name = ?", (name,)
+        ).fetchone()
+        return Schedule.model_validate_json(row["definition"]) if row else None
+
+    def list(self) -> list[Schedule]:
+        """Every schedule, by name."""
+        rows = self.db.conn.execute("SELECT definition FROM schedules ORDER BY name").fetchall()
+        return [Schedule.model_validate_json(r["definition"]) for r in rows]
+
+    def remove(self, name: str) -> bool:
+        """Delete the schedule and its claimed ticks; whether it existed."""
+        with self.db.write() as conn:
+            gone = conn.execute("DELETE FROM schedules WHERE name = ?", (name,)).rowcount
+            conn.execute("DELETE FROM schedule_ticks WHERE name = ?", (name,))
+        return bool(gone)
+
+    def claim_tick(self, name: str, tick: datetime) -> bool:
+        """True for exactly one caller per ``(name, tick)``."""
+        seconds = _seconds(tick)
+        with self.db.write() as conn:
+            claimed = conn.execute(
+                "INSERT OR IGNORE INTO schedule_ticks (name, tick, claimed_at) VALUES (?, ?, ?)",
+                (name, seconds, datetime.now(UTC).timestamp()),
+            ).rowcount
+            if claimed:
+                # Old claims go, but never the latest one up to now: it is where
+                # the next pass counts missed ticks from.
+                now = int(datetime.now(UTC).timestamp())
+                conn.execute(
+                    "DELETE FROM schedule_ticks WHERE name = ? AND tick < ? AND tick <"
+                    " (SELECT MAX(tick) FROM schedule_ticks WHERE name = ? AND tick <= ?)",
+                    (name, now - int(KEEP_TICKS.total_seconds()), name, now),
+                )
+        return bool(claimed)
+
+    def last_tick(self, name: str, at_or_before: datetime | None = None) -> datetime | None:
+        """The latest claimed tick (at or before ``at_or_before``), or None."""
+        sql = "SELECT MAX(tick) AS tick FROM schedule_ticks WHERE name = ?"
+        args: list[object] = [name]
+        if at_or_before is not None:
+            sql += " AND tick <= ?"
+            args.append(_seconds(at_or_before))
+        row = self.db.conn.execute(sql, args).fetchone()
+        if row is None or row["tick"] is None:
+            return None
+        return datetime.fromtimestamp(row["tick"], UTC)
+
+    def close(self) -> None:
+        """Nothing to release: the database belongs to the backend."""

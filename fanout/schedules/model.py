@@ -1,0 +1,120 @@
+"""A schedule as fanout keeps it, the seam its stores implement, and the
+deterministic run id of one tick."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+from fanout.errors import UserError
+from fanout.schedules.spec import Spec, as_utc, floor_minute, parse_spec
+
+#: Schedule names: what EventBridge Scheduler allows, and short enough that
+#: ``<name>-<yyyymmddThhmm>`` is a valid run id (fanout.messages.RUN_ID_PATTERN).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: The run param a scheduled run gets its tick in, when its job declares it.
+SCHEDULED_TIME = "scheduled_time"
+
+Overlap = Literal["skip", "allow"]
+CatchUp = Literal["none", "latest", "all"]
+
+
+class Schedule(BaseModel):
+    """One schedule: when (``expression``), what (``job`` and ``params``) and how
+    ticks that overlap a running run or were missed are handled."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    expression: str
+    job: str = Field(min_length=1)
+    params: dict[str, JsonValue] = Field(default_factory=dict)
+    #: skip: no run starts while an earlier run of this schedule is still going.
+    overlap: Overlap = "allow"
+    #: Missed ticks (the scheduler was not running): fire none, the latest, or all.
+    catch_up: CatchUp = "latest"
+    #: No tick before this instant fires.
+    start: datetime
+    created_at: datetime
+
+    @field_validator("expression")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        parse_spec(value)
+        return " ".join(value.split())
+
+    @field_validator("start", "created_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return as_utc(value)
+
+    @property
+    def spec(self) -> Spec:
+        """The parsed expression."""
+        return parse_spec(self.expression)
+
+
+class ScheduleStore(Protocol):
+    """Where schedules live: the local database, or EventBridge Scheduler.
+
+    ``claim_tick`` is the one atomic step: of all the processes that evaluate a
+    tick, exactly one is told True, so a tick is fired (or skipped) once.
+    """
+
+    def add(self, schedule: Schedule) -> None:
+        """Create the schedule; :class:`UserError` if the name is taken."""
+
+    def get(self, name: str) -> Schedule | None:
+        """The schedule, or None."""
+
+    def list(self) -> list[Schedule]:
+        """Every schedule, by name."""
+
+    def remove(self, name: str) -> bool:
+        """Delete the schedule (and its claimed ticks); whether it existed."""
+
+    def claim_tick(self, name: str, tick: datetime) -> bool:
+        """Claim ``tick`` of schedule ``name``: True for exactly one caller."""
+
+    def last_tick(self, name: str, at_or_before: datetime | None = None) -> datetime | None:
+        """The latest tick claimed for the schedule (at or before ``at_or_before``,
+        when given), or None."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def run_id_for(name: str, tick: datetime) -> str:
+    """The run id of one tick: ``<name>-<yyyymmddThhmm>`` (UTC). Deterministic, so a
+    tick fired twice (two schedulers, a redelivered message) is one run."""
+    return f"{name}-{floor_minute(tick):%Y%m%dT%H%M}"
+
+
+def run_id_pattern(name: str) -> str:
+    """A regex matching the run ids of schedule ``name`` (see :func:`run_id_for`)."""
+    import re
+
+    return re.escape(name) + r"-[0-9]{8}T[0-9]{4}$"
+
+
+def iso(when: datetime) -> str:
+    """``2026-11-22T14:05:00Z``."""
+    return as_utc(when).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str, what: str) -> datetime:
+    """An ISO-8601 time from the command line (naive means UTC);
+    :class:`UserError` naming ``what`` if it does not parse."""
+    try:
+        return as_utc(datetime.fromisoformat(text.strip()))
+    except ValueError:
+        raise UserError(
+            f"{what} {text!r} is not an ISO-8601 time (e.g. 2026-11-22T14:05:00Z)"
+        ) from None
+
+
+def now_utc() -> datetime:
+    """The current time, aware UTC."""
+    return datetime.now(UTC)

@@ -1,0 +1,135 @@
+"""The ScheduleStore contract: the same tests against the local database (and
+the memory backend's) and EventBridge Scheduler + DynamoDB under moto."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from fanout.backends import open_backend
+from fanout.backends.base import Backend
+from fanout.errors import UserError
+from fanout.schedules import Schedule, ScheduleStore, open_store
+from helpers import TREE, fake_aws
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(params=["memory", "local", "aws"])
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Backend]:
+    if request.param != "aws":
+        opened = open_backend(request.param, home=tmp_path / "home")
+        yield opened
+        opened.close()
+        return
+    from moto import mock_aws
+
+    from fanout.backends.aws import AwsSettings
+    from fanout.backends.aws.resources import create_resources
+
+    fake_aws(
+        monkeypatch,
+        FANOUT_STAGE="contract",
+        FANOUT_AWS_SCHEDULE_ROLE="arn:aws:iam::123456789012:role/fanout-scheduler",
+    )
+    with mock_aws():
+        create_resources(AwsSettings.from_env())
+        opened = open_backend("aws")
+        yield opened
+        opened.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> Iterator[ScheduleStore]:
+    opened = open_store(backend)
+    yield opened
+    opened.close()
+
+
+def make(name: str = "pulse", **fields: object) -> Schedule:
+    values: dict[str, object] = {
+        "name": name,
+        "expression": "*/5 * * * *",
+        "job": TREE,
+        "params": {"chunks": 2, "fail_chunks": [1]},
+        "start": NOW,
+        "created_at": NOW,
+        **fields,
+    }
+    return Schedule.model_validate(values)
+
+
+def test_add_get_list_remove(store: ScheduleStore) -> None:
+    assert store.get("pulse") is None
+    assert store.list() == []
+    first = make(overlap="skip", catch_up="all")
+    second = make("daily", expression="cron(0 6 ? * MON-FRI *)")
+    store.add(first)
+    store.add(second)
+    assert store.get("pulse") == first
+    assert [s.name for s in store.list()] == ["daily", "pulse"]
+    assert store.list() == [second, first]
+    assert store.remove("pulse") is True
+    assert store.get("pulse") is None
+    assert store.remove("pulse") is False
+    assert [s.name for s in store.list()] == ["daily"]
+
+
+def test_adding_a_taken_name_is_a_user_error(store: ScheduleStore) -> None:
+    store.add(make())
+    with pytest.raises(UserError, match="'pulse' exists"):
+        store.add(make(expression="rate(1 hour)"))
+    stored = store.get("pulse")
+    assert stored is not None and stored.expression == "*/5 * * * *"
+
+
+def test_a_tick_is_claimed_once(store: ScheduleStore) -> None:
+    store.add(make())
+    tick = NOW + timedelta(minutes=5)
+    assert store.last_tick("pulse") is None
+    assert store.claim_tick("pulse", tick) is True
+    assert store.claim_tick("pulse", tick) is False
+    assert store.claim_tick("pulse", tick + timedelta(minutes=5)) is True
+    assert store.claim_tick("other", tick) is True  # claims are per schedule
+    assert store.last_tick("pulse") == tick + timedelta(minutes=5)
+    assert store.last_tick("pulse", tick + timedelta(minutes=4)) == tick
+    assert store.last_tick("pulse", tick) == tick
+    assert store.last_tick("pulse", tick - timedelta(seconds=1)) is None
+
+
+def test_claims_race_one_winner_per_tick(store: ScheduleStore, backend: Backend) -> None:
+    if backend.name == "aws":
+        pytest.skip("moto's in-process backend is not a concurrency test")
+    store.add(make())
+    ticks = [NOW + timedelta(minutes=5 * i) for i in range(20)]
+    wins: list[datetime] = []
+    lock = threading.Lock()
+
+    def claim_all() -> None:
+        mine = open_store(backend)
+        for tick in ticks:
+            if mine.claim_tick("pulse", tick):
+                with lock:
+                    wins.append(tick)
+
+    threads = [threading.Thread(target=claim_all) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(wins) == ticks
+
+
+def test_removing_forgets_claims(store: ScheduleStore) -> None:
+    store.add(make())
+    store.claim_tick("pulse", NOW)
+    store.remove("pulse")
+    store.add(make())
+    assert store.last_tick("pulse") is None
+    assert store.claim_tick("pulse", NOW) is True

@@ -1,0 +1,244 @@
+"""Schedules on AWS under moto: ``fanout --backend aws schedule ...`` makes
+EventBridge Scheduler schedules targeting the work queue, and the fire message
+EventBridge would send runs through the Lambda handler into one run per tick.
+
+moto keeps schedules but never fires them: the tests send the schedule's input,
+with EventBridge's placeholder filled in, to the queue themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from click.testing import CliRunner, Result
+from moto import mock_aws
+
+from fanout import coordinator
+from fanout.backends import open_backend
+from fanout.backends.aws import AwsSettings
+from fanout.backends.aws.resources import create_resources
+from fanout.backends.base import Backend, RunState
+from fanout.cli import main
+from fanout.schedules.aws import SCHEDULED_TIME_PLACEHOLDER
+from helpers import drain, fake_aws
+
+REPO = Path(__file__).resolve().parents[1]
+ROLE = "arn:aws:iam::123456789012:role/fanout-test-scheduler"
+GROUP = "fanout-test"
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    import fanout.aws_lambda as lambda_mod
+
+    fake_aws(monkeypatch, FANOUT_STAGE="test", FANOUT_AWS_SCHEDULE_ROLE=ROLE)
+    monkeypatch.setattr(lambda_mod, "_warm", None)  # a cold container per test
+    # Job files are kept relative to the project root, as deployed.
+    monkeypatch.chdir(REPO)
+    with mock_aws():
+        create_resources(AwsSettings.from_env())
+        backend = open_backend("aws")
+        yield backend
+        backend.close()
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(main, ["--backend", "aws", *args], prog_name="fanout")
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
+def eventbridge() -> Any:
+    return boto3.client("scheduler")
+
+
+def deliver(aws: Backend, body: str) -> list[str]:
+    """Send ``body`` to the work queue and let the Lambda handler take it, as the
+    SQS event source would; returns the ids of the records it reported failed."""
+    import fanout.aws_lambda as lambda_mod
+
+    sqs, url = aws.queue.sqs, aws.queue.url  # type: ignore[attr-defined]
+    sqs.send_message(QueueUrl=url, MessageBody=body)
+    messages = sqs.receive_message(
+        QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=30, AttributeNames=["All"]
+    )["Messages"]
+    event = {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m["Attributes"],
+            }
+            for m in messages
+        ]
+    }
+
+    class Context:
+        def get_remaining_time_in_millis(self) -> int:
+            return 60_000
+
+    response = lambda_mod.handler(event, Context())
+    return [f["itemIdentifier"] for f in response["batchItemFailures"]]
+
+
+def fire_message(name: str, when: str) -> str:
+    """What EventBridge sends at ``when``: the schedule's input, placeholder filled in."""
+    body: str = eventbridge().get_schedule(Name=name, GroupName=GROUP)["Target"]["Input"]
+    assert SCHEDULED_TIME_PLACEHOLDER in body
+    return body.replace(SCHEDULED_TIME_PLACEHOLDER, when)
+
+
+def test_add_makes_an_eventbridge_schedule_sending_to_the_work_queue(aws: Backend) -> None:
+    out = ok(cli("schedule", "add", "tree", "--cron", "30 9 * * 1-5", "tests/testjobs/tree.py",
+                 "-p", "chunks=2", "--overlap", "skip"))  # fmt: skip
+    assert "EventBridge schedule fanout-test/tree" in out
+    found = eventbridge().get_schedule(Name="tree", GroupName=GROUP)
+    # Standard cron in EventBridge's form: MON-FRI are 2-6 there.
+    assert found["ScheduleExpression"] == "cron(30 9 ? * 2-6 *)"
+    assert found["ScheduleExpressionTimezone"] == "UTC"
+    assert found["FlexibleTimeWindow"] == {"Mode": "OFF"}
+    assert found["State"] == "ENABLED"
+    queue_arn = aws.queue.sqs.get_queue_attributes(  # type: ignore[attr-defined]
+        QueueUrl=aws.queue.url,  # type: ignore[attr-defined]
+        AttributeNames=["QueueArn"],
+    )["Attributes"]["QueueArn"]
+    target = found["Target"]
+    assert target["Arn"] == queue_arn and target["RoleArn"] == ROLE
+    body = json.loads(target["Input"])
+    assert body["kind"] == "schedule.fire" and body["schedule"] == "tree"
+    assert body["scheduled_time"] == SCHEDULED_TIME_PLACEHOLDER
+    assert body["definition"]["job"] == "tests/testjobs/tree.py"  # relative, as deployed
+    assert body["definition"]["params"] == {"chunks": 2}
+
+
+def test_rate_starts_on_the_epoch_grid(aws: Backend) -> None:
+    ok(cli("schedule", "add", "r", "--cron", "rate(5 minutes)", "tests/testjobs/tree.py",
+           "--start", "2031-06-01T10:02:30Z"))  # fmt: skip
+    found = eventbridge().get_schedule(Name="r", GroupName=GROUP)
+    assert found["ScheduleExpression"] == "rate(5 minutes)"
+    assert found["StartDate"].isoformat() == "2031-06-01T10:05:00+00:00"
+
+
+def test_list_show_remove_through_the_same_commands(aws: Backend) -> None:
+    ok(cli("schedule", "add", "b", "--cron", "rate(1 hour)", "tests/testjobs/tree.py"))
+    ok(cli("schedule", "add", "a", "--cron", "cron(0 12 ? * 6L *)", "tests/testjobs/tree.py"))
+    assert [line.split()[0] for line in ok(cli("schedule", "list")).splitlines()] == ["a", "b"]
+    shown = ok(cli("schedule", "show", "a", "--after", "2030-01-01T00:00Z"))
+    assert "next: 2030-01-25T12:00:00Z, 2030-02-22T12:00:00Z" in shown
+    assert ok(cli("schedule", "remove", "a")) == "schedule a removed\n"
+    names = [s["Name"] for s in eventbridge().list_schedules(GroupName=GROUP)["Schedules"]]
+    assert names == ["b"]
+    result = cli("schedule", "remove", "a")
+    assert result.exit_code == 2 and "no schedule named 'a'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--cron", "0 6 1 * 1"], {}, "EventBridge cannot express"),
+        (["--cron", "* * * * *"], {"FANOUT_AWS_SCHEDULE_ROLE": ""}, "FANOUT_AWS_SCHEDULE_ROLE"),
+    ],
+)
+def test_refused_before_any_schedule_is_made(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str],
+    needle: str,
+) -> None:  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = cli("schedule", "add", "x", *args, "tests/testjobs/tree.py")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and needle in result.stderr
+    assert eventbridge().list_schedules()["Schedules"] == []
+
+
+def test_a_fire_message_submits_one_run_per_tick(aws: Backend) -> None:
+    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
+           "-p", "chunks=2", "-p", "rows=3"))  # fmt: skip
+    body = fire_message("tree", "2030-01-01T00:05:00Z")
+    assert deliver(aws, body) == []
+    run = aws.ledger.get_run("tree-20300101T0005")
+    assert run is not None and run.params["chunks"] == 2
+    # EventBridge (or SQS) delivering the same tick again: still one run.
+    assert deliver(aws, body) == []
+    runs = [r.run_id for r in aws.ledger.list_runs() if r.run_id.startswith("tree-")]
+    assert runs == ["tree-20300101T0005"]
+    done = drain(aws, "tree-20300101T0005", chunk_timeout=5, limit=60)
+    assert done.state == RunState.SUCCEEDED and done.records == 6
+
+
+def test_the_message_names_the_schedule_and_the_schedule_says_what_runs(aws: Backend) -> None:
+    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
+           "-p", "chunks=1"))  # fmt: skip
+    forged = json.loads(fire_message("tree", "2030-01-01T00:05:00Z"))
+    forged["definition"]["job"] = "jobs/meter_readings.py"
+    forged["definition"]["params"] = {"chunks": 50}
+    deliver(aws, json.dumps(forged))
+    run = aws.ledger.get_run("tree-20300101T0005")
+    assert run is not None and run.job_name == "tree" and run.params["chunks"] == 1
+    # A schedule that does not exist, or a message that is not one: dropped.
+    unknown = json.dumps({**forged, "schedule": "nope"})
+    bad = json.dumps({**forged, "extra": 1})
+    assert deliver(aws, unknown) == [] and deliver(aws, bad) == []
+    assert [r.run_id for r in aws.ledger.list_runs()] == ["tree-20300101T0005"]
+
+
+def test_overlap_skip_on_aws(aws: Backend) -> None:
+    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
+           "--overlap", "skip", "-p", "chunks=1"))  # fmt: skip
+    deliver(aws, fire_message("tree", "2030-01-01T00:00:00Z"))
+    deliver(aws, fire_message("tree", "2030-01-01T00:05:00Z"))  # 00:00 is still going
+    assert aws.ledger.get_run("tree-20300101T0005") is None
+    drain(aws, "tree-20300101T0000", chunk_timeout=5, limit=60)
+    deliver(aws, fire_message("tree", "2030-01-01T00:10:00Z"))
+    assert aws.ledger.get_run("tree-20300101T0010") is not None
+
+
+def test_schedule_the_pulse_job_on_aws(aws: Backend, tmp_path: Path) -> None:
+    # The base readings: a meter-readings run on AWS (its input read from here).
+    base = coordinator.submit(aws, str(REPO / "jobs" / "meter_readings.py"), {}).run_id
+    base_run = drain(aws, base, chunk_timeout=10, limit=120)
+    assert base_run.state == RunState.SUCCEEDED and base_run.manifest_key
+    manifest = aws.store.url(base_run.manifest_key)
+    assert manifest.startswith("s3://")
+    # One command schedules it; `--at` fires the slot (twice: one run).
+    ok(cli("schedule", "add", "pulse", "--cron", "rate(5 minutes)", "jobs/meter_pulse.py",
+           "-p", f"base={manifest}", "--start", "2030-01-01T00:00Z"))  # fmt: skip
+    for _ in range(2):
+        ok(cli("scheduler", "--at", "2030-01-01T00:05:00Z"))
+    assert deliver(aws, fire_message("pulse", "2030-01-01T00:05:00Z")) == []
+    pulses = [r.run_id for r in aws.ledger.list_runs() if r.job_name == "meter-pulse"]
+    assert pulses == ["pulse-20300101T0005"]
+    run = drain(aws, "pulse-20300101T0005", chunk_timeout=10, limit=120)
+    assert run.state == RunState.SUCCEEDED
+    assert run.records == base_run.records == 4000
+    first = next(coordinator.committed_records(aws, run.run_id))
+    assert first["slot"].isoformat() == "2030-01-01T00:05:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"extra": 1}, "extra"),
+        ({"scheduled_time": "2030-01-01T00:05:00"}, "scheduled_time"),  # no timezone
+        ({"scheduled_time": SCHEDULED_TIME_PLACEHOLDER}, "scheduled_time"),  # not filled in
+        ({"schedule": "../x"}, "schedule"),
+        ({"v": 2}, "v"),
+    ],
+)
+def test_fire_messages_are_validated_on_receipt(change: dict[str, Any], needle: str) -> None:
+    from fanout.messages import MessageError, decode_fire
+
+    good = {"v": 1, "kind": "schedule.fire", "schedule": "pulse",
+            "scheduled_time": "2030-01-01T00:05:00Z"}  # fmt: skip
+    assert decode_fire(json.dumps(good)).scheduled_time.isoformat() == "2030-01-01T00:05:00+00:00"
+    with pytest.raises(MessageError, match=f"invalid schedule fire message: {needle}"):
+        decode_fire(json.dumps({**good, **change}))

@@ -1,0 +1,383 @@
+"""Schedules on the local backend: ``fanout schedule`` and ``fanout scheduler --at``
+(due, not due, overlap skip, catch-up, params), two scheduler processes racing,
+the loop, and ``fanout worker --with-scheduler``."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from fanout import coordinator
+from fanout.backends import open_backend
+from fanout.backends.base import Backend, RunState
+from fanout.cli import main
+from fanout.schedules import open_store
+from fanout.schedules.fire import Fired, due, run_loop
+from fanout.schedules.spec import parse_spec
+from helpers import TREE, drain
+from procs import CLI, wait_for, worker
+
+START = "2030-01-01T00:00:00Z"
+
+STAMP_JOB = """
+from datetime import datetime
+from pydantic import BaseModel
+from fanout import Job
+
+class Params(BaseModel):
+    scheduled_time: datetime
+    label: str = "x"
+
+job = Job("stamp", params=Params, schema={"type": "record", "name": "stamp",
+          "fields": [{"name": "at", "type": "string"}, {"name": "label", "type": "string"}]})
+
+@job.process
+def process(payload, ctx):
+    ctx.emit({"at": ctx.params.scheduled_time.isoformat(), "label": ctx.params.label})
+"""
+
+
+def t(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def cli(home: Path, *args: str) -> Result:
+    return CliRunner().invoke(main, ["--home", str(home), *args], prog_name="fanout")
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
+def user_error(result: Result, *needles: str) -> None:
+    """Exit 2 with one ``error:`` line naming ``needles``, no traceback."""
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def add(home: Path, name: str, expression: str, job: str = TREE, *extra: str) -> None:
+    args = ["schedule", "add", name, "--cron", expression, job, "--start", START, *extra]
+    ok(cli(home, *args))
+
+
+def at(home: Path, when: str) -> list[str]:
+    """``fanout scheduler --at WHEN``: the lines it printed (one per tick)."""
+    return ok(cli(home, "scheduler", "--at", when)).splitlines()
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def ledger(home: Path) -> Iterator[Backend]:
+    backend = open_backend("local", home=home)
+    yield backend
+    backend.close()
+
+
+def schedule_runs(backend: Backend, name: str) -> list[str]:
+    runs = backend.ledger.list_runs(limit=1000)
+    return sorted(r.run_id for r in runs if r.run_id.startswith(f"{name}-"))
+
+
+# -- which ticks are due ----------------------------------------------------------
+
+
+def test_due_by_catch_up() -> None:
+    spec = parse_spec("*/5 * * * *")
+    last = t("2030-01-01T00:00")
+    late = t("2030-01-01T00:17")  # three ticks missed, the last one 2 minutes ago
+    assert due(spec, last, late, "all") == [t(f"2030-01-01T00:{m}") for m in ("05", "10", "15")]
+    assert due(spec, last, late, "latest") == [t("2030-01-01T00:15")]
+    assert due(spec, last, late, "none") == []
+    on_time = t("2030-01-01T00:15:30")
+    assert due(spec, last, on_time, "none") == [t("2030-01-01T00:15")]
+    assert due(spec, last, t("2030-01-01T00:04:59"), "latest") == []
+    assert due(spec, last, last, "all") == []
+
+
+# -- fanout scheduler --at ----------------------------------------------------------
+
+
+def test_at_fires_what_is_due_then_nothing(home: Path, ledger: Backend) -> None:
+    add(home, "tree", "*/5 * * * *", TREE, "-p", "chunks=1", "-p", "rows=2")
+    assert at(home, START) == [f"tree {START}: fired tree-20300101T0000"]
+    run = ledger.ledger.get_run("tree-20300101T0000")
+    assert run is not None and run.params["chunks"] == 1 and run.params["rows"] == 2
+    assert "scheduled_time" not in run.params  # tree's Params has no such field
+    again = cli(home, "scheduler", "--at", START)
+    assert ok(again) == "" and "nothing due" in again.stderr
+    assert at(home, "2030-01-01T00:03:00Z") == []  # not a tick
+    assert at(home, "2030-01-01T00:05:00Z") == [
+        "tree 2030-01-01T00:05:00Z: fired tree-20300101T0005"
+    ]
+    assert schedule_runs(ledger, "tree") == ["tree-20300101T0000", "tree-20300101T0005"]
+
+
+def test_a_future_at_does_not_hold_back_the_present(home: Path, ledger: Backend) -> None:
+    add(home, "tree", "*/5 * * * *", TREE, "--catch-up", "none")
+    assert len(at(home, "2030-06-01T00:05:00Z")) == 1  # trying a tick months ahead
+    assert at(home, "2030-01-01T00:10:00Z") == [
+        "tree 2030-01-01T00:10:00Z: fired tree-20300101T0010"
+    ]
+    # ...and when its time comes, the tick tried ahead is claimed already.
+    assert at(home, "2030-06-01T00:05:00Z") == []
+    assert len(schedule_runs(ledger, "tree")) == 2
+
+
+def test_nothing_fires_before_the_start(home: Path, ledger: Backend) -> None:
+    add(home, "tree", "*/5 * * * *")
+    assert at(home, "2029-12-31T23:55:00Z") == []
+    assert schedule_runs(ledger, "tree") == []
+
+
+def test_scheduled_time_reaches_a_job_that_declares_it(
+    home: Path, ledger: Backend, tmp_path: Path
+) -> None:
+    job = tmp_path / "stamp.py"
+    job.write_text(STAMP_JOB)
+    add(home, "stamp", "rate(1 hour)", str(job), "-p", "label=hourly")
+    assert at(home, "2030-01-01T02:00:30Z") == [
+        "stamp 2030-01-01T02:00:00Z: fired stamp-20300101T0200"
+    ]
+    run = drain(ledger, "stamp-20300101T0200")
+    assert run.state == RunState.SUCCEEDED
+    records = list(coordinator.committed_records(ledger, run.run_id))
+    assert records == [{"at": "2030-01-01T02:00:00+00:00", "label": "hourly"}]
+
+
+def test_overlap_skip_waits_for_the_running_run(home: Path, ledger: Backend) -> None:
+    add(home, "skip", "*/5 * * * *", TREE, "--overlap", "skip", "-p", "chunks=1")
+    add(home, "allow", "*/5 * * * *", TREE, "-p", "chunks=1")
+    assert len(at(home, START)) == 2
+    # No worker: both runs are still going at the next tick.
+    lines = at(home, "2030-01-01T00:05:00Z")
+    assert "allow 2030-01-01T00:05:00Z: fired allow-20300101T0005" in lines
+    assert (
+        "skip 2030-01-01T00:05:00Z: skipped skip-20300101T0005"
+        " (skip-20300101T0000 is still going)" in lines
+    )
+    assert drain(ledger, "skip-20300101T0000").state == RunState.SUCCEEDED
+    lines = at(home, "2030-01-01T00:10:00Z")
+    assert "skip 2030-01-01T00:10:00Z: fired skip-20300101T0010" in lines
+    assert schedule_runs(ledger, "skip") == ["skip-20300101T0000", "skip-20300101T0010"]
+    assert len(schedule_runs(ledger, "allow")) == 3
+
+
+def test_catch_up_after_missed_ticks(home: Path, ledger: Backend) -> None:
+    for mode in ("all", "latest", "none"):
+        add(home, mode, "*/5 * * * *", TREE, "--catch-up", mode)
+    assert len(at(home, START)) == 3
+    # The scheduler was away for 00:05, 00:10 and 00:15.
+    at(home, "2030-01-01T00:17:00Z")
+    assert schedule_runs(ledger, "all") == [f"all-20300101T00{m}" for m in ("00", "05", "10", "15")]
+    assert schedule_runs(ledger, "latest") == ["latest-20300101T0000", "latest-20300101T0015"]
+    assert schedule_runs(ledger, "none") == ["none-20300101T0000"]
+    # Back on time: every mode fires the next tick.
+    at(home, "2030-01-01T00:20:10Z")
+    for mode in ("all", "latest", "none"):
+        assert schedule_runs(ledger, mode)[-1] == f"{mode}-20300101T0020"
+
+
+def test_a_job_that_stopped_loading_fails_its_tick(home: Path, tmp_path: Path) -> None:
+    job = tmp_path / "stamp.py"
+    job.write_text(STAMP_JOB)
+    add(home, "stamp", "*/5 * * * *", str(job))
+    job.unlink()
+    result = cli(home, "scheduler", "--at", START)
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"stamp {START}: failed stamp-20300101T0000 (job file")
+
+
+# -- two scheduler processes ------------------------------------------------------------
+
+
+def test_two_schedulers_racing_fire_each_tick_once(home: Path, ledger: Backend) -> None:
+    # 90 missed ticks, caught up by two processes at once: each tick is claimed
+    # by one of them, so each run is submitted by exactly one process.
+    add(home, "race", "* * * * *", TREE, "--catch-up", "all", "-p", "chunks=1")
+    when = "2030-01-01T01:29:00Z"
+    procs = [
+        subprocess.Popen(
+            [*CLI, "--home", str(home), "scheduler", "--at", when],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    fired = [
+        {line.split()[-1] for line in out.splitlines() if ": fired " in line} for out, _ in outputs
+    ]
+    expected = {f"race-20300101T{h:02d}{m:02d}" for h in (0, 1) for m in range(60)}
+    expected = {r for r in expected if r <= "race-20300101T0129"}
+    assert len(expected) == 90
+    assert fired[0] | fired[1] == expected
+    assert fired[0] & fired[1] == set()
+    # The claim settles each tick before any submit: a loser never even tries
+    # (the ledger's refusal of a second run with the same id is the second guard).
+    assert all("already fired" not in out for out, _ in outputs)
+    assert set(schedule_runs(ledger, "race")) == expected
+
+
+# -- the loop ---------------------------------------------------------------------------
+
+
+def test_loop_fires_due_ticks_and_stops(ledger: Backend) -> None:
+    store = open_store(ledger)
+    from fanout.schedules import Schedule
+
+    store.add(
+        Schedule(
+            name="loop",
+            expression="*/5 * * * *",
+            job=TREE,
+            catch_up="none",
+            start=t("2030-01-01T00:00"),
+            created_at=t("2030-01-01T00:00"),
+        )
+    )
+    reported: list[Fired] = []
+    stop = threading.Event()
+    clock = [t("2030-01-01T00:05:01")]
+    thread = threading.Thread(
+        target=run_loop, args=(ledger, store, stop, reported.append, lambda: clock[0])
+    )
+    thread.start()
+    try:
+        wait_for("the 00:05 tick", lambda: reported, 10)
+        clock[0] = t("2030-01-01T00:10:00")
+        stop.set()  # wakes the loop's sleep at once
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    # catch-up none: the 00:00 tick was 5 minutes late at 00:05:01, so only 00:05 fired.
+    assert [(r.run_id, r.outcome) for r in reported] == [("loop-20300101T0005", "fired")]
+
+
+def test_scheduler_process_stops_cleanly_on_sigint(home: Path, tmp_path: Path) -> None:
+    add(home, "tree", "rate(1 day)")
+    log = tmp_path / "scheduler.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*CLI, "--home", str(home), "scheduler"], stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for("the scheduler to start", lambda: "Ctrl-C stops" in log.read_text(), 30)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text()
+    assert "fanout scheduler: stopped" in text and "Traceback" not in text
+
+
+def test_worker_with_scheduler_runs_scheduled_runs(
+    home: Path, ledger: Backend, tmp_path: Path
+) -> None:
+    # Started in the past with catch-up latest: the current minute's tick is due at once.
+    now = datetime.now(UTC)
+    start = (now - timedelta(hours=1)).isoformat()
+    ok(
+        cli(
+            home,
+            "schedule",
+            "add",
+            "w",
+            "--cron",
+            "* * * * *",
+            TREE,
+            "--start",
+            start,
+            "-p",
+            "chunks=1",
+        )
+    )
+    with worker(home, tmp_path, "-w", "1", "--with-scheduler"):
+
+        def succeeded() -> list[str]:
+            runs = ledger.ledger.list_runs(limit=10, states=(RunState.SUCCEEDED,))
+            return [r.run_id for r in runs if r.run_id.startswith("w-")]
+
+        done = wait_for("a scheduled run to succeed", succeeded, 30)
+    assert done[0] >= f"w-{now:%Y%m%dT%H%M}"
+
+
+# -- the schedule commands ------------------------------------------------------------
+
+
+def test_list_show_remove(home: Path) -> None:
+    add(home, "b", "rate(5 minutes)", TREE, "-p", "chunks=2", "--overlap", "skip")
+    add(home, "a", "cron(0 12 ? * 6L *)", TREE)
+    listed = ok(cli(home, "schedule", "list")).splitlines()
+    assert [line.split()[0] for line in listed] == ["a", "b"]
+    assert "rate(5 minutes)" in listed[1] and "overlap skip" in listed[1]
+    shown = ok(cli(home, "schedule", "show", "a", "--after", "2030-01-01T00:00Z"))
+    assert "schedule a: cron(0 12 ? * 6L *)" in shown
+    assert (
+        "next: 2030-01-25T12:00:00Z, 2030-02-22T12:00:00Z, 2030-03-29T12:00:00Z,"
+        " 2030-04-26T12:00:00Z, 2030-05-31T12:00:00Z" in shown
+    )
+    shown = ok(cli(home, "schedule", "show", "b", "-n", "2", "--after", "2020-01-01T00:00Z"))
+    assert '"chunks": 2' in shown
+    assert "next: 2030-01-01T00:00:00Z, 2030-01-01T00:05:00Z" in shown  # not before --start
+    assert ok(cli(home, "schedule", "remove", "b")) == "schedule b removed\n"
+    assert [line.split()[0] for line in ok(cli(home, "schedule", "list")).splitlines()] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["schedule", "add", "x", "--cron", "61 * * * *", TREE], ["minute '61'"]),
+        (["schedule", "add", "x", "--cron", "rate(5 minute)", TREE], ["rate(5 minutes)"]),
+        (["schedule", "add", "x y", "--cron", "* * * * *", TREE], ["schedule name 'x y'"]),
+        (["schedule", "add", "x", "--cron", "* * * * *", "nope.py"], ["nope.py does not exist"]),
+        (["schedule", "add", "x", "--cron", "* * * * *", TREE, "-p", "chunk=1"], ["'chunk'"]),
+        (["schedule", "add", "x", "--cron", "* * * * *", TREE, "-p", "chunks=two"], ["chunks"]),
+        (
+            ["schedule", "add", "x", "--cron", "* * * * *", TREE, "-p", "scheduled_time=1"],
+            ["set by the scheduler"],
+        ),
+        (
+            ["schedule", "add", "x", "--cron", "* * * * *", TREE, "--start", "soon"],
+            ["--start 'soon'"],
+        ),
+        (
+            ["schedule", "add", "x", "--cron", "cron(0 0 1 1 ? 2027)", TREE, "--start", START],
+            ["never fires after 2030-01-01T00:00:00Z"],
+        ),
+        (["schedule", "show", "nope"], ["no schedule named 'nope'"]),
+        (["schedule", "remove", "nope"], ["no schedule named 'nope'"]),
+        (["scheduler", "--at", "noon"], ["--at 'noon'"]),
+        (["--backend", "aws", "scheduler"], ["EventBridge"]),
+        (["--backend", "aws", "worker", "--with-scheduler"], ["EventBridge"]),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(home: Path, args: list[str], needles: list[str]) -> None:
+    user_error(cli(home, *args), *needles)
+
+
+def test_adding_a_taken_name_is_refused(home: Path) -> None:
+    add(home, "x", "* * * * *")
+    user_error(cli(home, "schedule", "add", "x", "--cron", "@daily", TREE), "'x' exists")
+    assert "* * * * *" in ok(cli(home, "schedule", "show", "x"))
