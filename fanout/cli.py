@@ -7,7 +7,6 @@ input. A user error prints one line naming the problem, never a traceback.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -256,8 +255,10 @@ def _worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.pass_context
 def main(ctx: click.Context, home: Path | None, backend_name: str, verbose: int) -> None:
     """fanout: long jobs split into checkpointed chunks, written as Avro."""
-    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fanout.logs import configure_logging
+
+    # -v / -vv, else FANOUT_LOG_LEVEL, else by FANOUT_STAGE; FANOUT_LOG_FORMAT=json|text.
+    configure_logging(verbose)
     ctx.ensure_object(dict)
     ctx.obj["home"] = home or default_home()
     ctx.obj["backend_name"] = backend_name
@@ -307,18 +308,35 @@ def submit(
 @main.command()
 @_worker_options
 @click.option("--until-idle", is_flag=True, help="Exit once no work is left.")
+@click.option(
+    "--with-scheduler", is_flag=True, help="Also fire due schedules (`fanout scheduler`)."
+)
 @click.pass_context
-def worker(ctx: click.Context, workers: int, chunk_timeout: float, until_idle: bool) -> None:
+def worker(
+    ctx: click.Context, workers: int, chunk_timeout: float, until_idle: bool, with_scheduler: bool
+) -> None:
     """Work the queue (all runs) until stopped with Ctrl-C / SIGTERM."""
     from fanout.worker import WorkerOptions, WorkerPool
 
     obj = ctx.obj
+    if with_scheduler and obj["backend_name"] == "aws":
+        raise UserError("on AWS, EventBridge Scheduler fires the schedules: drop --with-scheduler")
     opts = WorkerOptions(
         backend=obj["backend_name"], home=obj["home"], workers=workers, chunk_timeout=chunk_timeout
     )
     pool = WorkerPool(opts)
     click.echo(f"fanout worker: {workers} processes on {obj['home']}", err=True)
-    pool.run(until_idle=until_idle)
+    stop_scheduler = None
+    if with_scheduler:
+        from fanout.schedules.fire import start_thread
+
+        # A thread of the supervisor: it only submits runs, the children work them.
+        stop_scheduler = start_thread(obj["backend_name"], obj["home"])
+    try:
+        pool.run(until_idle=until_idle)
+    finally:
+        if stop_scheduler is not None:
+            stop_scheduler()
     if pool.timed_out or pool.crashed:
         click.echo(f"{pool.timed_out} chunks timed out, {pool.crashed} crashed", err=True)
 
@@ -326,10 +344,28 @@ def worker(ctx: click.Context, workers: int, chunk_timeout: float, until_idle: b
 @main.command()
 @click.argument("run_id", required=False)
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Redraw a progress bar until the run ends; exit 0 if it succeeded.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between redraws of --watch.",
+)
 @click.pass_context
-def status(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
+def status(
+    ctx: click.Context, run_id: str | None, as_json: bool, watch: bool, interval: float
+) -> None:
     """Progress of RUN (default: the latest run)."""
     backend = _backend(ctx)
+    if watch:
+        from fanout.cli_observe import watch_run
+
+        ctx.exit(watch_run(backend, run_id or _latest_run(backend), interval, as_json))
     st = coordinator.status(backend, run_id or _latest_run(backend))
     if as_json:
         click.echo(json.dumps(st.to_dict()))
@@ -339,6 +375,10 @@ def status(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
     click.echo(f"bytes {st.run.bytes:,}  outstanding {st.run.outstanding}")
     if st.run.stop_reason:
         click.echo(f"stopped: {st.run.stop_reason}")
+    if st.timed_out or st.crashed:
+        from fanout.cli_observe import failures_line
+
+        click.echo(failures_line(st))
     stats = dict(st.run.stats)
     if stats or st.pending_requests:
         statuses = {
@@ -389,6 +429,8 @@ def failed(ctx: click.Context, run_id: str, show_tb: bool, as_json: bool) -> Non
     coordinator.get_run(backend, run_id)
     dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
     for t in dead:
+        # The cursor this task started from: where a replay resumes.
+        cursor = coordinator.checkpoint(backend, t)
         if as_json:
             click.echo(
                 json.dumps(
@@ -396,6 +438,8 @@ def failed(ctx: click.Context, run_id: str, show_tb: bool, as_json: bool) -> Non
                         "chunk_id": t.chunk_id,
                         "seq": t.seq,
                         "error": t.error,
+                        "timed_out": (t.error or "").startswith("timed out"),
+                        "cursor": cursor,
                         "history": t.history,
                         "traceback": t.traceback,
                     }
@@ -408,6 +452,9 @@ def failed(ctx: click.Context, run_id: str, show_tb: bool, as_json: bool) -> Non
         for event in t.history:
             detail = f": {event['error']}" if "error" in event else ""
             click.echo(f"    attempt {event.get('attempt')}: {event.get('outcome')}{detail}")
+        if cursor is not None or (t.error or "").startswith("timed out"):
+            where = f"cursor {json.dumps(cursor)}" if cursor is not None else "none (first slice)"
+            click.echo(f"    last checkpoint: {where}")
         if show_tb and t.traceback:
             click.echo("    " + t.traceback.rstrip().replace("\n", "\n    "))
     if not dead and not as_json:
@@ -494,14 +541,28 @@ def validate(
 @click.option(
     "--parameter", "-p", "parameters", multiple=True, help="Stack parameter KEY=VALUE (repeatable)."
 )
+@click.option(
+    "--layer-zip",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A prebuilt dependency layer zip (python/...) instead of building one with pip.",
+)
+@click.option(
+    "--rebuild-layer", is_flag=True, help="Rebuild the dependency layer even if it is cached."
+)
 def deploy(
-    stage: str, dry_run: bool, root: Path, code_bucket: str | None, parameters: tuple[str, ...]
+    stage: str,
+    dry_run: bool,
+    root: Path,
+    code_bucket: str | None,
+    parameters: tuple[str, ...],
+    layer_zip: Path | None,
+    rebuild_layer: bool,
 ) -> None:
-    """Package the code and create or update the AWS stack of STAGE."""
+    """Package the code and its dependency layer; create or update the AWS stack of STAGE."""
     import tempfile
 
     # Imported here: deploy pulls in YAML and boto3 that other commands never need.
-    from fanout.deploy import build_zip, parse_parameters, plan
+    from fanout.deploy import build_zip, layer_report, parse_parameters, plan
     from fanout.deploy import deploy as deploy_stack
 
     overrides = parse_parameters(parameters)
@@ -509,12 +570,32 @@ def deploy(
         with tempfile.TemporaryDirectory() as tmp:
             size = build_zip(root, Path(tmp) / "fanout.zip").stat().st_size
         click.echo(f"zip: {size} bytes")
+        for line in layer_report(root, overrides, layer_zip):
+            click.echo(line)
         click.echo(plan(stage, overrides))
         return
-    outputs = deploy_stack(stage, root, code_bucket=code_bucket, parameters=overrides)
+    outputs = deploy_stack(
+        stage,
+        root,
+        code_bucket=code_bucket,
+        parameters=overrides,
+        layer_zip=layer_zip,
+        rebuild_layer=rebuild_layer,
+        echo=click.echo,
+    )
     for key in sorted(outputs):
         click.echo(f"{key}: {outputs[key]}")
 
+
+from fanout.cli_observe import cost, logs  # noqa: E402  (registered below; it imports no cli)
+
+main.add_command(logs)
+main.add_command(cost)
+
+from fanout.cli_schedule import schedule, scheduler  # noqa: E402  (imports no cli either)
+
+main.add_command(schedule)
+main.add_command(scheduler)
 
 if __name__ == "__main__":
     main()

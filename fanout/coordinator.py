@@ -22,7 +22,7 @@ from fanout.backends.base import (
 )
 from fanout.errors import UnknownRunError, UserError
 from fanout.jobs import RunSettings, canonical_ref, load_job
-from fanout.messages import ChunkMessage, offload
+from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.runner import FINALIZE_STALE, Runner
 
 
@@ -109,10 +109,16 @@ def recover(backend: Backend, stale_after: float = FINALIZE_STALE) -> list[str]:
 
     - a drained run whose finalizer died before writing the manifest is finalized;
     - a running run with work registered but nothing at all in the queue (the
-      send after a ledger write was lost) has its queued tasks re-sent.
+      send after a ledger write was lost) has its queued tasks re-sent;
+    - messages the queue service dead-lettered (SQS moves a message received
+      too often, e.g. a task that kept waiting on a long back-off, to the DLQ)
+      are moved back: the ledger, not the queue, decides when a task is dead.
     Safe to call at any time from any process; called by idle workers.
     """
     actions = []
+    moved = backend.queue.redrive()
+    if moved:
+        actions.append(f"moved {moved} dead-lettered messages back to the queue")
     runner = Runner(backend)
     open_runs = backend.ledger.list_runs(limit=1000, states=(RunState.RUNNING, RunState.FINALIZING))
     for run in open_runs:
@@ -143,6 +149,11 @@ class Status:
     run: RunRecord
     tasks: dict[str, int] = field(default_factory=dict)
     pending_requests: int = 0  # crawl requests waiting in chunks not yet finished
+    timed_out: int = 0  # attempts killed at their hard timeout (a timeout is never silent)
+    crashed: int = 0  # attempts whose worker died, or whose lease expired unheard
+    #: The latest timed-out attempt: chunk_id, seq, attempt, at, and the cursor it
+    #: started from (its last checkpoint; None for a chunk's first slice).
+    last_timeout: dict[str, Any] | None = None
 
     @property
     def elapsed(self) -> float:
@@ -173,6 +184,9 @@ class Status:
             "manifest": r.manifest_key,
             "stats": r.stats,
             "pending_requests": self.pending_requests,
+            "timed_out": self.timed_out,
+            "crashed": self.crashed,
+            "last_timeout": self.last_timeout,
         }
 
 
@@ -180,14 +194,44 @@ def status(backend: Backend, run_id: str) -> Status:
     """Counts of the run's tasks by state, with its counters."""
     run = get_run(backend, run_id)
     counts = {s.value: 0 for s in TaskState}
-    pending = 0
+    pending = timed_out = crashed = 0
+    last: tuple[float, TaskRecord, dict[str, object]] | None = None
     for task in backend.ledger.list_tasks(run_id):
         counts[task.state.value] += 1
+        for event in task.history:
+            if event.get("outcome") == "crashed":
+                crashed += 1
+            elif event.get("outcome") == "timed out":
+                timed_out += 1
+                stamp = event.get("at")
+                at = float(stamp) if isinstance(stamp, int | float) else 0.0
+                if last is None or at >= last[0]:
+                    last = (at, task, event)
         if task.state in (TaskState.QUEUED, TaskState.RUNNING) and '"requests"' in task.message:
             payload = json.loads(task.message).get("payload")
             if isinstance(payload, dict) and isinstance(payload.get("requests"), list):
                 pending += len(payload["requests"])
-    return Status(run, counts, pending)
+    latest = None
+    if last is not None:
+        at, task, event = last
+        latest = {
+            "chunk_id": task.chunk_id,
+            "seq": task.seq,
+            "attempt": event.get("attempt"),
+            "at": at,
+            "cursor": checkpoint(backend, task),
+        }
+    return Status(run, counts, pending, timed_out, crashed, latest)
+
+
+def checkpoint(backend: Backend, task: TaskRecord) -> Any:
+    """The cursor ``task`` starts from: its chunk's last checkpoint before it
+    (None for a chunk's first slice, or if the message cannot be read)."""
+    try:
+        _, cursor = resolve(decode(task.message), backend.store)
+    except (MessageError, KeyError, ValueError):
+        return None
+    return cursor
 
 
 def read_manifest(backend: Backend, run_id: str) -> dict[str, Any]:

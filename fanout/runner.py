@@ -24,7 +24,7 @@ import traceback
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -44,7 +44,8 @@ from fanout.context import ChunkContext, Continue
 from fanout.errors import PermanentError, RecordError
 from fanout.events import EventSink, emit, events_for
 from fanout.jobs import Job, RunSettings, load_job
-from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
+from fanout.messages import FIRE_KIND, ChunkMessage, MessageError, decode, offload, resolve
+from fanout.metrics import ChunkMetrics, MetricsSink, metrics_for
 from fanout.retry import compute_backoff
 
 log = logging.getLogger("fanout.runner")
@@ -54,8 +55,9 @@ log = logging.getLogger("fanout.runner")
 LEASE_GRACE = 5.0
 #: A finalizer that has not finished after this long is presumed dead.
 FINALIZE_STALE = 60.0
-#: Outcomes of :meth:`Runner.handle` that hand the message back to the queue.
-RELEASED = frozenset({"busy", "wait", "retry"})
+#: Outcomes of :meth:`Runner.handle` that leave the message on the queue (not
+#: acknowledged): it is delivered again when its visibility runs out.
+RELEASED = frozenset({"busy", "wait", "retry", "lease lost"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,7 @@ class Attempt:
     attempt: int
     receipt: str
     deadline: float  # wall clock: the hard timeout
+    started: float = 0.0  # wall clock: the claim (0: unknown), for the attempt's duration
 
     def to_json(self) -> str:
         return json.dumps(
@@ -78,13 +81,19 @@ class Attempt:
                 self.attempt,
                 self.receipt,
                 self.deadline,
+                self.started,
             ]
         )
 
     @classmethod
     def from_json(cls, text: str) -> Attempt:
-        run_id, chunk_id, seq, token, attempt, receipt, deadline = json.loads(text)
-        return cls(TaskKey(run_id, chunk_id, seq), token, attempt, receipt, deadline)
+        run_id, chunk_id, seq, token, attempt, receipt, deadline, *rest = json.loads(text)
+        started = float(rest[0]) if rest else 0.0
+        return cls(TaskKey(run_id, chunk_id, seq), token, attempt, receipt, deadline, started)
+
+    def took(self, now: float) -> float | None:
+        """Seconds since the claim, if known."""
+        return max(0.0, now - self.started) if self.started else None
 
 
 @dataclass
@@ -120,9 +129,12 @@ class Runner:
         on_end: Callable[[], None] | None = None,
         *,
         events: EventSink | None = None,
+        metrics: MetricsSink | None = None,
     ) -> None:
         """``events``: where run events go (``fanout.events``); by default the
-        backend's own sink (SNS on AWS with an events topic, else nowhere)."""
+        backend's own sink (SNS on AWS with an events topic, else nowhere).
+        ``metrics``: where per-attempt chunk metrics go (``fanout.metrics``); by
+        default CloudWatch's embedded metric format on Lambda, else nowhere."""
         self.backend = backend
         self.ledger = backend.ledger
         self.queue = backend.queue
@@ -130,6 +142,7 @@ class Runner:
         self.on_start = on_start
         self.on_end = on_end
         self.events: EventSink = events if events is not None else events_for(backend)
+        self.metrics: MetricsSink = metrics if metrics is not None else metrics_for(backend)
         self._runs: dict[str, _Run] = {}
 
     # -- one delivery -------------------------------------------------------------
@@ -141,6 +154,11 @@ class Runner:
         try:
             msg = decode(delivery.body)
         except MessageError as exc:
+            if FIRE_KIND in delivery.body:
+                # A schedule's tick from EventBridge Scheduler: submit its run.
+                from fanout.schedules.fire import handle_fire_message
+
+                return handle_fire_message(self.backend, delivery)
             # Untrusted input that is not ours: drop it, loudly.
             log.error("dropping a message that is not a fanout envelope: %s", exc)
             self.queue.ack(delivery.receipt)
@@ -159,6 +177,12 @@ class Runner:
             return claim.outcome.value
         if claim.outcome is not ClaimOutcome.CLAIMED:
             if claim.outcome is ClaimOutcome.BURIED:
+                fields = {"run_id": key.run_id, "chunk_id": key.chunk_id, "seq": key.seq}
+                log.error(
+                    "task %s is dead: the worker died during its last attempt",
+                    key,
+                    extra={"fanout": {**fields, "event": "dead", "failure": "crashed"}},
+                )
                 self._keep_dead_letter(key, "crashed: the worker died during the last attempt", "")
             if claim.outcome is ClaimOutcome.MISSING:
                 log.warning("dropping a message for unregistered task %s", key)
@@ -171,9 +195,22 @@ class Runner:
                 self.finalize(key.run_id)
             return claim.outcome.value
         assert claim.task is not None
+        attempt = Attempt(key, token, claim.attempt, delivery.receipt, now + timeout, now)
         if claim.takeover:
-            log.warning("task %s: took over after the previous attempt %s", key, claim.takeover)
-        attempt = Attempt(key, token, claim.attempt, delivery.receipt, now + timeout)
+            self._chunk_log(
+                logging.WARNING,
+                "claimed",
+                attempt,
+                "task %s attempt %d: took over after the previous attempt %s",
+                key,
+                attempt.attempt,
+                claim.takeover,
+                takeover=claim.takeover,
+            )
+        else:
+            self._chunk_log(
+                logging.INFO, "claimed", attempt, "task %s attempt %d claimed", key, attempt.attempt
+            )
         if self.on_start is not None:
             self.on_start(attempt)
         try:
@@ -261,16 +298,43 @@ class Runner:
             emit(self.events, "run.stopped", key.run_id, reason=stop_reason, chunk_id=key.chunk_id)
 
         outcome = "continued" if continuation is not None else "committed"
+        now = time.time()
+        took = attempt.took(now)
         settle = self.ledger.commit(
-            key, attempt.token, output, outcome, time.time(), stats=dict(ctx.stats) or None
+            key,
+            attempt.token,
+            output,
+            outcome,
+            now,
+            stats=dict(ctx.stats) or None,
+            duration=took,
         )
         if not settle.ok:
             # Our lease expired and another attempt owns the task: its output
             # counts, ours is garbage, and so are the children we registered
             # (they stay queued until that attempt replaces or orphans them).
+            # The message is not acknowledged: it may be the very message that
+            # carries the retry of this task (a watchdog failed this attempt and
+            # released it), and deleting it would strand the retry. Delivered
+            # again, it is claimed, skipped as finished, or found busy.
             log.warning("task %s: lease lost before commit; output discarded", key)
-            self.queue.ack(attempt.receipt)
             return "lease lost"
+        records, nbytes = (output.records, output.bytes) if output else (0, 0)
+        self._chunk_log(
+            logging.INFO,
+            outcome,
+            attempt,
+            "task %s attempt %d %s: %d records in %.3fs",
+            key,
+            attempt.attempt,
+            outcome,
+            records,
+            took or 0.0,
+            duration_s=took,
+            records=records,
+            bytes=nbytes,
+        )
+        self._measure(run.job_name, attempt, outcome, took, records)
         # Sent only now: a child runs only once its parent committed. A crash
         # before these sends is repaired by the redelivery of this message
         # (see handle: a finished task re-sends its queued children).
@@ -339,6 +403,9 @@ class Runner:
         run = self._run(key.run_id)
         settings = run.settings if run is not None else RunSettings()
         now = time.time()
+        if failure.duration is None:
+            failure = replace(failure, duration=attempt.took(now))
+        job_name = run.job_name if run is not None else ""
         permanent = failure.kind in ("bad record", "permanent")
         # An attempt the user interrupted is handed back at once and may run again
         # even if it was the last one: stopping a worker must not kill chunks.
@@ -352,25 +419,89 @@ class Runner:
                 )
             )
             if self.ledger.retry(key, attempt.token, failure, now + delay, now):
-                log.warning(
+                self._chunk_log(
+                    logging.WARNING,
+                    "retried",
+                    attempt,
                     "task %s attempt %d %s: %s; retry in %.1fs",
                     key,
                     attempt.attempt,
                     failure.kind,
                     failure.error,
                     delay,
+                    failure=failure.kind,
+                    error=failure.error,
+                    duration_s=failure.duration,
+                    retry_in_s=round(delay, 3),
                 )
+                self._measure(job_name, attempt, "retried", failure.duration, 0)
                 self.queue.release(attempt.receipt, delay)
                 return "retry"
             return "lease lost"
         settle = self.ledger.bury(key, attempt.token, failure, now)
         if settle.ok:
-            log.error("task %s is dead after attempt %d: %s", key, attempt.attempt, failure.error)
+            self._chunk_log(
+                logging.ERROR,
+                "dead",
+                attempt,
+                "task %s is dead after attempt %d: %s: %s",
+                key,
+                attempt.attempt,
+                failure.kind,
+                failure.error,
+                failure=failure.kind,
+                error=failure.error,
+                duration_s=failure.duration,
+            )
+            self._measure(job_name, attempt, "dead", failure.duration, 0)
             self._keep_dead_letter(key, f"{failure.kind}: {failure.error}", failure.traceback)
         self.queue.ack(attempt.receipt)
         if settle.drained:
             self.finalize(key.run_id)
         return "dead"
+
+    # -- observability --------------------------------------------------------------
+
+    def _chunk_log(
+        self, level: int, event: str, attempt: Attempt, msg: str, *args: object, **fields: Any
+    ) -> None:
+        """One log line per chunk event, its fields under ``fanout`` for the JSON
+        formatter (``fanout.logs``); fields that are None are left out."""
+        if not log.isEnabledFor(level):
+            return  # the hot path in production (WARNING): build nothing
+        key = attempt.key
+        extra: dict[str, Any] = {
+            "run_id": key.run_id,
+            "chunk_id": key.chunk_id,
+            "seq": key.seq,
+            "attempt": attempt.attempt,
+            "event": event,
+            "remaining_s": round(attempt.deadline - time.time(), 3),
+        }
+        extra.update((k, round(v, 3) if isinstance(v, float) else v) for k, v in fields.items())
+        extra = {k: v for k, v in extra.items() if v is not None}
+        log.log(level, msg, *args, extra={"fanout": extra})
+
+    def _measure(
+        self, job_name: str, attempt: Attempt, outcome: str, took: float | None, records: int
+    ) -> None:
+        """Hand one settled attempt to the metrics sink; a sink that fails is logged."""
+        try:
+            self.metrics.record(
+                ChunkMetrics(
+                    job=job_name,
+                    run_id=attempt.key.run_id,
+                    chunk_id=attempt.key.chunk_id,
+                    seq=attempt.key.seq,
+                    attempt=attempt.attempt,
+                    outcome=outcome,
+                    duration=took or 0.0,
+                    records=records,
+                    retried=outcome == "retried",
+                )
+            )
+        except Exception:
+            log.exception("could not record the metrics of %s", attempt.key)
 
     def _keep_dead_letter(self, key: TaskKey, error: str, tb: str) -> None:
         """Keep the dead chunk's message and error in the store, beside its run."""

@@ -85,6 +85,7 @@ class Failure:
     kind: str  # "error", "timed out", "crashed", "bad record"
     error: str  # one line
     traceback: str = ""
+    duration: float | None = None  # seconds the attempt ran, when known (its history keeps it)
 
 
 @dataclass(slots=True)
@@ -234,10 +235,12 @@ class Ledger(Protocol):
         outcome: str,
         now: float,
         stats: Mapping[str, int] | None = None,
+        duration: float | None = None,
     ) -> Settle:
         """Mark the task done with its output, if ``token`` still holds the lease.
-        ``outcome`` ("committed", "continued") goes into its history; ``stats``
-        (counters such as pages fetched) are added to the run's."""
+        ``outcome`` ("committed", "continued") goes into its history, with the
+        attempt's ``duration`` (s) when given; ``stats`` (counters such as pages
+        fetched) are added to the run's."""
 
     def retry(
         self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float
@@ -320,6 +323,12 @@ class Queue(Protocol):
 
     def pending(self) -> int:
         """Messages not yet deleted (visible, delayed or in flight)."""
+
+    def redrive(self, limit: int = 1000) -> int:
+        """Move up to ``limit`` messages the queue service dead-lettered (received
+        too often without an acknowledgement) back to the queue; returns how many.
+        Safe: the ledger decides what a redelivered message does. 0 for a queue
+        that never dead-letters on its own."""
 
     def close(self) -> None:
         """Release connections."""

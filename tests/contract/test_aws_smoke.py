@@ -9,6 +9,7 @@ tests and collects the contract tests of ``test_queue_contract`` and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -174,3 +175,26 @@ def test_resources_are_idempotent(aws_settings: AwsSettings) -> None:
         "ServerSideEncryptionConfiguration"
     ]["Rules"]
     assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+
+
+def test_redrive_moves_dead_lettered_messages_back(backend: Backend) -> None:
+    sqs, url = backend.queue.sqs, backend.queue.url  # type: ignore[attr-defined]
+    policy = json.loads(
+        sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])["Attributes"][
+            "RedrivePolicy"
+        ]
+    )
+    policy["maxReceiveCount"] = 1
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"RedrivePolicy": json.dumps(policy)})
+    backend.queue.send(["poisoned-1", "poisoned-2", "fine"])
+    assert backend.queue.redrive() == 0  # nothing dead-lettered yet
+    for delivery in backend.queue.receive(10, 1):
+        if delivery.body == "fine":
+            backend.queue.ack(delivery.receipt)
+        else:
+            backend.queue.release(delivery.receipt, 0)
+    # A second receive finds them over maxReceiveCount: SQS moves them to the DLQ.
+    assert backend.queue.receive(10, 1) == []
+    assert backend.queue.redrive() == 2
+    back = sorted(d.body for d in backend.queue.receive(10, 30))
+    assert back == ["poisoned-1", "poisoned-2"]

@@ -342,6 +342,7 @@ class DynamoLedger(Registrar):
         outcome: str,
         now: float,
         stats: Mapping[str, int] | None = None,
+        duration: float | None = None,
     ) -> Settle:
         """Mark the task done with its output, if the lease is still ours, and
         cancel the orphans an earlier attempt registered (in the same transaction).
@@ -387,7 +388,8 @@ class DynamoLedger(Registrar):
             e.set("bytes", output.bytes if output else 0)
             records = output.records if output else 0
             attempt = task.attempt - task.attempt_floor
-            e.append("history", _event(outcome, now, attempt, records=records))
+            took = {} if duration is None else {"duration_s": round(duration, 3)}
+            e.append("history", _event(outcome, now, attempt, records=records, **took))
             e.where(_is_token(e, token))
             run = self._run_counters(
                 key.run_id,
@@ -462,7 +464,7 @@ class DynamoLedger(Registrar):
         e.set("lease_expires", 0).set("not_before", not_before).set("error", failure.error)
         e.set("traceback", failure.traceback).set("updated_at", now).bump()
         attempt = task.attempt - task.attempt_floor
-        e.append("history", _event(failure.kind, now, attempt, error=failure.error))
+        e.append("history", _failed(failure, now, attempt))
         e.where(_is_token(e, token))
         entries = [
             {"Update": e.update(self.table, _task_key(key))},
@@ -480,7 +482,7 @@ class DynamoLedger(Registrar):
         e.set("error", f"{failure.kind}: {failure.error}").set("traceback", failure.traceback)
         e.set("updated_at", now).append(
             "history",
-            _event(failure.kind, now, attempt, error=failure.error),
+            _failed(failure, now, attempt),
             _event("dead", now, attempt),
         )
         e.where(_is_token(e, token))
@@ -662,6 +664,12 @@ class DynamoLedger(Registrar):
     def close(self) -> None:
         """Close the client's connections."""
         self.client.close()
+
+
+def _failed(failure: Failure, now: float, attempt: int) -> dict[str, object]:
+    """The history event of a failed attempt, with its run time when known."""
+    took = {} if failure.duration is None else {"duration_s": round(failure.duration, 3)}
+    return _event(failure.kind, now, attempt, error=failure.error, **took)
 
 
 def _filter_states(params: dict[str, Any], states: Collection[RunState | TaskState]) -> None:

@@ -39,6 +39,7 @@ they count against the 256 KiB limit.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -232,6 +233,61 @@ class SqsQueue:
         response = self.sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=names)
         attributes = response.get("Attributes") or {}
         return sum(int(attributes.get(name, 0)) for name in names)
+
+    def redrive(self, limit: int = 1000) -> int:
+        """Move messages from the dead-letter queue (its URL from the queue's
+        ``RedrivePolicy``) back to this queue, straight to SQS. Done by hand, not
+        with ``StartMessageMoveTask``: emulators (moto) lack it, and a sweep
+        moves at most ``limit`` messages at a time."""
+        dlq = self._dead_letter_url()
+        if dlq is None:
+            return 0
+        moved = 0
+        while moved < limit:
+            messages = self.sqs.receive_message(
+                QueueUrl=dlq,
+                MaxNumberOfMessages=min(MAX_BATCH, limit - moved),
+                VisibilityTimeout=60,
+            ).get("Messages", [])
+            if not messages:
+                break
+            entries = {
+                str(i): {"Id": str(i), "MessageBody": m["Body"]} for i, m in enumerate(messages)
+            }
+            _send_entries(
+                "SQS",
+                lambda batch: self.sqs.send_message_batch(QueueUrl=self.url, Entries=batch),
+                entries,
+            )
+            # Deleted only once re-sent: a crash in between duplicates, never loses.
+            self.sqs.delete_message_batch(
+                QueueUrl=dlq,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                    for i, m in enumerate(messages)
+                ],
+            )
+            moved += len(messages)
+        if moved:
+            log.warning("moved %d dead-lettered messages back to %s", moved, self.url)
+        return moved
+
+    def _dead_letter_url(self) -> str | None:
+        attributes = (
+            self.sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=["RedrivePolicy"]).get(
+                "Attributes"
+            )
+            or {}
+        )
+        policy = attributes.get("RedrivePolicy")
+        if not policy:
+            return None
+        arn = str(json.loads(policy)["deadLetterTargetArn"])
+        account, name = arn.split(":")[4], arn.split(":")[5]
+        url: str = self.sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)[
+            "QueueUrl"
+        ]
+        return url
 
     def close(self) -> None:
         """Nothing to release: the boto3 client is shared by the process."""

@@ -110,6 +110,11 @@ def _event(outcome: str, now: float, **extra: object) -> str:
     return json.dumps({"outcome": outcome, "at": round(now, 3), **extra})
 
 
+def _took(duration: float | None) -> dict[str, float]:
+    """The attempt's run time for its history event (``fanout logs``, ``fanout cost``)."""
+    return {} if duration is None else {"duration_s": round(duration, 3)}
+
+
 def _chunk_sort_key(task: TaskRecord) -> tuple[tuple[int, ...], int]:
     return tuple(int(p) for p in task.chunk_id.split("/")), task.seq
 
@@ -371,6 +376,7 @@ class SQLiteLedger:
         outcome: str,
         now: float,
         stats: Mapping[str, int] | None = None,
+        duration: float | None = None,
     ) -> Settle:
         """Mark the task done with its output, if the lease is still ours."""
         with self.db.write() as conn:
@@ -385,7 +391,9 @@ class SQLiteLedger:
                     output.records if output else 0,
                     output.bytes if output else 0,
                     now,
-                    _event(outcome, now, records=output.records if output else 0),
+                    _event(
+                        outcome, now, records=output.records if output else 0, **_took(duration)
+                    ),
                     *_key(key),
                     token,
                 ),
@@ -442,7 +450,7 @@ class SQLiteLedger:
                     failure.error,
                     failure.traceback,
                     now,
-                    _event(failure.kind, now, error=failure.error),
+                    _event(failure.kind, now, error=failure.error, **_took(failure.duration)),
                     *_key(key),
                     token,
                 ),
@@ -480,7 +488,10 @@ class SQLiteLedger:
         if log:
             conn.execute(
                 f"UPDATE tasks SET {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
-                (_event(failure.kind, now, error=failure.error), *_key(key)),
+                (
+                    _event(failure.kind, now, error=failure.error, **_took(failure.duration)),
+                    *_key(key),
+                ),
             )
         return self._settle(conn, key, TaskState.DEAD, now, "dead")
 

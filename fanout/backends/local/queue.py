@@ -146,6 +146,10 @@ class SQLiteQueue:
         row = self.db.conn.execute(_PENDING, (self.name,)).fetchone()
         return int(row[0])
 
+    def redrive(self, limit: int = 1000) -> int:
+        """Nothing to move: this queue never dead-letters (the ledger does)."""
+        return 0
+
     def close(self) -> None:
         """Apply deferred acks; the shared :class:`Database` is closed by the backend."""
         # If the database was closed first, those messages will just be redelivered.

@@ -1,0 +1,305 @@
+"""The observability commands: ``fanout logs``, ``fanout cost`` and the live
+progress bar of ``fanout status --watch``.
+
+Registered on the group by :mod:`fanout.cli`; this module does not import
+``fanout.cli`` (which imports it), so ``python -m fanout.cli`` works too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import click
+
+from fanout import coordinator
+from fanout.backends import open_backend
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState, TaskRecord
+from fanout.errors import UserError
+
+#: Width of the progress bar, in characters.
+BAR_WIDTH = 24
+
+
+def _backend(ctx: click.Context) -> Backend:
+    """The group's backend, opened once per command (as ``fanout.cli._backend``)."""
+    obj = ctx.ensure_object(dict)
+    if "backend" not in obj:
+        backend = open_backend(obj["backend_name"], home=obj["home"])
+        ctx.call_on_close(backend.close)
+        obj["backend"] = backend
+    result: Backend = obj["backend"]
+    return result
+
+
+def _seconds(s: float) -> str:
+    """``42.0s``, ``3m05s``, ``2h01m``."""
+    if s < 60:
+        return f"{s:.1f}s"
+    minutes, sec = divmod(int(s), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _rate(n: float) -> str:
+    for unit in ("", "k", "M"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}" if unit else f"{n:.0f}"
+        n /= 1000
+    return f"{n:.3g}G"
+
+
+# -- status --watch ------------------------------------------------------------------
+
+
+def progress(st: coordinator.Status) -> dict[str, Any]:
+    """What the progress bar shows, from the run's counters only (one read)."""
+    r = st.run
+    finished = r.tasks_done + r.tasks_dead + r.tasks_cancelled
+    eta = None
+    if r.state not in TERMINAL_RUN_STATES and 0 < finished < r.tasks_total:
+        # Chunks spawn more chunks, so the total can still grow: an estimate.
+        eta = st.elapsed * (r.tasks_total - finished) / finished
+    return {
+        "run_id": r.run_id,
+        "state": r.state.value,
+        "finished": finished,
+        "total": r.tasks_total,
+        "dead": r.tasks_dead,
+        "retries": r.retries,
+        "records": r.records,
+        "records_per_s": round(st.rate, 1),
+        "elapsed_s": round(st.elapsed, 3),
+        "eta_s": None if eta is None else round(eta, 1),
+    }
+
+
+def progress_bar(st: coordinator.Status) -> str:
+    """One line: ``[#####-----]  40% chunks 4/10 ...  ETA ~3.0s``."""
+    p = progress(st)
+    frac = p["finished"] / p["total"] if p["total"] else 0.0
+    filled = int(frac * BAR_WIDTH)
+    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+    tail = f"ETA ~{_seconds(p['eta_s'])}" if p["eta_s"] is not None else p["state"]
+    dead = f" ({p['dead']} dead)" if p["dead"] else ""
+    return (
+        f"[{bar}] {frac:4.0%}  chunks {p['finished']:,}/{p['total']:,}{dead}"
+        f"  records {p['records']:,}  {_rate(p['records_per_s'])}/s"
+        f"  {_seconds(p['elapsed_s'])}  {tail}"
+    )
+
+
+def watch_run(
+    backend: Backend,
+    run_id: str,
+    interval: float,
+    as_json: bool,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Redraw the progress bar every ``interval`` seconds until the run ends (a
+    line per interval without a terminal; a JSON object per interval with
+    ``as_json``). Returns the exit code: 0 if the run succeeded, else 1."""
+    tty = sys.stdout.isatty() and not as_json
+    while True:
+        st = coordinator.Status(coordinator.get_run(backend, run_id))
+        if as_json:
+            click.echo(json.dumps(progress(st)))
+        elif tty:
+            click.echo("\r" + progress_bar(st).ljust(100), nl=False)
+        else:
+            click.echo(progress_bar(st))
+        if st.run.state in TERMINAL_RUN_STATES:
+            break
+        sleep(interval)
+    if tty:
+        click.echo("")
+    if not as_json:
+        # Once, at the end: timeouts are never silent (this reads every task).
+        full = coordinator.status(backend, run_id)
+        if full.timed_out or full.crashed:
+            click.echo(failures_line(full))
+    return 0 if st.run.state == RunState.SUCCEEDED else 1
+
+
+def failures_line(st: coordinator.Status) -> str:
+    """``2 chunk attempts timed out (last: 0/3 seq 1, attempt 2, from cursor 1200); 1 crashed``."""
+    parts = []
+    if st.timed_out:
+        plural = "attempt" if st.timed_out == 1 else "attempts"
+        text = f"{st.timed_out} chunk {plural} timed out"
+        last = st.last_timeout
+        if last:
+            seq = f" seq {last['seq']}" if last["seq"] else ""
+            cursor = last["cursor"]
+            start = f"cursor {json.dumps(cursor)}" if cursor is not None else "the chunk's start"
+            text += f" (last: {last['chunk_id']}{seq}, attempt {last['attempt']}, from {start})"
+        parts.append(text)
+    if st.crashed:
+        verb = "attempt" if st.crashed == 1 else "attempts"
+        parts.append(f"{st.crashed} chunk {verb} crashed (worker died or lease expired)")
+    return "; ".join(parts)
+
+
+# -- fanout logs ---------------------------------------------------------------------
+
+
+def chunk_events(tasks: list[TaskRecord]) -> list[dict[str, Any]]:
+    """Every history event of ``tasks``, oldest first. An attempt whose duration
+    is known also gets its ``claimed`` event (at the end less the duration)."""
+    rows: list[tuple[float, int, dict[str, Any]]] = []
+    n = 0
+    for t in tasks:
+        for event in t.history:
+            stamp = event.get("at")
+            at = float(stamp) if isinstance(stamp, int | float) else 0.0
+            row: dict[str, Any] = {
+                "at": at,
+                "chunk_id": t.chunk_id,
+                "seq": t.seq,
+                "attempt": event.get("attempt"),
+                "outcome": event.get("outcome"),
+            }
+            row.update((k, v) for k, v in event.items() if k not in row)
+            if event.get("outcome") == "committed" and t.output is not None:
+                row["bytes"] = t.output.bytes
+            took = event.get("duration_s")
+            if isinstance(took, int | float):
+                began = round(at - float(took), 3)
+                claimed = {**row, "at": began, "outcome": "claimed"}
+                claimed = {k: claimed[k] for k in ("at", "chunk_id", "seq", "attempt", "outcome")}
+                rows.append((began, n, claimed))
+                n += 1
+            rows.append((at, n, row))
+            n += 1
+    rows.sort(key=lambda r: (r[0], r[1]))
+    return [r[2] for r in rows]
+
+
+def _details(row: dict[str, Any]) -> str:
+    parts = []
+    if "records" in row:
+        parts.append(f"{row['records']:,} records")
+    if "bytes" in row:
+        parts.append(f"{row['bytes']:,} bytes")
+    if "duration_s" in row:
+        parts.append(f"in {row['duration_s']:.3f}s")
+    if "error" in row:
+        parts.append(str(row["error"]))
+    return ", ".join(parts)
+
+
+def _when(at: float) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    return f"{stamp}.{round(at % 1 * 1000) % 1000:03d}"
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--chunk", metavar="ID", help="Only this chunk (every slice of it).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+@click.pass_context
+def logs(ctx: click.Context, run_id: str, chunk: str | None, as_json: bool) -> None:
+    """RUN's chunk events, oldest first: time, chunk, seq, attempt, outcome, details."""
+    backend = _backend(ctx)
+    coordinator.get_run(backend, run_id)
+    tasks = backend.ledger.list_tasks(run_id)
+    if chunk is not None:
+        tasks = [t for t in tasks if t.chunk_id == chunk]
+        if not tasks:
+            raise UserError(f"run {run_id} has no chunk {chunk!r} (see `fanout logs {run_id}`)")
+    rows = chunk_events(tasks)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps({"run_id": run_id, **row}))
+        return
+    width = max([len("chunk")] + [len(r["chunk_id"]) for r in rows])
+    head = f"{'time':<23}  {'chunk':<{width}}  {'seq':>3}  {'att':>3}  {'outcome':<10}  details"
+    click.echo(head)
+    for r in rows:
+        click.echo(
+            f"{_when(r['at']):<23}  {r['chunk_id']:<{width}}  {r['seq']:>3}"
+            f"  {r['attempt'] if r['attempt'] is not None else '-':>3}"
+            f"  {r['outcome']:<10}  {_details(r)}".rstrip()
+        )
+
+
+# -- fanout cost ---------------------------------------------------------------------
+
+
+def _plain(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits, never in scientific notation."""
+    if x == 0:
+        return "0"
+    return format(Decimal(f"{x:.{digits}g}"), "f")
+
+
+def _quantity(q: float, unit: str) -> str:
+    if unit in ("GB-s", "GB-month", "GB"):
+        return f"{_plain(q, 4)} {unit}"
+    return f"{int(q):,}"
+
+
+def _unit_price(p: float, unit: str) -> str:
+    if unit in ("requests", "WRU", "RRU"):
+        return f"${p * 1e6:.3f}".rstrip("0").rstrip(".") + f" per M {unit}"
+    return f"${_plain(p, 6)} per {unit}"
+
+
+def _usd(x: float) -> str:
+    """Dollars: cents from $1 up, else three significant digits (a run is cheap)."""
+    return f"${x:,.2f}" if x >= 1 else f"${_plain(x)}"
+
+
+@click.command()
+@click.argument("run_id")
+@click.option(
+    "--memory",
+    "memory_mb",
+    type=click.IntRange(128, 10240),
+    default=1024,
+    show_default=True,
+    help="Lambda memory (MB) to price the measured chunk time at.",
+)
+@click.option("--json", "as_json", is_flag=True, help="The estimate as one JSON object.")
+@click.pass_context
+def cost(ctx: click.Context, run_id: str, memory_mb: int, as_json: bool) -> None:
+    """Estimate what RUN would cost on AWS, from its own measured figures."""
+    from fanout import cost as costs
+
+    backend = _backend(ctx)
+    run = coordinator.get_run(backend, run_id)
+    estimate = costs.estimate(run, backend.ledger.list_tasks(run_id), memory_mb)
+    if as_json:
+        click.echo(json.dumps(estimate))
+        return
+    usage: dict[str, Any] = estimate["usage"]  # type: ignore[assignment]
+    lines: list[dict[str, Any]] = estimate["lines"]  # type: ignore[assignment]
+    click.echo(
+        f"run {run_id}: estimated AWS cost ({costs.REGION} list prices of"
+        f" {costs.PRICES_AS_OF}, Lambda at {memory_mb} MB)"
+    )
+    header = f"{'service':<11} {'item':<24} {'quantity':>20}  {'unit price':<28} {'cost':>12}"
+    click.echo(header)
+    for line in lines:
+        click.echo(
+            f"{line['service']:<11} {line['item']:<24}"
+            f" {_quantity(line['quantity'], line['unit']):>20}"
+            f"  {_unit_price(line['unit_price'], line['unit']):<28} {_usd(line['cost']):>12}"
+        )
+    total = float(estimate["total_usd"])  # type: ignore[arg-type]
+    click.echo(f"{'total':<11} {'':<24} {'':>20}  {'':<28} {_usd(total):>12}")
+    if run.records:
+        click.echo(f"per million records: {_usd(total / run.records * 1e6)}")
+    unmeasured = usage["attempts"] - usage["measured_attempts"]
+    click.echo(
+        f"measured: {usage['attempts']:,} attempts, {usage['compute_seconds']:.3f}s of chunk time"
+        + (f" ({unmeasured:,} unmeasured, priced at the mean)" if unmeasured > 0 else "")
+        + f", {usage['deliveries']:,} deliveries, {usage['sqs_sends']:,} sends"
+    )
+    click.echo("not counted: the job's own S3 reads, data transfer, free tiers, idle queue polling")
