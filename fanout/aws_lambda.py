@@ -6,16 +6,27 @@ Records the runner handed back to the queue (another worker holds the task, a
 back-off, a retry) are reported in ``batchItemFailures``: Lambda then leaves
 them to reappear when their visibility (set by the runner) runs out, and
 deletes the rest. Heavy imports (Scrapy, Twisted) happen only in crawl jobs.
+
+**A chunk that overruns is never silent.** Lambda kills an invocation at its
+timeout without a word, so a watchdog thread plays the local worker's
+supervisor: when a chunk passes its hard timeout (the remaining time less
+:data:`SAFETY`), it records the attempt as "timed out" in the ledger (retried
+with back-off, or dead-lettered) and hands back the batch's records that never
+started, so they are redelivered at once rather than after the visibility
+timeout. Should the stuck chunk still try to commit, its lease is gone and the
+commit is refused.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from fanout.backends import open_backend
-from fanout.backends.base import Backend, Delivery
-from fanout.runner import RELEASED, Runner
+from fanout.backends.base import Backend, Delivery, Failure
+from fanout.runner import RELEASED, Attempt, Runner
 
 log = logging.getLogger("fanout.lambda")
 
@@ -24,30 +35,91 @@ SAFETY = 2.0
 #: A record is not started with less time than this left: it is handed back.
 MIN_TIMEOUT = 3.0
 
-_warm: tuple[Backend, Runner] | None = None  # reused by a warm container
+_warm: tuple[Backend, Runner, _Watchdog] | None = None  # reused by a warm container
 
 
-def _runner() -> Runner:
+class _Watchdog:
+    """Fails the attempt in hand once it is past its hard deadline (see above)."""
+
+    def __init__(self) -> None:
+        self.runner: Runner | None = None
+        self._lock = threading.Lock()
+        self._attempt: Attempt | None = None
+        self._timer: threading.Timer | None = None
+        self.unstarted: list[str] = []  # receipts of this batch not started yet
+        #: Receipts whose attempt the watchdog failed: the runner may still return
+        #: for them (the chunk ended between the hard timeout and Lambda's kill),
+        #: but their message must not be deleted, it carries the retry.
+        self.expired: set[str] = set()
+
+    def start(self, attempt: Attempt) -> None:
+        """The runner's ``on_start``: arm the timer for this attempt."""
+        with self._lock:
+            self._attempt = attempt
+            delay = max(0.0, attempt.deadline - time.time())
+            self._timer = threading.Timer(delay, self._expire, args=(attempt,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def end(self) -> None:
+        """The runner's ``on_end``: the attempt settled in time."""
+        with self._lock:
+            self._attempt = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _expire(self, attempt: Attempt) -> None:
+        with self._lock:
+            if self._attempt is not attempt or self.runner is None:
+                return
+            self._attempt = None
+            self.expired.add(attempt.receipt)
+            unstarted, self.unstarted = self.unstarted, []
+        log.error("task %s passed its hard timeout; recording it as timed out", attempt.key)
+        try:
+            self.runner.fail(
+                attempt, Failure("timed out", "chunk ran past the invocation's remaining time")
+            )
+            for receipt in unstarted:
+                self.runner.queue.release(receipt, 0.0)
+        except Exception:
+            log.exception("could not record the timeout of %s", attempt.key)
+
+
+def _runner() -> tuple[Runner, _Watchdog]:
     global _warm
     if _warm is None:
+        # Cold start: JSON lines at the stage's level, botocore quiet (fanout.logs).
+        from fanout.logs import configure_logging
+
+        configure_logging()
         backend = open_backend("aws")
-        _warm = (backend, Runner(backend))
-    return _warm[1]
+        watchdog = _Watchdog()
+        runner = Runner(backend, on_start=watchdog.start, on_end=watchdog.end)
+        watchdog.runner = runner
+        _warm = (backend, runner, watchdog)
+    return _warm[1], _warm[2]
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """The SQS event source handler: ``{"batchItemFailures": [...]}``."""
-    runner = _runner()
+    runner, watchdog = _runner()
+    records = list(event.get("Records", ()))
+    watchdog.unstarted = [str(r.get("receiptHandle", "")) for r in records]
     failures: list[str] = []
-    for record in event.get("Records", ()):
+    for record in records:
         message_id = str(record.get("messageId", ""))
+        receipt = str(record.get("receiptHandle", ""))
+        if receipt in watchdog.unstarted:
+            watchdog.unstarted.remove(receipt)
         timeout = context.get_remaining_time_in_millis() / 1000.0 - SAFETY
         if timeout < MIN_TIMEOUT:
             failures.append(message_id)  # too little time left: let SQS redeliver it
             continue
         delivery = Delivery(
             body=str(record.get("body", "")),
-            receipt=str(record.get("receiptHandle", "")),
+            receipt=receipt,
             receive_count=int(record.get("attributes", {}).get("ApproximateReceiveCount", 1)),
         )
         try:
@@ -58,6 +130,8 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             log.exception("record %s failed; it will be redelivered", message_id)
             failures.append(message_id)
             continue
-        if outcome in RELEASED:
+        if outcome in RELEASED or receipt in watchdog.expired:
             failures.append(message_id)
+    watchdog.unstarted = []
+    watchdog.expired.clear()
     return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}

@@ -130,3 +130,24 @@ def test_lambda_hands_back_records_it_has_no_time_for(lambda_env: Backend) -> No
     assert records == failures == 1
     root = lambda_env.ledger.list_tasks(run_id)[0]
     assert root.attempt == 0  # never claimed
+
+
+def test_lambda_records_a_chunk_past_its_hard_timeout_as_timed_out(lambda_env: Backend) -> None:
+    # Chunk 1 sleeps past the invocation's time on its first attempt; the
+    # handler's watchdog records the timeout before Lambda would kill it, and
+    # the stale attempt's late commit is refused.
+    params = {"chunks": 2, "rows": 3, "sleep_chunks": [1], "sleep": 4.5}
+    run_id = coordinator.submit(lambda_env, TREE, params).run_id
+    _event_source_poll(lambda_env)  # the plan
+    records, failures = _event_source_poll(lambda_env, remaining_ms=5_500)
+    assert records == 2 and failures >= 1
+    (slow,) = [t for t in lambda_env.ledger.list_tasks(run_id) if t.chunk_id == "0/1"]
+    assert [e["outcome"] for e in slow.history][:1] == ["timed out"], slow.history
+    for _ in range(20):
+        if lambda_env.ledger.get_run(run_id).state != RunState.RUNNING:  # type: ignore[union-attr]
+            break
+        _event_source_poll(lambda_env)
+    run = lambda_env.ledger.get_run(run_id)
+    assert run is not None and run.state == RunState.SUCCEEDED and run.retries == 1
+    items = Counter(r["item"] for r in coordinator.committed_records(lambda_env, run_id))
+    assert set(items) == expected_items(Params(**params)) and max(items.values()) == 1

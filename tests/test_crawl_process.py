@@ -23,6 +23,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from scrapy import Request, Spider
+from scrapy.exceptions import NotConfigured
+from scrapy.http import HtmlResponse
+from scrapy.utils.test import get_crawler
+
+from fanout.backends.base import Backend, TaskState
+from fanout.crawl import THROTTLE_META, components
+from helpers import JOBS
 from procs import (
     alive,
     crawl_processes,
@@ -35,14 +43,6 @@ from procs import (
     wait_for,
     worker,
 )
-from scrapy import Request, Spider
-from scrapy.exceptions import NotConfigured
-from scrapy.http import HtmlResponse
-from scrapy.utils.test import get_crawler
-
-from fanout.backends.base import Backend, TaskState
-from fanout.crawl import THROTTLE_META, components
-from helpers import JOBS
 from sites import HTML, BookSite, Reply, Site, SiteServer, expected_books
 
 JOB = str(JOBS / "crawl_process.py")

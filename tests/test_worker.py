@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from fanout.backends.base import Backend, TaskKey, TaskState
+from helpers import TREE
 from procs import (
     fanout,
     get_run,
@@ -27,9 +30,6 @@ from procs import (
     wait_for,
     worker,
 )
-
-from fanout.backends.base import Backend, TaskKey, TaskState
-from helpers import TREE
 from testjobs.tree import Params, expected_items
 
 # -- helpers ---------------------------------------------------------------------
