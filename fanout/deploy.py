@@ -6,27 +6,46 @@ Lambda worker and its roles). Deploying is:
 1. :func:`build_zip`: the ``fanout`` package plus the project's ``jobs/`` and
    ``schemas/`` directories, byte-for-byte reproducible, so the same sources give
    the same zip and the same content-addressed key;
-2. upload it to a code bucket (created private and encrypted if missing);
-3. create the CloudFormation stack ``fanout-<stage>``, or update it.
+2. the dependency layer (:mod:`fanout.deploy_layer`): fanout's third-party
+   packages but boto3 (which the runtime provides), installed by pip for the
+   stack's ``PythonRuntime`` and ``Architecture``, cached between deploys;
+3. upload both to a code bucket (created private and encrypted if missing);
+4. create the CloudFormation stack ``fanout-<stage>``, or update it.
 
-``--dry-run`` does steps 1 and prints :func:`plan`, calling no AWS API.
-
-The zip holds no third-party packages: the Lambda runtime provides boto3, but
-pydantic and fastavro must come from a layer (not built here).
+``--dry-run`` does step 1, reports the layer (from the cache, else what pip
+would install: it runs no pip) and prints :func:`plan`, calling no AWS API.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
+import shlex
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import fanout
 from fanout.backends.aws.clients import error_code
 from fanout.backends.aws.resources import make_private_bucket
+from fanout.deploy_layer import (
+    FUNCTION_MOUNT,
+    MAX_UNZIPPED_BYTES,
+    LayerSpec,
+    PipRunner,
+    build_layer,
+    cached_layer,
+    compile_command,
+    distributions,
+    layer_spec,
+    pip_command,
+    python_version,
+    reproducible_zip,
+    run_pip,
+    runtime_python,
+    unzipped_size,
+)
 from fanout.errors import UserError
 
 #: The template shipped next to the package in the source tree.
@@ -41,10 +60,6 @@ EXCLUDED_DIRS = frozenset(
     {"__pycache__", "tests", "test", "docs", "doc", ".git", ".mypy_cache", ".pytest_cache"}
 )
 EXCLUDED_SUFFIXES = frozenset({".pyc", ".pyo"})
-
-#: Every entry gets this timestamp (the zip format's earliest) so that a build
-#: depends only on the files' paths and bytes, not on when they were checked out.
-ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 #: Lambda's limit for a zip uploaded through S3, unzipped size aside.
 MAX_ZIP_BYTES = 50 * 1024 * 1024
@@ -82,30 +97,55 @@ def zip_entries(root: Path) -> list[tuple[str, Path]]:
     return sorted(entries)
 
 
-def build_zip(root: Path, out: Path) -> Path:
+def build_zip(
+    root: Path, out: Path, *, python_version: str | None = None, run: PipRunner | None = None
+) -> Path:
     """Write the function's zip to ``out`` and return it.
 
     Holds the installed ``fanout`` package and ``root``'s ``jobs/`` and
-    ``schemas/`` (when present), without tests, docs or ``__pycache__``. Entries
-    are in sorted order with fixed timestamps and modes, so equal sources give
-    equal bytes.
+    ``schemas/`` (when present), without tests, docs or this machine's
+    ``__pycache__``. With ``python_version`` ("3.12") and an interpreter of it
+    here (see :func:`fanout.deploy_layer.runtime_python`), also the modules'
+    checked-hash byte-code for ``/var/task``, which Lambda cannot write, so that
+    a cold start does not compile them. Entries are in sorted order with fixed
+    timestamps and modes, so equal sources give equal bytes.
     """
     entries = zip_entries(root)
     if not any(name.startswith("jobs/") for name, _ in entries):
         raise UserError(f"no jobs/ directory with files under {root}")
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, path in entries:
-            info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16  # readable by the Lambda runtime's user
-            archive.writestr(info, path.read_bytes())
-    data = buffer.getvalue()
+    python = runtime_python(python_version) if python_version else None
+    if python is None:
+        data = reproducible_zip(entries)
+    else:
+        data = _compiled_zip(entries, python, f"cpython-{python_version}".replace(".", ""), run)
     if len(data) > MAX_ZIP_BYTES:
         raise UserError(f"the zip is {len(data)} bytes, over Lambda's {MAX_ZIP_BYTES}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     return out
+
+
+def _compiled_zip(
+    entries: list[tuple[str, Path]], python: str, pyc_tag: str, run: PipRunner | None
+) -> bytes:
+    """The zip of ``entries`` plus their byte-code, compiled by ``python``."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fanout-zip-") as tmp:
+        stage = Path(tmp)
+        for name, path in entries:
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, stage / name)
+        # A job that does not compile fails at run time, as it would from source.
+        with contextlib.suppress(UserError):
+            (run or run_pip)(compile_command(python, stage, FUNCTION_MOUNT))
+        staged = [
+            (path.relative_to(stage).as_posix(), path)
+            for path in stage.rglob("*")
+            if path.is_file() and (path.suffix != ".pyc" or f".{pyc_tag}." in path.name)
+        ]
+        return reproducible_zip(staged)
 
 
 def load_template(template: Path = TEMPLATE) -> dict[str, Any]:
@@ -209,6 +249,100 @@ def plan(
     return "\n".join(lines)
 
 
+# -- the dependency layer -------------------------------------------------------------
+
+
+def stack_layer_spec(root: Path, parameters: Mapping[str, str]) -> LayerSpec:
+    """The layer the stack's ``PythonRuntime`` and ``Architecture`` call for."""
+    return layer_spec(
+        root,
+        parameters.get("PythonRuntime", "python3.12"),
+        parameters.get("Architecture", "x86_64"),
+    )
+
+
+def describe_layer(path: Path) -> str:
+    """One line on a layer zip: its size, unzipped size and distributions."""
+    dists = distributions(path)
+    return (
+        f"layer: {path}: {path.stat().st_size:,} bytes ({unzipped_size(path):,} unzipped),"
+        f" {len(dists)} distributions: {', '.join(dists) or '(none found)'}"
+    )
+
+
+def _given_layer(path: Path) -> Path:
+    """A layer zip passed with ``--layer-zip``, checked: a zip with ``python/`` in it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise UserError(f"--layer-zip {path}: not a readable zip ({exc})") from None
+    if not any(name.startswith("python/") for name in names):
+        raise UserError(
+            f"--layer-zip {path}: no python/ directory (Lambda adds python/ to sys.path)"
+        )
+    return path
+
+
+def check_unzipped(function_zip: Path, layer: Path) -> int:
+    """The unzipped bytes of function + layer; :class:`UserError` over Lambda's limit."""
+    total = unzipped_size(function_zip) + unzipped_size(layer)
+    if total > MAX_UNZIPPED_BYTES:
+        raise UserError(
+            f"function and layer are {total:,} bytes unzipped, over Lambda's {MAX_UNZIPPED_BYTES:,}"
+        )
+    return total
+
+
+def bytecode_note(version: str) -> str | None:
+    """A warning when this machine cannot byte-compile for Python ``version``."""
+    if runtime_python(version) is not None:
+        return None
+    return (
+        f"note: no python{version} here to byte-compile zip and layer: every cold start"
+        " compiles their modules (about twice the import time); deploy from a machine"
+        f" with python{version}, or pick a PythonRuntime this one has"
+    )
+
+
+def layer_report(
+    root: Path, parameters: Mapping[str, str], layer_zip: Path | None = None
+) -> list[str]:
+    """What a dry run says about the layer: the given or cached zip, else the pip
+    command a deploy would run. Runs no pip and calls no AWS API."""
+    if layer_zip is not None:
+        return [describe_layer(_given_layer(layer_zip))]
+    spec = stack_layer_spec(root, effective_parameters(parameters))
+    lines = [f"layer: {spec.describe()}"]
+    cached = cached_layer(spec)
+    if cached.is_file():
+        lines.append(f"{describe_layer(cached)} (cached)")
+    else:
+        command = shlex.join(pip_command(spec, Path("TMPDIR/python")))
+        lines.append(f"layer: not built yet; a deploy runs (needs PyPI): {command}")
+    note = bytecode_note(spec.python_version)
+    return [*lines, note] if note else lines
+
+
+def resolve_layer(
+    root: Path,
+    parameters: Mapping[str, str],
+    *,
+    layer_zip: Path | None = None,
+    rebuild: bool = False,
+    pip: PipRunner | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> Path:
+    """The layer zip to deploy: ``layer_zip`` if given, else the cached layer for
+    the stack's parameters, built with ``pip`` when missing (or ``rebuild``)."""
+    if layer_zip is not None:
+        return _given_layer(layer_zip)
+    spec = stack_layer_spec(root, parameters)
+    if echo is not None and (rebuild or not cached_layer(spec).is_file()):
+        echo(f"layer: building {spec.describe()} (pip, from PyPI)")
+    return build_layer(spec, pip=pip, rebuild=rebuild)
+
+
 # -- the real deployment (AWS calls) ------------------------------------------------
 
 
@@ -237,6 +371,16 @@ def _stack_exists(cfn: Any, name: str) -> bool:
     return bool(stacks) and status != "DELETE_COMPLETE"
 
 
+def _exists(s3: Any, bucket: str, key: str) -> bool:
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    return True
+
+
 def deploy(
     stage: str,
     root: Path,
@@ -245,13 +389,38 @@ def deploy(
     parameters: Mapping[str, str] | None = None,
     template: Path = TEMPLATE,
     session: Any = None,
+    layer_zip: Path | None = None,
+    rebuild_layer: bool = False,
+    pip: PipRunner | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
-    """Build, upload and create-or-update the stack of ``stage``; returns its outputs."""
+    """Build, upload and create-or-update the stack of ``stage``; returns its outputs.
+
+    ``layer_zip``: a prebuilt dependency layer instead of the cached or built one
+    (see :func:`resolve_layer`); ``echo`` receives progress lines.
+    """
     import tempfile
 
     import boto3
 
     params = effective_parameters(dict(parameters or {}), template)
+    # The layer before any AWS call: pip fails for want of PyPI or of a wheel for
+    # the runtime, and should do so before anything exists in the account.
+    layer = resolve_layer(
+        root, params, layer_zip=layer_zip, rebuild=rebuild_layer, pip=pip, echo=echo
+    )
+    runtime = python_version(params.get("PythonRuntime", "python3.12"))
+    with tempfile.TemporaryDirectory() as tmp:
+        function_zip = build_zip(root, Path(tmp) / "fanout.zip", python_version=runtime, run=pip)
+        unzipped = check_unzipped(function_zip, layer)
+        data = function_zip.read_bytes()
+    if echo is not None:
+        note = bytecode_note(runtime)
+        if note:
+            echo(note)
+        echo(f"zip: {len(data):,} bytes")
+        echo(describe_layer(layer))
+        echo(f"unzipped, function and layer: {unzipped:,} bytes of {MAX_UNZIPPED_BYTES:,}")
     session = session or boto3.session.Session()
     region = session.region_name or "us-east-1"
     s3 = session.client("s3", region_name=region)
@@ -261,14 +430,18 @@ def deploy(
         code_bucket = f"fanout-{stage}-code-{account}-{region}"
     ensure_code_bucket(s3, code_bucket, region)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data = build_zip(root, Path(tmp) / "fanout.zip").read_bytes()
     # Content-addressed: CloudFormation only redeploys the function when CodeKey
     # changes, and equal sources give equal zips (see build_zip).
     key = f"fanout/{stage}/{hashlib.sha256(data).hexdigest()[:20]}.zip"
     s3.put_object(Bucket=code_bucket, Key=key, Body=data)
+    # The layer likewise (a new LayerKey publishes a new layer version); it is
+    # megabytes and rarely changes, so an upload already there is skipped.
+    layer_data = layer.read_bytes()
+    layer_key = f"fanout/{stage}/layer-{hashlib.sha256(layer_data).hexdigest()[:20]}.zip"
+    if not _exists(s3, code_bucket, layer_key):
+        s3.put_object(Bucket=code_bucket, Key=layer_key, Body=layer_data)
 
-    params.update(Stage=stage, CodeBucket=code_bucket, CodeKey=key)
+    params.update(Stage=stage, CodeBucket=code_bucket, CodeKey=key, LayerKey=layer_key)
     name = stack_name(stage)
     request: dict[str, Any] = {
         "StackName": name,

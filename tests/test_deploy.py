@@ -27,6 +27,19 @@ from helpers import fake_aws
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _layer_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers are cached under the test's own XDG_CACHE_HOME, never the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+def _layer_zip(path: Path) -> Path:
+    """A stand-in dependency layer (tests/test_layer.py builds real ones)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("python/fakedep/__init__.py", "VALUE = 1\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def template() -> dict[str, Any]:
     return load_template(TEMPLATE)
@@ -182,8 +195,15 @@ def test_function(template: dict[str, Any]) -> None:
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     from moto import mock_aws
+    from moto.awslambda.models import LayerVersion
 
     fake_aws(monkeypatch)
+    # moto 5.2 gap: ``!Ref`` of an AWS::Lambda::LayerVersion resolves to moto's
+    # Python object instead of the version's ARN (what CloudFormation documents),
+    # which breaks moto's update of a function whose Layers reference one.
+    monkeypatch.setattr(
+        LayerVersion, "physical_resource_id", property(lambda self: self.arn), raising=False
+    )
     with mock_aws():
         yield
 
@@ -194,6 +214,7 @@ def test_create_stack_under_moto(aws: None, tmp_path: Path) -> None:
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="code")
     s3.put_object(Bucket="code", Key="f.zip", Body=build_zip(REPO, tmp_path / "f.zip").read_bytes())
+    s3.put_object(Bucket="code", Key="l.zip", Body=_layer_zip(tmp_path / "l.zip").read_bytes())
     cfn = boto3.client("cloudformation")
     cfn.create_stack(
         StackName="fanout-t",
@@ -202,6 +223,8 @@ def test_create_stack_under_moto(aws: None, tmp_path: Path) -> None:
             {"ParameterKey": "Stage", "ParameterValue": "t"},
             {"ParameterKey": "CodeBucket", "ParameterValue": "code"},
             {"ParameterKey": "CodeKey", "ParameterValue": "f.zip"},
+            {"ParameterKey": "LayerKey", "ParameterValue": "l.zip"},
+            {"ParameterKey": "Architecture", "ParameterValue": "arm64"},
         ],
         Capabilities=["CAPABILITY_IAM"],
     )
@@ -218,18 +241,45 @@ def test_create_stack_under_moto(aws: None, tmp_path: Path) -> None:
     assert env["FANOUT_AWS_QUEUE"] == outputs["QueueUrl"]
     assert env["FANOUT_AWS_TABLE"] == outputs["TableName"] == "fanout-t-ledger"
     assert env["FANOUT_AWS_EVENTS_TOPIC"] == outputs["TopicArn"]
+    # The dependency layer was published from the uploaded zip. (moto's
+    # CloudFormation does not pass a function's Layers and Architectures on at
+    # creation; test_layer_of_the_template checks the template's wiring.)
+    lam = boto3.client("lambda")
+    (layer,) = lam.list_layers()["Layers"]
+    version = layer["LatestMatchingVersion"]
+    assert version["CompatibleRuntimes"] == ["python3.12"]
+    content = lam.get_layer_version(LayerName=layer["LayerName"], VersionNumber=version["Version"])[
+        "Content"
+    ]
+    assert content["CodeSize"] == (tmp_path / "l.zip").stat().st_size
 
 
-def test_deploy_creates_then_updates_under_moto(aws: None) -> None:
+def test_layer_of_the_template(template: dict[str, Any]) -> None:
+    (layer,) = resources(template, "AWS::Lambda::LayerVersion").values()
+    props = layer["Properties"]
+    assert props["Content"] == {"S3Bucket": {"Ref": "CodeBucket"}, "S3Key": {"Ref": "LayerKey"}}
+    assert props["CompatibleRuntimes"] == [{"Ref": "PythonRuntime"}]
+    assert props["CompatibleArchitectures"] == [{"Ref": "Architecture"}]
+    function = template["Resources"]["Function"]["Properties"]
+    assert function["Layers"] == [{"Ref": "DependencyLayer"}]
+    assert function["Architectures"] == [{"Ref": "Architecture"}]
+    assert template["Parameters"]["Architecture"]["AllowedValues"] == ["x86_64", "arm64"]
+
+
+def test_deploy_creates_then_updates_under_moto(aws: None, tmp_path: Path) -> None:
     import boto3
 
-    outputs = deploy("t", REPO, code_bucket="fanout-code")
+    layer = _layer_zip(tmp_path / "layer.zip")
+    outputs = deploy("t", REPO, code_bucket="fanout-code", layer_zip=layer)
     assert outputs["TableName"] == "fanout-t-ledger"
     assert outputs["FunctionName"] == "fanout-t-worker"
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="fanout-code")["Contents"]]
-    assert len(keys) == 1 and keys[0].startswith("fanout/t/")
-    # Same sources: same key; a second deploy updates the stack, not fails.
-    again = deploy("t", REPO, code_bucket="fanout-code", parameters={"MemorySize": "2048"})
+    assert len(keys) == 2 and all(k.startswith("fanout/t/") for k in keys)
+    assert len([k for k in keys if k.startswith("fanout/t/layer-")]) == 1
+    # Same sources: same keys; a second deploy updates the stack, not fails.
+    again = deploy(
+        "t", REPO, code_bucket="fanout-code", parameters={"MemorySize": "2048"}, layer_zip=layer
+    )
     assert again["QueueUrl"] == outputs["QueueUrl"]
     response = boto3.client("s3").list_objects_v2(Bucket="fanout-code")
     assert [o["Key"] for o in response["Contents"]] == keys
@@ -269,6 +319,33 @@ def test_zip_contents_and_determinism(tmp_path: Path) -> None:
     second = build_zip(root, tmp_path / "2.zip")
     assert first.read_bytes() == second.read_bytes()
     assert 0 < first.stat().st_size < 5 * 1024 * 1024
+
+
+def test_zip_with_the_runtimes_bytecode(tmp_path: Path) -> None:
+    """For a runtime this machine has (here: this very Python), the zip carries
+    checked-hash byte-code naming /var/task sources, still reproducibly."""
+    import marshal
+    import sys
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    tag = f"cpython-{version.replace('.', '')}"
+    root = _project(tmp_path)
+    first = build_zip(root, tmp_path / "1.zip", python_version=version)
+    with zipfile.ZipFile(first) as archive:
+        names = archive.namelist()
+        data = archive.read(f"fanout/__pycache__/aws_lambda.{tag}.pyc")
+        job = archive.read(f"jobs/__pycache__/a.{tag}.pyc")
+    # Compiled from jobs/a.py, not the project's own stale __pycache__ (b"\0").
+    assert marshal.loads(job[16:]).co_filename == "/var/task/jobs/a.py"
+    assert len([n for n in names if n.endswith(".pyc")]) > 10
+    assert int.from_bytes(data[4:8], "little") == 0b11  # PEP 552: checked hash
+    assert marshal.loads(data[16:]).co_filename == "/var/task/fanout/aws_lambda.py"
+    assert build_zip(root, tmp_path / "2.zip", python_version=version).read_bytes() == (
+        first.read_bytes()
+    )
+    # A runtime without an interpreter here: sources only, as before.
+    plain = build_zip(root, tmp_path / "3.zip", python_version="3.99")
+    assert not [n for n in zipfile.ZipFile(plain).namelist() if n.endswith(".pyc")]
 
 
 def test_zip_needs_jobs(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ MAX_POOL_CONNECTIONS = 50
 
 _lock = threading.Lock()
 _clients: dict[tuple[int, str, AwsSettings], Any] = {}
+_sessions: dict[int, Any] = {}  # one per process (by pid), like the clients
 
 
 def client(service: str, settings: AwsSettings) -> Any:
@@ -41,8 +42,13 @@ def client(service: str, settings: AwsSettings) -> Any:
     with _lock:
         found = _clients.get(key)
         if found is None:
-            # A Session per client: boto3's default session is not thread-safe.
-            session = boto3.session.Session()
+            # One Session for all of this process's clients: each new Session
+            # loads botocore's endpoint and retry data again, which cost a cold
+            # Lambda ~100 ms per client (tests/bench/bench_coldstart.py). A Session
+            # is not thread-safe, but it is only used here, under the lock.
+            session = _sessions.get(key[0])
+            if session is None:
+                session = _sessions[key[0]] = boto3.session.Session()
             found = session.client(
                 service,
                 region_name=settings.region,
@@ -54,9 +60,11 @@ def client(service: str, settings: AwsSettings) -> Any:
 
 
 def clear_cache() -> None:
-    """Forget every cached client (tests that change credentials or endpoints)."""
+    """Forget every cached client and session (tests that change credentials or
+    endpoints: a session keeps the credentials it resolved first)."""
     with _lock:
         _clients.clear()
+        _sessions.clear()
 
 
 def error_code(exc: BaseException) -> str:
