@@ -371,7 +371,8 @@ class Runner:
                     run_id=msg.run_id, chunk_id=f"{msg.chunk_id}/{i}", payload=spawn.payload
                 )
                 body = offload(child, self.store, limit)
-                task = NewTask(child.chunk_id, 0, depth, body, msg.chunk_id, msg.seq)
+                not_before = time.time() + spawn.delay if spawn.delay else 0.0
+                task = NewTask(child.chunk_id, 0, depth, body, msg.chunk_id, msg.seq, not_before)
                 children.append((task, spawn.delay))
         if continuation is not None:
             if msg.seq + 1 > settings.max_continuations:

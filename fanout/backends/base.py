@@ -67,6 +67,9 @@ class NewTask:
     message: str
     parent_chunk: str | None = None
     parent_seq: int = 0
+    #: Wall-clock time before which it may not be claimed (``ctx.spawn(delay=)``):
+    #: the queue's own delay stops at 15 minutes on SQS, the ledger's does not.
+    not_before: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

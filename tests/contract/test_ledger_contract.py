@@ -85,6 +85,18 @@ def test_register_is_idempotent_and_counts_exactly(backend: Backend) -> None:
     assert run is not None and (run.outstanding, run.tasks_total, run.chunks_total) == (8, 8, 8)
 
 
+def test_a_delayed_task_waits_until_its_not_before(backend: Backend) -> None:
+    # ctx.spawn(delay=...) beyond what the queue can delay (SQS: 15 minutes).
+    _run(backend)
+    now = time.time()
+    later = NewTask("0/0", 0, 1, "{}", not_before=now + 3600)
+    backend.ledger.register(RUN, [later], max_chunks=100)
+    key = TaskKey(RUN, "0/0", 0)
+    wait = _claim(backend, key, now=now + 900)
+    assert wait.outcome == ClaimOutcome.WAIT and wait.retry_after == pytest.approx(2700)
+    assert _claim(backend, key, now=now + 3601).outcome == ClaimOutcome.CLAIMED
+
+
 def test_register_over_max_chunks_registers_nothing(backend: Backend) -> None:
     _run(backend)
     result = backend.ledger.register(RUN, _children(5), max_chunks=5)

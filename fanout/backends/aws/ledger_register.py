@@ -77,7 +77,7 @@ class Registrar(DynamoTable):
             "depth": _av(t.depth),
             "message": {"S": t.message},
             "lease_expires": _av(0),
-            "not_before": _av(0),
+            "not_before": _av(t.not_before),
             "history": {"L": []},
             "updated_at": _av(now),
             "parent_seq": _av(t.parent_seq),

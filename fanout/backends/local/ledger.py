@@ -259,13 +259,14 @@ class SQLiteLedger:
                 t.parent_chunk,
                 t.parent_seq,
                 spawned_by,
+                t.not_before,
             )
             for t in tasks
         ]
         insert = (
             "INSERT OR IGNORE INTO tasks (run_id, chunk_id, seq, state, depth, message,"
-            " updated_at, parent_chunk, parent_seq, spawned_by)"
-            " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"
+            " updated_at, parent_chunk, parent_seq, spawned_by, not_before)"
+            " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
         )
         before = conn.total_changes
         conn.executemany(insert, [r for r in rows if r[2] == 0])
