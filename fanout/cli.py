@@ -18,8 +18,9 @@ import click
 from pydantic import ValidationError
 
 from fanout import coordinator
-from fanout.backends import BACKENDS, default_home, open_backend
+from fanout.backends import BACKENDS, default_home
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, RunState, TaskState
+from fanout.cli_common import group_backend, split_pairs
 from fanout.errors import UserError
 from fanout.jobs import RunSettings, load_job
 
@@ -56,24 +57,6 @@ class _Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _split_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"{what} {pair!r} is not KEY=VALUE")
-        # A JSON list or object is taken as such; everything else is a string
-        # that the job's pydantic model converts (so "2" fits an int field).
-        if value[:1] in "[{":
-            try:
-                out[key] = json.loads(value)
-                continue
-            except json.JSONDecodeError:
-                pass
-        out[key] = value
-    return out
-
-
 def _params(pairs: tuple[str, ...], params_file: str | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if params_file:
@@ -86,18 +69,8 @@ def _params(pairs: tuple[str, ...], params_file: str | None) -> dict[str, Any]:
         if not isinstance(loaded, dict):
             raise UserError(f"params file {params_file} must hold a JSON object")
         params.update(loaded)
-    params.update(_split_pairs(pairs, "--param"))
+    params.update(split_pairs(pairs, "--param"))
     return params
-
-
-def _backend(ctx: click.Context) -> Backend:
-    obj = ctx.ensure_object(dict)
-    if "backend" not in obj:
-        backend = open_backend(obj["backend_name"], home=obj["home"])
-        ctx.call_on_close(backend.close)
-        obj["backend"] = backend
-    result: Backend = obj["backend"]
-    return result
 
 
 def _latest_run(backend: Backend) -> str:
@@ -155,7 +128,7 @@ def _work(
     """Work the queue until ``run_id`` finishes, showing progress; exit with its outcome."""
     from fanout.worker import WorkerOptions, WorkerPool
 
-    backend = _backend(ctx)
+    backend = group_backend(ctx)
     obj = ctx.obj
     opts = WorkerOptions(
         backend=obj["backend_name"], home=obj["home"], workers=workers, chunk_timeout=chunk_timeout
@@ -281,7 +254,7 @@ def run(
 ) -> None:
     """Submit JOB and work it to completion on this machine."""
     record = coordinator.submit(
-        _backend(ctx), job, _params(params, params_file), _split_pairs(settings, "--setting")
+        group_backend(ctx), job, _params(params, params_file), split_pairs(settings, "--setting")
     )
     if not as_json:
         click.echo(f"run {record.run_id}", err=True)
@@ -300,7 +273,7 @@ def submit(
 ) -> None:
     """Submit JOB (enqueue only) and print the run id."""
     record = coordinator.submit(
-        _backend(ctx), job, _params(params, params_file), _split_pairs(settings, "--setting")
+        group_backend(ctx), job, _params(params, params_file), split_pairs(settings, "--setting")
     )
     click.echo(record.run_id)
 
@@ -361,7 +334,7 @@ def status(
     ctx: click.Context, run_id: str | None, as_json: bool, watch: bool, interval: float
 ) -> None:
     """Progress of RUN (default: the latest run)."""
-    backend = _backend(ctx)
+    backend = group_backend(ctx)
     if watch:
         from fanout.cli_observe import watch_run
 
@@ -398,7 +371,7 @@ def status(
 @click.pass_context
 def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Recent runs, newest first."""
-    records = _backend(ctx).ledger.list_runs(limit=limit)
+    records = group_backend(ctx).ledger.list_runs(limit=limit)
     if as_json:
         for r in records:
             click.echo(
@@ -425,7 +398,7 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.pass_context
 def failed(ctx: click.Context, run_id: str, show_tb: bool, as_json: bool) -> None:
     """Dead chunks of RUN, with their errors and attempt history."""
-    backend = _backend(ctx)
+    backend = group_backend(ctx)
     coordinator.get_run(backend, run_id)
     dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
     for t in dead:
@@ -476,7 +449,7 @@ def replay(
     work: bool,
 ) -> None:
     """Put RUN's dead chunks back in the queue (after you fixed the job)."""
-    reopened = coordinator.replay(_backend(ctx), run_id, chunks or None)
+    reopened = coordinator.replay(group_backend(ctx), run_id, chunks or None)
     click.echo(f"replaying {len(reopened)} chunks of {run_id}", err=True)
     if work:
         _work(ctx, run_id, workers, chunk_timeout, as_json=False)
@@ -492,7 +465,7 @@ def cat(ctx: click.Context, run_id: str | None, limit: int | None) -> None:
     """The committed records of RUN as JSON lines (from its manifest)."""
     from fanout.avro import to_json_safe
 
-    backend = _backend(ctx)
+    backend = group_backend(ctx)
     out = sys.stdout
     records = coordinator.committed_records(backend, run_id or _latest_run(backend))
     for i, record in enumerate(records):
@@ -511,7 +484,7 @@ def validate(
     loaded.check()
     model = loaded.validate_params(_params(params, params_file))
     # The -S settings too, as `fanout submit` would check them.
-    overrides = _split_pairs(settings, "--setting")
+    overrides = split_pairs(settings, "--setting")
     try:
         run_settings = RunSettings.model_validate({**loaded.settings.model_dump(), **overrides})
     except ValidationError as exc:

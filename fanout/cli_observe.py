@@ -1,8 +1,8 @@
 """The observability commands: ``fanout logs``, ``fanout cost`` and the live
 progress bar of ``fanout status --watch``.
 
-Registered on the group by :mod:`fanout.cli`; this module does not import
-``fanout.cli`` (which imports it), so ``python -m fanout.cli`` works too.
+Registered on the group by :mod:`fanout.cli`; shared helpers come from
+:mod:`fanout.cli_common`.
 """
 
 from __future__ import annotations
@@ -17,23 +17,12 @@ from typing import Any
 import click
 
 from fanout import coordinator
-from fanout.backends import open_backend
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState, TaskRecord
+from fanout.cli_common import group_backend
 from fanout.errors import UserError
 
 #: Width of the progress bar, in characters.
 BAR_WIDTH = 24
-
-
-def _backend(ctx: click.Context) -> Backend:
-    """The group's backend, opened once per command (as ``fanout.cli._backend``)."""
-    obj = ctx.ensure_object(dict)
-    if "backend" not in obj:
-        backend = open_backend(obj["backend_name"], home=obj["home"])
-        ctx.call_on_close(backend.close)
-        obj["backend"] = backend
-    result: Backend = obj["backend"]
-    return result
 
 
 def _seconds(s: float) -> str:
@@ -206,7 +195,7 @@ def _when(at: float) -> str:
 @click.pass_context
 def logs(ctx: click.Context, run_id: str, chunk: str | None, as_json: bool) -> None:
     """RUN's chunk events, oldest first: time, chunk, seq, attempt, outcome, details."""
-    backend = _backend(ctx)
+    backend = group_backend(ctx)
     coordinator.get_run(backend, run_id)
     tasks = backend.ledger.list_tasks(run_id)
     if chunk is not None:
@@ -272,7 +261,7 @@ def cost(ctx: click.Context, run_id: str, memory_mb: int, as_json: bool) -> None
     """Estimate what RUN would cost on AWS, from its own measured figures."""
     from fanout import cost as costs
 
-    backend = _backend(ctx)
+    backend = group_backend(ctx)
     run = coordinator.get_run(backend, run_id)
     estimate = costs.estimate(run, backend.ledger.list_tasks(run_id), memory_mb)
     if as_json:

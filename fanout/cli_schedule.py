@@ -1,8 +1,8 @@
 """The schedule commands: ``fanout schedule add|list|show|remove`` and
 ``fanout scheduler`` (the local loop, or one pass at a given instant with ``--at``).
 
-Registered on the group by :mod:`fanout.cli`; this module does not import
-``fanout.cli`` (which imports it), so ``python -m fanout.cli`` works too.
+Registered on the group by :mod:`fanout.cli`; shared helpers come from
+:mod:`fanout.cli_common`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
-from fanout.backends import open_backend
-from fanout.backends.base import Backend
+from fanout.cli_common import group_backend, split_pairs
 from fanout.errors import UserError
 from fanout.jobs import canonical_ref, is_path_ref, load_job
 from fanout.schedules import Schedule, ScheduleStore, open_store, parse_spec
@@ -28,39 +27,10 @@ from fanout.schedules.model import NAME_PATTERN, SCHEDULED_TIME, iso, now_utc, p
 EXIT_FAILED = 1
 
 
-def _backend(ctx: click.Context) -> Backend:
-    """The group's backend, opened once per command (as ``fanout.cli._backend``)."""
-    obj = ctx.ensure_object(dict)
-    if "backend" not in obj:
-        backend = open_backend(obj["backend_name"], home=obj["home"])
-        ctx.call_on_close(backend.close)
-        obj["backend"] = backend
-    result: Backend = obj["backend"]
-    return result
-
-
 def _store(ctx: click.Context) -> ScheduleStore:
-    store = open_store(_backend(ctx))
+    store = open_store(group_backend(ctx))
     ctx.call_on_close(store.close)
     return store
-
-
-def _pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``KEY=VALUE`` params, as ``fanout submit -p`` reads them (JSON lists and
-    objects as such, everything else a string for the job's model to convert)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--param {pair!r} is not KEY=VALUE")
-        if value[:1] in "[{":
-            try:
-                out[key] = json.loads(value)
-                continue
-            except json.JSONDecodeError:
-                pass
-        out[key] = value
-    return out
 
 
 def _job_ref(job: str, backend_name: str) -> str:
@@ -162,7 +132,7 @@ def add(
         name=name,
         expression=expression,
         job=ref,
-        params=_checked_params(ref, _pairs(params), first),
+        params=_checked_params(ref, split_pairs(params, "--param"), first),
         overlap=overlap,
         catch_up=catch_up,
         start=begin,
@@ -262,7 +232,7 @@ def scheduler(ctx: click.Context, at: str | None) -> None:
     backend_name = ctx.obj["backend_name"]
     if at is not None:
         when = parse_time(at, "--at")
-        results = fire_due(_backend(ctx), _store(ctx), when)
+        results = fire_due(group_backend(ctx), _store(ctx), when)
         for result in results:
             _report(result)
         if not results:
@@ -275,7 +245,7 @@ def scheduler(ctx: click.Context, at: str | None) -> None:
             "on AWS, EventBridge Scheduler fires the schedules; `fanout scheduler`"
             " without --at is the local backend's loop"
         )
-    backend, store = _backend(ctx), _store(ctx)
+    backend, store = group_backend(ctx), _store(ctx)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     count = len(store.list())
