@@ -440,22 +440,25 @@ class Runner:
                 return "retry"
             return "lease lost"
         settle = self.ledger.bury(key, attempt.token, failure, now)
-        if settle.ok:
-            self._chunk_log(
-                logging.ERROR,
-                "dead",
-                attempt,
-                "task %s is dead after attempt %d: %s: %s",
-                key,
-                attempt.attempt,
-                failure.kind,
-                failure.error,
-                failure=failure.kind,
-                error=failure.error,
-                duration_s=failure.duration,
-            )
-            self._measure(job_name, attempt, "dead", failure.duration, 0)
-            self._keep_dead_letter(key, f"{failure.kind}: {failure.error}", failure.traceback)
+        if not settle.ok:
+            # Another attempt owns the task (a watchdog or supervisor already
+            # failed this one): the message may carry its retry, so it stays.
+            return "lease lost"
+        self._chunk_log(
+            logging.ERROR,
+            "dead",
+            attempt,
+            "task %s is dead after attempt %d: %s: %s",
+            key,
+            attempt.attempt,
+            failure.kind,
+            failure.error,
+            failure=failure.kind,
+            error=failure.error,
+            duration_s=failure.duration,
+        )
+        self._measure(job_name, attempt, "dead", failure.duration, 0)
+        self._keep_dead_letter(key, f"{failure.kind}: {failure.error}", failure.traceback)
         self.queue.ack(attempt.receipt)
         if settle.drained:
             self.finalize(key.run_id)

@@ -151,3 +151,22 @@ def test_lambda_records_a_chunk_past_its_hard_timeout_as_timed_out(lambda_env: B
     assert run is not None and run.state == RunState.SUCCEEDED and run.retries == 1
     items = Counter(r["item"] for r in coordinator.committed_records(lambda_env, run_id))
     assert set(items) == expected_items(Params(**params)) and max(items.values()) == 1
+
+
+def test_a_permanent_failure_after_the_watchdog_keeps_the_retry(lambda_env: Backend) -> None:
+    # The watchdog retries chunk 1 (timed out); the stale attempt then fails
+    # permanently (a bad record). Its bury finds the lease gone and must leave
+    # the message, which carries the retry, on the queue.
+    params = {"chunks": 2, "rows": 3, "sleep_chunks": [1], "sleep": 4.5, "bad_record_chunk": 1}
+    run_id = coordinator.submit(lambda_env, TREE, params).run_id
+    _event_source_poll(lambda_env)  # the plan
+    _event_source_poll(lambda_env, remaining_ms=5_500)
+    for _ in range(20):
+        if lambda_env.ledger.get_run(run_id).state != RunState.RUNNING:  # type: ignore[union-attr]
+            break
+        _event_source_poll(lambda_env)
+    run = lambda_env.ledger.get_run(run_id)
+    assert run is not None and run.state == RunState.FAILED, run
+    (dead,) = lambda_env.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    assert dead.chunk_id == "0/1"
+    assert [e["outcome"] for e in dead.history] == ["timed out", "bad record", "dead"]
