@@ -104,7 +104,9 @@ def replay(
     return reopened
 
 
-def recover(backend: Backend, stale_after: float = FINALIZE_STALE) -> list[str]:
+def recover(
+    backend: Backend, stale_after: float = FINALIZE_STALE, *, redrive: bool = True
+) -> list[str]:
     """Repair what a crash at the wrong moment can leave behind; returns what it did.
 
     - a drained run whose finalizer died before writing the manifest is finalized;
@@ -113,10 +115,11 @@ def recover(backend: Backend, stale_after: float = FINALIZE_STALE) -> list[str]:
     - messages the queue service dead-lettered (SQS moves a message received
       too often, e.g. a task that kept waiting on a long back-off, to the DLQ)
       are moved back: the ledger, not the queue, decides when a task is dead.
-    Safe to call at any time from any process; called by idle workers.
+    Safe to call at any time from any process; called by idle workers, which
+    pass ``redrive=False`` on most calls (reading the DLQ costs requests).
     """
     actions = []
-    moved = backend.queue.redrive()
+    moved = backend.queue.redrive() if redrive else 0
     if moved:
         actions.append(f"moved {moved} dead-lettered messages back to the queue")
     runner = Runner(backend)

@@ -45,6 +45,12 @@ PREFETCH_SLACK = 5.0
 #: received one at a time, so they spread over all the children instead of
 #: queueing behind each other in the one child that happened to receive them.
 QUICK_CHUNK = 0.05
+#: How often the supervisor asks the backend whether its run is done or work is
+#: left (s), by backend: a local SQLite read is cheap, but on AWS every check is
+#: a billed request (SQS attributes, a DynamoDB read), 50 a second at 20 ms.
+CHECK_EVERY = {"aws": 1.0}
+#: How often an idle pool moves dead-lettered messages back (see ``recover``).
+REDRIVE_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,9 @@ class WorkerPool:
         recover(self.backend)
         for i in range(self.opts.workers):
             self._spawn(i)
-        next_tick = idle_since = 0.0
+        next_tick = idle_since = next_check = 0.0
+        next_redrive = time.time() + REDRIVE_EVERY  # recover() above just did one
+        check_every = CHECK_EVERY.get(self.opts.backend, 0.02)
         try:
             while not self.stop_event.is_set():
                 now = time.time()
@@ -192,12 +200,19 @@ class WorkerPool:
                 if tick is not None and now >= next_tick:
                     tick()
                     next_tick = now + tick_every
+                if now < next_check:
+                    time.sleep(0.02)
+                    continue
+                next_check = now + check_every
                 if until is not None and until():
                     break
                 if until_idle or until is not None:
                     busy = any(s.deadline.value for s in self.slots)
                     if not busy and self.backend.queue.pending() == 0:
-                        if recover(self.backend):
+                        redrive = now >= next_redrive
+                        if redrive:
+                            next_redrive = now + REDRIVE_EVERY
+                        if recover(self.backend, redrive=redrive):
                             idle_since = 0.0
                         elif until_idle:
                             # Idle twice in a row: nothing is in flight between checks.

@@ -177,15 +177,23 @@ def test_resources_are_idempotent(aws_settings: AwsSettings) -> None:
     assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
 
 
-def test_redrive_moves_dead_lettered_messages_back(backend: Backend) -> None:
+def _dead_letter_after_one_receive(backend: Backend) -> None:
     sqs, url = backend.queue.sqs, backend.queue.url  # type: ignore[attr-defined]
-    policy = json.loads(
-        sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])["Attributes"][
-            "RedrivePolicy"
-        ]
-    )
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
+    policy = json.loads(attributes["Attributes"]["RedrivePolicy"])
     policy["maxReceiveCount"] = 1
     sqs.set_queue_attributes(QueueUrl=url, Attributes={"RedrivePolicy": json.dumps(policy)})
+
+
+def _poison(backend: Backend) -> None:
+    """Receive and hand back everything; the next receive moves it to the DLQ."""
+    for delivery in backend.queue.receive(10, 1):
+        backend.queue.release(delivery.receipt, 0)
+    assert backend.queue.receive(10, 1) == []
+
+
+def test_redrive_moves_dead_lettered_messages_back(backend: Backend) -> None:
+    _dead_letter_after_one_receive(backend)
     backend.queue.send(["poisoned-1", "poisoned-2", "fine"])
     assert backend.queue.redrive() == 0  # nothing dead-lettered yet
     for delivery in backend.queue.receive(10, 1):
@@ -198,3 +206,16 @@ def test_redrive_moves_dead_lettered_messages_back(backend: Backend) -> None:
     assert backend.queue.redrive() == 2
     back = sorted(d.body for d in backend.queue.receive(10, 30))
     assert back == ["poisoned-1", "poisoned-2"]
+
+
+def test_a_message_redriven_too_often_stays_in_the_dead_letter_queue(backend: Backend) -> None:
+    from fanout.backends.aws.queue import MAX_REDRIVES
+
+    _dead_letter_after_one_receive(backend)
+    backend.queue.send(["poison"])
+    moved = []
+    for _ in range(MAX_REDRIVES + 1):
+        _poison(backend)
+        moved.append(backend.queue.redrive())
+    assert moved == [1] * MAX_REDRIVES + [0]
+    assert backend.queue.receive(10, 1) == []

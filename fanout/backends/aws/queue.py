@@ -58,6 +58,13 @@ MAX_BATCH = 10
 MAX_DELAY = 900  # DelaySeconds
 MAX_VISIBILITY = 43_200  # VisibilityTimeout (12 hours)
 
+#: The message attribute counting a message's trips back from the DLQ, and how
+#: many a message may make (see :meth:`SqsQueue.redrive`).
+REDRIVES = "fanout-redrives"
+MAX_REDRIVES = 3
+#: How long a redrive sweep hides the DLQ messages it is moving (s).
+REDRIVE_VISIBILITY = 60
+
 #: How many times entries of a batch that SQS failed (not the sender's fault) are
 #: re-sent before ``send`` gives up. botocore already retried the whole call.
 SEND_ATTEMPTS = 5
@@ -106,6 +113,8 @@ class SqsQueue:
             self.url = name
         else:
             self.url = str(self.sqs.get_queue_url(QueueName=name)["QueueUrl"])
+        self._dlq_url: str | None = None
+        self._dlq_known = False  # _dlq_url looked up yet
         #: The dispatch topic's ARN, or None to send straight to SQS.
         self.topic_arn: str | None = None
         self.sns: Any = None
@@ -238,7 +247,12 @@ class SqsQueue:
         """Move messages from the dead-letter queue (its URL from the queue's
         ``RedrivePolicy``) back to this queue, straight to SQS. Done by hand, not
         with ``StartMessageMoveTask``: emulators (moto) lack it, and a sweep
-        moves at most ``limit`` messages at a time."""
+        moves at most ``limit`` messages at a time.
+
+        A message counts its trips in the ``fanout-redrives`` attribute: one that
+        was already moved back :data:`MAX_REDRIVES` times stays in the DLQ (a
+        poison message that fails before the ledger sees it would otherwise
+        circle forever), and is logged."""
         dlq = self._dead_letter_url()
         if dlq is None:
             return 0
@@ -247,12 +261,31 @@ class SqsQueue:
             messages = self.sqs.receive_message(
                 QueueUrl=dlq,
                 MaxNumberOfMessages=min(MAX_BATCH, limit - moved),
-                VisibilityTimeout=60,
+                VisibilityTimeout=REDRIVE_VISIBILITY,
+                MessageAttributeNames=[REDRIVES],
             ).get("Messages", [])
             if not messages:
                 break
+            back = []
+            for m in messages:
+                trips = int(m.get("MessageAttributes", {}).get(REDRIVES, {}).get("StringValue", 0))
+                if trips >= MAX_REDRIVES:
+                    log.error(
+                        "message %s stays in the DLQ after %d redrives", m["MessageId"], trips
+                    )
+                else:
+                    back.append((m, trips + 1))
+            if not back:
+                continue
             entries = {
-                str(i): {"Id": str(i), "MessageBody": m["Body"]} for i, m in enumerate(messages)
+                str(i): {
+                    "Id": str(i),
+                    "MessageBody": m["Body"],
+                    "MessageAttributes": {
+                        REDRIVES: {"DataType": "Number", "StringValue": str(trips)}
+                    },
+                }
+                for i, (m, trips) in enumerate(back)
             }
             _send_entries(
                 "SQS",
@@ -264,15 +297,18 @@ class SqsQueue:
                 QueueUrl=dlq,
                 Entries=[
                     {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
-                    for i, m in enumerate(messages)
+                    for i, (m, _) in enumerate(back)
                 ],
             )
-            moved += len(messages)
+            moved += len(back)
         if moved:
             log.warning("moved %d dead-lettered messages back to %s", moved, self.url)
         return moved
 
     def _dead_letter_url(self) -> str | None:
+        """The DLQ's URL from the queue's redrive policy (looked up once)."""
+        if self._dlq_known:
+            return self._dlq_url
         attributes = (
             self.sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=["RedrivePolicy"]).get(
                 "Attributes"
@@ -280,13 +316,12 @@ class SqsQueue:
             or {}
         )
         policy = attributes.get("RedrivePolicy")
-        if not policy:
-            return None
-        arn = str(json.loads(policy)["deadLetterTargetArn"])
-        account, name = arn.split(":")[4], arn.split(":")[5]
-        url: str = self.sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)[
-            "QueueUrl"
-        ]
+        url: str | None = None
+        if policy:
+            arn = str(json.loads(policy)["deadLetterTargetArn"])
+            account, name = arn.split(":")[4], arn.split(":")[5]
+            url = self.sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
+        self._dlq_url, self._dlq_known = url, True
         return url
 
     def close(self) -> None:
