@@ -19,12 +19,17 @@ from pydantic import ValidationError
 
 from fanout import coordinator
 from fanout.backends import BACKENDS, default_home
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, RunState, TaskState
-from fanout.cli_common import group_backend, split_pairs
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState, TaskState
+from fanout.cli_common import (
+    exit_code,
+    group_backend,
+    human,
+    split_pairs,
+    utc_time,
+)
 from fanout.errors import UserError
 from fanout.jobs import RunSettings, load_job
 
-EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
@@ -80,14 +85,6 @@ def _latest_run(backend: Backend) -> str:
     return runs[0].run_id
 
 
-def _human(n: float) -> str:
-    for unit in ("", "k", "M", "G"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}" if unit else f"{n:.0f}"
-        n /= 1000
-    return f"{n:.3g}T"
-
-
 def _progress_line(status: coordinator.Status) -> str:
     # From the run's counters only: cheap enough to print twice a second.
     r = status.run
@@ -95,7 +92,7 @@ def _progress_line(status: coordinator.Status) -> str:
     return (
         f"{r.run_id}  {r.state.value}  chunks {finished}/{r.tasks_total}"
         f" ({r.tasks_dead} dead, {r.retries} retries)"
-        f"  records {r.records:,}  {_human(status.rate)}/s  {status.elapsed:.1f}s"
+        f"  records {r.records:,}  {human(status.rate)}/s  {status.elapsed:.1f}s"
     )
 
 
@@ -104,7 +101,7 @@ def _summary(status: coordinator.Status, backend: Backend) -> str:
     lines = [
         f"run {r.run_id} {r.state.value}: {r.records:,} records, {r.bytes:,} bytes"
         f" from {status.tasks['done']} chunks in {status.elapsed:.2f}s"
-        f" ({_human(status.rate)} records/s)"
+        f" ({human(status.rate)} records/s)"
     ]
     if r.stop_reason:
         lines.append(f"stopped: {r.stop_reason}")
@@ -116,10 +113,6 @@ def _summary(status: coordinator.Status, backend: Backend) -> str:
     if r.manifest_key and r.state in TERMINAL_RUN_STATES:
         lines.append(f"manifest: {backend.store.url(r.manifest_key)}")
     return "\n".join(lines)
-
-
-def _exit_code(run: RunRecord) -> int:
-    return 0 if run.state == RunState.SUCCEEDED else EXIT_FAILED
 
 
 def _work(
@@ -168,7 +161,7 @@ def _work(
     if not finished():
         click.echo(f"interrupted: resume with `fanout worker --until-idle` ({run_id})", err=True)
         ctx.exit(130)
-    ctx.exit(_exit_code(status.run))
+    ctx.exit(exit_code(status.run))
 
 
 # -- options shared by several commands ------------------------------------------
@@ -387,7 +380,7 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
             )
         return
     for r in records:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
+        when = utc_time(r.created_at)
         click.echo(f"{r.run_id:<50} {r.state.value:<10} {r.records:>12,} records  {when}")
 
 

@@ -9,13 +9,17 @@ without importing each other (``python -m fanout.cli`` runs ``cli`` as
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import click
 
 from fanout.backends import open_backend
-from fanout.backends.base import Backend
+from fanout.backends.base import Backend, RunRecord, RunState
 from fanout.errors import UserError
+
+#: Exit code of a command whose run failed or was stopped.
+EXIT_FAILED = 1
 
 
 def group_backend(ctx: click.Context) -> Backend:
@@ -47,3 +51,27 @@ def split_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
                 pass
         out[key] = value
     return out
+
+
+def exit_code(run: RunRecord) -> int:
+    """0 for a run that succeeded, else :data:`EXIT_FAILED`."""
+    return 0 if run.state == RunState.SUCCEEDED else EXIT_FAILED
+
+
+def human(n: float) -> str:
+    """``950``, ``12.3k``, ``4.5M``: a rate or count, three significant digits."""
+    for unit in ("", "k", "M", "G"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}" if unit else f"{n:.0f}"
+        n /= 1000
+    return f"{n:.3g}T"
+
+
+def utc_time(at: float, millis: bool = False) -> str:
+    """A Unix time as ``2026-11-22 16:14:25Z`` (UTC, like run ids and schedules),
+    with milliseconds when asked."""
+    stamp = datetime.fromtimestamp(at, UTC)
+    text = stamp.strftime("%Y-%m-%d %H:%M:%S")
+    if millis:
+        text += f".{stamp.microsecond // 1000:03d}"
+    return text + "Z"

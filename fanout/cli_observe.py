@@ -17,8 +17,8 @@ from typing import Any
 import click
 
 from fanout import coordinator
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState, TaskRecord
-from fanout.cli_common import group_backend
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, TaskRecord
+from fanout.cli_common import exit_code, group_backend, human, utc_time
 from fanout.errors import UserError
 
 #: Width of the progress bar, in characters.
@@ -34,14 +34,6 @@ def _seconds(s: float) -> str:
         return f"{minutes}m{sec:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
-
-
-def _rate(n: float) -> str:
-    for unit in ("", "k", "M"):
-        if abs(n) < 1000:
-            return f"{n:.3g}{unit}" if unit else f"{n:.0f}"
-        n /= 1000
-    return f"{n:.3g}G"
 
 
 # -- status --watch ------------------------------------------------------------------
@@ -79,7 +71,7 @@ def progress_bar(st: coordinator.Status) -> str:
     dead = f" ({p['dead']} dead)" if p["dead"] else ""
     return (
         f"[{bar}] {frac:4.0%}  chunks {p['finished']:,}/{p['total']:,}{dead}"
-        f"  records {p['records']:,}  {_rate(p['records_per_s'])}/s"
+        f"  records {p['records']:,}  {human(p['records_per_s'])}/s"
         f"  {_seconds(p['elapsed_s'])}  {tail}"
     )
 
@@ -113,7 +105,7 @@ def watch_run(
         full = coordinator.status(backend, run_id)
         if full.timed_out or full.crashed:
             click.echo(failures_line(full))
-    return 0 if st.run.state == RunState.SUCCEEDED else 1
+    return exit_code(st.run)
 
 
 def failures_line(st: coordinator.Status) -> str:
@@ -183,11 +175,6 @@ def _details(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _when(at: float) -> str:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
-    return f"{stamp}.{round(at % 1 * 1000) % 1000:03d}"
-
-
 @click.command()
 @click.argument("run_id")
 @click.option("--chunk", metavar="ID", help="Only this chunk (every slice of it).")
@@ -208,11 +195,12 @@ def logs(ctx: click.Context, run_id: str, chunk: str | None, as_json: bool) -> N
             click.echo(json.dumps({"run_id": run_id, **row}))
         return
     width = max([len("chunk")] + [len(r["chunk_id"]) for r in rows])
-    head = f"{'time':<23}  {'chunk':<{width}}  {'seq':>3}  {'att':>3}  {'outcome':<10}  details"
+    head = f"{'time (UTC)':<24}  {'chunk':<{width}}  {'seq':>3}  {'att':>3}  {'outcome':<10}"
+    head += "  details"
     click.echo(head)
     for r in rows:
         click.echo(
-            f"{_when(r['at']):<23}  {r['chunk_id']:<{width}}  {r['seq']:>3}"
+            f"{utc_time(r['at'], millis=True):<24}  {r['chunk_id']:<{width}}  {r['seq']:>3}"
             f"  {r['attempt'] if r['attempt'] is not None else '-':>3}"
             f"  {r['outcome']:<10}  {_details(r)}".rstrip()
         )

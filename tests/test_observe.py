@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -360,9 +361,11 @@ def test_logs_show_a_runs_chunk_events_in_time_order(home: Path, local: Backend)
     out = cli(home, "logs", run_id)
     assert out.exit_code == 0, out.output
     header, *rows = out.stdout.splitlines()
-    assert header.split() == ["time", "chunk", "seq", "att", "outcome", "details"]
+    assert header.split() == ["time", "(UTC)", "chunk", "seq", "att", "outcome", "details"]
     stamps = [" ".join(r.split()[:2]) for r in rows]
-    assert stamps == sorted(stamps)
+    assert stamps == sorted(stamps) and all(s.endswith("Z") for s in stamps)
+    first = datetime.strptime(stamps[0], "%Y-%m-%d %H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert abs(first.timestamp() - coordinator.get_run(local, run_id).created_at) < 60
     events = [(r.split()[2], r.split()[4], r.split()[5]) for r in rows]
     assert [e for e in events if e[0] == "0/1"] == [
         ("0/1", "1", "claimed"),
