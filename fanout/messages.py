@@ -48,6 +48,19 @@ class ChunkMessage(BaseModel):
 
 #: The ``kind`` of a :class:`ScheduleFire` message.
 FIRE_KIND = "schedule.fire"
+#: The whole body of a recovery sweep message (see :func:`is_sweep`).
+SWEEP_BODY = '{"v":1,"kind":"fanout.sweep"}'
+
+
+def is_sweep(body: str) -> bool:
+    """Whether ``body`` asks for a recovery sweep (``coordinator.recover``): the
+    stack's schedule sends it every few minutes, because on a Lambda-only
+    deployment no idle worker runs the sweep. Exactly this JSON object, nothing
+    else: it carries no data to validate."""
+    try:
+        return bool(json.loads(body) == json.loads(SWEEP_BODY))
+    except ValueError:
+        return False
 
 
 class ScheduleFire(BaseModel):

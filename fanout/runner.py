@@ -44,7 +44,15 @@ from fanout.context import ChunkContext, Continue
 from fanout.errors import PermanentError, RecordError
 from fanout.events import EventSink, emit, events_for
 from fanout.jobs import Job, RunSettings, load_job
-from fanout.messages import FIRE_KIND, ChunkMessage, MessageError, decode, offload, resolve
+from fanout.messages import (
+    FIRE_KIND,
+    ChunkMessage,
+    MessageError,
+    decode,
+    is_sweep,
+    offload,
+    resolve,
+)
 from fanout.metrics import ChunkMetrics, MetricsSink, metrics_for
 from fanout.retry import compute_backoff
 
@@ -154,6 +162,16 @@ class Runner:
         try:
             msg = decode(delivery.body)
         except MessageError as exc:
+            if is_sweep(delivery.body):
+                # The stack's recovery schedule (see fanout.messages.is_sweep).
+                # Acknowledged first: recovery re-sends stranded tasks only when
+                # the queue is empty, and this message must not count.
+                from fanout.coordinator import recover
+
+                self.queue.ack(delivery.receipt)
+                for action in recover(self.backend):
+                    log.warning("recovery sweep: %s", action)
+                return "swept"
             if FIRE_KIND in delivery.body:
                 # A schedule's tick from EventBridge Scheduler: submit its run.
                 from fanout.schedules.fire import handle_fire_message

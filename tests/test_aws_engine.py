@@ -170,3 +170,21 @@ def test_a_permanent_failure_after_the_watchdog_keeps_the_retry(lambda_env: Back
     (dead,) = lambda_env.ledger.list_tasks(run_id, (TaskState.DEAD,))
     assert dead.chunk_id == "0/1"
     assert [e["outcome"] for e in dead.history] == ["timed out", "bad record", "dead"]
+
+
+def test_the_recovery_sweep_message_resends_a_lost_task(lambda_env: Backend) -> None:
+    # On a Lambda-only stack the schedule's sweep message is what runs recovery:
+    # here the root chunk's message is lost (the queue purged after submit).
+    from fanout.messages import SWEEP_BODY
+
+    run_id = coordinator.submit(lambda_env, TREE, {"chunks": 2, "rows": 2}).run_id
+    lambda_env.queue.sqs.purge_queue(QueueUrl=lambda_env.queue.url)  # type: ignore[attr-defined]
+    assert lambda_env.queue.pending() == 0
+    lambda_env.queue.send([SWEEP_BODY])
+    assert _event_source_poll(lambda_env) == (1, 0)  # the sweep, acknowledged
+    for _ in range(20):
+        if lambda_env.ledger.get_run(run_id).state != RunState.RUNNING:  # type: ignore[union-attr]
+            break
+        _event_source_poll(lambda_env)
+    run = lambda_env.ledger.get_run(run_id)
+    assert run is not None and run.state == RunState.SUCCEEDED and run.records == 4

@@ -397,3 +397,21 @@ def test_cli_rejects_bad_parameter(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert "VisibilityTimeout" in result.output
+
+
+def test_recovery_sweep_schedule_sends_the_sweep_message(template: dict[str, Any]) -> None:
+    from fanout.messages import SWEEP_BODY, is_sweep
+
+    sweep = template["Resources"]["RecoverySweep"]
+    assert sweep["Type"] == "AWS::Scheduler::Schedule"
+    target = sweep["Properties"]["Target"]
+    assert target["Arn"] == {"Fn::GetAtt": ["WorkQueue", "Arn"]}
+    assert target["RoleArn"] == {"Fn::GetAtt": ["SchedulerRole", "Arn"]}
+    assert is_sweep(target["Input"]) and is_sweep(SWEEP_BODY)
+    assert not is_sweep('{"v":1,"kind":"fanout.sweep","x":1}')
+    # The function may read the DLQ it redrives, and only that one.
+    statements = template["Resources"]["FunctionRole"]["Properties"]["Policies"][0][
+        "PolicyDocument"
+    ]["Statement"]
+    (dlq,) = [s for s in statements if s["Resource"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}]
+    assert set(dlq["Action"]) == {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueUrl"}

@@ -253,7 +253,15 @@ class SqsQueue:
         was already moved back :data:`MAX_REDRIVES` times stays in the DLQ (a
         poison message that fails before the ledger sees it would otherwise
         circle forever), and is logged."""
-        dlq = self._dead_letter_url()
+        try:
+            dlq = self._dead_letter_url()
+        except Exception as exc:
+            if error_code(exc) not in ("AccessDenied", "AccessDeniedException"):
+                raise
+            # A role without DLQ access (a worker outside the stack): recovery
+            # still does the rest, and says what it cannot do.
+            log.warning("cannot read the dead-letter queue of %s: %s", self.url, exc)
+            return 0
         if dlq is None:
             return 0
         moved = 0
