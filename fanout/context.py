@@ -10,13 +10,18 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from fanout.errors import RecordError
+from fanout.errors import PermanentError, RecordError
 from fanout.inputs import list_inputs, open_input
 
 if TYPE_CHECKING:
     from fanout.avro import RecordWriter
     from fanout.backends.base import Ledger
     from fanout.jobs import RunSettings
+
+
+#: The longest ``spawn`` delay (s). SQS keeps a message 14 days at most, however
+#: often it is re-delayed, so a longer wait would outlive its message.
+MAX_SPAWN_DELAY = 12 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +110,13 @@ class ChunkContext:
         """Start a child chunk with ``payload`` (JSON) once this chunk commits,
         after ``delay`` seconds."""
         _check_json(payload, "payload")
-        if delay < 0:
-            raise ValueError("spawn delay must be >= 0")
-        self.spawned.append(Spawn(payload, float(delay)))
+        delay = float(delay)
+        if not 0 <= delay <= MAX_SPAWN_DELAY:  # also false for NaN
+            raise PermanentError(
+                f"spawn delay {delay!r} is not between 0 and {MAX_SPAWN_DELAY:g} s (12 days);"
+                " for longer waits, schedule a run (fanout schedule add)"
+            )
+        self.spawned.append(Spawn(payload, delay))
 
     @property
     def records(self) -> int:

@@ -242,6 +242,27 @@ def test_bad_record_fails_the_chunk_at_once_naming_the_field(mem: Backend) -> No
     assert set(_items(mem, run_id)) == {"0:0", "0:1"}
 
 
+def test_a_delayed_child_waits_in_the_ledger_not_only_in_the_queue(mem: Backend) -> None:
+    run_id = _run(mem, chunks=1, rows=1, children=1, depth=1, spawn_delay=3600)
+    runner = Runner(mem)
+    for _ in range(2):  # the plan, then chunk 0/0, which spawns 0/0/0 an hour out
+        (delivery,) = mem.queue.receive(1, 30)
+        assert runner.handle(delivery, 10) == "committed"
+    child = mem.ledger.get_task(TaskKey(run_id, "0/0/0", 0))
+    assert child is not None and child.state == TaskState.QUEUED
+    # Delivered early (SQS delays stop at 15 minutes), it is only handed back.
+    claim = mem.ledger.claim(child.key, "early", 30, 3, child.not_before - 2700)
+    assert claim.outcome.value == "wait" and claim.retry_after == pytest.approx(2700)
+
+
+@pytest.mark.parametrize("delay", [float("nan"), -1.0, 13 * 24 * 3600.0])
+def test_a_spawn_delay_out_of_range_fails_the_chunk_at_once(mem: Backend, delay: float) -> None:
+    run_id = _run(mem, chunks=1, rows=1, children=1, depth=1, spawn_delay=delay)
+    assert drain(mem, run_id).state == RunState.FAILED
+    (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    assert dead.attempt == 1 and "spawn delay" in (dead.error or "")
+
+
 def test_large_payloads_travel_through_the_store(mem: Backend) -> None:
     params = {"chunks": 1, "rows": 1, "children": 2, "depth": 1, "big_payload": 300_000}
     run_id = _run(mem, **params)

@@ -35,6 +35,7 @@ class Params(BaseModel):
     crash_chunks: list[int] = []  # os._exit on the first attempt
     row_sleep: float = 0.0
     big_payload: int = 0  # bytes of padding in each child payload
+    spawn_delay: float = 0.0  # ctx.spawn(..., delay=) of every child
 
 
 job = Job("tree", params=Params, schema=SCHEMA, backoff_base=0.01, backoff_cap=0.05)
@@ -72,7 +73,8 @@ def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
     if chunk["level"] < p.depth:
         for c in range(p.children):
             ctx.spawn(
-                {"name": f"{name}.{c}", "level": chunk["level"] + 1, "pad": "x" * p.big_payload}
+                {"name": f"{name}.{c}", "level": chunk["level"] + 1, "pad": "x" * p.big_payload},
+                delay=p.spawn_delay,
             )
     return None
 
