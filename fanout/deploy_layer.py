@@ -8,15 +8,22 @@ other runtime dependency of fanout (pydantic and its parts, fastavro, ...) comes
 from this layer, built by pip for the function's runtime and architecture,
 never for the machine that deploys:
 
-    python -m pip install --target DIR/python --platform manylinux2014_x86_64
-        --platform manylinux_2_28_x86_64 --implementation cp --python-version 3.12
-        --only-binary=:all: --no-compile REQUIREMENT...
+    python -m pip install --target DIR/python --platform manylinux_2_34_x86_64
+        ... --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+        --implementation cp --python-version 3.12 --only-binary=:all:
+        --no-compile --constraint DIR/constraints.txt REQUIREMENT...
 
 The requirements are read at build time from fanout's ``pyproject.toml`` (or,
 for an installed fanout, from its distribution metadata), less what the runtime
 provides. Scrapy (the ``crawl`` extra) is added when a module under the
 project's ``jobs/`` imports ``scrapy`` or ``fanout.crawl``: crawl jobs need it,
 other projects should not carry its ~20 MB.
+
+The layer is what was tested: the constraints file pins each requirement and
+its dependencies to the version installed in the deploying environment (a
+distribution not installed here is left to pip, and the plan says so). What
+pip installs that the runtime provides anyway (python-dateutil through
+croniter, urllib3 and jmespath through Scrapy) is removed again after pip ran.
 
 The layer ships byte-code when this machine has an interpreter of the runtime's
 Python version (this one, or ``pythonX.Y`` on ``PATH``): Lambda's code
@@ -29,15 +36,17 @@ byte-for-byte reproducible.
 
 Built layers are cached under ``$XDG_CACHE_HOME/fanout/layers/`` (by default
 ``~/.cache/fanout/layers/``), named by a hash of what pip was asked for
-(requirements, platforms, Python version, byte-code or not), so a re-deploy
-does not download again. Delete the file (or pass ``rebuild=True``) to pick up
-new releases.
+(requirements, pins, platforms, Python version, byte-code or not), so a
+re-deploy does not download again; upgrading a package here changes its pin,
+hence the layer. Delete the file (or pass ``rebuild=True``) to pick up new
+releases of what is not pinned.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import csv
 import functools
 import hashlib
 import importlib.metadata
@@ -58,8 +67,15 @@ from pathlib import Path
 import fanout
 from fanout.errors import UserError
 
-#: Distributions the Lambda Python runtime ships (boto3 and what it depends
-#: on): a copy in the layer would only shadow the runtime's and add megabytes.
+#: Distributions the Lambda Python runtime ships: boto3 and its dependency
+#: closure (botocore, s3transfer, jmespath, urllib3, python-dateutil, six), in
+#: the runtime's own site-packages. Not installed from fanout's requirements,
+#: and removed again when pip pulls one in as another package's dependency
+#: (croniter needs python-dateutil; Scrapy's parts need urllib3 and jmespath):
+#: the layer's ``/opt/python`` comes first on ``sys.path``, so a copy there
+#: would shadow the runtime's and could break botocore's own pins
+#: (``python-dateutil<3.0.0``, ``urllib3<3``). Those packages ask for ranges the
+#: runtime's versions meet.
 RUNTIME_PROVIDED = frozenset(
     {"boto3", "botocore", "s3transfer", "jmespath", "urllib3", "python-dateutil", "six"}
 )
@@ -72,7 +88,17 @@ MAX_UNZIPPED_BYTES = 250 * 1024 * 1024
 
 #: Bump when the layer's layout or filtering changes, so cached layers built
 #: the old way are not reused.
-LAYER_FORMAT = 1
+LAYER_FORMAT = 2
+
+#: The newest glibc of the Lambda Python runtimes' OS, by Python version: the
+#: python3.12 and later runtimes run Amazon Linux 2023 (glibc 2.34), the
+#: python3.11 and earlier ones Amazon Linux 2 (glibc 2.26). Wheels up to this
+#: manylinux level are usable there.
+GLIBC_AL2023 = 34
+GLIBC_AL2 = 26
+
+#: The oldest glibc in the tags pip is given: manylinux2014's, PEP 599.
+GLIBC_MIN = 17
 
 #: Every zip entry gets this timestamp (the zip format's earliest) so that a build
 #: depends only on the files' paths and bytes, not on when they were written.
@@ -100,6 +126,10 @@ class LayerSpec:
     architecture: str = "x86_64"  # a key of ARCHITECTURES
     #: Ship ``.pyc`` files (needs an interpreter of ``python_version`` here).
     bytecode: bool = False
+    #: ``name==version`` constraints for pip: the versions of this environment.
+    pins: tuple[str, ...] = ()
+    #: Requirements and dependencies not installed here, so not pinned.
+    unpinned: tuple[str, ...] = ()
 
     @property
     def pyc_tag(self) -> str:
@@ -107,12 +137,22 @@ class LayerSpec:
         return "cpython-" + self.python_version.replace(".", "")
 
     @property
+    def glibc_minor(self) -> int:
+        """The glibc of the runtime's OS, 2.<this> (see :data:`GLIBC_AL2023`)."""
+        major, minor = (int(part) for part in self.python_version.split("."))
+        return GLIBC_AL2023 if (major, minor) >= (3, 12) else GLIBC_AL2
+
+    @property
     def platforms(self) -> tuple[str, ...]:
-        """Wheel platform tags pip may pick: manylinux2014 (glibc 2.17, what AWS
-        documents for Lambda) and manylinux_2_28 (for packages that dropped
-        2014; Lambda's Python 3.12+ runtimes run Amazon Linux 2023, glibc 2.34)."""
+        """Wheel platform tags pip may pick, best first (pip prefers the earlier):
+        every ``manylinux_2_N`` from the runtime's glibc down to 2.17, then
+        manylinux2014 (the same 2.17, legacy spelling; pip widens it to
+        manylinux2010 and manylinux1). Each level is listed because pip does not
+        widen ``manylinux_2_N`` to lower N: given only 2014 and 2_28, a wheel
+        tagged only ``manylinux_2_24`` could never be picked."""
         cpu = ARCHITECTURES[self.architecture]
-        return (f"manylinux2014_{cpu}", f"manylinux_2_28_{cpu}")
+        levels = range(self.glibc_minor, GLIBC_MIN - 1, -1)
+        return (*(f"manylinux_2_{n}_{cpu}" for n in levels), f"manylinux2014_{cpu}")
 
     @property
     def key(self) -> str:
@@ -124,14 +164,20 @@ class LayerSpec:
             "platforms": self.platforms,
             "implementation": "cp",
             "bytecode": self.bytecode,
+            "pins": sorted(self.pins),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
     def describe(self) -> str:
-        """One line: the requirements and the target."""
+        """The requirements and the target, then (on indented lines) the pins and
+        what is left unpinned."""
         code = "with byte-code" if self.bytecode else "sources only, no byte-code"
         target = f"python{self.python_version} {self.architecture}"
-        return f"{', '.join(self.requirements)} for {target} ({code})"
+        lines = [f"{', '.join(self.requirements)} for {target} ({code})"]
+        lines.append(f"  pinned to this environment's versions: {', '.join(self.pins) or 'none'}")
+        if self.unpinned:
+            lines.append(f"  not installed here, so unpinned: {', '.join(self.unpinned)}")
+        return "\n".join(lines)
 
 
 def python_version(runtime: str) -> str:
@@ -194,6 +240,38 @@ def layer_requirements(crawl: bool) -> tuple[str, ...]:
     return tuple(r for r in required if _name(r) not in RUNTIME_PROVIDED)
 
 
+def local_pins(requirements: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(pins, unpinned)`` for ``requirements`` and, transitively, their
+    dependencies: ``name==version`` of each one installed in this environment
+    (what the deploy was tested with), and the names of those that are not.
+
+    A dependency an extra asks for is skipped, and so is a conditional one this
+    environment does not have (``colorama; platform_system == "Windows"``): its
+    marker is this machine's, not the runtime's, so it says nothing about the
+    layer. Runtime-provided distributions are pinned too, although the layer
+    drops them: pip then resolves the rest as it was resolved here.
+    """
+    pins: dict[str, str] = {}
+    unpinned: set[str] = set()
+    todo = [(_name(r), r.partition(";")[2].strip()) for r in requirements]
+    while todo:
+        name, marker = todo.pop()
+        if name in pins or name in unpinned:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            if not marker:
+                unpinned.add(name)
+            continue
+        pins[name] = dist.version
+        for line in dist.requires or []:
+            requirement, _, condition = line.partition(";")
+            if not re.search(r"\bextra\s*==", condition):
+                todo.append((_name(requirement), condition.strip()))
+    return tuple(f"{n}=={v}" for n, v in sorted(pins.items())), tuple(sorted(unpinned))
+
+
 def _imports(source: str) -> Iterator[str]:
     """The module names a Python source imports (any nesting level)."""
     for node in ast.walk(ast.parse(source)):
@@ -241,12 +319,21 @@ def layer_spec(root: Path, runtime: str, architecture: str) -> LayerSpec:
     """The layer the project at ``root`` needs on ``runtime`` / ``architecture``;
     with byte-code when this machine can compile for ``runtime``."""
     version = python_version(runtime)
+    requirements = layer_requirements(crawl=uses_crawl(root))
+    pins, unpinned = local_pins(requirements)
     return LayerSpec(
-        layer_requirements(crawl=uses_crawl(root)),
+        requirements,
         version,
         check_architecture(architecture),
         bytecode=runtime_python(version) is not None,
+        pins=pins,
+        unpinned=unpinned,
     )
+
+
+def constraints_file(target: Path) -> Path:
+    """Where :func:`build_layer` writes the pins for a build into ``target``."""
+    return target.parent / "constraints.txt"
 
 
 def pip_command(spec: LayerSpec, target: Path, python: str = sys.executable) -> list[str]:
@@ -267,6 +354,8 @@ def pip_command(spec: LayerSpec, target: Path, python: str = sys.executable) -> 
         "--no-input",
         "--quiet",
     ]
+    if spec.pins:
+        command += ["--constraint", str(constraints_file(target))]
     return command + list(spec.requirements)
 
 
@@ -301,6 +390,53 @@ def run_pip(command: Sequence[str]) -> None:
     if done.returncode != 0:
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
         raise UserError(f"pip could not build the dependency layer: {tail}")
+
+
+def _dist_name(info: Path) -> str:
+    """The normalized distribution name of a ``NAME-VERSION.dist-info`` directory
+    (wheels spell ``python-dateutil`` as ``python_dateutil``)."""
+    return re.sub(r"[-_.]+", "-", info.name.partition("-")[0]).lower()
+
+
+def remove_runtime_provided(target: Path) -> list[str]:
+    """Delete from ``target`` (pip's ``--target``) every distribution of
+    :data:`RUNTIME_PROVIDED`, its files and its ``.dist-info``; return their names.
+
+    Which files are a distribution's comes from its ``RECORD`` (every wheel
+    install writes one), not from guessed directory names: python-dateutil's
+    are ``dateutil/``, six's the module ``six.py``. A path leading outside
+    ``target`` (console scripts, ``../../bin/...``) is left alone; directories
+    the removal empties go too.
+    """
+    root = Path(os.path.abspath(target))
+    removed = []
+    for info in sorted(target.glob("*.dist-info")):
+        name = _dist_name(info)
+        if name not in RUNTIME_PROVIDED:
+            continue
+        record = info / "RECORD"
+        if not record.is_file():
+            raise UserError(f"cannot tell which files {name} installed: {info.name} has no RECORD")
+        with record.open(newline="") as rows:
+            listed = [row[0] for row in csv.reader(rows) if row and row[0]]
+        shutil.rmtree(info)
+        emptied: set[Path] = set()
+        for entry in listed:
+            # normpath, not resolve: a listed symlink goes, not what it points to.
+            path = Path(os.path.normpath(root / entry))
+            if path != root and path.is_relative_to(root) and (path.is_file() or path.is_symlink()):
+                path.unlink()
+                emptied.add(path.parent)
+        # Deepest first, so that a package's emptied parent is seen emptied.
+        for directory in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
+            while directory != root and directory.is_dir():
+                left = list(directory.iterdir())
+                if any(p.name != "__pycache__" or not p.is_dir() for p in left):
+                    break
+                shutil.rmtree(directory)  # empty, or only byte-code of removed modules
+                directory = directory.parent
+        removed.append(name)
+    return removed
 
 
 # -- the zip ------------------------------------------------------------------------------
@@ -382,7 +518,8 @@ def build_layer(
 
     The zip holds ``python/<package>`` (Lambda puts a layer's ``python/`` on
     ``sys.path``) and, if ``spec.bytecode``, the runtime's ``.pyc`` files;
-    without test suites, console scripts or ``RECORD`` files. Entries are
+    without what the runtime provides (:func:`remove_runtime_provided`), test
+    suites, console scripts or ``RECORD`` files. Entries are
     sorted with fixed timestamps, so the same installed files give the same
     bytes. ``pip`` (which also runs the byte-compiler) defaults to :func:`run_pip`.
     """
@@ -392,9 +529,12 @@ def build_layer(
     with tempfile.TemporaryDirectory(prefix="fanout-layer-") as tmp:
         target = Path(tmp) / "python"
         run = pip or run_pip
+        if spec.pins:
+            constraints_file(target).write_text("".join(f"{pin}\n" for pin in spec.pins))
         run(pip_command(spec, target))
         if not target.is_dir() or not any(target.iterdir()):
             raise UserError("pip installed nothing into the dependency layer")
+        remove_runtime_provided(target)
         python = runtime_python(spec.python_version) if spec.bytecode else None
         if spec.bytecode and python is None:
             raise UserError(f"no Python {spec.python_version} here to byte-compile the layer")

@@ -4,6 +4,8 @@ that proves function zip + layer are self-contained (but for boto3)."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import platform
 import re
 import socket
@@ -25,9 +27,12 @@ from fanout.deploy_layer import (
     LayerSpec,
     build_layer,
     cache_dir,
+    distributions,
     layer_requirements,
     layer_spec,
+    local_pins,
     python_version,
+    remove_runtime_provided,
 )
 from fanout.errors import UserError
 from helpers import fake_aws
@@ -42,15 +47,44 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "xdg" / "fanout" / "layers"
 
 
+def _install_runtime_dists(target: Path) -> None:
+    """What a real install into ``target`` holds of the runtime's distributions
+    when a package depends on them (croniter: python-dateutil, which needs six),
+    each with the RECORD pip writes (a console script's path leads outside)."""
+    dateutil = target / "dateutil"
+    (dateutil / "tz").mkdir(parents=True)
+    for name in ("__init__.py", "parser.py", "tz/__init__.py", "tz/tz.py"):
+        (dateutil / name).write_text("")
+    info = target / "python_dateutil-2.9.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Name: python-dateutil\nVersion: 2.9.0\n")
+    (info / "top_level.txt").write_text("dateutil\n")
+    rows = [
+        "dateutil/__init__.py,sha256=x,1",
+        "dateutil/parser.py,,",
+        '"dateutil/tz/__init__.py",,',
+    ]
+    rows += ["dateutil/tz/tz.py,,", "python_dateutil-2.9.0.dist-info/METADATA,,"]
+    rows += ["python_dateutil-2.9.0.dist-info/RECORD,,", "../bin/dateutil-tool,,"]
+    (info / "RECORD").write_text("\n".join(rows) + "\n")
+    (target / "six.py").write_text("")
+    six = target / "six-1.17.0.dist-info"
+    six.mkdir()
+    (six / "METADATA").write_text("Name: six\nVersion: 1.17.0\n")
+    (six / "RECORD").write_text("six.py,,\nsix-1.17.0.dist-info/METADATA,,\n")
+
+
 class FakePip:
-    """Stands in for pip: records each command and installs a tiny package into
-    its ``--target``, with the litter a real install leaves (byte-code of
-    another Python, RECORD, console scripts, a test suite). The byte-compiler,
-    run through the same runner, really runs."""
+    """Stands in for pip: records each command (and its constraints file) and
+    installs a tiny package into its ``--target``, with the litter a real
+    install leaves (byte-code of another Python, RECORD, console scripts, a test
+    suite, runtime-provided dependencies). The byte-compiler, run through the
+    same runner, really runs."""
 
     def __init__(self) -> None:
         self.commands: list[list[str]] = []
         self.compiled: list[list[str]] = []
+        self.constraints: list[list[str]] = []
 
     def __call__(self, command: Sequence[str]) -> None:
         if "compileall" in command:
@@ -58,6 +92,9 @@ class FakePip:
             subprocess.run(command, check=True, capture_output=True)
             return
         self.commands.append(list(command))
+        if "--constraint" in command:
+            pins = Path(command[command.index("--constraint") + 1]).read_text()
+            self.constraints.append(pins.splitlines())
         target = Path(command[command.index("--target") + 1])
         package = target / "fakedep"
         (package / "__pycache__").mkdir(parents=True)
@@ -73,6 +110,7 @@ class FakePip:
         (info / "RECORD").write_text("fakedep/__init__.py,,\n")
         (target / "bin").mkdir()
         (target / "bin" / "fakedep").write_text("#!/usr/bin/python3\n")
+        _install_runtime_dists(target)
 
     def option(self, name: str, index: int = -1) -> list[str]:
         """The values of ``name`` in the last command."""
@@ -107,15 +145,66 @@ def test_pip_command_targets_the_runtime_and_architecture(tmp_path: Path) -> Non
     build_layer(layer_spec(root, "python3.13", "arm64"), pip=pip)
     (command,) = pip.commands
     assert command[:4] == [sys.executable, "-m", "pip", "install"]
-    assert pip.option("--platform") == ["manylinux2014_aarch64", "manylinux_2_28_aarch64"]
+    # pip does not widen manylinux_2_N to lower N: every glibc level from the
+    # runtime's (Amazon Linux 2023: 2.34) down to 2.17 is listed, best first.
+    platforms = pip.option("--platform")
+    assert platforms[0] == "manylinux_2_34_aarch64"
+    assert platforms[-2:] == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
+    assert "manylinux_2_24_aarch64" in platforms and "manylinux_2_28_aarch64" in platforms
+    assert len(platforms) == len(set(platforms)) == 34 - 17 + 2
     assert pip.option("--python-version") == ["3.13"]
     assert pip.option("--implementation") == ["cp"]
     assert "--only-binary=:all:" in command
     assert pip.option("--target")[0].endswith("/python")
 
     build_layer(layer_spec(root, "python3.12", "x86_64"), pip=pip)
-    assert pip.option("--platform") == ["manylinux2014_x86_64", "manylinux_2_28_x86_64"]
+    assert pip.option("--platform")[0] == "manylinux_2_34_x86_64"
+    assert pip.option("--platform")[-1] == "manylinux2014_x86_64"
     assert pip.option("--python-version") == ["3.12"]
+
+    # python3.11 runs on Amazon Linux 2: glibc 2.26, no newer manylinux wheel.
+    build_layer(layer_spec(root, "python3.11", "x86_64"), pip=pip)
+    platforms = pip.option("--platform")
+    assert platforms[0] == "manylinux_2_26_x86_64" and "manylinux_2_27_x86_64" not in platforms
+    assert platforms[-2:] == ["manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+
+
+def test_pip_is_constrained_to_this_environments_versions(tmp_path: Path) -> None:
+    pip = FakePip()
+    spec = layer_spec(_project(tmp_path), "python3.12", "x86_64")
+    build_layer(spec, pip=pip)
+    (pins,) = pip.constraints
+    assert pins == list(spec.pins)
+    # The direct requirements and, transitively, their dependencies, the
+    # runtime-provided ones included (croniter -> python-dateutil -> six).
+    for name in ("click", "pydantic", "pydantic-core", "croniter", "python-dateutil", "six"):
+        assert f"{name}=={importlib.metadata.version(name)}" in pins
+    assert not any(name.startswith("boto3==") for name in pins)
+    assert spec.unpinned == ()  # everything fanout needs is installed here
+
+    # Another version here is another layer (the pins are in the cache key).
+    bumped = dataclasses.replace(spec, pins=tuple(p + ".1" for p in spec.pins))
+    assert bumped.key != spec.key
+    build_layer(bumped, pip=pip)
+    assert len(pip.commands) == 2
+
+    # Nothing installed here to pin against: no constraints file at all.
+    build_layer(LayerSpec(("fakedep",), "3.12"), pip=pip)
+    assert "--constraint" not in pip.commands[-1] and len(pip.constraints) == 2
+
+
+def test_what_is_not_installed_here_is_left_unpinned() -> None:
+    pins, unpinned = local_pins(
+        ["six>=1.5", "no-such-dist-for-fanout>=1", 'not-here-either; sys_platform == "win32"']
+    )
+    assert pins == (f"six=={importlib.metadata.version('six')}",)  # six depends on nothing
+    # A conditional dependency this machine lacks is another platform's business.
+    assert unpinned == ("no-such-dist-for-fanout",)
+    spec = LayerSpec(
+        ("six>=1.5", "no-such-dist-for-fanout>=1"), "3.12", pins=pins, unpinned=unpinned
+    )
+    assert "not installed here, so unpinned: no-such-dist-for-fanout" in spec.describe()
+    assert pins[0] in spec.describe()
 
 
 def test_requirements_are_pyprojects_less_what_the_runtime_has(tmp_path: Path) -> None:
@@ -151,6 +240,36 @@ def test_bad_runtime_or_architecture_is_a_user_error(tmp_path: Path) -> None:
 
 
 # -- the zip and the cache --------------------------------------------------------------------
+
+
+def test_runtime_provided_distributions_are_removed(tmp_path: Path) -> None:
+    """Found by their RECORD, whatever their directories are called: dateutil/
+    for python-dateutil, the module six.py for six; nothing else goes."""
+    target = tmp_path / "python"
+    (target / "fakedep").mkdir(parents=True)
+    (target / "fakedep" / "__init__.py").write_text("")
+    (target / "fakedep-1.2.dist-info").mkdir()
+    (target / "fakedep-1.2.dist-info" / "RECORD").write_text("fakedep/__init__.py,,\n")
+    _install_runtime_dists(target)
+    (target / "dateutil" / "__pycache__").mkdir()
+    (target / "dateutil" / "__pycache__" / "parser.cpython-312.pyc").write_bytes(b"")
+    outside = tmp_path / "bin" / "dateutil-tool"  # in RECORD as ../bin/dateutil-tool
+    outside.parent.mkdir()
+    outside.write_text("")
+
+    assert remove_runtime_provided(target) == ["python-dateutil", "six"]
+    left = sorted(p.relative_to(target).as_posix() for p in target.rglob("*"))
+    kept = ["fakedep", "fakedep-1.2.dist-info", "fakedep-1.2.dist-info/RECORD"]
+    assert left == [*kept, "fakedep/__init__.py"]
+    assert outside.is_file()
+    assert remove_runtime_provided(target) == []
+
+    # A runtime distribution whose files cannot be told: an error, not a guess.
+    (target / "urllib3-2.0.dist-info").mkdir()
+    with pytest.raises(
+        UserError, match=r"urllib3 installed: urllib3-2\.0\.dist-info has no RECORD"
+    ):
+        remove_runtime_provided(target)
 
 
 def test_layer_zip_layout(tmp_path: Path) -> None:
@@ -249,6 +368,9 @@ def test_dry_run_runs_no_pip_and_reports_the_layer(
     assert "not built yet" in result.output
     assert "--python-version 3.13" in result.output
     assert "--platform manylinux2014_aarch64" in result.output
+    assert "--constraint TMPDIR/constraints.txt" in result.output
+    assert "pinned to this environment's versions:" in result.output
+    assert f"pydantic=={importlib.metadata.version('pydantic')}" in result.output
 
     # Once built (here by the fake pip), the dry run shows the cached layer.
     build_layer(layer_spec(root, "python3.13", "arm64"), pip=FakePip())
@@ -311,7 +433,7 @@ def test_deploy_builds_uploads_and_reuses_the_layer(
     assert "layer: building" in first.output and "arm64" in first.output
     assert re.search(r"layer: .*: [\d,]+ bytes \([\d,]+ unzipped\), 1 distributions", first.output)
     assert pip.option("--python-version") == ["3.13"]
-    assert pip.option("--platform")[0] == "manylinux2014_aarch64"
+    assert pip.option("--platform")[0] == "manylinux_2_34_aarch64"
 
     s3 = boto3.client("s3")
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="code")["Contents"])
@@ -381,7 +503,8 @@ writer.add({"meter_id": "M1", "read_at": when, "kwh": 1.0, "adjusted_kwh": 1.0,
             "source": "x.csv", "line": 1})
 data = writer.finish()
 where = {}
-for name in ("fanout", "pydantic", "pydantic_core", "fastavro", "click", "boto3", "botocore"):
+for name in ("fanout", "pydantic", "pydantic_core", "fastavro", "click", "croniter",
+             "boto3", "botocore", "dateutil", "six"):
     where[name] = sys.modules[name].__file__
 print(json.dumps({"where": where, "skipped": skipped, "avro": len(data)}))
 """
@@ -413,8 +536,24 @@ def test_function_and_layer_are_self_contained(tmp_path: Path) -> None:
     if not _pypi_reachable():
         pytest.skip("PyPI (pypi.org, files.pythonhosted.org) is unreachable from here")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    spec = LayerSpec(layer_requirements(crawl=False), version, cpu, bytecode=True)
+    requirements = layer_requirements(crawl=False)
+    pins, unpinned = local_pins(requirements)
+    spec = LayerSpec(requirements, version, cpu, bytecode=True, pins=pins, unpinned=unpinned)
     layer = build_layer(spec)
+    # The runtime's distributions (python-dateutil and six come with croniter)
+    # are not in the layer, where they would shadow the runtime's own...
+    shipped = {
+        re.sub(r"[-_.]+", "-", d.split()[0]).lower(): d.split()[1] for d in distributions(layer)
+    }
+    assert RUNTIME_PROVIDED.isdisjoint(shipped), sorted(RUNTIME_PROVIDED & set(shipped))
+    with zipfile.ZipFile(layer) as archive:
+        tops = {name.split("/")[1] for name in archive.namelist()}
+    assert tops.isdisjoint({"dateutil", "six.py", "boto3", "botocore", "urllib3", "jmespath"})
+    # ...and every distribution in it is the version installed here.
+    assert shipped == {
+        p.split("==")[0]: p.split("==")[1] for p in pins if p.split("==")[0] in shipped
+    }
+    assert {"pydantic", "croniter", "fastavro"} <= shipped.keys()
     function = build_zip(REPO, tmp_path / "function.zip", python_version=version)
     zipfile.ZipFile(function).extractall(tmp_path / "task")
     zipfile.ZipFile(layer).extractall(tmp_path / "opt")
@@ -436,9 +575,9 @@ def test_function_and_layer_are_self_contained(tmp_path: Path) -> None:
     report = json.loads(done.stdout)
     where = report["where"]
     assert where["fanout"].startswith(paths[0])
-    for name in ("pydantic", "pydantic_core", "fastavro", "click"):
+    for name in ("pydantic", "pydantic_core", "fastavro", "click", "croniter"):
         assert where[name].startswith(paths[1]), (name, where[name])
-    for name in ("boto3", "botocore"):
+    for name in ("boto3", "botocore", "dateutil", "six"):
         assert where[name].startswith(paths[2]), (name, where[name])
     assert report["avro"] > 0
     assert report["skipped"], "fanout.crawl was expected (and left out)"
