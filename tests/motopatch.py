@@ -8,7 +8,8 @@
 - DynamoDB's ``TransactWriteItems`` deep-copies the whole table once per item
   of the transaction, so that it can roll back: a 100-item transaction on a
   table of a few thousand items takes seconds. Here it keeps an undo log of
-  just the items the transaction touches instead, and rolls back from that.
+  just the items the transaction writes instead, and rolls back from that,
+  under a lock that every DynamoDB write takes.
 """
 
 from __future__ import annotations
@@ -89,38 +90,50 @@ def _patch_dynamodb() -> None:
     shim = _CopyShim()
     setattr(ddb_models, "copy", shim)  # noqa: B010
     original = ddb_models.DynamoDBBackend.transact_write_items
+    # The undo log restores items as they were: no other write may land in
+    # between (the Lambda watchdog writes from a second thread), so every
+    # write takes the same lock.
+    lock = threading.RLock()
+    for name in ("put_item", "update_item", "delete_item", "batch_write_item"):
+        if hasattr(ddb_models.DynamoDBBackend, name):
+            setattr(
+                ddb_models.DynamoDBBackend,
+                name,
+                _locked(lock, getattr(ddb_models.DynamoDBBackend, name)),
+            )
 
     def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> None:
-        undo: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
-        try:
-            for item in transact_items:
-                op_type, op = next(iter(item.items()))
-                name = op.get("TableName")
-                if name not in self.tables:
-                    continue
-                table = self.tables[name]
-                if op_type == "Put":
-                    names = [table.hash_key_attr, table.range_key_attr]
-                    key = {k: op["Item"][k] for k in names if k}
-                else:
-                    key = op["Key"]
-                current = self.get_item(name, key)
-                old = copy.deepcopy(current.to_json()["Attributes"]) if current else None
-                undo.append((name, key, old))
-        except Exception:
-            return original(self, transact_items)  # odd input: moto's own way
-        shim.active.on = True
-        try:
-            return original(self, transact_items)
-        except Exception:
-            for name, key, old in reversed(undo):
-                if old is not None:
-                    self.put_item(name, old)
-                elif self.get_item(name, key) is not None:
-                    self.delete_item(name, key)
-            raise
-        finally:
-            shim.active.on = False
+        with lock:
+            undo: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+            try:
+                for item in transact_items:
+                    op_type, op = next(iter(item.items()))
+                    name = op.get("TableName")
+                    if op_type == "ConditionCheck" or name not in self.tables:
+                        continue  # writes nothing: nothing to undo
+                    table = self.tables[name]
+                    if op_type == "Put":
+                        names = [table.hash_key_attr, table.range_key_attr]
+                        key = {k: op["Item"][k] for k in names if k}
+                    else:
+                        key = op["Key"]
+                    current = self.get_item(name, key)
+                    old = copy.deepcopy(current.to_json()["Attributes"]) if current else None
+                    undo.append((name, key, old))
+            except Exception:
+                return original(self, transact_items)  # odd input: moto's own way
+            shim.active.on = True
+            try:
+                return original(self, transact_items)
+            except Exception:
+                for name, key, old in reversed(undo):
+                    if old is not None:
+                        self.put_item(name, old)
+                    elif self.get_item(name, key) is not None:
+                        self.delete_item(name, key)
+                raise
+            finally:
+                shim.active.on = False
 
     setattr(ddb_models.DynamoDBBackend, "transact_write_items", transact_write_items)  # noqa: B010
     setattr(ddb_models, "_fanout_patched", True)  # noqa: B010

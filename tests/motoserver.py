@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 
 def _free_port() -> int:
@@ -23,8 +24,15 @@ def _free_port() -> int:
 def moto_server() -> Iterator[str]:
     """Start ``moto.server`` and yield its endpoint URL; stop it on exit."""
     port = _free_port()
+    # The server gets the same patches as in-process moto (see motopatch).
+    launch = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        " from motopatch import patch_moto; patch_moto();"
+        " from moto.server import main; main(sys.argv[2:])"
+    )
+    tests = str(Path(__file__).parent)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-c", launch, tests, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

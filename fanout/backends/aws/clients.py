@@ -59,6 +59,18 @@ def client(service: str, settings: AwsSettings) -> Any:
         return found
 
 
+def _reset_after_fork() -> None:
+    # A fork taken while another thread held the lock would leave the child a
+    # lock nobody releases; the child builds its own clients anyway (pid keys).
+    global _lock
+    _lock = threading.Lock()
+    _clients.clear()
+    _sessions.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def clear_cache() -> None:
     """Forget every cached client and session (tests that change credentials or
     endpoints: a session keeps the credentials it resolved first)."""
