@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,7 @@ def add(
     spec = parse_spec(expression)
     now = now_utc()
     begin = parse_time(start, "--start") if start else now
-    first = spec.next_after(begin - timedelta(microseconds=1))
+    first = spec.first_at_or_after(begin)  # start is inclusive
     if first is None:
         raise UserError(f"schedule expression {expression!r} never fires after {iso(begin)}")
     backend_name = ctx.obj["backend_name"]
@@ -155,7 +155,7 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     now = now_utc()
     entries = _store(ctx).list()
     for entry in entries:
-        nxt = entry.spec.next_after(max(now, entry.start))
+        nxt = entry.next_fire(now)
         if as_json:
             click.echo(
                 json.dumps({**entry.model_dump(mode="json"), "next": iso(nxt) if nxt else None})
@@ -180,8 +180,6 @@ def show(ctx: click.Context, name: str, count: int, after: str | None) -> None:
     store = _store(ctx)
     entry = _get(store, name)
     since = parse_time(after, "--after") if after else now_utc()
-    # Nothing fires before the schedule's start (which is inclusive).
-    since = max(since, entry.start - timedelta(microseconds=1))
     click.echo(f"schedule {entry.name}: {entry.expression}")
     click.echo(f"  job: {entry.job}")
     click.echo(f"  params: {json.dumps(entry.params)}")
@@ -190,7 +188,9 @@ def show(ctx: click.Context, name: str, count: int, after: str | None) -> None:
     last = store.last_tick(name)
     if last is not None:
         click.echo(f"  last tick: {iso(last)}")
-    fires = entry.spec.fires(since, count)
+    # Nothing fires before the schedule's start (which is inclusive).
+    first = entry.next_fire(since)
+    fires = [first, *entry.spec.fires(first, count - 1)] if first is not None else []
     click.echo("  next: " + (", ".join(iso(t) for t in fires) if fires else "(never again)"))
 
 

@@ -47,6 +47,13 @@ class Params(BaseModel):
     scheduled_time: datetime | None = None  # set by the scheduler; default: now
     amplitude: float = Field(0.25, ge=0.0, le=1.0)  # of the daily sine
 
+    @field_validator("scheduled_time")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        # A time without a timezone is UTC (as everywhere in fanout's schedules),
+        # not the local time of whichever machine runs the chunk.
+        return _as_utc(value) if value is not None else None
+
     @field_validator("base")
     @classmethod
     def _absolute(cls, value: str) -> str:
@@ -61,9 +68,15 @@ job = Job("meter-pulse", params=Params, schema="meter_pulse")
 
 
 def slot_of(when: datetime) -> int:
-    """The start of the 5-minute slot holding ``when``, in ms since the epoch."""
-    ms = (when.astimezone(UTC) - EPOCH) // timedelta(milliseconds=1)
+    """The start of the 5-minute slot holding ``when`` (naive means UTC), in ms
+    since the epoch."""
+    ms = (_as_utc(when) - EPOCH) // timedelta(milliseconds=1)
     return ms // SLOT_MS * SLOT_MS
+
+
+def _as_utc(when: datetime) -> datetime:
+    """``when`` in UTC; a naive datetime is taken to be UTC, not local time."""
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def factor(slot_ms: int, meter_id: str, amplitude: float) -> float:

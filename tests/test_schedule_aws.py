@@ -120,12 +120,21 @@ def test_add_makes_an_eventbridge_schedule_sending_to_the_work_queue(aws: Backen
     assert body["definition"]["params"] == {"chunks": 2}
 
 
-def test_rate_starts_on_the_epoch_grid(aws: Backend) -> None:
-    ok(cli("schedule", "add", "r", "--cron", "rate(5 minutes)", "tests/testjobs/tree.py",
-           "--start", "2031-06-01T10:02:30Z"))  # fmt: skip
+@pytest.mark.parametrize(
+    ("start", "first"),
+    [
+        ("2031-06-01T10:02:30Z", "2031-06-01T10:05:00"),
+        # A start on the grid is its first tick (--start is inclusive), not one later.
+        ("2031-06-01T10:05:00Z", "2031-06-01T10:05:00"),
+    ],
+)
+def test_rate_starts_on_the_epoch_grid(aws: Backend, start: str, first: str) -> None:
+    out = ok(cli("schedule", "add", "r", "--cron", "rate(5 minutes)", "tests/testjobs/tree.py",
+                 "--start", start))  # fmt: skip
+    assert out.rstrip().endswith(f"first fire {first}Z")
     found = eventbridge().get_schedule(Name="r", GroupName=GROUP)
     assert found["ScheduleExpression"] == "rate(5 minutes)"
-    assert found["StartDate"].isoformat() == "2031-06-01T10:05:00+00:00"
+    assert found["StartDate"].isoformat() == f"{first}+00:00"
 
 
 def test_list_show_remove_through_the_same_commands(aws: Backend) -> None:

@@ -4,8 +4,11 @@ the loop, and ``fanout worker --with-scheduler``."""
 
 from __future__ import annotations
 
+import json
 import signal
+import sqlite3
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,10 +19,11 @@ from click.testing import CliRunner, Result
 
 from fanout import coordinator
 from fanout.backends import open_backend
-from fanout.backends.base import Backend, RunState
+from fanout.backends.base import Backend, NewTask, RunRecord, RunState
+from fanout.backends.local.ledger import SQLiteLedger
 from fanout.cli import main
-from fanout.schedules import open_store
-from fanout.schedules.fire import Fired, due, run_loop
+from fanout.schedules import Schedule, open_store
+from fanout.schedules.fire import Fired, due, next_wake, run_loop
 from fanout.schedules.spec import parse_spec
 from helpers import TREE, drain
 from procs import CLI, wait_for, worker
@@ -203,24 +207,107 @@ def test_a_job_that_stopped_loading_fails_its_tick(home: Path, tmp_path: Path) -
     assert result.stdout.startswith(f"stamp {START}: failed stamp-20300101T0000 (job file")
 
 
+def failing_create_run(monkeypatch: pytest.MonkeyPatch, prefix: str, error: Exception) -> list[str]:
+    """Make the ledger's ``create_run`` raise ``error`` for run ids starting with
+    ``prefix``; returns the run ids it refused."""
+    refused: list[str] = []
+    real = SQLiteLedger.create_run
+
+    def create_run(self: SQLiteLedger, run: RunRecord, root: NewTask) -> None:
+        if run.run_id.startswith(prefix):
+            refused.append(run.run_id)
+            raise error
+        real(self, run, root)
+
+    monkeypatch.setattr(SQLiteLedger, "create_run", create_run)
+    return refused
+
+
+def test_an_infrastructure_error_gives_the_tick_back(
+    home: Path, ledger: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add(home, "a", "*/5 * * * *", TREE, "-p", "chunks=1")
+    add(home, "b", "*/5 * * * *", TREE, "-p", "chunks=1")
+    refused = failing_create_run(monkeypatch, "a-", sqlite3.OperationalError("database is locked"))
+    result = cli(home, "scheduler", "--at", START)
+    # a fails (exit 1, one line, no traceback); b, after it, still fires.
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert result.stdout.splitlines() == [
+        f"a {START}: failed a-20300101T0000 (OperationalError: database is locked)",
+        f"b {START}: fired b-20300101T0000",
+    ]
+    assert refused == ["a-20300101T0000"]
+    monkeypatch.undo()
+    # The claim was released: the next pass fires the tick.
+    assert at(home, "2030-01-01T00:01:00Z") == [f"a {START}: fired a-20300101T0000"]
+    assert schedule_runs(ledger, "a") == ["a-20300101T0000"]
+
+
+def test_a_key_error_is_not_taken_for_a_tick_fired_already(
+    home: Path, ledger: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the ledger refusing this very run id means "already fired".
+    add(home, "a", "*/5 * * * *", TREE, "-p", "chunks=1")
+    failing_create_run(monkeypatch, "a-", KeyError("runs/other/_manifest.json"))
+    result = cli(home, "scheduler", "--at", START)
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert result.stdout.startswith(f"a {START}: failed a-20300101T0000 (KeyError: ")
+    monkeypatch.undo()
+    assert at(home, START) == [f"a {START}: fired a-20300101T0000"]
+    # And the real duplicate is still told apart: the run exists, the tick is claimed again.
+    store = open_store(ledger)
+    store.release_tick("a", t("2030-01-01T00:00"))
+    assert at(home, START) == [f"a {START}: already fired a-20300101T0000"]
+
+
 # -- two scheduler processes ------------------------------------------------------------
 
 
-def test_two_schedulers_racing_fire_each_tick_once(home: Path, ledger: Backend) -> None:
+#: ``fanout ARGS...`` run by ``python -c AFTER_GO DIR ARGS...``: it imports what a
+#: pass needs, says it is ready (the file DIR/ready-<pid>), then waits for DIR/go,
+#: so that two racers begin their passes together.
+AFTER_GO = """
+import os, sys, time
+from pathlib import Path
+from fanout.cli import main
+import fanout.cli_schedule, fanout.coordinator, fanout.schedules.fire, fanout.schedules.local
+where = Path(sys.argv[1])
+(where / f"ready-{os.getpid()}").touch()
+deadline = time.monotonic() + 30
+while not (where / "go").exists() and time.monotonic() < deadline:
+    time.sleep(0.001)
+main(sys.argv[2:], prog_name="fanout")
+"""
+
+
+def test_two_schedulers_racing_fire_each_tick_once(
+    home: Path, ledger: Backend, tmp_path: Path
+) -> None:
     # 90 missed ticks, caught up by two processes at once: each tick is claimed
     # by one of them, so each run is submitted by exactly one process.
     add(home, "race", "* * * * *", TREE, "--catch-up", "all", "-p", "chunks=1")
     when = "2030-01-01T01:29:00Z"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    command = [sys.executable, "-c", AFTER_GO, str(barrier), "--home", str(home)]
     procs = [
         subprocess.Popen(
-            [*CLI, "--home", str(home), "scheduler", "--at", when],
+            [*command, "scheduler", "--at", when],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for _ in range(2)
     ]
-    outputs = [p.communicate(timeout=60) for p in procs]
+    try:
+        wait_for("both schedulers to be ready", lambda: len(list(barrier.iterdir())) == 2, 30)
+        (barrier / "go").touch()
+        outputs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     assert [p.returncode for p in procs] == [0, 0], outputs
     fired = [
         {line.split()[-1] for line in out.splitlines() if ": fired " in line} for out, _ in outputs
@@ -230,6 +317,11 @@ def test_two_schedulers_racing_fire_each_tick_once(home: Path, ledger: Backend) 
     assert len(expected) == 90
     assert fired[0] | fired[1] == expected
     assert fired[0] & fired[1] == set()
+    # They did race: each one evaluated the ticks (fired some, or lost claims to
+    # the other); one that ran after the other had finished would report none.
+    for out, _ in outputs:
+        lines = out.splitlines()
+        assert any(": fired " in line or ": claimed elsewhere " in line for line in lines)
     # The claim settles each tick before any submit: a loser never even tries
     # (the ledger's refusal of a second run with the same id is the second guard).
     assert all("already fired" not in out for out, _ in outputs)
@@ -271,6 +363,30 @@ def test_loop_fires_due_ticks_and_stops(ledger: Backend) -> None:
         thread.join(timeout=5)
     # catch-up none: the 00:00 tick was 5 minutes late at 00:05:01, so only 00:05 fired.
     assert [(r.run_id, r.outcome) for r in reported] == [("loop-20300101T0005", "fired")]
+
+
+def test_the_loop_wakes_at_a_tick_exactly_at_the_start(ledger: Backend) -> None:
+    store = open_store(ledger)
+    start = t("2030-01-01T00:00")
+    for name, expression in (("rate", "rate(5 minutes)"), ("cron", "*/5 * * * *")):
+        store.add(Schedule(name=name, expression=expression, job=TREE, start=start,
+                           created_at=start))  # fmt: skip
+    assert next_wake(store, t("2029-12-31T23:59:30")) == start  # not 00:05
+    assert next_wake(store, start) == t("2030-01-01T00:05")  # strictly after now
+
+
+def test_a_store_creates_its_tables_once(ledger: Backend) -> None:
+    # A fire message opens a store each: no DDL for each one.
+    open_store(ledger).close()
+    statements: list[str] = []
+    ledger.ledger.db.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    try:
+        for _ in range(3):
+            open_store(ledger).close()
+    finally:
+        ledger.ledger.db.conn.set_trace_callback(None)  # type: ignore[attr-defined]
+    assert [s for s in statements if "CREATE" in s.upper()] == []
+    assert [s.name for s in open_store(ledger).list()] == []  # the tables are there
 
 
 def test_scheduler_process_stops_cleanly_on_sigint(home: Path, tmp_path: Path) -> None:
@@ -332,6 +448,11 @@ def test_list_show_remove(home: Path) -> None:
     listed = ok(cli(home, "schedule", "list")).splitlines()
     assert [line.split()[0] for line in listed] == ["a", "b"]
     assert "rate(5 minutes)" in listed[1] and "overlap skip" in listed[1]
+    # --start is inclusive: b's first tick is the one at its start, as add said.
+    assert listed[1].endswith(f"next {START}")
+    assert listed[0].endswith("next 2030-01-25T12:00:00Z")
+    as_json = ok(cli(home, "schedule", "list", "--json")).splitlines()
+    assert [json.loads(line)["next"] for line in as_json] == ["2030-01-25T12:00:00Z", START]
     shown = ok(cli(home, "schedule", "show", "a", "--after", "2030-01-01T00:00Z"))
     assert "schedule a: cron(0 12 ? * 6L *)" in shown
     assert (

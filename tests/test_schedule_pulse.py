@@ -4,6 +4,7 @@ slot, idempotent per slot when scheduled."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -149,3 +150,29 @@ def test_a_failed_base_run_is_refused(backend: Backend, tmp_path: Path) -> None:
     assert drain(backend, run_id).state == RunState.FAILED
     (dead,) = backend.ledger.list_tasks(run_id)
     assert "did not succeed (failed)" in (dead.error or "")
+
+
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time is New York's (restored after the test)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        # The test means something only if local time is not UTC here.
+        assert datetime(2030, 1, 1).astimezone(UTC).hour == 5
+        yield
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_naive_scheduled_time_is_utc(
+    backend: Backend, base: tuple[str, int], new_york: None
+) -> None:
+    manifest, rows = base
+    params = {"base": manifest, "scheduled_time": "2030-01-01T00:05:00"}  # no timezone
+    run_id = coordinator.submit(backend, PULSE, params).run_id
+    run = drain(backend, run_id)
+    assert run.state == RunState.SUCCEEDED and run.records == rows
+    assert {r["slot"] for r in records(backend, run_id)} == {SLOT}  # not 05:05 UTC
+    assert run.params["scheduled_time"] == "2030-01-01T00:05:00Z"

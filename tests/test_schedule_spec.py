@@ -96,8 +96,16 @@ def test_cron_and_rate_agree_on_a_five_minute_grid() -> None:
         ("*/5 * * *", "has 4 fields"),
         ("0 0 * * * 2030", "has 6 fields"),  # a year needs AWS's cron(...)
         ("0 0 31 2 *", "never fires"),
-        ("H * * * *", "not cron"),
-        ("R * * * *", "not cron"),
+        ("H * * * *", "minute 'H': H (hashed) and R (random) values are not cron"),
+        ("R * * * *", "minute 'R': H (hashed) and R (random) values are not cron"),
+        # Not only first in the expression: croniter would draw a new value each parse.
+        ("0 R * * *", "hour 'R': H (hashed) and R (random) values are not cron"),
+        ("0 0 R * *", "day-of-month 'R': H (hashed)"),
+        ("0 0 * * R", "day-of-week 'R': H (hashed)"),
+        ("0 0 * * 1,R", "day-of-week '1,R': H (hashed)"),
+        ("0 H * * *", "hour 'H': H (hashed)"),
+        ("cron(0 R ? * MON *)", "hour 'R': H (hashed)"),
+        ("cron(R 0 1 * ? *)", "minute 'R': H (hashed)"),
         ("every five minutes", "has 3 fields"),
         ("cron(0 12 * * MON *)", "exactly one of day-of-month and day-of-week must be ?"),
         ("cron(0 12 ? * ? *)", "exactly one"),
@@ -142,14 +150,40 @@ def test_bad_expressions_say_what_is_wrong(expression: str, needle: str) -> None
         ("rate(5 minutes)", "rate(5 minutes)"),
     ],
 )
-def test_eventbridge_form_fires_at_the_same_times(expression: str, aws: str) -> None:
-    spec = parse_spec(expression)
-    assert spec.aws_expression() == aws
-    # The translation means the same schedule: compare a year of fire times.
-    start = t("2026-01-01T00:00")
-    assert parse_spec(aws).fires(start, 300) == spec.fires(start, 300)
+def test_eventbridge_form(expression: str, aws: str) -> None:
+    # The expected strings are written by hand from AWS's documentation
+    # (day-of-week 1-7 is SUN-SAT, ? in one day field, a year field).
+    assert parse_spec(expression).aws_expression() == aws
 
 
 def test_cron_either_day_rule_has_no_eventbridge_form() -> None:
     with pytest.raises(ScheduleSpecError, match="both day-of-month and day-of-week"):
         parse_spec("0 6 1 * 1").aws_expression()
+
+
+def test_parsing_is_cached_by_the_text() -> None:
+    from fanout.schedules import Schedule
+
+    parse_spec.cache_clear()
+    first = parse_spec("*/7 * * * *")
+    assert parse_spec("*/7 * * * *") is first
+    assert parse_spec.cache_info().hits == 1
+    when = t("2030-01-01T00:00")
+    schedule = Schedule(name="s", expression="*/7 * * * *", job="j.py", start=when, created_at=when)
+    assert schedule.spec is schedule.spec is first  # not parsed again on each access
+
+
+@pytest.mark.parametrize(
+    ("expression", "when", "expected"),
+    [
+        ("rate(5 minutes)", "2030-01-01T00:00:00", "2030-01-01T00:00"),  # on a tick: it
+        ("rate(5 minutes)", "2030-01-01T00:00:01", "2030-01-01T00:05"),
+        ("*/5 * * * *", "2030-01-01T00:05:00", "2030-01-01T00:05"),
+        ("*/5 * * * *", "2030-01-01T00:04:59.999999", "2030-01-01T00:05"),
+        ("*/5 * * * *", "2030-01-01T00:05:00.000001", "2030-01-01T00:10"),
+        ("cron(0 0 1 1 ? 2030)", "2030-01-01T00:00:00", "2030-01-01T00:00"),
+    ],
+)
+def test_first_tick_at_or_after(expression: str, when: str, expected: str) -> None:
+    first = parse_spec(expression).first_at_or_after(t(when))
+    assert first is not None and f"{first:%Y-%m-%dT%H:%M}" == expected

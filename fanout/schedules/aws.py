@@ -113,9 +113,10 @@ class EventBridgeScheduleStore:
             "Target": {"Arn": self._queue_arn(), "RoleArn": role, "Input": body},
         }
         # EventBridge counts a rate from its StartDate: the first epoch-aligned tick
-        # keeps it on the grid the local scheduler uses. A start in the past is
-        # left out (EventBridge refuses one more than 5 minutes ago).
-        first = spec.next_after(schedule.start) if spec.interval else schedule.start
+        # at or after the (inclusive) start keeps it on the grid the local
+        # scheduler uses. A start in the past is left out (EventBridge refuses one
+        # more than 5 minutes ago).
+        first = schedule.next_fire() if spec.interval else schedule.start
         if first is not None and first > datetime.now(UTC):
             kwargs["StartDate"] = first
         self._ensure_group()
@@ -187,6 +188,12 @@ class EventBridgeScheduleStore:
                 return False
             raise
         return True
+
+    def release_tick(self, name: str, tick: datetime) -> None:
+        """Delete the tick's item, so a later pass claims and fires it again."""
+        self.dynamodb.delete_item(
+            TableName=self.table, Key={"pk": {"S": _pk(name)}, "sk": {"S": _sk(tick)}}
+        )
 
     def last_tick(self, name: str, at_or_before: datetime | None = None) -> datetime | None:
         """The latest claimed tick (at or before ``at_or_before``), or None."""

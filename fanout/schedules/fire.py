@@ -13,6 +13,11 @@ Catch-up, when the scheduler was not running at a tick's time (``due``):
 
 Overlap ``skip``: a tick does not start a run while another run of the same
 schedule is still running (the tick is claimed and dropped, not postponed).
+
+A tick is claimed before its run is submitted. Should the submit fail for a
+reason other than the job itself (the database busy, an AWS error), the claim
+is released so a later pass fires the tick, and the pass goes on with the
+other schedules.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from fanout.schedules.model import (
     run_id_for,
     run_id_pattern,
 )
-from fanout.schedules.spec import Spec, as_utc, floor_minute
+from fanout.schedules.spec import Spec, as_utc, floor_minute, just_before
 
 log = logging.getLogger("fanout.scheduler")
 
@@ -91,8 +96,8 @@ def due_for(store: ScheduleStore, schedule: Schedule, now: datetime) -> list[dat
     from its start). Claims after ``now`` (an ``--at`` in the future) do not count:
     their ticks are claimed already when their time comes."""
     last = store.last_tick(schedule.name, now)
-    # start is inclusive: a tick exactly at start fires.
-    after = last if last is not None else schedule.start - timedelta(microseconds=1)
+    # start is inclusive: a tick exactly at start fires (as Schedule.next_fire says).
+    after = last if last is not None else just_before(schedule.start)
     return due(schedule.spec, after, now, schedule.catch_up)
 
 
@@ -134,7 +139,9 @@ def fire(backend: Backend, schedule: Schedule, tick: datetime) -> Fired:
             return Fired(schedule.name, tick, run_id, "skipped", f"{going[0]} is still going")
     try:
         coordinator.submit(backend, schedule.job, scheduled_params(schedule, tick), run_id=run_id)
-    except KeyError:
+    except KeyError as exc:
+        if not _is_duplicate_run(backend, exc, run_id):
+            raise  # a bug or a missing object, not this tick's run existing already
         return Fired(schedule.name, tick, run_id, "already fired")
     except UserError as exc:
         # The job file moved, or its params no longer validate: say so and go on
@@ -143,27 +150,62 @@ def fire(backend: Backend, schedule: Schedule, tick: datetime) -> Fired:
     return Fired(schedule.name, tick, run_id, "fired")
 
 
-def fire_due(
-    backend: Backend, store: ScheduleStore, now: datetime, names: list[str] | None = None
-) -> list[Fired]:
-    """Fire every tick due at ``now`` (of the schedules ``names``, default all).
-    A tick another process claimed first is reported, not fired."""
+def _is_duplicate_run(backend: Backend, exc: KeyError, run_id: str) -> bool:
+    """Whether ``exc`` is the ledger refusing a second run ``run_id``: ``create_run``
+    signals that with ``KeyError(run_id)`` (there is no narrower type), and the run
+    must then exist."""
+    return exc.args == (run_id,) and backend.ledger.get_run(run_id) is not None
+
+
+def fire_due(backend: Backend, store: ScheduleStore, now: datetime) -> list[Fired]:
+    """Fire every tick due at ``now``. A tick another process claimed first is
+    reported, not fired. An error (the database busy, an AWS error) fails that
+    schedule's tick, reported as ``failed``, and the pass goes on with the other
+    schedules."""
     results = []
     for schedule in store.list():
-        if names is not None and schedule.name not in names:
-            continue
+        results.extend(_fire_schedule(backend, store, schedule, now))
+    return results
+
+
+def _fire_schedule(
+    backend: Backend, store: ScheduleStore, schedule: Schedule, now: datetime
+) -> list[Fired]:
+    results: list[Fired] = []
+    tick: datetime | None = None
+    claimed = False
+    try:
         for tick in due_for(store, schedule, now):
-            if not store.claim_tick(schedule.name, tick):
+            claimed = store.claim_tick(schedule.name, tick)
+            if not claimed:
                 run_id = run_id_for(schedule.name, tick)
                 results.append(Fired(schedule.name, tick, run_id, "claimed elsewhere"))
                 continue
             results.append(fire(backend, schedule, tick))
+            claimed = False  # settled: fired, skipped or failed for good
+    except Exception as exc:
+        log.exception("schedule %s: pass failed", schedule.name)
+        if tick is None:  # due_for itself failed
+            tick = now
+        if claimed:
+            # Not submitted: give the tick back, so the next pass fires it (the
+            # run id is deterministic, so should it have been created after all,
+            # that pass finds it "already fired"). This schedule's later ticks
+            # wait for it, so that catch-up all keeps their order.
+            try:
+                store.release_tick(schedule.name, tick)
+            except Exception:
+                log.exception("schedule %s: could not release tick %s", schedule.name, iso(tick))
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        detail = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        run_id = run_id_for(schedule.name, tick)
+        results.append(Fired(schedule.name, tick, run_id, "failed", detail))
     return results
 
 
 def next_wake(store: ScheduleStore, now: datetime) -> datetime | None:
-    """The earliest tick after ``now`` of any schedule."""
-    upcoming = [s.spec.next_after(max(now, s.start)) for s in store.list()]
+    """The earliest tick after ``now`` of any schedule (not before its start)."""
+    upcoming = [s.next_fire(now) for s in store.list()]
     found = [t for t in upcoming if t is not None]
     return min(found) if found else None
 
@@ -195,31 +237,51 @@ def _log(result: Fired) -> None:
     log.log(level, "%s", result)
 
 
-def start_thread(backend_name: str, home: Path) -> Callable[[], None]:
-    """Run the scheduler loop in a daemon thread (``fanout worker --with-scheduler``);
-    returns the function that stops it. The thread opens its own backend."""
+def start_process(backend_name: str, home: Path) -> Callable[[], None]:
+    """Run the scheduler loop in a child process (``fanout worker
+    --with-scheduler``); returns the function that stops it.
+
+    A process, not a thread of the supervisor: the supervisor forks worker
+    children at any time (at start, and to replace one that died), and a fork
+    taken while a scheduler thread held a lock (SQLite's, the database's write
+    lock) would leave the new child a lock that nobody ever releases."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    stop = ctx.Event()
+    proc = ctx.Process(
+        target=_process_main, args=(backend_name, home, stop), name="fanout-scheduler", daemon=True
+    )
+    proc.start()
+
+    def stop_process() -> None:
+        stop.set()
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+    return stop_process
+
+
+def _process_main(backend_name: str, home: Path, stop: Any) -> None:
+    import signal
+
     from fanout.backends import open_backend
     from fanout.schedules import open_store
+    from fanout.worker import die_with_parent
 
-    stop = threading.Event()
-
-    def main() -> None:
-        backend = open_backend(backend_name, home=home)
-        store = open_store(backend)
-        try:
-            run_loop(backend, store, stop)
-        finally:
-            store.close()
-            backend.close()
-
-    thread = threading.Thread(target=main, name="fanout-scheduler", daemon=True)
-    thread.start()
-
-    def stop_thread() -> None:
-        stop.set()
-        thread.join(timeout=10)
-
-    return stop_thread
+    die_with_parent()
+    # Ctrl-C reaches the whole process group; the supervisor stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    backend = open_backend(backend_name, home=home)
+    store = open_store(backend)
+    try:
+        run_loop(backend, store, stop)
+    finally:
+        store.close()
+        backend.close()
 
 
 # -- EventBridge's fire messages, received by the runner ----------------------------

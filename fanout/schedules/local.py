@@ -10,6 +10,8 @@ fires it.
 from __future__ import annotations
 
 import sqlite3
+import threading
+import weakref
 from datetime import UTC, datetime, timedelta
 
 from fanout.backends.local.db import Database
@@ -17,18 +19,20 @@ from fanout.errors import UserError
 from fanout.schedules.model import Schedule
 from fanout.schedules.spec import as_utc
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS schedules (
+#: One statement each: they run inside a write transaction (``executescript``
+#: would commit whatever transaction is open on the connection first).
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS schedules (
     name TEXT PRIMARY KEY,
     definition TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS schedule_ticks (
+)""",
+    """CREATE TABLE IF NOT EXISTS schedule_ticks (
     name TEXT NOT NULL,
     tick INTEGER NOT NULL,
     claimed_at REAL NOT NULL,
     PRIMARY KEY (name, tick)
-);
-"""
+)""",
+)
 
 #: Claimed ticks older than this are forgotten (all but the latest one): a claim
 #: only has to outlive the processes racing for the same tick.
@@ -39,12 +43,31 @@ def _seconds(when: datetime) -> int:
     return int(as_utc(when).timestamp())
 
 
+#: The databases (of this process) whose schedule tables exist: the DDL runs once
+#: per database, not per store (a fire message opens a store each).
+_READY: weakref.WeakSet[Database] = weakref.WeakSet()
+_READY_LOCK = threading.Lock()
+
+
+def _create_tables(db: Database) -> None:
+    with _READY_LOCK:
+        if db in _READY:
+            return
+        # Under the database's write lock, as one transaction: the memory
+        # backend's connection is shared by all threads, and DDL outside the
+        # lock would land in (or commit) another thread's transaction.
+        with db.write() as conn:
+            for statement in SCHEMA:
+                conn.execute(statement)
+        _READY.add(db)
+
+
 class SQLiteScheduleStore:
     """A :class:`~fanout.schedules.model.ScheduleStore` on the backend's database."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.db.executescript(SCHEMA)
+        _create_tables(db)
 
     def add(self, schedule: Schedule) -> None:
         """Create the schedule; :class:`UserError` if the name is taken."""
@@ -90,15 +113,24 @@ class SQLiteScheduleStore:
                 (name, seconds, datetime.now(UTC).timestamp()),
             ).rowcount
             if claimed:
-                # Old claims go, but never the latest one up to now: it is where
-                # the next pass counts missed ticks from.
+                # Old claims go, but never the latest one up to now, nor the one
+                # before this tick: the next pass counts missed ticks from there,
+                # also when this claim is released (its submit failed).
                 now = int(datetime.now(UTC).timestamp())
                 conn.execute(
                     "DELETE FROM schedule_ticks WHERE name = ? AND tick < ? AND tick <"
-                    " (SELECT MAX(tick) FROM schedule_ticks WHERE name = ? AND tick <= ?)",
-                    (name, now - int(KEEP_TICKS.total_seconds()), name, now),
+                    " (SELECT MAX(tick) FROM schedule_ticks WHERE name = ? AND tick <= ?"
+                    " AND tick < ?)",
+                    (name, now - int(KEEP_TICKS.total_seconds()), name, now, seconds),
                 )
         return bool(claimed)
+
+    def release_tick(self, name: str, tick: datetime) -> None:
+        """Forget the claim of ``tick``, so a later pass fires it again."""
+        with self.db.write() as conn:
+            conn.execute(
+                "DELETE FROM schedule_ticks WHERE name = ? AND tick = ?", (name, _seconds(tick))
+            )
 
     def last_tick(self, name: str, at_or_before: datetime | None = None) -> datetime | None:
         """The latest claimed tick (at or before ``at_or_before``), or None."""

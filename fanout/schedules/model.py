@@ -52,8 +52,17 @@ class Schedule(BaseModel):
 
     @property
     def spec(self) -> Spec:
-        """The parsed expression."""
+        """The parsed expression (parse_spec caches it by the text)."""
         return parse_spec(self.expression)
+
+    def next_fire(self, after: datetime | None = None) -> datetime | None:
+        """The first tick not before ``start`` (inclusive: a tick exactly at start
+        fires) and, when ``after`` is given, strictly after ``after``; None if
+        there is none. What ``schedule add|list``, the loop's wake-up and
+        EventBridge's ``StartDate`` all count from."""
+        if after is None or as_utc(after) < self.start:
+            return self.spec.first_at_or_after(self.start)
+        return self.spec.next_after(after)
 
 
 class ScheduleStore(Protocol):
@@ -77,6 +86,10 @@ class ScheduleStore(Protocol):
 
     def claim_tick(self, name: str, tick: datetime) -> bool:
         """Claim ``tick`` of schedule ``name``: True for exactly one caller."""
+
+    def release_tick(self, name: str, tick: datetime) -> None:
+        """Forget the claim of ``tick`` (its run could not be submitted), so a
+        later pass claims and fires it again; nothing if it was not claimed."""
 
     def last_tick(self, name: str, at_or_before: datetime | None = None) -> datetime | None:
         """The latest tick claimed for the schedule (at or before ``at_or_before``,

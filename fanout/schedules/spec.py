@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from itertools import islice
 from typing import Literal
 
@@ -50,7 +51,8 @@ _ALIASES = {
 _RATE = re.compile(r"^rate\(\s*(\d+)\s+(minute|minutes|hour|hours|day|days)\s*\)$")
 _UNIT_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 _AWS_CRON = re.compile(r"^cron\((.*)\)$")
-# croniter's extensions that are not cron: H (hashed) and R (random) values.
+# croniter's extensions that are not cron: H (hashed) and R (random) values,
+# searched for in one field at a time (an R after a space is still one).
 _NOT_CRON = re.compile(r"(^|[,\-/])[HhRr](?![A-Za-z])")
 
 
@@ -83,6 +85,11 @@ class Spec:
         except CroniterError:  # no such date any more (a past year)
             return None
         return found
+
+    def first_at_or_after(self, when: datetime) -> datetime | None:
+        """The first tick at or after ``when`` (a tick exactly at ``when`` counts);
+        None if there is none. What an inclusive start (``--start``) means."""
+        return self.next_after(just_before(when))
 
     def latest_at_or_before(self, when: datetime) -> datetime | None:
         """The last tick at or before ``when``; None if there is none."""
@@ -148,13 +155,24 @@ def as_utc(when: datetime) -> datetime:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
+def just_before(when: datetime) -> datetime:
+    """The exclusive bound that makes ``when`` inclusive: "strictly after
+    ``just_before(t)``" is "at or after ``t``" for ticks (whole seconds or minutes)."""
+    return as_utc(when) - timedelta(microseconds=1)
+
+
 def floor_minute(when: datetime) -> datetime:
     """``when`` (UTC) with seconds and microseconds dropped."""
     return as_utc(when).replace(second=0, microsecond=0)
 
 
+@lru_cache(maxsize=512)
 def parse_spec(text: str) -> Spec:
-    """Parse a schedule expression; :class:`ScheduleSpecError` says what is wrong."""
+    """Parse a schedule expression; :class:`ScheduleSpecError` says what is wrong.
+
+    Cached by the text: a :class:`Spec` is immutable, and parsing runs croniter
+    (a ``get_next`` to prove the expression fires), which every access of
+    ``Schedule.spec`` would otherwise repeat."""
     given = text
     text = " ".join(text.split())
     if not text:
@@ -217,8 +235,10 @@ def _parse_aws_cron(text: str) -> Spec:
 
 
 def _check_croniter(text: str, cron: str) -> None:
-    if _NOT_CRON.search(cron):
-        raise _bad(text, "H (hashed) and R (random) values are not cron")
+    for name, value in zip(_FIELDS, cron.split(), strict=False):
+        if _NOT_CRON.search(value):
+            # croniter would pick a new random (or hashed) value at every parse.
+            raise _bad(text, f"{name} {value!r}: H (hashed) and R (random) values are not cron")
     try:
         iterator = _croniter(cron, EPOCH)
     except (CroniterError, ValueError, KeyError, IndexError, TypeError) as exc:

@@ -133,3 +133,28 @@ def test_removing_forgets_claims(store: ScheduleStore) -> None:
     store.add(make())
     assert store.last_tick("pulse") is None
     assert store.claim_tick("pulse", NOW) is True
+
+
+def test_a_released_tick_is_claimed_again(store: ScheduleStore) -> None:
+    store.add(make())
+    first, second = NOW + timedelta(minutes=5), NOW + timedelta(minutes=10)
+    assert store.claim_tick("pulse", first) is True
+    assert store.claim_tick("pulse", second) is True
+    store.release_tick("pulse", second)  # its submit failed
+    assert store.last_tick("pulse") == first  # the next pass counts from here
+    assert store.claim_tick("pulse", second) is True
+    assert store.claim_tick("pulse", second) is False
+    store.release_tick("pulse", NOW)  # never claimed: nothing happens
+    assert store.last_tick("pulse") == second
+
+
+def test_releasing_the_latest_claim_keeps_the_one_before(store: ScheduleStore) -> None:
+    # Old claims may be forgotten, but not the one a released claim falls back
+    # to: the next pass counts missed ticks from it.
+    store.add(make(expression="@monthly"))
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    old, latest = now - timedelta(days=40), now - timedelta(minutes=1)
+    assert store.claim_tick("pulse", old) is True
+    assert store.claim_tick("pulse", latest) is True
+    store.release_tick("pulse", latest)
+    assert store.last_tick("pulse") == old
