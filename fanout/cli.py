@@ -294,10 +294,10 @@ def worker(
     click.echo(f"fanout worker: {workers} processes on {obj['home']}", err=True)
     stop_scheduler = None
     if with_scheduler:
-        from fanout.schedules.fire import start_thread
+        from fanout.schedules.fire import start_process
 
-        # A thread of the supervisor: it only submits runs, the children work them.
-        stop_scheduler = start_thread(obj["backend_name"], obj["home"])
+        # A process beside the workers: it only submits runs, they work them.
+        stop_scheduler = start_process(obj["backend_name"], obj["home"])
     try:
         pool.run(until_idle=until_idle)
     finally:

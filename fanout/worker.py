@@ -105,7 +105,7 @@ class _Slot:
         return Attempt.from_json(self.attempt.value.decode())
 
 
-def _set_parent_death_signal() -> None:
+def die_with_parent() -> None:
     """Linux: die with the supervisor (``kill -9`` of the supervisor must not
     leave children working unsupervised)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -114,7 +114,7 @@ def _set_parent_death_signal() -> None:
 
 
 def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> None:
-    _set_parent_death_signal()
+    die_with_parent()
     # Ctrl-C reaches the whole process group; the supervisor decides for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
