@@ -29,6 +29,7 @@ from typing import Any
 import fanout
 from fanout.backends.aws.clients import error_code
 from fanout.backends.aws.resources import make_private_bucket
+from fanout.backends.aws.store import MISSING_CODES
 from fanout.deploy_layer import (
     FUNCTION_MOUNT,
     MAX_UNZIPPED_BYTES,
@@ -375,7 +376,7 @@ def _exists(s3: Any, bucket: str, key: str) -> bool:
     try:
         s3.head_object(Bucket=bucket, Key=key)
     except Exception as exc:
-        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+        if error_code(exc) in MISSING_CODES:
             return False
         raise
     return True

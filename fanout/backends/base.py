@@ -91,6 +91,12 @@ class Failure:
     duration: float | None = None  # seconds the attempt ran, when known (its history keeps it)
 
 
+def took_field(duration: float | None) -> dict[str, float]:
+    """An attempt's run time as a ledger history event keeps it (``duration_s``,
+    read by ``fanout logs`` and ``fanout cost``); nothing when unknown."""
+    return {} if duration is None else {"duration_s": round(duration, 3)}
+
+
 @dataclass(slots=True)
 class TaskRecord:
     """A task as the ledger keeps it."""

@@ -72,6 +72,7 @@ from fanout.backends.base import (
     TaskKey,
     TaskRecord,
     TaskState,
+    took_field,
 )
 
 __all__ = ["DynamoLedger", "create_table"]
@@ -388,7 +389,7 @@ class DynamoLedger(Registrar):
             e.set("bytes", output.bytes if output else 0)
             records = output.records if output else 0
             attempt = task.attempt - task.attempt_floor
-            took = {} if duration is None else {"duration_s": round(duration, 3)}
+            took = took_field(duration)
             e.append("history", _event(outcome, now, attempt, records=records, **took))
             e.where(_is_token(e, token))
             run = self._run_counters(
@@ -668,7 +669,7 @@ class DynamoLedger(Registrar):
 
 def _failed(failure: Failure, now: float, attempt: int) -> dict[str, object]:
     """The history event of a failed attempt, with its run time when known."""
-    took = {} if failure.duration is None else {"duration_s": round(failure.duration, 3)}
+    took = took_field(failure.duration)
     return _event(failure.kind, now, attempt, error=failure.error, **took)
 
 

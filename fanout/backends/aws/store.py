@@ -24,7 +24,8 @@ SINGLE_PUT_BYTES = 16 * 1024 * 1024
 #: The part size of a conditional multipart upload (S3's minimum is 5 MiB).
 PART_BYTES = 16 * 1024 * 1024
 
-_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+#: Error codes S3 answers for a key that does not exist.
+MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 #: A concurrent conditional write is in progress: S3 asks to retry.
 _CONFLICT_CODES = frozenset({"ConditionalRequestConflict", "409", "OperationAborted"})
 CONFLICT_ATTEMPTS = 5
@@ -135,7 +136,7 @@ class S3Store:
         try:
             response = self.s3.get_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
-            if error_code(exc) in _MISSING_CODES:
+            if error_code(exc) in MISSING_CODES:
                 raise KeyError(key) from None
             raise
         # botocore's StreamingBody is an io.IOBase: read(n), close(), a context manager.
@@ -147,7 +148,7 @@ class S3Store:
         try:
             self.s3.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
-            if error_code(exc) in _MISSING_CODES:
+            if error_code(exc) in MISSING_CODES:
                 return False
             raise
         return True

@@ -27,6 +27,7 @@ from fanout.backends.base import (
     TaskKey,
     TaskRecord,
     TaskState,
+    took_field,
 )
 from fanout.backends.local.db import Database
 
@@ -108,11 +109,6 @@ class _OverLimit(Exception):
 
 def _event(outcome: str, now: float, **extra: object) -> str:
     return json.dumps({"outcome": outcome, "at": round(now, 3), **extra})
-
-
-def _took(duration: float | None) -> dict[str, float]:
-    """The attempt's run time for its history event (``fanout logs``, ``fanout cost``)."""
-    return {} if duration is None else {"duration_s": round(duration, 3)}
 
 
 def _chunk_sort_key(task: TaskRecord) -> tuple[tuple[int, ...], int]:
@@ -393,7 +389,10 @@ class SQLiteLedger:
                     output.bytes if output else 0,
                     now,
                     _event(
-                        outcome, now, records=output.records if output else 0, **_took(duration)
+                        outcome,
+                        now,
+                        records=output.records if output else 0,
+                        **took_field(duration),
                     ),
                     *_key(key),
                     token,
@@ -451,7 +450,7 @@ class SQLiteLedger:
                     failure.error,
                     failure.traceback,
                     now,
-                    _event(failure.kind, now, error=failure.error, **_took(failure.duration)),
+                    _event(failure.kind, now, error=failure.error, **took_field(failure.duration)),
                     *_key(key),
                     token,
                 ),
@@ -490,7 +489,7 @@ class SQLiteLedger:
             conn.execute(
                 f"UPDATE tasks SET {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
                 (
-                    _event(failure.kind, now, error=failure.error, **_took(failure.duration)),
+                    _event(failure.kind, now, error=failure.error, **took_field(failure.duration)),
                     *_key(key),
                 ),
             )
