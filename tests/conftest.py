@@ -46,3 +46,26 @@ def ledger(home: Path) -> Iterator[Backend]:
     backend = open_backend("local", home=home)
     yield backend
     backend.close()
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    """The AWS backend on moto in this process (stage ``test``), with a cold
+    Lambda container: ``fanout.aws_lambda`` builds its runner anew."""
+    from moto import mock_aws
+
+    import fanout.aws_lambda as lambda_mod
+    from fanout.backends.aws import AwsSettings
+    from fanout.backends.aws.clients import clear_cache
+    from fanout.backends.aws.resources import create_resources
+    from helpers import fake_aws
+
+    fake_aws(monkeypatch, FANOUT_STAGE="test")
+    monkeypatch.setattr(lambda_mod, "_warm", None)
+    clear_cache()
+    with mock_aws():
+        create_resources(AwsSettings.from_env())
+        backend = open_backend("aws")
+        yield backend
+        backend.close()
+    clear_cache()

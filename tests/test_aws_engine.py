@@ -4,28 +4,14 @@ process): the same job module as on the local backend, the same output."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
-from moto import mock_aws
 
 from fanout import coordinator
-from fanout.backends import open_backend
-from fanout.backends.aws import AwsSettings
-from fanout.backends.aws.resources import create_resources
 from fanout.backends.base import Backend, RunState, TaskState
-from helpers import TREE, drain, fake_aws
+from helpers import TREE, drain
+from lambda_source import EventSource
 from testjobs.tree import Params, expected_items
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
-    fake_aws(monkeypatch, FANOUT_STAGE="test")
-    with mock_aws():
-        create_resources(AwsSettings.from_env())
-        backend = open_backend("aws")
-        yield backend
-        backend.close()
 
 
 def test_tree_job_runs_exactly_once_on_aws(aws: Backend) -> None:
@@ -54,52 +40,19 @@ def test_dead_letter_and_replay_on_aws(aws: Backend, tmp_path: object) -> None:
     assert dead.chunk_id == "0/1" and "flaky chunk 1" in (dead.error or "")
 
 
-class _Context:
-    """The part of Lambda's context object the handler uses."""
-
-    def __init__(self, remaining_ms: int) -> None:
-        self.remaining_ms = remaining_ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
-
-
 def _event_source_poll(aws: Backend, remaining_ms: int = 60_000) -> tuple[int, int]:
-    """One poll of the SQS event source: receive a batch, invoke the handler,
-    delete what it did not report as failed. Returns (records, failures)."""
-    import fanout.aws_lambda as lambda_mod
-
-    sqs = aws.queue.sqs  # type: ignore[attr-defined]
-    url = aws.queue.url  # type: ignore[attr-defined]
-    messages = sqs.receive_message(
-        QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=30, AttributeNames=["All"]
-    ).get("Messages", [])
-    event = {
-        "Records": [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m["Attributes"],
-                "eventSource": "aws:sqs",
-            }
-            for m in messages
-        ]
-    }
-    response = lambda_mod.handler(event, _Context(remaining_ms))
-    failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
-    for m in messages:
-        if m["MessageId"] not in failed:
-            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    """One poll of the SQS event source (see ``lambda_source``): receive a batch,
+    invoke the handler, delete what it did not report. Returns (records, failures)."""
+    queue = aws.queue
+    source = EventSource(queue.sqs, queue.url, timeout_ms=remaining_ms, visibility=30)  # type: ignore[attr-defined]
+    messages = source.receive()
+    failed = source.invoke(messages) if messages else set()
     return len(messages), len(failed)
 
 
 @pytest.fixture
-def lambda_env(aws: Backend, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    import fanout.aws_lambda as lambda_mod
-
-    monkeypatch.setattr(lambda_mod, "_warm", None)  # a cold container per test
-    return aws
+def lambda_env(aws: Backend) -> Backend:
+    return aws  # a cold container per test (see conftest.aws)
 
 
 def test_lambda_handler_driven_like_the_sqs_event_source(lambda_env: Backend) -> None:

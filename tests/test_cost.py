@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from moto import mock_aws
 
 from fanout import coordinator
 from fanout.backends import open_backend
-from fanout.backends.aws import AwsSettings
-from fanout.backends.aws.resources import create_resources
 from fanout.backends.base import Backend, Output, RunRecord, RunState, TaskRecord, TaskState
 from fanout.cli import main
 from fanout.cost import (
@@ -30,7 +27,7 @@ from fanout.cost import (
 )
 from fanout.messages import ChunkMessage, encode
 from fanout.metrics import ChunkMetrics, emf_document
-from helpers import TREE, drain, fake_aws
+from helpers import TREE, drain
 
 RUN = "tree-20261122T140000-abcdef"
 
@@ -233,16 +230,6 @@ def test_cost_json_adds_up_and_scales_with_memory(home: Path, finished_run: str)
 
 
 # -- durations in both ledgers -------------------------------------------------------
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
-    fake_aws(monkeypatch, FANOUT_STAGE="test")
-    with mock_aws():
-        create_resources(AwsSettings.from_env())
-        backend = open_backend("aws")
-        yield backend
-        backend.close()
 
 
 @pytest.mark.parametrize("which", ["local", "aws"])

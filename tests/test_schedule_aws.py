@@ -26,6 +26,7 @@ from fanout.backends.base import Backend, RunState
 from fanout.cli import main
 from fanout.schedules.aws import SCHEDULED_TIME_PLACEHOLDER
 from helpers import drain, fake_aws
+from lambda_source import Countdown, sqs_event
 
 REPO = Path(__file__).resolve().parents[1]
 ROLE = "arn:aws:iam::123456789012:role/fanout-test-scheduler"
@@ -70,23 +71,7 @@ def deliver(aws: Backend, body: str) -> list[str]:
     messages = sqs.receive_message(
         QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=30, AttributeNames=["All"]
     )["Messages"]
-    event = {
-        "Records": [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m["Attributes"],
-            }
-            for m in messages
-        ]
-    }
-
-    class Context:
-        def get_remaining_time_in_millis(self) -> int:
-            return 60_000
-
-    response = lambda_mod.handler(event, Context())
+    response = lambda_mod.handler(sqs_event(messages), Countdown(60_000))
     return [f["itemIdentifier"] for f in response["batchItemFailures"]]
 
 
