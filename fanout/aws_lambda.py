@@ -52,6 +52,23 @@ class _Watchdog:
         #: but their message must not be deleted, it carries the retry.
         self.expired: set[str] = set()
 
+    def begin_batch(self, receipts: list[str]) -> None:
+        """A batch arrives: none of its records has started."""
+        with self._lock:
+            self.unstarted = list(receipts)
+            self.expired = set()
+
+    def starting(self, receipt: str) -> None:
+        """The handler takes up the record of ``receipt``."""
+        with self._lock:
+            if receipt in self.unstarted:
+                self.unstarted.remove(receipt)
+
+    def was_expired(self, receipt: str) -> bool:
+        """Whether the record of ``receipt`` was failed by the watchdog."""
+        with self._lock:
+            return receipt in self.expired
+
     def start(self, attempt: Attempt) -> None:
         """The runner's ``on_start``: arm the timer for this attempt."""
         with self._lock:
@@ -106,13 +123,12 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """The SQS event source handler: ``{"batchItemFailures": [...]}``."""
     runner, watchdog = _runner()
     records = list(event.get("Records", ()))
-    watchdog.unstarted = [str(r.get("receiptHandle", "")) for r in records]
+    watchdog.begin_batch([str(r.get("receiptHandle", "")) for r in records])
     failures: list[str] = []
     for record in records:
         message_id = str(record.get("messageId", ""))
         receipt = str(record.get("receiptHandle", ""))
-        if receipt in watchdog.unstarted:
-            watchdog.unstarted.remove(receipt)
+        watchdog.starting(receipt)
         timeout = context.get_remaining_time_in_millis() / 1000.0 - SAFETY
         if timeout < MIN_TIMEOUT:
             failures.append(message_id)  # too little time left: let SQS redeliver it
@@ -130,8 +146,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             log.exception("record %s failed; it will be redelivered", message_id)
             failures.append(message_id)
             continue
-        if outcome in RELEASED or receipt in watchdog.expired:
+        if outcome in RELEASED or watchdog.was_expired(receipt):
             failures.append(message_id)
-    watchdog.unstarted = []
-    watchdog.expired.clear()
+    watchdog.begin_batch([])
     return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}
