@@ -291,7 +291,9 @@ def worker(
         backend=obj["backend_name"], home=obj["home"], workers=workers, chunk_timeout=chunk_timeout
     )
     pool = WorkerPool(opts)
-    click.echo(f"fanout worker: {workers} processes on {obj['home']}", err=True)
+    where = obj["home"] if obj["backend_name"] == "local" else f"the {obj['backend_name']} backend"
+    plural = "process" if workers == 1 else "processes"
+    click.echo(f"fanout worker: {workers} {plural} on {where}", err=True)
     stop_scheduler = None
     if with_scheduler:
         from fanout.schedules.fire import start_process
