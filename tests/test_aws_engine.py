@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from fanout import coordinator
-from fanout.backends.base import Backend, RunState, TaskState
+from fanout.backends.base import Backend, RunRecord, RunState, TaskState
 from helpers import TREE, drain
 from lambda_source import EventSource
 from testjobs.tree import Params, expected_items
@@ -48,6 +48,16 @@ def _event_source_poll(aws: Backend, remaining_ms: int = 60_000) -> tuple[int, i
     messages = source.receive()
     failed = source.invoke(messages) if messages else set()
     return len(messages), len(failed)
+
+
+def _poll_until_finished(aws: Backend, run_id: str, polls: int = 20) -> RunRecord | None:
+    """Poll the event source until the run leaves ``running`` (at most ``polls``)."""
+    for _ in range(polls):
+        run = aws.ledger.get_run(run_id)
+        if run is None or run.state != RunState.RUNNING:
+            return run
+        _event_source_poll(aws)
+    return aws.ledger.get_run(run_id)
 
 
 @pytest.fixture
@@ -96,11 +106,7 @@ def test_lambda_records_a_chunk_past_its_hard_timeout_as_timed_out(lambda_env: B
     assert records == 2 and failures >= 1
     (slow,) = [t for t in lambda_env.ledger.list_tasks(run_id) if t.chunk_id == "0/1"]
     assert [e["outcome"] for e in slow.history][:1] == ["timed out"], slow.history
-    for _ in range(20):
-        if lambda_env.ledger.get_run(run_id).state != RunState.RUNNING:  # type: ignore[union-attr]
-            break
-        _event_source_poll(lambda_env)
-    run = lambda_env.ledger.get_run(run_id)
+    run = _poll_until_finished(lambda_env, run_id)
     assert run is not None and run.state == RunState.SUCCEEDED and run.retries == 1
     items = Counter(r["item"] for r in coordinator.committed_records(lambda_env, run_id))
     assert set(items) == expected_items(Params(**params)) and max(items.values()) == 1
@@ -114,11 +120,7 @@ def test_a_permanent_failure_after_the_watchdog_keeps_the_retry(lambda_env: Back
     run_id = coordinator.submit(lambda_env, TREE, params).run_id
     _event_source_poll(lambda_env)  # the plan
     _event_source_poll(lambda_env, remaining_ms=5_500)
-    for _ in range(20):
-        if lambda_env.ledger.get_run(run_id).state != RunState.RUNNING:  # type: ignore[union-attr]
-            break
-        _event_source_poll(lambda_env)
-    run = lambda_env.ledger.get_run(run_id)
+    run = _poll_until_finished(lambda_env, run_id)
     assert run is not None and run.state == RunState.FAILED, run
     (dead,) = lambda_env.ledger.list_tasks(run_id, (TaskState.DEAD,))
     assert dead.chunk_id == "0/1"
@@ -135,9 +137,5 @@ def test_the_recovery_sweep_message_resends_a_lost_task(lambda_env: Backend) -> 
     assert lambda_env.queue.pending() == 0
     lambda_env.queue.send([SWEEP_BODY])
     assert _event_source_poll(lambda_env) == (1, 0)  # the sweep, acknowledged
-    for _ in range(20):
-        if lambda_env.ledger.get_run(run_id).state != RunState.RUNNING:  # type: ignore[union-attr]
-            break
-        _event_source_poll(lambda_env)
-    run = lambda_env.ledger.get_run(run_id)
+    run = _poll_until_finished(lambda_env, run_id)
     assert run is not None and run.state == RunState.SUCCEEDED and run.records == 4

@@ -41,18 +41,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+# The tests' moto server (a child process on 127.0.0.1) and SQS event builder.
+sys.path.insert(0, str(REPO / "tests"))
+
+from lambda_source import sqs_event  # noqa: E402
+from motoserver import moto_server  # noqa: E402
 
 #: Times ``STATEMENT`` in a fresh interpreter and prints the wall and CPU
 #: seconds and which of the heavy packages it imported.
@@ -127,23 +128,6 @@ def ms(seconds: float) -> str:
 # -- invocations against a moto server -----------------------------------------------
 
 
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """A moto server on a free loopback port; yields its URL."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
 def aws_env(endpoint: str) -> dict[str, str]:
     """Fake credentials and the stack's names, as the template sets them."""
     return {
@@ -156,22 +140,6 @@ def aws_env(endpoint: str) -> dict[str, str]:
         "FANOUT_STAGE": "bench",
         "FANOUT_AWS_EVENTS_TOPIC": "fanout-bench-run-events",
         "PYDANTIC_DISABLE_PLUGINS": "__all__",  # as deploy/template.yaml sets it
-    }
-
-
-def event(messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """An SQS event-source event of ``messages`` (as Lambda builds it)."""
-    return {
-        "Records": [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m.get("Attributes", {}),
-                "eventSource": "aws:sqs",
-            }
-            for m in messages
-        ]
     }
 
 
@@ -202,7 +170,7 @@ def one_container(backend: Any, child_env: dict[str, str]) -> list[float]:
             ).get("Messages", [])
             if not messages:
                 continue
-            child.stdin.write(json.dumps(event(messages)) + "\n")
+            child.stdin.write(json.dumps(sqs_event(messages)) + "\n")
             child.stdin.flush()
             answer = json.loads(child.stdout.readline())
             figures.append(answer["seconds"])
