@@ -16,6 +16,8 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol, runtime_checkable
 
+from fanout.backends.crawlstate import DomainAsk, DomainGrant
+
 
 class TaskState(enum.StrEnum):
     """Where one task (a chunk id at one ``seq``) stands."""
@@ -266,14 +268,18 @@ class Ledger(Protocol):
         """Tasks registered by ``key`` that are still queued (to re-send them when a
         duplicate delivery shows the parent's sends may have been lost)."""
 
-    def claim_urls(self, run_id: str, owner: str, fingerprints: Sequence[str]) -> set[str]:
-        """The run-wide seen-set of a crawl: record each fingerprint not seen yet
-        as owned by chunk ``owner``; return those ``owner`` owns now (new, or
-        claimed by an earlier attempt of the same chunk)."""
+    def claim_urls(
+        self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
+    ) -> set[str]:
+        """The run-wide seen-set of a crawl: claim each fingerprint for attempt
+        ``token`` of chunk ``owner`` unless another chunk's live claim holds it
+        (one whose attempt is running or committed); return those ``owner``
+        holds now. Stale claims (of attempts that never committed) are taken
+        over, so nothing needs releasing (:mod:`fanout.backends.crawlstate`)."""
 
-    def release_urls(self, run_id: str, owner: str) -> int:
-        """Forget the fingerprints chunk ``owner`` claimed (its earlier attempts never
-        committed, so nothing else holds them); returns how many."""
+    def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
+        """Lease slots of ``domain`` to chunk ``holder`` (run-wide politeness,
+        :func:`fanout.backends.crawlstate.grant_domain`)."""
 
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""

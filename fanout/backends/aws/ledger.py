@@ -6,14 +6,15 @@ Layout (single-table design)::
     pk            sk                     what
     RUN#<run>     RUN                    the run and its counters (gsi1: newest first)
     RUN#<run>     TASK#<chunk>#<seq:08>  one task (gsi2: by the parent that registered it)
-    RUN#<run>     SEEN#<fingerprint>     a crawl's seen-set entry (gsi2: by owning chunk)
+    RUN#<run>     SEEN#<fingerprint>     a crawl's seen-set entry (fanout.backends.aws.crawlstate)
+    RUN#<run>     DOMAIN#<domain>        a crawl's domain lease (run-wide politeness)
 
 * ``gsi1`` (``gsi1pk = "RUNS"``, ``gsi1sk = <created_at>#<run>``) lists runs newest
   first. It projects only ``state``: the run item's counters change on every
   commit, and a projection of them would double the cost of the hottest writes.
 * ``gsi2`` is overloaded: ``KIDS#<run>#<parent>#<seq>`` on tasks (what
   ``queued_children`` and a commit's orphan sweep look up, without scanning the
-  run) and ``OWNS#<run>#<chunk>`` on seen items (what ``release_urls`` deletes).
+  run).
   It projects ``state``, ``spawned_by`` and the attempt counters only, so the
   writes that touch none of them (retry history, lease renewals, commits' outputs
   are all state changes, but takeovers of a message are not) stay off the index. Being a GSI, it is
@@ -30,11 +31,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from botocore.exceptions import ClientError
-
+from fanout.backends.aws.crawlstate import CrawlState
 from fanout.backends.aws.ledger_items import (
     _RUN_SK,
     MAX_TRANSACTION_ITEMS,
@@ -48,7 +47,6 @@ from fanout.backends.aws.ledger_items import (
     _is_version,
     _key,
     _kids_key,
-    _owns_key,
     _py,
     _run,
     _run_key,
@@ -78,7 +76,7 @@ from fanout.backends.base import (
 __all__ = ["DynamoLedger", "create_table"]
 
 
-class DynamoLedger(Registrar):
+class DynamoLedger(Registrar, CrawlState):
     """The :class:`~fanout.backends.base.Ledger` on one DynamoDB table."""
 
     #: Forked crawl chunks see this ledger's writes (it is a remote service).
@@ -585,82 +583,6 @@ class DynamoLedger(Registrar):
             # Else a task changed meanwhile (or more remain): read the dead ones again.
         reopened.sort(key=_chunk_sort_key)
         return reopened
-
-    # -- the crawl's seen-set ----------------------------------------------------------------
-
-    def claim_urls(self, run_id: str, owner: str, fingerprints: Sequence[str]) -> set[str]:
-        """Claim unseen fingerprints for ``owner``; the ones it owns now.
-
-        A consistent batch read sorts them into owned (by ``owner`` or by
-        another chunk) and free; each free one is then a conditional put
-        (``attribute_not_exists(pk) OR owner = :owner``), so a race with another
-        chunk is settled per fingerprint. Plain puts, not transactions: the
-        fingerprints are independent, and a transactional write costs double.
-        """
-        if not fingerprints:
-            return set()
-        pk = _run_pk(run_id)
-        wanted = list(dict.fromkeys(fingerprints))
-        seen = self._batch_get([_key(pk, f"SEEN#{fp}") for fp in wanted], ["owner"])
-        owned = {
-            fp for fp in wanted if seen.get(f"SEEN#{fp}", {}).get("owner", {}).get("S") == owner
-        }
-        free = [fp for fp in wanted if f"SEEN#{fp}" not in seen]
-        if len(free) <= 1:
-            won = [fp for fp in free if self._claim_url(run_id, owner, fp)]
-        else:
-            # boto3 clients are thread-safe; a few threads hide the round trips.
-            with ThreadPoolExecutor(max_workers=min(8, len(free))) as pool:
-                flags = pool.map(lambda fp: self._claim_url(run_id, owner, fp), free)
-                won = [fp for fp, ok in zip(free, flags, strict=True) if ok]
-        owned.update(won)
-        return owned
-
-    def _claim_url(self, run_id: str, owner: str, fingerprint: str) -> bool:
-        """Record ``fingerprint`` as ``owner``'s unless another chunk has it."""
-        sk = f"SEEN#{fingerprint}"
-        try:
-            self.client.put_item(
-                TableName=self.table,
-                Item={
-                    **_key(_run_pk(run_id), sk),
-                    "owner": {"S": owner},
-                    "gsi2pk": {"S": _owns_key(run_id, owner)},
-                    "gsi2sk": {"S": sk},
-                },
-                ConditionExpression="attribute_not_exists(pk) OR #owner = :owner",
-                ExpressionAttributeNames={"#owner": "owner"},
-                ExpressionAttributeValues={":owner": {"S": owner}},
-            )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                return False
-            raise
-        return True
-
-    def release_urls(self, run_id: str, owner: str) -> int:
-        """Drop ``owner``'s claims (found on ``gsi2``; each delete is conditional
-        on the owner, so a claim someone else made since is kept)."""
-        released = 0
-        for entry in self._query(
-            IndexName="gsi2",
-            KeyConditionExpression="gsi2pk = :owns",
-            ExpressionAttributeValues={":owns": {"S": _owns_key(run_id, owner)}},
-        ):
-            try:
-                self.client.delete_item(
-                    TableName=self.table,
-                    Key=_key(entry["pk"]["S"], entry["sk"]["S"]),
-                    ConditionExpression="#owner = :owner",
-                    ExpressionAttributeNames={"#owner": "owner"},
-                    ExpressionAttributeValues={":owner": {"S": owner}},
-                )
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
-                    raise
-                continue
-            released += 1
-        return released
 
     def close(self) -> None:
         """Close the client's connections."""

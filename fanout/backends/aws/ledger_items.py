@@ -94,10 +94,6 @@ def _kids_key(run_id: str, chunk_id: str, seq: int) -> str:
     return f"KIDS#{run_id}#{chunk_id}#{seq}"
 
 
-def _owns_key(run_id: str, owner: str) -> str:
-    return f"OWNS#{run_id}#{owner}"
-
-
 def _event(outcome: str, now: float, attempt: int, **extra: object) -> dict[str, object]:
     """One history entry, stamped with the attempt (within the budget) it is about."""
     return {"outcome": outcome, "at": round(now, 3), **extra, "attempt": attempt}

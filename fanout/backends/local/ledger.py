@@ -29,6 +29,8 @@ from fanout.backends.base import (
     TaskState,
     took_field,
 )
+from fanout.backends.crawlstate import DomainAsk, DomainGrant
+from fanout.backends.local.crawlstate import claim_fingerprints, lease_domain, migrate
 from fanout.backends.local.db import Database
 
 SCHEMA = """
@@ -88,9 +90,15 @@ CREATE TABLE IF NOT EXISTS seen (
     run_id TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     owner TEXT NOT NULL,
+    token TEXT,
     PRIMARY KEY (run_id, fingerprint)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS seen_by_owner ON seen (run_id, owner);
+CREATE TABLE IF NOT EXISTS domains (
+    run_id TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (run_id, domain)
+) WITHOUT ROWID;
 """
 
 # Appends one JSON event to a task's history inside the UPDATE itself, stamped
@@ -123,6 +131,7 @@ class SQLiteLedger:
         #: Whether another process (a forked crawl chunk) sees this ledger's writes.
         self.shared_across_processes = db.path != ":memory:"
         db.executescript(SCHEMA)
+        migrate(db)
 
     # -- runs -----------------------------------------------------------------
 
@@ -526,34 +535,16 @@ class SQLiteLedger:
         )
         return [_task(r) for r in rows]
 
-    def claim_urls(self, run_id: str, owner: str, fingerprints: Sequence[str]) -> set[str]:
-        """Claim unseen fingerprints for ``owner``; the ones it owns now."""
-        if not fingerprints:
-            return set()
-        with self.db.write() as conn:
-            conn.executemany(
-                "INSERT OR IGNORE INTO seen (run_id, fingerprint, owner) VALUES (?, ?, ?)",
-                [(run_id, fp, owner) for fp in fingerprints],
-            )
-            owned: set[str] = set()
-            for start in range(0, len(fingerprints), 500):  # SQLite's variable limit
-                part = fingerprints[start : start + 500]
-                owned.update(
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT fingerprint FROM seen WHERE run_id = ? AND owner = ?"
-                        f" AND fingerprint IN ({','.join('?' * len(part))})",
-                        (run_id, owner, *part),
-                    )
-                )
-            return owned
+    def claim_urls(
+        self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
+    ) -> set[str]:
+        """Claim fingerprints for attempt ``token`` of chunk ``owner``; the ones it
+        holds now (see :mod:`fanout.backends.crawlstate`)."""
+        return claim_fingerprints(self.db, run_id, owner, token, fingerprints)
 
-    def release_urls(self, run_id: str, owner: str) -> int:
-        """Drop ``owner``'s claims."""
-        with self.db.write() as conn:
-            return conn.execute(
-                "DELETE FROM seen WHERE run_id = ? AND owner = ?", (run_id, owner)
-            ).rowcount
+    def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
+        """Lease slots of ``domain`` for chunk ``holder`` (run-wide politeness)."""
+        return lease_domain(self.db, run_id, domain, holder, ask)
 
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""

@@ -1,0 +1,122 @@
+"""The rules of a crawl's run-wide state, written once for every ledger.
+
+**The seen-set.** Each request fingerprint of a crawl run is claimed by the
+chunk that first finds it, stamped with that chunk's attempt (its lease token).
+A claim holds while the attempt that made it can still count: it is running,
+or it committed. An attempt that failed, timed out or was taken over never
+committed, so none of its children exist and nothing will fetch what it
+claimed: its claims are *stale*, and the next chunk that finds the same link
+takes them over. Nothing is released eagerly, so the seen-set needs no index by
+owner (on DynamoDB, an index would double the write units of every new URL).
+
+**Domain slots.** Politeness is run-wide: every chunk that crawls a domain
+leases some of the domain's ``CONCURRENT_REQUESTS_PER_DOMAIN`` slots, and with
+a download delay the domain is leased whole, one chunk at a time, no sooner
+than the delay after the previous holder let it go. A lease expires with its
+holder's hard timeout, so a crashed chunk never blocks a domain for long.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+#: A task's state while an attempt holds its lease (``TaskState.RUNNING``; this
+#: module sits below ``base`` and does not import it).
+_RUNNING = "running"
+
+
+def claim_is_live(
+    claim_token: str | None,
+    owner_state: str | None,
+    owner_lease_token: str | None,
+    owner_committed_by: str | None,
+) -> bool:
+    """Whether a seen-set claim made by attempt ``claim_token`` still holds,
+    given its owner task (``owner_state`` None: no such task, which holds, to be
+    safe: a claim is only taken over when its attempt provably never counts)."""
+    if owner_state is None or claim_token is None:
+        return True
+    if owner_committed_by == claim_token:
+        return True
+    return owner_state == _RUNNING and owner_lease_token == claim_token
+
+
+@dataclass(frozen=True, slots=True)
+class DomainAsk:
+    """A chunk's request for a domain's slots.
+
+    ``capacity`` is the domain's run-wide ``CONCURRENT_REQUESTS_PER_DOMAIN``;
+    ``delay`` its download delay (0: slots are shared between chunks; more: the
+    domain is leased whole); ``want`` the slots asked for (0 lets the lease go);
+    ``in_use`` the requests the holder still has in flight (a holder trimmed to
+    a smaller share keeps counting those until they finish); ``expires`` when
+    the lease lapses if never let go (the holder's hard timeout); all times are
+    wall-clock seconds.
+    """
+
+    capacity: int
+    delay: float
+    want: int
+    expires: float
+    now: float
+    in_use: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DomainGrant:
+    """What a chunk may send to one domain: ``slots`` requests at once (0: none
+    now, ask again after ``retry_after`` seconds); ``start_after`` is the
+    earliest wall-clock time of its first request (the previous holder's
+    release plus the delay); ``holders`` counts the chunks sharing the domain."""
+
+    slots: int
+    retry_after: float = 0.0
+    start_after: float = 0.0
+    holders: int = 1
+
+
+def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGrant:
+    """Update a domain's lease ``state`` in place for ``holder``; returns the grant.
+
+    ``state`` is ``{"holders": {holder: [slots, expires]}, "free_at": t}``. A
+    holder with 0 slots is a chunk waiting for some: it counts in the shares,
+    so the holders that have slots give some up when they ask again.
+    With a delay the domain is exclusive (all slots to one holder, as one
+    Scrapy process would crawl it). Without one, a holder gets at most an even
+    share, ``ceil(capacity / holders)``, of what the others do not use.
+    """
+    now = ask.now
+    before: dict[str, list[float]] = state.get("holders", {})
+    others = {h: v for h, v in before.items() if v[1] > now and h != holder}
+    free_at = float(state.get("free_at", 0.0))
+    if ask.want <= 0:
+        state["holders"] = others
+        if holder in before:
+            state["free_at"] = max(free_at, now + ask.delay)
+        return DomainGrant(0)
+    if ask.delay > 0:
+        busy = [v for v in others.values() if v[0] > 0]
+        if busy:
+            state["holders"] = {**others, holder: [0, ask.expires]}
+            retry = min(v[1] for v in busy) - now
+            return DomainGrant(0, retry_after=max(0.5, min(retry, 2.0)), holders=len(busy) + 1)
+        # Exclusive: waiting chunks stay listed, so a holder can see them.
+        state["holders"] = {**others, holder: [ask.capacity, ask.expires]}
+        return DomainGrant(ask.capacity, start_after=free_at, holders=len(others) + 1)
+    used = sum(int(v[0]) for v in others.values())
+    share = max(1, math.ceil(ask.capacity / (len(others) + 1)))
+    slots = max(0, min(ask.want, share, ask.capacity - used))
+    # What the holder is charged: its grant, or more while a larger earlier
+    # grant is still in flight.
+    state["holders"] = {**others, holder: [max(slots, ask.in_use), ask.expires]}
+    if slots == 0:
+        return DomainGrant(0, retry_after=0.5, holders=len(others) + 1)
+    return DomainGrant(slots, holders=len(others) + 1)
+
+
+def dump_state(state: dict[str, Any]) -> str:
+    """A lease state as the ledger stores it (compact JSON)."""
+    return json.dumps(state, separators=(",", ":"), sort_keys=True)
