@@ -1,0 +1,129 @@
+"""A crawl chunk given a frontier, in process (``fanout.crawl.chunk.run_chunk``
+forks the chunk's Scrapy process): regression tests for issue 9.
+
+A frontier is what a parent chunk hands on: requests serialized with
+``fanout.crawl.codec.request_to_json`` (the tests leave the ledger empty: how
+a parent's claims reach its children is the engine's business), among them
+copies Scrapy made of a request (a retry: ``dont_filter``, ``retry_times`` in
+its meta, a lower priority; a redirect). Such a copy is the same request as
+its original: the page must be fetched and parsed once, whichever copy the
+chunk meets first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import scrapy
+from scrapy.http import Response, TextResponse
+
+from fanout.backends import open_backend
+from fanout.backends.base import Backend
+from fanout.crawl.chunk import run_chunk
+from fanout.crawl.codec import request_to_json
+from sites import HTML, NOT_FOUND, Reply, SiteServer
+
+RUN = "frontier-run"
+CHUNK = "0/0"
+
+
+class TinySite:
+    """``/a`` links to ``/b``; ``/b`` and ``/c`` are leaves; ``/old`` answers
+    after ``slow_first`` s the first time (a client with a shorter timeout gives
+    up), then 301 → ``/c``. Every page is an item page."""
+
+    def __init__(self, slow_first: float = 0.0) -> None:
+        self.slow_first = slow_first
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if key == "/old":
+            delay = self.slow_first if hit == 1 else 0.0
+            return Reply(301, (("Location", f"http://{host}/c"),), b"moved", delay)
+        links = {"/a": ["/b"], "/b": [], "/c": []}.get(key)
+        if links is None:
+            return NOT_FOUND
+        hrefs = "".join(f'<a href="{href}">{href}</a>' for href in links)
+        item = key.strip("/")
+        body = f'<html><body><article data-id="{item}">{hrefs}</article></body></html>'
+        return Reply(200, (("Content-Type", HTML),), body.encode())
+
+
+class Follow(scrapy.Spider):
+    """Yields ``{"id"}`` for every page and follows every link."""
+
+    name = "follow"
+    custom_settings = {"RETRY_TIMES": 3}
+
+    def parse(self, response: Response, **kwargs: Any) -> Any:
+        if not isinstance(response, TextResponse):
+            return
+        article = response.css("article")
+        if article:
+            yield {"id": article.attrib["data-id"]}
+        yield from response.follow_all(css="a")
+
+
+class ShortTimeout(Follow):
+    """The same spider with a 1 s ``DOWNLOAD_TIMEOUT`` of its own."""
+
+    name = "short-timeout"
+    custom_settings = {"RETRY_TIMES": 3, "DOWNLOAD_TIMEOUT": 1}
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[Backend]:
+    backend = open_backend("local", home=tmp_path / "home")
+    yield backend
+    backend.close()
+
+
+def frontier(spider_cls: type[scrapy.Spider], requests: list[scrapy.Request]) -> list[Any]:
+    """The requests as a parent chunk hands them on."""
+    spider = spider_cls()
+    return [request_to_json(r, spider) for r in requests]
+
+
+def crawl(backend: Backend, spider_cls: type[scrapy.Spider], entries: list[Any]) -> Counter[str]:
+    result = run_chunk(
+        spider_cls,
+        {},
+        entries,
+        ledger=backend.ledger,
+        run_id=RUN,
+        chunk_id=CHUNK,
+        pages_per_chunk=50,
+        time_left=20.0,
+    )
+    assert result.errors == []
+    assert result.pending == []  # 50 pages and 20 s are plenty: the chunk finished
+    return Counter(item["id"] for item in result.items)
+
+
+def test_a_retry_in_the_frontier_and_a_link_to_its_page_fetch_it_once(local: Backend) -> None:
+    # B was fetched by the parent, failed, and Scrapy's retry copy of it (dont_filter,
+    # retry_times 1, priority -1) was still queued when the parent closed.
+    with SiteServer(TinySite()) as server:
+        a, b = server.url + "a", server.url + "b"
+        retry = scrapy.Request(b, dont_filter=True, meta={"retry_times": 1}, priority=-1)
+        items = crawl(local, Follow, frontier(Follow, [scrapy.Request(a), retry]))
+        hits = server.hits
+    assert hits["/b"] == 1, dict(hits)
+    assert items == Counter({"a": 1, "b": 1})
+
+
+def test_a_timed_out_redirect_source_leads_once_to_a_frontier_page(local: Backend) -> None:
+    # /old's first answer comes after the spider's 1 s DOWNLOAD_TIMEOUT: Scrapy
+    # retries it (dont_filter), and its 301 leads to /c, which the frontier
+    # also holds. /c is one page: fetched once, one item.
+    with SiteServer(TinySite(slow_first=1.6)) as server:
+        old, c = server.url + "old", server.url + "c"
+        entries = frontier(ShortTimeout, [scrapy.Request(old), scrapy.Request(c)])
+        items = crawl(local, ShortTimeout, entries)
+        hits = server.hits
+    assert hits["/old"] == 2, dict(hits)  # the timed-out answer, then the 301
+    assert hits["/c"] == 1, dict(hits)
+    assert items == Counter({"c": 1})
