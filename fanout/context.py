@@ -15,7 +15,7 @@ from fanout.inputs import list_inputs, open_input
 
 if TYPE_CHECKING:
     from fanout.avro import RecordWriter
-    from fanout.backends.base import Ledger
+    from fanout.backends.base import Ledger, Store
     from fanout.jobs import RunSettings
 
 
@@ -66,6 +66,8 @@ class ChunkContext:
         job_name: str,
         ledger: Ledger | None = None,
         settings: RunSettings | None = None,
+        store: Store | None = None,
+        token: str = "",
     ) -> None:
         self.params = params
         self.run_id = run_id
@@ -76,7 +78,11 @@ class ChunkContext:
         self._soft_deadline = soft_deadline  # time.monotonic() value
         self._writer = writer
         self._job_name = job_name
-        self._ledger = ledger  # for engine-level jobs (crawl de-duplication), not user code
+        # For engine-level jobs (a crawl's seen-set, domain leases and shared
+        # robots.txt), not user code: the ledger, the store, the attempt's lease.
+        self._ledger = ledger
+        self._store = store
+        self._token = token
         #: The run's settings (retry, bounds, codec, pages_per_chunk).
         self.settings = settings
         if writer is not None:

@@ -262,6 +262,8 @@ class Runner:
                 job_name=job.name,
                 ledger=self.ledger,
                 settings=run.settings,
+                store=self.store,
+                token=attempt.token,
             )
             continuation = None
             if msg.kind == "plan":

@@ -92,6 +92,12 @@ def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
     before: dict[str, list[float]] = state.get("holders", {})
     others = {h: v for h, v in before.items() if v[1] > now and h != holder}
     free_at = float(state.get("free_at", 0.0))
+    for h, v in before.items():
+        if v[1] <= now and v[0] > 0 and h != holder:
+            # A holder that never let go (it crashed, or was cut off with
+            # requests in flight): the domain is free a delay after it lapsed.
+            free_at = max(free_at, v[1] + ask.delay)
+    state["free_at"] = free_at
     if ask.want <= 0:
         state["holders"] = others
         if holder in before:

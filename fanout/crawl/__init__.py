@@ -26,15 +26,13 @@ import os
 from typing import Any
 
 from fanout.context import ChunkContext
+from fanout.crawl.chunk import run_chunk
+from fanout.crawl.components import MAX_RETRY_AFTER, THROTTLE_META
 from fanout.errors import PermanentError
 from fanout.jobs import Job
 from fanout.retry import compute_backoff
 
-__all__ = ["CrawlJob"]
-
-#: Meta key counting how often a request was held back because its domain
-#: answered 429/503 (it sets the back-off of the chunk that carries it on).
-THROTTLE_META = "fanout_throttle"
+__all__ = ["THROTTLE_META", "CrawlJob"]
 
 
 class CrawlJob(Job):
@@ -69,20 +67,12 @@ class CrawlJob(Job):
         self.process(self._process)
 
     def _process(self, payload: Any, ctx: ChunkContext) -> None:
-        from fanout.crawl.chunk import run_chunk
-
         ledger = ctx._ledger
         if ledger is None or not getattr(ledger, "shared_across_processes", True):
             # Each crawl chunk is a forked process: an in-process ledger would
             # give every chunk its own copy of the seen-set.
             raise PermanentError("crawl jobs need a backend shared across processes (local, aws)")
         frontier = None if ctx.chunk_id == "0" else payload["requests"]
-        # Claims left by an earlier attempt of this chunk: that attempt never
-        # committed (its children are orphans), so nothing fetches them unless
-        # this attempt can claim them again.
-        released = ledger.release_urls(ctx.run_id, ctx.chunk_id)
-        if released:
-            ctx.log.info("released %d claims of an earlier attempt", released)
         log_level = logging.getLevelName(logging.getLogger("fanout").getEffectiveLevel())
         result = run_chunk(
             self.spider_cls,
@@ -94,6 +84,8 @@ class CrawlJob(Job):
             pages_per_chunk=self._pages_per_chunk(ctx),
             time_left=ctx.time_left(),
             log_level=os.environ.get("FANOUT_SCRAPY_LOG_LEVEL", log_level),
+            token=ctx._token,
+            store=ctx._store,
         )
         for error in result.errors:
             ctx.log.error("crawl chunk: %s", error)
@@ -111,24 +103,27 @@ class CrawlJob(Job):
         """Pending requests become child chunks of ``pages_per_chunk`` each, in a
         stable order (a re-run of this chunk makes the same children)."""
         normal: list[dict[str, Any]] = []
-        throttled: dict[int, list[dict[str, Any]]] = {}
+        throttled: dict[tuple[int, float], list[dict[str, Any]]] = {}
         for entry in sorted(pending, key=lambda e: json.dumps(e["request"], sort_keys=True)):
             request = entry["request"]
             if entry["throttled"]:
                 meta = request.setdefault("meta", {})
                 level = int(meta.get(THROTTLE_META, 0)) + 1
                 meta[THROTTLE_META] = level
-                throttled.setdefault(level, []).append(request)
+                # The site's own Retry-After, when it asks for longer.
+                asked = min(float(entry.get("retry_after", 0.0)), MAX_RETRY_AFTER)
+                throttled.setdefault((level, asked), []).append(request)
             else:
                 normal.append(request)
         size = self._pages_per_chunk(ctx)
         for start in range(0, len(normal), size):
             ctx.spawn({"requests": normal[start : start + size]})
-        for level, requests in sorted(throttled.items()):
+        for (level, asked), requests in sorted(throttled.items()):
             # At least the base: a throttled site is always given a pause.
             delay = min(
                 900.0,
                 self.throttle_base + compute_backoff(level, base=self.throttle_base, cap=900.0),
             )
+            delay = max(delay, asked)
             for start in range(0, len(requests), size):
                 ctx.spawn({"requests": requests[start : start + size]}, delay=delay)

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 import scrapy.crawler  # noqa: F401  (imported before the fork: children start warm)
 from scrapy import Request, Spider
 
+from fanout.crawl import channel as channel_module
 from fanout.crawl import components
+from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.codec import decode_value, request_from_json
 
 if TYPE_CHECKING:
-    from fanout.backends.base import Ledger
+    from fanout.backends.base import Ledger, Store
 
 
 @dataclass
@@ -48,50 +50,63 @@ def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -
 
     class ChunkSpider(base):  # type: ignore[valid-type,misc]
         async def start(self) -> Any:
-            components.CHUNK["spider"] = self
+            CHUNK["spider"] = self
             engine = self.crawler.engine
-            if frontier is None:
-                async for thing in super().start():
-                    if isinstance(thing, Request):
-                        engine.crawl(thing)
-                    else:
-                        yield thing
+            book = components.book_of(self.crawler)
+            if frontier is not None:
+                for data in frontier:  # claimed by the parent: the chunk holds them
+                    engine.crawl(book.adopt(request_from_json(data, self)))
                 return
-            fingerprint = self.crawler.request_fingerprinter.fingerprint
-            approved = components.CHUNK["frontier_fps"]
-            for data in frontier:
-                request = request_from_json(data, self)
-                approved.add(fingerprint(request).hex())
-                engine.crawl(request)
+            starts: list[Request] = []
+            async for thing in super().start():
+                if isinstance(thing, Request):
+                    starts.append(thing)
+                else:
+                    yield thing
+            # Claimed in one call, even with Scrapy's default dont_filter on
+            # start requests, so that a link back to a start page is a duplicate;
+            # a start request is crawled anyway when its dont_filter says so.
+            won = {id(r) for r in book.claim(starts)}
+            for request in starts:
+                if id(request) in won or request.dont_filter:
+                    engine.crawl(request)
 
     ChunkSpider.__name__ = ChunkSpider.__qualname__ = base.__name__
     ChunkSpider.__module__ = base.__module__
     return ChunkSpider
 
 
-def _settings(spider_cls: type[Spider], drain: float, log_level: str) -> Any:
+def _settings(spider_cls: type[Spider], log_level: str) -> Any:
     from scrapy.settings import Settings
 
     settings = Settings()
-    custom = getattr(spider_cls, "custom_settings", None) or {}
     here = "fanout.crawl.components."
     settings.set("SCHEDULER", here + "ChunkScheduler", priority="cmdline")
-    settings.set("DUPEFILTER_CLASS", here + "LedgerDupeFilter", priority="cmdline")
+    # The claim rules (fanout.crawl.claims) replace Scrapy's dupe filter.
+    settings.set("DUPEFILTER_CLASS", "scrapy.dupefilters.BaseDupeFilter", priority="cmdline")
     middlewares = settings.getdict("DOWNLOADER_MIDDLEWARES_BASE")
     # Sees a response just before Scrapy's retry (550) does ...
     middlewares[here + "ThrottleWatch"] = 555
     # ... and last, nearest the engine, once every other middleware let it through.
     middlewares[here + "ThrottleRescue"] = 0
+    # First, nearest the downloader: late answers of requests handed on.
+    middlewares[here + "ParkHandedOn"] = 1000
+    # robots.txt once per run, from the store (same place as Scrapy's own).
+    robots = middlewares.pop("scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware", 100)
+    middlewares["fanout.crawl.politeness.SharedRobotsTxt"] = robots
     settings.set("DOWNLOADER_MIDDLEWARES_BASE", middlewares, priority="cmdline")
+    spider_mw = settings.getdict("SPIDER_MIDDLEWARES_BASE")
+    # Nearest the engine: claims what every other spider middleware let through.
+    spider_mw[here + "ClaimOutput"] = 10
+    settings.set("SPIDER_MIDDLEWARES_BASE", spider_mw, priority="cmdline")
     extensions = settings.getdict("EXTENSIONS_BASE")
     extensions[here + "ChunkBudget"] = 0
     settings.set("EXTENSIONS_BASE", extensions, priority="cmdline")
     pipelines = settings.getdict("ITEM_PIPELINES_BASE")
     pipelines[here + "ItemSink"] = 2**31 - 1  # after the user's own pipelines
     settings.set("ITEM_PIPELINES_BASE", pipelines, priority="cmdline")
-    # An in-flight download must finish inside the chunk's drain time.
-    timeout = min(float(custom.get("DOWNLOAD_TIMEOUT", 180)), max(1.0, drain))
-    settings.set("DOWNLOAD_TIMEOUT", timeout, priority="cmdline")
+    # DOWNLOAD_TIMEOUT keeps the spider's value: a request still waiting for its
+    # answer at the chunk's cut-off is handed on, not timed out (ChunkBudget).
     # No per-chunk servers: a chunk is short-lived and unattended.
     settings.set("TELNETCONSOLE_ENABLED", False, priority="cmdline")
     settings.set("REMOTE_CONTROL_ENABLED", False, priority="cmdline")
@@ -157,7 +172,7 @@ def _child(
     code = 1
     try:
         with os.fdopen(write_fd, "w", buffering=1 << 16) as channel:
-            components.CHANNEL = channel
+            channel_module.CHANNEL = channel
             try:
                 # Die with the worker (a hard timeout kills the worker, not us),
                 # and leave at once if it died before the wish was registered.
@@ -165,19 +180,19 @@ def _child(
                 if os.getppid() != chunk["worker_pid"]:
                     os._exit(1)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-                components.CHUNK.clear()
-                components.CHUNK.update(chunk)
+                CHUNK.clear()
+                CHUNK.update(chunk)
                 from scrapy.crawler import CrawlerProcess
 
                 # Scrapy installs its own root log handler at LOG_LEVEL.
                 logging.root.handlers.clear()
-                settings = _settings(spider_cls, chunk["drain"], chunk["log_level"])
+                settings = _settings(spider_cls, chunk["log_level"])
                 process = CrawlerProcess(settings)
                 process.crawl(frontier_spider(spider_cls, frontier), **spider_kwargs)
                 process.start(install_signal_handlers=False)
                 code = 0
             except BaseException:
-                components.send("error", traceback.format_exc())
+                send("error", traceback.format_exc())
     finally:
         os._exit(code)
 
@@ -193,15 +208,29 @@ def run_chunk(
     pages_per_chunk: int,
     time_left: float,
     log_level: str = "WARNING",
+    token: str = "",
+    store: Store | None = None,
 ) -> ChunkResult:
-    """Crawl one chunk in a forked process and collect what it sent."""
+    """Crawl one chunk in a forked process and collect what it sent.
+
+    ``time_left`` is the time to the chunk's soft deadline: the spider stops
+    taking new requests ``drain`` seconds before it, and at the cut-off, just
+    before it, hands on whatever still waits for an answer.
+    """
     drain = max(1.0, 0.2 * time_left)  # time kept for in-flight requests to finish
+    now = time.monotonic()
+    cut = max(0.2, min(0.5, 0.05 * time_left))  # to send what is pending and leave
     chunk = {
         "run_id": run_id,
         "chunk_id": chunk_id,
+        "token": token,
         "ledger": ledger,
+        "store": store,
         "pages_per_chunk": pages_per_chunk,
-        "close_at": time.monotonic() + time_left - drain,
+        "close_at": now + time_left - drain,
+        "cut_at": now + time_left - cut,
+        # Domain leases lapse when no request of this chunk can be in flight.
+        "expires": time.time() + time_left + 1.0,
         "drain": drain,
         "log_level": log_level,
         "worker_pid": os.getpid(),

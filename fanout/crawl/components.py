@@ -1,136 +1,216 @@
 """The Scrapy components fanout plugs into a crawl chunk (built from settings,
 as Scrapy builds its own). They run in the chunk's own process and talk to the
-parent through :data:`CHANNEL`, one JSON line per event.
+parent through :mod:`fanout.crawl.channel`, one JSON line per event.
 
-- :class:`LedgerDupeFilter`: run-wide de-duplication through the ledger's
-  seen-set (the chunk's own frontier is pre-approved: its parent claimed it).
-- :class:`ChunkScheduler`: Scrapy's scheduler, which also holds back requests
-  to a domain that answered 429/503, and hands every request it still holds to
-  the parent when the chunk closes (they become child chunks).
+- :class:`ChunkScheduler`: Scrapy's scheduler, taking requests by the claim
+  rules of :mod:`fanout.crawl.claims`, sending each domain only what the
+  chunk's lease allows (:mod:`fanout.crawl.politeness`), holding back domains
+  that answered 429/503, and handing every request it still holds to the parent
+  when the chunk closes (they become child chunks).
+- :class:`ClaimOutput`: the spider middleware that claims a response's new
+  links in one ledger call.
 - :class:`ThrottleWatch` and :class:`ThrottleRescue`: downloader middlewares
   that mark a domain answering 429/503 as throttled (before Scrapy's retry sees
-  the response) and keep the request that got such an answer, once Scrapy's
-  retry gave up on it, for a later chunk instead of dropping it.
+  the response, noting ``Retry-After``) and keep the request that got such an
+  answer, once Scrapy's retry gave up on it, for a later chunk.
+- :class:`ParkHandedOn`: the downloader middleware nearest the downloader,
+  which swallows the late answer of a request already handed on (see
+  :class:`ChunkBudget`).
 - :class:`ChunkBudget`: closes the spider once the chunk fetched its share of
-  pages or its time runs low; in-flight requests finish first.
+  pages or its time runs low; in-flight requests finish first, as long as the
+  chunk's time allows. At the cut-off, requests still waiting for an answer are
+  handed on instead of timing out: ``DOWNLOAD_TIMEOUT`` keeps the spider's value.
 - :class:`ItemSink`: the last item pipeline: items go to the parent, which
   writes them as Avro under the commit protocol.
 """
 
 from __future__ import annotations
 
-import json
+import email.utils
 import os
 import time
-from typing import IO, Any
+from collections.abc import Iterable
+from typing import Any
+from weakref import WeakSet
 
 from scrapy import Request, Spider, signals
 from scrapy.core.scheduler import Scheduler
-from scrapy.dupefilters import BaseDupeFilter
 from scrapy.exceptions import NotConfigured
+from scrapy.http.request import NO_CALLBACK
 from scrapy.utils.httpobj import urlparse_cached
+from twisted.internet.defer import Deferred
 
-from fanout.crawl.codec import encode_value
+from fanout.crawl import channel
+from fanout.crawl.channel import CHUNK, send
+from fanout.crawl.claims import ClaimBatch, ClaimBook
+from fanout.crawl.codec import CodecError, encode_value, request_to_json
+from fanout.crawl.politeness import DomainGate
 
-#: The pipe to the parent process, set by the chunk's entry point.
-CHANNEL: IO[str] | None = None
-#: The chunk's context: run id, chunk id, frontier fingerprints, deadlines, ledger.
-CHUNK: dict[str, Any] = {}
+__all__ = ["CHUNK", "send"]
 
-
-def send(kind: str, value: Any) -> None:
-    """One event to the parent."""
-    assert CHANNEL is not None, "not inside a fanout crawl chunk"
-    CHANNEL.write(json.dumps({kind: value}, separators=(",", ":")) + "\n")
+#: Meta key counting how often a request was held back because its domain
+#: answered 429/503 (it sets the back-off of the chunk that carries it on).
+THROTTLE_META = "fanout_throttle"
+#: The statuses by which a site asks a crawler to slow down.
+THROTTLE_STATUSES = (429, 503)
+#: A request is handed on with back-off at most this many times for 429/503
+#: answers; after that its last answer goes to the spider as Scrapy would.
+MAX_THROTTLE_LEVEL = 8
+#: The longest ``Retry-After`` fanout waits out (seconds).
+MAX_RETRY_AFTER = 6 * 3600.0
 
 
 def domain_of(request: Request) -> str:
     return urlparse_cached(request).hostname or ""
 
 
-class LedgerDupeFilter(BaseDupeFilter):
-    """A request is new if no chunk of the run has claimed its fingerprint."""
+def book_of(crawler: Any) -> ClaimBook:
+    """The chunk's claim book (one per chunk process)."""
+    book = CHUNK.get("book")
+    if book is None:
+        book = ClaimBook(
+            CHUNK["ledger"],
+            CHUNK["run_id"],
+            CHUNK["chunk_id"],
+            CHUNK.get("token", ""),
+            crawler.request_fingerprinter,
+            crawler.stats,
+        )
+        CHUNK["book"] = book
+    return book
 
-    def __init__(self, fingerprinter: Any, stats: Any) -> None:
-        self.fingerprinter = fingerprinter
-        self.stats = stats
-        self.local: set[str] = set()
-        # Filled by the chunk's spider as it schedules its frontier.
-        self.frontier: set[str] = CHUNK.setdefault("frontier_fps", set())
 
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> LedgerDupeFilter:
-        return cls(crawler.request_fingerprinter, crawler.stats)
+def gate_of(crawler: Any) -> DomainGate:
+    """The chunk's domain leases (one per chunk process)."""
+    gate = CHUNK.get("gate")
+    if gate is None:
+        gate = DomainGate(crawler, CHUNK)
+        CHUNK["gate"] = gate
+    return gate
 
-    def fingerprint(self, request: Request) -> str:
-        fp: bytes = self.fingerprinter.fingerprint(request)
-        return fp.hex()
 
-    def log(self, request: Request, spider: Spider) -> None:
-        """Duplicates are counted in the stats, not logged one by one."""
-
-    def request_seen(self, request: Request) -> bool:
-        fp = self.fingerprint(request)
-        if fp in self.local:
-            self.stats.inc_value("fanout/dupes_chunk")
-            return True
-        self.local.add(fp)
-        if fp in self.frontier:
-            return False  # handed to this chunk by its parent, which claimed it
-        ledger = CHUNK["ledger"]
-        if fp in ledger.claim_urls(CHUNK["run_id"], CHUNK["chunk_id"], [fp]):
-            return False
-        self.stats.inc_value("fanout/dupes_run")
-        return True
+def parse_retry_after(value: bytes | None, now: float | None = None) -> float:
+    """Seconds a ``Retry-After`` header asks for (0 when absent or unreadable)."""
+    if not value:
+        return 0.0
+    text = value.decode("latin-1").strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return 0.0
+        seconds = when.timestamp() - (now if now is not None else time.time())
+    if seconds != seconds:  # NaN
+        return 0.0
+    return max(0.0, min(seconds, MAX_RETRY_AFTER))
 
 
 class ChunkScheduler(Scheduler):
-    """Holds back throttled domains; gives up its queue when the chunk closes."""
+    """Scrapy's scheduler under the chunk's claims, leases and throttles."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.held: list[Request] = []
+        self.held: list[Request] = []  # throttled domains: for a later chunk
+        self.parked: list[Request] = []  # domains whose lease another chunk holds
         self.throttled: set[str] = set()
+        self.retry_after: dict[str, float] = {}  # per throttled domain, seconds
+        self.handed_on = False
+        self.parking_until = 0.0  # monotonic: parked requests keep the spider open until then
+        crawler = self.crawler
+        assert crawler is not None
+        self.book = book_of(crawler)
+        self.gate = gate_of(crawler)
+
+    def enqueue_request(self, request: Request) -> bool:
+        if self.handed_on:
+            # Found after the hand-off (a late answer's links): not lost, handed on too.
+            if self.book.admit(request):
+                self._send_pending(request)
+            return True
+        if not self.book.admit(request):
+            return False
+        return bool(super().enqueue_request(request))
 
     def next_request(self) -> Request | None:
+        if self.parked and not self.handed_on:
+            self._unpark()
         while True:
             request = super().next_request()
-            if request is None or domain_of(request) not in self.throttled:
+            if request is None:
+                return None
+            domain = domain_of(request)
+            if domain in self.throttled:
+                self.held.append(request)  # spare the site: a later chunk, after back-off
+            elif not self.gate.allows(request):
+                self.parked.append(request)  # another chunk holds the domain
+            else:
                 return request
-            self.held.append(request)  # spare the site: a later chunk, after back-off
+
+    def _unpark(self) -> None:
+        """Parked requests go back into the queue once their domain may be asked again."""
+        now = time.monotonic()
+        ready = [r for r in self.parked if now >= self.gate.ask_after.get(self.gate.key(r), 0.0)]
+        if ready:
+            self.parked = [r for r in self.parked if r not in ready]
+            for request in ready:
+                self._mqpush(request)
 
     def has_pending_requests(self) -> bool:
-        # Held requests do not keep the spider open: they go to the parent.
+        # Held requests do not keep the spider open: they go to the parent. Parked
+        # ones do for a while (the domain's holder may finish soon), then go too.
+        if self.parked and time.monotonic() < self.parking_until:
+            return True
         return bool(super().has_pending_requests())
 
     def close(self, reason: str) -> Any:
-        pending = list(self.held)
-        while (request := super().next_request()) is not None:
-            pending.append(request)
-        spider = CHUNK["spider"]
-        from fanout.crawl.codec import CodecError, request_to_json
-
-        for request in pending:
-            try:
-                data = request_to_json(request, spider)
-            except (CodecError, ValueError) as exc:
-                send("error", f"pending request {request.url} cannot be kept: {exc}")
-                continue
-            send("pending", {"request": data, "throttled": domain_of(request) in self.throttled})
+        self.hand_on()
         return super().close(reason)
 
+    def hand_on(self, extra: Iterable[Request] = ()) -> None:
+        """Send every request this chunk still holds (and ``extra``) to the parent, once."""
+        if self.handed_on:
+            return
+        self.handed_on = True
+        pending = [*self.held, *self.parked, *extra]
+        while (request := super().next_request()) is not None:
+            pending.append(request)
+        for request in pending:
+            self._send_pending(request)
 
-#: The statuses by which a site asks a crawler to slow down.
-THROTTLE_STATUSES = (429, 503)
-#: A request is handed on with back-off at most this many times for 429/503
-#: answers; after that its last answer goes to the spider as Scrapy would.
-MAX_THROTTLE_LEVEL = 8
+    def _send_pending(self, request: Request) -> None:
+        spider = CHUNK["spider"]
+        try:
+            data = request_to_json(request, spider)
+        except (CodecError, ValueError) as exc:
+            send("error", f"pending request {request.url} cannot be kept: {exc}")
+            return
+        domain = domain_of(request)
+        entry: dict[str, Any] = {"request": data, "throttled": domain in self.throttled}
+        if domain in self.retry_after:
+            entry["retry_after"] = self.retry_after[domain]
+        send("pending", entry)
+
+
+class ClaimOutput(ClaimBatch):
+    """:class:`~fanout.crawl.claims.ClaimBatch` built from the crawler."""
+
+    def __init__(self, crawler: Any) -> None:
+        if not CHUNK:
+            raise NotConfigured
+        super().__init__(book_of(crawler))
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> ClaimOutput:
+        return cls(crawler)
 
 
 class ThrottleWatch:
     """Downloader middleware, just above Scrapy's retry: a 429/503 answer marks
     its domain as throttled, so that the retry Scrapy schedules (and every other
-    request to that domain) is held back for a later chunk, not sent at once."""
+    request to that domain) is held back for a later chunk, not sent at once.
+    A ``Retry-After`` longer than fanout's own back-off sets the domain's."""
 
     def __init__(self, crawler: Any) -> None:
         if not CHUNK:
@@ -145,7 +225,12 @@ class ThrottleWatch:
         self, request: Request, response: Any, spider: Spider | None = None
     ) -> Any:
         if response.status in THROTTLE_STATUSES:
-            self.crawler.engine.scheduler.throttled.add(domain_of(request))
+            scheduler = self.crawler.engine.scheduler
+            domain = domain_of(request)
+            scheduler.throttled.add(domain)
+            wait = parse_retry_after(response.headers.get(b"Retry-After"))
+            if wait:
+                scheduler.retry_after[domain] = max(wait, scheduler.retry_after.get(domain, 0.0))
             self.crawler.stats.inc_value("fanout/throttled")
         return response
 
@@ -156,7 +241,7 @@ class ThrottleRescue:
     as an HTTP error; instead its request is scheduled again, is held back (its
     domain is throttled) and goes to a later chunk, after a back-off. Not when
     the spider asked to see such answers (``handle_httpstatus_list``), nor after
-    ``MAX_THROTTLE_LEVEL`` back-offs."""
+    ``MAX_THROTTLE_LEVEL`` back-offs. The copy carries the request's claim."""
 
     def __init__(self, crawler: Any) -> None:
         if not CHUNK:
@@ -183,8 +268,6 @@ class ThrottleRescue:
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
     ) -> Any:
-        from fanout.crawl import THROTTLE_META
-
         if response.status not in THROTTLE_STATUSES:
             return response
         spider = spider or getattr(self.crawler, "spider", None)
@@ -194,13 +277,50 @@ class ThrottleRescue:
             self.crawler.stats.inc_value("fanout/throttle_gave_up")
             return response
         self.crawler.stats.inc_value("fanout/throttle_kept")
-        # Already seen by the dupe filter: only dont_filter gets it scheduled again.
+        # The same request: dont_filter gets it past Scrapy's own checks, and
+        # its claim (copied meta) keeps the ledger from being asked again.
         return request.replace(dont_filter=True)
+
+
+class ParkHandedOn:
+    """Downloader middleware nearest the downloader: the answer to a request the
+    chunk already handed on (at its cut-off) never reaches the spider, so the
+    page is parsed once, by the chunk that has it now. It also notes every
+    request whose answer got past it: such a request may sit in the
+    downloader's active set a moment longer, but is not in flight any more."""
+
+    def __init__(self, crawler: Any) -> None:
+        if not CHUNK:
+            raise NotConfigured
+        # Weak: a request's id may be reused once it is gone.
+        self.handed_on: WeakSet[Request] = CHUNK.setdefault("handed_on", WeakSet())
+        self.answered: WeakSet[Request] = CHUNK.setdefault("answered", WeakSet())
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> ParkHandedOn:
+        return cls(crawler)
+
+    async def process_response(
+        self, request: Request, response: Any, spider: Spider | None = None
+    ) -> Any:
+        if request in self.handed_on:
+            await Deferred()  # never fires: the process exits first
+        self.answered.add(request)
+        return response
+
+    async def process_exception(
+        self, request: Request, exception: Exception, spider: Spider | None = None
+    ) -> Any:
+        if request in self.handed_on:
+            await Deferred()
+        self.answered.add(request)
+        return None
 
 
 class ChunkBudget:
     """Closes the spider when the chunk has fetched ``pages`` responses or its
-    soft deadline minus the drain time is near."""
+    soft deadline minus the drain time is near; at the cut-off (just before the
+    soft deadline) hands on what is still in flight and leaves."""
 
     def __init__(self, crawler: Any) -> None:
         if not CHUNK:
@@ -209,7 +329,11 @@ class ChunkBudget:
         self.pages = 0
         self.limit = int(CHUNK["pages_per_chunk"])
         self.close_at = float(CHUNK["close_at"])  # time.monotonic()
+        self.cut_at = float(CHUNK.get("cut_at", self.close_at + float(CHUNK["drain"])))
         self.closing = False
+        self.cut = False
+        self.book = book_of(crawler)
+        self.gate = gate_of(crawler)
         crawler.signals.connect(self.response_received, signal=signals.response_received)
         crawler.signals.connect(self.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
@@ -223,30 +347,51 @@ class ChunkBudget:
     def spider_opened(self, spider: Spider) -> None:
         from twisted.internet import task
 
+        scheduler = self.crawler.engine.scheduler
+        # A chunk waits for a domain another chunk holds at most half its time.
+        scheduler.parking_until = time.monotonic() + max(0.0, self.close_at - time.monotonic()) / 2
         self.timer = task.LoopingCall(self.check, spider)
         self.timer.start(0.1, now=False)
 
     def spider_closed(self, spider: Spider) -> None:
         if self.timer is not None and self.timer.running:
             self.timer.stop()
+        if not self.cut:
+            self.gate.release()  # nothing in flight any more
 
     def engine_stopped(self) -> None:
         """Everything the parent needs has been sent: report and leave now.
         The reactor's graceful teardown (closing keep-alive connections, joining
         thread pools) cost ~0.5 s per chunk and a chunk process keeps nothing."""
-        send("stats", summarize_stats(self.crawler.stats.get_stats()))
-        assert CHANNEL is not None
-        CHANNEL.flush()
+        self.leave()
+
+    def leave(self) -> None:
+        """Send the stats and exit the chunk process."""
+        stats = self.crawler.stats
+        stats.set_value("fanout/ledger_lease_calls_total", self.gate.calls)
+        send("stats", summarize_stats(stats.get_stats()))
+        assert channel.CHANNEL is not None
+        channel.CHANNEL.flush()
         os._exit(0)
 
     def response_received(self, response: Any, request: Request, spider: Spider) -> None:
+        self.book.answer(request)
+        domain = domain_of(request)
+        stats = self.crawler.stats
+        stats.inc_value(f"fanout/domain/{domain}/pages")
+        stats.inc_value(f"fanout/domain/{domain}/status/{response.status}")
         self.pages += 1
         if self.pages >= self.limit:
             self.close(spider, "fanout_pages")
 
     def check(self, spider: Spider) -> None:
-        if time.monotonic() >= self.close_at:
+        now = time.monotonic()
+        if now >= self.cut_at:
+            self.cut_off()
+        elif now >= self.close_at:
             self.close(spider, "fanout_deadline")
+        elif not self.closing:
+            self.gate.renew()
 
     def close(self, spider: Spider, reason: str) -> None:
         if not self.closing:
@@ -255,16 +400,60 @@ class ChunkBudget:
 
             deferred_from_coro(self.crawler.engine.close_spider_async(reason=reason))
 
+    def cut_off(self) -> None:
+        """Time is up: requests still waiting for an answer are handed on (their
+        late answers are swallowed by :class:`ParkHandedOn`); responses already
+        being parsed finish; then the chunk leaves."""
+        if self.cut:
+            return
+        self.cut = True
+        engine = self.crawler.engine
+        parked: WeakSet[Request] = CHUNK.setdefault("handed_on", WeakSet())
+        answered: WeakSet[Request] = CHUNK.setdefault("answered", WeakSet())
+        # Not robots.txt fetches (Scrapy's own, callback-less): a page waiting
+        # for its site's robots.txt is handed on itself. Not requests whose
+        # answer is already on its way to the spider either.
+        in_flight = [
+            r
+            for r in engine.downloader.active
+            if r not in parked and r not in answered and r.callback is not NO_CALLBACK
+        ]
+        parked.update(in_flight)
+        self.crawler.stats.inc_value("fanout/handed_on_in_flight", len(in_flight))
+        engine.scheduler.hand_on(in_flight)
+        # The leases are not let go: requests handed on may still be in flight
+        # at the site; they lapse a moment after the soft deadline.
+        from twisted.internet import task
+
+        started = time.monotonic()
+
+        def finish() -> None:
+            # Parsing is quick; a callback stuck for a second more is cut short
+            # (the hard timeout would kill the chunk anyway).
+            if engine.scraper.slot.is_idle() or time.monotonic() - started > 1.0:
+                self.leave()
+
+        task.LoopingCall(finish).start(0.02)
+
 
 def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
     """The crawl counters fanout keeps per run (``fanout status``)."""
     out: dict[str, int] = {
         "pages": int(stats.get("response_received_count", 0)),
-        "duplicates": int(stats.get("fanout/dupes_chunk", 0) + stats.get("fanout/dupes_run", 0)),
+        "duplicates": int(
+            stats.get("fanout/dupes_chunk", 0)
+            + stats.get("fanout/dupes_run", 0)
+            + stats.get("fanout/dupes_copy", 0)
+        ),
         "http_retries": int(stats.get("retry/count", 0)),
         "download_errors": int(stats.get("downloader/exception_count", 0)),
         "throttled": int(stats.get("fanout/throttled", 0)),
         "throttle_gave_up": int(stats.get("fanout/throttle_gave_up", 0)),
+        "handed_on_in_flight": int(stats.get("fanout/handed_on_in_flight", 0)),
+        "new_urls": int(stats.get("fanout/new_urls", 0)),
+        "ledger_claim_calls": int(stats.get("fanout/ledger_claim_calls", 0)),
+        "ledger_lease_calls": int(stats.get("fanout/ledger_lease_calls", 0)),
+        "robots_from_store": int(stats.get("fanout/robots_from_store", 0)),
         "callback_errors": sum(
             int(v) for k, v in stats.items() if k.startswith("spider_exceptions/")
         ),
@@ -273,6 +462,8 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
     for key, value in stats.items():
         if key.startswith(prefix):
             out["status/" + key[len(prefix) :]] = int(value)
+        elif key.startswith("fanout/domain/"):
+            out["domain/" + key[len("fanout/domain/") :]] = int(value)
     return {k: v for k, v in out.items() if v}
 
 

@@ -1,0 +1,212 @@
+"""Run-wide politeness: many chunks on many workers crawl a site as one polite
+Scrapy process would.
+
+Scrapy keeps ``CONCURRENT_REQUESTS_PER_DOMAIN``, ``DOWNLOAD_DELAY`` and
+AutoThrottle per process. A chunk therefore sends nothing to a domain (a
+Scrapy download slot: the host name) before it holds a lease on some of the
+domain's slots in the ledger (:func:`fanout.backends.crawlstate.grant_domain`):
+
+- no delay: the domain's slots are shared by the chunks crawling it, each
+  getting an even share, so the site never sees more than the setting in
+  flight; a chunk asks again every second while it shares a domain, so a
+  newcomer gets its share as soon as the others' requests finish;
+- a delay (``DOWNLOAD_DELAY``, AutoThrottle's start delay, or robots.txt's
+  ``Crawl-delay``): one chunk holds the whole domain and starts no sooner than
+  the delay after the previous holder let it go.
+
+Leases are let go when the chunk closes and lapse at its hard timeout.
+
+robots.txt (``ROBOTSTXT_OBEY``) is fetched once per domain per run: the first
+chunk keeps it in the store, beside the run, and every other chunk reads it
+from there. Its ``Crawl-delay`` is honoured (Scrapy's own middleware ignores it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from scrapy import Request
+from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
+from scrapy.exceptions import NotConfigured
+from scrapy.utils.httpobj import urlparse_cached
+from scrapy.utils.misc import build_from_crawler
+
+from fanout.backends.crawlstate import DomainAsk, DomainGrant
+from fanout.crawl.channel import CHUNK
+
+#: Seconds between two lease requests for a domain this chunk may not use yet.
+ASK_EVERY = 0.5
+#: Seconds between renewals of a shared domain's lease (to trim to a fair share).
+RENEW_EVERY = 1.0
+
+
+def robots_key(run_id: str, netloc: str) -> str:
+    """Where a run keeps a site's robots.txt in the store."""
+    safe = re.sub(r"[^A-Za-z0-9.\-]", "_", netloc)
+    return f"runs/{run_id}/crawl/robots/{safe}.json"
+
+
+class DomainGate:
+    """The chunk's leases on the domains it crawls."""
+
+    def __init__(self, crawler: Any, chunk: dict[str, Any]) -> None:
+        settings = crawler.settings
+        self.crawler = crawler
+        self.ledger = chunk["ledger"]
+        self.run_id: str = chunk["run_id"]
+        self.holder: str = chunk["chunk_id"]
+        self.expires: float = chunk["expires"]  # wall clock: the hard timeout
+        self.capacity = max(1, settings.getint("CONCURRENT_REQUESTS_PER_DOMAIN"))
+        delay = settings.getfloat("DOWNLOAD_DELAY")
+        if settings.getbool("AUTOTHROTTLE_ENABLED"):
+            delay = max(delay, settings.getfloat("AUTOTHROTTLE_START_DELAY"))
+        self.delay = delay
+        self.crawl_delay: dict[str, float] = {}  # robots.txt, per domain
+        self.slots: dict[str, int] = {}  # granted, per domain
+        self.shared: dict[str, int] = {}  # holders of a domain this chunk shares
+        self.ask_after: dict[str, float] = {}  # monotonic
+        self.renewed = time.monotonic()
+        self.calls = 0
+
+    def key(self, request: Request) -> str:
+        """The domain of ``request`` as Scrapy's downloader keys its slots."""
+        downloader = self.crawler.engine.downloader
+        key: str = downloader.get_slot_key(request)
+        return key
+
+    def delay_of(self, key: str) -> float:
+        """The domain's delay between requests: the spider's, or robots.txt's."""
+        return max(float(self.delay), float(self.crawl_delay.get(key, 0.0)))
+
+    def allows(self, request: Request) -> bool:
+        """Whether the chunk may send ``request`` now (asking the ledger at most
+        every :data:`ASK_EVERY` seconds per domain)."""
+        key = self.key(request)
+        if self.slots.get(key, 0) > 0:
+            return True
+        now = time.monotonic()
+        if now < self.ask_after.get(key, 0.0):
+            return False
+        grant = self._ask(key, self.capacity)
+        if grant.slots <= 0:
+            self.ask_after[key] = now + max(grant.retry_after, ASK_EVERY)
+            return False
+        self._apply(key, grant)
+        return True
+
+    def _ask(self, key: str, want: int, in_use: int = 0) -> DomainGrant:
+        self.calls += 1
+        self.crawler.stats.inc_value("fanout/ledger_lease_calls")
+        now = time.time()
+        ask = DomainAsk(
+            capacity=self.capacity,
+            delay=self.delay_of(key),
+            want=want,
+            expires=self.expires,
+            now=now,
+            in_use=in_use,
+        )
+        grant: DomainGrant = self.ledger.lease_domain(self.run_id, key, self.holder, ask)
+        return grant
+
+    def _apply(self, key: str, grant: DomainGrant) -> None:
+        """Make Scrapy's download slot for ``key`` keep to the grant."""
+        self.slots[key] = grant.slots
+        if self.delay_of(key) <= 0 and grant.holders > 1:
+            self.shared[key] = grant.holders
+        else:
+            self.shared.pop(key, None)
+        downloader = self.crawler.engine.downloader
+        delay = self.delay_of(key)
+        downloader.per_slot_settings.setdefault(key, {}).update(
+            {"concurrency": grant.slots, "delay": delay}
+        )
+        slot = downloader.slots.get(key)
+        if slot is not None:
+            slot.concurrency = grant.slots
+            slot.delay = delay
+        if grant.start_after > time.time() and delay > 0:
+            # The previous holder's last request plus the delay: Scrapy's slot
+            # spaces requests from ``lastseen`` (monotonic).
+            if slot is None:
+                _, slot = downloader._get_slot(Request(f"http://{key}/"))
+            slot.lastseen = time.monotonic() + (grant.start_after - time.time()) - delay
+
+    def renew(self) -> None:
+        """Re-ask for shared domains' slots (a newcomer gets its share) and for
+        held ones every few seconds (to see newcomers at all)."""
+        now = time.monotonic()
+        if now - self.renewed < RENEW_EVERY:
+            return
+        self.renewed = now
+        downloader = self.crawler.engine.downloader
+        for key, held in list(self.slots.items()):
+            if held <= 0 or self.delay_of(key) > 0:
+                continue  # an exclusive lease is kept to the end
+            slot = downloader.slots.get(key)
+            in_use = len(slot.active) if slot is not None else 0
+            grant = self._ask(key, self.capacity, in_use=in_use)
+            self._apply(key, grant)
+
+    def release(self) -> None:
+        """Let every lease go (the chunk is closing)."""
+        for key, held in list(self.slots.items()):
+            if held > 0:
+                self._ask(key, 0)
+            self.slots[key] = 0
+
+
+class SharedRobotsTxt(RobotsTxtMiddleware):
+    """Scrapy's robots.txt middleware, fetching each site's file once per run:
+    what the first chunk fetched is kept in the store for the others."""
+
+    def __init__(self, crawler: Any) -> None:
+        chunk = CHUNK
+        if not chunk or chunk.get("store") is None:
+            raise NotConfigured
+        super().__init__(crawler)
+        self.store = chunk["store"]
+        self.run_id: str = chunk["run_id"]
+        self.gate: DomainGate | None = chunk.get("gate")
+
+    async def robot_parser(self, request: Request) -> Any:
+        netloc = urlparse_cached(request).netloc
+        if netloc not in self._parsers:
+            kept = self._kept(netloc)
+            if kept is not None:
+                self._stats.inc_value("fanout/robots_from_store")
+                parser = build_from_crawler(self._parserimpl, self.crawler, kept)
+                self._parsers[netloc] = parser
+                self._note_delay(request, parser)
+                return parser
+        return await super().robot_parser(request)
+
+    async def _parse_robots(self, response: Any, netloc: str, request: Request) -> None:
+        body = response.body if 200 <= response.status < 300 else b""
+        data = json.dumps({"status": response.status, "body": body.decode("utf-8", "replace")})
+        self.store.put(robots_key(self.run_id, netloc), data.encode(), if_absent=True)
+        await super()._parse_robots(response, netloc, request)
+        parser = self._parsers.get(netloc)
+        self._note_delay(request, parser)
+
+    def _kept(self, netloc: str) -> bytes | None:
+        key = robots_key(self.run_id, netloc)
+        if not self.store.exists(key):
+            return None
+        data = json.loads(self.store.get(key))
+        if 200 <= int(data.get("status", 0)) < 300:
+            return str(data.get("body", "")).encode()
+        return b""  # no robots.txt: everything is allowed, as Scrapy does
+
+    def _note_delay(self, request: Request, parser: Any) -> None:
+        """Hand robots.txt's ``Crawl-delay`` for our user agent to the gate."""
+        inner = getattr(parser, "rp", None)
+        if self.gate is None or inner is None or not hasattr(inner, "crawl_delay"):
+            return
+        agent = self._robotstxt_useragent or self._default_useragent
+        delay = inner.crawl_delay(agent)
+        if delay:
+            self.gate.crawl_delay[self.gate.key(request)] = float(delay)
