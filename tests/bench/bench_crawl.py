@@ -1,15 +1,28 @@
 """Crawl benchmark: the same 5,000-page loopback site, crawled by plain Scrapy in
 one process and by ``fanout run`` with 1 and 2 workers, in one run.
 
-    python tests/bench/bench_crawl.py             # 5,000 pages
-    python tests/bench/bench_crawl.py --pages 1000
+    python tests/bench/bench_crawl.py             # 5,000 pages, listen backlog 5
+    python tests/bench/bench_crawl.py --pages 1000 --backlog 128
 
-Both sides run the same spider (jobs/site_crawl.py's BooksSpider) with the same
-settings (Scrapy's defaults, CONCURRENT_REQUESTS and _PER_DOMAIN at 16). fanout
-is forced through at least 20 chunks (pages_per_chunk = pages / 20). Figures
-are pages per second over the crawl itself (plain: CrawlerProcess.start() to
-its return; fanout: the run's own elapsed time, from submit to manifest), and
-over the whole command for fanout. Not a test: CI does not run it.
+The site is ``tests/hardsite.py``'s ``HardSite`` without its traps (no 500s,
+redirects or duplicate spellings: the benchmark measures throughput, the tests
+measure correctness): 8 links a page, so most links a crawler meets are
+duplicates and de-duplication is on the hot path, as in a real crawl (the book
+site has ~1 new link per page). Its server has a listen backlog of 5 (``--backlog``):
+a burst of new connections overflows it and the kernel drops SYNs, as a real
+site's front end does under a crawler's burst. Plain Scrapy opens its
+connections once; every fanout chunk is a new process that opens its own, so
+this is the cost a chunked crawl must not multiply.
+
+Both sides run the same spider (``tests/testjobs/hard_crawl.py``'s tutorial
+spider: follow every link, one item a page) with the same settings
+(CONCURRENT_REQUESTS and _PER_DOMAIN at 16). fanout is forced through at least
+10 chunks (pages_per_chunk = pages / 12). Every side's items are checked: one
+per page, each once. Figures are pages per second over the crawl itself
+(plain: CrawlerProcess.start() to its return; fanout: the run's own elapsed
+time, from submit to manifest), and over the whole command for fanout; then
+the run's ledger counters (``fanout status`` stats named ``ledger_*``), per
+page fetched. Not a test: CI does not run it.
 """
 
 from __future__ import annotations
@@ -21,40 +34,66 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path[:0] = [str(ROOT), str(HERE), str(HERE.parent)]
+TESTJOBS = HERE.parent / "testjobs"
+sys.path[:0] = [str(ROOT), str(HERE), str(HERE.parent), str(TESTJOBS)]
 
+from hard_crawl import SCHEMA, Tutorial  # noqa: E402
 from plain_scrapy import crawl_plain  # noqa: E402
 
-from jobs.site_crawl import BooksSpider  # noqa: E402
-from sites import BookSite, SiteServer  # noqa: E402
+from hardsite import HardServer, HardSite  # noqa: E402
 
 CONCURRENCY = 16
+MIN_CHUNKS = 10
 
 JOB = """
 import sys
-sys.path.insert(0, {root!r})
-from jobs.site_crawl import BooksSpider
+sys.path[:0] = [{root!r}, {testjobs!r}]
+from hard_crawl import Tutorial
 from fanout.crawl import CrawlJob
 
-class Bench(BooksSpider):
-    custom_settings = {{**BooksSpider.custom_settings,
+class Bench(Tutorial):
+    custom_settings = {{**Tutorial.custom_settings,
                        "CONCURRENT_REQUESTS": {c}, "CONCURRENT_REQUESTS_PER_DOMAIN": {c}}}
 
 job = CrawlJob(Bench, schema={schema!r}, name="bench-crawl", pages_per_chunk={per_chunk})
 """
 
 
+def check_items(side: str, ids: list[str], site: HardSite) -> None:
+    """Exactly the site's items, each once, or the benchmark stops: a fast wrong crawl
+    is not a result."""
+    counts = Counter(ids)
+    twice = sorted(i for i, n in counts.items() if n > 1)
+    missing = sorted(site.expected_items() - set(counts))
+    extra = sorted(set(counts) - site.expected_items())
+    if twice or missing or extra:
+        raise SystemExit(
+            f"{side}: {len(ids):,} items for {site.size:,} pages: {len(twice)} more than once"
+            f" {twice[:5]}, {len(missing)} missing {missing[:5]}, {len(extra)} unknown {extra[:5]}"
+        )
+
+
 def fanout_crawl(
-    tmp: Path, server: SiteServer, workers: int, per_chunk: int
-) -> tuple[int, float, float, int]:
-    """(pages fetched, run seconds, command seconds, chunks) of one ``fanout run``."""
+    tmp: Path, server: HardServer, site: HardSite, workers: int, per_chunk: int
+) -> tuple[int, float, float, dict[str, Any]]:
+    """(pages fetched, run seconds, command seconds, final status) of one ``fanout run``;
+    its items are checked."""
     job = tmp / f"bench_job_{workers}.py"
-    schema = str(ROOT / "schemas" / "book.avsc")
-    job.write_text(JOB.format(root=str(ROOT), c=CONCURRENCY, schema=schema, per_chunk=per_chunk))
+    job.write_text(
+        JOB.format(
+            root=str(ROOT),
+            testjobs=str(TESTJOBS),
+            c=CONCURRENCY,
+            schema=SCHEMA,
+            per_chunk=per_chunk,
+        )
+    )
     home = tmp / f"home-{workers}"
     server.reset_hits()
     cmd = [
@@ -79,33 +118,56 @@ def fanout_crawl(
     status = json.loads(out.strip().splitlines()[-1])
     assert status["state"] == "succeeded", status
     pages = sum(server.hits.values())
-    return pages, float(status["elapsed_s"]), wall, int(status["chunks"]["done"])
+    cat = [*cmd[:5], "cat", status["run_id"]]
+    lines = subprocess.run(cat, check=True, capture_output=True, text=True).stdout.splitlines()
+    check_items(f"fanout, {workers} worker(s)", [json.loads(line)["id"] for line in lines], site)
+    return pages, float(status["elapsed_s"]), wall, status
+
+
+def ledger_line(stats: dict[str, Any], pages: int) -> str:
+    """The run's ledger counters (stats named ``ledger_*``), per page fetched."""
+    counters = {k: v for k, v in sorted(stats.items()) if k.startswith("ledger_")}
+    if not counters:
+        return "  ledger calls: no ledger_* counters in the run's stats"
+    return "  ledger calls per page: " + ", ".join(
+        f"{k.removeprefix('ledger_')} {v / pages:.2f}" for k, v in counters.items()
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--pages", type=int, default=5000)
+    parser.add_argument("--backlog", type=int, default=5, help="the server's listen backlog")
     args = parser.parse_args()
-    site = BookSite(pages=args.pages)
-    per_chunk = max(1, args.pages // 20)
-    with tempfile.TemporaryDirectory() as tmp, SiteServer(site) as server:
+    site = HardSite(args.pages, traps=False)
+    per_chunk = max(1, args.pages // 12)
+    with tempfile.TemporaryDirectory() as tmp, HardServer(site, backlog=args.backlog) as server:
         server.reset_hits()
-        plain = crawl_plain(BooksSpider, server.url, CONCURRENCY)
+        plain = crawl_plain(Tutorial, server.url, CONCURRENCY)
+        check_items("plain scrapy", [item["id"] for item in plain.items], site)
         plain_pages = sum(server.hits.values())
         plain_rate = plain_pages / plain.seconds
-        print(f"site: {args.pages:,} pages on 127.0.0.1, concurrency {CONCURRENCY}")
+        print(
+            f"site: {args.pages:,} pages on 127.0.0.1, 8 links a page, listen backlog"
+            f" {args.backlog}, concurrency {CONCURRENCY}"
+        )
         print(
             f"plain scrapy, 1 process: {plain_rate:,.0f} pages/s"
             f" ({plain_pages:,} pages, {len(plain.items):,} items, {plain.seconds:.2f}s)"
         )
         for workers in (1, 2):
-            pages, run_s, wall, chunks = fanout_crawl(Path(tmp), server, workers, per_chunk)
+            pages, run_s, wall, status = fanout_crawl(Path(tmp), server, site, workers, per_chunk)
+            chunks = int(status["chunks"]["done"])
             rate, wall_rate = pages / run_s, pages / wall
             print(
                 f"fanout run, {workers} worker{'s' if workers > 1 else ''}: {rate:,.0f} pages/s"
-                f" ({pages:,} pages, {chunks} chunks, run {run_s:.2f}s, command {wall:.2f}s)"
+                f" ({pages:,} pages, {status['records']:,} items, {chunks} chunks,"
+                f" run {run_s:.2f}s, command {wall:.2f}s)"
                 f" — ratio to plain {rate / plain_rate:.2f} (command {wall_rate / plain_rate:.2f})"
             )
+            print(ledger_line(status.get("stats") or {}, pages))
+            if chunks < MIN_CHUNKS:
+                raise SystemExit(f"only {chunks} chunks: the benchmark needs {MIN_CHUNKS}")
 
 
 if __name__ == "__main__":
