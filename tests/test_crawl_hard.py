@@ -32,8 +32,14 @@ from helpers import JOBS
 from procs import fanout, run_id_of, status
 
 JOB = str(JOBS / "hard_crawl.py")
-#: Timer and thread jitter allowed on a gap between two request starts (s).
-GAP_TOLERANCE = 0.02
+#: Allowed shortfall of a gap between two request arrivals at the server (s).
+#: Scrapy spaces the *sends* of a domain's requests by the delay; at the server
+#: a gap comes out shorter by the connection set-up of the earlier request
+#: (a new connection queued in a backlog of 5) when the later one reuses a
+#: kept-alive connection: 20-30 ms seen on a loaded 2-core machine, the same
+#: within one plain Scrapy process. Two chunks crawling a domain at once would
+#: show gaps near 0.
+GAP_TOLERANCE = 0.05
 
 
 def crawl(
@@ -76,19 +82,32 @@ def item_ids(home: Path, run_id: str) -> Counter[str]:
     return Counter(json.loads(line)["id"] for line in result.stdout.splitlines())
 
 
-def assert_exactly_once(home: Path, run_id: str, site: HardSite, server: HardServer) -> None:
+def assert_exactly_once(
+    home: Path, run_id: str, site: HardSite, server: HardServer, st: dict[str, Any]
+) -> None:
     """Every expected item once, nothing else; no item page fetched more often
-    than a correct crawl fetches it. Fails with a count and examples of each fault."""
+    than a correct crawl fetches it. Fails with a count and examples of each fault.
+
+    One kind of second fetch is justified: a request still waiting for its
+    answer when its chunk's time ran out is handed on to a child chunk (never
+    parsed by the first), and the server may have seen the first try. The run
+    counts those (``handed_on_in_flight``); extra fetches beyond that count are
+    faults."""
     ids = item_ids(home, run_id)
     hits = server.hits
     expected = site.expected_items()
+    extra = {k: hits[k] - 1 for k in site.normal_paths if hits[k] > 1}
+    extra.update({k: hits[k] - n for k, n in site.flaky_pages.items() if hits[k] > n})
+    handed_on = int(st["stats"].get("handed_on_in_flight", 0))
     faults = {
         "items yielded more than once": sorted(i for i, n in ids.items() if n > 1),
         "items missing": sorted(expected - set(ids)),
         "items not on the site": sorted(set(ids) - expected),
-        "pages fetched more than once": sorted(k for k in site.normal_paths if hits[k] > 1),
-        "flaky pages not fetched (500s + 1) times": sorted(
-            f"{k}: {hits[k]}" for k, n in site.flaky_pages.items() if hits[k] != n
+        "pages fetched more than once (beyond requests handed on in flight)": sorted(extra)
+        if sum(extra.values()) > handed_on
+        else [],
+        "flaky pages fetched fewer than (500s + 1) times": sorted(
+            f"{k}: {hits[k]}" for k, n in site.flaky_pages.items() if hits[k] < n
         ),
     }
     summary = {what: (len(found), found[:5]) for what, found in faults.items() if found}
@@ -108,14 +127,18 @@ def test_tutorial_spider_on_the_hard_site_parses_every_page_once(home: Path) -> 
     site = HardSite(1200)
     with HardServer(site, backlog=5) as server:
         run_id, st = crawl(home, "tutorial", server.url, pages_per_chunk=60, chunk_timeout=6)
-        assert_exactly_once(home, run_id, site, server)
+        assert_exactly_once(home, run_id, site, server, st)
     assert st["chunks"]["done"] >= 10, st["chunks"]  # really crossed many chunk boundaries
     assert st["chunks"]["dead"] == 0 and st["retries"] == 0, st
     # The traps were sprung: retried 500s and redirects (a correct crawl follows
     # all of them); a burst of connections to a backlog of 5 is not a download error.
-    assert st["stats"].get("status/500", 0) == sum(n - 1 for n in site.flaky_pages.values()) + sum(
+    # (A 500 whose request was handed on in flight is never seen by the crawler.)
+    five_hundreds = sum(n - 1 for n in site.flaky_pages.values()) + sum(
         1 for key in site.redirects if site.is_flaky(key)
-    ), st["stats"]
+    )
+    seen_500 = st["stats"].get("status/500", 0)
+    handed_on = st["stats"].get("handed_on_in_flight", 0)
+    assert five_hundreds - handed_on <= seen_500 <= five_hundreds, st["stats"]
     assert st["stats"].get("status/301", 0) > 0 and st["stats"].get("status/302", 0) > 0
     assert st["stats"].get("download_errors", 0) == 0, st["stats"]
 
@@ -125,7 +148,7 @@ def test_crawl_spider_with_rules_yields_every_page_once(home: Path) -> None:
     site = HardSite(300)
     with HardServer(site, backlog=5) as server:
         run_id, st = crawl(home, "rules", server.url, pages_per_chunk=25, chunk_timeout=5)
-        assert_exactly_once(home, run_id, site, server)
+        assert_exactly_once(home, run_id, site, server, st)
     assert st["chunks"]["done"] >= 10, st["chunks"]
 
 
@@ -134,7 +157,7 @@ def test_sitemap_spider_yields_every_listed_page_once(home: Path) -> None:
     site = HardSite(300, sitemaps=6)
     with HardServer(site, backlog=5) as server:
         run_id, st = crawl(home, "sitemap", server.url, pages_per_chunk=25, chunk_timeout=5)
-        assert_exactly_once(home, run_id, site, server)
+        assert_exactly_once(home, run_id, site, server, st)
         hits = server.hits
     sitemaps = {f"/sitemaps/{i}.xml" for i in range(site.sitemaps)} | {"/sitemap_index.xml"}
     assert {key: hits[key] for key in sitemaps} == dict.fromkeys(sitemaps, 1)
@@ -181,7 +204,7 @@ def test_per_domain_limits_hold_across_chunks_and_workers(home: Path) -> None:
         or figures["gaps under the delay"]
     }
     assert impolite == {}
-    assert_exactly_once(home, run_id, site, server)
+    assert_exactly_once(home, run_id, site, server, st)
 
 
 @pytest.mark.slow
@@ -200,4 +223,4 @@ def test_robots_crawl_delay_is_honoured_run_wide(home: Path) -> None:
     assert st["chunks"]["done"] >= 4, st["chunks"]
     found = {"robots.txt fetches": seen.hits[host]["/robots.txt"], "gaps under the delay": gaps[:5]}
     assert found == {"robots.txt fetches": 1, "gaps under the delay": []}
-    assert_exactly_once(home, run_id, site, server)
+    assert_exactly_once(home, run_id, site, server, st)

@@ -70,12 +70,15 @@ class DomainGrant:
     """What a chunk may send to one domain: ``slots`` requests at once (0: none
     now, ask again after ``retry_after`` seconds); ``start_after`` is the
     earliest wall-clock time of its first request (the previous holder's
-    release plus the delay); ``holders`` counts the chunks sharing the domain."""
+    release plus the delay); ``holders`` counts the chunks sharing the domain;
+    ``delay`` is the domain's delay as the run knows it (the largest any chunk
+    asked with: a robots.txt ``Crawl-delay`` one chunk read holds for all)."""
 
     slots: int
     retry_after: float = 0.0
     start_after: float = 0.0
     holders: int = 1
+    delay: float = 0.0
 
 
 def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGrant:
@@ -84,11 +87,14 @@ def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
     ``state`` is ``{"holders": {holder: [slots, expires]}, "free_at": t}``. A
     holder with 0 slots is a chunk waiting for some: it counts in the shares,
     so the holders that have slots give some up when they ask again.
-    With a delay the domain is exclusive (all slots to one holder, as one
-    Scrapy process would crawl it). Without one, a holder gets at most an even
-    share, ``ceil(capacity / holders)``, of what the others do not use.
+    With a delay (the largest any chunk asked with) the domain is exclusive
+    (all slots to one holder, as one Scrapy process would crawl it). Without
+    one, a holder gets at most an even share, ``ceil(capacity / holders)``, of
+    what the others do not use.
     """
     now = ask.now
+    delay = max(ask.delay, float(state.get("delay", 0.0)))
+    state["delay"] = delay
     before: dict[str, list[float]] = state.get("holders", {})
     others = {h: v for h, v in before.items() if v[1] > now and h != holder}
     free_at = float(state.get("free_at", 0.0))
@@ -96,22 +102,23 @@ def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
         if v[1] <= now and v[0] > 0 and h != holder:
             # A holder that never let go (it crashed, or was cut off with
             # requests in flight): the domain is free a delay after it lapsed.
-            free_at = max(free_at, v[1] + ask.delay)
+            free_at = max(free_at, v[1] + delay)
     state["free_at"] = free_at
     if ask.want <= 0:
         state["holders"] = others
         if holder in before:
-            state["free_at"] = max(free_at, now + ask.delay)
-        return DomainGrant(0)
-    if ask.delay > 0:
+            state["free_at"] = max(free_at, now + delay)
+        return DomainGrant(0, delay=delay)
+    if delay > 0:
         busy = [v for v in others.values() if v[0] > 0]
         if busy:
             state["holders"] = {**others, holder: [0, ask.expires]}
             retry = min(v[1] for v in busy) - now
-            return DomainGrant(0, retry_after=max(0.5, min(retry, 2.0)), holders=len(busy) + 1)
+            retry_after = max(0.5, min(retry, 2.0))
+            return DomainGrant(0, retry_after=retry_after, holders=len(busy) + 1, delay=delay)
         # Exclusive: waiting chunks stay listed, so a holder can see them.
         state["holders"] = {**others, holder: [ask.capacity, ask.expires]}
-        return DomainGrant(ask.capacity, start_after=free_at, holders=len(others) + 1)
+        return DomainGrant(ask.capacity, start_after=free_at, holders=len(others) + 1, delay=delay)
     used = sum(int(v[0]) for v in others.values())
     share = max(1, math.ceil(ask.capacity / (len(others) + 1)))
     slots = max(0, min(ask.want, share, ask.capacity - used))

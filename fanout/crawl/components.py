@@ -228,6 +228,7 @@ class ThrottleWatch:
             scheduler = self.crawler.engine.scheduler
             domain = domain_of(request)
             scheduler.throttled.add(domain)
+            self.crawler.stats.inc_value(f"fanout/domain/{domain}/throttled")
             wait = parse_retry_after(response.headers.get(b"Retry-After"))
             if wait:
                 scheduler.retry_after[domain] = max(wait, scheduler.retry_after.get(domain, 0.0))

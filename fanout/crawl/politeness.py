@@ -115,6 +115,8 @@ class DomainGate:
     def _apply(self, key: str, grant: DomainGrant) -> None:
         """Make Scrapy's download slot for ``key`` keep to the grant."""
         self.slots[key] = grant.slots
+        if grant.delay > self.delay_of(key):  # another chunk read the site's robots.txt
+            self.crawl_delay[key] = grant.delay
         if self.delay_of(key) <= 0 and grant.holders > 1:
             self.shared[key] = grant.holders
         else:
@@ -135,6 +137,15 @@ class DomainGate:
                 _, slot = downloader._get_slot(Request(f"http://{key}/"))
             slot.lastseen = time.monotonic() + (grant.start_after - time.time()) - delay
 
+    def slow_down(self, key: str, crawl_delay: float) -> None:
+        """robots.txt asks for ``crawl_delay`` between requests to ``key``: from
+        now on the domain is leased whole, with that delay."""
+        if crawl_delay <= self.crawl_delay.get(key, 0.0):
+            return
+        self.crawl_delay[key] = crawl_delay
+        if self.slots.get(key, 0) > 0:
+            self._apply(key, self._ask(key, self.capacity))
+
     def renew(self) -> None:
         """Re-ask for shared domains' slots (a newcomer gets its share) and for
         held ones every few seconds (to see newcomers at all)."""
@@ -144,9 +155,18 @@ class DomainGate:
         self.renewed = now
         downloader = self.crawler.engine.downloader
         for key, held in list(self.slots.items()):
-            if held <= 0 or self.delay_of(key) > 0:
-                continue  # an exclusive lease is kept to the end
             slot = downloader.slots.get(key)
+            if held <= 0:
+                # Lost its lease (robots.txt made the domain exclusive): requests
+                # wait in the download slot until the lease comes back.
+                if slot is not None and slot.queue:
+                    grant = self._ask(key, self.capacity)
+                    if grant.slots > 0:
+                        self._apply(key, grant)
+                        downloader._process_queue(slot)
+                continue
+            if self.delay_of(key) > 0:
+                continue  # an exclusive lease is kept to the end
             in_use = len(slot.active) if slot is not None else 0
             grant = self._ask(key, self.capacity, in_use=in_use)
             self._apply(key, grant)
@@ -188,9 +208,9 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
         body = response.body if 200 <= response.status < 300 else b""
         data = json.dumps({"status": response.status, "body": body.decode("utf-8", "replace")})
         self.store.put(robots_key(self.run_id, netloc), data.encode(), if_absent=True)
+        # The delay first: the requests waiting for this file go out right after.
+        self._note_delay(request, build_from_crawler(self._parserimpl, self.crawler, response.body))
         await super()._parse_robots(response, netloc, request)
-        parser = self._parsers.get(netloc)
-        self._note_delay(request, parser)
 
     def _kept(self, netloc: str) -> bytes | None:
         key = robots_key(self.run_id, netloc)
@@ -209,4 +229,4 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
         agent = self._robotstxt_useragent or self._default_useragent
         delay = inner.crawl_delay(agent)
         if delay:
-            self.gate.crawl_delay[self.gate.key(request)] = float(delay)
+            self.gate.slow_down(self.gate.key(request), float(delay))
