@@ -44,7 +44,10 @@ shortest gap between two request starts, per-path counts)::
 
 from __future__ import annotations
 
+import contextlib
 import html
+import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -298,47 +301,97 @@ class HardSite:
 @dataclass
 class Politeness:
     """Per host name (the Host header without its port): most requests in flight
-    at once, shortest gap between the starts of two consecutive requests, and
-    request counts per path (``/robots.txt`` included)."""
+    at once, shortest gap between the arrivals of two consecutive requests, and
+    request counts per path (``/robots.txt`` included).
+
+    A request's arrival is when its first byte reached this machine's kernel
+    (``SO_TIMESTAMPNS``), not when a handler thread got round to reading it: on
+    a loaded machine accepting a connection and starting its thread takes tens
+    of milliseconds, which would show as gaps shorter than the client left."""
 
     max_in_flight: Counter[str] = field(default_factory=Counter)
-    min_gap: dict[str, float] = field(default_factory=dict)
     hits: dict[str, Counter[str]] = field(default_factory=dict)
     starts: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
     _in_flight: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def begin(self, host: str, key: str) -> None:
-        """A request for ``key`` on ``host`` has been read."""
-        now = time.monotonic()
+    def begin(self, host: str, key: str, arrival: float | None = None) -> None:
+        """A request for ``key`` on ``host`` has been read; it arrived at ``arrival``
+        (``time.time()`` seconds; now if not known)."""
+        arrived = time.time() if arrival is None else arrival
         with self._lock:
             self._in_flight[host] += 1
             self.max_in_flight[host] = max(self.max_in_flight[host], self._in_flight[host])
-            starts = self.starts.setdefault(host, [])
-            if starts:
-                gap = now - starts[-1][0]
-                self.min_gap[host] = min(self.min_gap.get(host, gap), gap)
-            starts.append((now, key))
+            self.starts.setdefault(host, []).append((arrived, key))
             self.hits.setdefault(host, Counter())[key] += 1
 
     def end(self, host: str) -> None:
-        """The reply to a request on ``host`` has been written."""
+        """The reply to a request on ``host`` is about to be written."""
         with self._lock:
             self._in_flight[host] -= 1
 
-    def short_gaps(self, host: str, below: float, skip: str | None = None) -> list[float]:
-        """Gaps (s) between consecutive request starts on ``host`` shorter than
-        ``below``, leaving out requests for the path ``skip`` (e.g. ``/robots.txt``)."""
+    def _arrivals(self, host: str, skip: str | None) -> list[float]:
         with self._lock:
-            starts = [t for t, key in self.starts.get(host, []) if key != skip]
-        return [round(b - a, 4) for a, b in pairwise(starts) if b - a < below]
+            return sorted(t for t, key in self.starts.get(host, []) if key != skip)
+
+    @property
+    def min_gap(self) -> dict[str, float]:
+        """Host → the shortest gap (s) between two consecutive arrivals."""
+        return {
+            host: min((b - a for a, b in pairwise(self._arrivals(host, None))), default=0.0)
+            for host in list(self.starts)
+        }
+
+    def short_gaps(self, host: str, below: float, skip: str | None = None) -> list[float]:
+        """Gaps (s) between consecutive request arrivals on ``host`` shorter than
+        ``below``, leaving out requests for the path ``skip`` (e.g. ``/robots.txt``)."""
+        arrivals = self._arrivals(host, skip)
+        return [round(b - a, 4) for a, b in pairwise(arrivals) if b - a < below]
+
+
+#: Linux's socket option (and control message) for a nanosecond receive
+#: timestamp on each segment; Python's socket module does not name it.
+SO_TIMESTAMPNS = 35
 
 
 class _RecordingHandler(_Handler):
     """``sites._Handler`` that tells the server's ``Politeness`` when a request
-    starts (its head has been read) and ends (its reply has been written)."""
+    arrived and started, and when it ended (its reply is about to be written).
+
+    Unbuffered reads (``rbufsize = 0``), so that before each request the
+    handler can peek at the socket for the kernel's arrival stamp of its first
+    byte: a buffered reader could already hold it (the clients here do not
+    pipeline requests, so it never holds a whole next request)."""
 
     server: _BacklogServer
+    rbufsize = 0
+    arrival: float | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+    def handle_one_request(self) -> None:
+        self.arrival = self._next_arrival()
+        super().handle_one_request()
+
+    def _next_arrival(self) -> float | None:
+        """Wait for the next request's first byte; when the kernel received it
+        (None at end of stream or on error: the base class then finds that too)."""
+        try:
+            data, ancillary, _, _ = self.connection.recvmsg(
+                1, socket.CMSG_SPACE(16), socket.MSG_PEEK
+            )
+        except OSError:
+            return None
+        if not data:
+            return None
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", payload[:16])
+                return float(seconds + nanoseconds / 1e9)
+        return time.time()
 
     def _reply(self, send_body: bool) -> None:
         # sites._Handler._reply, with the request's end recorded before its reply
@@ -348,7 +401,7 @@ class _RecordingHandler(_Handler):
         host = header.rpartition(":")[0] or header
         owner = self.server.owner
         key = canonical(self.path)
-        owner.politeness.begin(host, key)
+        owner.politeness.begin(host, key, self.arrival)
         try:
             reply = owner.site.respond(key, header, owner.count(key))
             if reply.delay:
