@@ -123,13 +123,18 @@ class DomainGate:
             self.shared.pop(key, None)
         downloader = self.crawler.engine.downloader
         delay = self.delay_of(key)
-        downloader.per_slot_settings.setdefault(key, {}).update(
-            {"concurrency": grant.slots, "delay": delay}
-        )
+        settings: dict[str, Any] = {"concurrency": grant.slots, "delay": delay}
+        if self.crawl_delay.get(key, 0.0) > self.delay:
+            # A Crawl-delay is the least the site asked for: no ±50% jitter
+            # (RANDOMIZE_DOWNLOAD_DELAY) below it.
+            settings["jitter"] = 0.0
+        downloader.per_slot_settings.setdefault(key, {}).update(settings)
         slot = downloader.slots.get(key)
         if slot is not None:
             slot.concurrency = grant.slots
             slot.delay = delay
+            if "jitter" in settings:
+                slot.jitter = 0.0
         if grant.start_after > time.time() and delay > 0:
             # The previous holder's last request plus the delay: Scrapy's slot
             # spaces requests from ``lastseen`` (monotonic).
