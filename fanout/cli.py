@@ -347,15 +347,11 @@ def status(
         from fanout.cli_observe import failures_line
 
         click.echo(failures_line(st))
-    stats = dict(st.run.stats)
-    if stats or st.pending_requests:
-        statuses = {
-            k[len("status/") :]: stats.pop(k) for k in sorted(stats) if k.startswith("status/")
-        }
-        stats["pending requests"] = st.pending_requests
-        click.echo("crawl: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in stats.items()))
-        if statuses:
-            click.echo("http: " + ", ".join(f"{k}: {v:,}" for k, v in statuses.items()))
+    if st.run.stats or st.pending_requests:
+        from fanout.cli_observe import crawl_lines
+
+        for line in crawl_lines(dict(st.run.stats), st.pending_requests):
+            click.echo(line)
     if st.run.manifest_key and st.run.state in TERMINAL_RUN_STATES:
         click.echo(f"manifest: {backend.store.url(st.run.manifest_key)}")
 

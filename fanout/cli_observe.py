@@ -280,3 +280,42 @@ def cost(ctx: click.Context, run_id: str, memory_mb: int, as_json: bool) -> None
         + f", {usage['deliveries']:,} deliveries, {usage['sqs_sends']:,} sends"
     )
     click.echo("not counted: the job's own S3 reads, data transfer, free tiers, idle queue polling")
+
+
+#: Domains ``fanout status`` lists one by one (the busiest); the rest are summed.
+DOMAINS_SHOWN = 10
+
+
+def crawl_lines(stats: dict[str, int], pending_requests: int) -> list[str]:
+    """A crawl's figures for ``fanout status``: totals, HTTP statuses, ledger
+    calls per page, and per domain its pages, statuses and 429/503 answers."""
+    domains: dict[str, dict[str, int]] = {}
+    for key in [k for k in stats if k.startswith("domain/")]:
+        domain, _, what = key[len("domain/") :].partition("/")
+        domains.setdefault(domain, {})[what] = stats.pop(key)
+    statuses = {k[len("status/") :]: stats.pop(k) for k in sorted(stats) if k.startswith("status/")}
+    stats["pending requests"] = pending_requests
+    lines = ["crawl: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in stats.items())]
+    if statuses:
+        lines.append("http: " + ", ".join(f"{k}: {v:,}" for k, v in statuses.items()))
+    pages = stats.get("pages", 0)
+    if pages:
+        calls = stats.get("ledger_claim_calls", 0) + stats.get("ledger_lease_calls", 0)
+        lines.append(f"ledger: {calls / pages:.2f} calls a page")
+    busiest = sorted(domains.items(), key=lambda d: (-d[1].get("pages", 0), d[0]))
+    for domain, figures in busiest[:DOMAINS_SHOWN]:
+        codes = ", ".join(
+            f"{k[len('status/') :]}: {v:,}" for k, v in sorted(figures.items()) if "/" in k
+        )
+        throttled = figures.get("throttled", 0)
+        lines.append(
+            f"  {domain}: pages {figures.get('pages', 0):,}"
+            + (f" ({codes})" if codes else "")
+            + (f", throttled {throttled:,}" if throttled else "")
+        )
+    if len(busiest) > DOMAINS_SHOWN:
+        rest = busiest[DOMAINS_SHOWN:]
+        lines.append(
+            f"  and {len(rest):,} more domains: pages {sum(f.get('pages', 0) for _, f in rest):,}"
+        )
+    return lines

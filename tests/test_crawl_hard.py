@@ -207,6 +207,41 @@ def test_per_domain_limits_hold_across_chunks_and_workers(home: Path) -> None:
     }
     assert impolite == {}
     assert_exactly_once(home, run_id, site, server, st)
+    # fanout status names each domain with its own pages and statuses, which
+    # add up to the run's totals and match what the server served.
+    shown = fanout(home, "status", run_id)
+    assert shown.returncode == 0, shown.stderr
+    per_domain = {
+        line.split(":")[0].strip(): int(line.split("pages ")[1].split()[0].replace(",", ""))
+        for line in shown.stdout.splitlines()
+        if line.startswith("  ") and ": pages " in line
+    }
+    served = {h: sum(seen.hits[h].values()) for h in HOSTS}  # robots.txt is a response too
+    assert per_domain == served
+    assert sum(per_domain.values()) == st["stats"]["pages"]
+    assert "ledger: " in shown.stdout and " calls a page" in shown.stdout
+
+
+@pytest.mark.slow
+def test_per_domain_concurrency_holds_without_a_delay(home: Path) -> None:
+    """No delay: the domain's 2 slots are shared by the chunks crawling it (and
+    Scrapy 2.19 alone, with no delay, sends a slot's whole queue at once)."""
+    needs_localhost()
+    per_domain = 2
+    site = HardSite(40, hosts=2, delay=0.2, traps=False)
+    with HardServer(site) as server:
+        run_id, st = crawl(
+            home,
+            "polite",
+            server.url,
+            pages_per_chunk=5,
+            chunk_timeout=6,
+            env={"HARD_DELAY": "0", "HARD_PER_DOMAIN": str(per_domain)},
+        )
+        most = dict(server.politeness.max_in_flight)
+    assert st["chunks"]["done"] >= 6, st["chunks"]
+    assert most == dict.fromkeys(HOSTS, per_domain)  # used, never exceeded
+    assert_exactly_once(home, run_id, site, server, st)
 
 
 @pytest.mark.slow

@@ -114,6 +114,7 @@ class ChunkScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.held: list[Request] = []  # throttled domains: for a later chunk
         self.parked: list[Request] = []  # domains whose lease another chunk holds
+        self.waiting: dict[str, list[Request]] = {}  # domains whose slots are all in flight
         self.throttled: set[str] = set()
         self.retry_after: dict[str, float] = {}  # per throttled domain, seconds
         self.handed_on = False
@@ -136,6 +137,8 @@ class ChunkScheduler(Scheduler):
     def next_request(self) -> Request | None:
         if self.parked and not self.handed_on:
             self._unpark()
+        if self.waiting:
+            self._unwait()
         while True:
             request = super().next_request()
             if request is None:
@@ -145,8 +148,27 @@ class ChunkScheduler(Scheduler):
                 self.held.append(request)  # spare the site: a later chunk, after back-off
             elif not self.gate.allows(request):
                 self.parked.append(request)  # another chunk holds the domain
+            elif not self.gate.has_room(request):
+                # The domain's slots are all in flight. Scrapy 2.19's downloader
+                # counts a request against its slot only once its download task
+                # has started, so without a delay it would send the whole queue.
+                self.waiting.setdefault(self.gate.key(request), []).append(request)
             else:
                 return request
+
+    def _unwait(self) -> None:
+        """Requests set aside for a full domain go back once it has room."""
+        for key, requests in list(self.waiting.items()):
+            room = self.gate.room(key)
+            if room <= 0:
+                continue
+            for request in requests[:room]:
+                self._mqpush(request)
+            rest = requests[room:]
+            if rest:
+                self.waiting[key] = rest
+            else:
+                del self.waiting[key]
 
     def _unpark(self) -> None:
         """Parked requests go back into the queue once their domain may be asked again."""
@@ -162,7 +184,7 @@ class ChunkScheduler(Scheduler):
         # ones do for a while (the domain's holder may finish soon), then go too.
         if self.parked and time.monotonic() < self.parking_until:
             return True
-        return bool(super().has_pending_requests())
+        return bool(self.waiting) or bool(super().has_pending_requests())
 
     def close(self, reason: str) -> Any:
         self.hand_on()
@@ -173,7 +195,9 @@ class ChunkScheduler(Scheduler):
         if self.handed_on:
             return
         self.handed_on = True
-        pending = [*self.held, *self.parked, *extra]
+        waiting = [r for requests in self.waiting.values() for r in requests]
+        self.waiting.clear()
+        pending = [*self.held, *self.parked, *waiting, *extra]
         while (request := super().next_request()) is not None:
             pending.append(request)
         for request in pending:

@@ -97,6 +97,18 @@ class DomainGate:
         self._apply(key, grant)
         return True
 
+    def room(self, key: str) -> int:
+        """How many more requests the chunk may have in flight to ``key``:
+        counted from the moment the engine hands a request to the downloader
+        (its slot learns of it only after the downloader middlewares)."""
+        downloader = self.crawler.engine.downloader
+        busy = sum(1 for r in downloader.active if downloader.get_slot_key(r) == key)
+        return self.slots.get(key, 0) - busy
+
+    def has_room(self, request: Request) -> bool:
+        """Whether one more request to ``request``'s domain stays within the lease."""
+        return self.room(self.key(request)) > 0
+
     def _ask(self, key: str, want: int, in_use: int = 0) -> DomainGrant:
         self.calls += 1
         self.crawler.stats.inc_value("fanout/ledger_lease_calls")
