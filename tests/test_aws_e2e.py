@@ -181,6 +181,19 @@ def test_crawl_on_lambda_over_http_matches_the_local_backend(aws: Backend, tmp_p
     # Run-wide de-duplication held across the Lambda invocations: each page once.
     assert max(hits_on_aws.values()) == 1, [k for k, n in hits_on_aws.items() if n > 1]
     assert run.tasks_total > 2  # the frontier really was handed on between chunks
+    # What the seen-set and domain leases cost on DynamoDB, from the run's own
+    # counts: at most 1.2 write units a new URL, about one ledger call a page.
+    stats = run.stats
+    pages, new_urls = stats["pages"], stats["new_urls"]
+    calls = stats["ledger_claim_calls"] + stats["ledger_lease_calls"]
+    write_units, read_units = stats["ledger_write_units"], stats["ledger_read_units"]
+    print(
+        f"\ncrawl on DynamoDB: {pages} pages, {new_urls} new URLs, {calls / pages:.2f} ledger"
+        f" calls a page, {write_units / new_urls:.2f} write units a new URL,"
+        f" {read_units / pages:.2f} read units a page"
+    )
+    assert write_units / new_urls <= 1.2, stats
+    assert calls / pages <= 1.2, stats
 
 
 def test_cli_submit_worker_status_failed_replay_cat_against_aws(

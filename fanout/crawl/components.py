@@ -393,7 +393,9 @@ class ChunkBudget:
     def leave(self) -> None:
         """Send the stats and exit the chunk process."""
         stats = self.crawler.stats
-        stats.set_value("fanout/ledger_lease_calls_total", self.gate.calls)
+        # What the ledger's crawl calls cost, where it counts (DynamoDB).
+        for unit, value in getattr(CHUNK["ledger"], "crawl_usage", {}).items():
+            stats.set_value(f"fanout/ledger_{unit}", value)
         send("stats", summarize_stats(stats.get_stats()))
         assert channel.CHANNEL is not None
         channel.CHANNEL.flush()
@@ -478,6 +480,8 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
         "new_urls": int(stats.get("fanout/new_urls", 0)),
         "ledger_claim_calls": int(stats.get("fanout/ledger_claim_calls", 0)),
         "ledger_lease_calls": int(stats.get("fanout/ledger_lease_calls", 0)),
+        "ledger_read_units": int(stats.get("fanout/ledger_read_units", 0)),
+        "ledger_write_units": int(stats.get("fanout/ledger_write_units", 0)),
         "robots_from_store": int(stats.get("fanout/robots_from_store", 0)),
         "callback_errors": sum(
             int(v) for k, v in stats.items() if k.startswith("spider_exceptions/")

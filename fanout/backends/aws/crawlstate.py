@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -43,11 +44,22 @@ def _conflict(exc: ClientError) -> bool:
 
 
 class CrawlState(DynamoTable):
-    """The seen-set and domain leases (mixed into the DynamoDB ledger)."""
+    """The seen-set and domain leases (mixed into the DynamoDB ledger).
+
+    ``crawl_usage`` counts the capacity units these calls consume (every item
+    here is under 1 KB: a write is 1 unit, a failed conditional write too; a
+    strongly consistent read of an item is 1 read unit), so a crawl reports
+    what its seen-set and leases cost."""
 
     #: Claims, per (run, owner, token), known to hold without asking again:
     #: those whose attempt committed (a running one may still fail).
     _live_owners: dict[tuple[str, str, str], float]
+
+    @property
+    def crawl_usage(self) -> Counter[str]:
+        """Capacity units consumed by the crawl state's calls so far."""
+        usage: Counter[str] = self.__dict__.setdefault("_crawl_usage", Counter())
+        return usage
 
     def claim_urls(
         self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
@@ -58,6 +70,8 @@ class CrawlState(DynamoTable):
         if not wanted:
             return set()
         pk = _run_pk(run_id)
+        usage = self.crawl_usage
+        usage["read_units"] += len(wanted)
         seen = self._batch_get([_key(pk, f"SEEN#{fp}") for fp in wanted], ["owner", "token"])
         held: set[str] = set()
         free: list[str] = []
@@ -79,6 +93,7 @@ class CrawlState(DynamoTable):
         live = self._owners_live(run_id, set(foreign.values()))
         stale.update({fp: claim for fp, claim in foreign.items() if not live[claim]})
         writes = [(fp, None) for fp in free] + list(stale.items())
+        usage["write_units"] += len(writes)
         if len(writes) <= 1:
             won = [fp for fp, prior in writes if self._claim_url(run_id, owner, token, fp, prior)]
         else:
@@ -104,6 +119,7 @@ class CrawlState(DynamoTable):
                 ask.add(owner)
         if ask:
             pk = _run_pk(run_id)
+            self.crawl_usage["read_units"] += len(ask)
             tasks = self._batch_get(
                 [_key(pk, _task_sk(o, 0)) for o in sorted(ask)],
                 ["state", "lease_token", "committed_by"],
@@ -165,6 +181,8 @@ class CrawlState(DynamoTable):
         conditional on the version read (again when another chunk wrote first)."""
         key = _key(_run_pk(run_id), f"DOMAIN#{domain}")
         for _ in range(_LEASE_TRIES):
+            self.crawl_usage["read_units"] += 1
+            self.crawl_usage["write_units"] += 1
             item = self._get(key, ["lease", "ver"])
             state = json.loads(item["lease"]["S"]) if item else {}
             version = int(item["ver"]["N"]) if item else 0
