@@ -285,6 +285,56 @@ def test_deploy_creates_then_updates_under_moto(aws: None, tmp_path: Path) -> No
     assert [o["Key"] for o in response["Contents"]] == keys
 
 
+def test_deploy_refuses_a_code_bucket_owned_by_another_account(
+    aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    # Another account creates the stage's (predictable) code bucket first. moto,
+    # like S3 with a permissive bucket policy, then lets this account write to it.
+    name = "fanout-t-code-123456789012-us-east-1"
+    monkeypatch.setenv("MOTO_ACCOUNT_ID", "999999999999")
+    boto3.client("s3").create_bucket(Bucket=name)
+    monkeypatch.delenv("MOTO_ACCOUNT_ID")
+    with pytest.raises(UserError, match=f"code bucket {name} exists but is not owned by this"):
+        deploy("t", REPO, layer_zip=_layer_zip(tmp_path / "layer.zip"))
+    monkeypatch.setenv("MOTO_ACCOUNT_ID", "999999999999")
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=name)  # nothing sent
+    monkeypatch.delenv("MOTO_ACCOUNT_ID")
+    assert boto3.client("cloudformation").describe_stacks()["Stacks"] == []
+
+
+def test_deploy_reuploads_a_layer_replaced_in_the_bucket(aws: None, tmp_path: Path) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")
+    layer = _layer_zip(tmp_path / "layer.zip")
+    deploy("t", REPO, code_bucket="fanout-code", layer_zip=layer)
+    (key,) = [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket="fanout-code")["Contents"]
+        if "/layer-" in o["Key"]
+    ]
+    s3.put_object(Bucket="fanout-code", Key=key, Body=b"swapped")  # same name, other bytes
+    deploy("t", REPO, code_bucket="fanout-code", layer_zip=layer)
+    body = s3.get_object(Bucket="fanout-code", Key=key)["Body"].read()
+    assert body == layer.read_bytes()
+
+
+def test_the_code_bucket_is_private_and_tls_only(aws: None, tmp_path: Path) -> None:
+    import json
+
+    import boto3
+
+    deploy("t", REPO, code_bucket="fanout-code", layer_zip=_layer_zip(tmp_path / "l.zip"))
+    s3 = boto3.client("s3")
+    (statement,) = json.loads(s3.get_bucket_policy(Bucket="fanout-code")["Policy"])["Statement"]
+    assert statement["Effect"] == "Deny" and statement["Principal"] == "*"
+    assert statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    block = s3.get_public_access_block(Bucket="fanout-code")["PublicAccessBlockConfiguration"]
+    assert all(block.values())
+
+
 # -- zip, plan, CLI ---------------------------------------------------------------------
 
 
