@@ -133,10 +133,12 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         if timeout < MIN_TIMEOUT:
             failures.append(message_id)  # too little time left: let SQS redeliver it
             continue
+        attributes = record.get("attributes") or {}
         delivery = Delivery(
             body=str(record.get("body", "")),
             receipt=receipt,
-            receive_count=int(record.get("attributes", {}).get("ApproximateReceiveCount", 1)),
+            receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
+            sender=attributes.get("SenderId"),
         )
         try:
             outcome = runner.handle(delivery, timeout)
