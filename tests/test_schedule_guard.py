@@ -174,3 +174,19 @@ def test_fire_and_sweep_only_from_the_scheduler_role(
     monkeypatch.setenv(SENDER_ENV, MOTO_SENDER_ID)
     deliver(aws, SWEEP_BODY, sender=MOTO_SENDER_ID + ":scheduler-session")
     assert aws.queue.pending() == 1, run_id
+
+
+def test_on_lambda_a_schedule_of_a_job_outside_the_package_is_refused(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("FANOUT_AWS_SCHEDULE_ROLE", "arn:aws:iam::123456789012:role/s")
+    add(aws, "minutely", "* * * * *", datetime(2020, 1, 1, tzinfo=UTC))
+    (tmp_path / "jobs").mkdir()
+    monkeypatch.setenv("LAMBDA_TASK_ROOT", str(tmp_path))  # a package without that job
+    tick = floor_minute(datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with caplog.at_level(logging.ERROR):
+        deliver(aws, fire_body("minutely", tick))
+    assert runs(aws) == []
+    assert f"job {JOB!r} is not a file under the deployed jobs/" in caplog.text

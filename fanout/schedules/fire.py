@@ -36,6 +36,7 @@ from fanout.backends.base import Backend, Delivery, RunState
 from fanout.errors import UserError
 from fanout.jobs import load_job
 from fanout.messages import MessageError, decode_fire
+from fanout.packaged import job_refusal
 from fanout.schedules.guard import sender_refusal, tick_refusal
 from fanout.schedules.model import (
     SCHEDULED_TIME,
@@ -326,6 +327,10 @@ def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime
         log.warning("dropping a fire message of unknown schedule %s", name)
         return "unknown schedule"
     refused = tick_refusal(schedule, when, now_utc())
+    if refused:
+        log.error("dropping a fire message of schedule %s: %s", name, refused)
+        return "refused"
+    refused = job_refusal(schedule.job)  # on Lambda: only a deployed job
     if refused:
         log.error("dropping a fire message of schedule %s: %s", name, refused)
         return "refused"
