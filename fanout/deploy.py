@@ -454,6 +454,19 @@ def _uploaded(s3: Any, bucket: str, key: str, data: bytes, account: str) -> bool
     return bool(head.get("ChecksumSHA256") == digest)
 
 
+def submitter_patterns(caller_arn: str) -> str:
+    """The ``Submitters`` parameter for the principal of ``caller_arn``: its
+    ``aws:PrincipalArn`` as the work queue's policy sees it. An assumed role's
+    session (``arn:aws:sts::ACCOUNT:assumed-role/NAME/SESSION``) is its role,
+    with or without a path; a user or the root is itself."""
+    parts = caller_arn.split(":", 5)
+    if len(parts) == 6 and parts[2] == "sts" and parts[5].startswith("assumed-role/"):
+        partition, account, name = parts[1], parts[4], parts[5].split("/")[1]
+        role = f"arn:{partition}:iam::{account}:role"
+        return f"{role}/{name},{role}/*/{name}"
+    return caller_arn
+
+
 def deploy(
     stage: str,
     root: Path,
@@ -498,7 +511,8 @@ def deploy(
     region = session.region_name or "us-east-1"
     s3 = session.client("s3", region_name=region)
     cfn = session.client("cloudformation", region_name=region)
-    account = str(session.client("sts", region_name=region).get_caller_identity()["Account"])
+    identity = session.client("sts", region_name=region).get_caller_identity()
+    account = str(identity["Account"])
     if code_bucket is None:
         code_bucket = f"fanout-{stage}-code-{account}-{region}"
     ensure_code_bucket(s3, code_bucket, region, account)
@@ -514,6 +528,10 @@ def deploy(
     if not _uploaded(s3, code_bucket, layer_key, layer_data, account):
         _upload(s3, code_bucket, layer_key, layer_data, account)
 
+    if "Submitters" not in (parameters or {}):
+        # The deploying principal may send to the work queue (submit runs);
+        # -p Submitters=... names others (see the template).
+        params["Submitters"] = submitter_patterns(str(identity["Arn"]))
     params.update(Stage=stage, CodeBucket=code_bucket, CodeKey=key, LayerKey=layer_key)
     name = stack_name(stage)
     request: dict[str, Any] = {

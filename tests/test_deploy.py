@@ -151,8 +151,123 @@ def test_table_matches_create_table(template: dict[str, Any]) -> None:
 
 
 def test_topic_is_encrypted(template: dict[str, Any]) -> None:
-    (topic,) = resources(template, "AWS::SNS::Topic").values()
-    assert topic["Properties"]["KmsMasterKeyId"] == "alias/aws/sns"
+    topics = resources(template, "AWS::SNS::Topic")
+    assert topics["RunEventsTopic"]["Properties"]["KmsMasterKeyId"] == "alias/aws/sns"
+    # The alarm topic (CloudWatch cannot publish under the AWS-managed key)
+    # exists only with an e-mail address, and carries no data.
+    assert set(topics) == {"RunEventsTopic", "AlarmTopic"}
+    assert topics["AlarmTopic"]["Condition"] == "HasAlarmEmail"
+
+
+def _policies(template: dict[str, Any]) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
+    """Resource policies by logical id: (what they protect, their statements)."""
+    found = {}
+    for kind, key in (
+        ("AWS::S3::BucketPolicy", "Bucket"),
+        ("AWS::SQS::QueuePolicy", "Queues"),
+        ("AWS::SNS::TopicPolicy", "Topics"),
+    ):
+        for name, resource in resources(template, kind).items():
+            props = resource["Properties"]
+            found[name] = (props[key], props["PolicyDocument"]["Statement"])
+    return found
+
+
+def test_bucket_queues_and_topics_deny_plain_http(template: dict[str, Any]) -> None:
+    policies = _policies(template)
+    protected = {str(target) for target, _ in policies.values()}
+    for name in ("StoreBucket", "WorkQueue", "DeadLetterQueue", "RunEventsTopic", "AlarmTopic"):
+        assert any(name in text for text in protected), name
+    for name, (_, statements) in policies.items():
+        (deny,) = [s for s in statements if s.get("Sid") == "DenyInsecureTransport"]
+        assert deny["Effect"] == "Deny" and deny["Principal"] == "*", name
+        assert deny["Action"].endswith(":*"), name
+        assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}, name
+    bucket = policies["StoreBucketPolicy"][1][0]["Resource"]
+    assert {"Fn::Sub": "${StoreBucket.Arn}/*"} in bucket  # the objects as well
+
+
+def test_only_the_stack_sends_to_the_queue_and_publishes_events(template: dict[str, Any]) -> None:
+    policies = _policies(template)
+    queue = policies["WorkQueuePolicy"][1]
+    (account,) = [s for s in queue if isinstance(s, dict) and s.get("Sid") == "DenyOtherAccounts"]
+    assert account["Condition"] == {
+        "StringNotEquals": {"aws:PrincipalAccount": {"Ref": "AWS::AccountId"}}
+    }
+    (senders,) = [s for s in queue if "Fn::If" in s]
+    condition, deny, otherwise = senders["Fn::If"]
+    assert condition == "HasSubmitters" and otherwise == {"Ref": "AWS::NoValue"}
+    assert deny["Effect"] == "Deny" and deny["Action"] == "sqs:SendMessage"
+    allowed = deny["Condition"]["ArnNotLike"]["aws:PrincipalArn"]["Fn::Split"][1]["Fn::Join"][1]
+    assert allowed == [
+        {"Fn::GetAtt": ["FunctionRole", "Arn"]},
+        {"Fn::GetAtt": ["SchedulerRole", "Arn"]},
+        {"Ref": "Submitters"},
+    ]
+    (publish,) = [
+        s for s in policies["RunEventsTopicPolicy"][1] if s.get("Sid") == "DenyOtherPublishers"
+    ]
+    assert publish["Action"] == "sns:Publish"
+    assert publish["Condition"] == {
+        "ArnNotEquals": {"aws:PrincipalArn": {"Fn::GetAtt": ["FunctionRole", "Arn"]}}
+    }
+
+
+def test_low_findings_of_the_review(template: dict[str, Any]) -> None:
+    res = template["Resources"]
+    for queue in ("WorkQueue", "DeadLetterQueue"):
+        assert res[queue]["Properties"]["MaximumMessageSize"] == 262144
+    assert res["LedgerTable"]["Properties"]["DeletionProtectionEnabled"] is True
+    store = next(s for _, s in _statements(template) if s.get("Sid") == "StoreObjects")
+    assert store["Action"] == ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"]
+    trust = res["SchedulerRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]
+    arns = trust["Condition"]["ArnLike"]["aws:SourceArn"]
+    assert [a["Fn::Sub"].rsplit(":", 1)[1] for a in arns] == [
+        "schedule/fanout-${Stage}/*",
+        "schedule/default/fanout-${Stage}-recovery-sweep",
+    ]
+    assert res["RecoverySweep"]["Properties"]["Name"] == {
+        "Fn::Sub": "fanout-${Stage}-recovery-sweep"
+    }
+    retry = res["RecoverySweep"]["Properties"]["Target"]["RetryPolicy"]
+    assert retry == {"MaximumEventAgeInSeconds": 300, "MaximumRetryAttempts": 3}
+
+
+def test_concurrency_is_bounded_by_default(template: dict[str, Any]) -> None:
+    reserved = template["Parameters"]["ReservedConcurrency"]
+    assert reserved["Default"] == 10 and reserved["MinValue"] >= 2
+    res = template["Resources"]
+    ref = {"Ref": "ReservedConcurrency"}
+    assert res["Function"]["Properties"]["ReservedConcurrentExecutions"] == ref
+    assert res["WorkQueueMapping"]["Properties"]["ScalingConfig"] == {"MaximumConcurrency": ref}
+    alarm = res["InvocationAlarm"]
+    assert alarm["Condition"] == "HasAlarmEmail"
+    assert alarm["Properties"]["MetricName"] == "Invocations"
+    assert alarm["Properties"]["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+    subscription = res["AlarmTopic"]["Properties"]["Subscription"]
+    assert subscription == [{"Protocol": "email", "Endpoint": {"Ref": "AlarmEmail"}}]
+
+
+def test_the_function_is_told_its_owner_and_scheduler(template: dict[str, Any]) -> None:
+    env = template["Resources"]["Function"]["Properties"]["Environment"]["Variables"]
+    assert env["FANOUT_AWS_BUCKET_OWNER"] == {"Ref": "AWS::AccountId"}
+    assert env["FANOUT_AWS_SCHEDULER_SENDER"] == {"Fn::GetAtt": ["SchedulerRole", "RoleId"]}
+
+
+@pytest.mark.parametrize(
+    ("caller", "patterns"),
+    [
+        ("arn:aws:sts::111122223333:assumed-role/Deployer/alice",
+         "arn:aws:iam::111122223333:role/Deployer,arn:aws:iam::111122223333:role/*/Deployer"),
+        ("arn:aws:iam::111122223333:user/ci/bob", "arn:aws:iam::111122223333:user/ci/bob"),
+        ("arn:aws-cn:sts::111122223333:assumed-role/R/s",
+         "arn:aws-cn:iam::111122223333:role/R,arn:aws-cn:iam::111122223333:role/*/R"),
+    ],
+)  # fmt: skip
+def test_deploy_lets_the_deployer_submit(caller: str, patterns: str) -> None:
+    from fanout.deploy import submitter_patterns
+
+    assert submitter_patterns(caller) == patterns
 
 
 def test_visibility_default_is_six_times_timeout(template: dict[str, Any]) -> None:
@@ -183,7 +298,6 @@ def test_function(template: dict[str, Any]) -> None:
         "FANOUT_AWS_TABLE",
         "FANOUT_AWS_EVENTS_TOPIC",  # read by AwsSettings.from_env
     }
-    assert props["ReservedConcurrentExecutions"]["Fn::If"][0] == "HasReservedConcurrency"
     mapping = template["Resources"]["WorkQueueMapping"]["Properties"]
     assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert mapping["BatchSize"] == 10
@@ -281,6 +395,11 @@ def test_deploy_creates_then_updates_under_moto(aws: None, tmp_path: Path) -> No
         "t", REPO, code_bucket="fanout-code", parameters={"MemorySize": "2048"}, layer_zip=layer
     )
     assert again["QueueUrl"] == outputs["QueueUrl"]
+    # The deploying principal may submit runs (the work queue's policy).
+    stack = boto3.client("cloudformation").describe_stacks(StackName="fanout-t")["Stacks"][0]
+    params = {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}
+    caller = boto3.client("sts").get_caller_identity()["Arn"]
+    assert params["Submitters"] == caller and caller.startswith("arn:aws:")
     response = boto3.client("s3").list_objects_v2(Bucket="fanout-code")
     assert [o["Key"] for o in response["Contents"]] == keys
 
