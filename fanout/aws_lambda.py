@@ -26,7 +26,9 @@ from typing import Any
 
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, Delivery, Failure
-from fanout.runner import RELEASED, Attempt, Runner
+from fanout.jobs import Job
+from fanout.packaged import check_packaged
+from fanout.runner import RELEASED, Attempt, Runner, _Run
 
 log = logging.getLogger("fanout.lambda")
 
@@ -104,6 +106,16 @@ class _Watchdog:
             log.exception("could not record the timeout of %s", attempt.key)
 
 
+class _PackagedRunner(Runner):
+    """The runner on Lambda: a run's job ref must resolve inside the deployed
+    package (:mod:`fanout.packaged`) before the job is loaded. Refused, the
+    attempt fails permanently and the task is dead-lettered."""
+
+    def _job(self, run: _Run) -> tuple[Job, Any]:
+        check_packaged(run.job_ref)
+        return super()._job(run)
+
+
 def _runner() -> tuple[Runner, _Watchdog]:
     global _warm
     if _warm is None:
@@ -113,7 +125,7 @@ def _runner() -> tuple[Runner, _Watchdog]:
         configure_logging()
         backend = open_backend("aws")
         watchdog = _Watchdog()
-        runner = Runner(backend, on_start=watchdog.start, on_end=watchdog.end)
+        runner = _PackagedRunner(backend, on_start=watchdog.start, on_end=watchdog.end)
         watchdog.runner = runner
         _warm = (backend, runner, watchdog)
     return _warm[1], _warm[2]
@@ -133,10 +145,12 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         if timeout < MIN_TIMEOUT:
             failures.append(message_id)  # too little time left: let SQS redeliver it
             continue
+        attributes = record.get("attributes") or {}
         delivery = Delivery(
             body=str(record.get("body", "")),
             receipt=receipt,
-            receive_count=int(record.get("attributes", {}).get("ApproximateReceiveCount", 1)),
+            receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
+            sender=attributes.get("SenderId"),
         )
         try:
             outcome = runner.handle(delivery, timeout)

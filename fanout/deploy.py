@@ -9,7 +9,9 @@ Lambda worker and its roles). Deploying is:
 2. the dependency layer (:mod:`fanout.deploy_layer`): fanout's third-party
    packages but boto3 (which the runtime provides), installed by pip for the
    stack's ``PythonRuntime`` and ``Architecture``, cached between deploys;
-3. upload both to a code bucket (created private and encrypted if missing);
+3. upload both to a code bucket (created private, encrypted and TLS-only if
+   missing; refused if it exists under another account, see
+   :func:`ensure_code_bucket`; every call passes ``ExpectedBucketOwner``);
 4. create the CloudFormation stack ``fanout-<stage>``, or update it.
 
 ``--dry-run`` does step 1, reports the layer (from the cache, else what pip
@@ -18,6 +20,7 @@ would install: it runs no pip) and prints :func:`plan`, calling no AWS API.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import shlex
@@ -347,15 +350,76 @@ def resolve_layer(
 # -- the real deployment (AWS calls) ------------------------------------------------
 
 
-def ensure_code_bucket(s3: Any, bucket: str, region: str) -> None:
-    """Create ``bucket`` (private, encrypted) unless this account already has it."""
+#: What S3 answers a request whose ``ExpectedBucketOwner`` is not the bucket's owner.
+_DENIED_CODES = frozenset({"403", "AccessDenied", "Forbidden"})
+
+
+def _not_ours(bucket: str, account: str) -> UserError:
+    return UserError(
+        f"code bucket {bucket} exists but is not owned by this account ({account}):"
+        " refusing to upload the function's code to it; pass --code-bucket NAME"
+        " of a bucket this account owns"
+    )
+
+
+def _owned_by_caller(s3: Any, bucket: str) -> bool | None:
+    """Whether ``bucket`` is among the caller's own buckets (``ListBuckets`` lists
+    only those); None when the caller may not list them."""
     try:
-        s3.head_bucket(Bucket=bucket)
-        return
+        pages = s3.get_paginator("list_buckets").paginate(Prefix=bucket)
+        return any(b["Name"] == bucket for page in pages for b in page.get("Buckets", ()))
     except Exception as exc:
-        if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
-            raise
-    make_private_bucket(s3, bucket, region)
+        if error_code(exc) in _DENIED_CODES:
+            return None
+        raise
+
+
+def ensure_code_bucket(s3: Any, bucket: str, region: str, account: str) -> None:
+    """Create ``bucket`` (private, encrypted, TLS only) unless ``account`` owns it
+    already; :class:`UserError` when it exists under another account.
+
+    S3 bucket names are global and the default name is predictable: whoever
+    creates it first owns it, and would receive (and could swap) the code.
+    Ownership is read from ``ListBuckets`` (only the caller's own), else from
+    ``HeadBucket`` with ``ExpectedBucketOwner`` (403 for another owner)."""
+    owned = _owned_by_caller(s3, bucket)
+    if owned is None:
+        try:
+            s3.head_bucket(Bucket=bucket, ExpectedBucketOwner=account)
+            owned = True
+        except Exception as exc:
+            code = error_code(exc)
+            if code in _DENIED_CODES:
+                raise _not_ours(bucket, account) from None
+            if code not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            owned = False
+    if owned:
+        return
+    try:
+        make_private_bucket(s3, bucket, region, owner=account, tls_only=True)
+    except Exception as exc:
+        if error_code(exc) == "BucketAlreadyExists" or error_code(exc) in _DENIED_CODES:
+            raise _not_ours(bucket, account) from None
+        raise
+
+
+def _upload(s3: Any, bucket: str, key: str, data: bytes, account: str) -> None:
+    """Put ``data`` at ``key``, only into a bucket ``account`` owns, with its
+    SHA-256 checksum (S3 refuses a body that does not match it)."""
+    try:
+        s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=data,
+            ChecksumAlgorithm="SHA256",
+            ExpectedBucketOwner=account,
+        )
+    except Exception as exc:
+        # The bucket changed hands since ensure_code_bucket (deleted, re-created).
+        if error_code(exc) in _DENIED_CODES:
+            raise _not_ours(bucket, account) from None
+        raise
 
 
 def _stack_exists(cfn: Any, name: str) -> bool:
@@ -372,14 +436,35 @@ def _stack_exists(cfn: Any, name: str) -> bool:
     return bool(stacks) and status != "DELETE_COMPLETE"
 
 
-def _exists(s3: Any, bucket: str, key: str) -> bool:
+def _uploaded(s3: Any, bucket: str, key: str, data: bytes, account: str) -> bool:
+    """Whether ``key`` holds exactly ``data`` already: the object's SHA-256 (as S3
+    recorded it at upload) must be the local one, so a layer replaced in the
+    bucket is uploaded again rather than trusted for its name."""
     try:
-        s3.head_object(Bucket=bucket, Key=key)
+        head = s3.head_object(
+            Bucket=bucket, Key=key, ChecksumMode="ENABLED", ExpectedBucketOwner=account
+        )
     except Exception as exc:
         if error_code(exc) in MISSING_CODES:
             return False
+        if error_code(exc) in _DENIED_CODES:
+            raise _not_ours(bucket, account) from None
         raise
-    return True
+    digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    return bool(head.get("ChecksumSHA256") == digest)
+
+
+def submitter_patterns(caller_arn: str) -> str:
+    """The ``Submitters`` parameter for the principal of ``caller_arn``: its
+    ``aws:PrincipalArn`` as the work queue's policy sees it. An assumed role's
+    session (``arn:aws:sts::ACCOUNT:assumed-role/NAME/SESSION``) is its role,
+    with or without a path; a user or the root is itself."""
+    parts = caller_arn.split(":", 5)
+    if len(parts) == 6 and parts[2] == "sts" and parts[5].startswith("assumed-role/"):
+        partition, account, name = parts[1], parts[4], parts[5].split("/")[1]
+        role = f"arn:{partition}:iam::{account}:role"
+        return f"{role}/{name},{role}/*/{name}"
+    return caller_arn
 
 
 def deploy(
@@ -426,22 +511,27 @@ def deploy(
     region = session.region_name or "us-east-1"
     s3 = session.client("s3", region_name=region)
     cfn = session.client("cloudformation", region_name=region)
+    identity = session.client("sts", region_name=region).get_caller_identity()
+    account = str(identity["Account"])
     if code_bucket is None:
-        account = session.client("sts", region_name=region).get_caller_identity()["Account"]
         code_bucket = f"fanout-{stage}-code-{account}-{region}"
-    ensure_code_bucket(s3, code_bucket, region)
+    ensure_code_bucket(s3, code_bucket, region, account)
 
     # Content-addressed: CloudFormation only redeploys the function when CodeKey
     # changes, and equal sources give equal zips (see build_zip).
     key = f"fanout/{stage}/{hashlib.sha256(data).hexdigest()[:20]}.zip"
-    s3.put_object(Bucket=code_bucket, Key=key, Body=data)
+    _upload(s3, code_bucket, key, data, account)
     # The layer likewise (a new LayerKey publishes a new layer version); it is
     # megabytes and rarely changes, so an upload already there is skipped.
     layer_data = layer.read_bytes()
     layer_key = f"fanout/{stage}/layer-{hashlib.sha256(layer_data).hexdigest()[:20]}.zip"
-    if not _exists(s3, code_bucket, layer_key):
-        s3.put_object(Bucket=code_bucket, Key=layer_key, Body=layer_data)
+    if not _uploaded(s3, code_bucket, layer_key, layer_data, account):
+        _upload(s3, code_bucket, layer_key, layer_data, account)
 
+    if "Submitters" not in (parameters or {}):
+        # The deploying principal may send to the work queue (submit runs);
+        # -p Submitters=... names others (see the template).
+        params["Submitters"] = submitter_patterns(str(identity["Arn"]))
     params.update(Stage=stage, CodeBucket=code_bucket, CodeKey=key, LayerKey=layer_key)
     name = stack_name(stage)
     request: dict[str, Any] = {

@@ -14,6 +14,14 @@ def _split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+def _owner(bucket: str) -> dict[str, str]:
+    # A URL into the stack's own bucket passes ExpectedBucketOwner, like the store.
+    from fanout.backends.aws import AwsSettings
+    from fanout.backends.aws.store import owner_args
+
+    return owner_args(AwsSettings.from_env(), bucket)
+
+
 def _s3() -> Any:
     # Imported here: an ETL job reading local files never pays for boto3. The
     # shared client retries throttling and transient errors and honours the
@@ -32,7 +40,7 @@ def list_inputs(prefix: str) -> list[str]:
         paginator = _s3().get_paginator("list_objects_v2")
         return sorted(
             f"s3://{bucket}/{obj['Key']}"
-            for page in paginator.paginate(Bucket=bucket, Prefix=key)
+            for page in paginator.paginate(Bucket=bucket, Prefix=key, **_owner(bucket))
             for obj in page.get("Contents", ())
         )
     path = Path(prefix.removeprefix("file://")).expanduser()
@@ -51,5 +59,5 @@ def open_input(url: str) -> BinaryIO:
     """A binary file object for a local path or an ``s3://`` URL."""
     if url.startswith("s3://"):
         bucket, key = _split_s3(url)
-        return cast(BinaryIO, _s3().get_object(Bucket=bucket, Key=key)["Body"])
+        return cast(BinaryIO, _s3().get_object(Bucket=bucket, Key=key, **_owner(bucket))["Body"])
     return open(Path(url.removeprefix("file://")).expanduser(), "rb")

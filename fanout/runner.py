@@ -167,8 +167,13 @@ class Runner:
                 # Acknowledged first: recovery re-sends stranded tasks only when
                 # the queue is empty, and this message must not count.
                 from fanout.coordinator import recover
+                from fanout.schedules.guard import sender_refusal
 
                 self.queue.ack(delivery.receipt)
+                refused = sender_refusal(self.backend.name, delivery.sender, "sweep")
+                if refused:
+                    log.error("dropping %s", refused)
+                    return "refused"
                 for action in recover(self.backend):
                     log.warning("recovery sweep: %s", action)
                 return "swept"

@@ -38,6 +38,10 @@ def drain(
     raise AssertionError(f"run {run_id} did not finish within {limit}s")
 
 
+#: The ``SenderId`` moto gives every SQS message (moto.sqs.models.DEFAULT_SENDER_ID).
+MOTO_SENDER_ID = "AIDAIT2UOQQY3AUEKVGXU"
+
+
 def fake_aws(monkeypatch: Any, **env: str) -> None:
     """Fake credentials and region for moto (never a user's real ones: profiles
     and endpoint overrides are cleared), plus any ``env`` a test needs."""
@@ -55,6 +59,9 @@ def fake_aws(monkeypatch: Any, **env: str) -> None:
         "AWS_SESSION_TOKEN": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_REGION": "us-east-1",
+        # The scheduler role's id that fire and sweep messages must come from
+        # (fanout.schedules.guard): moto stamps every message with this SenderId.
+        "FANOUT_AWS_SCHEDULER_SENDER": MOTO_SENDER_ID,
         **env,
     }.items():
         monkeypatch.setenv(name, value)

@@ -10,6 +10,10 @@
   table of a few thousand items takes seconds. Here it keeps an undo log of
   just the items the transaction writes instead, and rolls back from that,
   under a lock that every DynamoDB write takes.
+- S3 evaluates a bucket policy's statements without their conditions, so the
+  usual ``Deny`` of requests without TLS (``aws:SecureTransport`` false) denies
+  everything. In-process moto is reached over ``https://`` URLs, so such a
+  statement does not apply to its requests: it is left out of the evaluation.
 """
 
 from __future__ import annotations
@@ -25,6 +29,39 @@ def patch_moto() -> None:
     """Apply both patches (once per process)."""
     _patch_sqs()
     _patch_dynamodb()
+    _patch_s3_policy()
+
+
+def _patch_s3_policy() -> None:
+    import json
+
+    import moto.s3.models as s3_models
+
+    bucket_class: Any = s3_models.FakeBucket
+    if getattr(bucket_class, "_fanout_patched", False):
+        return
+    original = bucket_class.get_permission
+
+    def tls_deny(statement: dict[str, Any]) -> bool:
+        condition = statement.get("Condition") or {}
+        return statement.get("Effect") == "Deny" and condition == {
+            "Bool": {"aws:SecureTransport": "false"}
+        }
+
+    def get_permission(self: Any, action: str, resource: str) -> Any:
+        policy = self.policy
+        if policy is None:
+            return original(self, action, resource)
+        document = json.loads(policy)
+        kept = [s for s in document.get("Statement", []) if not tls_deny(s)]
+        try:
+            self.policy = json.dumps({**document, "Statement": kept}).encode() if kept else None
+            return original(self, action, resource)
+        finally:
+            self.policy = policy
+
+    bucket_class.get_permission = get_permission
+    bucket_class._fanout_patched = True
 
 
 def _locked(lock: threading.RLock, method: Any) -> Any:

@@ -48,6 +48,17 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
         backend.close()
 
 
+def at(monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """The receiver's clock reads ``when`` (plus a few seconds): a fire message is
+    obeyed only for a tick close to now (fanout.schedules.guard)."""
+    from datetime import datetime, timedelta
+
+    import fanout.schedules.fire as fire_mod
+
+    now = datetime.fromisoformat(when) + timedelta(seconds=7)
+    monkeypatch.setattr(fire_mod, "now_utc", lambda: now)
+
+
 def cli(*args: str) -> Result:
     return CliRunner().invoke(main, ["--backend", "aws", *args], prog_name="fanout")
 
@@ -154,9 +165,12 @@ def test_refused_before_any_schedule_is_made(
     assert eventbridge().list_schedules()["Schedules"] == []
 
 
-def test_a_fire_message_submits_one_run_per_tick(aws: Backend) -> None:
+def test_a_fire_message_submits_one_run_per_tick(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
            "-p", "chunks=2", "-p", "rows=3"))  # fmt: skip
+    at(monkeypatch, "2030-01-01T00:05:00Z")
     body = fire_message("tree", "2030-01-01T00:05:00Z")
     assert deliver(aws, body) == []
     run = aws.ledger.get_run("tree-20300101T0005")
@@ -169,9 +183,12 @@ def test_a_fire_message_submits_one_run_per_tick(aws: Backend) -> None:
     assert done.state == RunState.SUCCEEDED and done.records == 6
 
 
-def test_the_message_names_the_schedule_and_the_schedule_says_what_runs(aws: Backend) -> None:
+def test_the_message_names_the_schedule_and_the_schedule_says_what_runs(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
            "-p", "chunks=1"))  # fmt: skip
+    at(monkeypatch, "2030-01-01T00:05:00Z")
     forged = json.loads(fire_message("tree", "2030-01-01T00:05:00Z"))
     forged["definition"]["job"] = "jobs/meter_readings.py"
     forged["definition"]["params"] = {"chunks": 50}
@@ -185,18 +202,22 @@ def test_the_message_names_the_schedule_and_the_schedule_says_what_runs(aws: Bac
     assert [r.run_id for r in aws.ledger.list_runs()] == ["tree-20300101T0005"]
 
 
-def test_overlap_skip_on_aws(aws: Backend) -> None:
+def test_overlap_skip_on_aws(aws: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
            "--overlap", "skip", "-p", "chunks=1"))  # fmt: skip
-    deliver(aws, fire_message("tree", "2030-01-01T00:00:00Z"))
-    deliver(aws, fire_message("tree", "2030-01-01T00:05:00Z"))  # 00:00 is still going
+    for when in ("2030-01-01T00:00:00Z", "2030-01-01T00:05:00Z"):  # 00:00 is still going
+        at(monkeypatch, when)
+        deliver(aws, fire_message("tree", when))
     assert aws.ledger.get_run("tree-20300101T0005") is None
     drain(aws, "tree-20300101T0000", chunk_timeout=5, limit=60)
+    at(monkeypatch, "2030-01-01T00:10:00Z")
     deliver(aws, fire_message("tree", "2030-01-01T00:10:00Z"))
     assert aws.ledger.get_run("tree-20300101T0010") is not None
 
 
-def test_schedule_the_pulse_job_on_aws(aws: Backend, tmp_path: Path) -> None:
+def test_schedule_the_pulse_job_on_aws(
+    aws: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The base readings: a meter-readings run on AWS (its input read from here).
     base = coordinator.submit(aws, str(REPO / "jobs" / "meter_readings.py"), {}).run_id
     base_run = drain(aws, base, chunk_timeout=10, limit=120)
@@ -208,6 +229,7 @@ def test_schedule_the_pulse_job_on_aws(aws: Backend, tmp_path: Path) -> None:
            "-p", f"base={manifest}", "--start", "2030-01-01T00:00Z"))  # fmt: skip
     for _ in range(2):
         ok(cli("scheduler", "--at", "2030-01-01T00:05:00Z"))
+    at(monkeypatch, "2030-01-01T00:05:00Z")  # EventBridge's message too: still one run
     assert deliver(aws, fire_message("pulse", "2030-01-01T00:05:00Z")) == []
     pulses = [r.run_id for r in aws.ledger.list_runs() if r.job_name == "meter-pulse"]
     assert pulses == ["pulse-20300101T0005"]

@@ -313,6 +313,8 @@ class Delivery:
     body: str
     receipt: str
     receive_count: int
+    #: Who sent it, where the queue says (SQS's ``SenderId``); None elsewhere.
+    sender: str | None = None
 
 
 @runtime_checkable

@@ -113,11 +113,14 @@ class EventBridgeScheduleStore:
             "Target": {"Arn": self._queue_arn(), "RoleArn": role, "Input": body},
         }
         # EventBridge counts a rate from its StartDate: the first epoch-aligned tick
-        # at or after the (inclusive) start keeps it on the grid the local
-        # scheduler uses. A start in the past is left out (EventBridge refuses one
-        # more than 5 minutes ago).
-        first = schedule.next_fire() if spec.interval else schedule.start
-        if first is not None and first > datetime.now(UTC):
+        # at or after the (inclusive) start, and after now, keeps it on the grid
+        # the local scheduler uses, which is the grid a fire message's tick must
+        # be on (fanout.schedules.guard). A cron's start in the past is left out
+        # (EventBridge refuses one more than 5 minutes ago; cron ticks are
+        # absolute anyway).
+        now = datetime.now(UTC)
+        first = schedule.next_fire(now) if spec.interval else schedule.start
+        if first is not None and first > now:
             kwargs["StartDate"] = first
         self._ensure_group()
         try:

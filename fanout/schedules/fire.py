@@ -36,6 +36,8 @@ from fanout.backends.base import Backend, Delivery, RunState
 from fanout.errors import UserError
 from fanout.jobs import load_job
 from fanout.messages import MessageError, decode_fire
+from fanout.packaged import job_refusal
+from fanout.schedules.guard import sender_refusal, tick_refusal
 from fanout.schedules.model import (
     SCHEDULED_TIME,
     CatchUp,
@@ -290,10 +292,19 @@ def _process_main(backend_name: str, home: Path, stop: Any) -> None:
 def handle_fire_message(backend: Backend, delivery: Delivery) -> str:
     """Fire the tick a :class:`~fanout.messages.ScheduleFire` message names, with the
     schedule as the store keeps it (the message only names it), then acknowledge.
-    Infrastructure errors propagate, so the message is redelivered; the run id
-    makes the retry harmless."""
+
+    The message is obeyed only from the scheduler (on AWS), for a tick the
+    schedule would fire now, and once: see :mod:`fanout.schedules.guard`. A
+    refused message is logged with its reason and dropped. Infrastructure
+    errors propagate, so the message is redelivered: the tick's claim is given
+    back first, and the run id makes the retry harmless."""
     from fanout.schedules import open_store
 
+    refused = sender_refusal(backend.name, delivery.sender, "fire")
+    if refused:
+        log.error("dropping %s", refused)
+        backend.queue.ack(delivery.receipt)
+        return "refused"
     try:
         message = decode_fire(delivery.body)
     except MessageError as exc:
@@ -302,14 +313,35 @@ def handle_fire_message(backend: Backend, delivery: Delivery) -> str:
         return "invalid"
     store = open_store(backend)
     try:
-        schedule = store.get(message.schedule)
+        outcome = _fire_once(backend, store, message.schedule, message.scheduled_time)
     finally:
         store.close()
-    if schedule is None:
-        log.warning("dropping a fire message of unknown schedule %s", message.schedule)
-        backend.queue.ack(delivery.receipt)
-        return "unknown schedule"
-    result = fire(backend, schedule, message.scheduled_time)
-    _log(result)
     backend.queue.ack(delivery.receipt)
+    return outcome
+
+
+def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime) -> str:
+    """Check, claim and fire one tick of a fire message; what happened."""
+    schedule = store.get(name)
+    if schedule is None:
+        log.warning("dropping a fire message of unknown schedule %s", name)
+        return "unknown schedule"
+    refused = tick_refusal(schedule, when, now_utc())
+    if refused:
+        log.error("dropping a fire message of schedule %s: %s", name, refused)
+        return "refused"
+    refused = job_refusal(schedule.job)  # on Lambda: only a deployed job
+    if refused:
+        log.error("dropping a fire message of schedule %s: %s", name, refused)
+        return "refused"
+    tick = floor_minute(when)
+    if not store.claim_tick(name, tick):
+        _log(Fired(name, tick, run_id_for(name, tick), "claimed elsewhere"))
+        return "schedule claimed elsewhere"
+    try:
+        result = fire(backend, schedule, tick)
+    except BaseException:
+        store.release_tick(name, tick)  # not submitted: the redelivery fires it
+        raise
+    _log(result)
     return f"schedule {result.outcome}"

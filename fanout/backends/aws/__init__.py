@@ -28,12 +28,18 @@ class AwsSettings:
     #: SNS topic (name or ARN) that run events are published to (see
     #: ``fanout.events``). None: no events.
     events_topic: str | None = None
+    #: The account that must own the store bucket: every S3 call to it passes
+    #: ``ExpectedBucketOwner``, so a bucket of the same name in another account
+    #: (S3 names are global) is refused instead of read or written. None: not
+    #: checked (the stack's function always sets it, ``FANOUT_AWS_BUCKET_OWNER``).
+    bucket_owner: str | None = None
 
     @classmethod
     def from_env(cls, stage: str | None = None) -> AwsSettings:
         """``FANOUT_AWS_QUEUE``/``_BUCKET``/``_TABLE``, or names derived from the stage;
         the optional topics from ``FANOUT_AWS_DISPATCH_TOPIC`` and
-        ``FANOUT_AWS_EVENTS_TOPIC`` (unset or empty: not used)."""
+        ``FANOUT_AWS_EVENTS_TOPIC`` (unset or empty: not used); the bucket's
+        owning account from ``FANOUT_AWS_BUCKET_OWNER``."""
         stage = stage or os.environ.get("FANOUT_STAGE", "dev")
         return cls(
             queue=os.environ.get("FANOUT_AWS_QUEUE", f"fanout-{stage}-work"),
@@ -45,6 +51,7 @@ class AwsSettings:
             # would fail every send.
             topic=os.environ.get("FANOUT_AWS_DISPATCH_TOPIC") or None,
             events_topic=os.environ.get("FANOUT_AWS_EVENTS_TOPIC") or None,
+            bucket_owner=os.environ.get("FANOUT_AWS_BUCKET_OWNER") or None,
         )
 
 

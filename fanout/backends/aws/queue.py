@@ -192,14 +192,18 @@ class SqsQueue:
                 MaxNumberOfMessages=min(MAX_BATCH, max_messages - len(got)),
                 VisibilityTimeout=timeout,
                 WaitTimeSeconds=0,
-                MessageSystemAttributeNames=["ApproximateReceiveCount"],
+                # SenderId: fire and sweep messages are obeyed only from the
+                # scheduler role (fanout.schedules.guard).
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "SenderId"],
             )
             messages = response.get("Messages") or []
             if not messages:
                 break
             for m in messages:
-                count = int((m.get("Attributes") or {}).get("ApproximateReceiveCount", 1))
-                got.append(Delivery(m["Body"], m["ReceiptHandle"], count))
+                attributes = m.get("Attributes") or {}
+                count = int(attributes.get("ApproximateReceiveCount", 1))
+                sender = attributes.get("SenderId")
+                got.append(Delivery(m["Body"], m["ReceiptHandle"], count, sender))
         return got
 
     # -- settle -------------------------------------------------------------------

@@ -71,9 +71,15 @@ def create_queue(settings: AwsSettings) -> str:
     return str(url)
 
 
-def make_private_bucket(s3: Any, bucket: str, region: str | None) -> None:
+def make_private_bucket(
+    s3: Any, bucket: str, region: str | None, *, owner: str | None = None, tls_only: bool = False
+) -> None:
     """Create ``bucket`` (an existing one of ours is fine), block all public
-    access and encrypt it by default: every bucket fanout makes is private."""
+    access and encrypt it by default: every bucket fanout makes is private.
+    ``owner``: the account that must own it, passed as ``ExpectedBucketOwner`` to
+    each call after the creation. ``tls_only``: a bucket policy denies requests
+    without TLS (the code bucket; the stack's store bucket has it from the
+    template, and a test's may be served over plain HTTP by a local emulator)."""
     kwargs: dict[str, Any] = {"Bucket": bucket}
     if region and region != "us-east-1":  # us-east-1 rejects an explicit constraint
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
@@ -82,6 +88,7 @@ def make_private_bucket(s3: Any, bucket: str, region: str | None) -> None:
     except Exception as exc:
         if error_code(exc) != "BucketAlreadyOwnedByYou":
             raise
+    expected = {"ExpectedBucketOwner": owner} if owner else {}
     s3.put_public_access_block(
         Bucket=bucket,
         PublicAccessBlockConfiguration={
@@ -90,20 +97,46 @@ def make_private_bucket(s3: Any, bucket: str, region: str | None) -> None:
             "BlockPublicPolicy": True,
             "RestrictPublicBuckets": True,
         },
+        **expected,
     )
     s3.put_bucket_encryption(
         Bucket=bucket,
         ServerSideEncryptionConfiguration={
             "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
         },
+        **expected,
     )
+    if tls_only:
+        policy = json.dumps(tls_only_policy(bucket))
+        s3.put_bucket_policy(Bucket=bucket, Policy=policy, **expected)
+
+
+def tls_only_policy(bucket: str, partition: str = "aws") -> dict[str, Any]:
+    """A bucket policy denying every request made without TLS (Security Hub S3.5);
+    the same statement as the template's ``StoreBucketPolicy``."""
+    arn = f"arn:{partition}:s3:::{bucket}"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "DenyInsecureTransport",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:*",
+                "Resource": [arn, f"{arn}/*"],
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+            }
+        ],
+    }
 
 
 def create_bucket(settings: AwsSettings) -> str:
     """Create the store bucket: private, encrypted by default; returns its name."""
     s3 = client("s3", settings)
     bucket = settings.bucket
-    make_private_bucket(s3, bucket, settings.region or s3.meta.region_name)
+    make_private_bucket(
+        s3, bucket, settings.region or s3.meta.region_name, owner=settings.bucket_owner
+    )
     s3.put_bucket_lifecycle_configuration(
         Bucket=bucket,
         LifecycleConfiguration={
@@ -116,6 +149,7 @@ def create_bucket(settings: AwsSettings) -> str:
                 }
             ]
         },
+        **({"ExpectedBucketOwner": settings.bucket_owner} if settings.bucket_owner else {}),
     )
     return bucket
 

@@ -6,6 +6,10 @@ two concurrent writers exactly one wins. Keys are checked by
 :mod:`fanout.backends.keys`, so S3 accepts and rejects the same keys as the
 local store. Encryption at rest is the bucket's default (set when the bucket is
 created, see :mod:`fanout.backends.aws.resources`), not a per-call argument.
+
+With ``AwsSettings.bucket_owner`` set (the deployed function sets it to its
+account), every call passes ``ExpectedBucketOwner``: S3 answers 403 rather than
+serve or accept an object of a same-named bucket in another account.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class S3Store:
         self.settings = settings
         self.bucket = settings.bucket
         self.s3: Any = s3 if s3 is not None else client("s3", settings)
+        #: Passed to every call (see the module docstring); empty when not configured.
+        self.owner: dict[str, str] = owner_args(settings)
 
     # -- write --------------------------------------------------------------------
 
@@ -58,7 +64,9 @@ class S3Store:
             return self._put_bytes(key, head, if_absent)
         if not if_absent:
             # s3transfer: parallel parts and its own retries.
-            self.s3.upload_fileobj(_Prefixed(head, data), self.bucket, key)
+            self.s3.upload_fileobj(
+                _Prefixed(head, data), self.bucket, key, ExtraArgs=dict(self.owner)
+            )
             return True
         # s3transfer cannot send If-None-Match: our own (sequential) multipart upload.
         return self._put_parts_if_absent(key, _Prefixed(head, data))
@@ -66,7 +74,9 @@ class S3Store:
     def _put_bytes(self, key: str, data: bytes, if_absent: bool) -> bool:
         extra = {"IfNoneMatch": "*"} if if_absent else {}
         return self._conditional(
-            lambda: self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
+            lambda: self.s3.put_object(
+                Bucket=self.bucket, Key=key, Body=data, **extra, **self.owner
+            )
         )
 
     def _conditional(self, write: Any) -> bool:
@@ -85,7 +95,9 @@ class S3Store:
         raise AssertionError("unreachable")
 
     def _put_parts_if_absent(self, key: str, data: _Prefixed) -> bool:
-        upload_id = self.s3.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        upload_id = self.s3.create_multipart_upload(Bucket=self.bucket, Key=key, **self.owner)[
+            "UploadId"
+        ]
         try:
             parts = []
             number = 1
@@ -94,7 +106,12 @@ class S3Store:
                 if not chunk and number > 1:
                     break
                 etag = self.s3.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=chunk,
+                    **self.owner,
                 )["ETag"]
                 parts.append({"PartNumber": number, "ETag": etag})
                 number += 1
@@ -105,6 +122,7 @@ class S3Store:
                     UploadId=upload_id,
                     MultipartUpload={"Parts": parts},
                     IfNoneMatch="*",
+                    **self.owner,
                 )
             )
         except BaseException:
@@ -116,7 +134,9 @@ class S3Store:
 
     def _abort(self, key: str, upload_id: str) -> None:
         try:
-            self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            self.s3.abort_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, **self.owner
+            )
         except Exception as exc:
             # A lifecycle rule (AbortIncompleteMultipartUpload) cleans up the rest.
             if error_code(exc) != "NoSuchUpload":
@@ -134,7 +154,7 @@ class S3Store:
         ``KeyError`` if missing."""
         check_key(key)
         try:
-            response = self.s3.get_object(Bucket=self.bucket, Key=key)
+            response = self.s3.get_object(Bucket=self.bucket, Key=key, **self.owner)
         except Exception as exc:
             if error_code(exc) in MISSING_CODES:
                 raise KeyError(key) from None
@@ -146,7 +166,7 @@ class S3Store:
         """Whether the object exists (``HeadObject``)."""
         check_key(key)
         try:
-            self.s3.head_object(Bucket=self.bucket, Key=key)
+            self.s3.head_object(Bucket=self.bucket, Key=key, **self.owner)
         except Exception as exc:
             if error_code(exc) in MISSING_CODES:
                 return False
@@ -162,7 +182,7 @@ class S3Store:
         check_prefix(prefix)
         keys: list[str] = []
         paginator = self.s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, **self.owner):
             keys.extend(str(obj["Key"]) for obj in page.get("Contents") or [])
         # S3 lists in UTF-8 byte order, which is code point order; sort anyway.
         keys.sort()
@@ -171,7 +191,7 @@ class S3Store:
     def delete(self, key: str) -> None:
         """Remove the object if present (deleting a missing key is no error in S3)."""
         check_key(key)
-        self.s3.delete_object(Bucket=self.bucket, Key=key)
+        self.s3.delete_object(Bucket=self.bucket, Key=key, **self.owner)
 
     def url(self, key: str) -> str:
         """``s3://BUCKET/KEY``."""
@@ -179,6 +199,14 @@ class S3Store:
 
     def close(self) -> None:
         """Nothing to release: the boto3 client is shared by the process."""
+
+
+def owner_args(settings: AwsSettings, bucket: str | None = None) -> dict[str, str]:
+    """``{"ExpectedBucketOwner": account}`` for a call to the stack's bucket (or to
+    ``bucket``, when that is the stack's) with a configured owner; else ``{}``."""
+    if settings.bucket_owner and (bucket is None or bucket == settings.bucket):
+        return {"ExpectedBucketOwner": settings.bucket_owner}
+    return {}
 
 
 def _read_full(stream: _Prefixed, size: int) -> bytes:
