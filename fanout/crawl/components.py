@@ -479,6 +479,7 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
         "handed_on_in_flight": int(stats.get("fanout/handed_on_in_flight", 0)),
         "new_urls": int(stats.get("fanout/new_urls", 0)),
         "ledger_claim_calls": int(stats.get("fanout/ledger_claim_calls", 0)),
+        "ledger_fingerprints_asked": int(stats.get("fanout/ledger_claimed_asked", 0)),
         "ledger_lease_calls": int(stats.get("fanout/ledger_lease_calls", 0)),
         "ledger_read_units": int(stats.get("fanout/ledger_read_units", 0)),
         "ledger_write_units": int(stats.get("fanout/ledger_write_units", 0)),
