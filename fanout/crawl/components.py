@@ -135,6 +135,8 @@ class ChunkScheduler(Scheduler):
         return bool(super().enqueue_request(request))
 
     def next_request(self) -> Request | None:
+        if CHUNK.get("closing"):
+            return None  # the chunk has its share of pages: the rest is handed on
         if self.parked and not self.handed_on:
             self._unpark()
         if self.waiting:
@@ -408,7 +410,9 @@ class ChunkBudget:
         stats.inc_value(f"fanout/domain/{domain}/pages")
         stats.inc_value(f"fanout/domain/{domain}/status/{response.status}")
         self.pages += 1
-        if self.pages >= self.limit:
+        # Requests in flight will answer too: stop scheduling once they make up
+        # the chunk's share, so a chunk fetches pages_per_chunk, not 16 more.
+        if self.pages + len(self.crawler.engine.downloader.active) >= self.limit:
             self.close(spider, "fanout_pages")
 
     def check(self, spider: Spider) -> None:
@@ -423,6 +427,7 @@ class ChunkBudget:
     def close(self, spider: Spider, reason: str) -> None:
         if not self.closing:
             self.closing = True
+            CHUNK["closing"] = True  # at once: Scrapy's own close starts on the next tick
             from scrapy.utils.defer import deferred_from_coro
 
             deferred_from_coro(self.crawler.engine.close_spider_async(reason=reason))
