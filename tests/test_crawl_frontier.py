@@ -127,3 +127,47 @@ def test_a_timed_out_redirect_source_leads_once_to_a_frontier_page(local: Backen
     assert hits["/old"] == 2, dict(hits)  # the timed-out answer, then the 301
     assert hits["/c"] == 1, dict(hits)
     assert items == Counter({"c": 1})
+
+
+# -- Retry-After ---------------------------------------------------------------------
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
+    from fanout.crawl.components import MAX_RETRY_AFTER, parse_retry_after
+
+    assert parse_retry_after(b"120") == 120.0
+    assert parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT", now=1445412460.0) == 20.0
+    assert parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT", now=1445412500.0) == 0.0  # past
+    assert parse_retry_after(b"soon") == 0.0
+    assert parse_retry_after(None) == 0.0
+    assert parse_retry_after(b"nan") == 0.0
+    assert parse_retry_after(b"99999999") == MAX_RETRY_AFTER
+
+
+def test_a_retry_after_longer_than_the_back_off_delays_the_throttled_children() -> None:
+    """Requests held back for a domain that answered 429 with ``Retry-After: 600``
+    go to a child that starts no sooner; without the header, fanout's own
+    back-off (at least ``throttle_base``, well under 600 s) applies."""
+    import time
+
+    from fanout.context import ChunkContext
+    from fanout.crawl import CrawlJob
+
+    job = CrawlJob(scrapy.Spider, schema=None, name="t", pages_per_chunk=10, throttle_base=5.0)
+
+    def spawned(entries: list[dict[str, Any]]) -> list[float]:
+        ctx = ChunkContext(
+            params={}, run_id="r", chunk_id="0/1", seq=0, attempt=1, cursor=None,
+            soft_deadline=time.monotonic() + 60, writer=None, job_name="t",
+            settings=job.settings,
+        )  # fmt: skip
+        job._hand_on(entries, ctx)
+        return sorted(s.delay for s in ctx.spawned)
+
+    def entry(url: str, **extra: Any) -> dict[str, Any]:
+        return {"request": {"url": url, "meta": {}}, "throttled": True, **extra}
+
+    slow = spawned([entry("http://a.test/1", retry_after=600.0)])
+    own = spawned([entry("http://a.test/1")])
+    assert slow == [600.0]
+    assert len(own) == 1 and 5.0 <= own[0] < 600.0
