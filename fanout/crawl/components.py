@@ -405,6 +405,7 @@ class ChunkBudget:
 
     def response_received(self, response: Any, request: Request, spider: Spider) -> None:
         self.book.answer(request)
+        self.gate.answered(request)
         domain = domain_of(request)
         stats = self.crawler.stats
         stats.inc_value(f"fanout/domain/{domain}/pages")

@@ -41,6 +41,10 @@ from fanout.crawl.channel import CHUNK
 ASK_EVERY = 0.5
 #: Seconds between renewals of a shared domain's lease (to trim to a fair share).
 RENEW_EVERY = 1.0
+#: Requests a chunk opens to a domain at first; one more for each answer, up to
+#: its lease. Every chunk is a new process with no connections yet: 16 at once
+#: overflow a small listen backlog, and a dropped SYN is retried only after 1 s.
+RAMP_START = 4
 
 
 def robots_key(run_id: str, netloc: str) -> str:
@@ -68,6 +72,7 @@ class DomainGate:
         self.slots: dict[str, int] = {}  # granted, per domain
         self.shared: dict[str, int] = {}  # holders of a domain this chunk shares
         self.ask_after: dict[str, float] = {}  # monotonic
+        self.ramp: dict[str, int] = {}  # requests allowed in flight while connections open
         self.renewed = time.monotonic()
         self.calls = 0
 
@@ -103,7 +108,12 @@ class DomainGate:
         (its slot learns of it only after the downloader middlewares)."""
         downloader = self.crawler.engine.downloader
         busy = sum(1 for r in downloader.active if downloader.get_slot_key(r) == key)
-        return self.slots.get(key, 0) - busy
+        return min(self.slots.get(key, 0), self.ramp.get(key, RAMP_START)) - busy
+
+    def answered(self, request: Request) -> None:
+        """A response from ``request``'s domain: a connection is open, one more may be."""
+        key = self.key(request)
+        self.ramp[key] = self.ramp.get(key, RAMP_START) + 1
 
     def has_room(self, request: Request) -> bool:
         """Whether one more request to ``request``'s domain stays within the lease."""
