@@ -458,12 +458,12 @@ class ChunkBudget:
         # at the site; they lapse a moment after the soft deadline.
         from twisted.internet import task
 
-        started = time.monotonic()
-
         def finish() -> None:
-            # Parsing is quick; a callback stuck for a second more is cut short
-            # (the hard timeout would kill the chunk anyway).
-            if engine.scraper.slot.is_idle() or time.monotonic() - started > 1.0:
+            # Responses being parsed finish first, however long they take: a
+            # page half parsed would lose the links it has not yielded yet. A
+            # callback that never ends meets the hard timeout, and the attempt
+            # is retried whole.
+            if engine.scraper.slot.is_idle():
                 self.leave()
 
         task.LoopingCall(finish).start(0.02)
