@@ -111,6 +111,9 @@ def _settings(spider_cls: type[Spider], log_level: str) -> Any:
     settings.set("TELNETCONSOLE_ENABLED", False, priority="cmdline")
     settings.set("REMOTE_CONTROL_ENABLED", False, priority="cmdline")
     settings.set("LOG_LEVEL", log_level, priority="project")
+    # Scrapy logs its versions at start-up even below its log level, reading
+    # package metadata and running `uname -p`: ~30 ms a chunk, for nothing.
+    settings.set("LOG_VERSIONS", [], priority="cmdline")
     return settings
 
 
@@ -156,6 +159,11 @@ def prewarm() -> None:
         if isinstance(path, str):
             with contextlib.suppress(Exception):
                 load_object(path)
+    # Loaded by every chunk at start-up otherwise: tens of ms a chunk.
+    import resource  # noqa: F401
+
+    import scrapy.dupefilters
+    import scrapy.logformatter  # noqa: F401
     import twisted.internet.asyncioreactor  # noqa: F401  (the module, not installed)
 
     _warm = True
