@@ -26,7 +26,8 @@ from typing import Any
 
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, Delivery, Failure
-from fanout.runner import RELEASED, Attempt, Runner
+from fanout.failures import Attempt
+from fanout.runner import RELEASED, Runner
 
 log = logging.getLogger("fanout.lambda")
 
@@ -137,6 +138,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             body=str(record.get("body", "")),
             receipt=receipt,
             receive_count=int(record.get("attributes", {}).get("ApproximateReceiveCount", 1)),
+            message_id=message_id,
         )
         try:
             outcome = runner.handle(delivery, timeout)

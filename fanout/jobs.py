@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fanout.errors import JobLoadError, ParamsError, UserError
+from fanout.messages import MAX_SEQ
 
 if TYPE_CHECKING:
     from fanout.avro import Schema
@@ -40,7 +41,7 @@ class RunSettings(BaseModel):
     max_chunks: int = Field(100_000, ge=1, description="distinct chunks a run may register")
     max_depth: int = Field(32, ge=0, le=63, description="spawn generations below the root")
     max_continuations: int = Field(
-        10_000, ge=0, description="continuations of one chunk (resume_at)"
+        10_000, ge=0, le=MAX_SEQ, description="continuations of one chunk (resume_at)"
     )
     codec: str = Field("deflate", pattern="^(null|deflate)$", description="Avro codec")
     pages_per_chunk: int = Field(

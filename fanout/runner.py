@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import traceback
 import uuid
@@ -41,8 +42,16 @@ from fanout.backends.base import (
     TaskState,
 )
 from fanout.context import ChunkContext, Continue
-from fanout.errors import PermanentError, RecordError
 from fanout.events import EventSink, emit, events_for
+from fanout.failures import (
+    POISON_TRIES,
+    Attempt,
+    describe,
+    failure_of,
+    keep_message,
+    message_id,
+    poison_delay,
+)
 from fanout.jobs import Job, RunSettings, load_job
 from fanout.messages import (
     FIRE_KIND,
@@ -65,43 +74,9 @@ LEASE_GRACE = 5.0
 FINALIZE_STALE = 60.0
 #: Outcomes of :meth:`Runner.handle` that leave the message on the queue (not
 #: acknowledged): it is delivered again when its visibility runs out.
-RELEASED = frozenset({"busy", "wait", "retry", "lease lost"})
+RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued"})
 
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """The attempt in progress: what a supervisor needs to fail one it killed."""
-
-    key: TaskKey
-    token: str
-    attempt: int
-    receipt: str
-    deadline: float  # wall clock: the hard timeout
-    started: float = 0.0  # wall clock: the claim (0: unknown), for the attempt's duration
-
-    def to_json(self) -> str:
-        return json.dumps(
-            [
-                self.key.run_id,
-                self.key.chunk_id,
-                self.key.seq,
-                self.token,
-                self.attempt,
-                self.receipt,
-                self.deadline,
-                self.started,
-            ]
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> Attempt:
-        run_id, chunk_id, seq, token, attempt, receipt, deadline, *rest = json.loads(text)
-        started = float(rest[0]) if rest else 0.0
-        return cls(TaskKey(run_id, chunk_id, seq), token, attempt, receipt, deadline, started)
-
-    def took(self, now: float) -> float | None:
-        """Seconds since the claim, if known."""
-        return max(0.0, now - self.started) if self.started else None
+__all__ = ["FINALIZE_STALE", "LEASE_GRACE", "RELEASED", "Attempt", "Runner", "soft_margin"]
 
 
 @dataclass
@@ -152,13 +127,29 @@ class Runner:
         self.events: EventSink = events if events is not None else events_for(backend)
         self.metrics: MetricsSink = metrics if metrics is not None else metrics_for(backend)
         self._runs: dict[str, _Run] = {}
+        #: The attempt ``handle`` claimed and has not settled yet.
+        self._in_hand: Attempt | None = None
 
     # -- one delivery -------------------------------------------------------------
 
     def handle(self, delivery: Delivery, timeout: float) -> str:
         """Process one delivery under a hard ``timeout`` (s); returns what happened.
         The message was released back to the queue (not acknowledged) exactly
-        when the result is in :data:`RELEASED`."""
+        when the result is in :data:`RELEASED`.
+
+        Never raises for a message: what goes wrong outside the job's code (the
+        job's own failures are the attempt's, see ``_work``) fails the attempt in
+        hand if there is one, else hands the message back to be tried again
+        shortly, and dead-letters it once it failed :data:`POISON_TRIES` times."""
+        self._in_hand = None
+        try:
+            return self._handle(delivery, timeout)
+        except Exception as exc:
+            return self._unexpected(delivery, exc)
+
+    def _handle(self, delivery: Delivery, timeout: float) -> str:
+        if not isinstance(delivery.body, str):
+            return self._invalid(delivery, "the body is not text")
         try:
             msg = decode(delivery.body)
         except MessageError as exc:
@@ -178,14 +169,18 @@ class Runner:
 
                 return handle_fire_message(self.backend, delivery)
             # Untrusted input that is not ours: drop it, loudly.
-            log.error("dropping a message that is not a fanout envelope: %s", exc)
-            self.queue.ack(delivery.receipt)
-            return "invalid"
+            return self._invalid(delivery, str(exc))
         run = self._run(msg.run_id)
         if run is None:
             log.warning("dropping a message for unknown run %s", msg.run_id)
             self.queue.ack(delivery.receipt)
             return "unknown run"
+        if msg.seq > run.settings.max_continuations:
+            return self._invalid(
+                delivery,
+                f"invalid message: seq {msg.seq} is over the run's max_continuations"
+                f" ({run.settings.max_continuations})",
+            )
         key = TaskKey(msg.run_id, msg.chunk_id, msg.seq)
         token = uuid.uuid4().hex
         now = time.time()
@@ -229,15 +224,66 @@ class Runner:
             self._chunk_log(
                 logging.INFO, "claimed", attempt, "task %s attempt %d claimed", key, attempt.attempt
             )
+        self._in_hand = attempt
         if self.on_start is not None:
             self.on_start(attempt)
         try:
             # The ledger's copy of the message is the authority on what to run:
             # the delivered body only named the task.
-            return self._work(run, attempt, decode(claim.task.message), timeout)
+            outcome = self._work(run, attempt, decode(claim.task.message), timeout)
         finally:
             if self.on_end is not None:
                 self.on_end()
+        self._in_hand = None
+        return outcome
+
+    def _invalid(self, delivery: Delivery, reason: str) -> str:
+        """Drop a message that is not a valid fanout message, keeping it as a dead
+        letter (``fanout dead-letters``) with the reason."""
+        key = keep_message(self.store, delivery, reason)
+        log.error("dropping message %s: %s (kept at %s)", message_id(delivery), reason, key)
+        self.queue.ack(delivery.receipt)
+        return "invalid"
+
+    def _unexpected(self, delivery: Delivery, exc: Exception) -> str:
+        """Something outside the job's code failed while handling ``delivery``."""
+        reason, tb = describe(exc), traceback.format_exc()
+        attempt, self._in_hand = self._in_hand, None
+        if attempt is not None:
+            # The task was claimed: its attempt fails like any other (retried
+            # with back-off, dead-lettered in the ledger after max_attempts).
+            try:
+                return self.fail(attempt, Failure("internal error", reason, tb))
+            except Exception:
+                log.exception("could not record the failure of %s", attempt.key)
+        mid, tries = message_id(delivery), delivery.receive_count
+        try:
+            if tries >= POISON_TRIES:
+                key = keep_message(self.store, delivery, reason, tb)
+                log.error(
+                    "message %s dead-lettered after %d deliveries: %s (kept at %s)",
+                    mid,
+                    tries,
+                    reason,
+                    key,
+                )
+                self.queue.ack(delivery.receipt)
+                return "dead-lettered"
+            delay = poison_delay(tries)
+            log.error(
+                "message %s failed (delivery %d of %d): %s; tried again in %gs",
+                mid,
+                tries,
+                POISON_TRIES,
+                reason,
+                delay,
+            )
+            self.queue.release(delivery.receipt, delay)
+        except Exception:
+            # The backend itself is failing: the message comes back when its
+            # visibility runs out, and its receive count still grows.
+            log.exception("message %s could not be handed back", mid)
+        return "requeued"
 
     def _work(self, run: _Run, attempt: Attempt, msg: ChunkMessage, timeout: float) -> str:
         started = time.monotonic()
@@ -272,10 +318,20 @@ class Runner:
                 assert job.process_fn is not None
                 result = job.process_fn(payload, ctx)
                 if isinstance(result, Continue):
+                    if msg.seq > 0 and result.cursor == cursor:
+                        return self.fail(attempt, _no_progress(cursor, timeout))
                     continuation = result
             data = writer.finish() if writer is not None and writer.count else b""
-        except Exception as exc:
-            return self.fail(attempt, _failure(exc))
+        except BaseException as exc:
+            # The job's code: sys.exit(), KeyboardInterrupt and the like included,
+            # or the worker would die with no cause recorded.
+            failure = failure_of(exc)
+            if isinstance(exc, KeyboardInterrupt) and _interruptible():
+                # A real Ctrl-C in a process that takes it (not a worker child,
+                # which ignores SIGINT): hand the chunk back, then stop.
+                self.fail(attempt, Failure("interrupted", "interrupted", failure.traceback))
+                raise
+            return self.fail(attempt, failure)
         return self._commit(run, attempt, msg, payload, ctx, continuation, data, writer)
 
     def _commit(
@@ -425,7 +481,7 @@ class Runner:
         if failure.duration is None:
             failure = replace(failure, duration=attempt.took(now))
         job_name = run.job_name if run is not None else ""
-        permanent = failure.kind in ("bad record", "permanent")
+        permanent = failure.kind in ("bad record", "permanent", "no progress")
         # An attempt the user interrupted is handed back at once and may run again
         # even if it was the last one: stopping a worker must not kill chunks.
         interrupted = failure.kind == "interrupted"
@@ -643,13 +699,18 @@ class Runner:
         return job, run.params
 
 
-def _failure(exc: BaseException) -> Failure:
-    if isinstance(exc, RecordError):
-        kind = "bad record"
-    elif isinstance(exc, PermanentError):
-        kind = "permanent"
-    else:
-        kind = "error"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return Failure(kind, error, traceback.format_exc())
+def _no_progress(cursor: Any, timeout: float) -> Failure:
+    """A continuation that resumes from the cursor it was given would repeat
+    itself up to ``max_continuations`` times: fail it at once, saying why."""
+    shown = json.dumps(cursor)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return Failure(
+        "no progress",
+        f"resume_at({shown}) made no progress since the previous slice: chunk timeout too"
+        f" short for this job ({timeout:g}s; raise --chunk-timeout)",
+    )
+
+
+def _interruptible() -> bool:
+    """Whether this process takes Ctrl-C as KeyboardInterrupt (worker children don't)."""
+    return signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -29,7 +29,8 @@ from typing import Any
 
 from fanout.backends import open_backend
 from fanout.backends.base import Failure
-from fanout.runner import LEASE_GRACE, Attempt, Runner
+from fanout.failures import Attempt, exit_cause
+from fanout.runner import LEASE_GRACE, Runner
 
 log = logging.getLogger("fanout.worker")
 
@@ -62,6 +63,10 @@ class WorkerOptions:
     workers: int = os.cpu_count() or 1
     chunk_timeout: float = 60.0
     batch: int = 10  # messages received at a time (see PREFETCH_SLACK)
+    #: A child's resident memory while it runs a chunk may not exceed this (MB);
+    #: over it, the child is killed and the attempt recorded as "out of memory",
+    #: as Lambda does at its memory size. None: no limit.
+    chunk_memory: int | None = None
 
 
 class _Slot:
@@ -103,6 +108,18 @@ class _Slot:
             return None
         self.deadline.value = 0.0
         return Attempt.from_json(self.attempt.value.decode())
+
+
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024 * 1024) if hasattr(os, "sysconf") else 0.0
+
+
+def resident_mb(pid: int) -> int | None:
+    """A process's resident memory in MB (Linux ``/proc``), or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(int(f.read().split()[1]) * _PAGE_MB)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def die_with_parent() -> None:
@@ -157,6 +174,7 @@ class WorkerPool:
         self.procs: list[Any] = [None] * opts.workers
         self.timed_out = 0
         self.crashed = 0
+        self.out_of_memory = 0
         self._signals = 0
 
     def _spawn(self, i: int) -> None:
@@ -254,17 +272,40 @@ class WorkerPool:
                     )
                 if not self.stop_event.is_set():
                     self._spawn(i)
+            elif deadline and (used := self._over_memory(proc.pid)) is not None:
+                proc.kill()
+                proc.join()
+                self._release_prefetched(slot)
+                attempt = slot.take()
+                if attempt is not None:
+                    self.out_of_memory += 1
+                    self.runner.fail(
+                        attempt,
+                        Failure(
+                            "out of memory",
+                            f"chunk used {used} MB, over its {self.opts.chunk_memory} MB limit"
+                            " (--chunk-memory)",
+                        ),
+                    )
+                if not self.stop_event.is_set():
+                    self._spawn(i)
             elif not proc.is_alive():
                 proc.join()
                 self._release_prefetched(slot)
                 attempt = slot.take()
                 if attempt is not None:
                     self.crashed += 1
-                    self.runner.fail(
-                        attempt, Failure("crashed", f"worker process died (exit {proc.exitcode})")
-                    )
+                    self.runner.fail(attempt, Failure("crashed", exit_cause(proc.exitcode)))
                 if not self.stop_event.is_set():
                     self._spawn(i)
+
+    def _over_memory(self, pid: int | None) -> int | None:
+        """The child's resident memory in MB if it is over ``chunk_memory``, else None."""
+        limit = self.opts.chunk_memory
+        if limit is None or pid is None:
+            return None
+        used = resident_mb(pid)
+        return used if used is not None and used > limit else None
 
     def _shutdown(self) -> None:
         self.stop_event.set()

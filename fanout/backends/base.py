@@ -307,6 +307,7 @@ class Delivery:
     body: str
     receipt: str
     receive_count: int
+    message_id: str = ""  # the queue's id for it, for logs and dead letters
 
 
 @runtime_checkable

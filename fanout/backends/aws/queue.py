@@ -199,7 +199,7 @@ class SqsQueue:
                 break
             for m in messages:
                 count = int((m.get("Attributes") or {}).get("ApproximateReceiveCount", 1))
-                got.append(Delivery(m["Body"], m["ReceiptHandle"], count))
+                got.append(Delivery(m["Body"], m["ReceiptHandle"], count, m.get("MessageId", "")))
         return got
 
     # -- settle -------------------------------------------------------------------
