@@ -135,7 +135,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             failures.append(message_id)  # too little time left: let SQS redeliver it
             continue
         delivery = Delivery(
-            body=str(record.get("body", "")),
+            body=record.get("body", ""),  # checked by the runner: may not be text
             receipt=receipt,
             receive_count=int(record.get("attributes", {}).get("ApproximateReceiveCount", 1)),
             message_id=message_id,

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fanout.errors import JobLoadError, ParamsError, UserError
+from fanout.isolation import JobModules, import_fresh
+from fanout.isolation import activate as activate_modules
 from fanout.messages import MAX_SEQ
 
 if TYPE_CHECKING:
@@ -76,6 +78,8 @@ class Job:
         self.plan_fn: PlanFn | None = None
         self.process_fn: ProcessFn | None = None
         self.source: Path | None = None  # the file that defined it, set by the loader
+        #: The modules the loader imported from beside the job file (``fanout.isolation``).
+        self.modules: JobModules | None = None
         self._schema: Schema | None = None
 
     def plan(self, fn: PlanFn) -> PlanFn:
@@ -146,18 +150,26 @@ def _first_error(exc: ValidationError) -> str:
 
 # -- loading ----------------------------------------------------------------------
 
-# ref -> (the job file's mtime when loaded, the job): a worker that outlives an
-# edit of the job file (fix, then `fanout replay`) loads the new code.
-_loaded: dict[str, tuple[float, Job]] = {}
+#: How many loaded jobs a process keeps (a worker loads each run's job afresh).
+_CACHE_SIZE = 32
+# (ref, run id) -> the job, and the mtimes of its file and its own modules when
+# loaded: a worker that outlives an edit of either (fix, then `fanout replay`)
+# loads the new code.
+_loaded: dict[tuple[str, str | None], tuple[dict[str, float], Job]] = {}
 
 
-def _mtime(ref: str) -> float:
-    if not is_path_ref(ref):
-        return 0.0
-    try:
-        return Path(ref.partition(":")[0] if not ref.endswith(".py") else ref).stat().st_mtime
-    except OSError:
-        return -1.0
+def _stamps(files: Iterable[str]) -> dict[str, float]:
+    stamps = {}
+    for f in files:
+        try:
+            stamps[f] = os.stat(f).st_mtime
+        except OSError:
+            stamps[f] = -1.0
+    return stamps
+
+
+def _unchanged(stamps: dict[str, float]) -> bool:
+    return all(_stamps([f]).get(f) == mtime for f, mtime in stamps.items())
 
 
 def is_path_ref(ref: str) -> bool:
@@ -170,43 +182,56 @@ def canonical_ref(ref: str) -> str:
     return str(Path(ref).resolve()) if is_path_ref(ref) else ref
 
 
-def load_job(ref: str) -> Job:
+def load_job(ref: str, run_id: str | None = None) -> Job:
     """Load the job named by ``ref`` (``path.py``, ``path.py:attr`` or ``module[:attr]``).
 
-    Raises :class:`JobLoadError` with one line saying what is wrong.
+    A job file is imported afresh, with the modules beside it, for each
+    ``run_id`` (and again when it or one of them changes), so runs do not share
+    job modules (``fanout.isolation``); call :func:`activate` before running its
+    code. Raises :class:`JobLoadError` with one line saying what is wrong.
     """
-    mtime = _mtime(ref)
-    cached = _loaded.get(ref)
-    if cached is not None and cached[0] == mtime:
+    cached = _loaded.get((ref, run_id))
+    if cached is not None and _unchanged(cached[0]):
         return cached[1]
     target, _, attr = ref.partition(":") if not ref.endswith(".py") else (ref, "", "")
     if is_path_ref(target):
-        module = _import_file(Path(target))
+        path = Path(target)
+        _check_file(path)
+        path = path.resolve()
+        module, own = import_fresh(path.parent, lambda: _import_file(path))
         where = target
+        stamps = _stamps([str(path), *own.files()])
     else:
-        module = _import_module(target)
+        module, own, stamps = _import_module(target), None, {}
         where = f"module {target}"
     job = _find_job(module, attr, where)
     if job.source is None and getattr(module, "__file__", None):
         job.source = Path(str(module.__file__)).resolve()
-    _loaded[ref] = (mtime, job)
+    job.modules = own
+    _loaded[(ref, run_id)] = (stamps, job)
+    while len(_loaded) > _CACHE_SIZE:
+        del _loaded[next(iter(_loaded))]
     return job
 
 
-def _import_file(path: Path) -> ModuleType:
+def activate(job: Job) -> None:
+    """Make ``job``'s own modules the ones its code imports (see ``fanout.isolation``)."""
+    activate_modules(job.modules)
+
+
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise JobLoadError(f"job file {path} does not exist")
     if path.is_dir() or path.suffix != ".py":
         raise JobLoadError(f"job file {path} is not a .py file")
-    path = path.resolve()
+
+
+def _import_file(path: Path) -> ModuleType:
     name = "fanout_job_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise JobLoadError(f"job file {path} cannot be imported")
     module = importlib.util.module_from_spec(spec)
-    # A job may import helper modules that sit beside it.
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)

@@ -52,7 +52,7 @@ from fanout.failures import (
     message_id,
     poison_delay,
 )
-from fanout.jobs import Job, RunSettings, load_job
+from fanout.jobs import Job, RunSettings, activate, load_job
 from fanout.messages import (
     FIRE_KIND,
     ChunkMessage,
@@ -289,7 +289,7 @@ class Runner:
         started = time.monotonic()
         writer = None
         try:
-            job, params = self._job(run)
+            job, params = self._job(attempt.key.run_id, run)
             payload, cursor = resolve(msg, self.store)
             schema = job.schema
             if schema is not None:
@@ -690,8 +690,12 @@ class Runner:
             self._runs[run_id] = run
         return run
 
-    def _job(self, run: _Run) -> tuple[Job, Any]:
-        job = load_job(run.job_ref)  # cached; reloaded if the job file changed
+    def _job(self, run_id: str, run: _Run) -> tuple[Job, Any]:
+        # Loaded afresh for each run, with the modules beside the job file, and
+        # again when one of them changed (a fix before a replay): runs do not
+        # share job modules, and the job's own modules are the ones imported.
+        job = load_job(run.job_ref, run_id)
+        activate(job)
         if job is not run.job:
             job.check()
             run.params = job.validate_params(run.raw_params)

@@ -17,6 +17,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from fanout.backends import open_backend
 from fanout.backends.base import RunState
 from helpers import TREE
@@ -96,3 +98,79 @@ def test_poison_messages_are_dead_lettered_and_the_worker_keeps_working(home: Pa
     assert plain.returncode == 0
     assert len(plain.stdout.splitlines()) == 4
     assert "OverflowError: date value out of range" in plain.stdout
+
+
+def test_poison_messages_on_lambda_are_dead_lettered_not_redelivered_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same four through the Lambda handler on moto, driven like the SQS
+    event source, beside a real run: each is dead-lettered after a bounded number
+    of deliveries (not left to SQS's redrive after 50), and the run succeeds."""
+    from moto import mock_aws
+
+    import fanout.aws_lambda as lambda_mod
+    from fanout import coordinator
+    from fanout.backends.aws import AwsSettings
+    from fanout.backends.aws.resources import create_resources
+    from helpers import fake_aws
+    from lambda_source import EventSource
+
+    repo = Path(__file__).resolve().parents[1]
+    role = "arn:aws:iam::123456789012:role/fanout-test-scheduler"
+    fake_aws(monkeypatch, FANOUT_STAGE="test", FANOUT_AWS_SCHEDULE_ROLE=role)
+    monkeypatch.setattr(lambda_mod, "_warm", None)
+    monkeypatch.chdir(repo)  # schedules keep job files relative to the project
+    with mock_aws():
+        create_resources(AwsSettings.from_env())
+        backend = open_backend("aws")
+        try:
+            from click.testing import CliRunner
+
+            from fanout.cli import main
+
+            added = CliRunner().invoke(
+                main,
+                [
+                    "--backend",
+                    "aws",
+                    "schedule",
+                    "add",
+                    "pulse",
+                    "--cron",
+                    "rate(5 minutes)",
+                    "tests/testjobs/tree.py",
+                ],
+            )
+            assert added.exit_code == 0, added.output
+            run_id = coordinator.submit(backend, TREE, {"chunks": 3, "rows": 5}).run_id
+            queue = backend.queue
+            queue.send([*poison_bodies(run_id), "marker: not textx"])
+            source = EventSource(queue.sqs, queue.url, timeout_ms=30_000, visibility=30)  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                messages = source.receive()
+                for m in messages:
+                    if m["Body"].endswith(" not textx"):
+                        m["Body"] = b"\xff\xfe not text"  # what no SQS body can be
+                if messages:
+                    source.invoke(messages)
+                elif queue.pending() == 0:
+                    break
+                else:
+                    time.sleep(0.2)
+            assert queue.pending() == 0, "a message is still being redelivered"
+            run = backend.ledger.get_run(run_id)
+            assert run is not None and run.state is RunState.SUCCEEDED, run
+            from fanout.failures import list_messages
+
+            letters = list_messages(backend.store)
+            reasons = sorted(letter["reason"] for letter in letters)
+            assert len(reasons) == 4, reasons
+            assert any("recursion limit" in r for r in reasons), reasons
+            assert any("not text" in r for r in reasons), reasons
+            assert any("seq" in r for r in reasons), reasons
+            (fire,) = [letter for letter in letters if "OverflowError" in letter["reason"]]
+            # Far below the redrive policy's 50: the handler's own guard did it.
+            assert fire["deliveries"] == 5
+        finally:
+            backend.close()
