@@ -593,10 +593,12 @@ main.add_command(logs)
 main.add_command(cost)
 main.add_command(dead_letters)
 
+from fanout.cli_aws import aws  # noqa: E402  (imports no cli either)
 from fanout.cli_schedule import schedule, scheduler  # noqa: E402  (imports no cli either)
 
 main.add_command(schedule)
 main.add_command(scheduler)
+main.add_command(aws)
 
 if __name__ == "__main__":
     main()
