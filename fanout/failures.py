@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import signal
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from fanout.backends.base import Delivery, Failure, Store, TaskKey
+from fanout.backends.base import Delivery, Failure, Queue, Store, TaskKey
 from fanout.errors import PermanentError, RecordError
+
+log = logging.getLogger("fanout.runner")
 
 #: Deliveries of one message that failed outside the job's code before it is
 #: dead-lettered (SQS's redrive policy in the template allows 50).
@@ -154,3 +157,55 @@ def list_messages(store: Store, limit: int = 100) -> list[dict[str, Any]]:
             letter["key"] = key
             letters.append(letter)
     return letters
+
+
+def settle_poison(queue: Queue, store: Store, delivery: Delivery, reason: str, tb: str) -> str:
+    """A delivery that failed outside the job's code with no attempt in hand:
+    hand it back to be tried again shortly, or, after :data:`POISON_TRIES`
+    deliveries, keep it as a dead letter and acknowledge it. Never raises."""
+    mid, tries = message_id(delivery), delivery.receive_count
+    try:
+        if tries >= POISON_TRIES:
+            key = keep_message(store, delivery, reason, tb)
+            log.error(
+                "message %s dead-lettered after %d deliveries: %s (kept at %s)",
+                mid,
+                tries,
+                reason,
+                key,
+            )
+            queue.ack(delivery.receipt)
+            return "dead-lettered"
+        delay = poison_delay(tries)
+        log.error(
+            "message %s failed (delivery %d of %d): %s; tried again in %gs",
+            mid,
+            tries,
+            POISON_TRIES,
+            reason,
+            delay,
+        )
+        queue.release(delivery.receipt, delay)
+    except Exception:
+        # The backend itself is failing: the message comes back when its
+        # visibility runs out, and its receive count still grows.
+        log.exception("message %s could not be handed back", mid)
+    return "requeued"
+
+
+def no_progress(cursor: Any, timeout: float) -> Failure:
+    """A continuation that resumes from the cursor it was given would repeat
+    itself up to ``max_continuations`` times: fail it at once, saying why."""
+    shown = json.dumps(cursor)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return Failure(
+        "no progress",
+        f"resume_at({shown}) made no progress since the previous slice: chunk timeout too"
+        f" short for this job ({timeout:g}s; raise --chunk-timeout)",
+    )
+
+
+def interruptible() -> bool:
+    """Whether this process takes Ctrl-C as KeyboardInterrupt (worker children
+    ignore SIGINT: a KeyboardInterrupt there can only be the job's own)."""
+    return signal.getsignal(signal.SIGINT) is signal.default_int_handler

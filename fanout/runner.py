@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 import traceback
 import uuid
@@ -37,21 +36,21 @@ from fanout.backends.base import (
     Failure,
     NewTask,
     Output,
-    RunState,
     TaskKey,
-    TaskState,
 )
 from fanout.context import ChunkContext, Continue
 from fanout.events import EventSink, emit, events_for
 from fanout.failures import (
-    POISON_TRIES,
     Attempt,
     describe,
     failure_of,
+    interruptible,
     keep_message,
     message_id,
-    poison_delay,
+    no_progress,
+    settle_poison,
 )
+from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import Job, RunSettings, activate, load_job
 from fanout.messages import (
     FIRE_KIND,
@@ -70,8 +69,6 @@ log = logging.getLogger("fanout.runner")
 #: A lease outlives the hard timeout by this much, so a supervisor that kills an
 #: overrunning attempt records it before any other worker may take the task over.
 LEASE_GRACE = 5.0
-#: A finalizer that has not finished after this long is presumed dead.
-FINALIZE_STALE = 60.0
 #: Outcomes of :meth:`Runner.handle` that leave the message on the queue (not
 #: acknowledged): it is delivered again when its visibility runs out.
 RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued"})
@@ -95,11 +92,6 @@ class _Run:
 def soft_margin(timeout: float) -> float:
     """How long before the hard timeout the soft deadline falls: 10%, at least 1 s."""
     return max(1.0, 0.1 * timeout)
-
-
-def manifest_key(run_id: str) -> str:
-    """Where the run's manifest is written."""
-    return f"runs/{run_id}/_manifest.json"
 
 
 class Runner:
@@ -256,34 +248,7 @@ class Runner:
                 return self.fail(attempt, Failure("internal error", reason, tb))
             except Exception:
                 log.exception("could not record the failure of %s", attempt.key)
-        mid, tries = message_id(delivery), delivery.receive_count
-        try:
-            if tries >= POISON_TRIES:
-                key = keep_message(self.store, delivery, reason, tb)
-                log.error(
-                    "message %s dead-lettered after %d deliveries: %s (kept at %s)",
-                    mid,
-                    tries,
-                    reason,
-                    key,
-                )
-                self.queue.ack(delivery.receipt)
-                return "dead-lettered"
-            delay = poison_delay(tries)
-            log.error(
-                "message %s failed (delivery %d of %d): %s; tried again in %gs",
-                mid,
-                tries,
-                POISON_TRIES,
-                reason,
-                delay,
-            )
-            self.queue.release(delivery.receipt, delay)
-        except Exception:
-            # The backend itself is failing: the message comes back when its
-            # visibility runs out, and its receive count still grows.
-            log.exception("message %s could not be handed back", mid)
-        return "requeued"
+        return settle_poison(self.queue, self.store, delivery, reason, tb)
 
     def _work(self, run: _Run, attempt: Attempt, msg: ChunkMessage, timeout: float) -> str:
         started = time.monotonic()
@@ -319,14 +284,14 @@ class Runner:
                 result = job.process_fn(payload, ctx)
                 if isinstance(result, Continue):
                     if msg.seq > 0 and result.cursor == cursor:
-                        return self.fail(attempt, _no_progress(cursor, timeout))
+                        return self.fail(attempt, no_progress(cursor, timeout))
                     continuation = result
             data = writer.finish() if writer is not None and writer.count else b""
         except BaseException as exc:
             # The job's code: sys.exit(), KeyboardInterrupt and the like included,
             # or the worker would die with no cause recorded.
             failure = failure_of(exc)
-            if isinstance(exc, KeyboardInterrupt) and _interruptible():
+            if isinstance(exc, KeyboardInterrupt) and interruptible():
                 # A real Ctrl-C in a process that takes it (not a worker child,
                 # which ignores SIGINT): hand the chunk back, then stop.
                 self.fail(attempt, Failure("interrupted", "interrupted", failure.traceback))
@@ -610,66 +575,7 @@ class Runner:
     def finalize(self, run_id: str) -> bool:
         """Write the manifest of a drained run and record its final state.
         Only one caller per drain does the work; returns whether this one did."""
-        now = time.time()
-        if not self.ledger.begin_finalize(run_id, now, FINALIZE_STALE):
-            return False
-        record = self.ledger.get_run(run_id)
-        assert record is not None
-        done = self.ledger.list_tasks(run_id, (TaskState.DONE,))
-        dead = self.ledger.list_tasks(run_id, (TaskState.DEAD,))
-        files = [
-            {
-                "key": t.output.key,
-                "records": t.output.records,
-                "bytes": t.output.bytes,
-                "chunk_id": t.chunk_id,
-                "seq": t.seq,
-            }
-            for t in done
-            if t.output is not None
-        ]
-        if record.stop_reason:
-            state = RunState.STOPPED
-        elif dead:
-            state = RunState.FAILED
-        else:
-            state = RunState.SUCCEEDED
-        manifest = {
-            "version": 1,
-            "run_id": run_id,
-            "job": record.job_name,
-            "state": state.value,
-            "stop_reason": record.stop_reason,
-            "created_at": record.created_at,
-            "finished_at": now,
-            "records": sum(f["records"] for f in files),  # type: ignore[misc]
-            "files": files,
-            "dead_chunks": [{"chunk_id": t.chunk_id, "seq": t.seq, "error": t.error} for t in dead],
-            "schema": record.settings.get("schema"),
-        }
-        key = manifest_key(run_id)
-        self.store.put(key, json.dumps(manifest, indent=1).encode())
-        self.ledger.finish(run_id, state, key, time.time())
-        emit(
-            self.events,
-            "run.finished",
-            run_id,
-            job=record.job_name,
-            state=state.value,
-            stop_reason=record.stop_reason,
-            records=manifest["records"],
-            files=len(files),
-            dead_chunks=len(dead),
-            manifest=key,
-        )
-        log.info(
-            "run %s %s: %d records in %d files",
-            run_id,
-            state.value,
-            manifest["records"],
-            len(files),
-        )
-        return True
+        return finalize_run(self.ledger, self.store, self.events, run_id)
 
     # -- caches -------------------------------------------------------------------
 
@@ -701,20 +607,3 @@ class Runner:
             run.params = job.validate_params(run.raw_params)
             run.job = job
         return job, run.params
-
-
-def _no_progress(cursor: Any, timeout: float) -> Failure:
-    """A continuation that resumes from the cursor it was given would repeat
-    itself up to ``max_continuations`` times: fail it at once, saying why."""
-    shown = json.dumps(cursor)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return Failure(
-        "no progress",
-        f"resume_at({shown}) made no progress since the previous slice: chunk timeout too"
-        f" short for this job ({timeout:g}s; raise --chunk-timeout)",
-    )
-
-
-def _interruptible() -> bool:
-    """Whether this process takes Ctrl-C as KeyboardInterrupt (worker children don't)."""
-    return signal.getsignal(signal.SIGINT) is signal.default_int_handler
