@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -234,13 +235,37 @@ def _import_file(path: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        with _no_exit_at_import(path):
+            spec.loader.exec_module(module)
     except UserError:
         raise
     except BaseException as exc:
         sys.modules.pop(name, None)
         raise JobLoadError(f"job file {path} does not import: {_describe(exc)}") from exc
     return module
+
+
+class _ExitAtImport(JobLoadError):
+    """Raised in place of ``os._exit`` while a job file is imported."""
+
+
+@contextlib.contextmanager
+def _no_exit_at_import(path: Path) -> Iterator[None]:
+    """``os._exit`` while importing a job would end the CLI (or the worker) with
+    no word (``fanout validate`` exiting 0, printing nothing): make it an error
+    of the job file instead, for the duration of the import only."""
+    real = os._exit
+
+    def refuse(status: int) -> NoReturn:
+        raise _ExitAtImport(
+            f"job file {path} calls os._exit({status}) at import: a job must not end the process"
+        )
+
+    os._exit = refuse
+    try:
+        yield
+    finally:
+        os._exit = real
 
 
 def _import_module(name: str) -> ModuleType:

@@ -79,3 +79,16 @@ def test_a_continuation_that_makes_no_progress_fails_naming_the_setting(home: Pa
     assert "no progress" in shown.stdout
     assert "chunk timeout too short for this job" in shown.stdout
     assert "--chunk-timeout" in shown.stdout
+
+
+def test_a_job_that_calls_os_exit_at_import_is_refused_with_one_line(
+    home: Path, tmp_path: Path
+) -> None:
+    job = tmp_path / "quits.py"
+    job.write_text("import os\n\nos._exit(0)\n")
+    for command in ("validate", "run", "submit"):
+        result = fanout(home, command, str(job))
+        assert result.returncode == 2, (command, result)
+        assert result.stderr.strip() == (
+            f"error: job file {job} calls os._exit(0) at import: a job must not end the process"
+        )
