@@ -22,11 +22,17 @@ def manifest_key(run_id: str) -> str:
     return f"runs/{run_id}/_manifest.json"
 
 
-def finalize_run(ledger: Ledger, store: Store, events: EventSink, run_id: str) -> bool:
+def finalize_run(
+    ledger: Ledger,
+    store: Store,
+    events: EventSink,
+    run_id: str,
+    stale_after: float = FINALIZE_STALE,
+) -> bool:
     """Write the manifest of a drained run and record its final state.
     Only one caller per drain does the work; returns whether this one did."""
     now = time.time()
-    if not ledger.begin_finalize(run_id, now, FINALIZE_STALE):
+    if not ledger.begin_finalize(run_id, now, stale_after):
         return False
     record = ledger.get_run(run_id)
     assert record is not None

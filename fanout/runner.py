@@ -105,17 +105,22 @@ class Runner:
         *,
         events: EventSink | None = None,
         metrics: MetricsSink | None = None,
+        on_finalize: Callable[[str], None] | None = None,
     ) -> None:
         """``events``: where run events go (``fanout.events``); by default the
         backend's own sink (SNS on AWS with an events topic, else nowhere).
         ``metrics``: where per-attempt chunk metrics go (``fanout.metrics``); by
-        default CloudWatch's embedded metric format on Lambda, else nowhere."""
+        default CloudWatch's embedded metric format on Lambda, else nowhere.
+        ``on_finalize``: told the run id this process starts finalizing, and ""
+        when it is done (the local worker's supervisor finishes the job of a
+        child that died meanwhile)."""
         self.backend = backend
         self.ledger = backend.ledger
         self.queue = backend.queue
         self.store = backend.store
         self.on_start = on_start
         self.on_end = on_end
+        self.on_finalize = on_finalize
         self.events: EventSink = events if events is not None else events_for(backend)
         self.metrics: MetricsSink = metrics if metrics is not None else metrics_for(backend)
         self._runs: dict[str, _Run] = {}
@@ -572,10 +577,17 @@ class Runner:
 
     # -- the end of a run ---------------------------------------------------------
 
-    def finalize(self, run_id: str) -> bool:
+    def finalize(self, run_id: str, stale_after: float = FINALIZE_STALE) -> bool:
         """Write the manifest of a drained run and record its final state.
-        Only one caller per drain does the work; returns whether this one did."""
-        return finalize_run(self.ledger, self.store, self.events, run_id)
+        Only one caller per drain does the work (another may take over once it
+        is ``stale_after`` seconds old); returns whether this one did."""
+        if self.on_finalize is not None:
+            self.on_finalize(run_id)  # a supervisor takes over if this process dies
+        try:
+            return finalize_run(self.ledger, self.store, self.events, run_id, stale_after)
+        finally:
+            if self.on_finalize is not None:
+                self.on_finalize("")
 
     # -- caches -------------------------------------------------------------------
 

@@ -77,6 +77,17 @@ class _Slot:
         self.deadline: Synchronized[float] = _CTX.Value(ctypes.c_double, 0.0)
         self.attempt: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)
         self.prefetched: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)
+        self.finalizing: SynchronizedString = _CTX.Array(ctypes.c_char, 256)
+
+    def finalize(self, run_id: str) -> None:
+        """The run whose manifest the child is writing ("" when done)."""
+        self.finalizing.value = run_id.encode()[:255]
+
+    def take_finalizing(self) -> str:
+        """The run a dead child was finalizing, if any (and forget it)."""
+        run_id = self.finalizing.value.decode()
+        self.finalizing.value = b""
+        return run_id
 
     def hold(self, receipts: list[str]) -> None:
         """Note the receipts of prefetched messages (as many as fit), so that if this
@@ -136,7 +147,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     backend = open_backend(opts.backend, home=opts.home)
-    runner = Runner(backend, on_start=slot.start, on_end=slot.end)
+    runner = Runner(backend, on_start=slot.start, on_end=slot.end, on_finalize=slot.finalize)
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     sleep = 0.005
     batch = 1
@@ -248,10 +259,18 @@ class WorkerPool:
                 tick()
 
     def _release_prefetched(self, slot: _Slot) -> None:
-        """Hand back the messages a dead child had received but not started."""
+        """Hand back the messages a dead child had received but not started, and
+        finish the run it was finalizing: left alone, the run would stay
+        "finalizing" until the recovery sweep finds the finalizer stale (60 s)."""
         for receipt in slot.take_prefetched():
             with contextlib.suppress(Exception):
                 self.backend.queue.release(receipt, 0.0)
+        run_id = slot.take_finalizing()
+        if run_id:
+            try:
+                self.runner.finalize(run_id, stale_after=0.0)
+            except Exception:
+                log.exception("could not finalize %s after its finalizer died", run_id)
 
     def _police(self, now: float) -> None:
         """Kill children past their hard deadline; replace children that died."""

@@ -10,6 +10,7 @@ attempt was claimed and when its failure was recorded.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,40 @@ def test_a_job_that_calls_os_exit_at_import_is_refused_with_one_line(
         assert result.stderr.strip() == (
             f"error: job file {job} calls os._exit(0) at import: a job must not end the process"
         )
+
+
+DIES_FINALIZING = """
+import os
+
+from fanout import Job
+from fanout.backends.local.store import DirStore
+
+job = Job("dies-finalizing")
+_put = DirStore.put
+
+
+def put(self, key, data, **kwargs):
+    # Fault injection: this worker process dies while it writes the manifest,
+    # after it took the run to "finalizing".
+    if key.endswith("_manifest.json"):
+        os._exit(9)
+    return _put(self, key, data, **kwargs)
+
+
+@job.process
+def process(chunk, ctx):
+    DirStore.put = put
+"""
+
+
+def test_a_finalizer_that_dies_is_taken_over_at_once(home: Path, tmp_path: Path) -> None:
+    """Its run does not stay "finalizing" until the recovery sweep finds it stale
+    (60 s): the supervisor saw the process die and finishes the run itself."""
+    job = tmp_path / "dies_finalizing.py"
+    job.write_text(DIES_FINALIZING)
+    started = time.monotonic()
+    result = fanout(home, "run", str(job), "-w", "1", "--chunk-timeout", "5", timeout=50)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert "succeeded" in result.stdout
+    assert took < 15, took
