@@ -310,6 +310,7 @@ def worker(
     obj = ctx.obj
     if with_scheduler and obj["backend_name"] == "aws":
         raise UserError("on AWS, EventBridge Scheduler fires the schedules: drop --with-scheduler")
+    group_backend(ctx)  # on AWS: finds the stage's stack, for the children too
     opts = WorkerOptions(
         backend=obj["backend_name"],
         home=obj["home"],

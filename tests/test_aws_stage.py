@@ -28,11 +28,8 @@ def moto(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     import fanout.aws_lambda as lambda_mod
     from fanout.backends.aws.clients import clear_cache
 
-    fake_aws(monkeypatch)
-    for name in ("FANOUT_AWS_QUEUE", "FANOUT_AWS_BUCKET", "FANOUT_AWS_TABLE", "FANOUT_STAGE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("FANOUT_AWS_EVENTS_TOPIC", raising=False)
-    monkeypatch.delenv("FANOUT_AWS_SCHEDULE_ROLE", raising=False)
+    fake_aws(monkeypatch)  # no FANOUT_AWS_* names, and what a command exports is undone
+    monkeypatch.delenv("FANOUT_STAGE", raising=False)
     monkeypatch.setattr(lambda_mod, "_warm", None)
     # The same moto gap test_deploy.py works around (a layer's Ref).
     monkeypatch.setattr(

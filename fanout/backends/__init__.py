@@ -28,16 +28,10 @@ def open_backend(name: str = "local", *, home: str | Path | None = None) -> Back
 
         return open_memory()
     if name == "aws":
-        # Resources named by FANOUT_AWS_*, else by the outputs of FANOUT_STAGE's
-        # stack, in the standard AWS environment (region, endpoint, credentials).
+        # Resources named by FANOUT_AWS_* / FANOUT_STAGE and the standard AWS
+        # environment (region, endpoint, credentials); the CLI first puts the
+        # names of the stage's stack there (fanout.backends.aws.stack).
         from fanout.backends.aws import open_aws
-        from fanout.backends.aws.stack import not_deployed, stage_settings
 
-        try:
-            return open_aws(stage_settings())
-        except Exception as exc:
-            error = not_deployed(exc)
-            if error is not None:
-                raise error from None
-            raise
+        return open_aws()
     raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

@@ -90,7 +90,7 @@ class EventBridgeScheduleStore:
     def add(self, schedule: Schedule) -> None:
         """Create the EventBridge schedule; :class:`UserError` if the name is taken,
         the role is not configured or the expression has no EventBridge form."""
-        role = os.environ.get(ROLE_ENV) or self.settings.schedule_role
+        role = os.environ.get(ROLE_ENV)
         if not role:
             raise UserError(
                 f"set {ROLE_ENV} to the stack's SchedulerRoleArn output (`fanout deploy` prints it)"

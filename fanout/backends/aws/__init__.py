@@ -28,9 +28,6 @@ class AwsSettings:
     #: SNS topic (name or ARN) that run events are published to (see
     #: ``fanout.events``). None: no events.
     events_topic: str | None = None
-    #: The role EventBridge Scheduler sends fire messages with (the stack's
-    #: ``SchedulerRoleArn`` output; ``FANOUT_AWS_SCHEDULE_ROLE``).
-    schedule_role: str | None = None
 
     @classmethod
     def from_env(cls, stage: str | None = None) -> AwsSettings:
@@ -48,7 +45,6 @@ class AwsSettings:
             # would fail every send.
             topic=os.environ.get("FANOUT_AWS_DISPATCH_TOPIC") or None,
             events_topic=os.environ.get("FANOUT_AWS_EVENTS_TOPIC") or None,
-            schedule_role=os.environ.get("FANOUT_AWS_SCHEDULE_ROLE") or None,
         )
 
 

@@ -4,16 +4,18 @@
 ``fanout deploy`` names the bucket ``fanout-<stage>-store-<account>-<region>``
 (bucket names are global), so the CLI cannot guess it from the stage: with
 ``FANOUT_STAGE`` set, it reads the queue, bucket, table, events topic and
-scheduler role from the outputs of the stack ``fanout-<stage>``. Explicit
-``FANOUT_AWS_*`` variables still win, and when all three names are given (the
-Lambda function's environment) no CloudFormation call is made at all.
+scheduler role from the outputs of the stack ``fanout-<stage>`` and puts them
+in the environment (:func:`export_stage`), so that every backend the command
+opens, in this process or a worker child, uses them. Explicit ``FANOUT_AWS_*``
+variables still win, and when all three names are given no CloudFormation
+call is made at all. The Lambda function never looks: its environment names
+everything (the template sets it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
 
 from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import client, error_code
@@ -55,25 +57,35 @@ def stack_outputs(settings: AwsSettings, stage: str) -> dict[str, str] | None:
     return None
 
 
-def stage_settings(stage: str | None = None) -> AwsSettings:
-    """The resources of ``stage``: explicit ``FANOUT_AWS_*`` first, then the
-    stack's outputs, then the names ``fanout aws create`` uses."""
+#: The variable each stack output goes to (when not set already).
+_EXPORTS = {
+    "FANOUT_AWS_QUEUE": "QueueUrl",
+    "FANOUT_AWS_BUCKET": "BucketName",
+    "FANOUT_AWS_TABLE": "TableName",
+    "FANOUT_AWS_EVENTS_TOPIC": "TopicArn",
+    "FANOUT_AWS_SCHEDULE_ROLE": "SchedulerRoleArn",
+}
+
+
+def export_stage(stage: str | None = None) -> dict[str, str]:
+    """Set the ``FANOUT_AWS_*`` variables not set yet to the outputs of the
+    stage's stack, for this process and the processes it starts; returns what
+    it set (nothing when there is no stack: the names are then those
+    ``fanout aws create`` gives, which ``AwsSettings.from_env`` derives)."""
     stage = stage_of(stage)
-    settings = AwsSettings.from_env(stage)
     env = os.environ
     if all(env.get(name) for name in EXPLICIT):
-        return settings
-    outputs = stack_outputs(settings, stage)
+        return {}
+    outputs = stack_outputs(AwsSettings.from_env(stage), stage)
     if not outputs:
-        return settings
-    return replace(
-        settings,
-        queue=env.get("FANOUT_AWS_QUEUE") or outputs.get("QueueUrl", settings.queue),
-        bucket=env.get("FANOUT_AWS_BUCKET") or outputs.get("BucketName", settings.bucket),
-        table=env.get("FANOUT_AWS_TABLE") or outputs.get("TableName", settings.table),
-        events_topic=settings.events_topic or outputs.get("TopicArn") or None,
-        schedule_role=settings.schedule_role or outputs.get("SchedulerRoleArn") or None,
-    )
+        return {}
+    found = {
+        name: outputs[key]
+        for name, key in _EXPORTS.items()
+        if outputs.get(key) and not env.get(name)
+    }
+    env.update(found)
+    return found
 
 
 def not_deployed(exc: BaseException, stage: str | None = None) -> UserError | None:
