@@ -50,7 +50,8 @@ QUICK_CHUNK = 0.05
 #: left (s), by backend: a local SQLite read is cheap, but on AWS every check is
 #: a billed request (SQS attributes, a DynamoDB read), 50 a second at 20 ms.
 CHECK_EVERY = {"aws": 1.0}
-#: How often an idle pool moves dead-lettered messages back (see ``recover``).
+#: How often a pool moves dead-lettered messages back and looks for stalled
+#: runs (see ``recover``), idle or not.
 REDRIVE_EVERY = 60.0
 
 
@@ -250,6 +251,11 @@ class WorkerPool:
                             idle_since = idle_since or now
                     else:
                         idle_since = 0.0
+                if now >= next_redrive:
+                    # Busy or not: a run whose message was lost must not wait for
+                    # the queue to empty (other runs may keep it busy for hours).
+                    next_redrive = now + REDRIVE_EVERY
+                    recover(self.backend)
                 time.sleep(0.02)
         finally:
             self._shutdown()
