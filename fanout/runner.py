@@ -50,7 +50,7 @@ from fanout.failures import (
     no_progress,
     settle_poison,
 )
-from fanout.finalize import FINALIZE_STALE, finalize_run
+from fanout.finalize import FINALIZE_STALE, finalize_run, manifest_key
 from fanout.jobs import Job, RunSettings, activate, load_job
 from fanout.messages import (
     FIRE_KIND,
@@ -73,7 +73,15 @@ LEASE_GRACE = 5.0
 #: acknowledged): it is delivered again when its visibility runs out.
 RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued"})
 
-__all__ = ["FINALIZE_STALE", "LEASE_GRACE", "RELEASED", "Attempt", "Runner", "soft_margin"]
+__all__ = [
+    "FINALIZE_STALE",
+    "LEASE_GRACE",
+    "RELEASED",
+    "Attempt",
+    "Runner",
+    "manifest_key",
+    "soft_margin",
+]
 
 
 @dataclass
