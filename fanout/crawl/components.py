@@ -173,8 +173,11 @@ class ChunkScheduler(Scheduler):
                 del self.waiting[key]
 
     def _unpark(self) -> None:
-        """Parked requests go back into the queue once their domain may be asked again."""
+        """Parked requests go back into the queue once their domain may be asked
+        again, until the chunk stops waiting for domains (then they are handed on)."""
         now = time.monotonic()
+        if now >= self.parking_until:
+            return
         ready = [r for r in self.parked if now >= self.gate.ask_after.get(self.gate.key(r), 0.0)]
         if ready:
             self.parked = [r for r in self.parked if r not in ready]
@@ -375,8 +378,9 @@ class ChunkBudget:
         from twisted.internet import task
 
         scheduler = self.crawler.engine.scheduler
-        # A chunk waits for a domain another chunk holds at most half its time.
-        scheduler.parking_until = time.monotonic() + max(0.0, self.close_at - time.monotonic()) / 2
+        # A chunk waits for a domain another chunk holds at most 2/3 of its time.
+        left = max(0.0, self.close_at - time.monotonic())
+        scheduler.parking_until = time.monotonic() + left * 2 / 3
         self.timer = task.LoopingCall(self.check, spider)
         self.timer.start(0.1, now=False)
 
@@ -424,6 +428,11 @@ class ChunkBudget:
             self.close(spider, "fanout_deadline")
         elif not self.closing:
             self.gate.renew()
+            scheduler = self.crawler.engine.scheduler
+            if scheduler.parked or scheduler.waiting:
+                # Nothing else wakes the engine when all it holds waits for a
+                # domain (its own heartbeat is every 5 s): ask the scheduler again.
+                self.crawler.engine._slot.nextcall.schedule()
 
     def close(self, spider: Spider, reason: str) -> None:
         if not self.closing:
@@ -458,12 +467,12 @@ class ChunkBudget:
         # at the site; they lapse a moment after the soft deadline.
         from twisted.internet import task
 
-        started = time.monotonic()
-
         def finish() -> None:
-            # Parsing is quick; a callback stuck for a second more is cut short
-            # (the hard timeout would kill the chunk anyway).
-            if engine.scraper.slot.is_idle() or time.monotonic() - started > 1.0:
+            # Responses being parsed finish first, however long they take: a
+            # page half parsed would lose the links it has not yielded yet. A
+            # callback that never ends meets the hard timeout, and the attempt
+            # is retried whole.
+            if engine.scraper.slot.is_idle():
                 self.leave()
 
         task.LoopingCall(finish).start(0.02)

@@ -8,7 +8,7 @@ domain's slots in the ledger (:func:`fanout.backends.crawlstate.grant_domain`):
 
 - no delay: the domain's slots are shared by the chunks crawling it, each
   getting an even share, so the site never sees more than the setting in
-  flight; a chunk asks again every second while it shares a domain, so a
+  flight; a chunk asks again every half second while it shares a domain, so a
   newcomer gets its share as soon as the others' requests finish;
 - a delay (``DOWNLOAD_DELAY``, AutoThrottle's start delay, or robots.txt's
   ``Crawl-delay``): one chunk holds the whole domain and starts no sooner than
@@ -38,9 +38,10 @@ from fanout.backends.crawlstate import DomainAsk, DomainGrant
 from fanout.crawl.channel import CHUNK
 
 #: Seconds between two lease requests for a domain this chunk may not use yet.
-ASK_EVERY = 0.5
-#: Seconds between renewals of a shared domain's lease (to trim to a fair share).
-RENEW_EVERY = 1.0
+ASK_EVERY = 0.25
+#: Seconds between renewals of a shared domain's lease: how long a newcomer
+#: waits, at most, before a holder trims itself to a fair share.
+RENEW_EVERY = 0.5
 #: Requests a chunk opens to a domain at first; one more for each answer, up to
 #: its lease. Every chunk is a new process with no connections yet: 16 at once
 #: overflow a small listen backlog, and a dropped SYN is retried only after 1 s.
