@@ -26,9 +26,10 @@ from typing import Any
 
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, Delivery, Failure
+from fanout.failures import Attempt
 from fanout.jobs import Job
 from fanout.packaged import check_packaged
-from fanout.runner import RELEASED, Attempt, Runner, _Run
+from fanout.runner import RELEASED, Runner, _Run
 
 log = logging.getLogger("fanout.lambda")
 
@@ -111,9 +112,9 @@ class _PackagedRunner(Runner):
     package (:mod:`fanout.packaged`) before the job is loaded. Refused, the
     attempt fails permanently and the task is dead-lettered."""
 
-    def _job(self, run: _Run) -> tuple[Job, Any]:
+    def _job(self, run_id: str, run: _Run) -> tuple[Job, Any]:
         check_packaged(run.job_ref)
-        return super()._job(run)
+        return super()._job(run_id, run)
 
 
 def _runner() -> tuple[Runner, _Watchdog]:
@@ -147,9 +148,10 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             continue
         attributes = record.get("attributes") or {}
         delivery = Delivery(
-            body=str(record.get("body", "")),
+            body=record.get("body", ""),  # checked by the runner: may not be text
             receipt=receipt,
             receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
+            message_id=message_id,
             sender=attributes.get("SenderId"),
         )
         try:

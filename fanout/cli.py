@@ -116,7 +116,12 @@ def _summary(status: coordinator.Status, backend: Backend) -> str:
 
 
 def _work(
-    ctx: click.Context, run_id: str, workers: int, chunk_timeout: float, as_json: bool
+    ctx: click.Context,
+    run_id: str,
+    workers: int,
+    chunk_timeout: float,
+    as_json: bool,
+    chunk_memory: int | None = None,
 ) -> None:
     """Work the queue until ``run_id`` finishes, showing progress; exit with its outcome."""
     from fanout.worker import WorkerOptions, WorkerPool
@@ -124,7 +129,11 @@ def _work(
     backend = group_backend(ctx)
     obj = ctx.obj
     opts = WorkerOptions(
-        backend=obj["backend_name"], home=obj["home"], workers=workers, chunk_timeout=chunk_timeout
+        backend=obj["backend_name"],
+        home=obj["home"],
+        workers=workers,
+        chunk_timeout=chunk_timeout,
+        chunk_memory=chunk_memory,
     )
     tty = sys.stderr.isatty()
     # Without a terminal, a progress line every few seconds (none for a short run).
@@ -187,6 +196,14 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
+        "--chunk-memory",
+        type=click.IntRange(min=16),
+        default=None,
+        metavar="MB",
+        help="Memory limit of a chunk (MB, the worker process's resident memory);"
+        " a chunk over it is killed and recorded as out of memory.",
+    )(fn)
+    fn = click.option(
         "--chunk-timeout",
         type=click.FloatRange(min=1.0),
         default=60.0,
@@ -243,6 +260,7 @@ def run(
     settings: tuple[str, ...],
     workers: int,
     chunk_timeout: float,
+    chunk_memory: int | None,
     as_json: bool,
 ) -> None:
     """Submit JOB and work it to completion on this machine."""
@@ -251,7 +269,7 @@ def run(
     )
     if not as_json:
         click.echo(f"run {record.run_id}", err=True)
-    _work(ctx, record.run_id, workers, chunk_timeout, as_json)
+    _work(ctx, record.run_id, workers, chunk_timeout, as_json, chunk_memory)
 
 
 @main.command()
@@ -279,7 +297,12 @@ def submit(
 )
 @click.pass_context
 def worker(
-    ctx: click.Context, workers: int, chunk_timeout: float, until_idle: bool, with_scheduler: bool
+    ctx: click.Context,
+    workers: int,
+    chunk_timeout: float,
+    chunk_memory: int | None,
+    until_idle: bool,
+    with_scheduler: bool,
 ) -> None:
     """Work the queue (all runs) until stopped with Ctrl-C / SIGTERM."""
     from fanout.worker import WorkerOptions, WorkerPool
@@ -287,8 +310,13 @@ def worker(
     obj = ctx.obj
     if with_scheduler and obj["backend_name"] == "aws":
         raise UserError("on AWS, EventBridge Scheduler fires the schedules: drop --with-scheduler")
+    group_backend(ctx)  # on AWS: finds the stage's stack, for the children too
     opts = WorkerOptions(
-        backend=obj["backend_name"], home=obj["home"], workers=workers, chunk_timeout=chunk_timeout
+        backend=obj["backend_name"],
+        home=obj["home"],
+        workers=workers,
+        chunk_timeout=chunk_timeout,
+        chunk_memory=chunk_memory,
     )
     pool = WorkerPool(opts)
     where = obj["home"] if obj["backend_name"] == "local" else f"the {obj['backend_name']} backend"
@@ -305,8 +333,12 @@ def worker(
     finally:
         if stop_scheduler is not None:
             stop_scheduler()
-    if pool.timed_out or pool.crashed:
-        click.echo(f"{pool.timed_out} chunks timed out, {pool.crashed} crashed", err=True)
+    if pool.timed_out or pool.crashed or pool.out_of_memory:
+        click.echo(
+            f"{pool.timed_out} chunks timed out, {pool.crashed} crashed,"
+            f" {pool.out_of_memory} out of memory",
+            err=True,
+        )
 
 
 @main.command()
@@ -437,13 +469,14 @@ def replay(
     chunks: tuple[str, ...],
     workers: int,
     chunk_timeout: float,
+    chunk_memory: int | None,
     work: bool,
 ) -> None:
     """Put RUN's dead chunks back in the queue (after you fixed the job)."""
     reopened = coordinator.replay(group_backend(ctx), run_id, chunks or None)
     click.echo(f"replaying {len(reopened)} chunks of {run_id}", err=True)
     if work:
-        _work(ctx, run_id, workers, chunk_timeout, as_json=False)
+        _work(ctx, run_id, workers, chunk_timeout, False, chunk_memory)
     else:
         click.echo("work them with `fanout worker --until-idle`", err=True)
 
@@ -551,15 +584,18 @@ def deploy(
         click.echo(f"{key}: {outputs[key]}")
 
 
-from fanout.cli_observe import cost, logs  # noqa: E402  (registered below; it imports no cli)
+from fanout.cli_observe import cost, dead_letters, logs  # noqa: E402  (imports no cli)
 
 main.add_command(logs)
 main.add_command(cost)
+main.add_command(dead_letters)
 
+from fanout.cli_aws import aws  # noqa: E402  (imports no cli either)
 from fanout.cli_schedule import schedule, scheduler  # noqa: E402  (imports no cli either)
 
 main.add_command(schedule)
 main.add_command(scheduler)
+main.add_command(aws)
 
 if __name__ == "__main__":
     main()

@@ -27,11 +27,29 @@ def group_backend(ctx: click.Context) -> Backend:
     opened once per command and closed with it."""
     obj = ctx.ensure_object(dict)
     if "backend" not in obj:
-        backend = open_backend(obj["backend_name"], home=obj["home"])
+        if obj["backend_name"] == "aws":
+            backend = _open_aws_stage()
+        else:
+            backend = open_backend(obj["backend_name"], home=obj["home"])
         ctx.call_on_close(backend.close)
         obj["backend"] = backend
     result: Backend = obj["backend"]
     return result
+
+
+def _open_aws_stage() -> Backend:
+    """The AWS backend of ``FANOUT_STAGE``: its stack's resources (put in the
+    environment for worker children too), or one line saying it is not deployed."""
+    from fanout.backends.aws.stack import export_stage, not_deployed
+
+    export_stage()
+    try:
+        return open_backend("aws")
+    except Exception as exc:
+        error = not_deployed(exc)
+        if error is not None:
+            raise error from None
+        raise
 
 
 def split_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:

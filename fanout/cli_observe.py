@@ -319,3 +319,30 @@ def crawl_lines(stats: dict[str, int], pending_requests: int) -> list[str]:
             f"  and {len(rest):,} more domains: pages {sum(f.get('pages', 0) for _, f in rest):,}"
         )
     return lines
+
+
+@click.command("dead-letters")
+@click.option("-n", "limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter.")
+@click.option("--body", "show_body", is_flag=True, help="Also print each message body.")
+@click.pass_context
+def dead_letters(ctx: click.Context, limit: int, as_json: bool, show_body: bool) -> None:
+    """Messages that were dropped or failed every delivery, with the reason
+    (a dead *chunk* is listed by ``fanout failed RUN`` instead)."""
+    from fanout.failures import list_messages
+
+    backend = group_backend(ctx)
+    letters = list_messages(backend.store, limit)
+    for letter in letters:
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in letter.items() if k != "traceback"}))
+            continue
+        when = utc_time(float(letter.get("at", 0.0)))
+        click.echo(
+            f"{when}  message {letter.get('message_id')}  after {letter.get('deliveries')}"
+            f" deliveries: {letter.get('reason')}"
+        )
+        if show_body:
+            click.echo(f"    body ({letter.get('body_chars')} chars): {letter.get('body')!r}")
+    if not letters and not as_json:
+        click.echo("no dead-lettered messages")

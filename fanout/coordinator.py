@@ -104,14 +104,28 @@ def replay(
     return reopened
 
 
+#: A running run whose tasks (and counters) have not changed for this long,
+#: with no lease live, is stalled: its queued tasks are re-sent even though the
+#: queue is not empty (see ``recover``). Longer than SQS's longest delay (15 min).
+STALLED = 1200.0
+
+
 def recover(
-    backend: Backend, stale_after: float = FINALIZE_STALE, *, redrive: bool = True
+    backend: Backend,
+    stale_after: float = FINALIZE_STALE,
+    *,
+    redrive: bool = True,
+    stalled_after: float = STALLED,
 ) -> list[str]:
     """Repair what a crash at the wrong moment can leave behind; returns what it did.
 
     - a drained run whose finalizer died before writing the manifest is finalized;
     - a running run with work registered but nothing at all in the queue (the
-      send after a ledger write was lost) has its queued tasks re-sent;
+      send after a ledger write was lost) has its queued tasks re-sent; so has,
+      on a ``redrive`` call, a run stalled for ``stalled_after`` seconds while
+      the queue is not empty: other runs' messages (or SQS's approximate
+      count) may keep it from ever looking empty. A duplicate is harmless:
+      the ledger's claim skips a task that is running or finished;
     - messages the queue service dead-lettered (SQS moves a message received
       too often, e.g. a task that kept waiting on a long back-off, to the DLQ)
       are moved back: the ledger, not the queue, decides when a task is dead.
@@ -127,22 +141,35 @@ def recover(
     for run in open_runs:
         if run.outstanding == 0 and runner.finalize(run.run_id):
             actions.append(f"finalized {run.run_id}")
-    if open_runs and backend.queue.pending() == 0:
+    empty = bool(open_runs) and backend.queue.pending() == 0
+    if empty or (open_runs and redrive):
         now = time.time()
         for run in open_runs:
             if run.outstanding == 0:
                 continue
-            stranded = [
-                t.message
-                for t in backend.ledger.list_tasks(
-                    run.run_id, (TaskState.QUEUED, TaskState.RUNNING)
-                )
-                if t.state == TaskState.QUEUED or t.lease_expires < now
-            ]
+            stranded = _stranded(backend, run, now, None if empty else stalled_after)
             if stranded:
                 backend.queue.send(stranded)
                 actions.append(f"re-sent {len(stranded)} stranded tasks of {run.run_id}")
     return actions
+
+
+def _stranded(
+    backend: Backend, run: RunRecord, now: float, stalled_after: float | None
+) -> list[str]:
+    """The messages of ``run``'s tasks that no message in the queue may carry:
+    with an empty queue (``stalled_after`` None), every queued task and every
+    running one whose lease expired; else only if the run is stalled."""
+    tasks = backend.ledger.list_tasks(run.run_id, (TaskState.QUEUED, TaskState.RUNNING))
+    if stalled_after is None:
+        return [t.message for t in tasks if t.state == TaskState.QUEUED or t.lease_expires < now]
+    if any(t.state == TaskState.RUNNING and t.lease_expires >= now for t in tasks):
+        return []  # a chunk is running: not stalled
+    last = max([run.updated_at, *(t.updated_at for t in tasks)])
+    if now - last < stalled_after:
+        return []
+    # Not those in back-off or delayed (their message is delayed in the queue).
+    return [t.message for t in tasks if t.not_before <= now]
 
 
 @dataclass

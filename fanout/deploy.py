@@ -32,6 +32,7 @@ from typing import Any
 import fanout
 from fanout.backends.aws.clients import error_code
 from fanout.backends.aws.resources import make_private_bucket
+from fanout.backends.aws.stack import stack_name
 from fanout.backends.aws.store import MISSING_CODES
 from fanout.deploy_layer import (
     FUNCTION_MOUNT,
@@ -72,11 +73,6 @@ MAX_ZIP_BYTES = 50 * 1024 * 1024
 #: the function's timeout (AWS's advice), so a batch is not redelivered while the
 #: function still retries it. CloudFormation cannot multiply, hence this check.
 VISIBILITY_FACTOR = 6
-
-
-def stack_name(stage: str) -> str:
-    """The CloudFormation stack of ``stage``."""
-    return f"fanout-{stage}"
 
 
 def _files(base: Path, prefix: str) -> Iterator[tuple[str, Path]]:

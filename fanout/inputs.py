@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -55,9 +56,33 @@ def list_inputs(prefix: str) -> list[str]:
     return sorted(found)
 
 
+class _S3Body(io.RawIOBase):
+    """An S3 object's streaming body as a raw stream. botocore's own body iterates
+    in 1 KiB blocks, not lines (unlike a file, and only outside ``with``):
+    wrapped in a buffered reader it behaves as ``open(path, "rb")`` does."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
+
+
 def open_input(url: str) -> BinaryIO:
-    """A binary file object for a local path or an ``s3://`` URL."""
+    """A binary file object for a local path or an ``s3://`` URL; either iterates
+    by line, inside ``with`` or not."""
     if url.startswith("s3://"):
         bucket, key = _split_s3(url)
-        return cast(BinaryIO, _s3().get_object(Bucket=bucket, Key=key, **_owner(bucket))["Body"])
+        body = _s3().get_object(Bucket=bucket, Key=key, **_owner(bucket))["Body"]
+        return cast(BinaryIO, io.BufferedReader(_S3Body(body), buffer_size=1024 * 1024))
     return open(Path(url.removeprefix("file://")).expanduser(), "rb")

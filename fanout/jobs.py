@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fanout.errors import JobLoadError, ParamsError, UserError
+from fanout.isolation import JobModules, import_fresh
+from fanout.isolation import activate as activate_modules
+from fanout.messages import MAX_SEQ
 
 if TYPE_CHECKING:
     from fanout.avro import Schema
@@ -40,7 +44,7 @@ class RunSettings(BaseModel):
     max_chunks: int = Field(100_000, ge=1, description="distinct chunks a run may register")
     max_depth: int = Field(32, ge=0, le=63, description="spawn generations below the root")
     max_continuations: int = Field(
-        10_000, ge=0, description="continuations of one chunk (resume_at)"
+        10_000, ge=0, le=MAX_SEQ, description="continuations of one chunk (resume_at)"
     )
     codec: str = Field("deflate", pattern="^(null|deflate)$", description="Avro codec")
     pages_per_chunk: int = Field(
@@ -75,6 +79,8 @@ class Job:
         self.plan_fn: PlanFn | None = None
         self.process_fn: ProcessFn | None = None
         self.source: Path | None = None  # the file that defined it, set by the loader
+        #: The modules the loader imported from beside the job file (``fanout.isolation``).
+        self.modules: JobModules | None = None
         self._schema: Schema | None = None
 
     def plan(self, fn: PlanFn) -> PlanFn:
@@ -145,18 +151,26 @@ def _first_error(exc: ValidationError) -> str:
 
 # -- loading ----------------------------------------------------------------------
 
-# ref -> (the job file's mtime when loaded, the job): a worker that outlives an
-# edit of the job file (fix, then `fanout replay`) loads the new code.
-_loaded: dict[str, tuple[float, Job]] = {}
+#: How many loaded jobs a process keeps (a worker loads each run's job afresh).
+_CACHE_SIZE = 32
+# (ref, run id) -> the job, and the mtimes of its file and its own modules when
+# loaded: a worker that outlives an edit of either (fix, then `fanout replay`)
+# loads the new code.
+_loaded: dict[tuple[str, str | None], tuple[dict[str, float], Job]] = {}
 
 
-def _mtime(ref: str) -> float:
-    if not is_path_ref(ref):
-        return 0.0
-    try:
-        return Path(ref.partition(":")[0] if not ref.endswith(".py") else ref).stat().st_mtime
-    except OSError:
-        return -1.0
+def _stamps(files: Iterable[str]) -> dict[str, float]:
+    stamps = {}
+    for f in files:
+        try:
+            stamps[f] = os.stat(f).st_mtime
+        except OSError:
+            stamps[f] = -1.0
+    return stamps
+
+
+def _unchanged(stamps: dict[str, float]) -> bool:
+    return all(_stamps([f]).get(f) == mtime for f, mtime in stamps.items())
 
 
 def is_path_ref(ref: str) -> bool:
@@ -169,52 +183,89 @@ def canonical_ref(ref: str) -> str:
     return str(Path(ref).resolve()) if is_path_ref(ref) else ref
 
 
-def load_job(ref: str) -> Job:
+def load_job(ref: str, run_id: str | None = None) -> Job:
     """Load the job named by ``ref`` (``path.py``, ``path.py:attr`` or ``module[:attr]``).
 
-    Raises :class:`JobLoadError` with one line saying what is wrong.
+    A job file is imported afresh, with the modules beside it, for each
+    ``run_id`` (and again when it or one of them changes), so runs do not share
+    job modules (``fanout.isolation``); call :func:`activate` before running its
+    code. Raises :class:`JobLoadError` with one line saying what is wrong.
     """
-    mtime = _mtime(ref)
-    cached = _loaded.get(ref)
-    if cached is not None and cached[0] == mtime:
+    cached = _loaded.get((ref, run_id))
+    if cached is not None and _unchanged(cached[0]):
         return cached[1]
     target, _, attr = ref.partition(":") if not ref.endswith(".py") else (ref, "", "")
     if is_path_ref(target):
-        module = _import_file(Path(target))
+        path = Path(target)
+        _check_file(path)
+        path = path.resolve()
+        module, own = import_fresh(path.parent, lambda: _import_file(path))
         where = target
+        stamps = _stamps([str(path), *own.files()])
     else:
-        module = _import_module(target)
+        module, own, stamps = _import_module(target), None, {}
         where = f"module {target}"
     job = _find_job(module, attr, where)
     if job.source is None and getattr(module, "__file__", None):
         job.source = Path(str(module.__file__)).resolve()
-    _loaded[ref] = (mtime, job)
+    job.modules = own
+    _loaded[(ref, run_id)] = (stamps, job)
+    while len(_loaded) > _CACHE_SIZE:
+        del _loaded[next(iter(_loaded))]
     return job
 
 
-def _import_file(path: Path) -> ModuleType:
+def activate(job: Job) -> None:
+    """Make ``job``'s own modules the ones its code imports (see ``fanout.isolation``)."""
+    activate_modules(job.modules)
+
+
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise JobLoadError(f"job file {path} does not exist")
     if path.is_dir() or path.suffix != ".py":
         raise JobLoadError(f"job file {path} is not a .py file")
-    path = path.resolve()
+
+
+def _import_file(path: Path) -> ModuleType:
     name = "fanout_job_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise JobLoadError(f"job file {path} cannot be imported")
     module = importlib.util.module_from_spec(spec)
-    # A job may import helper modules that sit beside it.
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        with _no_exit_at_import(path):
+            spec.loader.exec_module(module)
     except UserError:
         raise
     except BaseException as exc:
         sys.modules.pop(name, None)
         raise JobLoadError(f"job file {path} does not import: {_describe(exc)}") from exc
     return module
+
+
+class _ExitAtImport(JobLoadError):
+    """Raised in place of ``os._exit`` while a job file is imported."""
+
+
+@contextlib.contextmanager
+def _no_exit_at_import(path: Path) -> Iterator[None]:
+    """``os._exit`` while importing a job would end the CLI (or the worker) with
+    no word (``fanout validate`` exiting 0, printing nothing): make it an error
+    of the job file instead, for the duration of the import only."""
+    real = os._exit
+
+    def refuse(status: int) -> NoReturn:
+        raise _ExitAtImport(
+            f"job file {path} calls os._exit({status}) at import: a job must not end the process"
+        )
+
+    os._exit = refuse
+    try:
+        yield
+    finally:
+        os._exit = real
 
 
 def _import_module(name: str) -> ModuleType:

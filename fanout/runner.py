@@ -36,14 +36,22 @@ from fanout.backends.base import (
     Failure,
     NewTask,
     Output,
-    RunState,
     TaskKey,
-    TaskState,
 )
 from fanout.context import ChunkContext, Continue
-from fanout.errors import PermanentError, RecordError
 from fanout.events import EventSink, emit, events_for
-from fanout.jobs import Job, RunSettings, load_job
+from fanout.failures import (
+    Attempt,
+    describe,
+    failure_of,
+    interruptible,
+    keep_message,
+    message_id,
+    no_progress,
+    settle_poison,
+)
+from fanout.finalize import FINALIZE_STALE, finalize_run, manifest_key
+from fanout.jobs import Job, RunSettings, activate, load_job
 from fanout.messages import (
     FIRE_KIND,
     ChunkMessage,
@@ -61,47 +69,19 @@ log = logging.getLogger("fanout.runner")
 #: A lease outlives the hard timeout by this much, so a supervisor that kills an
 #: overrunning attempt records it before any other worker may take the task over.
 LEASE_GRACE = 5.0
-#: A finalizer that has not finished after this long is presumed dead.
-FINALIZE_STALE = 60.0
 #: Outcomes of :meth:`Runner.handle` that leave the message on the queue (not
 #: acknowledged): it is delivered again when its visibility runs out.
-RELEASED = frozenset({"busy", "wait", "retry", "lease lost"})
+RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued"})
 
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """The attempt in progress: what a supervisor needs to fail one it killed."""
-
-    key: TaskKey
-    token: str
-    attempt: int
-    receipt: str
-    deadline: float  # wall clock: the hard timeout
-    started: float = 0.0  # wall clock: the claim (0: unknown), for the attempt's duration
-
-    def to_json(self) -> str:
-        return json.dumps(
-            [
-                self.key.run_id,
-                self.key.chunk_id,
-                self.key.seq,
-                self.token,
-                self.attempt,
-                self.receipt,
-                self.deadline,
-                self.started,
-            ]
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> Attempt:
-        run_id, chunk_id, seq, token, attempt, receipt, deadline, *rest = json.loads(text)
-        started = float(rest[0]) if rest else 0.0
-        return cls(TaskKey(run_id, chunk_id, seq), token, attempt, receipt, deadline, started)
-
-    def took(self, now: float) -> float | None:
-        """Seconds since the claim, if known."""
-        return max(0.0, now - self.started) if self.started else None
+__all__ = [
+    "FINALIZE_STALE",
+    "LEASE_GRACE",
+    "RELEASED",
+    "Attempt",
+    "Runner",
+    "manifest_key",
+    "soft_margin",
+]
 
 
 @dataclass
@@ -122,11 +102,6 @@ def soft_margin(timeout: float) -> float:
     return max(1.0, 0.1 * timeout)
 
 
-def manifest_key(run_id: str) -> str:
-    """Where the run's manifest is written."""
-    return f"runs/{run_id}/_manifest.json"
-
-
 class Runner:
     """Runs deliveries against one backend. One per worker process."""
 
@@ -138,27 +113,48 @@ class Runner:
         *,
         events: EventSink | None = None,
         metrics: MetricsSink | None = None,
+        on_finalize: Callable[[str], None] | None = None,
     ) -> None:
         """``events``: where run events go (``fanout.events``); by default the
         backend's own sink (SNS on AWS with an events topic, else nowhere).
         ``metrics``: where per-attempt chunk metrics go (``fanout.metrics``); by
-        default CloudWatch's embedded metric format on Lambda, else nowhere."""
+        default CloudWatch's embedded metric format on Lambda, else nowhere.
+        ``on_finalize``: told the run id this process starts finalizing, and ""
+        when it is done (the local worker's supervisor finishes the job of a
+        child that died meanwhile)."""
         self.backend = backend
         self.ledger = backend.ledger
         self.queue = backend.queue
         self.store = backend.store
         self.on_start = on_start
         self.on_end = on_end
+        self.on_finalize = on_finalize
         self.events: EventSink = events if events is not None else events_for(backend)
         self.metrics: MetricsSink = metrics if metrics is not None else metrics_for(backend)
         self._runs: dict[str, _Run] = {}
+        #: The attempt ``handle`` claimed and has not settled yet.
+        self._in_hand: Attempt | None = None
 
     # -- one delivery -------------------------------------------------------------
 
     def handle(self, delivery: Delivery, timeout: float) -> str:
         """Process one delivery under a hard ``timeout`` (s); returns what happened.
         The message was released back to the queue (not acknowledged) exactly
-        when the result is in :data:`RELEASED`."""
+        when the result is in :data:`RELEASED`.
+
+        Never raises for a message: what goes wrong outside the job's code (the
+        job's own failures are the attempt's, see ``_work``) fails the attempt in
+        hand if there is one, else hands the message back to be tried again
+        shortly, and dead-letters it once it failed :data:`POISON_TRIES` times."""
+        self._in_hand = None
+        try:
+            return self._handle(delivery, timeout)
+        except Exception as exc:
+            return self._unexpected(delivery, exc)
+
+    def _handle(self, delivery: Delivery, timeout: float) -> str:
+        if not isinstance(delivery.body, str):
+            return self._invalid(delivery, "the body is not text")
         try:
             msg = decode(delivery.body)
         except MessageError as exc:
@@ -183,14 +179,18 @@ class Runner:
 
                 return handle_fire_message(self.backend, delivery)
             # Untrusted input that is not ours: drop it, loudly.
-            log.error("dropping a message that is not a fanout envelope: %s", exc)
-            self.queue.ack(delivery.receipt)
-            return "invalid"
+            return self._invalid(delivery, str(exc))
         run = self._run(msg.run_id)
         if run is None:
             log.warning("dropping a message for unknown run %s", msg.run_id)
             self.queue.ack(delivery.receipt)
             return "unknown run"
+        if msg.seq > run.settings.max_continuations:
+            return self._invalid(
+                delivery,
+                f"invalid message: seq {msg.seq} is over the run's max_continuations"
+                f" ({run.settings.max_continuations})",
+            )
         key = TaskKey(msg.run_id, msg.chunk_id, msg.seq)
         token = uuid.uuid4().hex
         now = time.time()
@@ -234,21 +234,45 @@ class Runner:
             self._chunk_log(
                 logging.INFO, "claimed", attempt, "task %s attempt %d claimed", key, attempt.attempt
             )
+        self._in_hand = attempt
         if self.on_start is not None:
             self.on_start(attempt)
         try:
             # The ledger's copy of the message is the authority on what to run:
             # the delivered body only named the task.
-            return self._work(run, attempt, decode(claim.task.message), timeout)
+            outcome = self._work(run, attempt, decode(claim.task.message), timeout)
         finally:
             if self.on_end is not None:
                 self.on_end()
+        self._in_hand = None
+        return outcome
+
+    def _invalid(self, delivery: Delivery, reason: str) -> str:
+        """Drop a message that is not a valid fanout message, keeping it as a dead
+        letter (``fanout dead-letters``) with the reason."""
+        key = keep_message(self.store, delivery, reason)
+        log.error("dropping message %s: %s (kept at %s)", message_id(delivery), reason, key)
+        self.queue.ack(delivery.receipt)
+        return "invalid"
+
+    def _unexpected(self, delivery: Delivery, exc: Exception) -> str:
+        """Something outside the job's code failed while handling ``delivery``."""
+        reason, tb = describe(exc), traceback.format_exc()
+        attempt, self._in_hand = self._in_hand, None
+        if attempt is not None:
+            # The task was claimed: its attempt fails like any other (retried
+            # with back-off, dead-lettered in the ledger after max_attempts).
+            try:
+                return self.fail(attempt, Failure("internal error", reason, tb))
+            except Exception:
+                log.exception("could not record the failure of %s", attempt.key)
+        return settle_poison(self.queue, self.store, delivery, reason, tb)
 
     def _work(self, run: _Run, attempt: Attempt, msg: ChunkMessage, timeout: float) -> str:
         started = time.monotonic()
         writer = None
         try:
-            job, params = self._job(run)
+            job, params = self._job(attempt.key.run_id, run)
             payload, cursor = resolve(msg, self.store)
             schema = job.schema
             if schema is not None:
@@ -279,10 +303,20 @@ class Runner:
                 assert job.process_fn is not None
                 result = job.process_fn(payload, ctx)
                 if isinstance(result, Continue):
+                    if msg.seq > 0 and result.cursor == cursor:
+                        return self.fail(attempt, no_progress(cursor, timeout))
                     continuation = result
             data = writer.finish() if writer is not None and writer.count else b""
-        except Exception as exc:
-            return self.fail(attempt, _failure(exc))
+        except BaseException as exc:
+            # The job's code: sys.exit(), KeyboardInterrupt and the like included,
+            # or the worker would die with no cause recorded.
+            failure = failure_of(exc)
+            if isinstance(exc, KeyboardInterrupt) and interruptible():
+                # A real Ctrl-C in a process that takes it (not a worker child,
+                # which ignores SIGINT): hand the chunk back, then stop.
+                self.fail(attempt, Failure("interrupted", "interrupted", failure.traceback))
+                raise
+            return self.fail(attempt, failure)
         return self._commit(run, attempt, msg, payload, ctx, continuation, data, writer)
 
     def _commit(
@@ -432,7 +466,7 @@ class Runner:
         if failure.duration is None:
             failure = replace(failure, duration=attempt.took(now))
         job_name = run.job_name if run is not None else ""
-        permanent = failure.kind in ("bad record", "permanent")
+        permanent = failure.kind in ("bad record", "permanent", "no progress")
         # An attempt the user interrupted is handed back at once and may run again
         # even if it was the last one: stopping a worker must not kill chunks.
         interrupted = failure.kind == "interrupted"
@@ -558,69 +592,17 @@ class Runner:
 
     # -- the end of a run ---------------------------------------------------------
 
-    def finalize(self, run_id: str) -> bool:
+    def finalize(self, run_id: str, stale_after: float = FINALIZE_STALE) -> bool:
         """Write the manifest of a drained run and record its final state.
-        Only one caller per drain does the work; returns whether this one did."""
-        now = time.time()
-        if not self.ledger.begin_finalize(run_id, now, FINALIZE_STALE):
-            return False
-        record = self.ledger.get_run(run_id)
-        assert record is not None
-        done = self.ledger.list_tasks(run_id, (TaskState.DONE,))
-        dead = self.ledger.list_tasks(run_id, (TaskState.DEAD,))
-        files = [
-            {
-                "key": t.output.key,
-                "records": t.output.records,
-                "bytes": t.output.bytes,
-                "chunk_id": t.chunk_id,
-                "seq": t.seq,
-            }
-            for t in done
-            if t.output is not None
-        ]
-        if record.stop_reason:
-            state = RunState.STOPPED
-        elif dead:
-            state = RunState.FAILED
-        else:
-            state = RunState.SUCCEEDED
-        manifest = {
-            "version": 1,
-            "run_id": run_id,
-            "job": record.job_name,
-            "state": state.value,
-            "stop_reason": record.stop_reason,
-            "created_at": record.created_at,
-            "finished_at": now,
-            "records": sum(f["records"] for f in files),  # type: ignore[misc]
-            "files": files,
-            "dead_chunks": [{"chunk_id": t.chunk_id, "seq": t.seq, "error": t.error} for t in dead],
-            "schema": record.settings.get("schema"),
-        }
-        key = manifest_key(run_id)
-        self.store.put(key, json.dumps(manifest, indent=1).encode())
-        self.ledger.finish(run_id, state, key, time.time())
-        emit(
-            self.events,
-            "run.finished",
-            run_id,
-            job=record.job_name,
-            state=state.value,
-            stop_reason=record.stop_reason,
-            records=manifest["records"],
-            files=len(files),
-            dead_chunks=len(dead),
-            manifest=key,
-        )
-        log.info(
-            "run %s %s: %d records in %d files",
-            run_id,
-            state.value,
-            manifest["records"],
-            len(files),
-        )
-        return True
+        Only one caller per drain does the work (another may take over once it
+        is ``stale_after`` seconds old); returns whether this one did."""
+        if self.on_finalize is not None:
+            self.on_finalize(run_id)  # a supervisor takes over if this process dies
+        try:
+            return finalize_run(self.ledger, self.store, self.events, run_id, stale_after)
+        finally:
+            if self.on_finalize is not None:
+                self.on_finalize("")
 
     # -- caches -------------------------------------------------------------------
 
@@ -641,22 +623,14 @@ class Runner:
             self._runs[run_id] = run
         return run
 
-    def _job(self, run: _Run) -> tuple[Job, Any]:
-        job = load_job(run.job_ref)  # cached; reloaded if the job file changed
+    def _job(self, run_id: str, run: _Run) -> tuple[Job, Any]:
+        # Loaded afresh for each run, with the modules beside the job file, and
+        # again when one of them changed (a fix before a replay): runs do not
+        # share job modules, and the job's own modules are the ones imported.
+        job = load_job(run.job_ref, run_id)
+        activate(job)
         if job is not run.job:
             job.check()
             run.params = job.validate_params(run.raw_params)
             run.job = job
         return job, run.params
-
-
-def _failure(exc: BaseException) -> Failure:
-    if isinstance(exc, RecordError):
-        kind = "bad record"
-    elif isinstance(exc, PermanentError):
-        kind = "permanent"
-    else:
-        kind = "error"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return Failure(kind, error, traceback.format_exc())

@@ -29,7 +29,8 @@ from typing import Any
 
 from fanout.backends import open_backend
 from fanout.backends.base import Failure
-from fanout.runner import LEASE_GRACE, Attempt, Runner
+from fanout.failures import Attempt, exit_cause
+from fanout.runner import LEASE_GRACE, Runner
 
 log = logging.getLogger("fanout.worker")
 
@@ -49,7 +50,8 @@ QUICK_CHUNK = 0.05
 #: left (s), by backend: a local SQLite read is cheap, but on AWS every check is
 #: a billed request (SQS attributes, a DynamoDB read), 50 a second at 20 ms.
 CHECK_EVERY = {"aws": 1.0}
-#: How often an idle pool moves dead-lettered messages back (see ``recover``).
+#: How often a pool moves dead-lettered messages back and looks for stalled
+#: runs (see ``recover``), idle or not.
 REDRIVE_EVERY = 60.0
 
 
@@ -62,6 +64,10 @@ class WorkerOptions:
     workers: int = os.cpu_count() or 1
     chunk_timeout: float = 60.0
     batch: int = 10  # messages received at a time (see PREFETCH_SLACK)
+    #: A child's resident memory while it runs a chunk may not exceed this (MB);
+    #: over it, the child is killed and the attempt recorded as "out of memory",
+    #: as Lambda does at its memory size. None: no limit.
+    chunk_memory: int | None = None
 
 
 class _Slot:
@@ -72,6 +78,17 @@ class _Slot:
         self.deadline: Synchronized[float] = _CTX.Value(ctypes.c_double, 0.0)
         self.attempt: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)
         self.prefetched: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)
+        self.finalizing: SynchronizedString = _CTX.Array(ctypes.c_char, 256)
+
+    def finalize(self, run_id: str) -> None:
+        """The run whose manifest the child is writing ("" when done)."""
+        self.finalizing.value = run_id.encode()[:255]
+
+    def take_finalizing(self) -> str:
+        """The run a dead child was finalizing, if any (and forget it)."""
+        run_id = self.finalizing.value.decode()
+        self.finalizing.value = b""
+        return run_id
 
     def hold(self, receipts: list[str]) -> None:
         """Note the receipts of prefetched messages (as many as fit), so that if this
@@ -105,6 +122,18 @@ class _Slot:
         return Attempt.from_json(self.attempt.value.decode())
 
 
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024 * 1024) if hasattr(os, "sysconf") else 0.0
+
+
+def resident_mb(pid: int) -> int | None:
+    """A process's resident memory in MB (Linux ``/proc``), or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(int(f.read().split()[1]) * _PAGE_MB)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def die_with_parent() -> None:
     """Linux: die with the supervisor (``kill -9`` of the supervisor must not
     leave children working unsupervised)."""
@@ -119,7 +148,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     backend = open_backend(opts.backend, home=opts.home)
-    runner = Runner(backend, on_start=slot.start, on_end=slot.end)
+    runner = Runner(backend, on_start=slot.start, on_end=slot.end, on_finalize=slot.finalize)
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     sleep = 0.005
     batch = 1
@@ -157,6 +186,7 @@ class WorkerPool:
         self.procs: list[Any] = [None] * opts.workers
         self.timed_out = 0
         self.crashed = 0
+        self.out_of_memory = 0
         self._signals = 0
 
     def _spawn(self, i: int) -> None:
@@ -221,6 +251,11 @@ class WorkerPool:
                             idle_since = idle_since or now
                     else:
                         idle_since = 0.0
+                if now >= next_redrive:
+                    # Busy or not: a run whose message was lost must not wait for
+                    # the queue to empty (other runs may keep it busy for hours).
+                    next_redrive = now + REDRIVE_EVERY
+                    recover(self.backend)
                 time.sleep(0.02)
         finally:
             self._shutdown()
@@ -230,10 +265,18 @@ class WorkerPool:
                 tick()
 
     def _release_prefetched(self, slot: _Slot) -> None:
-        """Hand back the messages a dead child had received but not started."""
+        """Hand back the messages a dead child had received but not started, and
+        finish the run it was finalizing: left alone, the run would stay
+        "finalizing" until the recovery sweep finds the finalizer stale (60 s)."""
         for receipt in slot.take_prefetched():
             with contextlib.suppress(Exception):
                 self.backend.queue.release(receipt, 0.0)
+        run_id = slot.take_finalizing()
+        if run_id:
+            try:
+                self.runner.finalize(run_id, stale_after=0.0)
+            except Exception:
+                log.exception("could not finalize %s after its finalizer died", run_id)
 
     def _police(self, now: float) -> None:
         """Kill children past their hard deadline; replace children that died."""
@@ -254,17 +297,40 @@ class WorkerPool:
                     )
                 if not self.stop_event.is_set():
                     self._spawn(i)
+            elif deadline and (used := self._over_memory(proc.pid)) is not None:
+                proc.kill()
+                proc.join()
+                self._release_prefetched(slot)
+                attempt = slot.take()
+                if attempt is not None:
+                    self.out_of_memory += 1
+                    self.runner.fail(
+                        attempt,
+                        Failure(
+                            "out of memory",
+                            f"chunk used {used} MB, over its {self.opts.chunk_memory} MB limit"
+                            " (--chunk-memory)",
+                        ),
+                    )
+                if not self.stop_event.is_set():
+                    self._spawn(i)
             elif not proc.is_alive():
                 proc.join()
                 self._release_prefetched(slot)
                 attempt = slot.take()
                 if attempt is not None:
                     self.crashed += 1
-                    self.runner.fail(
-                        attempt, Failure("crashed", f"worker process died (exit {proc.exitcode})")
-                    )
+                    self.runner.fail(attempt, Failure("crashed", exit_cause(proc.exitcode)))
                 if not self.stop_event.is_set():
                     self._spawn(i)
+
+    def _over_memory(self, pid: int | None) -> int | None:
+        """The child's resident memory in MB if it is over ``chunk_memory``, else None."""
+        limit = self.opts.chunk_memory
+        if limit is None or pid is None:
+            return None
+        used = resident_mb(pid)
+        return used if used is not None and used > limit else None
 
     def _shutdown(self) -> None:
         self.stop_event.set()

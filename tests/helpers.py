@@ -53,6 +53,18 @@ def fake_aws(monkeypatch: Any, **env: str) -> None:
         "AWS_ENDPOINT_URL_DYNAMODB",
     ):
         monkeypatch.delenv(name, raising=False)
+    # Names a CLI command may have exported from a stack's outputs
+    # (fanout.backends.aws.stack.export_stage): set, then removed, so that
+    # monkeypatch restores their absence after the test.
+    for name in (
+        "FANOUT_AWS_QUEUE",
+        "FANOUT_AWS_BUCKET",
+        "FANOUT_AWS_TABLE",
+        "FANOUT_AWS_EVENTS_TOPIC",
+        "FANOUT_AWS_SCHEDULE_ROLE",
+    ):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",

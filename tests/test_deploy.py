@@ -71,7 +71,7 @@ def test_every_checkov_skip_is_justified_in_the_readme() -> None:
     security = readme[readme.index("### Security") :]
     unexplained = [s for s in skips if f"`{s}`" not in security]
     assert unexplained == []
-    assert "checkov\" -f deploy/template.yaml --config-file .ci/checkov.yaml" in (
+    assert 'checkov" -f deploy/template.yaml --config-file .ci/checkov.yaml' in (
         (REPO / ".ci" / "run").read_text()
     )
 
@@ -599,3 +599,15 @@ def test_recovery_sweep_schedule_sends_the_sweep_message(template: dict[str, Any
     ]["Statement"]
     (dlq,) = [s for s in statements if s["Resource"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}]
     assert set(dlq["Action"]) == {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueUrl"}
+
+
+def test_the_stage_schedule_group_is_part_of_the_stack(template: dict[str, Any]) -> None:
+    """``fanout schedule add`` puts schedules in ``fanout-<stage>`` (issue 10): the
+    stack owns that group, so deleting the stack deletes them."""
+    from fanout.schedules.aws import group_name
+
+    (group,) = resources(template, "AWS::Scheduler::ScheduleGroup").values()
+    assert group["Properties"]["Name"] == {"Fn::Sub": "fanout-${Stage}"}
+    assert group_name("x") == "fanout-x"
+    read = next(s for _, s in _statements(template) if s.get("Action") == "scheduler:GetSchedule")
+    assert "schedule/fanout-${Stage}/*" in str(read["Resource"])

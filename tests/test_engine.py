@@ -390,3 +390,23 @@ def test_a_retry_that_spawns_differently_after_a_crash_loses_and_doubles_nothing
     assert run.state == RunState.SUCCEEDED and run.outstanding == 0
     assert sorted(r["x"] for r in coordinator.committed_records(mem, run_id)) == ["b1", "b2"]
     assert (run.tasks_done, run.tasks_cancelled) == (3, 1)
+
+
+def test_a_stalled_run_is_re_sent_even_while_the_queue_is_not_empty(mem: Backend) -> None:
+    """The recovery sweep used to re-send a run's stranded tasks only once the
+    queue looked empty (on SQS an approximate count): a message for another run
+    kept it from ever doing so, and a run whose message was lost waited forever
+    (issue 10, known risks)."""
+    run_id = coordinator.submit(mem, TREE, {"chunks": 2, "rows": 3}).run_id
+    (lost,) = mem.queue.receive(1, 30)
+    mem.queue.ack(lost.receipt)  # the root's message is lost
+    mem.queue.send(['{"unrelated": 1}'], delay=3600)  # the queue is never empty
+    assert mem.queue.pending() == 1
+
+    # Not yet stalled: no duplicate is sent for a run that may just be slow.
+    assert coordinator.recover(mem) == []
+    assert coordinator.recover(mem, stalled_after=0.0) == [f"re-sent 1 stranded tasks of {run_id}"]
+    # A sweep that only checks for an empty queue (an idle worker's quick check)
+    # leaves a stalled run to the periodic one.
+    assert coordinator.recover(mem, redrive=False, stalled_after=0.0) == []
+    assert drain(mem, run_id).state is RunState.SUCCEEDED

@@ -66,3 +66,15 @@ def test_meter_readings_from_s3_match_the_local_run(mem: Backend, s3_bucket: str
     b = sorted(map(key, coordinator.committed_records(mem, remote.run_id)))
     assert len(a) == 4000 and a == b
     assert all(r[3] == r[2] * 2 for r in a)
+
+
+def test_an_s3_input_iterates_by_line_inside_with_or_not(s3_bucket: str) -> None:
+    """As a local file does: botocore's body alone yields 1 KiB blocks when
+    iterated outside ``with`` (issue 10)."""
+    lines = [f"line {i},{'x' * (i % 50)}\n".encode() for i in range(300)]
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="lines.csv", Body=b"".join(lines))
+    assert list(open_input("s3://inputs/lines.csv")) == lines
+    with open_input("s3://inputs/lines.csv") as f:
+        assert list(f) == lines
+    with open_input("s3://inputs/lines.csv") as f:
+        assert f.readline() == lines[0] and f.read(4) == b"line"

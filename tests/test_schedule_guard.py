@@ -36,8 +36,9 @@ NOW = datetime(2031, 3, 4, 3, 0, 7, tzinfo=UTC)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
     monkeypatch.chdir(REPO)  # job refs relative to the project, as deployed
     if request.param == "aws":
+        aws = request.getfixturevalue("aws")  # fake_aws clears FANOUT_AWS_*: set it after
         monkeypatch.setenv("FANOUT_AWS_SCHEDULE_ROLE", "arn:aws:iam::123456789012:role/s")
-        yield request.getfixturevalue("aws")
+        yield aws
     else:
         local = open_backend("local", home=request.getfixturevalue("tmp_path") / "home")
         yield local

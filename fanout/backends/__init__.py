@@ -29,7 +29,8 @@ def open_backend(name: str = "local", *, home: str | Path | None = None) -> Back
         return open_memory()
     if name == "aws":
         # Resources named by FANOUT_AWS_* / FANOUT_STAGE and the standard AWS
-        # environment (region, endpoint, credentials).
+        # environment (region, endpoint, credentials); the CLI first puts the
+        # names of the stage's stack there (fanout.backends.aws.stack).
         from fanout.backends.aws import open_aws
 
         return open_aws()

@@ -313,6 +313,7 @@ class Delivery:
     body: str
     receipt: str
     receive_count: int
+    message_id: str = ""  # the queue's id for it, for logs and dead letters
     #: Who sent it, where the queue says (SQS's ``SenderId``); None elsewhere.
     sender: str | None = None
 

@@ -24,7 +24,8 @@ def open_store(backend: Backend) -> ScheduleStore:
     if backend.name == "aws":
         from fanout.schedules.aws import EventBridgeScheduleStore
 
-        return EventBridgeScheduleStore()
+        # The backend's own resources (found from the stage's stack, maybe).
+        return EventBridgeScheduleStore(getattr(backend.queue, "settings", None))
     from fanout.backends.local.ledger import SQLiteLedger
     from fanout.schedules.local import SQLiteScheduleStore
 

@@ -202,8 +202,15 @@ class SqsQueue:
             for m in messages:
                 attributes = m.get("Attributes") or {}
                 count = int(attributes.get("ApproximateReceiveCount", 1))
-                sender = attributes.get("SenderId")
-                got.append(Delivery(m["Body"], m["ReceiptHandle"], count, sender))
+                got.append(
+                    Delivery(
+                        m["Body"],
+                        m["ReceiptHandle"],
+                        count,
+                        message_id=m.get("MessageId", ""),
+                        sender=attributes.get("SenderId"),
+                    )
+                )
         return got
 
     # -- settle -------------------------------------------------------------------

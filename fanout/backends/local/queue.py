@@ -110,7 +110,7 @@ class SQLiteQueue:
             ).fetchall()
         # RETURNING has no defined order; the ids are the send order.
         rows.sort(key=lambda row: row[0])
-        return [Delivery(body, f"{id_}:{count}", count) for id_, body, count in rows]
+        return [Delivery(body, f"{id_}:{count}", count, str(id_)) for id_, body, count in rows]
 
     def ack(self, receipt: str) -> None:
         """Delete the message, unless it was redelivered since ``receipt`` was issued."""

@@ -1,0 +1,211 @@
+"""How attempts and messages fail: the attempt in hand, the cause of a failure,
+and the dead letters of messages that could not be handled.
+
+Two kinds of dead letter exist. A *task* that failed ``max_attempts`` times is
+kept by the ledger (``fanout failed RUN``). A *message* that never became a
+task (garbage, forged, or one that broke the engine on every delivery) has no
+task to keep it, so it is written to the store under ``dead-letters/`` with the
+reason (``fanout dead-letters``). A message is dead-lettered after
+:data:`POISON_TRIES` deliveries that failed for a reason outside the job's
+code, so no message can crash-loop a worker, locally or on Lambda, whatever
+SQS's own redrive policy says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from fanout.backends.base import Delivery, Failure, Queue, Store, TaskKey
+from fanout.errors import PermanentError, RecordError
+
+log = logging.getLogger("fanout.runner")
+
+#: Deliveries of one message that failed outside the job's code before it is
+#: dead-lettered (SQS's redrive policy in the template allows 50).
+POISON_TRIES = 5
+#: Where message dead letters are kept in the store.
+DEAD_LETTERS = "dead-letters/"
+#: The most of a message body a dead letter keeps (characters).
+KEEP_BODY = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The attempt in progress: what a supervisor needs to fail one it killed."""
+
+    key: TaskKey
+    token: str
+    attempt: int
+    receipt: str
+    deadline: float  # wall clock: the hard timeout
+    started: float = 0.0  # wall clock: the claim (0: unknown), for the attempt's duration
+
+    def to_json(self) -> str:
+        return json.dumps(
+            [
+                self.key.run_id,
+                self.key.chunk_id,
+                self.key.seq,
+                self.token,
+                self.attempt,
+                self.receipt,
+                self.deadline,
+                self.started,
+            ]
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Attempt:
+        run_id, chunk_id, seq, token, attempt, receipt, deadline, *rest = json.loads(text)
+        started = float(rest[0]) if rest else 0.0
+        return cls(TaskKey(run_id, chunk_id, seq), token, attempt, receipt, deadline, started)
+
+    def took(self, now: float) -> float | None:
+        """Seconds since the claim, if known."""
+        return max(0.0, now - self.started) if self.started else None
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message``."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """The recorded cause of an exception raised by the job's code (call inside
+    the ``except`` block: the traceback is the one being handled)."""
+    tb = traceback.format_exc()
+    if isinstance(exc, RecordError):
+        return Failure("bad record", describe(exc), tb)
+    if isinstance(exc, PermanentError):
+        return Failure("permanent", describe(exc), tb)
+    if isinstance(exc, SystemExit):
+        return Failure("exited", f"the job called sys.exit({exc.code!r})", tb)
+    if isinstance(exc, MemoryError):
+        return Failure("out of memory", describe(exc), tb)
+    if isinstance(exc, KeyboardInterrupt):
+        return Failure("error", "KeyboardInterrupt raised by the job", tb)
+    return Failure("error", describe(exc), tb)
+
+
+def exit_cause(exitcode: int | None) -> str:
+    """Why a worker process ended, from its exit code, for ``fanout failed``."""
+    if exitcode is None:
+        return "worker process vanished"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"worker process killed by {name}"
+    return f"worker process exited with code {exitcode} (os._exit, or a crash in native code)"
+
+
+def poison_delay(deliveries: int) -> float:
+    """Seconds before a message that failed ``deliveries`` times is tried again:
+    short at first (a passing outage), doubling, at most a minute."""
+    return float(min(60.0, 0.5 * 2 ** max(0, deliveries - 1)))
+
+
+def message_id(delivery: Delivery) -> str:
+    """The delivery's message id, or a digest of its body when the queue gave none."""
+    if delivery.message_id:
+        return delivery.message_id
+    body = delivery.body if isinstance(delivery.body, bytes) else str(delivery.body).encode()
+    return "sha1-" + hashlib.sha1(body).hexdigest()[:16]
+
+
+def keep_message(store: Store, delivery: Delivery, reason: str, tb: str = "") -> str:
+    """Write the dead letter of a message that will not be handled; returns its key."""
+    body: Any = delivery.body
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    now = time.time()
+    mid = message_id(delivery)
+    letter = {
+        "message_id": mid,
+        "at": round(now, 3),
+        "reason": reason,
+        "deliveries": delivery.receive_count,
+        "body": text[:KEEP_BODY],
+        "body_chars": len(text),
+        "traceback": tb,
+    }
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in mid)[:80]
+    key = f"{DEAD_LETTERS}{stamp}-{safe}.json"
+    store.put(key, json.dumps(letter, indent=1).encode())
+    return key
+
+
+def list_messages(store: Store, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest ``limit`` message dead letters, oldest first, each with its ``key``."""
+    keys = list(store.list(DEAD_LETTERS))[-limit:]
+    letters = []
+    for key in keys:
+        try:
+            letter = json.loads(store.get(key))
+        except (KeyError, ValueError):
+            continue  # removed meanwhile, or not ours
+        if isinstance(letter, dict):
+            letter["key"] = key
+            letters.append(letter)
+    return letters
+
+
+def settle_poison(queue: Queue, store: Store, delivery: Delivery, reason: str, tb: str) -> str:
+    """A delivery that failed outside the job's code with no attempt in hand:
+    hand it back to be tried again shortly, or, after :data:`POISON_TRIES`
+    deliveries, keep it as a dead letter and acknowledge it. Never raises."""
+    mid, tries = message_id(delivery), delivery.receive_count
+    try:
+        if tries >= POISON_TRIES:
+            key = keep_message(store, delivery, reason, tb)
+            log.error(
+                "message %s dead-lettered after %d deliveries: %s (kept at %s)",
+                mid,
+                tries,
+                reason,
+                key,
+            )
+            queue.ack(delivery.receipt)
+            return "dead-lettered"
+        delay = poison_delay(tries)
+        log.error(
+            "message %s failed (delivery %d of %d): %s; tried again in %gs",
+            mid,
+            tries,
+            POISON_TRIES,
+            reason,
+            delay,
+        )
+        queue.release(delivery.receipt, delay)
+    except Exception:
+        # The backend itself is failing: the message comes back when its
+        # visibility runs out, and its receive count still grows.
+        log.exception("message %s could not be handed back", mid)
+    return "requeued"
+
+
+def no_progress(cursor: Any, timeout: float) -> Failure:
+    """A continuation that resumes from the cursor it was given would repeat
+    itself up to ``max_continuations`` times: fail it at once, saying why."""
+    shown = json.dumps(cursor)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return Failure(
+        "no progress",
+        f"resume_at({shown}) made no progress since the previous slice: chunk timeout too"
+        f" short for this job ({timeout:g}s; raise --chunk-timeout)",
+    )
+
+
+def interruptible() -> bool:
+    """Whether this process takes Ctrl-C as KeyboardInterrupt (worker children
+    ignore SIGINT: a KeyboardInterrupt there can only be the job's own)."""
+    return signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,0 +1,116 @@
+"""Runs do not share job modules: each load of a job file imports it and the
+modules beside it (its *own* modules) afresh, and a chunk runs with its own job's
+modules in ``sys.modules`` and its directory first on ``sys.path``.
+
+A long-lived worker runs chunks of many runs in one process. Without this, run
+B's ``import helper`` would get run A's ``helper.py`` from another directory
+(Python caches modules by name), and a replay after fixing ``helper.py`` would
+still run the old one. What is isolated: modules whose file lies under the job
+file's directory (and the job file itself). What is shared: everything else
+(installed packages, the standard library, fanout), imported once per process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
+
+@dataclass(eq=False)
+class JobModules:
+    """A job file's directory and the modules one load of it imported from there."""
+
+    home: str
+    modules: dict[str, ModuleType] = field(default_factory=dict)
+
+    def files(self) -> list[str]:
+        """The source files of these modules (whose edits make a reload)."""
+        return [f for m in self.modules.values() if (f := _file(m)) is not None]
+
+
+#: The modules in ``sys.modules`` now (None: no job's own modules are).
+_active: JobModules | None = None
+#: Job directories this module put on ``sys.path`` (others are left alone).
+_added_paths: set[str] = set()
+
+
+def _file(module: ModuleType) -> str | None:
+    f = getattr(module, "__file__", None)
+    return str(f) if isinstance(f, str) else None
+
+
+def _owned_by(module: ModuleType, name: str, home: str) -> bool:
+    """Whether ``module`` is one of the job's own: a file under its directory that
+    is neither fanout nor an installed package (a job may sit at a project root
+    that also holds them)."""
+    if name == "fanout" or name.startswith("fanout."):
+        return False
+    f = _file(module)
+    if f is None or not f.startswith(home + os.sep):
+        return False
+    return "site-packages" not in f and "dist-packages" not in f
+
+
+def _take_out(home: str) -> dict[str, ModuleType]:
+    """Remove the modules under ``home`` from ``sys.modules``; return them."""
+    taken = {}
+    for name, module in list(sys.modules.items()):
+        if module is not None and _owned_by(module, name, home):
+            taken[name] = module
+            del sys.modules[name]
+    return taken
+
+
+def _path_first(home: str) -> None:
+    """``home`` first on ``sys.path``; other job directories fanout added, off it."""
+    for other in _added_paths - {home}:
+        while other in sys.path:
+            sys.path.remove(other)
+    if not sys.path or sys.path[0] != home:
+        if home not in sys.path:
+            _added_paths.add(home)
+        else:
+            sys.path.remove(home)
+        sys.path.insert(0, home)
+
+
+def activate(modules: JobModules | None) -> None:
+    """Make ``modules`` the ones imports see: cheap when they already are."""
+    global _active
+    if modules is _active or modules is None:
+        return
+    if _active is not None:
+        # Keep what the outgoing job imported since its load (inside a function).
+        _active.modules.update(_take_out(_active.home))
+    _take_out(modules.home)  # a stale copy left by an earlier load
+    sys.modules.update(modules.modules)
+    _path_first(modules.home)
+    _active = modules
+
+
+def import_fresh(home: Path, load: Callable[[], _T]) -> tuple[_T, JobModules]:
+    """Run ``load`` (which imports a job file in ``home``) with none of ``home``'s
+    modules cached, and collect the modules it imported from there."""
+    global _active
+    if _active is not None:
+        _active.modules.update(_take_out(_active.home))
+        _active = None
+    where = str(home)
+    _take_out(where)
+    _path_first(where)
+    result = load()
+    modules = JobModules(where)
+    modules.modules = {
+        name: module
+        for name, module in list(sys.modules.items())
+        if module is not None and _owned_by(module, name, where)
+    }
+    _active = modules
+    return result, modules

@@ -1,0 +1,132 @@
+"""Every way a job's chunk can end is recorded with its cause, within a second
+or two (issue 10, point 2), and the CLI prints no traceback.
+
+Process level: ``fanout run`` of a one-chunk job (``testjobs/exits.py``) whose
+chunk ends by ``sys.exit(3)``, ``KeyboardInterrupt``, ``os._exit``, a SIGKILL,
+a memory hog over ``--chunk-memory``, a sleep past its hard timeout, or a
+continuation that makes no progress. The ledger's history says when the
+attempt was claimed and when its failure was recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from fanout.backends import open_backend
+from fanout.backends.base import TaskKey, TaskState
+from helpers import JOBS
+from procs import fanout, run_id_of
+
+EXITS = str(JOBS / "exits.py")
+
+CASES = [
+    # mode, extra CLI args, recorded failure kind, words of the recorded error
+    ("sys.exit", [], "exited", "sys.exit(3)"),
+    ("keyboard", [], "error", "KeyboardInterrupt"),
+    ("os._exit", [], "crashed", "exited with code 7"),
+    ("signal", [], "crashed", "killed by SIGKILL"),
+    ("memory", ["--chunk-memory", "200"], "out of memory", "over its 200 MB limit"),
+    ("sleep", ["--chunk-timeout", "1"], "timed out", "1s hard timeout"),
+]
+
+
+@pytest.mark.parametrize(("mode", "args", "kind", "words"), CASES, ids=[c[0] for c in CASES])
+def test_each_end_of_a_chunk_is_recorded_with_its_cause_at_once(
+    home: Path, mode: str, args: list[str], kind: str, words: str
+) -> None:
+    # --chunk-timeout 5 unless the case sets it: an unrecorded end would show as
+    # a lease expiring 10 s later ("crashed", no cause), well past the bound.
+    timeout = [] if "--chunk-timeout" in args else ["--chunk-timeout", "5"]
+    result = fanout(home, "run", EXITS, "-p", f"mode={mode}", "-w", "1", *timeout, *args)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    run_id = run_id_of(result)
+
+    backend = open_backend("local", home=home)
+    try:
+        task = backend.ledger.get_task(TaskKey(run_id, "0", 0))
+    finally:
+        backend.close()
+    assert task is not None
+    assert task.state is TaskState.DEAD
+    events = task.history
+    failed = next(e for e in events if e["outcome"] != "dead")
+    assert failed["outcome"] == kind, events
+    assert words in str(failed["error"]), events
+    # From the claim to the record of the failure (the sleeper's hard timeout is
+    # 1 s: recorded within a second of it).
+    assert float(failed["duration_s"]) < 2.0, events
+
+    shown = fanout(home, "failed", run_id)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{kind}: " in shown.stdout and words in shown.stdout, shown.stdout
+
+
+def test_a_continuation_that_makes_no_progress_fails_naming_the_setting(home: Path) -> None:
+    result = fanout(home, "run", EXITS, "-p", "mode=no-progress", "-w", "1", "--chunk-timeout", "5")
+    assert result.returncode == 1, result.stderr
+    run_id = run_id_of(result)
+    backend = open_backend("local", home=home)
+    try:
+        tasks = backend.ledger.list_tasks(run_id)
+    finally:
+        backend.close()
+    # seq 0 resumes from no cursor; seq 1 resumes from the same cursor again: dead.
+    assert [(t.seq, t.state) for t in tasks] == [(0, TaskState.DONE), (1, TaskState.DEAD)]
+    shown = fanout(home, "failed", run_id)
+    assert "no progress" in shown.stdout
+    assert "chunk timeout too short for this job" in shown.stdout
+    assert "--chunk-timeout" in shown.stdout
+
+
+def test_a_job_that_calls_os_exit_at_import_is_refused_with_one_line(
+    home: Path, tmp_path: Path
+) -> None:
+    job = tmp_path / "quits.py"
+    job.write_text("import os\n\nos._exit(0)\n")
+    for command in ("validate", "run", "submit"):
+        result = fanout(home, command, str(job))
+        assert result.returncode == 2, (command, result)
+        assert result.stderr.strip() == (
+            f"error: job file {job} calls os._exit(0) at import: a job must not end the process"
+        )
+
+
+DIES_FINALIZING = """
+import os
+
+from fanout import Job
+from fanout.backends.local.store import DirStore
+
+job = Job("dies-finalizing")
+_put = DirStore.put
+
+
+def put(self, key, data, **kwargs):
+    # Fault injection: this worker process dies while it writes the manifest,
+    # after it took the run to "finalizing".
+    if key.endswith("_manifest.json"):
+        os._exit(9)
+    return _put(self, key, data, **kwargs)
+
+
+@job.process
+def process(chunk, ctx):
+    DirStore.put = put
+"""
+
+
+def test_a_finalizer_that_dies_is_taken_over_at_once(home: Path, tmp_path: Path) -> None:
+    """Its run does not stay "finalizing" until the recovery sweep finds it stale
+    (60 s): the supervisor saw the process die and finishes the run itself."""
+    job = tmp_path / "dies_finalizing.py"
+    job.write_text(DIES_FINALIZING)
+    started = time.monotonic()
+    result = fanout(home, "run", str(job), "-w", "1", "--chunk-timeout", "5", timeout=50)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert "succeeded" in result.stdout
+    assert took < 15, took

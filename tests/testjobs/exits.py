@@ -1,0 +1,44 @@
+"""A job whose one chunk ends in the way ``mode`` names: each way a job's code
+can end a chunk other than returning or raising an ``Exception``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from pydantic import BaseModel
+
+from fanout import Job
+
+
+class Params(BaseModel):
+    mode: str
+
+
+job = Job("exits", params=Params, max_attempts=1)
+
+
+@job.process
+def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
+    mode = ctx.params.mode
+    if mode == "sys.exit":
+        sys.exit(3)
+    if mode == "keyboard":
+        raise KeyboardInterrupt
+    if mode == "os._exit":
+        os._exit(7)
+    if mode == "signal":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "memory":
+        hog = []
+        for _ in range(150):  # up to 1.5 GB, 10 MB at a time (touched, so resident)
+            hog.append(b"\x01" * (10 * 1024 * 1024))
+            time.sleep(0.002)
+        time.sleep(60)
+    if mode == "sleep":
+        time.sleep(60)
+    if mode == "no-progress":
+        return ctx.resume_at(0)
+    return None
