@@ -435,19 +435,13 @@ class HardServer(SiteServer):
     backlog: int = 128
     politeness: Politeness = field(default_factory=Politeness, init=False)
 
+    def _bind(self) -> _BacklogServer:
+        """The listening server, with this server's backlog and recorder."""
+        return _BacklogServer((self.host, self.port), self)
+
     def start(self) -> HardServer:
         """Bind (with the backlog) and serve; returns self."""
-        if self._httpd is not None:
-            raise RuntimeError("server already started")
-        self._httpd = _BacklogServer((self.host, self.port), self)
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"hard-site-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
+        super().start()
         return self
 
     def __enter__(self) -> HardServer:

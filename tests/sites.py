@@ -633,16 +633,20 @@ class SiteServer:
         """Bind and start serving; returns self."""
         if self._httpd is not None:
             raise RuntimeError("server already started")
-        self._httpd = _HTTPServer((self.host, self.port), self)
+        self._httpd = self._bind()
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.05},
-            name=f"site-server-{self.port}",
+            name=f"{type(self).__name__}-{self.port}",
             daemon=True,
         )
         self._thread.start()
         return self
+
+    def _bind(self) -> _HTTPServer:
+        """The listening server (a subclass may bind another kind)."""
+        return _HTTPServer((self.host, self.port), self)
 
     def stop(self) -> None:
         """Stop serving, end open connections, join the serving and handler threads."""
