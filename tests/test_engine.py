@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from fanout import coordinator
 from fanout.backends.base import Backend, RunState, TaskKey, TaskState
 from fanout.runner import Runner
-from helpers import TREE, drain
+from helpers import TREE, FixedJitter, drain
 from testjobs.tree import Params, expected_items
 
 
@@ -89,12 +90,69 @@ def test_retries_with_back_off_then_success(mem: Backend) -> None:
     assert "flaky chunk 1, attempt 2" in str(task.history[1]["error"])
 
 
+def test_a_failed_chunk_waits_its_back_off_capped_by_the_run_settings(
+    mem: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner hands the ledger and the queue the delay the settings give:
+    base 0.2 s, cap 0.3 s, jitter fixed at 3/4 of the ceiling, so attempts 1-3
+    wait 0.75 x min(0.3, 0.2 x 2^(n-1)) = 0.15, 0.225, 0.225 s. A runner that
+    retries at once, ignores the cap, drops the jitter or counts attempts off
+    by one gets other delays."""
+    monkeypatch.setattr("fanout.retry._rng", FixedJitter(0.75))
+    expected = [0.15, 0.225, 0.225]
+    released: list[float] = []
+    release = mem.queue.release
+
+    def spy(receipt: str, delay: float = 0.0) -> None:
+        released.append(delay)
+        release(receipt, delay)
+
+    monkeypatch.setattr(mem.queue, "release", spy)
+    settings = {"max_attempts": 4, "backoff_base": 0.2, "backoff_cap": 0.3}
+    run_id = _run(mem, settings, chunks=1, rows=2, fail_chunks=[0], fail_times=3)
+    key = TaskKey(run_id, "0/0")
+    runner = Runner(mem)
+    outcomes: list[str] = []
+    waits: list[float] = []  # not_before - the failure's time, after each failure
+    deadline = time.monotonic() + 20
+    while mem.ledger.get_run(run_id).state == RunState.RUNNING:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, outcomes
+        for delivery in mem.queue.receive(10, 30):
+            outcome = runner.handle(delivery, 10)
+            if '"0/0"' in delivery.body:
+                outcomes.append(outcome)
+            if outcome == "retry":
+                task = mem.ledger.get_task(key)
+                assert task is not None
+                waits.append(task.not_before - float(task.history[-1]["at"]))
+    assert waits == pytest.approx(expected, abs=0.002)  # the ledger's not_before
+    assert released == pytest.approx(expected, abs=1e-9)  # the queue's visibility
+    # The queue hid each retry until the ledger allowed it: no early delivery
+    # was handed back as "wait", and each attempt started after its back-off.
+    assert outcomes == ["retry", "retry", "retry", "committed"]
+    task = mem.ledger.get_task(key)
+    assert task is not None and [e["outcome"] for e in task.history] == ["error"] * 3 + [
+        "committed"
+    ]
+    for before, after, wait in zip(task.history, task.history[1:], expected, strict=False):
+        started = float(after["at"]) - float(after["duration_s"])
+        assert started >= float(before["at"]) + wait - 0.002, task.history
+    assert _items(mem, run_id) == Counter({"0:0": 1, "0:1": 1})
+
+
 def test_dead_letter_after_max_attempts(mem: Backend) -> None:
     run_id = _run(mem, {"max_attempts": 2}, chunks=3, rows=5, fail_chunks=[2], fail_times=9)
     run = drain(mem, run_id)
     assert run.state == RunState.FAILED and run.tasks_dead == 1
     dead = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
     assert [t.chunk_id for t in dead] == ["0/2"]
+    # Exactly max_attempts attempts ran: one retry, then dead (not one more, not one fewer).
+    assert [(e["attempt"], e["outcome"]) for e in dead[0].history] == [
+        (1, "error"),
+        (2, "error"),
+        (2, "dead"),
+    ]
+    assert dead[0].attempt == 2 and run.retries == 1
     assert "flaky chunk 2" in (dead[0].error or "") and "RuntimeError" in (dead[0].traceback or "")
     letter = json.loads(mem.store.get(f"runs/{run_id}/dead/0.2-s0.json"))
     assert letter["message"]["payload"] == {"name": "2", "level": 0}
@@ -152,7 +210,7 @@ def test_expired_lease_is_taken_over_as_crashed(mem: Backend, fast_leases: None)
     run_id = _run(mem, chunks=2, rows=3)
     drain_root(mem)
     # A worker claims chunk 0/0 and dies: its lease is never committed.
-    mem.ledger.claim(TaskKey(run_id, "0/0"), "dead-worker", 0.01, 3, __import__("time").time())
+    mem.ledger.claim(TaskKey(run_id, "0/0"), "dead-worker", 0.01, 3, time.time())
     run = drain(mem, run_id, chunk_timeout=0.2)
     assert run.state == RunState.SUCCEEDED
     task = mem.ledger.get_task(TaskKey(run_id, "0/0"))
@@ -220,8 +278,16 @@ def test_runaway_max_depth_stops_the_run(mem: Backend) -> None:
 def test_runaway_max_chunks_stops_the_run(mem: Backend) -> None:
     run_id = _run(mem, {"max_chunks": 10}, chunks=3, rows=1, children=3, depth=3)
     run = drain(mem, run_id)
-    assert run.state == RunState.STOPPED and "max_chunks (10)" in (run.stop_reason or "")
-    assert run.chunks_total <= 10
+    assert run.state == RunState.STOPPED
+    # Chunks run in queue order here: the plan (4 tasks), 0/0 and 0/1 (3 children
+    # each) fit in 10; 0/2's three would make 13, so none of them is registered.
+    assert run.stop_reason == "max_chunks (10) reached at chunk 0/2"
+    tasks = mem.ledger.list_tasks(run_id)
+    assert run.chunks_total == len(tasks) == 10
+    assert not [t.chunk_id for t in tasks if t.chunk_id.startswith("0/2/")]
+    # The chunks that ran committed their records; the six children still queued
+    # when the run stopped were cancelled, not run.
+    assert (run.tasks_done, run.tasks_cancelled, run.records) == (4, 6, 3)
 
 
 def test_runaway_max_continuations_stops_the_run(mem: Backend) -> None:
