@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fanout.backends.base import Backend, RunRecord, TaskRecord
+from lambda_source import checkout_pythonpath
 
 CLI = [sys.executable, "-m", "fanout.cli"]
 
@@ -28,7 +29,7 @@ def fanout(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {}), "PYTHONPATH": checkout_pythonpath()},
     )
 
 
@@ -55,7 +56,7 @@ def worker(
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {}), "PYTHONPATH": checkout_pythonpath()},
     )
     try:
         yield proc
