@@ -359,6 +359,8 @@ def _consume_in_child(open_same: Opener, out: Path, start: Barrier, holding: Bar
 def test_concurrent_processes_never_share_a_message(
     backend: Backend, open_same: Opener, tmp_path: Path
 ) -> None:
+    if backend.name == "aws":
+        pytest.skip("moto runs in this process: a forked child gets a copy of its state")
     sent = [f"m{i}" for i in range(3000)]
     backend.queue.send(sent)
     ctx = multiprocessing.get_context("fork")
