@@ -47,6 +47,16 @@ def test_plan_chunks_and_manifest(mem: Backend) -> None:
         assert mem.store.exists(entry["key"])
 
 
+def test_a_run_is_finalized_once(mem: Backend) -> None:
+    """The finalizer that drained the run wrote the manifest; a second call (a
+    late duplicate, the recovery sweep) does nothing and says so."""
+    run_id = _run(mem, chunks=2, rows=1)
+    assert drain(mem, run_id).state == RunState.SUCCEEDED
+    manifest = mem.store.get(f"runs/{run_id}/_manifest.json")
+    assert Runner(mem).finalize(run_id) is False
+    assert mem.store.get(f"runs/{run_id}/_manifest.json") == manifest
+
+
 def test_job_without_plan_gets_one_chunk_holding_the_params(mem: Backend, tmp_path: Path) -> None:
     job = tmp_path / "single.py"
     job.write_text(

@@ -76,6 +76,17 @@ def test_a_tick_is_claimed_once(store: ScheduleStore) -> None:
     assert store.last_tick("pulse", tick - timedelta(seconds=1)) is None
 
 
+def test_recent_claims_are_kept_so_a_tick_never_fires_twice(store: ScheduleStore) -> None:
+    """Claiming a tick may forget old claims, never recent ones: a tick fired
+    again hours later (a second scheduler, a redelivery) is still refused."""
+    store.add(make())
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    ticks = [now - timedelta(hours=hours) for hours in (3, 2, 1)]
+    assert [store.claim_tick("pulse", tick) for tick in ticks] == [True] * 3
+    assert [store.claim_tick("pulse", tick) for tick in ticks] == [False] * 3
+    assert [store.last_tick("pulse", tick) for tick in ticks] == ticks
+
+
 def test_claims_race_one_winner_per_tick(store: ScheduleStore, backend: Backend) -> None:
     if backend.name == "aws":
         pytest.skip("moto's in-process backend is not a concurrency test")
