@@ -15,7 +15,7 @@ from fanout import coordinator
 from fanout.backends.base import Backend, RunState, TaskKey, TaskState
 from fanout.runner import Runner
 from helpers import TREE, FixedJitter, drain
-from testjobs.tree import Params, expected_items
+from testjobs.tree import SCHEMA, Params, expected_items
 
 
 def _run(backend: Backend, settings: dict[str, Any] | None = None, **params: Any) -> str:
@@ -45,6 +45,74 @@ def test_plan_chunks_and_manifest(mem: Backend) -> None:
     # Only committed files are listed, and every one exists.
     for entry in manifest["files"]:
         assert mem.store.exists(entry["key"])
+
+
+class _Events:
+    """An event sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def publish(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+
+def test_the_manifest_and_the_finished_event_describe_the_run(
+    mem: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every field of the manifest and of ``run.finished``, for a run with a
+    dead chunk: what readers of either (``fanout cat``, subscribers) rely on."""
+    started = time.time()
+    run_id = _run(mem, {"max_attempts": 1}, chunks=3, rows=2, fail_chunks=[1], fail_times=1)
+    sink = _Events()
+    with caplog.at_level("INFO", logger="fanout.runner"):
+        run = drain(mem, run_id, runner=Runner(mem, events=sink))
+    assert run.state == RunState.FAILED
+    key = f"runs/{run_id}/_manifest.json"
+    assert run.manifest_key == key
+    manifest = json.loads(mem.store.get(key))
+    assert started <= run.created_at <= manifest["finished_at"] <= time.time()
+    done = {t.chunk_id: t for t in mem.ledger.list_tasks(run_id, (TaskState.DONE,))}
+    files = [
+        {
+            "key": done[c].output.key,  # type: ignore[union-attr]
+            "records": 2,
+            "bytes": len(mem.store.get(done[c].output.key)),  # type: ignore[union-attr]
+            "chunk_id": c,
+            "seq": 0,
+        }
+        for c in ("0/0", "0/2")
+    ]
+    (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    assert manifest == {
+        "version": 1,
+        "run_id": run_id,
+        "job": "tree",
+        "state": "failed",
+        "stop_reason": None,
+        "created_at": run.created_at,
+        "finished_at": manifest["finished_at"],
+        "records": 4,
+        "files": files,
+        "dead_chunks": [{"chunk_id": "0/1", "seq": 0, "error": dead.error}],
+        "schema": json.loads(json.dumps(SCHEMA)),
+    }
+    assert "RuntimeError: flaky chunk 1, attempt 1" in str(dead.error)
+    (finished,) = [e for e in sink.events if e["type"] == "run.finished"]
+    assert finished == {
+        "type": "run.finished",
+        "run_id": run_id,
+        "time": finished["time"],
+        "job": "tree",
+        "state": "failed",
+        "stop_reason": None,
+        "records": 4,
+        "files": 2,
+        "dead_chunks": 1,
+        "manifest": key,
+    }
+    assert [e["type"] for e in sink.events] == ["chunk.dead", "run.finished"]
+    assert f"run {run_id} failed: 4 records in 2 files" in caplog.messages
 
 
 def test_a_run_is_finalized_once(mem: Backend) -> None:
