@@ -84,6 +84,8 @@ def test_the_manifest_and_the_finished_event_describe_the_run(
         for c in ("0/0", "0/2")
     ]
     (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    # The plan committed no output: the run counts only the two files.
+    assert (run.records, run.bytes) == (4, sum(f["bytes"] for f in files))
     assert manifest == {
         "version": 1,
         "run_id": run_id,
@@ -341,11 +343,24 @@ def test_crash_between_commit_steps_keeps_fan_in_exact(
     assert run.tasks_done == len(mem.ledger.list_tasks(run_id)) == 1 + 2 + 6
 
 
-def test_runaway_max_depth_stops_the_run(mem: Backend) -> None:
+def test_runaway_max_depth_stops_the_run(mem: Backend, caplog: pytest.LogCaptureFixture) -> None:
     run_id = _run(mem, {"max_depth": 2}, chunks=1, rows=1, children=2, depth=5)
-    run = drain(mem, run_id)
+    sink = _Events()
+    run = drain(mem, run_id, runner=Runner(mem, events=sink))
     assert run.state == RunState.STOPPED
-    assert run.stop_reason is not None and "max_depth (2)" in run.stop_reason
+    # Depth 3 is one generation too deep: the first chunk at depth 2 that spawns stops the run.
+    chunk = next(t.chunk_id for t in mem.ledger.list_tasks(run_id) if t.depth == 2)
+    reason = f"max_depth (2) reached at chunk {chunk}"
+    assert run.stop_reason == reason
+    assert f"run {run_id} stopped: {reason}" in caplog.messages
+    (stopped,) = [e for e in sink.events if e["type"] == "run.stopped"]
+    assert stopped == {
+        "type": "run.stopped",
+        "run_id": run_id,
+        "time": stopped["time"],
+        "reason": reason,
+        "chunk_id": chunk,
+    }
     manifest = coordinator.read_manifest(mem, run_id)
     assert manifest["state"] == "stopped" and manifest["records"] == run.records
     # 0/0 and the chunk that hit the bound committed their records; its sibling,
@@ -534,3 +549,5 @@ def test_a_retry_that_spawns_differently_after_a_crash_loses_and_doubles_nothing
     assert run.state == RunState.SUCCEEDED and run.outstanding == 0
     assert sorted(r["x"] for r in coordinator.committed_records(mem, run_id)) == ["b1", "b2"]
     assert (run.tasks_done, run.tasks_cancelled) == (3, 1)
+    (orphan,) = mem.ledger.list_tasks(run_id, (TaskState.CANCELLED,))
+    assert orphan.chunk_id == "0/2" and orphan.history[-1]["outcome"] == "orphaned"

@@ -40,7 +40,10 @@ def _body_is(body: str, chunk_id: str) -> bool:
 
 
 def test_a_late_commit_is_refused_and_its_file_never_reaches_the_manifest(
-    backend: Backend, fast_leases: None, monkeypatch: pytest.MonkeyPatch
+    backend: Backend,
+    fast_leases: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     run_id = coordinator.submit(backend, TREE, {"chunks": 2, "rows": 3}).run_id
     (plan,) = backend.queue.receive(1, 30)
@@ -72,6 +75,7 @@ def test_a_late_commit_is_refused_and_its_file_never_reaches_the_manifest(
     assert len(first) == 1
     assert Runner(backend).handle(first[0], TIMEOUT) == "lease lost"
     assert takeover == ["committed"] and len(late_file) == 1
+    assert f"task {key}: lease lost before commit; output discarded" in caplog.messages
 
     # The ledger kept the takeover's commit, not the late one.
     task = backend.ledger.get_task(key)

@@ -103,7 +103,17 @@ def test_every_chunk_event_is_one_json_line_with_its_fields(
     settled = [d for d in lines if d["event"] in ("committed", "continued")]
     assert sum(d["records"] for d in settled) == run.records == 20
     assert sum(d["bytes"] for d in settled) == run.bytes
-    assert all(d["duration_s"] >= 0 and d["level"] == "INFO" for d in settled)
+    for d in settled:
+        # Each line says what the ledger recorded for that attempt.
+        task = mem.ledger.get_task(TaskKey(run_id, d["chunk_id"], d["seq"]))
+        assert task is not None
+        (event,) = [e for e in task.history if e["outcome"] == d["event"]]
+        assert (d["level"], d["attempt"], d["records"]) == ("INFO", 1, event["records"])
+        assert d["duration_s"] == event["duration_s"]
+        assert d["msg"] == (
+            f"task {task.key} attempt 1 {d['event']}: {d['records']} records"
+            f" in {d['duration_s']:.3f}s"
+        )
 
 
 def test_failures_log_at_warning_and_error_with_their_kind(
@@ -256,6 +266,12 @@ def test_runner_prints_one_emf_line_per_settled_attempt(mem: Backend) -> None:
     docs = json_lines(out.getvalue())
     for doc in docs:
         check_emf(doc)
+        # The duration is the attempt's, as the ledger recorded it.
+        task = mem.ledger.get_task(TaskKey(run_id, doc["chunk_id"], doc["seq"]))
+        assert task is not None
+        outcome = "error" if doc["outcome"] == "retried" else doc["outcome"]
+        (event,) = [e for e in task.history if e["outcome"] == outcome]
+        assert doc["ChunkDuration"] == event["duration_s"]
     # plan + 2 chunks x 2 slices + the failed first attempt of each slice of chunk 1
     assert len(docs) == 7
     assert sum(d["Retries"] for d in docs) == run.retries == 2

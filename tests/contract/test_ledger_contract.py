@@ -133,6 +133,27 @@ def test_claim_then_duplicate_is_busy_then_finished_after_commit(backend: Backen
     assert task is not None and task.output == Output("k.avro", 10, 99)
 
 
+def test_a_commit_without_output_counts_no_records_or_bytes(backend: Backend) -> None:
+    """A chunk that wrote nothing (a plan, a chunk that only spawned) commits
+    with zeros: in the run's counters and in the event ``fanout logs`` shows."""
+    _run(backend)
+    _claim(backend)
+    now = time.time()
+    assert backend.ledger.commit(ROOT, "t1", None, "committed", now, duration=0.25).ok
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and (run.records, run.bytes, run.tasks_done) == (0, 0, 1)
+    task = backend.ledger.get_task(ROOT)
+    assert task is not None and task.output is None
+    (event,) = task.history
+    assert event == {
+        "outcome": "committed",
+        "at": pytest.approx(now, abs=0.001),
+        "records": 0,
+        "duration_s": 0.25,
+        "attempt": 1,
+    }
+
+
 def test_commit_with_a_lost_lease_is_refused(backend: Backend) -> None:
     _run(backend)
     _claim(backend, token="old", lease=0.01)
