@@ -121,7 +121,10 @@ def test_claim_then_duplicate_is_busy_then_finished_after_commit(backend: Backen
     assert busy.outcome == ClaimOutcome.BUSY and 0 < busy.retry_after <= 30
     settle = backend.ledger.commit(ROOT, "t1", Output("k.avro", 10, 99), "committed", time.time())
     assert settle.ok and settle.drained
-    assert _claim(backend, token="t3").outcome == ClaimOutcome.FINISHED
+    finished = _claim(backend, token="t3")
+    # A duplicate delivery learns the task is finished, and sees the task as it ended.
+    assert finished.outcome == ClaimOutcome.FINISHED and finished.task is not None
+    assert (finished.task.state, finished.task.output) == (TaskState.DONE, Output("k.avro", 10, 99))
     run = backend.ledger.get_run(RUN)
     assert run is not None and (run.outstanding, run.records, run.bytes, run.tasks_done) == (
         0,
