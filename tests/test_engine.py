@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -12,8 +13,9 @@ from typing import Any
 import pytest
 
 from fanout import coordinator
-from fanout.backends.base import Backend, RunState, TaskKey, TaskState
-from fanout.runner import Runner
+from fanout.backends.base import Backend, Failure, RunState, TaskKey, TaskState
+from fanout.metrics import EmfMetrics
+from fanout.runner import Attempt, Runner
 from helpers import TREE, FixedJitter, drain
 from testjobs.tree import SCHEMA, Params, expected_items
 
@@ -222,7 +224,8 @@ def test_a_failed_chunk_waits_its_back_off_capped_by_the_run_settings(
 
 def test_dead_letter_after_max_attempts(mem: Backend) -> None:
     run_id = _run(mem, {"max_attempts": 2}, chunks=3, rows=5, fail_chunks=[2], fail_times=9)
-    run = drain(mem, run_id)
+    metrics = io.StringIO()
+    run = drain(mem, run_id, runner=Runner(mem, metrics=EmfMetrics(stream=metrics)))
     assert run.state == RunState.FAILED and run.tasks_dead == 1
     dead = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
     assert [t.chunk_id for t in dead] == ["0/2"]
@@ -236,10 +239,36 @@ def test_dead_letter_after_max_attempts(mem: Backend) -> None:
     assert "flaky chunk 2" in (dead[0].error or "") and "RuntimeError" in (dead[0].traceback or "")
     letter = json.loads(mem.store.get(f"runs/{run_id}/dead/0.2-s0.json"))
     assert letter["message"]["payload"] == {"name": "2", "level": 0}
+    assert letter["error"] == "error: RuntimeError: flaky chunk 2, attempt 2"
+    assert letter["traceback"] == dead[0].traceback and "flaky chunk 2" in letter["traceback"]
+    # The dead attempt's metrics: no records, its measured duration.
+    (doc,) = [d for d in map(json.loads, metrics.getvalue().splitlines()) if d["outcome"] == "dead"]
+    assert (doc["job"], doc["chunk_id"], doc["attempt"], doc["Records"]) == ("tree", "0/2", 2, 0)
+    assert doc["ChunkDuration"] == dead[0].history[1]["duration_s"]
     manifest = coordinator.read_manifest(mem, run_id)
     assert manifest["state"] == "failed"
     assert [d["chunk_id"] for d in manifest["dead_chunks"]] == ["0/2"]
     assert set(_items(mem, run_id)) == {f"{c}:{r}" for c in "01" for r in range(5)}
+
+
+def test_an_interrupted_last_attempt_is_handed_back_at_once(mem: Backend) -> None:
+    """Stopping a worker must not kill chunks: an interrupted attempt, even the
+    last one the budget allows, goes back to the queue with no back-off."""
+    run_id = _run(mem, {"max_attempts": 1}, chunks=1, rows=1)
+    drain_root(mem)
+    (delivery,) = mem.queue.receive(1, 30)
+    key, now = TaskKey(run_id, "0/0"), time.time()
+    claim = mem.ledger.claim(key, "w1", 30, 1, now)
+    attempt = Attempt(key, "w1", claim.attempt, delivery.receipt, now + 10, now)
+    assert Runner(mem).fail(attempt, Failure("interrupted", "the worker is stopping")) == "retry"
+    task = mem.ledger.get_task(key)
+    assert task is not None and task.state == TaskState.QUEUED
+    assert [e["outcome"] for e in task.history] == ["interrupted"]
+    assert task.not_before == pytest.approx(float(task.history[0]["at"]), abs=0.002)
+    (again,) = mem.queue.receive(1, 30)  # visible again at once
+    assert again.body == delivery.body
+    mem.queue.release(again.receipt, 0)
+    assert drain(mem, run_id).state == RunState.SUCCEEDED
 
 
 def test_replay_after_fix_reopens_and_rewrites_manifest(mem: Backend, tmp_path: Path) -> None:

@@ -132,8 +132,12 @@ def test_failures_log_at_warning_and_error_with_their_kind(
     assert {d["event"] for d in lines} == {"dead"}  # nothing below WARNING
     assert sorted(d["chunk_id"] for d in lines) == ["0/0", "0/1"]
     for d in lines:
-        assert d["level"] == "ERROR" and d["failure"] == "error"
-        assert "flaky chunk" in d["error"] and d["duration_s"] >= 0
+        task = mem.ledger.get_task(TaskKey(run_id, d["chunk_id"], 0))
+        assert task is not None
+        error = f"RuntimeError: flaky chunk {d['chunk_id'][-1]}, attempt 1"
+        assert (d["level"], d["failure"], d["error"]) == ("ERROR", "error", error)
+        assert d["duration_s"] == task.history[0]["duration_s"]
+        assert d["msg"] == f"task {task.key} is dead after attempt 1: error: {error}"
 
     out = io.StringIO()
     configure_logging(stage="prod", fmt="json", stream=out)
@@ -147,6 +151,12 @@ def test_failures_log_at_warning_and_error_with_their_kind(
     (retried,) = [d for d in json_lines(out.getvalue()) if d.get("run_id") == run_id]
     assert retried["event"] == "retried" and retried["level"] == "WARNING"
     assert retried["attempt"] == 1 and retried["retry_in_s"] == 0.005
+    task = mem.ledger.get_task(TaskKey(run_id, "0/0"))
+    assert task is not None
+    error = "RuntimeError: flaky chunk 0, attempt 1"
+    assert (retried["failure"], retried["error"]) == ("error", error)
+    assert retried["duration_s"] == task.history[0]["duration_s"]
+    assert retried["msg"] == f"task {task.key} attempt 1 error: {error}; retry in 0.0s"
 
 
 def test_a_jobs_own_log_lines_carry_the_chunk_fields(restore_logging: None) -> None:
