@@ -251,6 +251,20 @@ def test_dead_letter_after_max_attempts(mem: Backend) -> None:
     assert set(_items(mem, run_id)) == {f"{c}:{r}" for c in "01" for r in range(5)}
 
 
+def test_handle_says_when_a_task_died_and_a_second_burial_is_refused(mem: Backend) -> None:
+    run_id = _run(mem, {"max_attempts": 1}, chunks=1, rows=1, fail_chunks=[0], fail_times=1)
+    drain_root(mem)
+    (delivery,) = mem.queue.receive(1, 30)
+    runner = Runner(mem)
+    assert runner.handle(delivery, 10) == "dead"
+    # A supervisor failing the same attempt again: the lease is gone, nothing changes.
+    key = TaskKey(run_id, "0/0")
+    attempt = Attempt(key, "stale-token", 1, delivery.receipt, time.time() + 10, time.time())
+    assert runner.fail(attempt, Failure("permanent", "late")) == "lease lost"
+    task = mem.ledger.get_task(key)
+    assert task is not None and [e["outcome"] for e in task.history] == ["error", "dead"]
+
+
 def test_an_interrupted_last_attempt_is_handed_back_at_once(mem: Backend) -> None:
     """Stopping a worker must not kill chunks: an interrupted attempt, even the
     last one the budget allows, goes back to the queue with no back-off."""
