@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -77,3 +78,17 @@ def fake_aws(monkeypatch: Any, **env: str) -> None:
         **env,
     }.items():
         monkeypatch.setenv(name, value)
+
+
+class FixedJitter(random.Random):
+    """A random source whose ``uniform(a, b)`` is always ``a + fraction * (b - a)``,
+    so a test can predict the back-off an attempt gets (set it as
+    ``fanout.retry._rng``). Any fraction but 0 and 1 also tells a jittered delay
+    from one without jitter."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(0)
+        self.fraction = fraction
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + self.fraction * (b - a)

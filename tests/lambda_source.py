@@ -22,6 +22,16 @@ from pathlib import Path
 from typing import Any
 
 INVOKE = Path(__file__).with_name("lambda_invoke.py")
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def checkout_pythonpath(environ: dict[str, str] | None = None) -> str:
+    """``PYTHONPATH`` for a child process of the tests: this checkout first (so
+    the child imports the ``fanout`` under test, not whichever is installed),
+    then the tests' helpers, then what was already there."""
+    existing = (os.environ if environ is None else environ).get("PYTHONPATH", "")
+    return os.pathsep.join(p for p in (str(REPO), str(TESTS), existing) if p)
 
 
 class Countdown:
@@ -107,7 +117,8 @@ class EventSource:
         self.invocations += 1
         event = workdir / f"event-{self.invocations}.json"
         event.write_text(json.dumps(sqs_event(messages)))
-        env = {**os.environ, **self.env, "PYTHONPATH": str(Path(__file__).parent)}
+        env = {**os.environ, **self.env}
+        env["PYTHONPATH"] = checkout_pythonpath(env)
         proc = subprocess.Popen(
             [sys.executable, str(INVOKE), str(event), str(self.timeout_ms), "--hang-on-output"],
             env=env,

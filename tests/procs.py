@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fanout.backends.base import Backend, RunRecord, TaskRecord
+from lambda_source import checkout_pythonpath
 
 CLI = [sys.executable, "-m", "fanout.cli"]
 
@@ -28,7 +29,7 @@ def fanout(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {}), "PYTHONPATH": checkout_pythonpath()},
     )
 
 
@@ -39,15 +40,23 @@ def run_id_of(result: subprocess.CompletedProcess[str]) -> str:
 
 
 @contextlib.contextmanager
-def worker(home: Path, tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
-    """A ``fanout worker`` in its own session; its whole group is killed on exit."""
+def worker(
+    home: Path,
+    tmp_path: Path,
+    *args: str,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[str]]:
+    """A ``fanout worker`` in its own session; its whole group is killed on exit.
+    ``command`` replaces ``python -m fanout.cli`` (e.g. ``hang_after_put.py``)."""
     log = open(tmp_path / f"worker-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [*CLI, "--home", str(home), "worker", *args],
+        [*(command or CLI), "--home", str(home), "worker", *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env={**os.environ, **(env or {}), "PYTHONPATH": checkout_pythonpath()},
     )
     try:
         yield proc

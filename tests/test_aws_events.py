@@ -17,7 +17,7 @@ from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import client
 from fanout.backends.aws.resources import create_dispatch, create_resources
 from fanout.backends.base import Backend, RunState
-from fanout.events import NoEvents, SnsEvents, events_for
+from fanout.events import events_for
 from fanout.runner import Runner
 from helpers import TREE, drain, fake_aws
 from testjobs.tree import Params, expected_items
@@ -82,7 +82,7 @@ def test_dispatch_through_sns_keeps_the_raw_body(
     aws: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     queue: Any = aws.queue
-    assert queue.topic_arn is not None
+    assert str(queue.topic_arn).endswith(":fanout-test-dispatch")
     direct: list[int] = []
     send_batch = queue.sqs.send_message_batch
 
@@ -171,7 +171,11 @@ def test_a_failing_event_sink_does_not_fail_the_run(aws: Backend) -> None:
     assert coordinator.read_manifest(aws, run_id)["state"] == "failed"
 
 
-def test_events_for_picks_the_sink(aws: Backend, mem: Backend) -> None:
-    assert isinstance(events_for(aws), SnsEvents)
-    assert isinstance(Runner(aws).events, SnsEvents)
-    assert isinstance(events_for(mem), NoEvents)
+def test_events_for_picks_the_sink(aws: Backend, mem: Backend, listener: str) -> None:
+    """On AWS with an events topic the default sink, and so a runner's, publishes
+    to that topic; on the memory backend events go nowhere (and fail nothing)."""
+    events_for(aws).publish({"type": "run.finished", "run_id": "r-1"})
+    Runner(aws).events.publish({"type": "chunk.dead", "run_id": "r-2"})
+    events_for(mem).publish({"type": "run.finished", "run_id": "r-3"})
+    got = sorted((e["type"], e["run_id"]) for e in _events(listener))
+    assert got == [("chunk.dead", "r-2"), ("run.finished", "r-1")]

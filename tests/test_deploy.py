@@ -144,25 +144,51 @@ def test_queues_are_encrypted_with_redrive(template: dict[str, Any]) -> None:
     assert redrive["deadLetterTargetArn"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
 
 
-def test_table_matches_create_table(template: dict[str, Any]) -> None:
+def _create_table_request(monkeypatch: pytest.MonkeyPatch, stage: str) -> dict[str, Any]:
+    """The CreateTable request ``create_table()`` (the AWS backend's own table
+    creation, used by ``create_resources``) makes for ``stage``, recorded rather than sent."""
+    from fanout.backends.aws import AwsSettings, ledger_items
+
+    sent: list[dict[str, Any]] = []
+
+    class Recorder:
+        def create_table(self, **request: Any) -> None:
+            sent.append(request)
+
+        def get_waiter(self, name: str) -> Any:
+            return type("Waiter", (), {"wait": lambda self, **kw: None})()
+
+    monkeypatch.setattr(ledger_items, "_client", lambda settings: Recorder())
+    monkeypatch.delenv("FANOUT_AWS_TABLE", raising=False)
+    ledger_items.create_table(AwsSettings.from_env(stage))
+    (request,) = sent
+    return request
+
+
+def test_table_matches_create_table(
+    template: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The template's table is the one ``create_table()`` builds: same name for a
+    stage, keys, attribute types, indexes and projections, billing and encryption."""
     (table,) = resources(template, "AWS::DynamoDB::Table").values()
     props = table["Properties"]
-    assert props["SSESpecification"]["SSEEnabled"] is True
-    assert props["BillingMode"] == "PAY_PER_REQUEST"
-    # The same shape as fanout/backends/aws/ledger_items.py:create_table.
-    assert [(k["AttributeName"], k["KeyType"]) for k in props["KeySchema"]] == [
-        ("pk", "HASH"),
-        ("sk", "RANGE"),
-    ]
-    indexes = {i["IndexName"]: i for i in props["GlobalSecondaryIndexes"]}
-    assert set(indexes) == {"gsi1", "gsi2"}
-    assert indexes["gsi1"]["Projection"]["NonKeyAttributes"] == ["state"]
-    assert indexes["gsi2"]["Projection"]["NonKeyAttributes"] == [
-        "state",
-        "spawned_by",
-        "attempt",
-        "attempt_floor",
-    ]
+    built = _create_table_request(monkeypatch, "dev")
+    assert props["TableName"] == {"Fn::Sub": "fanout-${Stage}-ledger"}
+    assert built["TableName"] == "fanout-dev-ledger"
+
+    def by_name(items: list[dict[str, Any]], key: str) -> dict[str, Any]:
+        return {item[key]: item for item in items}
+
+    assert by_name(props["AttributeDefinitions"], "AttributeName") == by_name(
+        built["AttributeDefinitions"], "AttributeName"
+    )
+    assert props["KeySchema"] == built["KeySchema"]
+    assert by_name(props["GlobalSecondaryIndexes"], "IndexName") == by_name(
+        built["GlobalSecondaryIndexes"], "IndexName"
+    )
+    assert props["BillingMode"] == built["BillingMode"] == "PAY_PER_REQUEST"
+    # The same setting under CloudFormation's and the API's names.
+    assert props["SSESpecification"]["SSEEnabled"] is built["SSESpecification"]["Enabled"] is True
 
 
 def test_topic_is_encrypted(template: dict[str, Any]) -> None:

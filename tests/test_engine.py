@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,10 +13,11 @@ from typing import Any
 import pytest
 
 from fanout import coordinator
-from fanout.backends.base import Backend, RunState, TaskKey, TaskState
-from fanout.runner import Runner
-from helpers import TREE, drain
-from testjobs.tree import Params, expected_items
+from fanout.backends.base import Backend, Failure, RunState, TaskKey, TaskState
+from fanout.metrics import EmfMetrics
+from fanout.runner import Attempt, Runner
+from helpers import TREE, FixedJitter, drain
+from testjobs.tree import SCHEMA, Params, expected_items
 
 
 def _run(backend: Backend, settings: dict[str, Any] | None = None, **params: Any) -> str:
@@ -44,6 +47,86 @@ def test_plan_chunks_and_manifest(mem: Backend) -> None:
     # Only committed files are listed, and every one exists.
     for entry in manifest["files"]:
         assert mem.store.exists(entry["key"])
+
+
+class _Events:
+    """An event sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def publish(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+
+def test_the_manifest_and_the_finished_event_describe_the_run(
+    mem: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every field of the manifest and of ``run.finished``, for a run with a
+    dead chunk: what readers of either (``fanout cat``, subscribers) rely on."""
+    started = time.time()
+    run_id = _run(mem, {"max_attempts": 1}, chunks=3, rows=2, fail_chunks=[1], fail_times=1)
+    sink = _Events()
+    with caplog.at_level("INFO", logger="fanout.runner"):
+        run = drain(mem, run_id, runner=Runner(mem, events=sink))
+    assert run.state == RunState.FAILED
+    key = f"runs/{run_id}/_manifest.json"
+    assert run.manifest_key == key
+    manifest = json.loads(mem.store.get(key))
+    assert started <= run.created_at <= manifest["finished_at"] <= time.time()
+    done = {t.chunk_id: t for t in mem.ledger.list_tasks(run_id, (TaskState.DONE,))}
+    files = [
+        {
+            "key": done[c].output.key,  # type: ignore[union-attr]
+            "records": 2,
+            "bytes": len(mem.store.get(done[c].output.key)),  # type: ignore[union-attr]
+            "chunk_id": c,
+            "seq": 0,
+        }
+        for c in ("0/0", "0/2")
+    ]
+    (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    # The plan committed no output: the run counts only the two files.
+    assert (run.records, run.bytes) == (4, sum(f["bytes"] for f in files))
+    assert manifest == {
+        "version": 1,
+        "run_id": run_id,
+        "job": "tree",
+        "state": "failed",
+        "stop_reason": None,
+        "created_at": run.created_at,
+        "finished_at": manifest["finished_at"],
+        "records": 4,
+        "files": files,
+        "dead_chunks": [{"chunk_id": "0/1", "seq": 0, "error": dead.error}],
+        "schema": json.loads(json.dumps(SCHEMA)),
+    }
+    assert "RuntimeError: flaky chunk 1, attempt 1" in str(dead.error)
+    (finished,) = [e for e in sink.events if e["type"] == "run.finished"]
+    assert finished == {
+        "type": "run.finished",
+        "run_id": run_id,
+        "time": finished["time"],
+        "job": "tree",
+        "state": "failed",
+        "stop_reason": None,
+        "records": 4,
+        "files": 2,
+        "dead_chunks": 1,
+        "manifest": key,
+    }
+    assert [e["type"] for e in sink.events] == ["chunk.dead", "run.finished"]
+    assert f"run {run_id} failed: 4 records in 2 files" in caplog.messages
+
+
+def test_a_run_is_finalized_once(mem: Backend) -> None:
+    """The finalizer that drained the run wrote the manifest; a second call (a
+    late duplicate, the recovery sweep) does nothing and says so."""
+    run_id = _run(mem, chunks=2, rows=1)
+    assert drain(mem, run_id).state == RunState.SUCCEEDED
+    manifest = mem.store.get(f"runs/{run_id}/_manifest.json")
+    assert Runner(mem).finalize(run_id) is False
+    assert mem.store.get(f"runs/{run_id}/_manifest.json") == manifest
 
 
 def test_job_without_plan_gets_one_chunk_holding_the_params(mem: Backend, tmp_path: Path) -> None:
@@ -89,19 +172,117 @@ def test_retries_with_back_off_then_success(mem: Backend) -> None:
     assert "flaky chunk 1, attempt 2" in str(task.history[1]["error"])
 
 
+def test_a_failed_chunk_waits_its_back_off_capped_by_the_run_settings(
+    mem: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner hands the ledger and the queue the delay the settings give:
+    base 0.2 s, cap 0.3 s, jitter fixed at 3/4 of the ceiling, so attempts 1-3
+    wait 0.75 x min(0.3, 0.2 x 2^(n-1)) = 0.15, 0.225, 0.225 s. A runner that
+    retries at once, ignores the cap, drops the jitter or counts attempts off
+    by one gets other delays."""
+    monkeypatch.setattr("fanout.retry._rng", FixedJitter(0.75))
+    expected = [0.15, 0.225, 0.225]
+    released: list[float] = []
+    release = mem.queue.release
+
+    def spy(receipt: str, delay: float = 0.0) -> None:
+        released.append(delay)
+        release(receipt, delay)
+
+    monkeypatch.setattr(mem.queue, "release", spy)
+    settings = {"max_attempts": 4, "backoff_base": 0.2, "backoff_cap": 0.3}
+    run_id = _run(mem, settings, chunks=1, rows=2, fail_chunks=[0], fail_times=3)
+    key = TaskKey(run_id, "0/0")
+    runner = Runner(mem)
+    outcomes: list[str] = []
+    waits: list[float] = []  # not_before - the failure's time, after each failure
+    deadline = time.monotonic() + 20
+    while mem.ledger.get_run(run_id).state == RunState.RUNNING:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, outcomes
+        for delivery in mem.queue.receive(10, 30):
+            outcome = runner.handle(delivery, 10)
+            if '"0/0"' in delivery.body:
+                outcomes.append(outcome)
+            if outcome == "retry":
+                task = mem.ledger.get_task(key)
+                assert task is not None
+                waits.append(task.not_before - float(task.history[-1]["at"]))
+    assert waits == pytest.approx(expected, abs=0.002)  # the ledger's not_before
+    assert released == pytest.approx(expected, abs=1e-9)  # the queue's visibility
+    # The queue hid each retry until the ledger allowed it: no early delivery
+    # was handed back as "wait", and each attempt started after its back-off.
+    assert outcomes == ["retry", "retry", "retry", "committed"]
+    task = mem.ledger.get_task(key)
+    assert task is not None and [e["outcome"] for e in task.history] == ["error"] * 3 + [
+        "committed"
+    ]
+    for before, after, wait in zip(task.history, task.history[1:], expected, strict=False):
+        started = float(after["at"]) - float(after["duration_s"])
+        assert started >= float(before["at"]) + wait - 0.002, task.history
+    assert _items(mem, run_id) == Counter({"0:0": 1, "0:1": 1})
+
+
 def test_dead_letter_after_max_attempts(mem: Backend) -> None:
     run_id = _run(mem, {"max_attempts": 2}, chunks=3, rows=5, fail_chunks=[2], fail_times=9)
-    run = drain(mem, run_id)
+    metrics = io.StringIO()
+    run = drain(mem, run_id, runner=Runner(mem, metrics=EmfMetrics(stream=metrics)))
     assert run.state == RunState.FAILED and run.tasks_dead == 1
     dead = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
     assert [t.chunk_id for t in dead] == ["0/2"]
+    # Exactly max_attempts attempts ran: one retry, then dead (not one more, not one fewer).
+    assert [(e["attempt"], e["outcome"]) for e in dead[0].history] == [
+        (1, "error"),
+        (2, "error"),
+        (2, "dead"),
+    ]
+    assert dead[0].attempt == 2 and run.retries == 1
     assert "flaky chunk 2" in (dead[0].error or "") and "RuntimeError" in (dead[0].traceback or "")
     letter = json.loads(mem.store.get(f"runs/{run_id}/dead/0.2-s0.json"))
     assert letter["message"]["payload"] == {"name": "2", "level": 0}
+    assert letter["error"] == "error: RuntimeError: flaky chunk 2, attempt 2"
+    assert letter["traceback"] == dead[0].traceback and "flaky chunk 2" in letter["traceback"]
+    # The dead attempt's metrics: no records, its measured duration.
+    (doc,) = [d for d in map(json.loads, metrics.getvalue().splitlines()) if d["outcome"] == "dead"]
+    assert (doc["job"], doc["chunk_id"], doc["attempt"], doc["Records"]) == ("tree", "0/2", 2, 0)
+    assert doc["ChunkDuration"] == dead[0].history[1]["duration_s"]
     manifest = coordinator.read_manifest(mem, run_id)
     assert manifest["state"] == "failed"
     assert [d["chunk_id"] for d in manifest["dead_chunks"]] == ["0/2"]
     assert set(_items(mem, run_id)) == {f"{c}:{r}" for c in "01" for r in range(5)}
+
+
+def test_handle_says_when_a_task_died_and_a_second_burial_is_refused(mem: Backend) -> None:
+    run_id = _run(mem, {"max_attempts": 1}, chunks=1, rows=1, fail_chunks=[0], fail_times=1)
+    drain_root(mem)
+    (delivery,) = mem.queue.receive(1, 30)
+    runner = Runner(mem)
+    assert runner.handle(delivery, 10) == "dead"
+    # A supervisor failing the same attempt again: the lease is gone, nothing changes.
+    key = TaskKey(run_id, "0/0")
+    attempt = Attempt(key, "stale-token", 1, delivery.receipt, time.time() + 10, time.time())
+    assert runner.fail(attempt, Failure("permanent", "late")) == "lease lost"
+    task = mem.ledger.get_task(key)
+    assert task is not None and [e["outcome"] for e in task.history] == ["error", "dead"]
+
+
+def test_an_interrupted_last_attempt_is_handed_back_at_once(mem: Backend) -> None:
+    """Stopping a worker must not kill chunks: an interrupted attempt, even the
+    last one the budget allows, goes back to the queue with no back-off."""
+    run_id = _run(mem, {"max_attempts": 1}, chunks=1, rows=1)
+    drain_root(mem)
+    (delivery,) = mem.queue.receive(1, 30)
+    key, now = TaskKey(run_id, "0/0"), time.time()
+    claim = mem.ledger.claim(key, "w1", 30, 1, now)
+    attempt = Attempt(key, "w1", claim.attempt, delivery.receipt, now + 10, now)
+    assert Runner(mem).fail(attempt, Failure("interrupted", "the worker is stopping")) == "retry"
+    task = mem.ledger.get_task(key)
+    assert task is not None and task.state == TaskState.QUEUED
+    assert [e["outcome"] for e in task.history] == ["interrupted"]
+    assert task.not_before == pytest.approx(float(task.history[0]["at"]), abs=0.002)
+    (again,) = mem.queue.receive(1, 30)  # visible again at once
+    assert again.body == delivery.body
+    mem.queue.release(again.receipt, 0)
+    assert drain(mem, run_id).state == RunState.SUCCEEDED
 
 
 def test_replay_after_fix_reopens_and_rewrites_manifest(mem: Backend, tmp_path: Path) -> None:
@@ -152,7 +333,7 @@ def test_expired_lease_is_taken_over_as_crashed(mem: Backend, fast_leases: None)
     run_id = _run(mem, chunks=2, rows=3)
     drain_root(mem)
     # A worker claims chunk 0/0 and dies: its lease is never committed.
-    mem.ledger.claim(TaskKey(run_id, "0/0"), "dead-worker", 0.01, 3, __import__("time").time())
+    mem.ledger.claim(TaskKey(run_id, "0/0"), "dead-worker", 0.01, 3, time.time())
     run = drain(mem, run_id, chunk_timeout=0.2)
     assert run.state == RunState.SUCCEEDED
     task = mem.ledger.get_task(TaskKey(run_id, "0/0"))
@@ -205,11 +386,24 @@ def test_crash_between_commit_steps_keeps_fan_in_exact(
     assert run.tasks_done == len(mem.ledger.list_tasks(run_id)) == 1 + 2 + 6
 
 
-def test_runaway_max_depth_stops_the_run(mem: Backend) -> None:
+def test_runaway_max_depth_stops_the_run(mem: Backend, caplog: pytest.LogCaptureFixture) -> None:
     run_id = _run(mem, {"max_depth": 2}, chunks=1, rows=1, children=2, depth=5)
-    run = drain(mem, run_id)
+    sink = _Events()
+    run = drain(mem, run_id, runner=Runner(mem, events=sink))
     assert run.state == RunState.STOPPED
-    assert run.stop_reason is not None and "max_depth (2)" in run.stop_reason
+    # Depth 3 is one generation too deep: the first chunk at depth 2 that spawns stops the run.
+    chunk = next(t.chunk_id for t in mem.ledger.list_tasks(run_id) if t.depth == 2)
+    reason = f"max_depth (2) reached at chunk {chunk}"
+    assert run.stop_reason == reason
+    assert f"run {run_id} stopped: {reason}" in caplog.messages
+    (stopped,) = [e for e in sink.events if e["type"] == "run.stopped"]
+    assert stopped == {
+        "type": "run.stopped",
+        "run_id": run_id,
+        "time": stopped["time"],
+        "reason": reason,
+        "chunk_id": chunk,
+    }
     manifest = coordinator.read_manifest(mem, run_id)
     assert manifest["state"] == "stopped" and manifest["records"] == run.records
     # 0/0 and the chunk that hit the bound committed their records; its sibling,
@@ -220,8 +414,16 @@ def test_runaway_max_depth_stops_the_run(mem: Backend) -> None:
 def test_runaway_max_chunks_stops_the_run(mem: Backend) -> None:
     run_id = _run(mem, {"max_chunks": 10}, chunks=3, rows=1, children=3, depth=3)
     run = drain(mem, run_id)
-    assert run.state == RunState.STOPPED and "max_chunks (10)" in (run.stop_reason or "")
-    assert run.chunks_total <= 10
+    assert run.state == RunState.STOPPED
+    # Chunks run in queue order here: the plan (4 tasks), 0/0 and 0/1 (3 children
+    # each) fit in 10; 0/2's three would make 13, so none of them is registered.
+    assert run.stop_reason == "max_chunks (10) reached at chunk 0/2"
+    tasks = mem.ledger.list_tasks(run_id)
+    assert run.chunks_total == len(tasks) == 10
+    assert not [t.chunk_id for t in tasks if t.chunk_id.startswith("0/2/")]
+    # The chunks that ran committed their records; the six children still queued
+    # when the run stopped were cancelled, not run.
+    assert (run.tasks_done, run.tasks_cancelled, run.records) == (4, 6, 3)
 
 
 def test_runaway_max_continuations_stops_the_run(mem: Backend) -> None:
@@ -390,6 +592,8 @@ def test_a_retry_that_spawns_differently_after_a_crash_loses_and_doubles_nothing
     assert run.state == RunState.SUCCEEDED and run.outstanding == 0
     assert sorted(r["x"] for r in coordinator.committed_records(mem, run_id)) == ["b1", "b2"]
     assert (run.tasks_done, run.tasks_cancelled) == (3, 1)
+    (orphan,) = mem.ledger.list_tasks(run_id, (TaskState.CANCELLED,))
+    assert orphan.chunk_id == "0/2" and orphan.history[-1]["outcome"] == "orphaned"
 
 
 def test_a_stalled_run_is_re_sent_even_while_the_queue_is_not_empty(mem: Backend) -> None:

@@ -24,9 +24,9 @@ from fanout.cli import main
 from fanout.cli_observe import watch_run
 from fanout.logs import NOISY_LOGGERS, configure_logging, resolve_level
 from fanout.messages import decode
-from fanout.metrics import ChunkMetrics, EmfMetrics, NoMetrics, emf_document, metrics_for
+from fanout.metrics import ChunkMetrics, EmfMetrics, emf_document, metrics_for
 from fanout.runner import LEASE_GRACE, Attempt, Runner
-from helpers import TREE, drain
+from helpers import TREE, FixedJitter, drain
 
 CHUNK_KEYS = [
     "run_id",
@@ -103,11 +103,21 @@ def test_every_chunk_event_is_one_json_line_with_its_fields(
     settled = [d for d in lines if d["event"] in ("committed", "continued")]
     assert sum(d["records"] for d in settled) == run.records == 20
     assert sum(d["bytes"] for d in settled) == run.bytes
-    assert all(d["duration_s"] >= 0 and d["level"] == "INFO" for d in settled)
+    for d in settled:
+        # Each line says what the ledger recorded for that attempt.
+        task = mem.ledger.get_task(TaskKey(run_id, d["chunk_id"], d["seq"]))
+        assert task is not None
+        (event,) = [e for e in task.history if e["outcome"] == d["event"]]
+        assert (d["level"], d["attempt"], d["records"]) == ("INFO", 1, event["records"])
+        assert d["duration_s"] == event["duration_s"]
+        assert d["msg"] == (
+            f"task {task.key} attempt 1 {d['event']}: {d['records']} records"
+            f" in {d['duration_s']:.3f}s"
+        )
 
 
 def test_failures_log_at_warning_and_error_with_their_kind(
-    mem: Backend, restore_logging: None
+    mem: Backend, restore_logging: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = io.StringIO()
     configure_logging(stage="prod", fmt="json", stream=out)  # WARNING: no per-chunk INFO
@@ -122,18 +132,31 @@ def test_failures_log_at_warning_and_error_with_their_kind(
     assert {d["event"] for d in lines} == {"dead"}  # nothing below WARNING
     assert sorted(d["chunk_id"] for d in lines) == ["0/0", "0/1"]
     for d in lines:
-        assert d["level"] == "ERROR" and d["failure"] == "error"
-        assert "flaky chunk" in d["error"] and d["duration_s"] >= 0
+        task = mem.ledger.get_task(TaskKey(run_id, d["chunk_id"], 0))
+        assert task is not None
+        error = f"RuntimeError: flaky chunk {d['chunk_id'][-1]}, attempt 1"
+        assert (d["level"], d["failure"], d["error"]) == ("ERROR", "error", error)
+        assert d["duration_s"] == task.history[0]["duration_s"]
+        assert d["msg"] == f"task {task.key} is dead after attempt 1: error: {error}"
 
     out = io.StringIO()
     configure_logging(stage="prod", fmt="json", stream=out)
+    # The tree job's back-off: base 0.01 s, so attempt 1's ceiling is 0.01 s;
+    # with the jitter fixed at half of it the retry waits 0.005 s.
+    monkeypatch.setattr("fanout.retry._rng", FixedJitter(0.5))
     run_id = coordinator.submit(
         mem, TREE, {"chunks": 1, "rows": 2, "fail_chunks": [0], "fail_times": 1}
     ).run_id
     assert drain(mem, run_id).state == RunState.SUCCEEDED
     (retried,) = [d for d in json_lines(out.getvalue()) if d.get("run_id") == run_id]
     assert retried["event"] == "retried" and retried["level"] == "WARNING"
-    assert retried["attempt"] == 1 and retried["retry_in_s"] >= 0
+    assert retried["attempt"] == 1 and retried["retry_in_s"] == 0.005
+    task = mem.ledger.get_task(TaskKey(run_id, "0/0"))
+    assert task is not None
+    error = "RuntimeError: flaky chunk 0, attempt 1"
+    assert (retried["failure"], retried["error"]) == ("error", error)
+    assert retried["duration_s"] == task.history[0]["duration_s"]
+    assert retried["msg"] == f"task {task.key} attempt 1 error: {error}; retry in 0.0s"
 
 
 def test_a_jobs_own_log_lines_carry_the_chunk_fields(restore_logging: None) -> None:
@@ -253,6 +276,12 @@ def test_runner_prints_one_emf_line_per_settled_attempt(mem: Backend) -> None:
     docs = json_lines(out.getvalue())
     for doc in docs:
         check_emf(doc)
+        # The duration is the attempt's, as the ledger recorded it.
+        task = mem.ledger.get_task(TaskKey(run_id, doc["chunk_id"], doc["seq"]))
+        assert task is not None
+        outcome = "error" if doc["outcome"] == "retried" else doc["outcome"]
+        (event,) = [e for e in task.history if e["outcome"] == outcome]
+        assert doc["ChunkDuration"] == event["duration_s"]
     # plan + 2 chunks x 2 slices + the failed first attempt of each slice of chunk 1
     assert len(docs) == 7
     assert sum(d["Retries"] for d in docs) == run.retries == 2
@@ -270,19 +299,29 @@ def test_runner_prints_one_emf_line_per_settled_attempt(mem: Backend) -> None:
 
 
 def test_metrics_go_to_emf_on_lambda_with_aws_only(
-    mem: Backend, monkeypatch: pytest.MonkeyPatch
+    mem: Backend, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     aws_like = Backend("aws", mem.queue, mem.store, mem.ledger)
+    attempt = ChunkMetrics("tree", "run-1", "0/3", 0, 1, "committed", 0.5, 8, False)
+
+    def printed(backend: Backend) -> list[dict[str, Any]]:
+        """What the default sink of ``backend`` prints on stdout for one attempt."""
+        capsys.readouterr()
+        metrics_for(backend).record(attempt)
+        return json_lines(capsys.readouterr().out)
+
     monkeypatch.delenv("FANOUT_METRICS", raising=False)
     monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME", raising=False)
-    assert isinstance(metrics_for(aws_like), NoMetrics)  # `fanout run`'s stdout stays clean
+    assert printed(aws_like) == []  # `fanout run`'s stdout stays clean
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "fanout-dev-worker")
-    assert isinstance(metrics_for(aws_like), EmfMetrics)
-    assert isinstance(metrics_for(mem), NoMetrics)
+    (doc,) = printed(aws_like)
+    assert check_emf(doc) == ["ChunkDuration", "Records", "Retries"] and doc["Records"] == 8
+    assert printed(mem) == []
     monkeypatch.setenv("FANOUT_METRICS", "off")
-    assert isinstance(metrics_for(aws_like), NoMetrics)
+    assert printed(aws_like) == []
     monkeypatch.setenv("FANOUT_METRICS", "emf")
-    assert isinstance(metrics_for(mem), EmfMetrics)
+    (doc,) = printed(mem)
+    assert (doc["run_id"], doc["chunk_id"], doc["ChunkDuration"]) == ("run-1", "0/3", 0.5)
 
 
 # -- timeouts are never silent -------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,6 +32,8 @@ from procs import (
     worker,
 )
 from testjobs.tree import Params, expected_items
+
+HANG_AFTER_PUT = Path(__file__).parent / "hang_after_put.py"
 
 # -- helpers ---------------------------------------------------------------------
 
@@ -148,12 +151,32 @@ def test_sigkill_of_the_worker_group_then_resume_gives_exact_output(
     params = {"chunks": 20, "rows": 200, "step": 100, "row_sleep": 0.002}
     run_id = submit(home, **params)
     total_tasks = 1 + 20 * 2
-    with worker(home, tmp_path, "--workers", "2", "--chunk-timeout", "3") as proc:
+    # The first slice of chunk 0/5 hangs between writing its output file and
+    # committing it: the kill leaves an uncommitted file behind, as a kill
+    # between those two steps of the commit protocol does.
+    hang = {"FANOUT_TEST_HANG_AFTER_PUT": "/data/0.5-s0-a1-"}
+    data = home / "store" / "runs" / run_id / "data"
+    with worker(
+        home,
+        tmp_path,
+        "--workers",
+        "2",
+        "--chunk-timeout",
+        "3",
+        command=[sys.executable, str(HANG_AFTER_PUT)],
+        env=hang,
+    ) as proc:
 
         def midway() -> bool:
             run = get_run(ledger, run_id)
             running = ledger.ledger.list_tasks(run_id, (TaskState.RUNNING,))
-            return run.tasks_done >= 8 and bool(running) and run.state.value == "running"
+            hung = list(data.glob("0.5-s0-a1-*.avro"))
+            return (
+                run.tasks_done >= 8
+                and bool(running)
+                and bool(hung)
+                and run.state.value == "running"
+            )
 
         wait_for("some chunks committed, some in flight", midway, limit=30, every=0.02)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -187,6 +210,20 @@ def test_sigkill_of_the_worker_group_then_resume_gives_exact_output(
     assert_exact_output(home, run_id, **params)
     # The run's queue is empty: nothing left to redeliver.
     assert ledger.queue.pending() == 0
+    # The manifest lists exactly the committed outputs, never the file of the
+    # attempt killed before its commit (which is still on disk, as garbage).
+    manifest = json.loads((home / "store" / "runs" / run_id / "_manifest.json").read_text())
+    committed = {
+        t.output.key
+        for t in ledger.ledger.list_tasks(run_id, (TaskState.DONE,))
+        if t.output is not None
+    }
+    assert len(committed) == 20 * 2
+    assert {f["key"] for f in manifest["files"]} == committed
+    (uncommitted,) = data.glob("0.5-s0-a1-*.avro")
+    assert f"runs/{run_id}/data/{uncommitted.name}" not in committed
+    written = {f"runs/{run_id}/data/{p.name}" for p in data.glob("*.avro")}
+    assert committed < written
 
 
 # -- graceful stop ---------------------------------------------------------------

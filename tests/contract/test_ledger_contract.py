@@ -116,12 +116,16 @@ def test_claim_then_duplicate_is_busy_then_finished_after_commit(backend: Backen
     _run(backend)
     claim = _claim(backend)
     assert claim.outcome == ClaimOutcome.CLAIMED and claim.attempt == 1
+    assert claim.takeover is None  # a first claim takes nothing over
     assert claim.task is not None and claim.task.message == '{"m": 0}'
     busy = _claim(backend, token="t2")
     assert busy.outcome == ClaimOutcome.BUSY and 0 < busy.retry_after <= 30
     settle = backend.ledger.commit(ROOT, "t1", Output("k.avro", 10, 99), "committed", time.time())
     assert settle.ok and settle.drained
-    assert _claim(backend, token="t3").outcome == ClaimOutcome.FINISHED
+    finished = _claim(backend, token="t3")
+    # A duplicate delivery learns the task is finished, and sees the task as it ended.
+    assert finished.outcome == ClaimOutcome.FINISHED and finished.task is not None
+    assert (finished.task.state, finished.task.output) == (TaskState.DONE, Output("k.avro", 10, 99))
     run = backend.ledger.get_run(RUN)
     assert run is not None and (run.outstanding, run.records, run.bytes, run.tasks_done) == (
         0,
@@ -131,6 +135,27 @@ def test_claim_then_duplicate_is_busy_then_finished_after_commit(backend: Backen
     )
     task = backend.ledger.get_task(ROOT)
     assert task is not None and task.output == Output("k.avro", 10, 99)
+
+
+def test_a_commit_without_output_counts_no_records_or_bytes(backend: Backend) -> None:
+    """A chunk that wrote nothing (a plan, a chunk that only spawned) commits
+    with zeros: in the run's counters and in the event ``fanout logs`` shows."""
+    _run(backend)
+    _claim(backend)
+    now = time.time()
+    assert backend.ledger.commit(ROOT, "t1", None, "committed", now, duration=0.25).ok
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and (run.records, run.bytes, run.tasks_done) == (0, 0, 1)
+    task = backend.ledger.get_task(ROOT)
+    assert task is not None and task.output is None
+    (event,) = task.history
+    assert event == {
+        "outcome": "committed",
+        "at": pytest.approx(now, abs=0.001),
+        "records": 0,
+        "duration_s": 0.25,
+        "attempt": 1,
+    }
 
 
 def test_commit_with_a_lost_lease_is_refused(backend: Backend) -> None:
@@ -175,8 +200,11 @@ def test_takeover_past_max_attempts_buries(backend: Backend) -> None:
         assert claim.outcome == ClaimOutcome.CLAIMED and claim.attempt == attempt
     buried = _claim(backend, token="t3", lease=1, max_attempts=2, now=now + 30)
     assert buried.outcome == ClaimOutcome.BURIED and buried.drained
+    assert buried.takeover == "crashed"
     task = backend.ledger.get_task(ROOT)
-    assert task is not None and task.state == TaskState.DEAD and "crashed" in (task.error or "")
+    assert task is not None and task.state == TaskState.DEAD
+    assert task.error == "crashed: the worker died during the last attempt"
+    assert [e["outcome"] for e in task.history] == ["crashed", "crashed", "dead"]
     run = backend.ledger.get_run(RUN)
     assert run is not None and (run.outstanding, run.tasks_dead) == (0, 1)
 
@@ -198,8 +226,12 @@ def test_bury_keeps_the_message_and_reopen_restores_the_budget(backend: Backend)
         1,
         0,
     )
-    claim = _claim(backend, token="t9")
+    claim = _claim(backend, token="t9", lease=0.01, max_attempts=2)
     assert claim.outcome == ClaimOutcome.CLAIMED and claim.attempt == 1
+    # The budget counts from the replay: a crashed attempt 1 is retried, not buried.
+    time.sleep(0.02)
+    again = _claim(backend, token="t10", max_attempts=2)
+    assert again.outcome == ClaimOutcome.CLAIMED and again.attempt == 2
 
 
 def test_reopen_only_named_chunks(backend: Backend) -> None:
@@ -257,6 +289,9 @@ def test_stop_cancels_queued_tasks_at_claim(backend: Backend) -> None:
     second = _claim(backend, key=TaskKey(RUN, "0/1"))
     assert first.outcome == second.outcome == ClaimOutcome.CANCELLED
     assert (first.drained, second.drained) == (False, True)
+    cancelled = backend.ledger.get_task(TaskKey(RUN, "0/0"))
+    assert cancelled is not None and cancelled.state == TaskState.CANCELLED
+    assert [e["outcome"] for e in cancelled.history] == ["cancelled"]
     run = backend.ledger.get_run(RUN)
     assert run is not None and run.stop_reason == "max_depth (1) reached"
     assert run.tasks_cancelled == 2
@@ -345,10 +380,16 @@ def _kids(n: int, tag: str) -> list[NewTask]:
 
 def test_children_wait_for_their_parent_to_commit(backend: Backend) -> None:
     _run(backend)
-    _claim(backend, token="p1")
+    now = time.time()
+    _claim(backend, token="p1", lease=1.0, now=now)
     backend.ledger.register(RUN, _kids(1, "a"), max_chunks=100, spawned_by="p1")
-    early = _claim(backend, key=TaskKey(RUN, "0/0"), token="c")
-    assert early.outcome == ClaimOutcome.WAIT and early.retry_after > 0
+    # Asked to come back when the parent's lease ends (at least 0.5 s, at most 30 s).
+    early = _claim(backend, key=TaskKey(RUN, "0/0"), token="c", now=now)
+    assert early.outcome == ClaimOutcome.WAIT and early.retry_after == pytest.approx(1.0)
+    later = _claim(backend, key=TaskKey(RUN, "0/0"), token="c", now=now + 0.9)
+    assert later.outcome == ClaimOutcome.WAIT and later.retry_after == pytest.approx(0.5)
+    long_before = _claim(backend, key=TaskKey(RUN, "0/0"), token="c", now=now - 100)
+    assert long_before.retry_after == pytest.approx(30.0)
     backend.ledger.commit(ROOT, "p1", None, "committed", time.time())
     assert _claim(backend, key=TaskKey(RUN, "0/0"), token="c").outcome == ClaimOutcome.CLAIMED
 
@@ -386,6 +427,8 @@ def test_children_of_a_dead_parent_are_orphans_and_come_back_on_replay(backend: 
     backend.ledger.bury(ROOT, "p1", Failure("error", "boom"), time.time())
     orphan = _claim(backend, key=TaskKey(RUN, "0/0"), token="c")
     assert orphan.outcome == ClaimOutcome.CANCELLED and orphan.drained
+    task = backend.ledger.get_task(TaskKey(RUN, "0/0"))
+    assert task is not None and [e["outcome"] for e in task.history] == ["orphaned"]
     backend.ledger.reopen(RUN, None, time.time())
     _claim(backend, token="p2")
     assert backend.ledger.register(RUN, _kids(1, "b"), 100, spawned_by="p2").created == 1

@@ -277,11 +277,27 @@ def test_send_10000_in_one_call(backend: Backend) -> None:
     assert q.pending() == 0
 
 
-def _consume(queue: Queue, start: Barrier) -> list[str]:
-    """Wait for ``start`` (a barrier), then receive and acknowledge until the queue is
-    empty; return the bodies seen. The barrier makes the consumers really overlap."""
+def _consume(queue: Queue, start: Barrier, holding: Barrier) -> list[str]:
+    """Wait for ``start``, receive a first batch and hold it un-acknowledged until
+    every consumer has one (``holding``), then receive and acknowledge until the
+    queue is empty; return the bodies seen.
+
+    Holding the first batches makes the test independent of scheduling: however
+    slowly a consumer starts, the others cannot drain the queue before it got
+    work, and the batches in hand at the same moment must be disjoint.
+    """
     start.wait(30)  # a consumer that died before this must not hang the test
     bodies: list[str] = []
+    receipts: list[str] = []
+    deadline = time.monotonic() + 30
+    while not receipts:  # an SQS receive may come back empty with messages left
+        assert time.monotonic() < deadline, "no first batch"
+        for d in queue.receive(10, LONG):
+            bodies.append(d.body)
+            receipts.append(d.receipt)
+    holding.wait(30)
+    for receipt in receipts:
+        queue.ack(receipt)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         batch = queue.receive(10, LONG)
@@ -302,7 +318,9 @@ def _assert_each_once(results: list[list[str]], sent: list[str]) -> None:
     seen = [body for bodies in results for body in bodies]
     assert len(seen) == len(set(seen)), "a message was delivered to two consumers"
     assert sorted(seen) == sorted(sent), "a message was lost"
-    assert sum(1 for bodies in results if bodies) > 1, "only one consumer got work"
+    # Guaranteed by the holding barrier unless the queue handed one consumer
+    # everything (or a consumer failed): each got a first batch of its own.
+    assert all(results), "a consumer got no work"
 
 
 def test_concurrent_threads_never_share_a_message(backend: Backend) -> None:
@@ -311,10 +329,11 @@ def test_concurrent_threads_never_share_a_message(backend: Backend) -> None:
     results: list[list[str]] = [[] for _ in range(4)]
     errors: list[BaseException] = []
     start = threading.Barrier(len(results))
+    holding = threading.Barrier(len(results))
 
     def work(slot: int) -> None:
         try:
-            results[slot] = _consume(backend.queue, start)
+            results[slot] = _consume(backend.queue, start, holding)
         except BaseException as exc:  # reported in the main thread
             errors.append(exc)
 
@@ -327,11 +346,11 @@ def test_concurrent_threads_never_share_a_message(backend: Backend) -> None:
     _assert_each_once(results, sent)
 
 
-def _consume_in_child(open_same: Opener, out: Path, start: Barrier) -> None:
+def _consume_in_child(open_same: Opener, out: Path, start: Barrier, holding: Barrier) -> None:
     # A child process opens its own backend, as a worker process would.
     backend = open_same()
     try:
-        out.write_text(json.dumps(_consume(backend.queue, start)))
+        out.write_text(json.dumps(_consume(backend.queue, start, holding)))
     finally:
         backend.close()
 
@@ -340,12 +359,17 @@ def _consume_in_child(open_same: Opener, out: Path, start: Barrier) -> None:
 def test_concurrent_processes_never_share_a_message(
     backend: Backend, open_same: Opener, tmp_path: Path
 ) -> None:
+    if backend.name == "aws":
+        pytest.skip("moto runs in this process: a forked child gets a copy of its state")
     sent = [f"m{i}" for i in range(3000)]
     backend.queue.send(sent)
     ctx = multiprocessing.get_context("fork")
     outs = [tmp_path / f"out-{i}.json" for i in range(3)]
     start = ctx.Barrier(len(outs))
-    procs = [ctx.Process(target=_consume_in_child, args=(open_same, out, start)) for out in outs]
+    holding = ctx.Barrier(len(outs))
+    procs = [
+        ctx.Process(target=_consume_in_child, args=(open_same, out, start, holding)) for out in outs
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -1,48 +1,21 @@
 """The ScheduleStore contract: the same tests against the local database (and
-the memory backend's) and EventBridge Scheduler + DynamoDB under moto."""
+the memory backend's) and EventBridge Scheduler + DynamoDB under moto (the
+``backend`` fixture of ``conftest.py``)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from fanout.backends import open_backend
 from fanout.backends.base import Backend
 from fanout.errors import UserError
 from fanout.schedules import Schedule, ScheduleStore, open_store
-from helpers import TREE, fake_aws
+from helpers import TREE
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture(params=["memory", "local", "aws"])
-def backend(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Backend]:
-    if request.param != "aws":
-        opened = open_backend(request.param, home=tmp_path / "home")
-        yield opened
-        opened.close()
-        return
-    from moto import mock_aws
-
-    from fanout.backends.aws import AwsSettings
-    from fanout.backends.aws.resources import create_resources
-
-    fake_aws(
-        monkeypatch,
-        FANOUT_STAGE="contract",
-        FANOUT_AWS_SCHEDULE_ROLE="arn:aws:iam::123456789012:role/fanout-scheduler",
-    )
-    with mock_aws():
-        create_resources(AwsSettings.from_env())
-        opened = open_backend("aws")
-        yield opened
-        opened.close()
 
 
 @pytest.fixture
@@ -101,6 +74,17 @@ def test_a_tick_is_claimed_once(store: ScheduleStore) -> None:
     assert store.last_tick("pulse", tick + timedelta(minutes=4)) == tick
     assert store.last_tick("pulse", tick) == tick
     assert store.last_tick("pulse", tick - timedelta(seconds=1)) is None
+
+
+def test_recent_claims_are_kept_so_a_tick_never_fires_twice(store: ScheduleStore) -> None:
+    """Claiming a tick may forget old claims, never recent ones: a tick fired
+    again hours later (a second scheduler, a redelivery) is still refused."""
+    store.add(make())
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    ticks = [now - timedelta(hours=hours) for hours in (3, 2, 1)]
+    assert [store.claim_tick("pulse", tick) for tick in ticks] == [True] * 3
+    assert [store.claim_tick("pulse", tick) for tick in ticks] == [False] * 3
+    assert [store.last_tick("pulse", tick) for tick in ticks] == ticks
 
 
 def test_claims_race_one_winner_per_tick(store: ScheduleStore, backend: Backend) -> None:

@@ -155,8 +155,8 @@ def create_bucket(settings: AwsSettings) -> str:
 
 
 def create_table(settings: AwsSettings) -> bool:
-    """Create the ledger's table if the ledger module offers ``create_table``;
-    returns whether it did."""
+    """Create the ledger's table if the ledger module offers ``create_table``
+    and the table does not exist yet; returns whether it did."""
     try:
         from fanout.backends.aws import ledger
 
@@ -164,7 +164,12 @@ def create_table(settings: AwsSettings) -> bool:
     except (ImportError, AttributeError):
         log.warning("fanout.backends.aws.ledger.create_table is not available: no table created")
         return False
-    create(settings)
+    try:
+        create(settings)
+    except Exception as exc:
+        if error_code(exc) != "ResourceInUseException":
+            raise
+        return False  # it exists: idempotent, like the queue and the bucket
     return True
 
 
