@@ -243,6 +243,28 @@ def test_an_infrastructure_error_gives_the_tick_back(
     assert schedule_runs(ledger, "a") == ["a-20300101T0000"]
 
 
+def test_a_tick_claimed_by_a_scheduler_that_died_fires_on_a_later_pass(
+    home: Path, ledger: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler killed between claiming a tick and submitting its run leaves
+    the claim and no run: once the claim is older than SETTLE, the next pass
+    fires it (at least once), and the run id keeps it to one run."""
+    from fanout.schedules import fire
+
+    add(home, "a", "*/5 * * * *", TREE, "-p", "chunks=1")
+    store = open_store(ledger)
+    try:
+        assert store.claim_tick("a", t(START))  # ... and the scheduler died here
+    finally:
+        store.close()
+    assert at(home, "2030-01-01T00:01:00Z") == []  # a young claim: its owner may be busy
+    assert schedule_runs(ledger, "a") == []
+    monkeypatch.setattr(fire, "SETTLE", timedelta(0))  # the claim is old now
+    assert at(home, "2030-01-01T00:01:00Z") == [f"a {START}: fired a-20300101T0000"]
+    assert at(home, "2030-01-01T00:02:00Z") == []  # settled: not fired again
+    assert schedule_runs(ledger, "a") == ["a-20300101T0000"]
+
+
 def test_a_key_error_is_not_taken_for_a_tick_fired_already(
     home: Path, ledger: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

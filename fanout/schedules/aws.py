@@ -198,6 +198,44 @@ class EventBridgeScheduleStore:
             TableName=self.table, Key={"pk": {"S": _pk(name)}, "sk": {"S": _sk(tick)}}
         )
 
+    def settle_tick(self, name: str, tick: datetime) -> None:
+        """Mark the claimed ``tick`` as dealt with (only if its claim is there)."""
+        try:
+            self.dynamodb.update_item(
+                TableName=self.table,
+                Key={"pk": {"S": _pk(name)}, "sk": {"S": _sk(tick)}},
+                UpdateExpression="SET settled = :yes",
+                ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeValues={":yes": {"BOOL": True}},
+            )
+        except Exception as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+
+    def unsettled_ticks(self, name: str, claimed_before: datetime) -> builtins.list[datetime]:
+        """Claimed, never settled, claimed before ``claimed_before``; oldest first."""
+        kwargs: dict[str, object] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :tick)",
+            "FilterExpression": "attribute_not_exists(settled) AND claimed_at < :before",
+            "ExpressionAttributeValues": {
+                ":pk": {"S": _pk(name)},
+                ":tick": {"S": "TICK#"},
+                ":before": {"N": repr(as_utc(claimed_before).timestamp())},
+            },
+            "ConsistentRead": True,
+        }
+        found: builtins.list[datetime] = []
+        while True:
+            page = self.dynamodb.query(**kwargs)
+            found.extend(
+                datetime.fromtimestamp(int(item["sk"]["S"].removeprefix("TICK#")), UTC)
+                for item in page.get("Items", ())
+            )
+            if "LastEvaluatedKey" not in page:
+                return sorted(found)
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
     def last_tick(self, name: str, at_or_before: datetime | None = None) -> datetime | None:
         """The latest claimed tick (at or before ``at_or_before``), or None."""
         for sk in self._ticks(name, newest_first=True, limit=1, upto=at_or_before):

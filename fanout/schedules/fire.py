@@ -17,7 +17,12 @@ schedule is still running (the tick is claimed and dropped, not postponed).
 A tick is claimed before its run is submitted. Should the submit fail for a
 reason other than the job itself (the database busy, an AWS error), the claim
 is released so a later pass fires the tick, and the pass goes on with the
-other schedules.
+other schedules. Once dealt with (fired, skipped, or failed for good) the tick
+is settled. A claim still unsettled :data:`SETTLE` after it was made belongs to
+a scheduler that died between the claim and the submit: the next pass (or the
+redelivered fire message) fires it again; the deterministic run id makes that
+harmless if the first submit got through after all. Ticks fire at least once,
+and their runs exactly once.
 """
 
 from __future__ import annotations
@@ -159,6 +164,11 @@ def _is_duplicate_run(backend: Backend, exc: KeyError, run_id: str) -> bool:
     return exc.args == (run_id,) and backend.ledger.get_run(run_id) is not None
 
 
+#: How long a claimed tick may stay unsettled before it is taken for abandoned
+#: (a submit takes well under a second; a claim this old has no one behind it).
+SETTLE = timedelta(seconds=60)
+
+
 def fire_due(backend: Backend, store: ScheduleStore, now: datetime) -> list[Fired]:
     """Fire every tick due at ``now``. A tick another process claimed first is
     reported, not fired. An error (the database busy, an AWS error) fails that
@@ -177,6 +187,12 @@ def _fire_schedule(
     tick: datetime | None = None
     claimed = False
     try:
+        # Ticks whose scheduler died after claiming them: fired again, at least once.
+        for tick in store.unsettled_ticks(schedule.name, now_utc() - SETTLE):
+            log.warning("schedule %s: tick %s claimed, never fired", schedule.name, iso(tick))
+            results.append(fire(backend, schedule, tick))
+            store.settle_tick(schedule.name, tick)
+        tick = None
         for tick in due_for(store, schedule, now):
             claimed = store.claim_tick(schedule.name, tick)
             if not claimed:
@@ -184,7 +200,8 @@ def _fire_schedule(
                 results.append(Fired(schedule.name, tick, run_id, "claimed elsewhere"))
                 continue
             results.append(fire(backend, schedule, tick))
-            claimed = False  # settled: fired, skipped or failed for good
+            claimed = False  # dealt with: fired, skipped or failed for good
+            store.settle_tick(schedule.name, tick)
     except Exception as exc:
         log.exception("schedule %s: pass failed", schedule.name)
         if tick is None:  # due_for itself failed
@@ -336,12 +353,17 @@ def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime
         return "refused"
     tick = floor_minute(when)
     if not store.claim_tick(name, tick):
-        _log(Fired(name, tick, run_id_for(name, tick), "claimed elsewhere"))
-        return "schedule claimed elsewhere"
+        abandoned = store.unsettled_ticks(name, now_utc() - SETTLE)
+        if tick not in abandoned:
+            _log(Fired(name, tick, run_id_for(name, tick), "claimed elsewhere"))
+            return "schedule claimed elsewhere"
+        # Claimed by a handler that died before it submitted: fire it now.
+        log.warning("schedule %s: tick %s was claimed but never fired", name, iso(tick))
     try:
         result = fire(backend, schedule, tick)
     except BaseException:
         store.release_tick(name, tick)  # not submitted: the redelivery fires it
         raise
+    store.settle_tick(name, tick)
     _log(result)
     return f"schedule {result.outcome}"

@@ -9,6 +9,7 @@ fires it.
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 import threading
 import weakref
@@ -30,6 +31,7 @@ SCHEMA = (
     name TEXT NOT NULL,
     tick INTEGER NOT NULL,
     claimed_at REAL NOT NULL,
+    settled INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (name, tick)
 )""",
 )
@@ -59,6 +61,11 @@ def _create_tables(db: Database) -> None:
         with db.write() as conn:
             for statement in SCHEMA:
                 conn.execute(statement)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(schedule_ticks)")}
+            if "settled" not in columns:  # a database of an older fanout: its claims stand
+                conn.execute(
+                    "ALTER TABLE schedule_ticks ADD COLUMN settled INTEGER NOT NULL DEFAULT 1"
+                )
         _READY.add(db)
 
 
@@ -109,7 +116,8 @@ class SQLiteScheduleStore:
         seconds = _seconds(tick)
         with self.db.write() as conn:
             claimed = conn.execute(
-                "INSERT OR IGNORE INTO schedule_ticks (name, tick, claimed_at) VALUES (?, ?, ?)",
+                "INSERT OR IGNORE INTO schedule_ticks (name, tick, claimed_at, settled)"
+                " VALUES (?, ?, ?, 0)",
                 (name, seconds, datetime.now(UTC).timestamp()),
             ).rowcount
             if claimed:
@@ -143,6 +151,23 @@ class SQLiteScheduleStore:
         if row is None or row["tick"] is None:
             return None
         return datetime.fromtimestamp(row["tick"], UTC)
+
+    def settle_tick(self, name: str, tick: datetime) -> None:
+        """Mark the claimed ``tick`` as dealt with."""
+        with self.db.write() as conn:
+            conn.execute(
+                "UPDATE schedule_ticks SET settled = 1 WHERE name = ? AND tick = ?",
+                (name, _seconds(tick)),
+            )
+
+    def unsettled_ticks(self, name: str, claimed_before: datetime) -> builtins.list[datetime]:
+        """Claimed, never settled, claimed before ``claimed_before``; oldest first."""
+        rows = self.db.conn.execute(
+            "SELECT tick FROM schedule_ticks WHERE name = ? AND settled = 0 AND claimed_at < ?"
+            " ORDER BY tick",
+            (name, as_utc(claimed_before).timestamp()),
+        ).fetchall()
+        return [datetime.fromtimestamp(r["tick"], UTC) for r in rows]
 
     def close(self) -> None:
         """Nothing to release: the database belongs to the backend."""

@@ -3,6 +3,7 @@ deterministic run id of one tick."""
 
 from __future__ import annotations
 
+import builtins
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
@@ -94,6 +95,14 @@ class ScheduleStore(Protocol):
     def last_tick(self, name: str, at_or_before: datetime | None = None) -> datetime | None:
         """The latest tick claimed for the schedule (at or before ``at_or_before``,
         when given), or None."""
+
+    def settle_tick(self, name: str, tick: datetime) -> None:
+        """Note that the claimed ``tick`` was dealt with (fired, skipped, or failed
+        for good): it is not fired again."""
+
+    def unsettled_ticks(self, name: str, claimed_before: datetime) -> builtins.list[datetime]:
+        """Claimed ticks never settled, claimed before ``claimed_before``: their
+        scheduler died between the claim and the submit. Oldest first."""
 
     def close(self) -> None:
         """Release connections."""

@@ -142,3 +142,19 @@ def test_releasing_the_latest_claim_keeps_the_one_before(store: ScheduleStore) -
     assert store.claim_tick("pulse", latest) is True
     store.release_tick("pulse", latest)
     assert store.last_tick("pulse") == old
+
+
+def test_claimed_ticks_stay_unsettled_until_settled(store: ScheduleStore) -> None:
+    """What a scheduler killed between a claim and its submit leaves behind:
+    a claimed tick never settled, found by ``unsettled_ticks`` once old enough."""
+    store.add(make())
+    first, second = datetime(2030, 1, 1, tzinfo=UTC), datetime(2030, 1, 1, 0, 5, tzinfo=UTC)
+    assert store.claim_tick("pulse", first) and store.claim_tick("pulse", second)
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    assert store.unsettled_ticks("pulse", later) == [first, second]
+    assert store.unsettled_ticks("pulse", datetime.now(UTC) - timedelta(hours=1)) == []
+    store.settle_tick("pulse", first)
+    assert store.unsettled_ticks("pulse", later) == [second]
+    store.settle_tick("pulse", datetime(2031, 1, 1, tzinfo=UTC))  # never claimed: nothing
+    assert store.unsettled_ticks("pulse", later) == [second]
+    assert store.last_tick("pulse") == second
