@@ -131,6 +131,23 @@ def test_the_real_tick_fires_once(
     assert runs(backend) == ["daily-20310304T0300", "other-20310304T0300"]
 
 
+def test_a_tick_whose_handler_died_after_its_claim_fires_on_redelivery(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler killed between claiming the tick and submitting its run: the
+    message comes back, finds the claim unsettled and old, and fires it, once."""
+    add(backend, "daily", "0 3 * * *", datetime(2031, 1, 1, tzinfo=UTC))
+    monkeypatch.setattr(fire_mod, "now_utc", lambda: NOW)  # a minute after the claim, and more
+    store = open_store(backend)
+    try:
+        assert store.claim_tick("daily", datetime(2031, 3, 4, 3, tzinfo=UTC))  # then it died
+    finally:
+        store.close()
+    for _ in range(2):  # the redelivery, then one more
+        deliver(backend, fire_body("daily", "2031-03-04T03:00:00Z"))
+    assert runs(backend) == ["daily-20310304T0300"]
+
+
 def test_a_tick_of_now_fires_on_the_real_clock(backend: Backend) -> None:
     add(backend, "minutely", "* * * * *", datetime(2020, 1, 1, tzinfo=UTC))
     tick = floor_minute(datetime.now(UTC))
