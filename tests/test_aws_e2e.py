@@ -28,7 +28,7 @@ from helpers import TREE, drain, fake_aws
 from lambda_source import EventSource
 from motoserver import moto_server
 from procs import fanout
-from sites import BookSite, SiteServer
+from sites import BookSite, SiteServer, TrapSite
 
 pytest.importorskip("moto.server")
 
@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 READINGS = ROOT / "jobs" / "data" / "readings"
 ETL = str(ROOT / "jobs" / "meter_readings.py")
 CRAWL = str(ROOT / "jobs" / "site_crawl.py")
+TRAP = str(ROOT / "tests" / "testjobs" / "trap_crawl.py")
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,35 @@ def test_crawl_on_lambda_over_http_matches_the_local_backend(aws: Backend, tmp_p
     )
     assert write_units / new_urls <= 1.2, stats
     assert calls / pages <= 1.2, stats
+
+
+def test_trap_crawl_on_lambda_fetches_each_page_once_through_dynamodb(
+    aws: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site whose pages link to each other across chunks (cycles, duplicate
+    spellings, redirects): only the seen-set in DynamoDB keeps two invocations
+    from fetching the same page, so this fails if the ledger is not asked."""
+    from fanout import jobs
+
+    monkeypatch.setenv("TRAP_DEPTH", "3")
+    jobs._loaded.pop(TRAP, None)  # the job reads its depth at import
+    trap = TrapSite()
+    site = SiteServer(trap).start()
+    try:
+        run_id = coordinator.submit(aws, TRAP, {"start_url": site.url}).run_id
+        source = _source(aws, timeout_ms=30_000, visibility=60, batch=3)
+        run = _drive(source, aws, run_id, tmp_path, duplicate_batch=2, limit=240)
+        hits = dict(site.hits)
+    finally:
+        site.stop()
+    assert run.state == RunState.SUCCEEDED, run
+    items = Counter(r["id"] for r in coordinator.committed_records(aws, run_id))
+    assert [i for i, n in items.items() if n > 1] == []
+    assert set(items) == trap.expected_items(3)
+    assert {p: n for p, n in hits.items() if p in trap.normal_paths and n > 1} == {}
+    # Invocations met links other invocations had claimed, and DynamoDB said so.
+    assert run.stats["ledger_fingerprints_asked"] > run.stats["new_urls"] > 0, run.stats
+    assert run.tasks_total > 5
 
 
 def test_cli_submit_worker_status_failed_replay_cat_against_aws(
