@@ -413,8 +413,16 @@ def test_runaway_max_depth_stops_the_run(mem: Backend, caplog: pytest.LogCapture
 
 def test_runaway_max_chunks_stops_the_run(mem: Backend) -> None:
     run_id = _run(mem, {"max_chunks": 10}, chunks=3, rows=1, children=3, depth=3)
-    run = drain(mem, run_id)
+    sink = _Events()
+    run = drain(mem, run_id, runner=Runner(mem, events=sink))
     assert run.state == RunState.STOPPED
+    # Subscribers learn why the run stopped, in the events and the manifest.
+    (stop,) = [e for e in sink.events if e["type"] == "run.stopped"]
+    (finished,) = [e for e in sink.events if e["type"] == "run.finished"]
+    assert (stop["reason"], stop["chunk_id"]) == (run.stop_reason, "0/2")
+    assert (finished["state"], finished["stop_reason"]) == ("stopped", run.stop_reason)
+    manifest = json.loads(mem.store.get(f"runs/{run_id}/_manifest.json"))
+    assert manifest["state"] == "stopped" and manifest["stop_reason"] == run.stop_reason
     # Chunks run in queue order here: the plan (4 tasks), 0/0 and 0/1 (3 children
     # each) fit in 10; 0/2's three would make 13, so none of them is registered.
     assert run.stop_reason == "max_chunks (10) reached at chunk 0/2"
