@@ -14,6 +14,9 @@
   usual ``Deny`` of requests without TLS (``aws:SecureTransport`` false) denies
   everything. In-process moto is reached over ``https://`` URLs, so such a
   statement does not apply to its requests: it is left out of the evaluation.
+  Its conditional put (``If-None-Match: *``, on ``PutObject`` and on completing
+  a multipart upload) checks for the key, then writes it: two threads can both
+  pass the check. Real S3 decides atomically; here one lock covers both steps.
 """
 
 from __future__ import annotations
@@ -26,10 +29,23 @@ from typing import Any
 
 
 def patch_moto() -> None:
-    """Apply both patches (once per process)."""
+    """Apply the patches (once per process)."""
     _patch_sqs()
     _patch_dynamodb()
     _patch_s3_policy()
+    _patch_s3_conditional_put()
+
+
+def _patch_s3_conditional_put() -> None:
+    import moto.s3.responses as s3_responses
+
+    response_class: Any = s3_responses.S3Response
+    if getattr(response_class, "_fanout_put_locked", False):
+        return
+    lock = threading.RLock()
+    response_class.put_object = _locked(lock, response_class.put_object)
+    response_class._key_response_post = _locked(lock, response_class._key_response_post)
+    response_class._fanout_put_locked = True
 
 
 def _patch_s3_policy() -> None:

@@ -169,6 +169,14 @@ def test_sitemap_spider_yields_every_listed_page_once(home: Path) -> None:
 # -- politeness, run-wide ---------------------------------------------------------
 
 
+def polite_crawl(
+    home: Path, server: HardServer, delay: float, per_domain: int
+) -> tuple[str, dict[str, Any]]:
+    """The ``polite`` spider, 2 workers, chunks of 5 pages that time out at 6 s."""
+    env = {"HARD_DELAY": str(delay), "HARD_PER_DOMAIN": str(per_domain)}
+    return crawl(home, "polite", server.url, pages_per_chunk=5, chunk_timeout=6, env=env)
+
+
 @pytest.mark.slow
 def test_per_domain_limits_hold_across_chunks_and_workers(home: Path) -> None:
     needs_localhost()
@@ -177,14 +185,7 @@ def test_per_domain_limits_hold_across_chunks_and_workers(home: Path) -> None:
     # in flight per domain: more chunks crawling a domain at once would show.
     site = HardSite(40, hosts=2, delay=0.3, traps=False)
     with HardServer(site) as server:
-        run_id, st = crawl(
-            home,
-            "polite",
-            server.url,
-            pages_per_chunk=5,
-            chunk_timeout=6,
-            env={"HARD_DELAY": str(delay), "HARD_PER_DOMAIN": str(per_domain)},
-        )
+        run_id, st = polite_crawl(home, server, delay, per_domain)
         seen = server.politeness
         gaps = {h: seen.short_gaps(h, delay - GAP_TOLERANCE, skip="/robots.txt") for h in HOSTS}
     assert st["chunks"]["done"] >= 6, st["chunks"]
@@ -230,14 +231,7 @@ def test_per_domain_concurrency_holds_without_a_delay(home: Path) -> None:
     per_domain = 2
     site = HardSite(40, hosts=2, delay=0.2, traps=False)
     with HardServer(site) as server:
-        run_id, st = crawl(
-            home,
-            "polite",
-            server.url,
-            pages_per_chunk=5,
-            chunk_timeout=6,
-            env={"HARD_DELAY": "0", "HARD_PER_DOMAIN": str(per_domain)},
-        )
+        run_id, st = polite_crawl(home, server, 0.0, per_domain)
         most = dict(server.politeness.max_in_flight)
     assert st["chunks"]["done"] >= 6, st["chunks"]
     assert most == dict.fromkeys(HOSTS, per_domain)  # used, never exceeded
