@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import scrapy.crawler  # noqa: F401  (imported before the fork: children start warm)
 from scrapy import Request, Spider
 
-from fanout.crawl import channel as channel_module
-from fanout.crawl import components
+import fanout.crawl.channel as channel_module
+import fanout.crawl.components as components
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.codec import decode_value, request_from_json
 

@@ -41,7 +41,7 @@ from scrapy.http.request import NO_CALLBACK
 from scrapy.utils.httpobj import urlparse_cached
 from twisted.internet.defer import Deferred
 
-from fanout.crawl import channel
+import fanout.crawl.channel as channel  # the module: CHANNEL is set per chunk
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import ClaimBatch, ClaimBook
 from fanout.crawl.codec import CodecError, encode_value, request_to_json
