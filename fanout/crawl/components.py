@@ -126,13 +126,12 @@ class ChunkScheduler(Scheduler):
         self.gate = gate_of(crawler)
 
     def enqueue_request(self, request: Request) -> bool:
+        if not self.book.admit(request):
+            return False  # a duplicate: Scrapy signals request_dropped
         if self.handed_on:
             # Found after the hand-off (a late answer's links): not lost, handed on too.
-            if self.book.admit(request):
-                self._send_pending(request)
+            self._send_pending(request)
             return True
-        if not self.book.admit(request):
-            return False
         return bool(super().enqueue_request(request))
 
     def next_request(self) -> Request | None:
