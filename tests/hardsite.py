@@ -393,28 +393,18 @@ class _RecordingHandler(_Handler):
                 return float(seconds + nanoseconds / 1e9)
         return time.time()
 
-    def _reply(self, send_body: bool) -> None:
-        # sites._Handler._reply, with the request's end recorded before its reply
-        # is written: once written, the client may send its next request before
-        # this thread runs again, and a late end would count one in flight too many.
+    def _answer(self) -> Reply:
+        # The request's end is recorded before its reply is written: once
+        # written, the client may send its next request before this thread runs
+        # again, and a late end would count one in flight too many.
         header = self.headers.get("Host", "")
         host = header.rpartition(":")[0] or header
-        owner = self.server.owner
-        key = canonical(self.path)
-        owner.politeness.begin(host, key, self.arrival)
+        politeness = self.server.owner.politeness
+        politeness.begin(host, canonical(self.path), self.arrival)
         try:
-            reply = owner.site.respond(key, header, owner.count(key))
-            if reply.delay:
-                time.sleep(reply.delay)
+            return super()._answer()
         finally:
-            owner.politeness.end(host)
-        self.send_response(reply.status)
-        for name, value in reply.headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.end_headers()
-        if send_body:
-            self.wfile.write(reply.body)
+            politeness.end(host)
 
 
 class _BacklogServer(_HTTPServer):

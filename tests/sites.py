@@ -556,11 +556,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(send_body=False)
 
     def _reply(self, send_body: bool) -> None:
+        self._write(self._answer(), send_body)
+
+    def _answer(self) -> Reply:
+        """The site's reply to this request, after its delay."""
         owner = self.server.owner
         key = canonical(self.path)
         reply = owner.site.respond(key, self.headers.get("Host", ""), owner.count(key))
         if reply.delay:
             time.sleep(reply.delay)
+        return reply
+
+    def _write(self, reply: Reply, send_body: bool) -> None:
+        """Send ``reply``: status, headers, Content-Length, and the body unless HEAD."""
         self.send_response(reply.status)
         for name, value in reply.headers:
             self.send_header(name, value)
