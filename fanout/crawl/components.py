@@ -178,11 +178,13 @@ class ChunkScheduler(Scheduler):
         now = time.monotonic()
         if now >= self.parking_until:
             return
-        ready = [r for r in self.parked if now >= self.gate.ask_after.get(self.gate.key(r), 0.0)]
-        if ready:
-            self.parked = [r for r in self.parked if r not in ready]
-            for request in ready:
+        waiting: list[Request] = []
+        for request in self.parked:
+            if now >= self.gate.ask_after.get(self.gate.key(request), 0.0):
                 self._mqpush(request)
+            else:
+                waiting.append(request)
+        self.parked = waiting
 
     def has_pending_requests(self) -> bool:
         # Held requests do not keep the spider open: they go to the parent. Parked
