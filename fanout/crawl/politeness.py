@@ -71,11 +71,9 @@ class DomainGate:
         self.delay = delay
         self.crawl_delay: dict[str, float] = {}  # robots.txt, per domain
         self.slots: dict[str, int] = {}  # granted, per domain
-        self.shared: dict[str, int] = {}  # holders of a domain this chunk shares
         self.ask_after: dict[str, float] = {}  # monotonic
         self.ramp: dict[str, int] = {}  # requests allowed in flight while connections open
         self.renewed = time.monotonic()
-        self.calls = 0
 
     def key(self, request: Request) -> str:
         """The domain of ``request`` as Scrapy's downloader keys its slots."""
@@ -121,7 +119,6 @@ class DomainGate:
         return self.room(self.key(request)) > 0
 
     def _ask(self, key: str, want: int, in_use: int = 0) -> DomainGrant:
-        self.calls += 1
         self.crawler.stats.inc_value("fanout/ledger_lease_calls")
         now = time.time()
         ask = DomainAsk(
@@ -140,10 +137,6 @@ class DomainGate:
         self.slots[key] = grant.slots
         if grant.delay > self.delay_of(key):  # another chunk read the site's robots.txt
             self.crawl_delay[key] = grant.delay
-        if self.delay_of(key) <= 0 and grant.holders > 1:
-            self.shared[key] = grant.holders
-        else:
-            self.shared.pop(key, None)
         downloader = self.crawler.engine.downloader
         delay = self.delay_of(key)
         settings: dict[str, Any] = {"concurrency": grant.slots, "delay": delay}
@@ -175,8 +168,9 @@ class DomainGate:
             self._apply(key, self._ask(key, self.capacity))
 
     def renew(self) -> None:
-        """Re-ask for shared domains' slots (a newcomer gets its share) and for
-        held ones every few seconds (to see newcomers at all)."""
+        """Every :data:`RENEW_EVERY` seconds, ask again for each domain held without
+        a delay (trimmed to a fair share when a newcomer waits), and for each
+        domain whose lease was lost while requests wait in its download slot."""
         now = time.monotonic()
         if now - self.renewed < RENEW_EVERY:
             return
