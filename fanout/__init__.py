@@ -3,7 +3,8 @@ written as Avro, run locally or on AWS."""
 
 from fanout.context import ChunkContext, Continue
 from fanout.errors import PermanentError, RecordError, UserError
-from fanout.jobs import Job, RunSettings
+from fanout.jobs import Job
+from fanout.settings import RunSettings
 
 __all__ = [
     "ChunkContext",

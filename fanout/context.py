@@ -16,7 +16,7 @@ from fanout.inputs import list_inputs, open_input
 if TYPE_CHECKING:
     from fanout.avro import RecordWriter
     from fanout.backends.base import Ledger, Store
-    from fanout.jobs import RunSettings
+    from fanout.settings import RunSettings
 
 
 #: The longest ``spawn`` delay (s). SQS keeps a message 14 days at most, however

@@ -21,9 +21,10 @@ from fanout.backends.base import (
     TaskState,
 )
 from fanout.errors import UnknownRunError, UserError
-from fanout.jobs import RunSettings, canonical_ref, load_job
+from fanout.jobs import canonical_ref, load_job
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.runner import FINALIZE_STALE, Runner
+from fanout.settings import RunSettings
 
 
 def new_run_id(job_name: str) -> str:

@@ -14,12 +14,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from fanout.errors import JobLoadError, ParamsError, UserError
 from fanout.isolation import JobModules, import_fresh
 from fanout.isolation import activate as activate_modules
-from fanout.messages import MAX_SEQ
+
+# Re-exported: RunSettings is part of the job API (``Job(..., max_attempts=5)``).
+from fanout.settings import RunSettings as RunSettings
 
 if TYPE_CHECKING:
     from fanout.avro import Schema
@@ -29,27 +31,6 @@ PlanFn = Callable[[Any, "ChunkContext"], Iterable[Any]]
 ProcessFn = Callable[[Any, "ChunkContext"], "Continue | None"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class RunSettings(BaseModel):
-    """Per-run limits, defaulted from the job and overridable per run (``-S KEY=VALUE``)."""
-
-    # defer_build: the validator is built when settings are first checked (a job
-    # loads, a run is read), not at import: the Lambda handler imports this module.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
-
-    max_attempts: int = Field(3, ge=1, le=100, description="attempts before a chunk is dead")
-    backoff_base: float = Field(1.0, ge=0, description="first retry waits up to this (s)")
-    backoff_cap: float = Field(300.0, ge=0, description="no retry waits longer (s)")
-    max_chunks: int = Field(100_000, ge=1, description="distinct chunks a run may register")
-    max_depth: int = Field(32, ge=0, le=63, description="spawn generations below the root")
-    max_continuations: int = Field(
-        10_000, ge=0, le=MAX_SEQ, description="continuations of one chunk (resume_at)"
-    )
-    codec: str = Field("deflate", pattern="^(null|deflate)$", description="Avro codec")
-    pages_per_chunk: int = Field(
-        250, ge=1, description="crawl jobs: responses a chunk fetches before handing on"
-    )
 
 
 class Job:

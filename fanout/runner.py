@@ -51,7 +51,7 @@ from fanout.failures import (
     settle_poison,
 )
 from fanout.finalize import FINALIZE_STALE, finalize_run, manifest_key
-from fanout.jobs import Job, RunSettings, activate, load_job
+from fanout.jobs import Job, activate, load_job
 from fanout.messages import (
     FIRE_KIND,
     ChunkMessage,
@@ -63,6 +63,7 @@ from fanout.messages import (
 )
 from fanout.metrics import ChunkMetrics, MetricsSink, metrics_for
 from fanout.retry import compute_backoff
+from fanout.settings import RunSettings
 
 log = logging.getLogger("fanout.runner")
 

@@ -31,7 +31,7 @@ def open_backend(name: str = "local", *, home: str | Path | None = None) -> Back
         # Resources named by FANOUT_AWS_* / FANOUT_STAGE and the standard AWS
         # environment (region, endpoint, credentials); the CLI first puts the
         # names of the stage's stack there (fanout.backends.aws.stack).
-        from fanout.backends.aws import open_aws
+        from fanout.backends.aws.backend import open_aws
 
         return open_aws()
     raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

@@ -1,15 +1,15 @@
 """The AWS backend: SQS (queue), S3 (store), DynamoDB (ledger), via boto3.
 
 Configured by :class:`AwsSettings` (environment variables ``FANOUT_AWS_*`` and
-the standard AWS ones: ``AWS_REGION``, ``AWS_ENDPOINT_URL``, profiles).
+the standard AWS ones: ``AWS_REGION``, ``AWS_ENDPOINT_URL``, profiles), which
+every module of the package reads; the package imports none of them (no import
+cycle), so the backend is assembled in :mod:`fanout.backends.aws.backend`.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-from fanout.backends.base import Backend
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,3 @@ class AwsSettings:
             events_topic=os.environ.get("FANOUT_AWS_EVENTS_TOPIC") or None,
             bucket_owner=os.environ.get("FANOUT_AWS_BUCKET_OWNER") or None,
         )
-
-
-def open_aws(settings: AwsSettings | None = None) -> Backend:
-    """The three seams on AWS; the resources must exist (see ``create_resources``)."""
-    from fanout.backends.aws.ledger import DynamoLedger
-    from fanout.backends.aws.queue import SqsQueue
-    from fanout.backends.aws.store import S3Store
-
-    settings = settings or AwsSettings.from_env()
-    return Backend(
-        "aws",
-        queue=SqsQueue(settings),
-        store=S3Store(settings),
-        ledger=DynamoLedger(settings),
-    )
