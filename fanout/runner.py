@@ -34,10 +34,13 @@ from fanout.backends.base import (
     ClaimOutcome,
     Delivery,
     Failure,
+    FailureKind,
     NewTask,
     Output,
+    TaskEvent,
     TaskKey,
 )
+from fanout.backends.rules import CRASHED_LAST, FailureVerdict, after_failure
 from fanout.context import ChunkContext, Continue
 from fanout.events import EventSink, emit, events_for
 from fanout.failures import (
@@ -205,9 +208,9 @@ class Runner:
                 log.error(
                     "task %s is dead: the worker died during its last attempt",
                     key,
-                    extra={"fanout": {**fields, "event": "dead", "failure": "crashed"}},
+                    extra={"fanout": {**fields, "event": "dead", "failure": FailureKind.CRASHED}},
                 )
-                self._keep_dead_letter(key, "crashed: the worker died during the last attempt", "")
+                self._keep_dead_letter(key, f"{CRASHED_LAST.kind}: {CRASHED_LAST.error}", "")
             if claim.outcome is ClaimOutcome.MISSING:
                 log.warning("dropping a message for unregistered task %s", key)
             if claim.outcome is ClaimOutcome.FINISHED:
@@ -264,7 +267,7 @@ class Runner:
             # The task was claimed: its attempt fails like any other (retried
             # with back-off, dead-lettered in the ledger after max_attempts).
             try:
-                return self.fail(attempt, Failure("internal error", reason, tb))
+                return self.fail(attempt, Failure(FailureKind.INTERNAL, reason, tb))
             except Exception:
                 log.exception("could not record the failure of %s", attempt.key)
         return settle_poison(self.queue, self.store, delivery, reason, tb)
@@ -315,7 +318,9 @@ class Runner:
             if isinstance(exc, KeyboardInterrupt) and interruptible():
                 # A real Ctrl-C in a process that takes it (not a worker child,
                 # which ignores SIGINT): hand the chunk back, then stop.
-                self.fail(attempt, Failure("interrupted", "interrupted", failure.traceback))
+                self.fail(
+                    attempt, Failure(FailureKind.INTERRUPTED, "interrupted", failure.traceback)
+                )
                 raise
             return self.fail(attempt, failure)
         return self._commit(run, attempt, msg, payload, ctx, continuation, data, writer)
@@ -357,7 +362,7 @@ class Runner:
             self.ledger.stop(key.run_id, stop_reason)
             emit(self.events, "run.stopped", key.run_id, reason=stop_reason, chunk_id=key.chunk_id)
 
-        outcome = "continued" if continuation is not None else "committed"
+        outcome = TaskEvent.CONTINUED if continuation is not None else TaskEvent.COMMITTED
         now = time.time()
         took = attempt.took(now)
         settle = self.ledger.commit(
@@ -467,14 +472,11 @@ class Runner:
         if failure.duration is None:
             failure = replace(failure, duration=attempt.took(now))
         job_name = run.job_name if run is not None else ""
-        permanent = failure.kind in ("bad record", "permanent", "no progress")
-        # An attempt the user interrupted is handed back at once and may run again
-        # even if it was the last one: stopping a worker must not kill chunks.
-        interrupted = failure.kind == "interrupted"
-        if interrupted or (not permanent and attempt.attempt < settings.max_attempts):
+        verdict = after_failure(failure.kind, attempt.attempt, settings.max_attempts)
+        if verdict is not FailureVerdict.DEAD:
             delay = (
                 0.0
-                if interrupted
+                if verdict is FailureVerdict.RETRY_NOW
                 else compute_backoff(
                     attempt.attempt, base=settings.backoff_base, cap=settings.backoff_cap
                 )
