@@ -22,7 +22,7 @@ from fanout.deploy import (
     plan,
 )
 from fanout.errors import UserError
-from helpers import fake_aws
+from support.helpers import fake_aws
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ Serve one with ``SiteServer``::
 
 From the command line (127.0.0.1 only), for demos::
 
-    python -m tests.sites --site books --pages 5000 --port 8000
-    python tests/sites.py --site trap --port 8001
+    python -m tests.support.sites --site books --pages 5000 --port 8000
+    python tests/support/sites.py --site trap --port 8001
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 import scrapy
 from scrapy.http import HtmlResponse, Response
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make jobs.data importable
     sys.path.append(str(ROOT))
 
