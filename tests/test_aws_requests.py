@@ -19,7 +19,7 @@ from fanout.backends.aws.clients import clear_cache, client
 from fanout.backends.aws.resources import create_resources
 from fanout.backends.base import Backend
 from fanout.runner import LEASE_GRACE, Runner
-from helpers import TREE, fake_aws
+from support.helpers import TREE, fake_aws
 
 ETL = str(Path(__file__).resolve().parents[1] / "jobs" / "meter_readings.py")
 WRITES = ("PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems")

@@ -16,7 +16,7 @@ from fanout import coordinator
 from fanout.backends.base import Backend, Failure, RunState, TaskKey, TaskState
 from fanout.metrics import EmfMetrics
 from fanout.runner import Attempt, Runner
-from helpers import TREE, FixedJitter, drain
+from support.helpers import TREE, FixedJitter, drain
 from testjobs.tree import SCHEMA, Params, expected_items
 
 

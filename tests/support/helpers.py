@@ -10,7 +10,7 @@ from typing import Any
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord
 from fanout.runner import Runner
 
-JOBS = Path(__file__).parent / "testjobs"
+JOBS = Path(__file__).resolve().parents[1] / "testjobs"
 TREE = str(JOBS / "tree.py")
 
 
