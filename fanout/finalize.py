@@ -8,7 +8,8 @@ import json
 import logging
 import time
 
-from fanout.backends.base import Ledger, RunState, Store, TaskState
+from fanout.backends.base import Ledger, Store, TaskState
+from fanout.controls import final_state
 from fanout.events import EventSink, emit
 
 log = logging.getLogger("fanout.runner")
@@ -49,12 +50,8 @@ def finalize_run(
         for t in done
         if t.output is not None
     ]
-    if record.stop_reason:
-        state = RunState.STOPPED
-    elif dead:
-        state = RunState.FAILED
-    else:
-        state = RunState.SUCCEEDED
+    # Stopped, failed, succeeded, or (run controls) cancelled, succeeded with failures.
+    state = final_state(record, len(dead))
     manifest = {
         "version": 1,
         "run_id": run_id,

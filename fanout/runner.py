@@ -39,6 +39,7 @@ from fanout.backends.base import (
     TaskKey,
 )
 from fanout.context import ChunkContext, Continue
+from fanout.control_gate import Gate
 from fanout.events import EventSink, emit, events_for
 from fanout.failures import (
     Attempt,
@@ -71,7 +72,7 @@ log = logging.getLogger("fanout.runner")
 LEASE_GRACE = 5.0
 #: Outcomes of :meth:`Runner.handle` that leave the message on the queue (not
 #: acknowledged): it is delivered again when its visibility runs out.
-RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued"})
+RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued", "capped"})
 
 __all__ = [
     "FINALIZE_STALE",
@@ -134,6 +135,8 @@ class Runner:
         self._runs: dict[str, _Run] = {}
         #: The attempt ``handle`` claimed and has not settled yet.
         self._in_hand: Attempt | None = None
+        #: Run controls: pause, max_concurrency, cancel, tolerated failures.
+        self.gate = Gate(backend, self.events)
 
     # -- one delivery -------------------------------------------------------------
 
@@ -194,7 +197,16 @@ class Runner:
         key = TaskKey(msg.run_id, msg.chunk_id, msg.seq)
         token = uuid.uuid4().hex
         now = time.time()
+        # Run controls (fanout.control_gate): a paused run's delivery is dropped,
+        # one over the run's max_concurrency handed back; neither is an attempt.
+        admission = self.gate.admit(
+            key.run_id, run.settings, token, now + timeout + LEASE_GRACE, delivery.receive_count
+        )
+        if not admission.go:
+            return self.gate.refuse(delivery, admission)
         claim = self.ledger.claim(key, token, timeout + LEASE_GRACE, run.settings.max_attempts, now)
+        if claim.outcome is not ClaimOutcome.CLAIMED:
+            self.gate.release(key.run_id, run.settings, token)  # the slot, if one was taken
         if claim.outcome in (ClaimOutcome.BUSY, ClaimOutcome.WAIT):
             self.queue.release(delivery.receipt, claim.retry_after)
             return claim.outcome.value
@@ -244,6 +256,7 @@ class Runner:
         finally:
             if self.on_end is not None:
                 self.on_end()
+            self.gate.release(key.run_id, run.settings, token, attempt.took(time.time()))
         self._in_hand = None
         return outcome
 
@@ -293,6 +306,7 @@ class Runner:
                 settings=run.settings,
                 store=self.store,
                 token=attempt.token,
+                probe=self.gate.probe(msg.run_id),  # run controls: cancel and pause
             )
             continuation = None
             if msg.kind == "plan":
@@ -303,7 +317,8 @@ class Runner:
                 assert job.process_fn is not None
                 result = job.process_fn(payload, ctx)
                 if isinstance(result, Continue):
-                    if msg.seq > 0 and result.cursor == cursor:
+                    # Told to stop (cancel, pause) is no lack of progress.
+                    if msg.seq > 0 and result.cursor == cursor and ctx.told_to_stop is None:
                         return self.fail(attempt, no_progress(cursor, timeout))
                     continuation = result
             data = writer.finish() if writer is not None and writer.count else b""
@@ -466,6 +481,7 @@ class Runner:
         if failure.duration is None:
             failure = replace(failure, duration=attempt.took(now))
         job_name = run.job_name if run is not None else ""
+        self.gate.release(key.run_id, settings, attempt.token, failure.duration)  # run controls
         permanent = failure.kind in ("bad record", "permanent", "no progress")
         # An attempt the user interrupted is handed back at once and may run again
         # even if it was the last one: stopping a worker must not kill chunks.
@@ -519,7 +535,8 @@ class Runner:
         self._measure(job_name, attempt, "dead", failure.duration, 0)
         self._keep_dead_letter(key, f"{failure.kind}: {failure.error}", failure.traceback)
         self.queue.ack(attempt.receipt)
-        if settle.drained:
+        # Run controls: past its tolerated failures the run stops (and may drain).
+        if self.gate.after_dead(key.run_id, settings) or settle.drained:
             self.finalize(key.run_id)
         return "dead"
 

@@ -32,6 +32,7 @@ from fanout.backends.base import (
 from fanout.backends.crawlstate import DomainAsk, DomainGrant
 from fanout.backends.local.crawlstate import claim_fingerprints, lease_domain, migrate
 from fanout.backends.local.db import Database
+from fanout.backends.local.runcontrols import SQLiteRunControls
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -123,7 +124,7 @@ def _chunk_sort_key(task: TaskRecord) -> tuple[tuple[int, ...], int]:
     return tuple(int(p) for p in task.chunk_id.split("/")), task.seq
 
 
-class SQLiteLedger:
+class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concurrency
     """The :class:`~fanout.backends.base.Ledger` on a SQLite database."""
 
     def __init__(self, db: Database) -> None:
