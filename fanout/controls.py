@@ -80,11 +80,11 @@ def admit(
     while the run is paused; with a ``cap``, only if fewer than ``cap`` live
     slots are held, and then a slot lapsing at ``expires`` is taken.
 
-    A refused delivery waits about one average chunk duration per time it was
-    refused before (``receives``, its delivery count), with jitter, between
-    :data:`MIN_WAIT` and :data:`MAX_WAIT`: soon enough to fill a slot when it
-    frees, spaced out for a delivery far back in a long backlog (SQS moves a
-    message received 50 times to its dead-letter queue)."""
+    A refused delivery waits about one average chunk duration for each time it
+    was delivered (``receives``), with jitter, between :data:`MIN_WAIT` and
+    :data:`MAX_WAIT`: soon enough to fill a slot when it frees, spaced out for
+    a delivery far back in a long backlog (SQS moves a message received 50
+    times to its dead-letter queue; the recovery sweep moves it back)."""
     if state.get("paused"):
         return Admission(False, paused=True)
     if cap is None:
@@ -96,7 +96,7 @@ def admit(
         return Admission(True, held=True)
     state["slots"] = slots  # lapsed slots dropped
     avg = float(state.get("avg", DEFAULT_AVG))
-    wait = max(MIN_WAIT, avg) * min(max(receives, 1), 20)
+    wait = max(MIN_WAIT, avg) * max(receives, 1)
     return Admission(False, retry_after=min(MAX_WAIT, wait) * _rng.uniform(0.5, 1.0))
 
 
