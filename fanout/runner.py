@@ -226,7 +226,9 @@ class Runner:
                 # sending its children. Sending again is harmless (claims dedupe).
                 self._send([(t.message, 0.0) for t in self.ledger.queued_children(key)])
             self.queue.ack(delivery.receipt)
-            if claim.drained:
+            # Run controls: a chunk buried here counts against the tolerance too.
+            buried = claim.outcome is ClaimOutcome.BURIED
+            if claim.drained or (buried and self.gate.after_dead(key.run_id, run.settings)):
                 self.finalize(key.run_id)
             return claim.outcome.value
         assert claim.task is not None

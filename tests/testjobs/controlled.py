@@ -4,7 +4,8 @@
 wall-clock times to ``log`` (one ``write`` per line, ``O_APPEND``), so a test
 can see when chunks ran and whether they were told to stop. Chunks listed in
 ``poison`` raise :class:`fanout.PermanentError` while the file ``poison_flag``
-exists (or always, without one)."""
+exists (or always, without one). With ``eager``, a slice checkpoints even
+before its first step when told to stop."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Params(BaseModel):
     log: str = ""
     poison: list[int] = []
     poison_flag: str = ""
+    eager: bool = False  # checkpoint even before the slice's first step
 
 
 job = Job("controlled", params=Params, schema=SCHEMA, backoff_base=0.01, backoff_cap=0.05)
@@ -60,7 +62,7 @@ def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
     if i in p.poison and (not p.poison_flag or os.path.exists(p.poison_flag)):
         raise PermanentError(f"poison chunk {i}")
     for step in range(start, p.steps):
-        if step > start and ctx.time_left() <= 0:
+        if (step > start or p.eager) and ctx.time_left() <= 0:
             told = ctx.told_to_stop or "deadline"
             _log(p.log, "end", i, ctx.seq, f"{time.time():.6f}", told, int(ctx.cancelled))
             return ctx.resume_at(step)
