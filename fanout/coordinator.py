@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from fanout import control_ops
 from fanout.backends.base import (
     TERMINAL_RUN_STATES,
     Backend,
@@ -146,7 +147,8 @@ def recover(
     if empty or (open_runs and redrive):
         now = time.time()
         for run in open_runs:
-            if run.outstanding == 0:
+            # Run controls: a paused run's messages were dropped on purpose.
+            if run.outstanding == 0 or control_ops.sweep(backend, run):
                 continue
             stranded = _stranded(backend, run, now, None if empty else stalled_after)
             if stranded:

@@ -9,7 +9,7 @@ import logging
 import time
 
 from fanout.backends.base import Ledger, Store, TaskState
-from fanout.backends.rules import final_state
+from fanout.controls import final_state
 from fanout.events import EventSink, emit
 
 log = logging.getLogger("fanout.runner")
@@ -50,7 +50,8 @@ def finalize_run(
         for t in done
         if t.output is not None
     ]
-    state = final_state(record.stop_reason, len(dead))
+    # Stopped, failed, succeeded, or (run controls) cancelled, succeeded with failures.
+    state = final_state(record, len(dead))
     manifest = {
         "version": 1,
         "run_id": run_id,

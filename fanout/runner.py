@@ -42,6 +42,7 @@ from fanout.backends.base import (
 )
 from fanout.backends.rules import CRASHED_LAST, FailureVerdict, after_failure
 from fanout.context import ChunkContext, Continue
+from fanout.control_gate import Gate
 from fanout.events import EventSink, emit, events_for
 from fanout.failures import (
     Attempt,
@@ -75,7 +76,7 @@ log = logging.getLogger("fanout.runner")
 LEASE_GRACE = 5.0
 #: Outcomes of :meth:`Runner.handle` that leave the message on the queue (not
 #: acknowledged): it is delivered again when its visibility runs out.
-RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued"})
+RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued", "capped"})
 
 __all__ = [
     "FINALIZE_STALE",
@@ -138,6 +139,8 @@ class Runner:
         self._runs: dict[str, _Run] = {}
         #: The attempt ``handle`` claimed and has not settled yet.
         self._in_hand: Attempt | None = None
+        #: Run controls: pause, max_concurrency, cancel, tolerated failures.
+        self.gate = Gate(backend, self.events)
 
     # -- one delivery -------------------------------------------------------------
 
@@ -198,7 +201,16 @@ class Runner:
         key = TaskKey(msg.run_id, msg.chunk_id, msg.seq)
         token = uuid.uuid4().hex
         now = time.time()
+        # Run controls (fanout.control_gate): a paused run's delivery is dropped,
+        # one over the run's max_concurrency handed back; neither is an attempt.
+        admission = self.gate.admit(
+            key.run_id, run.settings, token, now + timeout + LEASE_GRACE, delivery.receive_count
+        )
+        if not admission.go:
+            return self.gate.refuse(delivery, admission)
         claim = self.ledger.claim(key, token, timeout + LEASE_GRACE, run.settings.max_attempts, now)
+        if claim.outcome is not ClaimOutcome.CLAIMED:
+            self.gate.release(key.run_id, run.settings, token)  # the slot, if one was taken
         if claim.outcome in (ClaimOutcome.BUSY, ClaimOutcome.WAIT):
             self.queue.release(delivery.receipt, claim.retry_after)
             return claim.outcome.value
@@ -218,7 +230,9 @@ class Runner:
                 # sending its children. Sending again is harmless (claims dedupe).
                 self._send([(t.message, 0.0) for t in self.ledger.queued_children(key)])
             self.queue.ack(delivery.receipt)
-            if claim.drained:
+            # Run controls: a chunk buried here counts against the tolerance too.
+            buried = claim.outcome is ClaimOutcome.BURIED
+            if claim.drained or (buried and self.gate.after_dead(key.run_id, run.settings)):
                 self.finalize(key.run_id)
             return claim.outcome.value
         assert claim.task is not None
@@ -248,6 +262,7 @@ class Runner:
         finally:
             if self.on_end is not None:
                 self.on_end()
+            self.gate.release(key.run_id, run.settings, token, attempt.took(time.time()))
         self._in_hand = None
         return outcome
 
@@ -297,6 +312,7 @@ class Runner:
                 settings=run.settings,
                 store=self.store,
                 token=attempt.token,
+                probe=self.gate.probe(msg.run_id),  # run controls: cancel and pause
             )
             continuation = None
             if msg.kind == "plan":
@@ -307,7 +323,8 @@ class Runner:
                 assert job.process_fn is not None
                 result = job.process_fn(payload, ctx)
                 if isinstance(result, Continue):
-                    if msg.seq > 0 and result.cursor == cursor:
+                    # Told to stop (cancel, pause) is no lack of progress.
+                    if msg.seq > 0 and result.cursor == cursor and ctx.told_to_stop is None:
                         return self.fail(attempt, no_progress(cursor, timeout))
                     continuation = result
             data = writer.finish() if writer is not None and writer.count else b""
@@ -472,6 +489,7 @@ class Runner:
         if failure.duration is None:
             failure = replace(failure, duration=attempt.took(now))
         job_name = run.job_name if run is not None else ""
+        self.gate.release(key.run_id, settings, attempt.token, failure.duration)  # run controls
         verdict = after_failure(failure.kind, attempt.attempt, settings.max_attempts)
         if verdict is not FailureVerdict.DEAD:
             delay = (
@@ -522,7 +540,8 @@ class Runner:
         self._measure(job_name, attempt, "dead", failure.duration, 0)
         self._keep_dead_letter(key, f"{failure.kind}: {failure.error}", failure.traceback)
         self.queue.ack(attempt.receipt)
-        if settle.drained:
+        # Run controls: past its tolerated failures the run stops (and may drain).
+        if self.gate.after_dead(key.run_id, settings) or settle.drained:
             self.finalize(key.run_id)
         return "dead"
 

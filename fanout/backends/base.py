@@ -40,9 +40,21 @@ class RunState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # drained, with dead chunks
     STOPPED = "stopped"  # drained after a runaway bound was hit
+    # Run controls (fanout.controls): ended by `fanout cancel`; drained with
+    # dead chunks within its tolerated failures.
+    CANCELLED = "cancelled"
+    SUCCEEDED_WITH_FAILURES = "succeeded_with_failures"
 
 
-TERMINAL_RUN_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED})
+TERMINAL_RUN_STATES = frozenset(
+    {
+        RunState.SUCCEEDED,
+        RunState.FAILED,
+        RunState.STOPPED,
+        RunState.CANCELLED,  # run controls (fanout.controls)
+        RunState.SUCCEEDED_WITH_FAILURES,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ from fanout.backends.aws.ledger_items import (
     create_table,
 )
 from fanout.backends.aws.ledger_register import RETRIES, Registrar
+from fanout.backends.aws.runcontrols import DynamoRunControls
 from fanout.backends.base import (
     FINISHED_TASK_STATES,
     Claim,
@@ -88,7 +89,7 @@ from fanout.backends.rules import (
 __all__ = ["DynamoLedger", "create_table"]
 
 
-class DynamoLedger(Registrar, CrawlState):
+class DynamoLedger(Registrar, CrawlState, DynamoRunControls):  # + run controls (cancel, pause, cap)
     """The :class:`~fanout.backends.base.Ledger` on one DynamoDB table."""
 
     #: Forked crawl chunks see this ledger's writes (it is a remote service).

@@ -35,6 +35,7 @@ from fanout.backends.crawlstate import DomainAsk, DomainGrant
 from fanout.backends.local.crawlstate import claim_fingerprints, lease_domain, migrate
 from fanout.backends.local.db import Database
 from fanout.backends.local.ledger_rows import SCHEMA, key_args, run_record, task_record
+from fanout.backends.local.runcontrols import SQLiteRunControls
 from fanout.backends.rules import (
     CRASHED_LAST,
     ClaimFacts,
@@ -74,7 +75,7 @@ def _event(outcome: TaskEvent | FailureKind, now: float, **extra: object) -> str
     return json.dumps(history_event(outcome, now, None, **extra))
 
 
-class SQLiteLedger:
+class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concurrency
     """The :class:`~fanout.backends.base.Ledger` on a SQLite database."""
 
     def __init__(self, db: Database) -> None:
