@@ -596,6 +596,10 @@ from fanout.cli_schedule import schedule, scheduler  # noqa: E402  (imports no c
 main.add_command(schedule)
 main.add_command(scheduler)
 main.add_command(aws)
+from fanout.cli_ui import report, ui  # noqa: E402  (the dashboard; imports no cli either)
+
+main.add_command(ui)
+main.add_command(report)
 
 if __name__ == "__main__":
     main()
