@@ -34,6 +34,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -235,22 +237,39 @@ def static_file(request: Request) -> Response:
 # -- actions -----------------------------------------------------------------------
 
 
-async def replay(request: Request) -> Response:
-    """Replay the run's dead chunks: all, one failure group (``group``) or the
-    chunks named (``chunk``). Redirects to the run's page."""
+async def checked_form(request: Request) -> FormData:
+    """The action's form, if it carries the server's CSRF token; else
+    :class:`Refused` (403)."""
+    config: UiConfig = request.app.state.config
     form = await request.form()
+    token = form.get("csrf")
+    if not isinstance(token, str) or not hmac.compare_digest(token.encode(), config.csrf.encode()):
+        raise Refused("missing or wrong CSRF token")
+    return form
+
+
+class Refused(Exception):
+    """An action refused (answered 403 with its message)."""
+
+
+async def replay(request: Request) -> Response:
+    """Replay the run's dead chunks: ``all``, one failure ``group`` or the
+    ``chunk`` ids named (a form that names none of them is refused: an empty
+    form must never mean "all"). Redirects to the run's page."""
+    form = await checked_form(request)
     run_id = request.path_params["run_id"]
     config: UiConfig = request.app.state.config
-    chunks = [str(c) for c in form.getlist("chunk")]
+    chunks = [str(c) for c in form.getlist("chunk") if c]
     group = form.get("group")
+    everything = form.get("all") == "1"
+    if not (chunks or everything or (isinstance(group, str) and group)):
+        raise UserError("say what to replay: all=1, a group or chunk ids")
 
     def act() -> None:
-        named = chunks
+        named: list[str] | None = chunks or None
         if isinstance(group, str) and group:
             named = views.group_chunks(config.backend, run_id, group)
-        coordinator.replay(config.backend, run_id, named or None)
-
-    from starlette.concurrency import run_in_threadpool
+        coordinator.replay(config.backend, run_id, None if everything else named)
 
     await run_in_threadpool(act)
     return RedirectResponse(f"/runs/{quote(run_id, safe='')}", status_code=303)
@@ -316,18 +335,18 @@ class Guard(BaseHTTPMiddleware):
             origin = request.headers.get("origin")
             if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
                 return _plain(403, "cross-origin request refused")
-            form = await request.form()
-            token = form.get("csrf")
-            if not isinstance(token, str) or not hmac.compare_digest(
-                token.encode(), config.csrf.encode()
-            ):
-                return _plain(403, "missing or wrong CSRF token")
+            # The CSRF token is in the form, which the action reads (checked_form):
+            # a body read here would not reach the endpoint.
         return await call_next(request)
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    return _plain(403, str(exc))
 
 
 async def _user_error(request: Request, exc: Exception) -> Response:
     """A bad request or an unknown run: one escaped line on the error page."""
-    if isinstance(exc, UnknownRunError):
+    if isinstance(exc, UnknownRunError | views.NotFound):
         return _page(request, "error.html", 404, title="not found", message=str(exc))
     return _page(request, "error.html", 400, title="bad request", message=str(exc))
 
@@ -346,7 +365,7 @@ def create_app(config: UiConfig) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[Middleware(Guard)],
-        exception_handlers={UserError: _user_error},
+        exception_handlers={UserError: _user_error, Refused: _refused},
     )
     app.state.config = config
     app.state.views = RunViews(config.backend)

@@ -42,6 +42,10 @@ TREE_CHILDREN = 50
 MAX_SLICES = 1000
 
 
+class NotFound(UserError):
+    """A page of something the run does not have (a chunk, a failure group)."""
+
+
 def duration(seconds: float | None) -> str:
     """``0.42s``, ``3m05s``, ``2h01m``; ``-`` when unknown."""
     if seconds is None:
@@ -307,7 +311,7 @@ def chunk_view(backend: Backend, run_id: str, chunk_id: str) -> ChunkView:
             break
         tasks.append(task)
     if not tasks:
-        raise UserError(f"run {run_id} has no chunk {chunk_id!r}")
+        raise NotFound(f"run {run_id} has no chunk {chunk_id!r}")
     slices = []
     for t in tasks:
         cursor = coordinator.checkpoint(backend, t)
@@ -357,7 +361,7 @@ def group_chunks(backend: Backend, run_id: str, key: str) -> list[str]:
     for group in failure_groups(backend, run_id)[1]:
         if group.key == key:
             return [t.chunk_id for t in group.tasks]
-    raise UserError(f"run {run_id} has no failure group {key!r} (replayed already?)")
+    raise NotFound(f"run {run_id} has no failure group {key!r} (replayed already?)")
 
 
 # -- schedules ---------------------------------------------------------------------
