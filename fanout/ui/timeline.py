@@ -21,6 +21,11 @@ from fanout.backends.base import TaskRecord, TaskState
 
 #: Outcomes a bar is coloured by (the legend's order).
 OUTCOMES = ("committed", "continued", "retried", "timed out", "dead", "running")
+#: The ledger keeps times and durations to the millisecond, so a bar's start
+#: (``at - duration_s``) may be up to 2 ms early: a lane is free that long
+#: before its last bar's end (else one worker's next attempt could look
+#: concurrent with its last, and open a lane no worker had).
+SLACK = 0.002
 #: History outcomes that are not an attempt of the job (no bar).
 _NOT_ATTEMPTS = frozenset({"dead", "replayed", "orphaned", "cancelled", "revived"})
 
@@ -108,7 +113,7 @@ def lay_out(bars: Sequence[Bar]) -> tuple[list[Bar], int]:
     free: list[int] = []  # lanes free now, lowest first
     lanes = 0
     for bar in sorted(bars, key=lambda b: (b.start, b.end)):
-        while busy and busy[0][0] <= bar.start:
+        while busy and busy[0][0] <= bar.start + SLACK:
             heapq.heappush(free, heapq.heappop(busy)[1])
         if free:
             lane = heapq.heappop(free)
@@ -159,7 +164,8 @@ def throughput(bars: Sequence[Bar], buckets: int = 60) -> Throughput:
     start = min(b.start for b in bars)
     end = max(b.end for b in done)
     span = max(end - start, 1e-3)
-    n = max(1, min(buckets, len(done)))  # a short run gets fewer, wider buckets
+    # A short run gets fewer, wider buckets (about four attempts to a bucket).
+    n = max(1, min(buckets, len(done) // 4))
     width = span / n
     records = [0.0] * n
     chunks = [0.0] * n

@@ -4,7 +4,13 @@ dashboard's app under Starlette's TestClient (HTTP requests, no socket)."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +23,7 @@ from fanout.backends import open_backend
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord
 from fanout.runner import LEASE_GRACE, Runner
 
+REPO = Path(__file__).resolve().parents[2]
 BROKEN = str(Path(__file__).parent / "broken_job.py")
 #: The markup a dead chunk's error carries: must never reach a page unescaped.
 SCRIPT = "<script>alert('xss')</script>"
@@ -97,3 +104,44 @@ def make_client() -> Iterator[Callable[..., Any]]:
     yield make
     for client in clients:
         client.close()
+
+
+class Served:
+    """A ``fanout ui`` process and the URL it printed."""
+
+    def __init__(self, home: Path, *args: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("FANOUT_UI_TOKEN", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fanout.cli", "--home", str(home), "ui", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        found = re.match(r"fanout ui: (http://127\.0\.0\.1:\d+)/", line)
+        if not found:
+            self.stop()
+            raise AssertionError(f"no URL printed: {line!r} {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
+        self.url = found.group(1)
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        request = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as res:
+                return res.status, res.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()

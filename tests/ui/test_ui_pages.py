@@ -243,6 +243,8 @@ def test_actions_need_the_csrf_token_and_the_same_origin(
     assert client.post(url, data={"csrf": "x" + token}).status_code == 403
     evil = client.post(url, data={"csrf": token}, headers={"Origin": "http://evil.example"})
     assert evil.status_code == 403
+    # A sandboxed frame posts with "Origin: null": refused as well.
+    assert client.post(url, data={"csrf": token}, headers={"Origin": "null"}).status_code == 403
     assert client.get(url).status_code == 405  # an action is never a GET
     # A form that names nothing is refused: it never means "all".
     assert client.post(url, data={"csrf": token}).status_code == 400
