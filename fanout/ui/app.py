@@ -151,16 +151,12 @@ def runs_page(request: Request) -> Response:
     q = request.query_params
     state = views.parse_state(q.get("state"))
     job = q.get("job") or None
-    try:
-        page = max(1, int(q.get("page", "1")))
-    except ValueError:
-        raise UserError(f"page {q.get('page')!r} is not a number") from None
     config: UiConfig = request.app.state.config
-    data = views.runs_page(config.backend, page, state, job)
+    data = views.runs_page(config.backend, views.parse_cursor(q.get("before")), state, job)
 
-    def pager(n: int) -> str:
-        args = {k: v for k, v in (("state", data.state), ("job", job)) if v}
-        return "/?" + urlencode({**args, "page": n})
+    def pager(before: str | None) -> str:
+        args = {k: v for k, v in (("state", data.state), ("job", job), ("before", before)) if v}
+        return "/?" + urlencode(args) if args else "/"
 
     context: dict[str, Any] = {"page": data, "pager": pager, "states": [s.value for s in RunState]}
     if _live(request):

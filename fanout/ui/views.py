@@ -82,8 +82,8 @@ class RunsPage:
     """One page of runs, newest first."""
 
     rows: list[RunRow]
-    page: int
-    has_next: bool
+    first: bool  # the newest runs (no cursor)
+    next_cursor: str | None  # where the next (older) page starts; None: the last page
     state: str | None
     job: str | None
     live: bool  # a run on the page is still going
@@ -100,29 +100,68 @@ def parse_state(text: str | None) -> RunState | None:
         raise UserError(f"unknown state {text!r} (one of {names})") from None
 
 
+def cursor(run: RunRecord) -> str:
+    """Where the page after ``run`` starts: ``<created_at>~<run_id>``."""
+    return f"{run.created_at!r}~{run.run_id}"
+
+
+def parse_cursor(text: str | None) -> tuple[float, str] | None:
+    """A ``before`` cursor from a query string; :class:`UserError` if malformed."""
+    if not text:
+        return None
+    at, sep, run_id = text.partition("~")
+    try:
+        if not sep or not run_id:
+            raise ValueError(text)
+        return float(at), run_id
+    except ValueError:
+        raise UserError(f"bad page cursor {text!r}") from None
+
+
+def _older(
+    backend: Backend,
+    limit: int,
+    before: tuple[float, str] | None,
+    states: tuple[RunState, ...] | None,
+    job: str | None,
+) -> list[RunRecord]:
+    """Up to ``limit`` runs older than ``before``: a keyset query on the local
+    ledger; elsewhere ``list_runs`` (newest first) read further and further,
+    doubling, until the page is complete or the runs run out."""
+    from fanout.backends.local.ledger import SQLiteLedger
+
+    if isinstance(backend.ledger, SQLiteLedger):
+        from fanout.backends.local.runs_page import runs_before
+
+        return runs_before(backend.ledger, limit, before, states, job)
+    fetch = limit
+    while True:
+        runs = backend.ledger.list_runs(limit=fetch, states=states)
+        matching = [
+            r
+            for r in runs
+            if (job is None or r.job_name == job)
+            and (before is None or (r.created_at, r.run_id) < before)
+        ]
+        if len(matching) >= limit or len(runs) < fetch or fetch >= SCAN_LIMIT:
+            return matching[:limit]
+        fetch = min(SCAN_LIMIT, fetch * 2)
+
+
 def runs_page(
     backend: Backend,
-    page: int = 1,
+    before: tuple[float, str] | None = None,
     state: RunState | None = None,
     job: str | None = None,
     per_page: int = PER_PAGE,
     now: float | None = None,
 ) -> RunsPage:
-    """Page ``page`` (from 1) of the runs, newest first, optionally of one state
-    and one job. The ledger lists runs newest first with a limit, so page ``n``
-    reads ``n * per_page + 1`` run records (no tasks); a job filter reads more,
-    doubling until it has the page or the runs run out."""
+    """The ``per_page`` newest runs older than ``before`` (a cursor of the page
+    before; None: the newest), optionally of one state and one job. Reads run
+    records only, never a run's tasks."""
     now = time.time() if now is None else now
-    states = (state,) if state is not None else None
-    want = page * per_page + 1
-    limit = want
-    while True:
-        runs = backend.ledger.list_runs(limit=limit, states=states)
-        matching = [r for r in runs if job is None or r.job_name == job]
-        if len(matching) >= want or len(runs) < limit or limit >= SCAN_LIMIT:
-            break
-        limit = min(SCAN_LIMIT, limit * 2)
-    chosen = matching[(page - 1) * per_page : page * per_page]
+    runs = _older(backend, per_page + 1, before, (state,) if state else None, job)
+    chosen = runs[:per_page]
     rows = []
     for r in chosen:
         finished = r.tasks_done + r.tasks_dead + r.tasks_cancelled
@@ -136,9 +175,13 @@ def runs_page(
                 elapsed,
             )
         )
-    live = any(r.state not in TERMINAL_RUN_STATES for r in chosen)
     return RunsPage(
-        rows, page, len(matching) > page * per_page, state.value if state else None, job, live
+        rows,
+        before is None,
+        cursor(chosen[-1]) if len(runs) > per_page else None,
+        state.value if state else None,
+        job,
+        any(r.state not in TERMINAL_RUN_STATES for r in chosen),
     )
 
 
