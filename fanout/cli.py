@@ -601,6 +601,10 @@ main.add_command(scheduler)
 main.add_command(aws)
 for _command in CONTROL_COMMANDS:  # fanout cancel, pause, resume
     main.add_command(_command)
+from fanout.cli_ui import report, ui  # noqa: E402  (the dashboard; imports no cli either)
+
+main.add_command(ui)
+main.add_command(report)
 
 if __name__ == "__main__":
     main()
