@@ -20,6 +20,7 @@ from fanout.errors import JobLoadError, ParamsError, UserError
 from fanout.isolation import JobModules, import_fresh
 from fanout.isolation import activate as activate_modules
 from fanout.messages import MAX_SEQ
+from fanout.tables.spec import pop_table_spec
 
 if TYPE_CHECKING:
     from fanout.avro import Schema
@@ -72,6 +73,10 @@ class Job:
         self.name = name
         self.params_model = params
         self.schema_spec = schema
+        # Issue 14: partition_by / table / schema_evolution are the job's table
+        # (fanout.tables.spec), not run settings: taken out before those are checked.
+        settings = dict(settings)
+        self.table_spec = pop_table_spec(name, settings)
         try:
             self.settings = RunSettings(**settings)
         except ValidationError as exc:
