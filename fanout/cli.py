@@ -596,6 +596,9 @@ from fanout.cli_schedule import schedule, scheduler  # noqa: E402  (imports no c
 main.add_command(schedule)
 main.add_command(scheduler)
 main.add_command(aws)
+from fanout.cli_tables import register_tables  # noqa: E402  (issue 14; imports no cli either)
+
+register_tables(main)
 
 if __name__ == "__main__":
     main()

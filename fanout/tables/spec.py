@@ -102,7 +102,7 @@ def pop_table_spec(job_name: str, settings: dict[str, Any]) -> TableSpec | None:
     return TableSpec(name, field, granularity or None, evolution)
 
 
-def field_logical_type(schema_raw: dict[str, Any], field: str) -> str | None | bool:
+def field_logical_type(schema_raw: dict[str, Any], field: str) -> str | bool | None:
     """The logical type of ``field`` in a record schema (its non-null branch),
     None if it has none, False if the schema has no such field."""
     for f in schema_raw.get("fields", []):

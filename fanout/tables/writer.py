@@ -13,7 +13,7 @@ attempt that never committed are named by no committed parts list.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fanout.avro import RecordWriter, Schema
 from fanout.backends.base import Output, Store, TaskKey
@@ -27,12 +27,15 @@ if TYPE_CHECKING:
 __all__ = ["PartitionedWriter", "make_writer"]
 
 
-def make_writer(job: Job, schema: Schema, codec: str) -> RecordWriter | PartitionedWriter:
-    """The writer of one chunk of ``job``: a table job's partitions, else one file."""
+def make_writer(job: Job, schema: Schema, codec: str) -> RecordWriter:
+    """The writer of one chunk of ``job``: a table job's partitions, else one file.
+
+    Typed as a RecordWriter because ChunkContext and the runner take one: a
+    PartitionedWriter offers all they use of it (``add``, ``count``, ``finish``)."""
     spec: TableSpec | None = getattr(job, "table_spec", None)
     if spec is None:
         return RecordWriter(schema, codec=codec)
-    return PartitionedWriter(spec, schema, codec)
+    return cast(RecordWriter, PartitionedWriter(spec, schema, codec))
 
 
 class PartitionedWriter:
