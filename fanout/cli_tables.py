@@ -7,6 +7,7 @@ modules this one imports :mod:`fanout.cli_common`, never ``fanout.cli``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -166,7 +167,29 @@ def gc(ctx: click.Context, older_than: str | None, dry_run: bool, as_json: bool)
     click.echo(f"{verb} {len(found)} objects")
 
 
-TABLE_COMMANDS = [tables, schema, read, compact, gc]
+@click.command()
+@click.argument("table")
+@click.option("--database", help="Glue database (default: fanout_<stage>).")
+@click.pass_context
+def catalog(ctx: click.Context, table: str, database: str | None) -> None:
+    """Create or update TABLE in the AWS Glue catalog (Avro SerDe, partition
+    projection), so Athena can query it. Needs the AWS backend."""
+    from fanout.tables.glue import glue_name, sync_glue_table
+
+    backend = group_backend(ctx)
+    if backend.name != "aws":
+        raise UserError("fanout catalog needs the AWS backend (--backend aws): Glue reads S3")
+    from fanout.backends.aws.clients import client
+
+    store: Any = backend.store
+    current = require_catalog(store, table)
+    database = database or glue_name(f"fanout_{os.environ.get('FANOUT_STAGE', 'dev')}")
+    done = sync_glue_table(client("glue", store.settings), current, store.bucket, database)
+    extra = f", {done['partitions']} partitions registered" if done["partitions"] else ""
+    click.echo(f"glue table {done['database']}.{done['table']} {done['action']}{extra}")
+
+
+TABLE_COMMANDS = [tables, schema, read, compact, gc, catalog]
 
 
 def register_tables(group: click.Group) -> None:
