@@ -605,6 +605,9 @@ from fanout.cli_ui import report, ui  # noqa: E402  (the dashboard; imports no c
 
 main.add_command(ui)
 main.add_command(report)
+from fanout.cli_tables import register_tables  # noqa: E402  (issue 14; imports no cli either)
+
+register_tables(main)
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ from fanout.jobs import canonical_ref, load_job
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.runner import FINALIZE_STALE, Runner
 from fanout.settings import RunSettings
+from fanout.tables.contract import check_contract
 
 
 def new_run_id(job_name: str) -> str:
@@ -57,6 +58,8 @@ def submit(
         where = ".".join(str(p) for p in err.get("loc", ()))
         raise UserError(f"setting {where}: {err['msg']}") from None
     schema = job.schema
+    if job.table_spec is not None:  # issue 14: the table's schema contract, before any write
+        check_contract(backend.store, job.table_spec, schema.raw if schema else None, job.name)
     now = time.time()
     run = RunRecord(
         run_id=run_id or new_run_id(job.name),

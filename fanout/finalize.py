@@ -11,6 +11,7 @@ import time
 from fanout.backends.base import Ledger, Store, TaskState
 from fanout.controls import final_state
 from fanout.events import EventSink, emit
+from fanout.tables.commit import expand_parts, join_table
 
 log = logging.getLogger("fanout.runner")
 
@@ -65,8 +66,10 @@ def finalize_run(
         "dead_chunks": [{"chunk_id": t.chunk_id, "seq": t.seq, "error": t.error} for t in dead],
         "schema": record.settings.get("schema"),
     }
+    manifest = expand_parts(store, manifest)  # issue 14: a table's files, by partition
     key = manifest_key(run_id)
     store.put(key, json.dumps(manifest, indent=1).encode())
+    join_table(store, manifest)  # issue 14: idempotent, so before the run is finished
     ledger.finish(run_id, state, key, time.time())
     emit(
         events,

@@ -295,9 +295,10 @@ class Runner:
             payload, cursor = resolve(msg, self.store)
             schema = job.schema
             if schema is not None:
-                from fanout.avro import RecordWriter
+                # Issue 14: a table job's writer has one file per partition.
+                from fanout.tables.writer import make_writer
 
-                writer = RecordWriter(schema, codec=run.settings.codec)
+                writer = make_writer(job, schema, run.settings.codec)
             ctx = ChunkContext(
                 params=params,
                 run_id=msg.run_id,
@@ -355,7 +356,9 @@ class Runner:
     ) -> str:
         key, settings = attempt.key, run.settings
         output = None
-        if data:
+        if getattr(writer, "partitioned", False):  # issue 14: partition files + parts list
+            output = writer.commit(self.store, key, attempt.attempt, attempt.token)
+        elif data:
             okey = (
                 f"runs/{key.run_id}/data/{key.chunk_id.replace('/', '.')}"
                 f"-s{key.seq}-a{attempt.attempt}-{attempt.token[:8]}.avro"

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from fanout.backends.base import RunRecord, RunState
-from fanout.backends.local.ledger import SQLiteLedger, _run
+from fanout.backends.local.ledger import SQLiteLedger
+from fanout.backends.local.ledger_rows import run_record
 
 
 def runs_before(
@@ -39,4 +40,4 @@ def runs_before(
         args.append(job)
     sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
-    return [_run(row) for row in ledger.db.conn.execute(sql, (*args, limit))]
+    return [run_record(row) for row in ledger.db.conn.execute(sql, (*args, limit))]
