@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from fanout.backends import open_backend
-from fanout.backends.base import Backend, Delivery, Failure
+from fanout.backends.base import Backend, Delivery, Failure, FailureKind
 from fanout.dispatch import RELEASED, Dispatcher
 from fanout.failures import Attempt
 from fanout.jobs import Job
@@ -100,7 +100,8 @@ class _Watchdog:
         log.error("task %s passed its hard timeout; recording it as timed out", attempt.key)
         try:
             self.runner.fail(
-                attempt, Failure("timed out", "chunk ran past the invocation's remaining time")
+                attempt,
+                Failure(FailureKind.TIMED_OUT, "chunk ran past the invocation's remaining time"),
             )
             for receipt in unstarted:
                 self.runner.queue.release(receipt, 0.0)

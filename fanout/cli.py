@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from fanout import coordinator
 from fanout.backends import BACKENDS, default_home
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState, TaskState
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, TaskState
 from fanout.cli_common import (
     exit_code,
     group_backend,
@@ -27,6 +27,8 @@ from fanout.cli_common import (
     split_pairs,
     utc_time,
 )
+from fanout.cli_controls import COMMANDS as CONTROL_COMMANDS
+from fanout.cli_controls import status_fields, status_lines, summary_lines
 from fanout.errors import UserError
 from fanout.jobs import RunSettings, load_job
 
@@ -105,6 +107,7 @@ def _summary(status: coordinator.Status, backend: Backend) -> str:
     ]
     if r.stop_reason:
         lines.append(f"stopped: {r.stop_reason}")
+    lines += summary_lines(r)  # run controls: cancelled count, tolerated failures
     if status.tasks["dead"]:
         lines.append(
             f"{status.tasks['dead']} dead chunks: see `fanout failed {r.run_id}`,"
@@ -152,11 +155,7 @@ def _work(
 
     def finished() -> bool:
         run = backend.ledger.get_run(run_id)
-        return run is not None and run.state in (
-            RunState.SUCCEEDED,
-            RunState.FAILED,
-            RunState.STOPPED,
-        )
+        return run is not None and run.state in TERMINAL_RUN_STATES
 
     pool = WorkerPool(opts)
     pool.run(until=finished, tick=tick)
@@ -368,11 +367,15 @@ def status(
         ctx.exit(watch_run(backend, run_id or _latest_run(backend), interval, as_json))
     st = coordinator.status(backend, run_id or _latest_run(backend))
     if as_json:
-        click.echo(json.dumps(st.to_dict()))
+        # Run controls: state (paused, cancelling...), cap, running, waiting, tolerance.
+        controls = status_fields(backend, st.run, st.tasks)
+        click.echo(json.dumps({**st.to_dict(), "controls": controls}))
         return
     click.echo(_progress_line(st))
     click.echo("chunks: " + ", ".join(f"{k} {v}" for k, v in st.tasks.items()))
     click.echo(f"bytes {st.run.bytes:,}  outstanding {st.run.outstanding}")
+    for line in status_lines(backend, st.run, st.tasks):  # run controls
+        click.echo(line)
     if st.run.stop_reason:
         click.echo(f"stopped: {st.run.stop_reason}")
     if st.timed_out or st.crashed:
@@ -596,6 +599,15 @@ from fanout.cli_schedule import schedule, scheduler  # noqa: E402  (imports no c
 main.add_command(schedule)
 main.add_command(scheduler)
 main.add_command(aws)
+for _command in CONTROL_COMMANDS:  # fanout cancel, pause, resume
+    main.add_command(_command)
+from fanout.cli_ui import report, ui  # noqa: E402  (the dashboard; imports no cli either)
+
+main.add_command(ui)
+main.add_command(report)
+from fanout.cli_tables import register_tables  # noqa: E402  (issue 14; imports no cli either)
+
+register_tables(main)
 
 if __name__ == "__main__":
     main()

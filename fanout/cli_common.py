@@ -72,8 +72,10 @@ def split_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
 
 
 def exit_code(run: RunRecord) -> int:
-    """0 for a run that succeeded, else :data:`EXIT_FAILED`."""
-    return 0 if run.state == RunState.SUCCEEDED else EXIT_FAILED
+    """0 for a run that succeeded (within its tolerated failures too), else
+    :data:`EXIT_FAILED`."""
+    ok = (RunState.SUCCEEDED, RunState.SUCCEEDED_WITH_FAILURES)
+    return 0 if run.state in ok else EXIT_FAILED
 
 
 def human(n: float) -> str:

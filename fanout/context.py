@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -68,6 +69,7 @@ class ChunkContext:
         settings: RunSettings | None = None,
         store: Store | None = None,
         token: str = "",
+        probe: Callable[[], str | None] | None = None,
     ) -> None:
         self.params = params
         self.run_id = run_id
@@ -83,6 +85,8 @@ class ChunkContext:
         self._ledger = ledger
         self._store = store
         self._token = token
+        #: Run controls (fanout.control_gate): "cancelled" or "paused" once the run is.
+        self._probe = probe
         #: The run's settings (retry, bounds, codec, pages_per_chunk).
         self.settings = settings
         if writer is not None:
@@ -97,8 +101,22 @@ class ChunkContext:
         )
 
     def time_left(self) -> float:
-        """Seconds left before the soft deadline (checkpoint when this gets small)."""
+        """Seconds left before the soft deadline (checkpoint when this gets small);
+        0 once the run is cancelled or paused."""
+        if self._probe is not None and self._probe() is not None:
+            return 0.0
         return self._soft_deadline - time.monotonic()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the run was cancelled (``fanout cancel``): checkpoint and return."""
+        return self.told_to_stop == "cancelled"
+
+    @property
+    def told_to_stop(self) -> str | None:
+        """``"cancelled"`` or ``"paused"`` once the run is (read at most once a
+        second), else None."""
+        return self._probe() if self._probe is not None else None
 
     def resume_at(self, cursor: Any) -> Continue:
         """Checkpoint: ``return ctx.resume_at(cursor)`` ends this chunk; a continuation

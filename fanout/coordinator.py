@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from fanout import control_ops
 from fanout.backends import keys
 from fanout.backends.base import (
     TERMINAL_RUN_STATES,
@@ -27,6 +28,7 @@ from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import canonical_ref, load_job
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.settings import RunKind, RunSettings, kind_of, recorded_settings
+from fanout.tables.contract import check_contract
 
 
 def new_run_id(job_name: str) -> str:
@@ -58,6 +60,8 @@ def submit(
         where = ".".join(str(p) for p in err.get("loc", ()))
         raise UserError(f"setting {where}: {err['msg']}") from None
     schema = job.schema
+    if job.table_spec is not None:  # issue 14: the table's schema contract, before any write
+        check_contract(backend.store, job.table_spec, schema.raw if schema else None, job.name)
     now = time.time()
     run = RunRecord(
         run_id=run_id or new_run_id(job.name),
@@ -149,7 +153,8 @@ def recover(
     if empty or (open_runs and redrive):
         now = time.time()
         for run in open_runs:
-            if run.outstanding == 0:
+            # Run controls: a paused run's messages were dropped on purpose.
+            if run.outstanding == 0 or control_ops.sweep(backend, run):
                 continue
             stranded = _stranded(backend, run, now, None if empty else stalled_after)
             if stranded:

@@ -31,7 +31,7 @@ log = logging.getLogger("fanout.dispatch")
 
 #: Outcomes of :meth:`Dispatcher.handle` that leave the message on the queue (not
 #: acknowledged): it is delivered again when its visibility runs out.
-RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued"})
+RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued", "capped"})
 
 
 class Dispatcher:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fanout.backends import keys
-from fanout.backends.base import Delivery, Failure, Ledger, Queue, Store, TaskKey
+from fanout.backends.base import Delivery, Failure, FailureKind, Ledger, Queue, Store, TaskKey
 from fanout.errors import PermanentError, RecordError
 from fanout.events import EventSink, emit
 
@@ -83,16 +83,16 @@ def failure_of(exc: BaseException) -> Failure:
     the ``except`` block: the traceback is the one being handled)."""
     tb = traceback.format_exc()
     if isinstance(exc, RecordError):
-        return Failure("bad record", describe(exc), tb)
+        return Failure(FailureKind.BAD_RECORD, describe(exc), tb)
     if isinstance(exc, PermanentError):
-        return Failure("permanent", describe(exc), tb)
+        return Failure(FailureKind.PERMANENT, describe(exc), tb)
     if isinstance(exc, SystemExit):
-        return Failure("exited", f"the job called sys.exit({exc.code!r})", tb)
+        return Failure(FailureKind.EXITED, f"the job called sys.exit({exc.code!r})", tb)
     if isinstance(exc, MemoryError):
-        return Failure("out of memory", describe(exc), tb)
+        return Failure(FailureKind.OUT_OF_MEMORY, describe(exc), tb)
     if isinstance(exc, KeyboardInterrupt):
-        return Failure("error", "KeyboardInterrupt raised by the job", tb)
-    return Failure("error", describe(exc), tb)
+        return Failure(FailureKind.ERROR, "KeyboardInterrupt raised by the job", tb)
+    return Failure(FailureKind.ERROR, describe(exc), tb)
 
 
 def exit_cause(exitcode: int | None) -> str:
@@ -238,7 +238,7 @@ def no_progress(cursor: Any, timeout: float) -> Failure:
     shown = json.dumps(cursor)
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     return Failure(
-        "no progress",
+        FailureKind.NO_PROGRESS,
         f"resume_at({shown}) made no progress since the previous slice: chunk timeout too"
         f" short for this job ({timeout:g}s; raise --chunk-timeout)",
     )

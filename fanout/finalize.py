@@ -8,10 +8,12 @@ import json
 import logging
 import time
 
-from fanout.backends.base import Ledger, RunState, Store, TaskState
+from fanout.backends.base import Ledger, Store, TaskState
 from fanout.backends.keys import manifest_key
+from fanout.controls import final_state
 from fanout.events import EventSink, emit
 from fanout.settings import SCHEMA
+from fanout.tables.commit import expand_parts, join_table
 
 log = logging.getLogger("fanout.runner")
 
@@ -46,12 +48,8 @@ def finalize_run(
         for t in done
         if t.output is not None
     ]
-    if record.stop_reason:
-        state = RunState.STOPPED
-    elif dead:
-        state = RunState.FAILED
-    else:
-        state = RunState.SUCCEEDED
+    # Stopped, failed, succeeded, or (run controls) cancelled, succeeded with failures.
+    state = final_state(record, len(dead))
     manifest = {
         "version": 1,
         "run_id": run_id,
@@ -65,8 +63,10 @@ def finalize_run(
         "dead_chunks": [{"chunk_id": t.chunk_id, "seq": t.seq, "error": t.error} for t in dead],
         "schema": record.settings.get(SCHEMA),
     }
+    manifest = expand_parts(store, manifest)  # issue 14: a table's files, by partition
     key = manifest_key(run_id)
     store.put(key, json.dumps(manifest, indent=1).encode())
+    join_table(store, manifest)  # issue 14: idempotent, so before the run is finished
     ledger.finish(run_id, state, key, time.time())
     emit(
         events,

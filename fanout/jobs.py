@@ -23,6 +23,7 @@ from fanout.settings import RunKind
 
 # Re-exported: RunSettings is part of the job API (``Job(..., max_attempts=5)``).
 from fanout.settings import RunSettings as RunSettings
+from fanout.tables.spec import pop_table_spec
 
 if TYPE_CHECKING:
     from fanout.avro import Schema
@@ -58,6 +59,10 @@ class Job:
         self.name = name
         self.params_model = params
         self.schema_spec = schema
+        # Issue 14: partition_by / table / schema_evolution are the job's table
+        # (fanout.tables.spec), not run settings: taken out before those are checked.
+        settings = dict(settings)
+        self.table_spec = pop_table_spec(name, settings)
         try:
             self.settings = RunSettings(**settings)
         except ValidationError as exc:

@@ -39,10 +39,14 @@ from fanout.backends.base import (
     ClaimOutcome,
     Delivery,
     Failure,
+    FailureKind,
     Output,
+    TaskEvent,
     TaskKey,
 )
+from fanout.backends.rules import CRASHED_LAST, FailureVerdict, after_failure
 from fanout.context import ChunkContext, Continue
+from fanout.control_gate import Gate
 from fanout.events import EventSink, emit, events_for
 from fanout.failures import (
     Attempt,
@@ -123,6 +127,8 @@ class Runner:
         self._runs: dict[str, _Run] = {}
         #: The attempt ``handle`` claimed and has not settled yet.
         self._in_hand: Attempt | None = None
+        #: Run controls: pause, max_concurrency, cancel, tolerated failures.
+        self.gate = Gate(backend, self.events)
 
     # -- one delivery -------------------------------------------------------------
 
@@ -145,7 +151,7 @@ class Runner:
                 raise
             # The task was claimed: its attempt fails like any other (retried
             # with back-off, dead-lettered in the ledger after max_attempts).
-            failure = Failure("internal error", describe(exc), traceback.format_exc())
+            failure = Failure(FailureKind.INTERNAL, describe(exc), traceback.format_exc())
             try:
                 return self.fail(attempt, failure)
             except Exception:
@@ -169,7 +175,16 @@ class Runner:
         key = TaskKey(msg.run_id, msg.chunk_id, msg.seq)
         token = uuid.uuid4().hex
         now = time.time()
+        # Run controls (fanout.control_gate): a paused run's delivery is dropped,
+        # one over the run's max_concurrency handed back; neither is an attempt.
+        admission = self.gate.admit(
+            key.run_id, run.settings, token, now + timeout + LEASE_GRACE, delivery.receive_count
+        )
+        if not admission.go:
+            return self.gate.refuse(delivery, admission)
         claim = self.ledger.claim(key, token, timeout + LEASE_GRACE, run.settings.max_attempts, now)
+        if claim.outcome is not ClaimOutcome.CLAIMED:
+            self.gate.release(key.run_id, run.settings, token)  # the slot, if one was taken
         if claim.outcome in (ClaimOutcome.BUSY, ClaimOutcome.WAIT):
             self.queue.release(delivery.receipt, claim.retry_after)
             return claim.outcome.value
@@ -179,9 +194,9 @@ class Runner:
                 log.error(
                     "task %s is dead: the worker died during its last attempt",
                     key,
-                    extra={"fanout": {**fields, "event": "dead", "failure": "crashed"}},
+                    extra={"fanout": {**fields, "event": "dead", "failure": FailureKind.CRASHED}},
                 )
-                self._keep_dead_letter(key, "crashed: the worker died during the last attempt", "")
+                self._keep_dead_letter(key, f"{CRASHED_LAST.kind}: {CRASHED_LAST.error}", "")
             if claim.outcome is ClaimOutcome.MISSING:
                 log.warning("dropping a message for unregistered task %s", key)
             if claim.outcome is ClaimOutcome.FINISHED:
@@ -189,7 +204,9 @@ class Runner:
                 # sending its children. Sending again is harmless (claims dedupe).
                 self._send([(t.message, 0.0) for t in self.ledger.queued_children(key)])
             self.queue.ack(delivery.receipt)
-            if claim.drained:
+            # Run controls: a chunk buried here counts against the tolerance too.
+            buried = claim.outcome is ClaimOutcome.BURIED
+            if claim.drained or (buried and self.gate.after_dead(key.run_id, run.settings)):
                 self.finalize(key.run_id)
             return claim.outcome.value
         assert claim.task is not None
@@ -219,6 +236,7 @@ class Runner:
         finally:
             if self.on_end is not None:
                 self.on_end()
+            self.gate.release(key.run_id, run.settings, token, attempt.took(time.time()))
         self._in_hand = None
         return outcome
 
@@ -230,9 +248,10 @@ class Runner:
             payload, cursor = resolve(msg, self.store)
             schema = job.schema
             if schema is not None:
-                from fanout.avro import RecordWriter
+                # Issue 14: a table job's writer has one file per partition.
+                from fanout.tables.writer import make_writer
 
-                writer = RecordWriter(schema, codec=run.settings.codec)
+                writer = make_writer(job, schema, run.settings.codec)
             ctx = ChunkContext(
                 params=params,
                 run_id=msg.run_id,
@@ -247,6 +266,7 @@ class Runner:
                 settings=run.settings,
                 store=self.store,
                 token=attempt.token,
+                probe=self.gate.probe(msg.run_id),  # run controls: cancel and pause
             )
             continuation = None
             if msg.kind == "plan":
@@ -257,7 +277,8 @@ class Runner:
                 assert job.process_fn is not None
                 result = job.process_fn(payload, ctx)
                 if isinstance(result, Continue):
-                    if msg.seq > 0 and result.cursor == cursor:
+                    # Told to stop (cancel, pause) is no lack of progress.
+                    if msg.seq > 0 and result.cursor == cursor and ctx.told_to_stop is None:
                         return self.fail(attempt, no_progress(cursor, timeout))
                     continuation = result
             data = writer.finish() if writer is not None and writer.count else b""
@@ -268,7 +289,9 @@ class Runner:
             if isinstance(exc, KeyboardInterrupt) and interruptible():
                 # A real Ctrl-C in a process that takes it (not a worker child,
                 # which ignores SIGINT): hand the chunk back, then stop.
-                self.fail(attempt, Failure("interrupted", "interrupted", failure.traceback))
+                self.fail(
+                    attempt, Failure(FailureKind.INTERRUPTED, "interrupted", failure.traceback)
+                )
                 raise
             return self.fail(attempt, failure)
         return self._commit(run, attempt, msg, payload, ctx, continuation, data, writer)
@@ -286,7 +309,9 @@ class Runner:
     ) -> str:
         key, settings = attempt.key, run.settings
         output = None
-        if data:
+        if getattr(writer, "partitioned", False):  # issue 14: partition files + parts list
+            output = writer.commit(self.store, key, attempt.attempt, attempt.token)
+        elif data:
             okey = keys.output_key(
                 key.run_id, key.chunk_id, key.seq, attempt.attempt, attempt.token
             )
@@ -317,7 +342,7 @@ class Runner:
             self.ledger.stop(key.run_id, stop_reason)
             emit(self.events, "run.stopped", key.run_id, reason=stop_reason, chunk_id=key.chunk_id)
 
-        outcome = "continued" if continuation is not None else "committed"
+        outcome = TaskEvent.CONTINUED if continuation is not None else TaskEvent.COMMITTED
         now = time.time()
         took = attempt.took(now)
         settle = self.ledger.commit(
@@ -384,14 +409,12 @@ class Runner:
         if failure.duration is None:
             failure = replace(failure, duration=attempt.took(now))
         job_name = run.job_name if run is not None else ""
-        permanent = failure.kind in ("bad record", "permanent", "no progress")
-        # An attempt the user interrupted is handed back at once and may run again
-        # even if it was the last one: stopping a worker must not kill chunks.
-        interrupted = failure.kind == "interrupted"
-        if interrupted or (not permanent and attempt.attempt < settings.max_attempts):
+        self.gate.release(key.run_id, settings, attempt.token, failure.duration)  # run controls
+        verdict = after_failure(failure.kind, attempt.attempt, settings.max_attempts)
+        if verdict is not FailureVerdict.DEAD:
             delay = (
                 0.0
-                if interrupted
+                if verdict is FailureVerdict.RETRY_NOW
                 else compute_backoff(
                     attempt.attempt, base=settings.backoff_base, cap=settings.backoff_cap
                 )
@@ -437,7 +460,8 @@ class Runner:
         record_attempt(self.metrics, job_name, attempt, "dead", failure.duration, 0)
         self._keep_dead_letter(key, f"{failure.kind}: {failure.error}", failure.traceback)
         self.queue.ack(attempt.receipt)
-        if settle.drained:
+        # Run controls: past its tolerated failures the run stops (and may drain).
+        if self.gate.after_dead(key.run_id, settings) or settle.drained:
             self.finalize(key.run_id)
         return "dead"
 

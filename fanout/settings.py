@@ -34,6 +34,16 @@ class RunSettings(BaseModel):
     pages_per_chunk: int = Field(
         250, ge=1, description="crawl jobs: responses a chunk fetches before handing on"
     )
+    # Run controls (fanout.controls).
+    max_concurrency: int | None = Field(
+        None, ge=1, description="chunks of the run running at once, at most (all workers)"
+    )
+    tolerated_failures: int | None = Field(
+        None, ge=0, description="dead chunks the run may end with and still succeed"
+    )
+    tolerated_failure_percent: float | None = Field(
+        None, ge=0, le=100, description="the same, as a percentage of the run's chunks"
+    )
 
 
 class RunKind(enum.StrEnum):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fanout.backends import open_backend
-from fanout.backends.base import Failure
+from fanout.backends.base import Failure, FailureKind
 from fanout.coordinator import recover
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
@@ -275,7 +275,9 @@ class WorkerPool:
                     limit = self.opts.chunk_timeout
                     self.runner.fail(
                         attempt,
-                        Failure("timed out", f"chunk exceeded its {limit:g}s hard timeout"),
+                        Failure(
+                            FailureKind.TIMED_OUT, f"chunk exceeded its {limit:g}s hard timeout"
+                        ),
                     )
                 if not self.stop_event.is_set():
                     self._spawn(i)
@@ -289,7 +291,7 @@ class WorkerPool:
                     self.runner.fail(
                         attempt,
                         Failure(
-                            "out of memory",
+                            FailureKind.OUT_OF_MEMORY,
                             f"chunk used {used} MB, over its {self.opts.chunk_memory} MB limit"
                             " (--chunk-memory)",
                         ),
@@ -302,7 +304,9 @@ class WorkerPool:
                 attempt = slot.take()
                 if attempt is not None:
                     self.crashed += 1
-                    self.runner.fail(attempt, Failure("crashed", exit_cause(proc.exitcode)))
+                    self.runner.fail(
+                        attempt, Failure(FailureKind.CRASHED, exit_cause(proc.exitcode))
+                    )
                 if not self.stop_event.is_set():
                     self._spawn(i)
 
@@ -330,5 +334,7 @@ class WorkerPool:
             attempt = self.slots[i].take()
             if attempt is not None:
                 # Forced stop: hand the chunk back so nothing is lost.
-                self.runner.fail(attempt, Failure("interrupted", "the worker was stopped"))
+                self.runner.fail(
+                    attempt, Failure(FailureKind.INTERRUPTED, "the worker was stopped")
+                )
         self.backend.close()

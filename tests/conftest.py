@@ -13,9 +13,9 @@ from fanout.backends.base import Backend
 
 def pytest_configure(config: pytest.Config) -> None:
     """moto, where installed, gets the patches that make it fast enough for the
-    AWS tests (same behaviour; see ``motopatch``)."""
+    AWS tests (same behaviour; see ``support.motopatch``)."""
     try:
-        from motopatch import patch_moto
+        from support.motopatch import patch_moto
     except ImportError:  # pragma: no cover - moto is a dev extra
         return
     patch_moto()
@@ -58,7 +58,7 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
     from fanout.backends.aws import AwsSettings
     from fanout.backends.aws.clients import clear_cache
     from fanout.backends.aws.resources import create_resources
-    from helpers import fake_aws
+    from support.helpers import fake_aws
 
     fake_aws(monkeypatch, FANOUT_STAGE="test")
     monkeypatch.setattr(lambda_mod, "_warm", None)

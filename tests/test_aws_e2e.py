@@ -24,11 +24,11 @@ from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import clear_cache, client
 from fanout.backends.aws.resources import create_resources
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, RunState
-from helpers import TREE, drain, fake_aws
-from lambda_source import EventSource
-from motoserver import moto_server
-from procs import fanout
-from sites import BookSite, SiteServer, TrapSite
+from support.helpers import TREE, drain, fake_aws
+from support.lambda_source import EventSource
+from support.motoserver import moto_server
+from support.procs import fanout
+from support.sites import BookSite, SiteServer, TrapSite
 
 pytest.importorskip("moto.server")
 

@@ -9,8 +9,8 @@ import pytest
 
 from fanout import coordinator
 from fanout.backends.base import Backend, RunRecord, RunState, TaskState
-from helpers import TREE, drain
-from lambda_source import EventSource
+from support.helpers import TREE, drain
+from support.lambda_source import EventSource
 from testjobs.tree import Params, expected_items
 
 
@@ -41,7 +41,7 @@ def test_dead_letter_and_replay_on_aws(aws: Backend, tmp_path: object) -> None:
 
 
 def _event_source_poll(aws: Backend, remaining_ms: int = 60_000) -> tuple[int, int]:
-    """One poll of the SQS event source (see ``lambda_source``): receive a batch,
+    """One poll of the SQS event source (see ``support.lambda_source``): receive a batch,
     invoke the handler, delete what it did not report. Returns (records, failures)."""
     queue = aws.queue
     source = EventSource(queue.sqs, queue.url, timeout_ms=remaining_ms, visibility=30)  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from fanout.backends.aws.resources import create_dispatch, create_resources
 from fanout.backends.base import Backend, RunState
 from fanout.events import events_for
 from fanout.runner import Runner
-from helpers import TREE, drain, fake_aws
+from support.helpers import TREE, drain, fake_aws
 from testjobs.tree import Params, expected_items
 
 

@@ -20,7 +20,7 @@ from fanout.backends.aws.resources import create_resources
 from fanout.backends.base import Backend
 from fanout.dispatch import Dispatcher
 from fanout.runner import LEASE_GRACE
-from helpers import TREE, fake_aws
+from support.helpers import TREE, fake_aws
 
 ETL = str(Path(__file__).resolve().parents[1] / "jobs" / "meter_readings.py")
 WRITES = ("PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems")

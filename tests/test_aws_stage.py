@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from fanout.cli import main
-from helpers import TREE, drain, fake_aws
+from support.helpers import TREE, drain, fake_aws
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-import lambda_source
-from lambda_source import EventSource
-from procs import wait_for, worker
+from support import lambda_source
+from support.lambda_source import EventSource
+from support.procs import wait_for, worker
 
 REPO = Path(__file__).resolve().parent.parent
 WHERE = "import fanout, sys; print(fanout.__file__, file=sys.stderr)"

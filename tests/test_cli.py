@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from fanout.cli import main
-from helpers import TREE
+from support.helpers import TREE
 from testjobs.tree import Params, expected_items
 
 CLI = [sys.executable, "-m", "fanout.cli"]

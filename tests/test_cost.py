@@ -27,7 +27,7 @@ from fanout.cost import (
 )
 from fanout.messages import ChunkMessage, encode
 from fanout.metrics import ChunkMetrics, emf_document
-from helpers import TREE, drain
+from support.helpers import TREE, drain
 
 RUN = "tree-20261122T140000-abcdef"
 

@@ -14,8 +14,8 @@ from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, RunState, TaskState
 from fanout.crawl.codec import CodecError, request_from_json, request_to_json
-from helpers import JOBS, drain
-from sites import SiteServer, TrapSite
+from support.helpers import JOBS, drain
+from support.sites import SiteServer, TrapSite
 
 TRAP_JOB = str(JOBS / "trap_crawl.py")
 

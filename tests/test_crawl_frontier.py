@@ -25,7 +25,7 @@ from fanout.backends import open_backend
 from fanout.backends.base import Backend
 from fanout.crawl.chunk import run_chunk
 from fanout.crawl.codec import request_to_json
-from sites import HTML, NOT_FOUND, Reply, SiteServer
+from support.sites import HTML, NOT_FOUND, Reply, SiteServer
 
 RUN = "frontier-run"
 CHUNK = "0/0"

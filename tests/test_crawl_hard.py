@@ -1,4 +1,4 @@
-"""Crawl jobs on a hostile site (``tests/hardsite.py``), through the CLI as a user
+"""Crawl jobs on a hostile site (``tests/support/hardsite.py``), through the CLI as a user
 would run them: 2 workers, short chunk timeouts, small chunks, a server whose
 listen backlog is 5. What issue 9 demands of a crawl:
 
@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from hardsite import HOSTS, HardServer, HardSite
-from helpers import JOBS
-from procs import fanout, run_id_of, status
+from support.hardsite import HOSTS, HardServer, HardSite
+from support.helpers import JOBS
+from support.procs import fanout, run_id_of, status
 
 JOB = str(JOBS / "hard_crawl.py")
 #: Allowed shortfall of a gap between two request arrivals at the server (s).

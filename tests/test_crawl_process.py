@@ -3,7 +3,7 @@ crawl chunk is a process forked by a worker child, running the real Scrapy
 engine. ``kill -9`` of the whole worker mid-crawl, a chunk that overruns its
 hard timeout, a site that answers 503, a callback that raises.
 
-The sites are served from this process (``tests/sites.py``); the jobs are in
+The sites are served from this process (``tests/support/sites.py``); the jobs are in
 ``tests/testjobs/crawl_process.py``. Every process a test starts runs in its own
 session and its whole group is killed in a ``finally``.
 """
@@ -30,8 +30,8 @@ from scrapy.utils.test import get_crawler
 
 from fanout.backends.base import Backend, TaskState
 from fanout.crawl import THROTTLE_META, components
-from helpers import JOBS
-from procs import (
+from support.helpers import JOBS
+from support.procs import (
     alive,
     crawl_processes,
     fanout,
@@ -43,7 +43,7 @@ from procs import (
     wait_for,
     worker,
 )
-from sites import HTML, BookSite, Reply, Site, SiteServer, expected_books
+from support.sites import HTML, BookSite, Reply, Site, SiteServer, expected_books
 
 JOB = str(JOBS / "crawl_process.py")
 

@@ -22,7 +22,8 @@ from fanout.deploy import (
     plan,
 )
 from fanout.errors import UserError
-from helpers import fake_aws
+from fanout.jobs import Job, load_job
+from support.helpers import fake_aws
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -529,6 +530,21 @@ def test_zip_contents_and_determinism(tmp_path: Path) -> None:
     second = build_zip(root, tmp_path / "2.zip")
     assert first.read_bytes() == second.read_bytes()
     assert 0 < first.stat().st_size < 5 * 1024 * 1024
+
+
+def test_the_repos_zip_ships_jobs_and_their_data_only(tmp_path: Path) -> None:
+    """What ``fanout deploy`` ships from this repository: besides ``fanout/``,
+    only ``jobs/`` and ``schemas/``, and every module under ``jobs/`` is a job a
+    user would copy (no test-data generators, no test helpers)."""
+    names = zipfile.ZipFile(build_zip(REPO, tmp_path / "f.zip")).namelist()
+    project = [n for n in names if not n.startswith("fanout/")]
+    assert project and all(n.startswith(("jobs/", "schemas/")) for n in project), project
+    modules = [n for n in project if n.endswith(".py")]
+    assert "jobs/meter_readings.py" in modules
+    for name in modules:
+        assert isinstance(load_job(str(REPO / name)), Job), name
+    # The example job's sample data still ships: it reads it by default on Lambda.
+    assert any(n.startswith("jobs/data/readings/") and n.endswith(".csv") for n in project)
 
 
 def test_zip_with_the_runtimes_bytecode(tmp_path: Path) -> None:

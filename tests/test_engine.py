@@ -17,7 +17,7 @@ from fanout.backends.base import Backend, Failure, RunState, TaskKey, TaskState
 from fanout.dispatch import Dispatcher
 from fanout.metrics import EmfMetrics
 from fanout.runner import Attempt, Runner
-from helpers import TREE, FixedJitter, drain
+from support.helpers import TREE, FixedJitter, drain
 from testjobs.tree import SCHEMA, Params, expected_items
 
 

@@ -1,4 +1,4 @@
-"""The hostile site of issue 9's crawl tests (``tests/hardsite.py``): its graph,
+"""The hostile site of issue 9's crawl tests (``tests/support/hardsite.py``): its graph,
 its replies, its server's backlog and politeness recorder, and its expectations
 under plain Scrapy (which they are measured against in ``test_crawl_hard.py``)."""
 
@@ -18,8 +18,8 @@ from xml.etree import ElementTree
 import pytest
 
 from bench.plain_scrapy import crawl_plain
-from hardsite import HOSTS, LINKS_PER_PAGE, HardServer, HardSite
-from sites import canonical
+from support.hardsite import HOSTS, LINKS_PER_PAGE, HardServer, HardSite
+from support.sites import canonical
 from testjobs.hard_crawl import Polite, Tutorial
 
 SITEMAP_NS = "{http://www.sitemaps.org/schemas/sitemap/0.9}"

@@ -12,7 +12,7 @@ from moto import mock_aws
 from fanout import coordinator
 from fanout.backends.base import Backend, RunState
 from fanout.inputs import list_inputs, open_input
-from helpers import drain, fake_aws
+from support.helpers import drain, fake_aws
 
 ROOT = Path(__file__).resolve().parents[1]
 METER_JOB = str(ROOT / "jobs" / "meter_readings.py")

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 from fanout.backends.base import RunState
-from procs import fanout, get_run, wait_for, worker
+from support.procs import fanout, get_run, wait_for, worker
 
 JOB = textwrap.dedent(
     """

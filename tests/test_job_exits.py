@@ -17,8 +17,8 @@ import pytest
 
 from fanout.backends import open_backend
 from fanout.backends.base import TaskKey, TaskState
-from helpers import JOBS
-from procs import fanout, run_id_of
+from support.helpers import JOBS
+from support.procs import fanout, run_id_of
 
 EXITS = str(JOBS / "exits.py")
 

@@ -35,7 +35,7 @@ from fanout.deploy_layer import (
     remove_runtime_provided,
 )
 from fanout.errors import UserError
-from helpers import fake_aws
+from support.helpers import fake_aws
 
 REPO = Path(__file__).resolve().parents[1]
 

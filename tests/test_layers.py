@@ -50,15 +50,48 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.metrics",
             "fanout.cost",
             "fanout.failures",
+            "fanout.tables",
+            "fanout.tables.*",
         ],
     ),
-    ("jobs", ["fanout.settings", "fanout.context", "fanout.jobs", "fanout.packaged", "fanout"]),
+    (
+        "jobs",
+        [
+            "fanout.settings",
+            "fanout.context",
+            "fanout.jobs",
+            "fanout.tables.writer",
+            "fanout.packaged",
+            "fanout",
+        ],
+    ),
     ("crawl", ["fanout.crawl", "fanout.crawl.*"]),
-    ("runs", ["fanout.spawn", "fanout.finalize", "fanout.runner", "fanout.coordinator"]),
+    (
+        "runs",
+        [
+            "fanout.controls",
+            "fanout.control_gate",
+            "fanout.control_ops",
+            "fanout.spawn",
+            "fanout.finalize",
+            "fanout.runner",
+            "fanout.coordinator",
+        ],
+    ),
     ("schedules", ["fanout.schedules", "fanout.schedules.*"]),
     ("dispatch", ["fanout.dispatch"]),
     ("hosts", ["fanout.worker", "fanout.aws_lambda"]),
-    ("interfaces", ["fanout.cli", "fanout.cli_*", "fanout.deploy", "fanout.deploy_layer"]),
+    (
+        "interfaces",
+        [
+            "fanout.cli",
+            "fanout.cli_*",
+            "fanout.ui",
+            "fanout.ui.*",
+            "fanout.deploy",
+            "fanout.deploy_layer",
+        ],
+    ),
 ]
 
 

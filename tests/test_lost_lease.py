@@ -23,7 +23,7 @@ from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, RunState, TaskKey, TaskState
 from fanout.dispatch import Dispatcher
-from helpers import TREE, drain
+from support.helpers import TREE, drain
 
 TIMEOUT = 0.2  # the hard timeout: with fast_leases a lease lasts 0.25 s
 

@@ -27,7 +27,7 @@ from fanout.logs import NOISY_LOGGERS, configure_logging, resolve_level
 from fanout.messages import decode
 from fanout.metrics import ChunkMetrics, EmfMetrics, emf_document, metrics_for
 from fanout.runner import LEASE_GRACE, Attempt, Runner
-from helpers import TREE, FixedJitter, drain
+from support.helpers import TREE, FixedJitter, drain
 
 CHUNK_KEYS = [
     "run_id",

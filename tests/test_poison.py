@@ -21,8 +21,8 @@ import pytest
 
 from fanout.backends import open_backend
 from fanout.backends.base import RunState
-from helpers import TREE
-from procs import fanout, get_run
+from support.helpers import TREE
+from support.procs import fanout, get_run
 
 #: A tick that cannot be converted to UTC (past year 9999): OverflowError in the engine.
 FIRE_OUT_OF_RANGE = json.dumps(
@@ -112,8 +112,8 @@ def test_poison_messages_on_lambda_are_dead_lettered_not_redelivered_forever(
     from fanout import coordinator
     from fanout.backends.aws import AwsSettings
     from fanout.backends.aws.resources import create_resources
-    from helpers import fake_aws
-    from lambda_source import EventSource
+    from support.helpers import fake_aws
+    from support.lambda_source import EventSource
 
     repo = Path(__file__).resolve().parents[1]
     role = "arn:aws:iam::123456789012:role/fanout-test-scheduler"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fanout import coordinator
 from fanout.backends.base import Backend, RunState
-from helpers import drain
+from support.helpers import drain
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -25,8 +25,8 @@ from fanout.backends.aws.resources import create_resources
 from fanout.backends.base import Backend, RunState
 from fanout.cli import main
 from fanout.schedules.aws import SCHEDULED_TIME_PLACEHOLDER
-from helpers import drain, fake_aws
-from lambda_source import Countdown, sqs_event
+from support.helpers import drain, fake_aws
+from support.lambda_source import Countdown, sqs_event
 
 REPO = Path(__file__).resolve().parents[1]
 ROLE = "arn:aws:iam::123456789012:role/fanout-test-scheduler"

@@ -23,8 +23,8 @@ from fanout.messages import SWEEP_BODY
 from fanout.schedules import Schedule, open_store
 from fanout.schedules.guard import FIRE_LATE, SENDER_ENV
 from fanout.schedules.spec import floor_minute
-from helpers import MOTO_SENDER_ID
-from lambda_source import Countdown, sqs_event
+from support.helpers import MOTO_SENDER_ID
+from support.lambda_source import Countdown, sqs_event
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = "tests/testjobs/tree.py"

@@ -25,8 +25,8 @@ from fanout.cli import main
 from fanout.schedules import Schedule, open_store
 from fanout.schedules.fire import Fired, due, next_wake, run_loop
 from fanout.schedules.spec import parse_spec
-from helpers import TREE, drain
-from procs import CLI, wait_for, worker
+from support.helpers import TREE, drain
+from support.procs import CLI, wait_for, worker
 
 START = "2030-01-01T00:00:00Z"
 

@@ -19,7 +19,7 @@ from fanout.backends.base import Backend, RunState
 from fanout.cli import main
 from fanout.schedules import open_store
 from fanout.schedules.fire import fire
-from helpers import drain
+from support.helpers import drain
 
 REPO = Path(__file__).resolve().parents[1]
 READINGS = str(REPO / "jobs" / "meter_readings.py")

@@ -18,7 +18,7 @@ from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.store import SINGLE_PUT_BYTES, S3Store
 from fanout.backends.base import Backend, RunState, TaskState
 from fanout.packaged import job_refusal
-from lambda_source import EventSource
+from support.lambda_source import EventSource
 
 REPO = Path(__file__).resolve().parents[1]
 TREE = REPO / "tests" / "testjobs" / "tree.py"

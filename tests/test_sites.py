@@ -23,9 +23,9 @@ import pytest
 from scrapy.http import HtmlResponse, Request
 
 from bench.plain_scrapy import crawl_plain
-from jobs.data import make_site
 from jobs.site_crawl import BooksSpider
-from sites import ROBOTS_PATH, BookSite, SiteServer, TrapSite, TrapSpider, expected_books
+from support import make_site
+from support.sites import ROBOTS_PATH, BookSite, SiteServer, TrapSite, TrapSpider, expected_books
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SITE = ROOT / "jobs" / "site"

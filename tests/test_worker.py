@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from fanout.backends.base import Backend, TaskKey, TaskState
-from helpers import TREE
-from procs import (
+from support.helpers import TREE
+from support.procs import (
     fanout,
     get_run,
     group_members,
@@ -33,7 +33,7 @@ from procs import (
 )
 from testjobs.tree import Params, expected_items
 
-HANG_AFTER_PUT = Path(__file__).parent / "hang_after_put.py"
+HANG_AFTER_PUT = Path(__file__).parent / "support" / "hang_after_put.py"
 
 # -- helpers ---------------------------------------------------------------------
 

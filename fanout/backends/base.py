@@ -40,9 +40,21 @@ class RunState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # drained, with dead chunks
     STOPPED = "stopped"  # drained after a runaway bound was hit
+    # Run controls (fanout.controls): ended by `fanout cancel`; drained with
+    # dead chunks within its tolerated failures.
+    CANCELLED = "cancelled"
+    SUCCEEDED_WITH_FAILURES = "succeeded_with_failures"
 
 
-TERMINAL_RUN_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED})
+TERMINAL_RUN_STATES = frozenset(
+    {
+        RunState.SUCCEEDED,
+        RunState.FAILED,
+        RunState.STOPPED,
+        RunState.CANCELLED,  # run controls (fanout.controls)
+        RunState.SUCCEEDED_WITH_FAILURES,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +95,42 @@ class Output:
     bytes: int
 
 
+class FailureKind(enum.StrEnum):
+    """Why an attempt failed. The values are what the ledger stores (a history
+    event's ``outcome``, the prefix of a task's ``error``) and what crosses
+    process boundaries: a :class:`~enum.StrEnum`, so they are plain strings
+    there and records written before this enum read back unchanged."""
+
+    ERROR = "error"  # the job raised (retried)
+    BAD_RECORD = "bad record"  # a record did not fit the schema (dead at once)
+    PERMANENT = "permanent"  # fanout.PermanentError (dead at once)
+    NO_PROGRESS = "no progress"  # resume_at with the cursor it was given (dead at once)
+    EXITED = "exited"  # the job called sys.exit()
+    OUT_OF_MEMORY = "out of memory"
+    TIMED_OUT = "timed out"  # past the hard timeout: killed by the supervisor/watchdog
+    CRASHED = "crashed"  # the process died (a signal, os._exit, a lease that expired)
+    INTERRUPTED = "interrupted"  # the worker was stopped: handed back, no attempt spent
+    INTERNAL = "internal error"  # fanout itself failed around the job's code
+
+
+class TaskEvent(enum.StrEnum):
+    """The ``outcome`` of a task's history events other than failures (those
+    carry their :class:`FailureKind`). Stored as these strings."""
+
+    COMMITTED = "committed"  # the attempt committed its output
+    CONTINUED = "continued"  # committed a slice; a continuation (seq + 1) goes on
+    DEAD = "dead"  # dead-lettered: no attempt left, or a permanent failure
+    ORPHANED = "orphaned"  # cancelled: the parent attempt that registered it never counted
+    CANCELLED = "cancelled"  # cancelled: its run was stopped by a runaway bound
+    REVIVED = "revived"  # an orphan registered again by the attempt that counts
+    REPLAYED = "replayed"  # a dead task put back in the queue (``fanout replay``)
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """Why an attempt failed, as kept in the ledger for ``fanout failed``."""
 
-    kind: str  # "error", "timed out", "crashed", "bad record"
+    kind: FailureKind
     error: str  # one line
     traceback: str = ""
     duration: float | None = None  # seconds the attempt ran, when known (its history keeps it)
@@ -172,7 +215,7 @@ class Claim:
     task: TaskRecord | None = None
     attempt: int = 0  # the attempt number within the current budget (1-based)
     retry_after: float = 0.0  # seconds, for BUSY and WAIT
-    takeover: str | None = None  # "timed out" / "crashed" when an expired lease was taken over
+    takeover: FailureKind | None = None  # CRASHED when an expired lease was taken over
     drained: bool = False  # this step brought the run's outstanding counter to zero
 
 
@@ -243,13 +286,13 @@ class Ledger(Protocol):
         key: TaskKey,
         token: str,
         output: Output | None,
-        outcome: str,
+        outcome: TaskEvent,
         now: float,
         stats: Mapping[str, int] | None = None,
         duration: float | None = None,
     ) -> Settle:
         """Mark the task done with its output, if ``token`` still holds the lease.
-        ``outcome`` ("committed", "continued") goes into its history, with the
+        ``outcome`` (``COMMITTED`` or ``CONTINUED``) goes into its history, with the
         attempt's ``duration`` (s) when given; ``stats`` (counters such as pages
         fetched) are added to the run's."""
 

@@ -7,6 +7,11 @@ The layout, the one place it is spelled out (everything else calls these)::
     runs/<run_id>/dead/<chunk>-s<seq>.json        a dead task's message and history
     runs/<run_id>/payloads/<chunk>-s<seq>.json    an offloaded payload and cursor
     runs/<run_id>/crawl/robots/<host>.json        a crawl's copy of a site's robots.txt
+    runs/<run_id>/parts/<chunk>-s<seq>-a<attempt>-<token8>.json
+                                                  a partitioned chunk's list of table files
+    tables/<table>/<col>=<value>/<file>.avro      a table's data files (fanout.tables)
+    tables/<table>/_catalog/v<version>.json       its catalog's versions
+    tables/<table>/_compactions/<id>.json         a compaction in progress
     dead-letters/<stamp>-<message id>.json        a message that never became a task
 
 ``<chunk>`` is the chunk id with ``/`` as ``.`` (``0/3/1`` → ``0.3.1``). Output
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import re
 
+#: Where every run's objects are (one prefix per run below it: :func:`run_prefix`).
+RUNS_PREFIX = "runs/"
 #: Where message dead letters are kept (``fanout dead-letters``).
 DEAD_LETTERS = "dead-letters/"
 
@@ -34,7 +41,7 @@ def _chunk(chunk_id: str) -> str:
 
 def run_prefix(run_id: str) -> str:
     """Everything a run keeps in the store is under this prefix."""
-    return f"runs/{run_id}/"
+    return f"{RUNS_PREFIX}{run_id}/"
 
 
 def output_key(run_id: str, chunk_id: str, seq: int, attempt: int, token: str) -> str:
@@ -123,3 +130,44 @@ def _check_chars(key: str, segment: str) -> None:
         raise ValueError(f"bad store key {key!r}: backslashes are not allowed")
     if "\x00" in segment:
         raise ValueError(f"bad store key {key!r}: NUL characters are not allowed")
+
+
+# -- tables (issue 14: fanout.tables) ----------------------------------------------
+# A table's data files sit under ``tables/<table>/<col>=<value>/``, Hive-style, so
+# Athena and Spark find its partitions; the table's own metadata sits beside them
+# under ``_catalog/`` and ``_compactions/``, names Hive and Athena skip ('_').
+
+TABLES_PREFIX = "tables/"
+
+
+def table_prefix(table: str) -> str:
+    """Everything of one table: data files and metadata (a listing prefix)."""
+    return f"{TABLES_PREFIX}{table}/"
+
+
+def table_catalog_key(table: str, version: int) -> str:
+    """Version ``version`` of the table's catalog (written once, never overwritten)."""
+    return f"{TABLES_PREFIX}{table}/_catalog/v{version:010d}.json"
+
+
+def table_catalog_prefix(table: str) -> str:
+    """Where the catalog's versions are listed."""
+    return f"{TABLES_PREFIX}{table}/_catalog/"
+
+
+def table_file_key(table: str, partition: str, name: str) -> str:
+    """A data file of ``table`` in ``partition`` (``dt=2024-01-01``; "" for none)."""
+    middle = f"{partition}/" if partition else ""
+    return f"{TABLES_PREFIX}{table}/{middle}{name}"
+
+
+def compaction_key(table: str, compaction_id: str) -> str:
+    """The intent of a compaction in progress: the files it replaces and writes."""
+    return f"{TABLES_PREFIX}{table}/_compactions/{compaction_id}.json"
+
+
+def chunk_parts_key(run_id: str, chunk_id: str, seq: int, attempt: int, token: str) -> str:
+    """An attempt of a partitioned chunk: the list of the table files it wrote.
+    The ledger commits this key as the attempt's output (attempt-unique, as data
+    files are), so only a committed attempt's files ever count."""
+    return f"runs/{run_id}/parts/{chunk_id.replace('/', '.')}-s{seq}-a{attempt}-{token[:8]}.json"

@@ -52,8 +52,8 @@ REPO = Path(__file__).resolve().parents[2]
 # The tests' moto server (a child process on 127.0.0.1) and SQS event builder.
 sys.path.insert(0, str(REPO / "tests"))
 
-from lambda_source import sqs_event  # noqa: E402
-from motoserver import moto_server  # noqa: E402
+from support.lambda_source import sqs_event  # noqa: E402
+from support.motoserver import moto_server  # noqa: E402
 
 #: Times ``STATEMENT`` in a fresh interpreter and prints the wall and CPU
 #: seconds and which of the heavy packages it imported.

@@ -5,7 +5,7 @@ one process and by ``fanout run`` with 1 and 2 workers, in one run.
     python tests/bench/bench_crawl.py --pages 1200 --backlog 511
     python tests/bench/bench_crawl.py --server python   # the in-process Python server
 
-The site is ``tests/hardsite.py``'s ``HardSite`` without its traps (no 500s,
+The site is ``tests/support/hardsite.py``'s ``HardSite`` without its traps (no 500s,
 redirects or duplicate spellings: the benchmark measures throughput, the tests
 measure correctness): 8 links a page, so most links a crawler meets are
 duplicates and de-duplication is on the hot path, as in a real crawl (the book
@@ -65,7 +65,7 @@ from hard_crawl import SCHEMA, Tutorial  # noqa: E402
 from nginx_site import NginxSite, find_nginx  # noqa: E402
 from plain_scrapy import crawl_plain  # noqa: E402
 
-from hardsite import HardServer, HardSite  # noqa: E402
+from support.hardsite import HardServer, HardSite  # noqa: E402
 
 CONCURRENCY = 16
 #: No depth limit on either side. The tutorial spider's DEPTH_LIMIT of 30 can

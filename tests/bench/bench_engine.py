@@ -30,9 +30,9 @@ from pathlib import Path
 import fastavro
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from jobs.data.make_readings import write_readings  # noqa: E402
+from support.make_readings import write_readings  # noqa: E402
 
 NOOP_JOB = """
 from pydantic import BaseModel

@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 from types import TracebackType
 
-from hardsite import HardSite
+from support.hardsite import HardSite
 
 #: Where Debian puts nginx (``/usr/sbin`` is not on every user's PATH).
 NGINX_PATHS = ("/usr/sbin/nginx",)

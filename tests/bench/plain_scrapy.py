@@ -187,7 +187,7 @@ def main() -> None:
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
     from jobs.site_crawl import BooksSpider
-    from sites import BookSite, SiteServer
+    from support.sites import BookSite, SiteServer
 
     site = BookSite(args.pages)
     expected = site.expected_books()

@@ -30,7 +30,7 @@ import pytest
 
 from fanout.backends import open_backend
 from fanout.backends.base import Backend
-from helpers import fake_aws
+from support.helpers import fake_aws
 
 #: The backends the contract runs against (see above).
 BACKEND_NAMES = ["memory", "local", "aws"]

@@ -13,7 +13,7 @@ import pytest
 from fanout.backends.base import Backend
 from fanout.errors import UserError
 from fanout.schedules import Schedule, ScheduleStore, open_store
-from helpers import TREE
+from support.helpers import TREE
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

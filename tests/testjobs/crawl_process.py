@@ -37,7 +37,7 @@ for path in (ROOT, ROOT / "tests"):  # the CLI's workers: make jobs/ and tests/ 
 
 from fanout.crawl import CrawlJob  # noqa: E402
 from jobs.site_crawl import BooksSpider  # noqa: E402
-from sites import TrapSpider  # noqa: E402
+from support.sites import TrapSpider  # noqa: E402
 
 BOOK_SCHEMA = str(ROOT / "schemas" / "book.avsc")
 ITEM_SCHEMA = {

@@ -1,4 +1,4 @@
-"""Crawl jobs for the hostile site of ``tests/hardsite.py`` (``tests/test_crawl_hard.py``),
+"""Crawl jobs for the hostile site of ``tests/support/hardsite.py`` (``tests/test_crawl_hard.py``),
 one per attribute, loaded as ``hard_crawl.py:NAME``. Every spider is plain
 Scrapy, nothing fanout-specific inside it; ``CrawlJob`` wraps it:
 

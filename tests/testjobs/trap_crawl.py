@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from fanout.crawl import CrawlJob
-from sites import TrapSpider
+from support.sites import TrapSpider
 
 SCHEMA = {
     "type": "record",

@@ -39,8 +39,6 @@ from fanout.backends.aws.ledger_items import (
     MAX_TRANSACTION_ITEMS,
     Item,
     _av,
-    _chunk_sort_key,
-    _event,
     _Expr,
     _int,
     _is_token,
@@ -57,26 +55,41 @@ from fanout.backends.aws.ledger_items import (
     create_table,
 )
 from fanout.backends.aws.ledger_register import RETRIES, Registrar
+from fanout.backends.aws.runcontrols import DynamoRunControls
 from fanout.backends.base import (
     FINISHED_TASK_STATES,
     Claim,
     ClaimOutcome,
     Failure,
+    FailureKind,
     NewTask,
     Output,
     RunRecord,
     RunState,
     Settle,
+    TaskEvent,
     TaskKey,
     TaskRecord,
     TaskState,
     took_field,
 )
+from fanout.backends.rules import (
+    CONTENDED_RETRY_AFTER,
+    CRASHED_LAST,
+    ClaimFacts,
+    ClaimVerdict,
+    ParentFacts,
+    attempt_in_budget,
+    chunk_order,
+    history_event,
+    may_have_orphans,
+    rule_claim,
+)
 
 __all__ = ["DynamoLedger", "create_table"]
 
 
-class DynamoLedger(Registrar, CrawlState):
+class DynamoLedger(Registrar, CrawlState, DynamoRunControls):  # + run controls (cancel, pause, cap)
     """The :class:`~fanout.backends.base.Ledger` on one DynamoDB table."""
 
     #: Forked crawl chunks see this ledger's writes (it is a remote service).
@@ -229,7 +242,7 @@ class DynamoLedger(Registrar, CrawlState):
             if claim is not None:
                 return claim
         # Still contended after many rounds: let the message come back later.
-        return Claim(ClaimOutcome.BUSY, retry_after=1.0)
+        return Claim(ClaimOutcome.BUSY, retry_after=CONTENDED_RETRY_AFTER)
 
     def _try_claim(
         self, key: TaskKey, token: str, lease_seconds: float, max_attempts: int, now: float
@@ -243,43 +256,42 @@ class DynamoLedger(Registrar, CrawlState):
         task = _task(item)
         version = int(item["ver"]["N"])
         run = items.get(_RUN_SK)
-        if task.state in FINISHED_TASK_STATES:
+        parent = None
+        if "parent_chunk" in item and task.state not in FINISHED_TASK_STATES:
+            pkey = TaskKey(key.run_id, item["parent_chunk"]["S"], _int(item, "parent_seq"))
+            found_parent = self._get(_task_key(pkey), ["state", "committed_by", "lease_expires"])
+            if found_parent is not None:
+                parent = ParentFacts(
+                    TaskState(found_parent["state"]["S"]),
+                    found_parent.get("committed_by", {}).get("S"),
+                    float(_py(found_parent["lease_expires"])),
+                )
+        stopped = run is not None and "S" in run.get("stop_reason", {})
+        facts = ClaimFacts(task, item.get("spawned_by", {}).get("S"), parent, stopped)
+        ruling = rule_claim(facts, max_attempts, now)
+        verdict = ruling.verdict
+        if verdict is ClaimVerdict.FINISHED:
             return Claim(ClaimOutcome.FINISHED, task=task)
-        if task.state == TaskState.RUNNING and task.lease_expires > now:
-            return Claim(ClaimOutcome.BUSY, retry_after=task.lease_expires - now)
-        if "parent_chunk" in item:
-            parent = self._get(
-                _task_key(TaskKey(key.run_id, item["parent_chunk"]["S"], _int(item, "parent_seq"))),
-                ["state", "committed_by", "lease_expires"],
-            )
-            if parent is not None and parent["state"]["S"] not in FINISHED_TASK_STATES:
-                # Registered by a parent attempt that has not committed (yet).
-                wait = max(0.5, float(_py(parent["lease_expires"])) - now)
-                return Claim(ClaimOutcome.WAIT, retry_after=min(wait, 30.0))
-            committed_by = parent.get("committed_by", {}).get("S") if parent else None
-            if parent is not None and committed_by != item.get("spawned_by", {}).get("S"):
-                # Its parent committed from another attempt, or died: the
-                # attempt that registered this task never counted.
-                return self._cancel_at_claim(key, task, version, now, "orphaned")
-        if run is not None and "stop_reason" in run and "S" in run["stop_reason"]:
-            return self._cancel_at_claim(key, task, version, now, "cancelled")
-        if task.state == TaskState.QUEUED and task.not_before > now:
-            return Claim(ClaimOutcome.WAIT, retry_after=task.not_before - now)
-        attempt = task.attempt - task.attempt_floor
+        if verdict is ClaimVerdict.BUSY:
+            return Claim(ClaimOutcome.BUSY, retry_after=ruling.retry_after)
+        if verdict is ClaimVerdict.WAIT:
+            return Claim(ClaimOutcome.WAIT, retry_after=ruling.retry_after)
+        if verdict is ClaimVerdict.ORPHANED:
+            return self._cancel_at_claim(key, task, version, now, TaskEvent.ORPHANED)
+        if verdict is ClaimVerdict.STOPPED:
+            return self._cancel_at_claim(key, task, version, now, TaskEvent.CANCELLED)
+        attempt = attempt_in_budget(task)
         e = _Expr()
         e.where(_is_version(e, version)).bump()
         takeover = None
-        entries: list[Item] = []
-        if task.state == TaskState.RUNNING:
-            # The lease expired with no word from its holder: it died
-            # (killed, out of memory, machine lost) mid-attempt.
-            takeover = "crashed"
-            crashed = _event("crashed", now, attempt)
-            if attempt >= max_attempts:
-                failure = Failure("crashed", "the worker died during the last attempt")
+        if verdict in (ClaimVerdict.TAKE_OVER, ClaimVerdict.BURY):
+            takeover = FailureKind.CRASHED
+            crashed = history_event(FailureKind.CRASHED, now, attempt)
+            if verdict is ClaimVerdict.BURY:
+                failure = CRASHED_LAST
                 e.set("error", f"{failure.kind}: {failure.error}").set("traceback", "")
-                e.set("state", TaskState.DEAD.value).remove("lease_token")
-                e.set("updated_at", now).append("history", crashed, _event("dead", now, attempt))
+                e.set("state", TaskState.DEAD.value).remove("lease_token").set("updated_at", now)
+                e.append("history", crashed, history_event(TaskEvent.DEAD, now, attempt))
                 entries = [
                     {"Update": e.update(self.table, _task_key(key))},
                     self._run_counters(key.run_id, now, retries=1, outstanding=-1, tasks_dead=1),
@@ -307,12 +319,12 @@ class DynamoLedger(Registrar, CrawlState):
         return Claim(ClaimOutcome.CLAIMED, task=task, attempt=attempt + 1, takeover=takeover)
 
     def _cancel_at_claim(
-        self, key: TaskKey, task: TaskRecord, version: int, now: float, outcome: str
+        self, key: TaskKey, task: TaskRecord, version: int, now: float, outcome: TaskEvent
     ) -> Claim | None:
         e = _Expr()
         e.where(_is_version(e, version)).bump()
         e.set("state", TaskState.CANCELLED.value).remove("lease_token").set("updated_at", now)
-        e.append("history", _event(outcome, now, task.attempt - task.attempt_floor))
+        e.append("history", history_event(outcome, now, attempt_in_budget(task)))
         entries = [
             {"Update": e.update(self.table, _task_key(key))},
             self._run_counters(key.run_id, now, outstanding=-1, tasks_cancelled=1),
@@ -338,7 +350,7 @@ class DynamoLedger(Registrar, CrawlState):
         key: TaskKey,
         token: str,
         output: Output | None,
-        outcome: str,
+        outcome: TaskEvent,
         now: float,
         stats: Mapping[str, int] | None = None,
         duration: float | None = None,
@@ -355,7 +367,7 @@ class DynamoLedger(Registrar, CrawlState):
             task = self._leased(key, token)
             if task is None:
                 return Settle(ok=False)
-            orphans = self._orphans(key, token) if task.attempt > 1 else []
+            orphans = self._orphans(key, token) if may_have_orphans(task.attempt) else []
             # More orphans than one transaction holds: cancel the excess first,
             # each batch guarded by our lease (so a stale attempt cannot cancel
             # the children of the attempt that took over) and with its own
@@ -386,9 +398,9 @@ class DynamoLedger(Registrar, CrawlState):
             e.set("records", output.records if output else 0)
             e.set("bytes", output.bytes if output else 0)
             records = output.records if output else 0
-            attempt = task.attempt - task.attempt_floor
+            attempt = attempt_in_budget(task)
             took = took_field(duration)
-            e.append("history", _event(outcome, now, attempt, records=records, **took))
+            e.append("history", history_event(outcome, now, attempt, records=records, **took))
             e.where(_is_token(e, token))
             run = self._run_counters(
                 key.run_id,
@@ -446,7 +458,7 @@ class DynamoLedger(Registrar, CrawlState):
         """A transaction entry cancelling one orphan, if it is still one."""
         e = _Expr().set("state", TaskState.CANCELLED.value).set("updated_at", now).bump()
         attempt = _int(entry, "attempt") - _int(entry, "attempt_floor")
-        e.append("history", _event("orphaned", now, attempt))
+        e.append("history", history_event(TaskEvent.ORPHANED, now, attempt))
         by = e.n("spawned_by")
         e.where(f"{e.n('state')} = {e.v(TaskState.QUEUED.value)}")
         e.where(f"attribute_not_exists({by}) OR {by} <> {e.v(token)}")
@@ -462,8 +474,7 @@ class DynamoLedger(Registrar, CrawlState):
         e = _Expr().set("state", TaskState.QUEUED.value).remove("lease_token")
         e.set("lease_expires", 0).set("not_before", not_before).set("error", failure.error)
         e.set("traceback", failure.traceback).set("updated_at", now).bump()
-        attempt = task.attempt - task.attempt_floor
-        e.append("history", _failed(failure, now, attempt))
+        e.append("history", _failed(failure, now, attempt_in_budget(task)))
         e.where(_is_token(e, token))
         entries = [
             {"Update": e.update(self.table, _task_key(key))},
@@ -476,13 +487,13 @@ class DynamoLedger(Registrar, CrawlState):
         task = self._leased(key, token)
         if task is None:
             return Settle(ok=False)
-        attempt = task.attempt - task.attempt_floor
+        attempt = attempt_in_budget(task)
         e = _Expr().set("state", TaskState.DEAD.value).remove("lease_token").bump()
         e.set("error", f"{failure.kind}: {failure.error}").set("traceback", failure.traceback)
         e.set("updated_at", now).append(
             "history",
             _failed(failure, now, attempt),
-            _event("dead", now, attempt),
+            history_event(TaskEvent.DEAD, now, attempt),
         )
         e.where(_is_token(e, token))
         entries = [
@@ -513,7 +524,7 @@ class DynamoLedger(Registrar, CrawlState):
         ]
         tasks = [_task(item) for item in self._batch_get_full(keys)]
         tasks = [t for t in tasks if t.state == TaskState.QUEUED]
-        tasks.sort(key=_chunk_sort_key)
+        tasks.sort(key=chunk_order)
         return tasks
 
     def get_task(self, key: TaskKey) -> TaskRecord | None:
@@ -538,7 +549,7 @@ class DynamoLedger(Registrar, CrawlState):
                 return []
             _filter_states(params, states)
         tasks = [_task(item) for item in self._query(**params)]
-        tasks.sort(key=_chunk_sort_key)
+        tasks.sort(key=chunk_order)
         return tasks
 
     def reopen(
@@ -563,7 +574,7 @@ class DynamoLedger(Registrar, CrawlState):
             for t in batch:
                 e = _Expr().set("state", TaskState.QUEUED.value).set("attempt_floor", t.attempt)
                 e.set("not_before", 0).remove("lease_token").set("lease_expires", 0)
-                event = _event("replayed", now, t.attempt - t.attempt_floor)
+                event = history_event(TaskEvent.REPLAYED, now, attempt_in_budget(t))
                 e.set("updated_at", now).append("history", event).bump()
                 e.where(f"{e.n('state')} = {e.v(TaskState.DEAD.value)}")
                 entries.append({"Update": e.update(self.table, _task_key(t.key))})
@@ -581,7 +592,7 @@ class DynamoLedger(Registrar, CrawlState):
                 if len(batch) == len(dead):
                     break
             # Else a task changed meanwhile (or more remain): read the dead ones again.
-        reopened.sort(key=_chunk_sort_key)
+        reopened.sort(key=chunk_order)
         return reopened
 
     def close(self) -> None:
@@ -592,7 +603,7 @@ class DynamoLedger(Registrar, CrawlState):
 def _failed(failure: Failure, now: float, attempt: int) -> dict[str, object]:
     """The history event of a failed attempt, with its run time when known."""
     took = took_field(failure.duration)
-    return _event(failure.kind, now, attempt, error=failure.error, **took)
+    return history_event(failure.kind, now, attempt, error=failure.error, **took)
 
 
 def _filter_states(params: dict[str, Any], states: Collection[RunState | TaskState]) -> None:

@@ -94,15 +94,6 @@ def _kids_key(run_id: str, chunk_id: str, seq: int) -> str:
     return f"KIDS#{run_id}#{chunk_id}#{seq}"
 
 
-def _event(outcome: str, now: float, attempt: int, **extra: object) -> dict[str, object]:
-    """One history entry, stamped with the attempt (within the budget) it is about."""
-    return {"outcome": outcome, "at": round(now, 3), **extra, "attempt": attempt}
-
-
-def _chunk_sort_key(task: TaskRecord) -> tuple[tuple[int, ...], int]:
-    return tuple(int(p) for p in task.chunk_id.split("/")), task.seq
-
-
 class _Expr:
     """Builds one update (or condition) expression with its name and value maps.
 

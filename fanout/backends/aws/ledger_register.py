@@ -13,7 +13,6 @@ from fanout.backends.aws.ledger_items import (
     DynamoTable,
     Item,
     _av,
-    _event,
     _Expr,
     _is_token,
     _is_version,
@@ -27,9 +26,11 @@ from fanout.backends.aws.ledger_items import (
 from fanout.backends.base import (
     NewTask,
     Registration,
+    TaskEvent,
     TaskKey,
     TaskState,
 )
+from fanout.backends.rules import history_event
 
 #: Bytes per transaction we stay under (DynamoDB's limit is 4 MB).
 MAX_TRANSACTION_BYTES = 3_500_000
@@ -132,7 +133,7 @@ class Registrar(DynamoTable):
                 # ...and comes back if it was cancelled as an orphan meanwhile.
                 attempt = int(old["attempt"]["N"]) - int(old["attempt_floor"]["N"])
                 e.set("state", TaskState.QUEUED.value).append(
-                    "history", _event("revived", now, attempt)
+                    "history", history_event(TaskEvent.REVIVED, now, attempt)
                 )
                 ops.append(
                     _Op(t, {"Update": e.update(self.table, _key(pk, sk))}, 1, False, True, size)

@@ -18,12 +18,14 @@ from fanout.backends.base import (
     Claim,
     ClaimOutcome,
     Failure,
+    FailureKind,
     NewTask,
     Output,
     Registration,
     RunRecord,
     RunState,
     Settle,
+    TaskEvent,
     TaskKey,
     TaskRecord,
     TaskState,
@@ -32,74 +34,20 @@ from fanout.backends.base import (
 from fanout.backends.crawlstate import DomainAsk, DomainGrant
 from fanout.backends.local.crawlstate import claim_fingerprints, lease_domain, migrate
 from fanout.backends.local.db import Database
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    job TEXT NOT NULL,
-    job_name TEXT NOT NULL,
-    params TEXT NOT NULL,
-    settings TEXT NOT NULL,
-    state TEXT NOT NULL,
-    stop_reason TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    finished_at REAL,
-    finalize_at REAL,
-    outstanding INTEGER NOT NULL DEFAULT 0,
-    tasks_total INTEGER NOT NULL DEFAULT 0,
-    chunks_total INTEGER NOT NULL DEFAULT 0,
-    tasks_done INTEGER NOT NULL DEFAULT 0,
-    tasks_dead INTEGER NOT NULL DEFAULT 0,
-    tasks_cancelled INTEGER NOT NULL DEFAULT 0,
-    records INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0,
-    retries INTEGER NOT NULL DEFAULT 0,
-    manifest_key TEXT,
-    stats TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at);
-CREATE TABLE IF NOT EXISTS tasks (
-    run_id TEXT NOT NULL REFERENCES runs (run_id),
-    chunk_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    attempt_floor INTEGER NOT NULL DEFAULT 0,
-    depth INTEGER NOT NULL,
-    message TEXT NOT NULL,
-    lease_token TEXT,
-    lease_expires REAL NOT NULL DEFAULT 0,
-    not_before REAL NOT NULL DEFAULT 0,
-    output_key TEXT,
-    records INTEGER,
-    bytes INTEGER,
-    error TEXT,
-    traceback TEXT,
-    history TEXT NOT NULL DEFAULT '[]',
-    updated_at REAL NOT NULL,
-    parent_chunk TEXT,
-    parent_seq INTEGER NOT NULL DEFAULT 0,
-    spawned_by TEXT,
-    committed_by TEXT,
-    PRIMARY KEY (run_id, chunk_id, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (run_id, state);
-CREATE INDEX IF NOT EXISTS tasks_by_parent ON tasks (run_id, parent_chunk, parent_seq);
-CREATE TABLE IF NOT EXISTS seen (
-    run_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    token TEXT,
-    PRIMARY KEY (run_id, fingerprint)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS domains (
-    run_id TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    state TEXT NOT NULL,
-    PRIMARY KEY (run_id, domain)
-) WITHOUT ROWID;
-"""
+from fanout.backends.local.ledger_rows import SCHEMA, key_args, run_record, task_record
+from fanout.backends.local.runcontrols import SQLiteRunControls
+from fanout.backends.rules import (
+    CRASHED_LAST,
+    ClaimFacts,
+    ClaimVerdict,
+    ParentFacts,
+    attempt_in_budget,
+    chunk_order,
+    history_event,
+    is_drained,
+    may_have_orphans,
+    rule_claim,
+)
 
 # Appends one JSON event to a task's history inside the UPDATE itself, stamped
 # with the attempt it is about (the row's values before the UPDATE).
@@ -108,22 +56,26 @@ _APPEND = (
     " json_set(json(?), '$.attempt', attempt - attempt_floor))"
 )
 
-_FINISHED = (TaskState.DONE.value, TaskState.DEAD.value, TaskState.CANCELLED.value)
+# One read for a claim: the task, its run's stop and its parent (if any).
+_CLAIM_READ = (
+    "SELECT t.*, r.stop_reason AS run_stop, p.state AS p_state,"
+    " p.committed_by AS p_committed_by, p.lease_expires AS p_lease_expires"
+    " FROM tasks t JOIN runs r USING (run_id) LEFT JOIN tasks p"
+    " ON p.run_id = t.run_id AND p.chunk_id = t.parent_chunk AND p.seq = t.parent_seq"
+    " WHERE t.run_id = ? AND t.chunk_id = ? AND t.seq = ?"
+)
 
 
 class _OverLimit(Exception):
     """Raised inside a transaction to roll it back."""
 
 
-def _event(outcome: str, now: float, **extra: object) -> str:
-    return json.dumps({"outcome": outcome, "at": round(now, 3), **extra})
+def _event(outcome: TaskEvent | FailureKind, now: float, **extra: object) -> str:
+    """A history event as JSON, for :data:`_APPEND` to stamp with the attempt."""
+    return json.dumps(history_event(outcome, now, None, **extra))
 
 
-def _chunk_sort_key(task: TaskRecord) -> tuple[tuple[int, ...], int]:
-    return tuple(int(p) for p in task.chunk_id.split("/")), task.seq
-
-
-class SQLiteLedger:
+class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concurrency
     """The :class:`~fanout.backends.base.Ledger` on a SQLite database."""
 
     def __init__(self, db: Database) -> None:
@@ -161,7 +113,7 @@ class SQLiteLedger:
     def get_run(self, run_id: str) -> RunRecord | None:
         """The run, or None."""
         row = self.db.conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return _run(row) if row else None
+        return run_record(row) if row else None
 
     def list_runs(
         self, limit: int = 50, states: Collection[RunState] | None = None
@@ -173,7 +125,7 @@ class SQLiteLedger:
             args = [s.value for s in states]
         sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
         rows = self.db.conn.execute(sql, (*args, limit)).fetchall()
-        return [_run(r) for r in rows]
+        return [run_record(r) for r in rows]
 
     def stop(self, run_id: str, reason: str) -> None:
         """Record the first runaway bound that stopped the run."""
@@ -295,7 +247,10 @@ class SQLiteLedger:
             f"UPDATE tasks SET state = 'queued', message = ?, spawned_by = ?, updated_at = ?,"
             f" {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?"
             " AND state = 'cancelled' AND spawned_by IS NOT ?",
-            [(m, sb, n, _event("revived", n), r, c, q, sb2) for m, sb, n, r, c, q, sb2 in keyed],
+            [
+                (m, sb, n, _event(TaskEvent.REVIVED, n), r, c, q, sb2)
+                for m, sb, n, r, c, q, sb2 in keyed
+            ],
         )
         revived = conn.total_changes - before
         if revived:
@@ -308,69 +263,63 @@ class SQLiteLedger:
     def claim(
         self, key: TaskKey, token: str, lease_seconds: float, max_attempts: int, now: float
     ) -> Claim:
-        """Lease the task for one attempt, or say why not (see :class:`ClaimOutcome`)."""
+        """Lease the task for one attempt, or say why not (see :class:`ClaimOutcome`):
+        one read of the task, its parent and its run, the decision of
+        :func:`~fanout.backends.rules.rule_claim`, then the write it calls for."""
         with self.db.write() as conn:
-            row = conn.execute(
-                "SELECT t.*, r.stop_reason AS run_stop FROM tasks t JOIN runs r USING (run_id)"
-                " WHERE t.run_id = ? AND t.chunk_id = ? AND t.seq = ?",
-                (key.run_id, key.chunk_id, key.seq),
-            ).fetchone()
+            row = conn.execute(_CLAIM_READ, key_args(key)).fetchone()
             if row is None:
                 return Claim(ClaimOutcome.MISSING)
-            state = row["state"]
-            if state in _FINISHED:
-                return Claim(ClaimOutcome.FINISHED, task=_task(row))
-            live = state == TaskState.RUNNING and row["lease_expires"] > now
-            if live:
-                return Claim(ClaimOutcome.BUSY, retry_after=row["lease_expires"] - now)
-            if row["parent_chunk"] is not None:
-                parent = conn.execute(
-                    "SELECT state, committed_by, lease_expires FROM tasks"
-                    " WHERE run_id = ? AND chunk_id = ? AND seq = ?",
-                    (key.run_id, row["parent_chunk"], row["parent_seq"]),
-                ).fetchone()
-                if parent is not None and parent["state"] not in _FINISHED:
-                    # Registered by a parent attempt that has not committed (yet).
-                    wait = max(0.5, parent["lease_expires"] - now)
-                    return Claim(ClaimOutcome.WAIT, retry_after=min(wait, 30.0))
-                if parent is not None and parent["committed_by"] != row["spawned_by"]:
-                    # Its parent committed from another attempt, or died: the
-                    # attempt that registered this task never counted.
-                    drained = self._settle(conn, key, TaskState.CANCELLED, now, "orphaned")
-                    return Claim(ClaimOutcome.CANCELLED, drained=drained)
-            if row["run_stop"] is not None:
-                drained = self._settle(conn, key, TaskState.CANCELLED, now, "cancelled")
+            task = task_record(row)
+            parent = None
+            if row["p_state"] is not None:
+                parent = ParentFacts(
+                    TaskState(row["p_state"]), row["p_committed_by"], row["p_lease_expires"]
+                )
+            facts = ClaimFacts(task, row["spawned_by"], parent, row["run_stop"] is not None)
+            ruling = rule_claim(facts, max_attempts, now)
+            verdict = ruling.verdict
+            if verdict is ClaimVerdict.FINISHED:
+                return Claim(ClaimOutcome.FINISHED, task=task)
+            if verdict is ClaimVerdict.BUSY:
+                return Claim(ClaimOutcome.BUSY, retry_after=ruling.retry_after)
+            if verdict is ClaimVerdict.WAIT:
+                return Claim(ClaimOutcome.WAIT, retry_after=ruling.retry_after)
+            if verdict in (ClaimVerdict.ORPHANED, ClaimVerdict.STOPPED):
+                event = (
+                    TaskEvent.ORPHANED if verdict is ClaimVerdict.ORPHANED else TaskEvent.CANCELLED
+                )
+                drained = self._settle(conn, key, TaskState.CANCELLED, now, event)
                 return Claim(ClaimOutcome.CANCELLED, drained=drained)
-            if state == TaskState.QUEUED and row["not_before"] > now:
-                return Claim(ClaimOutcome.WAIT, retry_after=row["not_before"] - now)
-            attempt = row["attempt"]
             takeover = None
-            if state == TaskState.RUNNING:
-                # The lease expired with no word from its holder: it died
-                # (killed, out of memory, machine lost) mid-attempt.
-                takeover = "crashed"
+            if verdict in (ClaimVerdict.TAKE_OVER, ClaimVerdict.BURY):
+                takeover = FailureKind.CRASHED
                 conn.execute(
                     f"UPDATE tasks SET {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
-                    (_event("crashed", now), *_key(key)),
+                    (_event(FailureKind.CRASHED, now), *key_args(key)),
                 )
                 conn.execute(
                     "UPDATE runs SET retries = retries + 1 WHERE run_id = ?", (key.run_id,)
                 )
-                if attempt - row["attempt_floor"] >= max_attempts:
-                    failure = Failure("crashed", "the worker died during the last attempt")
-                    drained = self._bury(conn, key, failure, now, log=False)
+                if verdict is ClaimVerdict.BURY:
+                    drained = self._bury(conn, key, CRASHED_LAST, now, log=False)
                     return Claim(ClaimOutcome.BURIED, takeover=takeover, drained=drained)
-            cur = conn.execute(
+                task.history.append(
+                    history_event(FailureKind.CRASHED, now, attempt_in_budget(task))
+                )
+            expires = now + lease_seconds
+            conn.execute(
                 "UPDATE tasks SET state = 'running', attempt = attempt + 1, lease_token = ?,"
-                " lease_expires = ?, updated_at = ? WHERE run_id = ? AND chunk_id = ? AND seq = ?"
-                " RETURNING *",
-                (token, now + lease_seconds, now, *_key(key)),
+                " lease_expires = ?, updated_at = ? WHERE run_id = ? AND chunk_id = ? AND seq = ?",
+                (token, expires, now, *key_args(key)),
             )
-            task = _task(cur.fetchone())
+            # The record as written, without reading it back.
+            task.state, task.attempt, task.lease_token = TaskState.RUNNING, task.attempt + 1, token
+            task.lease_expires, task.updated_at = expires, now
             return Claim(
                 ClaimOutcome.CLAIMED,
                 task=task,
-                attempt=task.attempt - task.attempt_floor,
+                attempt=attempt_in_budget(task),
                 takeover=takeover,
             )
 
@@ -379,70 +328,61 @@ class SQLiteLedger:
         key: TaskKey,
         token: str,
         output: Output | None,
-        outcome: str,
+        outcome: TaskEvent,
         now: float,
         stats: Mapping[str, int] | None = None,
         duration: float | None = None,
     ) -> Settle:
         """Mark the task done with its output, if the lease is still ours."""
+        records, nbytes = (output.records, output.bytes) if output else (0, 0)
         with self.db.write() as conn:
-            cur = conn.execute(
+            row = conn.execute(
                 "UPDATE tasks SET state = 'done', committed_by = lease_token, lease_token = NULL,"
                 " output_key = ?, records = ?,"
                 f" bytes = ?, updated_at = ?, {_APPEND}"
                 " WHERE run_id = ? AND chunk_id = ? AND seq = ? AND state = 'running'"
-                " AND lease_token = ? RETURNING 1",
+                " AND lease_token = ? RETURNING attempt",
                 (
                     output.key if output else None,
-                    output.records if output else 0,
-                    output.bytes if output else 0,
+                    records,
+                    nbytes,
                     now,
-                    _event(
-                        outcome,
-                        now,
-                        records=output.records if output else 0,
-                        **took_field(duration),
-                    ),
-                    *_key(key),
+                    _event(outcome, now, records=records, **took_field(duration)),
+                    *key_args(key),
                     token,
                 ),
-            )
-            if cur.fetchone() is None:
+            ).fetchone()
+            if row is None:
                 return Settle(ok=False)
-            # Tasks an earlier, uncommitted attempt registered and this one did
-            # not take over are orphans: cancelled here, so none is left waiting.
-            orphans = conn.execute(
-                # INDEXED BY: without statistics SQLite would pick the primary
-                # key's run_id prefix and scan the whole run on every commit.
-                f"UPDATE tasks INDEXED BY tasks_by_parent SET state = 'cancelled',"
-                f" updated_at = ?, {_APPEND}"
-                " WHERE run_id = ? AND parent_chunk = ? AND parent_seq = ? AND state = 'queued'"
-                " AND spawned_by IS NOT ?",
-                (now, _event("orphaned", now), *_key(key), token),
-            ).rowcount
-            row = conn.execute(
+            orphans = 0
+            if may_have_orphans(row[0]):
+                # Tasks an earlier, uncommitted attempt registered and this one did
+                # not take over are orphans: cancelled here, so none is left waiting.
+                orphans = conn.execute(
+                    # INDEXED BY: without statistics SQLite would pick the primary
+                    # key's run_id prefix and scan the whole run on every commit.
+                    f"UPDATE tasks INDEXED BY tasks_by_parent SET state = 'cancelled',"
+                    f" updated_at = ?, {_APPEND}"
+                    " WHERE run_id = ? AND parent_chunk = ? AND parent_seq = ? AND state = 'queued'"
+                    " AND spawned_by IS NOT ?",
+                    (now, _event(TaskEvent.ORPHANED, now), *key_args(key), token),
+                ).rowcount
+            run = conn.execute(
                 "UPDATE runs SET outstanding = outstanding - 1 - ?, tasks_done = tasks_done + 1,"
                 " tasks_cancelled = tasks_cancelled + ?,"
                 " records = records + ?, bytes = bytes + ?, updated_at = ? WHERE run_id = ?"
                 " RETURNING outstanding, stats",
-                (
-                    orphans,
-                    orphans,
-                    output.records if output else 0,
-                    output.bytes if output else 0,
-                    now,
-                    key.run_id,
-                ),
+                (orphans, orphans, records, nbytes, now, key.run_id),
             ).fetchone()
             if stats:
                 # Summed here, under the same write lock, so no increment is lost.
-                total = json.loads(row[1])
+                total = json.loads(run[1])
                 for name, value in stats.items():
                     total[name] = total.get(name, 0) + value
                 conn.execute(
                     "UPDATE runs SET stats = ? WHERE run_id = ?", (json.dumps(total), key.run_id)
                 )
-            return Settle(ok=True, drained=row[0] == 0)
+            return Settle(ok=True, drained=is_drained(run[0]))
 
     def retry(
         self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float
@@ -460,7 +400,7 @@ class SQLiteLedger:
                     failure.traceback,
                     now,
                     _event(failure.kind, now, error=failure.error, **took_field(failure.duration)),
-                    *_key(key),
+                    *key_args(key),
                     token,
                 ),
             )
@@ -475,7 +415,7 @@ class SQLiteLedger:
             row = conn.execute(
                 "SELECT 1 FROM tasks WHERE run_id = ? AND chunk_id = ?"
                 " AND seq = ? AND state = 'running' AND lease_token = ?",
-                (*_key(key), token),
+                (*key_args(key), token),
             ).fetchone()
             if row is None:
                 return Settle(ok=False)
@@ -492,17 +432,17 @@ class SQLiteLedger:
         conn.execute(
             "UPDATE tasks SET error = ?, traceback = ?"
             " WHERE run_id = ? AND chunk_id = ? AND seq = ?",
-            (f"{failure.kind}: {failure.error}", failure.traceback, *_key(key)),
+            (f"{failure.kind}: {failure.error}", failure.traceback, *key_args(key)),
         )
         if log:
             conn.execute(
                 f"UPDATE tasks SET {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
                 (
                     _event(failure.kind, now, error=failure.error, **took_field(failure.duration)),
-                    *_key(key),
+                    *key_args(key),
                 ),
             )
-        return self._settle(conn, key, TaskState.DEAD, now, "dead")
+        return self._settle(conn, key, TaskState.DEAD, now, TaskEvent.DEAD)
 
     @staticmethod
     def _settle(
@@ -510,13 +450,13 @@ class SQLiteLedger:
         key: TaskKey,
         state: TaskState,
         now: float,
-        outcome: str,
+        outcome: TaskEvent,
     ) -> bool:
         """Finish a task without output (dead or cancelled); true if the run drained."""
         conn.execute(
             f"UPDATE tasks SET state = ?, lease_token = NULL, updated_at = ?, {_APPEND}"
             " WHERE run_id = ? AND chunk_id = ? AND seq = ?",
-            (state.value, now, _event(outcome, now), *_key(key)),
+            (state.value, now, _event(outcome, now), *key_args(key)),
         )
         column = "tasks_dead" if state == TaskState.DEAD else "tasks_cancelled"
         row = conn.execute(
@@ -524,16 +464,16 @@ class SQLiteLedger:
             " updated_at = ? WHERE run_id = ? RETURNING outstanding",
             (now, key.run_id),
         ).fetchone()
-        return bool(row[0] == 0)
+        return is_drained(row[0])
 
     def queued_children(self, key: TaskKey) -> list[TaskRecord]:
         """Still-queued tasks registered by ``key``."""
         rows = self.db.conn.execute(
             "SELECT * FROM tasks INDEXED BY tasks_by_parent"
             " WHERE run_id = ? AND parent_chunk = ? AND parent_seq = ? AND state = 'queued'",
-            _key(key),
+            key_args(key),
         )
-        return [_task(r) for r in rows]
+        return [task_record(r) for r in rows]
 
     def claim_urls(
         self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
@@ -549,9 +489,9 @@ class SQLiteLedger:
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""
         row = self.db.conn.execute(
-            "SELECT * FROM tasks WHERE run_id = ? AND chunk_id = ? AND seq = ?", _key(key)
+            "SELECT * FROM tasks WHERE run_id = ? AND chunk_id = ? AND seq = ?", key_args(key)
         ).fetchone()
-        return _task(row) if row else None
+        return task_record(row) if row else None
 
     def list_tasks(
         self, run_id: str, states: Collection[TaskState] | None = None
@@ -561,8 +501,8 @@ class SQLiteLedger:
         if states is not None:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args += [s.value for s in states]
-        tasks = [_task(r) for r in self.db.conn.execute(sql, args)]
-        tasks.sort(key=_chunk_sort_key)
+        tasks = [task_record(r) for r in self.db.conn.execute(sql, args)]
+        tasks.sort(key=chunk_order)
         return tasks
 
     def reopen(
@@ -582,9 +522,9 @@ class SQLiteLedger:
                     "UPDATE tasks SET state = 'queued', attempt_floor = attempt, not_before = 0,"
                     f" lease_token = NULL, lease_expires = 0, updated_at = ?, {_APPEND}"
                     " WHERE run_id = ? AND chunk_id = ? AND seq = ? RETURNING *",
-                    (now, _event("replayed", now), run_id, chunk_id, seq),
+                    (now, _event(TaskEvent.REPLAYED, now), run_id, chunk_id, seq),
                 )
-                reopened.append(_task(cur.fetchone()))
+                reopened.append(task_record(cur.fetchone()))
             if reopened:
                 # A replay runs what the user asked for, even in a run a bound had stopped.
                 conn.execute(
@@ -593,63 +533,9 @@ class SQLiteLedger:
                     " WHERE run_id = ?",
                     (len(reopened), len(reopened), now, run_id),
                 )
-        reopened.sort(key=_chunk_sort_key)
+        reopened.sort(key=chunk_order)
         return reopened
 
     def close(self) -> None:
         """Close the database (shared with the queue, which ``Backend.close`` closes first)."""
         self.db.close()
-
-
-def _key(key: TaskKey) -> tuple[str, str, int]:
-    return key.run_id, key.chunk_id, key.seq
-
-
-def _run(row: sqlite3.Row) -> RunRecord:
-    return RunRecord(
-        run_id=row["run_id"],
-        job=row["job"],
-        job_name=row["job_name"],
-        params=json.loads(row["params"]),
-        settings=json.loads(row["settings"]),
-        state=RunState(row["state"]),
-        stop_reason=row["stop_reason"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        finished_at=row["finished_at"],
-        outstanding=row["outstanding"],
-        tasks_total=row["tasks_total"],
-        chunks_total=row["chunks_total"],
-        tasks_done=row["tasks_done"],
-        tasks_dead=row["tasks_dead"],
-        tasks_cancelled=row["tasks_cancelled"],
-        records=row["records"],
-        bytes=row["bytes"],
-        retries=row["retries"],
-        manifest_key=row["manifest_key"],
-        stats=json.loads(row["stats"]),
-    )
-
-
-def _task(row: sqlite3.Row) -> TaskRecord:
-    output = None
-    if row["output_key"] is not None:
-        output = Output(row["output_key"], row["records"] or 0, row["bytes"] or 0)
-    return TaskRecord(
-        run_id=row["run_id"],
-        chunk_id=row["chunk_id"],
-        seq=row["seq"],
-        state=TaskState(row["state"]),
-        attempt=row["attempt"],
-        attempt_floor=row["attempt_floor"],
-        depth=row["depth"],
-        message=row["message"],
-        lease_token=row["lease_token"],
-        lease_expires=row["lease_expires"],
-        not_before=row["not_before"],
-        output=output,
-        error=row["error"],
-        traceback=row["traceback"],
-        history=json.loads(row["history"]),
-        updated_at=row["updated_at"],
-    )

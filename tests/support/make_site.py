@@ -2,9 +2,9 @@
 
 The shipped demo site (``jobs/site/``, 30 pages) was made with::
 
-    python jobs/data/make_site.py jobs/site --pages 30 --per-page 5 --pages-per-category 2
+    python tests/support/make_site.py jobs/site --pages 30 --per-page 5 --pages-per-category 2
 
-and the test/benchmark server (``tests/sites.py``, ``BookSite``) renders the same
+and the test/benchmark server (``tests/support/sites.py``, ``BookSite``) renders the same
 pages in memory with the default layout (20 books a page, 10 pages a category).
 
 Layout, for ``pages`` HTML pages in all (all links relative)::

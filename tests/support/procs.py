@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fanout.backends.base import Backend, RunRecord, TaskRecord
-from lambda_source import checkout_pythonpath
+from support.lambda_source import checkout_pythonpath
 
 CLI = [sys.executable, "-m", "fanout.cli"]
 

@@ -18,8 +18,8 @@ Serve one with ``SiteServer``::
 
 From the command line (127.0.0.1 only), for demos::
 
-    python -m tests.sites --site books --pages 5000 --port 8000
-    python tests/sites.py --site trap --port 8001
+    python -m tests.support.sites --site books --pages 5000 --port 8000
+    python tests/support/sites.py --site trap --port 8001
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 import scrapy
 from scrapy.http import HtmlResponse, Response
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make jobs.data importable
-    sys.path.append(str(ROOT))
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:  # run as a script: make the support package importable
+    sys.path.append(str(TESTS))
 
-from jobs.data import make_site  # noqa: E402
+from support import make_site  # noqa: E402
 
 HTML = "text/html; charset=utf-8"
 ROBOTS_PATH = "/robots.txt"  # served (allow all) by both sites; not part of any expectation
@@ -492,7 +492,7 @@ class TrapSpider(scrapy.Spider):
 
 
 class BookSite:
-    """A books.toscrape-like site of exactly ``pages`` HTML pages (see ``jobs/data/make_site.py``).
+    """A books.toscrape-like site of exactly ``pages`` HTML pages (see ``support.make_site``).
 
     ``/`` and ``/index.html`` are the home page (the list of categories);
     ``/catalogue/category/<slug>/page-<n>.html`` list ~``per_page`` books and

@@ -56,7 +56,7 @@ from itertools import pairwise
 from random import Random
 from typing import Any
 
-from sites import HTML, NOT_FOUND, Reply, SiteServer, _Handler, _HTTPServer, canonical
+from support.sites import HTML, NOT_FOUND, Reply, SiteServer, _Handler, _HTTPServer, canonical
 
 HOSTS = ("127.0.0.1", "localhost")
 #: Written where a link's origin goes; replaced by ``http://HOST:PORT`` when served.

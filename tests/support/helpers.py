@@ -11,7 +11,7 @@ from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord
 from fanout.dispatch import Dispatcher
 from fanout.runner import Runner
 
-JOBS = Path(__file__).parent / "testjobs"
+JOBS = Path(__file__).resolve().parents[1] / "testjobs"
 TREE = str(JOBS / "tree.py")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 INVOKE = Path(__file__).with_name("lambda_invoke.py")
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 
 

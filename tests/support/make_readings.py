@@ -3,11 +3,11 @@
 The shipped sample (``jobs/data/readings/readings-00.csv`` .. ``readings-04.csv``,
 800 rows each) was made with::
 
-    python jobs/data/make_readings.py jobs/data/readings --files 5 --rows 800
+    python tests/support/make_readings.py jobs/data/readings --files 5 --rows 800
 
 and the benchmark input (1,000,000 rows) with, e.g.::
 
-    python jobs/data/make_readings.py /tmp/readings-1m --files 20 --rows 50000
+    python tests/support/make_readings.py /tmp/readings-1m --files 20 --rows 50000
 
 Each file has the header ``meter_id,read_at,kwh``: 50 meters (``M0001`` ..
 ``M0050``) read every 15 minutes from 2024-01-01T00:00:00Z, the rows in time

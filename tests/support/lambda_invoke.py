@@ -1,4 +1,4 @@
-"""One Lambda invocation in its own process, for tests/lambda_source.py:
+"""One Lambda invocation in its own process, for tests/support/lambda_source.py:
 ``python lambda_invoke.py EVENT.json TIMEOUT_MS [--hang-on-output]``.
 
 With ``--hang-on-output`` the first Avro output the chunk writes never finishes
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lambda_source import Countdown
+from support.lambda_source import Countdown
 
 
 def _hang_on_output() -> None:

@@ -1,4 +1,4 @@
-"""``python tests/hang_after_put.py ARGS...`` is ``fanout ARGS...`` whose local
+"""``python tests/support/hang_after_put.py ARGS...`` is ``fanout ARGS...`` whose local
 store hangs right after writing an output file whose key contains
 ``$FANOUT_TEST_HANG_AFTER_PUT`` (e.g. ``/data/0.5-s0-a1-``): the file is on disk
 and the ledger commit that would make it count never comes, which is where a

@@ -27,10 +27,10 @@ def moto_server() -> Iterator[str]:
     # The server gets the same patches as in-process moto (see motopatch).
     launch = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        " from motopatch import patch_moto; patch_moto();"
+        " from support.motopatch import patch_moto; patch_moto();"
         " from moto.server import main; main(sys.argv[2:])"
     )
-    tests = str(Path(__file__).parent)
+    tests = str(Path(__file__).resolve().parents[1])
     proc = subprocess.Popen(
         [sys.executable, "-c", launch, tests, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -1,0 +1,134 @@
+"""The SQLite ledger's tables, and its rows as the records of
+:mod:`fanout.backends.base`."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from fanout.backends.base import Output, RunRecord, RunState, TaskKey, TaskRecord, TaskState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    job_name TEXT NOT NULL,
+    params TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    state TEXT NOT NULL,
+    stop_reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    finalize_at REAL,
+    outstanding INTEGER NOT NULL DEFAULT 0,
+    tasks_total INTEGER NOT NULL DEFAULT 0,
+    chunks_total INTEGER NOT NULL DEFAULT 0,
+    tasks_done INTEGER NOT NULL DEFAULT 0,
+    tasks_dead INTEGER NOT NULL DEFAULT 0,
+    tasks_cancelled INTEGER NOT NULL DEFAULT 0,
+    records INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    manifest_key TEXT,
+    stats TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at);
+CREATE TABLE IF NOT EXISTS tasks (
+    run_id TEXT NOT NULL REFERENCES runs (run_id),
+    chunk_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    attempt_floor INTEGER NOT NULL DEFAULT 0,
+    depth INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    lease_token TEXT,
+    lease_expires REAL NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    output_key TEXT,
+    records INTEGER,
+    bytes INTEGER,
+    error TEXT,
+    traceback TEXT,
+    history TEXT NOT NULL DEFAULT '[]',
+    updated_at REAL NOT NULL,
+    parent_chunk TEXT,
+    parent_seq INTEGER NOT NULL DEFAULT 0,
+    spawned_by TEXT,
+    committed_by TEXT,
+    PRIMARY KEY (run_id, chunk_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (run_id, state);
+CREATE INDEX IF NOT EXISTS tasks_by_parent ON tasks (run_id, parent_chunk, parent_seq);
+CREATE TABLE IF NOT EXISTS seen (
+    run_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    token TEXT,
+    PRIMARY KEY (run_id, fingerprint)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS domains (
+    run_id TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (run_id, domain)
+) WITHOUT ROWID;
+"""
+
+
+def key_args(key: TaskKey) -> tuple[str, str, int]:
+    """The primary key of a task, as statement arguments."""
+    return key.run_id, key.chunk_id, key.seq
+
+
+def run_record(row: sqlite3.Row) -> RunRecord:
+    """A ``runs`` row as a record."""
+    return RunRecord(
+        run_id=row["run_id"],
+        job=row["job"],
+        job_name=row["job_name"],
+        params=json.loads(row["params"]),
+        settings=json.loads(row["settings"]),
+        state=RunState(row["state"]),
+        stop_reason=row["stop_reason"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        outstanding=row["outstanding"],
+        tasks_total=row["tasks_total"],
+        chunks_total=row["chunks_total"],
+        tasks_done=row["tasks_done"],
+        tasks_dead=row["tasks_dead"],
+        tasks_cancelled=row["tasks_cancelled"],
+        records=row["records"],
+        bytes=row["bytes"],
+        retries=row["retries"],
+        manifest_key=row["manifest_key"],
+        stats=json.loads(row["stats"]),
+    )
+
+
+def task_record(row: sqlite3.Row) -> TaskRecord:
+    """A ``tasks`` row as a record."""
+    output = None
+    if row["output_key"] is not None:
+        output = Output(row["output_key"], row["records"] or 0, row["bytes"] or 0)
+    return TaskRecord(
+        run_id=row["run_id"],
+        chunk_id=row["chunk_id"],
+        seq=row["seq"],
+        state=TaskState(row["state"]),
+        attempt=row["attempt"],
+        attempt_floor=row["attempt_floor"],
+        depth=row["depth"],
+        message=row["message"],
+        lease_token=row["lease_token"],
+        lease_expires=row["lease_expires"],
+        not_before=row["not_before"],
+        output=output,
+        error=row["error"],
+        traceback=row["traceback"],
+        history=json.loads(row["history"]),
+        updated_at=row["updated_at"],
+    )

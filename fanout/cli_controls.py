@@ -1,0 +1,65 @@
+"""The run control commands: ``fanout cancel RUN``, ``fanout pause RUN`` and
+``fanout resume RUN``, and the lines ``fanout status`` and ``fanout run`` add
+for a run's controls.
+
+Registered on the group by :mod:`fanout.cli`; shared helpers come from
+:mod:`fanout.cli_common`. Each command is idempotent (exit 0 whether or not it
+changed anything); an unknown run id is one line and exit 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from fanout import control_ops
+from fanout.backends.base import Backend, RunRecord, RunState
+from fanout.cli_common import group_backend
+
+
+@click.command()
+@click.argument("run_id")
+@click.pass_context
+def cancel(ctx: click.Context, run_id: str) -> None:
+    """Cancel RUN: queued chunks at once, running ones at their next checkpoint."""
+    click.echo(control_ops.cancel(group_backend(ctx), run_id).message)
+
+
+@click.command()
+@click.argument("run_id")
+@click.pass_context
+def pause(ctx: click.Context, run_id: str) -> None:
+    """Pause RUN: no new chunk of it starts until `fanout resume RUN`."""
+    click.echo(control_ops.pause(group_backend(ctx), run_id).message)
+
+
+@click.command()
+@click.argument("run_id")
+@click.pass_context
+def resume(ctx: click.Context, run_id: str) -> None:
+    """Resume a paused RUN from its checkpoints."""
+    click.echo(control_ops.resume(group_backend(ctx), run_id).message)
+
+
+COMMANDS = (cancel, pause, resume)
+
+
+def status_fields(backend: Backend, run: RunRecord, tasks: dict[str, int]) -> dict[str, Any]:
+    """The ``controls`` object of ``fanout status --json``."""
+    return control_ops.control_info(backend, run, tasks)
+
+
+def status_lines(backend: Backend, run: RunRecord, tasks: dict[str, int]) -> list[str]:
+    """What ``fanout status`` prints of the run's controls (one line)."""
+    return [control_ops.control_line(control_ops.control_info(backend, run, tasks))]
+
+
+def summary_lines(run: RunRecord) -> list[str]:
+    """What ``fanout run`` adds to its summary for a run the controls ended."""
+    if run.state == RunState.SUCCEEDED_WITH_FAILURES:
+        plural = "chunk" if run.tasks_dead == 1 else "chunks"
+        return [f"succeeded with {run.tasks_dead} dead {plural}, within the tolerated failures"]
+    if run.tasks_cancelled and run.stop_reason:
+        return [f"{run.tasks_cancelled} chunks cancelled"]
+    return []

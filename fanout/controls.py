@@ -1,0 +1,180 @@
+"""Run controls, the pure rules: cancel, pause, a concurrency cap per run and
+tolerated failures, written once for every backend.
+
+A run's **control state** is one small JSON object the ledger keeps beside the
+run (``fanout.backends.runcontrols``)::
+
+    {"paused": false, "slots": {"<lease token>": <expires>}, "avg": 0.21}
+
+- ``paused``: no chunk of the run is admitted (its message is acknowledged and
+  ``fanout resume`` sends the run's queued tasks again, so a paused run costs
+  no polling however long it stays paused).
+- ``slots``: the attempts holding one of the run's ``max_concurrency`` slots,
+  with the wall-clock time the slot lapses (the attempt's lease expiry: a
+  worker that dies holds its slot no longer than its hard timeout).
+- ``avg``: the run's recent chunk duration (s), so a delivery refused for want
+  of a slot comes back about when one should be free.
+
+Every function here takes the state, changes it in place where it says so, and
+calls nothing: the backends apply them inside one atomic step (a SQLite write
+transaction, a DynamoDB conditional put on the item's version).
+
+**Cancel** is the run's ``stop_reason`` set to :data:`CANCEL_REASON` (claims
+already cancel the queued tasks of a stopped run on every backend), plus every
+queued task cancelled at once; **tolerated failures** stop the run the same way
+with a reason starting :data:`TOLERANCE_PREFIX` once the dead chunks exceed
+the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from fanout.backends.base import RunRecord, RunState
+from fanout.backends.rules import final_state as ledger_final_state
+from fanout.settings import RunSettings, limits_of
+
+#: ``stop_reason`` of a run stopped by ``fanout cancel``.
+CANCEL_REASON = "cancelled (fanout cancel)"
+#: ``stop_reason`` of a run whose dead chunks went over its tolerance starts so.
+TOLERANCE_PREFIX = "tolerated failures exceeded"
+#: A delivery refused for a slot waits at least this long (s) before it is
+#: delivered again, and at most :data:`MAX_WAIT`; SQS rounds up to whole seconds.
+MIN_WAIT = 0.2
+MAX_WAIT = 60.0
+#: The duration assumed for a run's chunks before any finished (s).
+DEFAULT_AVG = 0.5
+
+_rng = random.Random()
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Whether an attempt may start now. ``paused``: the run is paused (drop the
+    delivery; ``resume`` sends it again). Otherwise, not ``go`` means every slot
+    is taken: hand the delivery back for ``retry_after`` seconds."""
+
+    go: bool
+    paused: bool = False
+    retry_after: float = 0.0
+    held: bool = False  # a slot was taken for the attempt (release it when it ends)
+
+
+def live_slots(state: dict[str, Any], now: float) -> dict[str, float]:
+    """The slots whose attempt has not lapsed."""
+    slots: dict[str, float] = state.get("slots") or {}
+    return {t: float(e) for t, e in slots.items() if float(e) > now}
+
+
+def admit(
+    state: dict[str, Any],
+    token: str,
+    cap: int | None,
+    expires: float,
+    now: float,
+    receives: int = 1,
+) -> Admission:
+    """Admit attempt ``token`` of a run (updating ``state`` in place): refused
+    while the run is paused; with a ``cap``, only if fewer than ``cap`` live
+    slots are held, and then a slot lapsing at ``expires`` is taken.
+
+    A refused delivery waits about one average chunk duration for each time it
+    was delivered (``receives``), with jitter, between :data:`MIN_WAIT` and
+    :data:`MAX_WAIT`: soon enough to fill a slot when it frees, spaced out for
+    a delivery far back in a long backlog (SQS moves a message received 50
+    times to its dead-letter queue; the recovery sweep moves it back)."""
+    if state.get("paused"):
+        return Admission(False, paused=True)
+    if cap is None:
+        return Admission(True)
+    slots = live_slots(state, now)
+    if token in slots or len(slots) < cap:
+        slots[token] = expires
+        state["slots"] = slots
+        return Admission(True, held=True)
+    state["slots"] = slots  # lapsed slots dropped
+    avg = float(state.get("avg", DEFAULT_AVG))
+    wait = max(MIN_WAIT, avg) * max(receives, 1)
+    return Admission(False, retry_after=min(MAX_WAIT, wait) * _rng.uniform(0.5, 1.0))
+
+
+def release(state: dict[str, Any], token: str, took: float | None = None) -> bool:
+    """Give back the slot of attempt ``token`` (in place); folds the attempt's
+    duration into the run's average. True if it held one."""
+    slots: dict[str, float] = state.get("slots") or {}
+    held = slots.pop(token, None) is not None
+    state["slots"] = slots
+    if held and took is not None and math.isfinite(took) and took >= 0:
+        avg = float(state.get("avg", took))
+        state["avg"] = round(0.8 * avg + 0.2 * took, 4)
+    return held
+
+
+def set_paused(state: dict[str, Any], paused: bool) -> bool:
+    """Pause or resume (in place); true if that changed anything."""
+    changed = bool(state.get("paused")) != paused
+    state["paused"] = paused
+    return changed
+
+
+def settings_of(run: RunRecord) -> RunSettings:
+    """The run's settings as recorded (its kind and schema, kept beside them, left out)."""
+    return limits_of(run.settings)
+
+
+def is_cancelled(run: RunRecord) -> bool:
+    """Whether ``fanout cancel`` stopped the run."""
+    return run.stop_reason == CANCEL_REASON
+
+
+def tolerance(settings: RunSettings, chunks: int) -> int | None:
+    """The number of dead chunks a run of ``chunks`` chunks tolerates (None:
+    no tolerance set, any dead chunk fails the run). With both settings, the
+    larger allowance holds."""
+    allowed: list[int] = []
+    if settings.tolerated_failures is not None:
+        allowed.append(settings.tolerated_failures)
+    if settings.tolerated_failure_percent is not None:
+        allowed.append(math.floor(settings.tolerated_failure_percent * chunks / 100 + 1e-9))
+    return max(allowed) if allowed else None
+
+
+def tolerance_exceeded(settings: RunSettings, dead: int, chunks: int) -> str | None:
+    """The stop reason of a run whose ``dead`` chunks (of ``chunks`` registered
+    so far) went over its tolerance, or None. Only a run with a tolerance set
+    stops early: without one it runs on, as before, and ends ``failed``."""
+    allowed = tolerance(settings, chunks)
+    if allowed is None or dead <= allowed:
+        return None
+    return f"{TOLERANCE_PREFIX}: {dead} dead chunks of {chunks}, {allowed} tolerated"
+
+
+def final_state(run: RunRecord, dead: int) -> RunState:
+    """The state a drained run with ``dead`` dead chunks ends in: the run
+    controls' states first, then the ledger's rule
+    (:func:`fanout.backends.rules.final_state`)."""
+    if is_cancelled(run):
+        return RunState.CANCELLED
+    if run.stop_reason and run.stop_reason.startswith(TOLERANCE_PREFIX):
+        return RunState.FAILED
+    if dead and not run.stop_reason:
+        allowed = tolerance(settings_of(run), run.chunks_total)
+        if allowed is not None and dead <= allowed:
+            return RunState.SUCCEEDED_WITH_FAILURES
+    return ledger_final_state(run.stop_reason, dead)
+
+
+def display_state(run: RunRecord, paused: bool) -> str:
+    """What ``fanout status`` calls the run's state: ``paused`` and
+    ``cancelling`` are a running run's, the others the run's own."""
+    if run.state == RunState.RUNNING:
+        if is_cancelled(run):
+            return "cancelling"
+        if run.stop_reason:
+            return "stopping"
+        if paused:
+            return "paused"
+    return run.state.value

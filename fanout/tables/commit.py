@@ -1,0 +1,108 @@
+"""A finished run joins its table.
+
+``finalize_run`` (``fanout.finalize``) calls two hooks:
+
+1. :func:`expand_parts` before it writes the run's manifest: each committed
+   output of a table job is a parts list (``fanout.tables.writer``); the manifest
+   lists the Avro files those name instead, each with its partition, and adds
+   ``table`` and ``partitions`` (files and records by partition);
+2. :func:`join_table` after the manifest is written and before the run is
+   marked finished: the run's files are added to the table's catalog in one
+   atomic swap. It is idempotent (a run adds only the files it has not added
+   before), so a finalizer that dies between the two steps, and the one that
+   takes over, or a replay that finalizes the run again, add each file once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fanout.backends.base import Store
+from fanout.tables.catalog import Catalog, update_catalog
+
+__all__ = ["PARTS_KIND", "PARTS_VERSION", "expand_parts", "join_table"]
+
+#: The ``kind`` a parts list carries (``fanout.tables.writer``), checked when read.
+PARTS_KIND = "fanout.parts"
+PARTS_VERSION = 1
+
+#: Parts lists read at once when a run is finalized (one GET each on S3).
+READ_THREADS = 8
+
+
+def expand_parts(store: Store, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with every parts list replaced by the files it names (see
+    the module docstring); unchanged for a run that wrote no table."""
+    files = manifest["files"]
+    is_parts = [f["key"].endswith(".json") and "/parts/" in f["key"] for f in files]
+    if not any(is_parts):
+        return manifest
+    wanted = [f for f, p in zip(files, is_parts, strict=True) if p]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        lists = list(pool.map(lambda f: json.loads(store.get(f["key"])), wanted))
+    expanded: list[dict[str, Any]] = [f for f, p in zip(files, is_parts, strict=True) if not p]
+    tables = set()
+    for entry, parts in zip(wanted, lists, strict=True):
+        if parts.get("kind") != PARTS_KIND:
+            raise ValueError(f"{entry['key']} is not a parts list")
+        tables.add(parts["table"])
+        for f in parts["files"]:
+            expanded.append(
+                {
+                    "key": f["key"],
+                    "records": f["records"],
+                    "bytes": f["bytes"],
+                    "chunk_id": entry["chunk_id"],
+                    "seq": entry["seq"],
+                    "partition": f["partition"],
+                    "table": parts["table"],
+                }
+            )
+    partitions: dict[str, dict[str, Any]] = defaultdict(lambda: {"files": [], "records": 0})
+    for f in expanded:
+        if "partition" in f:
+            p = partitions[f["partition"]]
+            p["files"].append(f["key"])
+            p["records"] += f["records"]
+    return {
+        **manifest,
+        "table": sorted(tables)[0] if len(tables) == 1 else sorted(tables),
+        "files": expanded,
+        "partitions": dict(sorted(partitions.items())),
+    }
+
+
+def join_table(store: Store, manifest: dict[str, Any]) -> list[Catalog]:
+    """Add the run's table files to their table's catalog (once each); returns
+    the catalog versions in force afterwards (none for a run with no table)."""
+    run_id = manifest["run_id"]
+    by_table: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for f in manifest["files"]:
+        if "table" in f:
+            by_table[f["table"]].append(f)
+    out = []
+    for table, files in sorted(by_table.items()):
+
+        def change(snap: dict[str, Any], files: list[dict[str, Any]] = files) -> Any:
+            seen = set(snap["runs"].get(run_id, []))
+            new = [f for f in files if f["key"] not in seen]
+            if not new:
+                return None
+            snap["files"].extend(
+                {
+                    "key": f["key"],
+                    "partition": f["partition"],
+                    "records": f["records"],
+                    "bytes": f["bytes"],
+                    "run_id": run_id,
+                }
+                for f in new
+            )
+            snap["runs"][run_id] = sorted(seen | {f["key"] for f in new})
+            return snap
+
+        out.append(update_catalog(store, table, change, f"run {run_id}"))
+    return out

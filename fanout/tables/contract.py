@@ -1,0 +1,109 @@
+"""The schema contract of a table, checked when a run is submitted.
+
+Every file a table holds must be readable with the table's current schema.
+:func:`check_contract` is called by ``coordinator.submit`` before the run is
+recorded, so a change is refused before anything is written:
+
+- the job's schema is the table's current one: nothing to do;
+- ``schema_evolution="freeze"``: any change is refused;
+- ``"evolve"``: the job's schema must read the data of **every** schema version
+  in the table's history (files of any of them may still be live), under
+  Avro's resolution rules (:mod:`fanout.tables.compat`); if it does, it is
+  appended to the history, in the same atomic catalog swap as the check, so two
+  submits racing with different schemas are checked one after the other.
+
+A refusal is a :class:`UserError`: one line naming the table, the field and the
+rule, exit code 2 at the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fanout.backends.base import Store
+from fanout.errors import UserError
+from fanout.tables.catalog import update_catalog
+from fanout.tables.compat import why_unreadable
+from fanout.tables.spec import TableSpec, field_logical_type
+
+__all__ = ["check_contract", "schema_change"]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def schema_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The first difference between two record schemas, for people."""
+    before = {f["name"]: f for f in old.get("fields", [])}
+    after = {f["name"]: f for f in new.get("fields", [])}
+    for name in after:
+        if name not in before:
+            return f"field {name!r} added"
+    for name in before:
+        if name not in after:
+            return f"field {name!r} removed"
+    for name, field in after.items():
+        if not _same(field, before[name]):
+            return f"field {name!r} changed"
+    return "the schema changed (name, namespace, order or documentation)"
+
+
+def check_contract(store: Store, spec: TableSpec, schema_raw: Any, job_name: str) -> int:
+    """Check the job's schema against the table's and record it if it is new;
+    returns the table's schema version the run writes with.
+
+    Raises:
+        UserError: the change breaks the contract, or the job does not fit the
+            table (no schema, partitioned differently, no partition field).
+    """
+    table = spec.table
+    if not isinstance(schema_raw, dict):
+        raise UserError(f"job {job_name} writes table {table} but has no schema")
+    if spec.field is not None and field_logical_type(schema_raw, spec.field) is False:
+        raise UserError(
+            f"job {job_name}: partition_by field {spec.field!r} is not a field of its schema"
+        )
+    version = 0
+
+    def change(snap: dict[str, Any]) -> dict[str, Any] | None:
+        nonlocal version
+        partitioning = spec.describe()
+        if snap["partitioning"] is not None and snap["partitioning"] != partitioning:
+            have, want = _show(snap["partitioning"]), _show(partitioning)
+            raise UserError(f"table {table} is partitioned by {have}; job {job_name} by {want}")
+        history = snap["schemas"]
+        if history and _same(history[-1]["schema"], schema_raw):
+            version = history[-1]["version"]
+            return None
+        if history and spec.evolution == "freeze":
+            what = schema_change(history[-1]["schema"], schema_raw)
+            raise UserError(
+                f"table {table}: schema change refused: {what}"
+                " (schema_evolution='freeze' allows none)"
+            )
+        for old in reversed(history):
+            problem = why_unreadable(schema_raw, old["schema"])
+            if problem is not None:
+                raise UserError(
+                    f"table {table}: schema change refused: {problem}"
+                    f" (the new schema must read files written with version {old['version']})"
+                )
+        version = len(history) + 1
+        history.append(
+            {"version": version, "schema": schema_raw, "job": job_name, "at": time.time()}
+        )
+        snap["partitioning"] = partitioning
+        return snap
+
+    update_catalog(store, table, change, f"schema of job {job_name}")
+    return version
+
+
+def _show(partitioning: dict[str, Any]) -> str:
+    if not partitioning.get("field"):
+        return "nothing"
+    granularity = partitioning.get("granularity")
+    return f"{partitioning['field']}:{granularity}" if granularity else str(partitioning["field"])

@@ -1,0 +1,172 @@
+"""Garbage collection: what no committed run and no table's catalog still needs.
+
+What :func:`collect` finds (each with its reason):
+
+- ``uncommitted``: files of an attempt that never committed (a crash, a timeout,
+  a lost lease), once its run has finished: a run's Avro file that its manifest
+  does not list, a parts list no committed output names, a table file in no
+  version of its catalog's live set. A file of a run still running is never
+  touched: its committed files join the table only when it finishes.
+- ``compaction``: files a finished or long-dead compaction left
+  (:func:`fanout.tables.compact.recover`).
+- ``payload``: offloaded chunk payloads of a finished run with no dead chunks
+  (a run with dead chunks keeps them for ``fanout replay``).
+- ``catalog``: catalog versions older than the last :data:`KEEP_VERSIONS`.
+- ``old run`` (with ``older_than``): every object under ``runs/<run>/`` of a run
+  that finished longer ago. A table's files are not under ``runs/``: a
+  committed file of a table is never removed.
+
+The ledger's records are left as they are (it has no delete API).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from fanout.backends.base import TERMINAL_RUN_STATES, Ledger, RunRecord, Store, TaskState
+from fanout.backends.keys import RUNS_PREFIX, TABLES_PREFIX, table_catalog_key, table_prefix
+from fanout.tables.catalog import read_catalog, versions
+from fanout.tables.compact import recover
+
+__all__ = ["KEEP_VERSIONS", "Garbage", "collect", "parse_age", "table_names"]
+
+#: Catalog versions kept (readers that listed a little earlier may still read one).
+KEEP_VERSIONS = 10
+#: A table file written by a chunk attempt: ``<run_id>.<chunk>-s<seq>-a<attempt>-<token8>.avro``.
+_ATTEMPT_FILE = re.compile(r"^(?P<run>.+?)\.\d+(?:\.\d+)*-s\d+-a\d+-[0-9a-f]{8}\.avro$")
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass(frozen=True)
+class Garbage:
+    """One object gc removes (or would, with ``--dry-run``)."""
+
+    key: str
+    reason: str
+
+
+def parse_age(text: str) -> float:
+    """``30m``, ``12h``, ``7d``, ``2w`` as seconds; ``ValueError`` otherwise."""
+    match = _AGE.match(text.strip())
+    if not match:
+        raise ValueError(f"age {text!r}: use a number and s, m, h, d or w (e.g. 7d)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def collect(
+    store: Store,
+    ledger: Ledger,
+    older_than: float | None = None,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> list[Garbage]:
+    """Find the garbage and, unless ``dry_run``, delete it; returns it sorted."""
+    now = time.time() if now is None else now
+    runs = _Runs(ledger)
+    found: list[Garbage] = []
+    found += _table_garbage(store, runs, dry_run)
+    found += _run_garbage(store, runs, older_than, now)
+    if not dry_run:
+        for item in found:
+            if item.reason != "compaction":  # recover() deleted those already
+                store.delete(item.key)
+    return sorted(found, key=lambda g: (g.reason, g.key))
+
+
+class _Runs:
+    """Run records, read from the ledger once each."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._cache: dict[str, RunRecord | None] = {}
+
+    def get(self, run_id: str) -> RunRecord | None:
+        if run_id not in self._cache:
+            self._cache[run_id] = self.ledger.get_run(run_id)
+        return self._cache[run_id]
+
+    def finished(self, run_id: str) -> bool:
+        run = self.get(run_id)
+        return run is not None and run.state in TERMINAL_RUN_STATES
+
+
+def table_names(store: Store) -> list[str]:
+    names = set()
+    for key in store.list(TABLES_PREFIX):
+        parts = key.split("/")
+        if len(parts) > 2 and parts[2] == "_catalog":
+            names.add(parts[1])
+    return sorted(names)
+
+
+def _table_garbage(store: Store, runs: _Runs, dry_run: bool) -> list[Garbage]:
+    out: list[Garbage] = []
+    for table in table_names(store):
+        out += [Garbage(k, "compaction") for k in recover(store, table, dry_run=dry_run)]
+        pending = _pending_compaction_files(store, table)
+        catalog = read_catalog(store, table)
+        if catalog is None:
+            continue
+        live = {f["key"] for f in catalog.files}
+        for key in store.list(table_prefix(table)):
+            rest = key[len(table_prefix(table)) :]
+            if any(seg.startswith("_") for seg in rest.split("/")[:-1]):
+                continue  # the table's own metadata
+            if key in live or key in pending:
+                continue
+            name = rest.rsplit("/", 1)[-1]
+            match = _ATTEMPT_FILE.match(name)
+            if match is not None and runs.finished(match.group("run")):
+                out.append(Garbage(key, "uncommitted"))
+        for version in versions(store, table)[:-KEEP_VERSIONS]:
+            out.append(Garbage(table_catalog_key(table, version), "catalog"))
+    return out
+
+
+def _pending_compaction_files(store: Store, table: str) -> set[str]:
+    """Files named by compaction intents still present: recover() decides about
+    those (an intent it leaves belongs to a compaction that may still be running)."""
+    keys: set[str] = set()
+    for ikey in store.list(f"{table_prefix(table)}_compactions/"):
+        try:
+            intent = json.loads(store.get(ikey))
+        except KeyError:
+            continue
+        for group in intent["groups"]:
+            keys.update(group["old"])
+            keys.add(group["new"])
+    return keys
+
+
+def _run_garbage(store: Store, runs: _Runs, older_than: float | None, now: float) -> list[Garbage]:
+    by_run: dict[str, list[str]] = defaultdict(list)
+    for key in store.list(RUNS_PREFIX):
+        parts = key.split("/")
+        if len(parts) > 2:
+            by_run[parts[1]].append(key)
+    out: list[Garbage] = []
+    for run_id, keys in sorted(by_run.items()):
+        run = runs.get(run_id)
+        if run is None or run.state not in TERMINAL_RUN_STATES:
+            continue  # running (or unknown to this ledger): nothing is garbage yet
+        if older_than is not None and (run.finished_at or now) < now - older_than:
+            out += [Garbage(k, "old run") for k in keys]
+            continue
+        committed = {
+            t.output.key
+            for t in runs.ledger.list_tasks(run_id, (TaskState.DONE,))
+            if t.output is not None
+        }
+        replayable = run.tasks_dead > 0
+        for key in keys:
+            kind = key.split("/")[2]
+            if kind in ("data", "parts") and key not in committed:
+                out.append(Garbage(key, "uncommitted"))
+            elif kind == "payloads" and not replayable:
+                out.append(Garbage(key, "payload"))
+    return out

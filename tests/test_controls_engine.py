@@ -1,0 +1,51 @@
+"""Run controls in the engine, in process (memory backend): the paths no
+worker process is needed to reach."""
+
+from __future__ import annotations
+
+import time
+
+from fanout import coordinator
+from fanout.backends.base import Backend, RunState, TaskKey, TaskState
+from fanout.dispatch import Dispatcher
+from fanout.runner import Runner
+from support.helpers import JOBS, drain
+
+JOB = str(JOBS / "controlled.py")
+
+
+def test_a_chunk_buried_at_a_takeover_counts_against_the_tolerance(mem: Backend) -> None:
+    run_id = coordinator.submit(
+        mem, JOB, {"chunks": 6}, {"tolerated_failures": 0, "max_attempts": 1}
+    ).run_id
+    (plan,) = mem.queue.receive(1, 30)
+    assert Dispatcher(mem).handle(plan, 10.0) == "committed"
+    # A worker claims chunk 0/0 and dies: its lease lapses with its only attempt.
+    claim = mem.ledger.claim(TaskKey(run_id, "0/0", 0), "dead-worker", 0.01, 1, time.time())
+    assert claim.task is not None
+    time.sleep(0.05)
+    run = drain(mem, run_id, chunk_timeout=5)
+    assert run.state == RunState.FAILED and run.tasks_dead == 1
+    # The takeover buried it, and that went over the tolerance: the run stopped.
+    assert run.stop_reason is not None and run.stop_reason.startswith("tolerated failures")
+
+
+def test_a_checkpoint_at_the_same_cursor_is_no_failure_when_told_to_stop(mem: Backend) -> None:
+    """A continuation told to stop at once (its run paused) checkpoints where it
+    started: that is no lack of progress, and nothing is lost or repeated."""
+    run_id = coordinator.submit(mem, JOB, {"chunks": 1, "steps": 3, "eager": True}).run_id
+    runner = Runner(mem)
+    dispatcher = Dispatcher(mem, runner)
+    (plan,) = mem.queue.receive(1, 30)
+    assert dispatcher.handle(plan, 10.0) == "committed"
+    # Every chunk is told the run is paused at its first time_left().
+    told = runner.gate.probe
+    runner.gate.probe = lambda run_id: lambda: "paused"  # type: ignore[method-assign]
+    for seq in (0, 1):
+        (delivery,) = mem.queue.receive(1, 30)
+        assert dispatcher.handle(delivery, 10.0) == "continued"
+        task = mem.ledger.get_task(TaskKey(run_id, "0/0", seq))
+        assert task is not None and task.state == TaskState.DONE
+    runner.gate.probe = told  # type: ignore[method-assign]
+    run = drain(mem, run_id, runner=runner)
+    assert run.state == RunState.SUCCEEDED and run.records == 3

@@ -1,0 +1,279 @@
+"""Partitioned output, the table catalog, compaction and gc (``fanout.tables``).
+
+The runs go through the real engine (submit, then the runner works the queue)
+on the local backend and on moto; the crash tests run ``fanout`` as a process
+that SIGKILLs itself between two steps (``tests/kill_at.py``). Files are read
+back with the Apache ``avro`` package, not with fastavro that wrote them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import avro.datafile
+import avro.io
+import pytest
+
+from fanout import coordinator
+from fanout.backends import open_backend
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, Store, TaskState
+from fanout.dispatch import Dispatcher
+from fanout.tables.catalog import read_catalog
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+JOB = str(TESTS / "testjobs" / "readings_table.py")
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def drain(backend: Backend, run_id: str, limit: float = 60.0) -> RunRecord:
+    """Work the queue in this process until the run finishes."""
+    dispatcher = Dispatcher(backend)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        for delivery in backend.queue.receive(10, 15.0):
+            dispatcher.handle(delivery, 10.0)
+        run = backend.ledger.get_run(run_id)
+        assert run is not None
+        if run.state in TERMINAL_RUN_STATES:
+            return run
+    raise AssertionError(f"run {run_id} did not finish in {limit}s")
+
+
+def run_job(backend: Backend, **params: Any) -> RunRecord:
+    record = coordinator.submit(backend, JOB, params)
+    return drain(backend, record.run_id)
+
+
+def avro_items(data: bytes) -> list[str]:
+    """The ``item`` of every record of one Avro file, read by Apache avro."""
+    reader = avro.datafile.DataFileReader(io.BytesIO(data), avro.io.DatumReader())
+    try:
+        return [record["item"] for record in reader]
+    finally:
+        reader.close()
+
+
+def table_items(store: Store, table: str = "readings") -> Counter[str]:
+    """How often each item is in the table: its catalog's live files, read with avro."""
+    catalog = read_catalog(store, table)
+    assert catalog is not None
+    counts: Counter[str] = Counter()
+    for f in catalog.files:
+        items = avro_items(store.get(f["key"]))
+        assert len(items) == f["records"], f["key"]
+        counts.update(items)
+    return counts
+
+
+def expected(tag: str, chunks: int, rows: int) -> Counter[str]:
+    return Counter(f"{tag}-{i}-{r}" for i in range(chunks) for r in range(rows))
+
+
+def fanout(home: Path, *args: str, script: str = "-m fanout.cli", **env: str) -> Any:
+    """``fanout --home HOME ARGS`` as a process (``script``: another entry point)."""
+    path = os.pathsep.join([str(ROOT), str(TESTS)])
+    return subprocess.run(
+        [sys.executable, *script.split(), "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": path, **env},
+    )
+
+
+@pytest.fixture(params=["local", "aws"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The local backend, and the AWS backend on moto."""
+    fixture = "ledger" if request.param == "local" else "aws"
+    result: Backend = request.getfixturevalue(fixture)
+    return result
+
+
+# -- partitioned output ----------------------------------------------------------------
+
+
+def test_three_days_land_in_three_partitions_once_and_a_second_run_adds(
+    backend: Backend,
+) -> None:
+    first = run_job(backend, tag="a", chunks=4, rows=30, days=3, step=10)
+    assert first.state == "succeeded"
+    manifest = json.loads(backend.store.get(first.manifest_key or ""))
+    days = ["dt=2024-01-01", "dt=2024-01-02", "dt=2024-01-03"]
+    assert manifest["table"] == "readings"
+    assert sorted(manifest["partitions"]) == days
+    assert sum(p["records"] for p in manifest["partitions"].values()) == 120
+    for f in manifest["files"]:
+        assert f["key"].startswith(f"tables/readings/{f['partition']}/")
+        assert f["key"].endswith(".avro")
+    assert table_items(backend.store) == expected("a", 4, 30)
+
+    second = run_job(backend, tag="b", chunks=2, rows=9, days=3)
+    assert second.state == "succeeded"
+    catalog = read_catalog(backend.store, "readings")
+    assert catalog is not None
+    assert sorted({f["partition"] for f in catalog.files}) == days
+    assert set(catalog.data["runs"]) == {first.run_id, second.run_id}
+    assert table_items(backend.store) == expected("a", 4, 30) + expected("b", 2, 9)
+
+
+def test_a_record_without_the_partition_field_is_a_record_error_naming_it(
+    ledger: Backend,
+) -> None:
+    run = run_job(ledger, tag="a", chunks=2, rows=5, no_time_at=3)
+    assert run.state == "failed"
+    dead = ledger.ledger.list_tasks(run.run_id, (TaskState.DEAD,))
+    assert [t.chunk_id for t in dead] == ["0/0"]
+    assert "record 3 has no field 'read_at' to partition by" in (dead[0].error or "")
+    # Only the chunk that committed is in the table: chunk 1's five readings.
+    assert table_items(ledger.store) == Counter(f"a-1-{r}" for r in range(5))
+
+
+def test_finalizing_a_run_twice_adds_its_files_once(ledger: Backend) -> None:
+    from fanout.tables.commit import join_table
+
+    run = run_job(ledger, tag="a", chunks=3, rows=6)
+    manifest = json.loads(ledger.store.get(run.manifest_key or ""))
+    before = read_catalog(ledger.store, "readings")
+    join_table(ledger.store, manifest)  # a finalizer that took over re-runs this step
+    after = read_catalog(ledger.store, "readings")
+    assert before is not None and after is not None
+    assert after.version == before.version
+    assert table_items(ledger.store) == expected("a", 3, 6)
+
+
+# -- crashes: gc --dry-run and compaction under SIGKILL ---------------------------------
+
+
+def test_gc_dry_run_lists_exactly_the_files_a_crashed_attempt_left(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    params = ["-p", "chunks=3", "-p", "rows=9"]
+    submitted = fanout(home, "submit", JOB, *params)
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip().splitlines()[-1]
+    # The worker process dies right after writing chunk 0/1's parts list: its
+    # three partition files and the list are on disk, the ledger commit never
+    # came. The supervisor records the crash and the retry writes new files.
+    worked = fanout(
+        home,
+        "worker",
+        "-w",
+        "1",
+        "--until-idle",
+        script=str(TESTS / "kill_at.py"),
+        FANOUT_TEST_KILL_OP="put",
+        FANOUT_TEST_KILL_KEY="/parts/0.1-s0-a1-",
+    )
+    assert worked.returncode == 0, worked.stderr
+    assert "1 crashed" in worked.stderr
+    store_root = home / "store"
+    left = sorted(
+        str(p.relative_to(store_root))
+        for p in store_root.rglob("*")
+        if p.is_file() and (".0.1-s0-a1-" in p.name or p.name.startswith("0.1-s0-a1-"))
+    )
+    assert len(left) == 4  # three days and the parts list
+
+    dry = fanout(home, "gc", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    listed = json.loads(dry.stdout)
+    assert sorted(g["key"] for g in listed if g["reason"] == "uncommitted") == left
+    assert {g["reason"] for g in listed} <= {"uncommitted", "payload"}
+    assert all((store_root / key).exists() for key in left)  # a dry run removes nothing
+
+    backend = open_backend("local", home=home)
+    try:
+        assert backend.ledger.get_run(run_id) is not None
+        assert table_items(backend.store) == expected("a", 3, 9)
+        removed = fanout(home, "gc")
+        assert removed.returncode == 0, removed.stderr
+        assert not any((store_root / key).exists() for key in left)
+        assert table_items(backend.store) == expected("a", 3, 9)  # no committed file touched
+    finally:
+        backend.close()
+
+
+#: Where a compaction is killed: (operation, key substring, nth), one run each.
+KILL_POINTS = [
+    ("put", "/_compactions/", 1),  # intent written, no new file yet
+    ("put", "/compact-", 1),  # some new files written
+    ("put", "/_catalog/", 1),  # swapped, nothing deleted
+    ("delete", ".avro", 1),  # the first old file deleted
+    ("delete", ".avro", 150),  # most old files deleted
+    ("delete", "/_compactions/", 1),  # all done but the process's own exit
+]
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local home whose table holds 200 small files (100 chunks x 2 days)."""
+    home = tmp_path_factory.mktemp("small") / "home"
+    backend = open_backend("local", home=home)
+    try:
+        run = run_job(backend, tag="a", chunks=100, rows=4, days=2)
+        assert run.state == "succeeded"
+        catalog = read_catalog(backend.store, "readings")
+        assert catalog is not None and len(catalog.files) == 200
+    finally:
+        backend.close()
+    return home
+
+
+@pytest.mark.parametrize(("op", "key", "nth"), KILL_POINTS)
+def test_compaction_killed_at_each_step_keeps_every_record_once(
+    small_files: Path, tmp_path: Path, op: str, key: str, nth: int
+) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(small_files, home)
+    want = expected("a", 100, 4)
+    killed = fanout(
+        home,
+        "compact",
+        "readings",
+        "--target-mb",
+        "0.01",
+        script=str(TESTS / "kill_at.py"),
+        FANOUT_TEST_KILL_OP=op,
+        FANOUT_TEST_KILL_KEY=key,
+        FANOUT_TEST_KILL_NTH=str(nth),
+    )
+    assert killed.returncode == -9, (killed.stdout, killed.stderr)
+    backend = open_backend("local", home=home)
+    try:
+        assert table_items(backend.store) == want  # right after the kill
+        rerun = fanout(home, "compact", "readings", "--target-mb", "0.01")
+        assert rerun.returncode == 0, rerun.stderr
+        assert table_items(backend.store) == want
+        catalog = read_catalog(backend.store, "readings")
+        assert catalog is not None
+        assert len(catalog.files) < 20  # 200 small files became a few
+        # Nothing but the catalog's files, its versions and (before the swap
+        # only) the killed compaction's intent and the files it names.
+        on_disk = {
+            str(p.relative_to(home / "store"))
+            for p in (home / "store" / "tables").rglob("*")
+            if p.is_file()
+        }
+        live = {f["key"] for f in catalog.files}
+        extra = {k for k in on_disk - live if "/_catalog/" not in k}
+        intents = [k for k in extra if "/_compactions/" in k]
+        named = set()
+        for ikey in intents:
+            for group in json.loads(backend.store.get(ikey))["groups"]:
+                named.add(group["new"])
+        assert extra - set(intents) <= named
+        if op != "put" or key == "/_catalog/":
+            assert not extra  # swapped (or never started): nothing left over
+    finally:
+        backend.close()

@@ -1,0 +1,87 @@
+"""What the pages compute: lanes of the timeline, throughput buckets, the
+chunk tree, failure groups, and the run views' refresh (no page polls the
+ledger's tasks more than once per interval)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Failed
+
+from fanout.backends.base import TaskRecord, TaskState
+from fanout.ui import views
+from fanout.ui.timeline import Bar, lay_out, throughput
+
+
+def bar(start: float, end: float, outcome: str = "committed", records: int = 0) -> Bar:
+    return Bar("0/1", 0, 1, start, end, outcome, records)
+
+
+def test_each_attempt_takes_the_lowest_lane_free_at_its_start() -> None:
+    placed, lanes = lay_out([bar(0, 4), bar(1, 2), bar(2.0005, 3), bar(3.5, 5), bar(1.5, 6)])
+    by_start = {b.start: b.lane for b in placed}
+    assert lanes == 3
+    # 1-2 and then 2.0005-3 share lane 1 (the ledger's 1 ms rounding is no overlap).
+    assert by_start == {0: 0, 1: 1, 1.5: 2, 2.0005: 1, 3.5: 1}
+    assert lay_out([bar(0, 1), bar(0.99, 2)])[1] == 2  # a real overlap: two lanes
+
+
+def test_throughput_buckets_count_records_and_chunks_where_they_ended() -> None:
+    bars = [bar(0, 1, records=10), bar(0, 8, records=30), bar(1, 2, "dead")] + [
+        bar(i, i + 0.5, records=1) for i in range(2, 8)
+    ]
+    tp = throughput(bars, buckets=60)
+    assert len(tp.records_per_s) == 2  # 8 finished attempts: about four a bucket
+    assert tp.width == 4.0
+    assert tp.records_per_s == [(10 + 1 + 1) / 4, (30 + 4) / 4]
+    assert tp.chunks_per_s == [3 / 4, 5 / 4]
+    assert throughput([bar(0, 1, "dead")]).records_per_s == []
+
+
+def task(chunk_id: str, state: TaskState, seq: int = 0) -> TaskRecord:
+    return TaskRecord("r", chunk_id, seq, state, 1, 0, chunk_id.count("/"), "{}")
+
+
+def test_chunk_tree_lists_dead_branches_first_and_caps_children(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(views, "TREE_CHILDREN", 3)
+    tasks = [task("0", TaskState.DONE)]
+    tasks += [task(f"0/{i}", TaskState.DONE) for i in range(6)]
+    tasks += [task("0/5/0", TaskState.DEAD), task("0/4", TaskState.DONE, seq=1)]
+    (root,) = views.chunk_tree(tasks)
+    assert root.subtree_chunks == 8 and root.dead_below == 1
+    assert [c.chunk_id for c in root.children] == ["0/5", "0/0", "0/1"]
+    assert root.hidden_children == 3
+    assert root.children[0].dead_below == 1 and root.children[0].children[0].state == "dead"
+
+
+def test_errors_that_differ_in_numbers_are_one_group() -> None:
+    assert views.error_pattern("error: row 17 of 200\nTraceback") == "error: row # of #"
+    assert views.error_pattern(None) == "(no error recorded)"
+    assert views.group_key("a") != views.group_key("b")
+
+
+def test_open_pages_read_a_runs_tasks_once_per_refresh(
+    failed: Failed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fanout.ui import app
+
+    cache = app.RunViews(failed.backend)
+    first = cache.get(failed.run_id)
+    for _ in range(5):
+        assert cache.get(failed.run_id) is not None
+    assert cache.builds == 1  # the run did not change
+    failed.flag.unlink()
+    from fanout import coordinator
+
+    coordinator.replay(failed.backend, failed.run_id)
+    monkeypatch.setattr(app, "MIN_REFRESH", 3600.0)
+    monkeypatch.setattr(app, "MAX_REFRESH", 3600.0)
+    seen = cache.get(failed.run_id)
+    assert cache.builds == 1  # changed, but built less than an interval ago
+    assert seen.run.state.value == "running"  # the counters are read fresh
+    assert seen.counts == first.counts  # the tasks are not
+    monkeypatch.setattr(app, "MIN_REFRESH", 0.0)
+    monkeypatch.setattr(app, "MAX_REFRESH", 0.0)
+    assert cache.get(failed.run_id).counts["queued"] == 2
+    assert cache.builds == 2
