@@ -1,4 +1,4 @@
-"""The AWS Lambda entry point: one SQS event-source batch through the runner.
+"""The AWS Lambda entry point: one SQS event-source batch through the dispatcher.
 
 Each record runs under a hard timeout taken from the invocation's remaining
 time (less a safety margin), so its lease expires when Lambda would kill it.
@@ -26,10 +26,11 @@ from typing import Any
 
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, Delivery, Failure, FailureKind
+from fanout.dispatch import RELEASED, Dispatcher
 from fanout.failures import Attempt
 from fanout.jobs import Job
 from fanout.packaged import check_packaged
-from fanout.runner import RELEASED, Runner, _Run
+from fanout.runner import Runner, _Run
 
 log = logging.getLogger("fanout.lambda")
 
@@ -38,7 +39,7 @@ SAFETY = 2.0
 #: A record is not started with less time than this left: it is handed back.
 MIN_TIMEOUT = 3.0
 
-_warm: tuple[Backend, Runner, _Watchdog] | None = None  # reused by a warm container
+_warm: tuple[Backend, Dispatcher, _Watchdog] | None = None  # reused by a warm container
 
 
 class _Watchdog:
@@ -118,7 +119,7 @@ class _PackagedRunner(Runner):
         return super()._job(run_id, run)
 
 
-def _runner() -> tuple[Runner, _Watchdog]:
+def _dispatcher() -> tuple[Dispatcher, _Watchdog]:
     global _warm
     if _warm is None:
         # Cold start: JSON lines at the stage's level, botocore quiet (fanout.logs).
@@ -129,13 +130,13 @@ def _runner() -> tuple[Runner, _Watchdog]:
         watchdog = _Watchdog()
         runner = _PackagedRunner(backend, on_start=watchdog.start, on_end=watchdog.end)
         watchdog.runner = runner
-        _warm = (backend, runner, watchdog)
+        _warm = (backend, Dispatcher(backend, runner), watchdog)
     return _warm[1], _warm[2]
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """The SQS event source handler: ``{"batchItemFailures": [...]}``."""
-    runner, watchdog = _runner()
+    dispatcher, watchdog = _dispatcher()
     records = list(event.get("Records", ()))
     watchdog.begin_batch([str(r.get("receiptHandle", "")) for r in records])
     failures: list[str] = []
@@ -149,14 +150,14 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             continue
         attributes = record.get("attributes") or {}
         delivery = Delivery(
-            body=record.get("body", ""),  # checked by the runner: may not be text
+            body=record.get("body", ""),  # checked by the dispatcher: may not be text
             receipt=receipt,
             receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
             message_id=message_id,
             sender=attributes.get("SenderId"),
         )
         try:
-            outcome = runner.handle(delivery, timeout)
+            outcome = dispatcher.handle(delivery, timeout)
         except Exception:
             # An infrastructure failure (the ledger or store unreachable after
             # botocore's retries): SQS redelivers, the ledger keeps it exact.

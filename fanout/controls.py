@@ -35,7 +35,7 @@ from typing import Any
 
 from fanout.backends.base import RunRecord, RunState
 from fanout.backends.rules import final_state as ledger_final_state
-from fanout.settings import RunSettings
+from fanout.settings import RunSettings, limits_of
 
 #: ``stop_reason`` of a run stopped by ``fanout cancel``.
 CANCEL_REASON = "cancelled (fanout cancel)"
@@ -122,7 +122,7 @@ def set_paused(state: dict[str, Any], paused: bool) -> bool:
 
 def settings_of(run: RunRecord) -> RunSettings:
     """The run's settings as recorded (its schema, kept beside them, left out)."""
-    return RunSettings.model_validate({k: v for k, v in run.settings.items() if k != "schema"})
+    return limits_of(run.settings)
 
 
 def is_cancelled(run: RunRecord) -> bool:

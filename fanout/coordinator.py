@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from fanout import control_ops
+from fanout.backends import keys
 from fanout.backends.base import (
     TERMINAL_RUN_STATES,
     Backend,
@@ -22,10 +23,11 @@ from fanout.backends.base import (
     TaskState,
 )
 from fanout.errors import UnknownRunError, UserError
+from fanout.events import events_for
+from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import canonical_ref, load_job
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
-from fanout.runner import FINALIZE_STALE, Runner
-from fanout.settings import RunSettings
+from fanout.settings import RunKind, RunSettings, kind_of, recorded_settings
 from fanout.tables.contract import check_contract
 
 
@@ -66,7 +68,7 @@ def submit(
         job=canonical_ref(job_ref),
         job_name=job.name,
         params=raw_params,
-        settings={**run_settings.model_dump(), "schema": schema.raw if schema else None},
+        settings=recorded_settings(run_settings, job.kind, schema.raw if schema else None),
         created_at=now,
     )
     # A job without a plan gets one chunk holding the params.
@@ -141,10 +143,11 @@ def recover(
     moved = backend.queue.redrive() if redrive else 0
     if moved:
         actions.append(f"moved {moved} dead-lettered messages back to the queue")
-    runner = Runner(backend)
     open_runs = backend.ledger.list_runs(limit=1000, states=(RunState.RUNNING, RunState.FINALIZING))
     for run in open_runs:
-        if run.outstanding == 0 and runner.finalize(run.run_id):
+        if run.outstanding == 0 and finalize_run(
+            backend.ledger, backend.store, events_for(backend), run.run_id, stale_after
+        ):
             actions.append(f"finalized {run.run_id}")
     empty = bool(open_runs) and backend.queue.pending() == 0
     if empty or (open_runs and redrive):
@@ -206,6 +209,7 @@ class Status:
         return {
             "run_id": r.run_id,
             "job": r.job_name,
+            "kind": kind_of(r.settings).value,
             "state": r.state.value,
             "stop_reason": r.stop_reason,
             "chunks": self.tasks,
@@ -229,6 +233,7 @@ class Status:
 def status(backend: Backend, run_id: str) -> Status:
     """Counts of the run's tasks by state, with its counters."""
     run = get_run(backend, run_id)
+    crawl = kind_of(run.settings) is RunKind.CRAWL
     counts = {s.value: 0 for s in TaskState}
     pending = timed_out = crashed = 0
     last: tuple[float, TaskRecord, dict[str, object]] | None = None
@@ -243,7 +248,8 @@ def status(backend: Backend, run_id: str) -> Status:
                 at = float(stamp) if isinstance(stamp, int | float) else 0.0
                 if last is None or at >= last[0]:
                     last = (at, task, event)
-        if task.state in (TaskState.QUEUED, TaskState.RUNNING) and '"requests"' in task.message:
+        if crawl and task.state in (TaskState.QUEUED, TaskState.RUNNING):
+            # A crawl chunk's payload is the requests it will fetch (CrawlJob._hand_on).
             payload = json.loads(task.message).get("payload")
             if isinstance(payload, dict) and isinstance(payload.get("requests"), list):
                 pending += len(payload["requests"])
@@ -276,7 +282,7 @@ def read_manifest(backend: Backend, run_id: str) -> dict[str, Any]:
     if run.state not in TERMINAL_RUN_STATES:
         # Includes a replayed run: its old manifest no longer tells the truth.
         raise UserError(f"run {run_id} has not finished (state: {run.state.value})")
-    key = run.manifest_key or f"runs/{run_id}/_manifest.json"
+    key = run.manifest_key or keys.manifest_key(run_id)
     try:
         manifest: dict[str, Any] = json.loads(backend.store.get(key))
     except KeyError:

@@ -22,16 +22,16 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from fanout.backends.base import Delivery, Failure, FailureKind, Queue, Store, TaskKey
+from fanout.backends import keys
+from fanout.backends.base import Delivery, Failure, FailureKind, Ledger, Queue, Store, TaskKey
 from fanout.errors import PermanentError, RecordError
+from fanout.events import EventSink, emit
 
 log = logging.getLogger("fanout.runner")
 
 #: Deliveries of one message that failed outside the job's code before it is
 #: dead-lettered (SQS's redrive policy in the template allows 50).
 POISON_TRIES = 5
-#: Where message dead letters are kept in the store.
-DEAD_LETTERS = "dead-letters/"
 #: The most of a message body a dead letter keeps (characters).
 KEEP_BODY = 16 * 1024
 
@@ -139,16 +139,55 @@ def keep_message(store: Store, delivery: Delivery, reason: str, tb: str = "") ->
     }
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in mid)[:80]
-    key = f"{DEAD_LETTERS}{stamp}-{safe}.json"
+    key = keys.dead_message_key(stamp, safe)
     store.put(key, json.dumps(letter, indent=1).encode())
     return key
 
 
+def drop_invalid(queue: Queue, store: Store, delivery: Delivery, reason: str) -> str:
+    """Drop a message that is not a valid fanout message: keep it as a dead letter
+    (``fanout dead-letters``) with the reason, and acknowledge it. Returns the
+    outcome, ``"invalid"``."""
+    key = keep_message(store, delivery, reason)
+    log.error("dropping message %s: %s (kept at %s)", message_id(delivery), reason, key)
+    queue.ack(delivery.receipt)
+    return "invalid"
+
+
+def keep_dead_task(
+    ledger: Ledger, store: Store, events: EventSink, key: TaskKey, error: str, tb: str
+) -> str:
+    """Keep a dead task's message, error and history in the store beside its
+    run, and announce it (``chunk.dead``); returns the dead letter's key."""
+    task = ledger.get_task(key)
+    letter = {
+        "run_id": key.run_id,
+        "chunk_id": key.chunk_id,
+        "seq": key.seq,
+        "error": error,
+        "traceback": tb,
+        "message": json.loads(task.message) if task else None,
+        "history": task.history if task else [],
+    }
+    dkey = keys.dead_task_key(key.run_id, key.chunk_id, key.seq)
+    store.put(dkey, json.dumps(letter, indent=2).encode())
+    emit(
+        events,
+        "chunk.dead",
+        key.run_id,
+        chunk_id=key.chunk_id,
+        seq=key.seq,
+        error=error,
+        dead_letter=dkey,
+    )
+    return dkey
+
+
 def list_messages(store: Store, limit: int = 100) -> list[dict[str, Any]]:
     """The newest ``limit`` message dead letters, oldest first, each with its ``key``."""
-    keys = list(store.list(DEAD_LETTERS))[-limit:]
+    found = list(store.list(keys.DEAD_LETTERS))[-limit:]
     letters = []
-    for key in keys:
+    for key in found:
         try:
             letter = json.loads(store.get(key))
         except (KeyError, ValueError):

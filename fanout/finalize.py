@@ -9,19 +9,16 @@ import logging
 import time
 
 from fanout.backends.base import Ledger, Store, TaskState
+from fanout.backends.keys import manifest_key
 from fanout.controls import final_state
 from fanout.events import EventSink, emit
+from fanout.settings import SCHEMA
 from fanout.tables.commit import expand_parts, join_table
 
 log = logging.getLogger("fanout.runner")
 
 #: A finalizer that has not finished after this long is presumed dead.
 FINALIZE_STALE = 60.0
-
-
-def manifest_key(run_id: str) -> str:
-    """Where the run's manifest is written."""
-    return f"runs/{run_id}/_manifest.json"
 
 
 def finalize_run(
@@ -64,7 +61,7 @@ def finalize_run(
         "records": sum(f["records"] for f in files),  # type: ignore[misc]
         "files": files,
         "dead_chunks": [{"chunk_id": t.chunk_id, "seq": t.seq, "error": t.error} for t in dead],
-        "schema": record.settings.get("schema"),
+        "schema": record.settings.get(SCHEMA),
     }
     manifest = expand_parts(store, manifest)  # issue 14: a table's files, by partition
     key = manifest_key(run_id)

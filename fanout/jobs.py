@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from fanout.errors import JobLoadError, ParamsError, UserError
 from fanout.isolation import JobModules, import_fresh
 from fanout.isolation import activate as activate_modules
+from fanout.settings import RunKind
 
 # Re-exported: RunSettings is part of the job API (``Job(..., max_attempts=5)``).
 from fanout.settings import RunSettings as RunSettings
@@ -41,6 +42,10 @@ class Job:
     a path to an ``.avsc`` file, or a dict; retry, back-off and runaway bounds
     are keyword arguments (see :class:`RunSettings`).
     """
+
+    #: What kind of job this is, recorded with each of its runs (a subclass
+    #: that runs something else declares its own, as ``CrawlJob`` does).
+    kind: RunKind = RunKind.ETL
 
     def __init__(
         self,

@@ -1,13 +1,17 @@
-"""One delivery in: claim the task, run it, then commit, retry or dead-letter it.
+"""The runner runs chunks: claim the task, run it, then commit, retry or dead-letter it.
 
-The order of the commit steps is the correctness model (DESIGN.md):
+It is handed a delivery already decoded as a :class:`~fanout.messages.ChunkMessage`
+by the dispatcher (``fanout.dispatch``), which routes the queue's other kinds
+of message elsewhere. The order of the commit steps is the correctness model
+(docs/architecture.md, "The commit order"):
 
 1. write the chunk's Avro output under an attempt-unique key (uncommitted files
    are garbage: only the ledger makes a file count);
 2. register the children and the continuation (conditional creates that raise
    the run's outstanding counter), then send their messages;
 3. commit the task in the ledger (conditional on still holding the lease),
-   which lowers the counter; the step that takes it to zero finalizes the run;
+   which lowers the counter; the step that takes it to zero finalizes the run
+   (``fanout.finalize``);
 4. acknowledge the message.
 
 A crash between any two steps is repaired by redelivery: a re-run registers
@@ -17,7 +21,6 @@ queued; a duplicate of a committed task is acknowledged and skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -29,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from fanout.backends import keys
 from fanout.backends.base import (
     Backend,
     ClaimOutcome,
@@ -47,46 +51,26 @@ from fanout.events import EventSink, emit, events_for
 from fanout.failures import (
     Attempt,
     describe,
+    drop_invalid,
     failure_of,
     interruptible,
-    keep_message,
-    message_id,
+    keep_dead_task,
     no_progress,
-    settle_poison,
 )
-from fanout.finalize import FINALIZE_STALE, finalize_run, manifest_key
+from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import Job, activate, load_job
-from fanout.messages import (
-    FIRE_KIND,
-    ChunkMessage,
-    MessageError,
-    decode,
-    is_sweep,
-    offload,
-    resolve,
-)
+from fanout.messages import ChunkMessage, decode, offload, resolve
 from fanout.metrics import ChunkMetrics, MetricsSink, metrics_for
 from fanout.retry import compute_backoff
-from fanout.settings import RunSettings
+from fanout.settings import SCHEMA, RunSettings, limits_of
 
 log = logging.getLogger("fanout.runner")
 
 #: A lease outlives the hard timeout by this much, so a supervisor that kills an
 #: overrunning attempt records it before any other worker may take the task over.
 LEASE_GRACE = 5.0
-#: Outcomes of :meth:`Runner.handle` that leave the message on the queue (not
-#: acknowledged): it is delivered again when its visibility runs out.
-RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued", "capped"})
 
-__all__ = [
-    "FINALIZE_STALE",
-    "LEASE_GRACE",
-    "RELEASED",
-    "Attempt",
-    "Runner",
-    "manifest_key",
-    "soft_margin",
-]
+__all__ = ["LEASE_GRACE", "Attempt", "Runner", "soft_margin"]
 
 
 @dataclass
@@ -144,56 +128,42 @@ class Runner:
 
     # -- one delivery -------------------------------------------------------------
 
-    def handle(self, delivery: Delivery, timeout: float) -> str:
-        """Process one delivery under a hard ``timeout`` (s); returns what happened.
-        The message was released back to the queue (not acknowledged) exactly
-        when the result is in :data:`RELEASED`.
+    def handle(self, delivery: Delivery, message: ChunkMessage, timeout: float) -> str:
+        """Run the chunk ``message`` (the decoded body of ``delivery``) under a hard
+        ``timeout`` (s); returns what happened. The message was released back to
+        the queue (not acknowledged) exactly when the result is in
+        ``fanout.dispatch.RELEASED``.
 
-        Never raises for a message: what goes wrong outside the job's code (the
-        job's own failures are the attempt's, see ``_work``) fails the attempt in
-        hand if there is one, else hands the message back to be tried again
-        shortly, and dead-letters it once it failed :data:`POISON_TRIES` times."""
+        What goes wrong outside the job's code (the job's own failures are the
+        attempt's, see ``_work``) fails the attempt in hand, if there is one;
+        with none, or if failing it fails too, the exception propagates to the
+        dispatcher, which hands the message back to be tried again shortly."""
         self._in_hand = None
         try:
-            return self._handle(delivery, timeout)
+            return self._handle(delivery, message, timeout)
         except Exception as exc:
-            return self._unexpected(delivery, exc)
+            attempt, self._in_hand = self._in_hand, None
+            if attempt is None:
+                raise
+            # The task was claimed: its attempt fails like any other (retried
+            # with back-off, dead-lettered in the ledger after max_attempts).
+            failure = Failure(FailureKind.INTERNAL, describe(exc), traceback.format_exc())
+            try:
+                return self.fail(attempt, failure)
+            except Exception:
+                log.exception("could not record the failure of %s", attempt.key)
+            raise
 
-    def _handle(self, delivery: Delivery, timeout: float) -> str:
-        if not isinstance(delivery.body, str):
-            return self._invalid(delivery, "the body is not text")
-        try:
-            msg = decode(delivery.body)
-        except MessageError as exc:
-            if is_sweep(delivery.body):
-                # The stack's recovery schedule (see fanout.messages.is_sweep).
-                # Acknowledged first: recovery re-sends stranded tasks only when
-                # the queue is empty, and this message must not count.
-                from fanout.coordinator import recover
-                from fanout.schedules.guard import sender_refusal
-
-                self.queue.ack(delivery.receipt)
-                refused = sender_refusal(self.backend.name, delivery.sender, "sweep")
-                if refused:
-                    log.error("dropping %s", refused)
-                    return "refused"
-                for action in recover(self.backend):
-                    log.warning("recovery sweep: %s", action)
-                return "swept"
-            if FIRE_KIND in delivery.body:
-                # A schedule's tick from EventBridge Scheduler: submit its run.
-                from fanout.schedules.fire import handle_fire_message
-
-                return handle_fire_message(self.backend, delivery)
-            # Untrusted input that is not ours: drop it, loudly.
-            return self._invalid(delivery, str(exc))
+    def _handle(self, delivery: Delivery, msg: ChunkMessage, timeout: float) -> str:
         run = self._run(msg.run_id)
         if run is None:
             log.warning("dropping a message for unknown run %s", msg.run_id)
             self.queue.ack(delivery.receipt)
             return "unknown run"
         if msg.seq > run.settings.max_continuations:
-            return self._invalid(
+            return drop_invalid(
+                self.queue,
+                self.store,
                 delivery,
                 f"invalid message: seq {msg.seq} is over the run's max_continuations"
                 f" ({run.settings.max_continuations})",
@@ -265,27 +235,6 @@ class Runner:
             self.gate.release(key.run_id, run.settings, token, attempt.took(time.time()))
         self._in_hand = None
         return outcome
-
-    def _invalid(self, delivery: Delivery, reason: str) -> str:
-        """Drop a message that is not a valid fanout message, keeping it as a dead
-        letter (``fanout dead-letters``) with the reason."""
-        key = keep_message(self.store, delivery, reason)
-        log.error("dropping message %s: %s (kept at %s)", message_id(delivery), reason, key)
-        self.queue.ack(delivery.receipt)
-        return "invalid"
-
-    def _unexpected(self, delivery: Delivery, exc: Exception) -> str:
-        """Something outside the job's code failed while handling ``delivery``."""
-        reason, tb = describe(exc), traceback.format_exc()
-        attempt, self._in_hand = self._in_hand, None
-        if attempt is not None:
-            # The task was claimed: its attempt fails like any other (retried
-            # with back-off, dead-lettered in the ledger after max_attempts).
-            try:
-                return self.fail(attempt, Failure(FailureKind.INTERNAL, reason, tb))
-            except Exception:
-                log.exception("could not record the failure of %s", attempt.key)
-        return settle_poison(self.queue, self.store, delivery, reason, tb)
 
     def _work(self, run: _Run, attempt: Attempt, msg: ChunkMessage, timeout: float) -> str:
         started = time.monotonic()
@@ -359,9 +308,8 @@ class Runner:
         if getattr(writer, "partitioned", False):  # issue 14: partition files + parts list
             output = writer.commit(self.store, key, attempt.attempt, attempt.token)
         elif data:
-            okey = (
-                f"runs/{key.run_id}/data/{key.chunk_id.replace('/', '.')}"
-                f"-s{key.seq}-a{attempt.attempt}-{attempt.token[:8]}.avro"
+            okey = keys.output_key(
+                key.run_id, key.chunk_id, key.seq, attempt.attempt, attempt.token
             )
             self.store.put(okey, data)
             output = Output(okey, writer.count, len(data))
@@ -592,28 +540,7 @@ class Runner:
             log.exception("could not record the metrics of %s", attempt.key)
 
     def _keep_dead_letter(self, key: TaskKey, error: str, tb: str) -> None:
-        """Keep the dead chunk's message and error in the store, beside its run."""
-        task = self.ledger.get_task(key)
-        letter = {
-            "run_id": key.run_id,
-            "chunk_id": key.chunk_id,
-            "seq": key.seq,
-            "error": error,
-            "traceback": tb,
-            "message": json.loads(task.message) if task else None,
-            "history": task.history if task else [],
-        }
-        dkey = f"runs/{key.run_id}/dead/{key.chunk_id.replace('/', '.')}-s{key.seq}.json"
-        self.store.put(dkey, json.dumps(letter, indent=2).encode())
-        emit(
-            self.events,
-            "chunk.dead",
-            key.run_id,
-            chunk_id=key.chunk_id,
-            seq=key.seq,
-            error=error,
-            dead_letter=dkey,
-        )
+        keep_dead_task(self.ledger, self.store, self.events, key, error, tb)
 
     # -- the end of a run ---------------------------------------------------------
 
@@ -637,13 +564,12 @@ class Runner:
             record = self.ledger.get_run(run_id)
             if record is None:
                 return None
-            settings = {k: v for k, v in record.settings.items() if k != "schema"}
             run = _Run(
                 job_ref=record.job,
                 job_name=record.job_name,
                 raw_params=record.params,
-                settings=RunSettings.model_validate(settings),
-                schema=record.settings.get("schema"),
+                settings=limits_of(record.settings),
+                schema=record.settings.get(SCHEMA),
             )
             self._runs[run_id] = run
         return run

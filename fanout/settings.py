@@ -1,8 +1,14 @@
-"""Per-run limits (:class:`RunSettings`): defaulted from the job, overridable per
-run, recorded with the run. Their own module because both the job API
-(``fanout.jobs``) and what a chunk sees (``fanout.context``) read them."""
+"""What a run is and its limits: :class:`RunKind`, declared by the job's class,
+and :class:`RunSettings`, defaulted from the job and overridable per run. Both
+are recorded with the run at submit (``RunRecord.settings``, beside the
+schema). Their own module because the job API (``fanout.jobs``), what a chunk
+sees (``fanout.context``) and the engine all read them."""
 
 from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,3 +44,37 @@ class RunSettings(BaseModel):
     tolerated_failure_percent: float | None = Field(
         None, ge=0, le=100, description="the same, as a percentage of the run's chunks"
     )
+
+
+class RunKind(enum.StrEnum):
+    """What kind of job a run runs, declared by the job's class (``Job.kind``)
+    and recorded at submit: read, never guessed from what the tasks carry."""
+
+    ETL = "etl"  # a job's own plan and process functions
+    CRAWL = "crawl"  # a Scrapy spider, run by fanout.crawl.CrawlJob
+
+
+#: What submit records in ``RunRecord.settings`` beside the :class:`RunSettings`.
+KIND = "kind"
+SCHEMA = "schema"
+
+
+def recorded_settings(settings: RunSettings, kind: RunKind, schema: Any) -> dict[str, Any]:
+    """A run's settings as submit records them: its limits, kind and schema."""
+    return {**settings.model_dump(), KIND: kind.value, SCHEMA: schema}
+
+
+def limits_of(recorded: Mapping[str, Any]) -> RunSettings:
+    """The :class:`RunSettings` in a run record's settings."""
+    return RunSettings.model_validate(
+        {k: v for k, v in recorded.items() if k not in (KIND, SCHEMA)}
+    )
+
+
+def kind_of(recorded: Mapping[str, Any]) -> RunKind:
+    """The kind a run record's settings declare; a run recorded before runs
+    declared their kind counts as ETL."""
+    try:
+        return RunKind(recorded.get(KIND, RunKind.ETL))
+    except ValueError:
+        return RunKind.ETL

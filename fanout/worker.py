@@ -29,6 +29,9 @@ from typing import Any
 
 from fanout.backends import open_backend
 from fanout.backends.base import Failure, FailureKind
+from fanout.children import die_with_parent, resident_mb
+from fanout.coordinator import recover
+from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
 from fanout.runner import LEASE_GRACE, Runner
 
@@ -122,26 +125,6 @@ class _Slot:
         return Attempt.from_json(self.attempt.value.decode())
 
 
-_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024 * 1024) if hasattr(os, "sysconf") else 0.0
-
-
-def resident_mb(pid: int) -> int | None:
-    """A process's resident memory in MB (Linux ``/proc``), or None if unknown."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(int(f.read().split()[1]) * _PAGE_MB)
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def die_with_parent() -> None:
-    """Linux: die with the supervisor (``kill -9`` of the supervisor must not
-    leave children working unsupervised)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> None:
     die_with_parent()
     # Ctrl-C reaches the whole process group; the supervisor decides for us.
@@ -149,6 +132,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     backend = open_backend(opts.backend, home=opts.home)
     runner = Runner(backend, on_start=slot.start, on_end=slot.end, on_finalize=slot.finalize)
+    dispatcher = Dispatcher(backend, runner)
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     sleep = 0.005
     batch = 1
@@ -167,7 +151,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
                 if stop.is_set() or time.monotonic() - received > PREFETCH_SLACK:
                     backend.queue.release(delivery.receipt, 0.0)
                 else:
-                    runner.handle(delivery, opts.chunk_timeout)
+                    dispatcher.handle(delivery, opts.chunk_timeout)
             quick = (time.monotonic() - received) / len(deliveries) < QUICK_CHUNK
             batch = min(opts.batch, batch * 2) if quick else 1
     finally:
@@ -214,8 +198,6 @@ class WorkerPool:
     ) -> None:
         """Supervise until ``until()`` is true, the queue is idle (``until_idle``),
         or a signal asks to stop."""
-        from fanout.coordinator import recover
-
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         recover(self.backend)
         for i in range(self.opts.workers):

@@ -153,8 +153,8 @@ def test_an_orphan_the_lagging_index_missed_is_cancelled_and_the_run_finishes(
 
     from fanout.backends.aws.ledger import DynamoLedger
     from fanout.backends.base import NewTask, TaskKey
+    from fanout.dispatch import Dispatcher
     from fanout.messages import ChunkMessage, encode
-    from fanout.runner import Runner
 
     run_id = coordinator.submit(aws, TREE, {"chunks": 2, "rows": 1}).run_id
     root = TaskKey(run_id, "0", 0)
@@ -178,12 +178,12 @@ def test_an_orphan_the_lagging_index_missed_is_cancelled_and_the_run_finishes(
     # The index lags: attempt 2's commit finds no orphans to cancel.
     monkeypatch.setattr(DynamoLedger, "_orphans", lambda self, key, token: [])
 
-    runner = Runner(aws)
+    dispatcher = Dispatcher(aws)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         deliveries = aws.queue.receive(10, 10)
         for delivery in deliveries:
-            runner.handle(delivery, 5.0)
+            dispatcher.handle(delivery, 5.0)
         if not deliveries and not coordinator.recover(aws) and aws.queue.pending() == 0:
             break
     run = aws.ledger.get_run(run_id)

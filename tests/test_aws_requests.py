@@ -18,7 +18,8 @@ from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import clear_cache, client
 from fanout.backends.aws.resources import create_resources
 from fanout.backends.base import Backend
-from fanout.runner import LEASE_GRACE, Runner
+from fanout.dispatch import Dispatcher
+from fanout.runner import LEASE_GRACE
 from support.helpers import TREE, fake_aws
 
 ETL = str(Path(__file__).resolve().parents[1] / "jobs" / "meter_readings.py")
@@ -59,7 +60,7 @@ def aws(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 def _handle_one(backend: Backend) -> str:
     (delivery,) = backend.queue.receive(1, 30 + LEASE_GRACE)
-    return Runner(backend).handle(delivery, 30)
+    return Dispatcher(backend).handle(delivery, 30)
 
 
 def test_a_thousand_children_take_at_most_110_queue_calls(aws: Backend) -> None:

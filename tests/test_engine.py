@@ -14,6 +14,7 @@ import pytest
 
 from fanout import coordinator
 from fanout.backends.base import Backend, Failure, RunState, TaskKey, TaskState
+from fanout.dispatch import Dispatcher
 from fanout.metrics import EmfMetrics
 from fanout.runner import Attempt, Runner
 from support.helpers import TREE, FixedJitter, drain
@@ -200,7 +201,7 @@ def test_a_failed_chunk_waits_its_back_off_capped_by_the_run_settings(
     while mem.ledger.get_run(run_id).state == RunState.RUNNING:  # type: ignore[union-attr]
         assert time.monotonic() < deadline, outcomes
         for delivery in mem.queue.receive(10, 30):
-            outcome = runner.handle(delivery, 10)
+            outcome = Dispatcher(mem, runner).handle(delivery, 10)
             if '"0/0"' in delivery.body:
                 outcomes.append(outcome)
             if outcome == "retry":
@@ -256,7 +257,7 @@ def test_handle_says_when_a_task_died_and_a_second_burial_is_refused(mem: Backen
     drain_root(mem)
     (delivery,) = mem.queue.receive(1, 30)
     runner = Runner(mem)
-    assert runner.handle(delivery, 10) == "dead"
+    assert Dispatcher(mem, runner).handle(delivery, 10) == "dead"
     # A supervisor failing the same attempt again: the lease is gone, nothing changes.
     key = TaskKey(run_id, "0/0")
     attempt = Attempt(key, "stale-token", 1, delivery.receipt, time.time() + 10, time.time())
@@ -344,7 +345,7 @@ def test_expired_lease_is_taken_over_as_crashed(mem: Backend, fast_leases: None)
 def drain_root(backend: Backend) -> None:
     """Run only the plan chunk."""
     (delivery,) = backend.queue.receive(1, 30)
-    Runner(backend).handle(delivery, 10)
+    Dispatcher(backend).handle(delivery, 10)
 
 
 class _Crash(BaseException):
@@ -457,7 +458,7 @@ def test_a_delayed_child_waits_in_the_ledger_not_only_in_the_queue(mem: Backend)
     runner = Runner(mem)
     for _ in range(2):  # the plan, then chunk 0/0, which spawns 0/0/0 an hour out
         (delivery,) = mem.queue.receive(1, 30)
-        assert runner.handle(delivery, 10) == "committed"
+        assert Dispatcher(mem, runner).handle(delivery, 10) == "committed"
     child = mem.ledger.get_task(TaskKey(run_id, "0/0/0", 0))
     assert child is not None and child.state == TaskState.QUEUED
     # Delivered early (SQS delays stop at 15 minutes), it is only handed back.
@@ -484,8 +485,8 @@ def test_large_payloads_travel_through_the_store(mem: Backend) -> None:
 def test_invalid_and_foreign_messages_are_dropped(mem: Backend) -> None:
     mem.queue.send(["not json", '{"v": 1, "run_id": "x", "chunk_id": "../etc"}'])
     mem.queue.send(['{"v": 1, "run_id": "nosuchrun", "chunk_id": "0"}'])
-    runner = Runner(mem)
-    outcomes = [runner.handle(d, 5) for d in mem.queue.receive(10, 30)]
+    dispatcher = Dispatcher(mem)
+    outcomes = [dispatcher.handle(d, 5) for d in mem.queue.receive(10, 30)]
     assert outcomes == ["invalid", "invalid", "unknown run"]
     assert mem.queue.pending() == 0
 
@@ -521,7 +522,7 @@ def test_recover_finalizes_a_drained_run_whose_finalizer_died(mem: Backend) -> N
     runner.finalize = lambda run_id: False  # type: ignore[method-assign]
     for _ in range(2):
         for d in mem.queue.receive(10, 30):
-            runner.handle(d, 10)
+            Dispatcher(mem, runner).handle(d, 10)
     run = mem.ledger.get_run(run_id)
     assert run is not None and run.outstanding == 0 and run.state == RunState.RUNNING
     assert coordinator.recover(mem) == [f"finalized {run_id}"]

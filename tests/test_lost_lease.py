@@ -22,7 +22,7 @@ import pytest
 from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, RunState, TaskKey, TaskState
-from fanout.runner import Runner
+from fanout.dispatch import Dispatcher
 from support.helpers import TREE, drain
 
 TIMEOUT = 0.2  # the hard timeout: with fast_leases a lease lasts 0.25 s
@@ -47,7 +47,7 @@ def test_a_late_commit_is_refused_and_its_file_never_reaches_the_manifest(
 ) -> None:
     run_id = coordinator.submit(backend, TREE, {"chunks": 2, "rows": 3}).run_id
     (plan,) = backend.queue.receive(1, 30)
-    assert Runner(backend).handle(plan, TIMEOUT) == "committed"
+    assert Dispatcher(backend).handle(plan, TIMEOUT) == "committed"
     key = TaskKey(run_id, "0/0")
     late_file: list[str] = []
     takeover: list[str] = []
@@ -65,7 +65,7 @@ def test_a_late_commit_is_refused_and_its_file_never_reaches_the_manifest(
             time.sleep(TIMEOUT + 0.15)
             for delivery in backend.queue.receive(10, 30):
                 if _body_is(delivery.body, "0/0"):
-                    takeover.append(Runner(backend).handle(delivery, 10))
+                    takeover.append(Dispatcher(backend).handle(delivery, 10))
                 else:
                     backend.queue.release(delivery.receipt, 0)
         return wrote
@@ -73,7 +73,7 @@ def test_a_late_commit_is_refused_and_its_file_never_reaches_the_manifest(
     monkeypatch.setattr(backend.store, "put", put_then_lose_the_lease)
     first = [d for d in backend.queue.receive(10, TIMEOUT + 0.05) if _body_is(d.body, "0/0")]
     assert len(first) == 1
-    assert Runner(backend).handle(first[0], TIMEOUT) == "lease lost"
+    assert Dispatcher(backend).handle(first[0], TIMEOUT) == "lease lost"
     assert takeover == ["committed"] and len(late_file) == 1
     assert f"task {key}: lease lost before commit; output discarded" in caplog.messages
 
@@ -115,7 +115,7 @@ def test_a_failure_reported_after_the_lease_was_lost_changes_nothing(
         backend, TREE, {"chunks": 1, "rows": 2, "fail_chunks": [0], "fail_times": 1}
     ).run_id
     (plan,) = backend.queue.receive(1, 30)
-    assert Runner(backend).handle(plan, TIMEOUT) == "committed"
+    assert Dispatcher(backend).handle(plan, TIMEOUT) == "committed"
     takeover: list[str] = []
     retry = backend.ledger.retry
 
@@ -123,12 +123,12 @@ def test_a_failure_reported_after_the_lease_was_lost_changes_nothing(
         if not takeover:
             time.sleep(TIMEOUT + 0.15)  # stalled until its lease ran out
             (again,) = backend.queue.receive(1, 30)
-            takeover.append(Runner(backend).handle(again, 10))  # attempt 2 succeeds
+            takeover.append(Dispatcher(backend).handle(again, 10))  # attempt 2 succeeds
         return retry(key, token, *args)
 
     monkeypatch.setattr(backend.ledger, "retry", retry_late)
     (delivery,) = backend.queue.receive(1, TIMEOUT + 0.05)
-    assert Runner(backend).handle(delivery, TIMEOUT) == "lease lost"
+    assert Dispatcher(backend).handle(delivery, TIMEOUT) == "lease lost"
     assert takeover == ["committed"]
     task = backend.ledger.get_task(TaskKey(run_id, "0/0"))
     assert task is not None and task.state == TaskState.DONE

@@ -22,6 +22,7 @@ from fanout.backends import open_backend
 from fanout.backends.base import Backend, Failure, RunState, TaskKey
 from fanout.cli import main
 from fanout.cli_observe import watch_run
+from fanout.dispatch import Dispatcher
 from fanout.logs import NOISY_LOGGERS, configure_logging, resolve_level
 from fanout.messages import decode
 from fanout.metrics import ChunkMetrics, EmfMetrics, emf_document, metrics_for
@@ -347,7 +348,7 @@ def run_with_a_timeout(backend: Backend, max_attempts: int) -> str:
                 runner.fail(attempt, Failure("timed out", "chunk exceeded its 1s hard timeout"))
                 killed = True
             else:
-                runner.handle(delivery, 10)
+                Dispatcher(backend, runner).handle(delivery, 10)
         run = backend.ledger.get_run(run_id)
         assert run is not None
         if run.state in (RunState.SUCCEEDED, RunState.FAILED):
@@ -452,7 +453,7 @@ def test_watch_redraws_until_the_run_ends(
     def work_a_little(interval: float) -> None:
         # Stands in for the sleep between redraws: a few deliveries of progress.
         for delivery in local.queue.receive(3, 10 + LEASE_GRACE):
-            runner.handle(delivery, 10)
+            Dispatcher(local, runner).handle(delivery, 10)
 
     assert watch_run(local, run_id, 0.1, False, sleep=work_a_little) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -2,7 +2,7 @@
 on the schedule's grid, at or after its start, close to now, once; on AWS,
 fire and sweep messages are obeyed only from the scheduler role (SenderId).
 
-Both backends: the local one (its queue, the runner) and AWS under moto (the
+Both backends: the local one (its queue, the dispatcher) and AWS under moto (the
 Lambda handler, as the SQS event source drives it)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 import fanout.schedules.fire as fire_mod
 from fanout.backends import open_backend
 from fanout.backends.base import Backend
+from fanout.dispatch import Dispatcher
 from fanout.messages import SWEEP_BODY
-from fanout.runner import Runner
 from fanout.schedules import Schedule, open_store
 from fanout.schedules.guard import FIRE_LATE, SENDER_ENV
 from fanout.schedules.spec import floor_minute
@@ -78,9 +78,9 @@ def deliver(backend: Backend, body: str, sender: str = MOTO_SENDER_ID) -> None:
         assert response["batchItemFailures"] == []
         return
     backend.queue.send([body])
-    runner = Runner(backend)
+    dispatcher = Dispatcher(backend)
     for delivery in backend.queue.receive(10, 30):
-        runner.handle(delivery, 30)
+        dispatcher.handle(delivery, 30)
 
 
 def runs(backend: Backend) -> list[str]:

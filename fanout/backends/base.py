@@ -3,10 +3,10 @@
 
 The engine (``fanout.runner``, ``fanout.coordinator``) speaks only to these
 Protocols. Each method of :class:`Ledger` is one atomic step of the correctness
-model in DESIGN.md (a conditional write on DynamoDB, one transaction in SQLite),
-so a crash between two calls leaves the ledger in a state the next call can
-reason about. The contract suite in ``tests/contract/`` runs against every
-backend.
+model (docs/architecture.md, "The ledger decides"): a conditional write on
+DynamoDB, one transaction in SQLite, so a crash between two calls leaves the
+ledger in a state the next call can reason about. The contract suite in
+``tests/contract/`` runs against every backend.
 """
 
 from __future__ import annotations

@@ -1,13 +1,78 @@
-"""Validation of object-store keys, shared by every :class:`~fanout.backends.base.Store`.
+"""The object store's keys: where everything lives, and which keys are valid.
 
-Keys are S3-style relative paths (``runs/<run_id>/_manifest.json``). They can
-arrive inside queue messages, so a store must never let one escape its root
-(``../``, an absolute path) or alias another key (``a//b``, ``a/./b``,
-``a\\b`` on Windows). Every store checks keys here so they all accept and
-reject the same ones.
+The layout, the one place it is spelled out (everything else calls these)::
+
+    runs/<run_id>/data/<chunk>-s<seq>-a<attempt>-<token8>.avro  a chunk's output
+    runs/<run_id>/_manifest.json                  the committed files of a finished run
+    runs/<run_id>/dead/<chunk>-s<seq>.json        a dead task's message and history
+    runs/<run_id>/payloads/<chunk>-s<seq>.json    an offloaded payload and cursor
+    runs/<run_id>/crawl/robots/<host>.json        a crawl's copy of a site's robots.txt
+    dead-letters/<stamp>-<message id>.json        a message that never became a task
+
+``<chunk>`` is the chunk id with ``/`` as ``.`` (``0/3/1`` → ``0.3.1``). Output
+keys are attempt-unique, so two attempts of one task never write the same
+object: only the ledger's commit makes a file count (docs/architecture.md,
+"The commit order").
+
+Validation: keys are S3-style relative paths. They can arrive inside queue
+messages, so a store must never let one escape its root (``../``, an absolute
+path) or alias another key (``a//b``, ``a/./b``, ``a\\b`` on Windows). Every
+store checks keys here so they all accept and reject the same ones.
 """
 
 from __future__ import annotations
+
+import re
+
+#: Where message dead letters are kept (``fanout dead-letters``).
+DEAD_LETTERS = "dead-letters/"
+
+
+def _chunk(chunk_id: str) -> str:
+    return chunk_id.replace("/", ".")
+
+
+def run_prefix(run_id: str) -> str:
+    """Everything a run keeps in the store is under this prefix."""
+    return f"runs/{run_id}/"
+
+
+def output_key(run_id: str, chunk_id: str, seq: int, attempt: int, token: str) -> str:
+    """Where one attempt writes a chunk's Avro output: unique to the attempt."""
+    return f"runs/{run_id}/data/{_chunk(chunk_id)}-s{seq}-a{attempt}-{token[:8]}.avro"
+
+
+def manifest_key(run_id: str) -> str:
+    """Where a finished run's manifest is written."""
+    return f"runs/{run_id}/_manifest.json"
+
+
+def dead_task_key(run_id: str, chunk_id: str, seq: int) -> str:
+    """Where a dead task's message, error and history are kept."""
+    return f"runs/{run_id}/dead/{_chunk(chunk_id)}-s{seq}.json"
+
+
+def payloads_prefix(run_id: str) -> str:
+    """Where a run's offloaded payloads are: a message's reference must point here."""
+    return f"runs/{run_id}/payloads/"
+
+
+def payload_key(run_id: str, chunk_id: str, seq: int) -> str:
+    """Where the payload and cursor of a message too big for the queue go."""
+    return f"{payloads_prefix(run_id)}{_chunk(chunk_id)}-s{seq}.json"
+
+
+def robots_key(run_id: str, netloc: str) -> str:
+    """Where a crawl run keeps a site's robots.txt."""
+    safe = re.sub(r"[^A-Za-z0-9.\-]", "_", netloc)
+    return f"runs/{run_id}/crawl/robots/{safe}.json"
+
+
+def dead_message_key(stamp: str, message_id: str) -> str:
+    """Where the dead letter of a message (``stamp``: its UTC time, ``message_id``:
+    made safe for a key by the caller) is kept."""
+    return f"{DEAD_LETTERS}{stamp}-{message_id}.json"
+
 
 #: Names starting with this are a store's own in-progress files (see ``DirStore``);
 #: a key may not use it, or ``list`` would hide the object.

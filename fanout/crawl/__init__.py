@@ -31,6 +31,7 @@ from fanout.crawl.components import MAX_RETRY_AFTER, THROTTLE_META
 from fanout.errors import PermanentError
 from fanout.jobs import Job
 from fanout.retry import compute_backoff
+from fanout.settings import RunKind
 
 __all__ = ["THROTTLE_META", "CrawlJob"]
 
@@ -43,6 +44,8 @@ class CrawlJob(Job):
     ``throttle_base`` is the first back-off (s) of requests to
     a domain that answered 429 or 503. Other keywords are :class:`Job`'s.
     """
+
+    kind = RunKind.CRAWL
 
     def __init__(
         self,

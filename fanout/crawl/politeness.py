@@ -24,7 +24,6 @@ from there. Its ``Crawl-delay`` is honoured (Scrapy's own middleware ignores it)
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
@@ -35,6 +34,7 @@ from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler
 
 from fanout.backends.crawlstate import DomainAsk, DomainGrant
+from fanout.backends.keys import robots_key
 from fanout.crawl.channel import CHUNK
 
 #: Seconds between two lease requests for a domain this chunk may not use yet.
@@ -46,12 +46,6 @@ RENEW_EVERY = 0.5
 #: its lease. Every chunk is a new process with no connections yet: 16 at once
 #: overflow a small listen backlog, and a dropped SYN is retried only after 1 s.
 RAMP_START = 4
-
-
-def robots_key(run_id: str, netloc: str) -> str:
-    """Where a run keeps a site's robots.txt in the store."""
-    safe = re.sub(r"[^A-Za-z0-9.\-]", "_", netloc)
-    return f"runs/{run_id}/crawl/robots/{safe}.json"
 
 
 class DomainGate:

@@ -38,10 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from fanout.backends.base import Backend, Delivery, RunState
+from fanout.children import die_with_parent
+from fanout.coordinator import submit
 from fanout.errors import UserError
 from fanout.jobs import load_job
-from fanout.messages import MessageError, decode_fire
+from fanout.messages import ScheduleFire
 from fanout.packaged import job_refusal
+from fanout.schedules import open_store
 from fanout.schedules.guard import sender_refusal, tick_refusal
 from fanout.schedules.model import (
     SCHEDULED_TIME,
@@ -136,8 +139,6 @@ def running_runs(backend: Backend, name: str) -> list[str]:
 
 def fire(backend: Backend, schedule: Schedule, tick: datetime) -> Fired:
     """Submit the run of one tick (or skip it, under ``overlap skip``)."""
-    from fanout import coordinator
-
     tick = floor_minute(tick)
     run_id = run_id_for(schedule.name, tick)
     if schedule.overlap == "skip":
@@ -145,7 +146,7 @@ def fire(backend: Backend, schedule: Schedule, tick: datetime) -> Fired:
         if going:
             return Fired(schedule.name, tick, run_id, "skipped", f"{going[0]} is still going")
     try:
-        coordinator.submit(backend, schedule.job, scheduled_params(schedule, tick), run_id=run_id)
+        submit(backend, schedule.job, scheduled_params(schedule, tick), run_id=run_id)
     except KeyError as exc:
         if not _is_duplicate_run(backend, exc, run_id):
             raise  # a bug or a missing object, not this tick's run existing already
@@ -287,8 +288,6 @@ def _process_main(backend_name: str, home: Path, stop: Any) -> None:
     import signal
 
     from fanout.backends import open_backend
-    from fanout.schedules import open_store
-    from fanout.worker import die_with_parent
 
     die_with_parent()
     # Ctrl-C reaches the whole process group; the supervisor stops us.
@@ -303,31 +302,24 @@ def _process_main(backend_name: str, home: Path, stop: Any) -> None:
         backend.close()
 
 
-# -- EventBridge's fire messages, received by the runner ----------------------------
+# -- EventBridge's fire messages, routed here by the dispatcher ---------------------
 
 
-def handle_fire_message(backend: Backend, delivery: Delivery) -> str:
-    """Fire the tick a :class:`~fanout.messages.ScheduleFire` message names, with the
-    schedule as the store keeps it (the message only names it), then acknowledge.
+def handle_fire(backend: Backend, delivery: Delivery, message: ScheduleFire) -> str:
+    """Fire the tick a :class:`~fanout.messages.ScheduleFire` message names (the
+    dispatcher decoded it), with the schedule as the store keeps it (the message
+    only names it), then acknowledge.
 
     The message is obeyed only from the scheduler (on AWS), for a tick the
     schedule would fire now, and once: see :mod:`fanout.schedules.guard`. A
     refused message is logged with its reason and dropped. Infrastructure
     errors propagate, so the message is redelivered: the tick's claim is given
     back first, and the run id makes the retry harmless."""
-    from fanout.schedules import open_store
-
     refused = sender_refusal(backend.name, delivery.sender, "fire")
     if refused:
         log.error("dropping %s", refused)
         backend.queue.ack(delivery.receipt)
         return "refused"
-    try:
-        message = decode_fire(delivery.body)
-    except MessageError as exc:
-        log.error("dropping a message that is not a fanout envelope: %s", exc)
-        backend.queue.ack(delivery.receipt)
-        return "invalid"
     store = open_store(backend)
     try:
         outcome = _fire_once(backend, store, message.schedule, message.scheduled_time)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord
+from fanout.dispatch import Dispatcher
 from fanout.runner import Runner
 
 JOBS = Path(__file__).resolve().parents[1] / "testjobs"
@@ -24,12 +25,12 @@ def drain(
     """Work the queue in this process until the run finishes."""
     from fanout import runner as runner_mod
 
-    runner = runner or Runner(backend)
+    dispatcher = Dispatcher(backend, runner)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         deliveries = backend.queue.receive(10, chunk_timeout + runner_mod.LEASE_GRACE)
         for delivery in deliveries:
-            runner.handle(delivery, chunk_timeout)
+            dispatcher.handle(delivery, chunk_timeout)
         run = backend.ledger.get_run(run_id)
         assert run is not None
         if run.state in TERMINAL_RUN_STATES:

@@ -1,0 +1,83 @@
+"""The one door a delivery comes in by: its envelope is decoded once and routed
+by kind (``fanout.messages.decode_envelope``):
+
+- a chunk message → the runner (``fanout.runner``): claim, run, commit or fail;
+- a schedule's tick, from EventBridge Scheduler → ``fanout.schedules.fire``;
+- a recovery sweep, from the stack's schedule → ``fanout.coordinator.recover``.
+
+Both hosts hand every delivery here: the local worker's children
+(``fanout.worker``) and the Lambda handler (``fanout.aws_lambda``). Nothing
+below this module imports it (``tests/test_layers.py``; docs/architecture.md,
+"Layers").
+
+Never raises for a message. A body that is not a valid envelope is kept as a
+dead letter and acknowledged; anything else that goes wrong outside the job's
+code (the runner first fails the attempt in hand, if any) hands the message
+back to be tried again shortly, and dead-letters it once it failed
+``fanout.failures.POISON_TRIES`` times: no message can crash-loop a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+from fanout.backends.base import Backend, Delivery
+from fanout.failures import describe, drop_invalid, settle_poison
+from fanout.messages import ChunkMessage, MessageError, ScheduleFire, decode_envelope
+from fanout.runner import Runner
+
+log = logging.getLogger("fanout.dispatch")
+
+#: Outcomes of :meth:`Dispatcher.handle` that leave the message on the queue (not
+#: acknowledged): it is delivered again when its visibility runs out.
+RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued", "capped"})
+
+
+class Dispatcher:
+    """Routes the deliveries of one backend; one per worker process."""
+
+    def __init__(self, backend: Backend, runner: Runner | None = None) -> None:
+        """``runner``: the one chunk messages go to (its hooks tell a supervisor
+        which attempt is in hand); by default a plain :class:`Runner`."""
+        self.backend = backend
+        self.runner = runner if runner is not None else Runner(backend)
+
+    def handle(self, delivery: Delivery, timeout: float) -> str:
+        """Handle one delivery, a chunk under a hard ``timeout`` (s); returns what
+        happened. The message was released back to the queue (not acknowledged)
+        exactly when the result is in :data:`RELEASED`."""
+        try:
+            try:
+                envelope = decode_envelope(delivery.body)
+            except MessageError as exc:
+                # Untrusted input that is not ours: drop it, loudly.
+                return drop_invalid(self.backend.queue, self.backend.store, delivery, str(exc))
+            if isinstance(envelope, ChunkMessage):
+                return self.runner.handle(delivery, envelope, timeout)
+            if isinstance(envelope, ScheduleFire):
+                # Imported on the first tick: most processes never see one, and
+                # the Lambda handler's cold start must not pay for schedules
+                # (croniter) or the coordinator (tests/test_coldstart.py).
+                from fanout.schedules.fire import handle_fire
+
+                return handle_fire(self.backend, delivery, envelope)
+            return self._sweep(delivery)
+        except Exception as exc:
+            reason, tb = describe(exc), traceback.format_exc()
+            return settle_poison(self.backend.queue, self.backend.store, delivery, reason, tb)
+
+    def _sweep(self, delivery: Delivery) -> str:
+        from fanout.coordinator import recover  # on the first sweep, as above
+        from fanout.schedules.guard import sender_refusal
+
+        # Acknowledged first: recovery re-sends stranded tasks only when the
+        # queue is empty, and this message must not count.
+        self.backend.queue.ack(delivery.receipt)
+        refused = sender_refusal(self.backend.name, delivery.sender, "sweep")
+        if refused:
+            log.error("dropping %s", refused)
+            return "refused"
+        for action in recover(self.backend):
+            log.warning("recovery sweep: %s", action)
+        return "swept"

@@ -1,0 +1,133 @@
+"""The dispatcher (issue 11): every delivery's envelope is decoded once, by
+its declared ``kind``, and routed: chunk → runner, schedule tick → schedules,
+sweep → recovery. Nothing is routed by searching the body's text."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from fanout import coordinator
+from fanout.backends.base import Backend, RunState, TaskKey
+from fanout.dispatch import Dispatcher
+from fanout.failures import list_messages
+from fanout.messages import (
+    SWEEP_BODY,
+    ChunkMessage,
+    MessageError,
+    ScheduleFire,
+    Sweep,
+    decode_envelope,
+    encode,
+)
+
+TREE = str(Path(__file__).resolve().parent / "testjobs" / "tree.py")
+
+
+def deliver(backend: Backend, body: str) -> str:
+    backend.queue.send([body])
+    (delivery,) = backend.queue.receive(1, 30)
+    return Dispatcher(backend).handle(delivery, 10)
+
+
+def test_each_kind_decodes_to_its_own_envelope() -> None:
+    chunk = encode(ChunkMessage(run_id="r-1", chunk_id="0/2", payload={"a": 1}))
+    assert decode_envelope(chunk) == ChunkMessage(run_id="r-1", chunk_id="0/2", payload={"a": 1})
+    tick = json.dumps(
+        {"v": 1, "kind": "schedule.fire", "schedule": "p", "scheduled_time": "2030-01-01T00:00Z"}
+    )
+    fire = decode_envelope(tick)
+    assert isinstance(fire, ScheduleFire)
+    assert fire.scheduled_time == datetime(2030, 1, 1, tzinfo=UTC)
+    assert decode_envelope(SWEEP_BODY) == Sweep(v=1, kind="fanout.sweep")
+    # A chunk message may leave its kind out (it defaults to "process").
+    bare = decode_envelope('{"v": 1, "run_id": "r-1", "chunk_id": "0"}')
+    assert isinstance(bare, ChunkMessage) and bare.kind == "process"
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        # Each error names the field at fault of the kind the body claims to be.
+        ('{"v":1,"kind":"schedule.fire","schedule":"p","scheduled_time":"x"}', "scheduled_time:"),
+        ('{"v":1,"kind":"fanout.sweep","extra":1}', "extra: Extra inputs are not permitted"),
+        ('{"kind":"fanout.sweep"}', "v: Field required"),
+        ('{"run_id":"r","chunk_id":"0","seq":1000001}', "seq: Input should be less than or equal"),
+        ('{"v":1,"kind":"nonsense"}', "run_id: Field required"),  # no such kind: a chunk's
+        ("[" * 60_000 + "]" * 60_000, "message: Invalid JSON: recursion limit exceeded"),
+        ('"text"', "message: Input should be an object"),
+    ],
+)
+def test_an_invalid_envelope_names_the_field_of_the_kind_it_claims(body: str, error: str) -> None:
+    with pytest.raises(MessageError, match=r"^invalid message: ") as raised:
+        decode_envelope(body)
+    assert error in str(raised.value)
+
+
+def test_a_body_that_is_not_text_is_refused() -> None:
+    with pytest.raises(MessageError, match="the body is a bytes, not text"):
+        decode_envelope(b'{"v":1,"kind":"fanout.sweep"}')
+
+
+def test_a_body_that_merely_mentions_a_tick_is_kept_as_an_invalid_message(mem: Backend) -> None:
+    """Routed by its text, this broken chunk message went to the schedule code,
+    which dropped it without keeping it; decoded as what it is, it is an
+    invalid chunk message, kept with its reason like any other."""
+    body = json.dumps({"v": 1, "run_id": "r-1", "chunk_id": "../x", "payload": "schedule.fire"})
+    assert deliver(mem, body) == "invalid"
+    (letter,) = list_messages(mem.store)
+    assert letter["reason"].startswith("invalid message: chunk_id: String should match pattern")
+    assert letter["body"] == body
+    assert mem.queue.pending() == 0
+
+
+def test_a_malformed_tick_is_kept_with_the_field_at_fault(mem: Backend) -> None:
+    body = json.dumps(
+        {"v": 1, "kind": "schedule.fire", "schedule": "p", "scheduled_time": "not a time"}
+    )
+    assert deliver(mem, body) == "invalid"
+    (letter,) = list_messages(mem.store)
+    assert letter["reason"].startswith("invalid message: scheduled_time: ")
+    assert mem.queue.pending() == 0
+
+
+def test_chunks_ticks_and_sweeps_each_reach_their_handler(mem: Backend) -> None:
+    # A tick reaches the schedules, which know no schedule of that name.
+    tick = {"v": 1, "kind": "schedule.fire", "schedule": "none"}
+    tick["scheduled_time"] = "2030-01-01T00:00:00Z"
+    assert deliver(mem, json.dumps(tick)) == "unknown schedule"
+    run = coordinator.submit(mem, TREE, {"chunks": 1, "rows": 1})
+    (plan,) = mem.queue.receive(1, 30)
+    assert Dispatcher(mem).handle(plan, 10) == "committed"  # the runner ran the plan
+    # The chunk the plan spawned is lost from the queue: a sweep re-sends it.
+    (child,) = mem.queue.receive(1, 30)
+    mem.queue.ack(child.receipt)
+    assert deliver(mem, SWEEP_BODY) == "swept"
+    (again,) = mem.queue.receive(1, 30)
+    assert again.body == child.body
+    assert Dispatcher(mem).handle(again, 10) == "committed"
+    finished = mem.ledger.get_run(run.run_id)
+    assert finished is not None and finished.state is RunState.SUCCEEDED
+    assert list_messages(mem.store) == []
+
+
+def test_a_failure_outside_the_job_hands_the_message_back(
+    mem: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What breaks before a claim (here the ledger's read of the run) is the
+    message's problem: handed back with back-off, never raised to the host."""
+    run = coordinator.submit(mem, TREE, {"chunks": 1, "rows": 1})
+
+    def broken(run_id: str) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(mem.ledger, "get_run", broken)
+    (plan,) = mem.queue.receive(1, 30)
+    assert Dispatcher(mem).handle(plan, 10) == "requeued"
+    monkeypatch.undo()
+    task = mem.ledger.get_task(TaskKey(run.run_id, "0", 0))
+    assert task is not None and task.attempt == 0  # never claimed
+    assert mem.queue.pending() == 1  # handed back, not acknowledged
