@@ -57,6 +57,7 @@ class AwsSettings:
 
 def open_aws(settings: AwsSettings | None = None) -> Backend:
     """The three seams on AWS; the resources must exist (see ``create_resources``)."""
+    from fanout.backends.aws.crawlstate import DynamoCrawlState
     from fanout.backends.aws.ledger import DynamoLedger
     from fanout.backends.aws.queue import SqsQueue
     from fanout.backends.aws.store import S3Store
@@ -67,4 +68,5 @@ def open_aws(settings: AwsSettings | None = None) -> Backend:
         queue=SqsQueue(settings),
         store=S3Store(settings),
         ledger=DynamoLedger(settings),
+        crawl=DynamoCrawlState(settings),
     )
