@@ -258,7 +258,7 @@ class Runner:
                 soft_deadline=started + timeout - soft_margin(timeout),
                 writer=writer,
                 job_name=job.name,
-                ledger=self.ledger,
+                crawl=self.backend.crawl,
                 settings=run.settings,
                 store=self.store,
                 token=attempt.token,

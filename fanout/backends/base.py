@@ -1,5 +1,6 @@
 """The backend seam: the records the engine keeps and the three Protocols
-(queue, object store, ledger) that every backend implements.
+(queue, object store, ledger) that every backend implements; crawl jobs' state
+has a Protocol of its own (:mod:`fanout.backends.crawlstate`).
 
 The engine (``fanout.runner``, ``fanout.coordinator``) speaks only to these
 Protocols. Each method of :class:`Ledger` is one atomic step of the correctness
@@ -16,7 +17,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from fanout.backends.crawlstate import DomainAsk, DomainGrant
+from fanout.backends.crawlstate import CrawlState
 
 
 class TaskState(enum.StrEnum):
@@ -311,19 +312,6 @@ class Ledger(Protocol):
         """Tasks registered by ``key`` that are still queued (to re-send them when a
         duplicate delivery shows the parent's sends may have been lost)."""
 
-    def claim_urls(
-        self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
-    ) -> set[str]:
-        """The run-wide seen-set of a crawl: claim each fingerprint for attempt
-        ``token`` of chunk ``owner`` unless another chunk's live claim holds it
-        (one whose attempt is running or committed); return those ``owner``
-        holds now. Stale claims (of attempts that never committed) are taken
-        over, so nothing needs releasing (:mod:`fanout.backends.crawlstate`)."""
-
-    def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
-        """Lease slots of ``domain`` to chunk ``holder`` (run-wide politeness,
-        :func:`fanout.backends.crawlstate.grant_domain`)."""
-
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""
 
@@ -427,12 +415,15 @@ class Store(Protocol):
 
 @dataclass
 class Backend:
-    """The three seams of one backend, opened together."""
+    """The seams of one backend, opened together: the three every job uses, and
+    the crawl state (:class:`~fanout.backends.crawlstate.CrawlState`) that
+    crawl jobs use beside the ledger (None: this backend has none)."""
 
     name: str
     queue: Queue
     store: Store
     ledger: Ledger
+    crawl: CrawlState | None = None
 
     def close(self) -> None:
         self.queue.close()

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 #: A task's state while an attempt holds its lease (``TaskState.RUNNING``; this
 #: module sits below ``base`` and does not import it).
@@ -128,6 +129,37 @@ def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
     if slots == 0:
         return DomainGrant(0, retry_after=0.5, holders=len(others) + 1)
     return DomainGrant(slots, holders=len(others) + 1)
+
+
+@runtime_checkable
+class CrawlState(Protocol):
+    """A crawl run's shared state, kept by the backend beside its ledger: the
+    run-wide seen-set and the per-domain politeness leases. Each method is
+    atomic. Crawl jobs get it from ``Backend.crawl``; the contract suite in
+    ``tests/contract/test_crawlstate_contract.py`` runs against every backend."""
+
+    #: Whether a forked process (every crawl chunk runs in one) sees this
+    #: state's writes, and the parent its child's: false for a backend that
+    #: lives in one process's memory, on which crawl jobs refuse to run.
+    shared_across_processes: bool
+
+    def claim_urls(
+        self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
+    ) -> set[str]:
+        """The run-wide seen-set: claim each fingerprint for attempt ``token``
+        of chunk ``owner`` unless another chunk's live claim holds it (one
+        whose attempt is running or committed, :func:`claim_is_live`); return
+        those ``owner`` holds now. Stale claims (of attempts that never
+        committed) are taken over, so nothing needs releasing."""
+
+    def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
+        """Lease slots of ``domain`` to chunk ``holder`` (run-wide politeness,
+        :func:`grant_domain`)."""
+
+    @property
+    def usage(self) -> Mapping[str, int]:
+        """What this process's calls consumed where it is billed (DynamoDB's
+        ``read_units``/``write_units``); empty where nothing is."""
 
 
 def dump_state(state: dict[str, Any]) -> str:

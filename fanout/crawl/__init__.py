@@ -70,10 +70,10 @@ class CrawlJob(Job):
         self.process(self._process)
 
     def _process(self, payload: Any, ctx: ChunkContext) -> None:
-        ledger = ctx._ledger
-        if ledger is None or not getattr(ledger, "shared_across_processes", True):
-            # Each crawl chunk is a forked process: an in-process ledger would
-            # give every chunk its own copy of the seen-set.
+        crawl = ctx._crawl
+        if crawl is None or not crawl.shared_across_processes:
+            # Each crawl chunk is a forked process: an in-process crawl state
+            # would give every chunk its own copy of the seen-set.
             raise PermanentError("crawl jobs need a backend shared across processes (local, aws)")
         frontier = None if ctx.chunk_id == "0" else payload["requests"]
         log_level = logging.getLevelName(logging.getLogger("fanout").getEffectiveLevel())
@@ -81,7 +81,7 @@ class CrawlJob(Job):
             self.spider_cls,
             dict(ctx.params or {}),
             frontier,
-            ledger=ledger,
+            crawl=crawl,
             run_id=ctx.run_id,
             chunk_id=ctx.chunk_id,
             pages_per_chunk=self._pages_per_chunk(ctx),

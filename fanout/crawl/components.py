@@ -70,7 +70,7 @@ def book_of(crawler: Any) -> ClaimBook:
     book = CHUNK.get("book")
     if book is None:
         book = ClaimBook(
-            CHUNK["ledger"],
+            CHUNK["crawl"],
             CHUNK["run_id"],
             CHUNK["chunk_id"],
             CHUNK.get("token", ""),
@@ -401,8 +401,8 @@ class ChunkBudget:
     def leave(self) -> None:
         """Send the stats and exit the chunk process."""
         stats = self.crawler.stats
-        # What the ledger's crawl calls cost, where it counts (DynamoDB).
-        for unit, value in getattr(CHUNK["ledger"], "crawl_usage", {}).items():
+        # What the crawl state's calls cost, where it counts (DynamoDB).
+        for unit, value in CHUNK["crawl"].usage.items():
             stats.set_value(f"fanout/ledger_{unit}", value)
         send("stats", summarize_stats(stats.get_stats()))
         assert channel.CHANNEL is not None

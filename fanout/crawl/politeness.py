@@ -33,7 +33,7 @@ from scrapy.exceptions import NotConfigured
 from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler
 
-from fanout.backends.crawlstate import DomainAsk, DomainGrant
+from fanout.backends.crawlstate import CrawlState, DomainAsk, DomainGrant
 from fanout.backends.keys import robots_key
 from fanout.crawl.channel import CHUNK
 
@@ -54,7 +54,7 @@ class DomainGate:
     def __init__(self, crawler: Any, chunk: dict[str, Any]) -> None:
         settings = crawler.settings
         self.crawler = crawler
-        self.ledger = chunk["ledger"]
+        self.crawl: CrawlState = chunk["crawl"]
         self.run_id: str = chunk["run_id"]
         self.holder: str = chunk["chunk_id"]
         self.expires: float = chunk["expires"]  # wall clock: the hard timeout
@@ -123,7 +123,7 @@ class DomainGate:
             now=now,
             in_use=in_use,
         )
-        grant: DomainGrant = self.ledger.lease_domain(self.run_id, key, self.holder, ask)
+        grant: DomainGrant = self.crawl.lease_domain(self.run_id, key, self.holder, ask)
         return grant
 
     def _apply(self, key: str, grant: DomainGrant) -> None:

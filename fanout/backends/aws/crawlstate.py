@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,13 +43,16 @@ def _conflict(exc: ClientError) -> bool:
     return code == "ConditionalCheckFailedException"
 
 
-class CrawlState(DynamoTable):
-    """The seen-set and domain leases (mixed into the DynamoDB ledger).
+class DynamoCrawlState(DynamoTable):
+    """The :class:`~fanout.backends.crawlstate.CrawlState` in the ledger's table.
 
-    ``crawl_usage`` counts the capacity units these calls consume (every item
+    ``usage`` counts the capacity units these calls consume (every item
     here is under 1 KB: a write is 1 unit, a failed conditional write too; a
     strongly consistent read of an item is 1 read unit), so a crawl reports
     what its seen-set and leases cost."""
+
+    #: Forked crawl chunks see these writes (it is a remote service).
+    shared_across_processes = True
 
     #: Claims, per (run, owner, token), known to hold without asking again:
     #: those whose attempt committed (a running one may still fail).
@@ -60,6 +63,11 @@ class CrawlState(DynamoTable):
         """Capacity units consumed by the crawl state's calls so far."""
         usage: Counter[str] = self.__dict__.setdefault("_crawl_usage", Counter())
         return usage
+
+    @property
+    def usage(self) -> Mapping[str, int]:
+        """Capacity units consumed by this process's calls so far."""
+        return dict(self.crawl_usage)
 
     def claim_urls(
         self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]

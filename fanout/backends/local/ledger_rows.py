@@ -61,19 +61,6 @@ CREATE TABLE IF NOT EXISTS tasks (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (run_id, state);
 CREATE INDEX IF NOT EXISTS tasks_by_parent ON tasks (run_id, parent_chunk, parent_seq);
-CREATE TABLE IF NOT EXISTS seen (
-    run_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    token TEXT,
-    PRIMARY KEY (run_id, fingerprint)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS domains (
-    run_id TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    state TEXT NOT NULL,
-    PRIMARY KEY (run_id, domain)
-) WITHOUT ROWID;
 """
 
 
