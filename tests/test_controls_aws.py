@@ -19,7 +19,8 @@ from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, RunState, TaskState
 from fanout.cli import main
-from fanout.runner import LEASE_GRACE, Runner
+from fanout.dispatch import Dispatcher
+from fanout.runner import LEASE_GRACE
 from support.helpers import JOBS, drain
 from support.lambda_source import EventSource
 from support.procs import wait_for
@@ -137,7 +138,7 @@ def test_max_concurrency_holds_across_concurrent_invocations_on_aws(
 
     def container() -> None:
         backend = open_backend("aws")  # a container of its own: runner, clients
-        runner = Runner(backend)
+        runner = Dispatcher(backend)
         try:
             while not stop.is_set():
                 for delivery in backend.queue.receive(1, 10 + LEASE_GRACE):

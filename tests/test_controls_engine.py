@@ -7,6 +7,7 @@ import time
 
 from fanout import coordinator
 from fanout.backends.base import Backend, RunState, TaskKey, TaskState
+from fanout.dispatch import Dispatcher
 from fanout.runner import Runner
 from support.helpers import JOBS, drain
 
@@ -17,7 +18,7 @@ def test_a_chunk_buried_at_a_takeover_counts_against_the_tolerance(mem: Backend)
     run_id = coordinator.submit(
         mem, JOB, {"chunks": 6}, {"tolerated_failures": 0, "max_attempts": 1}
     ).run_id
-    runner = Runner(mem)
+    runner = Dispatcher(mem)
     (plan,) = mem.queue.receive(1, 30)
     assert runner.handle(plan, 10.0) == "committed"
     # A worker claims chunk 0/0 and dies: its lease lapses with its only attempt.
@@ -35,14 +36,15 @@ def test_a_checkpoint_at_the_same_cursor_is_no_failure_when_told_to_stop(mem: Ba
     started: that is no lack of progress, and nothing is lost or repeated."""
     run_id = coordinator.submit(mem, JOB, {"chunks": 1, "steps": 3, "eager": True}).run_id
     runner = Runner(mem)
+    dispatcher = Dispatcher(mem, runner)
     (plan,) = mem.queue.receive(1, 30)
-    assert runner.handle(plan, 10.0) == "committed"
+    assert dispatcher.handle(plan, 10.0) == "committed"
     # Every chunk is told the run is paused at its first time_left().
     told = runner.gate.probe
     runner.gate.probe = lambda run_id: lambda: "paused"  # type: ignore[method-assign]
     for seq in (0, 1):
         (delivery,) = mem.queue.receive(1, 30)
-        assert runner.handle(delivery, 10.0) == "continued"
+        assert dispatcher.handle(delivery, 10.0) == "continued"
         task = mem.ledger.get_task(TaskKey(run_id, "0/0", seq))
         assert task is not None and task.state == TaskState.DONE
     runner.gate.probe = told  # type: ignore[method-assign]

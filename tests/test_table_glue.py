@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from fanout import coordinator
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord
 from fanout.cli import main
-from fanout.runner import Runner
+from fanout.dispatch import Dispatcher
 from fanout.tables.catalog import read_catalog
 from fanout.tables.glue import hive_type, sync_glue_table
 
@@ -39,7 +39,7 @@ def process(payload, ctx):
 
 
 def drain(backend: Backend, run_id: str, limit: float = 60.0) -> RunRecord:
-    runner = Runner(backend)
+    runner = Dispatcher(backend)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         for delivery in backend.queue.receive(10, 15.0):

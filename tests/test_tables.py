@@ -26,7 +26,7 @@ import pytest
 from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, Store, TaskState
-from fanout.runner import Runner
+from fanout.dispatch import Dispatcher
 from fanout.tables.catalog import read_catalog
 
 TESTS = Path(__file__).parent
@@ -39,7 +39,7 @@ JOB = str(TESTS / "testjobs" / "readings_table.py")
 
 def drain(backend: Backend, run_id: str, limit: float = 60.0) -> RunRecord:
     """Work the queue in this process until the run finishes."""
-    runner = Runner(backend)
+    runner = Dispatcher(backend)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         for delivery in backend.queue.receive(10, 15.0):

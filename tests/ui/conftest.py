@@ -21,7 +21,8 @@ import pytest
 from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord
-from fanout.runner import LEASE_GRACE, Runner
+from fanout.dispatch import Dispatcher
+from fanout.runner import LEASE_GRACE
 
 REPO = Path(__file__).resolve().parents[2]
 BROKEN = str(Path(__file__).parent / "broken_job.py")
@@ -31,7 +32,7 @@ SCRIPT = "<script>alert('xss')</script>"
 
 def drain(backend: Backend, run_id: str, limit: float = 60.0) -> RunRecord:
     """Work the queue in this process until ``run_id`` ends."""
-    runner = Runner(backend)
+    runner = Dispatcher(backend)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         deliveries = backend.queue.receive(10, 10 + LEASE_GRACE)
