@@ -193,6 +193,9 @@ class Status:
     #: The latest timed-out attempt: chunk_id, seq, attempt, at, and the cursor it
     #: started from (its last checkpoint; None for a chunk's first slice).
     last_timeout: dict[str, Any] | None = None
+    #: A crawl's domains backed off run-wide now (a 429/503 answer), with the
+    #: seconds their back-off has left.
+    backoffs: dict[str, float] = field(default_factory=dict)
 
     @property
     def elapsed(self) -> float:
@@ -227,6 +230,7 @@ class Status:
             "timed_out": self.timed_out,
             "crashed": self.crashed,
             "last_timeout": self.last_timeout,
+            "backoffs": self.backoffs,
         }
 
 
@@ -263,7 +267,12 @@ def status(backend: Backend, run_id: str) -> Status:
             "at": at,
             "cursor": checkpoint(backend, task),
         }
-    return Status(run, counts, pending, timed_out, crashed, latest)
+    backoffs: dict[str, float] = {}
+    if crawl and backend.crawl is not None and run.state not in TERMINAL_RUN_STATES:
+        now = time.time()
+        ends = backend.crawl.backoffs(run_id, now)
+        backoffs = {domain: round(end - now, 1) for domain, end in sorted(ends.items())}
+    return Status(run, counts, pending, timed_out, crashed, latest, backoffs)
 
 
 def checkpoint(backend: Backend, task: TaskRecord) -> Any:

@@ -27,7 +27,12 @@ from typing import Any
 
 from fanout.context import ChunkContext
 from fanout.crawl.chunk import run_chunk
-from fanout.crawl.components import MAX_RETRY_AFTER, THROTTLE_META
+from fanout.crawl.components import (
+    DEFAULT_THROTTLE_BASE,
+    MAX_BACKOFF,
+    MAX_RETRY_AFTER,
+    THROTTLE_META,
+)
 from fanout.errors import PermanentError
 from fanout.jobs import Job
 from fanout.retry import compute_backoff
@@ -54,7 +59,7 @@ class CrawlJob(Job):
         *,
         name: str | None = None,
         pages_per_chunk: int = 250,
-        throttle_base: float = 5.0,
+        throttle_base: float = DEFAULT_THROTTLE_BASE,
         **settings: Any,
     ) -> None:
         settings.setdefault("max_depth", 63)  # chunk generations, not page depth
@@ -89,6 +94,7 @@ class CrawlJob(Job):
             log_level=os.environ.get("FANOUT_SCRAPY_LOG_LEVEL", log_level),
             token=ctx._token,
             store=ctx._store,
+            throttle_base=self.throttle_base,
         )
         for error in result.errors:
             ctx.log.error("crawl chunk: %s", error)
@@ -124,8 +130,9 @@ class CrawlJob(Job):
         for (level, asked), requests in sorted(throttled.items()):
             # At least the base: a throttled site is always given a pause.
             delay = min(
-                900.0,
-                self.throttle_base + compute_backoff(level, base=self.throttle_base, cap=900.0),
+                MAX_BACKOFF,
+                self.throttle_base
+                + compute_backoff(level, base=self.throttle_base, cap=MAX_BACKOFF),
             )
             delay = max(delay, asked)
             for start in range(0, len(requests), size):

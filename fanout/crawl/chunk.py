@@ -219,6 +219,7 @@ def run_chunk(
     log_level: str = "WARNING",
     token: str = "",
     store: Store | None = None,
+    throttle_base: float = components.DEFAULT_THROTTLE_BASE,
 ) -> ChunkResult:
     """Crawl one chunk in a forked process and collect what it sent.
 
@@ -243,6 +244,7 @@ def run_chunk(
         "drain": drain,
         "log_level": log_level,
         "worker_pid": os.getpid(),
+        "throttle_base": throttle_base,  # a throttled domain's first back-off, run-wide
     }
     prewarm()
     read_fd, write_fd = os.pipe()

@@ -124,6 +124,29 @@ def test_a_domain_with_a_delay_is_leased_whole_and_freed_a_delay_after_release(
     assert second.start_after >= released + 1.0 - 0.01
 
 
+def test_a_domain_back_off_is_kept_for_every_chunk_and_listed_until_it_ends(
+    backend: Backend,
+) -> None:
+    _run(backend)
+    crawl = _crawl(backend)
+    crawl.lease_domain(RUN, "b.test", "0/2", _ask(2))
+    now = time.time()
+    until = now + 30.0
+    ask = _ask(2)
+    told = crawl.lease_domain(
+        RUN,
+        "a.test",
+        "0/1",
+        DomainAsk(ask.capacity, ask.delay, ask.want, ask.expires, ask.now, backoff_until=until),
+    )
+    assert told.backoff_until == until
+    # Another chunk asking for the domain is told the same back-off.
+    assert crawl.lease_domain(RUN, "a.test", "0/3", _ask(2)).backoff_until == until
+    assert crawl.backoffs(RUN, time.time()) == {"a.test": until}
+    assert crawl.backoffs(RUN, until + 1) == {}
+    assert crawl.backoffs("another-run", time.time()) == {}
+
+
 def test_another_process_sees_the_claims_and_leases(
     backend: Backend, open_same: Callable[[], Backend]
 ) -> None:

@@ -29,6 +29,7 @@ from fanout.backends.aws.ledger_items import DynamoTable, _key, _run_pk, _task_s
 from fanout.backends.crawlstate import (
     DomainAsk,
     DomainGrant,
+    backoff_of,
     claim_is_live,
     dump_state,
     grant_domain,
@@ -36,6 +37,8 @@ from fanout.backends.crawlstate import (
 
 #: Conditional writes to a domain lease retried when another chunk wrote first.
 _LEASE_TRIES = 8
+#: The sort key prefix of a run's domain lease items.
+_DOMAIN = "DOMAIN#"
 
 
 def _conflict(exc: ClientError) -> bool:
@@ -184,10 +187,28 @@ class DynamoCrawlState(DynamoTable):
             raise
         return True
 
+    def backoffs(self, run_id: str, now: float) -> dict[str, float]:
+        """The run's domains backed off at ``now``, with their back-off's end
+        (one query of the run's domain items; eventually consistent: for display)."""
+        items = self._query(
+            KeyConditionExpression="pk = :pk AND begins_with(sk, :domain)",
+            ExpressionAttributeValues={
+                ":pk": {"S": _run_pk(run_id)},
+                ":domain": {"S": _DOMAIN},
+            },
+            ProjectionExpression="sk, lease",
+        )
+        found: dict[str, float] = {}
+        for item in items:
+            until = backoff_of(json.loads(item["lease"]["S"]), now)
+            if until:
+                found[item["sk"]["S"].removeprefix(_DOMAIN)] = until
+        return found
+
     def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
         """Lease slots of ``domain`` to chunk ``holder``: read, decide, write back
         conditional on the version read (again when another chunk wrote first)."""
-        key = _key(_run_pk(run_id), f"DOMAIN#{domain}")
+        key = _key(_run_pk(run_id), f"{_DOMAIN}{domain}")
         for _ in range(_LEASE_TRIES):
             self.crawl_usage["read_units"] += 1
             self.crawl_usage["write_units"] += 1

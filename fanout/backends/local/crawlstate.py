@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from fanout.backends.crawlstate import (
     DomainAsk,
     DomainGrant,
+    backoff_of,
     claim_is_live,
     dump_state,
     grant_domain,
@@ -66,6 +67,13 @@ class SQLiteCrawlState:
     def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
         """Lease slots of ``domain`` for chunk ``holder`` (run-wide politeness)."""
         return lease_domain(self.db, run_id, domain, holder, ask)
+
+    def backoffs(self, run_id: str, now: float) -> dict[str, float]:
+        """The run's domains backed off at ``now``, with their back-off's end."""
+        rows = self.db.conn.execute(
+            "SELECT domain, state FROM domains WHERE run_id = ?", (run_id,)
+        ).fetchall()
+        return {d: until for d, raw in rows if (until := backoff_of(json.loads(raw), now))}
 
 
 def migrate(db: Database) -> None:
