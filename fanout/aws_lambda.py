@@ -2,7 +2,7 @@
 
 Each record runs under a hard timeout taken from the invocation's remaining
 time (less a safety margin), so its lease expires when Lambda would kill it.
-Records the runner handed back to the queue (another worker holds the task, a
+Records the dispatcher handed back to the queue (another worker holds the task, a
 back-off, a retry) are reported in ``batchItemFailures``: Lambda then leaves
 them to reappear when their visibility (set by the runner) runs out, and
 deletes the rest. Heavy imports (Scrapy, Twisted) happen only in crawl jobs.

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
 from fanout.backends.base import Backend
+from fanout.failures import Attempt
 from fanout.logs import running_on_lambda
 
 log = logging.getLogger("fanout.metrics")
@@ -133,3 +134,31 @@ def metrics_for(backend: Backend) -> MetricsSink:
     if backend.name == "aws" and running_on_lambda():
         return EmfMetrics()
     return NoMetrics()
+
+
+def record_attempt(
+    sink: MetricsSink,
+    job_name: str,
+    attempt: Attempt,
+    outcome: str,
+    took: float | None,
+    records: int,
+) -> None:
+    """Hand one settled attempt to ``sink``; a sink that fails is logged, never
+    raised: metrics must not fail a chunk."""
+    try:
+        sink.record(
+            ChunkMetrics(
+                job=job_name,
+                run_id=attempt.key.run_id,
+                chunk_id=attempt.key.chunk_id,
+                seq=attempt.key.seq,
+                attempt=attempt.attempt,
+                outcome=outcome,
+                duration=took or 0.0,
+                records=records,
+                retried=outcome == "retried",
+            )
+        )
+    except Exception:
+        log.exception("could not record the metrics of %s", attempt.key)

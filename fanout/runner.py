@@ -7,12 +7,13 @@ of message elsewhere. The order of the commit steps is the correctness model
 
 1. write the chunk's Avro output under an attempt-unique key (uncommitted files
    are garbage: only the ledger makes a file count);
-2. register the children and the continuation (conditional creates that raise
-   the run's outstanding counter), then send their messages;
+2. register the children and the continuation (``fanout.spawn``: conditional
+   creates that raise the run's outstanding counter);
 3. commit the task in the ledger (conditional on still holding the lease),
    which lowers the counter; the step that takes it to zero finalizes the run
    (``fanout.finalize``);
-4. acknowledge the message.
+4. send the children's messages (a child runs only once its parent
+   committed), then acknowledge the message.
 
 A crash between any two steps is repaired by redelivery: a re-run registers
 the same deterministic child ids (no double count) and re-sends those still
@@ -39,7 +40,6 @@ from fanout.backends.base import (
     Delivery,
     Failure,
     FailureKind,
-    NewTask,
     Output,
     TaskEvent,
     TaskKey,
@@ -59,10 +59,11 @@ from fanout.failures import (
 )
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import Job, activate, load_job
-from fanout.messages import ChunkMessage, decode, offload, resolve
-from fanout.metrics import ChunkMetrics, MetricsSink, metrics_for
+from fanout.messages import ChunkMessage, decode, resolve
+from fanout.metrics import MetricsSink, metrics_for, record_attempt
 from fanout.retry import compute_backoff
 from fanout.settings import SCHEMA, RunSettings, limits_of
+from fanout.spawn import next_tasks
 
 log = logging.getLogger("fanout.runner")
 
@@ -92,7 +93,10 @@ def soft_margin(timeout: float) -> float:
 
 
 class Runner:
-    """Runs deliveries against one backend. One per worker process."""
+    """Runs chunks against one backend. One per worker process, behind its
+    dispatcher (``fanout.dispatch``); a supervisor also uses it to fail an
+    attempt it killed (:meth:`fail`) and to finish a drained run
+    (:meth:`finalize`)."""
 
     def __init__(
         self,
@@ -314,7 +318,15 @@ class Runner:
             self.store.put(okey, data)
             output = Output(okey, writer.count, len(data))
 
-        children, stop_reason = self._children(msg, payload, ctx, continuation, settings)
+        children, stop_reason = next_tasks(
+            msg,
+            payload,
+            ctx.spawned,
+            continuation,
+            settings,
+            self.store,
+            self.queue.max_message_bytes,
+        )
         if children:
             tasks = [task for task, _ in children]
             registration = self.ledger.register(
@@ -367,7 +379,7 @@ class Runner:
             records=records,
             bytes=nbytes,
         )
-        self._measure(run.job_name, attempt, outcome, took, records)
+        record_attempt(self.metrics, run.job_name, attempt, outcome, took, records)
         # Sent only now: a child runs only once its parent committed. A crash
         # before these sends is repaired by the redelivery of this message
         # (see handle: a finished task re-sends its queued children).
@@ -383,49 +395,6 @@ class Runner:
             by_delay[delay].append(body)
         for delay, group in by_delay.items():
             self.queue.send(group, delay=delay)
-
-    def _children(
-        self,
-        msg: ChunkMessage,
-        payload: Any,
-        ctx: ChunkContext,
-        continuation: Continue | None,
-        settings: RunSettings,
-    ) -> tuple[list[tuple[NewTask, float]], str | None]:
-        """The tasks this chunk asks for, or the runaway bound they would break."""
-        limit = self.queue.max_message_bytes
-        children: list[tuple[NewTask, float]] = []
-        if ctx.spawned:
-            depth = msg.depth + 1
-            if depth > settings.max_depth:
-                return [], f"max_depth ({settings.max_depth}) reached at chunk {msg.chunk_id}"
-            for i, spawn in enumerate(ctx.spawned):
-                child = ChunkMessage(
-                    run_id=msg.run_id, chunk_id=f"{msg.chunk_id}/{i}", payload=spawn.payload
-                )
-                body = offload(child, self.store, limit)
-                not_before = time.time() + spawn.delay if spawn.delay else 0.0
-                task = NewTask(child.chunk_id, 0, depth, body, msg.chunk_id, msg.seq, not_before)
-                children.append((task, spawn.delay))
-        if continuation is not None:
-            if msg.seq + 1 > settings.max_continuations:
-                return [], (
-                    f"max_continuations ({settings.max_continuations}) reached"
-                    f" at chunk {msg.chunk_id}"
-                )
-            nxt = ChunkMessage(
-                run_id=msg.run_id,
-                chunk_id=msg.chunk_id,
-                seq=msg.seq + 1,
-                kind=msg.kind,
-                payload=payload,
-                cursor=continuation.cursor,
-            )
-            body = offload(nxt, self.store, limit)
-            children.append(
-                (NewTask(nxt.chunk_id, nxt.seq, msg.depth, body, msg.chunk_id, msg.seq), 0.0)
-            )
-        return children, None
 
     # -- failure ------------------------------------------------------------------
 
@@ -466,7 +435,7 @@ class Runner:
                     duration_s=failure.duration,
                     retry_in_s=round(delay, 3),
                 )
-                self._measure(job_name, attempt, "retried", failure.duration, 0)
+                record_attempt(self.metrics, job_name, attempt, "retried", failure.duration, 0)
                 self.queue.release(attempt.receipt, delay)
                 return "retry"
             return "lease lost"
@@ -488,7 +457,7 @@ class Runner:
             error=failure.error,
             duration_s=failure.duration,
         )
-        self._measure(job_name, attempt, "dead", failure.duration, 0)
+        record_attempt(self.metrics, job_name, attempt, "dead", failure.duration, 0)
         self._keep_dead_letter(key, f"{failure.kind}: {failure.error}", failure.traceback)
         self.queue.ack(attempt.receipt)
         # Run controls: past its tolerated failures the run stops (and may drain).
@@ -517,27 +486,6 @@ class Runner:
         extra.update((k, round(v, 3) if isinstance(v, float) else v) for k, v in fields.items())
         extra = {k: v for k, v in extra.items() if v is not None}
         log.log(level, msg, *args, extra={"fanout": extra})
-
-    def _measure(
-        self, job_name: str, attempt: Attempt, outcome: str, took: float | None, records: int
-    ) -> None:
-        """Hand one settled attempt to the metrics sink; a sink that fails is logged."""
-        try:
-            self.metrics.record(
-                ChunkMetrics(
-                    job=job_name,
-                    run_id=attempt.key.run_id,
-                    chunk_id=attempt.key.chunk_id,
-                    seq=attempt.key.seq,
-                    attempt=attempt.attempt,
-                    outcome=outcome,
-                    duration=took or 0.0,
-                    records=records,
-                    retried=outcome == "retried",
-                )
-            )
-        except Exception:
-            log.exception("could not record the metrics of %s", attempt.key)
 
     def _keep_dead_letter(self, key: TaskKey, error: str, tb: str) -> None:
         keep_dead_task(self.ledger, self.store, self.events, key, error, tb)

@@ -29,10 +29,10 @@ from typing import Any
 
 from fanout.backends import open_backend
 from fanout.backends.base import Failure, FailureKind
-from fanout.children import die_with_parent, resident_mb
 from fanout.coordinator import recover
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
+from fanout.processes import die_with_parent, resident_mb
 from fanout.runner import LEASE_GRACE, Runner
 
 log = logging.getLogger("fanout.worker")

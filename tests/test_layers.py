@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.retry",
             "fanout.logs",
             "fanout.isolation",
-            "fanout.children",
+            "fanout.processes",
             "fanout.avro_check",
         ],
     ),
@@ -59,6 +59,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     (
         "runs",
         [
+            "fanout.spawn",
             "fanout.controls",
             "fanout.control_gate",
             "fanout.control_ops",
@@ -337,3 +338,47 @@ def test_only_the_hosts_import_the_dispatcher() -> None:
     graph = imports(REPO)
     importers = sorted(m for m, edges in graph.items() if "fanout.dispatch" in edges)
     assert importers == ["fanout.aws_lambda", "fanout.worker"]
+
+
+def key_literals(path: Path) -> list[tuple[int, str]]:
+    """String literals and f-strings of ``path`` (docstrings aside) that start
+    like a key of the store's layout."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    parts = {
+        id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for v in node.values
+    }
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in parts:
+            continue  # seen as its f-string
+        if isinstance(node, ast.JoinedStr) and node.values:
+            first = node.values[0]
+            text = first.value if isinstance(first, ast.Constant) else ""
+        elif isinstance(node, ast.Constant) and id(node) not in docstrings:
+            text = node.value
+        else:
+            continue
+        if isinstance(text, str) and text.startswith(("runs/", "dead-letters/")):
+            found.append((node.lineno, text))
+    return found
+
+
+def test_the_store_layout_is_spelled_in_one_module() -> None:
+    """Keys under ``runs/`` and ``dead-letters/`` are built by fanout.backends.keys
+    only; everything else calls it."""
+    keys = REPO / "fanout" / "backends" / "keys.py"
+    assert key_literals(keys), "the checker finds the layout where it is"
+    spelled = {
+        str(path.relative_to(REPO)): found
+        for path in sorted((REPO / "fanout").rglob("*.py"))
+        if path != keys and (found := key_literals(path))
+    }
+    assert not spelled, f"store keys spelled outside fanout/backends/keys.py: {spelled}"

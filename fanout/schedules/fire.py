@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from fanout.backends.base import Backend, Delivery, RunState
-from fanout.children import die_with_parent
 from fanout.coordinator import submit
 from fanout.errors import UserError
 from fanout.jobs import load_job
 from fanout.messages import ScheduleFire
 from fanout.packaged import job_refusal
+from fanout.processes import die_with_parent
 from fanout.schedules import open_store
 from fanout.schedules.guard import sender_refusal, tick_refusal
 from fanout.schedules.model import (

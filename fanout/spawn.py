@@ -1,0 +1,62 @@
+"""What a chunk asks for when it commits: the tasks of its spawned children
+(``ctx.spawn``) and of its continuation (``ctx.resume_at``), with deterministic
+ids, or the runaway bound (``max_depth``, ``max_continuations``) they would
+break. Registered by the runner before its commit (docs/architecture.md,
+"The commit order")."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fanout.backends.base import NewTask, Store
+from fanout.context import Continue, Spawn
+from fanout.messages import ChunkMessage, offload
+from fanout.settings import RunSettings
+
+
+def next_tasks(
+    msg: ChunkMessage,
+    payload: Any,
+    spawned: Sequence[Spawn],
+    continuation: Continue | None,
+    settings: RunSettings,
+    store: Store,
+    limit: int,
+) -> tuple[list[tuple[NewTask, float]], str | None]:
+    """The tasks the chunk ``msg`` asks for, each with its queue delay (s), or
+    the runaway bound they would break. ``payload`` is the chunk's own (its
+    continuation carries it on); bodies over ``limit`` bytes are offloaded to
+    ``store``."""
+    tasks: list[tuple[NewTask, float]] = []
+    if spawned:
+        depth = msg.depth + 1
+        if depth > settings.max_depth:
+            return [], f"max_depth ({settings.max_depth}) reached at chunk {msg.chunk_id}"
+        for i, spawn in enumerate(spawned):
+            # The i-th child of chunk "0/3" is "0/3/i": a re-run of this chunk
+            # registers the same ids, so nothing is created twice.
+            child = ChunkMessage(
+                run_id=msg.run_id, chunk_id=f"{msg.chunk_id}/{i}", payload=spawn.payload
+            )
+            body = offload(child, store, limit)
+            not_before = time.time() + spawn.delay if spawn.delay else 0.0
+            task = NewTask(child.chunk_id, 0, depth, body, msg.chunk_id, msg.seq, not_before)
+            tasks.append((task, spawn.delay))
+    if continuation is not None:
+        if msg.seq + 1 > settings.max_continuations:
+            return [], (
+                f"max_continuations ({settings.max_continuations}) reached at chunk {msg.chunk_id}"
+            )
+        nxt = ChunkMessage(
+            run_id=msg.run_id,
+            chunk_id=msg.chunk_id,
+            seq=msg.seq + 1,
+            kind=msg.kind,
+            payload=payload,
+            cursor=continuation.cursor,
+        )
+        body = offload(nxt, store, limit)
+        tasks.append((NewTask(nxt.chunk_id, nxt.seq, msg.depth, body, msg.chunk_id, msg.seq), 0.0))
+    return tasks, None
