@@ -35,8 +35,8 @@ def finalize_run(
         return False
     record = ledger.get_run(run_id)
     assert record is not None
-    done = ledger.list_tasks(run_id, (TaskState.DONE,))
-    dead = ledger.list_tasks(run_id, (TaskState.DEAD,))
+    done = ledger.list_tasks(run_id, (TaskState.DONE,), history=False)
+    dead = ledger.list_tasks(run_id, (TaskState.DEAD,), history=False)
     files = [
         {
             "key": t.output.key,

@@ -316,9 +316,12 @@ class Ledger(Protocol):
         """The task, or None."""
 
     def list_tasks(
-        self, run_id: str, states: Collection[TaskState] | None = None
+        self, run_id: str, states: Collection[TaskState] | None = None, *, history: bool = True
     ) -> list[TaskRecord]:
-        """The run's tasks (optionally only those in ``states``), ordered by chunk id and seq."""
+        """The run's tasks (optionally only those in ``states``), ordered by chunk id and seq.
+        With ``history=False`` their ``history`` is left empty: reading and
+        decoding every event of a large run is most of the cost of listing it,
+        and a caller such as the finalizer needs none."""
 
     def reopen(
         self, run_id: str, chunk_ids: Collection[str] | None, now: float

@@ -323,6 +323,21 @@ def test_ledger_state_survives_reopen(backend: Backend, reopen: Callable[[], Bac
     assert _claim(again).outcome == ClaimOutcome.FINISHED
 
 
+def test_list_tasks_without_history_is_the_same_tasks_with_none(backend: Backend) -> None:
+    _run(backend)
+    _claim(backend)
+    backend.ledger.register(RUN, _children(3), max_chunks=100, spawned_by="t1")
+    backend.ledger.commit(ROOT, "t1", Output("k", 3, 4), "committed", time.time())
+    full = backend.ledger.list_tasks(RUN)
+    lean = backend.ledger.list_tasks(RUN, history=False)
+    assert full[0].history and all(t.history == [] for t in lean)
+    for t in full:
+        t.history = []
+    assert lean == full
+    done = backend.ledger.list_tasks(RUN, (TaskState.DONE,), history=False)
+    assert [(t.chunk_id, t.output) for t in done] == [("0", Output("k", 3, 4))]
+
+
 def test_commit_sums_stats_into_the_run(backend: Backend) -> None:
     _run(backend)
     _claim(backend)

@@ -495,7 +495,7 @@ class DynamoLedger(Registrar, DynamoRunControls):  # + run controls (cancel, pau
         return _task(item) if item else None
 
     def list_tasks(
-        self, run_id: str, states: Collection[TaskState] | None = None
+        self, run_id: str, states: Collection[TaskState] | None = None, *, history: bool = True
     ) -> list[TaskRecord]:
         """The run's tasks in chunk order (a strongly consistent query of the run)."""
         params: Item = {
@@ -510,7 +510,7 @@ class DynamoLedger(Registrar, DynamoRunControls):  # + run controls (cancel, pau
             if not states:
                 return []
             _filter_states(params, states)
-        tasks = [_task(item) for item in self._query(**params)]
+        tasks = [_task(item, history) for item in self._query(**params)]
         tasks.sort(key=chunk_order)
         return tasks
 

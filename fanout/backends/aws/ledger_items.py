@@ -217,7 +217,9 @@ def _run(item: Item) -> RunRecord:
     )
 
 
-def _task(item: Item) -> TaskRecord:
+def _task(item: Item, history: bool = True) -> TaskRecord:
+    if not history:
+        item = {k: v for k, v in item.items() if k != "history"}
     d = _plain(item)
     output = None
     if d.get("output_key") is not None:
@@ -237,7 +239,7 @@ def _task(item: Item) -> TaskRecord:
         output=output,
         error=d.get("error"),
         traceback=d.get("traceback"),
-        history=d["history"],
+        history=d.get("history", []),
         updated_at=float(d["updated_at"]),
     )
 

@@ -478,14 +478,15 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         return task_record(row) if row else None
 
     def list_tasks(
-        self, run_id: str, states: Collection[TaskState] | None = None
+        self, run_id: str, states: Collection[TaskState] | None = None, *, history: bool = True
     ) -> list[TaskRecord]:
-        """The run's tasks in chunk order."""
+        """The run's tasks in chunk order (without their history if ``history`` is false)."""
         sql, args = "SELECT * FROM tasks WHERE run_id = ?", [run_id]
         if states is not None:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args += [s.value for s in states]
-        tasks = [task_record(r) for r in self.db.conn.execute(sql, args)]
+        rows = self.db.conn.execute(sql, args)
+        tasks = [task_record(r, history) for r in rows]
         tasks.sort(key=chunk_order)
         return tasks
 
