@@ -22,6 +22,7 @@ from fanout.backends.base import (
     TaskState,
 )
 from fanout.errors import UnknownRunError, UserError
+from fanout.fairness import register_run
 from fanout.jobs import RunSettings, canonical_ref, load_job
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.runner import FINALIZE_STALE, Runner
@@ -72,6 +73,7 @@ def submit(
         root = ChunkMessage(run_id=run.run_id, chunk_id="0", payload=raw_params)
     body = offload(root, backend.store, backend.queue.max_message_bytes)
     backend.ledger.create_run(run, NewTask("0", 0, 0, body))
+    register_run(backend.queue, run.run_id, run_settings.priority)  # fair sharing by priority
     # Should this send be lost (a crash right here), the recovery sweep re-sends
     # queued tasks of a run that has nothing in the queue.
     backend.queue.send([body])

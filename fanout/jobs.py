@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fanout.errors import JobLoadError, ParamsError, UserError
+from fanout.fairness import PRIORITY_PATTERN
 from fanout.isolation import JobModules, import_fresh
 from fanout.isolation import activate as activate_modules
 from fanout.messages import MAX_SEQ
@@ -59,6 +60,10 @@ class RunSettings(BaseModel):
     )
     tolerated_failure_percent: float | None = Field(
         None, ge=0, le=100, description="the same, as a percentage of the run's chunks"
+    )
+    # Fair sharing of the queue between runs (fanout.fairness).
+    priority: str = Field(
+        "normal", pattern=PRIORITY_PATTERN, description="high, normal, low, or a weight"
     )
 
 
