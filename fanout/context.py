@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -142,6 +142,15 @@ class ChunkContext:
                 " for longer waits, schedule a run (fanout schedule add)"
             )
         self.spawned.append(Spawn(payload, delay))
+
+    def spawn_many(self, payloads: Iterable[Any], delay: float = 0.0) -> int:
+        """``spawn`` each of ``payloads`` (say ``fanout.batched(items, max_items=1000)``);
+        returns how many."""
+        count = 0
+        for payload in payloads:
+            self.spawn(payload, delay)
+            count += 1
+        return count
 
     @property
     def records(self) -> int:

@@ -24,6 +24,7 @@ from fanout.backends.base import (
 )
 from fanout.errors import UnknownRunError, UserError
 from fanout.events import events_for
+from fanout.fairness import register_run
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import canonical_ref, load_job
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
@@ -78,6 +79,7 @@ def submit(
         root = ChunkMessage(run_id=run.run_id, chunk_id="0", payload=raw_params)
     body = offload(root, backend.store, backend.queue.max_message_bytes)
     backend.ledger.create_run(run, NewTask("0", 0, 0, body))
+    register_run(backend.queue, run.run_id, run_settings.priority)  # fair sharing by priority
     # Should this send be lost (a crash right here), the recovery sweep re-sends
     # queued tasks of a run that has nothing in the queue.
     backend.queue.send([body])

@@ -32,9 +32,21 @@ def _chunk(chunk_id: str) -> str:
     return chunk_id.replace("/", ".")
 
 
+#: Every run's keys are under this prefix, each run's under :func:`run_prefix`.
+RUNS_PREFIX = "runs/"
+
+
 def run_prefix(run_id: str) -> str:
     """Everything a run keeps in the store is under this prefix."""
-    return f"runs/{run_id}/"
+    return f"{RUNS_PREFIX}{run_id}/"
+
+
+def run_of_key(key: str) -> str | None:
+    """The run a key under :data:`RUNS_PREFIX` belongs to (None: no run's key)."""
+    if not key.startswith(RUNS_PREFIX):
+        return None
+    run_id, slash, _ = key[len(RUNS_PREFIX) :].partition("/")
+    return run_id if slash and run_id else None
 
 
 def output_key(run_id: str, chunk_id: str, seq: int, attempt: int, token: str) -> str:
