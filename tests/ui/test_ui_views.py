@@ -4,10 +4,13 @@ ledger's tasks more than once per interval)."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 from conftest import Failed
 
-from fanout.backends.base import TaskRecord, TaskState
+from fanout.backends.base import Backend, TaskRecord, TaskState
 from fanout.ui import views
 from fanout.ui.timeline import Bar, lay_out, throughput
 
@@ -85,3 +88,35 @@ def test_open_pages_read_a_runs_tasks_once_per_refresh(
     monkeypatch.setattr(app, "MAX_REFRESH", 0.0)
     assert cache.get(failed.run_id).counts["queued"] == 2
     assert cache.builds == 2
+
+
+def test_a_crawl_runs_page_shows_pages_per_second_statuses_and_domains(
+    local_backend: Backend, make_client: Any
+) -> None:
+    from fanout.backends.base import NewTask, RunRecord
+
+    run = RunRecord("crawl-1", "c.py", "crawl", {}, {}, created_at=1000.0)
+    local_backend.ledger.create_run(run, NewTask("0", 0, 0, "{}"))
+    stats = {
+        "pages": 300,
+        "duplicates": 12,
+        "status/200": 290,
+        "status/404": 10,
+        "domain/a.example/pages": 200,
+        "domain/a.example/status/200": 200,
+        "domain/<b>.example/pages": 100,
+        "domain/<b>.example/status/404": 10,
+        "domain/<b>.example/throttled": 3,
+    }
+    figures = views.crawl_figures(RunRecord("r", "j", "j", {}, {}, stats=stats), 60.0)
+    assert figures is not None
+    assert figures.pages_per_s == 5.0
+    assert figures.statuses == {"200": 290, "404": 10}
+    assert figures.domains[0] == ("a.example", 200, {"200": 200}, 0)
+    assert figures.domains[1] == ("<b>.example", 100, {"404": 10}, 3)
+    assert views.crawl_figures(RunRecord("r", "j", "j", {}, {}), 1.0) is None
+    db = local_backend.ledger.db  # type: ignore[attr-defined]
+    with db.write() as conn:
+        conn.execute("UPDATE runs SET stats = ? WHERE run_id = 'crawl-1'", (json.dumps(stats),))
+    body = make_client(local_backend).get("/runs/crawl-1").text
+    assert "pages/s" in body and "&lt;b&gt;.example" in body and "<b>.example" not in body
