@@ -20,11 +20,12 @@ def bar(start: float, end: float, outcome: str = "committed", records: int = 0) 
 
 
 def test_each_attempt_takes_the_lowest_lane_free_at_its_start() -> None:
-    placed, lanes = lay_out([bar(0, 4), bar(1, 2), bar(2.0005, 3), bar(3.5, 5), bar(1.5, 6)])
+    placed, lanes = lay_out([bar(0, 4), bar(1, 2), bar(1.999, 3), bar(3.5, 5), bar(1.5, 6)])
     by_start = {b.start: b.lane for b in placed}
     assert lanes == 3
-    # 1-2 and then 2.0005-3 share lane 1 (the ledger's 1 ms rounding is no overlap).
-    assert by_start == {0: 0, 1: 1, 1.5: 2, 2.0005: 1, 3.5: 1}
+    # 1-2 and then 1.999-3 share lane 1: a start 1 ms early is the ledger's
+    # rounding (times and durations to the millisecond), not a second worker.
+    assert by_start == {0: 0, 1: 1, 1.5: 2, 1.999: 1, 3.5: 1}
     assert lay_out([bar(0, 1), bar(0.99, 2)])[1] == 2  # a real overlap: two lanes
 
 
