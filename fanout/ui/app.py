@@ -61,6 +61,8 @@ CSP = (
 MIN_REFRESH = 1.0
 MAX_REFRESH = 30.0
 REFRESH_FACTOR = 20
+#: Run views kept (each holds its run's tasks): the most recently built.
+MAX_CACHED = 8
 STATIC = {"fanout.css": "text/css", "live.js": "text/javascript"}
 
 
@@ -111,7 +113,10 @@ class RunViews:
         started = time.perf_counter()
         view = views.run_view(self.backend, run_id, now)
         with self._lock:
+            self._cache.pop(run_id, None)
             self._cache[run_id] = _Cached(view, time.perf_counter() - started)
+            while len(self._cache) > MAX_CACHED:
+                del self._cache[next(iter(self._cache))]  # the least recently built
             self.builds += 1
         return view
 

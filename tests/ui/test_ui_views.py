@@ -121,3 +121,21 @@ def test_a_crawl_runs_page_shows_pages_per_second_statuses_and_domains(
         conn.execute("UPDATE runs SET stats = ? WHERE run_id = 'crawl-1'", (json.dumps(stats),))
     body = make_client(local_backend).get("/runs/crawl-1").text
     assert "pages/s" in body and "&lt;b&gt;.example" in body and "<b>.example" not in body
+
+
+def test_only_the_latest_run_views_are_kept(
+    failed: Failed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fanout.backends.base import NewTask, RunRecord
+    from fanout.ui import app
+
+    other = RunRecord("other-run", "x.py", "x", {}, {}, created_at=1.0)
+    failed.backend.ledger.create_run(other, NewTask("0", 0, 0, "{}"))
+    monkeypatch.setattr(app, "MAX_CACHED", 1)
+    cache = app.RunViews(failed.backend)
+    cache.get(failed.run_id)
+    cache.get(failed.run_id)
+    assert cache.builds == 1
+    cache.get("other-run")  # pushes the first out
+    cache.get(failed.run_id)
+    assert cache.builds == 3
