@@ -51,6 +51,8 @@ class RunSettings(BaseModel):
     pages_per_chunk: int = Field(
         250, ge=1, description="crawl jobs: responses a chunk fetches before handing on"
     )
+    # Issue 14 (fanout.tables.commit): compaction as the run's last step.
+    compact: bool = Field(False, description="table jobs: compact what the run wrote when it ends")
 
 
 class Job:

@@ -153,6 +153,23 @@ def test_finalizing_a_run_twice_adds_its_files_once(ledger: Backend) -> None:
     assert table_items(ledger.store) == expected("a", 3, 6)
 
 
+def test_compact_setting_leaves_one_file_per_partition_the_run_wrote(backend: Backend) -> None:
+    first = run_job(backend, tag="a", chunks=6, rows=6, days=3)
+    record = coordinator.submit(
+        backend, JOB, {"tag": "b", "chunks": 5, "rows": 4, "days": 2}, {"compact": True}
+    )
+    assert drain(backend, record.run_id).state == "succeeded"
+    catalog = read_catalog(backend.store, "readings")
+    assert catalog is not None
+    by_partition = Counter(f["partition"] for f in catalog.files)
+    # The run wrote to the first two days: each is one file now (both runs'
+    # files); the third day, which only the first run wrote, is as it was.
+    assert by_partition == {"dt=2024-01-01": 1, "dt=2024-01-02": 1, "dt=2024-01-03": 6}
+    assert table_items(backend.store) == expected("a", 6, 6) + expected("b", 5, 4)
+    assert first.state == "succeeded"
+    assert catalog.data["operation"].startswith("compaction")
+
+
 # -- crashes: gc --dry-run and compaction under SIGKILL ---------------------------------
 
 
