@@ -221,6 +221,29 @@ def test_gc_dry_run_lists_exactly_the_files_a_crashed_attempt_left(tmp_path: Pat
         backend.close()
 
 
+def test_gc_never_touches_the_files_of_a_run_still_running(ledger: Backend) -> None:
+    from fanout.tables.gc import collect
+
+    first = run_job(ledger, tag="a", chunks=2, rows=6)  # a table to collect in
+    record = coordinator.submit(ledger, JOB, {"tag": "b", "chunks": 3, "rows": 6})
+    runner = Runner(ledger)
+    for _ in range(3):  # the plan and two chunks commit; the run is not finished
+        (delivery,) = ledger.queue.receive(1, 15.0)
+        runner.handle(delivery, 10.0)
+    run = ledger.ledger.get_run(record.run_id)
+    assert run is not None and run.state == "running"
+    written = [k for k in ledger.store.list("tables/readings/dt=") if record.run_id in k]
+    assert len(written) == 6  # two chunks x three days, committed but not in the table yet
+    # Even with every finished run "old", only the finished run's runs/ objects go.
+    removed = collect(ledger.store, ledger.ledger, older_than=0.0)
+    assert removed and {g.reason for g in removed} == {"old run"}
+    assert all(g.key.startswith(f"runs/{first.run_id}/") for g in removed)
+    assert all(ledger.store.exists(k) for k in written)
+    assert table_items(ledger.store) == expected("a", 2, 6)  # its table files stay
+    assert drain(ledger, record.run_id).state == "succeeded"
+    assert table_items(ledger.store) == expected("a", 2, 6) + expected("b", 3, 6)
+
+
 #: Where a compaction is killed: (operation, key substring, nth), one run each.
 KILL_POINTS = [
     ("put", "/_compactions/", 1),  # intent written, no new file yet
