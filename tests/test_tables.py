@@ -244,6 +244,38 @@ def test_gc_never_touches_the_files_of_a_run_still_running(ledger: Backend) -> N
     assert table_items(ledger.store) == expected("a", 2, 6) + expected("b", 3, 6)
 
 
+def test_gc_removes_finished_runs_payloads_and_stray_files_not_a_replayable_runs(
+    backend: Backend,
+) -> None:
+    from fanout.tables.gc import collect
+
+    tree = str(TESTS / "testjobs" / "tree.py")
+    params = {"chunks": 2, "rows": 2, "children": 1, "depth": 1, "big_payload": 300_000}
+    done = coordinator.submit(backend, tree, params)
+    assert drain(backend, done.run_id).state == "succeeded"
+    failing = {**params, "fail_chunks": [1], "fail_times": 9}
+    dead = coordinator.submit(backend, tree, failing, {"max_attempts": 1})
+    assert drain(backend, dead.run_id).state == "failed"
+    store = backend.store
+    payloads = list(store.list(f"runs/{done.run_id}/payloads/"))
+    kept = list(store.list(f"runs/{dead.run_id}/payloads/"))
+    assert len(payloads) == 2 and len(kept) == 1  # the children's offloaded payloads
+    # What an attempt that wrote its file and died before its commit leaves.
+    stray = f"runs/{done.run_id}/data/0.0-s0-a9-deadbeef.avro"
+    store.put(stray, b"not committed")
+
+    found = collect(store, backend.ledger, dry_run=True)
+    assert {(g.key, g.reason) for g in found} == {(k, "payload") for k in payloads} | {
+        (stray, "uncommitted")
+    }
+    assert store.exists(stray)
+    assert collect(store, backend.ledger) == found
+    assert not store.exists(stray) and not list(store.list(f"runs/{done.run_id}/payloads/"))
+    assert list(store.list(f"runs/{dead.run_id}/payloads/")) == kept  # for fanout replay
+    records = list(coordinator.committed_records(backend, done.run_id))
+    assert len(records) == 8  # the committed output is untouched
+
+
 #: Where a compaction is killed: (operation, key substring, nth), one run each.
 KILL_POINTS = [
     ("put", "/_compactions/", 1),  # intent written, no new file yet
