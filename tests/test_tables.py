@@ -170,6 +170,35 @@ def test_compact_setting_leaves_one_file_per_partition_the_run_wrote(backend: Ba
     assert catalog.data["operation"].startswith("compaction")
 
 
+def test_two_writers_racing_for_the_next_catalog_version_both_land(backend: Backend) -> None:
+    from fanout.tables.catalog import update_catalog
+
+    store = backend.store
+    update_catalog(store, "race", lambda snap: {**snap, "files": []}, "create")
+    calls = 0
+
+    def add(name: str) -> Any:
+        def change(snap: dict[str, Any]) -> dict[str, Any]:
+            snap["files"].append({"key": name, "partition": "", "records": 1, "bytes": 1})
+            return snap
+
+        return change
+
+    def ours(snap: dict[str, Any]) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # another process swaps version 2 in after we read version 1
+            update_catalog(store, "race", add("theirs"), "theirs")
+        return add("ours")(snap)
+
+    result = update_catalog(store, "race", ours, "ours")
+    assert calls == 2  # the first write of version 2 lost, the retry read theirs
+    assert result.version == 3
+    assert [f["key"] for f in result.files] == ["theirs", "ours"]
+    catalog = read_catalog(store, "race")
+    assert catalog is not None and catalog.version == 3 and len(catalog.files) == 2
+
+
 # -- crashes: gc --dry-run and compaction under SIGKILL ---------------------------------
 
 
