@@ -140,6 +140,14 @@ def test_a_record_without_the_partition_field_is_a_record_error_naming_it(
     assert table_items(ledger.store) == Counter(f"a-1-{r}" for r in range(5))
 
 
+def test_a_record_that_does_not_fit_is_numbered_within_its_chunk(ledger: Backend) -> None:
+    # Record 7 is the third of its partition (days 1, 4, 7 of chunk 0 are dt=2024-01-02).
+    run = run_job(ledger, tag="a", chunks=1, rows=9, bad_kwh_at=7)
+    (dead,) = ledger.ledger.list_tasks(run.run_id, (TaskState.DEAD,))
+    assert "record 7 does not fit schema tests.reading: " in (dead.error or "")
+    assert "kwh" in (dead.error or "") and "(partition dt=2024-01-02)" in (dead.error or "")
+
+
 def test_finalizing_a_run_twice_adds_its_files_once(ledger: Backend) -> None:
     from fanout.tables.commit import join_table
 
