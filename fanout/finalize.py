@@ -10,7 +10,7 @@ import time
 
 from fanout.backends.base import Ledger, RunState, Store, TaskState
 from fanout.events import EventSink, emit
-from fanout.tables.commit import compact_run_partitions, expand_parts, join_table
+from fanout.tables.commit import compact_run_partitions, expand_parts, join_table, update_glue
 
 log = logging.getLogger("fanout.runner")
 
@@ -72,7 +72,8 @@ def finalize_run(
     manifest = expand_parts(store, manifest)  # issue 14: a table's files, by partition
     key = manifest_key(run_id)
     store.put(key, json.dumps(manifest, indent=1).encode())
-    join_table(store, manifest)  # issue 14: idempotent, so before the run is finished
+    # Issue 14: idempotent, so before the run is marked finished.
+    update_glue(store, join_table(store, manifest))
     if record.settings.get("compact"):
         compact_run_partitions(store, manifest)  # issue 14: -S compact=true
     ledger.finish(run_id, state, key, time.time())

@@ -90,3 +90,41 @@ def test_the_glue_policy_grants_exactly_the_calls_fanout_catalog_makes(
         "database/fanout_${Stage}",
         "table/fanout_${Stage}/*",
     ]
+
+
+def test_the_function_may_make_the_same_glue_calls_and_no_more() -> None:
+    template = load_template(TEMPLATE)
+    policy = template["Resources"]["GlueCatalogPolicy"]["Properties"]["PolicyDocument"]
+    role = template["Resources"]["FunctionRole"]["Properties"]["Policies"]
+    statements = [s for p in role for s in p["PolicyDocument"]["Statement"]]
+    (glue,) = [s for s in statements if any(str(a).startswith("glue:") for a in s["Action"])]
+    (granted,) = policy["Statement"]
+    assert glue["Action"] == granted["Action"] and glue["Resource"] == granted["Resource"]
+
+
+def test_a_run_of_a_job_with_glue_catalog_updates_its_glue_table(
+    aws: Backend, tmp_path: Path
+) -> None:
+    import boto3
+
+    job = tmp_path / "readings_glue.py"
+    source = Path(JOB).read_text()
+    assert 'partition_by="read_at:day",' in source
+    job.write_text(
+        source.replace(
+            'partition_by="read_at:day",', 'partition_by="read_at:day", glue_catalog=True,'
+        )
+    )
+    run = coordinator.submit(aws, str(job), {"chunks": 1, "rows": 3})
+    runner = Runner(aws)
+    deadline = time.monotonic() + 60
+    while (r := aws.ledger.get_run(run.run_id)) and r.state not in TERMINAL_RUN_STATES:
+        assert time.monotonic() < deadline
+        for delivery in aws.queue.receive(10, 15.0):
+            runner.handle(delivery, 10.0)
+    assert r is not None and r.state == "succeeded"
+    table = boto3.client("glue", region_name="us-east-1").get_table(
+        DatabaseName="fanout_test", Name="readings"
+    )["Table"]
+    assert [c["Name"] for c in table["StorageDescriptor"]["Columns"]] == ["item", "read_at", "kwh"]
+    assert table["Parameters"]["projection.dt.range"] == "2024-01-01,NOW"
