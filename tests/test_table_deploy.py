@@ -3,14 +3,14 @@ policy of ``fanout catalog`` (checked against the calls the code makes)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
+from test_tables import drain  # the one place the table tests reach the engine
+
 from fanout import coordinator
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend
+from fanout.backends.base import Backend
 from fanout.deploy import load_template
-from fanout.runner import Runner
 from fanout.tables.catalog import Catalog, read_catalog
 from fanout.tables.glue import sync_glue_table
 
@@ -60,12 +60,7 @@ def test_the_glue_policy_grants_exactly_the_calls_fanout_catalog_makes(
     import boto3
 
     run = coordinator.submit(aws, JOB, {"chunks": 1, "rows": 3})
-    runner = Runner(aws)
-    deadline = time.monotonic() + 60
-    while (r := aws.ledger.get_run(run.run_id)) and r.state not in TERMINAL_RUN_STATES:
-        assert time.monotonic() < deadline
-        for delivery in aws.queue.receive(10, 15.0):
-            runner.handle(delivery, 10.0)
+    assert drain(aws, run.run_id).state == "succeeded"
     catalog = read_catalog(aws.store, "readings")
     assert catalog is not None
     glue = _Recorder(boto3.client("glue", region_name="us-east-1"))
@@ -116,13 +111,7 @@ def test_a_run_of_a_job_with_glue_catalog_updates_its_glue_table(
         )
     )
     run = coordinator.submit(aws, str(job), {"chunks": 1, "rows": 3})
-    runner = Runner(aws)
-    deadline = time.monotonic() + 60
-    while (r := aws.ledger.get_run(run.run_id)) and r.state not in TERMINAL_RUN_STATES:
-        assert time.monotonic() < deadline
-        for delivery in aws.queue.receive(10, 15.0):
-            runner.handle(delivery, 10.0)
-    assert r is not None and r.state == "succeeded"
+    assert drain(aws, run.run_id).state == "succeeded"
     table = boto3.client("glue", region_name="us-east-1").get_table(
         DatabaseName="fanout_test", Name="readings"
     )["Table"]

@@ -37,13 +37,26 @@ JOB = str(TESTS / "testjobs" / "readings_table.py")
 # -- helpers -------------------------------------------------------------------------
 
 
+def handler(backend: Backend) -> Runner:
+    """The engine's delivery handler: the one place the table tests name it."""
+    return Runner(backend)
+
+
+def deliver(backend: Backend, count: int) -> None:
+    """Hand the next ``count`` deliveries, one at a time, to the engine here."""
+    engine = handler(backend)
+    for _ in range(count):
+        (delivery,) = backend.queue.receive(1, 15.0)
+        engine.handle(delivery, 10.0)
+
+
 def drain(backend: Backend, run_id: str, limit: float = 60.0) -> RunRecord:
     """Work the queue in this process until the run finishes."""
-    runner = Runner(backend)
+    engine = handler(backend)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         for delivery in backend.queue.receive(10, 15.0):
-            runner.handle(delivery, 10.0)
+            engine.handle(delivery, 10.0)
         run = backend.ledger.get_run(run_id)
         assert run is not None
         if run.state in TERMINAL_RUN_STATES:
@@ -263,10 +276,7 @@ def test_gc_never_touches_the_files_of_a_run_still_running(ledger: Backend) -> N
 
     first = run_job(ledger, tag="a", chunks=2, rows=6)  # a table to collect in
     record = coordinator.submit(ledger, JOB, {"tag": "b", "chunks": 3, "rows": 6})
-    runner = Runner(ledger)
-    for _ in range(3):  # the plan and two chunks commit; the run is not finished
-        (delivery,) = ledger.queue.receive(1, 15.0)
-        runner.handle(delivery, 10.0)
+    deliver(ledger, 3)  # the plan and two chunks commit; the run is not finished
     run = ledger.ledger.get_run(record.run_id)
     assert run is not None and run.state == "running"
     written = [k for k in ledger.store.list("tables/readings/dt=") if record.run_id in k]
