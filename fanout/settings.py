@@ -49,6 +49,8 @@ class RunSettings(BaseModel):
     priority: str = Field(
         "normal", pattern=PRIORITY_PATTERN, description="high, normal, low, or a weight"
     )
+    # Tables (fanout.tables.commit): compaction as the run's last step.
+    compact: bool = Field(False, description="table jobs: compact what the run wrote when it ends")
 
 
 class RunKind(enum.StrEnum):
