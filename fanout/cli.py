@@ -382,10 +382,10 @@ def status(
         from fanout.cli_observe import failures_line
 
         click.echo(failures_line(st))
-    if st.run.stats or st.pending_requests:
+    if st.run.stats or st.pending_requests or st.backoffs:
         from fanout.cli_observe import crawl_lines
 
-        for line in crawl_lines(dict(st.run.stats), st.pending_requests):
+        for line in crawl_lines(dict(st.run.stats), st.pending_requests, st.backoffs):
             click.echo(line)
     if st.run.manifest_key and st.run.state in TERMINAL_RUN_STATES:
         click.echo(f"manifest: {backend.store.url(st.run.manifest_key)}")

@@ -286,9 +286,13 @@ def cost(ctx: click.Context, run_id: str, memory_mb: int, as_json: bool) -> None
 DOMAINS_SHOWN = 10
 
 
-def crawl_lines(stats: dict[str, int], pending_requests: int) -> list[str]:
+def crawl_lines(
+    stats: dict[str, int], pending_requests: int, backoffs: dict[str, float] | None = None
+) -> list[str]:
     """A crawl's figures for ``fanout status``: totals, HTTP statuses, ledger
-    calls per page, and per domain its pages, statuses and 429/503 answers."""
+    calls per page, and per domain its pages, statuses, 429/503 answers and
+    the back-off it is under now (``backoffs``: seconds left, per domain)."""
+    backoffs = backoffs or {}
     domains: dict[str, dict[str, int]] = {}
     for key in [k for k in stats if k.startswith("domain/")]:
         domain, _, what = key[len("domain/") :].partition("/")
@@ -302,7 +306,12 @@ def crawl_lines(stats: dict[str, int], pending_requests: int) -> list[str]:
     if pages:
         calls = stats.get("ledger_claim_calls", 0) + stats.get("ledger_lease_calls", 0)
         lines.append(f"ledger: {calls / pages:.2f} calls a page")
-    busiest = sorted(domains.items(), key=lambda d: (-d[1].get("pages", 0), d[0]))
+    for domain in backoffs:
+        domains.setdefault(domain, {})
+    # Backed-off domains first: what a user watching a throttled crawl looks for.
+    busiest = sorted(
+        domains.items(), key=lambda d: (d[0] not in backoffs, -d[1].get("pages", 0), d[0])
+    )
     for domain, figures in busiest[:DOMAINS_SHOWN]:
         codes = ", ".join(
             f"{k[len('status/') :]}: {v:,}" for k, v in sorted(figures.items()) if "/" in k
@@ -312,6 +321,7 @@ def crawl_lines(stats: dict[str, int], pending_requests: int) -> list[str]:
             f"  {domain}: pages {figures.get('pages', 0):,}"
             + (f" ({codes})" if codes else "")
             + (f", throttled {throttled:,}" if throttled else "")
+            + (f", backed off {backoffs[domain]:,.1f}s more" if domain in backoffs else "")
         )
     if len(busiest) > DOMAINS_SHOWN:
         rest = busiest[DOMAINS_SHOWN:]

@@ -7,7 +7,6 @@ modules this one imports :mod:`fanout.cli_common`, never ``fanout.cli``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
@@ -174,7 +173,7 @@ def gc(ctx: click.Context, older_than: str | None, dry_run: bool, as_json: bool)
 def catalog(ctx: click.Context, table: str, database: str | None) -> None:
     """Create or update TABLE in the AWS Glue catalog (Avro SerDe, partition
     projection), so Athena can query it. Needs the AWS backend."""
-    from fanout.tables.glue import glue_name, sync_glue_table
+    from fanout.tables.glue import database_name, sync_glue_table
 
     backend = group_backend(ctx)
     if backend.name != "aws":
@@ -183,7 +182,7 @@ def catalog(ctx: click.Context, table: str, database: str | None) -> None:
 
     store: Any = backend.store
     current = require_catalog(store, table)
-    database = database or glue_name(f"fanout_{os.environ.get('FANOUT_STAGE', 'dev')}")
+    database = database or database_name()
     done = sync_glue_table(client("glue", store.settings), current, store.bucket, database)
     extra = f", {done['partitions']} partitions registered" if done["partitions"] else ""
     click.echo(f"glue table {done['database']}.{done['table']} {done['action']}{extra}")

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -16,7 +16,8 @@ from fanout.inputs import list_inputs, open_input
 
 if TYPE_CHECKING:
     from fanout.avro import RecordWriter
-    from fanout.backends.base import Ledger, Store
+    from fanout.backends.base import Store
+    from fanout.backends.crawlstate import CrawlState
     from fanout.settings import RunSettings
 
 
@@ -65,7 +66,7 @@ class ChunkContext:
         soft_deadline: float,
         writer: RecordWriter | None,
         job_name: str,
-        ledger: Ledger | None = None,
+        crawl: CrawlState | None = None,
         settings: RunSettings | None = None,
         store: Store | None = None,
         token: str = "",
@@ -81,8 +82,8 @@ class ChunkContext:
         self._writer = writer
         self._job_name = job_name
         # For engine-level jobs (a crawl's seen-set, domain leases and shared
-        # robots.txt), not user code: the ledger, the store, the attempt's lease.
-        self._ledger = ledger
+        # robots.txt), not user code: the crawl state, the store, the attempt's lease.
+        self._crawl = crawl
         self._store = store
         self._token = token
         #: Run controls (fanout.control_gate): "cancelled" or "paused" once the run is.
@@ -141,6 +142,15 @@ class ChunkContext:
                 " for longer waits, schedule a run (fanout schedule add)"
             )
         self.spawned.append(Spawn(payload, delay))
+
+    def spawn_many(self, payloads: Iterable[Any], delay: float = 0.0) -> int:
+        """``spawn`` each of ``payloads`` (say ``fanout.batched(items, max_items=1000)``);
+        returns how many."""
+        count = 0
+        for payload in payloads:
+            self.spawn(payload, delay)
+            count += 1
+        return count
 
     @property
     def records(self) -> int:

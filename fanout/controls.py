@@ -121,7 +121,7 @@ def set_paused(state: dict[str, Any], paused: bool) -> bool:
 
 
 def settings_of(run: RunRecord) -> RunSettings:
-    """The run's settings as recorded (its kind and schema, kept beside them, left out)."""
+    """The run's settings as recorded (its schema, kept beside them, left out)."""
     return limits_of(run.settings)
 
 

@@ -24,6 +24,7 @@ from fanout.backends.base import (
 )
 from fanout.errors import UnknownRunError, UserError
 from fanout.events import events_for
+from fanout.fairness import register_run
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import canonical_ref, load_job
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
@@ -78,6 +79,7 @@ def submit(
         root = ChunkMessage(run_id=run.run_id, chunk_id="0", payload=raw_params)
     body = offload(root, backend.store, backend.queue.max_message_bytes)
     backend.ledger.create_run(run, NewTask("0", 0, 0, body))
+    register_run(backend.queue, run.run_id, run_settings.priority)  # fair sharing by priority
     # Should this send be lost (a crash right here), the recovery sweep re-sends
     # queued tasks of a run that has nothing in the queue.
     backend.queue.send([body])
@@ -193,6 +195,9 @@ class Status:
     #: The latest timed-out attempt: chunk_id, seq, attempt, at, and the cursor it
     #: started from (its last checkpoint; None for a chunk's first slice).
     last_timeout: dict[str, Any] | None = None
+    #: A crawl's domains backed off run-wide now (a 429/503 answer), with the
+    #: seconds their back-off has left.
+    backoffs: dict[str, float] = field(default_factory=dict)
 
     @property
     def elapsed(self) -> float:
@@ -227,6 +232,7 @@ class Status:
             "timed_out": self.timed_out,
             "crashed": self.crashed,
             "last_timeout": self.last_timeout,
+            "backoffs": self.backoffs,
         }
 
 
@@ -263,7 +269,12 @@ def status(backend: Backend, run_id: str) -> Status:
             "at": at,
             "cursor": checkpoint(backend, task),
         }
-    return Status(run, counts, pending, timed_out, crashed, latest)
+    backoffs: dict[str, float] = {}
+    if crawl and backend.crawl is not None and run.state not in TERMINAL_RUN_STATES:
+        now = time.time()
+        ends = backend.crawl.backoffs(run_id, now)
+        backoffs = {domain: round(end - now, 1) for domain, end in sorted(ends.items())}
+    return Status(run, counts, pending, timed_out, crashed, latest, backoffs)
 
 
 def checkpoint(backend: Backend, task: TaskRecord) -> Any:

@@ -58,6 +58,9 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "template.yaml"
 
 #: Directories of the user's project that go into the zip besides ``fanout``.
 PROJECT_DIRS = ("jobs", "schemas")
+#: Subpackages of fanout the function never imports: the dashboard, whose
+#: libraries (the ``ui`` extra) are not in the layer.
+NOT_ON_LAMBDA = ("fanout/ui/",)
 
 #: Directory names never packaged: tests, docs and caches are not needed at run
 #: time and would only make the zip larger (and non-reproducible, for caches).
@@ -89,7 +92,7 @@ def _files(base: Path, prefix: str) -> Iterator[tuple[str, Path]]:
 def zip_entries(root: Path) -> list[tuple[str, Path]]:
     """What :func:`build_zip` packs, sorted by archive name."""
     package = Path(fanout.__file__).resolve().parent
-    entries = list(_files(package, "fanout"))
+    entries = [e for e in _files(package, "fanout") if not e[0].startswith(NOT_ON_LAMBDA)]
     for name in PROJECT_DIRS:
         directory = root / name
         if directory.is_dir():

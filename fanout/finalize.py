@@ -13,7 +13,7 @@ from fanout.backends.keys import manifest_key
 from fanout.controls import final_state
 from fanout.events import EventSink, emit
 from fanout.settings import SCHEMA
-from fanout.tables.commit import expand_parts, join_table
+from fanout.tables.commit import compact_run_partitions, expand_parts, join_table, update_glue
 
 log = logging.getLogger("fanout.runner")
 
@@ -35,8 +35,8 @@ def finalize_run(
         return False
     record = ledger.get_run(run_id)
     assert record is not None
-    done = ledger.list_tasks(run_id, (TaskState.DONE,))
-    dead = ledger.list_tasks(run_id, (TaskState.DEAD,))
+    done = ledger.list_tasks(run_id, (TaskState.DONE,), history=False)
+    dead = ledger.list_tasks(run_id, (TaskState.DEAD,), history=False)
     files = [
         {
             "key": t.output.key,
@@ -66,7 +66,10 @@ def finalize_run(
     manifest = expand_parts(store, manifest)  # issue 14: a table's files, by partition
     key = manifest_key(run_id)
     store.put(key, json.dumps(manifest, indent=1).encode())
-    join_table(store, manifest)  # issue 14: idempotent, so before the run is finished
+    # Issue 14: idempotent, so before the run is marked finished.
+    update_glue(store, join_table(store, manifest))
+    if record.settings.get("compact"):
+        compact_run_partitions(store, manifest)  # issue 14: -S compact=true
     ledger.finish(run_id, state, key, time.time())
     emit(
         events,

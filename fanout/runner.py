@@ -231,8 +231,12 @@ class Runner:
             self.on_start(attempt)
         try:
             # The ledger's copy of the message is the authority on what to run:
-            # the delivered body only named the task.
-            outcome = self._work(run, attempt, decode(claim.task.message), timeout)
+            # the delivered body only named the task. It is trusted, and decoded
+            # again only when it is not the body already decoded above.
+            body = claim.task.message
+            outcome = self._work(
+                run, attempt, msg if body == delivery.body else decode(body), timeout
+            )
         finally:
             if self.on_end is not None:
                 self.on_end()
@@ -262,7 +266,7 @@ class Runner:
                 soft_deadline=started + timeout - soft_margin(timeout),
                 writer=writer,
                 job_name=job.name,
-                ledger=self.ledger,
+                crawl=self.backend.crawl,
                 settings=run.settings,
                 store=self.store,
                 token=attempt.token,

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fanout.fairness import PRIORITY_PATTERN
 from fanout.messages import MAX_SEQ
 
 
@@ -44,6 +45,12 @@ class RunSettings(BaseModel):
     tolerated_failure_percent: float | None = Field(
         None, ge=0, le=100, description="the same, as a percentage of the run's chunks"
     )
+    # Fair sharing of the queue between runs (fanout.fairness).
+    priority: str = Field(
+        "normal", pattern=PRIORITY_PATTERN, description="high, normal, low, or a weight"
+    )
+    # Tables (fanout.tables.commit): compaction as the run's last step.
+    compact: bool = Field(False, description="table jobs: compact what the run wrote when it ends")
 
 
 class RunKind(enum.StrEnum):

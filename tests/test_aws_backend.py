@@ -68,16 +68,6 @@ def test_queue_by_url_and_long_delays(aws: Backend, aws_settings: AwsSettings) -
     assert aws.queue.receive(10, 60) == []
 
 
-def test_settling_a_deleted_message_is_ignored(aws: Backend) -> None:
-    q = aws.queue
-    q.send(["m"])
-    [d] = q.receive(1, 60)
-    q.ack(d.receipt)
-    q.ack(d.receipt)
-    q.release(d.receipt, 0)
-    assert q.pending() == 0
-
-
 def test_resources_are_idempotent(aws_settings: AwsSettings) -> None:
     from fanout.backends.aws.clients import client
     from fanout.backends.aws.resources import create_resources

@@ -60,3 +60,26 @@ def test_handler_import_leaves_the_rest_for_later() -> None:
     assert early == []
     assert report["built"] == []
     assert json.loads(after) == ["RunSettings"]
+
+
+#: ``fanout run`` (and every other command) imports the CLI and its command
+#: modules; what only the schedule commands need waits for them.
+CLI_PROBE = """\
+import json, sys
+import fanout.cli
+from fanout.schedules import Schedule
+print(json.dumps({"croniter": "croniter" in sys.modules, "built": Schedule.__pydantic_complete__}))
+from fanout.schedules import parse_spec
+parse_spec("*/5 * * * *")  # the schedule commands still get croniter when they need it
+print(json.dumps("croniter" in sys.modules))
+"""
+
+
+def test_cli_import_leaves_croniter_and_the_schedule_model_for_the_schedule_commands() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_PROBE], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    first, after = done.stdout.splitlines()
+    assert json.loads(first) == {"croniter": False, "built": False}
+    assert json.loads(after) is True

@@ -138,11 +138,11 @@ def test_max_concurrency_holds_across_concurrent_invocations_on_aws(
 
     def container() -> None:
         backend = open_backend("aws")  # a container of its own: runner, clients
-        dispatcher = Dispatcher(backend)
+        runner = Dispatcher(backend)
         try:
             while not stop.is_set():
                 for delivery in backend.queue.receive(1, 10 + LEASE_GRACE):
-                    outcomes[dispatcher.handle(delivery, 10.0)] += 1
+                    outcomes[runner.handle(delivery, 10.0)] += 1
         finally:
             backend.close()
 

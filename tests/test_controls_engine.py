@@ -18,8 +18,9 @@ def test_a_chunk_buried_at_a_takeover_counts_against_the_tolerance(mem: Backend)
     run_id = coordinator.submit(
         mem, JOB, {"chunks": 6}, {"tolerated_failures": 0, "max_attempts": 1}
     ).run_id
+    runner = Dispatcher(mem)
     (plan,) = mem.queue.receive(1, 30)
-    assert Dispatcher(mem).handle(plan, 10.0) == "committed"
+    assert runner.handle(plan, 10.0) == "committed"
     # A worker claims chunk 0/0 and dies: its lease lapses with its only attempt.
     claim = mem.ledger.claim(TaskKey(run_id, "0/0", 0), "dead-worker", 0.01, 1, time.time())
     assert claim.task is not None

@@ -92,7 +92,7 @@ def crawl(backend: Backend, spider_cls: type[scrapy.Spider], entries: list[Any])
         spider_cls,
         {},
         entries,
-        ledger=backend.ledger,
+        crawl=backend.crawl,
         run_id=RUN,
         chunk_id=CHUNK,
         pages_per_chunk=50,

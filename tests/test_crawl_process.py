@@ -28,8 +28,11 @@ from scrapy.exceptions import NotConfigured
 from scrapy.http import HtmlResponse
 from scrapy.utils.test import get_crawler
 
+from fanout import coordinator
+from fanout.backends import open_backend
 from fanout.backends.base import Backend, TaskState
-from fanout.crawl import THROTTLE_META, components
+from fanout.backends.crawlstate import DomainAsk
+from fanout.crawl import THROTTLE_META, components, politeness
 from support.helpers import JOBS
 from support.procs import (
     alive,
@@ -295,6 +298,69 @@ def test_a_busy_host_is_left_alone_for_throttle_base_then_fetched(home: Path) ->
     assert early == []
 
 
+class RetryAfterSite(BusySite):
+    """:class:`BusySite` whose ``localhost`` answers every page after ``delay``
+    seconds, and its ``nth`` request with 429 and ``Retry-After: wait``: slow
+    pages keep several chunks crawling the host at once when the 429 comes."""
+
+    def __init__(self, items: int, nth: int, wait: int, delay: float) -> None:
+        super().__init__(items=items, busy=0)
+        self.nth, self.wait, self.delay = nth, wait, delay
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        hostname, _, port = host.partition(":")
+        with self._lock:
+            seen = sum(1 for _, h, _, _ in self.log if h == "localhost")
+            throttle = hostname == "localhost" and seen + 1 == self.nth
+            status = 429 if throttle else 200
+            self.log.append((time.time(), hostname, key, status))  # when it arrived
+        if throttle:
+            headers = (("Content-Type", HTML), ("Retry-After", str(self.wait)))
+            return Reply(429, headers, b"slow down")
+        if hostname == "localhost":
+            time.sleep(self.delay)
+        return self._reply(key, hostname, port)
+
+
+@pytest.mark.slow
+def test_a_retry_after_backs_the_host_off_for_every_chunk_on_every_worker(home: Path) -> None:
+    """One chunk gets the 429; the others, on the other worker too, learn it from
+    the domain's lease and send the host nothing until its Retry-After is over."""
+    if socket.gethostbyname("localhost") != "127.0.0.1":
+        pytest.skip("the second host name of the site, localhost, is not 127.0.0.1 here")
+    wait = 3
+    site = RetryAfterSite(items=24, nth=8, wait=wait, delay=0.3)
+    with SiteServer(site) as server:
+        result = fanout(
+            home,
+            "run",
+            job("throttled"),
+            *params(start_url=server.url),
+            "-S",
+            "pages_per_chunk=4",
+            "-w",
+            "2",
+            "--chunk-timeout",
+            "20",
+        )
+    assert result.returncode == 0, result.stderr
+    run_id = run_id_of(result)
+    ids = Counter(r["id"] for r in records(home, run_id))
+    assert sorted(i for i, n in ids.items() if n > 1) == []
+    assert set(ids) == site.expected()
+    log = sorted(site.log)
+    (told,) = [t for t, h, _, code in log if h == "localhost" and code == 429]
+    # Chunks that held the host learn of the back-off at their next lease
+    # renewal (every 0.5 s) and had requests in flight (0.3 s each): after that,
+    # nothing until the Retry-After is over.
+    learnt = told + politeness.RENEW_EVERY + site.delay + 0.2
+    early = [
+        round(t - told, 2) for t, h, _, _ in log if h == "localhost" and learnt < t < told + wait
+    ]
+    assert early == [], f"requests to the backed-off host at +{early} s (Retry-After {wait} s)"
+    assert any(t >= told + wait for t, h, _, code in log if h == "localhost" and code == 200)
+
+
 # -- an exception in a callback --------------------------------------------------
 
 
@@ -414,3 +480,23 @@ def test_a_503_is_kept_for_later_unless_the_spider_asked_for_it(
     monkeypatch.setattr(components, "CHUNK", {})
     with pytest.raises(NotConfigured):
         components.ThrottleRescue(crawler)
+
+
+def test_status_shows_each_backed_off_domain_with_the_time_left(home: Path) -> None:
+    """``fanout status`` of a running crawl lists the domains the run is backing
+    off now, read from their leases, and stops listing one once it is over."""
+    backend = open_backend("local", home=home)
+    run_id = coordinator.submit(backend, job("throttled"), {"start_url": "http://a.test/"}).run_id
+    crawl = backend.crawl
+    assert crawl is not None
+    now = time.time()
+    for domain, wait in (("slow.test", 60.0), ("done.test", -1.0)):
+        ask = DomainAsk(4, 0.0, 1, expires=now + 60, now=now - 2, backoff_until=now + wait)
+        crawl.lease_domain(run_id, domain, "0", ask)
+    result = fanout(home, "status", run_id)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "slow.test" in line]
+    left = float(line.split("backed off ")[1].split("s more")[0])
+    assert 50 < left <= 60, line
+    assert "done.test" not in result.stdout  # its back-off is over
+    assert status(home, run_id)["backoffs"].keys() == {"slow.test"}

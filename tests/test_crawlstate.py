@@ -3,9 +3,10 @@ which seen-set claims hold, and how a domain's slots are leased to chunks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from fanout.backends.crawlstate import DomainAsk, claim_is_live, grant_domain
+from fanout.backends.crawlstate import DomainAsk, backoff_of, claim_is_live, grant_domain
 
 
 def ask(now: float, *, want: int = 8, delay: float = 0.0, in_use: int = 0) -> DomainAsk:
@@ -66,3 +67,19 @@ def test_a_holder_that_never_let_go_frees_the_domain_a_delay_after_its_lease_lap
     assert grant_domain(state, "b", ask(29, delay=1.0)).slots == 0
     late = grant_domain(state, "b", ask(30.5, delay=1.0))  # a crashed; lapsed at 30
     assert (late.slots, late.start_after) == (8, 31.0)
+
+
+def test_a_back_off_any_chunk_asks_for_is_told_to_every_chunk_until_it_ends() -> None:
+    state: dict[str, Any] = {}
+    grant_domain(state, "a", ask(0))
+    grant_domain(state, "b", ask(0))
+    # a got a 429 at t=1 and asks the run to leave the site alone until t=31.
+    told = grant_domain(state, "a", replace(ask(1, in_use=2), backoff_until=31.0))
+    assert told.backoff_until == 31.0 and told.slots > 0  # the lease itself is kept
+    # b learns it at its next renewal; a shorter back-off asked later does not shorten it.
+    assert grant_domain(state, "b", ask(2)).backoff_until == 31.0
+    assert grant_domain(state, "b", replace(ask(3), backoff_until=10.0)).backoff_until == 31.0
+    assert backoff_of(state, 30.0) == 31.0
+    # Once it is over, nothing is left of it in the state, and grants carry none.
+    assert grant_domain(state, "c", ask(31.5)).backoff_until == 0.0
+    assert "backoff_until" not in state and backoff_of(state, 31.5) == 0.0

@@ -39,11 +39,11 @@ def process(payload, ctx):
 
 
 def drain(backend: Backend, run_id: str, limit: float = 60.0) -> RunRecord:
-    dispatcher = Dispatcher(backend)
+    runner = Dispatcher(backend)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         for delivery in backend.queue.receive(10, 15.0):
-            dispatcher.handle(delivery, 10.0)
+            runner.handle(delivery, 10.0)
         run = backend.ledger.get_run(run_id)
         assert run is not None
         if run.state in TERMINAL_RUN_STATES:

@@ -37,13 +37,26 @@ JOB = str(TESTS / "testjobs" / "readings_table.py")
 # -- helpers -------------------------------------------------------------------------
 
 
+def handler(backend: Backend) -> Dispatcher:
+    """The engine's delivery handler: the one place the table tests name it."""
+    return Dispatcher(backend)
+
+
+def deliver(backend: Backend, count: int) -> None:
+    """Hand the next ``count`` deliveries, one at a time, to the engine here."""
+    engine = handler(backend)
+    for _ in range(count):
+        (delivery,) = backend.queue.receive(1, 15.0)
+        engine.handle(delivery, 10.0)
+
+
 def drain(backend: Backend, run_id: str, limit: float = 60.0) -> RunRecord:
     """Work the queue in this process until the run finishes."""
-    dispatcher = Dispatcher(backend)
+    engine = handler(backend)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         for delivery in backend.queue.receive(10, 15.0):
-            dispatcher.handle(delivery, 10.0)
+            engine.handle(delivery, 10.0)
         run = backend.ledger.get_run(run_id)
         assert run is not None
         if run.state in TERMINAL_RUN_STATES:
@@ -140,6 +153,14 @@ def test_a_record_without_the_partition_field_is_a_record_error_naming_it(
     assert table_items(ledger.store) == Counter(f"a-1-{r}" for r in range(5))
 
 
+def test_a_record_that_does_not_fit_is_numbered_within_its_chunk(ledger: Backend) -> None:
+    # Record 7 is the third of its partition (days 1, 4, 7 of chunk 0 are dt=2024-01-02).
+    run = run_job(ledger, tag="a", chunks=1, rows=9, bad_kwh_at=7)
+    (dead,) = ledger.ledger.list_tasks(run.run_id, (TaskState.DEAD,))
+    assert "record 7 does not fit schema tests.reading: " in (dead.error or "")
+    assert "kwh" in (dead.error or "") and "(partition dt=2024-01-02)" in (dead.error or "")
+
+
 def test_finalizing_a_run_twice_adds_its_files_once(ledger: Backend) -> None:
     from fanout.tables.commit import join_table
 
@@ -151,6 +172,52 @@ def test_finalizing_a_run_twice_adds_its_files_once(ledger: Backend) -> None:
     assert before is not None and after is not None
     assert after.version == before.version
     assert table_items(ledger.store) == expected("a", 3, 6)
+
+
+def test_compact_setting_leaves_one_file_per_partition_the_run_wrote(backend: Backend) -> None:
+    first = run_job(backend, tag="a", chunks=6, rows=6, days=3)
+    record = coordinator.submit(
+        backend, JOB, {"tag": "b", "chunks": 5, "rows": 4, "days": 2}, {"compact": True}
+    )
+    assert drain(backend, record.run_id).state == "succeeded"
+    catalog = read_catalog(backend.store, "readings")
+    assert catalog is not None
+    by_partition = Counter(f["partition"] for f in catalog.files)
+    # The run wrote to the first two days: each is one file now (both runs'
+    # files); the third day, which only the first run wrote, is as it was.
+    assert by_partition == {"dt=2024-01-01": 1, "dt=2024-01-02": 1, "dt=2024-01-03": 6}
+    assert table_items(backend.store) == expected("a", 6, 6) + expected("b", 5, 4)
+    assert first.state == "succeeded"
+    assert catalog.data["operation"].startswith("compaction")
+
+
+def test_two_writers_racing_for_the_next_catalog_version_both_land(backend: Backend) -> None:
+    from fanout.tables.catalog import update_catalog
+
+    store = backend.store
+    update_catalog(store, "race", lambda snap: {**snap, "files": []}, "create")
+    calls = 0
+
+    def add(name: str) -> Any:
+        def change(snap: dict[str, Any]) -> dict[str, Any]:
+            snap["files"].append({"key": name, "partition": "", "records": 1, "bytes": 1})
+            return snap
+
+        return change
+
+    def ours(snap: dict[str, Any]) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # another process swaps version 2 in after we read version 1
+            update_catalog(store, "race", add("theirs"), "theirs")
+        return add("ours")(snap)
+
+    result = update_catalog(store, "race", ours, "ours")
+    assert calls == 2  # the first write of version 2 lost, the retry read theirs
+    assert result.version == 3
+    assert [f["key"] for f in result.files] == ["theirs", "ours"]
+    catalog = read_catalog(store, "race")
+    assert catalog is not None and catalog.version == 3 and len(catalog.files) == 2
 
 
 # -- crashes: gc --dry-run and compaction under SIGKILL ---------------------------------
@@ -202,6 +269,58 @@ def test_gc_dry_run_lists_exactly_the_files_a_crashed_attempt_left(tmp_path: Pat
         assert table_items(backend.store) == expected("a", 3, 9)  # no committed file touched
     finally:
         backend.close()
+
+
+def test_gc_never_touches_the_files_of_a_run_still_running(ledger: Backend) -> None:
+    from fanout.tables.gc import collect
+
+    first = run_job(ledger, tag="a", chunks=2, rows=6)  # a table to collect in
+    record = coordinator.submit(ledger, JOB, {"tag": "b", "chunks": 3, "rows": 6})
+    deliver(ledger, 3)  # the plan and two chunks commit; the run is not finished
+    run = ledger.ledger.get_run(record.run_id)
+    assert run is not None and run.state == "running"
+    written = [k for k in ledger.store.list("tables/readings/dt=") if record.run_id in k]
+    assert len(written) == 6  # two chunks x three days, committed but not in the table yet
+    # Even with every finished run "old", only the finished run's runs/ objects go.
+    removed = collect(ledger.store, ledger.ledger, older_than=0.0)
+    assert removed and {g.reason for g in removed} == {"old run"}
+    assert all(g.key.startswith(f"runs/{first.run_id}/") for g in removed)
+    assert all(ledger.store.exists(k) for k in written)
+    assert table_items(ledger.store) == expected("a", 2, 6)  # its table files stay
+    assert drain(ledger, record.run_id).state == "succeeded"
+    assert table_items(ledger.store) == expected("a", 2, 6) + expected("b", 3, 6)
+
+
+def test_gc_removes_finished_runs_payloads_and_stray_files_not_a_replayable_runs(
+    backend: Backend,
+) -> None:
+    from fanout.tables.gc import collect
+
+    tree = str(TESTS / "testjobs" / "tree.py")
+    params = {"chunks": 2, "rows": 2, "children": 1, "depth": 1, "big_payload": 300_000}
+    done = coordinator.submit(backend, tree, params)
+    assert drain(backend, done.run_id).state == "succeeded"
+    failing = {**params, "fail_chunks": [1], "fail_times": 9}
+    dead = coordinator.submit(backend, tree, failing, {"max_attempts": 1})
+    assert drain(backend, dead.run_id).state == "failed"
+    store = backend.store
+    payloads = list(store.list(f"runs/{done.run_id}/payloads/"))
+    kept = list(store.list(f"runs/{dead.run_id}/payloads/"))
+    assert len(payloads) == 2 and len(kept) == 1  # the children's offloaded payloads
+    # What an attempt that wrote its file and died before its commit leaves.
+    stray = f"runs/{done.run_id}/data/0.0-s0-a9-deadbeef.avro"
+    store.put(stray, b"not committed")
+
+    found = collect(store, backend.ledger, dry_run=True)
+    assert {(g.key, g.reason) for g in found} == {(k, "payload") for k in payloads} | {
+        (stray, "uncommitted")
+    }
+    assert store.exists(stray)
+    assert collect(store, backend.ledger) == found
+    assert not store.exists(stray) and not list(store.list(f"runs/{done.run_id}/payloads/"))
+    assert list(store.list(f"runs/{dead.run_id}/payloads/")) == kept  # for fanout replay
+    records = list(coordinator.committed_records(backend, done.run_id))
+    assert len(records) == 8  # the committed output is untouched
 
 
 #: Where a compaction is killed: (operation, key substring, nth), one run each.

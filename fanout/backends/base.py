@@ -1,5 +1,6 @@
 """The backend seam: the records the engine keeps and the three Protocols
-(queue, object store, ledger) that every backend implements.
+(queue, object store, ledger) that every backend implements; crawl jobs' state
+has a Protocol of its own (:mod:`fanout.backends.crawlstate`).
 
 The engine (``fanout.runner``, ``fanout.coordinator``) speaks only to these
 Protocols. Each method of :class:`Ledger` is one atomic step of the correctness
@@ -16,7 +17,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from fanout.backends.crawlstate import DomainAsk, DomainGrant
+from fanout.backends.crawlstate import CrawlState
 
 
 class TaskState(enum.StrEnum):
@@ -311,26 +312,16 @@ class Ledger(Protocol):
         """Tasks registered by ``key`` that are still queued (to re-send them when a
         duplicate delivery shows the parent's sends may have been lost)."""
 
-    def claim_urls(
-        self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
-    ) -> set[str]:
-        """The run-wide seen-set of a crawl: claim each fingerprint for attempt
-        ``token`` of chunk ``owner`` unless another chunk's live claim holds it
-        (one whose attempt is running or committed); return those ``owner``
-        holds now. Stale claims (of attempts that never committed) are taken
-        over, so nothing needs releasing (:mod:`fanout.backends.crawlstate`)."""
-
-    def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
-        """Lease slots of ``domain`` to chunk ``holder`` (run-wide politeness,
-        :func:`fanout.backends.crawlstate.grant_domain`)."""
-
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""
 
     def list_tasks(
-        self, run_id: str, states: Collection[TaskState] | None = None
+        self, run_id: str, states: Collection[TaskState] | None = None, *, history: bool = True
     ) -> list[TaskRecord]:
-        """The run's tasks (optionally only those in ``states``), ordered by chunk id and seq."""
+        """The run's tasks (optionally only those in ``states``), ordered by chunk id and seq.
+        With ``history=False`` their ``history`` is left empty: reading and
+        decoding every event of a large run is most of the cost of listing it,
+        and a caller such as the finalizer needs none."""
 
     def reopen(
         self, run_id: str, chunk_ids: Collection[str] | None, now: float
@@ -427,12 +418,15 @@ class Store(Protocol):
 
 @dataclass
 class Backend:
-    """The three seams of one backend, opened together."""
+    """The seams of one backend, opened together: the three every job uses, and
+    the crawl state (:class:`~fanout.backends.crawlstate.CrawlState`) that
+    crawl jobs use beside the ledger (None: this backend has none)."""
 
     name: str
     queue: Queue
     store: Store
     ledger: Ledger
+    crawl: CrawlState | None = None
 
     def close(self) -> None:
         self.queue.close()

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
 
 #: A task's state while an attempt holds its lease (``TaskState.RUNNING``; this
 #: module sits below ``base`` and does not import it).
@@ -53,8 +54,10 @@ class DomainAsk:
     domain is leased whole); ``want`` the slots asked for (0 lets the lease go);
     ``in_use`` the requests the holder still has in flight (a holder trimmed to
     a smaller share keeps counting those until they finish); ``expires`` when
-    the lease lapses if never let go (the holder's hard timeout); all times are
-    wall-clock seconds.
+    the lease lapses if never let go (the holder's hard timeout);
+    ``backoff_until`` when a back-off the holder was asked for ends (the site
+    answered 429/503: its ``Retry-After``, or fanout's own back-off), 0 for
+    none; all times are wall-clock seconds.
     """
 
     capacity: int
@@ -63,6 +66,7 @@ class DomainAsk:
     expires: float
     now: float
     in_use: int = 0
+    backoff_until: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +76,16 @@ class DomainGrant:
     earliest wall-clock time of its first request (the previous holder's
     release plus the delay); ``holders`` counts the chunks sharing the domain;
     ``delay`` is the domain's delay as the run knows it (the largest any chunk
-    asked with: a robots.txt ``Crawl-delay`` one chunk read holds for all)."""
+    asked with: a robots.txt ``Crawl-delay`` one chunk read holds for all);
+    ``backoff_until`` the end of the domain's back-off, run-wide (0: none now):
+    until then no chunk sends it anything new, whichever chunk was told."""
 
     slots: int
     retry_after: float = 0.0
     start_after: float = 0.0
     holders: int = 1
     delay: float = 0.0
+    backoff_until: float = 0.0
 
 
 def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGrant:
@@ -91,7 +98,28 @@ def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
     (all slots to one holder, as one Scrapy process would crawl it). Without
     one, a holder gets at most an even share, ``ceil(capacity / holders)``, of
     what the others do not use.
+
+    ``state["backoff_until"]`` is the domain's run-wide back-off: the latest end
+    any chunk asked for, kept while it lasts, returned with every grant.
     """
+    backoff = max(ask.backoff_until, float(state.get("backoff_until", 0.0)))
+    if backoff > ask.now:
+        state["backoff_until"] = backoff
+    else:
+        state.pop("backoff_until", None)  # over: the state stays as small as before
+        backoff = 0.0
+    grant = _grant_slots(state, holder, ask)
+    return replace(grant, backoff_until=backoff) if backoff else grant
+
+
+def backoff_of(state: dict[str, Any], now: float) -> float:
+    """The end of a domain's back-off in its lease ``state``, 0 when none lasts at ``now``."""
+    until = float(state.get("backoff_until", 0.0))
+    return until if until > now else 0.0
+
+
+def _grant_slots(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGrant:
+    """The slots part of :func:`grant_domain` (its ``state`` without the back-off)."""
     now = ask.now
     delay = max(ask.delay, float(state.get("delay", 0.0)))
     state["delay"] = delay
@@ -128,6 +156,41 @@ def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
     if slots == 0:
         return DomainGrant(0, retry_after=0.5, holders=len(others) + 1)
     return DomainGrant(slots, holders=len(others) + 1)
+
+
+@runtime_checkable
+class CrawlState(Protocol):
+    """A crawl run's shared state, kept by the backend beside its ledger: the
+    run-wide seen-set and the per-domain politeness leases. Each method is
+    atomic. Crawl jobs get it from ``Backend.crawl``; the contract suite in
+    ``tests/contract/test_crawlstate_contract.py`` runs against every backend."""
+
+    #: Whether a forked process (every crawl chunk runs in one) sees this
+    #: state's writes, and the parent its child's: false for a backend that
+    #: lives in one process's memory, on which crawl jobs refuse to run.
+    shared_across_processes: bool
+
+    def claim_urls(
+        self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
+    ) -> set[str]:
+        """The run-wide seen-set: claim each fingerprint for attempt ``token``
+        of chunk ``owner`` unless another chunk's live claim holds it (one
+        whose attempt is running or committed, :func:`claim_is_live`); return
+        those ``owner`` holds now. Stale claims (of attempts that never
+        committed) are taken over, so nothing needs releasing."""
+
+    def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
+        """Lease slots of ``domain`` to chunk ``holder`` (run-wide politeness,
+        :func:`grant_domain`)."""
+
+    def backoffs(self, run_id: str, now: float) -> dict[str, float]:
+        """The run's domains backed off at wall-clock ``now``, each with its
+        back-off's end (``fanout status``)."""
+
+    @property
+    def usage(self) -> Mapping[str, int]:
+        """What this process's calls consumed where it is billed (DynamoDB's
+        ``read_units``/``write_units``); empty where nothing is."""
 
 
 def dump_state(state: dict[str, Any]) -> str:

@@ -7,11 +7,6 @@ The layout, the one place it is spelled out (everything else calls these)::
     runs/<run_id>/dead/<chunk>-s<seq>.json        a dead task's message and history
     runs/<run_id>/payloads/<chunk>-s<seq>.json    an offloaded payload and cursor
     runs/<run_id>/crawl/robots/<host>.json        a crawl's copy of a site's robots.txt
-    runs/<run_id>/parts/<chunk>-s<seq>-a<attempt>-<token8>.json
-                                                  a partitioned chunk's list of table files
-    tables/<table>/<col>=<value>/<file>.avro      a table's data files (fanout.tables)
-    tables/<table>/_catalog/v<version>.json       its catalog's versions
-    tables/<table>/_compactions/<id>.json         a compaction in progress
     dead-letters/<stamp>-<message id>.json        a message that never became a task
 
 ``<chunk>`` is the chunk id with ``/`` as ``.`` (``0/3/1`` → ``0.3.1``). Output
@@ -29,8 +24,6 @@ from __future__ import annotations
 
 import re
 
-#: Where every run's objects are (one prefix per run below it: :func:`run_prefix`).
-RUNS_PREFIX = "runs/"
 #: Where message dead letters are kept (``fanout dead-letters``).
 DEAD_LETTERS = "dead-letters/"
 
@@ -39,9 +32,21 @@ def _chunk(chunk_id: str) -> str:
     return chunk_id.replace("/", ".")
 
 
+#: Every run's keys are under this prefix, each run's under :func:`run_prefix`.
+RUNS_PREFIX = "runs/"
+
+
 def run_prefix(run_id: str) -> str:
     """Everything a run keeps in the store is under this prefix."""
     return f"{RUNS_PREFIX}{run_id}/"
+
+
+def run_of_key(key: str) -> str | None:
+    """The run a key under :data:`RUNS_PREFIX` belongs to (None: no run's key)."""
+    if not key.startswith(RUNS_PREFIX):
+        return None
+    run_id, slash, _ = key[len(RUNS_PREFIX) :].partition("/")
+    return run_id if slash and run_id else None
 
 
 def output_key(run_id: str, chunk_id: str, seq: int, attempt: int, token: str) -> str:

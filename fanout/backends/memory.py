@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 from fanout.backends.base import Backend
 from fanout.backends.keys import check_key, check_prefix
+from fanout.backends.local.crawlstate import SQLiteCrawlState
 from fanout.backends.local.db import Database
 from fanout.backends.local.ledger import SQLiteLedger
 from fanout.backends.local.queue import SQLiteQueue
@@ -85,4 +86,11 @@ class MemoryStore:
 def open_memory() -> Backend:
     """A fresh backend whose queue, store and ledger live in this process only."""
     db = Database(":memory:")
-    return Backend("memory", queue=SQLiteQueue(db), store=MemoryStore(), ledger=SQLiteLedger(db))
+    return Backend(
+        "memory",
+        queue=SQLiteQueue(db),
+        store=MemoryStore(),
+        ledger=SQLiteLedger(db),
+        # Not shared across processes: crawl jobs refuse it, but its calls work.
+        crawl=SQLiteCrawlState(db),
+    )

@@ -27,7 +27,12 @@ from typing import Any
 
 from fanout.context import ChunkContext
 from fanout.crawl.chunk import run_chunk
-from fanout.crawl.components import MAX_RETRY_AFTER, THROTTLE_META
+from fanout.crawl.components import (
+    DEFAULT_THROTTLE_BASE,
+    MAX_BACKOFF,
+    MAX_RETRY_AFTER,
+    THROTTLE_META,
+)
 from fanout.errors import PermanentError
 from fanout.jobs import Job
 from fanout.retry import compute_backoff
@@ -54,7 +59,7 @@ class CrawlJob(Job):
         *,
         name: str | None = None,
         pages_per_chunk: int = 250,
-        throttle_base: float = 5.0,
+        throttle_base: float = DEFAULT_THROTTLE_BASE,
         **settings: Any,
     ) -> None:
         settings.setdefault("max_depth", 63)  # chunk generations, not page depth
@@ -70,10 +75,10 @@ class CrawlJob(Job):
         self.process(self._process)
 
     def _process(self, payload: Any, ctx: ChunkContext) -> None:
-        ledger = ctx._ledger
-        if ledger is None or not getattr(ledger, "shared_across_processes", True):
-            # Each crawl chunk is a forked process: an in-process ledger would
-            # give every chunk its own copy of the seen-set.
+        crawl = ctx._crawl
+        if crawl is None or not crawl.shared_across_processes:
+            # Each crawl chunk is a forked process: an in-process crawl state
+            # would give every chunk its own copy of the seen-set.
             raise PermanentError("crawl jobs need a backend shared across processes (local, aws)")
         frontier = None if ctx.chunk_id == "0" else payload["requests"]
         log_level = logging.getLevelName(logging.getLogger("fanout").getEffectiveLevel())
@@ -81,7 +86,7 @@ class CrawlJob(Job):
             self.spider_cls,
             dict(ctx.params or {}),
             frontier,
-            ledger=ledger,
+            crawl=crawl,
             run_id=ctx.run_id,
             chunk_id=ctx.chunk_id,
             pages_per_chunk=self._pages_per_chunk(ctx),
@@ -89,6 +94,7 @@ class CrawlJob(Job):
             log_level=os.environ.get("FANOUT_SCRAPY_LOG_LEVEL", log_level),
             token=ctx._token,
             store=ctx._store,
+            throttle_base=self.throttle_base,
         )
         for error in result.errors:
             ctx.log.error("crawl chunk: %s", error)
@@ -124,8 +130,9 @@ class CrawlJob(Job):
         for (level, asked), requests in sorted(throttled.items()):
             # At least the base: a throttled site is always given a pause.
             delay = min(
-                900.0,
-                self.throttle_base + compute_backoff(level, base=self.throttle_base, cap=900.0),
+                MAX_BACKOFF,
+                self.throttle_base
+                + compute_backoff(level, base=self.throttle_base, cap=MAX_BACKOFF),
             )
             delay = max(delay, asked)
             for start in range(0, len(requests), size):

@@ -30,7 +30,8 @@ from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.codec import decode_value, request_from_json
 
 if TYPE_CHECKING:
-    from fanout.backends.base import Ledger, Store
+    from fanout.backends.base import Store
+    from fanout.backends.crawlstate import CrawlState
 
 
 @dataclass
@@ -210,7 +211,7 @@ def run_chunk(
     spider_kwargs: dict[str, Any],
     frontier: list[dict[str, Any]] | None,
     *,
-    ledger: Ledger,
+    crawl: CrawlState,
     run_id: str,
     chunk_id: str,
     pages_per_chunk: int,
@@ -218,6 +219,7 @@ def run_chunk(
     log_level: str = "WARNING",
     token: str = "",
     store: Store | None = None,
+    throttle_base: float = components.DEFAULT_THROTTLE_BASE,
 ) -> ChunkResult:
     """Crawl one chunk in a forked process and collect what it sent.
 
@@ -232,7 +234,7 @@ def run_chunk(
         "run_id": run_id,
         "chunk_id": chunk_id,
         "token": token,
-        "ledger": ledger,
+        "crawl": crawl,
         "store": store,
         "pages_per_chunk": pages_per_chunk,
         "close_at": now + time_left - drain,
@@ -242,6 +244,7 @@ def run_chunk(
         "drain": drain,
         "log_level": log_level,
         "worker_pid": os.getpid(),
+        "throttle_base": throttle_base,  # a throttled domain's first back-off, run-wide
     }
     prewarm()
     read_fd, write_fd = os.pipe()

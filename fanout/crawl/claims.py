@@ -30,6 +30,8 @@ from typing import Any
 
 from scrapy import Request, Spider
 
+from fanout.backends.crawlstate import CrawlState
+
 #: The meta key of a request's claim (its fingerprint, hex).
 CLAIM = "fanout_claim"
 
@@ -38,9 +40,15 @@ class ClaimBook:
     """One chunk's view of the run's seen-set."""
 
     def __init__(
-        self, ledger: Any, run_id: str, owner: str, token: str, fingerprinter: Any, stats: Any
+        self,
+        crawl: CrawlState,
+        run_id: str,
+        owner: str,
+        token: str,
+        fingerprinter: Any,
+        stats: Any,
     ) -> None:
-        self.ledger = ledger
+        self.crawl = crawl
         self.run_id = run_id
         self.owner = owner
         self.token = token
@@ -76,7 +84,7 @@ class ClaimBook:
             return []
         self.stats.inc_value("fanout/ledger_claim_calls")
         self.stats.inc_value("fanout/ledger_claimed_asked", len(fresh))
-        won = self.ledger.claim_urls(self.run_id, self.owner, self.token, list(fresh))
+        won = self.crawl.claim_urls(self.run_id, self.owner, self.token, list(fresh))
         out: list[Request] = []
         for fp, request in fresh.items():
             if fp in won:

@@ -57,6 +57,10 @@ THROTTLE_STATUSES = (429, 503)
 #: A request is handed on with back-off at most this many times for 429/503
 #: answers; after that its last answer goes to the spider as Scrapy would.
 MAX_THROTTLE_LEVEL = 8
+#: The first back-off (s) of a throttled domain's requests (``CrawlJob``'s
+#: ``throttle_base``), and the longest fanout's own back-off grows to.
+DEFAULT_THROTTLE_BASE = 5.0
+MAX_BACKOFF = 900.0
 #: The longest ``Retry-After`` fanout waits out (seconds).
 MAX_RETRY_AFTER = 6 * 3600.0
 
@@ -70,7 +74,7 @@ def book_of(crawler: Any) -> ClaimBook:
     book = CHUNK.get("book")
     if book is None:
         book = ClaimBook(
-            CHUNK["ledger"],
+            CHUNK["crawl"],
             CHUNK["run_id"],
             CHUNK["chunk_id"],
             CHUNK.get("token", ""),
@@ -149,7 +153,10 @@ class ChunkScheduler(Scheduler):
             if domain in self.throttled:
                 self.held.append(request)  # spare the site: a later chunk, after back-off
             elif not self.gate.allows(request):
-                self.parked.append(request)  # another chunk holds the domain
+                if domain in self.throttled:
+                    self.held.append(request)  # the run backs the site off: a later chunk
+                else:
+                    self.parked.append(request)  # another chunk holds the domain
             elif not self.gate.has_room(request):
                 # The domain's slots are all in flight. Scrapy 2.19's downloader
                 # counts a request against its slot only once its download task
@@ -264,6 +271,15 @@ class ThrottleWatch:
             if wait:
                 scheduler.retry_after[domain] = max(wait, scheduler.retry_after.get(domain, 0.0))
             self.crawler.stats.inc_value("fanout/throttled")
+            # Every other chunk crawling the site backs off too: at least the
+            # first back-off this request's hand-on will get (without its
+            # jitter), or the site's Retry-After when longer.
+            level = int(request.meta.get(THROTTLE_META, 0))
+            base = float(CHUNK.get("throttle_base", DEFAULT_THROTTLE_BASE))
+            own = min(MAX_BACKOFF, base * 2.0 ** min(level, 16))
+            gate_of(self.crawler).back_off(
+                gate_of(self.crawler).key(request), time.time() + max(wait, own)
+            )
         return response
 
 
@@ -401,8 +417,8 @@ class ChunkBudget:
     def leave(self) -> None:
         """Send the stats and exit the chunk process."""
         stats = self.crawler.stats
-        # What the ledger's crawl calls cost, where it counts (DynamoDB).
-        for unit, value in getattr(CHUNK["ledger"], "crawl_usage", {}).items():
+        # What the crawl state's calls cost, where it counts (DynamoDB).
+        for unit, value in CHUNK["crawl"].usage.items():
             stats.set_value(f"fanout/ledger_{unit}", value)
         send("stats", summarize_stats(stats.get_stats()))
         assert channel.CHANNEL is not None

@@ -33,7 +33,7 @@ from scrapy.exceptions import NotConfigured
 from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler
 
-from fanout.backends.crawlstate import DomainAsk, DomainGrant
+from fanout.backends.crawlstate import CrawlState, DomainAsk, DomainGrant
 from fanout.backends.keys import robots_key
 from fanout.crawl.channel import CHUNK
 
@@ -54,7 +54,7 @@ class DomainGate:
     def __init__(self, crawler: Any, chunk: dict[str, Any]) -> None:
         settings = crawler.settings
         self.crawler = crawler
-        self.ledger = chunk["ledger"]
+        self.crawl: CrawlState = chunk["crawl"]
         self.run_id: str = chunk["run_id"]
         self.holder: str = chunk["chunk_id"]
         self.expires: float = chunk["expires"]  # wall clock: the hard timeout
@@ -68,6 +68,7 @@ class DomainGate:
         self.ask_after: dict[str, float] = {}  # monotonic
         self.ramp: dict[str, int] = {}  # requests allowed in flight while connections open
         self.renewed = time.monotonic()
+        self.backoff_told: dict[str, float] = {}  # wall clock, per domain: told the run
 
     def key(self, request: Request) -> str:
         """The domain of ``request`` as Scrapy's downloader keys its slots."""
@@ -93,7 +94,8 @@ class DomainGate:
             self.ask_after[key] = now + max(grant.retry_after, ASK_EVERY)
             return False
         self._apply(key, grant)
-        return True
+        # Backed off run-wide: the lease is kept, the request is not sent.
+        return grant.backoff_until <= time.time()
 
     def room(self, key: str) -> int:
         """How many more requests the chunk may have in flight to ``key``:
@@ -112,7 +114,7 @@ class DomainGate:
         """Whether one more request to ``request``'s domain stays within the lease."""
         return self.room(self.key(request)) > 0
 
-    def _ask(self, key: str, want: int, in_use: int = 0) -> DomainGrant:
+    def _ask(self, key: str, want: int, in_use: int = 0, backoff_until: float = 0.0) -> DomainGrant:
         self.crawler.stats.inc_value("fanout/ledger_lease_calls")
         now = time.time()
         ask = DomainAsk(
@@ -122,9 +124,34 @@ class DomainGate:
             expires=self.expires,
             now=now,
             in_use=in_use,
+            backoff_until=backoff_until,
         )
-        grant: DomainGrant = self.ledger.lease_domain(self.run_id, key, self.holder, ask)
+        grant: DomainGrant = self.crawl.lease_domain(self.run_id, key, self.holder, ask)
+        if grant.backoff_until > now:
+            self._backed_off(key, grant.backoff_until - now)
         return grant
+
+    def _backed_off(self, key: str, wait: float) -> None:
+        """The domain is backed off run-wide for ``wait`` more seconds (this chunk,
+        or another, was told to slow down): this chunk sends it nothing new and
+        hands its requests on, to start no sooner than that."""
+        scheduler = self.crawler.engine.scheduler
+        scheduler.throttled.add(key)
+        scheduler.retry_after[key] = max(wait, scheduler.retry_after.get(key, 0.0))
+
+    def back_off(self, key: str, until: float) -> None:
+        """The site answered 429/503: every chunk backs off ``key`` until ``until``
+        (wall clock), kept in the domain's lease for the others to see when they
+        next ask (at most :data:`RENEW_EVERY` seconds later for a shared domain)."""
+        if until <= self.backoff_told.get(key, 0.0):
+            return  # the run knows already: one ledger call per back-off, not per answer
+        self.backoff_told[key] = until
+        downloader = self.crawler.engine.downloader
+        slot = downloader.slots.get(key)
+        in_use = len(slot.active) if slot is not None else 0
+        held = self.slots.get(key, 0)
+        # Asking for what it holds keeps the lease as it is (want 0 would let it go).
+        self._apply(key, self._ask(key, max(held, 1), in_use=in_use, backoff_until=until))
 
     def _apply(self, key: str, grant: DomainGrant) -> None:
         """Make Scrapy's download slot for ``key`` keep to the grant."""

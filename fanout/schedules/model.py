@@ -26,7 +26,9 @@ class Schedule(BaseModel):
     """One schedule: when (``expression``), what (``job`` and ``params``) and how
     ticks that overlap a running run or were missed are handled."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Validators are built on first use: every CLI command imports this module
+    # (through the schedule commands), few of them validate a schedule.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     name: str = Field(pattern=NAME_PATTERN)
     expression: str

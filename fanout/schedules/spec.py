@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from itertools import islice
-from typing import Literal
-
-from croniter import croniter
-from croniter.croniter import CroniterError
+from typing import TYPE_CHECKING, Literal
 
 from fanout.errors import UserError
+
+if TYPE_CHECKING:
+    from croniter import croniter
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -82,7 +82,7 @@ class Spec:
         assert self.cron is not None
         try:
             found: datetime = _croniter(self.cron, when).get_next(datetime)
-        except CroniterError:  # no such date any more (a past year)
+        except _croniter_error():  # no such date any more (a past year)
             return None
         return found
 
@@ -102,7 +102,7 @@ class Spec:
         base = floor_minute(when) + MINUTE
         try:
             found: datetime = _croniter(self.cron, base).get_prev(datetime)
-        except CroniterError:
+        except _croniter_error():
             return None
         return found
 
@@ -119,7 +119,7 @@ class Spec:
         while True:
             try:
                 yield iterator.get_next(datetime)
-            except CroniterError:
+            except _croniter_error():
                 return
 
     def fires(self, after: datetime, count: int) -> list[datetime]:
@@ -241,19 +241,32 @@ def _check_croniter(text: str, cron: str) -> None:
             raise _bad(text, f"{name} {value!r}: H (hashed) and R (random) values are not cron")
     try:
         iterator = _croniter(cron, EPOCH)
-    except (CroniterError, ValueError, KeyError, IndexError, TypeError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError) as exc:  # CroniterError is a ValueError
         raise _bad(text, _croniter_reason(cron, exc)) from None
     try:
         # An expression naming a date that never exists (February 30th).
         iterator.get_next(datetime)
-    except CroniterError:
+    except _croniter_error():
         raise _bad(text, "never fires (no such date)") from None
 
 
 def _croniter(cron: str, base: datetime) -> croniter:
+    # croniter (a leaf library, ~30 ms to import) is imported when an expression
+    # is first evaluated, not with this module: every CLI command imports the
+    # schedule commands, and only they need it.
+    from croniter import croniter
+
     # croniter gives up after 50 years without a match by default; a year
     # field may name any year up to 2099, searched from as early as 1970.
     return croniter(cron, base, max_years_between_matches=MAX_YEARS)
+
+
+def _croniter_error() -> type[ValueError]:
+    """croniter's error for an expression with no next (or previous) tick.
+    Called in ``except`` clauses, so only once croniter has raised something."""
+    from croniter.croniter import CroniterError
+
+    return CroniterError
 
 
 _FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week", "second", "year")
@@ -266,8 +279,8 @@ def _croniter_reason(cron: str, exc: Exception) -> str:
     for i, value in enumerate(fields):
         alone = " ".join(value if j == i else "*" for j in range(len(fields)))
         try:
-            croniter(alone, EPOCH)
-        except (CroniterError, ValueError, KeyError, IndexError, TypeError):
+            _croniter(alone, EPOCH)
+        except (ValueError, KeyError, IndexError, TypeError):
             return f"{_FIELDS[i]} {value!r} is not valid (allowed: {_RANGES[i]})"
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return f"does not parse ({message})"

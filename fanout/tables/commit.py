@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,11 +24,20 @@ from typing import Any
 from fanout.backends.base import Store
 from fanout.tables.catalog import Catalog, update_catalog
 
-__all__ = ["PARTS_KIND", "PARTS_VERSION", "expand_parts", "join_table"]
+__all__ = [
+    "PARTS_KIND",
+    "PARTS_VERSION",
+    "compact_run_partitions",
+    "expand_parts",
+    "join_table",
+    "update_glue",
+]
 
 #: The ``kind`` a parts list carries (``fanout.tables.writer``), checked when read.
 PARTS_KIND = "fanout.parts"
 PARTS_VERSION = 1
+
+log = logging.getLogger("fanout.tables")
 
 #: Parts lists read at once when a run is finalized (one GET each on S3).
 READ_THREADS = 8
@@ -106,3 +116,46 @@ def join_table(store: Store, manifest: dict[str, Any]) -> list[Catalog]:
 
         out.append(update_catalog(store, table, change, f"run {run_id}"))
     return out
+
+
+def compact_run_partitions(store: Store, manifest: dict[str, Any]) -> int:
+    """Compact each partition the run wrote to (``-S compact=true``), after it
+    joined its table; returns how many files were replaced. A compaction that
+    fails is logged, not raised: the run's files are committed either way, and
+    ``fanout compact`` can be run later (it repairs what a crash left)."""
+    # Imported here: fastavro is not loaded by a worker that never compacts.
+    from fanout.tables.compact import compact
+
+    replaced = 0
+    for table, partition in sorted(
+        {(f["table"], f["partition"]) for f in manifest["files"] if "table" in f}
+    ):
+        try:
+            replaced += compact(store, table, partition).files_before
+        except Exception:
+            log.exception("run %s: compacting %s %s failed", manifest["run_id"], table, partition)
+    return replaced
+
+
+def update_glue(store: Store, catalogs: list[Catalog]) -> list[str]:
+    """Create or update the Glue table of each catalog whose job asked for it
+    (``glue_catalog=True``), when the store is S3; returns the tables updated.
+    A Glue call that fails is logged, not raised: the run's files are committed
+    either way, and ``fanout catalog TABLE`` can be run later."""
+    bucket = getattr(store, "bucket", None)
+    settings = getattr(store, "settings", None)
+    wanted = [c for c in catalogs if c.data.get("glue")]
+    if not wanted or bucket is None or settings is None:
+        return []  # the local store: no Glue
+    # Imported here: only a worker on AWS with such a table needs them.
+    from fanout.backends.aws.clients import client
+    from fanout.tables.glue import database_name, sync_glue_table
+
+    done = []
+    for catalog in wanted:
+        try:
+            sync_glue_table(client("glue", settings), catalog, bucket, database_name())
+            done.append(catalog.table)
+        except Exception:
+            log.exception("table %s: updating its Glue table failed", catalog.table)
+    return done

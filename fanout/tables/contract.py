@@ -75,9 +75,13 @@ def check_contract(store: Store, spec: TableSpec, schema_raw: Any, job_name: str
             have, want = _show(snap["partitioning"]), _show(partitioning)
             raise UserError(f"table {table} is partitioned by {have}; job {job_name} by {want}")
         history = snap["schemas"]
+        glue = bool(snap.get("glue")) or spec.glue  # once asked for, kept up to date
         if history and _same(history[-1]["schema"], schema_raw):
             version = history[-1]["version"]
-            return None
+            if glue == bool(snap.get("glue")):
+                return None
+            snap["glue"] = glue
+            return snap
         if history and spec.evolution == "freeze":
             what = schema_change(history[-1]["schema"], schema_raw)
             raise UserError(
@@ -96,6 +100,7 @@ def check_contract(store: Store, spec: TableSpec, schema_raw: Any, job_name: str
             {"version": version, "schema": schema_raw, "job": job_name, "at": time.time()}
         )
         snap["partitioning"] = partitioning
+        snap["glue"] = glue
         return snap
 
     update_catalog(store, table, change, f"schema of job {job_name}")

@@ -28,7 +28,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from fanout.backends.base import TERMINAL_RUN_STATES, Ledger, RunRecord, Store, TaskState
-from fanout.backends.keys import RUNS_PREFIX, TABLES_PREFIX, table_catalog_key, table_prefix
+from fanout.backends.keys import (
+    RUNS_PREFIX,
+    TABLES_PREFIX,
+    run_of_key,
+    table_catalog_key,
+    table_prefix,
+)
 from fanout.tables.catalog import read_catalog, versions
 from fanout.tables.compact import recover
 
@@ -146,9 +152,9 @@ def _pending_compaction_files(store: Store, table: str) -> set[str]:
 def _run_garbage(store: Store, runs: _Runs, older_than: float | None, now: float) -> list[Garbage]:
     by_run: dict[str, list[str]] = defaultdict(list)
     for key in store.list(RUNS_PREFIX):
-        parts = key.split("/")
-        if len(parts) > 2:
-            by_run[parts[1]].append(key)
+        run_id = run_of_key(key)
+        if run_id is not None:
+            by_run[run_id].append(key)
     out: list[Garbage] = []
     for run_id, keys in sorted(by_run.items()):
         run = runs.get(run_id)

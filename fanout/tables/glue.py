@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from typing import Any
 
@@ -29,7 +30,7 @@ from fanout.errors import UserError
 from fanout.tables.catalog import Catalog
 from fanout.tables.spec import NULL_PARTITION, unescape
 
-__all__ = ["glue_name", "hive_type", "sync_glue_table", "table_input"]
+__all__ = ["database_name", "glue_name", "hive_type", "sync_glue_table", "table_input"]
 
 _SERDE = "org.apache.hadoop.hive.serde2.avro.AvroSerDe"
 _INPUT = "org.apache.hadoop.hive.ql.io.avro.AvroContainerInputFormat"
@@ -56,6 +57,11 @@ _PROJECTION = {
     "day": ("yyyy-MM-dd", "DAYS"),
     "month": ("yyyy-MM", "MONTHS"),
 }
+
+
+def database_name() -> str:
+    """``fanout_<stage>``: the stage verbatim, as in the template's Glue permissions."""
+    return f"fanout_{os.environ.get('FANOUT_STAGE', 'dev')}"
 
 
 def glue_name(name: str) -> str:

@@ -8,7 +8,9 @@
   FIELD (``region=eu``);
 - ``table``: the table's name, by default the job's (several jobs may share one);
 - ``schema_evolution``: ``evolve`` (the default: a compatible schema change
-  becomes the table's new schema) or ``freeze`` (any change is refused).
+  becomes the table's new schema) or ``freeze`` (any change is refused);
+- ``glue_catalog=True``: on AWS, each run that finishes creates or updates the
+  table in the Glue catalog (``fanout.tables.glue``).
 
 The options are taken out of the Job's keywords before the run settings are
 checked (:func:`pop_table_spec`), so they are the job's, fixed in its code.
@@ -53,6 +55,7 @@ class TableSpec:
     field: str | None = None
     granularity: str | None = None  # None: the field's own value
     evolution: str = "evolve"
+    glue: bool = False  # keep the Glue table up to date at the end of each run
 
     @property
     def column(self) -> str | None:
@@ -77,7 +80,12 @@ def pop_table_spec(job_name: str, settings: dict[str, Any]) -> TableSpec | None:
     partition_by = settings.pop("partition_by", None)
     table = settings.pop("table", None)
     evolution = settings.pop("schema_evolution", None)
+    glue = settings.pop("glue_catalog", False)
+    if not isinstance(glue, bool):
+        raise ValueError(f"job {job_name}: glue_catalog must be True or False")
     if partition_by is None and table is None:
+        if glue:
+            raise ValueError(f"job {job_name}: glue_catalog needs a table (partition_by=...)")
         if evolution is not None:
             raise ValueError(f"job {job_name}: schema_evolution needs a table (partition_by=...)")
         return None
@@ -88,7 +96,7 @@ def pop_table_spec(job_name: str, settings: dict[str, Any]) -> TableSpec | None:
     if evolution not in EVOLUTIONS:
         raise ValueError(f"job {job_name}: schema_evolution must be 'evolve' or 'freeze'")
     if partition_by is None:
-        return TableSpec(name, evolution=evolution)
+        return TableSpec(name, evolution=evolution, glue=glue)
     if not isinstance(partition_by, str):
         raise ValueError(f"job {job_name}: partition_by must be 'FIELD' or 'FIELD:day' etc.")
     field, sep, granularity = partition_by.partition(":")
@@ -99,7 +107,7 @@ def pop_table_spec(job_name: str, settings: dict[str, Any]) -> TableSpec | None:
             f"job {job_name}: partition_by granularity {granularity!r}:"
             f" use {', '.join(GRANULARITIES)}"
         )
-    return TableSpec(name, field, granularity or None, evolution)
+    return TableSpec(name, field, granularity or None, evolution, glue)
 
 
 def field_logical_type(schema_raw: dict[str, Any], field: str) -> str | bool | None:

@@ -12,12 +12,16 @@ attempt that never committed are named by no committed parts list.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from fanout.avro import RecordWriter, Schema
 from fanout.backends.base import Output, Store, TaskKey
 from fanout.backends.keys import chunk_parts_key, table_file_key
+from fanout.errors import RecordError
 from fanout.tables.commit import PARTS_KIND, PARTS_VERSION
 from fanout.tables.spec import TableSpec, field_logical_type, partition_value
 
@@ -25,6 +29,9 @@ if TYPE_CHECKING:
     from fanout.jobs import Job
 
 __all__ = ["PartitionedWriter", "make_writer"]
+
+#: How a RecordWriter's error starts: ``record 12 does not fit schema ...``.
+_RECORD_NUMBER = re.compile(r"^record (\d+)")
 
 
 def make_writer(job: Job, schema: Schema, codec: str) -> RecordWriter:
@@ -59,6 +66,22 @@ class PartitionedWriter:
         logical = field_logical_type(schema.raw, spec.field) if spec.field else None
         self._logical = logical if isinstance(logical, str) else None
         self._files: dict[str, bytes] | None = None
+        #: Per partition, the chunk-wide number of each record it holds.
+        self._indices: dict[str, list[int]] = {}
+
+    @contextlib.contextmanager
+    def _renumbered(self, partition: str) -> Iterator[None]:
+        """A RecordError of a partition's writer numbers the record within that
+        partition: say its number within the chunk (and the partition) instead."""
+        try:
+            yield
+        except RecordError as exc:
+            match = _RECORD_NUMBER.match(str(exc))
+            if match is None or int(match.group(1)) >= len(self._indices[partition]):
+                raise
+            number = self._indices[partition][int(match.group(1))]
+            rest = str(exc)[match.end() :]
+            raise RecordError(f"record {number}{rest} (partition {partition})") from exc
 
     @property
     def count(self) -> int:
@@ -74,13 +97,20 @@ class PartitionedWriter:
         writer = self._writers.get(partition)
         if writer is None:
             writer = self._writers[partition] = RecordWriter(self.schema, codec=self.codec)
-        writer.add(record)
+            self._indices[partition] = []
+        self._indices[partition].append(self._count)
+        with self._renumbered(partition):
+            writer.add(record)
         self._count += 1
 
     def finish(self) -> bytes:
         """Finish every partition's file; returns b"" when nothing was added."""
         if self._files is None:
-            self._files = {p: w.finish() for p, w in sorted(self._writers.items())}
+            files = {}
+            for partition, writer in sorted(self._writers.items()):
+                with self._renumbered(partition):
+                    files[partition] = writer.finish()
+            self._files = files
         if not self._count:
             return b""
         return json.dumps(sorted(self._files)).encode()

@@ -55,11 +55,14 @@ CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
     " connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-#: A run page's charts are rebuilt at most this often (seconds), or every ten
-#: times as long as the last build took, so an open page costs the ledger at
-#: most a tenth of one reader's time (MAX_REFRESH caps the wait).
+#: A run page's charts are rebuilt at most this often (seconds), or every
+#: REFRESH_FACTOR times as long as the last build took, so the open pages of a
+#: run cost at most a twentieth of one core (MAX_REFRESH caps the wait).
 MIN_REFRESH = 1.0
-MAX_REFRESH = 15.0
+MAX_REFRESH = 30.0
+REFRESH_FACTOR = 20
+#: Run views kept (each holds its run's tasks): the most recently built.
+MAX_CACHED = 8
 STATIC = {"fanout.css": "text/css", "live.js": "text/javascript"}
 
 
@@ -101,7 +104,7 @@ class RunViews:
         if cached is not None:
             old = cached.view
             unchanged = old.run.updated_at == run.updated_at and old.run.state == run.state
-            wait = min(MAX_REFRESH, max(MIN_REFRESH, 10 * cached.took))
+            wait = min(MAX_REFRESH, max(MIN_REFRESH, REFRESH_FACTOR * cached.took))
             ended = run.state in TERMINAL_RUN_STATES and old.run.state not in TERMINAL_RUN_STATES
             if unchanged or (now - old.built_at < wait and not ended):
                 # The counters come from the run record, read just now.
@@ -110,7 +113,10 @@ class RunViews:
         started = time.perf_counter()
         view = views.run_view(self.backend, run_id, now)
         with self._lock:
+            self._cache.pop(run_id, None)
             self._cache[run_id] = _Cached(view, time.perf_counter() - started)
+            while len(self._cache) > MAX_CACHED:
+                del self._cache[next(iter(self._cache))]  # the least recently built
             self.builds += 1
         return view
 
@@ -182,7 +188,8 @@ def run_page(request: Request) -> Response:
             html["charts"] = render("_run_charts.html", **_context(request), **context)
         return JSONResponse({"html": html, "done": done, "v": version})
     live_url = None if done else f"/runs/{quote(run_id, safe='')}?live=1"
-    return _page(request, "run.html", live_url=live_url, live_version=version, **context)
+    cost = views.run_cost(view)
+    return _page(request, "run.html", live_url=live_url, live_version=version, cost=cost, **context)
 
 
 def failures_page(request: Request) -> Response:

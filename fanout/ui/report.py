@@ -10,7 +10,7 @@ from markupsafe import Markup
 
 from fanout.backends.base import Backend
 from fanout.ui.render import render, static
-from fanout.ui.views import run_view
+from fanout.ui.views import run_cost, run_view
 
 
 def report_html(backend: Backend, run_id: str) -> str:
@@ -19,6 +19,7 @@ def report_html(backend: Backend, run_id: str) -> str:
     return render(
         "report.html",
         view=view,
+        cost=run_cost(view),
         read_only=True,
         csrf="",
         inline_css=Markup(static("fanout.css")),

@@ -90,8 +90,9 @@ def legend(outcomes: Sequence[str] = OUTCOMES) -> Markup:
 
 def timeline_svg(tl: Timeline, chunk_href: Callable[[str], str] | None = None) -> Markup:
     """One lane per concurrency slot, one bar per attempt, coloured by outcome;
-    each bar names its chunk, attempt and outcome on hover (and links to the
-    chunk's page when ``chunk_href`` is given)."""
+    each bar names its chunk, attempt and outcome on hover. With ``chunk_href``
+    a bar that did not succeed links to its chunk's page (links on every bar
+    of a 5,000-chunk run would add a third to the page)."""
     if not tl.bars:
         return Markup('<p class="empty">no attempts finished yet</p>')
     lane_h = max(1.0, min(MAX_LANE_HEIGHT, MAX_PLOT_HEIGHT / tl.lanes))
@@ -127,7 +128,7 @@ def timeline_svg(tl: Timeline, chunk_href: Callable[[str], str] | None = None) -
             f' y="{_num(bar.lane * lane_h)}" width="{_num(w)}" height="{_num(lane_h - gap)}"'
             f' fill="{COLOURS[bar.outcome]}"><title>{escape(title)}</title></rect>'
         )
-        if chunk_href is not None:
+        if chunk_href is not None and bar.outcome not in ("committed", "continued"):
             rect = f'<a href="{escape(chunk_href(bar.chunk_id))}">{rect}</a>'
         parts.append(rect)
     parts.extend(_time_axis(span, plot_h + 2, scale))

@@ -283,14 +283,21 @@ class RunView:
     throughput: Throughput
     tree: list[TreeNode]
     crawl: Crawl | None
-    cost: dict[str, Any]
     dead: int
     built_at: float
+    tasks: list[TaskRecord]  # for the cost estimate, computed only for a whole page
+
+
+def run_cost(view: RunView) -> dict[str, Any]:
+    """The ``fanout cost`` estimate of the run (not part of the live updates:
+    it costs as much as the rest of the view)."""
+    from fanout import cost as costs
+
+    return costs.estimate(view.run, view.tasks)
 
 
 def run_view(backend: Backend, run_id: str, now: float | None = None) -> RunView:
     """A run's page: one read of the run and one of its tasks."""
-    from fanout import cost as costs
     from fanout.ui.timeline import attempts
 
     now = time.time() if now is None else now
@@ -313,9 +320,9 @@ def run_view(backend: Backend, run_id: str, now: float | None = None) -> RunView
         throughput=throughput(placed),
         tree=chunk_tree(tasks),
         crawl=crawl_figures(run, st.elapsed),
-        cost=costs.estimate(run, tasks),
         dead=counts[TaskState.DEAD.value],
         built_at=now,
+        tasks=tasks,
     )
 
 

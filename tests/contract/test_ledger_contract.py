@@ -323,42 +323,19 @@ def test_ledger_state_survives_reopen(backend: Backend, reopen: Callable[[], Bac
     assert _claim(again).outcome == ClaimOutcome.FINISHED
 
 
-def test_claim_urls_gives_each_fingerprint_one_owner(backend: Backend) -> None:
+def test_list_tasks_without_history_is_the_same_tasks_with_none(backend: Backend) -> None:
     _run(backend)
-    claim = backend.ledger.claim_urls
-    assert claim(RUN, "0/1", "t1", ["a", "b"]) == {"a", "b"}
-    assert claim(RUN, "0/2", "t1", ["b", "c"]) == {"c"}
-    # The same chunk asking again holds what it had, and nothing another holds.
-    assert claim(RUN, "0/1", "t1", ["a", "b", "c", "d"]) == {"a", "b", "d"}
-    _run(backend, "other")
-    assert claim("other", "0/9", "t1", ["a"]) == {"a"}  # per run
-    many = [f"fp{i}" for i in range(1200)]
-    assert claim(RUN, "0/3", "t1", many) == set(many)
-    assert claim(RUN, "0/4", "t1", many[::7]) == set()
-    assert claim(RUN, "0/1", "t1", []) == set()
-    assert claim(RUN, "0/5", "t1", ["e", "e"]) == {"e"}  # a batch may repeat one
-
-
-def test_claims_of_an_attempt_that_never_committed_are_taken_over(backend: Backend) -> None:
-    """A claim holds while its attempt runs or once it committed; a failed
-    attempt's claims go to the next chunk that finds the same links, and a later
-    attempt of the same chunk re-stamps what it finds again."""
-    _run(backend)
-    claim = backend.ledger.claim_urls
-    assert _claim(backend, token="t1").outcome == ClaimOutcome.CLAIMED
-    assert claim(RUN, "0", "t1", ["a", "b", "c"]) == {"a", "b", "c"}
-    assert claim(RUN, "0/9", "x", ["a"]) == set()  # the attempt is running: a holds
-    assert backend.ledger.retry(ROOT, "t1", Failure("error", "boom"), 0, time.time())
-    # Attempt t1 failed: its claims are stale and another chunk takes a over...
-    assert claim(RUN, "0/9", "x", ["a"]) == {"a"}
-    assert _claim(backend, token="t2").outcome == ClaimOutcome.CLAIMED
-    # ... while attempt t2 of the same chunk takes back b (a is 0/9's now).
-    assert claim(RUN, "0", "t2", ["a", "b"]) == {"b"}
-    assert claim(RUN, "0/8", "y", ["b"]) == set()  # re-stamped: t2 is running
-    settle = backend.ledger.commit(ROOT, "t2", None, "committed", time.time())
-    assert settle.ok
-    # Committed by t2: b holds for good; c, claimed by t1 only, does not.
-    assert claim(RUN, "0/8", "y", ["b", "c"]) == {"c"}
+    _claim(backend)
+    backend.ledger.register(RUN, _children(3), max_chunks=100, spawned_by="t1")
+    backend.ledger.commit(ROOT, "t1", Output("k", 3, 4), "committed", time.time())
+    full = backend.ledger.list_tasks(RUN)
+    lean = backend.ledger.list_tasks(RUN, history=False)
+    assert full[0].history and all(t.history == [] for t in lean)
+    for t in full:
+        t.history = []
+    assert lean == full
+    done = backend.ledger.list_tasks(RUN, (TaskState.DONE,), history=False)
+    assert [(t.chunk_id, t.output) for t in done] == [("0", Output("k", 3, 4))]
 
 
 def test_commit_sums_stats_into_the_run(backend: Backend) -> None:

@@ -159,6 +159,35 @@ def test_release_with_stale_receipt_is_ignored(backend: Backend) -> None:
     assert q.pending() == 0
 
 
+def test_settling_an_acknowledged_message_again_is_ignored(backend: Backend) -> None:
+    """A worker that settles twice (an ack retried after a lost reply, a release
+    after the ack) neither fails nor brings the message back."""
+    q = backend.queue
+    q.send(["m"])
+    [d] = q.receive(1, LONG)
+    q.ack(d.receipt)
+    q.ack(d.receipt)
+    q.release(d.receipt, 0)
+    assert q.pending() == 0
+    assert q.receive(10, LONG) == []
+
+
+def test_redrive_leaves_messages_that_were_not_dead_lettered_alone(backend: Backend) -> None:
+    """Redelivered (below the queue's own dead-letter limit), in flight or
+    waiting: a redrive moves none of them, and loses or copies none."""
+    q = backend.queue
+    q.send(["a", "b", "c"])
+    for _ in range(2):  # every message delivered twice, handed back each time
+        for delivery in receive_all(q, 3):
+            q.release(delivery.receipt, 0)
+    [in_flight] = q.receive(1, LONG)
+    assert q.redrive() == 0
+    assert q.pending() == 3
+    rest = receive_all(q, 2)
+    assert sorted(d.body for d in [in_flight, *rest]) == ["a", "b", "c"]
+    assert q.receive(10, LONG) == []
+
+
 def test_release_makes_message_visible_again(backend: Backend) -> None:
     q = backend.queue
     q.send(["m"])

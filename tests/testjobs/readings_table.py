@@ -30,6 +30,7 @@ class Params(BaseModel):
     days: int = 3
     step: int = 0  # rows per call; 0: all in one call
     no_time_at: int | None = None  # this record index of chunk 0 has no read_at
+    bad_kwh_at: int | None = None  # this record index of chunk 0 has a kwh that is no number
 
 
 job = Job(
@@ -61,6 +62,8 @@ def process(chunk, ctx):
         }
         if chunk["i"] == 0 and r == p.no_time_at:
             del record["read_at"]
+        if chunk["i"] == 0 and r == p.bad_kwh_at:
+            record["kwh"] = "lots"
         ctx.emit(record)
     if end < p.rows:
         return ctx.resume_at(end)

@@ -32,12 +32,12 @@ SCRIPT = "<script>alert('xss')</script>"
 
 def drain(backend: Backend, run_id: str, limit: float = 60.0) -> RunRecord:
     """Work the queue in this process until ``run_id`` ends."""
-    dispatcher = Dispatcher(backend)
+    runner = Dispatcher(backend)
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         deliveries = backend.queue.receive(10, 10 + LEASE_GRACE)
         for delivery in deliveries:
-            dispatcher.handle(delivery, 10.0)
+            runner.handle(delivery, 10.0)
         run = coordinator.get_run(backend, run_id)
         if run.state in TERMINAL_RUN_STATES:
             return run

@@ -31,6 +31,10 @@ def test_pages_and_replay_on_the_aws_backend(
     chunk = client.get(f"/runs/{run_id}/chunks/0/2")
     assert chunk.status_code == 200 and "bad row 14" in chunk.text
     assert client.get("/schedules").status_code == 200
+    from fanout.ui.report import report_html
+
+    report = report_html(aws, run_id)
+    assert report.count('data-outcome="dead"') == 2 and "<script" not in report
     failures = client.get(f"/runs/{run_id}/failures").text
     token = re.search(r'name="csrf" value="([^"]+)"', failures)
     assert token

@@ -111,7 +111,7 @@ def test_replay_from_the_browser(failed: Failed, browser: Any, worker: Any) -> N
         expect(link).to_be_visible()
         expect(page.locator("span.state.failed")).to_have_count(1)
         expect(page.locator("span.state.succeeded")).to_have_count(1)
-        page.screenshot(path=str(ARTIFACTS / "runs.png"))
+        page.locator("main").screenshot(path=str(ARTIFACTS / "runs.png"))
 
         link.click()
         expect(page.locator("#run-state")).to_have_text("failed")
@@ -126,6 +126,12 @@ def test_replay_from_the_browser(failed: Failed, browser: Any, worker: Any) -> N
         # The job's <script> is text on the page, never run (no dialog opened).
         expect(page.get_by_text("alert('xss')").first).to_be_attached()
         page.screenshot(path=str(ARTIFACTS / "run-failed.png"))
+
+        page.get_by_role("link", name="failures (2)").click()
+        expect(page.get_by_role("button", name="Replay this group")).to_have_count(1)
+        page.locator("main").screenshot(path=str(ARTIFACTS / "failures.png"))
+        page.go_back()
+        expect(page.locator("#run-state")).to_have_text("failed")
 
         failed.flag.unlink()  # the job is fixed
         page.get_by_role("button", name="Replay 2 dead chunks").click()

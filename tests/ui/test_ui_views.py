@@ -4,10 +4,13 @@ ledger's tasks more than once per interval)."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 from conftest import Failed
 
-from fanout.backends.base import TaskRecord, TaskState
+from fanout.backends.base import Backend, TaskRecord, TaskState
 from fanout.ui import views
 from fanout.ui.timeline import Bar, lay_out, throughput
 
@@ -17,11 +20,12 @@ def bar(start: float, end: float, outcome: str = "committed", records: int = 0) 
 
 
 def test_each_attempt_takes_the_lowest_lane_free_at_its_start() -> None:
-    placed, lanes = lay_out([bar(0, 4), bar(1, 2), bar(2.0005, 3), bar(3.5, 5), bar(1.5, 6)])
+    placed, lanes = lay_out([bar(0, 4), bar(1, 2), bar(1.999, 3), bar(3.5, 5), bar(1.5, 6)])
     by_start = {b.start: b.lane for b in placed}
     assert lanes == 3
-    # 1-2 and then 2.0005-3 share lane 1 (the ledger's 1 ms rounding is no overlap).
-    assert by_start == {0: 0, 1: 1, 1.5: 2, 2.0005: 1, 3.5: 1}
+    # 1-2 and then 1.999-3 share lane 1: a start 1 ms early is the ledger's
+    # rounding (times and durations to the millisecond), not a second worker.
+    assert by_start == {0: 0, 1: 1, 1.5: 2, 1.999: 1, 3.5: 1}
     assert lay_out([bar(0, 1), bar(0.99, 2)])[1] == 2  # a real overlap: two lanes
 
 
@@ -85,3 +89,53 @@ def test_open_pages_read_a_runs_tasks_once_per_refresh(
     monkeypatch.setattr(app, "MAX_REFRESH", 0.0)
     assert cache.get(failed.run_id).counts["queued"] == 2
     assert cache.builds == 2
+
+
+def test_a_crawl_runs_page_shows_pages_per_second_statuses_and_domains(
+    local_backend: Backend, make_client: Any
+) -> None:
+    from fanout.backends.base import NewTask, RunRecord
+
+    run = RunRecord("crawl-1", "c.py", "crawl", {}, {}, created_at=1000.0)
+    local_backend.ledger.create_run(run, NewTask("0", 0, 0, "{}"))
+    stats = {
+        "pages": 300,
+        "duplicates": 12,
+        "status/200": 290,
+        "status/404": 10,
+        "domain/a.example/pages": 200,
+        "domain/a.example/status/200": 200,
+        "domain/<b>.example/pages": 100,
+        "domain/<b>.example/status/404": 10,
+        "domain/<b>.example/throttled": 3,
+    }
+    figures = views.crawl_figures(RunRecord("r", "j", "j", {}, {}, stats=stats), 60.0)
+    assert figures is not None
+    assert figures.pages_per_s == 5.0
+    assert figures.statuses == {"200": 290, "404": 10}
+    assert figures.domains[0] == ("a.example", 200, {"200": 200}, 0)
+    assert figures.domains[1] == ("<b>.example", 100, {"404": 10}, 3)
+    assert views.crawl_figures(RunRecord("r", "j", "j", {}, {}), 1.0) is None
+    db = local_backend.ledger.db  # type: ignore[attr-defined]
+    with db.write() as conn:
+        conn.execute("UPDATE runs SET stats = ? WHERE run_id = 'crawl-1'", (json.dumps(stats),))
+    body = make_client(local_backend).get("/runs/crawl-1").text
+    assert "pages/s" in body and "&lt;b&gt;.example" in body and "<b>.example" not in body
+
+
+def test_only_the_latest_run_views_are_kept(
+    failed: Failed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fanout.backends.base import NewTask, RunRecord
+    from fanout.ui import app
+
+    other = RunRecord("other-run", "x.py", "x", {}, {}, created_at=1.0)
+    failed.backend.ledger.create_run(other, NewTask("0", 0, 0, "{}"))
+    monkeypatch.setattr(app, "MAX_CACHED", 1)
+    cache = app.RunViews(failed.backend)
+    cache.get(failed.run_id)
+    cache.get(failed.run_id)
+    assert cache.builds == 1
+    cache.get("other-run")  # pushes the first out
+    cache.get(failed.run_id)
+    assert cache.builds == 3

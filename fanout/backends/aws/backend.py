@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fanout.backends.aws import AwsSettings
+from fanout.backends.aws.crawlstate import DynamoCrawlState
 from fanout.backends.aws.ledger import DynamoLedger
 from fanout.backends.aws.queue import SqsQueue
 from fanout.backends.aws.store import S3Store
@@ -17,4 +18,5 @@ def open_aws(settings: AwsSettings | None = None) -> Backend:
         queue=SqsQueue(settings),
         store=S3Store(settings),
         ledger=DynamoLedger(settings),
+        crawl=DynamoCrawlState(settings),
     )

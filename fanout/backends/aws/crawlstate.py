@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,6 +29,7 @@ from fanout.backends.aws.ledger_items import DynamoTable, _key, _run_pk, _task_s
 from fanout.backends.crawlstate import (
     DomainAsk,
     DomainGrant,
+    backoff_of,
     claim_is_live,
     dump_state,
     grant_domain,
@@ -36,6 +37,8 @@ from fanout.backends.crawlstate import (
 
 #: Conditional writes to a domain lease retried when another chunk wrote first.
 _LEASE_TRIES = 8
+#: The sort key prefix of a run's domain lease items.
+_DOMAIN = "DOMAIN#"
 
 
 def _conflict(exc: ClientError) -> bool:
@@ -43,13 +46,16 @@ def _conflict(exc: ClientError) -> bool:
     return code == "ConditionalCheckFailedException"
 
 
-class CrawlState(DynamoTable):
-    """The seen-set and domain leases (mixed into the DynamoDB ledger).
+class DynamoCrawlState(DynamoTable):
+    """The :class:`~fanout.backends.crawlstate.CrawlState` in the ledger's table.
 
-    ``crawl_usage`` counts the capacity units these calls consume (every item
+    ``usage`` counts the capacity units these calls consume (every item
     here is under 1 KB: a write is 1 unit, a failed conditional write too; a
     strongly consistent read of an item is 1 read unit), so a crawl reports
     what its seen-set and leases cost."""
+
+    #: Forked crawl chunks see these writes (it is a remote service).
+    shared_across_processes = True
 
     #: Claims, per (run, owner, token), known to hold without asking again:
     #: those whose attempt committed (a running one may still fail).
@@ -60,6 +66,11 @@ class CrawlState(DynamoTable):
         """Capacity units consumed by the crawl state's calls so far."""
         usage: Counter[str] = self.__dict__.setdefault("_crawl_usage", Counter())
         return usage
+
+    @property
+    def usage(self) -> Mapping[str, int]:
+        """Capacity units consumed by this process's calls so far."""
+        return dict(self.crawl_usage)
 
     def claim_urls(
         self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
@@ -176,10 +187,28 @@ class CrawlState(DynamoTable):
             raise
         return True
 
+    def backoffs(self, run_id: str, now: float) -> dict[str, float]:
+        """The run's domains backed off at ``now``, with their back-off's end
+        (one query of the run's domain items; eventually consistent: for display)."""
+        items = self._query(
+            KeyConditionExpression="pk = :pk AND begins_with(sk, :domain)",
+            ExpressionAttributeValues={
+                ":pk": {"S": _run_pk(run_id)},
+                ":domain": {"S": _DOMAIN},
+            },
+            ProjectionExpression="sk, lease",
+        )
+        found: dict[str, float] = {}
+        for item in items:
+            until = backoff_of(json.loads(item["lease"]["S"]), now)
+            if until:
+                found[item["sk"]["S"].removeprefix(_DOMAIN)] = until
+        return found
+
     def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
         """Lease slots of ``domain`` to chunk ``holder``: read, decide, write back
         conditional on the version read (again when another chunk wrote first)."""
-        key = _key(_run_pk(run_id), f"DOMAIN#{domain}")
+        key = _key(_run_pk(run_id), f"{_DOMAIN}{domain}")
         for _ in range(_LEASE_TRIES):
             self.crawl_usage["read_units"] += 1
             self.crawl_usage["write_units"] += 1

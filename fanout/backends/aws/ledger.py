@@ -1,5 +1,5 @@
-"""The ledger on DynamoDB: runs, tasks, the fan-in counter and a crawl's seen-set
-in one on-demand table.
+"""The ledger on DynamoDB: runs, tasks and the fan-in counter in one on-demand
+table, which also keeps a crawl's state (:mod:`fanout.backends.aws.crawlstate`).
 
 Layout (single-table design)::
 
@@ -29,17 +29,15 @@ duplicate deliveries and crashes, as in the SQLite ledger this one mirrors.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Collection, Mapping
 
-from fanout.backends.aws.crawlstate import CrawlState
 from fanout.backends.aws.ledger_items import (
     _RUN_SK,
     MAX_TRANSACTION_ITEMS,
     Item,
     _av,
     _Expr,
+    _filter_states,
     _int,
     _is_token,
     _is_version,
@@ -49,6 +47,7 @@ from fanout.backends.aws.ledger_items import (
     _run,
     _run_key,
     _run_pk,
+    _sum_stats,
     _task,
     _task_key,
     _task_sk,
@@ -89,11 +88,8 @@ from fanout.backends.rules import (
 __all__ = ["DynamoLedger", "create_table"]
 
 
-class DynamoLedger(Registrar, CrawlState, DynamoRunControls):  # + run controls (cancel, pause, cap)
+class DynamoLedger(Registrar, DynamoRunControls):  # + run controls (cancel, pause, cap)
     """The :class:`~fanout.backends.base.Ledger` on one DynamoDB table."""
-
-    #: Forked crawl chunks see this ledger's writes (it is a remote service).
-    shared_across_processes = True
 
     def _drained(self, run_id: str) -> bool:
         """Whether the run's outstanding counter is zero now.
@@ -179,23 +175,6 @@ class DynamoLedger(Registrar, CrawlState, DynamoRunControls):  # + run controls 
         if states is not None:  # the index may lag a state change
             ordered = [r for r in ordered if r.state in states]
         return ordered
-
-    def _batch_get_full(self, keys: Sequence[Item]) -> list[Item]:
-        """Whole items for ``keys`` (strongly consistent)."""
-        items: list[Item] = []
-        for start in range(0, len(keys), 100):
-            request: Item = {
-                self.table: {"Keys": list(keys[start : start + 100]), "ConsistentRead": True}
-            }
-            delay = 0.05
-            while request:
-                reply = self.client.batch_get_item(RequestItems=request)
-                items.extend(reply["Responses"].get(self.table, []))
-                request = reply.get("UnprocessedKeys") or {}
-                if request:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 1.0)
-        return items
 
     def stop(self, run_id: str, reason: str) -> None:
         """Record the first runaway bound that stopped the run."""
@@ -412,7 +391,7 @@ class DynamoLedger(Registrar, CrawlState, DynamoRunControls):  # + run controls 
                 bytes=output.bytes if output else 0,
             )
             if stats:
-                self._sum_stats(run["Update"], stats)
+                _sum_stats(run["Update"], stats)
             entries = [
                 {"Update": e.update(self.table, _task_key(key))},
                 *(self._orphan_entry(o, token, now) for o in head),
@@ -421,23 +400,6 @@ class DynamoLedger(Registrar, CrawlState, DynamoRunControls):  # + run controls 
             if self._transact(entries) is None:
                 return Settle(ok=True, drained=self._drained(key.run_id))
         raise RuntimeError(f"commit {key}: too much contention")
-
-    @staticmethod
-    def _sum_stats(update: Item, stats: Mapping[str, int]) -> None:
-        """Add ``SET stats.#k = if_not_exists(stats.#k, 0) + :v`` clauses to a run
-        update: DynamoDB's ADD works on top-level attributes only."""
-        names, values = update["ExpressionAttributeNames"], update["ExpressionAttributeValues"]
-        names["#stats"] = "stats"
-        values[":zero"] = _av(0)
-        clauses = []
-        for i, (name, value) in enumerate(stats.items()):
-            names[f"#k{i}"], values[f":k{i}"] = name, _av(int(value))
-            path = f"#stats.#k{i}"
-            clauses.append(f"{path} = if_not_exists({path}, :zero) + :k{i}")
-        # The run's entry always has a SET clause first (updated_at).
-        update["UpdateExpression"] = update["UpdateExpression"].replace(
-            "SET ", "SET " + ", ".join(clauses) + ", ", 1
-        )
 
     def _orphans(self, key: TaskKey, token: str) -> list[Item]:
         """Queued children of ``key`` that ``token``'s attempt did not register."""
@@ -533,7 +495,7 @@ class DynamoLedger(Registrar, CrawlState, DynamoRunControls):  # + run controls 
         return _task(item) if item else None
 
     def list_tasks(
-        self, run_id: str, states: Collection[TaskState] | None = None
+        self, run_id: str, states: Collection[TaskState] | None = None, *, history: bool = True
     ) -> list[TaskRecord]:
         """The run's tasks in chunk order (a strongly consistent query of the run)."""
         params: Item = {
@@ -548,7 +510,7 @@ class DynamoLedger(Registrar, CrawlState, DynamoRunControls):  # + run controls 
             if not states:
                 return []
             _filter_states(params, states)
-        tasks = [_task(item) for item in self._query(**params)]
+        tasks = [_task(item, history) for item in self._query(**params)]
         tasks.sort(key=chunk_order)
         return tasks
 
@@ -604,11 +566,3 @@ def _failed(failure: Failure, now: float, attempt: int) -> dict[str, object]:
     """The history event of a failed attempt, with its run time when known."""
     took = took_field(failure.duration)
     return history_event(failure.kind, now, attempt, error=failure.error, **took)
-
-
-def _filter_states(params: dict[str, Any], states: Collection[RunState | TaskState]) -> None:
-    """Add ``state IN (...)`` to a Query's parameters."""
-    wanted = {f":s{i}": {"S": s.value} for i, s in enumerate(states)}
-    params["FilterExpression"] = f"#state IN ({', '.join(wanted)})"
-    params["ExpressionAttributeNames"] = {"#state": "state"}
-    params["ExpressionAttributeValues"].update(wanted)

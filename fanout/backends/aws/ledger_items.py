@@ -217,7 +217,9 @@ def _run(item: Item) -> RunRecord:
     )
 
 
-def _task(item: Item) -> TaskRecord:
+def _task(item: Item, history: bool = True) -> TaskRecord:
+    if not history:
+        item = {k: v for k, v in item.items() if k != "history"}
     d = _plain(item)
     output = None
     if d.get("output_key") is not None:
@@ -237,7 +239,7 @@ def _task(item: Item) -> TaskRecord:
         output=output,
         error=d.get("error"),
         traceback=d.get("traceback"),
-        history=d["history"],
+        history=d.get("history", []),
         updated_at=float(d["updated_at"]),
     )
 
@@ -357,3 +359,45 @@ class DynamoTable:
             raise
         attrs: Item = reply.get("Attributes", {})
         return attrs
+
+    def _batch_get_full(self, keys: Sequence[Item]) -> list[Item]:
+        """Whole items for ``keys`` (strongly consistent)."""
+        items: list[Item] = []
+        for start in range(0, len(keys), 100):
+            request: Item = {
+                self.table: {"Keys": list(keys[start : start + 100]), "ConsistentRead": True}
+            }
+            delay = 0.05
+            while request:
+                reply = self.client.batch_get_item(RequestItems=request)
+                items.extend(reply["Responses"].get(self.table, []))
+                request = reply.get("UnprocessedKeys") or {}
+                if request:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        return items
+
+
+def _sum_stats(update: Item, stats: Mapping[str, int]) -> None:
+    """Add ``SET stats.#k = if_not_exists(stats.#k, 0) + :v`` clauses to a run
+    update: DynamoDB's ADD works on top-level attributes only."""
+    names, values = update["ExpressionAttributeNames"], update["ExpressionAttributeValues"]
+    names["#stats"] = "stats"
+    values[":zero"] = _av(0)
+    clauses = []
+    for i, (name, value) in enumerate(stats.items()):
+        names[f"#k{i}"], values[f":k{i}"] = name, _av(int(value))
+        path = f"#stats.#k{i}"
+        clauses.append(f"{path} = if_not_exists({path}, :zero) + :k{i}")
+    # The run's entry always has a SET clause first (updated_at).
+    update["UpdateExpression"] = update["UpdateExpression"].replace(
+        "SET ", "SET " + ", ".join(clauses) + ", ", 1
+    )
+
+
+def _filter_states(params: dict[str, Any], states: Collection[RunState | TaskState]) -> None:
+    """Add ``state IN (...)`` to a Query's parameters."""
+    wanted = {f":s{i}": {"S": s.value} for i, s in enumerate(states)}
+    params["FilterExpression"] = f"#state IN ({', '.join(wanted)})"
+    params["ExpressionAttributeNames"] = {"#state": "state"}
+    params["ExpressionAttributeValues"].update(wanted)

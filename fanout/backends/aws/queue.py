@@ -50,6 +50,7 @@ from typing import Any
 from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import client, error_code
 from fanout.backends.base import Delivery
+from fanout.fairness import group_of
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,15 @@ class SqsQueue:
         return size
 
     def _send_batch(self, batch: list[str], delay_seconds: int) -> None:
-        entries = {
+        entries: dict[str, dict[str, Any]] = {
             str(i): {"Id": str(i), "MessageBody": body, "DelaySeconds": delay_seconds}
             for i, body in enumerate(batch)
         }
+        for entry in entries.values():
+            # Fair sharing (fanout.fairness): SQS fair queues key on the group.
+            group = group_of(entry["MessageBody"])
+            if group:
+                entry["MessageGroupId"] = group
         _send_entries(
             "SQS",
             lambda e: self.sqs.send_message_batch(QueueUrl=self.url, Entries=e),

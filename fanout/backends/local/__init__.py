@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fanout.backends.base import Backend
+from fanout.backends.local.crawlstate import SQLiteCrawlState
 from fanout.backends.local.db import Database
 from fanout.backends.local.ledger import SQLiteLedger
 from fanout.backends.local.queue import SQLiteQueue
@@ -23,4 +24,5 @@ def open_local(home: Path) -> Backend:
         queue=SQLiteQueue(db),
         store=DirStore(home / "store"),
         ledger=SQLiteLedger(db),
+        crawl=SQLiteCrawlState(db),
     )

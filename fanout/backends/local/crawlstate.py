@@ -1,17 +1,20 @@
-"""A crawl's run-wide state in SQLite: the seen-set and the domain leases.
+"""A crawl's run-wide state in SQLite: the seen-set and the domain leases
+(the :class:`~fanout.backends.crawlstate.CrawlState` of the local backend).
 
 Each call is one write transaction; the rules themselves are in
-:mod:`fanout.backends.crawlstate`, shared with the DynamoDB ledger.
+:mod:`fanout.backends.crawlstate`, shared with DynamoDB. The seen-set reads the
+ledger's ``tasks`` table (who owns a claim), in the same database.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fanout.backends.crawlstate import (
     DomainAsk,
     DomainGrant,
+    backoff_of,
     claim_is_live,
     dump_state,
     grant_domain,
@@ -20,6 +23,57 @@ from fanout.backends.local.db import Database
 
 #: SQLite's limit on host parameters in one statement, with room to spare.
 _BATCH = 400
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen (
+    run_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    token TEXT,
+    PRIMARY KEY (run_id, fingerprint)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS domains (
+    run_id TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (run_id, domain)
+) WITHOUT ROWID;
+"""
+
+
+class SQLiteCrawlState:
+    """The seen-set and domain leases in the local backend's database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        #: A database file is shared by every process that opens it; an
+        #: in-memory one (the memory backend) is not, even with a forked child.
+        self.shared_across_processes = db.path != ":memory:"
+        db.executescript(_SCHEMA)
+        migrate(db)
+
+    @property
+    def usage(self) -> Mapping[str, int]:
+        """Nothing is billed locally."""
+        return {}
+
+    def claim_urls(
+        self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
+    ) -> set[str]:
+        """Claim fingerprints for attempt ``token`` of chunk ``owner``; the ones it
+        holds now (see :mod:`fanout.backends.crawlstate`)."""
+        return claim_fingerprints(self.db, run_id, owner, token, fingerprints)
+
+    def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
+        """Lease slots of ``domain`` for chunk ``holder`` (run-wide politeness)."""
+        return lease_domain(self.db, run_id, domain, holder, ask)
+
+    def backoffs(self, run_id: str, now: float) -> dict[str, float]:
+        """The run's domains backed off at ``now``, with their back-off's end."""
+        rows = self.db.conn.execute(
+            "SELECT domain, state FROM domains WHERE run_id = ?", (run_id,)
+        ).fetchall()
+        return {d: until for d, raw in rows if (until := backoff_of(json.loads(raw), now))}
 
 
 def migrate(db: Database) -> None:

@@ -31,8 +31,6 @@ from fanout.backends.base import (
     TaskState,
     took_field,
 )
-from fanout.backends.crawlstate import DomainAsk, DomainGrant
-from fanout.backends.local.crawlstate import claim_fingerprints, lease_domain, migrate
 from fanout.backends.local.db import Database
 from fanout.backends.local.ledger_rows import SCHEMA, key_args, run_record, task_record
 from fanout.backends.local.runcontrols import SQLiteRunControls
@@ -80,10 +78,7 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        #: Whether another process (a forked crawl chunk) sees this ledger's writes.
-        self.shared_across_processes = db.path != ":memory:"
         db.executescript(SCHEMA)
-        migrate(db)
 
     # -- runs -----------------------------------------------------------------
 
@@ -475,17 +470,6 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         )
         return [task_record(r) for r in rows]
 
-    def claim_urls(
-        self, run_id: str, owner: str, token: str, fingerprints: Sequence[str]
-    ) -> set[str]:
-        """Claim fingerprints for attempt ``token`` of chunk ``owner``; the ones it
-        holds now (see :mod:`fanout.backends.crawlstate`)."""
-        return claim_fingerprints(self.db, run_id, owner, token, fingerprints)
-
-    def lease_domain(self, run_id: str, domain: str, holder: str, ask: DomainAsk) -> DomainGrant:
-        """Lease slots of ``domain`` for chunk ``holder`` (run-wide politeness)."""
-        return lease_domain(self.db, run_id, domain, holder, ask)
-
     def get_task(self, key: TaskKey) -> TaskRecord | None:
         """The task, or None."""
         row = self.db.conn.execute(
@@ -494,14 +478,15 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         return task_record(row) if row else None
 
     def list_tasks(
-        self, run_id: str, states: Collection[TaskState] | None = None
+        self, run_id: str, states: Collection[TaskState] | None = None, *, history: bool = True
     ) -> list[TaskRecord]:
-        """The run's tasks in chunk order."""
+        """The run's tasks in chunk order (without their history if ``history`` is false)."""
         sql, args = "SELECT * FROM tasks WHERE run_id = ?", [run_id]
         if states is not None:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args += [s.value for s in states]
-        tasks = [task_record(r) for r in self.db.conn.execute(sql, args)]
+        rows = self.db.conn.execute(sql, args)
+        tasks = [task_record(r, history) for r in rows]
         tasks.sort(key=chunk_order)
         return tasks
 

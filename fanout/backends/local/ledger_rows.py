@@ -61,19 +61,6 @@ CREATE TABLE IF NOT EXISTS tasks (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (run_id, state);
 CREATE INDEX IF NOT EXISTS tasks_by_parent ON tasks (run_id, parent_chunk, parent_seq);
-CREATE TABLE IF NOT EXISTS seen (
-    run_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    token TEXT,
-    PRIMARY KEY (run_id, fingerprint)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS domains (
-    run_id TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    state TEXT NOT NULL,
-    PRIMARY KEY (run_id, domain)
-) WITHOUT ROWID;
 """
 
 
@@ -109,8 +96,13 @@ def run_record(row: sqlite3.Row) -> RunRecord:
     )
 
 
-def task_record(row: sqlite3.Row) -> TaskRecord:
-    """A ``tasks`` row as a record."""
+#: A task's state by its stored value (a dict lookup: an enum call costs more,
+#: and a large run's listing converts every row).
+_STATES = {state.value: state for state in TaskState}
+
+
+def task_record(row: sqlite3.Row, history: bool = True) -> TaskRecord:
+    """A ``tasks`` row as a record (its history left empty unless ``history``)."""
     output = None
     if row["output_key"] is not None:
         output = Output(row["output_key"], row["records"] or 0, row["bytes"] or 0)
@@ -118,7 +110,7 @@ def task_record(row: sqlite3.Row) -> TaskRecord:
         run_id=row["run_id"],
         chunk_id=row["chunk_id"],
         seq=row["seq"],
-        state=TaskState(row["state"]),
+        state=_STATES[row["state"]],
         attempt=row["attempt"],
         attempt_floor=row["attempt_floor"],
         depth=row["depth"],
@@ -129,6 +121,6 @@ def task_record(row: sqlite3.Row) -> TaskRecord:
         output=output,
         error=row["error"],
         traceback=row["traceback"],
-        history=json.loads(row["history"]),
+        history=json.loads(row["history"]) if history else [],
         updated_at=row["updated_at"],
     )

@@ -11,6 +11,12 @@ Acks are deferred: they are applied inside this process's next receive (or
 ``pending``/``close``), saving one write transaction per message on the hot
 path. That keeps at-least-once delivery: an ack lost with its process only means
 a redelivery, which the ledger recognises as a finished task.
+
+**Fair sharing** (:mod:`fanout.fairness`): each message belongs to a group
+(its run), and a receive takes from the group served least for its weight
+(``queue_groups.served`` counts messages received, divided by the weight), so
+a run submitted behind a long one is not stuck behind it. Within a group, the
+oldest visible message comes first, as in one plain line.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Sequence
 
 from fanout.backends.base import Delivery
 from fanout.backends.local.db import Database
+from fanout.fairness import group_of
 
 # AUTOINCREMENT (not just INTEGER PRIMARY KEY): a plain rowid can be reused
 # after the newest row is deleted, and a stale receipt "id:count" could then
@@ -33,25 +40,51 @@ CREATE TABLE IF NOT EXISTS messages (
     body TEXT NOT NULL,
     visible_at REAL NOT NULL,
     receive_count INTEGER NOT NULL DEFAULT 0,
-    sent_at REAL NOT NULL
+    sent_at REAL NOT NULL,
+    grp TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_queue_visible ON messages (queue, visible_at);
+CREATE TABLE IF NOT EXISTS queue_groups (
+    queue TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    weight REAL NOT NULL DEFAULT 2.0,
+    served REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue, grp)
+) WITHOUT ROWID;
+"""
+# After the migration below (an older database has no grp column yet).
+_GROUP_INDEX = """
+CREATE INDEX IF NOT EXISTS messages_group_visible ON messages (queue, grp, visible_at);
 """
 
 _INSERT = (
-    "INSERT INTO messages (queue, body, visible_at, receive_count, sent_at) VALUES (?, ?, ?, 0, ?)"
+    "INSERT INTO messages (queue, body, visible_at, receive_count, sent_at, grp)"
+    " VALUES (?, ?, ?, 0, ?, ?)"
 )
+# A group new to the queue starts level with the least served one: no credit
+# for having been idle.
+_NEW_GROUP = (
+    "INSERT OR IGNORE INTO queue_groups (queue, grp, served) VALUES"
+    " (?, ?, (SELECT coalesce(min(served), 0) FROM queue_groups WHERE queue = ?))"
+)
+_GROUPS = "SELECT grp, weight FROM queue_groups WHERE queue = ? ORDER BY served, grp"
 
 # One statement picks and hides: no window between choosing a row and claiming it.
-# The (queue, visible_at) index yields rows in (visible_at, id) order directly.
+# The (queue, grp, visible_at) index yields a group's rows in (visible_at, id) order.
 _RECEIVE = """
 UPDATE messages SET visible_at = ?, receive_count = receive_count + 1
 WHERE id IN (
-    SELECT id FROM messages WHERE queue = ? AND visible_at <= ?
+    SELECT id FROM messages WHERE queue = ? AND grp = ? AND visible_at <= ?
     ORDER BY visible_at, id LIMIT ?
 )
 RETURNING id, body, receive_count
 """
+_SERVED = "UPDATE queue_groups SET served = served + ? WHERE queue = ? AND grp = ?"
+# A group with no message left (in flight included) leaves the rota.
+_DROP_GROUP = (
+    "DELETE FROM queue_groups WHERE queue = ? AND grp = ?"
+    " AND NOT EXISTS (SELECT 1 FROM messages WHERE queue = ? AND grp = ?)"
+)
 
 _ACK = "DELETE FROM messages WHERE id = ? AND receive_count = ? AND queue = ?"
 _RELEASE = "UPDATE messages SET visible_at = ? WHERE id = ? AND receive_count = ? AND queue = ?"
@@ -76,6 +109,8 @@ class SQLiteQueue:
         self.name = name
         self._acks: list[tuple[int, int, str]] = []
         db.executescript(_SCHEMA)
+        _migrate(db)
+        db.executescript(_GROUP_INDEX)
 
     def send(self, bodies: Sequence[str], delay: float = 0.0) -> None:
         """Enqueue ``bodies`` in one transaction, visible after ``delay`` seconds.
@@ -94,20 +129,44 @@ class SQLiteQueue:
         now = time.time()
         visible_at = now + max(delay, 0.0)
         name = self.name
+        rows = [(name, body, visible_at, now, group_of(body)) for body in bodies]
         with self.db.write() as conn:
-            conn.executemany(_INSERT, [(name, body, visible_at, now) for body in bodies])
+            for group in {row[4] for row in rows}:
+                conn.execute(_NEW_GROUP, (name, group, name))
+            conn.executemany(_INSERT, rows)
+
+    def set_weight(self, group: str, weight: float) -> None:
+        """The weight of ``group`` (a run) in the fair share (:mod:`fanout.fairness`)."""
+        name = self.name
+        with self.db.write() as conn:
+            conn.execute(_NEW_GROUP, (name, group, name))
+            conn.execute(
+                "UPDATE queue_groups SET weight = ? WHERE queue = ? AND grp = ?",
+                (weight, name, group),
+            )
 
     def receive(self, max_messages: int, visibility: float) -> list[Delivery]:
-        """Up to ``max_messages`` visible messages, oldest first, hidden for
-        ``visibility`` seconds. Within one batch, messages come in send order."""
+        """Up to ``max_messages`` visible messages, hidden for ``visibility``
+        seconds: from the group served least for its weight first, oldest first
+        within a group. Within one batch, messages come in send order."""
         if max_messages <= 0:
             return []
         now = time.time()
+        hidden, name = now + max(visibility, 0.0), self.name
+        rows: list[tuple[int, str, int]] = []
         with self.db.write() as conn:
             self._flush(conn)
-            rows = conn.execute(
-                _RECEIVE, (now + max(visibility, 0.0), self.name, now, max_messages)
-            ).fetchall()
+            for group, weight in conn.execute(_GROUPS, (name,)).fetchall():
+                got = conn.execute(
+                    _RECEIVE, (hidden, name, group, now, max_messages - len(rows))
+                ).fetchall()
+                if got:
+                    conn.execute(_SERVED, (len(got) / weight, name, group))
+                    rows += got
+                    if len(rows) >= max_messages:
+                        break
+                else:
+                    conn.execute(_DROP_GROUP, (name, group, name, group))
         # RETURNING has no defined order; the ids are the send order.
         rows.sort(key=lambda row: row[0])
         return [Delivery(body, f"{id_}:{count}", count, str(id_)) for id_, body, count in rows]
@@ -155,6 +214,23 @@ class SQLiteQueue:
         # If the database was closed first, those messages will just be redelivered.
         with contextlib.suppress(sqlite3.ProgrammingError):
             self.flush()
+
+
+def _migrate(db: Database) -> None:
+    """Give the messages of a database made before fair sharing their group."""
+
+    def has_group(conn: sqlite3.Connection) -> bool:
+        return "grp" in {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
+
+    if not has_group(db.conn):
+        with db.write() as conn:
+            if has_group(conn):
+                return  # another process migrated it meanwhile
+            conn.execute("ALTER TABLE messages ADD COLUMN grp TEXT NOT NULL DEFAULT ''")
+            conn.execute(
+                "INSERT OR IGNORE INTO queue_groups (queue, grp)"
+                " SELECT DISTINCT queue, '' FROM messages"
+            )
 
 
 def _parse_receipt(receipt: str) -> tuple[int, int]:

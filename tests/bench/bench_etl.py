@@ -1,0 +1,139 @@
+"""Benchmark: the meter-readings ETL through the CLI, start-up included, against
+the csv → fastavro loop a user would write by hand (issue 11's target: at least
+0.9 of the loop's rate on 300,000 rows).
+
+    python tests/bench/bench_etl.py [--rows 300000] [--files 20] [--repeat 5] [--workers 1]
+
+Each round, interleaved so that a busy spell of the machine hits both alike:
+
+* plain, in this process: ``bench_engine.plain_loop`` (csv.reader → dict →
+  ``fastavro.writer``, one Avro file per CSV, same schema and codec);
+* plain, as a script: the same loop in a fresh interpreter (``python -c``),
+  so it pays interpreter start-up and ``import fastavro`` as a user's script does;
+* ``fanout run jobs/meter_readings.py -p source=... -w N --json``: a fresh
+  ``python -m fanout.cli`` to completion, CLI start-up, planning, the chunks,
+  finalizing and the manifest included.
+
+It prints the medians and the ratios fanout / plain by wall clock and by CPU
+time (the CPU time of the child processes, workers included: steadier on a
+loaded machine). The target is the ratio against the in-process loop, the
+stricter of the two. Not a test: CI does not run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from bench_engine import plain_loop  # noqa: E402
+
+from support.make_readings import write_readings  # noqa: E402
+
+JOB = str(ROOT / "jobs" / "meter_readings.py")
+SCHEMA = ROOT / "schemas" / "meter_reading.avsc"
+
+#: The plain loop as a user's script: a fresh interpreter, its own imports.
+SCRIPT = """\
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from bench_engine import plain_loop
+from pathlib import Path
+schema = json.loads(Path(sys.argv[2]).read_text())
+print(plain_loop(Path(sys.argv[3]), Path(sys.argv[4]), schema, "deflate"))
+"""
+
+
+def children_cpu() -> float:
+    """CPU seconds of the waited-for child processes (and theirs) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child_env(pycache: Path) -> dict[str, str]:
+    """The children's environment: this checkout's ``fanout``, and byte-code
+    cached (in ``pycache``, after a warm-up round), as a pip install has it, even
+    where PYTHONDONTWRITEBYTECODE is set: otherwise fanout's own modules would
+    be compiled at every start while fastavro's are not."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(pycache)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def timed_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Run ``cmd`` to completion: (wall seconds, CPU seconds, stdout)."""
+    cpu, wall = children_cpu(), time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return time.perf_counter() - wall, children_cpu() - cpu, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=300_000)
+    parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    schema = json.loads(SCHEMA.read_text())
+    with tempfile.TemporaryDirectory(prefix="bench-etl-") as tmp_name:
+        tmp = Path(tmp_name)
+        src = tmp / "csv"
+        write_readings(src, files=args.files, rows_per_file=args.rows // args.files)
+        rows = (args.rows // args.files) * args.files
+        env = child_env(tmp / "pycache")
+        figures: dict[str, list[tuple[float, float]]] = {"plain": [], "script": [], "fanout": []}
+        for i in range(-1, args.repeat):  # round -1 warms the byte-code cache up
+            cpu, wall = time.process_time(), time.perf_counter()
+            assert plain_loop(src, tmp / f"plain-{i}", schema, "deflate") == rows
+            figures["plain"].append((time.perf_counter() - wall, time.process_time() - cpu))
+
+            script = [sys.executable, "-c", SCRIPT, str(HERE), str(SCHEMA), str(src)]
+            w, c, out = timed_child([*script, str(tmp / f"script-{i}")], env)
+            assert int(out) == rows, out
+            figures["script"].append((w, c))
+
+            cli = [sys.executable, "-m", "fanout.cli", "--home", str(tmp / f"home-{i}"), "run"]
+            w, c, out = timed_child(
+                [*cli, JOB, "-p", f"source={src}", "-w", str(args.workers), "--json"], env
+            )
+            status = json.loads(out.strip().splitlines()[-1])
+            assert status["state"] == "succeeded" and status["records"] == rows, status
+            figures["fanout"].append((w, c))
+            if i < 0:
+                figures = {name: [] for name in figures}
+
+    def median(name: str, index: int) -> float:
+        return statistics.median(f[index] for f in figures[name])
+
+    print(
+        f"meter-readings ETL, {rows:,} rows in {args.files} CSV files, codec deflate,"
+        f" median of {args.repeat} interleaved rounds"
+    )
+    workers = f"{args.workers} worker{'s' if args.workers > 1 else ''}"
+    for name, what in (
+        ("plain", "plain loop, in process"),
+        ("script", "plain loop, as a script"),
+        ("fanout", f"fanout run, {workers}, CLI start-up included"),
+    ):
+        wall, cpu = median(name, 0), median(name, 1)
+        print(f"  {what:<48} {rows / wall:>9,.0f} rows/s  wall {wall:6.2f}s  CPU {cpu:6.2f}s")
+    for base in ("plain", "script"):
+        wall = median(base, 0) / median("fanout", 0)
+        cpu = median(base, 1) / median("fanout", 1)
+        target = "   (target >= 0.9)" if base == "plain" else ""
+        print(f"  fanout / {base:<7} by wall {wall:.2f}, by CPU {cpu:.2f}{target}")
+
+
+if __name__ == "__main__":
+    main()

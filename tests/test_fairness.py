@@ -1,0 +1,118 @@
+"""Fair sharing of the queue between runs, and ``-S priority``: in process on
+the local queue (the order it serves runs in), at process level (a small run
+behind a large one finishes first), and the group SQS fair queues key on."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fanout import coordinator
+from fanout.backends import open_backend
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState
+from fanout.dispatch import Dispatcher
+from fanout.fairness import group_of, weight_of
+from support.helpers import JOBS
+from support.procs import fanout, get_run, wait_for, worker
+
+JOB = str(JOBS / "controlled.py")
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[Backend]:
+    backend = open_backend("local", home=tmp_path / "home")
+    yield backend
+    backend.close()
+
+
+def _serve(backend: Backend, runs: list[str], until: str) -> dict[str, int]:
+    """Handle deliveries one at a time until run ``until`` ends; the chunks of
+    each run done by then."""
+    runner = Dispatcher(backend)
+    while True:
+        for delivery in backend.queue.receive(1, 30):
+            runner.handle(delivery, 10.0)
+        run = backend.ledger.get_run(until)
+        assert run is not None
+        if run.state != RunState.RUNNING:
+            break
+    return {r: get_run(backend, r).tasks_done for r in runs}
+
+
+def test_a_run_submitted_behind_a_long_one_is_served_in_turns(local: Backend) -> None:
+    big = coordinator.submit(local, JOB, {"chunks": 300}).run_id
+    runner = Dispatcher(local)
+    (plan,) = local.queue.receive(1, 30)
+    assert runner.handle(plan, 10.0) == "committed"  # 300 chunks queued
+    small = coordinator.submit(local, JOB, {"chunks": 5}).run_id
+    done = _serve(local, [big, small], until=small)
+    # Plan + 5 chunks of the small run, one turn each, against about as many
+    # of the big run's: not the 300 queued ahead of it.
+    assert done[small] == 6 and done[big] <= 12, done
+
+
+def test_priority_shifts_the_share(local: Backend) -> None:
+    low = coordinator.submit(local, JOB, {"chunks": 100}, {"priority": "low"}).run_id
+    high = coordinator.submit(local, JOB, {"chunks": 100}, {"priority": "high"}).run_id
+    done = _serve(local, [low, high], until=high)
+    # Weights 4 : 1 while both have work: the low run did about a quarter as much.
+    assert done[high] == 101 and 15 <= done[low] <= 40, done
+
+
+def test_group_of_a_body_and_weights() -> None:
+    assert group_of('{"v":1,"run_id":"job-20260101T000000-abc123","chunk_id":"0"}') == (
+        "job-20260101T000000-abc123"
+    )
+    assert group_of('{"kind":"schedule.fire"}') == "" and group_of("garbage") == ""
+    assert weight_of("high") == 4 * weight_of("low") == 2 * weight_of("normal")
+    assert weight_of("3.5") == 3.5
+
+
+def test_a_bad_priority_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = fanout(tmp_path / "home", "submit", JOB, "-S", "priority=urgent")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: setting priority: String should match pattern")
+
+
+def test_a_small_run_behind_a_large_one_finishes_first(tmp_path: Path, local: Backend) -> None:
+    home = tmp_path / "home"
+    # 400 chunks of 0.05 s: about 10 s of work for 2 workers.
+    big = fanout(home, "submit", JOB, "-p", "chunks=400", "-p", "step_s=0.05")
+    assert big.returncode == 0, big.stderr
+    big_id = big.stdout.strip()
+    with worker(home, tmp_path, "-w", "2"):
+        wait_for("the big run under way", lambda: get_run(local, big_id).tasks_done >= 20, 60)
+        small = fanout(home, "submit", JOB, "-p", "chunks=5", "-p", "step_s=0.05")
+        submitted = time.time()
+        small_id = small.stdout.strip()
+        wait_for(
+            "both runs to end",
+            lambda: (
+                get_run(local, big_id).state in TERMINAL_RUN_STATES
+                and get_run(local, small_id).state in TERMINAL_RUN_STATES
+            ),
+            180,
+        )
+    big_run, small_run = get_run(local, big_id), get_run(local, small_id)
+    assert big_run.state == small_run.state == RunState.SUCCEEDED
+    assert small_run.finished_at is not None and big_run.finished_at is not None
+    took = small_run.finished_at - submitted
+    print(
+        f"\nsmall run behind a 400-chunk run: done in {took:.2f}s,"
+        f" {big_run.finished_at - small_run.finished_at:.2f}s before the big one"
+    )
+    assert small_run.finished_at < big_run.finished_at - 2.0
+    assert took < 5.0
+
+
+def test_sqs_messages_carry_their_run_as_message_group(aws: Backend) -> None:
+    run_id = coordinator.submit(aws, JOB, {"chunks": 2}).run_id
+    reply = aws.queue.sqs.receive_message(  # type: ignore[attr-defined]
+        QueueUrl=aws.queue.url,  # type: ignore[attr-defined]
+        MessageSystemAttributeNames=["MessageGroupId"],
+    )
+    (message,) = reply["Messages"]
+    assert message["Attributes"]["MessageGroupId"] == run_id
