@@ -45,6 +45,7 @@ from fanout.backends.base import (
     TaskKey,
 )
 from fanout.backends.rules import CRASHED_LAST, FailureVerdict, after_failure
+from fanout.chunklog import chunk_event
 from fanout.context import ChunkContext, Continue
 from fanout.control_gate import Gate
 from fanout.events import EventSink, emit, events_for
@@ -212,7 +213,7 @@ class Runner:
         assert claim.task is not None
         attempt = Attempt(key, token, claim.attempt, delivery.receipt, now + timeout, now)
         if claim.takeover:
-            self._chunk_log(
+            chunk_event(
                 logging.WARNING,
                 "claimed",
                 attempt,
@@ -223,7 +224,7 @@ class Runner:
                 takeover=claim.takeover,
             )
         else:
-            self._chunk_log(
+            chunk_event(
                 logging.INFO, "claimed", attempt, "task %s attempt %d claimed", key, attempt.attempt
             )
         self._in_hand = attempt
@@ -369,7 +370,7 @@ class Runner:
             log.warning("task %s: lease lost before commit; output discarded", key)
             return "lease lost"
         records, nbytes = (output.records, output.bytes) if output else (0, 0)
-        self._chunk_log(
+        chunk_event(
             logging.INFO,
             outcome,
             attempt,
@@ -424,7 +425,7 @@ class Runner:
                 )
             )
             if self.ledger.retry(key, attempt.token, failure, now + delay, now):
-                self._chunk_log(
+                chunk_event(
                     logging.WARNING,
                     "retried",
                     attempt,
@@ -448,7 +449,7 @@ class Runner:
             # Another attempt owns the task (a watchdog or supervisor already
             # failed this one): the message may carry its retry, so it stays.
             return "lease lost"
-        self._chunk_log(
+        chunk_event(
             logging.ERROR,
             "dead",
             attempt,
@@ -468,28 +469,6 @@ class Runner:
         if self.gate.after_dead(key.run_id, settings) or settle.drained:
             self.finalize(key.run_id)
         return "dead"
-
-    # -- observability --------------------------------------------------------------
-
-    def _chunk_log(
-        self, level: int, event: str, attempt: Attempt, msg: str, *args: object, **fields: Any
-    ) -> None:
-        """One log line per chunk event, its fields under ``fanout`` for the JSON
-        formatter (``fanout.logs``); fields that are None are left out."""
-        if not log.isEnabledFor(level):
-            return  # the hot path in production (WARNING): build nothing
-        key = attempt.key
-        extra: dict[str, Any] = {
-            "run_id": key.run_id,
-            "chunk_id": key.chunk_id,
-            "seq": key.seq,
-            "attempt": attempt.attempt,
-            "event": event,
-            "remaining_s": round(attempt.deadline - time.time(), 3),
-        }
-        extra.update((k, round(v, 3) if isinstance(v, float) else v) for k, v in fields.items())
-        extra = {k: v for k, v in extra.items() if v is not None}
-        log.log(level, msg, *args, extra={"fanout": extra})
 
     def _keep_dead_letter(self, key: TaskKey, error: str, tb: str) -> None:
         keep_dead_task(self.ledger, self.store, self.events, key, error, tb)

@@ -51,6 +51,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.metrics",
             "fanout.cost",
             "fanout.failures",
+            "fanout.chunklog",
             "fanout.batching",
             "fanout.tables",
             "fanout.tables.*",
