@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from fanout import coordinator
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend, TaskRecord
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, TaskRecord, TaskState
 from fanout.cli_common import exit_code, group_backend, human, utc_time
 from fanout.errors import UserError
 
@@ -356,3 +356,72 @@ def dead_letters(ctx: click.Context, limit: int, as_json: bool, show_body: bool)
             click.echo(f"    body ({letter.get('body_chars')} chars): {letter.get('body')!r}")
     if not letters and not as_json:
         click.echo("no dead-lettered messages")
+
+
+@click.command()
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """Recent runs, newest first."""
+    records = group_backend(ctx).ledger.list_runs(limit=limit)
+    if as_json:
+        for r in records:
+            click.echo(
+                json.dumps(
+                    {
+                        "run_id": r.run_id,
+                        "job": r.job_name,
+                        "state": r.state.value,
+                        "records": r.records,
+                        "created_at": r.created_at,
+                    }
+                )
+            )
+        return
+    for r in records:
+        when = utc_time(r.created_at)
+        click.echo(f"{r.run_id:<50} {r.state.value:<10} {r.records:>12,} records  {when}")
+
+
+@click.command()
+@click.argument("run_id")
+@click.option("--traceback", "show_tb", is_flag=True, help="Show each chunk's traceback.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def failed(ctx: click.Context, run_id: str, show_tb: bool, as_json: bool) -> None:
+    """Dead chunks of RUN, with their errors and attempt history."""
+    backend = group_backend(ctx)
+    coordinator.get_run(backend, run_id)
+    dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    for t in dead:
+        # The cursor this task started from: where a replay resumes.
+        cursor = coordinator.checkpoint(backend, t)
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "chunk_id": t.chunk_id,
+                        "seq": t.seq,
+                        "error": t.error,
+                        "timed_out": (t.error or "").startswith("timed out"),
+                        "cursor": cursor,
+                        "history": t.history,
+                        "traceback": t.traceback,
+                    }
+                )
+            )
+            continue
+        attempts = t.attempt - t.attempt_floor
+        plural = "attempt" if attempts == 1 else "attempts"
+        click.echo(f"{t.chunk_id} (seq {t.seq}, {attempts} {plural}): {t.error}")
+        for event in t.history:
+            detail = f": {event['error']}" if "error" in event else ""
+            click.echo(f"    attempt {event.get('attempt')}: {event.get('outcome')}{detail}")
+        if cursor is not None or (t.error or "").startswith("timed out"):
+            where = f"cursor {json.dumps(cursor)}" if cursor is not None else "none (first slice)"
+            click.echo(f"    last checkpoint: {where}")
+        if show_tb and t.traceback:
+            click.echo("    " + t.traceback.rstrip().replace("\n", "\n    "))
+    if not dead and not as_json:
+        click.echo(f"run {run_id} has no dead chunks")
