@@ -1,4 +1,4 @@
-"""The dashboard's Starlette application: pages, live updates, the Replay action
+"""The dashboard's Starlette application: pages, live updates, the Replay and Cancel actions
 and the checks that keep it safe to leave open.
 
 Safety (see the README's Dashboard section):
@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from fanout import coordinator
+from fanout import control_ops, coordinator
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState
 from fanout.cli_observe import progress
 from fanout.errors import UnknownRunError, UserError
@@ -278,6 +278,16 @@ async def replay(request: Request) -> Response:
     return RedirectResponse(f"/runs/{quote(run_id, safe='')}", status_code=303)
 
 
+async def cancel(request: Request) -> Response:
+    """Cancel a running run (``fanout cancel``): its queued chunks at once, its
+    running ones at their next checkpoint. Redirects to the run's page."""
+    await checked_form(request)
+    run_id = request.path_params["run_id"]
+    config: UiConfig = request.app.state.config
+    await run_in_threadpool(control_ops.cancel, config.backend, run_id)
+    return RedirectResponse(f"/runs/{quote(run_id, safe='')}", status_code=303)
+
+
 # -- the checks --------------------------------------------------------------------
 
 
@@ -366,6 +376,7 @@ def create_app(config: UiConfig) -> Starlette:
         Route("/runs/{run_id}/failures", failures_page),
         Route("/runs/{run_id}/chunks/{chunk_id:path}", chunk_page),
         Route("/runs/{run_id}/replay", replay, methods=["POST"]),
+        Route("/runs/{run_id}/cancel", cancel, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,

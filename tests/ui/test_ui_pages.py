@@ -8,10 +8,11 @@ import html
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SCRIPT, Failed, drain
+from conftest import SCRIPT, Failed, drain, submit_broken
 
 from fanout import coordinator
 from fanout.backends.base import Backend, NewTask, RunRecord, RunState, TaskKey, TaskState
@@ -315,3 +316,24 @@ def test_every_page_sends_a_strict_content_security_policy(
         assert res.headers["x-frame-options"] == "DENY"
         # The only script is the live one, from the server itself.
         assert re.findall(r"<script[^>]*>", res.text) in ([], ['<script src="/static/live.js">'])
+
+
+def test_cancel_a_running_run_from_its_page(
+    local_backend: Backend, tmp_path: Path, make_client: Client
+) -> None:
+    run_id = submit_broken(local_backend, tmp_path / "no-flag")  # queued, not yet worked
+    client = make_client(local_backend)
+    page = client.get(f"/runs/{run_id}").text
+    assert "Cancel run" in page
+    token = csrf_of(page)
+    assert client.post(f"/runs/{run_id}/cancel").status_code == 403  # no CSRF token
+    done = client.post(f"/runs/{run_id}/cancel", data={"csrf": token})
+    assert done.status_code == 303 and done.headers["location"] == f"/runs/{run_id}"
+    assert coordinator.get_run(local_backend, run_id).state == RunState.CANCELLED
+    assert "Cancel run" not in client.get(f"/runs/{run_id}").text  # it ended
+    read_only = make_client(local_backend, read_only=True, csrf=token)
+    other = submit_broken(local_backend, tmp_path / "no-flag")
+    assert "Cancel run" not in read_only.get(f"/runs/{other}").text
+    refused = read_only.post(f"/runs/{other}/cancel", data={"csrf": token})
+    assert refused.status_code == 403
+    assert coordinator.get_run(local_backend, other).state == RunState.RUNNING
