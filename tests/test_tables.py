@@ -2,7 +2,7 @@
 
 The runs go through the real engine (submit, then the runner works the queue)
 on the local backend and on moto; the crash tests run ``fanout`` as a process
-that SIGKILLs itself between two steps (``tests/kill_at.py``). Files are read
+that SIGKILLs itself between two steps (``tests/support/kill_at.py``). Files are read
 back with the Apache ``avro`` package, not with fastavro that wrote them.
 """
 
@@ -238,7 +238,7 @@ def test_gc_dry_run_lists_exactly_the_files_a_crashed_attempt_left(tmp_path: Pat
         "-w",
         "1",
         "--until-idle",
-        script=str(TESTS / "kill_at.py"),
+        script=str(TESTS / "support" / "kill_at.py"),
         FANOUT_TEST_KILL_OP="put",
         FANOUT_TEST_KILL_KEY="/parts/0.1-s0-a1-",
     )
@@ -362,7 +362,7 @@ def test_compaction_killed_at_each_step_keeps_every_record_once(
         "readings",
         "--target-mb",
         "0.01",
-        script=str(TESTS / "kill_at.py"),
+        script=str(TESTS / "support" / "kill_at.py"),
         FANOUT_TEST_KILL_OP=op,
         FANOUT_TEST_KILL_KEY=key,
         FANOUT_TEST_KILL_NTH=str(nth),

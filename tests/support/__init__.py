@@ -9,6 +9,7 @@ benchmarks, run as scripts, add it themselves).
 - ``motopatch``, ``motoserver``: moto made fast enough, and as a server on 127.0.0.1.
 - ``sites``, ``hardsite``: test web sites for the crawl engine.
 - ``hang_after_put``: ``fanout`` whose store hangs after writing an output file.
+- ``kill_at``: ``fanout`` that SIGKILLs itself between two steps of a compaction.
 - ``make_site``, ``make_readings``: generators of the demo site and of sample
   meter readings (what ``jobs/site/`` and ``jobs/data/readings/`` were made with).
 """
