@@ -16,6 +16,7 @@ from fanout.backends import keys
 from fanout.backends.base import (
     TERMINAL_RUN_STATES,
     Backend,
+    FailureKind,
     NewTask,
     RunRecord,
     RunState,
@@ -246,9 +247,9 @@ def status(backend: Backend, run_id: str) -> Status:
     for task in backend.ledger.list_tasks(run_id):
         counts[task.state.value] += 1
         for event in task.history:
-            if event.get("outcome") == "crashed":
+            if event.get("outcome") == FailureKind.CRASHED:
                 crashed += 1
-            elif event.get("outcome") == "timed out":
+            elif event.get("outcome") == FailureKind.TIMED_OUT:
                 timed_out += 1
                 stamp = event.get("at")
                 at = float(stamp) if isinstance(stamp, int | float) else 0.0

@@ -43,8 +43,21 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from fanout.backends.base import RunRecord, TaskRecord, TaskState
+from fanout.backends.base import FailureKind, RunRecord, TaskEvent, TaskRecord, TaskState
 from fanout.metrics import ChunkMetrics, emf_document
+
+#: History outcomes that are not an attempt settling (no lease read, no transaction).
+_NOT_ATTEMPTS = frozenset({TaskEvent.ORPHANED, TaskEvent.CANCELLED, TaskEvent.REVIVED})
+#: History outcomes after which a following "dead" does not undo a retry.
+_NOT_FAILED = frozenset(
+    {
+        TaskEvent.COMMITTED,
+        TaskEvent.CONTINUED,
+        FailureKind.CRASHED,
+        TaskEvent.REPLAYED,
+        TaskEvent.DEAD,
+    }
+)
 
 #: When the prices below were taken from AWS's public pricing pages.
 PRICES_AS_OF = "2025-06"
@@ -226,28 +239,28 @@ def measure(run: RunRecord, tasks: Sequence[TaskRecord]) -> Usage:
             if isinstance(took, int | float):
                 u.measured_attempts += 1
                 u.measured_seconds += math.ceil(float(took) * 1000) / 1000
-            if outcome in ("committed", "continued"):
+            if outcome in (TaskEvent.COMMITTED, TaskEvent.CONTINUED):
                 # Lease read, commit transaction (task + run), counter read.
                 settled += 1
                 u.dynamodb_rru += _r(size) + run_r
                 u.dynamodb_wru += 2 * (_w(size) + run_w) + gsi
-            elif outcome == "crashed" and took is None:
+            elif outcome == FailureKind.CRASHED and took is None:
                 # A takeover of an expired lease, at claim: a transaction (task
                 # + run counters) instead of the claim's update.
                 u.dynamodb_wru += _w(size) + 2 * run_w
-            elif outcome == "replayed":
+            elif outcome == TaskEvent.REPLAYED:
                 replayed_at.add(event.get("at"))
                 u.sqs_sends += _units(message)
                 u.dynamodb_wru += 2 * (_w(size) + run_w) + gsi
-            elif outcome == "dead":
+            elif outcome == TaskEvent.DEAD:
                 retried -= 1 if failed else 0  # that failure was buried, not retried
-            elif isinstance(outcome, str) and outcome not in ("orphaned", "cancelled", "revived"):
+            elif isinstance(outcome, str) and outcome not in _NOT_ATTEMPTS:
                 # A failed attempt: lease read and a transaction (task + run).
                 settled += 1
                 retried += 1
                 u.dynamodb_rru += _r(size)
                 u.dynamodb_wru += 2 * (_w(size) + run_w) + gsi
-            failed = outcome not in ("committed", "continued", "crashed", "replayed", "dead")
+            failed = outcome not in _NOT_FAILED
         if t.output is not None:
             u.s3_puts += 1
             u.s3_bytes += t.output.bytes

@@ -330,6 +330,16 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
     ) -> Settle:
         """Mark the task done with its output, if the lease is still ours."""
         records, nbytes = (output.records, output.bytes) if output else (0, 0)
+        # Built before the write lock is taken: other workers wait while it is held.
+        args = (
+            output.key if output else None,
+            records,
+            nbytes,
+            now,
+            _event(outcome, now, records=records, **took_field(duration)),
+            *key_args(key),
+            token,
+        )
         with self.db.write() as conn:
             row = conn.execute(
                 "UPDATE tasks SET state = 'done', committed_by = lease_token, lease_token = NULL,"
@@ -337,15 +347,7 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
                 f" bytes = ?, updated_at = ?, {_APPEND}"
                 " WHERE run_id = ? AND chunk_id = ? AND seq = ? AND state = 'running'"
                 " AND lease_token = ? RETURNING attempt",
-                (
-                    output.key if output else None,
-                    records,
-                    nbytes,
-                    now,
-                    _event(outcome, now, records=records, **took_field(duration)),
-                    *key_args(key),
-                    token,
-                ),
+                args,
             ).fetchone()
             if row is None:
                 return Settle(ok=False)
