@@ -502,6 +502,7 @@ when = datetime(2026, 1, 1, tzinfo=timezone.utc)
 writer.add({"meter_id": "M1", "read_at": when, "kwh": 1.0, "adjusted_kwh": 1.0,
             "source": "x.csv", "line": 1})
 data = writer.finish()
+import croniter  # imported when a schedule is first evaluated: it must be in the layer
 where = {}
 for name in ("fanout", "pydantic", "pydantic_core", "fastavro", "click", "croniter",
              "boto3", "botocore", "dateutil", "six"):
