@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from test_tables import drain  # the one place the table tests reach the engine
 
 from fanout import coordinator
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord
+from fanout.backends.base import Backend
 from fanout.cli import main
-from fanout.dispatch import Dispatcher
 from fanout.tables.catalog import read_catalog
 from fanout.tables.glue import hive_type, sync_glue_table
 
@@ -36,19 +35,6 @@ def process(payload, ctx):
     for n in range(3):
         ctx.emit({{"site": payload["site"], "n": n}})
 """
-
-
-def drain(backend: Backend, run_id: str, limit: float = 60.0) -> RunRecord:
-    runner = Dispatcher(backend)
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        for delivery in backend.queue.receive(10, 15.0):
-            runner.handle(delivery, 10.0)
-        run = backend.ledger.get_run(run_id)
-        assert run is not None
-        if run.state in TERMINAL_RUN_STATES:
-            return run
-    raise AssertionError(f"run {run_id} did not finish in {limit}s")
 
 
 def glue_client() -> Any:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 from fanout.backends.base import (
     FINISHED_TASK_STATES,
+    Claim,
+    ClaimOutcome,
     Failure,
     FailureKind,
     RunState,
@@ -99,6 +101,18 @@ class ClaimRuling:
 
     verdict: ClaimVerdict
     retry_after: float = 0.0
+
+
+def claim_without_write(ruling: ClaimRuling, task: TaskRecord) -> Claim | None:
+    """The answer to a claim whose verdict needs no write (the task finished, or
+    its lease or its parent says wait); None when the ledger must write."""
+    if ruling.verdict is ClaimVerdict.FINISHED:
+        return Claim(ClaimOutcome.FINISHED, task=task)
+    if ruling.verdict is ClaimVerdict.BUSY:
+        return Claim(ClaimOutcome.BUSY, retry_after=ruling.retry_after)
+    if ruling.verdict is ClaimVerdict.WAIT:
+        return Claim(ClaimOutcome.WAIT, retry_after=ruling.retry_after)
+    return None
 
 
 def lease_live(task: TaskRecord, now: float) -> bool:

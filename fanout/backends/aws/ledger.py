@@ -80,6 +80,7 @@ from fanout.backends.rules import (
     ParentFacts,
     attempt_in_budget,
     chunk_order,
+    claim_without_write,
     history_event,
     may_have_orphans,
     rule_claim,
@@ -248,13 +249,10 @@ class DynamoLedger(Registrar, DynamoRunControls):  # + run controls (cancel, pau
         stopped = run is not None and "S" in run.get("stop_reason", {})
         facts = ClaimFacts(task, item.get("spawned_by", {}).get("S"), parent, stopped)
         ruling = rule_claim(facts, max_attempts, now)
+        answer = claim_without_write(ruling, task)
+        if answer is not None:
+            return answer
         verdict = ruling.verdict
-        if verdict is ClaimVerdict.FINISHED:
-            return Claim(ClaimOutcome.FINISHED, task=task)
-        if verdict is ClaimVerdict.BUSY:
-            return Claim(ClaimOutcome.BUSY, retry_after=ruling.retry_after)
-        if verdict is ClaimVerdict.WAIT:
-            return Claim(ClaimOutcome.WAIT, retry_after=ruling.retry_after)
         if verdict is ClaimVerdict.ORPHANED:
             return self._cancel_at_claim(key, task, version, now, TaskEvent.ORPHANED)
         if verdict is ClaimVerdict.STOPPED:

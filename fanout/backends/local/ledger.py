@@ -41,6 +41,7 @@ from fanout.backends.rules import (
     ParentFacts,
     attempt_in_budget,
     chunk_order,
+    claim_without_write,
     history_event,
     is_drained,
     may_have_orphans,
@@ -273,13 +274,10 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
                 )
             facts = ClaimFacts(task, row["spawned_by"], parent, row["run_stop"] is not None)
             ruling = rule_claim(facts, max_attempts, now)
+            answer = claim_without_write(ruling, task)
+            if answer is not None:
+                return answer
             verdict = ruling.verdict
-            if verdict is ClaimVerdict.FINISHED:
-                return Claim(ClaimOutcome.FINISHED, task=task)
-            if verdict is ClaimVerdict.BUSY:
-                return Claim(ClaimOutcome.BUSY, retry_after=ruling.retry_after)
-            if verdict is ClaimVerdict.WAIT:
-                return Claim(ClaimOutcome.WAIT, retry_after=ruling.retry_after)
             if verdict in (ClaimVerdict.ORPHANED, ClaimVerdict.STOPPED):
                 event = (
                     TaskEvent.ORPHANED if verdict is ClaimVerdict.ORPHANED else TaskEvent.CANCELLED
