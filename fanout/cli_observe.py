@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from fanout import coordinator
+from fanout import control_ops, coordinator
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, TaskRecord, TaskState
 from fanout.cli_common import exit_code, group_backend, human, utc_time
 from fanout.errors import UserError
@@ -39,17 +39,21 @@ def _seconds(s: float) -> str:
 # -- status --watch ------------------------------------------------------------------
 
 
-def progress(st: coordinator.Status) -> dict[str, Any]:
-    """What the progress bar shows, from the run's counters only (one read)."""
+def progress(st: coordinator.Status, state: str | None = None) -> dict[str, Any]:
+    """What the progress bar shows, from the run's counters only (one read);
+    ``state``: the run's state as ``fanout status`` shows it (``paused``,
+    ``cancelling``), when the caller read its controls."""
     r = st.run
     finished = r.tasks_done + r.tasks_dead + r.tasks_cancelled
+    shown = state or r.state.value
     eta = None
-    if r.state not in TERMINAL_RUN_STATES and 0 < finished < r.tasks_total:
+    held = shown in ("paused", "cancelling", "stopping")  # no estimate while held
+    if r.state not in TERMINAL_RUN_STATES and not held and 0 < finished < r.tasks_total:
         # Chunks spawn more chunks, so the total can still grow: an estimate.
         eta = st.elapsed * (r.tasks_total - finished) / finished
     return {
         "run_id": r.run_id,
-        "state": r.state.value,
+        "state": shown,
         "finished": finished,
         "total": r.tasks_total,
         "dead": r.tasks_dead,
@@ -61,9 +65,9 @@ def progress(st: coordinator.Status) -> dict[str, Any]:
     }
 
 
-def progress_bar(st: coordinator.Status) -> str:
-    """One line: ``[#####-----]  40% chunks 4/10 ...  ETA ~3.0s``."""
-    p = progress(st)
+def progress_bar(st: coordinator.Status, state: str | None = None) -> str:
+    """One line: ``[#####-----]  40% chunks 4/10 ...  ETA ~3.0s`` (or the state)."""
+    p = progress(st, state)
     frac = p["finished"] / p["total"] if p["total"] else 0.0
     filled = int(frac * BAR_WIDTH)
     bar = "#" * filled + "-" * (BAR_WIDTH - filled)
@@ -89,12 +93,16 @@ def watch_run(
     tty = sys.stdout.isatty() and not as_json
     while True:
         st = coordinator.Status(coordinator.get_run(backend, run_id))
+        # A running run may be paused or cancelling: its controls say (one more read).
+        shown = None
+        if st.run.state not in TERMINAL_RUN_STATES:
+            shown = control_ops.control_info(backend, st.run, {})["state"]
         if as_json:
-            click.echo(json.dumps(progress(st)))
+            click.echo(json.dumps(progress(st, shown)))
         elif tty:
-            click.echo("\r" + progress_bar(st).ljust(100), nl=False)
+            click.echo("\r" + progress_bar(st, shown).ljust(100), nl=False)
         else:
-            click.echo(progress_bar(st))
+            click.echo(progress_bar(st, shown))
         if st.run.state in TERMINAL_RUN_STATES:
             break
         sleep(interval)

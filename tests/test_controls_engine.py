@@ -3,10 +3,14 @@ worker process is needed to reach."""
 
 from __future__ import annotations
 
+import json
 import time
 
-from fanout import coordinator
+import pytest
+
+from fanout import control_ops, coordinator
 from fanout.backends.base import Backend, RunState, TaskKey, TaskState
+from fanout.cli_observe import watch_run
 from fanout.dispatch import Dispatcher
 from fanout.runner import Runner
 from support.helpers import JOBS, drain
@@ -50,3 +54,32 @@ def test_a_checkpoint_at_the_same_cursor_is_no_failure_when_told_to_stop(mem: Ba
     runner.gate.probe = told  # type: ignore[method-assign]
     run = drain(mem, run_id, runner=runner)
     assert run.state == RunState.SUCCEEDED and run.records == 3
+
+
+class _Stop(Exception):
+    """Ends a watch loop after its first redraw."""
+
+
+def _stop(_: float) -> None:
+    raise _Stop
+
+
+def test_status_watch_shows_a_paused_run_as_paused_without_an_eta(
+    mem: Backend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_id = coordinator.submit(mem, JOB, {"chunks": 4}).run_id
+    dispatcher = Dispatcher(mem)
+    (plan,) = mem.queue.receive(1, 30)
+    assert dispatcher.handle(plan, 10.0) == "committed"
+    (first,) = mem.queue.receive(1, 30)
+    assert dispatcher.handle(first, 10.0) == "committed"  # 2 of 5 done: an ETA exists
+    assert control_ops.pause(mem, run_id).changed
+    with pytest.raises(_Stop):
+        watch_run(mem, run_id, 0.1, as_json=True, sleep=_stop)
+    shown = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert shown["state"] == "paused" and shown["eta_s"] is None
+    assert control_ops.resume(mem, run_id).changed
+    with pytest.raises(_Stop):
+        watch_run(mem, run_id, 0.1, as_json=True, sleep=_stop)
+    shown = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert shown["state"] == "running" and shown["eta_s"] is not None
