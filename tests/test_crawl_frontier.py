@@ -12,6 +12,7 @@ chunk meets first.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,3 +172,45 @@ def test_a_retry_after_longer_than_the_back_off_delays_the_throttled_children() 
     own = spawned([entry("http://a.test/1")])
     assert slow == [600.0]
     assert len(own) == 1 and 5.0 <= own[0] < 600.0
+
+
+# -- run-wide back-off -------------------------------------------------------------
+
+
+def test_a_back_off_is_told_to_the_run_once_and_marks_the_domain_in_this_chunk(
+    tmp_path: Path,
+) -> None:
+    """The 429s of requests that were in flight together tell the run once;
+    a longer Retry-After tells it again; the chunk holds the domain's requests."""
+    from types import SimpleNamespace
+
+    from scrapy.settings import Settings
+    from scrapy.statscollectors import MemoryStatsCollector
+
+    from fanout.backends import open_backend
+    from fanout.crawl.politeness import DomainGate
+
+    backend = open_backend("local", home=tmp_path)
+    assert backend.crawl is not None
+    scheduler = SimpleNamespace(throttled=set(), retry_after={})
+    crawler = SimpleNamespace(
+        settings=Settings({"CONCURRENT_REQUESTS_PER_DOMAIN": 4}),
+        engine=SimpleNamespace(
+            scheduler=scheduler,
+            downloader=SimpleNamespace(slots={}, per_slot_settings={}),
+        ),
+    )
+    crawler.stats = MemoryStatsCollector(crawler)
+    now = time.time()
+    chunk = {"crawl": backend.crawl, "run_id": "r", "chunk_id": "0/1", "expires": now + 60}
+    gate = DomainGate(crawler, chunk)
+    calls = lambda: crawler.stats.get_value("fanout/ledger_lease_calls", 0)  # noqa: E731
+    gate.back_off("a.test", now + 5)
+    assert calls() == 1 and "a.test" in scheduler.throttled
+    assert 4 < scheduler.retry_after["a.test"] <= 5
+    gate.back_off("a.test", now + 5.5)  # another answer of the same burst
+    assert calls() == 1
+    gate.back_off("a.test", now + 30)  # the site asked for longer
+    assert calls() == 2 and scheduler.retry_after["a.test"] > 29
+    assert backend.crawl.backoffs("r", time.time()) == {"a.test": now + 30}
+    backend.close()

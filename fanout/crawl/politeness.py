@@ -46,6 +46,9 @@ RENEW_EVERY = 0.5
 #: its lease. Every chunk is a new process with no connections yet: 16 at once
 #: overflow a small listen backlog, and a dropped SYN is retried only after 1 s.
 RAMP_START = 4
+#: A back-off the run was told of is not told again for an end at most this
+#: much later (s): a longer ``Retry-After`` is.
+BACKOFF_TOLD_SLACK = 1.0
 
 
 class DomainGate:
@@ -127,7 +130,7 @@ class DomainGate:
             backoff_until=backoff_until,
         )
         grant: DomainGrant = self.crawl.lease_domain(self.run_id, key, self.holder, ask)
-        if grant.backoff_until > now:
+        if want > 0 and grant.backoff_until > now:  # (letting go, the chunk is closing)
             self._backed_off(key, grant.backoff_until - now)
         return grant
 
@@ -143,8 +146,10 @@ class DomainGate:
         """The site answered 429/503: every chunk backs off ``key`` until ``until``
         (wall clock), kept in the domain's lease for the others to see when they
         next ask (at most :data:`RENEW_EVERY` seconds later for a shared domain)."""
-        if until <= self.backoff_told.get(key, 0.0):
-            return  # the run knows already: one ledger call per back-off, not per answer
+        if until <= self.backoff_told.get(key, 0.0) + BACKOFF_TOLD_SLACK:
+            # The run knows already (the answers of requests that were in flight
+            # when the first came): one ledger call per back-off, not per answer.
+            return
         self.backoff_told[key] = until
         downloader = self.crawler.engine.downloader
         slot = downloader.slots.get(key)
