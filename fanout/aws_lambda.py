@@ -26,9 +26,10 @@ from typing import Any
 
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, Delivery, Failure, FailureKind
-from fanout.dispatch import RELEASED, Dispatcher
+from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt
 from fanout.jobs import Job
+from fanout.outcomes import RELEASED
 from fanout.packaged import check_packaged
 from fanout.runner import Runner, _Run
 

@@ -27,6 +27,7 @@ from fanout.backends.base import Backend, Delivery
 from fanout.backends.runcontrols import controls_of
 from fanout.controls import Admission, admit, is_cancelled, release, tolerance_exceeded
 from fanout.events import EventSink, emit
+from fanout.outcomes import Handled
 from fanout.settings import RunSettings
 
 log = logging.getLogger("fanout.runner")
@@ -85,14 +86,14 @@ class Gate:
             run_id, lambda state: admit(state, token, cap, expires, now, receives)
         )
 
-    def refuse(self, delivery: Delivery, admission: Admission) -> str:
+    def refuse(self, delivery: Delivery, admission: Admission) -> Handled:
         """Settle a delivery that was not admitted; returns the runner's outcome."""
         if admission.paused:
             # Dropped, not polled: `fanout resume` sends the run's tasks again.
             self.backend.queue.ack(delivery.receipt)
-            return "paused"
+            return Handled.PAUSED
         self.backend.queue.release(delivery.receipt, admission.retry_after)
-        return "capped"
+        return Handled.CAPPED
 
     def release(
         self, run_id: str, settings: RunSettings, token: str, took: float | None = None

@@ -25,13 +25,10 @@ import traceback
 from fanout.backends.base import Backend, Delivery
 from fanout.failures import describe, drop_invalid, settle_poison
 from fanout.messages import ChunkMessage, MessageError, ScheduleFire, decode_envelope
+from fanout.outcomes import Handled
 from fanout.runner import Runner
 
 log = logging.getLogger("fanout.dispatch")
-
-#: Outcomes of :meth:`Dispatcher.handle` that leave the message on the queue (not
-#: acknowledged): it is delivered again when its visibility runs out.
-RELEASED = frozenset({"busy", "wait", "retry", "lease lost", "requeued", "capped"})
 
 
 class Dispatcher:
@@ -43,10 +40,10 @@ class Dispatcher:
         self.backend = backend
         self.runner = runner if runner is not None else Runner(backend)
 
-    def handle(self, delivery: Delivery, timeout: float) -> str:
+    def handle(self, delivery: Delivery, timeout: float) -> Handled:
         """Handle one delivery, a chunk under a hard ``timeout`` (s); returns what
         happened. The message was released back to the queue (not acknowledged)
-        exactly when the result is in :data:`RELEASED`."""
+        exactly when the result is in :data:`fanout.outcomes.RELEASED`."""
         try:
             try:
                 envelope = decode_envelope(delivery.body)
@@ -67,7 +64,7 @@ class Dispatcher:
             reason, tb = describe(exc), traceback.format_exc()
             return settle_poison(self.backend.queue, self.backend.store, delivery, reason, tb)
 
-    def _sweep(self, delivery: Delivery) -> str:
+    def _sweep(self, delivery: Delivery) -> Handled:
         from fanout.coordinator import recover  # on the first sweep, as above
         from fanout.schedules.guard import sender_refusal
 
@@ -77,7 +74,7 @@ class Dispatcher:
         refused = sender_refusal(self.backend.name, delivery.sender, "sweep")
         if refused:
             log.error("dropping %s", refused)
-            return "refused"
+            return Handled.REFUSED
         for action in recover(self.backend):
             log.warning("recovery sweep: %s", action)
-        return "swept"
+        return Handled.SWEPT

@@ -26,6 +26,7 @@ from fanout.backends import keys
 from fanout.backends.base import Delivery, Failure, FailureKind, Ledger, Queue, Store, TaskKey
 from fanout.errors import PermanentError, RecordError
 from fanout.events import EventSink, emit
+from fanout.outcomes import Handled
 
 log = logging.getLogger("fanout.runner")
 
@@ -144,14 +145,14 @@ def keep_message(store: Store, delivery: Delivery, reason: str, tb: str = "") ->
     return key
 
 
-def drop_invalid(queue: Queue, store: Store, delivery: Delivery, reason: str) -> str:
+def drop_invalid(queue: Queue, store: Store, delivery: Delivery, reason: str) -> Handled:
     """Drop a message that is not a valid fanout message: keep it as a dead letter
     (``fanout dead-letters``) with the reason, and acknowledge it. Returns the
     outcome, ``"invalid"``."""
     key = keep_message(store, delivery, reason)
     log.error("dropping message %s: %s (kept at %s)", message_id(delivery), reason, key)
     queue.ack(delivery.receipt)
-    return "invalid"
+    return Handled.INVALID
 
 
 def keep_dead_task(
@@ -198,7 +199,7 @@ def list_messages(store: Store, limit: int = 100) -> list[dict[str, Any]]:
     return letters
 
 
-def settle_poison(queue: Queue, store: Store, delivery: Delivery, reason: str, tb: str) -> str:
+def settle_poison(queue: Queue, store: Store, delivery: Delivery, reason: str, tb: str) -> Handled:
     """A delivery that failed outside the job's code with no attempt in hand:
     hand it back to be tried again shortly, or, after :data:`POISON_TRIES`
     deliveries, keep it as a dead letter and acknowledge it. Never raises."""
@@ -214,7 +215,7 @@ def settle_poison(queue: Queue, store: Store, delivery: Delivery, reason: str, t
                 key,
             )
             queue.ack(delivery.receipt)
-            return "dead-lettered"
+            return Handled.DEAD_LETTERED
         delay = poison_delay(tries)
         log.error(
             "message %s failed (delivery %d of %d): %s; tried again in %gs",
@@ -229,7 +230,7 @@ def settle_poison(queue: Queue, store: Store, delivery: Delivery, reason: str, t
         # The backend itself is failing: the message comes back when its
         # visibility runs out, and its receive count still grows.
         log.exception("message %s could not be handed back", mid)
-    return "requeued"
+    return Handled.REQUEUED
 
 
 def no_progress(cursor: Any, timeout: float) -> Failure:

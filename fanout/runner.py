@@ -62,6 +62,7 @@ from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import Job, activate, load_job
 from fanout.messages import ChunkMessage, decode, resolve
 from fanout.metrics import MetricsSink, metrics_for, record_attempt
+from fanout.outcomes import Handled
 from fanout.retry import compute_backoff
 from fanout.settings import SCHEMA, RunSettings, limits_of
 from fanout.spawn import next_tasks
@@ -133,11 +134,11 @@ class Runner:
 
     # -- one delivery -------------------------------------------------------------
 
-    def handle(self, delivery: Delivery, message: ChunkMessage, timeout: float) -> str:
+    def handle(self, delivery: Delivery, message: ChunkMessage, timeout: float) -> Handled:
         """Run the chunk ``message`` (the decoded body of ``delivery``) under a hard
         ``timeout`` (s); returns what happened. The message was released back to
         the queue (not acknowledged) exactly when the result is in
-        ``fanout.dispatch.RELEASED``.
+        ``fanout.outcomes.RELEASED``.
 
         What goes wrong outside the job's code (the job's own failures are the
         attempt's, see ``_work``) fails the attempt in hand, if there is one;
@@ -159,12 +160,12 @@ class Runner:
                 log.exception("could not record the failure of %s", attempt.key)
             raise
 
-    def _handle(self, delivery: Delivery, msg: ChunkMessage, timeout: float) -> str:
+    def _handle(self, delivery: Delivery, msg: ChunkMessage, timeout: float) -> Handled:
         run = self._run(msg.run_id)
         if run is None:
             log.warning("dropping a message for unknown run %s", msg.run_id)
             self.queue.ack(delivery.receipt)
-            return "unknown run"
+            return Handled.UNKNOWN_RUN
         if msg.seq > run.settings.max_continuations:
             return drop_invalid(
                 self.queue,
@@ -188,7 +189,7 @@ class Runner:
             self.gate.release(key.run_id, run.settings, token)  # the slot, if one was taken
         if claim.outcome in (ClaimOutcome.BUSY, ClaimOutcome.WAIT):
             self.queue.release(delivery.receipt, claim.retry_after)
-            return claim.outcome.value
+            return Handled(claim.outcome.value)
         if claim.outcome is not ClaimOutcome.CLAIMED:
             if claim.outcome is ClaimOutcome.BURIED:
                 fields = {"run_id": key.run_id, "chunk_id": key.chunk_id, "seq": key.seq}
@@ -209,7 +210,7 @@ class Runner:
             buried = claim.outcome is ClaimOutcome.BURIED
             if claim.drained or (buried and self.gate.after_dead(key.run_id, run.settings)):
                 self.finalize(key.run_id)
-            return claim.outcome.value
+            return Handled(claim.outcome.value)
         assert claim.task is not None
         attempt = Attempt(key, token, claim.attempt, delivery.receipt, now + timeout, now)
         if claim.takeover:
@@ -245,7 +246,7 @@ class Runner:
         self._in_hand = None
         return outcome
 
-    def _work(self, run: _Run, attempt: Attempt, msg: ChunkMessage, timeout: float) -> str:
+    def _work(self, run: _Run, attempt: Attempt, msg: ChunkMessage, timeout: float) -> Handled:
         started = time.monotonic()
         writer = None
         try:
@@ -311,7 +312,7 @@ class Runner:
         continuation: Continue | None,
         data: bytes,
         writer: Any,
-    ) -> str:
+    ) -> Handled:
         key, settings = attempt.key, run.settings
         output = None
         if getattr(writer, "partitioned", False):  # issue 14: partition files + parts list
@@ -368,7 +369,7 @@ class Runner:
             # released it), and deleting it would strand the retry. Delivered
             # again, it is claimed, skipped as finished, or found busy.
             log.warning("task %s: lease lost before commit; output discarded", key)
-            return "lease lost"
+            return Handled.LEASE_LOST
         records, nbytes = (output.records, output.bytes) if output else (0, 0)
         chunk_event(
             logging.INFO,
@@ -392,7 +393,7 @@ class Runner:
         self.queue.ack(attempt.receipt)
         if settle.drained:
             self.finalize(key.run_id)
-        return outcome
+        return Handled(outcome.value)  # committed or continued
 
     def _send(self, bodies: list[tuple[str, float]]) -> None:
         by_delay: dict[float, list[str]] = defaultdict(list)
@@ -403,7 +404,7 @@ class Runner:
 
     # -- failure ------------------------------------------------------------------
 
-    def fail(self, attempt: Attempt, failure: Failure) -> str:
+    def fail(self, attempt: Attempt, failure: Failure) -> Handled:
         """Retry the attempt's task with back-off, or dead-letter it when its
         attempts are spent (at once for a permanent error). Also used by a
         supervisor for an attempt it killed."""
@@ -442,13 +443,13 @@ class Runner:
                 )
                 record_attempt(self.metrics, job_name, attempt, "retried", failure.duration, 0)
                 self.queue.release(attempt.receipt, delay)
-                return "retry"
-            return "lease lost"
+                return Handled.RETRY
+            return Handled.LEASE_LOST
         settle = self.ledger.bury(key, attempt.token, failure, now)
         if not settle.ok:
             # Another attempt owns the task (a watchdog or supervisor already
             # failed this one): the message may carry its retry, so it stays.
-            return "lease lost"
+            return Handled.LEASE_LOST
         chunk_event(
             logging.ERROR,
             "dead",
@@ -468,7 +469,7 @@ class Runner:
         # Run controls: past its tolerated failures the run stops (and may drain).
         if self.gate.after_dead(key.run_id, settings) or settle.drained:
             self.finalize(key.run_id)
-        return "dead"
+        return Handled.DEAD
 
     def _keep_dead_letter(self, key: TaskKey, error: str, tb: str) -> None:
         keep_dead_task(self.ledger, self.store, self.events, key, error, tb)

@@ -131,3 +131,19 @@ def test_a_failure_outside_the_job_hands_the_message_back(
     task = mem.ledger.get_task(TaskKey(run.run_id, "0", 0))
     assert task is not None and task.attempt == 0  # never claimed
     assert mem.queue.pending() == 1  # handed back, not acknowledged
+
+
+def test_every_claim_and_tick_outcome_is_a_handled_outcome() -> None:
+    """The runner answers a claim that is not ``claimed`` with the claim's own
+    word, and a tick with ``schedule <what the fire did>``: each must be one of
+    :class:`Handled` (a new word would raise at the first such delivery)."""
+    from fanout.backends.base import ClaimOutcome
+    from fanout.outcomes import RELEASED, Handled
+
+    for outcome in ClaimOutcome:
+        if outcome is not ClaimOutcome.CLAIMED:
+            assert Handled(outcome.value) == outcome.value
+    for fired in ("fired", "skipped", "already fired", "claimed elsewhere", "failed"):
+        assert Handled(f"schedule {fired}")
+    assert set(Handled) > RELEASED
+    assert Handled.BUSY == "busy" and f"{Handled.LEASE_LOST}" == "lease lost"

@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.processes",
             "fanout.avro_check",
             "fanout.fairness",
+            "fanout.outcomes",
         ],
     ),
     ("seams", ["fanout.backends.base", "fanout.backends.crawlstate", "fanout.backends.keys"]),

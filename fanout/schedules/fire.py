@@ -42,6 +42,7 @@ from fanout.coordinator import submit
 from fanout.errors import UserError
 from fanout.jobs import load_job
 from fanout.messages import ScheduleFire
+from fanout.outcomes import Handled
 from fanout.packaged import job_refusal
 from fanout.processes import die_with_parent
 from fanout.schedules import open_store
@@ -305,7 +306,7 @@ def _process_main(backend_name: str, home: Path, stop: Any) -> None:
 # -- EventBridge's fire messages, routed here by the dispatcher ---------------------
 
 
-def handle_fire(backend: Backend, delivery: Delivery, message: ScheduleFire) -> str:
+def handle_fire(backend: Backend, delivery: Delivery, message: ScheduleFire) -> Handled:
     """Fire the tick a :class:`~fanout.messages.ScheduleFire` message names (the
     dispatcher decoded it), with the schedule as the store keeps it (the message
     only names it), then acknowledge.
@@ -319,7 +320,7 @@ def handle_fire(backend: Backend, delivery: Delivery, message: ScheduleFire) -> 
     if refused:
         log.error("dropping %s", refused)
         backend.queue.ack(delivery.receipt)
-        return "refused"
+        return Handled.REFUSED
     store = open_store(backend)
     try:
         outcome = _fire_once(backend, store, message.schedule, message.scheduled_time)
@@ -329,26 +330,26 @@ def handle_fire(backend: Backend, delivery: Delivery, message: ScheduleFire) -> 
     return outcome
 
 
-def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime) -> str:
+def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime) -> Handled:
     """Check, claim and fire one tick of a fire message; what happened."""
     schedule = store.get(name)
     if schedule is None:
         log.warning("dropping a fire message of unknown schedule %s", name)
-        return "unknown schedule"
+        return Handled.UNKNOWN_SCHEDULE
     refused = tick_refusal(schedule, when, now_utc())
     if refused:
         log.error("dropping a fire message of schedule %s: %s", name, refused)
-        return "refused"
+        return Handled.REFUSED
     refused = job_refusal(schedule.job)  # on Lambda: only a deployed job
     if refused:
         log.error("dropping a fire message of schedule %s: %s", name, refused)
-        return "refused"
+        return Handled.REFUSED
     tick = floor_minute(when)
     if not store.claim_tick(name, tick):
         abandoned = store.unsettled_ticks(name, now_utc() - SETTLE)
         if tick not in abandoned:
             _log(Fired(name, tick, run_id_for(name, tick), "claimed elsewhere"))
-            return "schedule claimed elsewhere"
+            return Handled.SCHEDULE_CLAIMED_ELSEWHERE
         # Claimed by a handler that died before it submitted: fire it now.
         log.warning("schedule %s: tick %s was claimed but never fired", name, iso(tick))
     try:
@@ -358,4 +359,4 @@ def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime
         raise
     store.settle_tick(name, tick)
     _log(result)
-    return f"schedule {result.outcome}"
+    return Handled(f"schedule {result.outcome}")
