@@ -277,9 +277,8 @@ class ThrottleWatch:
             level = int(request.meta.get(THROTTLE_META, 0))
             base = float(CHUNK.get("throttle_base", DEFAULT_THROTTLE_BASE))
             own = min(MAX_BACKOFF, base * 2.0 ** min(level, 16))
-            gate_of(self.crawler).back_off(
-                gate_of(self.crawler).key(request), time.time() + max(wait, own)
-            )
+            gate = gate_of(self.crawler)
+            gate.back_off(gate.key(request), time.time() + max(wait, own))
         return response
 
 
