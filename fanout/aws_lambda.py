@@ -31,7 +31,8 @@ from fanout.failures import Attempt
 from fanout.jobs import Job
 from fanout.outcomes import RELEASED
 from fanout.packaged import check_packaged
-from fanout.runner import Runner, _Run
+from fanout.phases import RunInfo
+from fanout.runner import Runner
 
 log = logging.getLogger("fanout.lambda")
 
@@ -115,7 +116,7 @@ class _PackagedRunner(Runner):
     package (:mod:`fanout.packaged`) before the job is loaded. Refused, the
     attempt fails permanently and the task is dead-lettered."""
 
-    def _job(self, run_id: str, run: _Run) -> tuple[Job, Any]:
+    def _job(self, run_id: str, run: RunInfo) -> tuple[Job, Any]:
         check_packaged(run.job_ref)
         return super()._job(run_id, run)
 

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fanout.backends.base import Backend, Delivery
-from fanout.backends.runcontrols import controls_of
+from fanout.backends.runcontrols import ControlState, controls_of
 from fanout.controls import Admission, admit, is_cancelled, release, tolerance_exceeded
 from fanout.events import EventSink, emit
 from fanout.outcomes import Handled
@@ -73,6 +75,7 @@ class Gate:
         self.backend = backend
         self.controls = controls_of(backend.ledger)
         self.events = events
+        self._memo: dict[str, ControlState] | None = None
 
     def admit(
         self, run_id: str, settings: RunSettings, token: str, expires: float, receives: int
@@ -81,10 +84,28 @@ class Gate:
         A run with no cap costs one read; a capped one, one atomic change."""
         cap, now = settings.max_concurrency, time.time()
         if cap is None:
-            return admit(self.controls.read_control(run_id), token, None, expires, now)
+            return admit(self._read(run_id), token, None, expires, now)
         return self.controls.change_control(
             run_id, lambda state: admit(state, token, cap, expires, now, receives)
         )
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Within it, an uncapped run's controls are read once (the admissions of
+        one batch of deliveries, ``fanout.batches``): one read, not ten."""
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None
+
+    def _read(self, run_id: str) -> ControlState:
+        if self._memo is None:
+            return self.controls.read_control(run_id)
+        state = self._memo.get(run_id)
+        if state is None:
+            state = self._memo[run_id] = self.controls.read_control(run_id)
+        return state
 
     def refuse(self, delivery: Delivery, admission: Admission) -> Handled:
         """Settle a delivery that was not admitted; returns the runner's outcome."""

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Callable, Sequence
+from typing import cast
 
-from fanout.backends.base import Backend, Delivery
-from fanout.failures import describe, drop_invalid, settle_poison
+from fanout.backends.base import Backend, BatchLedger, Delivery
+from fanout.batches import run_batch
+from fanout.failures import Attempt, describe, drop_invalid, settle_poison
 from fanout.messages import ChunkMessage, MessageError, ScheduleFire, decode_envelope
 from fanout.outcomes import Handled
 from fanout.runner import Runner
@@ -63,6 +66,46 @@ class Dispatcher:
         except Exception as exc:
             reason, tb = describe(exc), traceback.format_exc()
             return settle_poison(self.backend.queue, self.backend.store, delivery, reason, tb)
+
+    def handle_many(
+        self,
+        deliveries: Sequence[Delivery],
+        timeout: float,
+        *,
+        stop: Callable[[], bool] | None = None,
+        on_batch: Callable[[list[Attempt]], None] | None = None,
+    ) -> list[Handled]:
+        """Handle several deliveries received together, as :meth:`handle` would
+        one by one, but with the chunk messages claimed and committed in
+        batches (``fanout.batches``) when the ledger can (a ``BatchLedger``).
+        ``stop`` and ``on_batch``: see :func:`fanout.batches.run_batch`."""
+        if not isinstance(self.backend.ledger, BatchLedger):
+            return [self.handle(d, timeout) for d in deliveries]
+        results: list[Handled | None] = [None] * len(deliveries)
+        chunks: list[tuple[int, Delivery, ChunkMessage]] = []
+        for i, delivery in enumerate(deliveries):
+            try:
+                envelope = decode_envelope(delivery.body)
+            except MessageError:
+                envelope = None
+            if isinstance(envelope, ChunkMessage):
+                chunks.append((i, delivery, envelope))
+            else:
+                results[i] = self.handle(delivery, timeout)  # not a chunk: the usual door
+        if chunks:
+            items = [(d, m) for _, d, m in chunks]
+            try:
+                outcomes = run_batch(self.runner, items, timeout, stop=stop, on_batch=on_batch)
+            except Exception as exc:  # run_batch settles each item itself; belt and braces
+                outcomes = [exc] * len(items)
+            for (i, delivery, _), outcome in zip(chunks, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    tb = "".join(traceback.format_exception(outcome))
+                    q, store = self.backend.queue, self.backend.store
+                    outcome = settle_poison(q, store, delivery, describe(outcome), tb)
+                results[i] = outcome
+        assert all(r is not None for r in results)  # every branch above settles its item
+        return cast(list[Handled], results)
 
     def _sweep(self, delivery: Delivery) -> Handled:
         from fanout.coordinator import recover  # on the first sweep, as above

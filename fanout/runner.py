@@ -25,22 +25,22 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
-
-from pydantic import BaseModel
 
 from fanout.backends import keys
 from fanout.backends.base import (
     Backend,
+    Claim,
     ClaimOutcome,
+    CommitRequest,
     Delivery,
     Failure,
     FailureKind,
     Output,
+    Settle,
     TaskEvent,
     TaskKey,
 )
@@ -63,30 +63,14 @@ from fanout.jobs import Job, activate, load_job
 from fanout.messages import ChunkMessage, decode, resolve
 from fanout.metrics import MetricsSink, metrics_for, record_attempt
 from fanout.outcomes import Handled
+from fanout.phases import LEASE_GRACE, Ask, Ready, RunInfo
 from fanout.retry import compute_backoff
 from fanout.settings import SCHEMA, RunSettings, limits_of
 from fanout.spawn import next_tasks
 
 log = logging.getLogger("fanout.runner")
 
-#: A lease outlives the hard timeout by this much, so a supervisor that kills an
-#: overrunning attempt records it before any other worker may take the task over.
-LEASE_GRACE = 5.0
-
-__all__ = ["LEASE_GRACE", "Attempt", "Runner", "soft_margin"]
-
-
-@dataclass
-class _Run:
-    """What a worker caches about a run: its immutable parts."""
-
-    job_ref: str
-    job_name: str
-    raw_params: dict[str, Any]
-    settings: RunSettings
-    schema: Any
-    job: Job | None = None
-    params: BaseModel | dict[str, Any] | None = None
+__all__ = ["LEASE_GRACE", "Ask", "Attempt", "Ready", "Runner", "soft_margin"]
 
 
 def soft_margin(timeout: float) -> float:
@@ -126,7 +110,7 @@ class Runner:
         self.on_finalize = on_finalize
         self.events: EventSink = events if events is not None else events_for(backend)
         self.metrics: MetricsSink = metrics if metrics is not None else metrics_for(backend)
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, RunInfo] = {}
         #: The attempt ``handle`` claimed and has not settled yet.
         self._in_hand: Attempt | None = None
         #: Run controls: pause, max_concurrency, cancel, tolerated failures.
@@ -148,19 +132,65 @@ class Runner:
         try:
             return self._handle(delivery, message, timeout)
         except Exception as exc:
-            attempt, self._in_hand = self._in_hand, None
-            if attempt is None:
-                raise
-            # The task was claimed: its attempt fails like any other (retried
-            # with back-off, dead-lettered in the ledger after max_attempts).
-            failure = Failure(FailureKind.INTERNAL, describe(exc), traceback.format_exc())
-            try:
-                return self.fail(attempt, failure)
-            except Exception:
-                log.exception("could not record the failure of %s", attempt.key)
-            raise
+            return self.fail_in_hand(exc)
+
+    def fail_in_hand(self, exc: Exception) -> Handled:
+        """``exc`` went wrong outside the job's code: fail the attempt in hand
+        like any other failure (retried with back-off, dead-lettered after
+        max_attempts); with none in hand, or if that fails too, raise ``exc``."""
+        attempt, self._in_hand = self._in_hand, None
+        if attempt is None:
+            raise exc
+        tb = "".join(traceback.format_exception(exc))
+        try:
+            return self.fail(attempt, Failure(FailureKind.INTERNAL, describe(exc), tb))
+        except Exception:
+            log.exception("could not record the failure of %s", attempt.key)
+        raise exc
+
+    def forget_in_hand(self) -> None:
+        """The attempt in hand is settled elsewhere (``fanout.batches``)."""
+        self._in_hand = None
+
+    def batchable(self, msg: ChunkMessage) -> bool:
+        """Whether ``msg`` may be claimed in a batch (``fanout.batches``): its run is
+        known and uncapped (a capped run's attempts each take a slot when
+        admitted, so a batch would take several at once)."""
+        run = self._run(msg.run_id)
+        return run is not None and run.settings.max_concurrency is None
 
     def _handle(self, delivery: Delivery, msg: ChunkMessage, timeout: float) -> Handled:
+        ask = self.ask(delivery, msg, timeout, time.time())
+        if isinstance(ask, Handled):
+            return ask
+        claim = self.ledger.claim(
+            ask.key, ask.token, ask.lease_seconds, ask.run.settings.max_attempts, ask.now
+        )
+        attempt = self.claimed(ask, claim)
+        if isinstance(attempt, Handled):
+            return attempt
+        try:
+            ready = self.work(ask, attempt)
+            result = (
+                ready
+                if isinstance(ready, Handled)
+                else self.settled(ready, self.ledger.commit(*ready.commit_args()))
+            )
+        finally:
+            # Run controls: the slot is given back once the attempt settled.
+            self.gate.release(
+                ask.key.run_id, ask.run.settings, ask.token, attempt.took(time.time())
+            )
+        self._in_hand = None
+        return result
+
+    # -- the phases of one delivery, also driven in batches (fanout.batches) ---------
+
+    def ask(
+        self, delivery: Delivery, msg: ChunkMessage, timeout: float, now: float
+    ) -> Handled | Ask:
+        """What to claim for ``delivery``, or what became of it without a claim
+        (an unknown run, a forged ``seq``, a paused or capped run)."""
         run = self._run(msg.run_id)
         if run is None:
             log.warning("dropping a message for unknown run %s", msg.run_id)
@@ -174,19 +204,23 @@ class Runner:
                 f"invalid message: seq {msg.seq} is over the run's max_continuations"
                 f" ({run.settings.max_continuations})",
             )
-        key = TaskKey(msg.run_id, msg.chunk_id, msg.seq)
-        token = uuid.uuid4().hex
-        now = time.time()
+        ask = Ask(delivery, msg, run, TaskKey(msg.run_id, msg.chunk_id, msg.seq), timeout, now)
         # Run controls (fanout.control_gate): a paused run's delivery is dropped,
         # one over the run's max_concurrency handed back; neither is an attempt.
         admission = self.gate.admit(
-            key.run_id, run.settings, token, now + timeout + LEASE_GRACE, delivery.receive_count
+            ask.key.run_id, run.settings, ask.token, now + ask.lease_seconds, delivery.receive_count
         )
         if not admission.go:
             return self.gate.refuse(delivery, admission)
-        claim = self.ledger.claim(key, token, timeout + LEASE_GRACE, run.settings.max_attempts, now)
+        return ask
+
+    def claimed(self, ask: Ask, claim: Claim, in_hand: bool = True) -> Handled | Attempt:
+        """The attempt ``claim`` started (the one in hand, unless ``in_hand`` is
+        false: a batch's attempts are in hand one at a time, when they start), or
+        what became of the delivery when the ledger said no."""
+        key, run, delivery = ask.key, ask.run, ask.delivery
         if claim.outcome is not ClaimOutcome.CLAIMED:
-            self.gate.release(key.run_id, run.settings, token)  # the slot, if one was taken
+            self.gate.release(key.run_id, run.settings, ask.token)  # the slot, if one was taken
         if claim.outcome in (ClaimOutcome.BUSY, ClaimOutcome.WAIT):
             self.queue.release(delivery.receipt, claim.retry_after)
             return Handled(claim.outcome.value)
@@ -212,7 +246,12 @@ class Runner:
                 self.finalize(key.run_id)
             return Handled(claim.outcome.value)
         assert claim.task is not None
-        attempt = Attempt(key, token, claim.attempt, delivery.receipt, now + timeout, now)
+        ask.body = claim.task.message
+        attempt = Attempt(
+            key, ask.token, claim.attempt, delivery.receipt, ask.now + ask.timeout, ask.now
+        )
+        if in_hand:
+            self._in_hand = attempt
         if claim.takeover:
             chunk_event(
                 logging.WARNING,
@@ -228,6 +267,18 @@ class Runner:
             chunk_event(
                 logging.INFO, "claimed", attempt, "task %s attempt %d claimed", key, attempt.attempt
             )
+        return attempt
+
+    def work(self, ask: Ask, attempt: Attempt) -> Handled | Ready:
+        """Run the claimed ``attempt`` and write its output and children: the
+        commit it is ready for, or what became of it (failed, retried, dead).
+        ``attempt`` may have been claimed a little before it starts (in a batch):
+        its hard deadline and its time budget count from now."""
+        now = time.time()
+        if now > attempt.started:
+            attempt = Attempt(
+                attempt.key, attempt.token, attempt.attempt, attempt.receipt, now + ask.timeout, now
+            )
         self._in_hand = attempt
         if self.on_start is not None:
             self.on_start(attempt)
@@ -235,18 +286,16 @@ class Runner:
             # The ledger's copy of the message is the authority on what to run:
             # the delivered body only named the task. It is trusted, and decoded
             # again only when it is not the body already decoded above.
-            body = claim.task.message
-            outcome = self._work(
-                run, attempt, msg if body == delivery.body else decode(body), timeout
-            )
+            body = ask.body
+            msg = ask.msg if body == ask.delivery.body else decode(body)
+            return self._work(ask.run, attempt, msg, ask.timeout)
         finally:
             if self.on_end is not None:
                 self.on_end()
-            self.gate.release(key.run_id, run.settings, token, attempt.took(time.time()))
-        self._in_hand = None
-        return outcome
 
-    def _work(self, run: _Run, attempt: Attempt, msg: ChunkMessage, timeout: float) -> Handled:
+    def _work(
+        self, run: RunInfo, attempt: Attempt, msg: ChunkMessage, timeout: float
+    ) -> Handled | Ready:
         started = time.monotonic()
         writer = None
         try:
@@ -300,11 +349,11 @@ class Runner:
                 )
                 raise
             return self.fail(attempt, failure)
-        return self._commit(run, attempt, msg, payload, ctx, continuation, data, writer)
+        return self._ready(run, attempt, msg, payload, ctx, continuation, data, writer)
 
-    def _commit(
+    def _ready(
         self,
-        run: _Run,
+        run: RunInfo,
         attempt: Attempt,
         msg: ChunkMessage,
         payload: Any,
@@ -312,7 +361,7 @@ class Runner:
         continuation: Continue | None,
         data: bytes,
         writer: Any,
-    ) -> Handled:
+    ) -> Ready:
         key, settings = attempt.key, run.settings
         output = None
         if getattr(writer, "partitioned", False):  # issue 14: partition files + parts list
@@ -347,19 +396,20 @@ class Runner:
             log.warning("run %s stopped: %s", key.run_id, stop_reason)
             self.ledger.stop(key.run_id, stop_reason)
             emit(self.events, "run.stopped", key.run_id, reason=stop_reason, chunk_id=key.chunk_id)
-
         outcome = TaskEvent.CONTINUED if continuation is not None else TaskEvent.COMMITTED
         now = time.time()
-        took = attempt.took(now)
-        settle = self.ledger.commit(
-            key,
-            attempt.token,
-            output,
-            outcome,
-            now,
-            stats=dict(ctx.stats) or None,
-            duration=took,
+        request = CommitRequest(
+            key, attempt.token, output, outcome, now, dict(ctx.stats) or None, attempt.took(now)
         )
+        return Ready(run, attempt, request, [(t.message, d) for t, d in children])
+
+    def settled(self, ready: Ready, settle: Settle) -> Handled:
+        """Finish an attempt the ledger answered ``settle`` to committing: on
+        success send its children and acknowledge its message."""
+        attempt, request = ready.attempt, ready.request
+        key, output, outcome, took = request.key, request.output, request.outcome, request.duration
+        if self._in_hand is not None and self._in_hand.token == attempt.token:
+            self._in_hand = None
         if not settle.ok:
             # Our lease expired and another attempt owns the task: its output
             # counts, ours is garbage, and so are the children we registered
@@ -385,11 +435,11 @@ class Runner:
             records=records,
             bytes=nbytes,
         )
-        record_attempt(self.metrics, run.job_name, attempt, outcome, took, records)
+        record_attempt(self.metrics, ready.run.job_name, attempt, outcome, took, records)
         # Sent only now: a child runs only once its parent committed. A crash
         # before these sends is repaired by the redelivery of this message
         # (see handle: a finished task re-sends its queued children).
-        self._send([(t.message, d) for t, d in children])
+        self._send(ready.children)
         self.queue.ack(attempt.receipt)
         if settle.drained:
             self.finalize(key.run_id)
@@ -490,13 +540,13 @@ class Runner:
 
     # -- caches -------------------------------------------------------------------
 
-    def _run(self, run_id: str) -> _Run | None:
+    def _run(self, run_id: str) -> RunInfo | None:
         run = self._runs.get(run_id)
         if run is None:
             record = self.ledger.get_run(run_id)
             if record is None:
                 return None
-            run = _Run(
+            run = RunInfo(
                 job_ref=record.job,
                 job_name=record.job_name,
                 raw_params=record.params,
@@ -506,7 +556,7 @@ class Runner:
             self._runs[run_id] = run
         return run
 
-    def _job(self, run_id: str, run: _Run) -> tuple[Job, Any]:
+    def _job(self, run_id: str, run: RunInfo) -> tuple[Job, Any]:
         # Loaded afresh for each run, with the modules beside the job file, and
         # again when one of them changed (a fix before a replay): runs do not
         # share job modules, and the job's own modules are the ones imported.

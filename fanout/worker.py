@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fanout.backends import open_backend
-from fanout.backends.base import Failure, FailureKind
+from fanout.backends.base import BatchLedger, Delivery, Failure, FailureKind
 from fanout.coordinator import recover
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
@@ -39,6 +39,8 @@ log = logging.getLogger("fanout.worker")
 
 _CTX = mp.get_context("fork")  # children inherit the loaded job; no pickling of state
 _SLOT_BYTES = 2048
+#: Room for the attempts of a batch: ten at ~200 bytes, run and chunk ids long.
+_BATCH_BYTES = 16384
 #: How long an idle child sleeps between empty polls, at most (s).
 MAX_POLL_SLEEP = 0.2
 #: A prefetched message may wait this long in a child before it is started; one
@@ -82,6 +84,8 @@ class _Slot:
         self.attempt: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)
         self.prefetched: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)
         self.finalizing: SynchronizedString = _CTX.Array(ctypes.c_char, 256)
+        #: The claimed, unsettled attempts of the batch in hand (fanout.batches).
+        self.batch: SynchronizedString = _CTX.Array(ctypes.c_char, _BATCH_BYTES)
 
     def finalize(self, run_id: str) -> None:
         """The run whose manifest the child is writing ("" when done)."""
@@ -92,6 +96,24 @@ class _Slot:
         run_id = self.finalizing.value.decode()
         self.finalizing.value = b""
         return run_id
+
+    def hold_batch(self, attempts: list[Attempt]) -> None:
+        """Note a batch's claimed attempts not settled yet, so that if this child
+        dies the supervisor hands them back at once, not when their leases expire
+        (as many as fit: the rest are taken over then)."""
+        text = ""
+        for attempt in attempts:
+            line = attempt.to_json() + "\n"
+            if len(text) + len(line) >= _BATCH_BYTES:
+                break
+            text += line
+        self.batch.value = text.encode()
+
+    def take_batch(self) -> list[Attempt]:
+        """The batch attempts a dead child left unsettled (and forget them)."""
+        text = self.batch.value.decode()
+        self.batch.value = b""
+        return [Attempt.from_json(line) for line in text.splitlines()]
 
     def hold(self, receipts: list[str]) -> None:
         """Note the receipts of prefetched messages (as many as fit), so that if this
@@ -134,6 +156,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
     runner = Runner(backend, on_start=slot.start, on_end=slot.end, on_finalize=slot.finalize)
     dispatcher = Dispatcher(backend, runner)
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
+    batches = isinstance(backend.ledger, BatchLedger)
     sleep = 0.005
     batch = 1
     try:
@@ -146,7 +169,18 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
             sleep = 0.005
             received = time.monotonic()
             receipts = [d.receipt for d in deliveries]
-            for i, delivery in enumerate(deliveries):
+            if len(deliveries) > 1 and batches:
+                # Quick chunks (see QUICK_CHUNK): claimed and committed in batches
+                # (fanout.batches), each started within its START_SLACK of the claim.
+                slot.hold(receipts)
+                dispatcher.handle_many(
+                    deliveries, opts.chunk_timeout, stop=stop.is_set, on_batch=slot.hold_batch
+                )
+                slot.hold([])
+                deliveries_left: list[Delivery] = []
+            else:
+                deliveries_left = deliveries
+            for i, delivery in enumerate(deliveries_left):
                 slot.hold(receipts[i + 1 :])
                 if stop.is_set() or time.monotonic() - received > PREFETCH_SLACK:
                     backend.queue.release(delivery.receipt, 0.0)
@@ -253,6 +287,17 @@ class WorkerPool:
         for receipt in slot.take_prefetched():
             with contextlib.suppress(Exception):
                 self.backend.queue.release(receipt, 0.0)
+        in_hand = slot.attempt.value.decode() if slot.deadline.value else ""
+        for attempt in slot.take_batch():
+            if in_hand and Attempt.from_json(in_hand).token == attempt.token:
+                continue  # the attempt in hand is failed by the caller, with its cause
+            try:
+                # A no-op for one committed meanwhile (the lease is no longer its).
+                self.runner.fail(
+                    attempt, Failure(FailureKind.INTERRUPTED, "its worker died before it settled")
+                )
+            except Exception:
+                log.exception("could not hand back %s", attempt.key)
         run_id = slot.take_finalizing()
         if run_id:
             try:

@@ -69,11 +69,13 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.control_ops",
             "fanout.tables.writer",
             "fanout.finalize",
+            "fanout.phases",
             "fanout.runner",
             "fanout.coordinator",
         ],
     ),
     ("schedules", ["fanout.schedules", "fanout.schedules.*"]),
+    ("batches", ["fanout.batches"]),
     ("dispatch", ["fanout.dispatch"]),
     ("hosts", ["fanout.worker", "fanout.aws_lambda"]),
     (

@@ -302,3 +302,29 @@ def test_until_idle_exits_by_itself_on_an_empty_home(home: Path) -> None:
     # And `fanout runs` on that home is empty.
     runs = fanout(home, "runs", "--json")
     assert runs.returncode == 0 and runs.stdout == ""
+
+
+@pytest.mark.slow
+def test_a_child_that_dies_mid_batch_hands_its_batch_back_at_once(
+    home: Path, ledger: Backend
+) -> None:
+    """Quick chunks are claimed ten at a time (fanout.batches). When the child
+    dies in the middle of a batch, the supervisor hands back the batch's other
+    claimed attempts (finished but not committed, or not started) at once:
+    left alone they would wait for their leases (30 + 5 s) to expire."""
+    params = {"chunks": 120, "rows": 1, "crash_chunks": [90]}
+    args = _params_args(params)
+    result = fanout(home, "run", TREE, *args, "-w", "1", "--chunk-timeout", "30")
+    assert result.returncode == 0, result.stderr
+    run_id = run_id_of(result)
+    st = status(home, run_id)
+    assert st["state"] == "succeeded" and st["records"] == 120
+    assert st["elapsed_s"] < 20
+    tasks = {t.chunk_id: t for t in ledger.ledger.list_tasks(run_id)}
+    assert outcomes(tasks["0/90"]) == ["crashed", "committed"]
+    handed_back = [t for t in tasks.values() if outcomes(t) == ["interrupted", "committed"]]
+    assert handed_back, "the crash did not fall in a batch"
+    assert {t.history[0]["error"] for t in handed_back} == {"its worker died before it settled"}
+    others = [t for t in tasks.values() if t not in handed_back and t.chunk_id != "0/90"]
+    assert all(outcomes(t) == ["committed"] for t in others)
+    assert_exact_output(home, run_id, **params)

@@ -341,6 +341,50 @@ class Ledger(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One claim of a batch (:meth:`BatchLedger.claim_many`): the arguments of
+    :meth:`Ledger.claim` but ``now``, which the batch shares."""
+
+    key: TaskKey
+    token: str
+    lease_seconds: float
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequest:
+    """One commit of a batch (:meth:`BatchLedger.commit_many`): the arguments of
+    :meth:`Ledger.commit`."""
+
+    key: TaskKey
+    token: str
+    output: Output | None
+    outcome: TaskEvent
+    now: float
+    stats: Mapping[str, int] | None = None
+    duration: float | None = None
+
+
+@runtime_checkable
+class BatchLedger(Protocol):
+    """A ledger that can claim, and commit, several tasks in one atomic step.
+
+    Optional: a worker batches quick chunks only when its ledger is one (the
+    SQLite ledger, where every step is a write transaction under one lock, so
+    ten claims in one transaction cost about what one does). Each item's
+    answer is exactly what the single call would have answered, taken in
+    order; the batch is all-or-nothing only in that it is one transaction.
+    DynamoDB has no such step (a transaction there is all-or-nothing and
+    costs twice the units), so the AWS ledger is not one."""
+
+    def claim_many(self, requests: Sequence[ClaimRequest], now: float) -> list[Claim]:
+        """:meth:`Ledger.claim` for each request, in order, in one step."""
+
+    def commit_many(self, requests: Sequence[CommitRequest]) -> list[Settle]:
+        """:meth:`Ledger.commit` for each request, in order, in one step."""
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One received message."""
 

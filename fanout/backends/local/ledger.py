@@ -17,6 +17,8 @@ from collections.abc import Collection, Mapping, Sequence
 from fanout.backends.base import (
     Claim,
     ClaimOutcome,
+    ClaimRequest,
+    CommitRequest,
     Failure,
     FailureKind,
     NewTask,
@@ -32,7 +34,13 @@ from fanout.backends.base import (
     took_field,
 )
 from fanout.backends.local.db import Database
-from fanout.backends.local.ledger_rows import SCHEMA, key_args, run_record, task_record
+from fanout.backends.local.ledger_rows import (
+    SCHEMA,
+    RunSums,
+    key_args,
+    run_record,
+    task_record,
+)
 from fanout.backends.local.runcontrols import SQLiteRunControls
 from fanout.backends.rules import (
     CRASHED_LAST,
@@ -72,6 +80,20 @@ class _OverLimit(Exception):
 def _event(outcome: TaskEvent | FailureKind, now: float, **extra: object) -> str:
     """A history event as JSON, for :data:`_APPEND` to stamp with the attempt."""
     return json.dumps(history_event(outcome, now, None, **extra))
+
+
+def _commit_args(r: CommitRequest) -> tuple[object, ...]:
+    """The parameters of one commit's task ``UPDATE``."""
+    records, nbytes = (r.output.records, r.output.bytes) if r.output else (0, 0)
+    return (
+        r.output.key if r.output else None,
+        records,
+        nbytes,
+        r.now,
+        _event(r.outcome, r.now, records=records, **took_field(r.duration)),
+        *key_args(r.key),
+        r.token,
+    )
 
 
 class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concurrency
@@ -263,58 +285,71 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         one read of the task, its parent and its run, the decision of
         :func:`~fanout.backends.rules.rule_claim`, then the write it calls for."""
         with self.db.write() as conn:
-            row = conn.execute(_CLAIM_READ, key_args(key)).fetchone()
-            if row is None:
-                return Claim(ClaimOutcome.MISSING)
-            task = task_record(row)
-            parent = None
-            if row["p_state"] is not None:
-                parent = ParentFacts(
-                    TaskState(row["p_state"]), row["p_committed_by"], row["p_lease_expires"]
-                )
-            facts = ClaimFacts(task, row["spawned_by"], parent, row["run_stop"] is not None)
-            ruling = rule_claim(facts, max_attempts, now)
-            answer = claim_without_write(ruling, task)
-            if answer is not None:
-                return answer
-            verdict = ruling.verdict
-            if verdict in (ClaimVerdict.ORPHANED, ClaimVerdict.STOPPED):
-                event = (
-                    TaskEvent.ORPHANED if verdict is ClaimVerdict.ORPHANED else TaskEvent.CANCELLED
-                )
-                drained = self._settle(conn, key, TaskState.CANCELLED, now, event)
-                return Claim(ClaimOutcome.CANCELLED, drained=drained)
-            takeover = None
-            if verdict in (ClaimVerdict.TAKE_OVER, ClaimVerdict.BURY):
-                takeover = FailureKind.CRASHED
-                conn.execute(
-                    f"UPDATE tasks SET {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
-                    (_event(FailureKind.CRASHED, now), *key_args(key)),
-                )
-                conn.execute(
-                    "UPDATE runs SET retries = retries + 1 WHERE run_id = ?", (key.run_id,)
-                )
-                if verdict is ClaimVerdict.BURY:
-                    drained = self._bury(conn, key, CRASHED_LAST, now, log=False)
-                    return Claim(ClaimOutcome.BURIED, takeover=takeover, drained=drained)
-                task.history.append(
-                    history_event(FailureKind.CRASHED, now, attempt_in_budget(task))
-                )
-            expires = now + lease_seconds
+            return self._claim(conn, key, token, lease_seconds, max_attempts, now)
+
+    def claim_many(self, requests: Sequence[ClaimRequest], now: float) -> list[Claim]:
+        """:meth:`claim` for each request, in one transaction (``BatchLedger``)."""
+        with self.db.write() as conn:
+            return [
+                self._claim(conn, r.key, r.token, r.lease_seconds, r.max_attempts, now)
+                for r in requests
+            ]
+
+    def _claim(
+        self,
+        conn: sqlite3.Connection,
+        key: TaskKey,
+        token: str,
+        lease_seconds: float,
+        max_attempts: int,
+        now: float,
+    ) -> Claim:
+        row = conn.execute(_CLAIM_READ, key_args(key)).fetchone()
+        if row is None:
+            return Claim(ClaimOutcome.MISSING)
+        task = task_record(row)
+        parent = None
+        if row["p_state"] is not None:
+            parent = ParentFacts(
+                TaskState(row["p_state"]), row["p_committed_by"], row["p_lease_expires"]
+            )
+        facts = ClaimFacts(task, row["spawned_by"], parent, row["run_stop"] is not None)
+        ruling = rule_claim(facts, max_attempts, now)
+        answer = claim_without_write(ruling, task)
+        if answer is not None:
+            return answer
+        verdict = ruling.verdict
+        if verdict in (ClaimVerdict.ORPHANED, ClaimVerdict.STOPPED):
+            event = TaskEvent.ORPHANED if verdict is ClaimVerdict.ORPHANED else TaskEvent.CANCELLED
+            drained = self._settle(conn, key, TaskState.CANCELLED, now, event)
+            return Claim(ClaimOutcome.CANCELLED, drained=drained)
+        takeover = None
+        if verdict in (ClaimVerdict.TAKE_OVER, ClaimVerdict.BURY):
+            takeover = FailureKind.CRASHED
             conn.execute(
-                "UPDATE tasks SET state = 'running', attempt = attempt + 1, lease_token = ?,"
-                " lease_expires = ?, updated_at = ? WHERE run_id = ? AND chunk_id = ? AND seq = ?",
-                (token, expires, now, *key_args(key)),
+                f"UPDATE tasks SET {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
+                (_event(FailureKind.CRASHED, now), *key_args(key)),
             )
-            # The record as written, without reading it back.
-            task.state, task.attempt, task.lease_token = TaskState.RUNNING, task.attempt + 1, token
-            task.lease_expires, task.updated_at = expires, now
-            return Claim(
-                ClaimOutcome.CLAIMED,
-                task=task,
-                attempt=attempt_in_budget(task),
-                takeover=takeover,
-            )
+            conn.execute("UPDATE runs SET retries = retries + 1 WHERE run_id = ?", (key.run_id,))
+            if verdict is ClaimVerdict.BURY:
+                drained = self._bury(conn, key, CRASHED_LAST, now, log=False)
+                return Claim(ClaimOutcome.BURIED, takeover=takeover, drained=drained)
+            task.history.append(history_event(FailureKind.CRASHED, now, attempt_in_budget(task)))
+        expires = now + lease_seconds
+        conn.execute(
+            "UPDATE tasks SET state = 'running', attempt = attempt + 1, lease_token = ?,"
+            " lease_expires = ?, updated_at = ? WHERE run_id = ? AND chunk_id = ? AND seq = ?",
+            (token, expires, now, *key_args(key)),
+        )
+        # The record as written, without reading it back.
+        task.state, task.attempt, task.lease_token = TaskState.RUNNING, task.attempt + 1, token
+        task.lease_expires, task.updated_at = expires, now
+        return Claim(
+            ClaimOutcome.CLAIMED,
+            task=task,
+            attempt=attempt_in_budget(task),
+            takeover=takeover,
+        )
 
     def commit(
         self,
@@ -327,57 +362,81 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         duration: float | None = None,
     ) -> Settle:
         """Mark the task done with its output, if the lease is still ours."""
-        records, nbytes = (output.records, output.bytes) if output else (0, 0)
+        return self.commit_many([CommitRequest(key, token, output, outcome, now, stats, duration)])[
+            0
+        ]
+
+    def commit_many(self, requests: Sequence[CommitRequest]) -> list[Settle]:
+        """:meth:`commit` for each request, in one transaction (``BatchLedger``).
+        The runs' counters move once per run, by the batch's sum: the same
+        totals, and the run drains on its last commit in the batch, as it would
+        one commit at a time."""
         # Built before the write lock is taken: other workers wait while it is held.
-        args = (
-            output.key if output else None,
-            records,
-            nbytes,
-            now,
-            _event(outcome, now, records=records, **took_field(duration)),
-            *key_args(key),
-            token,
-        )
+        args = [_commit_args(r) for r in requests]
         with self.db.write() as conn:
-            row = conn.execute(
-                "UPDATE tasks SET state = 'done', committed_by = lease_token, lease_token = NULL,"
-                " output_key = ?, records = ?,"
-                f" bytes = ?, updated_at = ?, {_APPEND}"
-                " WHERE run_id = ? AND chunk_id = ? AND seq = ? AND state = 'running'"
-                " AND lease_token = ? RETURNING attempt",
-                args,
-            ).fetchone()
-            if row is None:
-                return Settle(ok=False)
-            orphans = 0
-            if may_have_orphans(row[0]):
-                # Tasks an earlier, uncommitted attempt registered and this one did
-                # not take over are orphans: cancelled here, so none is left waiting.
-                orphans = conn.execute(
-                    # INDEXED BY: without statistics SQLite would pick the primary
-                    # key's run_id prefix and scan the whole run on every commit.
-                    f"UPDATE tasks INDEXED BY tasks_by_parent SET state = 'cancelled',"
-                    f" updated_at = ?, {_APPEND}"
-                    " WHERE run_id = ? AND parent_chunk = ? AND parent_seq = ? AND state = 'queued'"
-                    " AND spawned_by IS NOT ?",
-                    (now, _event(TaskEvent.ORPHANED, now), *key_args(key), token),
-                ).rowcount
-            run = conn.execute(
-                "UPDATE runs SET outstanding = outstanding - 1 - ?, tasks_done = tasks_done + 1,"
-                " tasks_cancelled = tasks_cancelled + ?,"
-                " records = records + ?, bytes = bytes + ?, updated_at = ? WHERE run_id = ?"
-                " RETURNING outstanding, stats",
-                (orphans, orphans, records, nbytes, now, key.run_id),
-            ).fetchone()
-            if stats:
-                # Summed here, under the same write lock, so no increment is lost.
-                total = json.loads(run[1])
-                for name, value in stats.items():
-                    total[name] = total.get(name, 0) + value
-                conn.execute(
-                    "UPDATE runs SET stats = ? WHERE run_id = ?", (json.dumps(total), key.run_id)
-                )
-            return Settle(ok=True, drained=is_drained(run[0]))
+            committed = [self._commit(conn, r, a) for r, a in zip(requests, args, strict=True)]
+            sums: dict[str, RunSums] = {}
+            for r, orphans in zip(requests, committed, strict=True):
+                if orphans is not None:
+                    sums.setdefault(r.key.run_id, RunSums()).add(r, orphans)
+            drained = {run_id: self._count(conn, run_id, s) for run_id, s in sums.items()}
+        last = {
+            r.key.run_id: i
+            for i, (r, o) in enumerate(zip(requests, committed, strict=True))
+            if o is not None
+        }
+        return [
+            Settle(ok=o is not None, drained=last.get(r.key.run_id) == i and drained[r.key.run_id])
+            for i, (r, o) in enumerate(zip(requests, committed, strict=True))
+        ]
+
+    def _commit(
+        self, conn: sqlite3.Connection, r: CommitRequest, args: tuple[object, ...]
+    ) -> int | None:
+        """Mark one task done: the orphans it cancelled, or None if the lease was lost."""
+        row = conn.execute(
+            "UPDATE tasks SET state = 'done', committed_by = lease_token, lease_token = NULL,"
+            " output_key = ?, records = ?,"
+            f" bytes = ?, updated_at = ?, {_APPEND}"
+            " WHERE run_id = ? AND chunk_id = ? AND seq = ? AND state = 'running'"
+            " AND lease_token = ? RETURNING attempt",
+            args,
+        ).fetchone()
+        if row is None:
+            return None
+        if not may_have_orphans(row[0]):
+            return 0
+        # Tasks an earlier, uncommitted attempt registered and this one did
+        # not take over are orphans: cancelled here, so none is left waiting.
+        return int(
+            conn.execute(
+                # INDEXED BY: without statistics SQLite would pick the primary
+                # key's run_id prefix and scan the whole run on every commit.
+                f"UPDATE tasks INDEXED BY tasks_by_parent SET state = 'cancelled',"
+                f" updated_at = ?, {_APPEND}"
+                " WHERE run_id = ? AND parent_chunk = ? AND parent_seq = ? AND state = 'queued'"
+                " AND spawned_by IS NOT ?",
+                (r.now, _event(TaskEvent.ORPHANED, r.now), *key_args(r.key), r.token),
+            ).rowcount
+        )
+
+    @staticmethod
+    def _count(conn: sqlite3.Connection, run_id: str, s: RunSums) -> bool:
+        """Move a run's counters by the commits of a batch; whether it drained."""
+        run = conn.execute(
+            "UPDATE runs SET outstanding = outstanding - ? - ?, tasks_done = tasks_done + ?,"
+            " tasks_cancelled = tasks_cancelled + ?,"
+            " records = records + ?, bytes = bytes + ?, updated_at = ? WHERE run_id = ?"
+            " RETURNING outstanding, stats",
+            (s.done, s.orphans, s.done, s.orphans, s.records, s.bytes, s.now, run_id),
+        ).fetchone()
+        if s.stats:
+            # Summed here, under the same write lock, so no increment is lost.
+            total = json.loads(run[1])
+            for name, value in s.stats.items():
+                total[name] = total.get(name, 0) + value
+            conn.execute("UPDATE runs SET stats = ? WHERE run_id = ?", (json.dumps(total), run_id))
+        return is_drained(run[0])
 
     def retry(
         self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import dataclass, field
 
-from fanout.backends.base import Output, RunRecord, RunState, TaskKey, TaskRecord, TaskState
+from fanout.backends.base import (
+    CommitRequest,
+    Output,
+    RunRecord,
+    RunState,
+    TaskKey,
+    TaskRecord,
+    TaskState,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -124,3 +133,25 @@ def task_record(row: sqlite3.Row, history: bool = True) -> TaskRecord:
         history=json.loads(row["history"]) if history else [],
         updated_at=row["updated_at"],
     )
+
+
+@dataclass
+class RunSums:
+    """What a batch of commits adds to one run's counters."""
+
+    done: int = 0
+    orphans: int = 0
+    records: int = 0
+    bytes: int = 0
+    now: float = 0.0
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def add(self, r: CommitRequest, orphans: int) -> None:
+        self.done += 1
+        self.orphans += orphans
+        if r.output:
+            self.records += r.output.records
+            self.bytes += r.output.bytes
+        self.now = max(self.now, r.now)
+        for name, value in (r.stats or {}).items():
+            self.stats[name] = self.stats.get(name, 0) + value

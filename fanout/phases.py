@@ -1,0 +1,70 @@
+"""What the runner's phases hand each other (``fanout.runner``: ask → claim →
+work → commit), on their own so the batch driver (``fanout.batches``) can hold
+them between phases too."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from fanout.backends.base import CommitRequest, Delivery, TaskKey
+from fanout.failures import Attempt
+from fanout.jobs import Job
+from fanout.messages import ChunkMessage
+from fanout.settings import RunSettings
+
+#: A lease outlives the hard timeout by this much, so a supervisor that kills an
+#: overrunning attempt records it before any other worker may take the task over.
+LEASE_GRACE = 5.0
+
+
+@dataclass
+class RunInfo:
+    """What a worker caches about a run: its immutable parts."""
+
+    job_ref: str
+    job_name: str
+    raw_params: dict[str, Any]
+    settings: RunSettings
+    schema: Any
+    job: Job | None = None
+    params: BaseModel | dict[str, Any] | None = None
+
+
+@dataclass
+class Ask:
+    """A delivery admitted and ready to be claimed (``Runner.ask``)."""
+
+    delivery: Delivery
+    msg: ChunkMessage
+    run: RunInfo
+    key: TaskKey
+    timeout: float  # the chunk's hard timeout (s)
+    now: float  # when it was asked for: its lease counts from here
+    # 32 hex digits like uuid4().hex, at a third of its cost (a hot path).
+    token: str = field(default_factory=lambda: os.urandom(16).hex())
+    body: str = ""  # the ledger's copy of the message, once claimed
+
+    @property
+    def lease_seconds(self) -> float:
+        """The lease outlives the hard timeout by LEASE_GRACE."""
+        return self.timeout + LEASE_GRACE
+
+
+@dataclass(frozen=True)
+class Ready:
+    """An attempt that ran, wrote its output and registered its children:
+    ready for the ledger's commit (``Runner.work``)."""
+
+    run: RunInfo
+    attempt: Attempt
+    request: CommitRequest
+    children: list[tuple[str, float]]  # (message, delay), sent once committed
+
+    def commit_args(self) -> tuple[Any, ...]:
+        """The arguments of ``Ledger.commit``."""
+        r = self.request
+        return (r.key, r.token, r.output, r.outcome, r.now, r.stats, r.duration)
