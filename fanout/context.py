@@ -3,6 +3,7 @@ to emit records, spawn children and checkpoint."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -96,9 +97,19 @@ class ChunkContext:
         self.spawned: list[Spawn] = []
         #: Counters added to the run's stats when the chunk commits (``fanout status``).
         self.stats: Counter[str] = Counter()
-        self.log = ChunkLogger(
-            logging.getLogger(f"fanout.job.{job_name}"),
-            {"run_id": run_id, "chunk_id": chunk_id, "seq": seq, "attempt": attempt},
+
+    @functools.cached_property
+    def log(self) -> ChunkLogger:
+        """A logger whose records carry the chunk's identity (run, chunk, seq,
+        attempt). Made on first use: most chunks never log."""
+        return ChunkLogger(
+            logging.getLogger(f"fanout.job.{self._job_name}"),
+            {
+                "run_id": self.run_id,
+                "chunk_id": self.chunk_id,
+                "seq": self.seq,
+                "attempt": self.attempt,
+            },
         )
 
     def time_left(self) -> float:

@@ -32,7 +32,8 @@ def mem() -> Iterator[Backend]:
 @pytest.fixture
 def fast_leases(monkeypatch: pytest.MonkeyPatch) -> None:
     """Leases that outlive the hard timeout by 50 ms, not 5 s, so takeovers are quick."""
-    monkeypatch.setattr("fanout.runner.LEASE_GRACE", 0.05)
+    monkeypatch.setattr("fanout.phases.LEASE_GRACE", 0.05)  # what an Ask's lease uses
+    monkeypatch.setattr("fanout.runner.LEASE_GRACE", 0.05)  # its re-export
 
 
 @pytest.fixture
