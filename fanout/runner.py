@@ -29,9 +29,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from fanout.backends import keys
 from fanout.backends.base import (
@@ -60,12 +58,15 @@ from fanout.failures import (
 )
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import Job, activate, load_job
+from fanout.limits import SCHEMA, RunLimits, limits_of
 from fanout.messages import ChunkMessage, decode, resolve
 from fanout.metrics import MetricsSink, metrics_for, record_attempt
 from fanout.outcomes import Handled
 from fanout.retry import compute_backoff
-from fanout.settings import SCHEMA, RunSettings, limits_of
 from fanout.spawn import next_tasks
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 log = logging.getLogger("fanout.runner")
 
@@ -83,7 +84,7 @@ class _Run:
     job_ref: str
     job_name: str
     raw_params: dict[str, Any]
-    settings: RunSettings
+    settings: RunLimits
     schema: Any
     job: Job | None = None
     params: BaseModel | dict[str, Any] | None = None
@@ -410,7 +411,7 @@ class Runner:
         supervisor for an attempt it killed."""
         key = attempt.key
         run = self._run(key.run_id)
-        settings = run.settings if run is not None else RunSettings()
+        settings = run.settings if run is not None else RunLimits()
         now = time.time()
         if failure.duration is None:
             failure = replace(failure, duration=attempt.took(now))
