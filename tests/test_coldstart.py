@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: Imports the handler as Lambda's init does, then reports what it loaded.
@@ -151,3 +153,74 @@ def test_cli_import_leaves_croniter_and_the_schedule_model_for_the_schedule_comm
     first, after = done.stdout.splitlines()
     assert json.loads(first) == {"croniter": False, "built": False}
     assert json.loads(after) is True
+
+
+#: ``fanout run --help`` parses the command line as ``fanout run JOB`` does
+#: before it submits; then reports what the CLI imported.
+RUN_PROBE = """\
+import json, sys
+from fanout.cli import main
+try:
+    main(["run", "--help"])
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)))
+"""
+
+#: What only other commands need: their modules (the dashboard, schedules,
+#: tables, AWS and observation commands) and the packages they bring.
+NOT_FOR_RUN = (
+    "fanout.cli_observe",
+    "fanout.cli_aws",
+    "fanout.cli_schedule",
+    "fanout.cli_ui",
+    "fanout.cli_tables",
+    "fanout.ui",
+    "fanout.schedules",
+    "fanout.tables.gc",
+    "fanout.tables.compact",
+    "fastavro",
+    "croniter",
+    "boto3",
+    "botocore",
+    "scrapy",
+    "twisted",
+)
+
+
+def test_fanout_run_imports_no_other_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_PROBE], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    help_text, _, last = done.stdout.rstrip().rpartition("\n")
+    assert "Submit JOB and work it to completion" in help_text
+    loaded = set(json.loads(last))
+    assert "fanout.coordinator" in loaded  # the probe did import run's own code
+    assert sorted(m for m in loaded for n in NOT_FOR_RUN if m == n or m.startswith(n + ".")) == []
+
+
+def test_fanout_help_lists_every_command_each_from_its_module() -> None:
+    from click.testing import CliRunner
+
+    from fanout import cli_aws, cli_controls, cli_observe, cli_schedule, cli_tables, cli_ui
+    from fanout.cli import main
+
+    commands = [
+        command
+        for module in (cli_aws, cli_controls, cli_observe, cli_schedule, cli_tables, cli_ui)
+        for command in vars(module).values()
+        if isinstance(command, click.Command)
+    ]
+    subcommands = {
+        sub for group in commands if isinstance(group, click.Group) for sub in group.commands
+    }
+    defined = {c.name for c in commands if c.name is not None} - subcommands
+    assert len(defined) >= 19  # the probe found the commands of those modules
+    shown = CliRunner().invoke(main, ["--help"]).output
+    listed = shown.split("Commands:", 1)[1].split()
+    for name in defined | {"run", "submit", "worker", "status", "validate", "deploy"}:
+        assert name in listed, name
+        with click.Context(main) as ctx:
+            command = main.get_command(ctx, name)
+        assert command is not None and command.name == name
