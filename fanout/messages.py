@@ -25,6 +25,7 @@ import functools
 import json
 import re
 from collections.abc import Mapping
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final
 
 from fanout.backends import keys
@@ -126,15 +127,62 @@ def _json_problem(value: object, where: str, depth: int, typed: bool) -> _FieldE
     return None
 
 
+#: JSON's whitespace, which may stand around a body's value.
+_WHITESPACE: Final = " \t\n\r"
+_DECODER: Final = json.JSONDecoder()
+
+
+def _json_ok(value: object, typed: bool) -> bool:
+    """:func:`_json_problem` is None for ``value`` (a payload or cursor), in a
+    quicker walk that builds no paths: the constructor's common case."""
+    stack = [(value, 2)]  # the envelope's object is depth 1
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+            for key in item:
+                if not isinstance(key, str) or (not key.isascii() and not _utf8(key)):
+                    return False
+        elif isinstance(item, list):
+            children = item
+        else:
+            children = (item,)
+            level = 1  # a scalar, checked as a container's child below
+        if level > MAX_DEPTH:
+            return False
+        for sub in children:
+            if isinstance(sub, str):
+                if not sub.isascii() and not _utf8(sub):
+                    return False
+            elif isinstance(sub, dict | list):
+                stack.append((sub, level + 1))
+            elif typed and not (sub is None or isinstance(sub, bool | int | float)):
+                return False
+    return True
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
 def _parse(body: str) -> dict[str, Any]:
-    """``body`` as a JSON object; :class:`_FieldError` at ``message`` if it is not one."""
+    """``body`` as a JSON object; :class:`_FieldError` at ``message`` if it is not
+    one. ``json.loads`` itself, less its two regular-expression scans for
+    whitespace (a third of its time on a message's body)."""
     if not body.isascii():
         try:
             body.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate, not escaped: not UTF-8 text
             raise _FieldError("message", "Invalid JSON: lone surrogate") from None
+    start = 0 if body[:1] == "{" else len(body) - len(body.lstrip(_WHITESPACE))
     try:
-        obj = json.loads(body)
+        obj, end = _DECODER.raw_decode(body, start)
+        if end != len(body) and body[end:].strip(_WHITESPACE):
+            raise json.JSONDecodeError("Extra data", body, end)
     except RecursionError:
         raise _FieldError("message", "Invalid JSON: recursion limit exceeded") from None
     except ValueError as exc:  # JSONDecodeError, or an integer over 4300 digits
@@ -151,29 +199,44 @@ _CHUNK_FIELDS: Final = (
     "v", "run_id", "chunk_id", "seq", "kind", "payload", "payload_ref", "cursor"
 )  # fmt: skip
 _CHUNK_ALLOWED: Final = frozenset(_CHUNK_FIELDS)
+_MISSING: Final = object()
+#: Run ids already matched: a worker sees the same few over and over.
+_known_run_ids: set[str] = set()
 
 
-class ChunkMessage:
+class ChunkMessage(tuple[Any, ...]):
     """One task to run: the plan of a run, or one chunk of work (at one ``seq``).
 
     Built with keyword arguments, checked as a message off the queue is
     (:class:`MessageError` names the first bad field); immutable, compared by
-    value. ``payload`` and ``cursor`` are JSON values (dicts with string keys,
-    lists, strings, numbers, booleans, None)."""
+    value (and type). ``payload`` and ``cursor`` are JSON values (dicts with
+    string keys, lists, strings, numbers, booleans, None). A tuple underneath:
+    the cheapest immutable object to build, for the dispatch hot path.
+    """
 
-    __slots__ = _CHUNK_FIELDS
+    __slots__ = ()
 
-    v: int
-    run_id: str
-    chunk_id: str
-    seq: int
-    kind: str
-    payload: Any
-    payload_ref: str | None
-    cursor: Any
+    if TYPE_CHECKING:
+        v: int
+        run_id: str
+        chunk_id: str
+        seq: int
+        kind: str
+        payload: Any
+        payload_ref: str | None
+        cursor: Any
+    else:
+        v = property(itemgetter(0), doc="The envelope's version: 1.")
+        run_id = property(itemgetter(1), doc="The run.")
+        chunk_id = property(itemgetter(2), doc='"0", "0/3", "0/3/1", ...: the chunk in its tree.')
+        seq = property(itemgetter(3), doc="Which continuation of the chunk (0 first).")
+        kind = property(itemgetter(4), doc='"plan" (the run\'s first task) or "process".')
+        payload = property(itemgetter(5), doc="What the chunk works on (JSON).")
+        payload_ref = property(itemgetter(6), doc="Where payload and cursor were offloaded.")
+        cursor = property(itemgetter(7), doc="Where a continuation resumes (JSON).")
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         v: int = 1,
         run_id: str,
@@ -183,59 +246,46 @@ class ChunkMessage:
         payload: Any = None,
         payload_ref: str | None = None,
         cursor: Any = None,
-    ) -> None:
-        fields = {"v": v, "run_id": run_id, "chunk_id": chunk_id, "seq": seq, "kind": kind}
-        fields.update(payload=payload, payload_ref=payload_ref, cursor=cursor)
+    ) -> ChunkMessage:
+        values = (v, run_id, chunk_id, seq, kind, payload, payload_ref, cursor)
         try:
-            _check_chunk(fields, typed=True)
+            _check_chunk(values, typed=True, walk=True)
         except _FieldError as exc:
             raise MessageError(f"invalid message: {exc}") from None
-        self._set(fields)
-
-    def _set(self, fields: Mapping[str, Any]) -> None:
-        for name in _CHUNK_FIELDS:
-            object.__setattr__(self, name, fields[name])
+        return tuple.__new__(cls, values)
 
     @classmethod
-    def _checked(cls, fields: dict[str, Any], walk: bool) -> ChunkMessage:
+    def _from_fields(cls, fields: dict[str, Any], walk: bool) -> ChunkMessage:
         """A message from the fields of a parsed body (JSON types already)."""
-        _check_extra(fields, _CHUNK_ALLOWED)
-        full = {"v": 1, "seq": 0, "kind": "process", "payload": None, "payload_ref": None}
-        full["cursor"] = None
-        full.update(fields)
-        if "run_id" not in fields:
-            # The first bad field in the fields' order: v, then run_id.
-            _check_v(full["v"])
-            raise _FieldError("run_id", "Field required")
-        if "chunk_id" not in fields:
-            _check_v(full["v"])
-            _check_string("run_id", full["run_id"], RUN_ID_PATTERN, _RUN_ID)
-            raise _FieldError("chunk_id", "Field required")
-        _check_chunk(full, typed=False, walk=walk)
-        message = cls.__new__(cls)
-        message._set(full)
-        return message
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"ChunkMessage is immutable: cannot set {name}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"ChunkMessage is immutable: cannot delete {name}")
-
-    def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in _CHUNK_FIELDS)
+        if not fields.keys() <= _CHUNK_ALLOWED:
+            _check_extra(fields, _CHUNK_ALLOWED)
+        get = fields.get
+        values = (
+            get("v", 1), get("run_id", _MISSING), get("chunk_id", _MISSING), get("seq", 0),
+            get("kind", "process"), get("payload"), get("payload_ref"), get("cursor"),
+        )  # fmt: skip
+        _check_chunk(values, typed=False, walk=walk)
+        return tuple.__new__(cls, values)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self._values() == other._values()
+        return tuple.__eq__(self, other)
 
-    def __hash__(self) -> int:
-        return hash(self._values())  # TypeError for a dict or list payload, as pydantic's
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    # A dict or list payload makes it unhashable (TypeError), as it made pydantic's.
+    __hash__ = tuple.__hash__
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in _CHUNK_FIELDS)
+        inner = ", ".join(f"{name}={value!r}" for name, value in self.to_dict().items())
         return f"ChunkMessage({inner})"
+
+    def __getnewargs_ex__(self) -> tuple[tuple[()], dict[str, Any]]:
+        # copy.copy / deepcopy go through __new__ (keyword-only), checked again.
+        return (), self.to_dict()
 
     @property
     def depth(self) -> int:
@@ -244,45 +294,70 @@ class ChunkMessage:
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None) -> ChunkMessage:
         """A copy with the fields of ``update`` replaced (checked like any new message)."""
-        fields = {name: getattr(self, name) for name in _CHUNK_FIELDS}
-        fields.update(update or {})
-        return ChunkMessage(**fields)
+        return ChunkMessage(**{**self.to_dict(), **(update or {})})
 
     def to_dict(self) -> dict[str, Any]:
         """The message's fields, in the order they are encoded."""
-        return {name: getattr(self, name) for name in _CHUNK_FIELDS}
+        return dict(zip(_CHUNK_FIELDS, self, strict=True))
 
 
 def _check_v(v: object) -> None:
-    if not (_is_int(v) and v == 1):
+    if not (v == 1 and _is_int(v)):
         raise _FieldError("v", "Input should be 1")
 
 
-def _check_chunk(fields: Mapping[str, Any], typed: bool, walk: bool = True) -> None:
-    """The checks of a chunk message's fields, in the fields' order; ``walk``:
+def _check_chunk(values: tuple[Any, ...], typed: bool, walk: bool) -> None:
+    """The checks of a chunk message's fields (in :data:`_CHUNK_FIELDS` order,
+    :data:`_MISSING` for one a body lacks), the first bad one raised; ``walk``:
     whether payload and cursor need their nesting and strings checked (see
     :func:`_needs_walk`), ``typed``: their types too (see :func:`_json_problem`)."""
-    _check_v(fields["v"])
-    _check_string("run_id", fields["run_id"], RUN_ID_PATTERN, _RUN_ID)
-    _check_string("chunk_id", fields["chunk_id"], CHUNK_ID_PATTERN, _CHUNK_ID)
-    seq = fields["seq"]
+    v, run_id, chunk_id, seq, kind, payload, ref, cursor = values
+    if (  # every check at once, the common case; the first that fails is found below
+        type(v) is int
+        and v == 1
+        and type(run_id) is str
+        and run_id in _known_run_ids
+        and type(chunk_id) is str
+        and _CHUNK_ID(chunk_id) is not None
+        and type(seq) is int
+        and 0 <= seq <= MAX_SEQ
+        and (kind == "process" or kind == "plan")
+        and type(kind) is str
+        and (ref is None or (type(ref) is str and len(ref) <= MAX_REF_CHARS))
+        and (not walk or (_json_ok(payload, typed) and _json_ok(cursor, typed)))
+    ):
+        return
+    _check_v(v)
+    if run_id is _MISSING:
+        raise _FieldError("run_id", "Field required")
+    if type(run_id) is not str or run_id not in _known_run_ids:
+        _check_string("run_id", run_id, RUN_ID_PATTERN, _RUN_ID)
+        if len(_known_run_ids) > 10_000:
+            _known_run_ids.clear()  # a bound, not an eviction policy
+        _known_run_ids.add(run_id)
+    if chunk_id is _MISSING:
+        raise _FieldError("chunk_id", "Field required")
+    _check_string("chunk_id", chunk_id, CHUNK_ID_PATTERN, _CHUNK_ID)
     if not _is_int(seq):
         raise _FieldError("seq", "Input should be a valid integer")
     if seq < 0:
         raise _FieldError("seq", "Input should be greater than or equal to 0")
     if seq > MAX_SEQ:
         raise _FieldError("seq", f"Input should be less than or equal to {MAX_SEQ}")
-    if fields["kind"] not in _KINDS or not isinstance(fields["kind"], str):
+    if type(kind) is not str or kind not in _KINDS:
         raise _FieldError("kind", "Input should be 'plan' or 'process'")
-    for name in ("payload", "cursor"):
-        value = fields[name]
-        if walk and value is not None and not isinstance(value, int | float):
-            problem = _json_problem(value, name, 1, typed)
-            if problem is not None:
+    if walk:
+        for name, value in (("payload", payload), ("cursor", cursor)):
+            if (
+                value is not None
+                and not isinstance(value, int | float)
+                and not _json_ok(value, typed)
+            ):
+                problem = _json_problem(value, name, 1, typed)  # where, and why
+                assert problem is not None
                 raise problem
-    ref = fields["payload_ref"]
     if ref is not None:
-        if not isinstance(ref, str):
+        if type(ref) is not str:
             raise _FieldError("payload_ref", "Input should be a valid string")
         if len(ref) > MAX_REF_CHARS:
             raise _FieldError(
@@ -474,7 +549,7 @@ def decode_envelope(body: object) -> Envelope:
         if kind == SWEEP_KIND:
             _check_sweep(fields)
             return Sweep(v=1, kind=SWEEP_KIND)
-        return ChunkMessage._checked(fields, _needs_walk(body))
+        return ChunkMessage._from_fields(fields, _needs_walk(body))
     except _FieldError as exc:
         raise MessageError(f"invalid message: {exc}") from None
 
@@ -509,9 +584,21 @@ def decode_fire(body: object) -> ScheduleFire:
     return _decode_fire(body, what)
 
 
+#: Built once: ``json.dumps`` with options builds an encoder at every call.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(message: ChunkMessage) -> str:
-    """The message as compact JSON."""
-    return json.dumps(message.to_dict(), separators=(",", ":"), ensure_ascii=False)
+    """The message as compact JSON, its fields in order. The checked fields need
+    no escaping (ids match their patterns, ``kind`` is one of two words, ``v``
+    and ``seq`` are integers): written as they are, only the rest is encoded."""
+    v, run_id, chunk_id, seq, kind, payload, ref, cursor = message
+    head = f'{{"v":{v},"run_id":"{run_id}","chunk_id":"{chunk_id}","seq":{seq},"kind":"{kind}",'
+    if payload is None and ref is None and cursor is None:
+        return head + '"payload":null,"payload_ref":null,"cursor":null}'
+    # One call of the encoder: each call builds its C encoder afresh.
+    rest = _ENCODER.encode({"payload": payload, "payload_ref": ref, "cursor": cursor})
+    return head + rest[1:]
 
 
 def decode(body: object) -> ChunkMessage:
@@ -524,7 +611,7 @@ def decode(body: object) -> ChunkMessage:
     except UnicodeDecodeError as exc:
         raise MessageError(f"invalid message: message: Invalid JSON: {exc}") from None
     try:
-        return ChunkMessage._checked(_parse(text), _needs_walk(text))
+        return ChunkMessage._from_fields(_parse(text), _needs_walk(text))
     except _FieldError as exc:
         raise MessageError(f"invalid message: {exc}") from None
 
