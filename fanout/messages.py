@@ -268,13 +268,12 @@ class ChunkMessage(tuple[Any, ...]):
         return tuple.__new__(cls, values)
 
     def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return tuple.__eq__(self, other)
+        # False, not NotImplemented: a plain tuple of the same values would
+        # otherwise compare equal through tuple's own comparison.
+        return type(other) is type(self) and tuple.__eq__(self, other)
 
     def __ne__(self, other: object) -> bool:
-        equal = self.__eq__(other)
-        return equal if equal is NotImplemented else not equal
+        return not self.__eq__(other)
 
     # A dict or list payload makes it unhashable (TypeError), as it made pydantic's.
     __hash__ = tuple.__hash__

@@ -7,6 +7,7 @@ which fanout never sends and the hand-written checks refuse."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import random
@@ -255,8 +256,10 @@ def test_messages_built_in_python_are_checked_and_round_trip() -> None:
             ChunkMessage(**{"run_id": "r", "chunk_id": "0", **bad})
     with pytest.raises(AttributeError):
         built.seq = 4  # type: ignore[misc]
-    copy = built.model_copy(update={"payload": None, "payload_ref": "runs/r-1/payloads/x"})
-    assert (copy.payload, copy.payload_ref, copy.seq, built.payload) == (
+    assert built != tuple(built) and tuple(built) != built  # compared with messages only
+    assert copy.deepcopy(built) == built and copy.deepcopy(built).payload is not built.payload
+    slim = built.model_copy(update={"payload": None, "payload_ref": "runs/r-1/payloads/x"})
+    assert (slim.payload, slim.payload_ref, slim.seq, built.payload) == (
         None, "runs/r-1/payloads/x", 3, {"é": [1.5, None]}
     )  # fmt: skip
     with pytest.raises(MessageError, match="seq"):
