@@ -6,16 +6,17 @@ input. A user error prints one line naming the problem, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from fanout import coordinator
 from fanout.backends import BACKENDS, default_home
@@ -29,14 +30,83 @@ from fanout.cli_common import (
 from fanout.cli_controls import COMMANDS as CONTROL_COMMANDS
 from fanout.cli_controls import status_fields, status_lines, summary_lines
 from fanout.errors import UserError
-from fanout.jobs import RunSettings, load_job
+from fanout.jobs import load_job
+from fanout.limits import RunLimits
 
 EXIT_USAGE = 2
 
 
+def _observe() -> ModuleType:
+    from fanout import cli_observe
+
+    return cli_observe
+
+
+def _aws() -> ModuleType:
+    from fanout import cli_aws
+
+    return cli_aws
+
+
+def _schedules() -> ModuleType:
+    from fanout import cli_schedule
+
+    return cli_schedule
+
+
+def _ui() -> ModuleType:
+    from fanout import cli_ui
+
+    return cli_ui
+
+
+def _tables() -> ModuleType:
+    from fanout import cli_tables
+
+    return cli_tables
+
+
+#: Commands defined in other modules (none of which imports this one), each
+#: imported when it is invoked, or listed (``fanout --help``): every command
+#: starts this interpreter, and ``fanout run`` need not import the dashboard,
+#: the schedules (croniter), the table tools or the AWS commands (issue 11:
+#: CLI start-up is part of what a user waits for; tests/test_coldstart.py).
+#: Command name: (the loader of its module, the command's name there).
+LAZY_COMMANDS: dict[str, tuple[Callable[[], ModuleType], str]] = {
+    "runs": (_observe, "runs"),
+    "failed": (_observe, "failed"),
+    "logs": (_observe, "logs"),
+    "cost": (_observe, "cost"),
+    "dead-letters": (_observe, "dead_letters"),
+    "aws": (_aws, "aws"),
+    "schedule": (_schedules, "schedule"),
+    "scheduler": (_schedules, "scheduler"),
+    "ui": (_ui, "ui"),
+    "report": (_ui, "report"),
+    "tables": (_tables, "tables"),
+    "schema": (_tables, "schema"),
+    "read": (_tables, "read"),
+    "compact": (_tables, "compact"),
+    "gc": (_tables, "gc"),
+    "catalog": (_tables, "catalog"),
+}
+
+
 class _Group(click.Group):
     """Turns :class:`UserError` and click's usage errors into one line on stderr
-    and exit code 2."""
+    and exit code 2, and imports the :data:`LAZY_COMMANDS` when asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in LAZY_COMMANDS:
+            load, attr = LAZY_COMMANDS[cmd_name]
+            command = getattr(load(), attr)
+            assert isinstance(command, click.Command) and command.name == cmd_name, cmd_name
+            self.add_command(command)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -181,7 +251,9 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "settings",
         multiple=True,
         metavar="KEY=VALUE",
-        help="Run setting: " + ", ".join(RunSettings.model_fields) + ".",
+        # The names from RunLimits (the same as RunSettings', tests/test_limits.py):
+        # listing them needs no pydantic.
+        help="Run setting: " + ", ".join(f.name for f in dataclasses.fields(RunLimits)) + ".",
     )(fn)
     fn = click.option(
         "--params-file", type=click.Path(dir_okay=False), help="JSON object of params."
@@ -442,6 +514,10 @@ def validate(
     model = loaded.validate_params(_params(params, params_file))
     # The -S settings too, as `fanout submit` would check them.
     overrides = split_pairs(settings, "--setting")
+    from pydantic import ValidationError
+
+    from fanout.settings import RunSettings
+
     try:
         run_settings = RunSettings.model_validate({**loaded.settings.model_dump(), **overrides})
     except ValidationError as exc:
@@ -517,29 +593,8 @@ def deploy(
         click.echo(f"{key}: {outputs[key]}")
 
 
-from fanout.cli_observe import cost, dead_letters, failed, logs, runs  # noqa: E402  (imports no cli)
-
-main.add_command(runs)
-main.add_command(failed)
-main.add_command(logs)
-main.add_command(cost)
-main.add_command(dead_letters)
-
-from fanout.cli_aws import aws  # noqa: E402  (imports no cli either)
-from fanout.cli_schedule import schedule, scheduler  # noqa: E402  (imports no cli either)
-
-main.add_command(schedule)
-main.add_command(scheduler)
-main.add_command(aws)
 for _command in CONTROL_COMMANDS:  # fanout cancel, pause, resume
     main.add_command(_command)
-from fanout.cli_ui import report, ui  # noqa: E402  (the dashboard; imports no cli either)
-
-main.add_command(ui)
-main.add_command(report)
-from fanout.cli_tables import register_tables  # noqa: E402  (issue 14; imports no cli either)
-
-register_tables(main)
 
 if __name__ == "__main__":
     main()

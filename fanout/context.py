@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from fanout.avro import RecordWriter
     from fanout.backends.base import Store
     from fanout.backends.crawlstate import CrawlState
-    from fanout.settings import RunSettings
+    from fanout.limits import RunLimits
 
 
 #: The longest ``spawn`` delay (s). SQS keeps a message 14 days at most, however
@@ -68,7 +68,7 @@ class ChunkContext:
         writer: RecordWriter | None,
         job_name: str,
         crawl: CrawlState | None = None,
-        settings: RunSettings | None = None,
+        settings: RunLimits | None = None,
         store: Store | None = None,
         token: str = "",
         probe: Callable[[], str | None] | None = None,

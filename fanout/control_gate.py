@@ -29,8 +29,8 @@ from fanout.backends.base import Backend, Delivery
 from fanout.backends.runcontrols import ControlState, controls_of
 from fanout.controls import Admission, admit, is_cancelled, release, tolerance_exceeded
 from fanout.events import EventSink, emit
+from fanout.limits import RunLimits
 from fanout.outcomes import Handled
-from fanout.settings import RunSettings
 
 log = logging.getLogger("fanout.runner")
 
@@ -78,7 +78,7 @@ class Gate:
         self._memo: dict[str, ControlState] | None = None
 
     def admit(
-        self, run_id: str, settings: RunSettings, token: str, expires: float, receives: int
+        self, run_id: str, settings: RunLimits, token: str, expires: float, receives: int
     ) -> Admission:
         """Whether attempt ``token`` may start now (see :func:`fanout.controls.admit`).
         A run with no cap costs one read; a capped one, one atomic change."""
@@ -117,7 +117,7 @@ class Gate:
         return Handled.CAPPED
 
     def release(
-        self, run_id: str, settings: RunSettings, token: str, took: float | None = None
+        self, run_id: str, settings: RunLimits, token: str, took: float | None = None
     ) -> None:
         """Give back the slot of attempt ``token``, if its run is capped (idempotent)."""
         if settings.max_concurrency is None:
@@ -132,7 +132,7 @@ class Gate:
         """A probe for one chunk of ``run_id``."""
         return Probe(self, run_id)
 
-    def after_dead(self, run_id: str, settings: RunSettings) -> bool:
+    def after_dead(self, run_id: str, settings: RunLimits) -> bool:
         """A chunk of the run just died: stop the run if that took it over its
         tolerated failures, cancelling its queued tasks at once. Returns whether
         the run drained (the caller finalizes it)."""

@@ -35,7 +35,7 @@ from typing import Any
 
 from fanout.backends.base import RunRecord, RunState
 from fanout.backends.rules import final_state as ledger_final_state
-from fanout.settings import RunSettings, limits_of
+from fanout.limits import RunLimits, limits_of
 
 #: ``stop_reason`` of a run stopped by ``fanout cancel``.
 CANCEL_REASON = "cancelled (fanout cancel)"
@@ -120,7 +120,7 @@ def set_paused(state: dict[str, Any], paused: bool) -> bool:
     return changed
 
 
-def settings_of(run: RunRecord) -> RunSettings:
+def settings_of(run: RunRecord) -> RunLimits:
     """The run's settings as recorded (its schema, kept beside them, left out)."""
     return limits_of(run.settings)
 
@@ -130,7 +130,7 @@ def is_cancelled(run: RunRecord) -> bool:
     return run.stop_reason == CANCEL_REASON
 
 
-def tolerance(settings: RunSettings, chunks: int) -> int | None:
+def tolerance(settings: RunLimits, chunks: int) -> int | None:
     """The number of dead chunks a run of ``chunks`` chunks tolerates (None:
     no tolerance set, any dead chunk fails the run). With both settings, the
     larger allowance holds."""
@@ -142,7 +142,7 @@ def tolerance(settings: RunSettings, chunks: int) -> int | None:
     return max(allowed) if allowed else None
 
 
-def tolerance_exceeded(settings: RunSettings, dead: int, chunks: int) -> str | None:
+def tolerance_exceeded(settings: RunLimits, dead: int, chunks: int) -> str | None:
     """The stop reason of a run whose ``dead`` chunks (of ``chunks`` registered
     so far) went over its tolerance, or None. Only a run with a tolerance set
     stops early: without one it runs on, as before, and ends ``failed``."""

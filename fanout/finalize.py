@@ -12,7 +12,7 @@ from fanout.backends.base import Ledger, Store, TaskState
 from fanout.backends.keys import manifest_key
 from fanout.controls import final_state
 from fanout.events import EventSink, emit
-from fanout.settings import SCHEMA
+from fanout.limits import SCHEMA
 from fanout.tables.commit import compact_run_partitions, expand_parts, join_table, update_glue
 
 log = logging.getLogger("fanout.runner")

@@ -14,20 +14,32 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pydantic import BaseModel, ValidationError
-
 from fanout.errors import JobLoadError, ParamsError, UserError
 from fanout.isolation import JobModules, import_fresh
 from fanout.isolation import activate as activate_modules
-from fanout.settings import RunKind
-
-# Re-exported: RunSettings is part of the job API (``Job(..., max_attempts=5)``).
-from fanout.settings import RunSettings as RunSettings
+from fanout.limits import RunKind
 from fanout.tables.spec import pop_table_spec
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
+
     from fanout.avro import Schema
     from fanout.context import ChunkContext, Continue
+
+    # Re-exported: RunSettings is part of the job API (``Job(..., max_attempts=5)``).
+    from fanout.settings import RunSettings as RunSettings
+
+
+def __getattr__(name: str) -> Any:
+    # ``from fanout.jobs import RunSettings`` imports pydantic only when asked:
+    # loading a job that sets no run settings does not (the Lambda handler
+    # imports this module at init; tests/test_coldstart.py).
+    if name == "RunSettings":
+        from fanout.settings import RunSettings
+
+        return RunSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 PlanFn = Callable[[Any, "ChunkContext"], Iterable[Any]]
 ProcessFn = Callable[[Any, "ChunkContext"], "Continue | None"]
@@ -63,16 +75,39 @@ class Job:
         # (fanout.tables.spec), not run settings: taken out before those are checked.
         settings = dict(settings)
         self.table_spec = pop_table_spec(name, settings)
-        try:
-            self.settings = RunSettings(**settings)
-        except ValidationError as exc:
-            raise ValueError(f"job {name}: {_first_error(exc)}") from None
+        self._settings: RunSettings | None = None
+        if settings:
+            # Checked now, so a bad setting fails where the job is defined. A job
+            # that sets none has the defaults, built when first asked for: the
+            # engine reads a run's limits from its record (fanout.limits), and
+            # loading such a job on a worker or on Lambda needs no pydantic.
+            from pydantic import ValidationError
+
+            from fanout.settings import RunSettings
+
+            try:
+                self._settings = RunSettings(**settings)
+            except ValidationError as exc:
+                raise ValueError(f"job {name}: {_first_error(exc)}") from None
         self.plan_fn: PlanFn | None = None
         self.process_fn: ProcessFn | None = None
         self.source: Path | None = None  # the file that defined it, set by the loader
         #: The modules the loader imported from beside the job file (``fanout.isolation``).
         self.modules: JobModules | None = None
         self._schema: Schema | None = None
+
+    @property
+    def settings(self) -> RunSettings:
+        """The job's default run settings (:class:`~fanout.settings.RunSettings`)."""
+        if self._settings is None:
+            from fanout.settings import RunSettings
+
+            self._settings = RunSettings()
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: RunSettings) -> None:
+        self._settings = value
 
     def plan(self, fn: PlanFn) -> PlanFn:
         """Decorator: ``fn(params, ctx)`` yields the payloads of the run's first chunks."""
@@ -88,6 +123,8 @@ class Job:
         """Params checked against the job's model; :class:`ParamsError` names the field."""
         if self.params_model is None:
             return dict(raw)
+        from pydantic import ValidationError  # imported already, by the params model
+
         if self.params_model.model_config.get("extra") != "allow":
             # A misspelled param (`-p row=5` for `rows`) must not silently run
             # with the default.

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from fanout.backends.base import CommitRequest, Delivery, TaskKey
 from fanout.failures import Attempt
 from fanout.jobs import Job
+from fanout.limits import RunLimits
 from fanout.messages import ChunkMessage
-from fanout.settings import RunSettings
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 #: A lease outlives the hard timeout by this much, so a supervisor that kills an
 #: overrunning attempt records it before any other worker may take the task over.
@@ -28,7 +29,7 @@ class RunInfo:
     job_ref: str
     job_name: str
     raw_params: dict[str, Any]
-    settings: RunSettings
+    settings: RunLimits
     schema: Any
     job: Job | None = None
     params: BaseModel | dict[str, Any] | None = None

@@ -60,12 +60,12 @@ from fanout.failures import (
 )
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import Job, activate, load_job
+from fanout.limits import SCHEMA, RunLimits, limits_of
 from fanout.messages import ChunkMessage, decode, resolve
 from fanout.metrics import MetricsSink, metrics_for, record_attempt
 from fanout.outcomes import Handled
 from fanout.phases import LEASE_GRACE, Ask, Ready, RunInfo
 from fanout.retry import compute_backoff
-from fanout.settings import SCHEMA, RunSettings, limits_of
 from fanout.spawn import next_tasks
 
 log = logging.getLogger("fanout.runner")
@@ -460,7 +460,7 @@ class Runner:
         supervisor for an attempt it killed."""
         key = attempt.key
         run = self._run(key.run_id)
-        settings = run.settings if run is not None else RunSettings()
+        settings = run.settings if run is not None else RunLimits()
         now = time.time()
         if failure.duration is None:
             failure = replace(failure, duration=attempt.took(now))

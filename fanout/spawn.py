@@ -12,8 +12,8 @@ from typing import Any
 
 from fanout.backends.base import NewTask, Store
 from fanout.context import Continue, Spawn
+from fanout.limits import RunLimits
 from fanout.messages import ChunkMessage, offload
-from fanout.settings import RunSettings
 
 
 def next_tasks(
@@ -21,7 +21,7 @@ def next_tasks(
     payload: Any,
     spawned: Sequence[Spawn],
     continuation: Continue | None,
-    settings: RunSettings,
+    settings: RunLimits,
     store: Store,
     limit: int,
 ) -> tuple[list[tuple[NewTask, float]], str | None]:

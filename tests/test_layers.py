@@ -58,7 +58,17 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.tables.*",
         ],
     ),
-    ("jobs", ["fanout.settings", "fanout.context", "fanout.jobs", "fanout.packaged", "fanout"]),
+    (
+        "jobs",
+        [
+            "fanout.limits",
+            "fanout.settings",
+            "fanout.context",
+            "fanout.jobs",
+            "fanout.packaged",
+            "fanout",
+        ],
+    ),
     ("crawl", ["fanout.crawl", "fanout.crawl.*"]),
     (
         "runs",

@@ -35,8 +35,8 @@ from fanout.crawl.components import (
 )
 from fanout.errors import PermanentError
 from fanout.jobs import Job
+from fanout.limits import RunKind
 from fanout.retry import compute_backoff
-from fanout.settings import RunKind
 
 __all__ = ["THROTTLE_META", "CrawlJob"]
 

@@ -1,0 +1,73 @@
+"""A run's limits as the engine reads them, and what kind of run it is.
+
+:class:`~fanout.settings.RunSettings` (pydantic) checks the settings a user
+gives, at submit; the ledger then keeps the checked values with the run
+(``RunRecord.settings``). The engine reads that copy back as a
+:class:`RunLimits`: the ledger's own copy is trusted, so it is not validated
+again, and the runner, the run controls and the Lambda handler need no pydantic
+to read it (issue 11: pydantic and a validator cost more than the rest of the
+handler's start; ``tests/test_coldstart.py``). ``RunSettings`` takes its
+defaults from :data:`DEFAULTS`, so they are written once, here, and a test
+checks that both have the same fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+
+class RunKind(enum.StrEnum):
+    """What kind of job a run runs, declared by the job's class (``Job.kind``)
+    and recorded at submit: read, never guessed from what the tasks carry."""
+
+    ETL = "etl"  # a job's own plan and process functions
+    CRAWL = "crawl"  # a Scrapy spider, run by fanout.crawl.CrawlJob
+
+
+#: What submit records in ``RunRecord.settings`` beside the run's limits.
+KIND = "kind"
+SCHEMA = "schema"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunLimits:
+    """A run's limits as recorded at submit (see :class:`~fanout.settings.RunSettings`
+    for what each one means and its bounds)."""
+
+    max_attempts: int = 3
+    backoff_base: float = 1.0
+    backoff_cap: float = 300.0
+    max_chunks: int = 100_000
+    max_depth: int = 32
+    max_continuations: int = 10_000
+    codec: str = "deflate"
+    pages_per_chunk: int = 250
+    max_concurrency: int | None = None
+    tolerated_failures: int | None = None
+    tolerated_failure_percent: float | None = None
+    priority: str = "normal"
+    compact: bool = False
+
+
+#: The default of every run setting.
+DEFAULTS = RunLimits()
+_NAMES = frozenset(f.name for f in dataclasses.fields(RunLimits))
+
+
+def limits_of(recorded: Mapping[str, Any]) -> RunLimits:
+    """The limits in a run record's settings (written at submit from checked
+    :class:`~fanout.settings.RunSettings`, so not checked again). A setting the
+    record lacks (a run recorded before it existed) takes its default."""
+    return RunLimits(**{k: v for k, v in recorded.items() if k in _NAMES})
+
+
+def kind_of(recorded: Mapping[str, Any]) -> RunKind:
+    """The kind a run record's settings declare; a run recorded before runs
+    declared their kind counts as ETL."""
+    try:
+        return RunKind(recorded.get(KIND, RunKind.ETL))
+    except ValueError:
+        return RunKind.ETL
