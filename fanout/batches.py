@@ -13,11 +13,14 @@ Nothing about a chunk changes but when its claim and its commit are written:
 - each attempt's answer is what the single claim or commit would have given
   (:class:`~fanout.backends.base.BatchLedger`), and each attempt runs with its
   own hard deadline and time budget, counted from when it starts;
-- a claimed attempt waits at most :data:`START_SLACK` to start: past that (a
-  chunk before it ran long) the ones not started are handed back at once, as
-  interrupted, with lease time to spare;
-- an attempt that spawned children is committed at once, before the next one
-  starts: a child waits only for its own parent's commit;
+- when one chunk of a batch runs long (:data:`LONG_CHUNK`), a watchdog thread
+  commits the attempts that finished before it and gives back the claims not
+  started yet (as if never made: no attempt counted, nothing in the history),
+  so a slow chunk neither holds finished work uncommitted nor keeps the rest
+  of its batch from other workers;
+- a claim waits at most :data:`START_SLACK` to start, well inside the lease's
+  grace, so its lease (counted from the claim) outlives its hard deadline;
+- an attempt that spawned children is committed before the next one starts;
 - a supervisor is told the batch's unsettled attempts (``on_batch``), so if the
   process dies they are handed back at once, not when their leases expire.
 
@@ -27,29 +30,33 @@ that left a delivery unsettled, for the dispatcher to hand back.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fanout.backends.base import (
-    BatchLedger,
-    ClaimRequest,
-    Delivery,
-    Failure,
-    FailureKind,
-)
+from fanout.backends.base import BatchLedger, ClaimRequest, Delivery, Failure, FailureKind
 from fanout.failures import Attempt, describe
 from fanout.messages import ChunkMessage
 from fanout.outcomes import Handled
-from fanout.runner import Ask, Ready, Runner
+from fanout.phases import Ask, Ready
+from fanout.runner import Runner
 
+log = logging.getLogger("fanout.batches")
+
+#: A chunk running this long (s) is not quick: the watchdog settles what its
+#: batch can settle without it.
+LONG_CHUNK = 0.25
 #: The longest a claimed attempt of a batch waits to start (s): well inside
-#: ``fanout.runner.LEASE_GRACE``, so its lease (counted from the claim) still
-#: outlives its hard deadline (counted from its start).
+#: ``fanout.phases.LEASE_GRACE``.
 START_SLACK = 1.0
 
 #: What became of one delivery: the runner's outcome, or what left it unsettled.
 Outcome = Handled | Exception
+#: Told the batch's claimed attempts not yet settled: (not started, finished).
+BatchHook = Callable[[list[Attempt], list[Attempt]], None]
 
 
 def run_batch(
@@ -58,12 +65,12 @@ def run_batch(
     timeout: float,
     *,
     stop: Callable[[], bool] | None = None,
-    on_batch: Callable[[list[Attempt]], None] | None = None,
+    on_batch: BatchHook | None = None,
 ) -> list[Outcome]:
     """Run the chunks ``items`` (deliveries with their decoded messages) under a
     hard ``timeout`` (s) each, claiming and committing them in batches; one
     outcome per item, in order. ``stop``: asked before each start; once true,
-    the attempts not started are handed back. ``on_batch``: told the attempts
+    the claims not started are given back. ``on_batch``: told the attempts
     claimed and not yet settled, whenever that changes."""
     ledger = runner.ledger
     assert isinstance(ledger, BatchLedger)
@@ -86,25 +93,27 @@ def run_batch(
                 asks.append((i, ask))
     if asks:
         _Batch(runner, ledger, results, on_batch).run(asks, now, stop)
-    return [r if r is not None else RuntimeError("unsettled") for r in results]
+    return [r if r is not None else RuntimeError("left unsettled") for r in results]
 
 
 class _Batch:
-    """The claimed part of one batch."""
+    """The claimed part of one batch. The watchdog thread may settle some of it
+    while the worker's thread runs a chunk: the lists are shared under a lock."""
 
     def __init__(
         self,
         runner: Runner,
         ledger: BatchLedger,
         results: list[Outcome | None],
-        on_batch: Callable[[list[Attempt]], None] | None,
+        on_batch: BatchHook | None,
     ) -> None:
         self.runner = runner
         self.ledger = ledger
         self.results = results
         self.on_batch = on_batch
-        self.unsettled: dict[str, Attempt] = {}  # by token
-        self.ready: list[tuple[int, Ready]] = []
+        self._lock = threading.Lock()
+        self.waiting: list[tuple[int, Ask, Attempt]] = []  # claimed, not started
+        self.ready: list[tuple[int, Ready]] = []  # finished, not committed
 
     def run(self, asks: list[tuple[int, Ask]], now: float, stop: Callable[[], bool] | None) -> None:
         runner = self.runner
@@ -118,7 +127,6 @@ class _Batch:
             for i, _ in asks:  # one transaction: nothing was claimed
                 self.results[i] = exc
             return
-        claimed: list[tuple[int, Ask, Attempt]] = []
         for (i, ask), claim in zip(asks, claims, strict=True):
             try:
                 got = runner.claimed(ask, claim, in_hand=False)
@@ -128,68 +136,97 @@ class _Batch:
             if isinstance(got, Handled):
                 self.results[i] = got
             else:
-                claimed.append((i, ask, got))
-                self.unsettled[got.token] = got
+                self.waiting.append((i, ask, got))
         self._tell()
         began = time.monotonic()
-        for n, (i, ask, attempt) in enumerate(claimed):
-            if time.monotonic() - began > START_SLACK or (stop is not None and stop()):
-                self._flush()
-                for j, _, later in claimed[n:]:
-                    self._hand_back(j, later)
+        watchdog = _watchdog()
+        while True:
+            with self._lock:
+                if not self.waiting:
+                    break
+                late = time.monotonic() - began > START_SLACK or (stop is not None and stop())
+                if late:
+                    rest, self.waiting = self.waiting, []
+                else:
+                    i, ask, attempt = self.waiting.pop(0)
+            if late:
+                self._give_back(rest)
                 break
-            self._start(i, ask, attempt)
+            watchdog.arm(self)
+            try:
+                self._start(i, ask, attempt)
+            finally:
+                watchdog.disarm()
         self._flush()
-        self._tell()
 
     def _start(self, i: int, ask: Ask, attempt: Attempt) -> None:
         runner = self.runner
         try:
             out = runner.work(ask, attempt)
         except Exception as exc:
-            self.unsettled.pop(attempt.token, None)
             self.results[i] = _guard(runner.fail_in_hand, exc)
+            self._tell()
             return
         runner.forget_in_hand()  # settled below, with its batch: no longer the runner's
         if isinstance(out, Handled):
-            self.unsettled.pop(attempt.token, None)
             self.results[i] = out
+            self._tell()
             return
-        self.ready.append((i, out))
+        with self._lock:
+            self.ready.append((i, out))
         if out.children:
             self._flush()  # its children wait for this commit, not for the batch's
+        else:
+            self._tell()
+
+    def on_long_chunk(self) -> None:
+        """The chunk in hand is running long (the watchdog's thread): commit what
+        finished before it, and give back what has not started."""
+        with self._lock:
+            rest, self.waiting = self.waiting, []
+        self._flush()
+        if rest:
+            self._give_back(rest)
 
     def _flush(self) -> None:
-        if not self.ready:
+        with self._lock:
+            ready, self.ready = self.ready, []
+        if not ready:
             return
-        ready, self.ready = self.ready, []
         try:
             settles = self.ledger.commit_many([r.request for _, r in ready])
         except Exception as exc:
-            reason = describe(exc)
+            failure = Failure(FailureKind.INTERNAL, describe(exc))
             for i, r in ready:
-                self.unsettled.pop(r.attempt.token, None)
-                failure = Failure(FailureKind.INTERNAL, reason)
                 self.results[i] = _guard(self.runner.fail, r.attempt, failure)
-            self._tell()
-            return
-        for (i, r), settle in zip(ready, settles, strict=True):
-            self.unsettled.pop(r.attempt.token, None)
-            self.results[i] = _guard(self.runner.settled, r, settle)
+        else:
+            for (i, r), settle in zip(ready, settles, strict=True):
+                self.results[i] = _guard(self.runner.settled, r, settle)
         self._tell()
 
-    def _hand_back(self, i: int, attempt: Attempt) -> None:
-        """Give back a claimed attempt that never started (retried at once)."""
-        self.unsettled.pop(attempt.token, None)
-        failure = Failure(
-            FailureKind.INTERRUPTED,
-            f"handed back unstarted: the chunks before it in its batch took over {START_SLACK:g}s",
-        )
-        self.results[i] = _guard(self.runner.fail, attempt, failure)
+    def _give_back(self, rest: list[tuple[int, Ask, Attempt]]) -> None:
+        """Undo claims not started, and put their messages back at once."""
+        try:
+            given = self.ledger.give_back_many([(a.key, a.token) for _, a, _ in rest], time.time())
+        except Exception as exc:
+            for i, _, _ in rest:
+                self.results[i] = exc  # the dispatcher hands the message back
+            self._tell()
+            return
+        for (i, ask, _), ok in zip(rest, given, strict=True):
+            self.results[i] = _guard(self._release, ask) if ok else Handled.LEASE_LOST
+        self._tell()
+
+    def _release(self, ask: Ask) -> Handled:
+        self.runner.queue.release(ask.delivery.receipt, 0.0)
+        return Handled.HANDED_BACK
 
     def _tell(self) -> None:
         if self.on_batch is not None:
-            self.on_batch(list(self.unsettled.values()))
+            with self._lock:
+                waiting = [a for _, _, a in self.waiting]
+                ready = [r.attempt for _, r in self.ready]
+            self.on_batch(waiting, ready)
 
 
 def _guard(step: Callable[..., Handled], *args: Any) -> Outcome:
@@ -198,3 +235,54 @@ def _guard(step: Callable[..., Handled], *args: Any) -> Outcome:
         return step(*args)
     except Exception as exc:
         return exc
+
+
+class _Watchdog:
+    """One thread per process: while a batch's chunk runs, it waits; once the
+    chunk has run :data:`LONG_CHUNK`, it settles the rest of the batch."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._batch: _Batch | None = None
+        self._due = 0.0
+        self._busy = False
+        threading.Thread(target=self._loop, name="fanout-batch-watchdog", daemon=True).start()
+
+    def arm(self, batch: _Batch) -> None:
+        with self._cv:
+            self._batch, self._due = batch, time.monotonic() + LONG_CHUNK
+            self._cv.notify()
+
+    def disarm(self) -> None:
+        """Stand down; if it is settling the batch right now, wait until it is done."""
+        with self._cv:
+            self._batch = None
+            while self._busy:
+                self._cv.wait()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._batch is None or time.monotonic() < self._due:
+                    self._cv.wait(None if self._batch is None else self._due - time.monotonic())
+                batch, self._batch, self._busy = self._batch, None, True
+            try:
+                batch.on_long_chunk()
+            except Exception:
+                log.exception("could not settle a batch behind a long chunk")
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+
+
+_watchdogs: dict[int, _Watchdog] = {}
+
+
+def _watchdog() -> _Watchdog:
+    """This process's watchdog (a thread does not survive a fork: one per pid)."""
+    pid = os.getpid()
+    watchdog = _watchdogs.get(pid)
+    if watchdog is None:
+        watchdog = _watchdogs[pid] = _Watchdog()
+    return watchdog

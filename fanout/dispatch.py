@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from fanout.backends.base import Backend, BatchLedger, Delivery
-from fanout.batches import run_batch
-from fanout.failures import Attempt, describe, drop_invalid, settle_poison
+from fanout.batches import BatchHook, run_batch
+from fanout.failures import describe, drop_invalid, settle_poison
 from fanout.messages import ChunkMessage, MessageError, ScheduleFire, decode_envelope
 from fanout.outcomes import Handled
 from fanout.runner import Runner
@@ -73,7 +73,7 @@ class Dispatcher:
         timeout: float,
         *,
         stop: Callable[[], bool] | None = None,
-        on_batch: Callable[[list[Attempt]], None] | None = None,
+        on_batch: BatchHook | None = None,
     ) -> list[Handled]:
         """Handle several deliveries received together, as :meth:`handle` would
         one by one, but with the chunk messages claimed and committed in

@@ -33,6 +33,8 @@ class Handled(enum.StrEnum):
     # Run controls.
     PAUSED = "paused"  # its run is paused: dropped, resent on resume
     CAPPED = "capped"  # its run is at max_concurrency: handed back for later
+    # A batch's claim given back unstarted (fanout.batches): as if never claimed.
+    HANDED_BACK = "handed back"
     # A message that is not a chunk to run.
     INVALID = "invalid"  # not a fanout message: kept as a dead letter
     DEAD_LETTERED = "dead-lettered"  # failed every delivery: kept as a dead letter
@@ -57,5 +59,6 @@ RELEASED = frozenset(
         Handled.LEASE_LOST,
         Handled.REQUEUED,
         Handled.CAPPED,
+        Handled.HANDED_BACK,
     }
 )

@@ -97,23 +97,28 @@ class _Slot:
         self.finalizing.value = b""
         return run_id
 
-    def hold_batch(self, attempts: list[Attempt]) -> None:
-        """Note a batch's claimed attempts not settled yet, so that if this child
-        dies the supervisor hands them back at once, not when their leases expire
-        (as many as fit: the rest are taken over then)."""
+    def hold_batch(self, waiting: list[Attempt], finished: list[Attempt]) -> None:
+        """Note a batch's claimed attempts not settled yet (not started, and
+        finished but not committed), so that if this child dies the supervisor
+        hands them back at once, not when their leases expire (as many as fit:
+        the rest are taken over then)."""
         text = ""
-        for attempt in attempts:
-            line = attempt.to_json() + "\n"
-            if len(text) + len(line) >= _BATCH_BYTES:
-                break
-            text += line
+        for mark, attempts in (("w", waiting), ("f", finished)):
+            for attempt in attempts:
+                line = mark + attempt.to_json() + "\n"
+                if len(text) + len(line) >= _BATCH_BYTES:
+                    break
+                text += line
         self.batch.value = text.encode()
 
-    def take_batch(self) -> list[Attempt]:
-        """The batch attempts a dead child left unsettled (and forget them)."""
-        text = self.batch.value.decode()
+    def take_batch(self) -> tuple[list[Attempt], list[Attempt]]:
+        """The batch attempts a dead child left unsettled (and forget them):
+        (not started, finished)."""
+        lines = self.batch.value.decode().splitlines()
         self.batch.value = b""
-        return [Attempt.from_json(line) for line in text.splitlines()]
+        waiting = [Attempt.from_json(line[1:]) for line in lines if line[:1] == "w"]
+        finished = [Attempt.from_json(line[1:]) for line in lines if line[:1] == "f"]
+        return waiting, finished
 
     def hold(self, receipts: list[str]) -> None:
         """Note the receipts of prefetched messages (as many as fit), so that if this
@@ -287,14 +292,26 @@ class WorkerPool:
         for receipt in slot.take_prefetched():
             with contextlib.suppress(Exception):
                 self.backend.queue.release(receipt, 0.0)
-        in_hand = slot.attempt.value.decode() if slot.deadline.value else ""
-        for attempt in slot.take_batch():
-            if in_hand and Attempt.from_json(in_hand).token == attempt.token:
-                continue  # the attempt in hand is failed by the caller, with its cause
+        waiting, finished = slot.take_batch()
+        if slot.deadline.value:
+            # The attempt in hand is failed by the caller, with its cause (the
+            # batch's note of it may be older than its start).
+            token = Attempt.from_json(slot.attempt.value.decode()).token
+            waiting = [a for a in waiting if a.token != token]
+            finished = [a for a in finished if a.token != token]
+        if waiting and isinstance(self.backend.ledger, BatchLedger):
+            # Never started: given back as if never claimed.
+            with contextlib.suppress(Exception):
+                claims = [(a.key, a.token) for a in waiting]
+                self.backend.ledger.give_back_many(claims, time.time())
+            for attempt in waiting:
+                with contextlib.suppress(Exception):
+                    self.backend.queue.release(attempt.receipt, 0.0)
+        for attempt in finished:
             try:
-                # A no-op for one committed meanwhile (the lease is no longer its).
+                # Its work is lost with the child; a no-op if it committed meanwhile.
                 self.runner.fail(
-                    attempt, Failure(FailureKind.INTERRUPTED, "its worker died before it settled")
+                    attempt, Failure(FailureKind.INTERRUPTED, "its worker died before it committed")
                 )
             except Exception:
                 log.exception("could not hand back %s", attempt.key)

@@ -43,6 +43,11 @@ def _exactly_once(backend: Backend, run_id: str, **params: Any) -> None:
     assert set(items) == expected_items(Params(**params))
 
 
+def local_home(backend: Backend) -> Path:
+    """The home directory of a local backend (its database's folder)."""
+    return Path(backend.ledger.db.path).parent  # type: ignore[attr-defined]
+
+
 @contextmanager
 def _transactions(backend: Backend) -> Iterator[list[str]]:
     """The write transactions the ledger opens meanwhile."""
@@ -80,25 +85,61 @@ def test_ten_quick_chunks_take_one_transaction_to_claim_and_one_to_commit(
     _exactly_once(local, run_id, chunks=12, rows=3)
 
 
-def test_a_long_chunk_hands_back_the_rest_of_its_batch_unstarted(local: Backend) -> None:
-    """Chunk 0 sleeps 1.5 s on its first attempt, past START_SLACK: the five
-    claimed after it are handed back at once, not run with leases counted from
-    a claim long past; each then runs once."""
+def test_a_long_chunk_gives_back_the_rest_of_its_batch_unstarted(local: Backend) -> None:
+    """Chunk 0 sleeps 1.5 s on its first attempt: while it runs, the watchdog
+    gives back the five claims after it, as if never made (no attempt counted,
+    nothing in their history), and their messages are visible again at once,
+    for other workers, before chunk 0 is done."""
     params = {"chunks": 6, "rows": 2, "sleep_chunks": [0], "sleep": 1.5}
     run_id, dispatcher = _planned(local, **params)
     first = local.queue.receive(10, 30)
     assert len(first) == 6
-    results = dispatcher.handle_many(first, 20)
-    assert results == [Handled.COMMITTED] + [Handled.RETRY] * 5
-    again = local.queue.receive(10, 30)  # visible again at once
-    assert len(again) == 5
-    assert dispatcher.handle_many(again, 20) == [Handled.COMMITTED] * 5
+    seen_meanwhile: list[int] = []
+    real = dispatcher.runner.work
+
+    def work(ask: Any, attempt: Any) -> Any:
+        out = real(ask, attempt)
+        if ask.key.chunk_id == "0/0":
+            seen_meanwhile.append(len(other.queue.receive(10, 30)))
+        return out
+
+    other = open_backend("local", home=local_home(local))
+    try:
+        dispatcher.runner.work = work  # type: ignore[method-assign]
+        results = dispatcher.handle_many(first, 20)
+    finally:
+        other.close()
+    assert results == [Handled.COMMITTED] + [Handled.HANDED_BACK] * 5
+    assert seen_meanwhile == [5]  # another worker could take them while 0/0 ran
     run = local.ledger.get_run(run_id)
-    assert run is not None and run.state == RunState.SUCCEEDED
+    assert run is not None and run.retries == 0
     for i in range(1, 6):
         task = local.ledger.get_task(TaskKey(run_id, f"0/{i}"))
-        assert task is not None and outcomes(task) == ["interrupted", "committed"]
-        assert str(task.history[0]["error"]).startswith("handed back unstarted")
+        assert task is not None and task.state == "queued"
+        assert (task.attempt, task.history) == (0, [])
+
+
+def test_a_chunk_that_runs_long_gets_the_finished_ones_before_it_committed(
+    local: Backend,
+) -> None:
+    """Chunk 2 of the batch sleeps 1 s: the two quick chunks before it are
+    committed while it runs, not after."""
+    params = {"chunks": 3, "rows": 1, "sleep_chunks": [2], "sleep": 1.0}
+    run_id, dispatcher = _planned(local, **params)
+    deliveries = local.queue.receive(10, 30)
+    done_while_sleeping: list[list[str]] = []
+    real = dispatcher.runner.work
+
+    def work(ask: Any, attempt: Any) -> Any:
+        out = real(ask, attempt)
+        if ask.key.chunk_id == "0/2":
+            tasks = local.ledger.list_tasks(run_id)
+            done_while_sleeping.append(sorted(t.chunk_id for t in tasks if t.state == "done"))
+        return out
+
+    dispatcher.runner.work = work  # type: ignore[method-assign]
+    assert dispatcher.handle_many(deliveries, 20) == [Handled.COMMITTED] * 3
+    assert done_while_sleeping == [["0", "0/0", "0/1"]]
     _exactly_once(local, run_id, **params)
 
 

@@ -310,8 +310,9 @@ def test_a_child_that_dies_mid_batch_hands_its_batch_back_at_once(
 ) -> None:
     """Quick chunks are claimed ten at a time (fanout.batches). When the child
     dies in the middle of a batch, the supervisor hands back the batch's other
-    claimed attempts (finished but not committed, or not started) at once:
-    left alone they would wait for their leases (30 + 5 s) to expire."""
+    claimed attempts at once (those not started as if never claimed, those
+    finished but not committed as interrupted): left alone they would wait
+    for their leases (30 + 5 s) to expire."""
     params = {"chunks": 120, "rows": 1, "crash_chunks": [90]}
     args = _params_args(params)
     result = fanout(home, "run", TREE, *args, "-w", "1", "--chunk-timeout", "30")
@@ -322,9 +323,8 @@ def test_a_child_that_dies_mid_batch_hands_its_batch_back_at_once(
     assert st["elapsed_s"] < 20
     tasks = {t.chunk_id: t for t in ledger.ledger.list_tasks(run_id)}
     assert outcomes(tasks["0/90"]) == ["crashed", "committed"]
-    handed_back = [t for t in tasks.values() if outcomes(t) == ["interrupted", "committed"]]
-    assert handed_back, "the crash did not fall in a batch"
-    assert {t.history[0]["error"] for t in handed_back} == {"its worker died before it settled"}
-    others = [t for t in tasks.values() if t not in handed_back and t.chunk_id != "0/90"]
+    interrupted = [t for t in tasks.values() if outcomes(t) == ["interrupted", "committed"]]
+    assert {t.history[0]["error"] for t in interrupted} <= {"its worker died before it committed"}
+    others = [t for t in tasks.values() if t not in interrupted and t.chunk_id != "0/90"]
     assert all(outcomes(t) == ["committed"] for t in others)
     assert_exact_output(home, run_id, **params)

@@ -383,6 +383,12 @@ class BatchLedger(Protocol):
     def commit_many(self, requests: Sequence[CommitRequest]) -> list[Settle]:
         """:meth:`Ledger.commit` for each request, in order, in one step."""
 
+    def give_back_many(self, claims: Sequence[tuple[TaskKey, str]], now: float) -> list[bool]:
+        """Undo claims whose attempts never started, each ``(key, token)``: the task
+        is queued again as it was before the claim (its attempt count too), with
+        nothing in its history, if ``token`` still holds its lease. Whether each
+        was given back, in one step."""
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:

@@ -116,3 +116,25 @@ def test_a_batch_of_commits_moves_the_counters_exactly_and_drains_once(backend: 
     assert [s.ok for s in ledger.commit_many([commit(3, "t3", 1)])] == [False]
     run = backend.ledger.get_run(RUN)
     assert run is not None and (run.outstanding, run.records) == (0, 10)
+
+
+def test_a_claim_given_back_is_as_if_never_made(backend: Backend) -> None:
+    ledger = _batch_ledger(backend)
+    _run_with_children(backend, 3)
+    now = time.time()
+    claims = ledger.claim_many([ClaimRequest(_key(i), f"t{i}", 30.0, 3) for i in range(3)], now)
+    assert all(c.outcome is ClaimOutcome.CLAIMED for c in claims)
+    assert backend.ledger.commit(_key(2), "t2", None, TaskEvent.COMMITTED, now).ok
+    # 0/0 by its own token; 0/1 by a token that does not hold it; 0/2 committed.
+    given = ledger.give_back_many([(_key(0), "t0"), (_key(1), "nope"), (_key(2), "t2")], now)
+    assert given == [True, False, False]
+    task = backend.ledger.get_task(_key(0))
+    assert task is not None and task.state == TaskState.QUEUED
+    assert (task.attempt, task.lease_token, task.history) == (0, None, [])
+    held = backend.ledger.get_task(_key(1))
+    assert held is not None and (held.state, held.lease_token) == (TaskState.RUNNING, "t1")
+    # Claimed again, it is the first attempt; nothing was counted against the run.
+    again = backend.ledger.claim(_key(0), "t0b", 30.0, 3, now)
+    assert again.outcome is ClaimOutcome.CLAIMED and again.attempt == 1
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and (run.retries, run.outstanding) == (0, 2)

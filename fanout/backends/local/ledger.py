@@ -390,6 +390,20 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
             for i, (r, o) in enumerate(zip(requests, committed, strict=True))
         ]
 
+    def give_back_many(self, claims: Sequence[tuple[TaskKey, str]], now: float) -> list[bool]:
+        """Undo never-started claims, in one transaction (``BatchLedger``)."""
+        with self.db.write() as conn:
+            return [
+                conn.execute(
+                    "UPDATE tasks SET state = 'queued', attempt = attempt - 1, lease_token = NULL,"
+                    " lease_expires = 0, updated_at = ? WHERE run_id = ? AND chunk_id = ?"
+                    " AND seq = ? AND state = 'running' AND lease_token = ?",
+                    (now, *key_args(key), token),
+                ).rowcount
+                == 1
+                for key, token in claims
+            ]
+
     def _commit(
         self, conn: sqlite3.Connection, r: CommitRequest, args: tuple[object, ...]
     ) -> int | None:
