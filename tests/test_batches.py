@@ -17,7 +17,6 @@ from fanout.backends.base import Backend, RunState, TaskKey
 from fanout.dispatch import Dispatcher
 from fanout.outcomes import Handled
 from support.helpers import TREE
-from support.procs import outcomes
 from testjobs.tree import Params, expected_items
 
 
