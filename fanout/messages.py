@@ -30,6 +30,16 @@ from typing import TYPE_CHECKING, Any, Final
 
 from fanout.backends import keys
 from fanout.backends.base import Store
+from fanout.json_fields import (
+    MAX_DEPTH,
+    FieldError,
+    check_extra,
+    check_string,
+    is_int,
+    json_ok,
+    json_problem,
+    parse_object,
+)
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -46,9 +56,6 @@ MAX_SEQ = 1_000_000
 #: A body longer than this is refused before it is parsed (SQS's own limit is
 #: 1 MiB; fanout sends at most 256 KiB and offloads the rest to the store).
 MAX_BODY_CHARS = 1024 * 1024
-#: Containers nested deeper than this (the envelope's own object counts) are
-#: refused, as pydantic's JSON parser refused them.
-MAX_DEPTH = 200
 #: The longest ``payload_ref``.
 MAX_REF_CHARS = 1024
 SCHEDULE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -63,133 +70,6 @@ _KINDS: Final = ("plan", "process")
 
 class MessageError(ValueError):
     """A message that is not a valid fanout envelope."""
-
-
-class _FieldError(Exception):
-    """The first bad field of an envelope: where (dotted) and what, in pydantic's words."""
-
-    def __init__(self, where: str, what: str) -> None:
-        super().__init__(f"{where}: {what}")
-
-
-# -- checks shared by the envelopes ----------------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return type(value) is int  # not bool, not float: the strict type
-
-
-def _check_extra(fields: Mapping[str, Any], allowed: frozenset[str]) -> None:
-    # pydantic reported keys that are not fields before any field's own error.
-    for key in fields:
-        if key not in allowed:
-            raise _FieldError(str(key), "Extra inputs are not permitted")
-
-
-def _check_string(where: str, value: object, pattern: str, match: Any) -> str:
-    if not isinstance(value, str):
-        raise _FieldError(where, "Input should be a valid string")
-    if match(value) is None:
-        raise _FieldError(where, f"String should match pattern '{pattern}'")
-    return value
-
-
-def _json_problem(value: object, where: str, depth: int, typed: bool) -> _FieldError | None:
-    """Why ``value`` is not a JSON value fit for an envelope (None if it is):
-    containers nested deeper than :data:`MAX_DEPTH` in all (``depth`` is that
-    of ``value``'s parent), a lone surrogate in a string or key, and when
-    ``typed`` (values built in Python, not parsed from JSON) a type JSON has
-    not (a tuple, a set, bytes, a non-string key). Iterative: any depth."""
-    stack: list[tuple[object, str, int]] = [(value, where, depth)]
-    while stack:
-        item, path, level = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    # Parsed from JSON, it is the body that is at fault (a "\\ud800" escape).
-                    where = path if typed else "message"
-                    return _FieldError(where, "Invalid JSON: lone surrogate in a string")
-        elif isinstance(item, dict | list):
-            if level + 1 > MAX_DEPTH:
-                return _FieldError("message", "Invalid JSON: recursion limit exceeded")
-            if isinstance(item, dict):
-                for key, sub in item.items():
-                    if not isinstance(key, str):
-                        return _FieldError(f"{path}.[key]", "Input should be a valid string")
-                    stack.append((key, f"{path}.[key]", level + 1))
-                    stack.append((sub, f"{path}.{key}", level + 1))
-            else:
-                stack.extend((sub, f"{path}.{i}", level + 1) for i, sub in enumerate(item))
-        elif typed and not (item is None or isinstance(item, bool | int | float)):
-            return _FieldError(path, "input was not a valid JSON value")
-    return None
-
-
-#: JSON's whitespace, which may stand around a body's value.
-_WHITESPACE: Final = " \t\n\r"
-_DECODER: Final = json.JSONDecoder()
-
-
-def _json_ok(value: object, typed: bool) -> bool:
-    """:func:`_json_problem` is None for ``value`` (a payload or cursor), in a
-    quicker walk that builds no paths: the constructor's common case."""
-    stack = [(value, 2)]  # the envelope's object is depth 1
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-            for key in item:
-                if not isinstance(key, str) or (not key.isascii() and not _utf8(key)):
-                    return False
-        elif isinstance(item, list):
-            children = item
-        else:
-            children = (item,)
-            level = 1  # a scalar, checked as a container's child below
-        if level > MAX_DEPTH:
-            return False
-        for sub in children:
-            if isinstance(sub, str):
-                if not sub.isascii() and not _utf8(sub):
-                    return False
-            elif isinstance(sub, dict | list):
-                stack.append((sub, level + 1))
-            elif typed and not (sub is None or isinstance(sub, bool | int | float)):
-                return False
-    return True
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return True
-
-
-def _parse(body: str) -> dict[str, Any]:
-    """``body`` as a JSON object; :class:`_FieldError` at ``message`` if it is not
-    one. ``json.loads`` itself, less its two regular-expression scans for
-    whitespace (a third of its time on a message's body)."""
-    if not body.isascii():
-        try:
-            body.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate, not escaped: not UTF-8 text
-            raise _FieldError("message", "Invalid JSON: lone surrogate") from None
-    start = 0 if body[:1] == "{" else len(body) - len(body.lstrip(_WHITESPACE))
-    try:
-        obj, end = _DECODER.raw_decode(body, start)
-        if end != len(body) and body[end:].strip(_WHITESPACE):
-            raise json.JSONDecodeError("Extra data", body, end)
-    except RecursionError:
-        raise _FieldError("message", "Invalid JSON: recursion limit exceeded") from None
-    except ValueError as exc:  # JSONDecodeError, or an integer over 4300 digits
-        raise _FieldError("message", f"Invalid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise _FieldError("message", "Input should be an object")
-    return obj
 
 
 # -- the chunk message --------------------------------------------------------------
@@ -250,7 +130,7 @@ class ChunkMessage(tuple[Any, ...]):
         values = (v, run_id, chunk_id, seq, kind, payload, payload_ref, cursor)
         try:
             _check_chunk(values, typed=True, walk=True)
-        except _FieldError as exc:
+        except FieldError as exc:
             raise MessageError(f"invalid message: {exc}") from None
         return tuple.__new__(cls, values)
 
@@ -258,7 +138,7 @@ class ChunkMessage(tuple[Any, ...]):
     def _from_fields(cls, fields: dict[str, Any], walk: bool) -> ChunkMessage:
         """A message from the fields of a parsed body (JSON types already)."""
         if not fields.keys() <= _CHUNK_ALLOWED:
-            _check_extra(fields, _CHUNK_ALLOWED)
+            check_extra(fields, _CHUNK_ALLOWED)
         get = fields.get
         values = (
             get("v", 1), get("run_id", _MISSING), get("chunk_id", _MISSING), get("seq", 0),
@@ -301,15 +181,15 @@ class ChunkMessage(tuple[Any, ...]):
 
 
 def _check_v(v: object) -> None:
-    if not (v == 1 and _is_int(v)):
-        raise _FieldError("v", "Input should be 1")
+    if not (v == 1 and is_int(v)):
+        raise FieldError("v", "Input should be 1")
 
 
 def _check_chunk(values: tuple[Any, ...], typed: bool, walk: bool) -> None:
     """The checks of a chunk message's fields (in :data:`_CHUNK_FIELDS` order,
     :data:`_MISSING` for one a body lacks), the first bad one raised; ``walk``:
     whether payload and cursor need their nesting and strings checked (see
-    :func:`_needs_walk`), ``typed``: their types too (see :func:`_json_problem`)."""
+    :func:`_needs_walk`), ``typed``: their types too (see :func:`json_problem`)."""
     v, run_id, chunk_id, seq, kind, payload, ref, cursor = values
     if (  # every check at once, the common case; the first that fails is found below
         type(v) is int
@@ -323,43 +203,43 @@ def _check_chunk(values: tuple[Any, ...], typed: bool, walk: bool) -> None:
         and (kind == "process" or kind == "plan")
         and type(kind) is str
         and (ref is None or (type(ref) is str and len(ref) <= MAX_REF_CHARS))
-        and (not walk or (_json_ok(payload, typed) and _json_ok(cursor, typed)))
+        and (not walk or (json_ok(payload, typed) and json_ok(cursor, typed)))
     ):
         return
     _check_v(v)
     if run_id is _MISSING:
-        raise _FieldError("run_id", "Field required")
+        raise FieldError("run_id", "Field required")
     if type(run_id) is not str or run_id not in _known_run_ids:
-        _check_string("run_id", run_id, RUN_ID_PATTERN, _RUN_ID)
+        check_string("run_id", run_id, RUN_ID_PATTERN, _RUN_ID)
         if len(_known_run_ids) > 10_000:
             _known_run_ids.clear()  # a bound, not an eviction policy
         _known_run_ids.add(run_id)
     if chunk_id is _MISSING:
-        raise _FieldError("chunk_id", "Field required")
-    _check_string("chunk_id", chunk_id, CHUNK_ID_PATTERN, _CHUNK_ID)
-    if not _is_int(seq):
-        raise _FieldError("seq", "Input should be a valid integer")
+        raise FieldError("chunk_id", "Field required")
+    check_string("chunk_id", chunk_id, CHUNK_ID_PATTERN, _CHUNK_ID)
+    if not is_int(seq):
+        raise FieldError("seq", "Input should be a valid integer")
     if seq < 0:
-        raise _FieldError("seq", "Input should be greater than or equal to 0")
+        raise FieldError("seq", "Input should be greater than or equal to 0")
     if seq > MAX_SEQ:
-        raise _FieldError("seq", f"Input should be less than or equal to {MAX_SEQ}")
+        raise FieldError("seq", f"Input should be less than or equal to {MAX_SEQ}")
     if type(kind) is not str or kind not in _KINDS:
-        raise _FieldError("kind", "Input should be 'plan' or 'process'")
+        raise FieldError("kind", "Input should be 'plan' or 'process'")
     if walk:
         for name, value in (("payload", payload), ("cursor", cursor)):
             if (
                 value is not None
                 and not isinstance(value, int | float)
-                and not _json_ok(value, typed)
+                and not json_ok(value, typed)
             ):
-                problem = _json_problem(value, name, 1, typed)  # where, and why
+                problem = json_problem(value, name, 1, typed)  # where, and why
                 assert problem is not None
                 raise problem
     if ref is not None:
         if type(ref) is not str:
-            raise _FieldError("payload_ref", "Input should be a valid string")
+            raise FieldError("payload_ref", "Input should be a valid string")
         if len(ref) > MAX_REF_CHARS:
-            raise _FieldError(
+            raise FieldError(
                 "payload_ref", f"String should have at most {MAX_REF_CHARS} characters"
             )
 
@@ -402,7 +282,7 @@ class Sweep:
     def __init__(self, *, v: int, kind: str) -> None:
         try:
             _check_sweep({"v": v, "kind": kind})
-        except _FieldError as exc:
+        except FieldError as exc:
             raise MessageError(f"invalid message: {exc}") from None
         object.__setattr__(self, "v", v)
         object.__setattr__(self, "kind", kind)
@@ -423,14 +303,14 @@ class Sweep:
 
 
 def _check_sweep(fields: Mapping[str, Any]) -> None:
-    _check_extra(fields, frozenset(("v", "kind")))
+    check_extra(fields, frozenset(("v", "kind")))
     if "v" not in fields:
-        raise _FieldError("v", "Field required")
+        raise FieldError("v", "Field required")
     _check_v(fields["v"])
     if "kind" not in fields:
-        raise _FieldError("kind", "Field required")
+        raise FieldError("kind", "Field required")
     if fields["kind"] != SWEEP_KIND or not isinstance(fields["kind"], str):
-        raise _FieldError("kind", f"Input should be '{SWEEP_KIND}'")
+        raise FieldError("kind", f"Input should be '{SWEEP_KIND}'")
 
 
 @functools.cache
@@ -541,7 +421,7 @@ def decode_envelope(body: object) -> Envelope:
         raise MessageError(f"invalid message: the body is a {type(body).__name__}, not text")
     _check_size(body, "message")
     try:
-        fields = _parse(body)
+        fields = parse_object(body)
         kind = fields.get("kind")
         if kind == FIRE_KIND:
             return _decode_fire(body, "message")
@@ -549,7 +429,7 @@ def decode_envelope(body: object) -> Envelope:
             _check_sweep(fields)
             return Sweep(v=1, kind=SWEEP_KIND)
         return ChunkMessage._from_fields(fields, _needs_walk(body))
-    except _FieldError as exc:
+    except FieldError as exc:
         raise MessageError(f"invalid message: {exc}") from None
 
 
@@ -610,8 +490,8 @@ def decode(body: object) -> ChunkMessage:
     except UnicodeDecodeError as exc:
         raise MessageError(f"invalid message: message: Invalid JSON: {exc}") from None
     try:
-        return ChunkMessage._from_fields(_parse(text), _needs_walk(text))
-    except _FieldError as exc:
+        return ChunkMessage._from_fields(parse_object(text), _needs_walk(text))
+    except FieldError as exc:
         raise MessageError(f"invalid message: {exc}") from None
 
 

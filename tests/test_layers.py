@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.avro_check",
             "fanout.fairness",
             "fanout.outcomes",
+            "fanout.json_fields",
         ],
     ),
     ("seams", ["fanout.backends.base", "fanout.backends.crawlstate", "fanout.backends.keys"]),
