@@ -238,42 +238,38 @@ def _guard(step: Callable[..., Handled], *args: Any) -> Outcome:
 
 
 class _Watchdog:
-    """One thread per process: while a batch's chunk runs, it waits; once the
-    chunk has run :data:`LONG_CHUNK`, it settles the rest of the batch."""
+    """One thread per process that looks, every half :data:`LONG_CHUNK`, whether
+    the batch chunk in hand has run :data:`LONG_CHUNK`, and if so settles the
+    rest of its batch. Arming costs an assignment: no wake-up per chunk."""
 
     def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._batch: _Batch | None = None
-        self._due = 0.0
-        self._busy = False
+        self._armed: tuple[_Batch, float] | None = None
+        self._acting = threading.Lock()
         threading.Thread(target=self._loop, name="fanout-batch-watchdog", daemon=True).start()
 
     def arm(self, batch: _Batch) -> None:
-        with self._cv:
-            self._batch, self._due = batch, time.monotonic() + LONG_CHUNK
-            self._cv.notify()
+        self._armed = (batch, time.monotonic())
 
     def disarm(self) -> None:
         """Stand down; if it is settling the batch right now, wait until it is done."""
-        with self._cv:
-            self._batch = None
-            while self._busy:
-                self._cv.wait()
+        self._armed = None
+        with self._acting:
+            pass
 
     def _loop(self) -> None:
         while True:
-            with self._cv:
-                while self._batch is None or time.monotonic() < self._due:
-                    self._cv.wait(None if self._batch is None else self._due - time.monotonic())
-                batch, self._batch, self._busy = self._batch, None, True
-            try:
-                batch.on_long_chunk()
-            except Exception:
-                log.exception("could not settle a batch behind a long chunk")
-            finally:
-                with self._cv:
-                    self._busy = False
-                    self._cv.notify_all()
+            time.sleep(LONG_CHUNK / 2)
+            armed = self._armed
+            if armed is None or time.monotonic() - armed[1] < LONG_CHUNK:
+                continue
+            with self._acting:
+                if self._armed is not armed:
+                    continue  # disarmed meanwhile: the chunk ended
+                self._armed = None
+                try:
+                    armed[0].on_long_chunk()
+                except Exception:
+                    log.exception("could not settle a batch behind a long chunk")
 
 
 _watchdogs: dict[int, _Watchdog] = {}

@@ -86,6 +86,7 @@ class _Slot:
         self.finalizing: SynchronizedString = _CTX.Array(ctypes.c_char, 256)
         #: The claimed, unsettled attempts of the batch in hand (fanout.batches).
         self.batch: SynchronizedString = _CTX.Array(ctypes.c_char, _BATCH_BYTES)
+        self._lines: dict[str, str] = {}  # the child's: attempt token -> its JSON line
 
     def finalize(self, run_id: str) -> None:
         """The run whose manifest the child is writing ("" when done)."""
@@ -101,14 +102,21 @@ class _Slot:
         """Note a batch's claimed attempts not settled yet (not started, and
         finished but not committed), so that if this child dies the supervisor
         hands them back at once, not when their leases expire (as many as fit:
-        the rest are taken over then)."""
+        the rest are taken over then). Told after every chunk of a batch: each
+        attempt's line is made once."""
+        lines = self._lines
         text = ""
         for mark, attempts in (("w", waiting), ("f", finished)):
             for attempt in attempts:
-                line = mark + attempt.to_json() + "\n"
+                line = lines.get(attempt.token)
+                if line is None:
+                    line = lines[attempt.token] = attempt.to_json() + "\n"
+                line = mark + line
                 if len(text) + len(line) >= _BATCH_BYTES:
                     break
                 text += line
+        if not text:
+            lines.clear()
         self.batch.value = text.encode()
 
     def take_batch(self) -> tuple[list[Attempt], list[Attempt]]:
