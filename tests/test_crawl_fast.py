@@ -10,6 +10,7 @@ process.
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class GcProbe(scrapy.Spider):
             "id": response.css("article").attrib["data-id"],
             "frozen": gc.get_freeze_count(),
             "enabled": gc.isenabled(),
+            "modules": sorted(sys.modules),
         }
         yield from response.follow_all(css="a")
 
@@ -91,3 +93,30 @@ def test_a_chunk_leaves_what_it_inherits_from_the_worker_out_of_the_collector(
         assert item["enabled"] is True
         assert item["frozen"] > 20_000  # what the worker had: Scrapy is imported
     assert gc.get_freeze_count() == 0  # the worker's own collector is untouched
+
+
+def test_a_chunk_imports_nothing_the_worker_has_not(local: Backend) -> None:
+    # The worker imports (prewarms) what a chunk loads, once; each forked chunk
+    # inherits it. A module first imported in the chunk is imported again by
+    # every chunk. Scrapy's console and control-port extensions are off in a
+    # chunk, so neither the worker nor the chunk imports them.
+    with SiteServer(Leaves(2)) as server:
+        result = run_chunk(
+            GcProbe,
+            {},
+            [{"url": server.url}],
+            crawl=local.crawl,
+            run_id=RUN,
+            chunk_id="0/0",
+            pages_per_chunk=50,
+            time_left=20.0,
+        )
+    assert result.errors == []
+    assert len(result.items) == 3
+    # The one module a chunk must add: the reactor it installs, which the
+    # worker never may (Twisted's reactor cannot be restarted).
+    worker = set(sys.modules) | {"twisted.internet.reactor"}
+    for item in result.items:
+        assert sorted(set(item["modules"]) - worker) == []
+    unused = {"scrapy.extensions.telnet", "scrapy.extensions.remote_control"}
+    assert unused & worker == set()

@@ -78,6 +78,14 @@ def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -
     return ChunkSpider
 
 
+#: Scrapy's extensions that serve a console or control port: a chunk is
+#: short-lived and unattended, so they are off (``_settings``) and not loaded.
+UNUSED_EXTENSIONS = (
+    "scrapy.extensions.telnet.TelnetConsole",
+    "scrapy.extensions.remote_control.RemoteControl",
+)
+
+
 def _settings(spider_cls: type[Spider], log_level: str) -> Any:
     from scrapy.settings import Settings
 
@@ -103,6 +111,10 @@ def _settings(spider_cls: type[Spider], log_level: str) -> Any:
     settings.set("SPIDER_MIDDLEWARES_BASE", spider_mw, priority="cmdline")
     extensions = settings.getdict("EXTENSIONS_BASE")
     extensions[here + "ChunkBudget"] = 0
+    for path in UNUSED_EXTENSIONS:
+        # Switched off below: not even imported (RemoteControl's import alone
+        # is ~0.2 s). A spider that lists one in EXTENSIONS still gets it, off.
+        extensions.pop(path, None)
     settings.set("EXTENSIONS_BASE", extensions, priority="cmdline")
     pipelines = settings.getdict("ITEM_PIPELINES_BASE")
     pipelines[here + "ItemSink"] = 2**31 - 1  # after the user's own pipelines
@@ -143,6 +155,8 @@ def prewarm() -> None:
         # Handlers map a scheme to a path; the others map a path to an order.
         paths = components_.values() if name == "DOWNLOAD_HANDLERS_BASE" else components_
         for path in paths:
+            if path in UNUSED_EXTENSIONS:
+                continue
             try:
                 load_object(path)
             except Exception:  # an optional component whose extra is not installed
@@ -162,7 +176,11 @@ def prewarm() -> None:
             with contextlib.suppress(Exception):
                 load_object(path)
     # Loaded by every chunk at start-up otherwise: tens of ms a chunk.
+    import codecs
     import resource  # noqa: F401
+
+    for encoding in ("cp1252", "charmap", "latin-1"):  # w3lib's guesses for a page
+        codecs.lookup(encoding)
 
     import scrapy.dupefilters
     import scrapy.logformatter  # noqa: F401
