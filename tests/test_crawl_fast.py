@@ -10,6 +10,8 @@ process.
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +61,22 @@ class GcProbe(scrapy.Spider):
             "enabled": gc.isenabled(),
             "modules": sorted(sys.modules),
         }
+        yield from response.follow_all(css="a")
+
+
+class LeavesSpider(GcProbe):
+    """The probe, started from the ``start_url`` run param."""
+
+    name = "leaves"
+
+    def __init__(self, start_url: str = "", *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start_urls = [start_url]
+
+    def parse(self, response: Response, **kwargs: Any) -> Any:
+        if not isinstance(response, TextResponse):
+            return
+        yield {"id": response.css("article").attrib["data-id"]}
         yield from response.follow_all(css="a")
 
 
@@ -120,3 +138,63 @@ def test_a_chunk_imports_nothing_the_worker_has_not(local: Backend) -> None:
         assert sorted(set(item["modules"]) - worker) == []
     unused = {"scrapy.extensions.telnet", "scrapy.extensions.remote_control"}
     assert unused & worker == set()
+
+
+JOB = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_crawl_fast import LeavesSpider
+from fanout.crawl import CrawlJob
+
+SCHEMA = {{"type": "record", "name": "leaf", "fields": [{{"name": "id", "type": "string"}}]}}
+job = CrawlJob(LeavesSpider, schema=SCHEMA, name="leaves", pages_per_chunk={per_chunk})
+"""
+
+
+def test_the_root_chunk_hands_on_after_a_quarter_of_its_pages(
+    local: Backend, tmp_path: Path
+) -> None:
+    # The root chunk runs alone: every other worker waits for its children.
+    # It fetches pages_per_chunk // ROOT_SHARE pages, then hands on; the other
+    # chunks fetch pages_per_chunk.
+    from fanout import coordinator
+    from fanout.backends.base import RunState, TaskKey
+    from fanout.crawl import ROOT_SHARE
+    from support.helpers import drain
+
+    job = tmp_path / "leaves_job.py"
+    job.write_text(JOB.format(tests=str(Path(__file__).parent), per_chunk=20))
+    with SiteServer(Leaves(40)) as server:
+        run_id = coordinator.submit(local, str(job), {"start_url": server.url}).run_id
+        run = drain(local, run_id, chunk_timeout=20, limit=60)
+        hits = dict(server.hits)
+    assert run.state == RunState.SUCCEEDED
+    ids = sorted(r["id"] for r in coordinator.committed_records(local, run_id))
+    assert ids == sorted(["/", *(f"/p/{i}" for i in range(40))])
+    assert all(n == 1 for n in hits.values()), hits
+    root = local.ledger.get_task(TaskKey(run_id, "0", 0))
+    assert root is not None and root.output is not None
+    assert root.output.records == 20 // ROOT_SHARE
+    others = [t for t in local.ledger.list_tasks(run_id) if t.chunk_id != "0" and t.output]
+    assert max(t.output.records for t in others if t.output) == 20
+
+
+def test_loading_a_crawl_job_warms_the_process_its_workers_fork_from(tmp_path: Path) -> None:
+    # `fanout run` loads the job before it forks its workers: what a chunk
+    # loads is imported then, once, not in each worker's first chunk.
+    job = tmp_path / "leaves_job.py"
+    job.write_text(JOB.format(tests=str(Path(__file__).parent), per_chunk=20))
+    probe = (
+        "import runpy, sys; runpy.run_path(sys.argv[1]);"
+        " print('scrapy.core.downloader.handlers.http11' in sys.modules,"
+        " 'scrapy.downloadermiddlewares.cookies' in sys.modules)"
+    )
+    root = str(Path(__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(job)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    assert out.stdout.split() == ["True", "True"]

@@ -141,6 +141,11 @@ class ChunkScheduler(Scheduler):
     def next_request(self) -> Request | None:
         if CHUNK.get("closing"):
             return None  # the chunk has its share of pages: the rest is handed on
+        budget: ChunkBudget | None = CHUNK.get("budget")
+        if budget is not None and budget.spent():
+            # What is in flight makes up the chunk's share: sending more would
+            # fetch pages past it (if some fail, their answers ask again).
+            return None
         if self.parked and not self.handed_on:
             self._unpark()
         if self.waiting:
@@ -381,6 +386,7 @@ class ChunkBudget:
         self.cut = False
         self.book = book_of(crawler)
         self.gate = gate_of(crawler)
+        CHUNK["budget"] = self
         crawler.signals.connect(self.response_received, signal=signals.response_received)
         crawler.signals.connect(self.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
@@ -434,8 +440,12 @@ class ChunkBudget:
         self.pages += 1
         # Requests in flight will answer too: stop scheduling once they make up
         # the chunk's share, so a chunk fetches pages_per_chunk, not 16 more.
-        if self.pages + len(self.crawler.engine.downloader.active) >= self.limit:
+        if self.spent():
             self.close(spider, "fanout_pages")
+
+    def spent(self) -> bool:
+        """Whether the pages fetched and the requests in flight make up the chunk's share."""
+        return self.pages + len(self.crawler.engine.downloader.active) >= self.limit
 
     def check(self, spider: Spider) -> None:
         now = time.monotonic()
