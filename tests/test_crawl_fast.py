@@ -198,3 +198,63 @@ def test_loading_a_crawl_job_warms_the_process_its_workers_fork_from(tmp_path: P
         env={**os.environ, "PYTHONPATH": root},
     )
     assert out.stdout.split() == ["True", "True"]
+
+
+# -- a newcomer's share of a domain ------------------------------------------------
+
+
+def _gate(backend: Backend, chunk_id: str, active: set[scrapy.Request]) -> Any:
+    """A chunk's DomainGate on a stand-in crawler whose downloader has ``active`` in flight."""
+    import time
+    from types import SimpleNamespace
+
+    from scrapy.settings import Settings
+    from scrapy.statscollectors import MemoryStatsCollector
+
+    from fanout.crawl.politeness import DomainGate
+
+    # Scrapy's downloader and its download slot both count what is in flight.
+    slot = SimpleNamespace(active=active, concurrency=16, delay=0.0, queue=[])
+    downloader = SimpleNamespace(
+        active=active,
+        slots={"a.test": slot} if active else {},
+        per_slot_settings={},
+        get_slot_key=lambda request: request.url.split("/")[2],
+    )
+    crawler = SimpleNamespace(
+        settings=Settings({"CONCURRENT_REQUESTS_PER_DOMAIN": 16}),
+        engine=SimpleNamespace(downloader=downloader),
+    )
+    crawler.stats = MemoryStatsCollector(crawler)
+    chunk = {"crawl": backend.crawl, "run_id": RUN, "chunk_id": chunk_id}
+    return DomainGate(crawler, {**chunk, "expires": time.time() + 60})
+
+
+def test_a_newcomer_gets_its_share_once_the_holder_s_requests_fit_its_own(
+    local: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Chunk A holds all 16 slots of a.test, 16 requests in flight; chunk B (the
+    # next chunk of the other worker) asks and must wait. A renews: its share is
+    # 8, but it is charged 16 while they are in flight. As soon as 8 have
+    # answered, A says so, and B's next ask gets 8: B does not wait for A's
+    # next renewal. The site never has more than 16 in flight.
+    from fanout.crawl import politeness
+
+    requests = [scrapy.Request(f"http://a.test/{i}") for i in range(16)]
+    a = _gate(local, "0/1", set(requests))
+    b = _gate(local, "0/2", set())
+    assert a.allows(requests[0]) and a.slots["a.test"] == 16
+    newcomer = scrapy.Request("http://a.test/new")
+    assert not b.allows(newcomer)
+    monkeypatch.setattr(politeness, "RENEW_EVERY", 0.0)
+    a.renew()
+    assert a.slots["a.test"] == 8
+    b.ask_after.clear()  # B asks again (it does every ASK_EVERY s)
+    assert not b.allows(newcomer)  # A still has 16 in flight
+    for request in requests[:8]:  # answered one by one
+        a.crawler.engine.downloader.active.discard(request)
+        a.answered(request)
+    b.ask_after.clear()
+    assert b.allows(newcomer)
+    assert b.slots["a.test"] == 8
+    assert len(a.crawler.engine.downloader.active) + b.slots["a.test"] <= 16

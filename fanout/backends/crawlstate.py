@@ -154,7 +154,8 @@ def _grant_slots(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
     # grant is still in flight.
     state["holders"] = {**others, holder: [max(slots, ask.in_use), ask.expires]}
     if slots == 0:
-        return DomainGrant(0, retry_after=0.5, holders=len(others) + 1)
+        # The holders trim themselves at their next renewal (every 0.25 s).
+        return DomainGrant(0, retry_after=0.25, holders=len(others) + 1)
     return DomainGrant(slots, holders=len(others) + 1)
 
 
