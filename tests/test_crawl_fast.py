@@ -260,3 +260,69 @@ def test_a_newcomer_gets_its_share_once_the_holder_s_requests_fit_its_own(
     assert b.allows(newcomer)
     assert b.slots["a.test"] == 8
     assert len(a.crawler.engine.downloader.active) + b.slots["a.test"] <= 16
+
+
+# -- what the worker knows is taken, from chunk to chunk ---------------------------
+
+
+class Mesh:
+    """``/`` links to ``/p/0`` … ``/p/{n-1}``, and each of those to all the others."""
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if key != "/" and not (key.startswith("/p/") and key[3:].isdigit()):
+            return NOT_FOUND
+        if key != "/" and int(key[3:]) >= self.pages:
+            return NOT_FOUND
+        hrefs = "".join(f'<a href="/p/{i}">{i}</a>' for i in range(self.pages))
+        body = f'<html><body><article data-id="{key}">{hrefs}</article></body></html>'
+        return Reply(200, (("Content-Type", HTML),), body.encode())
+
+
+def test_a_worker_does_not_ask_the_ledger_again_for_what_committed_chunks_took(
+    local: Backend, tmp_path: Path
+) -> None:
+    # The root chunk claims every /p/N from "/" (41 fingerprints asked: the
+    # start page and its 40 links) and hands them on to 4 chunks, which every
+    # page links to again. The root committed, so its claims are taken for
+    # good: its children, run by the same worker, ask nothing. (Before, each
+    # asked once for each link it did not hold itself: ~120 more.)
+    from fanout import coordinator
+    from fanout.backends.base import RunState
+    from support.helpers import drain
+
+    job = tmp_path / "mesh_job.py"
+    job.write_text(JOB.format(tests=str(Path(__file__).parent), per_chunk=10))
+    with SiteServer(Mesh(40)) as server:
+        run_id = coordinator.submit(local, str(job), {"start_url": server.url}).run_id
+        run = drain(local, run_id, chunk_timeout=20, limit=60)
+        hits = dict(server.hits)
+    assert run.state == RunState.SUCCEEDED
+    ids = sorted(r["id"] for r in coordinator.committed_records(local, run_id))
+    assert ids == sorted(["/", *(f"/p/{i}" for i in range(40))])
+    assert all(n == 1 for n in hits.values()), hits
+    assert run.tasks_done >= 5
+    assert run.stats["ledger_fingerprints_asked"] == 41
+    assert run.stats["known_taken"] > 0
+
+
+def test_only_the_claims_of_an_attempt_known_to_have_committed_are_trusted() -> None:
+    # An attempt that never committed left stale claims, which the next chunk
+    # to find those links takes over: trusting them would lose the pages.
+    from fanout.crawl.known import KnownTaken, parse_lineage
+
+    known = KnownTaken()
+    known.remember("r", "0/1", "t1", ["a"])  # failed at its commit ...
+    known.remember("r", "0/1", "t2", ["b"])  # ... the retry committed
+    known.remember("r", "0/2", "t1", ["c"])  # not known yet
+    assert known.known("r") == set()
+    known.learn("r", {"0": "t0", "0/1": "t2"})  # a child of 0/1 runs here
+    assert known.known("r") == {"b"}
+    known.remember("r", "0/1", "t2", ["d"])  # known committed: trusted at once
+    assert known.known("r") == {"b", "d"}
+    assert known.known("another run") == set()  # a run of its own
+    assert parse_lineage({"0": "t0"}) == {"0": "t0"}
+    assert parse_lineage({"0": 1}) == {} and parse_lineage(["0"]) == {}
+    assert parse_lineage({str(i): "t" for i in range(65)}) == {}

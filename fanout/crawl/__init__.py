@@ -34,6 +34,7 @@ from fanout.crawl.components import (
     MAX_RETRY_AFTER,
     THROTTLE_META,
 )
+from fanout.crawl.known import KNOWN, MAX_LINEAGE, parse_lineage
 from fanout.errors import PermanentError
 from fanout.jobs import Job
 from fanout.retry import compute_backoff
@@ -90,6 +91,10 @@ class CrawlJob(Job):
             # would give every chunk its own copy of the seen-set.
             raise PermanentError("crawl jobs need a backend shared across processes (local, aws)")
         frontier = None if ctx.chunk_id == "0" else payload["requests"]
+        # The attempts that committed this chunk's ancestors: their claims are
+        # this worker's to trust (fanout.crawl.known).
+        lineage = {} if frontier is None else parse_lineage(payload.get("lineage"))
+        KNOWN.learn(ctx.run_id, lineage)
         log_level = logging.getLevelName(logging.getLogger("fanout").getEffectiveLevel())
         result = run_chunk(
             self.spider_cls,
@@ -104,14 +109,16 @@ class CrawlJob(Job):
             token=ctx._token,
             store=ctx._store,
             throttle_base=self.throttle_base,
+            known=KNOWN.known(ctx.run_id),
         )
+        KNOWN.remember(ctx.run_id, ctx.chunk_id, ctx._token, result.claims)
         for error in result.errors:
             ctx.log.error("crawl chunk: %s", error)
         for item in result.items:
             ctx.emit(item)
         ctx.stats.update(result.stats)
         ctx.stats["handed_on"] += len(result.pending)  # requests passed to child chunks
-        self._hand_on(result.pending, ctx)
+        self._hand_on(result.pending, ctx, lineage)
 
     def _chunk_pages(self, ctx: ChunkContext) -> int:
         """The pages this chunk fetches at most: ``pages_per_chunk``, or a
@@ -124,9 +131,18 @@ class CrawlJob(Job):
         settings = ctx.settings or self.settings
         return settings.pages_per_chunk
 
-    def _hand_on(self, pending: list[dict[str, Any]], ctx: ChunkContext) -> None:
+    def _hand_on(
+        self,
+        pending: list[dict[str, Any]],
+        ctx: ChunkContext,
+        lineage: dict[str, str] | None = None,
+    ) -> None:
         """Pending requests become child chunks of ``pages_per_chunk`` each, in a
-        stable order (a re-run of this chunk makes the same children)."""
+        stable order (a re-run of this chunk makes the same children). Each
+        child's payload carries its lineage: ``lineage`` (this chunk's own) and
+        this attempt, which is the one that committed if the child exists."""
+        ancestors = list((lineage or {}).items())[-(MAX_LINEAGE - 1) :]
+        lines = {**dict(ancestors), ctx.chunk_id: ctx._token}
         normal: list[dict[str, Any]] = []
         throttled: dict[tuple[int, float], list[dict[str, Any]]] = {}
         for entry in sorted(pending, key=lambda e: json.dumps(e["request"], sort_keys=True)):
@@ -142,7 +158,7 @@ class CrawlJob(Job):
                 normal.append(request)
         size = self._pages_per_chunk(ctx)
         for start in range(0, len(normal), size):
-            ctx.spawn({"requests": normal[start : start + size]})
+            ctx.spawn({"requests": normal[start : start + size], "lineage": lines})
         for (level, asked), requests in sorted(throttled.items()):
             # At least the base: a throttled site is always given a pause.
             delay = min(
@@ -152,4 +168,6 @@ class CrawlJob(Job):
             )
             delay = max(delay, asked)
             for start in range(0, len(requests), size):
-                ctx.spawn({"requests": requests[start : start + size]}, delay=delay)
+                ctx.spawn(
+                    {"requests": requests[start : start + size], "lineage": lines}, delay=delay
+                )

@@ -43,6 +43,8 @@ class ChunkResult:
     pending: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    #: Fingerprints this attempt claimed in the ledger (``fanout.crawl.known``).
+    claims: list[str] = field(default_factory=list)
 
 
 def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -> type[Spider]:
@@ -245,12 +247,15 @@ def run_chunk(
     token: str = "",
     store: Store | None = None,
     throttle_base: float = components.DEFAULT_THROTTLE_BASE,
+    known: set[str] | None = None,
 ) -> ChunkResult:
     """Crawl one chunk in a forked process and collect what it sent.
 
     ``time_left`` is the time to the chunk's soft deadline: the spider stops
     taking new requests ``drain`` seconds before it, and at the cut-off, just
-    before it, hands on whatever still waits for an answer.
+    before it, hands on whatever still waits for an answer. ``known``: the
+    fingerprints committed chunks of the run hold, not asked of the ledger
+    again (the forked chunk shares the set; it must not change it).
     """
     drain = max(1.0, 0.2 * time_left)  # time kept for in-flight requests to finish
     now = time.monotonic()
@@ -270,6 +275,7 @@ def run_chunk(
         "log_level": log_level,
         "worker_pid": os.getpid(),
         "throttle_base": throttle_base,  # a throttled domain's first back-off, run-wide
+        "known": known if known is not None else set(),
     }
     prewarm()
     read_fd, write_fd = os.pipe()
@@ -290,6 +296,8 @@ def run_chunk(
                 result.stats = event["stats"]
             elif "error" in event:
                 result.errors.append(event["error"])
+            elif "claims" in event:
+                result.claims = [str(fp) for fp in event["claims"]]
     _, status = os.waitpid(pid, 0)
     if status != 0 or (result.errors and not result.stats):
         detail = result.errors[-1].strip().splitlines()[-1] if result.errors else ""

@@ -80,6 +80,7 @@ def book_of(crawler: Any) -> ClaimBook:
             CHUNK.get("token", ""),
             crawler.request_fingerprinter,
             crawler.stats,
+            CHUNK.get("known"),
         )
         CHUNK["book"] = book
     return book
@@ -425,6 +426,8 @@ class ChunkBudget:
         # What the crawl state's calls cost, where it counts (DynamoDB).
         for unit, value in CHUNK["crawl"].usage.items():
             stats.set_value(f"fanout/ledger_{unit}", value)
+        # Before the stats: the parent reads every line up to the end.
+        send("claims", sorted(self.book.won))
         send("stats", summarize_stats(stats.get_stats()))
         assert channel.CHANNEL is not None
         channel.CHANNEL.flush()
@@ -513,6 +516,7 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
             stats.get("fanout/dupes_chunk", 0)
             + stats.get("fanout/dupes_run", 0)
             + stats.get("fanout/dupes_copy", 0)
+            + stats.get("fanout/dupes_known", 0)
         ),
         "http_retries": int(stats.get("retry/count", 0)),
         "download_errors": int(stats.get("downloader/exception_count", 0)),
@@ -520,6 +524,7 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
         "throttle_gave_up": int(stats.get("fanout/throttle_gave_up", 0)),
         "handed_on_in_flight": int(stats.get("fanout/handed_on_in_flight", 0)),
         "new_urls": int(stats.get("fanout/new_urls", 0)),
+        "known_taken": int(stats.get("fanout/dupes_known", 0)),
         "ledger_claim_calls": int(stats.get("fanout/ledger_claim_calls", 0)),
         "ledger_fingerprints_asked": int(stats.get("fanout/ledger_claimed_asked", 0)),
         "ledger_lease_calls": int(stats.get("fanout/ledger_lease_calls", 0)),
