@@ -153,7 +153,7 @@ def test_the_root_chunk_hands_on_after_a_quarter_of_its_pages(
 ) -> None:
     # The root chunk runs alone: every other worker waits for its children.
     # It fetches pages_per_chunk // ROOT_SHARE pages, then hands on; the other
-    # chunks fetch pages_per_chunk.
+    # chunks fetch up to pages_per_chunk.
     from fanout import coordinator
     from fanout.backends.base import RunState, TaskKey
     from fanout.crawl import ROOT_SHARE
@@ -173,7 +173,8 @@ def test_the_root_chunk_hands_on_after_a_quarter_of_its_pages(
     assert root is not None and root.output is not None
     assert root.output.records == 20 // ROOT_SHARE
     others = [t for t in local.ledger.list_tasks(run_id) if t.chunk_id != "0" and t.output]
-    assert max(t.output.records for t in others if t.output) == 20
+    sizes = [t.output.records for t in others if t.output]
+    assert max(sizes) <= 20 and max(sizes) > 20 // ROOT_SHARE
 
 
 def test_loading_a_crawl_job_warms_the_process_its_workers_fork_from(tmp_path: Path) -> None:
@@ -326,3 +327,35 @@ def test_only_the_claims_of_an_attempt_known_to_have_committed_are_trusted() -> 
     assert parse_lineage({"0": "t0"}) == {"0": "t0"}
     assert parse_lineage({"0": 1}) == {} and parse_lineage(["0"]) == {}
     assert parse_lineage({str(i): "t" for i in range(65)}) == {}
+
+
+def test_requests_handed_on_are_split_into_chunks_of_even_sizes() -> None:
+    # 300 requests at 250 a chunk: two children of 150, not 250 and 50 (the
+    # small one's worker would sit idle while the big one crawls on).
+    import time
+
+    from fanout.context import ChunkContext
+    from fanout.crawl import CrawlJob
+
+    job = CrawlJob(scrapy.Spider, schema=None, name="t", pages_per_chunk=250)
+
+    def sizes(count: int) -> list[int]:
+        ctx = ChunkContext(
+            params={}, run_id="r", chunk_id="0/1", seq=0, attempt=1, cursor=None,
+            soft_deadline=time.monotonic() + 60, writer=None, job_name="t",
+            settings=job.settings,
+        )  # fmt: skip
+        pending = [
+            {"request": {"url": f"http://a.test/{i}", "meta": {}}, "throttled": False}
+            for i in range(count)
+        ]
+        job._hand_on(pending, ctx)
+        urls = [r["url"] for s in ctx.spawned for r in s.payload["requests"]]
+        assert sorted(urls) == sorted(p["request"]["url"] for p in pending)
+        return [len(s.payload["requests"]) for s in ctx.spawned]
+
+    assert sizes(300) == [150, 150]
+    assert sizes(501) == [167, 167, 167]
+    assert sizes(250) == [250]
+    assert sizes(7) == [7]
+    assert sizes(0) == []

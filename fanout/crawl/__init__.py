@@ -137,8 +137,9 @@ class CrawlJob(Job):
         ctx: ChunkContext,
         lineage: dict[str, str] | None = None,
     ) -> None:
-        """Pending requests become child chunks of ``pages_per_chunk`` each, in a
-        stable order (a re-run of this chunk makes the same children). Each
+        """Pending requests become child chunks of at most ``pages_per_chunk``
+        each, of even sizes, in a stable order (a re-run of this chunk makes the
+        same children). Each
         child's payload carries its lineage: ``lineage`` (this chunk's own) and
         this attempt, which is the one that committed if the child exists."""
         ancestors = list((lineage or {}).items())[-(MAX_LINEAGE - 1) :]
@@ -157,8 +158,8 @@ class CrawlJob(Job):
             else:
                 normal.append(request)
         size = self._pages_per_chunk(ctx)
-        for start in range(0, len(normal), size):
-            ctx.spawn({"requests": normal[start : start + size], "lineage": lines})
+        for part in _even_parts(normal, size):
+            ctx.spawn({"requests": part, "lineage": lines})
         for (level, asked), requests in sorted(throttled.items()):
             # At least the base: a throttled site is always given a pause.
             delay = min(
@@ -167,7 +168,16 @@ class CrawlJob(Job):
                 + compute_backoff(level, base=self.throttle_base, cap=MAX_BACKOFF),
             )
             delay = max(delay, asked)
-            for start in range(0, len(requests), size):
-                ctx.spawn(
-                    {"requests": requests[start : start + size], "lineage": lines}, delay=delay
-                )
+            for part in _even_parts(requests, size):
+                ctx.spawn({"requests": part, "lineage": lines}, delay=delay)
+
+
+def _even_parts(items: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    """``items`` in as few parts of at most ``size`` as can hold them, of even
+    sizes: 300 requests at 250 a chunk make two chunks of 150, not 250 and 50,
+    which other workers would finish long before the big one."""
+    if not items:
+        return []
+    count = -(-len(items) // size)
+    per = -(-len(items) // count)
+    return [items[start : start + per] for start in range(0, len(items), per)]
