@@ -83,3 +83,22 @@ def test_a_back_off_any_chunk_asks_for_is_told_to_every_chunk_until_it_ends() ->
     # Once it is over, nothing is left of it in the state, and grants carry none.
     assert grant_domain(state, "c", ask(31.5)).backoff_until == 0.0
     assert "backoff_until" not in state and backoff_of(state, 31.5) == 0.0
+
+
+def test_slots_let_go_are_kept_a_moment_for_a_newcomer_not_for_the_other_holders() -> None:
+    # a and b share 8 slots; a's chunk ends and lets its 4 go. b, asking again,
+    # does not grow into them for a moment: c, the next chunk of a's worker,
+    # gets them at once instead of waiting for b to trim itself.
+    state: dict[str, Any] = {}
+    assert grant_domain(state, "a", ask(0)).slots == 8
+    assert grant_domain(state, "b", ask(0.1)).slots == 0
+    assert grant_domain(state, "a", ask(0.2, in_use=4)).slots == 4
+    assert grant_domain(state, "b", ask(0.3)).slots == 4
+    grant_domain(state, "a", ask(1.0, want=0))
+    assert grant_domain(state, "b", ask(1.1, in_use=4)).slots == 4  # held back
+    assert grant_domain(state, "c", ask(1.3)).slots == 4
+    assert sum(v[0] for v in state["holders"].values()) <= 8
+    # Once the moment is over, a holder alone gets everything again.
+    grant_domain(state, "c", ask(1.5, want=0))
+    assert grant_domain(state, "b", ask(1.6, in_use=4)).slots == 4
+    assert grant_domain(state, "b", ask(2.6, in_use=4)).slots == 8

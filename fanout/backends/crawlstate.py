@@ -99,6 +99,11 @@ def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
     one, a holder gets at most an even share, ``ceil(capacity / holders)``, of
     what the others do not use.
 
+    Without a delay, the slots a holder lets go while others share the domain
+    are kept :data:`RESERVE_FOR` seconds for a newcomer (``state["reserved"]``):
+    chunks follow one another on each worker, and a newcomer refused because
+    another holder grew into them would wait for that holder to trim itself.
+
     ``state["backoff_until"]`` is the domain's run-wide back-off: the latest end
     any chunk asked for, kept while it lasts, returned with every grant.
     """
@@ -116,6 +121,11 @@ def backoff_of(state: dict[str, Any], now: float) -> float:
     """The end of a domain's back-off in its lease ``state``, 0 when none lasts at ``now``."""
     until = float(state.get("backoff_until", 0.0))
     return until if until > now else 0.0
+
+
+#: Seconds the slots a holder lets go of a shared domain are kept for a
+#: newcomer (see :func:`grant_domain`).
+RESERVE_FOR = 1.0
 
 
 def _grant_slots(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGrant:
@@ -136,6 +146,12 @@ def _grant_slots(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
         state["holders"] = others
         if holder in before:
             state["free_at"] = max(free_at, now + delay)
+            let_go = int(before[holder][0])
+            if let_go > 0 and others and delay <= 0:
+                # Kept a moment for a newcomer: the chunk that follows on the
+                # same worker is on its way, and another holder growing into
+                # the slots now would make it wait for that holder's trim.
+                state["reserved"] = [let_go, now + RESERVE_FOR]
         return DomainGrant(0, delay=delay)
     if delay > 0:
         busy = [v for v in others.values() if v[0] > 0]
@@ -149,12 +165,24 @@ def _grant_slots(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
         return DomainGrant(ask.capacity, start_after=free_at, holders=len(others) + 1, delay=delay)
     used = sum(int(v[0]) for v in others.values())
     share = max(1, math.ceil(ask.capacity / (len(others) + 1)))
-    slots = max(0, min(ask.want, share, ask.capacity - used))
+    mine = before.get(holder)
+    newcomer = mine is None or mine[1] <= now or mine[0] <= 0
+    reserved = state.pop("reserved", None)
+    kept = int(reserved[0]) if reserved and reserved[1] > now else 0
+    # Slots let go a moment ago are for a newcomer only (never more in flight:
+    # a reservation only holds the other holders back).
+    free = ask.capacity - used - (0 if newcomer else kept)
+    slots = max(0, min(ask.want, share, free))
+    if kept and newcomer:
+        kept -= slots
+    if kept > 0 and reserved:
+        state["reserved"] = [kept, reserved[1]]
     # What the holder is charged: its grant, or more while a larger earlier
     # grant is still in flight.
     state["holders"] = {**others, holder: [max(slots, ask.in_use), ask.expires]}
     if slots == 0:
-        return DomainGrant(0, retry_after=0.5, holders=len(others) + 1)
+        # The holders trim themselves at their next renewal (every 0.25 s).
+        return DomainGrant(0, retry_after=0.25, holders=len(others) + 1)
     return DomainGrant(slots, holders=len(others) + 1)
 
 

@@ -20,7 +20,8 @@ middlewares and fanout's throttle hand-off copy ``meta``, so:
 
 The new links of one response are claimed in one ledger call
 (:class:`ClaimBatch`, a spider middleware), after a per-chunk cache of
-fingerprints this chunk holds or knows another chunk holds.
+fingerprints this chunk holds or knows another chunk holds, and the worker's
+fingerprints of attempts known to have committed (:mod:`fanout.crawl.known`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class ClaimBook:
         token: str,
         fingerprinter: Any,
         stats: Any,
+        known: set[str] | None = None,
     ) -> None:
         self.crawl = crawl
         self.run_id = run_id
@@ -57,6 +59,10 @@ class ClaimBook:
         self.held: set[str] = set()  # claims this chunk holds (its own, or its frontier's)
         self.elsewhere: set[str] = set()  # known to be held by another chunk
         self.answered: set[str] = set()  # pages this chunk has a response for
+        self.won: set[str] = set()  # claimed in the ledger by this attempt
+        # Held by attempts known to have committed (fanout.crawl.known): the
+        # worker's, shared with it, never changed here.
+        self.known: set[str] = known if known is not None else set()
 
     def fingerprint(self, request: Request) -> str:
         """Scrapy's request fingerprint, hex."""
@@ -79,6 +85,9 @@ class ClaimBook:
             if fp in self.held or fp in self.elsewhere or fp in fresh:
                 self.stats.inc_value("fanout/dupes_chunk")
                 continue
+            if fp in self.known:
+                self.stats.inc_value("fanout/dupes_known")
+                continue
             fresh[fp] = request
         if not fresh:
             return []
@@ -90,6 +99,7 @@ class ClaimBook:
             if fp in won:
                 request.meta[CLAIM] = fp
                 self.held.add(fp)
+                self.won.add(fp)
                 out.append(request)
             else:
                 self.elsewhere.add(fp)

@@ -80,6 +80,7 @@ def book_of(crawler: Any) -> ClaimBook:
             CHUNK.get("token", ""),
             crawler.request_fingerprinter,
             crawler.stats,
+            CHUNK.get("known"),
         )
         CHUNK["book"] = book
     return book
@@ -141,6 +142,11 @@ class ChunkScheduler(Scheduler):
     def next_request(self) -> Request | None:
         if CHUNK.get("closing"):
             return None  # the chunk has its share of pages: the rest is handed on
+        budget: ChunkBudget | None = CHUNK.get("budget")
+        if budget is not None and budget.spent():
+            # What is in flight makes up the chunk's share: sending more would
+            # fetch pages past it (if some fail, their answers ask again).
+            return None
         if self.parked and not self.handed_on:
             self._unpark()
         if self.waiting:
@@ -381,6 +387,7 @@ class ChunkBudget:
         self.cut = False
         self.book = book_of(crawler)
         self.gate = gate_of(crawler)
+        CHUNK["budget"] = self
         crawler.signals.connect(self.response_received, signal=signals.response_received)
         crawler.signals.connect(self.spider_opened, signal=signals.spider_opened)
         crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
@@ -419,6 +426,8 @@ class ChunkBudget:
         # What the crawl state's calls cost, where it counts (DynamoDB).
         for unit, value in CHUNK["crawl"].usage.items():
             stats.set_value(f"fanout/ledger_{unit}", value)
+        # Before the stats: the parent reads every line up to the end.
+        send("claims", sorted(self.book.won))
         send("stats", summarize_stats(stats.get_stats()))
         assert channel.CHANNEL is not None
         channel.CHANNEL.flush()
@@ -434,8 +443,12 @@ class ChunkBudget:
         self.pages += 1
         # Requests in flight will answer too: stop scheduling once they make up
         # the chunk's share, so a chunk fetches pages_per_chunk, not 16 more.
-        if self.pages + len(self.crawler.engine.downloader.active) >= self.limit:
+        if self.spent():
             self.close(spider, "fanout_pages")
+
+    def spent(self) -> bool:
+        """Whether the pages fetched and the requests in flight make up the chunk's share."""
+        return self.pages + len(self.crawler.engine.downloader.active) >= self.limit
 
     def check(self, spider: Spider) -> None:
         now = time.monotonic()
@@ -503,6 +516,7 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
             stats.get("fanout/dupes_chunk", 0)
             + stats.get("fanout/dupes_run", 0)
             + stats.get("fanout/dupes_copy", 0)
+            + stats.get("fanout/dupes_known", 0)
         ),
         "http_retries": int(stats.get("retry/count", 0)),
         "download_errors": int(stats.get("downloader/exception_count", 0)),
@@ -510,6 +524,7 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
         "throttle_gave_up": int(stats.get("fanout/throttle_gave_up", 0)),
         "handed_on_in_flight": int(stats.get("fanout/handed_on_in_flight", 0)),
         "new_urls": int(stats.get("fanout/new_urls", 0)),
+        "known_taken": int(stats.get("fanout/dupes_known", 0)),
         "ledger_claim_calls": int(stats.get("fanout/ledger_claim_calls", 0)),
         "ledger_fingerprints_asked": int(stats.get("fanout/ledger_claimed_asked", 0)),
         "ledger_lease_calls": int(stats.get("fanout/ledger_lease_calls", 0)),
