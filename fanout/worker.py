@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -162,6 +163,10 @@ class _Slot:
 
 def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> None:
     die_with_parent()
+    # What the child inherits (the supervisor's modules, the loaded job) lives
+    # as long as it does: out of the collector's sight, each collection does
+    # not walk (and copy, page by page) the parent's heap.
+    gc.freeze()
     # Ctrl-C reaches the whole process group; the supervisor decides for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
