@@ -79,6 +79,7 @@ LAZY_COMMANDS: dict[str, tuple[Callable[[], ModuleType], str]] = {
     "cost": (_observe, "cost"),
     "dead-letters": (_observe, "dead_letters"),
     "aws": (_aws, "aws"),
+    "deploy": (_aws, "deploy"),
     "schedule": (_schedules, "schedule"),
     "scheduler": (_schedules, "scheduler"),
     "ui": (_ui, "ui"),
@@ -531,66 +532,6 @@ def validate(
     shown = model.model_dump(mode="json") if hasattr(model, "model_dump") else model
     click.echo(f"  params: {json.dumps(shown)}")
     click.echo(f"  settings: {json.dumps(run_settings.model_dump(mode='json'))}")
-
-
-@main.command()
-@click.option("--stage", required=True, help="Stage to deploy (stack fanout-STAGE).")
-@click.option("--dry-run", is_flag=True, help="Build the zip and print the plan; call no AWS API.")
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=".",
-    show_default=True,
-    help="Project directory holding jobs/ and schemas/.",
-)
-@click.option("--code-bucket", help="Bucket for the code zip (default: fanout-STAGE-code-...).")
-@click.option(
-    "--parameter", "-p", "parameters", multiple=True, help="Stack parameter KEY=VALUE (repeatable)."
-)
-@click.option(
-    "--layer-zip",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="A prebuilt dependency layer zip (python/...) instead of building one with pip.",
-)
-@click.option(
-    "--rebuild-layer", is_flag=True, help="Rebuild the dependency layer even if it is cached."
-)
-def deploy(
-    stage: str,
-    dry_run: bool,
-    root: Path,
-    code_bucket: str | None,
-    parameters: tuple[str, ...],
-    layer_zip: Path | None,
-    rebuild_layer: bool,
-) -> None:
-    """Package the code and its dependency layer; create or update the AWS stack of STAGE."""
-    import tempfile
-
-    # Imported here: deploy pulls in YAML and boto3 that other commands never need.
-    from fanout.deploy import build_zip, layer_report, parse_parameters, plan
-    from fanout.deploy import deploy as deploy_stack
-
-    overrides = parse_parameters(parameters)
-    if dry_run:
-        with tempfile.TemporaryDirectory() as tmp:
-            size = build_zip(root, Path(tmp) / "fanout.zip").stat().st_size
-        click.echo(f"zip: {size} bytes")
-        for line in layer_report(root, overrides, layer_zip):
-            click.echo(line)
-        click.echo(plan(stage, overrides))
-        return
-    outputs = deploy_stack(
-        stage,
-        root,
-        code_bucket=code_bucket,
-        parameters=overrides,
-        layer_zip=layer_zip,
-        rebuild_layer=rebuild_layer,
-        echo=click.echo,
-    )
-    for key in sorted(outputs):
-        click.echo(f"{key}: {outputs[key]}")
 
 
 for _command in CONTROL_COMMANDS:  # fanout cancel, pause, resume

@@ -1,12 +1,14 @@
-"""``fanout aws create|destroy --stage NAME``: a stage's resources without
+"""The AWS commands. ``fanout deploy --stage NAME`` packages the code and
+creates or updates the full stack (the function, its roles and event source);
+``fanout aws create|destroy --stage NAME`` makes a stage's resources without
 CloudFormation, for emulators (moto, LocalStack) and accounts where a user may
-not create stacks. ``fanout deploy`` remains the way to a full stack (the
-function, its roles and event source)."""
+not create stacks."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import click
 
@@ -82,3 +84,63 @@ def destroy(stage: str, force: bool) -> None:
     )
     for line in lines:
         click.echo(line)
+
+
+@click.command()
+@click.option("--stage", required=True, help="Stage to deploy (stack fanout-STAGE).")
+@click.option("--dry-run", is_flag=True, help="Build the zip and print the plan; call no AWS API.")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=".",
+    show_default=True,
+    help="Project directory holding jobs/ and schemas/.",
+)
+@click.option("--code-bucket", help="Bucket for the code zip (default: fanout-STAGE-code-...).")
+@click.option(
+    "--parameter", "-p", "parameters", multiple=True, help="Stack parameter KEY=VALUE (repeatable)."
+)
+@click.option(
+    "--layer-zip",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A prebuilt dependency layer zip (python/...) instead of building one with pip.",
+)
+@click.option(
+    "--rebuild-layer", is_flag=True, help="Rebuild the dependency layer even if it is cached."
+)
+def deploy(
+    stage: str,
+    dry_run: bool,
+    root: Path,
+    code_bucket: str | None,
+    parameters: tuple[str, ...],
+    layer_zip: Path | None,
+    rebuild_layer: bool,
+) -> None:
+    """Package the code and its dependency layer; create or update the AWS stack of STAGE."""
+    import tempfile
+
+    # Imported here: deploy pulls in YAML and boto3 that other commands never need.
+    from fanout.deploy import build_zip, layer_report, parse_parameters, plan
+    from fanout.deploy import deploy as deploy_stack
+
+    overrides = parse_parameters(parameters)
+    if dry_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            size = build_zip(root, Path(tmp) / "fanout.zip").stat().st_size
+        click.echo(f"zip: {size} bytes")
+        for line in layer_report(root, overrides, layer_zip):
+            click.echo(line)
+        click.echo(plan(stage, overrides))
+        return
+    outputs = deploy_stack(
+        stage,
+        root,
+        code_bucket=code_bucket,
+        parameters=overrides,
+        layer_zip=layer_zip,
+        rebuild_layer=rebuild_layer,
+        echo=click.echo,
+    )
+    for key in sorted(outputs):
+        click.echo(f"{key}: {outputs[key]}")

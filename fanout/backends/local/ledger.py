@@ -31,13 +31,17 @@ from fanout.backends.base import (
     TaskKey,
     TaskRecord,
     TaskState,
-    took_field,
 )
 from fanout.backends.local.db import Database
 from fanout.backends.local.ledger_rows import (
+    APPEND,
+    CLAIM_READ,
     SCHEMA,
     RunSums,
+    commit_args,
+    failure_event,
     key_args,
+    row_event,
     run_record,
     task_record,
 )
@@ -56,44 +60,9 @@ from fanout.backends.rules import (
     rule_claim,
 )
 
-# Appends one JSON event to a task's history inside the UPDATE itself, stamped
-# with the attempt it is about (the row's values before the UPDATE).
-_APPEND = (
-    "history = json_insert(history, '$[#]',"
-    " json_set(json(?), '$.attempt', attempt - attempt_floor))"
-)
-
-# One read for a claim: the task, its run's stop and its parent (if any).
-_CLAIM_READ = (
-    "SELECT t.*, r.stop_reason AS run_stop, p.state AS p_state,"
-    " p.committed_by AS p_committed_by, p.lease_expires AS p_lease_expires"
-    " FROM tasks t JOIN runs r USING (run_id) LEFT JOIN tasks p"
-    " ON p.run_id = t.run_id AND p.chunk_id = t.parent_chunk AND p.seq = t.parent_seq"
-    " WHERE t.run_id = ? AND t.chunk_id = ? AND t.seq = ?"
-)
-
 
 class _OverLimit(Exception):
     """Raised inside a transaction to roll it back."""
-
-
-def _event(outcome: TaskEvent | FailureKind, now: float, **extra: object) -> str:
-    """A history event as JSON, for :data:`_APPEND` to stamp with the attempt."""
-    return json.dumps(history_event(outcome, now, None, **extra))
-
-
-def _commit_args(r: CommitRequest) -> tuple[object, ...]:
-    """The parameters of one commit's task ``UPDATE``."""
-    records, nbytes = (r.output.records, r.output.bytes) if r.output else (0, 0)
-    return (
-        r.output.key if r.output else None,
-        records,
-        nbytes,
-        r.now,
-        _event(r.outcome, r.now, records=records, **took_field(r.duration)),
-        *key_args(r.key),
-        r.token,
-    )
 
 
 class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concurrency
@@ -266,10 +235,10 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         before = conn.total_changes
         conn.executemany(
             f"UPDATE tasks SET state = 'queued', message = ?, spawned_by = ?, updated_at = ?,"
-            f" {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?"
+            f" {APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?"
             " AND state = 'cancelled' AND spawned_by IS NOT ?",
             [
-                (m, sb, n, _event(TaskEvent.REVIVED, n), r, c, q, sb2)
+                (m, sb, n, row_event(TaskEvent.REVIVED, n), r, c, q, sb2)
                 for m, sb, n, r, c, q, sb2 in keyed
             ],
         )
@@ -307,7 +276,7 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         max_attempts: int,
         now: float,
     ) -> Claim:
-        row = conn.execute(_CLAIM_READ, key_args(key)).fetchone()
+        row = conn.execute(CLAIM_READ, key_args(key)).fetchone()
         if row is None:
             return Claim(ClaimOutcome.MISSING)
         task = task_record(row)
@@ -330,8 +299,8 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         if verdict in (ClaimVerdict.TAKE_OVER, ClaimVerdict.BURY):
             takeover = FailureKind.CRASHED
             conn.execute(
-                f"UPDATE tasks SET {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
-                (_event(FailureKind.CRASHED, now), *key_args(key)),
+                f"UPDATE tasks SET {APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
+                (row_event(FailureKind.CRASHED, now), *key_args(key)),
             )
             conn.execute("UPDATE runs SET retries = retries + 1 WHERE run_id = ?", (key.run_id,))
             if verdict is ClaimVerdict.BURY:
@@ -375,7 +344,7 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         totals, and the run drains on its last commit in the batch, as it would
         one commit at a time."""
         # Built before the write lock is taken: other workers wait while it is held.
-        args = [_commit_args(r) for r in requests]
+        args = [commit_args(r) for r in requests]
         with self.db.write() as conn:
             committed = [self._commit(conn, r, a) for r, a in zip(requests, args, strict=True)]
             sums: dict[str, RunSums] = {}
@@ -414,7 +383,7 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         row = conn.execute(
             "UPDATE tasks SET state = 'done', committed_by = lease_token, lease_token = NULL,"
             " output_key = ?, records = ?,"
-            f" bytes = ?, updated_at = ?, {_APPEND}"
+            f" bytes = ?, updated_at = ?, {APPEND}"
             " WHERE run_id = ? AND chunk_id = ? AND seq = ? AND state = 'running'"
             " AND lease_token = ? RETURNING attempt",
             args,
@@ -430,10 +399,10 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
                 # INDEXED BY: without statistics SQLite would pick the primary
                 # key's run_id prefix and scan the whole run on every commit.
                 f"UPDATE tasks INDEXED BY tasks_by_parent SET state = 'cancelled',"
-                f" updated_at = ?, {_APPEND}"
+                f" updated_at = ?, {APPEND}"
                 " WHERE run_id = ? AND parent_chunk = ? AND parent_seq = ? AND state = 'queued'"
                 " AND spawned_by IS NOT ?",
-                (r.now, _event(TaskEvent.ORPHANED, r.now), *key_args(r.key), r.token),
+                (r.now, row_event(TaskEvent.ORPHANED, r.now), *key_args(r.key), r.token),
             ).rowcount
         )
 
@@ -462,7 +431,7 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         with self.db.write() as conn:
             cur = conn.execute(
                 "UPDATE tasks SET state = 'queued', lease_token = NULL, lease_expires = 0,"
-                f" not_before = ?, error = ?, traceback = ?, updated_at = ?, {_APPEND}"
+                f" not_before = ?, error = ?, traceback = ?, updated_at = ?, {APPEND}"
                 " WHERE run_id = ? AND chunk_id = ? AND seq = ? AND state = 'running'"
                 " AND lease_token = ?",
                 (
@@ -470,7 +439,7 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
                     failure.error,
                     failure.traceback,
                     now,
-                    _event(failure.kind, now, error=failure.error, **took_field(failure.duration)),
+                    failure_event(failure, now),
                     *key_args(key),
                     token,
                 ),
@@ -507,9 +476,9 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         )
         if log:
             conn.execute(
-                f"UPDATE tasks SET {_APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
+                f"UPDATE tasks SET {APPEND} WHERE run_id = ? AND chunk_id = ? AND seq = ?",
                 (
-                    _event(failure.kind, now, error=failure.error, **took_field(failure.duration)),
+                    failure_event(failure, now),
                     *key_args(key),
                 ),
             )
@@ -525,9 +494,9 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
     ) -> bool:
         """Finish a task without output (dead or cancelled); true if the run drained."""
         conn.execute(
-            f"UPDATE tasks SET state = ?, lease_token = NULL, updated_at = ?, {_APPEND}"
+            f"UPDATE tasks SET state = ?, lease_token = NULL, updated_at = ?, {APPEND}"
             " WHERE run_id = ? AND chunk_id = ? AND seq = ?",
-            (state.value, now, _event(outcome, now), *key_args(key)),
+            (state.value, now, row_event(outcome, now), *key_args(key)),
         )
         column = "tasks_dead" if state == TaskState.DEAD else "tasks_cancelled"
         row = conn.execute(
@@ -581,9 +550,9 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
             for chunk_id, seq in keys:
                 cur = conn.execute(
                     "UPDATE tasks SET state = 'queued', attempt_floor = attempt, not_before = 0,"
-                    f" lease_token = NULL, lease_expires = 0, updated_at = ?, {_APPEND}"
+                    f" lease_token = NULL, lease_expires = 0, updated_at = ?, {APPEND}"
                     " WHERE run_id = ? AND chunk_id = ? AND seq = ? RETURNING *",
-                    (now, _event(TaskEvent.REPLAYED, now), run_id, chunk_id, seq),
+                    (now, row_event(TaskEvent.REPLAYED, now), run_id, chunk_id, seq),
                 )
                 reopened.append(task_record(cur.fetchone()))
             if reopened:

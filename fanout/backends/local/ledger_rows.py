@@ -9,13 +9,18 @@ from dataclasses import dataclass, field
 
 from fanout.backends.base import (
     CommitRequest,
+    Failure,
+    FailureKind,
     Output,
     RunRecord,
     RunState,
+    TaskEvent,
     TaskKey,
     TaskRecord,
     TaskState,
+    took_field,
 )
+from fanout.backends.rules import history_event
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -155,3 +160,44 @@ class RunSums:
         self.now = max(self.now, r.now)
         for name, value in (r.stats or {}).items():
             self.stats[name] = self.stats.get(name, 0) + value
+
+
+# Appends one JSON event to a task's history inside the UPDATE itself, stamped
+# with the attempt it is about (the row's values before the UPDATE).
+APPEND = (
+    "history = json_insert(history, '$[#]',"
+    " json_set(json(?), '$.attempt', attempt - attempt_floor))"
+)
+
+# One read for a claim: the task, its run's stop and its parent (if any).
+CLAIM_READ = (
+    "SELECT t.*, r.stop_reason AS run_stop, p.state AS p_state,"
+    " p.committed_by AS p_committed_by, p.lease_expires AS p_lease_expires"
+    " FROM tasks t JOIN runs r USING (run_id) LEFT JOIN tasks p"
+    " ON p.run_id = t.run_id AND p.chunk_id = t.parent_chunk AND p.seq = t.parent_seq"
+    " WHERE t.run_id = ? AND t.chunk_id = ? AND t.seq = ?"
+)
+
+
+def row_event(outcome: TaskEvent | FailureKind, now: float, **extra: object) -> str:
+    """A history event as JSON, for :data:`APPEND` to stamp with the attempt."""
+    return json.dumps(history_event(outcome, now, None, **extra))
+
+
+def failure_event(failure: Failure, now: float) -> str:
+    """The history event of a failed attempt, as JSON."""
+    return row_event(failure.kind, now, error=failure.error, **took_field(failure.duration))
+
+
+def commit_args(r: CommitRequest) -> tuple[object, ...]:
+    """The parameters of one commit's task ``UPDATE``."""
+    records, nbytes = (r.output.records, r.output.bytes) if r.output else (0, 0)
+    return (
+        r.output.key if r.output else None,
+        records,
+        nbytes,
+        r.now,
+        row_event(r.outcome, r.now, records=records, **took_field(r.duration)),
+        *key_args(r.key),
+        r.token,
+    )
