@@ -40,6 +40,9 @@ class Spawn:
 
     payload: Any
     delay: float
+    #: ``payload`` as compact JSON, encoded once by ``spawn``'s own check: the
+    #: child's message body is built from it (``fanout.messages.encode_child``).
+    text: str
 
 
 class ChunkLogger(logging.LoggerAdapter[logging.Logger]):
@@ -145,14 +148,14 @@ class ChunkContext:
     def spawn(self, payload: Any, delay: float = 0.0) -> None:
         """Start a child chunk with ``payload`` (JSON) once this chunk commits,
         after ``delay`` seconds."""
-        _check_json(payload, "payload")
+        text = _check_json(payload, "payload")
         delay = float(delay)
         if not 0 <= delay <= MAX_SPAWN_DELAY:  # also false for NaN
             raise PermanentError(
                 f"spawn delay {delay!r} is not between 0 and {MAX_SPAWN_DELAY:g} s (12 days);"
                 " for longer waits, schedule a run (fanout schedule add)"
             )
-        self.spawned.append(Spawn(payload, delay))
+        self.spawned.append(Spawn(payload, delay, text))
 
     def spawn_many(self, payloads: Iterable[Any], delay: float = 0.0) -> int:
         """``spawn`` each of ``payloads`` (say ``fanout.batched(items, max_items=1000)``);
@@ -177,8 +180,14 @@ class ChunkContext:
         return open_input(path)
 
 
-def _check_json(value: Any, what: str) -> None:
+#: Built once (``json.dumps`` with options builds an encoder at every call); the
+#: output matches ``fanout.messages.encode``'s, NaN and infinities refused.
+_STRICT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _check_json(value: Any, what: str) -> str:
+    """``value`` as compact JSON; a ``TypeError`` naming ``what`` if it is not JSON."""
     try:
-        json.dumps(value, allow_nan=False)
+        return _STRICT.encode(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} must be JSON (no pickle): {exc}") from None

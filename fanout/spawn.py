@@ -13,7 +13,7 @@ from typing import Any
 from fanout.backends.base import NewTask, Store
 from fanout.context import Continue, Spawn
 from fanout.limits import RunLimits
-from fanout.messages import ChunkMessage, offload
+from fanout.messages import ChunkMessage, encode_child, offload
 
 
 def next_tasks(
@@ -37,12 +37,13 @@ def next_tasks(
         for i, spawn in enumerate(spawned):
             # The i-th child of chunk "0/3" is "0/3/i": a re-run of this chunk
             # registers the same ids, so nothing is created twice.
-            child = ChunkMessage(
-                run_id=msg.run_id, chunk_id=f"{msg.chunk_id}/{i}", payload=spawn.payload
-            )
-            body = offload(child, store, limit)
+            chunk_id = f"{msg.chunk_id}/{i}"
+            body = encode_child(msg.run_id, chunk_id, spawn.payload, spawn.text)
+            if (len(body) if body.isascii() else len(body.encode())) > limit:
+                child = ChunkMessage(run_id=msg.run_id, chunk_id=chunk_id, payload=spawn.payload)
+                body = offload(child, store, limit)
             not_before = time.time() + spawn.delay if spawn.delay else 0.0
-            task = NewTask(child.chunk_id, 0, depth, body, msg.chunk_id, msg.seq, not_before)
+            task = NewTask(chunk_id, 0, depth, body, msg.chunk_id, msg.seq, not_before)
             tasks.append((task, spawn.delay))
     if continuation is not None:
         if msg.seq + 1 > settings.max_continuations:

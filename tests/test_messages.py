@@ -7,7 +7,16 @@ import json
 import pytest
 
 from fanout.backends.base import Backend
-from fanout.messages import ChunkMessage, MessageError, decode, encode, offload, resolve
+from fanout.json_fields import MAX_DEPTH
+from fanout.messages import (
+    ChunkMessage,
+    MessageError,
+    decode,
+    encode,
+    encode_child,
+    offload,
+    resolve,
+)
 
 
 def test_round_trip() -> None:
@@ -49,3 +58,47 @@ def test_a_reference_outside_its_run_is_refused(mem: Backend) -> None:
     forged = ChunkMessage(run_id="r", chunk_id="0", payload_ref="runs/other/payloads/x.json")
     with pytest.raises(MessageError, match="outside"):
         resolve(forged, mem.store)
+
+
+def _too_deep() -> list[object]:
+    nested: list[object] = [0]
+    for _ in range(MAX_DEPTH):
+        nested = [nested]
+    return nested
+
+
+_SPAWNED = [
+    None,
+    7,
+    -2.5e-300,
+    "zoë ✓",
+    {"path": "s3://b/k.csv", "n": [1, 2.0, None, True], "deep": {"x": {"y": []}}},
+    [{"ü": "\u2028"}, 10**30],
+]
+
+
+@pytest.mark.parametrize("payload", _SPAWNED)
+def test_a_spawned_childs_body_is_the_message_the_constructor_would_encode(payload: object) -> None:
+    # ctx.spawn encodes the payload once; the child's body is built from that text.
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    body = encode_child("r-1", "0/4", payload, text)
+    msg = ChunkMessage(run_id="r-1", chunk_id="0/4", payload=payload)
+    assert body == encode(msg)
+    assert decode(body) == msg
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        (1, 2),
+        {1: "int key"},
+        "lone \ud800 surrogate",
+        _too_deep(),
+    ],
+)
+def test_a_spawned_payload_the_constructor_refuses_is_refused(payload: object) -> None:
+    with pytest.raises(MessageError):
+        ChunkMessage(run_id="r-1", chunk_id="0/4", payload=payload)
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    with pytest.raises(MessageError):
+        encode_child("r-1", "0/4", payload, text)
