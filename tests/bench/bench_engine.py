@@ -40,6 +40,8 @@ import fastavro
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from ceiling import ceiling_line  # noqa: E402
+
 from support.make_readings import write_readings  # noqa: E402
 
 NOOP_JOB = """
@@ -106,6 +108,7 @@ def bench_noop(tmp: Path, chunks: int) -> None:
         f"    multiprocessing.Pool(2).map of no-ops (chunksize=1): {pool_rate:,.0f} tasks/s,"
         f" fanout/pool = {rate / pool_rate:.2f}"
     )
+    print(f"    {ceiling_line()}")
 
 
 def profile_noop(tmp: Path, chunks: int, top: int = 25) -> None:

@@ -38,6 +38,7 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from bench_engine import plain_loop  # noqa: E402
+from ceiling import ceiling_line  # noqa: E402
 
 from support.make_readings import write_readings  # noqa: E402
 
@@ -133,6 +134,8 @@ def main() -> None:
         cpu = median(base, 1) / median("fanout", 1)
         target = "   (target >= 0.9)" if base == "plain" else ""
         print(f"  fanout / {base:<7} by wall {wall:.2f}, by CPU {cpu:.2f}{target}")
+    if args.workers > 1:
+        print(f"  {ceiling_line(args.workers)}")
 
 
 if __name__ == "__main__":
