@@ -80,15 +80,21 @@ class ClaimBook:
         """The requests of ``requests`` this chunk may fetch, claimed in one
         ledger call; a request it holds a claim for already is a duplicate."""
         fresh: dict[str, Request] = {}
+        # Counted here and added once: most links of a page are duplicates, and
+        # each call of Scrapy's stats collector costs a few microseconds.
+        in_chunk = known = 0
         for request in requests:
             fp = self.fingerprint(request)
             if fp in self.held or fp in self.elsewhere or fp in fresh:
-                self.stats.inc_value("fanout/dupes_chunk")
-                continue
-            if fp in self.known:
-                self.stats.inc_value("fanout/dupes_known")
-                continue
-            fresh[fp] = request
+                in_chunk += 1
+            elif fp in self.known:
+                known += 1
+            else:
+                fresh[fp] = request
+        if in_chunk:
+            self.stats.inc_value("fanout/dupes_chunk", in_chunk)
+        if known:
+            self.stats.inc_value("fanout/dupes_known", known)
         if not fresh:
             return []
         self.stats.inc_value("fanout/ledger_claim_calls")
@@ -103,7 +109,8 @@ class ClaimBook:
                 out.append(request)
             else:
                 self.elsewhere.add(fp)
-                self.stats.inc_value("fanout/dupes_run")
+        if len(out) < len(fresh):
+            self.stats.inc_value("fanout/dupes_run", len(fresh) - len(out))
         self.stats.inc_value("fanout/new_urls", len(out))
         return out
 
