@@ -3,6 +3,7 @@ the csv → fastavro loop a user would write by hand (issue 11's target: at leas
 0.9 of the loop's rate on 300,000 rows).
 
     python tests/bench/bench_etl.py [--rows 300000] [--files 20] [--repeat 5] [--workers 1]
+                                    [--per-chunk]
 
 Each round, interleaved so that a busy spell of the machine hits both alike:
 
@@ -17,7 +18,9 @@ Each round, interleaved so that a busy spell of the machine hits both alike:
 It prints the medians and the ratios fanout / plain by wall clock and by CPU
 time (the CPU time of the child processes, workers included: steadier on a
 loaded machine). The target is the ratio against the in-process loop, the
-stricter of the two. Not a test: CI does not run it.
+stricter of the two. ``--per-chunk`` adds what the chunks cost without the CLI:
+one file through the loop against one chunk handed to fanout's dispatcher in
+this process, interleaved. Not a test: CI does not run it.
 """
 
 from __future__ import annotations
@@ -79,12 +82,46 @@ def timed_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]
     return time.perf_counter() - wall, children_cpu() - cpu, out
 
 
+def per_chunk(src: Path, tmp: Path, rounds: int) -> tuple[float, float]:
+    """The job's chunks against the loop without the CLI: median seconds of one
+    file through ``plain_loop`` and of one chunk of the same size handed to
+    fanout's dispatcher in this process (local backend), interleaved."""
+    from fanout import coordinator
+    from fanout.backends import open_backend
+    from fanout.dispatch import Dispatcher
+
+    schema = json.loads(SCHEMA.read_text())
+    one = tmp / "one-file"
+    one.mkdir()
+    first = sorted(src.glob("*.csv"))[0]
+    (one / first.name).write_bytes(first.read_bytes())
+    backend = open_backend("local", home=tmp / "home-in-process")
+    coordinator.submit(backend, JOB, {"source": str(src)})
+    dispatcher = Dispatcher(backend)
+    dispatcher.handle(backend.queue.receive(1, 600)[0], 600)  # the plan
+    chunks = backend.queue.receive(rounds, 600)
+    plain, fanout = [], []
+    for i, delivery in enumerate(chunks):
+        start = time.perf_counter()
+        plain_loop(one, tmp / f"one-out-{i}", schema, "deflate")
+        plain.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        dispatcher.handle(delivery, 600)
+        fanout.append(time.perf_counter() - start)
+    return statistics.median(plain), statistics.median(fanout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--per-chunk",
+        action="store_true",
+        help="also time one chunk in process against the loop on one file (no CLI)",
+    )
     args = parser.parse_args()
     schema = json.loads(SCHEMA.read_text())
     with tempfile.TemporaryDirectory(prefix="bench-etl-") as tmp_name:
@@ -113,6 +150,7 @@ def main() -> None:
             figures["fanout"].append((w, c))
             if i < 0:
                 figures = {name: [] for name in figures}
+        chunk_figures = per_chunk(src, tmp, min(8, args.files)) if args.per_chunk else None
 
     def median(name: str, index: int) -> float:
         return statistics.median(f[index] for f in figures[name])
@@ -134,6 +172,12 @@ def main() -> None:
         cpu = median(base, 1) / median("fanout", 1)
         target = "   (target >= 0.9)" if base == "plain" else ""
         print(f"  fanout / {base:<7} by wall {wall:.2f}, by CPU {cpu:.2f}{target}")
+    if chunk_figures is not None:
+        plain_s, chunk_s = chunk_figures
+        print(
+            f"  one file in process, no CLI: loop {plain_s:.3f}s, fanout chunk {chunk_s:.3f}s"
+            f" (median of {min(8, args.files)}): ratio {plain_s / chunk_s:.2f}"
+        )
     if args.workers > 1:
         print(f"  {ceiling_line(args.workers)}")
 
