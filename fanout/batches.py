@@ -5,8 +5,8 @@ On the local backend every ledger step is a SQLite write transaction, and all
 workers queue for the one write lock: a no-op chunk spent most of its time
 claiming and committing (two transactions), not running. The local worker
 receives several messages at once while its chunks are quick
-(``fanout.worker.QUICK_CHUNK``) and hands them here, so ten quick chunks cost
-two transactions instead of twenty (``tests/bench/bench_engine.py``).
+(``fanout.worker.QUICK_CHUNK``) and hands them here, so 25 quick chunks cost
+two transactions instead of fifty (``tests/bench/bench_engine.py``).
 
 Nothing about a chunk changes but when its claim and its commit are written:
 

@@ -40,7 +40,8 @@ log = logging.getLogger("fanout.worker")
 
 _CTX = mp.get_context("fork")  # children inherit the loaded job; no pickling of state
 _SLOT_BYTES = 2048
-#: Room for the attempts of a batch: ten at ~200 bytes, run and chunk ids long.
+#: Room for the attempts of a batch: 25 at ~200-600 bytes (long run and chunk ids);
+#: those that do not fit are taken over when their leases expire.
 _BATCH_BYTES = 16384
 #: How long an idle child sleeps between empty polls, at most (s).
 MAX_POLL_SLEEP = 0.2
@@ -69,7 +70,7 @@ class WorkerOptions:
     home: Path | None = None
     workers: int = os.cpu_count() or 1
     chunk_timeout: float = 60.0
-    batch: int = 10  # messages received at a time (see PREFETCH_SLACK)
+    batch: int = 25  # messages received at a time (see PREFETCH_SLACK)
     #: A child's resident memory while it runs a chunk may not exceed this (MB);
     #: over it, the child is killed and the attempt recorded as "out of memory",
     #: as Lambda does at its memory size. None: no limit.

@@ -308,7 +308,7 @@ def test_until_idle_exits_by_itself_on_an_empty_home(home: Path) -> None:
 def test_a_child_that_dies_mid_batch_hands_its_batch_back_at_once(
     home: Path, ledger: Backend
 ) -> None:
-    """Quick chunks are claimed ten at a time (fanout.batches). When the child
+    """Quick chunks are claimed in batches (fanout.batches). When the child
     dies in the middle of a batch, the supervisor hands back the batch's other
     claimed attempts at once (those not started as if never claimed, those
     finished but not committed as interrupted): left alone they would wait
