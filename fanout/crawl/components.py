@@ -531,6 +531,7 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
         "ledger_read_units": int(stats.get("fanout/ledger_read_units", 0)),
         "ledger_write_units": int(stats.get("fanout/ledger_write_units", 0)),
         "robots_from_store": int(stats.get("fanout/robots_from_store", 0)),
+        "robots_wait_gave_up": int(stats.get("fanout/robots_wait_gave_up", 0)),
         "callback_errors": sum(
             int(v) for k, v in stats.items() if k.startswith("spider_exceptions/")
         ),

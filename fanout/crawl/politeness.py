@@ -18,11 +18,17 @@ Leases are let go when the chunk closes and lapse at its hard timeout.
 
 robots.txt (``ROBOTSTXT_OBEY``) is fetched once per domain per run: the first
 chunk keeps it in the store, beside the run, and every other chunk reads it
-from there. Its ``Crawl-delay`` is honoured (Scrapy's own middleware ignores it).
+from there. Two chunks that meet a site at the same moment (the domain's slots
+shared between them) do not both fetch it: the fetch is claimed in the run's
+seen-set, and a chunk that lost the claim waits for the file in the store (up
+to :data:`ROBOTS_WAIT`, then fetches it itself: the other chunk may have been
+cut off before the answer came). Its ``Crawl-delay`` is honoured (Scrapy's own
+middleware ignores it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -30,8 +36,10 @@ from typing import Any
 from scrapy import Request
 from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
 from scrapy.exceptions import NotConfigured
+from scrapy.utils.defer import maybe_deferred_to_future
 from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler
+from twisted.internet.defer import Deferred
 
 from fanout.backends.crawlstate import CrawlState, DomainAsk, DomainGrant
 from fanout.backends.keys import robots_key
@@ -51,6 +59,17 @@ RAMP_START = 4
 #: A back-off the run was told of is not told again for an end at most this
 #: much later (s): a longer ``Retry-After`` is.
 BACKOFF_TOLD_SLACK = 1.0
+#: How long a chunk waits for a robots.txt another chunk claimed to fetch (s)
+#: before it fetches the file itself.
+ROBOTS_WAIT = 10.0
+#: Seconds between two looks in the store for that file.
+ROBOTS_POLL = 0.1
+
+
+def robots_fingerprint(netloc: str) -> str:
+    """The seen-set entry that claims the run's one fetch of ``netloc``'s
+    robots.txt: hex, like a request's fingerprint, but of a text no request has."""
+    return hashlib.sha1(f"fanout robots.txt {netloc}".encode()).hexdigest()
 
 
 class DomainGate:
@@ -258,18 +277,69 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
         self.store = chunk["store"]
         self.run_id: str = chunk["run_id"]
         self.gate: DomainGate | None = chunk.get("gate")
+        self.crawl: CrawlState | None = chunk.get("crawl")
+        self.owner: str = chunk.get("chunk_id", "")
+        self.token: str = chunk.get("token", "")
 
     async def robot_parser(self, request: Request) -> Any:
         netloc = urlparse_cached(request).netloc
         if netloc not in self._parsers:
             kept = self._kept(netloc)
-            if kept is not None:
-                self._stats.inc_value("fanout/robots_from_store")
-                parser = build_from_crawler(self._parserimpl, self.crawler, kept)
-                self._parsers[netloc] = parser
-                self._note_delay(request, parser)
+            if kept is None and not self._fetch_is_ours(netloc):
+                # Another chunk is fetching it. This chunk's other requests to
+                # the site wait on ``pending``, as on Scrapy's own fetch.
+                pending: Deferred[Any] = Deferred()
+                self._parsers[netloc] = pending
+                parser = None
+                try:
+                    kept = await self._wait_for_kept(netloc)
+                    del self._parsers[netloc]
+                    if kept is not None:
+                        parser = self._from_kept(request, netloc, kept)
+                    else:  # not kept in time: fetched here after all
+                        parser = await super().robot_parser(request)
+                finally:
+                    if self._parsers.get(netloc) is pending:  # the wait was cut short
+                        self._parsers[netloc] = parser  # None: allowed, as Scrapy on an error
+                    pending.callback(parser)
                 return parser
+            if kept is not None:
+                return self._from_kept(request, netloc, kept)
         return await super().robot_parser(request)
+
+    def _from_kept(self, request: Request, netloc: str, kept: bytes) -> Any:
+        """The parser of a robots.txt another chunk kept in the store."""
+        self._stats.inc_value("fanout/robots_from_store")
+        parser = build_from_crawler(self._parserimpl, self.crawler, kept)
+        self._parsers[netloc] = parser
+        self._note_delay(request, parser)
+        return parser
+
+    def _fetch_is_ours(self, netloc: str) -> bool:
+        """Claim the run's one fetch of ``netloc``'s robots.txt in the seen-set
+        (a fingerprint of its own, unlike any request's); False: another
+        chunk's live claim holds it."""
+        if self.crawl is None:
+            return True
+        fp = robots_fingerprint(netloc)
+        self._stats.inc_value("fanout/ledger_claim_calls")
+        self._stats.inc_value("fanout/ledger_claimed_asked")
+        return fp in self.crawl.claim_urls(self.run_id, self.owner, self.token, [fp])
+
+    async def _wait_for_kept(self, netloc: str) -> bytes | None:
+        """The robots.txt another chunk is fetching, once it is in the store;
+        None if it is not there within :data:`ROBOTS_WAIT`."""
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        give_up = time.monotonic() + ROBOTS_WAIT
+        while time.monotonic() < give_up:
+            await maybe_deferred_to_future(deferLater(reactor, ROBOTS_POLL, lambda: None))
+            kept = self._kept(netloc)
+            if kept is not None:
+                return kept
+        self._stats.inc_value("fanout/robots_wait_gave_up")
+        return None
 
     async def _parse_robots(self, response: Any, netloc: str, request: Request) -> None:
         body = response.body if 200 <= response.status < 300 else b""

@@ -1,0 +1,133 @@
+"""robots.txt is fetched once per domain per run, even when two chunks meet a
+site at the same moment (issue 9): the first claims the fetch in the run's
+seen-set, the other waits for the file in the store.
+
+Two chunks run at once (``fanout.crawl.chunk.run_chunk`` forks each one's
+Scrapy process), on one run's ledger and store, each with its own frontier on
+the same site. The site's robots.txt answers slowly, so the second chunk asks
+for it while the first chunk's fetch is still on its way. With no
+``DOWNLOAD_DELAY`` the domain's 4 slots are shared between them, and the chunk
+with one page keeps only what it uses, so nothing else keeps the other chunk
+from fetching the file again (on the code before the claim: 2 fetches).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import scrapy
+from scrapy.http import Response, TextResponse
+
+from fanout.backends import open_backend
+from fanout.backends.base import Backend
+from fanout.crawl import politeness
+from fanout.crawl.chunk import ChunkResult, run_chunk
+from fanout.crawl.codec import request_to_json
+from support.sites import HTML, NOT_FOUND, Reply, SiteServer
+
+RUN = "robots-run"
+PAGES = ("a", "b", "c", "d")
+#: Seconds robots.txt takes to answer: longer than a lease renewal (0.25 s), so
+#: the second chunk is given its share of the domain while the fetch is out.
+ROBOTS_DELAY = 1.0
+
+
+class SlowRobots:
+    """Four leaf item pages; robots.txt allows all but ``/d`` and answers late."""
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if key == "/robots.txt":
+            body = b"User-agent: *\nDisallow: /d\n"
+            return Reply(200, (("Content-Type", "text/plain"),), body, ROBOTS_DELAY)
+        name = key.strip("/")
+        if name not in PAGES:
+            return NOT_FOUND
+        body = f'<html><body><article data-id="{name}"></article></body></html>'
+        return Reply(200, (("Content-Type", HTML),), body.encode())
+
+
+class Obeys(scrapy.Spider):
+    """Yields ``{"id"}`` for every page; obeys robots.txt; no delay."""
+
+    name = "obeys"
+    custom_settings = {"ROBOTSTXT_OBEY": True, "CONCURRENT_REQUESTS_PER_DOMAIN": 4}
+
+    def parse(self, response: Response, **kwargs: Any) -> Any:
+        if isinstance(response, TextResponse) and response.css("article"):
+            yield {"id": response.css("article").attrib["data-id"]}
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[Backend]:
+    backend = open_backend("local", home=tmp_path / "home")
+    yield backend
+    backend.close()
+
+
+def run(backend: Backend, chunk_id: str, paths: tuple[str, ...], url: str) -> ChunkResult:
+    """One chunk of the run, its frontier ``paths`` on the site at ``url``."""
+    spider = Obeys()
+    entries = [request_to_json(scrapy.Request(f"{url}{p}"), spider) for p in paths]
+    return run_chunk(
+        Obeys,
+        {},
+        entries,
+        crawl=backend.crawl,
+        run_id=RUN,
+        chunk_id=chunk_id,
+        pages_per_chunk=50,
+        time_left=20.0,
+        store=backend.store,
+    )
+
+
+def test_two_chunks_meeting_a_site_at_once_fetch_its_robots_txt_once(local: Backend) -> None:
+    results: dict[str, ChunkResult] = {}
+
+    def chunk(chunk_id: str, paths: tuple[str, ...], url: str) -> None:
+        results[chunk_id] = run(local, chunk_id, paths, url)
+
+    with SiteServer(SlowRobots()) as server:
+        url = server.url.rstrip("/")
+        threads = [
+            threading.Thread(target=chunk, args=("0/0", ("/a",), url)),
+            threading.Thread(target=chunk, args=("0/1", ("/b", "/c", "/d"), url)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        hits = server.hits
+    assert sorted(results) == ["0/0", "0/1"]
+    assert all(r.errors == [] and r.pending == [] for r in results.values())
+    items = Counter(item["id"] for r in results.values() for item in r.items)
+    # /d is disallowed: the chunk that read robots.txt from the store obeys it too.
+    assert items == Counter({"a": 1, "b": 1, "c": 1})
+    # One chunk fetched it; the other waited and read it from the store.
+    assert sorted(r.stats.get("robots_from_store", 0) for r in results.values()) == [0, 1]
+    assert hits["/robots.txt"] == 1
+    assert hits["/d"] == 0
+
+
+def test_a_chunk_fetches_robots_txt_itself_when_the_claimed_fetch_never_lands(
+    local: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A chunk that claimed the fetch and was cut off (or died) before the
+    # answer: the file never reaches the store. The chunk forked below inherits
+    # the shorter wait.
+    monkeypatch.setattr(politeness, "ROBOTS_WAIT", 0.5)
+    with SiteServer(SlowRobots()) as server:
+        netloc = server.url.split("/")[2]
+        fp = politeness.robots_fingerprint(netloc)
+        assert local.crawl.claim_urls(RUN, "0/9", "gone", [fp]) == {fp}
+        result = run(local, "0/0", ("/a", "/d"), server.url.rstrip("/"))
+        hits = server.hits
+    assert result.errors == [] and result.pending == []
+    assert [item["id"] for item in result.items] == ["a"]  # /d: disallowed
+    assert result.stats.get("robots_wait_gave_up") == 1
+    assert hits["/robots.txt"] == 1 and hits["/d"] == 0
