@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import scrapy
 from scrapy.http import Response, TextResponse
 
-from fanout.backends import open_backend
 from fanout.backends.base import Backend
 from fanout.crawl import politeness
 from fanout.crawl.chunk import ChunkResult, run_chunk
@@ -62,13 +59,6 @@ class Obeys(scrapy.Spider):
             yield {"id": response.css("article").attrib["data-id"]}
 
 
-@pytest.fixture
-def local(tmp_path: Path) -> Iterator[Backend]:
-    backend = open_backend("local", home=tmp_path / "home")
-    yield backend
-    backend.close()
-
-
 def run(backend: Backend, chunk_id: str, paths: tuple[str, ...], url: str) -> ChunkResult:
     """One chunk of the run, its frontier ``paths`` on the site at ``url``."""
     spider = Obeys()
@@ -86,11 +76,11 @@ def run(backend: Backend, chunk_id: str, paths: tuple[str, ...], url: str) -> Ch
     )
 
 
-def test_two_chunks_meeting_a_site_at_once_fetch_its_robots_txt_once(local: Backend) -> None:
+def test_two_chunks_meeting_a_site_at_once_fetch_its_robots_txt_once(ledger: Backend) -> None:
     results: dict[str, ChunkResult] = {}
 
     def chunk(chunk_id: str, paths: tuple[str, ...], url: str) -> None:
-        results[chunk_id] = run(local, chunk_id, paths, url)
+        results[chunk_id] = run(ledger, chunk_id, paths, url)
 
     with SiteServer(SlowRobots()) as server:
         url = server.url.rstrip("/")
@@ -115,7 +105,7 @@ def test_two_chunks_meeting_a_site_at_once_fetch_its_robots_txt_once(local: Back
 
 
 def test_a_chunk_fetches_robots_txt_itself_when_the_claimed_fetch_never_lands(
-    local: Backend, monkeypatch: pytest.MonkeyPatch
+    ledger: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A chunk that claimed the fetch and was cut off (or died) before the
     # answer: the file never reaches the store. The chunk forked below inherits
@@ -124,8 +114,8 @@ def test_a_chunk_fetches_robots_txt_itself_when_the_claimed_fetch_never_lands(
     with SiteServer(SlowRobots()) as server:
         netloc = server.url.split("/")[2]
         fp = politeness.robots_fingerprint(netloc)
-        assert local.crawl.claim_urls(RUN, "0/9", "gone", [fp]) == {fp}
-        result = run(local, "0/0", ("/a", "/d"), server.url.rstrip("/"))
+        assert ledger.crawl.claim_urls(RUN, "0/9", "gone", [fp]) == {fp}
+        result = run(ledger, "0/0", ("/a", "/d"), server.url.rstrip("/"))
         hits = server.hits
     assert result.errors == [] and result.pending == []
     assert [item["id"] for item in result.items] == ["a"]  # /d: disallowed
