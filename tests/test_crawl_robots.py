@@ -48,6 +48,14 @@ class SlowRobots:
         return Reply(200, (("Content-Type", HTML),), body.encode())
 
 
+class Unanswered(SlowRobots):
+    """robots.txt answers only after the spider's download timeout."""
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        reply = super().respond(key, host, hit)
+        return reply._replace(delay=3.0) if key == "/robots.txt" else reply
+
+
 class Obeys(scrapy.Spider):
     """Yields ``{"id"}`` for every page; obeys robots.txt; no delay."""
 
@@ -59,12 +67,25 @@ class Obeys(scrapy.Spider):
             yield {"id": response.css("article").attrib["data-id"]}
 
 
-def run(backend: Backend, chunk_id: str, paths: tuple[str, ...], url: str) -> ChunkResult:
+class Impatient(Obeys):
+    """Gives up on a download after 1 s."""
+
+    name = "impatient"
+    custom_settings = {**Obeys.custom_settings, "DOWNLOAD_TIMEOUT": 1}
+
+
+def run(
+    backend: Backend,
+    chunk_id: str,
+    paths: tuple[str, ...],
+    url: str,
+    spider_cls: type[Obeys] = Obeys,
+) -> ChunkResult:
     """One chunk of the run, its frontier ``paths`` on the site at ``url``."""
-    spider = Obeys()
+    spider = spider_cls()
     entries = [request_to_json(scrapy.Request(f"{url}{p}"), spider) for p in paths]
     return run_chunk(
-        Obeys,
+        spider_cls,
         {},
         entries,
         crawl=backend.crawl,
@@ -121,3 +142,23 @@ def test_a_chunk_fetches_robots_txt_itself_when_the_claimed_fetch_never_lands(
     assert [item["id"] for item in result.items] == ["a"]  # /d: disallowed
     assert result.stats.get("robots_wait_gave_up") == 1
     assert hits["/robots.txt"] == 1 and hits["/d"] == 0
+
+
+def test_a_robots_txt_that_could_not_be_fetched_is_not_waited_for_by_other_chunks(
+    ledger: Backend,
+) -> None:
+    # Scrapy obeys nothing for the rest of its process when robots.txt cannot
+    # be fetched; the run's later chunks do the same instead of each waiting
+    # ROBOTS_WAIT for a file that will not come, then timing out again.
+    with SiteServer(Unanswered()) as server:
+        url = server.url.rstrip("/")
+        first = run(ledger, "0/0", ("/a",), url, Impatient)
+        tries = server.hits["/robots.txt"]  # Scrapy's retries included
+        second = run(ledger, "0/1", ("/b", "/d"), url, Impatient)
+        hits = server.hits
+    assert tries >= 1 and first.stats.get("download_errors") == tries  # all timed out
+    assert second.stats.get("robots_from_store") == 1
+    assert "robots_wait_gave_up" not in second.stats
+    assert hits["/robots.txt"] == tries  # none from the second chunk
+    ids = sorted(item["id"] for r in (first, second) for item in r.items)
+    assert ids == ["a", "b", "d"]  # nothing disallowed, as after Scrapy's own failure

@@ -35,7 +35,7 @@ from typing import Any
 
 from scrapy import Request
 from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
-from scrapy.exceptions import NotConfigured
+from scrapy.exceptions import IgnoreRequest, NotConfigured
 from scrapy.utils.defer import maybe_deferred_to_future
 from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler
@@ -329,6 +329,8 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
     async def _wait_for_kept(self, netloc: str) -> bytes | None:
         """The robots.txt another chunk is fetching, once it is in the store;
         None if it is not there within :data:`ROBOTS_WAIT`."""
+        # Imported here: importing the reactor installs one, and the chunk's
+        # process must have installed Scrapy's (asyncio) reactor first.
         from twisted.internet import reactor
         from twisted.internet.task import deferLater
 
@@ -348,6 +350,17 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
         # The delay first: the requests waiting for this file go out right after.
         self._note_delay(request, build_from_crawler(self._parserimpl, self.crawler, response.body))
         await super()._parse_robots(response, netloc, request)
+
+    def _robots_error(self, exc: Exception, netloc: str) -> None:
+        # Scrapy obeys nothing for the rest of its process when robots.txt
+        # cannot be fetched; the run is one crawler, so the other chunks do the
+        # same, and do not wait for a file that will not come. (IgnoreRequest:
+        # the fetch was dropped, e.g. by this chunk closing, not answered.)
+        cause = getattr(exc, "value", exc)  # a twisted Failure, in older Scrapy
+        if not isinstance(cause, IgnoreRequest):
+            data = json.dumps({"status": 0, "body": "", "error": type(cause).__name__})
+            self.store.put(robots_key(self.run_id, netloc), data.encode(), if_absent=True)
+        super()._robots_error(exc, netloc)
 
     def _kept(self, netloc: str) -> bytes | None:
         key = robots_key(self.run_id, netloc)
