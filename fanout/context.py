@@ -4,7 +4,6 @@ to emit records, spawn children and checkpoint."""
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections import Counter
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fanout.errors import PermanentError, RecordError
 from fanout.inputs import list_inputs, open_input
+from fanout.messages import encode_payload
 
 if TYPE_CHECKING:
     from fanout.avro import RecordWriter
@@ -180,14 +180,10 @@ class ChunkContext:
         return open_input(path)
 
 
-#: Built once (``json.dumps`` with options builds an encoder at every call); the
-#: output matches ``fanout.messages.encode``'s, NaN and infinities refused.
-_STRICT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def _check_json(value: Any, what: str) -> str:
-    """``value`` as compact JSON; a ``TypeError`` naming ``what`` if it is not JSON."""
+    """``value`` as a message body holds it (``fanout.messages.encode_payload``);
+    a ``TypeError`` naming ``what`` if it is not JSON."""
     try:
-        return _STRICT.encode(value)
+        return encode_payload(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} must be JSON (no pickle): {exc}") from None

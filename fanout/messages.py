@@ -465,14 +465,28 @@ def decode_fire(body: object) -> ScheduleFire:
 
 #: Built once: ``json.dumps`` with options builds an encoder at every call.
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+#: The same output, refusing NaN and infinities: a spawned payload's (see
+#: :func:`encode_payload`), which :func:`encode_child` places in a body as is.
+_STRICT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def encode_payload(value: Any) -> str:
+    """``value`` as the compact JSON :func:`encode` writes; ``TypeError`` or
+    ``ValueError`` if it is not JSON (NaN and infinities included)."""
+    return _STRICT.encode(value)
+
+
+def _head(v: int, run_id: str, chunk_id: str, seq: int, kind: str) -> str:
+    """A body's checked fields, which need no escaping (ids match their
+    patterns, ``kind`` is one of two words, ``v`` and ``seq`` are integers)."""
+    return f'{{"v":{v},"run_id":"{run_id}","chunk_id":"{chunk_id}","seq":{seq},"kind":"{kind}",'
 
 
 def encode(message: ChunkMessage) -> str:
-    """The message as compact JSON, its fields in order. The checked fields need
-    no escaping (ids match their patterns, ``kind`` is one of two words, ``v``
-    and ``seq`` are integers): written as they are, only the rest is encoded."""
+    """The message as compact JSON, its fields in order: the checked fields
+    written as they are (:func:`_head`), only the rest encoded."""
     v, run_id, chunk_id, seq, kind, payload, ref, cursor = message
-    head = f'{{"v":{v},"run_id":"{run_id}","chunk_id":"{chunk_id}","seq":{seq},"kind":"{kind}",'
+    head = _head(v, run_id, chunk_id, seq, kind)
     if payload is None and ref is None and cursor is None:
         return head + '"payload":null,"payload_ref":null,"cursor":null}'
     # One call of the encoder: each call builds its C encoder afresh.
@@ -482,8 +496,8 @@ def encode(message: ChunkMessage) -> str:
 
 def encode_child(run_id: str, chunk_id: str, payload: Any, payload_text: str) -> str:
     """``encode(ChunkMessage(run_id=run_id, chunk_id=chunk_id, payload=payload))``
-    for a payload already encoded as ``payload_text`` (by ``ctx.spawn``, with the
-    same separators): checked as the constructor checks it, so the receiver's
+    for a payload already encoded as ``payload_text`` (by :func:`encode_payload`,
+    in ``ctx.spawn``): checked as the constructor checks it, so the receiver's
     ``decode`` accepts it, but encoded once (a plan of 10,000 children encoded
     each payload twice and built a message object for each)."""
     try:
@@ -492,10 +506,8 @@ def encode_child(run_id: str, chunk_id: str, payload: Any, payload_text: str) ->
         )
     except FieldError as exc:
         raise MessageError(f"invalid message: {exc}") from None
-    return (
-        f'{{"v":1,"run_id":"{run_id}","chunk_id":"{chunk_id}","seq":0,"kind":"process",'
-        f'"payload":{payload_text},"payload_ref":null,"cursor":null}}'
-    )
+    head = _head(1, run_id, chunk_id, 0, "process")
+    return f'{head}"payload":{payload_text},"payload_ref":null,"cursor":null}}'
 
 
 def decode(body: object) -> ChunkMessage:
