@@ -28,6 +28,7 @@ from scrapy import Request, Spider
 import fanout.crawl.channel as channel_module
 import fanout.crawl.components as components
 from fanout.crawl.channel import CHUNK, send
+from fanout.crawl.claims import book_of
 from fanout.crawl.codec import decode_value, request_from_json
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -
         async def start(self) -> Any:
             CHUNK["spider"] = self
             engine = self.crawler.engine
-            book = components.book_of(self.crawler)
+            book = book_of(self.crawler)
             if frontier is not None:
                 for data in frontier:  # claimed by the parent: the chunk holds them
                     engine.crawl(book.adopt(request_from_json(data, self)))

@@ -32,6 +32,7 @@ from typing import Any
 from scrapy import Request, Spider
 
 from fanout.backends.crawlstate import CrawlState
+from fanout.crawl.channel import CHUNK
 
 #: The meta key of a request's claim (its fingerprint, hex).
 CLAIM = "fanout_claim"
@@ -68,6 +69,14 @@ class ClaimBook:
         """Scrapy's request fingerprint, hex."""
         fp: bytes = self.fingerprinter.fingerprint(request)
         return fp.hex()
+
+    def claim_fingerprint(self, fp: str) -> bool:
+        """Claim ``fp``, a fingerprint of the chunk's own making (not a
+        request's: robots.txt's fetch, ``fanout.crawl.politeness``), in one
+        ledger call; False: another chunk's live claim holds it."""
+        self.stats.inc_value("fanout/ledger_claim_calls")
+        self.stats.inc_value("fanout/ledger_claimed_asked")
+        return fp in self.crawl.claim_urls(self.run_id, self.owner, self.token, [fp])
 
     def adopt(self, request: Request) -> Request:
         """A request handed to this chunk with its claim (the frontier)."""
@@ -178,3 +187,20 @@ class ClaimBatch:
                 yield thing
         for request in self._admit(requests):
             yield request
+
+
+def book_of(crawler: Any) -> ClaimBook:
+    """The chunk's claim book (one per chunk process)."""
+    book = CHUNK.get("book")
+    if book is None:
+        book = ClaimBook(
+            CHUNK["crawl"],
+            CHUNK["run_id"],
+            CHUNK["chunk_id"],
+            CHUNK.get("token", ""),
+            crawler.request_fingerprinter,
+            crawler.stats,
+            CHUNK.get("known"),
+        )
+        CHUNK["book"] = book
+    return book

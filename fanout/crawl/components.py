@@ -43,7 +43,7 @@ from twisted.internet.defer import Deferred
 
 import fanout.crawl.channel as channel  # the module: CHANNEL is set per chunk
 from fanout.crawl.channel import CHUNK, send
-from fanout.crawl.claims import ClaimBatch, ClaimBook
+from fanout.crawl.claims import ClaimBatch, book_of
 from fanout.crawl.codec import CodecError, encode_value, request_to_json
 from fanout.crawl.politeness import DomainGate
 
@@ -67,23 +67,6 @@ MAX_RETRY_AFTER = 6 * 3600.0
 
 def domain_of(request: Request) -> str:
     return urlparse_cached(request).hostname or ""
-
-
-def book_of(crawler: Any) -> ClaimBook:
-    """The chunk's claim book (one per chunk process)."""
-    book = CHUNK.get("book")
-    if book is None:
-        book = ClaimBook(
-            CHUNK["crawl"],
-            CHUNK["run_id"],
-            CHUNK["chunk_id"],
-            CHUNK.get("token", ""),
-            crawler.request_fingerprinter,
-            crawler.stats,
-            CHUNK.get("known"),
-        )
-        CHUNK["book"] = book
-    return book
 
 
 def gate_of(crawler: Any) -> DomainGate:

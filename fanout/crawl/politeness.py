@@ -44,6 +44,7 @@ from twisted.internet.defer import Deferred
 from fanout.backends.crawlstate import CrawlState, DomainAsk, DomainGrant
 from fanout.backends.keys import robots_key
 from fanout.crawl.channel import CHUNK
+from fanout.crawl.claims import book_of
 
 #: Seconds between two lease requests for a domain this chunk may not use yet.
 ASK_EVERY = 0.25
@@ -277,9 +278,6 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
         self.store = chunk["store"]
         self.run_id: str = chunk["run_id"]
         self.gate: DomainGate | None = chunk.get("gate")
-        self.crawl: CrawlState | None = chunk.get("crawl")
-        self.owner: str = chunk.get("chunk_id", "")
-        self.token: str = chunk.get("token", "")
 
     async def robot_parser(self, request: Request) -> Any:
         netloc = urlparse_cached(request).netloc
@@ -316,15 +314,9 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
         return parser
 
     def _fetch_is_ours(self, netloc: str) -> bool:
-        """Claim the run's one fetch of ``netloc``'s robots.txt in the seen-set
-        (a fingerprint of its own, unlike any request's); False: another
-        chunk's live claim holds it."""
-        if self.crawl is None:
-            return True
-        fp = robots_fingerprint(netloc)
-        self._stats.inc_value("fanout/ledger_claim_calls")
-        self._stats.inc_value("fanout/ledger_claimed_asked")
-        return fp in self.crawl.claim_urls(self.run_id, self.owner, self.token, [fp])
+        """Claim the run's one fetch of ``netloc``'s robots.txt in the seen-set,
+        through the chunk's claim book; False: another chunk's live claim holds it."""
+        return book_of(self.crawler).claim_fingerprint(robots_fingerprint(netloc))
 
     async def _wait_for_kept(self, netloc: str) -> bytes | None:
         """The robots.txt another chunk is fetching, once it is in the store;
