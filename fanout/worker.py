@@ -253,6 +253,11 @@ class WorkerPool:
         or a signal asks to stop."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         recover(self.backend)
+        # What the supervisor holds now (modules, the loaded job) lives as long as
+        # it does. Frozen before the fork, as the gc docs advise: the children's
+        # collections leave those pages uncopied, and the supervisor's own exit
+        # does not walk them either (~0.1 s of a short `fanout run`).
+        gc.freeze()
         for i in range(self.opts.workers):
             self._spawn(i)
         next_tick = idle_since = next_check = 0.0
