@@ -4,6 +4,7 @@ one process and by ``fanout run`` with 1 and 2 workers, in one run.
     python tests/bench/bench_crawl.py             # 5,000 pages, nginx, listen backlog 5
     python tests/bench/bench_crawl.py --pages 1200 --backlog 511
     python tests/bench/bench_crawl.py --server python   # the in-process Python server
+    python tests/bench/bench_crawl.py --pages 3000 --repeat 5   # medians of 5 interleaved rounds
 
 The site is ``tests/support/hardsite.py``'s ``HardSite`` without its traps (no 500s,
 redirects or duplicate spellings: the benchmark measures throughput, the tests
@@ -51,6 +52,7 @@ import json
 import os
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -214,6 +216,12 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=5000)
     parser.add_argument("--backlog", type=int, default=5, help="the server's listen backlog")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="interleaved rounds (plain, 1 worker, 2 workers each); medians printed",
+    )
+    parser.add_argument(
         "--server",
         choices=("nginx", "python"),
         default="nginx" if find_nginx() else "python",
@@ -234,8 +242,13 @@ def main() -> None:
         help="keep fanout's homes in DIR (for `fanout --home DIR/home-N logs RUN`)",
     )
     args = parser.parse_args()
-    if args.pages < 12 or args.backlog < 1 or (args.per_chunk is not None and args.per_chunk < 1):
-        parser.error("--pages must be at least 12, --backlog and --per-chunk at least 1")
+    if (
+        args.pages < 12
+        or args.backlog < 1
+        or args.repeat < 1
+        or (args.per_chunk is not None and args.per_chunk < 1)
+    ):
+        parser.error("--pages must be at least 12, --backlog, --repeat and --per-chunk at least 1")
     if args.server == "nginx" and find_nginx() is None:
         parser.error("--server nginx: nginx not found (apt-get install -y nginx)")
     # A SIGTERM unwinds like an error, so the server is stopped on the way out.
@@ -253,56 +266,86 @@ def main() -> None:
             args.keep.mkdir(parents=True, exist_ok=True)
         tmp = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         server.start()
-        server.reset_hits()
-        cpu, crawler_cpu = server_cpu(server), children_cpu()
-        plain = crawl_plain(Tutorial, server.url, CONCURRENCY, SETTINGS)
-        crawler_cpu = children_cpu() - crawler_cpu
-        check_items("plain scrapy", [item["id"] for item in plain.items], site)
-        plain_pages = sum(server.hits.values())
-        plain_rate = plain_pages / plain.seconds
         print(
             f"site: {args.pages:,} pages on 127.0.0.1 ({args.server}), 8 links a page,"
             f" listen backlog {args.backlog}, concurrency {CONCURRENCY}"
         )
-        print(
-            f"plain scrapy, 1 process: {plain_rate:,.0f} pages/s"
-            f" ({plain_pages:,} pages, {len(plain.items):,} items, {plain.seconds:.2f}s,"
-            f" server CPU {server_cpu(server) - cpu:.2f}s)"
-        )
-        plain_cpu_page = crawler_cpu / plain_pages
-        print(cpu_line(crawler_cpu, plain_pages))
-        ceilings = [parallel_ceiling(2)[0]]  # before the fanout runs and after (below)
-        ratios: dict[int, float] = {}
-        for workers in (1, 2):
-            cpu = server_cpu(server)
-            pages, run_s, wall, crawler_cpu, status = fanout_crawl(
-                tmp, server, site, workers, per_chunk
-            )
-            chunks = int(status["chunks"]["done"])
-            rate, wall_rate = pages / run_s, pages / wall
-            print(
-                f"fanout run, {workers} worker{'s' if workers > 1 else ''}: {rate:,.0f} pages/s"
-                f" ({pages:,} pages, {status['records']:,} items, {chunks} chunks,"
-                f" run {run_s:.2f}s, command {wall:.2f}s,"
-                f" server CPU {server_cpu(server) - cpu:.2f}s)"
-                f" — ratio to plain {rate / plain_rate:.2f} (command {wall_rate / plain_rate:.2f})"
-            )
-            ratios[workers] = rate / plain_rate
-            print(cpu_line(crawler_cpu, pages, plain_cpu=plain_cpu_page))
-            print(ledger_line(status.get("stats") or {}, pages))
-            if args.keep is not None:
-                print(f"  run {status['run_id']} in {tmp / f'home-{workers}'}")
-            if chunks < MIN_CHUNKS and args.per_chunk is None:
-                raise SystemExit(f"only {chunks} chunks: the benchmark needs {MIN_CHUNKS}")
+        ceilings = [parallel_ceiling(2)[0]]  # before the rounds and after (below)
+        ratios: dict[int, list[float]] = {1: [], 2: []}
+        cpu_ratios: dict[int, list[float]] = {1: [], 2: []}
+        for i in range(args.repeat):
+            if args.repeat > 1:
+                print(f"-- round {i + 1} of {args.repeat}")
+            round_tmp = tmp / f"round-{i}"
+            round_tmp.mkdir()
+            for workers, (ratio, cpu_ratio) in bench_round(
+                args, server, site, round_tmp, per_chunk
+            ).items():
+                ratios[workers].append(ratio)
+                cpu_ratios[workers].append(cpu_ratio)
         ceilings.append(parallel_ceiling(2)[0])
+        if args.repeat > 1:
+            print(f"medians of {args.repeat} interleaved rounds (each against its own plain run):")
+            for workers, target in ((1, 0.95), (2, 1.7)):
+                rounds = ", ".join(f"{r:.2f}" for r in ratios[workers])
+                print(
+                    f"  {workers} worker{'s' if workers > 1 else ''}: ratio to plain"
+                    f" {statistics.median(ratios[workers]):.2f} (rounds {rounds}; target {target}),"
+                    f" CPU a page {statistics.median(cpu_ratios[workers]):.2f}x plain's"
+                )
         # Two crawling processes cannot beat what two processes of plain Python
         # get on this machine at the same time (tests/bench/ceiling.py).
         low, high = min(ceilings), max(ceilings)
+        two = statistics.median(ratios[2])
         print(
             f"machine's parallel ceiling (2 CPU-bound processes against 1, before and after):"
-            f" {low:.2f}-{high:.2f}x; 2 workers reach {ratios[2] / high:.2f}-{ratios[2] / low:.2f}"
+            f" {low:.2f}-{high:.2f}x; 2 workers reach {two / high:.2f}-{two / low:.2f}"
             f" of it (target 1.7x plain needs a ceiling of at least 1.7)"
         )
+
+
+def bench_round(
+    args: argparse.Namespace, server: Server, site: HardSite, tmp: Path, per_chunk: int
+) -> dict[int, tuple[float, float]]:
+    """Plain Scrapy, then fanout with 1 and 2 workers, back to back: for each
+    worker count, (pages/s ratio to plain, CPU a page ratio to plain)."""
+    server.reset_hits()
+    cpu, crawler_cpu = server_cpu(server), children_cpu()
+    plain = crawl_plain(Tutorial, server.url, CONCURRENCY, SETTINGS)
+    crawler_cpu = children_cpu() - crawler_cpu
+    check_items("plain scrapy", [item["id"] for item in plain.items], site)
+    plain_pages = sum(server.hits.values())
+    plain_rate = plain_pages / plain.seconds
+    print(
+        f"plain scrapy, 1 process: {plain_rate:,.0f} pages/s"
+        f" ({plain_pages:,} pages, {len(plain.items):,} items, {plain.seconds:.2f}s,"
+        f" server CPU {server_cpu(server) - cpu:.2f}s)"
+    )
+    plain_cpu_page = crawler_cpu / plain_pages
+    print(cpu_line(crawler_cpu, plain_pages))
+    ratios: dict[int, tuple[float, float]] = {}
+    for workers in (1, 2):
+        cpu = server_cpu(server)
+        pages, run_s, wall, crawler_cpu, status = fanout_crawl(
+            tmp, server, site, workers, per_chunk
+        )
+        chunks = int(status["chunks"]["done"])
+        rate, wall_rate = pages / run_s, pages / wall
+        print(
+            f"fanout run, {workers} worker{'s' if workers > 1 else ''}: {rate:,.0f} pages/s"
+            f" ({pages:,} pages, {status['records']:,} items, {chunks} chunks,"
+            f" run {run_s:.2f}s, command {wall:.2f}s,"
+            f" server CPU {server_cpu(server) - cpu:.2f}s)"
+            f" — ratio to plain {rate / plain_rate:.2f} (command {wall_rate / plain_rate:.2f})"
+        )
+        ratios[workers] = (rate / plain_rate, crawler_cpu / pages / plain_cpu_page)
+        print(cpu_line(crawler_cpu, pages, plain_cpu=plain_cpu_page))
+        print(ledger_line(status.get("stats") or {}, pages))
+        if args.keep is not None:
+            print(f"  run {status['run_id']} in {tmp / f'home-{workers}'}")
+        if chunks < MIN_CHUNKS and args.per_chunk is None:
+            raise SystemExit(f"only {chunks} chunks: the benchmark needs {MIN_CHUNKS}")
+    return ratios
 
 
 if __name__ == "__main__":
