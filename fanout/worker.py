@@ -162,7 +162,7 @@ class _Slot:
         return Attempt.from_json(self.attempt.value.decode())
 
 
-def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> None:
+def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: int) -> None:
     die_with_parent()
     # What the child inherits (the supervisor's modules, the loaded job) lives
     # as long as it does: out of the collector's sight, each collection does
@@ -172,7 +172,13 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     backend = open_backend(opts.backend, home=opts.home)
-    runner = Runner(backend, on_start=slot.start, on_end=slot.end, on_finalize=slot.finalize)
+
+    def on_finalize(run_id: str) -> None:
+        slot.finalize(run_id)
+        if not run_id:
+            wake.set()  # a run may have ended: the supervisor looks now, not at its next poll
+
+    runner = Runner(backend, on_start=slot.start, on_end=slot.end, on_finalize=on_finalize)
     dispatcher = Dispatcher(backend, runner)
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     batches = isinstance(backend.ledger, BatchLedger)
@@ -182,7 +188,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, parent: int) -> Non
         while not stop.is_set() and os.getppid() == parent:
             deliveries = backend.queue.receive(batch, visibility)
             if not deliveries:
-                time.sleep(sleep)
+                stop.wait(sleep)  # not time.sleep: a stopped child leaves at once
                 sleep = min(sleep * 2, MAX_POLL_SLEEP)
                 continue
             sleep = 0.005
@@ -219,6 +225,9 @@ class WorkerPool:
         self.backend = open_backend(opts.backend, home=opts.home)
         self.runner = Runner(self.backend)
         self.stop_event = _CTX.Event()
+        #: Set by a child that finished finalizing a run: ``run(until=...)``
+        #: looks at once instead of at its next poll (a short run's exit).
+        self.wake = _CTX.Event()
         self.slots = [_Slot() for _ in range(opts.workers)]
         self.procs: list[Any] = [None] * opts.workers
         self.timed_out = 0
@@ -229,7 +238,7 @@ class WorkerPool:
     def _spawn(self, i: int) -> None:
         proc = _CTX.Process(
             target=_child_main,
-            args=(self.opts, self.slots[i], self.stop_event, os.getpid()),
+            args=(self.opts, self.slots[i], self.stop_event, self.wake, os.getpid()),
             name=f"fanout-worker-{i}",
             daemon=True,
         )
@@ -271,7 +280,8 @@ class WorkerPool:
                     tick()
                     next_tick = now + tick_every
                 if now < next_check:
-                    time.sleep(0.02)
+                    if self._nap(0.02):
+                        next_check = 0.0
                     continue
                 next_check = now + check_every
                 if until is not None and until():
@@ -296,13 +306,21 @@ class WorkerPool:
                     # the queue to empty (other runs may keep it busy for hours).
                     next_redrive = now + REDRIVE_EVERY
                     recover(self.backend)
-                time.sleep(0.02)
+                if self._nap(0.02):
+                    next_check = 0.0
         finally:
             self._shutdown()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if tick is not None:
                 tick()
+
+    def _nap(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or until a child says a run may have ended (True)."""
+        if self.wake.wait(seconds):
+            self.wake.clear()
+            return True
+        return False
 
     def _release_prefetched(self, slot: _Slot) -> None:
         """Hand back the messages a dead child had received but not started, and

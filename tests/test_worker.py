@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ import pytest
 
 from fanout.backends.base import Backend, TaskKey, TaskState
 from support.helpers import TREE
+from support.lambda_source import checkout_pythonpath
 from support.procs import (
     fanout,
     get_run,
@@ -307,6 +309,39 @@ def test_until_idle_exits_by_itself_on_an_empty_home(home: Path) -> None:
     # And `fanout runs` on that home is empty.
     runs = fanout(home, "runs", "--json")
     assert runs.returncode == 0 and runs.stdout == ""
+
+
+#: ``fanout run`` with the supervisor's poll of the ledger and an idle child's
+#: longest sleep both stretched to 60 s: only being woken ends it soon.
+SLOW_POLLS = (
+    "import sys, fanout.worker as w; w.CHECK_EVERY['local'] = 60.0; w.MAX_POLL_SLEEP = 60.0;"
+    " from fanout.cli import main; sys.argv[0] = 'fanout'; main()"
+)
+
+
+def test_run_exits_as_soon_as_its_run_ends_not_at_the_next_poll(
+    home: Path, ledger: Backend
+) -> None:
+    # The child that finalizes the run wakes the supervisor, and a stopped idle
+    # child leaves at once: with 60 s polls, a poll-bound exit takes 60 s (the
+    # first look at the run comes before it ends), or 1 s more to kill a child
+    # asleep in its poll.
+    cmd = [sys.executable, "-c", SLOW_POLLS, "--home", str(home), "run", TREE]
+    params = _params_args({"chunks": 6, "rows": 5})
+    proc = subprocess.run(
+        [*cmd, *params, "-w", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env={**os.environ, "PYTHONPATH": checkout_pythonpath()},
+    )
+    exited = time.time()
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert run["state"] == "succeeded"
+    record = ledger.ledger.get_run(run["run_id"])
+    assert record is not None and record.finished_at is not None
+    assert exited - record.finished_at < 0.8, exited - record.finished_at
 
 
 @pytest.mark.slow
