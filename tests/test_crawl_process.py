@@ -297,6 +297,32 @@ def test_a_busy_host_is_left_alone_for_throttle_base_then_fetched(home: Path) ->
     ]
     assert early == []
 
+    # Only the pages answered 503 climbed a throttle level: the others held back
+    # with them (their host was backed off) kept theirs, or their back-off would
+    # grow at every hand-on although the site never refused them.
+    refused = {key for _, h, key, code in log if h == "localhost" and code == 503}
+    levels = handed_on_levels(home, run_id)
+    assert any(h == "localhost" for h, _, _ in levels), levels
+    climbed = {path for host, path, level in levels if level > 0}
+    assert climbed and climbed <= refused, (climbed, refused)
+
+
+def handed_on_levels(home: Path, run_id: str) -> list[tuple[str, str, int]]:
+    """(host name, path, throttle level) of every request the run's chunks were
+    handed (their messages in the ledger)."""
+    backend = open_backend("local", home=home)
+    try:
+        tasks = backend.ledger.list_tasks(run_id, history=False)
+    finally:
+        backend.close()
+    out = []
+    for task in tasks:
+        payload = json.loads(task.message).get("payload") or {}
+        for request in payload.get("requests", []):
+            url = urlsplit(request["url"])
+            out.append((url.hostname or "", url.path, int(request["meta"].get(THROTTLE_META, 0))))
+    return out
+
 
 class RetryAfterSite(BusySite):
     """:class:`BusySite` whose ``localhost`` answers every page after ``delay``
@@ -386,10 +412,70 @@ def test_an_exception_in_a_callback_loses_that_page_only(home: Path, ledger: Bac
     run_id = run_id_of(result)
     st = status(home, run_id)
     assert st["state"] == "succeeded" and st["retries"] == 0, st
-    assert st["stats"].get("callback_errors", 0) >= 1, st["stats"]
+    # Once: Scrapy counts the exception under its type and under "count" too.
+    assert st["stats"].get("callback_errors", 0) == 1, st["stats"]
     # Scrapy logged the error and went on: no chunk failed.
     assert all(outcomes(t) == ["committed"] for t in ledger.ledger.list_tasks(run_id))
     del expected[bad]
+    assert_books_exactly_once(home, run_id, expected)
+
+
+# -- a page that never answers ------------------------------------------------------
+
+
+class Hanging:
+    """``site``, but its page at ``path`` never answers (the server accepted the
+    connection and stalls) until ``release`` is set."""
+
+    def __init__(self, site: Site, path: str) -> None:
+        self.site, self.path = site, path
+        self.release = threading.Event()
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if key == self.path:
+            self.release.wait(300)
+        return self.site.respond(key, host, hit)
+
+
+@pytest.mark.slow
+def test_a_page_that_never_answers_times_out_as_in_scrapy_not_handed_on_for_ever(
+    home: Path,
+) -> None:
+    """A request still waiting at a chunk's cut-off is handed on, and the next
+    chunk sends it again. For a page that never answers (or answers slower than
+    a chunk), that would go on until the run's max_depth stopped it. After two
+    hand-ons in a row the request must answer before the cut-off or time out:
+    Scrapy's retry then retries it, or gives it up, and the run ends."""
+    pages = 60
+    stuck = "/catalogue/book_3/index.html"
+    expected = expected_books(pages)
+    assert stuck in expected
+    hanging = Hanging(BookSite(pages), stuck)
+    with SiteServer(hanging) as site:
+        try:
+            result = fanout(
+                home,
+                "run",
+                job("books"),
+                *params(start_url=site.url),
+                "-w",
+                "2",
+                "--chunk-timeout",
+                "4",
+                timeout=150,
+            )
+            stuck_hits = site.hits[stuck]
+        finally:
+            hanging.release.set()
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_id = run_id_of(result)
+    st = status(home, run_id)
+    assert st["state"] == "succeeded", st
+    # Scrapy's 3 attempts (RETRY_TIMES 2), each sent in at most 3 chunks in a row.
+    assert 3 <= stuck_hits <= 9, stuck_hits
+    assert st["stats"].get("in_flight_timeouts", 0) >= 1, st["stats"]
+    assert f"{stuck} has not answered within a chunk's time budget" in result.stderr
+    del expected[stuck]
     assert_books_exactly_once(home, run_id, expected)
 
 
@@ -480,6 +566,39 @@ def test_a_503_is_kept_for_later_unless_the_spider_asked_for_it(
     monkeypatch.setattr(components, "CHUNK", {})
     with pytest.raises(NotConfigured):
         components.ThrottleRescue(crawler)
+
+
+def test_an_attempt_handed_on_in_flight_twice_must_answer_before_the_cut_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its download timeout ends before this chunk's cut-off; Scrapy's retry of
+    it (a copy, meta and all) gets the request's own timeout back."""
+    from types import SimpleNamespace
+
+    cut_at = time.monotonic() + 2.0
+    monkeypatch.setattr(
+        components, "CHUNK", {"chunk_id": "0", "budget": SimpleNamespace(cut_at=cut_at)}
+    )
+    park = components.ParkHandedOn(get_crawler(Spider))
+
+    def sent(attempt: int, handed_on: int) -> Request:
+        request = Request("http://slow.test/page", meta={"download_timeout": 180.0})
+        if attempt:
+            request.meta["retry_times"] = attempt
+        request.meta[components.IN_FLIGHT_META] = [0, handed_on]
+        park.process_request(request)
+        return request
+
+    assert sent(0, 1).meta["download_timeout"] == 180.0  # handed on once: its own
+    capped = sent(0, 2)
+    assert 0 < capped.meta["download_timeout"] <= 2.0 - components.CUT_MARGIN
+    assert capped.meta[components.OWN_TIMEOUT_META] == 180.0
+    retry = capped.copy()
+    retry.meta["retry_times"] = 1
+    park.process_request(retry)
+    assert retry.meta["download_timeout"] == 180.0
+    assert components.OWN_TIMEOUT_META not in retry.meta
+    assert sent(1, 2).meta["download_timeout"] == 180.0  # the mark is of another attempt
 
 
 def test_status_shows_each_backed_off_domain_with_the_time_left(home: Path) -> None:

@@ -32,6 +32,7 @@ from fanout.crawl.components import (
     DEFAULT_THROTTLE_BASE,
     MAX_BACKOFF,
     MAX_RETRY_AFTER,
+    THROTTLE_ANSWER_META,
     THROTTLE_META,
 )
 from fanout.crawl.known import KNOWN, MAX_LINEAGE, parse_lineage
@@ -150,8 +151,13 @@ class CrawlJob(Job):
             request = entry["request"]
             if entry["throttled"]:
                 meta = request.setdefault("meta", {})
-                level = int(meta.get(THROTTLE_META, 0)) + 1
-                meta[THROTTLE_META] = level
+                level = int(meta.get(THROTTLE_META, 0))
+                if meta.pop(THROTTLE_ANSWER_META, False):
+                    # Answered 429/503 itself: one level up. The others held back
+                    # with it keep theirs, or one busy moment would grow every
+                    # held request's back-off at each hand-on, for ever.
+                    level += 1
+                    meta[THROTTLE_META] = level
                 # The site's own Retry-After, when it asks for longer.
                 asked = min(float(entry.get("retry_after", 0.0)), MAX_RETRY_AFTER)
                 throttled.setdefault((level, asked), []).append(request)

@@ -27,6 +27,7 @@ parent through :mod:`fanout.crawl.channel`, one JSON line per event.
 from __future__ import annotations
 
 import email.utils
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -46,12 +47,32 @@ from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import ClaimBatch, book_of
 from fanout.crawl.codec import CodecError, encode_value, request_to_json
 from fanout.crawl.politeness import DomainGate
+from fanout.crawl.stats import summarize_stats
 
 __all__ = ["CHUNK", "send"]
 
-#: Meta key counting how often a request was held back because its domain
-#: answered 429/503 (it sets the back-off of the chunk that carries it on).
+logger = logging.getLogger(__name__)
+
+#: Meta key counting how often a request was held back after it was answered
+#: 429/503 itself (it sets the back-off of the chunk that carries it on).
 THROTTLE_META = "fanout_throttle"
+#: Meta key set on a request answered 429/503 (and on Scrapy's retry of it) until
+#: it is handed on: only such a request climbs a throttle level, not the others
+#: held back with it because their domain was backed off.
+THROTTLE_ANSWER_META = "fanout_throttle_answer"
+#: Meta key ``[retry_times, n]``: this attempt of the request was handed on
+#: still waiting for its answer ``n`` times in a row (a chunk's cut-off).
+IN_FLIGHT_META = "fanout_in_flight"
+#: Meta key keeping the request's own ``download_timeout`` while a shorter one
+#: (:class:`ParkHandedOn`) is in force.
+OWN_TIMEOUT_META = "fanout_download_timeout"
+#: An attempt handed on in flight this many times gets, in the next chunk, a
+#: download timeout that ends before that chunk's cut-off: a page slower than a
+#: chunk's time budget then times out and is retried or given up as Scrapy does,
+#: instead of being handed on for ever.
+MAX_IN_FLIGHT_HAND_ONS = 2
+#: Seconds before the cut-off at which such a shortened timeout ends.
+CUT_MARGIN = 0.3
 #: The statuses by which a site asks a crawler to slow down.
 THROTTLE_STATUSES = (429, 503)
 #: A request is handed on with back-off at most this many times for 429/503
@@ -255,6 +276,7 @@ class ThrottleWatch:
             scheduler = self.crawler.engine.scheduler
             domain = domain_of(request)
             scheduler.throttled.add(domain)
+            request.meta[THROTTLE_ANSWER_META] = True  # Scrapy's retry copies it
             self.crawler.stats.inc_value(f"fanout/domain/{domain}/throttled")
             wait = parse_retry_after(response.headers.get(b"Retry-After"))
             if wait:
@@ -328,6 +350,7 @@ class ParkHandedOn:
     def __init__(self, crawler: Any) -> None:
         if not CHUNK:
             raise NotConfigured
+        self.crawler = crawler
         # Weak: a request's id may be reused once it is gone.
         self.handed_on: WeakSet[Request] = CHUNK.setdefault("handed_on", WeakSet())
         self.answered: WeakSet[Request] = CHUNK.setdefault("answered", WeakSet())
@@ -335,6 +358,34 @@ class ParkHandedOn:
     @classmethod
     def from_crawler(cls, crawler: Any) -> ParkHandedOn:
         return cls(crawler)
+
+    def process_request(self, request: Request, spider: Spider | None = None) -> None:
+        """A request already handed on in flight ``MAX_IN_FLIGHT_HAND_ONS`` times
+        in a row must answer before this chunk's cut-off, or time out; a later
+        attempt (Scrapy's retry copies meta) gets its own timeout back."""
+        meta = request.meta
+        mark = meta.get(IN_FLIGHT_META)
+        if not (isinstance(mark, list) and mark[:1] == [meta.get("retry_times", 0)]):
+            if OWN_TIMEOUT_META in meta:
+                meta["download_timeout"] = meta.pop(OWN_TIMEOUT_META)
+            return
+        budget: ChunkBudget | None = CHUNK.get("budget")
+        if budget is None or int(mark[1]) < MAX_IN_FLIGHT_HAND_ONS:
+            return
+        own = meta.setdefault(OWN_TIMEOUT_META, meta.get("download_timeout"))
+        left = max(0.05, budget.cut_at - time.monotonic() - CUT_MARGIN)
+        if own is None or left < float(own):
+            meta["download_timeout"] = left
+            stats = self.crawler.stats
+            stats.inc_value("fanout/in_flight_timeouts")
+            logger.warning(
+                "%s has not answered within a chunk's time budget %d times in a row:"
+                " it must answer in %.1f s or time out (a page slower than a chunk"
+                " needs a longer --chunk-timeout)",
+                request.url,
+                int(mark[1]),
+                left,
+            )
 
     async def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
@@ -474,6 +525,12 @@ class ChunkBudget:
             if r not in parked and r not in answered and r.callback is not NO_CALLBACK
         ]
         parked.update(in_flight)
+        for request in in_flight:
+            meta = request.meta
+            attempt = meta.get("retry_times", 0)
+            mark = meta.get(IN_FLIGHT_META)
+            again = isinstance(mark, list) and mark[:1] == [attempt]
+            meta[IN_FLIGHT_META] = [attempt, int(mark[1]) + 1 if again else 1]
         self.crawler.stats.inc_value("fanout/handed_on_in_flight", len(in_flight))
         engine.scheduler.hand_on(in_flight)
         # The leases are not let go: requests handed on may still be in flight
@@ -489,43 +546,6 @@ class ChunkBudget:
                 self.leave()
 
         task.LoopingCall(finish).start(0.02)
-
-
-def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
-    """The crawl counters fanout keeps per run (``fanout status``)."""
-    out: dict[str, int] = {
-        "pages": int(stats.get("response_received_count", 0)),
-        "duplicates": int(
-            stats.get("fanout/dupes_chunk", 0)
-            + stats.get("fanout/dupes_run", 0)
-            + stats.get("fanout/dupes_copy", 0)
-            + stats.get("fanout/dupes_known", 0)
-        ),
-        "http_retries": int(stats.get("retry/count", 0)),
-        "download_errors": int(stats.get("downloader/exception_count", 0)),
-        "throttled": int(stats.get("fanout/throttled", 0)),
-        "throttle_gave_up": int(stats.get("fanout/throttle_gave_up", 0)),
-        "handed_on_in_flight": int(stats.get("fanout/handed_on_in_flight", 0)),
-        "new_urls": int(stats.get("fanout/new_urls", 0)),
-        "known_taken": int(stats.get("fanout/dupes_known", 0)),
-        "ledger_claim_calls": int(stats.get("fanout/ledger_claim_calls", 0)),
-        "ledger_fingerprints_asked": int(stats.get("fanout/ledger_claimed_asked", 0)),
-        "ledger_lease_calls": int(stats.get("fanout/ledger_lease_calls", 0)),
-        "ledger_read_units": int(stats.get("fanout/ledger_read_units", 0)),
-        "ledger_write_units": int(stats.get("fanout/ledger_write_units", 0)),
-        "robots_from_store": int(stats.get("fanout/robots_from_store", 0)),
-        "robots_wait_gave_up": int(stats.get("fanout/robots_wait_gave_up", 0)),
-        "callback_errors": sum(
-            int(v) for k, v in stats.items() if k.startswith("spider_exceptions/")
-        ),
-    }
-    prefix = "downloader/response_status_count/"
-    for key, value in stats.items():
-        if key.startswith(prefix):
-            out["status/" + key[len(prefix) :]] = int(value)
-        elif key.startswith("fanout/domain/"):
-            out["domain/" + key[len("fanout/domain/") :]] = int(value)
-    return {k: v for k, v in out.items() if v}
 
 
 class ItemSink:
