@@ -22,6 +22,8 @@ from fanout import coordinator
 from fanout.backends import BACKENDS, default_home
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend
 from fanout.cli_common import (
+    MAX_CHUNK_TIMEOUT,
+    FiniteFloat,
     exit_code,
     group_backend,
     human,
@@ -276,10 +278,11 @@ def _worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
     fn = click.option(
         "--chunk-timeout",
-        type=click.FloatRange(min=1.0),
+        type=FiniteFloat(min=1.0, max=MAX_CHUNK_TIMEOUT),
         default=60.0,
         show_default=True,
-        help="Hard timeout of one chunk (s); the soft deadline is 10% (at least 1 s) earlier.",
+        help="Hard timeout of one chunk (s, at most a day); the soft deadline is 10% (at least"
+        " 1 s) earlier.",
     )(fn)
     return click.option(
         "-w",
@@ -422,7 +425,7 @@ def worker(
 )
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloat(min=0.1, max=3600.0),
     default=1.0,
     show_default=True,
     help="Seconds between redraws of --watch.",
@@ -498,10 +501,16 @@ def cat(ctx: click.Context, run_id: str | None, limit: int | None) -> None:
     backend = group_backend(ctx)
     out = sys.stdout
     records = coordinator.committed_records(backend, run_id or _latest_run(backend))
-    for i, record in enumerate(records):
-        if limit is not None and i >= limit:
-            break
-        out.write(json.dumps(to_json_safe(record), separators=(",", ":")) + "\n")
+    try:
+        for i, record in enumerate(records):
+            if limit is not None and i >= limit:
+                break
+            out.write(json.dumps(to_json_safe(record), separators=(",", ":")) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        raise  # `fanout cat RUN | head`: the reader has what it wanted
+    except OSError as exc:  # a full disk behind a redirect, ...
+        raise UserError(f"cannot write the records: {exc.strerror or exc}") from None
 
 
 @main.command()

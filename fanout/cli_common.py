@@ -9,6 +9,7 @@ without importing each other (``python -m fanout.cli`` runs ``cli`` as
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,8 +19,21 @@ from fanout.backends import open_backend
 from fanout.backends.base import Backend, RunRecord, RunState
 from fanout.errors import UserError
 
+#: The longest ``--chunk-timeout`` (s): a chunk that must be stopped is stopped.
+MAX_CHUNK_TIMEOUT = 86400.0
 #: Exit code of a command whose run failed or was stopped.
 EXIT_FAILED = 1
+
+
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and infinities: a NaN passes
+    every comparison, and an endless timeout or interval would never end."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def group_backend(ctx: click.Context) -> Backend:
@@ -30,7 +44,13 @@ def group_backend(ctx: click.Context) -> Backend:
         if obj["backend_name"] == "aws":
             backend = _open_aws_stage()
         else:
-            backend = open_backend(obj["backend_name"], home=obj["home"])
+            try:
+                backend = open_backend(obj["backend_name"], home=obj["home"])
+            except OSError as exc:  # a home under a file, in /proc, not writable ...
+                where = exc.filename or obj["home"]
+                raise UserError(
+                    f"cannot use {obj['home']} as fanout's home: {where}: {exc.strerror or exc}"
+                ) from None
         ctx.call_on_close(backend.close)
         obj["backend"] = backend
     result: Backend = obj["backend"]
@@ -61,6 +81,10 @@ def split_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"{what} {pair!r} is not KEY=VALUE")
+        try:
+            pair.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8, as the shell passed them
+            raise UserError(f"{what} {key!r}: the value is not valid UTF-8 text") from None
         if value[:1] in "[{":
             try:
                 out[key] = json.loads(value)

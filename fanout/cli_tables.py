@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from fanout.cli_common import group_backend, utc_time
+from fanout.cli_common import FiniteFloat, group_backend, utc_time
 from fanout.errors import UserError
 from fanout.tables.catalog import live_files, read_catalog, require_catalog
 from fanout.tables.gc import collect, parse_age, table_names
@@ -114,7 +114,7 @@ def read(ctx: click.Context, table: str, partition: str | None, limit: int | Non
 @click.option("--partition", help="Only this partition (e.g. dt=2024-01-01).")
 @click.option(
     "--target-mb",
-    type=click.FloatRange(min=0.001),
+    type=FiniteFloat(min=0.001, max=1024.0 * 1024),
     default=128.0,
     show_default=True,
     help="Size of the files to make (compressed).",

@@ -114,5 +114,9 @@ def report(ctx: click.Context, run_id: str, output: Path) -> None:
         from fanout.ui.report import write_report
     except ImportError as exc:
         raise _missing_extra(exc) from None
-    size = write_report(group_backend(ctx), run_id, output)
+    backend = group_backend(ctx)
+    try:
+        size = write_report(backend, run_id, output)
+    except OSError as exc:  # a missing directory, a full disk, ...
+        raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
     click.echo(f"wrote {output} ({size:,} bytes)")

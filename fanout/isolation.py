@@ -8,10 +8,14 @@ B's ``import helper`` would get run A's ``helper.py`` from another directory
 still run the old one. What is isolated: modules whose file lies under the job
 file's directory (and the job file itself). What is shared: everything else
 (installed packages, the standard library, fanout), imported once per process.
+
+Nor do chunks share a working directory or umask: :class:`ProcessState` puts
+back, after each chunk, those the process started its chunks with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -114,3 +118,27 @@ def import_fresh(home: Path, load: Callable[[], _T]) -> tuple[_T, JobModules]:
     }
     _active = modules
     return result, modules
+
+
+class ProcessState:
+    """The working directory and umask a process runs its chunks with. A chunk
+    that changes them (``os.chdir``, ``os.umask``) would change them for every
+    later chunk in the process, of its run or another's: :meth:`restore` after
+    each chunk."""
+
+    def __init__(self) -> None:
+        self.cwd = os.getcwd()
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+
+    def restore(self) -> None:
+        """Put the working directory and the umask back (two or three syscalls)."""
+        os.umask(self.umask)
+        try:
+            if os.getcwd() == self.cwd:
+                return
+        except OSError:  # the chunk removed the directory it moved to
+            pass
+        # (If the start directory is gone itself, there is nothing to go back to.)
+        with contextlib.suppress(OSError):
+            os.chdir(self.cwd)

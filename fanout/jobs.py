@@ -68,6 +68,18 @@ class Job:
     ) -> None:
         if not _NAME.match(name):
             raise ValueError(f"job name {name!r}: use letters, digits, '.', '_' or '-'")
+        # Checked here, where the job is defined (duck-typed: no pydantic import).
+        if params is not None and not (
+            isinstance(params, type) and hasattr(params, "model_validate")
+        ):
+            raise ValueError(
+                f"job {name}: params must be a pydantic BaseModel class, not {params!r}"
+            )
+        if schema is not None and not isinstance(schema, str | os.PathLike | dict):
+            raise ValueError(
+                f"job {name}: schema must be a schema name, an .avsc path or a dict,"
+                f" not {type(schema).__name__}"
+            )
         self.name = name
         self.params_model = params
         self.schema_spec = schema
@@ -140,6 +152,10 @@ class Job:
             return self.params_model.model_validate(dict(raw))
         except ValidationError as exc:
             raise ParamsError(f"params for job {self.name}: {_first_error(exc)}") from None
+        except Exception as exc:  # a validator of the job's that raised something else
+            raise ParamsError(
+                f"params for job {self.name}: the params model raised {type(exc).__name__}: {exc}"
+            ) from None
 
     def schema_dirs(self) -> list[Path]:
         """Where a schema given by name is looked up, in order."""

@@ -28,10 +28,17 @@ class RunSettings(BaseModel):
     max_attempts: int = Field(
         D.max_attempts, ge=1, le=100, description="attempts before a chunk is dead"
     )
+    # At most a day, and finite: a retry that waits for ever is a chunk lost.
     backoff_base: float = Field(
-        D.backoff_base, ge=0, description="first retry waits up to this (s)"
+        D.backoff_base,
+        ge=0,
+        le=86400,
+        allow_inf_nan=False,
+        description="first retry waits up to this (s)",
     )
-    backoff_cap: float = Field(D.backoff_cap, ge=0, description="no retry waits longer (s)")
+    backoff_cap: float = Field(
+        D.backoff_cap, ge=0, le=86400, allow_inf_nan=False, description="no retry waits longer (s)"
+    )
     max_chunks: int = Field(D.max_chunks, ge=1, description="distinct chunks a run may register")
     max_depth: int = Field(D.max_depth, ge=0, le=63, description="spawn generations below the root")
     max_continuations: int = Field(

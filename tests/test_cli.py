@@ -285,6 +285,31 @@ def process(payload, ctx):
     pass
 """
 
+ODD_SCHEMA = """
+from fanout import Job
+job = Job("odd", schema=42)
+"""
+ODD_PARAMS = """
+from fanout import Job
+class Params:
+    rows = 1
+job = Job("odd", params=Params)
+"""
+RAISING_VALIDATOR = """
+from pydantic import BaseModel, field_validator
+from fanout import Job
+class Params(BaseModel):
+    a: int = 1
+    @field_validator("a")
+    @classmethod
+    def check(cls, value):
+        raise RuntimeError("boom")
+job = Job("odd", params=Params)
+@job.process
+def process(chunk, ctx):
+    return None
+"""
+
 #: (name, files to write, argv with {tmp} for the directory, what the message names)
 BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("missing job file", {}, ["validate", "{tmp}/missing.py"], ["missing.py", "does not exist"]),
@@ -350,6 +375,37 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("missing argument", {}, ["run"], ["Missing argument 'JOB'", "fanout run --help"]),
     ("unknown option", {}, ["--bogus", "runs"], ["No such option '--bogus'"]),
     ("out of range option", {}, ["worker", "--workers", "0"], ["--workers", "0"]),
+    # A NaN passes every range check; an endless timeout or back-off never ends.
+    ("nan chunk timeout", {}, ["run", TREE, "--chunk-timeout", "nan"], ["not a finite number"]),
+    ("endless chunk timeout", {}, ["worker", "--chunk-timeout", "inf"], ["--chunk-timeout"]),
+    ("endless back-off", {}, ["submit", TREE, "-S", "backoff_base=1e308"], ["backoff_base"]),
+    ("nan back-off cap", {}, ["submit", TREE, "-S", "backoff_cap=nan"], ["backoff_cap", "finite"]),
+    ("param not UTF-8", {}, ["submit", TREE, "-p", "rows=\udcff"], ["'rows'", "not valid UTF-8"]),
+    ("schema of a wrong type", {"s42.py": ODD_SCHEMA}, ["validate", "{tmp}/s42.py"], ["schema"]),
+    (
+        "params that are not a model",
+        {"pp.py": ODD_PARAMS},
+        ["validate", "{tmp}/pp.py"],
+        ["params must be a pydantic BaseModel class"],
+    ),
+    (
+        "a params validator that raises",
+        {"pv.py": RAISING_VALIDATOR},
+        ["submit", "{tmp}/pv.py", "-p", "a=2"],
+        ["the params model raised RuntimeError: boom"],
+    ),
+    (
+        "a rate that never fires",
+        {},
+        ["schedule", "add", "s", TREE, "--cron", "rate(99999999999999999999 days)"],
+        ["never fire"],
+    ),
+    (
+        "a start in year 9999",
+        {},
+        ["schedule", "add", "s", TREE, "--cron", "*/5 * * * *", "--start", "9999-12-31T23:59Z"],
+        ["--start", "1970 to 2099"],
+    ),
 ]
 
 
@@ -386,3 +442,16 @@ def test_bad_input_to_worker_commands_in_a_real_process(
     assert "\n" not in line
     if home.exists():
         assert ok(cli(home, "runs", "--json")) == ""
+
+
+def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    assert_user_error(cli(tmp_path / "a-file" / "home", "runs"), "cannot use", "Not a directory")
+
+
+def test_output_that_cannot_be_written_is_one_line(home: Path, tmp_path: Path) -> None:
+    ok(cli(home, "run", TREE, "-p", "chunks=1", "-w", "1"))
+    run_id = json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])["run_id"]
+    missing = tmp_path / "no-such-dir" / "report.html"
+    result = cli(home, "report", run_id, "-o", str(missing))
+    assert_user_error(result, "cannot write", "report.html")

@@ -368,3 +368,55 @@ def test_a_child_that_dies_mid_batch_hands_its_batch_back_at_once(
     others = [t for t in tasks.values() if t not in interrupted and t.chunk_id != "0/90"]
     assert all(outcomes(t) == ["committed"] for t in others)
     assert_exact_output(home, run_id, **params)
+
+
+# -- what a chunk changes in its process -------------------------------------------
+
+CHDIR_JOB = """
+import os
+from fanout import Job
+
+SCHEMA = {
+    "type": "record",
+    "name": "seen",
+    "fields": [{"name": "cwd", "type": "string"}, {"name": "umask", "type": "int"}],
+}
+job = Job("chdir", schema=SCHEMA)
+
+
+@job.plan
+def plan(params, ctx):
+    for i in range(6):
+        yield {"i": i}
+
+
+@job.process
+def process(chunk, ctx):
+    mask = os.umask(0o077)
+    ctx.emit({"cwd": os.getcwd(), "umask": mask})
+    os.chdir("/")  # and leave the process so, as a careless job would
+"""
+
+
+def test_a_chunk_that_changes_directory_or_umask_does_not_change_them_for_the_next(
+    home: Path, tmp_path: Path
+) -> None:
+    # One worker: its chunks follow one another in the same process.
+    job = tmp_path / "chdir_job.py"
+    job.write_text(CHDIR_JOB)
+    start = tmp_path / "start"
+    start.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fanout.cli", "--home", str(home), "run", str(job), "-w", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=start,
+        env={**os.environ, "PYTHONPATH": checkout_pythonpath()},
+    )
+    assert proc.returncode == 0, proc.stderr
+    seen = [json.loads(line) for line in fanout(home, "cat").stdout.splitlines()]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert len(seen) == 6
+    assert {(s["cwd"], s["umask"]) for s in seen} == {(str(start), mask)}

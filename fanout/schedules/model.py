@@ -128,15 +128,25 @@ def iso(when: datetime) -> str:
     return as_utc(when).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: The times a ``--start``, ``--after`` or ``--at`` may name.
+FIRST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LAST_TIME = datetime(2100, 1, 1, tzinfo=UTC)
+
+
 def parse_time(text: str, what: str) -> datetime:
     """An ISO-8601 time from the command line (naive means UTC);
     :class:`UserError` naming ``what`` if it does not parse."""
     try:
-        return as_utc(datetime.fromisoformat(text.strip()))
-    except ValueError:
+        when = as_utc(datetime.fromisoformat(text.strip()))
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 in a far zone
         raise UserError(
             f"{what} {text!r} is not an ISO-8601 time (e.g. 2026-11-22T14:05:00Z)"
         ) from None
+    if not FIRST_TIME <= when < LAST_TIME:
+        # The years schedules can fire in (croniter's); beyond them date arithmetic
+        # overflows.
+        raise UserError(f"{what} {text!r} is outside the years 1970 to 2099")
+    return when
 
 
 def now_utc() -> datetime:

@@ -208,7 +208,10 @@ def _parse_rate(text: str) -> Spec:
         # schedule that works locally also deploys.
         want = unit.rstrip("s") if value == 1 else unit.rstrip("s") + "s"
         raise _bad(text, f"write rate({value} {want})")
-    return Spec(text, "rate", interval=value * _UNIT_SECONDS[unit.rstrip("s")])
+    interval = value * _UNIT_SECONDS[unit.rstrip("s")]
+    if interval > MAX_YEARS * 366 * 86400:
+        raise _bad(text, f"the rate is longer than {MAX_YEARS} years: it would never fire")
+    return Spec(text, "rate", interval=interval)
 
 
 def _parse_aws_cron(text: str) -> Spec:
