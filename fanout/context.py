@@ -155,6 +155,14 @@ class ChunkContext:
                 f"spawn delay {delay!r} is not between 0 and {MAX_SPAWN_DELAY:g} s (12 days);"
                 " for longer waits, schedule a run (fanout schedule add)"
             )
+        limit = self.settings.max_chunks if self.settings is not None else None
+        if limit is not None and len(self.spawned) >= limit:
+            # A run registers at most max_chunks chunks: stop a runaway plan or
+            # spawn loop here, before it holds millions of payloads in memory.
+            raise PermanentError(
+                f"chunk {self.chunk_id} spawns more than max_chunks ({limit}) children;"
+                " a run registers at most that many chunks (raise it with -S max_chunks=N)"
+            )
         self.spawned.append(Spawn(payload, delay, text))
 
     def spawn_many(self, payloads: Iterable[Any], delay: float = 0.0) -> int:

@@ -435,6 +435,19 @@ def test_runaway_max_chunks_stops_the_run(mem: Backend) -> None:
     assert (run.tasks_done, run.tasks_cancelled, run.records) == (4, 6, 3)
 
 
+def test_a_chunk_that_spawns_more_than_max_chunks_fails_at_once(mem: Backend) -> None:
+    """A runaway plan (an endless generator) must not hold payloads until its
+    hard timeout and be retried: its spawn past ``max_chunks`` fails it for good."""
+    run_id = _run(mem, {"max_chunks": 25}, chunks=10**9, rows=1)
+    started = time.monotonic()
+    run = drain(mem, run_id)
+    assert time.monotonic() - started < 30
+    assert run.state == RunState.FAILED and run.tasks_dead == 1 and run.chunks_total == 1
+    (task,) = mem.ledger.list_tasks(run_id)
+    assert task.chunk_id == "0" and len(task.history) == 2  # one attempt, then dead
+    assert "spawns more than max_chunks (25) children" in (task.error or "")
+
+
 def test_runaway_max_continuations_stops_the_run(mem: Backend) -> None:
     run_id = _run(mem, {"max_continuations": 2}, chunks=1, rows=10, step=1)
     run = drain(mem, run_id)
