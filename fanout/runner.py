@@ -48,6 +48,7 @@ from fanout.backends.rules import CRASHED_LAST, FailureVerdict, after_failure
 from fanout.chunklog import chunk_event
 from fanout.context import ChunkContext, Continue
 from fanout.control_gate import Gate
+from fanout.errors import PermanentError
 from fanout.events import EventSink, emit, events_for
 from fanout.failures import (
     Attempt,
@@ -142,8 +143,10 @@ class Runner:
         if attempt is None:
             raise exc
         tb = "".join(traceback.format_exception(exc))
+        # A PermanentError here is the job's (a spawned payload that is no message).
+        kind = FailureKind.PERMANENT if isinstance(exc, PermanentError) else FailureKind.INTERNAL
         try:
-            return self.fail(attempt, Failure(FailureKind.INTERNAL, describe(exc), tb))
+            return self.fail(attempt, Failure(kind, describe(exc), tb))
         except Exception:
             log.exception("could not record the failure of %s", attempt.key)
         raise exc

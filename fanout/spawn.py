@@ -12,8 +12,9 @@ from typing import Any
 
 from fanout.backends.base import NewTask, Store
 from fanout.context import Continue, Spawn
+from fanout.errors import PermanentError
 from fanout.limits import RunLimits
-from fanout.messages import ChunkMessage, encode_child, offload
+from fanout.messages import ChunkMessage, MessageError, encode_child, offload
 
 
 def next_tasks(
@@ -38,7 +39,14 @@ def next_tasks(
             # The i-th child of chunk "0/3" is "0/3/i": a re-run of this chunk
             # registers the same ids, so nothing is created twice.
             chunk_id = f"{msg.chunk_id}/{i}"
-            body = encode_child(msg.run_id, chunk_id, spawn.payload, spawn.text)
+            try:
+                body = encode_child(msg.run_id, chunk_id, spawn.payload, spawn.text)
+            except MessageError as exc:
+                # The job's payload (say a dict with int keys, which JSON would
+                # turn into strings): the job's fault, failed for good, not retried.
+                raise PermanentError(
+                    f"chunk {msg.chunk_id} spawned a payload that cannot be a message: {exc}"
+                ) from None
             if (len(body) if body.isascii() else len(body.encode())) > limit:
                 child = ChunkMessage(run_id=msg.run_id, chunk_id=chunk_id, payload=spawn.payload)
                 body = offload(child, store, limit)

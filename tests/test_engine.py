@@ -448,6 +448,30 @@ def test_a_chunk_that_spawns_more_than_max_chunks_fails_at_once(mem: Backend) ->
     assert "spawns more than max_chunks (25) children" in (task.error or "")
 
 
+INT_KEYS = """
+from fanout import Job
+job = Job("int-keys")
+@job.plan
+def plan(params, ctx):
+    yield {1: "JSON would make this key a string"}
+@job.process
+def process(chunk, ctx):
+    return None
+"""
+
+
+def test_a_spawned_payload_that_is_no_message_fails_for_good_not_as_internal(
+    mem: Backend, tmp_path: Path
+) -> None:
+    job = tmp_path / "int_keys.py"
+    job.write_text(INT_KEYS)
+    run = drain(mem, coordinator.submit(mem, str(job), {}).run_id)
+    assert run.state == RunState.FAILED and run.tasks_dead == 1
+    (task,) = mem.ledger.list_tasks(run.run_id)
+    assert len(task.history) == 2  # one attempt, then dead: not retried
+    assert (task.error or "").startswith("permanent: PermanentError: chunk 0 spawned a payload")
+
+
 def test_runaway_max_continuations_stops_the_run(mem: Backend) -> None:
     run_id = _run(mem, {"max_continuations": 2}, chunks=1, rows=10, step=1)
     run = drain(mem, run_id)
