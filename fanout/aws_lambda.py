@@ -28,7 +28,6 @@ from fanout.backends import open_backend
 from fanout.backends.base import Backend, Delivery, Failure, FailureKind
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt
-from fanout.isolation import ProcessState
 from fanout.jobs import Job
 from fanout.outcomes import RELEASED
 from fanout.packaged import check_packaged
@@ -131,13 +130,7 @@ def _dispatcher() -> tuple[Dispatcher, _Watchdog]:
         configure_logging()
         backend = open_backend("aws")
         watchdog = _Watchdog()
-        state = ProcessState()
-
-        def on_end() -> None:
-            watchdog.end()
-            state.restore()  # a chunk's os.chdir or os.umask is not the next chunk's
-
-        runner = _PackagedRunner(backend, on_start=watchdog.start, on_end=on_end)
+        runner = _PackagedRunner(backend, on_start=watchdog.start, on_end=watchdog.end)
         watchdog.runner = runner
         _warm = (backend, Dispatcher(backend, runner), watchdog)
     return _warm[1], _warm[2]

@@ -10,7 +10,7 @@ file's directory (and the job file itself). What is shared: everything else
 (installed packages, the standard library, fanout), imported once per process.
 
 Nor do chunks share a working directory or umask: :class:`ProcessState` puts
-back, after each chunk, those the process started its chunks with.
+back, after each chunk (``Runner.work``), those its runner started with.
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ from fanout.failures import (
     no_progress,
 )
 from fanout.finalize import FINALIZE_STALE, finalize_run
+from fanout.isolation import ProcessState
 from fanout.jobs import Job, activate, load_job
 from fanout.limits import SCHEMA, RunLimits, limits_of
 from fanout.messages import ChunkMessage, decode, resolve
@@ -109,6 +110,8 @@ class Runner:
         self.on_start = on_start
         self.on_end = on_end
         self.on_finalize = on_finalize
+        #: Put back after every chunk: a chunk's os.chdir or os.umask is not the next one's.
+        self._process = ProcessState()
         self.events: EventSink = events if events is not None else events_for(backend)
         self.metrics: MetricsSink = metrics if metrics is not None else metrics_for(backend)
         self._runs: dict[str, RunInfo] = {}
@@ -293,6 +296,7 @@ class Runner:
             msg = ask.msg if body == ask.delivery.body else decode(body)
             return self._work(ask.run, attempt, msg, ask.timeout)
         finally:
+            self._process.restore()
             if self.on_end is not None:
                 self.on_end()
 

@@ -33,7 +33,6 @@ from fanout.backends.base import BatchLedger, Delivery, Failure, FailureKind
 from fanout.coordinator import recover
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
-from fanout.isolation import ProcessState
 from fanout.processes import die_with_parent, resident_mb
 from fanout.runner import LEASE_GRACE, Runner
 
@@ -174,18 +173,12 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     backend = open_backend(opts.backend, home=opts.home)
 
-    state = ProcessState()
-
-    def on_end() -> None:
-        slot.end()
-        state.restore()  # a chunk's os.chdir or os.umask is not the next chunk's
-
     def on_finalize(run_id: str) -> None:
         slot.finalize(run_id)
         if not run_id:
             wake.set()  # a run may have ended: the supervisor looks now, not at its next poll
 
-    runner = Runner(backend, on_start=slot.start, on_end=on_end, on_finalize=on_finalize)
+    runner = Runner(backend, on_start=slot.start, on_end=slot.end, on_finalize=on_finalize)
     dispatcher = Dispatcher(backend, runner)
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     batches = isinstance(backend.ledger, BatchLedger)

@@ -86,6 +86,15 @@ MAX_BACKOFF = 900.0
 MAX_RETRY_AFTER = 6 * 3600.0
 
 
+def in_flight_hand_ons(meta: dict[str, Any]) -> int:
+    """How many chunks in a row handed this attempt of the request on in flight
+    (``IN_FLIGHT_META``; 0 when the mark is of an earlier attempt, or absent)."""
+    mark = meta.get(IN_FLIGHT_META)
+    if isinstance(mark, list) and mark[:1] == [meta.get("retry_times", 0)]:
+        return int(mark[1])
+    return 0
+
+
 def domain_of(request: Request) -> str:
     return urlparse_cached(request).hostname or ""
 
@@ -364,13 +373,13 @@ class ParkHandedOn:
         in a row must answer before this chunk's cut-off, or time out; a later
         attempt (Scrapy's retry copies meta) gets its own timeout back."""
         meta = request.meta
-        mark = meta.get(IN_FLIGHT_META)
-        if not (isinstance(mark, list) and mark[:1] == [meta.get("retry_times", 0)]):
+        hand_ons = in_flight_hand_ons(meta)
+        if not hand_ons:
             if OWN_TIMEOUT_META in meta:
                 meta["download_timeout"] = meta.pop(OWN_TIMEOUT_META)
             return
         budget: ChunkBudget | None = CHUNK.get("budget")
-        if budget is None or int(mark[1]) < MAX_IN_FLIGHT_HAND_ONS:
+        if budget is None or hand_ons < MAX_IN_FLIGHT_HAND_ONS:
             return
         own = meta.setdefault(OWN_TIMEOUT_META, meta.get("download_timeout"))
         left = max(0.05, budget.cut_at - time.monotonic() - CUT_MARGIN)
@@ -383,7 +392,7 @@ class ParkHandedOn:
                 " it must answer in %.1f s or time out (a page slower than a chunk"
                 " needs a longer --chunk-timeout)",
                 request.url,
-                int(mark[1]),
+                hand_ons,
                 left,
             )
 
@@ -527,10 +536,7 @@ class ChunkBudget:
         parked.update(in_flight)
         for request in in_flight:
             meta = request.meta
-            attempt = meta.get("retry_times", 0)
-            mark = meta.get(IN_FLIGHT_META)
-            again = isinstance(mark, list) and mark[:1] == [attempt]
-            meta[IN_FLIGHT_META] = [attempt, int(mark[1]) + 1 if again else 1]
+            meta[IN_FLIGHT_META] = [meta.get("retry_times", 0), in_flight_hand_ons(meta) + 1]
         self.crawler.stats.inc_value("fanout/handed_on_in_flight", len(in_flight))
         engine.scheduler.hand_on(in_flight)
         # The leases are not let go: requests handed on may still be in flight
