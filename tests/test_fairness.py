@@ -4,6 +4,7 @@ behind a large one finishes first), and the group SQS fair queues key on."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState
 from fanout.dispatch import Dispatcher
 from fanout.fairness import group_of, weight_of
 from support.helpers import JOBS
-from support.procs import fanout, get_run, wait_for, worker
+from support.procs import fanout, get_run, status, wait_for, worker
 
 JOB = str(JOBS / "controlled.py")
 
@@ -116,3 +117,16 @@ def test_sqs_messages_carry_their_run_as_message_group(aws: Backend) -> None:
     )
     (message,) = reply["Messages"]
     assert message["Attributes"]["MessageGroupId"] == run_id
+
+
+def test_messages_whose_group_left_the_rota_are_still_served(tmp_path: Path) -> None:
+    """A message with no row in the rota (a database edited by hand) was never
+    received while ``pending()`` counted it: ``worker --until-idle`` waited for ever."""
+    home = tmp_path / "home"
+    submitted = fanout(home, "submit", JOB, "-p", "chunks=3")
+    assert submitted.returncode == 0, submitted.stderr
+    with sqlite3.connect(home / "fanout.db") as conn:
+        conn.execute("DELETE FROM queue_groups")
+    done = fanout(home, "worker", "--until-idle", "-w", "1", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert status(home, submitted.stdout.strip())["state"] == "succeeded"

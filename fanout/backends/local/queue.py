@@ -111,6 +111,7 @@ class SQLiteQueue:
         db.executescript(_SCHEMA)
         _migrate(db)
         db.executescript(_GROUP_INDEX)
+        _rejoin_orphans(db)
 
     def send(self, bodies: Sequence[str], delay: float = 0.0) -> None:
         """Enqueue ``bodies`` in one transaction, visible after ``delay`` seconds.
@@ -231,6 +232,25 @@ def _migrate(db: Database) -> None:
                 "INSERT OR IGNORE INTO queue_groups (queue, grp)"
                 " SELECT DISTINCT queue, '' FROM messages"
             )
+
+
+# Messages whose group is not in the rota: receive() would never serve them while
+# pending() counts them, so a worker told to stop when idle would wait for ever.
+# The DISTINCT walks the (queue, grp, visible_at) index, not the rows.
+_ORPHANS = (
+    "SELECT DISTINCT m.queue, m.grp FROM messages m WHERE NOT EXISTS"
+    " (SELECT 1 FROM queue_groups g WHERE g.queue = m.queue AND g.grp = m.grp)"
+)
+
+
+def _rejoin_orphans(db: Database) -> None:
+    """Put the groups of messages that have none (a database edited by hand, or
+    left by a version that dropped a group too early) back in the rota."""
+    if db.conn.execute(_ORPHANS + " LIMIT 1").fetchone() is None:
+        return
+    with db.write() as conn:
+        for queue, group in conn.execute(_ORPHANS).fetchall():
+            conn.execute(_NEW_GROUP, (queue, group, queue))
 
 
 def _parse_receipt(receipt: str) -> tuple[int, int]:
