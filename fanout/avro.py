@@ -91,7 +91,8 @@ def load_schema(
         search_dirs: directories to look up bare names in.
 
     Returns:
-        The schema. Files are cached by resolved path, mtime and size.
+        The schema. Files are cached by resolved path, mtime, ctime, size and
+        inode (a copy that keeps the mtime, ``cp -p``, still changes the ctime).
 
     Raises:
         SchemaError: the schema cannot be found, is not valid JSON, does not
@@ -131,7 +132,7 @@ def _load_file(path: Path) -> Schema:
         st = resolved.stat()
     except OSError as exc:
         raise SchemaError(f"schema file {path} cannot be read: {exc.strerror}") from None
-    key = (str(resolved), st.st_mtime_ns, st.st_size)
+    key = (str(resolved), st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
     cached = _CACHE.get(key)
     if cached is not None:
         return cached

@@ -197,23 +197,29 @@ def _first_error(exc: ValidationError) -> str:
 
 #: How many loaded jobs a process keeps (a worker loads each run's job afresh).
 _CACHE_SIZE = 32
-# (ref, run id) -> the job, and the mtimes of its file and its own modules when
+#: What says a file changed: its mtime alone misses a copy that keeps it
+#: (``cp -p``, ``rsync -t``, an unpacked archive); its ctime cannot be set that
+#: way, and a file replaced by rename has a new inode.
+_Stamp = tuple[int, int, int, int]
+
+# (ref, run id) -> the job, and the stamps of its file and its own modules when
 # loaded: a worker that outlives an edit of either (fix, then `fanout replay`)
 # loads the new code.
-_loaded: dict[tuple[str, str | None], tuple[dict[str, float], Job]] = {}
+_loaded: dict[tuple[str, str | None], tuple[dict[str, _Stamp], Job]] = {}
 
 
-def _stamps(files: Iterable[str]) -> dict[str, float]:
+def _stamps(files: Iterable[str]) -> dict[str, _Stamp]:
     stamps = {}
     for f in files:
         try:
-            stamps[f] = os.stat(f).st_mtime
+            st = os.stat(f)
+            stamps[f] = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
         except OSError:
-            stamps[f] = -1.0
+            stamps[f] = (-1, -1, -1, -1)
     return stamps
 
 
-def _unchanged(stamps: dict[str, float]) -> bool:
+def _unchanged(stamps: dict[str, _Stamp]) -> bool:
     return all(_stamps([f]).get(f) == mtime for f, mtime in stamps.items())
 
 

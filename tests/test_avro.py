@@ -183,6 +183,10 @@ def test_cache_by_path_and_mtime(tmp_path: Path) -> None:
     two = load_schema(path)
     assert two is not one
     assert two.name == "t.second"
+    # The same size and the mtime kept, as `cp -p` of a fix does: still reloaded.
+    write_avsc(path, small("sec0nd"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert load_schema(path).name == "t.sec0nd"
 
 
 # -- writing and reading --------------------------------------------------------

@@ -573,8 +573,9 @@ def test_unknown_run_is_a_user_error(mem: Backend) -> None:
         coordinator.status(mem, "nope")
 
 
+@pytest.mark.parametrize("fix", ["edit", "copy keeping the mtime"])
 def test_replay_runs_the_fixed_job_code_in_a_long_lived_worker(
-    mem: Backend, tmp_path: Path
+    mem: Backend, tmp_path: Path, fix: str
 ) -> None:
     job = tmp_path / "fixme.py"
     source = (
@@ -593,9 +594,12 @@ def test_replay_runs_the_fixed_job_code_in_a_long_lived_worker(
     run_id = coordinator.submit(mem, str(job)).run_id
     runner = Runner(mem)  # one worker process, alive across the fix
     assert drain(mem, run_id, runner=runner).state == RunState.FAILED
-    job.write_text(source.replace("BUG", "pass"))
     stat = job.stat()
-    os.utime(job, (stat.st_atime, stat.st_mtime + 2))  # an edit, whatever the clock's grain
+    job.write_text(source.replace("BUG", "pass"))
+    if fix == "edit":
+        os.utime(job, (stat.st_atime, stat.st_mtime + 2))  # whatever the clock's grain
+    else:  # `cp -p fixed.py job.py` of a fix written in the same clock tick
+        os.utime(job, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     coordinator.replay(mem, run_id)
     assert drain(mem, run_id, runner=runner).state == RunState.SUCCEEDED
     assert sorted(r["x"] for r in coordinator.committed_records(mem, run_id)) == [0, 1, 2]
