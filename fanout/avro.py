@@ -73,7 +73,7 @@ class Schema:
 # Loading
 
 
-_CACHE: dict[tuple[str, int, int], Schema] = {}
+_CACHE: dict[tuple[str, int, int, int, int], Schema] = {}
 
 
 def load_schema(
