@@ -68,7 +68,7 @@ from fanout.metrics import MetricsSink, metrics_for, record_attempt
 from fanout.outcomes import Handled
 from fanout.phases import LEASE_GRACE, Ask, Ready, RunInfo
 from fanout.retry import compute_backoff
-from fanout.spawn import next_tasks
+from fanout.spawn import next_tasks, plan_payloads
 
 log = logging.getLogger("fanout.runner")
 
@@ -333,7 +333,7 @@ class Runner:
             continuation = None
             if msg.kind == "plan":
                 assert job.plan_fn is not None
-                for child in job.plan_fn(params, ctx):
+                for child in plan_payloads(job.plan_fn(params, ctx)):
                     ctx.spawn(child)
             else:
                 assert job.process_fn is not None

@@ -2,12 +2,12 @@
 (``ctx.spawn``) and of its continuation (``ctx.resume_at``), with deterministic
 ids, or the runaway bound (``max_depth``, ``max_continuations``) they would
 break. Registered by the runner before its commit (docs/architecture.md,
-"The commit order")."""
+"The commit order"). Also what a plan function's result may be."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fanout.backends.base import NewTask, Store
@@ -69,3 +69,28 @@ def next_tasks(
         body = offload(nxt, store, limit)
         tasks.append((NewTask(nxt.chunk_id, nxt.seq, msg.depth, body, msg.chunk_id, msg.seq), 0.0))
     return tasks, None
+
+
+def plan_payloads(result: Any) -> Iterable[Any]:
+    """What a plan function returned, as the payloads of the run's first chunks.
+
+    A plan yields (or returns a list of) payloads; ``None`` means it spawned
+    through ``ctx.spawn`` itself. A dict, a string or bytes is refused: iterating
+    it would quietly make one chunk per key or per character.
+
+    Raises:
+        PermanentError: ``result`` is not an iterable of payloads.
+    """
+    if result is None:
+        return ()
+    if isinstance(result, (str, bytes, bytearray, Mapping)):
+        raise PermanentError(
+            f"the plan returned a {type(result).__name__} value, not an iterable of chunk payloads;"
+            " yield each payload, or return a list of them"
+        )
+    try:
+        return iter(result)
+    except TypeError:
+        raise PermanentError(
+            f"the plan returned a {type(result).__name__} value, not an iterable of chunk payloads"
+        ) from None

@@ -664,3 +664,44 @@ def test_a_stalled_run_is_re_sent_even_while_the_queue_is_not_empty(mem: Backend
     # leaves a stalled run to the periodic one.
     assert coordinator.recover(mem, redrive=False, stalled_after=0.0) == []
     assert drain(mem, run_id).state is RunState.SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    ("returns", "error"),
+    [
+        ("{'a': 1, 'b': 2}", "the plan returned a dict value, not an iterable of chunk payloads"),
+        ("'abc'", "the plan returned a str value, not an iterable of chunk payloads"),
+        ("42", "the plan returned a int value, not an iterable of chunk payloads"),
+        ("None", None),  # it spawned through ctx.spawn itself
+        ("[{'x': 5}, {'x': 6}]", None),
+    ],
+)
+def test_what_a_plan_may_return(
+    mem: Backend, tmp_path: Path, returns: str, error: str | None
+) -> None:
+    """A plan that returns a dict or a string fails at once with one line; it
+    used to make one chunk per key or per character."""
+    job = tmp_path / "planner.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('planner', schema={'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
+        "@job.plan\n"
+        "def plan(params, ctx):\n"
+        "    ctx.spawn({'x': 1})\n"
+        f"    return {returns}\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'x': chunk['x']})\n"
+    )
+    run_id = coordinator.submit(mem, str(job)).run_id
+    run = drain(mem, run_id)
+    if error is None:
+        assert run.state == RunState.SUCCEEDED
+        want = {"None": [1], "[{'x': 5}, {'x': 6}]": [1, 5, 6]}[returns]
+        assert sorted(r["x"] for r in coordinator.committed_records(mem, run_id)) == want
+    else:
+        assert run.state == RunState.FAILED and run.chunks_total == 1
+        (task,) = mem.ledger.list_tasks(run_id)
+        assert len(task.history) == 2  # one attempt, then dead: no retry can fix it
+        assert error in (task.error or "")
