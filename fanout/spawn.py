@@ -89,8 +89,9 @@ def plan_payloads(result: Any) -> Iterable[Any]:
             " yield each payload, or return a list of them"
         )
     try:
-        return iter(result)
+        payloads: Iterable[Any] = iter(result)
     except TypeError:
         raise PermanentError(
             f"the plan returned a {type(result).__name__} value, not an iterable of chunk payloads"
         ) from None
+    return payloads
