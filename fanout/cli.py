@@ -30,7 +30,7 @@ from fanout.cli_common import (
     split_pairs,
 )
 from fanout.cli_controls import COMMANDS as CONTROL_COMMANDS
-from fanout.cli_controls import status_fields, status_lines, summary_lines
+from fanout.cli_controls import status_fields, status_line, summary_lines
 from fanout.errors import UserError
 from fanout.jobs import load_job
 from fanout.limits import RunLimits
@@ -159,12 +159,13 @@ def _latest_run(backend: Backend) -> str:
     return runs[0].run_id
 
 
-def _progress_line(status: coordinator.Status) -> str:
-    # From the run's counters only: cheap enough to print twice a second.
+def _progress_line(status: coordinator.Status, state: str | None = None) -> str:
+    # From the run's counters only: cheap enough to print twice a second. `state`
+    # is what to show for the run's (paused rather than running, for one).
     r = status.run
     finished = r.tasks_done + r.tasks_dead + r.tasks_cancelled
     return (
-        f"{r.run_id}  {r.state.value}  chunks {finished}/{r.tasks_total}"
+        f"{r.run_id}  {state or r.state.value}  chunks {finished}/{r.tasks_total}"
         f" ({r.tasks_dead} dead, {r.retries} retries)"
         f"  records {r.records:,}  {human(status.rate)}/s  {status.elapsed:.1f}s"
     )
@@ -441,16 +442,15 @@ def status(
 
         ctx.exit(watch_run(backend, run_id or _latest_run(backend), interval, as_json))
     st = coordinator.status(backend, run_id or _latest_run(backend))
+    # Run controls: state (paused, cancelling...), cap, running, waiting, tolerance.
+    controls = status_fields(backend, st.run, st.tasks)
     if as_json:
-        # Run controls: state (paused, cancelling...), cap, running, waiting, tolerance.
-        controls = status_fields(backend, st.run, st.tasks)
         click.echo(json.dumps({**st.to_dict(), "controls": controls}))
         return
-    click.echo(_progress_line(st))
+    click.echo(_progress_line(st, controls["state"]))
     click.echo("chunks: " + ", ".join(f"{k} {v}" for k, v in st.tasks.items()))
     click.echo(f"bytes {st.run.bytes:,}  outstanding {st.run.outstanding}")
-    for line in status_lines(backend, st.run, st.tasks):  # run controls
-        click.echo(line)
+    click.echo(status_line(controls))
     if st.run.stop_reason:
         click.echo(f"stopped: {st.run.stop_reason}")
     if st.timed_out or st.crashed:

@@ -50,9 +50,9 @@ def status_fields(backend: Backend, run: RunRecord, tasks: dict[str, int]) -> di
     return control_ops.control_info(backend, run, tasks)
 
 
-def status_lines(backend: Backend, run: RunRecord, tasks: dict[str, int]) -> list[str]:
-    """What ``fanout status`` prints of the run's controls (one line)."""
-    return [control_ops.control_line(control_ops.control_info(backend, run, tasks))]
+def status_line(fields: dict[str, Any]) -> str:
+    """What ``fanout status`` prints of the run's controls (``status_fields``)."""
+    return control_ops.control_line(fields)
 
 
 def summary_lines(run: RunRecord) -> list[str]:

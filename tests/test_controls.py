@@ -270,3 +270,15 @@ def test_beyond_the_tolerance_the_run_stops_early(
     assert run.tasks_dead == 2 and run.tasks_cancelled >= 10
     assert f"{run.tasks_cancelled} chunks cancelled" in result.stdout
     assert f"stopped: {run.stop_reason}" in result.stdout
+
+
+def test_status_of_a_paused_run_says_paused_in_its_first_line(home: Path) -> None:
+    submitted = fanout(home, "submit", JOB, "-p", "chunks=2")
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    assert fanout(home, "pause", run_id).returncode == 0
+    first = fanout(home, "status", run_id).stdout.splitlines()[0]
+    assert first.split()[:2] == [run_id, "paused"], first
+    assert fanout(home, "resume", run_id).returncode == 0
+    first = fanout(home, "status", run_id).stdout.splitlines()[0]
+    assert first.split()[:2] == [run_id, "running"], first
