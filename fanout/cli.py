@@ -23,6 +23,7 @@ from fanout.backends import BACKENDS, default_home
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend
 from fanout.cli_common import (
     MAX_CHUNK_TIMEOUT,
+    MAX_WORKERS,
     FiniteFloat,
     exit_code,
     group_backend,
@@ -288,11 +289,19 @@ def _worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "-w",
         "--workers",
-        type=click.IntRange(min=1),
-        default=os.cpu_count() or 1,
+        type=click.IntRange(min=1, max=MAX_WORKERS),
+        default=min(os.cpu_count() or 1, MAX_WORKERS),
         show_default=True,
         help="Worker processes.",
     )(fn)
+
+
+def _home(value: str | None) -> Path | None:
+    # `--home ""` (an unset shell variable) would be the current directory:
+    # fanout's database and store spread among the user's own files.
+    if value == "":
+        raise click.BadParameter("is empty (an unset variable?); give a directory")
+    return None if value is None else Path(value)
 
 
 # -- commands --------------------------------------------------------------------
@@ -301,8 +310,9 @@ def _worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
     default=None,
+    callback=lambda ctx, param, value: _home(value),
     help="Local backend home (default: $FANOUT_HOME or ./.fanout).",
 )
 @click.option(

@@ -21,6 +21,9 @@ from fanout.errors import UserError
 
 #: The longest ``--chunk-timeout`` (s): a chunk that must be stopped is stopped.
 MAX_CHUNK_TIMEOUT = 86400.0
+#: The most ``--workers``: a typo (``-w 1000``) forks no storm of processes,
+#: and past this many one SQLite file's write lock is the limit anyway.
+MAX_WORKERS = 256
 #: Exit code of a command whose run failed or was stopped.
 EXIT_FAILED = 1
 

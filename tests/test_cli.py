@@ -375,6 +375,7 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("missing argument", {}, ["run"], ["Missing argument 'JOB'", "fanout run --help"]),
     ("unknown option", {}, ["--bogus", "runs"], ["No such option '--bogus'"]),
     ("out of range option", {}, ["worker", "--workers", "0"], ["--workers", "0"]),
+    ("a storm of workers", {}, ["run", TREE, "-w", "100000"], ["--workers", "1<=x<=256"]),
     # A NaN passes every range check; an endless timeout or back-off never ends.
     ("nan chunk timeout", {}, ["run", TREE, "--chunk-timeout", "nan"], ["not a finite number"]),
     ("endless chunk timeout", {}, ["worker", "--chunk-timeout", "inf"], ["--chunk-timeout"]),
@@ -447,6 +448,15 @@ def test_bad_input_to_worker_commands_in_a_real_process(
 def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     assert_user_error(cli(tmp_path / "a-file" / "home", "runs"), "cannot use", "Not a directory")
+
+
+def test_an_empty_home_is_refused_not_taken_for_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    empty = CliRunner().invoke(main, ["--home", "", "runs"], prog_name="fanout")
+    assert_user_error(empty, "--home", "is empty")
+    assert list(tmp_path.iterdir()) == []  # no database among the user's files
 
 
 def test_output_that_cannot_be_written_is_one_line(home: Path, tmp_path: Path) -> None:
