@@ -379,7 +379,12 @@ from fanout import Job
 SCHEMA = {
     "type": "record",
     "name": "seen",
-    "fields": [{"name": "cwd", "type": "string"}, {"name": "umask", "type": "int"}],
+    "fields": [
+        {"name": "cwd", "type": "string"},
+        {"name": "umask", "type": "int"},
+        {"name": "env", "type": ["null", "string"]},
+        {"name": "home", "type": ["null", "string"]},
+    ],
 }
 job = Job("chdir", schema=SCHEMA)
 
@@ -393,12 +398,15 @@ def plan(params, ctx):
 @job.process
 def process(chunk, ctx):
     mask = os.umask(0o077)
-    ctx.emit({"cwd": os.getcwd(), "umask": mask})
+    env, home = os.environ.get("CHUNK_WAS_HERE"), os.environ.get("HOME")
+    ctx.emit({"cwd": os.getcwd(), "umask": mask, "env": env, "home": home})
     os.chdir("/")  # and leave the process so, as a careless job would
+    os.environ["CHUNK_WAS_HERE"] = str(chunk["i"])
+    os.environ.pop("HOME", None)
 """
 
 
-def test_a_chunk_that_changes_directory_or_umask_does_not_change_them_for_the_next(
+def test_a_chunk_that_changes_directory_umask_or_environment_leaves_the_next_alone(
     home: Path, tmp_path: Path
 ) -> None:
     # One worker: its chunks follow one another in the same process.
@@ -420,3 +428,4 @@ def test_a_chunk_that_changes_directory_or_umask_does_not_change_them_for_the_ne
     os.umask(mask)
     assert len(seen) == 6
     assert {(s["cwd"], s["umask"]) for s in seen} == {(str(start), mask)}
+    assert {(s["env"], s["home"]) for s in seen} == {(None, os.environ.get("HOME"))}
