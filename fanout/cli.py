@@ -211,6 +211,7 @@ def _work(
         workers=workers,
         chunk_timeout=chunk_timeout,
         chunk_memory=chunk_memory,
+        only_run=run_id,
     )
     tty = sys.stderr.isatty()
     # Without a terminal, a progress line every few seconds (none for a short run).

@@ -57,6 +57,24 @@ class FairQueue(Protocol):
         """The weight of ``group`` (a run id) from now on."""
 
 
+@runtime_checkable
+class GroupFilter(Protocol):
+    """A queue that can serve some groups only (the local one: ``fanout run``'s
+    workers take their own run's messages, not those of other runs in the home)."""
+
+    def serve_only(self, groups: frozenset[str] | None) -> None:
+        """Receive only messages of ``groups`` from now on (None: every group)."""
+
+
+def serve_run_only(queue: object, run_id: str) -> bool:
+    """Have ``queue`` serve ``run_id``'s messages and the group-less ones
+    (schedule fires, sweeps) only, if it can; False if it cannot."""
+    if isinstance(queue, GroupFilter):
+        queue.serve_only(frozenset({run_id, ""}))
+        return True
+    return False
+
+
 def register_run(queue: object, run_id: str, priority: str) -> None:
     """Tell ``queue`` the weight of a run's messages, if it weighs groups."""
     if isinstance(queue, FairQueue):

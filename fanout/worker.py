@@ -33,6 +33,7 @@ from fanout.backends.base import BatchLedger, Delivery, Failure, FailureKind
 from fanout.coordinator import recover
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
+from fanout.fairness import serve_run_only
 from fanout.processes import die_with_parent, resident_mb
 from fanout.runner import LEASE_GRACE, Runner
 
@@ -75,6 +76,10 @@ class WorkerOptions:
     #: over it, the child is killed and the attempt recorded as "out of memory",
     #: as Lambda does at its memory size. None: no limit.
     chunk_memory: int | None = None
+    #: Work this run's messages only (and the group-less ones), where the queue
+    #: can pick (the local one): ``fanout run`` leaves other runs in its home
+    #: for ``fanout worker``. None: every run.
+    only_run: str | None = None
 
 
 class _Slot:
@@ -172,6 +177,8 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     backend = open_backend(opts.backend, home=opts.home)
+    if opts.only_run is not None:
+        serve_run_only(backend.queue, opts.only_run)
 
     def on_finalize(run_id: str) -> None:
         slot.finalize(run_id)

@@ -4,6 +4,7 @@ behind a large one finishes first), and the group SQS fair queues key on."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -130,3 +131,20 @@ def test_messages_whose_group_left_the_rota_are_still_served(tmp_path: Path) -> 
     done = fanout(home, "worker", "--until-idle", "-w", "1", timeout=60)
     assert done.returncode == 0, done.stderr
     assert status(home, submitted.stdout.strip())["state"] == "succeeded"
+
+
+def test_fanout_run_works_its_own_run_only(tmp_path: Path, local: Backend) -> None:
+    """A run submitted earlier in the same home (for ``fanout worker``, later)
+    is left alone by ``fanout run``'s workers; a worker then does it."""
+    home = tmp_path / "home"
+    waiting = fanout(home, "submit", JOB, "-p", "chunks=5")
+    assert waiting.returncode == 0, waiting.stderr
+    waiting_id = waiting.stdout.strip()
+    ran = fanout(home, "run", JOB, "-p", "chunks=5", "-w", "2", "--json", timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout.splitlines()[-1])["state"] == "succeeded"
+    untouched = get_run(local, waiting_id)
+    assert (untouched.state, untouched.tasks_done, untouched.retries) == (RunState.RUNNING, 0, 0)
+    done = fanout(home, "worker", "--until-idle", "-w", "1", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert get_run(local, waiting_id).state == RunState.SUCCEEDED

@@ -108,6 +108,7 @@ class SQLiteQueue:
         self.db = db
         self.name = name
         self._acks: list[tuple[int, int, str]] = []
+        self._only: frozenset[str] | None = None
         db.executescript(_SCHEMA)
         _migrate(db)
         db.executescript(_GROUP_INDEX)
@@ -146,6 +147,11 @@ class SQLiteQueue:
                 (weight, name, group),
             )
 
+    def serve_only(self, groups: frozenset[str] | None) -> None:
+        """Receive only the messages of ``groups`` (runs; ``""`` for the others)
+        from now on; None: every group (:class:`fanout.fairness.GroupFilter`)."""
+        self._only = groups
+
     def receive(self, max_messages: int, visibility: float) -> list[Delivery]:
         """Up to ``max_messages`` visible messages, hidden for ``visibility``
         seconds: from the group served least for its weight first, oldest first
@@ -158,6 +164,8 @@ class SQLiteQueue:
         with self.db.write() as conn:
             self._flush(conn)
             for group, weight in conn.execute(_GROUPS, (name,)).fetchall():
+                if self._only is not None and group not in self._only:
+                    continue
                 got = conn.execute(
                     _RECEIVE, (hidden, name, group, now, max_messages - len(rows))
                 ).fetchall()
