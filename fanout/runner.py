@@ -391,8 +391,10 @@ class Runner:
         )
         if children:
             tasks = [task for task, _ in children]
+            # max_chunks counts the chunks a run creates, not its root: a plan
+            # of max_chunks payloads fits, as ctx.spawn's own bound says.
             registration = self.ledger.register(
-                key.run_id, tasks, settings.max_chunks, spawned_by=attempt.token
+                key.run_id, tasks, settings.max_chunks + 1, spawned_by=attempt.token
             )
             if registration.over_limit:
                 stop_reason = f"max_chunks ({settings.max_chunks}) reached at chunk {key.chunk_id}"

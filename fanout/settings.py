@@ -39,7 +39,9 @@ class RunSettings(BaseModel):
     backoff_cap: float = Field(
         D.backoff_cap, ge=0, le=86400, allow_inf_nan=False, description="no retry waits longer (s)"
     )
-    max_chunks: int = Field(D.max_chunks, ge=1, description="distinct chunks a run may register")
+    max_chunks: int = Field(
+        D.max_chunks, ge=1, description="distinct chunks a run may register besides its root"
+    )
     max_depth: int = Field(D.max_depth, ge=0, le=63, description="spawn generations below the root")
     max_continuations: int = Field(
         D.max_continuations, ge=0, le=MAX_SEQ, description="continuations of one chunk (resume_at)"

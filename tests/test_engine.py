@@ -435,6 +435,14 @@ def test_runaway_max_chunks_stops_the_run(mem: Backend) -> None:
     assert (run.tasks_done, run.tasks_cancelled, run.records) == (4, 6, 3)
 
 
+def test_a_plan_of_exactly_max_chunks_payloads_fits(mem: Backend) -> None:
+    """max_chunks bounds the chunks a run creates; its root (the plan) is not one."""
+    fits = drain(mem, _run(mem, {"max_chunks": 4}, chunks=4, rows=1))
+    assert (fits.state, fits.records, fits.chunks_total) == (RunState.SUCCEEDED, 4, 5)
+    over = drain(mem, _run(mem, {"max_chunks": 4}, chunks=5, rows=1))
+    assert (over.state, over.records, over.chunks_total) == (RunState.FAILED, 0, 1)
+
+
 def test_a_chunk_that_spawns_more_than_max_chunks_fails_at_once(mem: Backend) -> None:
     """A runaway plan (an endless generator) must not hold payloads until its
     hard timeout and be retried: its spawn past ``max_chunks`` fails it for good."""
