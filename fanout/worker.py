@@ -34,7 +34,7 @@ from fanout.coordinator import recover
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
 from fanout.fairness import serve_run_only
-from fanout.processes import die_with_parent, resident_mb
+from fanout.processes import descendants, die_with_parent, kill_all, resident_mb
 from fanout.runner import LEASE_GRACE, Runner
 
 log = logging.getLogger("fanout.worker")
@@ -222,6 +222,9 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
             batch = min(opts.batch, batch * 2) if quick else 1
     finally:
         backend.close()
+        # Processes a job started (and left running) end with the worker process
+        # that ran its chunk, as they do with a Lambda sandbox.
+        kill_all(descendants(os.getpid()))
 
 
 class WorkerPool:
@@ -372,8 +375,7 @@ class WorkerPool:
             slot = self.slots[i]
             deadline = slot.deadline.value
             if deadline and now > deadline and proc.is_alive():
-                proc.kill()
-                proc.join()
+                self._kill(proc)
                 self._release_prefetched(slot)
                 attempt = slot.take()
                 if attempt is not None:
@@ -388,8 +390,7 @@ class WorkerPool:
                 if not self.stop_event.is_set():
                     self._spawn(i)
             elif deadline and (used := self._over_memory(proc.pid)) is not None:
-                proc.kill()
-                proc.join()
+                self._kill(proc)
                 self._release_prefetched(slot)
                 attempt = slot.take()
                 if attempt is not None:
@@ -416,6 +417,15 @@ class WorkerPool:
                 if not self.stop_event.is_set():
                     self._spawn(i)
 
+    @staticmethod
+    def _kill(proc: Any) -> None:
+        """SIGKILL a child and the processes its chunk started (found first:
+        once the child is gone, they are orphans no longer traced to it)."""
+        left = descendants(proc.pid) if proc.pid is not None else []
+        proc.kill()
+        proc.join()
+        kill_all(left)
+
     def _over_memory(self, pid: int | None) -> int | None:
         """The child's resident memory in MB if it is over ``chunk_memory``, else None."""
         limit = self.opts.chunk_memory
@@ -434,8 +444,7 @@ class WorkerPool:
                 proc.join(0.05)
                 self._police(time.time())
             if proc.is_alive():
-                proc.kill()
-                proc.join()
+                self._kill(proc)
             self._release_prefetched(self.slots[i])
             attempt = self.slots[i].take()
             if attempt is not None:

@@ -24,6 +24,7 @@ from fanout.backends.base import Backend, TaskKey, TaskState
 from support.helpers import TREE
 from support.lambda_source import checkout_pythonpath
 from support.procs import (
+    alive,
     fanout,
     get_run,
     group_members,
@@ -429,3 +430,40 @@ def test_a_chunk_that_changes_directory_umask_or_environment_leaves_the_next_alo
     assert len(seen) == 6
     assert {(s["cwd"], s["umask"]) for s in seen} == {(str(start), mask)}
     assert {(s["env"], s["home"]) for s in seen} == {(None, os.environ.get("HOME"))}
+
+
+LEFTOVER_JOB = """
+import subprocess, sys, time
+from pathlib import Path
+from fanout import Job
+
+job = Job("leftover", max_attempts=1, schema={"type": "record", "name": "r", "fields": []})
+
+
+@job.process
+def process(params, ctx):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    Path(params["pids"]).write_text(str(sleeper.pid))
+    if params["then"] == "hang":
+        time.sleep(600)  # past the hard timeout: the worker process is killed
+"""
+
+
+@pytest.mark.parametrize("hang", [False, True])
+def test_a_process_a_chunk_left_running_ends_with_its_worker(
+    home: Path, tmp_path: Path, hang: bool
+) -> None:
+    """A job's subprocess outlived its chunk, its worker and `fanout run`: one
+    left running by a chunk that returned, or by one killed at its hard timeout."""
+    job = tmp_path / "leftover.py"
+    job.write_text(LEFTOVER_JOB)
+    pids = tmp_path / "pids"
+    run = fanout(
+        home,
+        "run", str(job), "-p", f"pids={pids}", "-p", f"then={'hang' if hang else 'return'}",
+        "-w", "1", "--chunk-timeout", "3",
+        timeout=60,
+    )  # fmt: skip
+    assert run.returncode == (1 if hang else 0), run.stderr
+    sleeper = int(pids.read_text())
+    wait_for("the chunk's subprocess to end", lambda: not alive(sleeper), 5)
