@@ -175,6 +175,12 @@ def _build(raw: Any, what: str, path: Path | None) -> Schema:
 # Writing
 
 
+#: Bytes of records per Avro block, before compression: Avro's own (Java)
+#: default. fastavro's 16,000 compresses each block on its own too soon: the
+#: meter-readings output is 13% larger with it, at the same speed.
+SYNC_INTERVAL = 64_000
+
+
 class RecordWriter:
     """Accumulates records and produces one Avro object container file.
 
@@ -206,7 +212,11 @@ class RecordWriter:
         # for missing fields without a default (at no measurable cost), where
         # it would otherwise drop the former and write null for the latter.
         self._writer = Writer(  # ValueError on an unknown codec
-            self._buf, schema.parsed, codec=codec, options={"strict_allow_default": True}
+            self._buf,
+            schema.parsed,
+            codec=codec,
+            sync_interval=SYNC_INTERVAL,
+            options={"strict_allow_default": True},
         )
         self._failure: Exception | None = None
         self._result: bytes | None = None

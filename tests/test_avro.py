@@ -211,6 +211,19 @@ def test_round_trip_meter_readings(meter: Schema, codec: str) -> None:
     assert writer.count == len(records)
 
 
+def test_blocks_are_avros_64_kb_not_fastavros_16(meter: Schema) -> None:
+    """Fewer, larger blocks compress better; each block is one deflate stream."""
+    data = write(meter, [reading(i) for i in range(20_000)])
+    blocks = list(fastavro.block_reader(io.BytesIO(data)))
+    assert sum(b.num_records for b in blocks) == 20_000
+    # A reading is about 45 bytes in Avro: some 1,400 to a 64,000-byte block, 350 to 16,000.
+    full = [b.num_records for b in blocks[:-1]]
+    assert len(full) >= 3 and min(full) > 1000, full
+    plain = io.BytesIO()
+    fastavro.writer(plain, meter.parsed, [reading(i) for i in range(20_000)], codec="deflate")
+    assert len(data) < 0.95 * len(plain.getvalue())
+
+
 def test_output_matches_plain_fastavro(meter: Schema) -> None:
     records = [reading(i) for i in range(3000)]
     ours = write(meter, records, batch_size=1000)
