@@ -9,9 +9,8 @@ still run the old one. What is isolated: modules whose file lies under the job
 file's directory (and the job file itself). What is shared: everything else
 (installed packages, the standard library, fanout), imported once per process.
 
-Nor do chunks share a working directory, umask or environment variables:
-:class:`ProcessState` puts back, after each chunk (``Runner.work``), those its
-runner started with.
+Nor do chunks share a working directory or umask: :class:`ProcessState` puts
+back, after each chunk (``Runner.work``), those its runner started with.
 """
 
 from __future__ import annotations
@@ -122,28 +121,19 @@ def import_fresh(home: Path, load: Callable[[], _T]) -> tuple[_T, JobModules]:
 
 
 class ProcessState:
-    """The working directory, umask and environment a process runs its chunks
-    with. A chunk that changes them (``os.chdir``, ``os.umask``,
-    ``os.environ[...] = ``) would change them for every later chunk in the
-    process, of its run or another's: :meth:`restore` after each chunk."""
+    """The working directory and umask a process runs its chunks with. A chunk
+    that changes them (``os.chdir``, ``os.umask``) would change them for every
+    later chunk in the process, of its run or another's: :meth:`restore` after
+    each chunk."""
 
     def __init__(self) -> None:
         self.cwd = os.getcwd()
         self.umask = os.umask(0o022)
         os.umask(self.umask)
-        self.environ = dict(os.environ)
-        # The encoded copy os.environ keeps: comparing it is one C-level dict
-        # compare (0.3 us), where dict(os.environ) decodes every entry (17 us,
-        # a sixth of a no-op chunk's dispatch).
-        self._raw_environ = dict(_raw(os.environ))
 
     def restore(self) -> None:
-        """Put the working directory, the umask and the environment back (two
-        or three syscalls while the chunk changed nothing)."""
+        """Put the working directory and the umask back (two or three syscalls)."""
         os.umask(self.umask)
-        if _raw(os.environ) != self._raw_environ:
-            os.environ.clear()
-            os.environ.update(self.environ)
         try:
             if os.getcwd() == self.cwd:
                 return
@@ -152,9 +142,3 @@ class ProcessState:
         # (If the start directory is gone itself, there is nothing to go back to.)
         with contextlib.suppress(OSError):
             os.chdir(self.cwd)
-
-
-def _raw(environ: os._Environ[str]) -> dict[bytes, bytes]:
-    """The encoded mapping behind ``os.environ`` (what ``putenv`` was given)."""
-    data: dict[bytes, bytes] = environ._data  # type: ignore[attr-defined]
-    return data
