@@ -192,7 +192,6 @@ def parse_spec(text: str) -> Spec:
             f"has {len(fields)} fields; standard cron has 5 (minute hour day-of-month month"
             " day-of-week); for a year use cron(minute hour day-of-month month day-of-week year)",
         )
-    _check_ranges(text, fields, aws=False)
     _check_croniter(text, cron)
     return Spec(text, "cron", cron=cron)
 
@@ -231,7 +230,6 @@ def _parse_aws_cron(text: str) -> Spec:
         raise _bad(text, "? is only allowed in day-of-month or day-of-week")
     if (dom == "?") == (dow == "?"):
         raise _bad(text, "exactly one of day-of-month and day-of-week must be ? (an AWS rule)")
-    _check_ranges(text, fields, aws=True)
     dom = "*" if dom == "?" else dom
     dow = "*" if dow == "?" else ",".join(_dow_from_aws(i, text) for i in dow.split(","))
     cron = f"{minute} {hour} {dom} {month} {dow} 0 {year}"
@@ -253,48 +251,6 @@ def _check_croniter(text: str, cron: str) -> None:
         iterator.get_next(datetime)
     except _croniter_error():
         raise _bad(text, "never fires (no such date)") from None
-
-
-_MONTHS = {
-    m: i
-    for i, m in enumerate(
-        ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"], 1
-    )
-}
-_DAYS = {d: i for i, d in enumerate(["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"])}
-_RANGE_ITEM = re.compile(r"^([0-9]+|[A-Za-z]{3})-([0-9]+|[A-Za-z]{3})(?:/[0-9]+)?$")
-
-
-def _check_ranges(text: str, fields: list[str], *, aws: bool) -> None:
-    """Refuse a range that runs backwards (``5-1``, ``FRI-MON``): croniter wraps
-    it round (5 to 23, then 0 and 1) where other crons, EventBridge among them,
-    differ; written as two ranges it means the same everywhere."""
-    bounds = [(0, 59), (0, 23), (1, 31), (1, 12), (1, 7) if aws else (0, 7), (1970, 2099)]
-    names = (*_FIELDS[:5], "year")  # as written: AWS's sixth field is the year
-    for name, value, (low, high) in zip(names, fields, bounds, strict=False):
-        for item in value.split(","):
-            match = _RANGE_ITEM.match(item)
-            if not match:
-                continue  # not a range; croniter judges the rest
-            start, end = (_range_number(v, name, aws) for v in match.groups())
-            if start is not None and end is not None and start > end:
-                first, last = match.groups()
-                raise _bad(
-                    text,
-                    f"{name} range {item!r} runs backwards; write it as two ranges,"
-                    f" {first}-{high},{low}-{last}",
-                )
-
-
-def _range_number(value: str, field: str, aws: bool) -> int | None:
-    """A range end as a number (a month or day name too); None if unknown."""
-    if value.isdigit():
-        return int(value)
-    names = _MONTHS if field == "month" else _DAYS if field == "day-of-week" else {}
-    number = names.get(value.upper())
-    if number is not None and field == "day-of-week" and aws:
-        number += 1  # AWS counts days from SUN = 1
-    return number
 
 
 def _croniter(cron: str, base: datetime) -> croniter:
