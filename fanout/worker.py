@@ -335,17 +335,20 @@ class WorkerPool:
     def _release_prefetched(self, slot: _Slot) -> None:
         """Hand back the messages a dead child had received but not started, and
         finish the run it was finalizing: left alone, the run would stay
-        "finalizing" until the recovery sweep finds the finalizer stale (60 s)."""
-        for receipt in slot.take_prefetched():
-            with contextlib.suppress(Exception):
-                self.backend.queue.release(receipt, 0.0)
+        "finalizing" until the recovery sweep finds the finalizer stale (60 s).
+
+        Claimed messages are made visible only after their claims are given back
+        or failed (the attempt in hand is failed by the caller, with its cause):
+        visible earlier, another child would find the dead attempt's lease held
+        and put the message off for the whole lease."""
         waiting, finished = slot.take_batch()
+        claimed = {a.receipt for a in waiting} | {a.receipt for a in finished}
         if slot.deadline.value:
-            # The attempt in hand is failed by the caller, with its cause (the
-            # batch's note of it may be older than its start).
-            token = Attempt.from_json(slot.attempt.value.decode()).token
-            waiting = [a for a in waiting if a.token != token]
-            finished = [a for a in finished if a.token != token]
+            in_hand = Attempt.from_json(slot.attempt.value.decode())
+            claimed.add(in_hand.receipt)
+            # The batch's note of it may be older than its start.
+            waiting = [a for a in waiting if a.token != in_hand.token]
+            finished = [a for a in finished if a.token != in_hand.token]
         if waiting and isinstance(self.backend.ledger, BatchLedger):
             # Never started: given back as if never claimed.
             with contextlib.suppress(Exception):
@@ -354,6 +357,10 @@ class WorkerPool:
             for attempt in waiting:
                 with contextlib.suppress(Exception):
                     self.backend.queue.release(attempt.receipt, 0.0)
+        for receipt in slot.take_prefetched():
+            if receipt not in claimed:
+                with contextlib.suppress(Exception):
+                    self.backend.queue.release(receipt, 0.0)
         for attempt in finished:
             try:
                 # Its work is lost with the child; a no-op if it committed meanwhile.

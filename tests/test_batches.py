@@ -3,6 +3,7 @@ through the dispatcher in this process on the local backend."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,9 +14,12 @@ import pytest
 
 from fanout import coordinator
 from fanout.backends import open_backend
-from fanout.backends.base import Backend, RunState, TaskKey
+from fanout.backends.base import Backend, Failure, FailureKind, RunState, TaskKey
 from fanout.dispatch import Dispatcher
+from fanout.failures import Attempt
 from fanout.outcomes import Handled
+from fanout.runner import Runner
+from fanout.worker import WorkerOptions, WorkerPool
 from support.helpers import TREE
 from testjobs.tree import Params, expected_items
 
@@ -180,3 +184,52 @@ def test_invalid_bodies_in_a_batch_are_dead_lettered_and_the_rest_run(local: Bac
     )
     assert local.queue.pending() == 0
     _exactly_once(local, run_id, chunks=2, rows=1)
+
+
+# -- a child that dies in a batch -------------------------------------------------
+
+
+class _ChildDied(BaseException):
+    """Stands for os._exit in the chunk: nothing after it runs in the child."""
+
+
+def test_a_batch_child_that_died_leaves_its_chunk_hidden_until_failed(home: Path) -> None:
+    """The supervisor hands back what a dead child held, and must not make the
+    chunk in hand visible before it has recorded the crash: another child would
+    get the message, find the dead attempt's lease still held, and put it off
+    for the whole lease (timeout + grace)."""
+    pool = WorkerPool(WorkerOptions(backend="local", home=home, workers=1, chunk_timeout=20))
+    backend, slot = pool.backend, pool.slots[0]
+    run_id, _ = _planned(backend, chunks=3, rows=3)
+    deliveries = backend.queue.receive(10, 60)
+    assert len(deliveries) == 3
+
+    def start_and_die(attempt: Attempt) -> None:
+        slot.start(attempt)
+        raise _ChildDied
+
+    child = Dispatcher(backend, Runner(backend, on_start=start_and_die))
+    slot.hold([d.receipt for d in deliveries])  # as _child_main does around a batch
+    with pytest.raises(_ChildDied):
+        child.handle_many(deliveries, 20, on_batch=slot.hold_batch)
+    in_hand = slot.attempt.value.decode()
+
+    pool._release_prefetched(slot)
+    # The two claims not started are given back and their messages are visible;
+    # the chunk in hand is not, until the supervisor fails it.
+    other = Dispatcher(backend)
+    visible = backend.queue.receive(10, 60)
+    assert len(visible) == 2 and all(d.receipt not in in_hand for d in visible)
+    assert [other.handle(d, 20) for d in visible] == [Handled.COMMITTED] * 2
+
+    attempt = slot.take()
+    assert attempt is not None
+    pool.runner.fail(attempt, Failure(FailureKind.CRASHED, "worker process exited with code 3"))
+    deadline = time.monotonic() + 5  # the retry's back-off is at most 1 s
+    while (run := backend.ledger.get_run(run_id)) is not None and run.state != RunState.SUCCEEDED:
+        assert time.monotonic() < deadline, "the crashed chunk was not retried"
+        for d in backend.queue.receive(10, 60):
+            assert other.handle(d, 20) == Handled.COMMITTED
+        time.sleep(0.05)
+    _exactly_once(backend, run_id, chunks=3, rows=3)
+    pool.backend.close()
