@@ -126,6 +126,7 @@ def recover(
     *,
     redrive: bool = True,
     stalled_after: float = STALLED,
+    runs: Collection[str] | None = None,
 ) -> list[str]:
     """Repair what a crash at the wrong moment can leave behind; returns what it did.
 
@@ -141,12 +142,20 @@ def recover(
       are moved back: the ledger, not the queue, decides when a task is dead.
     Safe to call at any time from any process; called by idle workers, which
     pass ``redrive=False`` on most calls (reading the DLQ costs requests).
+    ``runs``: look at these runs only, for a queue that serves and counts only
+    theirs (``fanout run``'s, see ``fanout.fairness.serve_run_only``): other
+    runs' messages do not make it wait ``stalled_after`` on one of its own lost.
     """
     actions = []
     moved = backend.queue.redrive() if redrive else 0
     if moved:
         actions.append(f"moved {moved} dead-lettered messages back to the queue")
-    open_runs = backend.ledger.list_runs(limit=1000, states=(RunState.RUNNING, RunState.FINALIZING))
+    states = (RunState.RUNNING, RunState.FINALIZING)
+    if runs is None:
+        open_runs = backend.ledger.list_runs(limit=1000, states=states)
+    else:
+        found = (backend.ledger.get_run(run_id) for run_id in runs)
+        open_runs = [run for run in found if run is not None and run.state in states]
     for run in open_runs:
         if run.outstanding == 0 and finalize_run(
             backend.ledger, backend.store, events_for(backend), run.run_id, stale_after

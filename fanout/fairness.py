@@ -63,7 +63,8 @@ class GroupFilter(Protocol):
     workers take their own run's messages, not those of other runs in the home)."""
 
     def serve_only(self, groups: frozenset[str] | None) -> None:
-        """Receive only messages of ``groups`` from now on (None: every group)."""
+        """Receive, and count as pending, only messages of ``groups`` from now
+        on (None: every group)."""
 
 
 def serve_run_only(queue: object, run_id: str) -> bool:

@@ -233,6 +233,11 @@ class WorkerPool:
     def __init__(self, opts: WorkerOptions) -> None:
         self.opts = opts
         self.backend = open_backend(opts.backend, home=opts.home)
+        #: The runs this pool's recovery looks at: its run only, where the queue
+        #: serves and counts that run's messages only (see WorkerOptions.only_run).
+        self.runs: frozenset[str] | None = None
+        if opts.only_run is not None and serve_run_only(self.backend.queue, opts.only_run):
+            self.runs = frozenset({opts.only_run})
         self.runner = Runner(self.backend)
         self.stop_event = _CTX.Event()
         #: Set by a child that finished finalizing a run: ``run(until=...)``
@@ -271,7 +276,7 @@ class WorkerPool:
         """Supervise until ``until()`` is true, the queue is idle (``until_idle``),
         or a signal asks to stop."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        recover(self.backend)
+        recover(self.backend, runs=self.runs)
         # What the supervisor holds now (modules, the loaded job) lives as long as
         # it does. Frozen before the fork, as the gc docs advise: the children's
         # collections leave those pages uncopied, and the supervisor's own exit
@@ -302,7 +307,7 @@ class WorkerPool:
                         redrive = now >= next_redrive
                         if redrive:
                             next_redrive = now + REDRIVE_EVERY
-                        if recover(self.backend, redrive=redrive):
+                        if recover(self.backend, redrive=redrive, runs=self.runs):
                             idle_since = 0.0
                         elif until_idle:
                             # Idle twice in a row: nothing is in flight between checks.
@@ -315,7 +320,7 @@ class WorkerPool:
                     # Busy or not: a run whose message was lost must not wait for
                     # the queue to empty (other runs may keep it busy for hours).
                     next_redrive = now + REDRIVE_EVERY
-                    recover(self.backend)
+                    recover(self.backend, runs=self.runs)
                 if self._nap(0.02):
                     next_check = 0.0
         finally:

@@ -16,7 +16,7 @@ from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState
 from fanout.dispatch import Dispatcher
-from fanout.fairness import group_of, weight_of
+from fanout.fairness import group_of, serve_run_only, weight_of
 from support.helpers import JOBS
 from support.procs import fanout, get_run, status, wait_for, worker
 
@@ -148,3 +148,24 @@ def test_fanout_run_works_its_own_run_only(tmp_path: Path, local: Backend) -> No
     done = fanout(home, "worker", "--until-idle", "-w", "1", timeout=120)
     assert done.returncode == 0, done.stderr
     assert get_run(local, waiting_id).state == RunState.SUCCEEDED
+
+
+def test_a_run_served_alone_is_recovered_without_waiting_for_other_runs(local: Backend) -> None:
+    """``fanout run``'s workers serve their run only, so other runs' messages stay
+    in the queue: counted as pending, they made a lost message of its own wait
+    for the stalled-run rule (20 minutes) instead of being re-sent at once."""
+    other = coordinator.submit(local, JOB, {"chunks": 3}).run_id
+    mine = coordinator.submit(local, JOB, {"chunks": 3}).run_id
+    assert serve_run_only(local.queue, mine)
+    (lost,) = local.queue.receive(10, 30)
+    assert group_of(lost.body) == mine
+    local.queue.ack(lost.receipt)  # its root's message is lost
+    assert local.queue.pending() == 0  # the other run's message is not this queue's to count
+    assert coordinator.recover(local, redrive=False, runs={mine}) == [
+        f"re-sent 1 stranded tasks of {mine}"
+    ]
+    assert _serve(local, [mine], until=mine) == {mine: 4}
+    # The other run was neither served nor re-sent.
+    local.queue.serve_only(None)
+    assert local.queue.pending() == 1
+    assert get_run(local, other).tasks_done == 0

@@ -148,8 +148,9 @@ class SQLiteQueue:
             )
 
     def serve_only(self, groups: frozenset[str] | None) -> None:
-        """Receive only the messages of ``groups`` (runs; ``""`` for the others)
-        from now on; None: every group (:class:`fanout.fairness.GroupFilter`)."""
+        """Receive, and count in :meth:`pending`, only the messages of ``groups``
+        (runs; ``""`` for the others) from now on; None: every group
+        (:class:`fanout.fairness.GroupFilter`)."""
         self._only = groups
 
     def receive(self, max_messages: int, visibility: float) -> list[Delivery]:
@@ -209,9 +210,16 @@ class SQLiteQueue:
             conn.execute(_RELEASE, (visible_at, id_, count, self.name))
 
     def pending(self) -> int:
-        """Messages of this queue not yet deleted (visible, delayed or in flight)."""
+        """Messages of this queue not yet deleted (visible, delayed or in flight),
+        of the groups it serves (see :meth:`serve_only`)."""
         self.flush()
-        row = self.db.conn.execute(_PENDING, (self.name,)).fetchone()
+        if self._only is None:
+            row = self.db.conn.execute(_PENDING, (self.name,)).fetchone()
+        else:
+            groups = sorted(self._only)
+            marks = ",".join("?" * len(groups))
+            sql = f"{_PENDING} AND grp IN ({marks})"  # the (queue, grp, ...) index
+            row = self.db.conn.execute(sql, (self.name, *groups)).fetchone()
         return int(row[0])
 
     def redrive(self, limit: int = 1000) -> int:
