@@ -93,10 +93,7 @@ def watch_run(
     tty = sys.stdout.isatty() and not as_json
     while True:
         st = coordinator.Status(coordinator.get_run(backend, run_id))
-        # A running run may be paused or cancelling: its controls say (one more read).
-        shown = None
-        if st.run.state not in TERMINAL_RUN_STATES:
-            shown = control_ops.control_info(backend, st.run, {})["state"]
+        shown = control_ops.shown_state(backend, st.run)  # paused, cancelling...
         if as_json:
             click.echo(json.dumps(progress(st, shown)))
         elif tty:

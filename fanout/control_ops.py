@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, TaskState
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, RunState, TaskState
 from fanout.backends.runcontrols import controls_of
 from fanout.controls import (
     CANCEL_REASON,
@@ -117,6 +117,16 @@ def sweep(backend: Backend, run: RunRecord) -> bool:
         controls.cancel_queued(run.run_id, time.time())
         return False
     return bool(controls.read_control(run.run_id).get("paused"))
+
+
+def shown_state(backend: Backend, run: RunRecord) -> str:
+    """The run's state as every progress display shows it: ``paused``,
+    ``cancelling`` or ``stopping`` for a running run its controls hold, else its
+    own (a control read only for a running run)."""
+    if run.state != RunState.RUNNING:
+        return run.state.value
+    state = controls_of(backend.ledger).read_control(run.run_id)
+    return display_state(run, bool(state.get("paused")))
 
 
 def control_info(backend: Backend, run: RunRecord, tasks: dict[str, int]) -> dict[str, Any]:

@@ -282,3 +282,26 @@ def test_status_of_a_paused_run_says_paused_in_its_first_line(home: Path) -> Non
     assert fanout(home, "resume", run_id).returncode == 0
     first = fanout(home, "status", run_id).stdout.splitlines()[0]
     assert first.split()[:2] == [run_id, "running"], first
+
+
+def test_fanout_runs_progress_line_says_paused_while_its_run_is(
+    home: Path, ledger: Backend
+) -> None:
+    """The progress line ``fanout run`` prints showed "running" for a run paused
+    from another terminal, while ``fanout status`` said "paused"."""
+    params = ["-p", "chunks=2", "-p", "steps=40", "-p", "step_s=0.1"]
+    env = {**os.environ, "PYTHONPATH": checkout_pythonpath()}
+    cmd = [*CLI, "--home", str(home), "run", JOB, *params, "-w", "2"]
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            wait_for("the run", lambda: ledger.ledger.list_runs(limit=1), 30)
+            (run,) = ledger.ledger.list_runs(limit=1)
+            assert fanout(home, "pause", run.run_id).returncode == 0
+            time.sleep(6.5)  # without a terminal, a progress line every 5 s
+            assert fanout(home, "resume", run.run_id).returncode == 0
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    states = [line.split()[1] for line in err.splitlines() if line.startswith(run.run_id)]
+    assert "paused" in states, err
