@@ -29,6 +29,7 @@ from fastavro.write import Writer
 
 from fanout.avro_check import RecordChecker, short
 from fanout.errors import RecordError, SchemaError
+from fanout.filestamp import Stamp, stamp_of
 
 __all__ = [
     "RecordWriter",
@@ -73,7 +74,7 @@ class Schema:
 # Loading
 
 
-_CACHE: dict[tuple[str, int, int, int, int], Schema] = {}
+_CACHE: dict[tuple[str, Stamp], Schema] = {}
 
 
 def load_schema(
@@ -132,7 +133,7 @@ def _load_file(path: Path) -> Schema:
         st = resolved.stat()
     except OSError as exc:
         raise SchemaError(f"schema file {path} cannot be read: {exc.strerror}") from None
-    key = (str(resolved), st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+    key = (str(resolved), stamp_of(st))
     cached = _CACHE.get(key)
     if cached is not None:
         return cached

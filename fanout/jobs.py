@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from fanout.errors import JobLoadError, ParamsError, UserError
+from fanout.filestamp import Stamp, stamp_of
 from fanout.isolation import JobModules, import_fresh
 from fanout.isolation import activate as activate_modules
 from fanout.limits import RunKind
@@ -197,29 +198,25 @@ def _first_error(exc: ValidationError) -> str:
 
 #: How many loaded jobs a process keeps (a worker loads each run's job afresh).
 _CACHE_SIZE = 32
-#: What says a file changed: its mtime alone misses a copy that keeps it
-#: (``cp -p``, ``rsync -t``, an unpacked archive); its ctime cannot be set that
-#: way, and a file replaced by rename has a new inode.
-_Stamp = tuple[int, int, int, int]
 
 # (ref, run id) -> the job, and the stamps of its file and its own modules when
 # loaded: a worker that outlives an edit of either (fix, then `fanout replay`)
 # loads the new code.
-_loaded: dict[tuple[str, str | None], tuple[dict[str, _Stamp], Job]] = {}
+_loaded: dict[tuple[str, str | None], tuple[dict[str, Stamp], Job]] = {}
 
 
-def _stamps(files: Iterable[str]) -> dict[str, _Stamp]:
+def _stamps(files: Iterable[str]) -> dict[str, Stamp]:
     stamps = {}
     for f in files:
         try:
             st = os.stat(f)
-            stamps[f] = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+            stamps[f] = stamp_of(st)
         except OSError:
             stamps[f] = (-1, -1, -1, -1)
     return stamps
 
 
-def _unchanged(stamps: dict[str, _Stamp]) -> bool:
+def _unchanged(stamps: dict[str, Stamp]) -> bool:
     return all(_stamps([f]).get(f) == mtime for f, mtime in stamps.items())
 
 

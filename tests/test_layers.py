@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.fairness",
             "fanout.outcomes",
             "fanout.json_fields",
+            "fanout.filestamp",
         ],
     ),
     ("seams", ["fanout.backends.base", "fanout.backends.crawlstate", "fanout.backends.keys"]),
