@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from fanout.cli_common import group_backend, split_pairs
 from fanout.errors import UserError
 from fanout.jobs import canonical_ref, is_path_ref, load_job
-from fanout.schedules import Schedule, ScheduleStore, open_store, parse_spec
+from fanout.schedules import Schedule, ScheduleStore, check_ranges, open_store, parse_spec
 from fanout.schedules.fire import Fired, fire_due, run_loop, takes_scheduled_time
 from fanout.schedules.model import NAME_PATTERN, SCHEDULED_TIME, iso, now_utc, parse_time
 
@@ -119,6 +119,9 @@ def add(
             " starting with a letter or digit"
         )
     spec = parse_spec(expression)
+    # Here, not in parse_spec: a stored schedule with such a range (saved by an
+    # older fanout) must go on loading and firing; only a new one is refused.
+    check_ranges(spec)
     now = now_utc()
     begin = parse_time(start, "--start") if start else now
     first = spec.first_at_or_after(begin)  # start is inclusive

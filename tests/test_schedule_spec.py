@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from fanout.errors import UserError
-from fanout.schedules import parse_spec
+from fanout.schedules import check_ranges, parse_spec
 from fanout.schedules.spec import ScheduleSpecError
 
 
@@ -132,6 +132,122 @@ def test_bad_expressions_say_what_is_wrong(expression: str, needle: str) -> None
     assert needle in message
 
 
+# -- ranges that run backwards: refused at add (check_ranges), not by parse_spec ------
+
+BACKWARDS = "runs backwards (crons disagree on what it means); write"
+SAME_ENDS = "starts where it ends, which croniter reads as the whole field; write"
+
+
+@pytest.mark.parametrize(
+    ("expression", "why"),
+    [
+        ("0 22-2 * * *", f"hour range '22-2' {BACKWARDS} 22-23,0-2"),
+        ("0 23-2 * * *", f"hour range '23-2' {BACKWARDS} 23,0-2"),  # no 23-23: see 5-5
+        ("50-10 * * * *", f"minute range '50-10' {BACKWARDS} 50-59,0-10"),
+        # A step carries on across the wrap, as Quartz counts it: 21, 23, then 1.
+        ("50-10/5 * * * *", f"minute range '50-10/5' {BACKWARDS} 50-59/5,0-10/5"),
+        ("0 21-2/2 * * *", f"hour range '21-2/2' {BACKWARDS} 21-23/2,1"),
+        ("0 22-2/2 * * *", f"hour range '22-2/2' {BACKWARDS} 22,0-2/2"),
+        ("0 0 20-3 * *", f"day-of-month range '20-3' {BACKWARDS} 20-31,1-3"),
+        ("0 0 * DEC-FEB *", f"month range 'DEC-FEB' {BACKWARDS} DEC,JAN-FEB"),
+        ("0 0 * 11-2 *", f"month range '11-2' {BACKWARDS} 11-12,1-2"),
+        ("0 0 * * FRI-MON", f"day-of-week range 'FRI-MON' {BACKWARDS} FRI-SAT,SUN-MON"),
+        ("0 0 * * fri-mon", f"day-of-week range 'fri-mon' {BACKWARDS} FRI-SAT,SUN-MON"),
+        ("0 0 * * 5-1", f"day-of-week range '5-1' {BACKWARDS} 5-6,0-1"),
+        ("0 0 * * 2-1", f"day-of-week range '2-1' {BACKWARDS} 2-6,0-1"),  # croniter: every day
+        ("0 0 * * 1,5-1", f"day-of-week range '5-1' {BACKWARDS} 5-6,0-1"),  # in a list too
+        # AWS's form: SUN is 1 and ends no range, so SAT-SUN is 7-1.
+        ("cron(0 12 ? * SAT-SUN *)", f"day-of-week range 'SAT-SUN' {BACKWARDS} SAT,SUN"),
+        ("cron(0 12 ? * 6-2 *)", f"day-of-week range '6-2' {BACKWARDS} 6-7,1-2"),
+        ("cron(0 22-2 1 * ? *)", f"hour range '22-2' {BACKWARDS} 22-23,0-2"),
+        ("cron(0 0 1 NOV-FEB ? *)", f"month range 'NOV-FEB' {BACKWARDS} NOV-DEC,JAN-FEB"),
+        # Years do not come round again: a backwards year range was swapped.
+        ("cron(0 0 1 1 ? 2031-2030)", f"year range '2031-2030' {BACKWARDS} 2030-2031"),
+        # croniter reads N-N as the whole field (every hour), other crons as N.
+        ("0 5-5 * * *", f"hour range '5-5' {SAME_ENDS} 5"),
+        ("0 5-5/3 * * *", f"hour range '5-5/3' {SAME_ENDS} 5"),
+        ("0 0 * MAR-MAR *", f"month range 'MAR-MAR' {SAME_ENDS} MAR"),
+        ("0 0 * * FRI-FRI", f"day-of-week range 'FRI-FRI' {SAME_ENDS} FRI"),
+        # Sunday to Sunday, however it is written (0 and 7 are both Sunday).
+        ("0 0 * * SUN-SUN", f"day-of-week range 'SUN-SUN' {SAME_ENDS} SUN"),
+        ("0 0 * * 0-0", f"day-of-week range '0-0' {SAME_ENDS} 0"),
+        ("0 0 * * 7-7", f"day-of-week range '7-7' {SAME_ENDS} 7"),
+        ("0 0 * * 7-0", f"day-of-week range '7-0' {SAME_ENDS} 7"),
+        ("cron(0 12 ? * 2-2 *)", f"day-of-week range '2-2' {SAME_ENDS} 2"),
+        ("cron(0 0 1 1 ? 2030-2030)", f"year range '2030-2030' {SAME_ENDS} 2030"),
+    ],
+)
+def test_a_backwards_range_is_refused_at_add_with_what_to_write(expression: str, why: str) -> None:
+    spec = parse_spec(expression)  # it parses: a stored schedule may hold it
+    with pytest.raises(ScheduleSpecError) as caught:
+        check_ranges(spec)
+    assert isinstance(caught.value, UserError)  # one line, exit 2 in the CLI
+    assert str(caught.value) == f"schedule expression {expression!r}: {why}"
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        # In the 5-field day-of-week, SUN (0 or 7) at a range's end is 7.
+        "0 0 * * MON-SUN",
+        "0 0 * * FRI-SUN",
+        "0 0 * * SAT-SUN",
+        "0 0 * * 1-0",
+        "0 0 * * 5-0",
+        "0 0 * * 5-7",
+        "0 0 * * 0-7",  # the whole week
+        "0 0 * * 7-1",  # and at its start 0: Sunday, Monday
+        "0 0 * * MON-SUN/2",
+        "*/5 * * * *",
+        "0 9-17 * * 1-5",
+        "0-30/10 22-23 1-15 JAN-MAR MON-FRI",
+        "5 4 3 2 1",
+        "0 0 L * *",
+        "0 12 * * 5#2",
+        "@daily",
+        "rate(5 minutes)",
+        "cron(0 12 ? * MON-FRI *)",
+        "cron(0 12 ? * SUN-SAT *)",
+        "cron(0 12 ? * 2-7 *)",
+        "cron(0 12 ? * 6L *)",
+        "cron(0 0 1 JAN-DEC ? 2030-2031)",
+    ],
+)
+def test_forward_ranges_are_accepted(expression: str) -> None:
+    check_ranges(parse_spec(expression))
+
+
+@pytest.mark.parametrize(
+    ("expression", "days"),
+    [
+        # 2030-01-01 is a Tuesday: the days each fires on, from the Wednesday.
+        ("0 0 * * MON-SUN", ["Wed", "Thu", "Fri", "Sat", "Sun", "Mon", "Tue"]),
+        ("0 0 * * 1-0", ["Wed", "Thu", "Fri", "Sat", "Sun", "Mon", "Tue"]),
+        ("0 0 * * FRI-SUN", ["Fri", "Sat", "Sun", "Fri", "Sat", "Sun", "Fri"]),
+        ("0 0 * * 5-0", ["Fri", "Sat", "Sun", "Fri", "Sat", "Sun", "Fri"]),
+        ("0 0 * * SAT-SUN", ["Sat", "Sun", "Sat", "Sun", "Sat", "Sun", "Sat"]),
+        ("0 0 * * 7-1", ["Sun", "Mon", "Sun", "Mon", "Sun", "Mon", "Sun"]),
+    ],
+)
+def test_a_range_ending_on_sunday_fires_through_sunday(expression: str, days: list[str]) -> None:
+    ticks = parse_spec(expression).fires(t("2030-01-01T00:00"), len(days))
+    assert [f"{tick:%a}" for tick in ticks] == days
+
+
+def test_a_stored_backwards_range_still_loads_and_fires_as_before() -> None:
+    """A schedule saved by a fanout that did not refuse 22-2 loads (the model's
+    validator and Schedule.spec do not call check_ranges) and fires where
+    croniter wraps it: 22, 23, 0, 1, 2."""
+    from fanout.schedules import Schedule
+
+    when = t("2030-01-01T00:00")
+    schedule = Schedule(
+        name="s", expression="0 22-2 * * *", job="j.py", start=when, created_at=when
+    )
+    hours = [f"{tick:%H}" for tick in schedule.spec.fires(when, 6)]
+    assert hours == ["01", "02", "22", "23", "00", "01"]
+
+
 @pytest.mark.parametrize(
     ("expression", "aws"),
     [
@@ -140,6 +256,16 @@ def test_bad_expressions_say_what_is_wrong(expression: str, needle: str) -> None
         ("0 0 * * 0", "cron(0 0 ? * 1 *)"),
         ("0 0 * * 7", "cron(0 0 ? * 1 *)"),
         ("0 0 * * 5-7", "cron(0 0 ? * 6-7,1 *)"),
+        # Sunday ends a cron range but starts AWS's week: as AWS's 6-1 it would
+        # run backwards, so it is split.
+        ("0 0 * * 5-0", "cron(0 0 ? * 6-7,1 *)"),
+        ("0 0 * * 1-0", "cron(0 0 ? * 2-7,1 *)"),
+        ("0 0 * * 6-7", "cron(0 0 ? * 7,1 *)"),
+        ("0 0 * * MON-SUN", "cron(0 0 ? * MON-SAT,SUN *)"),
+        ("0 0 * * FRI-SUN", "cron(0 0 ? * FRI-SAT,SUN *)"),
+        ("0 0 * * SAT-SUN", "cron(0 0 ? * SAT,SUN *)"),
+        ("0 0 * * 7-1", "cron(0 0 ? * 1-2 *)"),
+        ("0 0 * * SUN-MON", "cron(0 0 ? * SUN-MON *)"),
         ("0 0 * * MON,FRI", "cron(0 0 ? * MON,FRI *)"),
         ("0 12 * * 5#2", "cron(0 12 ? * 6#2 *)"),
         ("0 12 * * L5", "cron(0 12 ? * 6L *)"),
@@ -159,6 +285,12 @@ def test_eventbridge_form(expression: str, aws: str) -> None:
 def test_cron_either_day_rule_has_no_eventbridge_form() -> None:
     with pytest.raises(ScheduleSpecError, match="both day-of-month and day-of-week"):
         parse_spec("0 6 1 * 1").aws_expression()
+
+
+def test_a_stepped_range_ending_on_sunday_has_no_eventbridge_form() -> None:
+    # MON-SUN/2 is Mon, Wed, Fri, Sun; AWS's 2-1/2 would run backwards.
+    with pytest.raises(ScheduleSpecError, match="'MON-SUN/2' cannot be expressed"):
+        parse_spec("0 0 * * MON-SUN/2").aws_expression()
 
 
 def test_parsing_is_cached_by_the_text() -> None:

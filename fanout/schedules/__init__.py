@@ -1,7 +1,7 @@
 """Cron schedules: run a job at the ticks of a cron or rate expression.
 
 - :mod:`fanout.schedules.spec`: the expressions (standard cron, AWS ``cron(...)``
-  and ``rate(...)``) and their fire times;
+  and ``rate(...)``), their fire times, and the ranges refused when one is added;
 - :mod:`fanout.schedules.model`: :class:`Schedule`, the :class:`ScheduleStore` seam
   and the deterministic run id of a tick;
 - :mod:`fanout.schedules.local`: schedules in the local backend's SQLite database;
@@ -13,9 +13,17 @@ from __future__ import annotations
 
 from fanout.backends.base import Backend
 from fanout.schedules.model import Schedule, ScheduleStore, run_id_for
-from fanout.schedules.spec import Spec, parse_spec
+from fanout.schedules.spec import Spec, check_ranges, parse_spec
 
-__all__ = ["Schedule", "ScheduleStore", "Spec", "open_store", "parse_spec", "run_id_for"]
+__all__ = [
+    "Schedule",
+    "ScheduleStore",
+    "Spec",
+    "check_ranges",
+    "open_store",
+    "parse_spec",
+    "run_id_for",
+]
 
 
 def open_store(backend: Backend) -> ScheduleStore:

@@ -18,6 +18,9 @@ Three forms are accepted, all evaluated in UTC:
 
 Cron expressions are evaluated by croniter; an AWS cron is translated into
 croniter's 7-field form (``... second year``). Ticks fall on whole minutes.
+A range that runs backwards (``22-2``) or starts where it ends (``5-5``) parses,
+since stored schedules may hold one, but :func:`check_ranges` refuses it when a
+schedule is added: croniter reads it unlike other crons, EventBridge among them.
 """
 
 from __future__ import annotations
@@ -289,9 +292,140 @@ def _croniter_reason(cron: str, exc: Exception) -> str:
     return f"does not parse ({message})"
 
 
+# -- ranges that run backwards: refused when a schedule is added --------------------
+#
+# croniter wraps a range whose end comes before its start round the field (hour
+# 22-2 is 22, 23, 0, 1, 2), where other crons, EventBridge among them, read it
+# otherwise or refuse it; and it takes a range that starts where it ends (5-5)
+# for the whole field, where they take the one value. Either way a schedule
+# would fire at other times locally than deployed. parse_spec does not refuse
+# them, since it also loads stored schedules, and a home holding one from an
+# older fanout must go on firing it; `fanout schedule add` calls check_ranges.
+
+_MONTH_NAMES = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_DAY_NAMES = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
+_RANGE_ITEM = re.compile(r"^([0-9]+|[A-Za-z]{3})-([0-9]+|[A-Za-z]{3})(?:/([0-9]+))?$")
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One field of an expression as written, for the range check."""
+
+    name: str
+    low: int  # the values a range wraps round
+    high: int
+    names: tuple[str, ...] = ()  # names[i] is the value low + i
+    sunday_ends_week: bool = False  # 5-field day-of-week: SUN and 0 end a range as 7
+    wraps: bool = True  # a year range does not come round again: it was swapped
+
+    def number(self, token: str) -> int | None:
+        """A range end as a number; None for a name this field does not have."""
+        if token.isdigit():
+            return int(token)
+        upper = token.upper()
+        return self.names.index(upper) + self.low if upper in self.names else None
+
+    def text(self, value: int, as_name: bool) -> str:
+        """``value`` written back, as a name when the user wrote one."""
+        return self.names[value - self.low] if as_name and self.names else str(value)
+
+
+_CRON_LAYOUT: tuple[_Field, ...] = (
+    _Field("minute", 0, 59),
+    _Field("hour", 0, 23),
+    _Field("day-of-month", 1, 31),
+    _Field("month", 1, 12, _MONTH_NAMES),
+    _Field("day-of-week", 0, 6, _DAY_NAMES, sunday_ends_week=True),
+)
+_AWS_LAYOUT = (
+    *_CRON_LAYOUT[:4],
+    _Field("day-of-week", 1, 7, _DAY_NAMES),  # AWS: 1-7 is SUN-SAT, SUN never 8
+    _Field("year", 1970, 2099, wraps=False),
+)
+
+
+def check_ranges(spec: Spec) -> None:
+    """Refuse, with a :class:`ScheduleSpecError` naming the field and what to write
+    instead, a range that runs backwards (hour ``22-2``: write ``22-23,0-2``) or
+    starts where it ends (``5-5``: write ``5``), which croniter reads unlike
+    other crons, EventBridge among them.
+
+    For an expression being added (``fanout schedule add``), not for a stored
+    one: parse_spec does not call it, so a schedule saved by an older fanout
+    still loads and fires as it did. In the 5-field day-of-week, SUN (0 or 7)
+    ends a range as 7, so ``MON-SUN``, ``FRI-SUN`` and ``5-0`` run forwards."""
+    if spec.kind == "rate":
+        return
+    if spec.kind == "aws-cron":
+        match = _AWS_CRON.match(spec.text)
+        assert match is not None  # parse_spec matched it
+        fields, layout = match.group(1).split(), _AWS_LAYOUT
+    else:
+        assert spec.cron is not None
+        fields, layout = spec.cron.split(), _CRON_LAYOUT  # an alias as its fields
+    for field, value in zip(layout, fields, strict=True):
+        for item in value.split(","):
+            problem = _range_problem(field, item)
+            if problem is not None:
+                raise _bad(spec.text, problem)
+
+
+def _range_problem(field: _Field, item: str) -> str | None:
+    """What is wrong with one comma item of ``field``, or None."""
+    match = _RANGE_ITEM.match(item)
+    if not match:
+        return None  # not a range; parse_spec has judged it
+    first, last, step_text = match.groups()
+    start, end = field.number(first), field.number(last)
+    if start is None or end is None:
+        return None
+    as_name = not (first.isdigit() and last.isdigit())
+    if field.sunday_ends_week and (start, end) == (0, 7):
+        return None  # 0-7: the whole week, in every cron
+    # In the 5-field day-of-week 7 is Sunday too, so 7-0 and SUN-SUN start where they end.
+    if (start % 7 == end % 7) if field.sunday_ends_week else (start == end):
+        return (
+            f"{field.name} range {item!r} starts where it ends, which croniter reads"
+            f" as the whole field; write {first}"
+        )
+    if field.sunday_ends_week:
+        start, end = start % 7, end or 7  # SUN starts a range as 0 and ends one as 7
+    if start <= end:
+        return None
+    step = int(step_text) if step_text else 1
+    if field.wraps:
+        instead = _split(field, start, end, step, as_name)
+    else:
+        instead = f"{last}-{first}" + (f"/{step_text}" if step_text else "")
+    return (
+        f"{field.name} range {item!r} runs backwards (crons disagree on what it means);"
+        f" write {instead}"
+    )
+
+
+def _split(field: _Field, start: int, end: int, step: int, as_name: bool) -> str:
+    """A backwards range as the two forward ones it wraps into: ``22-2`` is
+    ``22-23,0-2``. A step carries on across the wrap (``21-2/2`` is 21, 23, 1),
+    as Quartz counts it; croniter's own count there skips values (21, 23, 2)."""
+    last_before_wrap = start + (field.high - start) // step * step
+    after_wrap = last_before_wrap + step - (field.high - field.low + 1)
+    parts = [(start, field.high)]
+    if after_wrap <= end:
+        parts.append((after_wrap, end))
+
+    def part(low: int, high: int) -> str:
+        if low + step > high:  # one value: a range starting where it ends is whole to croniter
+            return field.text(low, as_name)
+        out = f"{field.text(low, as_name)}-{field.text(high, as_name)}"
+        return out + (f"/{step}" if step > 1 else "")
+
+    return ",".join(part(low, high) for low, high in parts)
+
+
 # -- day-of-week between AWS (1-7 = SUN-SAT) and cron (0-7, 0 and 7 = SUN) ---------
 
 _DOW_ITEM = re.compile(r"^(\*|[0-9]+|[A-Za-z]{3})(?:-([0-9]+|[A-Za-z]{3}))?(?:/([0-9]+))?$")
+_SUN = ("0", "SUN")
 
 
 def _dow_from_aws(item: str, text: str) -> str:
@@ -335,11 +469,16 @@ def _dow_to_aws(item: str, text: str) -> str:
     if not match:
         raise _bad(text, f"day-of-week item {item!r} cannot be expressed for EventBridge")
     start, end, step = match.groups()
-    if end is not None and end == "7" and start != "7":
+    # A range ending on Sunday (5-7, 5-0, FRI-SUN) ends the week in cron, while
+    # AWS's week starts with it, so as AWS's 6-1 it would run backwards: split it,
+    # 5-7 is 6-7 plus Sunday (1). (check_ranges refuses 0-0 and SUN-SUN at add.)
+    sunday_end = end == "7" or (end in _SUN and start not in _SUN)
+    if sunday_end and start not in ("7", "*"):
         if step:
             raise _bad(text, f"day-of-week {item!r} cannot be expressed for EventBridge")
-        # 5-7 (FRI-SUN) is 6-7 plus Sunday (1) in AWS's numbering.
-        return f"{_cron_day(start, text)}-7,1"
+        if start.isdigit():
+            return ("7" if start == "6" else f"{_cron_day(start, text)}-7") + ",1"
+        return ("SAT" if start == "SAT" else f"{start}-SAT") + ",SUN"
     out = start if start == "*" else _cron_day(start, text)
     if end is not None:
         out += "-" + _cron_day(end, text)
