@@ -25,7 +25,7 @@ from fanout.backends.base import (
 )
 from fanout.errors import UnknownRunError, UserError
 from fanout.events import events_for
-from fanout.fairness import register_run
+from fanout.fairness import register_run, served_runs
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import canonical_ref, load_job
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
@@ -126,7 +126,6 @@ def recover(
     *,
     redrive: bool = True,
     stalled_after: float = STALLED,
-    runs: Collection[str] | None = None,
 ) -> list[str]:
     """Repair what a crash at the wrong moment can leave behind; returns what it did.
 
@@ -142,19 +141,21 @@ def recover(
       are moved back: the ledger, not the queue, decides when a task is dead.
     Safe to call at any time from any process; called by idle workers, which
     pass ``redrive=False`` on most calls (reading the DLQ costs requests).
-    ``runs``: look at these runs only, for a queue that serves and counts only
-    theirs (``fanout run``'s, see ``fanout.fairness.serve_run_only``): other
-    runs' messages do not make it wait ``stalled_after`` on one of its own lost.
+    A queue that serves some runs only (``fanout run``'s, see
+    ``fanout.fairness.serve_run_only``) counts only their messages as pending,
+    so only those runs are looked at: other runs' messages do not make one of
+    its own lost wait ``stalled_after``, and other runs do not look empty.
     """
     actions = []
     moved = backend.queue.redrive() if redrive else 0
     if moved:
         actions.append(f"moved {moved} dead-lettered messages back to the queue")
     states = (RunState.RUNNING, RunState.FINALIZING)
+    runs = served_runs(backend.queue)
     if runs is None:
         open_runs = backend.ledger.list_runs(limit=1000, states=states)
     else:
-        found = (backend.ledger.get_run(run_id) for run_id in runs)
+        found = (backend.ledger.get_run(run_id) for run_id in sorted(runs))
         open_runs = [run for run in found if run is not None and run.state in states]
     for run in open_runs:
         if run.outstanding == 0 and finalize_run(

@@ -66,6 +66,9 @@ class GroupFilter(Protocol):
         """Receive, and count as pending, only messages of ``groups`` from now
         on (None: every group)."""
 
+    def serving(self) -> frozenset[str] | None:
+        """The groups set by :meth:`serve_only` (None: every group)."""
+
 
 def serve_run_only(queue: object, run_id: str) -> bool:
     """Have ``queue`` serve ``run_id``'s messages and the group-less ones
@@ -74,6 +77,13 @@ def serve_run_only(queue: object, run_id: str) -> bool:
         queue.serve_only(frozenset({run_id, ""}))
         return True
     return False
+
+
+def served_runs(queue: object) -> frozenset[str] | None:
+    """The runs ``queue`` serves and counts as pending, if it serves some only
+    (None: every run's)."""
+    groups = queue.serving() if isinstance(queue, GroupFilter) else None
+    return None if groups is None else groups - {""}
 
 
 def register_run(queue: object, run_id: str, priority: str) -> None:

@@ -17,6 +17,8 @@ from fanout.backends import open_backend
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState
 from fanout.dispatch import Dispatcher
 from fanout.fairness import group_of, serve_run_only, weight_of
+from fanout.messages import SWEEP_BODY
+from fanout.outcomes import Handled
 from support.helpers import JOBS
 from support.procs import fanout, get_run, status, wait_for, worker
 
@@ -161,11 +163,31 @@ def test_a_run_served_alone_is_recovered_without_waiting_for_other_runs(local: B
     assert group_of(lost.body) == mine
     local.queue.ack(lost.receipt)  # its root's message is lost
     assert local.queue.pending() == 0  # the other run's message is not this queue's to count
-    assert coordinator.recover(local, redrive=False, runs={mine}) == [
-        f"re-sent 1 stranded tasks of {mine}"
-    ]
+    assert coordinator.recover(local, redrive=False) == [f"re-sent 1 stranded tasks of {mine}"]
     assert _serve(local, [mine], until=mine) == {mine: 4}
     # The other run was neither served nor re-sent.
     local.queue.serve_only(None)
     assert local.queue.pending() == 1
     assert get_run(local, other).tasks_done == 0
+
+
+def test_a_sweep_taken_by_a_fanout_run_child_leaves_other_runs_alone(
+    tmp_path: Path, local: Backend
+) -> None:
+    """A ``fanout run`` child serves group-less messages too, sweeps among them;
+    its queue counts only its own run as pending, so the sweep took every other
+    run in the home for stranded and re-sent their tasks, once per sweep."""
+    other = coordinator.submit(local, JOB, {"chunks": 3}).run_id
+    mine = coordinator.submit(local, JOB, {"chunks": 2}).run_id
+    child = open_backend("local", home=tmp_path / "home")
+    try:
+        assert serve_run_only(child.queue, mine)
+        assert _serve(child, [mine], until=mine) == {mine: 3}
+        for _ in range(3):
+            child.queue.send([SWEEP_BODY])
+            (sweep,) = child.queue.receive(10, 30)
+            assert Dispatcher(child).handle(sweep, 10.0) == Handled.SWEPT
+    finally:
+        child.close()
+    bodies = local.queue.db.conn.execute("SELECT body FROM messages").fetchall()  # type: ignore[attr-defined]
+    assert [group_of(body) for (body,) in bodies] == [other]  # its root, not one more per sweep

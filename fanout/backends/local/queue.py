@@ -153,6 +153,10 @@ class SQLiteQueue:
         (:class:`fanout.fairness.GroupFilter`)."""
         self._only = groups
 
+    def serving(self) -> frozenset[str] | None:
+        """The groups set by :meth:`serve_only` (None: every group)."""
+        return self._only
+
     def receive(self, max_messages: int, visibility: float) -> list[Delivery]:
         """Up to ``max_messages`` visible messages, hidden for ``visibility``
         seconds: from the group served least for its weight first, oldest first
