@@ -34,6 +34,7 @@ from fanout.coordinator import recover
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
 from fanout.fairness import serve_run_only
+from fanout.outcomes import Handled
 from fanout.processes import descendants, die_with_parent, kill_all, resident_mb
 from fanout.runner import LEASE_GRACE, Runner
 
@@ -233,11 +234,9 @@ class WorkerPool:
     def __init__(self, opts: WorkerOptions) -> None:
         self.opts = opts
         self.backend = open_backend(opts.backend, home=opts.home)
-        #: The runs this pool's recovery looks at: its run only, where the queue
-        #: serves and counts that run's messages only (see WorkerOptions.only_run).
-        self.runs: frozenset[str] | None = None
-        if opts.only_run is not None and serve_run_only(self.backend.queue, opts.only_run):
-            self.runs = frozenset({opts.only_run})
+        if opts.only_run is not None:
+            # Its recovery and idle checks then look at its run only (coordinator.recover).
+            serve_run_only(self.backend.queue, opts.only_run)
         self.runner = Runner(self.backend)
         self.stop_event = _CTX.Event()
         #: Set by a child that finished finalizing a run: ``run(until=...)``
@@ -276,7 +275,7 @@ class WorkerPool:
         """Supervise until ``until()`` is true, the queue is idle (``until_idle``),
         or a signal asks to stop."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        recover(self.backend, runs=self.runs)
+        recover(self.backend)
         # What the supervisor holds now (modules, the loaded job) lives as long as
         # it does. Frozen before the fork, as the gc docs advise: the children's
         # collections leave those pages uncopied, and the supervisor's own exit
@@ -307,7 +306,7 @@ class WorkerPool:
                         redrive = now >= next_redrive
                         if redrive:
                             next_redrive = now + REDRIVE_EVERY
-                        if recover(self.backend, redrive=redrive, runs=self.runs):
+                        if recover(self.backend, redrive=redrive):
                             idle_since = 0.0
                         elif until_idle:
                             # Idle twice in a row: nothing is in flight between checks.
@@ -320,7 +319,7 @@ class WorkerPool:
                     # Busy or not: a run whose message was lost must not wait for
                     # the queue to empty (other runs may keep it busy for hours).
                     next_redrive = now + REDRIVE_EVERY
-                    recover(self.backend, runs=self.runs)
+                    recover(self.backend)
                 if self._nap(0.02):
                     next_check = 0.0
         finally:
@@ -369,7 +368,7 @@ class WorkerPool:
         for attempt in finished:
             try:
                 # Its work is lost with the child; a no-op if it committed meanwhile.
-                self.runner.fail(
+                self._fail(
                     attempt, Failure(FailureKind.INTERRUPTED, "its worker died before it committed")
                 )
             except Exception:
@@ -380,6 +379,15 @@ class WorkerPool:
                 self.runner.finalize(run_id, stale_after=0.0)
             except Exception:
                 log.exception("could not finalize %s after its finalizer died", run_id)
+
+    def _fail(self, attempt: Attempt, failure: Failure) -> None:
+        """Fail an attempt a dead child left, and make its message visible at
+        once if the attempt had committed (or lost its lease) after all: the
+        child's deferred ack died with it, and the message would stay hidden for
+        a whole visibility timeout before the ledger found it finished."""
+        if self.runner.fail(attempt, failure) == Handled.LEASE_LOST:
+            with contextlib.suppress(Exception):
+                self.backend.queue.release(attempt.receipt, 0.0)
 
     def _police(self, now: float) -> None:
         """Kill children past their hard deadline; replace children that died."""
@@ -393,7 +401,7 @@ class WorkerPool:
                 if attempt is not None:
                     self.timed_out += 1
                     limit = self.opts.chunk_timeout
-                    self.runner.fail(
+                    self._fail(
                         attempt,
                         Failure(
                             FailureKind.TIMED_OUT, f"chunk exceeded its {limit:g}s hard timeout"
@@ -407,7 +415,7 @@ class WorkerPool:
                 attempt = slot.take()
                 if attempt is not None:
                     self.out_of_memory += 1
-                    self.runner.fail(
+                    self._fail(
                         attempt,
                         Failure(
                             FailureKind.OUT_OF_MEMORY,
@@ -423,7 +431,7 @@ class WorkerPool:
                 attempt = slot.take()
                 if attempt is not None:
                     self.crashed += 1
-                    self.runner.fail(
+                    self._fail(
                         attempt, Failure(FailureKind.CRASHED, exit_cause(proc.exitcode))
                     )
                 if not self.stop_event.is_set():
@@ -461,7 +469,7 @@ class WorkerPool:
             attempt = self.slots[i].take()
             if attempt is not None:
                 # Forced stop: hand the chunk back so nothing is lost.
-                self.runner.fail(
+                self._fail(
                     attempt, Failure(FailureKind.INTERRUPTED, "the worker was stopped")
                 )
         self.backend.close()

@@ -37,6 +37,7 @@ from support.procs import (
 from testjobs.tree import Params, expected_items
 
 HANG_AFTER_PUT = Path(__file__).parent / "support" / "hang_after_put.py"
+DIE_AFTER_BATCH_COMMIT = Path(__file__).parent / "support" / "die_after_batch_commit.py"
 
 # -- helpers ---------------------------------------------------------------------
 
@@ -130,6 +131,33 @@ def test_a_child_that_dies_is_recorded_as_crashed_and_retried(home: Path, ledger
     # No chunk waited for a visibility timeout (5 + 5 + 5 s) after the crash.
     assert st["elapsed_s"] < 8
     assert_exact_output(home, run_id, **params)
+
+
+@pytest.mark.slow
+def test_a_child_killed_after_a_batch_commit_leaves_no_message_hidden(
+    home: Path, tmp_path: Path, ledger: Backend
+) -> None:
+    """A child killed after its batch's commit and before its note of the batch
+    says so: the supervisor found those attempts committed (so nothing to
+    fail) and left their messages, whose acks died with the child, hidden for
+    the visibility timeout (20 + 5 + 5 s), and ``--until-idle`` waited it out."""
+    run_id = submit(home, chunks=40, rows=1)
+    flag = tmp_path / "died"
+    started = time.monotonic()
+    with worker(
+        home,
+        tmp_path,
+        "--until-idle", "-w", "1", "--chunk-timeout", "20",
+        command=[sys.executable, str(DIE_AFTER_BATCH_COMMIT)],
+        env={"FANOUT_TEST_DIE_FLAG": str(flag)},
+    ) as proc:  # fmt: skip
+        assert proc.wait(timeout=120) == 0
+    took = time.monotonic() - started
+    assert flag.exists(), "the child was not killed in a batch's commit"
+    st = status(home, run_id)
+    assert st["state"] == "succeeded" and st["records"] == 40
+    assert took < 15, f"--until-idle took {took:.1f}s"
+    assert_exact_output(home, run_id, chunks=40, rows=1)
 
 
 @pytest.mark.slow
