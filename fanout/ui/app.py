@@ -109,7 +109,8 @@ class RunViews:
             if unchanged or (now - old.built_at < wait and not ended):
                 # The counters come from the run record, read just now.
                 st = coordinator.Status(run, old.counts)
-                return dataclasses.replace(old, run=run, progress=progress(st))
+                shown = control_ops.shown_state(self.backend, run)  # paused: no run change
+                return dataclasses.replace(old, run=run, progress=progress(st, shown))
         started = time.perf_counter()
         view = views.run_view(self.backend, run_id, now)
         with self._lock:

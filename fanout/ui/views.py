@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from fanout import coordinator
+from fanout import control_ops, coordinator
 from fanout.backends.base import (
     TERMINAL_RUN_STATES,
     Backend,
@@ -314,7 +314,7 @@ def run_view(backend: Backend, run_id: str, now: float | None = None) -> RunView
     st = coordinator.Status(run, counts)
     return RunView(
         run=run,
-        progress=progress(st),
+        progress=progress(st, control_ops.shown_state(backend, run)),
         counts=counts,
         timeline=tl,
         throughput=throughput(placed),

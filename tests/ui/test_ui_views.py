@@ -139,3 +139,26 @@ def test_only_the_latest_run_views_are_kept(
     cache.get("other-run")  # pushes the first out
     cache.get(failed.run_id)
     assert cache.builds == 3
+
+
+def test_a_paused_runs_page_says_paused_built_or_cached(local_backend: Backend) -> None:
+    """The run page showed a paused run as "running", with an ETA: pausing
+    changes the run's controls, not its record, and the page did not read them."""
+    from fanout import control_ops, coordinator
+    from fanout.dispatch import Dispatcher
+    from fanout.ui import app
+    from support.helpers import JOBS
+
+    backend = local_backend
+    run_id = coordinator.submit(backend, str(JOBS / "controlled.py"), {"chunks": 4}).run_id
+    dispatcher = Dispatcher(backend)
+    for _ in range(2):  # the plan, then one chunk: progress, so an ETA would show
+        (delivery,) = backend.queue.receive(1, 30)
+        dispatcher.handle(delivery, 10.0)
+    cache = app.RunViews(backend)
+    assert cache.get(run_id).progress["state"] == "running"
+    assert control_ops.pause(backend, run_id).changed
+    assert views.run_view(backend, run_id).progress["state"] == "paused"
+    cached = cache.get(run_id)  # the run record did not change: the cached view
+    assert cache.builds == 1
+    assert (cached.progress["state"], cached.progress["eta_s"]) == ("paused", None)
