@@ -431,9 +431,7 @@ class WorkerPool:
                 attempt = slot.take()
                 if attempt is not None:
                     self.crashed += 1
-                    self._fail(
-                        attempt, Failure(FailureKind.CRASHED, exit_cause(proc.exitcode))
-                    )
+                    self._fail(attempt, Failure(FailureKind.CRASHED, exit_cause(proc.exitcode)))
                 if not self.stop_event.is_set():
                     self._spawn(i)
 
@@ -469,7 +467,5 @@ class WorkerPool:
             attempt = self.slots[i].take()
             if attempt is not None:
                 # Forced stop: hand the chunk back so nothing is lost.
-                self._fail(
-                    attempt, Failure(FailureKind.INTERRUPTED, "the worker was stopped")
-                )
+                self._fail(attempt, Failure(FailureKind.INTERRUPTED, "the worker was stopped"))
         self.backend.close()
