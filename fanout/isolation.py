@@ -10,7 +10,11 @@ file's directory (and the job file itself). What is shared: everything else
 (installed packages, the standard library, fanout), imported once per process.
 
 Nor do chunks share a working directory or umask: :class:`ProcessState` puts
-back, after each chunk (``Runner.work``), those its runner started with.
+back, after each chunk (``Runner.work``), those its runner started with. Nor
+environment variables: it undoes the changes of a chunk's job code, measured
+from just before that code runs, after the job is loaded (so what a job module
+sets at import, ``load_dotenv()``, stays for its later chunks, and on a warm
+Lambda the runtime's per-invocation ``_X_AMZN_TRACE_ID`` is the one kept).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
@@ -121,19 +125,42 @@ def import_fresh(home: Path, load: Callable[[], _T]) -> tuple[_T, JobModules]:
 
 
 class ProcessState:
-    """The working directory and umask a process runs its chunks with. A chunk
-    that changes them (``os.chdir``, ``os.umask``) would change them for every
-    later chunk in the process, of its run or another's: :meth:`restore` after
-    each chunk."""
+    """The working directory and umask a process runs its chunks with, and the
+    environment each chunk's job code starts with. A chunk that changes them
+    (``os.chdir``, ``os.umask``, ``os.environ[...] = ...``) would change them for
+    every later chunk in the process, of its run or another's: :meth:`restore`
+    after each chunk.
+
+    The environment is noted per chunk (:meth:`job_code_starts`), not once per
+    process: a job module imported meanwhile (once per run and process, then
+    cached) may set variables its later chunks rely on, and the Lambda runtime
+    sets a new ``_X_AMZN_TRACE_ID`` before each invocation. Only what goes
+    through ``os.environ`` is seen (not a bare ``os.putenv`` or C code's
+    ``setenv``)."""
 
     def __init__(self) -> None:
         self.cwd = os.getcwd()
         self.umask = os.umask(0o022)
         os.umask(self.umask)
+        #: The environment the chunk in hand started its job code with (encoded).
+        self._environ: dict[Any, Any] | None = None
+
+    def job_code_starts(self) -> None:
+        """Note the environment as it is now, just before the chunk's job code
+        runs (its job loaded): :meth:`restore` puts it back."""
+        # A shallow copy of the encoded mapping: 0.1 us, where dict(os.environ)
+        # decodes every entry (17 us, a fifth of a no-op chunk).
+        self._environ = _raw_environ().copy()
 
     def restore(self) -> None:
-        """Put the working directory and the umask back (two or three syscalls)."""
+        """Put the working directory, the umask and the environment back (two
+        or three syscalls and one dict compare, when the chunk changed nothing)."""
         os.umask(self.umask)
+        environ, self._environ = self._environ, None
+        # One C-level compare of the encoded mappings (0.2 us); only a chunk that
+        # changed something pays for the walk, and only its keys are set again.
+        if environ is not None and _raw_environ() != environ:
+            _put_back(environ)
         try:
             if os.getcwd() == self.cwd:
                 return
@@ -142,3 +169,22 @@ class ProcessState:
         # (If the start directory is gone itself, there is nothing to go back to.)
         with contextlib.suppress(OSError):
             os.chdir(self.cwd)
+
+
+def _raw_environ() -> dict[Any, Any]:
+    """The encoded mapping behind ``os.environ`` (bytes on POSIX: what ``putenv``
+    was given), which it keeps in step with every set and delete."""
+    data: dict[Any, Any] = os.environ._data  # type: ignore[attr-defined]
+    return data
+
+
+def _put_back(before: dict[Any, Any]) -> None:
+    """Undo, key by key, what changed in ``os.environ`` since ``before`` (its
+    encoded copy): not clear() and update(), which would unset and set every
+    variable again, and briefly leave the process with an empty environment."""
+    env, now = os.environ, _raw_environ()
+    for key in [k for k in now if k not in before]:  # added
+        del env[env.decodekey(key)]
+    for key, value in before.items():  # removed or changed
+        if now.get(key) != value:
+            env[env.decodekey(key)] = env.decodevalue(value)

@@ -110,7 +110,8 @@ class Runner:
         self.on_start = on_start
         self.on_end = on_end
         self.on_finalize = on_finalize
-        #: Put back after every chunk: a chunk's os.chdir or os.umask is not the next one's.
+        #: Put back after every chunk: a chunk's os.chdir, os.umask or os.environ
+        #: changes are not the next one's.
         self._process = ProcessState()
         self.events: EventSink = events if events is not None else events_for(backend)
         self.metrics: MetricsSink = metrics if metrics is not None else metrics_for(backend)
@@ -331,6 +332,10 @@ class Runner:
                 probe=self.gate.probe(msg.run_id),  # run controls: cancel and pause
             )
             continuation = None
+            # The job's own code starts here: its environment is noted now, after
+            # the load above, so what the job module set at import is no change
+            # of this chunk's (``work`` puts the rest back).
+            self._process.job_code_starts()
             if msg.kind == "plan":
                 assert job.plan_fn is not None
                 for child in plan_payloads(job.plan_fn(params, ctx)):

@@ -3,15 +3,18 @@ process): the same job module as on the local backend, the same output."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
 
 from fanout import coordinator
 from fanout.backends.base import Backend, RunRecord, RunState, TaskState
-from support.helpers import TREE, drain
+from support.helpers import JOBS, TREE, drain
 from support.lambda_source import EventSource
 from testjobs.tree import Params, expected_items
+
+ENVIRON = str(JOBS / "environ.py")
 
 
 def test_tree_job_runs_exactly_once_on_aws(aws: Backend) -> None:
@@ -192,3 +195,31 @@ def test_an_orphan_the_lagging_index_missed_is_cancelled_and_the_run_finishes(
     orphan = aws.ledger.get_task(TaskKey(run_id, "0/2", 0))
     assert orphan is not None and orphan.state is TaskState.CANCELLED
     assert "orphaned" in [e["outcome"] for e in orphan.history]
+
+
+def test_a_warm_lambda_keeps_the_runtimes_trace_id_and_no_chunks_variables(
+    lambda_env: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The environ job: its module sets a variable at import; each chunk (the
+    # plan too) adds, changes and deletes variables, _X_AMZN_TRACE_ID among them.
+    trace = "_X_AMZN_TRACE_ID"
+    monkeypatch.setenv("FANOUT_TEST_CHANGED", "given")
+    monkeypatch.setenv("FANOUT_TEST_REMOVED", "given")
+    # Absent after the test, though the job's import sets it in this process.
+    monkeypatch.setenv("FANOUT_TEST_IMPORTED", "")
+    monkeypatch.delenv("FANOUT_TEST_IMPORTED")
+    monkeypatch.setenv(trace, "Root=1-first")  # the runtime, before the cold invocation
+    run_id = coordinator.submit(lambda_env, ENVIRON, {"chunks": 4}).run_id
+    assert _event_source_poll(lambda_env) == (1, 0)  # the plan, which imports the job
+    assert os.environ[trace] == "Root=1-first"
+    # The runtime sets the next invocation's trace id before calling the warm handler.
+    monkeypatch.setenv(trace, "Root=1-second")
+    assert _event_source_poll(lambda_env) == (4, 0)  # the four chunks, in one batch
+    assert os.environ[trace] == "Root=1-second"
+    run = lambda_env.ledger.get_run(run_id)
+    assert run is not None and run.state == RunState.SUCCEEDED
+    seen = list(coordinator.committed_records(lambda_env, run_id))
+    assert sorted(s["i"] for s in seen) == [0, 1, 2, 3]
+    assert {(s["trace"], s["imported"], s["added"], s["changed"], s["removed"]) for s in seen} == {
+        ("Root=1-second", "at import", None, "given", "given")
+    }

@@ -1,15 +1,20 @@
 """Runs do not share job modules (issue 10, point 3): one warm worker runs jobs
 from two directories that each import their own ``helper.py``, and a replay
 after fixing a helper picks up the fix. Process level: a real ``fanout worker``
-that stays up across the runs."""
+that stays up across the runs. And, in process, what ``ProcessState`` puts
+back of the environment after a chunk (process level: tests/test_worker.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from fanout.backends.base import RunState
+from fanout.isolation import ProcessState
 from support.procs import fanout, get_run, wait_for, worker
 
 JOB = textwrap.dedent(
@@ -99,3 +104,33 @@ def test_a_replay_after_fixing_a_helper_module_uses_the_fix(home: Path, tmp_path
         assert replayed.returncode == 0, replayed.stderr
         assert finished(home, run_id) is RunState.SUCCEEDED
     assert records(home, run_id) == [{"top": "c, fixed", "lazy": "c, fixed"}]
+
+
+def test_process_state_undoes_only_the_variables_a_chunk_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # In process: ProcessState itself. Values that are not UTF-8 go back as they
+    # were (os.environ keeps them encoded), and a variable set between chunks
+    # (by the Lambda runtime, say) is nobody's change to undo.
+    for name in ("ISO_ADDED", "ISO_BETWEEN"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ISO_CHANGED", "before")
+    monkeypatch.setenv("ISO_REMOVED", "before")
+    monkeypatch.setenv("ISO_BYTES", os.fsdecode(b"\xff-before"))
+    state = ProcessState()
+    os.environ["ISO_BETWEEN"] = "set before the chunk"
+    state.job_code_starts()
+    before = dict(os.environ)
+    os.environ["ISO_ADDED"] = "chunk"
+    os.environ["ISO_CHANGED"] = "chunk"
+    os.environ["ISO_BYTES"] = "chunk"
+    del os.environ["ISO_REMOVED"]
+    del os.environ["ISO_BETWEEN"]
+    state.restore()
+    assert dict(os.environ) == before
+    assert os.environb[b"ISO_BYTES"] == b"\xff-before"
+    # With no job code started (its job failed to load), nothing is undone.
+    os.environ["ISO_ADDED"] = "engine"
+    state.restore()
+    assert os.environ["ISO_ADDED"] == "engine"

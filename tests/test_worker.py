@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from fanout.backends.base import Backend, TaskKey, TaskState
-from support.helpers import TREE
+from support.helpers import JOBS, TREE
 from support.lambda_source import checkout_pythonpath
 from support.procs import (
     alive,
@@ -449,6 +449,52 @@ def test_a_chunk_that_changes_directory_or_umask_does_not_change_them_for_the_ne
     os.umask(mask)
     assert len(seen) == 6
     assert {(s["cwd"], s["umask"]) for s in seen} == {(str(start), mask)}
+
+
+ENVIRON = str(JOBS / "environ.py")
+#: What the worker's environment gives the environ job's chunks.
+GIVEN = {
+    "FANOUT_TEST_CHANGED": "given",
+    "FANOUT_TEST_REMOVED": "given",
+    "_X_AMZN_TRACE_ID": "given",
+}
+
+
+def _environ_seen(home: Path, run_id: str = "") -> list[dict[str, Any]]:
+    result = fanout(home, "cat", *([run_id] if run_id else []))
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_a_chunk_that_changes_environment_variables_does_not_change_them_for_the_next(
+    home: Path,
+) -> None:
+    # One worker process runs the plan and all six chunks one after another;
+    # each adds, changes and deletes variables after looking.
+    result = fanout(home, "run", ENVIRON, "-p", "chunks=6", "-w", "1", env=GIVEN)
+    assert result.returncode == 0, result.stderr
+    seen = _environ_seen(home)
+    assert sorted(s["i"] for s in seen) == list(range(6))
+    assert len({s["pid"] for s in seen}) == 1
+    assert {(s["added"], s["changed"], s["removed"], s["trace"]) for s in seen} == {
+        (None, "given", "given", "given")
+    }
+
+
+def test_a_variable_the_job_module_sets_at_import_stays_for_its_later_chunks(
+    home: Path, tmp_path: Path
+) -> None:
+    # The module is imported once in the worker process, by the plan's chunk,
+    # then cached: that import is part of every chunk's starting environment
+    # (as load_dotenv() at the top of a job is), though each chunk deletes it.
+    result = fanout(home, "submit", ENVIRON, "-p", "chunks=6")
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.strip()
+    with worker(home, tmp_path, "-w", "1", "--until-idle", env=GIVEN) as proc:
+        assert proc.wait(timeout=60) == 0
+    seen = _environ_seen(home, run_id)
+    assert len(seen) == 6 and len({s["pid"] for s in seen}) == 1
+    assert {s["imported"] for s in seen} == {"at import"}
 
 
 LEFTOVER_JOB = """
