@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import time
 
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024 * 1024) if hasattr(os, "sysconf") else 0.0
 
@@ -30,14 +31,24 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def descendants(pid: int) -> list[int]:
-    """The live descendants of ``pid``, parents before their children (Linux
-    ``/proc``; elsewhere none are found)."""
+def become_subreaper(on: bool = True) -> bool:
+    """Linux: have the orphans of this process's descendants become its children
+    (not init's), so that what a worker child's chunk started is still found
+    after that child dies on its own (:func:`orphans`). False where it cannot."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return bool(libc.prctl(36, int(on), 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _children() -> dict[int, list[int]]:
+    """Every live process's children (Linux ``/proc``; elsewhere none)."""
     children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return []
+        return children
     for name in entries:
         if not name.isdigit():
             continue
@@ -50,13 +61,47 @@ def descendants(pid: int) -> list[int]:
         fields = text[text.rindex(b")") + 2 :].split()
         if fields and fields[0] not in (b"Z", b"X"):
             children.setdefault(int(fields[1]), []).append(int(name))
+    return children
+
+
+def _below(children: dict[int, list[int]], roots: list[int]) -> list[int]:
     found: list[int] = []
-    todo = [pid]
+    todo = list(roots)
     while todo:
         kids = children.get(todo.pop(), [])
         found += kids
         todo += kids
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid``, parents before their children (Linux
+    ``/proc``; elsewhere none are found)."""
+    return _below(_children(), [pid])
+
+
+def orphans(keep: set[int]) -> list[int]:
+    """The children of this process (a subreaper: :func:`become_subreaper`) that
+    are not in ``keep`` (its own worker processes), with their descendants,
+    parents first: what chunks of dead worker children left running."""
+    children = _children()
+    adopted = [pid for pid in children.get(os.getpid(), []) if pid not in keep]
+    return adopted + _below(children, adopted)
+
+
+def reap(pids: list[int], within: float = 1.0) -> None:
+    """Collect the exit of those of ``pids`` that are this process's children
+    (killed orphans it adopted), so none stays a zombie; waits ``within``
+    seconds at most in all (one that could not be killed is left)."""
+    deadline = time.monotonic() + within
+    for pid in pids:
+        while True:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() > deadline:
+                    break
+            except OSError:  # not our child (a descendant of one), or gone
+                break
+            time.sleep(0.005)
 
 
 def kill_all(pids: list[int]) -> None:

@@ -35,7 +35,15 @@ from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
 from fanout.fairness import serve_run_only
 from fanout.outcomes import Handled
-from fanout.processes import descendants, die_with_parent, kill_all, resident_mb
+from fanout.processes import (
+    become_subreaper,
+    descendants,
+    die_with_parent,
+    kill_all,
+    orphans,
+    reap,
+    resident_mb,
+)
 from fanout.runner import LEASE_GRACE, Runner
 
 log = logging.getLogger("fanout.worker")
@@ -248,6 +256,7 @@ class WorkerPool:
         self.crashed = 0
         self.out_of_memory = 0
         self._signals = 0
+        self._subreaper = False
 
     def _spawn(self, i: int) -> None:
         proc = _CTX.Process(
@@ -281,6 +290,9 @@ class WorkerPool:
         # collections leave those pages uncopied, and the supervisor's own exit
         # does not walk them either (~0.1 s of a short `fanout run`).
         gc.freeze()
+        # What a child's chunk started and the child left behind when it died on
+        # its own (a segfault, the kernel's OOM killer) comes to us, not to init.
+        self._subreaper = become_subreaper()
         for i in range(self.opts.workers):
             self._spawn(i)
         next_tick = idle_since = next_check = 0.0
@@ -324,6 +336,9 @@ class WorkerPool:
                     next_check = 0.0
         finally:
             self._shutdown()
+            self._end_orphans()
+            if self._subreaper:
+                become_subreaper(False)
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if tick is not None:
@@ -427,6 +442,7 @@ class WorkerPool:
                     self._spawn(i)
             elif not proc.is_alive():
                 proc.join()
+                self._end_orphans()
                 self._release_prefetched(slot)
                 attempt = slot.take()
                 if attempt is not None:
@@ -434,6 +450,17 @@ class WorkerPool:
                     self._fail(attempt, Failure(FailureKind.CRASHED, exit_cause(proc.exitcode)))
                 if not self.stop_event.is_set():
                     self._spawn(i)
+
+    def _end_orphans(self) -> None:
+        """Kill what chunks of children that died on their own left running (as
+        it would have ended with them, see ``_child_main``): the supervisor, a
+        subreaper, adopted it. Its other children (worker processes, the
+        scheduler's) are multiprocessing's and stay."""
+        if not self._subreaper:
+            return
+        left = orphans({p.pid for p in mp.active_children() if p.pid is not None})
+        kill_all(left)
+        reap(left)
 
     @staticmethod
     def _kill(proc: Any) -> None:

@@ -498,7 +498,7 @@ def test_a_variable_the_job_module_sets_at_import_stays_for_its_later_chunks(
 
 
 LEFTOVER_JOB = """
-import subprocess, sys, time
+import os, subprocess, sys, time
 from pathlib import Path
 from fanout import Job
 
@@ -511,24 +511,28 @@ def process(params, ctx):
     Path(params["pids"]).write_text(str(sleeper.pid))
     if params["then"] == "hang":
         time.sleep(600)  # past the hard timeout: the worker process is killed
+    if params["then"] == "crash":
+        os._exit(3)  # the worker process dies on its own, in the chunk
 """
 
 
-@pytest.mark.parametrize("hang", [False, True])
+@pytest.mark.parametrize("then", ["return", "hang", "crash"])
 def test_a_process_a_chunk_left_running_ends_with_its_worker(
-    home: Path, tmp_path: Path, hang: bool
+    home: Path, tmp_path: Path, then: str
 ) -> None:
     """A job's subprocess outlived its chunk, its worker and `fanout run`: one
-    left running by a chunk that returned, or by one killed at its hard timeout."""
+    left running by a chunk that returned, by one killed at its hard timeout,
+    or by one whose worker process died on its own (reparented, not to init,
+    but to the supervisor, which ends it)."""
     job = tmp_path / "leftover.py"
     job.write_text(LEFTOVER_JOB)
     pids = tmp_path / "pids"
     run = fanout(
         home,
-        "run", str(job), "-p", f"pids={pids}", "-p", f"then={'hang' if hang else 'return'}",
+        "run", str(job), "-p", f"pids={pids}", "-p", f"then={then}",
         "-w", "1", "--chunk-timeout", "3",
         timeout=60,
     )  # fmt: skip
-    assert run.returncode == (1 if hang else 0), run.stderr
+    assert run.returncode == (0 if then == "return" else 1), run.stderr
     sleeper = int(pids.read_text())
     wait_for("the chunk's subprocess to end", lambda: not alive(sleeper), 5)
