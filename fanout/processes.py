@@ -42,8 +42,9 @@ def become_subreaper(on: bool = True) -> bool:
         return False
 
 
-def _children() -> dict[int, list[int]]:
-    """Every live process's children (Linux ``/proc``; elsewhere none)."""
+def _children(zombies: bool = False) -> dict[int, list[int]]:
+    """Every live process's children, or with ``zombies`` every process's that
+    has exited and not been reaped (Linux ``/proc``; elsewhere none)."""
     children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
@@ -59,7 +60,7 @@ def _children() -> dict[int, list[int]]:
             continue  # gone meanwhile
         # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
         fields = text[text.rindex(b")") + 2 :].split()
-        if fields and fields[0] not in (b"Z", b"X"):
+        if fields and (fields[0] == b"Z") == zombies and fields[0] != b"X":
             children.setdefault(int(fields[1]), []).append(int(name))
     return children
 
@@ -87,6 +88,13 @@ def orphans(keep: set[int]) -> list[int]:
     children = _children()
     adopted = [pid for pid in children.get(os.getpid(), []) if pid not in keep]
     return adopted + _below(children, adopted)
+
+
+def exited_orphans(keep: set[int]) -> list[int]:
+    """The children of this process (a subreaper) not in ``keep`` that have
+    exited: orphans it adopted, to :func:`reap` (an orphan it adopted outside a
+    worker's death, from a chunk that detached a process, ends so)."""
+    return [pid for pid in _children(zombies=True).get(os.getpid(), []) if pid not in keep]
 
 
 def reap(pids: list[int], within: float = 1.0) -> None:

@@ -39,6 +39,7 @@ from fanout.processes import (
     become_subreaper,
     descendants,
     die_with_parent,
+    exited_orphans,
     kill_all,
     orphans,
     reap,
@@ -67,6 +68,10 @@ QUICK_CHUNK = 0.05
 #: left (s), by backend: a local SQLite read is cheap, but on AWS every check is
 #: a billed request (SQS attributes, a DynamoDB read), 50 a second at 20 ms.
 CHECK_EVERY = {"aws": 1.0}
+#: How often a pool collects the exit of orphans it adopted that ended (s): a
+#: process a chunk detached (``cmd &`` in a shell that exited) comes to the
+#: supervisor, a subreaper, and would stay a zombie until the pool stops.
+REAP_EVERY = 10.0
 #: How often a pool moves dead-lettered messages back and looks for stalled
 #: runs (see ``recover``), idle or not.
 REDRIVE_EVERY = 60.0
@@ -296,6 +301,7 @@ class WorkerPool:
         for i in range(self.opts.workers):
             self._spawn(i)
         next_tick = idle_since = next_check = 0.0
+        next_reap = time.time() + REAP_EVERY
         next_redrive = time.time() + REDRIVE_EVERY  # recover() above just did one
         check_every = CHECK_EVERY.get(self.opts.backend, 0.02)
         try:
@@ -327,6 +333,9 @@ class WorkerPool:
                             idle_since = idle_since or now
                     else:
                         idle_since = 0.0
+                if self._subreaper and now >= next_reap:
+                    next_reap = now + REAP_EVERY
+                    reap(exited_orphans(self._own_children()), within=0.0)
                 if now >= next_redrive:
                     # Busy or not: a run whose message was lost must not wait for
                     # the queue to empty (other runs may keep it busy for hours).
@@ -458,9 +467,14 @@ class WorkerPool:
         scheduler's) are multiprocessing's and stay."""
         if not self._subreaper:
             return
-        left = orphans({p.pid for p in mp.active_children() if p.pid is not None})
+        left = orphans(self._own_children())
         kill_all(left)
         reap(left)
+
+    def _own_children(self) -> set[int]:
+        """The pids of this process's multiprocessing children (workers, the
+        scheduler's process): the children that are not adopted orphans."""
+        return {p.pid for p in mp.active_children() if p.pid is not None}
 
     @staticmethod
     def _kill(proc: Any) -> None:

@@ -536,3 +536,48 @@ def test_a_process_a_chunk_left_running_ends_with_its_worker(
     assert run.returncode == (0 if then == "return" else 1), run.stderr
     sleeper = int(pids.read_text())
     wait_for("the chunk's subprocess to end", lambda: not alive(sleeper), 5)
+
+
+DETACHING_JOB = """
+import subprocess
+from fanout import Job
+
+job = Job("detach", schema={"type": "record", "name": "r", "fields": []})
+
+
+@job.process
+def process(params, ctx):
+    # The shell exits at once; its sleep, orphaned, goes to the nearest subreaper.
+    subprocess.run(["sh", "-c", "sleep 0.2 &"], check=True)
+"""
+
+
+def _zombies_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z" and int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_processes_a_chunk_detached_are_not_left_zombies_of_the_worker(
+    home: Path, tmp_path: Path, ledger: Backend
+) -> None:
+    """The supervisor adopts what a chunk's processes orphan (it is a subreaper,
+    to end what a crashed worker process left): those that end must be reaped,
+    or a long-lived worker fills the process table with zombies."""
+    job = tmp_path / "detach.py"
+    job.write_text(DETACHING_JOB)
+    submitted = fanout(home, "submit", str(job), "-p", "x=1")
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    with worker(home, tmp_path, "-w", "1") as proc:
+        wait_for("the run", lambda: get_run(ledger, run_id).state.value == "succeeded", 30)
+        time.sleep(0.5)  # the detached sleep has ended
+        wait_for("no zombie left", lambda: not _zombies_of(proc.pid), 15)
+        assert proc.poll() is None  # still working
