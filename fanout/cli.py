@@ -212,6 +212,7 @@ def _work(
         chunk_timeout=chunk_timeout,
         chunk_memory=chunk_memory,
         only_run=run_id,
+        adopt_orphans=True,  # this process has no children but the pool's
     )
     tty = sys.stderr.isatty()
     # Without a terminal, a progress line every few seconds (none for a short run).
@@ -404,6 +405,7 @@ def worker(
         workers=workers,
         chunk_timeout=chunk_timeout,
         chunk_memory=chunk_memory,
+        adopt_orphans=True,  # this process has no children but the pool's (and the scheduler)
     )
     pool = WorkerPool(opts)
     where = obj["home"] if obj["backend_name"] == "local" else f"the {obj['backend_name']} backend"

@@ -136,7 +136,8 @@ class ProcessState:
     cached) may set variables its later chunks rely on, and the Lambda runtime
     sets a new ``_X_AMZN_TRACE_ID`` before each invocation. Only what goes
     through ``os.environ`` is seen (not a bare ``os.putenv`` or C code's
-    ``setenv``)."""
+    ``setenv``), and what changed during the chunk is undone whichever thread
+    changed it (a thread a job leaves running should not keep state there)."""
 
     def __init__(self) -> None:
         self.cwd = os.getcwd()
@@ -182,9 +183,11 @@ def _put_back(before: dict[Any, Any]) -> None:
     """Undo, key by key, what changed in ``os.environ`` since ``before`` (its
     encoded copy): not clear() and update(), which would unset and set every
     variable again, and briefly leave the process with an empty environment."""
-    env, now = os.environ, _raw_environ()
+    # A copy (one C-level step): a thread of the job's may set a variable
+    # meanwhile, and iterating the live mapping would then raise.
+    env, now = os.environ, _raw_environ().copy()
     for key in [k for k in now if k not in before]:  # added
-        del env[env.decodekey(key)]
+        env.pop(env.decodekey(key), None)  # (None: a thread deleted it meanwhile)
     for key, value in before.items():  # removed or changed
         if now.get(key) != value:
             env[env.decodekey(key)] = env.decodevalue(value)

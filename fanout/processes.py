@@ -31,15 +31,46 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def become_subreaper(on: bool = True) -> bool:
-    """Linux: have the orphans of this process's descendants become its children
-    (not init's), so that what a worker child's chunk started is still found
-    after that child dies on its own (:func:`orphans`). False where it cannot."""
+#: Set in each worker process's environment (``<supervisor pid>.<worker pid>``)
+#: and so inherited by what its chunks start: which worker an orphan the
+#: supervisor adopted came from (:func:`orphans`).
+WORKER_MARK = "FANOUT_WORKER_PROCESS"
+
+
+def subreaper(on: bool) -> bool | None:
+    """Linux: have (or stop having) the orphans of this process's descendants
+    become its children, not init's, so that what a worker process's chunk
+    started is still found after that worker dies on its own. Returns what it
+    was before, to put back; None where it cannot."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        return bool(libc.prctl(36, int(on), 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+        was = ctypes.c_int(0)
+        if libc.prctl(37, ctypes.byref(was), 0, 0, 0) != 0:  # PR_GET_CHILD_SUBREAPER
+            return None
+        if libc.prctl(36, int(on), 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+            return None
+        return bool(was.value)
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def mark_worker(supervisor: int) -> None:
+    """Mark this worker process (and what its chunks start) as the supervisor's."""
+    os.environ[WORKER_MARK] = f"{supervisor}.{os.getpid()}"
+
+
+def _mark_of(pid: int) -> str | None:
+    """The :data:`WORKER_MARK` in a process's environment (as it started), if any."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return None
+    prefix = WORKER_MARK.encode() + b"="
+    for entry in entries:
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace")
+    return None
 
 
 def _children(zombies: bool = False) -> dict[int, list[int]]:
@@ -81,19 +112,27 @@ def descendants(pid: int) -> list[int]:
     return _below(_children(), [pid])
 
 
-def orphans(keep: set[int]) -> list[int]:
-    """The children of this process (a subreaper: :func:`become_subreaper`) that
-    are not in ``keep`` (its own worker processes), with their descendants,
-    parents first: what chunks of dead worker children left running."""
+def orphans(keep: set[int], worker: int | None = None) -> list[int]:
+    """The children of this process (a :func:`subreaper`) that are not in
+    ``keep`` (its multiprocessing children) and carry its :data:`WORKER_MARK`,
+    of ``worker`` only if given, with their descendants, parents first: what
+    chunks of worker processes that died left running. Nothing unmarked (a
+    process of the program running the pool) is named."""
     children = _children()
-    adopted = [pid for pid in children.get(os.getpid(), []) if pid not in keep]
+    me = os.getpid()
+    wanted = f"{me}." if worker is None else f"{me}.{worker}"
+    adopted = []
+    for pid in children.get(me, []):
+        mark = None if pid in keep else _mark_of(pid)
+        if mark is not None and (mark == wanted or (worker is None and mark.startswith(wanted))):
+            adopted.append(pid)
     return adopted + _below(children, adopted)
 
 
-def exited_orphans(keep: set[int]) -> list[int]:
-    """The children of this process (a subreaper) not in ``keep`` that have
-    exited: orphans it adopted, to :func:`reap` (an orphan it adopted outside a
-    worker's death, from a chunk that detached a process, ends so)."""
+def exited_children(keep: set[int]) -> list[int]:
+    """The children of this process not in ``keep`` that have exited and wait
+    to be reaped (:func:`reap`). For a process whose only other children are
+    orphans it adopted: an exited process's environment cannot be read."""
     return [pid for pid in _children(zombies=True).get(os.getpid(), []) if pid not in keep]
 
 

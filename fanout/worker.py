@@ -36,14 +36,15 @@ from fanout.failures import Attempt, exit_cause
 from fanout.fairness import serve_run_only
 from fanout.outcomes import Handled
 from fanout.processes import (
-    become_subreaper,
     descendants,
     die_with_parent,
-    exited_orphans,
+    exited_children,
     kill_all,
+    mark_worker,
     orphans,
     reap,
     resident_mb,
+    subreaper,
 )
 from fanout.runner import LEASE_GRACE, Runner
 
@@ -90,6 +91,13 @@ class WorkerOptions:
     #: over it, the child is killed and the attempt recorded as "out of memory",
     #: as Lambda does at its memory size. None: no limit.
     chunk_memory: int | None = None
+    #: Be a child subreaper (Linux): what a chunk started and its worker process,
+    #: dying on its own (a segfault, the kernel's OOM killer), left running comes
+    #: to the supervisor, which ends it; so do processes chunks detach, ended
+    #: when the pool stops and reaped when they end. For a process whose only
+    #: children are the pool's (the CLI's): any other child that ends would be
+    #: reaped by the pool, its exit status lost to its owner.
+    adopt_orphans: bool = False
     #: Work this run's messages only (and the group-less ones), where the queue
     #: can pick (the local one): ``fanout run`` leaves other runs in its home
     #: for ``fanout worker``. None: every run.
@@ -183,6 +191,7 @@ class _Slot:
 
 def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: int) -> None:
     die_with_parent()
+    mark_worker(parent)  # what its chunks start is known for its (see adopt_orphans)
     # What the child inherits (the supervisor's modules, the loaded job) lives
     # as long as it does: out of the collector's sight, each collection does
     # not walk (and copy, page by page) the parent's heap.
@@ -261,7 +270,10 @@ class WorkerPool:
         self.crashed = 0
         self.out_of_memory = 0
         self._signals = 0
-        self._subreaper = False
+        #: The subreaper attribute before run() set it (None: not set).
+        self._was_subreaper: bool | None = None
+        #: Worker processes whose death was handled (their orphans ended).
+        self._buried: set[int] = set()
 
     def _spawn(self, i: int) -> None:
         proc = _CTX.Process(
@@ -295,9 +307,8 @@ class WorkerPool:
         # collections leave those pages uncopied, and the supervisor's own exit
         # does not walk them either (~0.1 s of a short `fanout run`).
         gc.freeze()
-        # What a child's chunk started and the child left behind when it died on
-        # its own (a segfault, the kernel's OOM killer) comes to us, not to init.
-        self._subreaper = become_subreaper()
+        if self.opts.adopt_orphans:
+            self._was_subreaper = subreaper(True)
         for i in range(self.opts.workers):
             self._spawn(i)
         next_tick = idle_since = next_check = 0.0
@@ -333,9 +344,9 @@ class WorkerPool:
                             idle_since = idle_since or now
                     else:
                         idle_since = 0.0
-                if self._subreaper and now >= next_reap:
+                if self._was_subreaper is not None and now >= next_reap:
                     next_reap = now + REAP_EVERY
-                    reap(exited_orphans(self._own_children()), within=0.0)
+                    reap(exited_children(self._own_children()), within=0.0)
                 if now >= next_redrive:
                     # Busy or not: a run whose message was lost must not wait for
                     # the queue to empty (other runs may keep it busy for hours).
@@ -345,9 +356,10 @@ class WorkerPool:
                     next_check = 0.0
         finally:
             self._shutdown()
-            self._end_orphans()
-            if self._subreaper:
-                become_subreaper(False)
+            self._end_orphans(None)
+            if self._was_subreaper is not None:
+                subreaper(self._was_subreaper)
+                self._was_subreaper = None
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if tick is not None:
@@ -451,7 +463,9 @@ class WorkerPool:
                     self._spawn(i)
             elif not proc.is_alive():
                 proc.join()
-                self._end_orphans()
+                if proc.pid not in self._buried:
+                    self._buried.add(proc.pid)
+                    self._end_orphans(proc.pid)
                 self._release_prefetched(slot)
                 attempt = slot.take()
                 if attempt is not None:
@@ -460,14 +474,15 @@ class WorkerPool:
                 if not self.stop_event.is_set():
                     self._spawn(i)
 
-    def _end_orphans(self) -> None:
-        """Kill what chunks of children that died on their own left running (as
-        it would have ended with them, see ``_child_main``): the supervisor, a
-        subreaper, adopted it. Its other children (worker processes, the
-        scheduler's) are multiprocessing's and stay."""
-        if not self._subreaper:
+    def _end_orphans(self, worker: int | None) -> None:
+        """Kill what chunks of the worker process ``worker`` (None: of any)
+        left running, adopted once it died (see ``WorkerOptions.adopt_orphans``;
+        it would have ended with the worker, see ``_child_main``). Only
+        processes its mark names: not those other workers' live chunks
+        detached, nor anything of the program running the pool."""
+        if self._was_subreaper is None:
             return
-        left = orphans(self._own_children())
+        left = orphans(self._own_children(), worker)
         kill_all(left)
         reap(left)
 
