@@ -23,7 +23,7 @@ from fanout.backends.base import (
     TaskRecord,
     TaskState,
 )
-from fanout.errors import UnknownRunError, UserError
+from fanout.errors import RunFinalizingError, UnknownRunError, UserError
 from fanout.events import events_for
 from fanout.fairness import register_run, served_runs
 from fanout.finalize import FINALIZE_STALE, finalize_run
@@ -95,11 +95,24 @@ def get_run(backend: Backend, run_id: str) -> RunRecord:
     return run
 
 
+#: How long a replay waits for a run's finalizer to finish before it gives up
+#: (s): a live finalizer takes a moment; a dead one is taken over by the
+#: recovery sweep only after ``FINALIZE_STALE``.
+REPLAY_WAIT = 10.0
+
+
 def replay(
-    backend: Backend, run_id: str, chunk_ids: Collection[str] | None = None
+    backend: Backend,
+    run_id: str,
+    chunk_ids: Collection[str] | None = None,
+    *,
+    wait: float = REPLAY_WAIT,
 ) -> list[TaskRecord]:
     """Put dead chunks (all, or those named) back in the queue; the run reopens
-    and its manifest is rewritten when it drains again."""
+    and its manifest is rewritten when it drains again. A run being finalized
+    is waited out for up to ``wait`` seconds, then refused
+    (:class:`~fanout.errors.RunFinalizingError`): the ledger will not reopen it
+    while its manifest is written."""
     get_run(backend, run_id)
     dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
     if chunk_ids:
@@ -108,7 +121,17 @@ def replay(
             raise UserError(f"run {run_id} has no dead chunk {unknown[0]!r} (see `fanout failed`)")
     elif not dead:
         raise UserError(f"run {run_id} has no dead chunks to replay")
-    reopened = backend.ledger.reopen(run_id, set(chunk_ids) if chunk_ids else None, time.time())
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            reopened = backend.ledger.reopen(
+                run_id, set(chunk_ids) if chunk_ids else None, time.time()
+            )
+            break
+        except RunFinalizingError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
     if reopened:
         backend.queue.send([t.message for t in reopened])
     return reopened

@@ -38,3 +38,11 @@ class PermanentError(FanoutError):
 
 class RecordError(PermanentError):
     """A record that does not fit its schema (the message names the field)."""
+
+
+class RunFinalizingError(UserError):
+    """A run that cannot be reopened now: a finalizer is writing its manifest.
+
+    Reopening it then would let a second finalizer run beside the first, and
+    the manifest written last (possibly the first's, without the replayed
+    records) would be the run's."""

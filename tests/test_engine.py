@@ -307,6 +307,72 @@ def test_replay_after_fix_reopens_and_rewrites_manifest(mem: Backend, tmp_path: 
         coordinator.replay(mem, run_id)
 
 
+def test_a_replay_while_the_run_finalizes_loses_no_records(mem: Backend, tmp_path: Path) -> None:
+    # The replay comes between the finalizer's listing of the done tasks and
+    # its write of the manifest. It used to reopen the run: the replayed
+    # chunk ran and a second finalizer wrote the whole manifest, then the
+    # first one's stale manifest (without the replayed records) replaced it.
+    from fanout.backends.rules import finalizing_refusal
+    from fanout.errors import UserError
+
+    flag = tmp_path / "broken"
+    flag.touch()
+    run_id = _run(mem, {"max_attempts": 1}, chunks=3, rows=4, broken_flag=str(flag))
+    put = mem.store.put
+    refused: list[str] = []
+
+    def put_then_replay(key: str, data: bytes, *args: Any, **kwargs: Any) -> None:
+        if key.endswith("_manifest.json") and not refused:
+            refused.append("")  # once: the replayed run's own finalizer comes back here
+            flag.unlink()
+            try:
+                coordinator.replay(mem, run_id, wait=0.0)
+                drain(mem, run_id)
+            except UserError as e:
+                refused[0] = str(e)
+        put(key, data, *args, **kwargs)
+
+    mem.store.put = put_then_replay  # type: ignore[method-assign]
+    drain(mem, run_id)
+    assert refused == [finalizing_refusal(run_id)]
+    coordinator.replay(mem, run_id)
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED and run.records == 12
+    assert coordinator.read_manifest(mem, run_id)["records"] == 12
+    _assert_exactly_once(mem, run_id, chunks=3, rows=4)
+
+
+def test_a_replay_waits_out_a_finalizer(mem: Backend, tmp_path: Path) -> None:
+    import threading
+
+    flag = tmp_path / "broken"
+    flag.touch()
+    run_id = _run(mem, {"max_attempts": 1}, chunks=3, rows=4, broken_flag=str(flag))
+    put = mem.store.put
+    replays: list[threading.Thread] = []
+    reopened: list[int] = []
+
+    def put_slowly(key: str, data: bytes, *args: Any, **kwargs: Any) -> None:
+        if key.endswith("_manifest.json") and not replays:
+            flag.unlink()
+            replay = threading.Thread(
+                target=lambda: reopened.append(len(coordinator.replay(mem, run_id, wait=10.0)))
+            )
+            replays.append(replay)
+            replay.start()
+            time.sleep(0.5)  # the replay waits while the manifest is written
+            assert reopened == []
+        put(key, data, *args, **kwargs)
+
+    mem.store.put = put_slowly  # type: ignore[method-assign]
+    drain(mem, run_id)
+    replays[0].join(10)
+    assert reopened == [1]
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED and run.records == 12
+    assert coordinator.read_manifest(mem, run_id)["records"] == 12
+
+
 def test_duplicate_deliveries_are_skipped(mem: Backend) -> None:
     sent: list[str] = []
     original = mem.queue.send

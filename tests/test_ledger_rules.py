@@ -271,3 +271,10 @@ def test_the_enums_are_their_stored_strings() -> None:
     assert f"{Failure(FailureKind.OUT_OF_MEMORY, 'x').kind}: x" == "out of memory: x"
     assert json.dumps({"o": TaskEvent.CONTINUED}) == '{"o": "continued"}'
     assert ClaimOutcome.BUSY == "busy"
+
+
+def test_a_run_is_not_reopened_while_it_finalizes() -> None:
+    from fanout.backends.rules import may_reopen
+
+    assert not may_reopen(RunState.FINALIZING)
+    assert all(may_reopen(s) for s in RunState if s != RunState.FINALIZING)

@@ -15,7 +15,8 @@ the two ledgers cannot drift apart, and each is tested on its own
   after a back-off, dead);
 - :func:`may_have_orphans`: whether a commit must look for children an
   earlier attempt registered;
-- :func:`final_state`: the state of a drained run.
+- :func:`final_state`: the state of a drained run;
+- :func:`may_reopen`: whether a replay may reopen the run now.
 
 The correctness model they serve is in ``docs/architecture.md``.
 """
@@ -216,6 +217,21 @@ def final_state(stop_reason: str | None, dead_tasks: int) -> RunState:
     if dead_tasks:
         return RunState.FAILED
     return RunState.SUCCEEDED
+
+
+def may_reopen(state: RunState) -> bool:
+    """Whether a replay may reopen a run in ``state``: not while a finalizer
+    writes its manifest. The finalizer listed the done tasks already; a
+    replayed chunk committing meanwhile would drain the run again and start a
+    second finalizer, and the manifest written last (maybe the first one's,
+    without the replayed records) would be the run's. A dead finalizer's run
+    is finalized by the recovery sweep, after which the replay goes through."""
+    return state != RunState.FINALIZING
+
+
+def finalizing_refusal(run_id: str) -> str:
+    """The message a replay of a finalizing run is refused with (both ledgers)."""
+    return f"run {run_id} is finalizing (writing its manifest): replay it once it is done"
 
 
 def is_drained(outstanding: int) -> bool:

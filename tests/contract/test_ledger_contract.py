@@ -430,3 +430,33 @@ def test_only_the_lease_holder_registers_children(backend: Backend) -> None:
     assert claim.outcome == ClaimOutcome.CLAIMED and claim.task is not None
     assert claim.task.message == '{"w": 0}'
     assert backend.ledger.get_task(TaskKey(RUN, "0/2")) is None
+
+
+def test_reopen_refuses_a_run_that_is_finalizing(backend: Backend) -> None:
+    # A finalizer lists the done tasks, then writes the manifest. A replay
+    # reopening the run in between would let a second finalizer run beside
+    # the first, and whichever wrote last decided the manifest: the replayed
+    # chunk's records could be lost from it.
+    from fanout.errors import RunFinalizingError
+
+    _run(backend)
+    backend.ledger.register(RUN, _children(2), max_chunks=100)
+    _claim(backend)
+    backend.ledger.commit(ROOT, "t1", None, "committed", time.time())
+    for i in range(2):
+        key = TaskKey(RUN, f"0/{i}")
+        _claim(backend, key=key, token=f"c{i}")
+        backend.ledger.bury(key, f"c{i}", Failure("error", "x"), time.time())
+    assert backend.ledger.begin_finalize(RUN, time.time(), 60)
+    with pytest.raises(RunFinalizingError, match="finalizing"):
+        backend.ledger.reopen(RUN, None, time.time())
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and (run.state, run.outstanding, run.tasks_dead) == (
+        RunState.FINALIZING,
+        0,
+        2,
+    )
+    assert [t.state for t in backend.ledger.list_tasks(RUN)][1:] == [TaskState.DEAD] * 2
+    # Once the finalizer recorded the final state, the replay goes through.
+    backend.ledger.finish(RUN, RunState.FAILED, "m.json", time.time())
+    assert [t.chunk_id for t in backend.ledger.reopen(RUN, None, time.time())] == ["0/0", "0/1"]

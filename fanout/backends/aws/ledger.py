@@ -81,10 +81,13 @@ from fanout.backends.rules import (
     attempt_in_budget,
     chunk_order,
     claim_without_write,
+    finalizing_refusal,
     history_event,
     may_have_orphans,
+    may_reopen,
     rule_claim,
 )
+from fanout.errors import RunFinalizingError
 
 __all__ = ["DynamoLedger", "create_table"]
 
@@ -519,9 +522,15 @@ class DynamoLedger(Registrar, DynamoRunControls):  # + run controls (cancel, pau
 
         Each transaction reopens up to 99 tasks with the run's counters, so
         the counters are exact after each; a larger replay is several
-        transactions (a crash between them reopens only part: run it again)."""
+        transactions (a crash between them reopens only part: run it again).
+        Refused (:class:`RunFinalizingError`) while the run is finalizing: the
+        read says so, and the transaction is conditional on it still being
+        true (a finalizer that begins in between makes it read again)."""
         reopened: list[TaskRecord] = []
         for _ in range(RETRIES):
+            run = self._get(_run_key(run_id), ["state"])
+            if run is not None and not may_reopen(RunState(run["state"]["S"])):
+                raise RunFinalizingError(finalizing_refusal(run_id))
             dead = [
                 t
                 for t in self.list_tasks(run_id, (TaskState.DEAD,))
@@ -546,6 +555,7 @@ class DynamoLedger(Registrar, DynamoRunControls):  # + run controls (cancel, pau
             e.remove("stop_reason").remove("finished_at")
             e.add("outstanding", len(batch)).add("tasks_dead", -len(batch))
             e.where(f"attribute_exists({e.n('pk')})")
+            e.where(f"{e.n('state')} <> {e.v(RunState.FINALIZING.value)}")
             entries.append({"Update": e.update(self.table, _run_key(run_id))})
             if self._transact(entries) is None:
                 reopened.extend(batch)

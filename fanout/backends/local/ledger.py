@@ -54,11 +54,14 @@ from fanout.backends.rules import (
     attempt_in_budget,
     chunk_order,
     claim_without_write,
+    finalizing_refusal,
     history_event,
     is_drained,
     may_have_orphans,
+    may_reopen,
     rule_claim,
 )
+from fanout.errors import RunFinalizingError
 
 
 class _OverLimit(Exception):
@@ -538,8 +541,13 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
     def reopen(
         self, run_id: str, chunk_ids: Collection[str] | None, now: float
     ) -> list[TaskRecord]:
-        """Dead tasks back to queued with a fresh attempt budget; the run reopens."""
+        """Dead tasks back to queued with a fresh attempt budget; the run reopens.
+        Refused (:class:`RunFinalizingError`) while the run is finalizing."""
         with self.db.write() as conn:
+            run = conn.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            # Read in the write transaction: no finalizer can begin between it and the update.
+            if run is not None and not may_reopen(RunState(run[0])):
+                raise RunFinalizingError(finalizing_refusal(run_id))
             sql = "SELECT chunk_id, seq FROM tasks WHERE run_id = ? AND state = 'dead'"
             keys = [
                 (r[0], r[1])
