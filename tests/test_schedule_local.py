@@ -182,6 +182,32 @@ def test_overlap_skip_waits_for_the_running_run(home: Path, ledger: Backend) -> 
     assert len(schedule_runs(ledger, "allow")) == 3
 
 
+def test_overlap_skip_counts_a_tick_another_scheduler_claimed_but_not_settled(
+    home: Path, ledger: Backend
+) -> None:
+    """Scheduler A claimed the 00:00 tick and is still submitting its run when
+    scheduler B looks at 00:05: no run is going yet, but one is about to. B
+    used to fire 00:05 too, and both runs went at once."""
+    from fanout.schedules.fire import fire
+
+    add(home, "skip", "*/5 * * * *", TREE, "--overlap", "skip", "-p", "chunks=1")
+    store = open_store(ledger)
+    try:
+        assert store.claim_tick("skip", t(START))  # scheduler A, mid-submit
+        assert at(home, "2030-01-01T00:05:00Z") == [
+            "skip 2030-01-01T00:05:00Z: skipped skip-20300101T0005"
+            " (the 2030-01-01T00:00:00Z tick is being fired)"
+        ]
+        schedule = store.get("skip")
+        assert schedule is not None
+        # A goes on: the later tick was settled (skipped), so nothing holds it back.
+        assert fire(ledger, schedule, t(START), store).outcome == "fired"
+        store.settle_tick("skip", t(START))
+    finally:
+        store.close()
+    assert schedule_runs(ledger, "skip") == ["skip-20300101T0000"]
+
+
 def test_catch_up_after_missed_ticks(home: Path, ledger: Backend) -> None:
     for mode in ("all", "latest", "none"):
         add(home, mode, "*/5 * * * *", TREE, "--catch-up", mode)

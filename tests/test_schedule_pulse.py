@@ -89,7 +89,7 @@ def test_a_slot_fired_twice_writes_its_readings_once(
     store = open_store(backend)
     schedule = store.get("pulse")
     assert schedule is not None
-    assert fire(backend, schedule, SLOT).outcome == "already fired"
+    assert fire(backend, schedule, SLOT, store).outcome == "already fired"
     pulses = [r.run_id for r in backend.ledger.list_runs() if r.job_name == "meter-pulse"]
     assert pulses == ["pulse-20300101T0005"]
     run = drain(backend, "pulse-20300101T0005")

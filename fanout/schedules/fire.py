@@ -12,7 +12,8 @@ Catch-up, when the scheduler was not running at a tick's time (``due``):
 - ``all``: every missed tick fires, oldest first (at most :data:`MAX_CATCH_UP` a pass).
 
 Overlap ``skip``: a tick does not start a run while another run of the same
-schedule is still running (the tick is claimed and dropped, not postponed).
+schedule is still running, or another tick of it is claimed and not yet settled
+(another scheduler is firing it); the tick is claimed and dropped, not postponed.
 
 A tick is claimed before its run is submitted. Should the submit fail for a
 reason other than the job itself (the database busy, an AWS error), the claim
@@ -48,6 +49,7 @@ from fanout.processes import die_with_parent
 from fanout.schedules import open_store
 from fanout.schedules.guard import sender_refusal, tick_refusal
 from fanout.schedules.model import (
+    LAST_TIME,
     SCHEDULED_TIME,
     CatchUp,
     Schedule,
@@ -138,14 +140,23 @@ def running_runs(backend: Backend, name: str) -> list[str]:
     return [r.run_id for r in runs if pattern.match(r.run_id)]
 
 
-def fire(backend: Backend, schedule: Schedule, tick: datetime) -> Fired:
-    """Submit the run of one tick (or skip it, under ``overlap skip``)."""
+def fire(backend: Backend, schedule: Schedule, tick: datetime, store: ScheduleStore) -> Fired:
+    """Submit the run of one tick (or skip it, under ``overlap skip``); the
+    caller claimed the tick in ``store``."""
     tick = floor_minute(tick)
     run_id = run_id_for(schedule.name, tick)
     if schedule.overlap == "skip":
         going = [r for r in running_runs(backend, schedule.name) if r != run_id]
         if going:
             return Fired(schedule.name, tick, run_id, "skipped", f"{going[0]} is still going")
+        # A tick another scheduler claimed and has not settled is a run about to
+        # start (or starting): it overlaps as much as a running one. Each
+        # scheduler claims before it looks, so of two firing at once at least
+        # one sees the other's claim: never both fire (both may skip, rarely).
+        firing = [t for t in store.unsettled_ticks(schedule.name, LAST_TIME) if t != tick]
+        if firing:
+            detail = f"the {iso(firing[0])} tick is being fired"
+            return Fired(schedule.name, tick, run_id, "skipped", detail)
     try:
         submit(backend, schedule.job, scheduled_params(schedule, tick), run_id=run_id)
     except KeyError as exc:
@@ -192,7 +203,7 @@ def _fire_schedule(
         # Ticks whose scheduler died after claiming them: fired again, at least once.
         for tick in store.unsettled_ticks(schedule.name, now_utc() - SETTLE):
             log.warning("schedule %s: tick %s claimed, never fired", schedule.name, iso(tick))
-            results.append(fire(backend, schedule, tick))
+            results.append(fire(backend, schedule, tick, store))
             store.settle_tick(schedule.name, tick)
         tick = None
         for tick in due_for(store, schedule, now):
@@ -201,7 +212,7 @@ def _fire_schedule(
                 run_id = run_id_for(schedule.name, tick)
                 results.append(Fired(schedule.name, tick, run_id, "claimed elsewhere"))
                 continue
-            results.append(fire(backend, schedule, tick))
+            results.append(fire(backend, schedule, tick, store))
             claimed = False  # dealt with: fired, skipped or failed for good
             store.settle_tick(schedule.name, tick)
     except Exception as exc:
@@ -353,7 +364,7 @@ def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime
         # Claimed by a handler that died before it submitted: fire it now.
         log.warning("schedule %s: tick %s was claimed but never fired", name, iso(tick))
     try:
-        result = fire(backend, schedule, tick)
+        result = fire(backend, schedule, tick, store)
     except BaseException:
         store.release_tick(name, tick)  # not submitted: the redelivery fires it
         raise
