@@ -57,6 +57,10 @@ _SLOT_BYTES = 2048
 _BATCH_BYTES = 16384
 #: How long an idle child sleeps between empty polls, at most (s).
 MAX_POLL_SLEEP = 0.2
+#: After a failed receive (a full disk, an unreachable queue) a child waits this
+#: long before it tries again, doubling up to ``MAX_RECEIVE_BACKOFF`` (s).
+RECEIVE_BACKOFF = 0.5
+MAX_RECEIVE_BACKOFF = 5.0
 #: A prefetched message may wait this long in a child before it is started; one
 #: that waited longer is handed back, so its visibility always covers a full chunk.
 PREFETCH_SLACK = 5.0
@@ -213,10 +217,25 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     batches = isinstance(backend.ledger, BatchLedger)
     sleep = 0.005
+    failing = 0.0  # the back-off after a failed receive (0: the last one worked)
     batch = 1
     try:
         while not stop.is_set() and os.getppid() == parent:
-            deliveries = backend.queue.receive(batch, visibility)
+            try:
+                deliveries = backend.queue.receive(batch, visibility)
+            except Exception as e:
+                # A full disk, a locked or unreachable queue: dying here would
+                # only have the supervisor start a child that dies the same way
+                # (a crash loop, a traceback each time). Nothing was received,
+                # so nothing is lost by waiting: say so once, back off, retry.
+                if not failing:
+                    log.warning("queue receive failed, backing off: %s: %s", type(e).__name__, e)
+                failing = min(max(failing * 2, RECEIVE_BACKOFF), MAX_RECEIVE_BACKOFF)
+                stop.wait(failing)
+                continue
+            if failing:
+                log.warning("queue receive works again")
+                failing = 0.0
             if not deliveries:
                 stop.wait(sleep)  # not time.sleep: a stopped child leaves at once
                 sleep = min(sleep * 2, MAX_POLL_SLEEP)

@@ -38,6 +38,7 @@ from testjobs.tree import Params, expected_items
 
 HANG_AFTER_PUT = Path(__file__).parent / "support" / "hang_after_put.py"
 DIE_AFTER_BATCH_COMMIT = Path(__file__).parent / "support" / "die_after_batch_commit.py"
+QUEUE_FULL = Path(__file__).parent / "support" / "queue_full.py"
 
 # -- helpers ---------------------------------------------------------------------
 
@@ -68,6 +69,31 @@ def assert_exact_output(home: Path, run_id: str, **params: Any) -> None:
 
 
 # -- hard timeout and crashes ----------------------------------------------------
+
+
+def test_a_full_disk_at_receive_is_logged_once_and_waited_out(home: Path, tmp_path: Path) -> None:
+    # A receive that fails (SQLite: "database or disk is full") used to kill
+    # the worker child with a traceback; the supervisor started another,
+    # which died the same way: a crash loop, a traceback a few times a second.
+    run_id = submit(home, chunks=2, rows=3)
+    full = tmp_path / "full"
+    full.touch()
+    env = {"FANOUT_TEST_QUEUE_FULL": str(full)}
+    command = [sys.executable, str(QUEUE_FULL)]
+    with worker(home, tmp_path, "-w", "1", command=command, env=env) as proc:
+        wait_for("a failed receive", (tmp_path / "full.count").exists, 20)
+        time.sleep(3)
+        failed = len((tmp_path / "full.count").read_bytes())
+        assert failed < 10  # backed off, not spinning
+        full.unlink()  # the disk has room again
+        wait_for("the run", lambda: status(home, run_id)["state"] == "succeeded", 30)
+        assert proc.poll() is None
+    log = next(tmp_path.glob("worker-*.log")).read_text()
+    assert "Traceback" not in log
+    lines = [line for line in log.splitlines() if "disk is full" in line]
+    assert len(lines) == 1, log
+    assert "receive" in lines[0] and "backing off" in lines[0]
+    assert_exact_output(home, run_id, chunks=2, rows=3)
 
 
 @pytest.mark.slow

@@ -203,7 +203,12 @@ class SQLiteQueue:
             # Take the list before writing: threads share this queue object, and an
             # ack appended while executemany runs must not be wiped by a clear().
             acks, self._acks = self._acks, []
-            conn.executemany(_ACK, acks)
+            try:
+                conn.executemany(_ACK, acks)
+            except sqlite3.Error:
+                # Rolled back (a full disk): kept for the next try, not redelivered.
+                self._acks[:0] = acks
+                raise
 
     def release(self, receipt: str, delay: float) -> None:
         """Make the message visible again after ``delay`` seconds, unless it was
