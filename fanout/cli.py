@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -25,8 +26,10 @@ from fanout.cli_common import (
     MAX_CHUNK_TIMEOUT,
     MAX_WORKERS,
     FiniteFloat,
+    cannot_write,
     exit_code,
     group_backend,
+    home_problem,
     human,
     split_pairs,
 )
@@ -117,6 +120,14 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_USAGE)
+        except (OSError, sqlite3.OperationalError) as exc:
+            # The local home filled up or became read-only during the command
+            # (opening it is checked in group_backend): the user's to fix.
+            obj = ctx.obj or {}
+            if obj.get("backend_name") == "aws" or not cannot_write(exc):
+                raise
+            click.echo(f"error: {home_problem(obj['home'], exc)}", err=True)
             ctx.exit(EXIT_USAGE)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:

@@ -8,9 +8,14 @@ without importing each other (``python -m fanout.cli`` runs ``cli`` as
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
+import sqlite3
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -49,15 +54,56 @@ def group_backend(ctx: click.Context) -> Backend:
         else:
             try:
                 backend = open_backend(obj["backend_name"], home=obj["home"])
-            except OSError as exc:  # a home under a file, in /proc, not writable ...
-                where = exc.filename or obj["home"]
-                raise UserError(
-                    f"cannot use {obj['home']} as fanout's home: {where}: {exc.strerror or exc}"
-                ) from None
+            except (OSError, sqlite3.Error) as exc:  # under a file, in /proc, read-only, full ...
+                raise UserError(home_problem(obj["home"], exc)) from None
         ctx.call_on_close(backend.close)
         obj["backend"] = backend
     result: Backend = obj["backend"]
     return result
+
+
+#: Errors of a file system that cannot take a write: read-only, full, over quota.
+_NO_WRITE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+#: What SQLite says when the database's file system cannot take a write (it
+#: keeps the errno to itself).
+_NO_WRITE_SQLITE = (
+    "database or disk is full",
+    "attempt to write a readonly database",
+    "unable to open database file",
+    "disk i/o error",
+)
+
+
+def home_problem(home: Path, exc: BaseException) -> str:
+    """One line naming why ``home`` cannot serve as fanout's home, from the file
+    system it is on (read-only, full) when that says, else from ``exc``."""
+    found = Path(home).absolute()
+    while not found.exists() and found != found.parent:
+        found = found.parent  # the home may not exist yet: its file system does
+    why = None
+    with contextlib.suppress(OSError):
+        st = os.statvfs(found)
+        if st.f_flag & os.ST_RDONLY:
+            why = "it is on a read-only file system"
+        elif st.f_bavail == 0:
+            why = "its disk is full (no space left on the device)"
+    if why is None and isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        why = "its disk is full (no space left on the device)"
+    if why is None and isinstance(exc, OSError):
+        why = f"{exc.filename or home}: {exc.strerror or exc}"
+    if why is None and found.is_dir() and not os.access(found, os.W_OK):
+        why = f"{found} is not writable"
+    return f"cannot use {home} as fanout's home: {why or exc}"
+
+
+def cannot_write(exc: BaseException) -> bool:
+    """Whether ``exc`` says the local backend's files cannot be written (a
+    read-only or full file system), as opposed to a bug."""
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_WRITE_ERRNOS
+    if isinstance(exc, sqlite3.OperationalError):
+        return str(exc).lower().startswith(_NO_WRITE_SQLITE)
+    return False
 
 
 def _open_aws_stage() -> Backend:

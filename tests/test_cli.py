@@ -466,3 +466,69 @@ def test_output_that_cannot_be_written_is_one_line(home: Path, tmp_path: Path) -
     missing = tmp_path / "no-such-dir" / "report.html"
     result = cli(home, "report", run_id, "-o", str(missing))
     assert_user_error(result, "cannot write", "report.html")
+
+
+# -- a home that cannot be written -------------------------------------------------
+
+HOME_COMMANDS = [
+    ["runs"],
+    ["status"],
+    ["submit", TREE, "-p", "chunks=1"],
+    ["cat"],
+    ["failed", "x"],
+    ["replay", "x"],
+    ["cancel", "x"],
+    ["worker", "--until-idle", "-w", "1"],
+    ["run", TREE, "-p", "chunks=1", "-w", "1"],
+    ["schedule", "list"],
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "named"),
+    [("read-only", "read-only file system"), ("full", "no space left")],
+)
+def test_a_home_that_cannot_be_written_is_one_line_and_exit_2(
+    tmp_path: Path, fault: str, named: str
+) -> None:
+    # Every command opened the ledger's SQLite database, which failed deep
+    # inside (sqlite3.OperationalError: unable to open database file / disk
+    # I/O error): a traceback and exit 1, naming neither the home nor why.
+    from support.small_disk import fanout_on_small_disk, namespaces_available
+
+    if not namespaces_available():
+        pytest.skip("needs unshare --user --mount for a file system of the test's own")
+    setup = [["submit", TREE, "-p", "chunks=1"]]
+    results = fanout_on_small_disk(tmp_path, setup, fault, HOME_COMMANDS)
+    for command, result in zip(HOME_COMMANDS, results, strict=True):
+        line = assert_user_error(result, named)
+        assert "home" in line, (command, line)
+
+
+def test_a_home_that_fills_up_during_a_command_is_one_line_and_exit_2(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import sqlite3
+
+    from fanout import coordinator
+
+    ok(cli(home, "runs"))  # the home opens fine; the disk fills up later
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(coordinator, "submit", full)
+    assert_user_error(cli(home, "submit", TREE), "cannot use", "as fanout's home")
+
+    def no_space(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(home / "runs" / "x"))
+
+    monkeypatch.setattr(coordinator, "submit", no_space)
+    assert_user_error(cli(home, "submit", TREE), "no space left")
+
+    def bug(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("no such table: runs")
+
+    monkeypatch.setattr(coordinator, "submit", bug)  # not the user's to fix: a traceback
+    assert isinstance(cli(home, "submit", TREE).exception, sqlite3.OperationalError)
