@@ -32,6 +32,7 @@ from fanout.cli_common import (
     home_problem,
     human,
     split_pairs,
+    unreadable_json,
 )
 from fanout.cli_controls import COMMANDS as CONTROL_COMMANDS
 from fanout.cli_controls import status_fields, status_line, summary_lines
@@ -157,6 +158,8 @@ def _params(pairs: tuple[str, ...], params_file: str | None) -> dict[str, Any]:
             raise UserError(f"params file {params_file} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"params file {params_file} is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # valid JSON Python cannot read
+            raise UserError(f"params file {params_file}: {unreadable_json(exc)}") from None
         if not isinstance(loaded, dict):
             raise UserError(f"params file {params_file} must hold a JSON object")
         params.update(loaded)

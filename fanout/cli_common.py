@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sqlite3
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,18 @@ def split_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
                 continue
             except json.JSONDecodeError:
                 pass
+            except (ValueError, RecursionError) as exc:  # JSON Python cannot read
+                raise UserError(f"{what} {key!r}: {unreadable_json(exc)}") from None
         out[key] = value
     return out
+
+
+def unreadable_json(exc: ValueError | RecursionError) -> str:
+    """Why valid JSON could not be read: ``json.loads`` raises these (besides a
+    ``JSONDecodeError``) for an integer too long to convert or nesting too deep."""
+    if isinstance(exc, RecursionError):
+        return "the JSON is nested too deep"
+    return f"the JSON has an integer of more than {sys.get_int_max_str_digits()} digits"
 
 
 def exit_code(run: RunRecord) -> int:

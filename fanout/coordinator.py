@@ -23,12 +23,12 @@ from fanout.backends.base import (
     TaskRecord,
     TaskState,
 )
-from fanout.errors import RunFinalizingError, UnknownRunError, UserError
+from fanout.errors import ParamsError, RunFinalizingError, UnknownRunError, UserError
 from fanout.events import events_for
 from fanout.fairness import register_run, served_runs
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import canonical_ref, load_job
-from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
+from fanout.messages import ChunkMessage, MessageError, decode, offload, params_problem, resolve
 from fanout.settings import RunKind, RunSettings, kind_of, recorded_settings
 from fanout.tables.contract import check_contract
 
@@ -55,6 +55,11 @@ def submit(
     job.check()
     model = job.validate_params(params or {})
     raw_params = model.model_dump(mode="json") if isinstance(model, BaseModel) else dict(model)
+    # Refused here, in one line: a chunk's message could not carry them (the
+    # root's payload, or what the job passes on), and they would fail later.
+    problem = params_problem(raw_params)
+    if problem is not None:
+        raise ParamsError(f"params for job {job.name}: {problem}")
     try:
         run_settings = RunSettings.model_validate({**job.settings.model_dump(), **(settings or {})})
     except ValidationError as exc:

@@ -310,6 +310,64 @@ def process(chunk, ctx):
     return None
 """
 
+#: A job without a Params model or a plan: its params are its one chunk's payload.
+DICT_JOB = """
+from fanout import Job
+job = Job("dict")
+@job.process
+def process(chunk, ctx):
+    return None
+"""
+_BIG_INT = "9" * 5000  # past Python's 4,300 digits of int-to-text conversion
+_DEEP = "[" * 250 + "]" * 250  # deeper than a message may nest (200)
+_DEEPER = "[" * 5000 + "]" * 5000  # deeper than Python's JSON decoder goes
+
+#: Params no message can carry: they used to crash `submit` (a ValueError,
+#: RecursionError or MessageError traceback), or pass it and fail later.
+UNENCODABLE_PARAMS: list[tuple[str, dict[str, str], list[str], list[str]]] = (
+    [
+        (
+            f"params {name} ({job})",
+            {"p.json": text, "dict.py": DICT_JOB},
+            ["submit", path, "--params-file", "{tmp}/p.json"],
+            ["p.json" if name.startswith("file") else "params", *needles],
+        )
+        for job, path in (("dict job", "{tmp}/dict.py"), ("model job", TREE))
+        for name, text, needles in (
+            ("file with a huge int", f'{{"rows": {_BIG_INT}}}', ["4300 digits"]),
+            ("file nested too deep for JSON", f'{{"rows": {_DEEPER}}}', ["nested too deep"]),
+        )
+    ]
+    + [
+        (
+            f"params {name}",
+            {"p.json": text, "dict.py": DICT_JOB},
+            ["submit", "{tmp}/dict.py", "--params-file", "{tmp}/p.json"],
+            ["params", *needles],
+        )
+        for name, text, needles in (
+            ("with NaN", '{"x": NaN}', ["x", "NaN"]),
+            ("with Infinity", '{"x": [1, -Infinity]}', ["x.1", "NaN"]),
+            ("nested too deep", f'{{"x": {_DEEP}}}', ["nested", "deep"]),
+            ("with a lone surrogate", '{"x": "\\ud800"}', ["x", "lone surrogate"]),
+        )
+    ]
+    + [
+        (
+            "param with a huge int",
+            {"dict.py": DICT_JOB},
+            ["submit", "{tmp}/dict.py", "-p", f"x=[{_BIG_INT}]"],
+            ["--param 'x'", "4300 digits"],
+        ),
+        (
+            "param nested too deep for JSON",
+            {"dict.py": DICT_JOB},
+            ["submit", "{tmp}/dict.py", "-p", f"x={_DEEPER}"],
+            ["--param 'x'", "nested too deep"],
+        ),
+    ]
+)
+
 #: (name, files to write, argv with {tmp} for the directory, what the message names)
 BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("missing job file", {}, ["validate", "{tmp}/missing.py"], ["missing.py", "does not exist"]),
@@ -412,7 +470,7 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
 
 @pytest.mark.parametrize(
     ("files", "argv", "needles"),
-    [pytest.param(f, a, n, id=name) for name, f, a, n in BAD_INPUT],
+    [pytest.param(f, a, n, id=name) for name, f, a, n in BAD_INPUT + UNENCODABLE_PARAMS],
 )
 def test_bad_input_is_one_line_and_exit_2(
     home: Path, tmp_path: Path, files: dict[str, str], argv: list[str], needles: list[str]
@@ -532,3 +590,32 @@ def test_a_home_that_fills_up_during_a_command_is_one_line_and_exit_2(
 
     monkeypatch.setattr(coordinator, "submit", bug)  # not the user's to fix: a traceback
     assert isinstance(cli(home, "submit", TREE).exception, sqlite3.OperationalError)
+
+
+@pytest.mark.parametrize(
+    ("params", "needles"),
+    [
+        pytest.param({1: "x"}, ["params", "key", "string"], id="int key"),
+        pytest.param({(1, 2): "x"}, ["params", "key", "string"], id="tuple key"),
+        pytest.param({"x": {1, 2}}, ["params.x", "not a valid JSON value"], id="a set"),
+        pytest.param({"x": 10**5000}, ["params.x", "4300 digits"], id="huge int"),
+        pytest.param({"x": float("nan")}, ["params.x", "NaN"], id="nan"),
+    ],
+)
+def test_submit_refuses_params_no_message_can_carry(
+    tmp_path: Path, params: dict[Any, Any], needles: list[str]
+) -> None:
+    from fanout import coordinator
+    from fanout.backends import open_backend
+    from fanout.errors import ParamsError
+
+    (tmp_path / "dict.py").write_text(DICT_JOB)
+    backend = open_backend("memory")
+    try:
+        with pytest.raises(ParamsError) as caught:
+            coordinator.submit(backend, str(tmp_path / "dict.py"), params)
+        for needle in needles:
+            assert needle in str(caught.value), (needle, str(caught.value))
+        assert backend.ledger.list_runs() == []
+    finally:
+        backend.close()

@@ -35,7 +35,8 @@ class Params(BaseModel):
     crash_chunks: list[int] = []  # os._exit on the first attempt
     row_sleep: float = 0.0
     big_payload: int = 0  # bytes of padding in each child payload
-    spawn_delay: float = 0.0  # ctx.spawn(..., delay=) of every child
+    # ctx.spawn(..., delay=) of every child; "nan" as text, as params cannot hold NaN.
+    spawn_delay: float | str = 0.0
 
 
 job = Job("tree", params=Params, schema=SCHEMA, backoff_base=0.01, backoff_cap=0.05)
@@ -74,7 +75,7 @@ def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
         for c in range(p.children):
             ctx.spawn(
                 {"name": f"{name}.{c}", "level": chunk["level"] + 1, "pad": "x" * p.big_payload},
-                delay=p.spawn_delay,
+                delay=float(p.spawn_delay),
             )
     return None
 
