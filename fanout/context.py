@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from fanout.errors import PermanentError, RecordError
+from fanout.errors import NotJsonError, PermanentError, RecordError
 from fanout.inputs import list_inputs, open_input
-from fanout.messages import encode_payload
+from fanout.messages import encode_payload, value_problem
 
 if TYPE_CHECKING:
     from fanout.avro import RecordWriter
@@ -136,7 +136,15 @@ class ChunkContext:
     def resume_at(self, cursor: Any) -> Continue:
         """Checkpoint: ``return ctx.resume_at(cursor)`` ends this chunk; a continuation
         runs the same payload with ``ctx.cursor == cursor``. The cursor must be JSON."""
-        _check_json(cursor, "cursor")
+        _check_json(cursor, "ctx.resume_at: the cursor")
+        # Once per chunk, so checked here in full, where the job's traceback
+        # points at its call: a message's rules, beyond what json encodes (it
+        # turns int keys into strings, writes lone surrogates, nests any depth).
+        problem = value_problem(cursor, "cursor")
+        if problem is not None:
+            raise NotJsonError(
+                f"ctx.resume_at: the cursor is not JSON a message can carry: {problem}"
+            )
         return Continue(cursor)
 
     def emit(self, record: dict[str, Any]) -> None:
@@ -148,7 +156,7 @@ class ChunkContext:
     def spawn(self, payload: Any, delay: float = 0.0) -> None:
         """Start a child chunk with ``payload`` (JSON) once this chunk commits,
         after ``delay`` seconds."""
-        text = _check_json(payload, "payload")
+        text = _check_json(payload, "ctx.spawn: the payload")
         delay = float(delay)
         if not 0 <= delay <= MAX_SPAWN_DELAY:  # also false for NaN
             raise PermanentError(
@@ -190,8 +198,11 @@ class ChunkContext:
 
 def _check_json(value: Any, what: str) -> str:
     """``value`` as a message body holds it (``fanout.messages.encode_payload``);
-    a ``TypeError`` naming ``what`` if it is not JSON."""
+    a :class:`NotJsonError` naming ``what`` if it is not JSON: the job's
+    mistake, so the chunk fails for good instead of being retried."""
     try:
         return encode_payload(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} must be JSON (no pickle): {exc}") from None
+    except (TypeError, ValueError) as exc:  # a set, bytes, a datetime; NaN
+        raise NotJsonError(f"{what} must be JSON (no pickle): {exc}") from None
+    except RecursionError:
+        raise NotJsonError(f"{what} must be JSON: it is nested too deep") from None

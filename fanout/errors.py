@@ -36,6 +36,12 @@ class PermanentError(FanoutError):
     """A chunk failure that retrying cannot fix: the chunk is dead-lettered at once."""
 
 
+class NotJsonError(PermanentError, TypeError):
+    """A cursor (``ctx.resume_at``) or a spawned payload (``ctx.spawn``) that no
+    message can carry: the job's mistake, which no retry fixes. Still a
+    ``TypeError``, as it was, for a job that catches one."""
+
+
 class RecordError(PermanentError):
     """A record that does not fit its schema (the message names the field)."""
 

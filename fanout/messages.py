@@ -480,16 +480,25 @@ def encode_payload(value: Any) -> str:
 
 def params_problem(params: Mapping[str, Any]) -> str | None:
     """Why a run's ``params`` cannot travel as a chunk's payload (None if they
-    can), checked at submit, where the user can still fix them: not JSON (a
-    set, bytes, a key that is not a string), nested deeper than a message may
-    be, a lone surrogate, NaN or an infinity (not JSON), or an integer too
-    long for Python to write out as text."""
-    problem = json_problem(params, "params", 1, typed=True)
+    can), checked at submit, where the user can still fix them (see
+    :func:`value_problem`)."""
+    return value_problem(params, "params")
+
+
+def value_problem(value: object, where: str) -> str | None:
+    """Why ``value`` cannot be a message's payload or cursor (None if it can),
+    named ``where``: not JSON (a set, bytes, a key that is not a string),
+    nested deeper than a message may be, a lone surrogate, NaN or an infinity
+    (not JSON), or an integer too long for Python to write out as text."""
+    problem = json_problem(value, where, 1, typed=True)
     if problem is not None:
-        if str(problem).startswith("message:"):  # the one error json_problem places there
-            return f"params are nested too deep (at most {MAX_DEPTH - 2} levels)"
-        return str(problem)
-    stack: list[tuple[object, str]] = [(params, "params")]
+        text = str(problem)
+        if text.startswith("message:"):  # the one error json_problem places there
+            return f"{where} is nested too deep (at most {MAX_DEPTH - 2} levels)"
+        if text.endswith(".[key]: Input should be a valid string"):
+            return f"{text.split('.[key]:')[0]} has a key that is not a string"
+        return text
+    stack: list[tuple[object, str]] = [(value, where)]
     while stack:  # the depth is bounded now: json_problem checked it
         item, path = stack.pop()
         if isinstance(item, dict):

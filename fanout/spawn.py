@@ -45,7 +45,8 @@ def next_tasks(
                 # The job's payload (say a dict with int keys, which JSON would
                 # turn into strings): the job's fault, failed for good, not retried.
                 raise PermanentError(
-                    f"chunk {msg.chunk_id} spawned a payload that cannot be a message: {exc}"
+                    f"ctx.spawn in chunk {msg.chunk_id}: the payload is not JSON"
+                    f" a message can carry: {exc}"
                 ) from None
             if (len(body) if body.isascii() else len(body.encode())) > limit:
                 child = ChunkMessage(run_id=msg.run_id, chunk_id=chunk_id, payload=spawn.payload)
@@ -58,14 +59,21 @@ def next_tasks(
             return [], (
                 f"max_continuations ({settings.max_continuations}) reached at chunk {msg.chunk_id}"
             )
-        nxt = ChunkMessage(
-            run_id=msg.run_id,
-            chunk_id=msg.chunk_id,
-            seq=msg.seq + 1,
-            kind=msg.kind,
-            payload=payload,
-            cursor=continuation.cursor,
-        )
+        try:
+            nxt = ChunkMessage(
+                run_id=msg.run_id,
+                chunk_id=msg.chunk_id,
+                seq=msg.seq + 1,
+                kind=msg.kind,
+                payload=payload,
+                cursor=continuation.cursor,
+            )
+        except MessageError as exc:
+            # ctx.resume_at checked the cursor; a Continue built by hand was not.
+            raise PermanentError(
+                f"ctx.resume_at in chunk {msg.chunk_id}: the cursor is not JSON"
+                f" a message can carry: {exc}"
+            ) from None
         body = offload(nxt, store, limit)
         tasks.append((NewTask(nxt.chunk_id, nxt.seq, msg.depth, body, msg.chunk_id, msg.seq), 0.0))
     return tasks, None

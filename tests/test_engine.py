@@ -543,7 +543,9 @@ def test_a_spawned_payload_that_is_no_message_fails_for_good_not_as_internal(
     assert run.state == RunState.FAILED and run.tasks_dead == 1
     (task,) = mem.ledger.list_tasks(run.run_id)
     assert len(task.history) == 2  # one attempt, then dead: not retried
-    assert (task.error or "").startswith("permanent: PermanentError: chunk 0 spawned a payload")
+    assert (task.error or "").startswith(
+        "permanent: PermanentError: ctx.spawn in chunk 0: the payload is not JSON"
+    )
 
 
 def test_runaway_max_continuations_stops_the_run(mem: Backend) -> None:
@@ -585,6 +587,62 @@ def test_a_spawn_delay_out_of_range_fails_the_chunk_at_once(
     assert drain(mem, run_id).state == RunState.FAILED
     (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
     assert dead.attempt == 1 and "spawn delay" in (dead.error or "")
+
+
+#: A job that hands fanout one value no message can carry, as its cursor
+#: (``ctx.resume_at``) or as a spawned payload (``ctx.spawn``), by name.
+BAD_VALUE_JOB = """
+import datetime
+from fanout import Job
+job = Job("bad_value")
+
+def bad(case):
+    deep = []
+    for _ in range(300):
+        deep = [deep]
+    return {
+        "int keys": {1: "a"},
+        "lone surrogate": "\\ud800",
+        "deep": deep,
+        "set": {1, 2},
+        "bytes": b"x",
+        "datetime": datetime.datetime(2030, 1, 1),
+        "nan": float("nan"),
+    }[case]
+
+@job.process
+def process(payload, ctx):
+    if payload.get("child"):
+        return None
+    if payload["via"] == "cursor":
+        if ctx.cursor is None:
+            return ctx.resume_at(bad(payload["case"]))
+        return None
+    ctx.spawn({"child": True, "value": bad(payload["case"])})
+    return None
+"""
+
+
+@pytest.mark.parametrize("via", ["cursor", "spawn"])
+@pytest.mark.parametrize(
+    "case", ["int keys", "lone surrogate", "deep", "set", "bytes", "datetime", "nan"]
+)
+def test_a_value_no_message_can_carry_fails_the_chunk_for_good(
+    mem: Backend, tmp_path: Path, via: str, case: str
+) -> None:
+    # Such a cursor failed as an internal error or a TypeError, and was retried
+    # max_attempts times though no retry could fix it; so was such a payload.
+    job = tmp_path / "bad_value.py"
+    job.write_text(BAD_VALUE_JOB)
+    run_id = coordinator.submit(mem, str(job), {"via": via, "case": case}).run_id
+    assert drain(mem, run_id).state == RunState.FAILED
+    (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    assert dead.attempt == 1, dead.history
+    error = dead.error or ""
+    assert error.startswith("permanent: "), error
+    what = "ctx.resume_at" if via == "cursor" else "ctx.spawn"
+    assert what in error and "JSON" in error, error
+    assert "internal" not in error, error
 
 
 def test_large_payloads_travel_through_the_store(mem: Backend) -> None:
