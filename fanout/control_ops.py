@@ -52,13 +52,21 @@ def cancel(backend: Backend, run_id: str, events: EventSink | None = None) -> Ou
     run = _run(backend, run_id)
     if run.state in TERMINAL_RUN_STATES:
         return Outcome(run_id, False, f"run {run_id} already ended: {run.state.value}")
-    backend.ledger.stop(run_id, CANCEL_REASON)  # claims cancel what arrives later
-    # A paused run's deliveries would be dropped before their claim: let them
-    # reach it, and be cancelled there.
+    recorded = backend.ledger.stop(run_id, CANCEL_REASON)  # claims cancel what arrives later
+    # Done again by a second cancel, all of it idempotent (a first one may have
+    # died half way). A paused run's deliveries would be dropped before their
+    # claim: let them reach it, and be cancelled there.
     controls = controls_of(backend.ledger)
     controls.change_control(run_id, lambda state: set_paused(state, False))
     cancelled, drained = controls.cancel_queued(run_id, time.time())
     run = _run(backend, run_id)
+    if not recorded and is_cancelled(run):
+        # The ledger's answer, not a read before the stop: of two cancels at
+        # once, one announces the cancellation.
+        if drained:
+            finalize_run(backend.ledger, backend.store, events or events_for(backend), run_id)
+        more = f" ({cancelled} more queued chunks cancelled)" if cancelled else ""
+        return Outcome(run_id, False, f"run {run_id} is already cancelling{more}", cancelled)
     note = "" if is_cancelled(run) else f"; the run was already stopping ({run.stop_reason})"
     emit(events or events_for(backend), "run.stopped", run_id, reason=CANCEL_REASON)
     if drained:

@@ -83,3 +83,30 @@ def test_status_watch_shows_a_paused_run_as_paused_without_an_eta(
         watch_run(mem, run_id, 0.1, as_json=True, sleep=_stop)
     shown = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert shown["state"] == "running" and shown["eta_s"] is not None
+
+
+class _Events:
+    """An event sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+
+    def publish(self, event: dict[str, object]) -> None:
+        self.events.append(event)
+
+
+def test_a_second_cancel_says_already_cancelling_and_emits_nothing(mem: Backend) -> None:
+    # It used to report "cancelling run ..." again and publish a second
+    # run.stopped event, which a subscriber took for a second cancellation.
+    run_id = coordinator.submit(mem, JOB, {"chunks": 3}).run_id
+    (plan,) = mem.queue.receive(1, 30)
+    assert Dispatcher(mem).handle(plan, 10.0) == "committed"
+    # One chunk is running: the run stays cancelling until it checkpoints.
+    assert mem.ledger.claim(TaskKey(run_id, "0/0", 0), "t", 60, 3, time.time()).task
+    sink = _Events()
+    first = control_ops.cancel(mem, run_id, sink)
+    assert first.changed and first.message.startswith(f"cancelling run {run_id}")
+    second = control_ops.cancel(mem, run_id, sink)
+    assert not second.changed
+    assert second.message == f"run {run_id} is already cancelling"
+    assert [e["type"] for e in sink.events] == ["run.stopped"]

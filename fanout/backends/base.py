@@ -305,8 +305,10 @@ class Ledger(Protocol):
     def bury(self, key: TaskKey, token: str, failure: Failure, now: float) -> Settle:
         """Dead-letter the task (its message stays in the ledger for replay)."""
 
-    def stop(self, run_id: str, reason: str) -> None:
-        """Note that a runaway bound stopped the run: queued tasks are cancelled when claimed."""
+    def stop(self, run_id: str, reason: str) -> bool:
+        """Note why the run stopped (a runaway bound, a cancel): queued tasks are
+        cancelled when claimed. The first reason stays; returns whether this
+        call recorded it (False: the run was stopping already)."""
 
     def queued_children(self, key: TaskKey) -> list[TaskRecord]:
         """Tasks registered by ``key`` that are still queued (to re-send them when a

@@ -460,3 +460,13 @@ def test_reopen_refuses_a_run_that_is_finalizing(backend: Backend) -> None:
     # Once the finalizer recorded the final state, the replay goes through.
     backend.ledger.finish(RUN, RunState.FAILED, "m.json", time.time())
     assert [t.chunk_id for t in backend.ledger.reopen(RUN, None, time.time())] == ["0/0", "0/1"]
+
+
+def test_stop_says_whether_it_recorded_the_reason(backend: Backend) -> None:
+    # The first reason stays; a caller learns whether it was the one (a second
+    # `fanout cancel` must not announce a second cancellation).
+    _run(backend)
+    assert backend.ledger.stop(RUN, "first") is True
+    assert backend.ledger.stop(RUN, "second") is False
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.stop_reason == "first"

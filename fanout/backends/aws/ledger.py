@@ -180,13 +180,12 @@ class DynamoLedger(Registrar, DynamoRunControls):  # + run controls (cancel, pau
             ordered = [r for r in ordered if r.state in states]
         return ordered
 
-    def stop(self, run_id: str, reason: str) -> None:
-        """Record the first runaway bound that stopped the run."""
-        e = _Expr()
-        stop = e.n("stop_reason")
-        e.sets.append(f"{stop} = if_not_exists({stop}, {e.v(reason)})")
+    def stop(self, run_id: str, reason: str) -> bool:
+        """Record the first reason the run stopped; whether this call recorded it."""
+        e = _Expr().set("stop_reason", reason)
         e.where(f"attribute_exists({e.n('pk')})")
-        self._update(e, _run_key(run_id))
+        e.where(f"attribute_not_exists({e.n('stop_reason')})")
+        return self._update(e, _run_key(run_id)) is not None
 
     def begin_finalize(self, run_id: str, now: float, stale_after: float) -> bool:
         """Move a drained run to ``finalizing``; true for the one caller that did."""

@@ -117,13 +117,14 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         rows = self.db.conn.execute(sql, (*args, limit)).fetchall()
         return [run_record(r) for r in rows]
 
-    def stop(self, run_id: str, reason: str) -> None:
-        """Record the first runaway bound that stopped the run."""
+    def stop(self, run_id: str, reason: str) -> bool:
+        """Record the first reason the run stopped; whether this call recorded it."""
         with self.db.write() as conn:
-            conn.execute(
-                "UPDATE runs SET stop_reason = COALESCE(stop_reason, ?) WHERE run_id = ?",
+            cur = conn.execute(
+                "UPDATE runs SET stop_reason = ? WHERE run_id = ? AND stop_reason IS NULL",
                 (reason, run_id),
             )
+            return cur.rowcount == 1
 
     def begin_finalize(self, run_id: str, now: float, stale_after: float) -> bool:
         """Move a drained run to ``finalizing``; true for the one caller that did."""
