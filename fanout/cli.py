@@ -25,6 +25,7 @@ from fanout.backends.base import TERMINAL_RUN_STATES, Backend
 from fanout.cli_common import (
     MAX_CHUNK_TIMEOUT,
     MAX_WORKERS,
+    RUN_ID,
     FiniteFloat,
     cannot_write,
     exit_code,
@@ -445,7 +446,7 @@ def worker(
 
 
 @main.command()
-@click.argument("run_id", required=False)
+@click.argument("run_id", type=RUN_ID, required=False)
 @click.option("--json", "as_json", is_flag=True)
 @click.option(
     "--watch",
@@ -495,7 +496,7 @@ def status(
 
 
 @main.command()
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.option("--chunk", "chunks", multiple=True, metavar="ID", help="Replay only this chunk.")
 @_worker_options
 @click.option("--work", is_flag=True, help="Also work the run to completion here.")
@@ -519,7 +520,7 @@ def replay(
 
 
 @main.command()
-@click.argument("run_id", required=False)
+@click.argument("run_id", type=RUN_ID, required=False)
 @click.option("-n", "--limit", type=click.IntRange(min=0), default=None)
 @click.pass_context
 def cat(ctx: click.Context, run_id: str | None, limit: int | None) -> None:

@@ -45,6 +45,23 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class RunId(click.ParamType[str]):
+    """A run id argument: refuses an empty or blank one (an unset shell variable,
+    ``fanout cat "$RUN"``), which the commands that take an optional run id
+    would otherwise have read as none given, the latest run."""
+
+    name = "run_id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("the run id is empty (see `fanout runs` for the run ids)", param, ctx)
+        return value
+
+
+#: The type of every command's run id argument.
+RUN_ID = RunId()
+
+
 def group_backend(ctx: click.Context) -> Backend:
     """The backend chosen on the ``fanout`` group (``--backend``, ``--home``),
     opened once per command and closed with it."""

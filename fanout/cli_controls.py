@@ -15,11 +15,11 @@ import click
 
 from fanout import control_ops
 from fanout.backends.base import Backend, RunRecord, RunState
-from fanout.cli_common import group_backend
+from fanout.cli_common import RUN_ID, group_backend
 
 
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.pass_context
 def cancel(ctx: click.Context, run_id: str) -> None:
     """Cancel RUN: queued chunks at once, running ones at their next checkpoint."""
@@ -27,7 +27,7 @@ def cancel(ctx: click.Context, run_id: str) -> None:
 
 
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.pass_context
 def pause(ctx: click.Context, run_id: str) -> None:
     """Pause RUN: no new chunk of it starts until `fanout resume RUN`."""
@@ -35,7 +35,7 @@ def pause(ctx: click.Context, run_id: str) -> None:
 
 
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.pass_context
 def resume(ctx: click.Context, run_id: str) -> None:
     """Resume a paused RUN from its checkpoints."""

@@ -18,7 +18,7 @@ import click
 
 from fanout import control_ops, coordinator
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, TaskRecord, TaskState
-from fanout.cli_common import exit_code, group_backend, human, utc_time
+from fanout.cli_common import RUN_ID, exit_code, group_backend, human, utc_time
 from fanout.errors import UserError
 
 #: Width of the progress bar, in characters.
@@ -181,7 +181,7 @@ def _details(row: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.option("--chunk", metavar="ID", help="Only this chunk (every slice of it).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
 @click.pass_context
@@ -239,7 +239,7 @@ def _usd(x: float) -> str:
 
 
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.option(
     "--memory",
     "memory_mb",
@@ -390,7 +390,7 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.option("--traceback", "show_tb", is_flag=True, help="Show each chunk's traceback.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context

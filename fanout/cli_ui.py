@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from fanout.cli_common import group_backend
+from fanout.cli_common import RUN_ID, group_backend
 from fanout.errors import UserError
 
 #: Where the dashboard listens unless told otherwise.
@@ -99,7 +99,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.option(
     "-o",
     "--output",

@@ -619,3 +619,28 @@ def test_submit_refuses_params_no_message_can_carry(
         assert backend.ledger.list_runs() == []
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["cat", ""], id="cat"),
+        pytest.param(["status", ""], id="status"),
+        pytest.param(["status", "", "--json"], id="status json"),
+        pytest.param(["status", " "], id="status blank"),
+        pytest.param(["failed", ""], id="failed"),
+        pytest.param(["logs", ""], id="logs"),
+        pytest.param(["cost", ""], id="cost"),
+        pytest.param(["replay", ""], id="replay"),
+        pytest.param(["cancel", ""], id="cancel"),
+        pytest.param(["pause", ""], id="pause"),
+        pytest.param(["resume", ""], id="resume"),
+        pytest.param(["report", ""], id="report"),
+    ],
+)
+def test_an_empty_run_id_is_one_line_and_exit_2(home: Path, argv: list[str]) -> None:
+    # `fanout cat ''` (a variable that was empty) showed the latest run's
+    # records, as if no run id had been given: someone else's output.
+    run_id = ok(cli(home, "submit", TREE, "-p", "chunks=1")).strip()
+    line = assert_user_error(cli(home, *argv), "run id", "empty")
+    assert run_id not in line
