@@ -117,7 +117,8 @@ def replay(
     and its manifest is rewritten when it drains again. A run being finalized
     is waited out for up to ``wait`` seconds, then refused
     (:class:`~fanout.errors.RunFinalizingError`): the ledger will not reopen it
-    while its manifest is written."""
+    while its manifest is written. A finalizer dead for ``FINALIZE_STALE`` is
+    taken over meanwhile."""
     get_run(backend, run_id)
     dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
     if chunk_ids:
@@ -134,6 +135,9 @@ def replay(
             )
             break
         except RunFinalizingError:
+            # A finalizer that died is taken over here, as the recovery sweep
+            # would (only once it is FINALIZE_STALE): no worker may be running.
+            finalize_run(backend.ledger, backend.store, events_for(backend), run_id, FINALIZE_STALE)
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)

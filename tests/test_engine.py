@@ -373,6 +373,32 @@ def test_a_replay_waits_out_a_finalizer(mem: Backend, tmp_path: Path) -> None:
     assert coordinator.read_manifest(mem, run_id)["records"] == 12
 
 
+def test_a_replay_takes_over_a_finalizer_that_died(
+    mem: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No worker runs to sweep it: the replay itself finishes the dead
+    # finalizer's work once it is stale, instead of refusing for ever.
+    flag = tmp_path / "broken"
+    flag.touch()
+    run_id = _run(mem, {"max_attempts": 1}, chunks=2, rows=2, broken_flag=str(flag))
+    finish = mem.ledger.finish
+    mem.ledger.finish = lambda *args: None  # type: ignore[method-assign]  # died before it
+    deadline = time.monotonic() + 10
+    while mem.ledger.get_run(run_id).state != RunState.FINALIZING:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        for delivery in mem.queue.receive(10, 15):
+            Dispatcher(mem).handle(delivery, 10)
+    mem.ledger.finish = finish  # type: ignore[method-assign]
+    flag.unlink()
+    with pytest.raises(Exception, match="is finalizing"):
+        coordinator.replay(mem, run_id, wait=0.0)  # a live finalizer, for all it knows
+    monkeypatch.setattr(coordinator, "FINALIZE_STALE", 0.0)
+    assert [t.chunk_id for t in coordinator.replay(mem, run_id, wait=1.0)] == ["0/0"]
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED and run.records == 4
+    assert coordinator.read_manifest(mem, run_id)["records"] == 4
+
+
 def test_duplicate_deliveries_are_skipped(mem: Backend) -> None:
     sent: list[str] = []
     original = mem.queue.send
