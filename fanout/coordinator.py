@@ -78,7 +78,9 @@ def submit(
         root = ChunkMessage(run_id=run.run_id, chunk_id="0", kind="plan")
     else:
         root = ChunkMessage(run_id=run.run_id, chunk_id="0", payload=raw_params)
-    body = offload(root, backend.store, backend.queue.max_message_bytes)
+    # A token of this submit's own: a second submit of the same run id (a
+    # schedule's tick fired twice) writes its payload apart, and loses at create_run.
+    body = offload(root, backend.store, backend.queue.max_message_bytes, secrets.token_hex(8))
     backend.ledger.create_run(run, NewTask("0", 0, 0, body))
     register_run(backend.queue, run.run_id, run_settings.priority)  # fair sharing by priority
     # Should this send be lost (a crash right here), the recovery sweep re-sends

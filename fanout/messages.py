@@ -525,13 +525,16 @@ def decode(body: object) -> ChunkMessage:
         raise MessageError(f"invalid message: {exc}") from None
 
 
-def offload(message: ChunkMessage, store: Store, limit: int) -> str:
+def offload(message: ChunkMessage, store: Store, limit: int, token: str) -> str:
     """Encode ``message``; if it is over ``limit`` bytes, move payload and cursor to
-    the store and send a reference instead."""
+    the store and send a reference instead. ``token`` names the writer (the
+    spawning attempt's token) in the key: two attempts of one parent build the
+    same child message, and a late one, its lease lost, would otherwise
+    overwrite the payload the committed attempt's child refers to."""
     body = encode(message)
     if len(body.encode()) <= limit:
         return body
-    key = keys.payload_key(message.run_id, message.chunk_id, message.seq)
+    key = keys.payload_key(message.run_id, message.chunk_id, message.seq, token)
     blob = json.dumps({"payload": message.payload, "cursor": message.cursor}).encode()
     store.put(key, blob)
     slim = message.model_copy(update={"payload": None, "cursor": None, "payload_ref": key})

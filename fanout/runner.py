@@ -393,6 +393,7 @@ class Runner:
             settings,
             self.store,
             self.queue.max_message_bytes,
+            attempt.token,
         )
         if children:
             tasks = [task for task, _ in children]
