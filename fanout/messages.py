@@ -470,10 +470,27 @@ _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _STRICT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+#: What ``ensure_ascii=False`` leaves raw but SQS refuses in a body (it takes
+#: only #x9 #xA #xD #x20-#xD7FF #xE000-#xFFFD #x10000-#x10FFFF; JSON escapes the
+#: controls itself): U+FFFE, U+FFFF and lone surrogates. Sent raw, the send
+#: failed and the run waited forever on a child that never went out.
+_SQS_REFUSED: Final = re.compile("[\ud800-\udfff\ufffe\uffff]")
+
+
+def sqs_safe(text: str) -> str:
+    """The JSON ``text`` with the characters SQS refuses written as ``\\uXXXX``
+    escapes: the same JSON value. Such a character can only be inside a JSON
+    string (JSON's whitespace is ASCII), where its escape means the same."""
+    if text.isascii() or _SQS_REFUSED.search(text) is None:
+        return text
+    return _SQS_REFUSED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def encode_payload(value: Any) -> str:
-    """``value`` as the compact JSON :func:`encode` writes; ``TypeError`` or
-    ``ValueError`` if it is not JSON (NaN and infinities included)."""
-    return _STRICT.encode(value)
+    """``value`` as the compact JSON :func:`encode` writes (characters SQS
+    refuses escaped, :func:`sqs_safe`); ``TypeError`` or ``ValueError`` if it
+    is not JSON (NaN and infinities included)."""
+    return sqs_safe(_STRICT.encode(value))
 
 
 def _head(v: int, run_id: str, chunk_id: str, seq: int, kind: str) -> str:
@@ -484,13 +501,14 @@ def _head(v: int, run_id: str, chunk_id: str, seq: int, kind: str) -> str:
 
 def encode(message: ChunkMessage) -> str:
     """The message as compact JSON, its fields in order: the checked fields
-    written as they are (:func:`_head`), only the rest encoded."""
+    written as they are (:func:`_head`), only the rest encoded (characters SQS
+    refuses escaped, :func:`sqs_safe`)."""
     v, run_id, chunk_id, seq, kind, payload, ref, cursor = message
     head = _head(v, run_id, chunk_id, seq, kind)
     if payload is None and ref is None and cursor is None:
         return head + '"payload":null,"payload_ref":null,"cursor":null}'
     # One call of the encoder: each call builds its C encoder afresh.
-    rest = _ENCODER.encode({"payload": payload, "payload_ref": ref, "cursor": cursor})
+    rest = sqs_safe(_ENCODER.encode({"payload": payload, "payload_ref": ref, "cursor": cursor}))
     return head + rest[1:]
 
 
