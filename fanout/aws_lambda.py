@@ -114,11 +114,19 @@ class _Watchdog:
 class _PackagedRunner(Runner):
     """The runner on Lambda: a run's job ref must resolve inside the deployed
     package (:mod:`fanout.packaged`) before the job is loaded. Refused, the
-    attempt fails permanently and the task is dead-lettered."""
+    attempt fails permanently and the task is dead-lettered. A job's
+    KeyboardInterrupt is an ordinary failure (:meth:`takes_ctrl_c`)."""
 
     def _job(self, run_id: str, run: RunInfo) -> tuple[Job, Any]:
         check_packaged(run.job_ref)
         return super()._job(run_id, run)
+
+    def takes_ctrl_c(self) -> bool:
+        """No: nobody presses Ctrl-C on Lambda, though its runtime keeps Python's
+        SIGINT handler. A KeyboardInterrupt is the job's own failure; taken for
+        a Ctrl-C, it handed the chunk back without spending an attempt and
+        escaped the handler, so the batch came back to do it again, forever."""
+        return False
 
 
 def _dispatcher() -> tuple[Dispatcher, _Watchdog]:

@@ -155,6 +155,14 @@ class Runner:
             log.exception("could not record the failure of %s", attempt.key)
         raise exc
 
+    def takes_ctrl_c(self) -> bool:
+        """Whether a KeyboardInterrupt out of a job may be a user's Ctrl-C, to
+        hand the chunk back and stop on (no attempt spent), rather than the
+        job's own failure: only in a process that takes SIGINT as one
+        (``fanout.failures.interruptible``). A host nobody presses Ctrl-C in
+        (Lambda) says no."""
+        return interruptible()
+
     def forget_in_hand(self) -> None:
         """The attempt in hand is settled elsewhere (``fanout.batches``)."""
         self._in_hand = None
@@ -353,7 +361,7 @@ class Runner:
             # The job's code: sys.exit(), KeyboardInterrupt and the like included,
             # or the worker would die with no cause recorded.
             failure = failure_of(exc)
-            if isinstance(exc, KeyboardInterrupt) and interruptible():
+            if isinstance(exc, KeyboardInterrupt) and self.takes_ctrl_c():
                 # A real Ctrl-C in a process that takes it (not a worker child,
                 # which ignores SIGINT): hand the chunk back, then stop.
                 self.fail(

@@ -1,0 +1,35 @@
+"""The Lambda handler's own duties, driven like the SQS event source does
+(``support.lambda_source``): what a job's code may throw at it."""
+
+from __future__ import annotations
+
+import pytest
+
+from fanout import coordinator
+from fanout.backends.base import Backend, TaskState
+from support.helpers import JOBS
+from support.lambda_source import EventSource
+
+EXITS = str(JOBS / "exits.py")
+
+
+def _poll(aws: Backend, remaining_ms: int = 60_000, visibility: int = 30) -> tuple[int, int]:
+    """One poll of the event source: (records, failures)."""
+    queue = aws.queue
+    source = EventSource(queue.sqs, queue.url, timeout_ms=remaining_ms, visibility=visibility)  # type: ignore[attr-defined]
+    messages = source.receive()
+    failed = source.invoke(messages) if messages else set()
+    return len(messages), len(failed)
+
+
+def test_a_keyboard_interrupt_of_the_job_is_its_failure_on_lambda(aws: Backend) -> None:
+    # Nobody presses Ctrl-C on Lambda: a KeyboardInterrupt is the job's own, an
+    # ordinary failure (here its last attempt: dead), not "stop the worker",
+    # which handed the chunk back without spending an attempt, forever.
+    run_id = coordinator.submit(aws, EXITS, {"mode": "keyboard"}).run_id
+    try:
+        assert _poll(aws) == (1, 0)
+    except KeyboardInterrupt:
+        pytest.fail("the handler let the job's KeyboardInterrupt out")
+    (task,) = aws.ledger.list_tasks(run_id)
+    assert task.state is TaskState.DEAD and "KeyboardInterrupt" in (task.error or "")
