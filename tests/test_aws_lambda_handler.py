@@ -7,7 +7,7 @@ import pytest
 
 from fanout import coordinator
 from fanout.backends.base import Backend, TaskState
-from support.helpers import JOBS
+from support.helpers import JOBS, TREE
 from support.lambda_source import EventSource
 
 EXITS = str(JOBS / "exits.py")
@@ -33,3 +33,12 @@ def test_a_keyboard_interrupt_of_the_job_is_its_failure_on_lambda(aws: Backend) 
         pytest.fail("the handler let the job's KeyboardInterrupt out")
     (task,) = aws.ledger.list_tasks(run_id)
     assert task.state is TaskState.DEAD and "KeyboardInterrupt" in (task.error or "")
+
+
+def test_records_the_invocation_has_no_time_for_are_handed_back_at_once(aws: Backend) -> None:
+    # Not left to wait out the queue's visibility timeout (6 x the function's
+    # timeout when deployed): released now, for the next invocation.
+    for _ in range(3):
+        coordinator.submit(aws, TREE, {"chunks": 1, "rows": 1})
+    assert _poll(aws, remaining_ms=2_500, visibility=900) == (3, 3)
+    assert len(aws.queue.receive(10, 30)) == 3

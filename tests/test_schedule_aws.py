@@ -262,3 +262,31 @@ def test_fire_messages_are_validated_on_receipt(change: dict[str, Any], needle: 
     assert decode_fire(json.dumps(good)).scheduled_time.isoformat() == "2030-01-01T00:05:00+00:00"
     with pytest.raises(MessageError, match=f"invalid schedule fire message: {needle}"):
         decode_fire(json.dumps({**good, **change}))
+
+
+def test_a_tick_the_invocation_had_no_time_for_comes_back_at_once(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A record not started for lack of time was left to wait out its visibility
+    # timeout (at least 6 x the function's timeout when deployed): a tick then
+    # came back more than FIRE_LATE late, was refused, and its run never made.
+    import fanout.aws_lambda as lambda_mod
+
+    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
+           "-p", "chunks=1"))  # fmt: skip
+    at(monkeypatch, "2030-01-01T00:05:00Z")
+    sqs, url = aws.queue.sqs, aws.queue.url  # type: ignore[attr-defined]
+    sqs.send_message(QueueUrl=url, MessageBody=fire_message("tree", "2030-01-01T00:05:00Z"))
+
+    def receive() -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = sqs.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=900, AttributeNames=["All"]
+        ).get("Messages", [])
+        return got
+
+    (tick,) = receive()
+    response = lambda_mod.handler(sqs_event([tick]), Countdown(2_500))
+    assert response["batchItemFailures"] == [{"itemIdentifier": tick["MessageId"]}]
+    (again,) = receive()  # visible again now, not in 15 minutes
+    assert lambda_mod.handler(sqs_event([again]), Countdown(60_000))["batchItemFailures"] == []
+    assert aws.ledger.get_run("tree-20300101T0005") is not None
