@@ -52,6 +52,7 @@ from fanout.errors import PermanentError
 from fanout.events import EventSink, emit, events_for
 from fanout.failures import (
     Attempt,
+    clip_failure,
     describe,
     drop_invalid,
     failure_of,
@@ -487,6 +488,8 @@ class Runner:
         now = time.time()
         if failure.duration is None:
             failure = replace(failure, duration=attempt.took(now))
+        # Within the ledger's item limit, or recording the failure fails too.
+        failure = clip_failure(failure)
         job_name = run.job_name if run is not None else ""
         self.gate.release(key.run_id, settings, attempt.token, failure.duration)  # run controls
         verdict = after_failure(failure.kind, attempt.attempt, settings.max_attempts)

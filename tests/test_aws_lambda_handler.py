@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from fanout import coordinator
@@ -42,3 +44,22 @@ def test_records_the_invocation_has_no_time_for_are_handed_back_at_once(aws: Bac
         coordinator.submit(aws, TREE, {"chunks": 1, "rows": 1})
     assert _poll(aws, remaining_ms=2_500, visibility=900) == (3, 3)
     assert len(aws.queue.receive(10, 30)) == 3
+
+
+def test_an_error_over_dynamodbs_item_limit_is_recorded_clipped(aws: Backend) -> None:
+    # The failure's text went whole into the task's item (error, traceback,
+    # history), over DynamoDB's 400 KB: the write failed, the failure was lost.
+    run_id = coordinator.submit(aws, EXITS, {"mode": "huge-error"}, {"max_attempts": 2}).run_id
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        _poll(aws)
+        (task,) = aws.ledger.list_tasks(run_id)
+        if task.state is TaskState.DEAD:
+            break
+        time.sleep(0.2)  # the retry's back-off
+    assert task.state is TaskState.DEAD, task
+    error = task.error or ""
+    assert error.startswith("error: RuntimeError: the start xxx") and error.endswith("the end")
+    assert "clipped" in error and len(error) < 10_000
+    assert [e["outcome"] for e in task.history] == ["error", "error", "dead"]
+    assert all(len(e.get("error", "")) < 10_000 for e in task.history)
