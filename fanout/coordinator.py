@@ -6,7 +6,7 @@ import json
 import secrets
 import time
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -90,10 +90,14 @@ def submit(
 
 
 def get_run(backend: Backend, run_id: str) -> RunRecord:
-    """The run, or :class:`UnknownRunError`."""
+    """The run, with a crawl's per-domain counters wherever the ledger keeps
+    them (``Ledger.domain_stats``), or :class:`UnknownRunError`."""
     run = backend.ledger.get_run(run_id)
     if run is None:
         raise UnknownRunError(f"unknown run id {run_id!r} (see `fanout runs`)")
+    domains = backend.ledger.domain_stats(run_id)
+    if domains:
+        run = replace(run, stats={**run.stats, **domains})
     return run
 
 
