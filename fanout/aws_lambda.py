@@ -5,7 +5,9 @@ time (less a safety margin), so its lease expires when Lambda would kill it.
 Records the dispatcher handed back to the queue (another worker holds the task, a
 back-off, a retry) are reported in ``batchItemFailures``: Lambda then leaves
 them to reappear when their visibility (set by the runner) runs out, and
-deletes the rest. Heavy imports (Scrapy, Twisted) happen only in crawl jobs.
+deletes the rest. Records the invocation has no time left to start are
+reported too, and made visible again at once, not after the queue's
+visibility timeout. Heavy imports (Scrapy, Twisted) happen only in crawl jobs.
 
 **A chunk that overruns is never silent.** Lambda kills an invocation at its
 timeout without a word, so a watchdog thread plays the local worker's
@@ -114,11 +116,19 @@ class _Watchdog:
 class _PackagedRunner(Runner):
     """The runner on Lambda: a run's job ref must resolve inside the deployed
     package (:mod:`fanout.packaged`) before the job is loaded. Refused, the
-    attempt fails permanently and the task is dead-lettered."""
+    attempt fails permanently and the task is dead-lettered. A job's
+    KeyboardInterrupt is an ordinary failure (:meth:`takes_ctrl_c`)."""
 
     def _job(self, run_id: str, run: RunInfo) -> tuple[Job, Any]:
         check_packaged(run.job_ref)
         return super()._job(run_id, run)
+
+    def takes_ctrl_c(self) -> bool:
+        """No: nobody presses Ctrl-C on Lambda, though its runtime keeps Python's
+        SIGINT handler. A KeyboardInterrupt is the job's own failure; taken for
+        a Ctrl-C, it handed the chunk back without spending an attempt and
+        escaped the handler, so the batch came back to do it again, forever."""
+        return False
 
 
 def _dispatcher() -> tuple[Dispatcher, _Watchdog]:
@@ -136,20 +146,39 @@ def _dispatcher() -> tuple[Dispatcher, _Watchdog]:
     return _warm[1], _warm[2]
 
 
+def _hand_back(dispatcher: Dispatcher, records: list[dict[str, Any]]) -> list[str]:
+    """Release the batch's ``records`` this invocation has no time to start, at
+    once, and return their message ids for ``batchItemFailures`` (so they are
+    not deleted). Only reported, they waited out the queue's visibility timeout
+    (at least 6 x the function's timeout when deployed): chunks sat idle, and a
+    schedule's tick came back too late to fire (``schedules.guard.FIRE_LATE``)
+    and was dropped."""
+    ids = []
+    for record in records:
+        ids.append(str(record.get("messageId", "")))
+        try:
+            dispatcher.backend.queue.release(str(record.get("receiptHandle", "")), 0.0)
+        except Exception:
+            # Reported all the same: it comes back when its visibility runs out.
+            log.exception("could not hand back record %s", ids[-1])
+    return ids
+
+
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """The SQS event source handler: ``{"batchItemFailures": [...]}``."""
     dispatcher, watchdog = _dispatcher()
     records = list(event.get("Records", ()))
     watchdog.begin_batch([str(r.get("receiptHandle", "")) for r in records])
     failures: list[str] = []
-    for record in records:
+    for i, record in enumerate(records):
         message_id = str(record.get("messageId", ""))
         receipt = str(record.get("receiptHandle", ""))
-        watchdog.starting(receipt)
         timeout = context.get_remaining_time_in_millis() / 1000.0 - SAFETY
         if timeout < MIN_TIMEOUT:
-            failures.append(message_id)  # too little time left: let SQS redeliver it
-            continue
+            # Too little time left for this record and the ones after it.
+            failures.extend(_hand_back(dispatcher, records[i:]))
+            break
+        watchdog.starting(receipt)
         attributes = record.get("attributes") or {}
         delivery = Delivery(
             body=record.get("body", ""),  # checked by the dispatcher: may not be text

@@ -6,7 +6,7 @@ import json
 import secrets
 import time
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -83,7 +83,9 @@ def submit(
         root = ChunkMessage(run_id=run.run_id, chunk_id="0", kind="plan")
     else:
         root = ChunkMessage(run_id=run.run_id, chunk_id="0", payload=raw_params)
-    body = offload(root, backend.store, backend.queue.max_message_bytes)
+    # A token of this submit's own: a second submit of the same run id (a
+    # schedule's tick fired twice) writes its payload apart, and loses at create_run.
+    body = offload(root, backend.store, backend.queue.max_message_bytes, secrets.token_hex(8))
     backend.ledger.create_run(run, NewTask("0", 0, 0, body))
     register_run(backend.queue, run.run_id, run_settings.priority)  # fair sharing by priority
     # Should this send be lost (a crash right here), the recovery sweep re-sends
@@ -93,10 +95,14 @@ def submit(
 
 
 def get_run(backend: Backend, run_id: str) -> RunRecord:
-    """The run, or :class:`UnknownRunError`."""
+    """The run, with a crawl's per-domain counters wherever the ledger keeps
+    them (``Ledger.domain_stats``), or :class:`UnknownRunError`."""
     run = backend.ledger.get_run(run_id)
     if run is None:
         raise UnknownRunError(f"unknown run id {run_id!r} (see `fanout runs`)")
+    domains = backend.ledger.domain_stats(run_id)
+    if domains:
+        run = replace(run, stats={**run.stats, **domains})
     return run
 
 

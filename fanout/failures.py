@@ -19,7 +19,7 @@ import logging
 import signal
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fanout.backends import keys
@@ -35,6 +35,12 @@ log = logging.getLogger("fanout.runner")
 POISON_TRIES = 5
 #: The most of a message body a dead letter keeps (characters).
 KEEP_BODY = 16 * 1024
+#: The most of a failure's error and traceback the ledger records (UTF-8
+#: bytes). A task's DynamoDB item holds its message (up to 256 KiB), the last
+#: traceback, and the error once more per attempt in its history (up to 100
+#: attempts), all under DynamoDB's 400 KB item limit.
+MAX_ERROR_BYTES = 1000
+MAX_TRACEBACK_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +83,38 @@ def describe(exc: BaseException) -> str:
     """``Type: first line of the message``."""
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` if it is at most ``limit`` UTF-8 bytes, else its head and tail
+    with a note of how much was left out between them, within ``limit``."""
+    if len(text) * 4 <= limit or len(text.encode("utf-8", "replace")) <= limit:
+        return text
+    half = max(0, (limit - 60) // 2)  # room for the note
+    head, tail = _fit(text[:half], half, keep_end=False), _fit(text[-half:], half, keep_end=True)
+    left_out = len(text) - len(head) - len(tail)
+    return f"{head} [... {left_out:,} characters clipped ...] {tail}"
+
+
+def _fit(text: str, limit: int, keep_end: bool) -> str:
+    """The start (or end, ``keep_end``) of ``text`` within ``limit`` UTF-8 bytes."""
+    while len(text.encode("utf-8", "replace")) > limit:
+        keep = len(text) * 3 // 4
+        text = text[len(text) - keep :] if keep_end else text[:keep]
+    return text
+
+
+def clip_failure(failure: Failure) -> Failure:
+    """``failure`` with its error and traceback clipped to what the ledger
+    records (:data:`MAX_ERROR_BYTES`, :data:`MAX_TRACEBACK_BYTES`), head and
+    tail kept. A huge exception text (a whole response body in the message)
+    made the ledger's write of the failure fail (DynamoDB's 400 KB item limit),
+    so the attempt was never recorded as failed."""
+    error = clip(failure.error, MAX_ERROR_BYTES)
+    tb = clip(failure.traceback, MAX_TRACEBACK_BYTES)
+    if error is failure.error and tb is failure.traceback:
+        return failure
+    return replace(failure, error=error, traceback=tb)
 
 
 def failure_of(exc: BaseException) -> Failure:

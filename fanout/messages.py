@@ -472,10 +472,27 @@ _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _STRICT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+#: What ``ensure_ascii=False`` leaves raw but SQS refuses in a body (it takes
+#: only #x9 #xA #xD #x20-#xD7FF #xE000-#xFFFD #x10000-#x10FFFF; JSON escapes the
+#: controls itself): U+FFFE, U+FFFF and lone surrogates. Sent raw, the send
+#: failed and the run waited forever on a child that never went out.
+_SQS_REFUSED: Final = re.compile("[\ud800-\udfff\ufffe\uffff]")
+
+
+def sqs_safe(text: str) -> str:
+    """The JSON ``text`` with the characters SQS refuses written as ``\\uXXXX``
+    escapes: the same JSON value. Such a character can only be inside a JSON
+    string (JSON's whitespace is ASCII), where its escape means the same."""
+    if text.isascii() or _SQS_REFUSED.search(text) is None:
+        return text
+    return _SQS_REFUSED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def encode_payload(value: Any) -> str:
-    """``value`` as the compact JSON :func:`encode` writes; ``TypeError`` or
-    ``ValueError`` if it is not JSON (NaN and infinities included)."""
-    return _STRICT.encode(value)
+    """``value`` as the compact JSON :func:`encode` writes (characters SQS
+    refuses escaped, :func:`sqs_safe`); ``TypeError`` or ``ValueError`` if it
+    is not JSON (NaN and infinities included)."""
+    return sqs_safe(_STRICT.encode(value))
 
 
 def params_problem(params: Mapping[str, Any]) -> str | None:
@@ -524,13 +541,14 @@ def _head(v: int, run_id: str, chunk_id: str, seq: int, kind: str) -> str:
 
 def encode(message: ChunkMessage) -> str:
     """The message as compact JSON, its fields in order: the checked fields
-    written as they are (:func:`_head`), only the rest encoded."""
+    written as they are (:func:`_head`), only the rest encoded (characters SQS
+    refuses escaped, :func:`sqs_safe`)."""
     v, run_id, chunk_id, seq, kind, payload, ref, cursor = message
     head = _head(v, run_id, chunk_id, seq, kind)
     if payload is None and ref is None and cursor is None:
         return head + '"payload":null,"payload_ref":null,"cursor":null}'
     # One call of the encoder: each call builds its C encoder afresh.
-    rest = _ENCODER.encode({"payload": payload, "payload_ref": ref, "cursor": cursor})
+    rest = sqs_safe(_ENCODER.encode({"payload": payload, "payload_ref": ref, "cursor": cursor}))
     return head + rest[1:]
 
 
@@ -565,13 +583,16 @@ def decode(body: object) -> ChunkMessage:
         raise MessageError(f"invalid message: {exc}") from None
 
 
-def offload(message: ChunkMessage, store: Store, limit: int) -> str:
+def offload(message: ChunkMessage, store: Store, limit: int, token: str) -> str:
     """Encode ``message``; if it is over ``limit`` bytes, move payload and cursor to
-    the store and send a reference instead."""
+    the store and send a reference instead. ``token`` names the writer (the
+    spawning attempt's token) in the key: two attempts of one parent build the
+    same child message, and a late one, its lease lost, would otherwise
+    overwrite the payload the committed attempt's child refers to."""
     body = encode(message)
     if len(body.encode()) <= limit:
         return body
-    key = keys.payload_key(message.run_id, message.chunk_id, message.seq)
+    key = keys.payload_key(message.run_id, message.chunk_id, message.seq, token)
     blob = json.dumps({"payload": message.payload, "cursor": message.cursor}).encode()
     store.put(key, blob)
     slim = message.model_copy(update={"payload": None, "cursor": None, "payload_ref": key})

@@ -47,6 +47,8 @@ class Handled(enum.StrEnum):
     SCHEDULE_SKIPPED = "schedule skipped"
     SCHEDULE_ALREADY_FIRED = "schedule already fired"
     SCHEDULE_CLAIMED_ELSEWHERE = "schedule claimed elsewhere"
+    # Claimed moments ago and not settled: handed back to see whether it was.
+    SCHEDULE_IN_HAND = "schedule in hand elsewhere"
     SCHEDULE_FAILED = "schedule failed"
 
 
@@ -60,5 +62,6 @@ RELEASED = frozenset(
         Handled.REQUEUED,
         Handled.CAPPED,
         Handled.HANDED_BACK,
+        Handled.SCHEDULE_IN_HAND,
     }
 )

@@ -52,6 +52,7 @@ from fanout.errors import PermanentError
 from fanout.events import EventSink, emit, events_for
 from fanout.failures import (
     Attempt,
+    clip_failure,
     describe,
     drop_invalid,
     failure_of,
@@ -154,6 +155,14 @@ class Runner:
         except Exception:
             log.exception("could not record the failure of %s", attempt.key)
         raise exc
+
+    def takes_ctrl_c(self) -> bool:
+        """Whether a KeyboardInterrupt out of a job may be a user's Ctrl-C, to
+        hand the chunk back and stop on (no attempt spent), rather than the
+        job's own failure: only in a process that takes SIGINT as one
+        (``fanout.failures.interruptible``). A host nobody presses Ctrl-C in
+        (Lambda) says no."""
+        return interruptible()
 
     def forget_in_hand(self) -> None:
         """The attempt in hand is settled elsewhere (``fanout.batches``)."""
@@ -353,7 +362,7 @@ class Runner:
             # The job's code: sys.exit(), KeyboardInterrupt and the like included,
             # or the worker would die with no cause recorded.
             failure = failure_of(exc)
-            if isinstance(exc, KeyboardInterrupt) and interruptible():
+            if isinstance(exc, KeyboardInterrupt) and self.takes_ctrl_c():
                 # A real Ctrl-C in a process that takes it (not a worker child,
                 # which ignores SIGINT): hand the chunk back, then stop.
                 self.fail(
@@ -393,6 +402,7 @@ class Runner:
             settings,
             self.store,
             self.queue.max_message_bytes,
+            attempt.token,
         )
         if children:
             tasks = [task for task, _ in children]
@@ -478,6 +488,8 @@ class Runner:
         now = time.time()
         if failure.duration is None:
             failure = replace(failure, duration=attempt.took(now))
+        # Within the ledger's item limit, or recording the failure fails too.
+        failure = clip_failure(failure)
         job_name = run.job_name if run is not None else ""
         self.gate.release(key.run_id, settings, attempt.token, failure.duration)  # run controls
         verdict = after_failure(failure.kind, attempt.attempt, settings.max_attempts)

@@ -25,11 +25,12 @@ def next_tasks(
     settings: RunLimits,
     store: Store,
     limit: int,
+    token: str,
 ) -> tuple[list[tuple[NewTask, float]], str | None]:
     """The tasks the chunk ``msg`` asks for, each with its queue delay (s), or
     the runaway bound they would break. ``payload`` is the chunk's own (its
     continuation carries it on); bodies over ``limit`` bytes are offloaded to
-    ``store``."""
+    ``store``, under keys of the attempt ``token`` (``messages.offload``)."""
     tasks: list[tuple[NewTask, float]] = []
     if spawned:
         depth = msg.depth + 1
@@ -50,7 +51,7 @@ def next_tasks(
                 ) from None
             if (len(body) if body.isascii() else len(body.encode())) > limit:
                 child = ChunkMessage(run_id=msg.run_id, chunk_id=chunk_id, payload=spawn.payload)
-                body = offload(child, store, limit)
+                body = offload(child, store, limit, token)
             not_before = time.time() + spawn.delay if spawn.delay else 0.0
             task = NewTask(chunk_id, 0, depth, body, msg.chunk_id, msg.seq, not_before)
             tasks.append((task, spawn.delay))
@@ -74,7 +75,7 @@ def next_tasks(
                 f"ctx.resume_at in chunk {msg.chunk_id}: the cursor is not JSON"
                 f" a message can carry: {exc}"
             ) from None
-        body = offload(nxt, store, limit)
+        body = offload(nxt, store, limit, token)
         tasks.append((NewTask(nxt.chunk_id, nxt.seq, msg.depth, body, msg.chunk_id, msg.seq), 0.0))
     return tasks, None
 

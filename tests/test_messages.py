@@ -44,13 +44,15 @@ def test_invalid_envelopes_are_rejected_naming_the_field(body: str, where: str) 
 
 def test_large_payload_is_offloaded_and_resolved(mem: Backend) -> None:
     msg = ChunkMessage(run_id="r", chunk_id="0/1", payload={"blob": "x" * 5000}, cursor=[1, 2])
-    body = offload(msg, mem.store, limit=1000)
+    body = offload(msg, mem.store, limit=1000, token="abcdef0123")
     assert len(body) < 1000
     slim = decode(body)
-    assert slim.payload is None and slim.payload_ref == "runs/r/payloads/0.1-s0.json"
+    assert slim.payload is None and slim.payload_ref == "runs/r/payloads/0.1-s0-abcdef01.json"
     assert resolve(slim, mem.store) == ({"blob": "x" * 5000}, [1, 2])
     # Small messages travel as they are.
-    assert json.loads(offload(msg, mem.store, limit=10_000))["payload"] == {"blob": "x" * 5000}
+    assert json.loads(offload(msg, mem.store, limit=10_000, token="t"))["payload"] == {
+        "blob": "x" * 5000
+    }
 
 
 def test_a_reference_outside_its_run_is_refused(mem: Backend) -> None:

@@ -174,3 +174,15 @@ def test_poison_messages_on_lambda_are_dead_lettered_not_redelivered_forever(
             assert fire["deliveries"] == 5
         finally:
             backend.close()
+
+
+def test_clip_keeps_head_and_tail_within_the_byte_limit() -> None:
+    from fanout.failures import clip
+
+    assert clip("short", 100) == "short"
+    for char in ("x", "é", "\U0001f600"):  # 1, 2 and 4 UTF-8 bytes
+        text = "HEAD" + char * 10_000 + "TAIL"
+        clipped = clip(text, 1000)
+        assert len(clipped.encode()) <= 1000
+        assert clipped.startswith("HEAD" + char) and clipped.endswith(char + "TAIL")
+        assert "characters clipped" in clipped

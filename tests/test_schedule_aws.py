@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +263,87 @@ def test_fire_messages_are_validated_on_receipt(change: dict[str, Any], needle: 
     assert decode_fire(json.dumps(good)).scheduled_time.isoformat() == "2030-01-01T00:05:00+00:00"
     with pytest.raises(MessageError, match=f"invalid schedule fire message: {needle}"):
         decode_fire(json.dumps({**good, **change}))
+
+
+def test_a_tick_the_invocation_had_no_time_for_comes_back_at_once(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A record not started for lack of time was left to wait out its visibility
+    # timeout (at least 6 x the function's timeout when deployed): a tick then
+    # came back more than FIRE_LATE late, was refused, and its run never made.
+    import fanout.aws_lambda as lambda_mod
+
+    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
+           "-p", "chunks=1"))  # fmt: skip
+    at(monkeypatch, "2030-01-01T00:05:00Z")
+    sqs, url = aws.queue.sqs, aws.queue.url  # type: ignore[attr-defined]
+    sqs.send_message(QueueUrl=url, MessageBody=fire_message("tree", "2030-01-01T00:05:00Z"))
+
+    def receive() -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = sqs.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=900, AttributeNames=["All"]
+        ).get("Messages", [])
+        return got
+
+    (tick,) = receive()
+    response = lambda_mod.handler(sqs_event([tick]), Countdown(2_500))
+    assert response["batchItemFailures"] == [{"itemIdentifier": tick["MessageId"]}]
+    (again,) = receive()  # visible again now, not in 15 minutes
+    assert lambda_mod.handler(sqs_event([again]), Countdown(60_000))["batchItemFailures"] == []
+    assert aws.ledger.get_run("tree-20300101T0005") is not None
+
+
+def _latest_tick(every: int = 5) -> datetime:
+    """The latest tick of ``*/<every> * * * *`` by the real clock (a claim's time
+    is the real clock's)."""
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    return now - timedelta(minutes=now.minute % every)
+
+
+def _claimed_by_a_handler_that_died(aws: Backend, tick: datetime) -> None:
+    """What a fire handler killed between its claim and its submit left: the
+    tick claimed, never settled, no run (its message stays on the queue)."""
+    from fanout.schedules import open_store
+
+    store = open_store(aws)
+    assert store.claim_tick("tree", tick)
+
+
+def test_a_tick_claimed_by_a_killed_handler_fires_when_redelivered_late(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redelivered after the queue's visibility timeout (6 x the function's
+    # timeout when deployed), past FIRE_LATE: the claim shows the tick was on
+    # time when it came, so it is finished, not refused as late and lost.
+    tick = _latest_tick()
+    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
+           "-p", "chunks=1", "--start", f"{tick - timedelta(days=1):%Y-%m-%dT%H:%MZ}"))  # fmt: skip
+    _claimed_by_a_handler_that_died(aws, tick)
+    late = tick + timedelta(minutes=15)
+    at(monkeypatch, late.isoformat())
+    assert deliver(aws, fire_message("tree", tick.strftime("%Y-%m-%dT%H:%M:%SZ"))) == []
+    run_id = f"tree-{tick:%Y%m%dT%H%M}"
+    assert aws.ledger.get_run(run_id) is not None
+    # Settled: a further copy of the message changes nothing.
+    assert deliver(aws, fire_message("tree", tick.strftime("%Y-%m-%dT%H:%M:%SZ"))) == []
+    assert [r.run_id for r in aws.ledger.list_runs()] == [run_id]
+
+
+def test_a_copy_of_a_tick_another_handler_is_firing_is_handed_back_not_dropped(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its claim is fresh and unsettled: that handler may be firing it, or may
+    # have died. Acknowledged as "claimed elsewhere", the tick was lost when it
+    # had died; handed back, the copy comes again and finds out.
+    tick = _latest_tick()
+    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
+           "-p", "chunks=1", "--start", f"{tick - timedelta(days=1):%Y-%m-%dT%H:%MZ}"))  # fmt: skip
+    stamp = tick.strftime("%Y-%m-%dT%H:%M:%SZ")
+    _claimed_by_a_handler_that_died(aws, tick)
+    at(monkeypatch, tick.isoformat())
+    assert len(deliver(aws, fire_message("tree", stamp))) == 1  # handed back
+    run_id = f"tree-{tick:%Y%m%dT%H%M}"
+    assert aws.ledger.get_run(run_id) is None
+    at(monkeypatch, (tick + timedelta(minutes=8)).isoformat())  # the claim is abandoned now
+    assert deliver(aws, fire_message("tree", stamp)) == []
+    assert aws.ledger.get_run(run_id) is not None

@@ -248,6 +248,11 @@ class Ledger(Protocol):
     def get_run(self, run_id: str) -> RunRecord | None:
         """The run, or None."""
 
+    def domain_stats(self, run_id: str) -> dict[str, int]:
+        """A crawl run's per-domain counters (``domain/<domain>/<what>``) where
+        the ledger keeps them apart from the run's own ``stats`` (DynamoDB: an
+        item per domain); empty where ``stats`` holds them already."""
+
     def list_runs(
         self, limit: int = 50, states: Collection[RunState] | None = None
     ) -> list[RunRecord]:

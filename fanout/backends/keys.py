@@ -5,14 +5,16 @@ The layout, the one place it is spelled out (everything else calls these)::
     runs/<run_id>/data/<chunk>-s<seq>-a<attempt>-<token8>.avro  a chunk's output
     runs/<run_id>/_manifest.json                  the committed files of a finished run
     runs/<run_id>/dead/<chunk>-s<seq>.json        a dead task's message and history
-    runs/<run_id>/payloads/<chunk>-s<seq>.json    an offloaded payload and cursor
+    runs/<run_id>/payloads/<chunk>-s<seq>-<token8>.json  an offloaded payload and cursor
     runs/<run_id>/crawl/robots/<host>.json        a crawl's copy of a site's robots.txt
     dead-letters/<stamp>-<message id>.json        a message that never became a task
 
 ``<chunk>`` is the chunk id with ``/`` as ``.`` (``0/3/1`` → ``0.3.1``). Output
 keys are attempt-unique, so two attempts of one task never write the same
 object: only the ledger's commit makes a file count (docs/architecture.md,
-"The commit order").
+"The commit order"). Offloaded payloads are keyed by the writer's token too:
+a late attempt (its lease lost) must not overwrite the payload a child of the
+committed attempt refers to.
 
 Validation: keys are S3-style relative paths. They can arrive inside queue
 messages, so a store must never let one escape its root (``../``, an absolute
@@ -69,9 +71,12 @@ def payloads_prefix(run_id: str) -> str:
     return f"runs/{run_id}/payloads/"
 
 
-def payload_key(run_id: str, chunk_id: str, seq: int) -> str:
-    """Where the payload and cursor of a message too big for the queue go."""
-    return f"{payloads_prefix(run_id)}{_chunk(chunk_id)}-s{seq}.json"
+def payload_key(run_id: str, chunk_id: str, seq: int, token: str) -> str:
+    """Where the payload and cursor of a message too big for the queue go;
+    ``token`` is the writer's (the attempt that spawned the message, or the
+    submit): writers never share a key, so none overwrites what another's
+    registered message refers to."""
+    return f"{payloads_prefix(run_id)}{_chunk(chunk_id)}-s{seq}-{token[:8]}.json"
 
 
 def robots_key(run_id: str, netloc: str) -> str:

@@ -26,7 +26,7 @@ from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import client, error_code
 from fanout.errors import UserError
 from fanout.messages import ScheduleFire
-from fanout.schedules.model import Schedule
+from fanout.schedules.model import Schedule, TickClaim
 from fanout.schedules.spec import as_utc, parse_spec
 
 #: The environment variable naming the role EventBridge sends with.
@@ -235,6 +235,18 @@ class EventBridgeScheduleStore:
             if "LastEvaluatedKey" not in page:
                 return sorted(found)
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def tick_claim(self, name: str, tick: datetime) -> TickClaim | None:
+        """The claim of ``tick`` (a consistent read), or None if unclaimed."""
+        item = self.dynamodb.get_item(
+            TableName=self.table,
+            Key={"pk": {"S": _pk(name)}, "sk": {"S": _sk(tick)}},
+            ConsistentRead=True,
+        ).get("Item")
+        if item is None:
+            return None
+        claimed_at = datetime.fromtimestamp(float(item["claimed_at"]["N"]), UTC)
+        return TickClaim(claimed_at, bool(item.get("settled", {}).get("BOOL", False)))
 
     def last_tick(self, name: str, at_or_before: datetime | None = None) -> datetime | None:
         """The latest claimed tick (at or before ``at_or_before``), or None."""

@@ -21,8 +21,10 @@ is released so a later pass fires the tick, and the pass goes on with the
 other schedules. Once dealt with (fired, skipped, or failed for good) the tick
 is settled. A claim still unsettled :data:`SETTLE` after it was made belongs to
 a scheduler that died between the claim and the submit: the next pass (or the
-redelivered fire message) fires it again; the deterministic run id makes that
-harmless if the first submit got through after all. Ticks fire at least once,
+redelivered fire message, however late: the claim shows the tick came on time)
+fires it again; the deterministic run id makes that harmless if the first
+submit got through after all. A fire message that finds its tick's claim
+fresh and unsettled is handed back until it is not. Ticks fire at least once,
 and their runs exactly once.
 """
 
@@ -54,6 +56,7 @@ from fanout.schedules.model import (
     CatchUp,
     Schedule,
     ScheduleStore,
+    TickClaim,
     iso,
     now_utc,
     run_id_for,
@@ -337,32 +340,46 @@ def handle_fire(backend: Backend, delivery: Delivery, message: ScheduleFire) -> 
         outcome = _fire_once(backend, store, message.schedule, message.scheduled_time)
     finally:
         store.close()
-    backend.queue.ack(delivery.receipt)
+    if outcome is Handled.SCHEDULE_IN_HAND:
+        # Back when the claim would count as abandoned, to see which it was.
+        backend.queue.release(delivery.receipt, SETTLE.total_seconds())
+    else:
+        backend.queue.ack(delivery.receipt)
     return outcome
 
 
 def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime) -> Handled:
-    """Check, claim and fire one tick of a fire message; what happened."""
+    """Check, claim and fire one tick of a fire message; what happened.
+
+    A tick claimed already is finished, not refused: its claim says it was on
+    time when it first came. A handler killed between its claim and its submit
+    leaves its message on the queue, redelivered after the visibility timeout
+    (six times the function's timeout when deployed), often past
+    ``FIRE_LATE``: refused as late, the tick was lost. Claimed moments ago and
+    not settled, the tick may be firing in another handler, or that handler
+    died: the message is handed back (``SCHEDULE_IN_HAND``) until the claim
+    is :data:`SETTLE` old, then fires it if nobody settled it."""
     schedule = store.get(name)
     if schedule is None:
         log.warning("dropping a fire message of unknown schedule %s", name)
         return Handled.UNKNOWN_SCHEDULE
-    refused = tick_refusal(schedule, when, now_utc())
-    if refused:
-        log.error("dropping a fire message of schedule %s: %s", name, refused)
-        return Handled.REFUSED
+    tick = floor_minute(when)
+    claim = store.tick_claim(name, tick)
+    if claim is None:
+        refused = tick_refusal(schedule, when, now_utc())
+        if refused:
+            log.error("dropping a fire message of schedule %s: %s", name, refused)
+            return Handled.REFUSED
     refused = job_refusal(schedule.job)  # on Lambda: only a deployed job
     if refused:
         log.error("dropping a fire message of schedule %s: %s", name, refused)
         return Handled.REFUSED
-    tick = floor_minute(when)
-    if not store.claim_tick(name, tick):
-        abandoned = store.unsettled_ticks(name, now_utc() - SETTLE)
-        if tick not in abandoned:
-            _log(Fired(name, tick, run_id_for(name, tick), "claimed elsewhere"))
-            return Handled.SCHEDULE_CLAIMED_ELSEWHERE
-        # Claimed by a handler that died before it submitted: fire it now.
-        log.warning("schedule %s: tick %s was claimed but never fired", name, iso(tick))
+    if claim is None and not store.claim_tick(name, tick):
+        claim = store.tick_claim(name, tick)  # another handler claimed it just now
+    if claim is not None:
+        held = _claimed_before(name, tick, claim)
+        if held is not None:
+            return held
     try:
         result = fire(backend, schedule, tick, store)
     except BaseException:
@@ -371,3 +388,18 @@ def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime
     store.settle_tick(name, tick)
     _log(result)
     return Handled(f"schedule {result.outcome}")
+
+
+def _claimed_before(name: str, tick: datetime, claim: TickClaim) -> Handled | None:
+    """What a fire message of a ``tick`` claimed before comes to: nothing more
+    (settled), handed back (a fresh claim), or None: fire it (abandoned)."""
+    run_id = run_id_for(name, tick)
+    if claim.settled:
+        _log(Fired(name, tick, run_id, "already fired"))
+        return Handled.SCHEDULE_ALREADY_FIRED
+    if now_utc() - claim.claimed_at < SETTLE:
+        _log(Fired(name, tick, run_id, "claimed elsewhere", "handed back until settled"))
+        return Handled.SCHEDULE_IN_HAND
+    # Claimed by a handler that died before it submitted: fire it now.
+    log.warning("schedule %s: tick %s was claimed but never fired", name, iso(tick))
+    return None

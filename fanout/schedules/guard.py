@@ -8,7 +8,9 @@ only proves it is well formed. So, on receipt:
   grid, at or after its start, and close to now (:data:`FIRE_LATE` late at
   most, :data:`FIRE_EARLY` early at most, for clock skew). The receiver then
   claims the tick in the schedule store, the same claim the local scheduler
-  and ``scheduler --at`` make, so a tick fires once however often it is sent;
+  and ``scheduler --at`` make, so a tick fires once however often it is sent
+  (a tick claimed already is not checked again: its claim was, and a handler
+  that died after it is finished by the redelivery, ``fanout.schedules.fire``);
 - on AWS, fire and sweep messages must come from the stack's scheduler role:
   SQS stamps every message with its sender's ``SenderId`` (for an assumed
   role ``<role id>:<session>``), which a sender cannot choose. The role's

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from fanout.backends.local.db import Database
 from fanout.errors import UserError
-from fanout.schedules.model import Schedule
+from fanout.schedules.model import Schedule, TickClaim
 from fanout.schedules.spec import as_utc
 
 #: One statement each: they run inside a write transaction (``executescript``
@@ -168,6 +168,16 @@ class SQLiteScheduleStore:
             (name, as_utc(claimed_before).timestamp()),
         ).fetchall()
         return [datetime.fromtimestamp(r["tick"], UTC) for r in rows]
+
+    def tick_claim(self, name: str, tick: datetime) -> TickClaim | None:
+        """The claim of ``tick``, or None if unclaimed."""
+        row = self.db.conn.execute(
+            "SELECT claimed_at, settled FROM schedule_ticks WHERE name = ? AND tick = ?",
+            (name, _seconds(tick)),
+        ).fetchone()
+        if row is None:
+            return None
+        return TickClaim(datetime.fromtimestamp(row["claimed_at"], UTC), bool(row["settled"]))
 
     def close(self) -> None:
         """Nothing to release: the database belongs to the backend."""

@@ -4,6 +4,7 @@ deterministic run id of one tick."""
 from __future__ import annotations
 
 import builtins
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
@@ -68,6 +69,14 @@ class Schedule(BaseModel):
         return self.spec.next_after(after)
 
 
+@dataclass(frozen=True, slots=True)
+class TickClaim:
+    """A claimed tick: when it was claimed, and whether it was dealt with since."""
+
+    claimed_at: datetime
+    settled: bool
+
+
 class ScheduleStore(Protocol):
     """Where schedules live: the local database, or EventBridge Scheduler.
 
@@ -105,6 +114,9 @@ class ScheduleStore(Protocol):
     def unsettled_ticks(self, name: str, claimed_before: datetime) -> builtins.list[datetime]:
         """Claimed ticks never settled, claimed before ``claimed_before``: their
         scheduler died between the claim and the submit. Oldest first."""
+
+    def tick_claim(self, name: str, tick: datetime) -> TickClaim | None:
+        """The claim of ``tick`` (a strongly consistent read), or None if unclaimed."""
 
     def close(self) -> None:
         """Release connections."""

@@ -158,3 +158,18 @@ def test_claimed_ticks_stay_unsettled_until_settled(store: ScheduleStore) -> Non
     store.settle_tick("pulse", datetime(2031, 1, 1, tzinfo=UTC))  # never claimed: nothing
     assert store.unsettled_ticks("pulse", later) == [second]
     assert store.last_tick("pulse") == second
+
+
+def test_a_tick_claim_says_when_it_was_made_and_whether_it_settled(store: ScheduleStore) -> None:
+    store.add(make())
+    tick = NOW + timedelta(minutes=5)
+    assert store.tick_claim("pulse", tick) is None
+    before = datetime.now(UTC)
+    assert store.claim_tick("pulse", tick)
+    claim = store.tick_claim("pulse", tick)
+    assert claim is not None and not claim.settled
+    assert before - timedelta(seconds=1) <= claim.claimed_at <= datetime.now(UTC)
+    store.settle_tick("pulse", tick)
+    settled = store.tick_claim("pulse", tick)
+    assert settled is not None and settled.settled
+    assert store.tick_claim("pulse", tick + timedelta(minutes=5)) is None

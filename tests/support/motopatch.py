@@ -17,6 +17,10 @@
   Its conditional put (``If-None-Match: *``, on ``PutObject`` and on completing
   a multipart upload) checks for the key, then writes it: two threads can both
   pass the check. Real S3 decides atomically; here one lock covers both steps.
+
+One patch adds a check moto lacks, so that tests see what AWS would answer:
+DynamoDB refuses an update or condition expression over 4 KB
+(``ValidationException``), on ``UpdateItem`` and in ``TransactWriteItems``.
 """
 
 from __future__ import annotations
@@ -155,7 +159,23 @@ def _patch_dynamodb() -> None:
                 _locked(lock, getattr(ddb_models.DynamoDBBackend, name)),
             )
 
+    update_item = ddb_models.DynamoDBBackend.update_item
+
+    @functools.wraps(update_item)
+    def checked_update_item(
+        self: Any, table_name: str, key: Any, update_expression: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        _check_expression("UpdateExpression", update_expression)
+        _check_expression("ConditionExpression", kwargs.get("condition_expression"))
+        return update_item(self, table_name, key, update_expression, *args, **kwargs)
+
+    setattr(ddb_models.DynamoDBBackend, "update_item", checked_update_item)  # noqa: B010
+
     def transact_write_items(self: Any, transact_items: list[dict[str, Any]]) -> None:
+        for item in transact_items:
+            for op in item.values():
+                for field in ("UpdateExpression", "ConditionExpression"):
+                    _check_expression(field, op.get(field))
         with lock:
             undo: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
             try:
@@ -190,3 +210,19 @@ def _patch_dynamodb() -> None:
 
     setattr(ddb_models.DynamoDBBackend, "transact_write_items", transact_write_items)  # noqa: B010
     setattr(ddb_models, "_fanout_patched", True)  # noqa: B010
+
+
+#: DynamoDB's limit on the length of any expression string (bytes).
+MAX_EXPRESSION_BYTES = 4096
+
+
+def _check_expression(field: str, expression: str | None) -> None:
+    """Refuse an expression over :data:`MAX_EXPRESSION_BYTES`, in DynamoDB's words."""
+    from moto.dynamodb.exceptions import MockValidationException
+
+    size = len(expression.encode()) if expression else 0
+    if size > MAX_EXPRESSION_BYTES:
+        raise MockValidationException(
+            f"Invalid {field}: Expression size has exceeded the maximum allowed size;"
+            f" expression size: {size}"
+        )

@@ -27,6 +27,8 @@ def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
         sys.exit(3)
     if mode == "keyboard":
         raise KeyboardInterrupt
+    if mode == "huge-error":  # one line of 500 KB: over DynamoDB's item limit
+        raise RuntimeError("the start " + "x" * 500_000 + " the end")
     if mode == "os._exit":
         os._exit(7)
     if mode == "signal":

@@ -8,6 +8,7 @@ Layout (single-table design)::
     RUN#<run>     TASK#<chunk>#<seq:08>  one task (gsi2: by the parent that registered it)
     RUN#<run>     SEEN#<fingerprint>     a crawl's seen-set entry (fanout.backends.aws.crawlstate)
     RUN#<run>     DOMAIN#<domain>        a crawl's domain lease (run-wide politeness)
+    RUN#<run>     DSTAT#<domain>         a crawl's per-domain counters (ledger_stats)
 
 * ``gsi1`` (``gsi1pk = "RUNS"``, ``gsi1sk = <created_at>#<run>``) lists runs newest
   first. It projects only ``state``: the run item's counters change on every
@@ -54,6 +55,7 @@ from fanout.backends.aws.ledger_items import (
     create_table,
 )
 from fanout.backends.aws.ledger_register import RETRIES, Registrar
+from fanout.backends.aws.ledger_stats import DomainStats, split_stats
 from fanout.backends.aws.runcontrols import DynamoRunControls
 from fanout.backends.base import (
     FINISHED_TASK_STATES,
@@ -92,7 +94,7 @@ from fanout.errors import RunFinalizingError
 __all__ = ["DynamoLedger", "create_table"]
 
 
-class DynamoLedger(Registrar, DynamoRunControls):  # + run controls (cancel, pause, cap)
+class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, domain stats
     """The :class:`~fanout.backends.base.Ledger` on one DynamoDB table."""
 
     def _drained(self, run_id: str) -> bool:
@@ -390,14 +392,22 @@ class DynamoLedger(Registrar, DynamoRunControls):  # + run controls (cancel, pau
                 records=records,
                 bytes=output.bytes if output else 0,
             )
-            if stats:
-                _sum_stats(run["Update"], stats)
+            own, domains = split_stats(stats or {})
+            if own:
+                _sum_stats(run["Update"], own)
             entries = [
                 {"Update": e.update(self.table, _task_key(key))},
                 *(self._orphan_entry(o, token, now) for o in head),
                 run,
             ]
+            # A crawl's per-domain counters, on items of their own (ledger_stats):
+            # those the transaction has no room for are added once it committed.
+            by_domain = self._domain_entries(key.run_id, domains)
+            room = MAX_TRANSACTION_ITEMS - len(entries)
+            entries += by_domain[:room]
             if self._transact(entries) is None:
+                if by_domain[room:]:
+                    self._add_after_commit(key, token, by_domain[room:])
                 return Settle(ok=True, drained=self._drained(key.run_id))
         raise RuntimeError(f"commit {key}: too much contention")
 

@@ -86,6 +86,19 @@ _STALE_RECEIPT_CODES = frozenset(
 _BAD_CHARS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
+def _sendable(body: str) -> str:
+    """``body``, or, if it is JSON holding characters SQS refuses, the same JSON
+    with them escaped (as ``fanout.messages.sqs_safe`` does); any other body as
+    it is, for :meth:`SqsQueue._check` to refuse."""
+    if body.isascii() or _BAD_CHARS.search(body) is None:
+        return body
+    try:
+        json.loads(body)  # strict: no raw control character, so only those inside strings
+    except ValueError:
+        return body
+    return _BAD_CHARS.sub(lambda m: f"\\u{ord(m.group()):04x}", body)
+
+
 def _seconds(value: float, limit: int) -> int:
     """``value`` seconds as SQS's whole seconds: rounded up, within 0..limit."""
     return min(max(math.ceil(value), 0), limit)
@@ -131,14 +144,21 @@ class SqsQueue:
         dispatch topic, undelayed bodies are published to it instead
         (``PublishBatch``, 10 a call; see the module doc).
 
+        A JSON body holding characters SQS refuses (U+FFFE, U+FFFF) is sent with
+        them as ``\\uXXXX`` escapes, the same JSON value: the engine's encoders
+        escape them already, but a task registered before they did (re-sent
+        by the sweep or a replay) may still hold them.
+
         Raises ``ValueError`` (and sends nothing) if a body is over
-        :attr:`max_message_bytes` in UTF-8 or holds characters SQS refuses.
+        :attr:`max_message_bytes` in UTF-8 or, not being JSON, holds
+        characters SQS refuses.
         Entries SQS fails on its side are re-sent a few times; then
         ``RuntimeError``. Not atomic: on an error, earlier batches stay sent
         (the engine's sends are idempotent).
         """
         if not bodies:
             return
+        bodies = [_sendable(body) for body in bodies]
         sizes = [self._check(body) for body in bodies]
         delay_seconds = _seconds(delay, MAX_DELAY)
         for batch in _batches(bodies, sizes, self.max_message_bytes):

@@ -105,6 +105,10 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         row = self.db.conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return run_record(row) if row else None
 
+    def domain_stats(self, run_id: str) -> dict[str, int]:
+        """None apart: the run's ``stats`` hold its per-domain counters too."""
+        return {}
+
     def list_runs(
         self, limit: int = 50, states: Collection[RunState] | None = None
     ) -> list[RunRecord]:

@@ -1,0 +1,145 @@
+"""A crawl's per-domain counters on DynamoDB, one item per run and domain.
+
+A commit's stats are summed into the run item (``stats.<name>``), except the
+per-domain ones (``domain/<domain>/<what>``, ``fanout.crawl.stats``): those go
+to ``RUN#<run> / DSTAT#<domain>``, each counter a top-level number attribute
+``c/<what>`` that the commit ``ADD``s to. Summed into the run item they broke
+two of DynamoDB's limits: the commit's update expression passed 4 KB at about
+30 domains in one chunk (the commit was refused, and the chunk with it), and
+the run item passed 400 KB after some thousands of domains in a run. A domain
+item stays small (a few counters), and one ``ADD`` of a domain is a short
+expression.
+
+The domain items of a commit go into its transaction while it has room (100
+items, less the task, the run and the orphans it cancels); the rest are added
+right after the commit, in transactions guarded by the commit (the task done
+by this token), each with an idempotency token, so a retry counts nothing
+twice. A worker that dies between its commit and those leaves them uncounted:
+these are figures for ``fanout status``, and they never count a page twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+
+from fanout.backends.aws.ledger_items import (
+    MAX_TRANSACTION_ITEMS,
+    DynamoTable,
+    Item,
+    _av,
+    _key,
+    _run_pk,
+    _task_key,
+)
+from fanout.backends.base import TaskKey, TaskState
+
+log = logging.getLogger(__name__)
+
+#: Where per-domain stats are named (``fanout.crawl.stats``): ``domain/<d>/<what>``.
+DOMAIN_STATS = "domain/"
+#: The sort key prefix of a run's domain stat items.
+_DSTAT = "DSTAT#"
+#: The prefix of a counter attribute of a domain stat item (apart from pk, sk).
+_COUNTER = "c/"
+#: A sort key is at most 1,024 bytes: a longer domain is cut and told by a digest.
+_MAX_DOMAIN_BYTES = 900
+#: Transactions tried per batch of domain items added after a commit.
+_TRIES = 5
+
+
+def split_stats(stats: Mapping[str, int]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """``stats`` as (the run's own counters, ``{domain: {what: n}}``)."""
+    own: dict[str, int] = {}
+    domains: dict[str, dict[str, int]] = {}
+    for name, value in stats.items():
+        domain, slash, what = name[len(DOMAIN_STATS) :].partition("/")
+        if name.startswith(DOMAIN_STATS) and slash and domain and what:
+            domains.setdefault(domain, {})[what] = int(value)
+        else:
+            own[name] = int(value)
+    return own, domains
+
+
+def _domain_sk(domain: str) -> str:
+    raw = domain.encode()
+    if len(raw) <= _MAX_DOMAIN_BYTES:
+        return _DSTAT + domain
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return f"{_DSTAT}{raw[:_MAX_DOMAIN_BYTES].decode(errors='ignore')}~{digest}"
+
+
+class DomainStats(DynamoTable):
+    """The domain stat items of a run: written with (and after) a commit, read
+    for ``fanout status`` and the dashboard."""
+
+    def _domain_entries(self, run_id: str, domains: Mapping[str, Mapping[str, int]]) -> list[Item]:
+        """One transaction entry per domain: ``ADD`` its counters."""
+        entries = []
+        for domain, counters in domains.items():
+            names = {f"#c{i}": _COUNTER + what for i, what in enumerate(counters)}
+            values = {f":c{i}": _av(int(n)) for i, n in enumerate(counters.values())}
+            names["#d"] = "domain"
+            values[":d"] = _av(domain)
+            adds = ", ".join(f"#c{i} :c{i}" for i in range(len(counters)))
+            update = {
+                "TableName": self.table,
+                "Key": _key(_run_pk(run_id), _domain_sk(domain)),
+                "UpdateExpression": f"SET #d = :d ADD {adds}",
+                "ExpressionAttributeNames": names,
+                "ExpressionAttributeValues": values,
+            }
+            entries.append({"Update": update})
+        return entries
+
+    def _add_after_commit(self, key: TaskKey, token: str, entries: list[Item]) -> None:
+        """Add the domain ``entries`` a commit had no room for, each batch only
+        while the task is done by ``token`` (never for an attempt that lost)."""
+        size = MAX_TRANSACTION_ITEMS - 1
+        for start in range(0, len(entries), size):
+            guard = {
+                "ConditionCheck": {
+                    "TableName": self.table,
+                    "Key": _task_key(key),
+                    "ConditionExpression": "#s = :done AND #by = :t",
+                    "ExpressionAttributeNames": {"#s": "state", "#by": "committed_by"},
+                    "ExpressionAttributeValues": {
+                        ":done": _av(TaskState.DONE.value),
+                        ":t": _av(token),
+                    },
+                }
+            }
+            batch = [guard, *entries[start : start + size]]
+            for attempt in range(_TRIES):
+                # One token per batch and try: botocore's own retries of a call
+                # that may have landed count nothing twice; a cancelled one
+                # wrote nothing, and is tried afresh.
+                seed = f"{key.run_id}|{key.chunk_id}|{key.seq}|{token}|{start}|{attempt}"
+                request = hashlib.sha256(seed.encode()).hexdigest()[:36]
+                try:
+                    self.client.transact_write_items(
+                        TransactItems=batch, ClientRequestToken=request
+                    )
+                    break
+                except Exception as exc:
+                    reasons = getattr(exc, "response", {}).get("CancellationReasons") or []
+                    if any(r.get("Code") == "ConditionalCheckFailed" for r in reasons[:1]):
+                        return  # the task is not ours any more (replayed): nothing to add
+                    if attempt == _TRIES - 1:
+                        log.warning("task %s: per-domain stats not all counted: %s", key, exc)
+                        return
+
+    def domain_stats(self, run_id: str) -> dict[str, int]:
+        """The run's per-domain counters, as ``domain/<domain>/<what>``."""
+        out: dict[str, int] = {}
+        items = self._query(
+            KeyConditionExpression="pk = :pk AND begins_with(sk, :dstat)",
+            ExpressionAttributeValues={":pk": _av(_run_pk(run_id)), ":dstat": _av(_DSTAT)},
+        )
+        for item in items:
+            domain = item.get("domain", {}).get("S", "")
+            for name, value in item.items():
+                if name.startswith(_COUNTER) and "N" in value:
+                    out[f"{DOMAIN_STATS}{domain}/{name[len(_COUNTER) :]}"] = int(value["N"])
+        return out

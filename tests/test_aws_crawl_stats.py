@@ -1,0 +1,62 @@
+"""A crawl's per-domain counters on DynamoDB: any number of domains per chunk
+and per run. Summed into the run item, they broke DynamoDB's limits: the
+commit's update expression passed 4 KB at about 30 domains in one chunk (the
+commit failed, and with it the chunk), and the run item 400 KB after some
+thousands of domains."""
+
+from __future__ import annotations
+
+import time
+
+from fanout import coordinator
+from fanout.backends.base import Backend, RunRecord, TaskEvent, TaskKey
+from support.helpers import TREE
+
+PAGES = {"pages": 3, "status/200": 3}
+
+
+def _commit(aws: Backend, run: RunRecord, domains: int, start: int = 0) -> None:
+    """The root task of ``run`` committed with the stats of ``domains`` domains."""
+    key = TaskKey(run.run_id, "0", 0)
+    assert aws.ledger.claim(key, "tok", 30, 3, time.time()).outcome.value == "claimed"
+    stats = dict(PAGES)
+    for i in range(start, start + domains):
+        stats[f"domain/site{i}.example.com/pages"] = 1
+        stats[f"domain/site{i}.example.com/status/200"] = 1
+    settle = aws.ledger.commit(key, "tok", None, TaskEvent.COMMITTED, time.time(), stats)
+    assert settle.ok
+
+
+def test_a_chunk_of_fifty_domains_commits_with_its_stats(aws: Backend) -> None:
+    run = coordinator.submit(aws, TREE, {"chunks": 1}).run_id
+    _commit(aws, coordinator.get_run(aws, run), 50)
+    stats = coordinator.get_run(aws, run).stats
+    assert stats["pages"] == 3 and stats["status/200"] == 3
+    assert stats["domain/site0.example.com/pages"] == 1
+    assert stats["domain/site49.example.com/status/200"] == 1
+    assert len([k for k in stats if k.startswith("domain/")]) == 100
+
+
+def test_more_domains_than_a_transaction_holds_are_all_counted_once(aws: Backend) -> None:
+    run = coordinator.submit(aws, TREE, {"chunks": 1}).run_id
+    _commit(aws, coordinator.get_run(aws, run), 250)
+    stats = coordinator.get_run(aws, run).stats
+    domains = {k: v for k, v in stats.items() if k.startswith("domain/")}
+    assert len(domains) == 500 and set(domains.values()) == {1}
+    # The run's own item keeps the run's counters, not one per domain.
+    raw = aws.ledger.get_run(run)
+    assert raw is not None and not [k for k in raw.stats if k.startswith("domain/")]
+
+
+def test_what_is_added_after_the_commit_is_only_the_committed_attempts(aws: Backend) -> None:
+    from fanout.backends.aws.ledger import DynamoLedger
+
+    run = coordinator.submit(aws, TREE, {"chunks": 1}).run_id
+    _commit(aws, coordinator.get_run(aws, run), 1)
+    ledger = aws.ledger
+    assert isinstance(ledger, DynamoLedger)
+    late = ledger._domain_entries(run, {"late.example.com": {"pages": 5}})
+    ledger._add_after_commit(TaskKey(run, "0", 0), "another-attempt", late)
+    assert "domain/late.example.com/pages" not in coordinator.get_run(aws, run).stats
+    ledger._add_after_commit(TaskKey(run, "0", 0), "tok", late)
+    assert coordinator.get_run(aws, run).stats["domain/late.example.com/pages"] == 5
