@@ -214,3 +214,43 @@ def test_a_back_off_is_told_to_the_run_once_and_marks_the_domain_in_this_chunk(
     assert calls() == 2 and scheduler.retry_after["a.test"] > 29
     assert backend.crawl.backoffs("r", time.time()) == {"a.test": now + 30}
     backend.close()
+
+
+# -- a callback that raises --------------------------------------------------------
+
+
+class YieldsThenRaises(Follow):
+    """Follows ``/a``'s links, then raises: what it yielded first must count."""
+
+    name = "yields-then-raises"
+
+    def parse(self, response: Response, **kwargs: Any) -> Any:
+        yield from super().parse(response, **kwargs)
+        if response.url.endswith("/a"):
+            raise ValueError("the page's layout changed")
+
+
+class YieldsThenRaisesAsync(Follow):
+    """The same, as an asynchronous generator callback."""
+
+    name = "yields-then-raises-async"
+
+    async def parse(self, response: Response, **kwargs: Any) -> Any:  # type: ignore[override]
+        for thing in Follow.parse(self, response, **kwargs):
+            yield thing
+        if response.url.endswith("/a"):
+            raise ValueError("the page's layout changed")
+
+
+@pytest.mark.parametrize("spider_cls", [YieldsThenRaises, YieldsThenRaisesAsync])
+def test_links_a_callback_yielded_before_it_raised_are_followed(
+    local: Backend, spider_cls: type[scrapy.Spider]
+) -> None:
+    # /a yields its item and its link to /b, then raises. Scrapy itself keeps
+    # what a callback yielded before its error (the error goes to the log and
+    # the spider_error signal): the link to /b must be claimed and followed.
+    with SiteServer(TinySite()) as server:
+        items = crawl(local, spider_cls, frontier(spider_cls, [scrapy.Request(server.url + "a")]))
+        hits = server.hits
+    assert hits["/b"] == 1, dict(hits)
+    assert items == Counter({"a": 1, "b": 1})

@@ -166,13 +166,21 @@ class ClaimBatch:
     def process_spider_output(
         self, response: Any, result: Iterable[Any], spider: Spider | None = None
     ) -> Iterator[Any]:
-        """Items now; requests once the callback is done, claimed as one batch."""
+        """Items now; requests once the callback is done, claimed as one batch.
+        A callback that raises keeps what it yielded first, as Scrapy keeps it:
+        those requests are claimed and followed, then the error goes on."""
         requests: list[Request] = []
-        for thing in result:
-            if isinstance(thing, Request):
-                requests.append(thing)
-            else:
-                yield thing
+        try:
+            for thing in result:
+                if isinstance(thing, Request):
+                    requests.append(thing)
+                else:
+                    yield thing
+        except Exception:
+            # Without this the batch so far would die with the generator: its
+            # pages never fetched, silently (the error is only logged).
+            yield from self._admit(requests)
+            raise
         yield from self._admit(requests)
 
     async def process_spider_output_async(
@@ -180,11 +188,16 @@ class ClaimBatch:
     ) -> AsyncIterator[Any]:
         """The same, for asynchronous callbacks."""
         requests: list[Request] = []
-        async for thing in result:
-            if isinstance(thing, Request):
-                requests.append(thing)
-            else:
-                yield thing
+        try:
+            async for thing in result:
+                if isinstance(thing, Request):
+                    requests.append(thing)
+                else:
+                    yield thing
+        except Exception:
+            for request in self._admit(requests):  # as above: not lost with the error
+                yield request
+            raise
         for request in self._admit(requests):
             yield request
 
