@@ -46,6 +46,8 @@ class ChunkResult:
     errors: list[str] = field(default_factory=list)
     #: Fingerprints this attempt claimed in the ledger (``fanout.crawl.known``).
     claims: list[str] = field(default_factory=list)
+    #: Why the chunk gave up (a request it cannot hand on): a permanent error.
+    fatal: list[str] = field(default_factory=list)
 
 
 def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -> type[Spider]:
@@ -299,6 +301,8 @@ def run_chunk(
                 result.errors.append(event["error"])
             elif "claims" in event:
                 result.claims = [str(fp) for fp in event["claims"]]
+            elif "fatal" in event:
+                result.fatal.append(str(event["fatal"]))
     _, status = os.waitpid(pid, 0)
     if status != 0 or (result.errors and not result.stats):
         detail = result.errors[-1].strip().splitlines()[-1] if result.errors else ""

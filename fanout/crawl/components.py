@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 from weakref import WeakSet
 
 from itemadapter import ItemAdapter  # here, before the fork: ~100 ms to import
@@ -45,7 +45,7 @@ from twisted.internet.defer import Deferred
 import fanout.crawl.channel as channel  # the module: CHANNEL is set per chunk
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import ClaimBatch, book_of
-from fanout.crawl.codec import CodecError, encode_value, request_to_json
+from fanout.crawl.codec import CodecError, check_keepable, encode_value, request_to_json
 from fanout.crawl.politeness import (  # the in-flight marks: re-exported, used here
     CUT_MARGIN,
     IN_FLIGHT_META,
@@ -120,6 +120,18 @@ def parse_retry_after(value: bytes | None, now: float | None = None) -> float:
     return max(0.0, min(seconds, MAX_RETRY_AFTER))
 
 
+def give_up(reason: str) -> NoReturn:
+    """End the chunk's attempt as a permanent error (the spider cannot be
+    crawled in chunks as it is): the parent buries the chunk with ``reason``."""
+    send("fatal", reason)
+    budget: ChunkBudget | None = CHUNK.get("budget")
+    if budget is not None:
+        budget.leave()  # the stats and claims, then exits
+    assert channel.CHANNEL is not None
+    channel.CHANNEL.flush()
+    os._exit(0)
+
+
 class ChunkScheduler(Scheduler):
     """Scrapy's scheduler under the chunk's claims, leases and throttles."""
 
@@ -140,6 +152,13 @@ class ChunkScheduler(Scheduler):
     def enqueue_request(self, request: Request) -> bool:
         if not self.book.admit(request):
             return False  # a duplicate: Scrapy signals request_dropped
+        try:
+            # Now, not when it is handed on: whether a request reaches a chunk
+            # boundary is chance (the chunk's size, the site's speed), and one
+            # that cannot cross it would be lost with its claim held.
+            check_keepable(request, CHUNK["spider"])
+        except CodecError as exc:
+            give_up(f"{exc}: it cannot be handed on to another chunk")
         if self.handed_on:
             # Found after the hand-off (a late answer's links): not lost, handed on too.
             self._send_pending(request)
@@ -235,8 +254,8 @@ class ChunkScheduler(Scheduler):
         try:
             data = request_to_json(request, spider)
         except (CodecError, ValueError) as exc:
-            send("error", f"pending request {request.url} cannot be kept: {exc}")
-            return
+            # Claimed, so no other chunk will fetch it: never drop it quietly.
+            give_up(f"pending request {request.url} cannot be handed on: {exc}")
         domain = domain_of(request)
         entry: dict[str, Any] = {"request": data, "throttled": domain in self.throttled}
         if domain in self.retry_after:
