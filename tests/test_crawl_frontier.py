@@ -254,3 +254,54 @@ def test_links_a_callback_yielded_before_it_raised_are_followed(
         hits = server.hits
     assert hits["/b"] == 1, dict(hits)
     assert items == Counter({"a": 1, "b": 1})
+
+
+# -- an errback's requests ---------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (connections are refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ErrbackFollows(Follow):
+    """Starts at a dead host whose errback links to the site's pages (some twice,
+    some also linked from ``/a``): a download error's errback output skips the
+    spider middlewares, so its requests reach the scheduler one by one."""
+
+    name = "errback-follows"
+
+    def __init__(self, site: str = "", dead: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.site, self.dead = site, dead
+
+    async def start(self) -> Any:
+        yield scrapy.Request(self.dead, errback=self.failed, dont_filter=True)
+
+    def failed(self, failure: Any) -> Any:
+        for path in ("a", "b", "c", "b", "c#x"):
+            yield scrapy.Request(self.site + path)
+        yield {"id": "errback"}
+
+
+def test_links_an_errback_yields_are_each_fetched_once(local: Backend) -> None:
+    # Scrapy passes a download error's errback output straight to the engine,
+    # past every spider middleware (ClaimBatch too): each request is claimed as
+    # the scheduler takes it, one ledger call each. Nothing lost or fetched
+    # twice: a repeat, or a link /a also has, is a duplicate of the chunk's.
+    with SiteServer(TinySite()) as server:
+        dead = f"http://127.0.0.1:{closed_port()}/"
+        result = run_chunk(
+            ErrbackFollows, {"site": server.url, "dead": dead}, None, crawl=local.crawl,
+            run_id=RUN, chunk_id="0", pages_per_chunk=50, time_left=20.0,
+        )  # fmt: skip
+        hits = server.hits
+    assert result.errors == [] and result.pending == []
+    assert Counter(item["id"] for item in result.items) == Counter(
+        {"errback": 1, "a": 1, "b": 1, "c": 1}
+    )
+    assert {k: hits[k] for k in ("/a", "/b", "/c")} == {"/a": 1, "/b": 1, "/c": 1}
