@@ -305,3 +305,31 @@ def test_links_an_errback_yields_are_each_fetched_once(local: Backend) -> None:
         {"errback": 1, "a": 1, "b": 1, "c": 1}
     )
     assert {k: hits[k] for k in ("/a", "/b", "/c")} == {"/a": 1, "/b": 1, "/c": 1}
+
+
+# -- a page that redirects to itself -------------------------------------------------
+
+
+class SelfRedirect(TinySite):
+    """``/a`` links to ``/self`` and ``/b``; ``/self`` answers 301 → ``/self``."""
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if key == "/self":
+            return Reply(301, (("Location", f"http://{host}/self"),), b"moved")
+        if key == "/a":
+            hrefs = '<a href="/self">self</a><a href="/b">b</a>'
+            body = f'<html><body><article data-id="a">{hrefs}</article></body></html>'
+            return Reply(200, (("Content-Type", HTML),), body.encode())
+        return super().respond(key, host, hit)
+
+
+def test_a_page_redirecting_to_itself_is_fetched_once_as_in_scrapy(local: Backend) -> None:
+    # Scrapy's dupe filter drops the redirect: its URL's fingerprint was seen
+    # (the redirect keeps the source's dont_filter, here False). The redirect
+    # carries its source's claim, which is its own fingerprint: it passed for a
+    # retry of the page and was fetched again, up to REDIRECT_MAX_TIMES (21 hits).
+    with SiteServer(SelfRedirect()) as server:
+        items = crawl(local, Follow, frontier(Follow, [scrapy.Request(server.url + "a")]))
+        hits = server.hits
+    assert hits["/self"] == 1, dict(hits)
+    assert items == Counter({"a": 1, "b": 1})
