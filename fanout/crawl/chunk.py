@@ -30,6 +30,7 @@ import fanout.crawl.components as components
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import book_of
 from fanout.crawl.codec import decode_value, request_from_json
+from fanout.crawl.politeness import note_frontier
 
 if TYPE_CHECKING:
     from fanout.backends.base import Store
@@ -62,7 +63,9 @@ def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -
             book = book_of(self.crawler)
             if frontier is not None:
                 for data in frontier:  # claimed by the parent: the chunk holds them
-                    engine.crawl(book.adopt(request_from_json(data, self)))
+                    request = book.adopt(request_from_json(data, self))
+                    note_frontier(request)
+                    engine.crawl(request)
                 return
             starts: list[Request] = []
             async for thing in super().start():

@@ -97,6 +97,16 @@ def in_flight_hand_ons(meta: dict[str, Any]) -> int:
     return 0
 
 
+def note_frontier(request: Request) -> None:
+    """Keep, per netloc, the most chunks in a row a request of the chunk's
+    frontier was handed on in flight (:func:`in_flight_hand_ons`): whichever of
+    the site's requests the chunk sends first, its robots.txt fetch is bounded
+    by the one that has waited longest (:class:`SharedRobotsTxt`)."""
+    waited: dict[str, int] = CHUNK.setdefault("waited", {})
+    netloc = urlparse_cached(request).netloc
+    waited[netloc] = max(waited.get(netloc, 0), in_flight_hand_ons(request.meta))
+
+
 def robots_fingerprint(netloc: str) -> str:
     """The seen-set entry that claims the run's one fetch of ``netloc``'s
     robots.txt: hex, like a request's fingerprint, but of a text no request has."""
@@ -341,7 +351,10 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
             # a robots.txt that never answers ends as unavailable (everything
             # allowed, as Scrapy does when it cannot fetch one), not as a crawl
             # that stalls until the run's max_depth.
-            hand_ons = in_flight_hand_ons(request.meta) if kept is None else 0
+            hand_ons = 0
+            if kept is None:
+                waited = self.chunk.get("waited", {}).get(netloc, 0)
+                hand_ons = max(in_flight_hand_ons(request.meta), waited)
             if hand_ons >= MAX_IN_FLIGHT_HAND_ONS:
                 cut_at = float(self.chunk.get("cut_at", 0.0)) or None
                 if cut_at is not None:
