@@ -214,3 +214,122 @@ def test_a_back_off_is_told_to_the_run_once_and_marks_the_domain_in_this_chunk(
     assert calls() == 2 and scheduler.retry_after["a.test"] > 29
     assert backend.crawl.backoffs("r", time.time()) == {"a.test": now + 30}
     backend.close()
+
+
+# -- a callback that raises --------------------------------------------------------
+
+
+class YieldsThenRaises(Follow):
+    """Follows ``/a``'s links, then raises: what it yielded first must count."""
+
+    name = "yields-then-raises"
+
+    def parse(self, response: Response, **kwargs: Any) -> Any:
+        yield from super().parse(response, **kwargs)
+        if response.url.endswith("/a"):
+            raise ValueError("the page's layout changed")
+
+
+class YieldsThenRaisesAsync(Follow):
+    """The same, as an asynchronous generator callback."""
+
+    name = "yields-then-raises-async"
+
+    async def parse(self, response: Response, **kwargs: Any) -> Any:  # type: ignore[override]
+        for thing in Follow.parse(self, response, **kwargs):
+            yield thing
+        if response.url.endswith("/a"):
+            raise ValueError("the page's layout changed")
+
+
+@pytest.mark.parametrize("spider_cls", [YieldsThenRaises, YieldsThenRaisesAsync])
+def test_links_a_callback_yielded_before_it_raised_are_followed(
+    local: Backend, spider_cls: type[scrapy.Spider]
+) -> None:
+    # /a yields its item and its link to /b, then raises. Scrapy itself keeps
+    # what a callback yielded before its error (the error goes to the log and
+    # the spider_error signal): the link to /b must be claimed and followed.
+    with SiteServer(TinySite()) as server:
+        items = crawl(local, spider_cls, frontier(spider_cls, [scrapy.Request(server.url + "a")]))
+        hits = server.hits
+    assert hits["/b"] == 1, dict(hits)
+    assert items == Counter({"a": 1, "b": 1})
+
+
+# -- an errback's requests ---------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (connections are refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ErrbackFollows(Follow):
+    """Starts at a dead host whose errback links to the site's pages (some twice,
+    some also linked from ``/a``): a download error's errback output skips the
+    spider middlewares, so its requests reach the scheduler one by one."""
+
+    name = "errback-follows"
+
+    def __init__(self, site: str = "", dead: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.site, self.dead = site, dead
+
+    async def start(self) -> Any:
+        yield scrapy.Request(self.dead, errback=self.failed, dont_filter=True)
+
+    def failed(self, failure: Any) -> Any:
+        for path in ("a", "b", "c", "b", "c#x"):
+            yield scrapy.Request(self.site + path)
+        yield {"id": "errback"}
+
+
+def test_links_an_errback_yields_are_each_fetched_once(local: Backend) -> None:
+    # Scrapy passes a download error's errback output straight to the engine,
+    # past every spider middleware (ClaimBatch too): each request is claimed as
+    # the scheduler takes it, one ledger call each. Nothing lost or fetched
+    # twice: a repeat, or a link /a also has, is a duplicate of the chunk's.
+    with SiteServer(TinySite()) as server:
+        dead = f"http://127.0.0.1:{closed_port()}/"
+        result = run_chunk(
+            ErrbackFollows, {"site": server.url, "dead": dead}, None, crawl=local.crawl,
+            run_id=RUN, chunk_id="0", pages_per_chunk=50, time_left=20.0,
+        )  # fmt: skip
+        hits = server.hits
+    assert result.errors == [] and result.pending == []
+    assert Counter(item["id"] for item in result.items) == Counter(
+        {"errback": 1, "a": 1, "b": 1, "c": 1}
+    )
+    assert {k: hits[k] for k in ("/a", "/b", "/c")} == {"/a": 1, "/b": 1, "/c": 1}
+
+
+# -- a page that redirects to itself -------------------------------------------------
+
+
+class SelfRedirect(TinySite):
+    """``/a`` links to ``/self`` and ``/b``; ``/self`` answers 301 → ``/self``."""
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if key == "/self":
+            return Reply(301, (("Location", f"http://{host}/self"),), b"moved")
+        if key == "/a":
+            hrefs = '<a href="/self">self</a><a href="/b">b</a>'
+            body = f'<html><body><article data-id="a">{hrefs}</article></body></html>'
+            return Reply(200, (("Content-Type", HTML),), body.encode())
+        return super().respond(key, host, hit)
+
+
+def test_a_page_redirecting_to_itself_is_fetched_once_as_in_scrapy(local: Backend) -> None:
+    # Scrapy's dupe filter drops the redirect: its URL's fingerprint was seen
+    # (the redirect keeps the source's dont_filter, here False). The redirect
+    # carries its source's claim, which is its own fingerprint: it passed for a
+    # retry of the page and was fetched again, up to REDIRECT_MAX_TIMES (21 hits).
+    with SiteServer(SelfRedirect()) as server:
+        items = crawl(local, Follow, frontier(Follow, [scrapy.Request(server.url + "a")]))
+        hits = server.hits
+    assert hits["/self"] == 1, dict(hits)
+    assert items == Counter({"a": 1, "b": 1})

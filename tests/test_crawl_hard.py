@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import pytest
 from support.hardsite import HOSTS, HardServer, HardSite
 from support.helpers import JOBS
 from support.procs import fanout, run_id_of, status
+from support.sites import Reply
 
 JOB = str(JOBS / "hard_crawl.py")
 #: Allowed shortfall of a gap between two request arrivals at the server (s).
@@ -259,3 +261,43 @@ def test_robots_crawl_delay_is_honoured_run_wide(home: Path) -> None:
     found = {"robots.txt fetches": seen.hits[host]["/robots.txt"], "gaps under the delay": gaps[:5]}
     assert found == {"robots.txt fetches": 1, "gaps under the delay": []}
     assert_exactly_once(home, run_id, site, server, st)
+
+
+class HangingRobots(HardSite):
+    """A ``HardSite`` whose ``/robots.txt`` is read and never answered: the
+    connection stays open, silent, until ``release()`` (the test's end)."""
+
+    def __init__(self, pages: int, **kwargs: Any) -> None:
+        super().__init__(pages, **kwargs)
+        self.released = threading.Event()
+
+    def release(self) -> None:
+        """Let the handler threads that hold robots.txt requests end."""
+        self.released.set()
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if key == "/robots.txt":
+            self.released.wait(120)
+        return super().respond(key, host, hit)
+
+
+@pytest.mark.slow
+def test_a_robots_txt_that_never_answers_does_not_stall_the_crawl(home: Path) -> None:
+    # Each chunk's robots.txt fetch was cut off with the chunk, its pages handed
+    # on waiting for it, for ever: the run ended only at max_depth, every page
+    # lost. After a bounded wait robots.txt counts as unavailable (everything
+    # allowed, as Scrapy does when it cannot fetch the file) and the crawl goes on.
+    site = HangingRobots(20, traps=False)
+    server = HardServer(site).start()
+    try:
+        run_id, st = crawl(
+            home, "polite", server.url, pages_per_chunk=5, chunk_timeout=3,
+            env={"HARD_DELAY": "0"}, timeout=90,
+        )  # fmt: skip
+        assert_exactly_once(home, run_id, site, server, st)
+        robots = server.hits["/robots.txt"]
+    finally:
+        site.release()
+        server.stop()
+    assert 1 <= robots <= 3, robots  # not once a chunk
+    assert st["stats"].get("robots_bounded") == 1, st["stats"]

@@ -619,3 +619,34 @@ def test_status_shows_each_backed_off_domain_with_the_time_left(home: Path) -> N
     assert 50 < left <= 60, line
     assert "done.test" not in result.stdout  # its back-off is over
     assert status(home, run_id)["backoffs"].keys() == {"slow.test"}
+
+
+# -- requests that cannot cross a chunk boundary ---------------------------------------
+
+
+@pytest.mark.parametrize("how", ["callback", "meta"])
+def test_a_request_that_cannot_be_handed_on_fails_the_run_clearly(
+    home: Path, ledger: Backend, how: str
+) -> None:
+    """A request whose callback is not a spider method, or whose meta holds a
+    value JSON has no type for, cannot cross a chunk boundary. It used to be
+    claimed, then dropped with an error line when its chunk handed it on: its
+    page was never fetched and the run succeeded without it. Now its chunk is
+    buried as a permanent error naming the request and what cannot travel."""
+    pages = 60
+    with SiteServer(BookSite(pages)) as site:
+        result = fanout(
+            home, "run", job("unkeepable"), *params(start_url=site.url, how=how),
+            "-w", "2", "--chunk-timeout", "10",
+        )  # fmt: skip
+    run_id = run_id_of(result)
+    st = status(home, run_id)
+    assert st["state"] != "succeeded", st
+    dead = [t for t in ledger.ledger.list_tasks(run_id) if t.state == "dead"]
+    assert dead, st
+    errors = " ".join(str(e.get("error", "")) for t in dead for e in t.history)
+    reason = "is not a spider method" if how == "callback" else "set cannot travel"
+    assert "cannot be handed on" in errors and reason in errors, errors
+    # Buried at once (a permanent error), not retried to its last attempt.
+    assert [outcomes(t) for t in dead] == [["permanent", "dead"]] * len(dead)
+    assert result.returncode != 0 and "cannot be handed on" in result.stderr, result.stderr

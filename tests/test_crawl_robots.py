@@ -162,3 +162,45 @@ def test_a_robots_txt_that_could_not_be_fetched_is_not_waited_for_by_other_chunk
     assert hits["/robots.txt"] == tries  # none from the second chunk
     ids = sorted(item["id"] for r in (first, second) for item in r.items)
     assert ids == ["a", "b", "d"]  # nothing disallowed, as after Scrapy's own failure
+
+
+class HangingRobots(SlowRobots):
+    """robots.txt is read and never answered until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if key == "/robots.txt":
+            self.release.wait(60)
+        return super().respond(key, host, hit)
+
+
+@pytest.mark.parametrize("old_first", [True, False])
+def test_a_robots_txt_pages_waited_for_across_chunks_gets_a_bounded_fetch(
+    ledger: Backend, old_first: bool
+) -> None:
+    # /a was handed on twice while it waited for the site's robots.txt (it is
+    # in the frontier with that mark); /b is a fresh link to the site. Whichever
+    # of them the chunk sends first, the file must be fetched within the chunk's
+    # time, so that a robots.txt that never answers ends as unavailable (both
+    # pages fetched) rather than being waited for again in the next chunk.
+    spider = Obeys()
+    old = scrapy.Request("http://x/a", meta={politeness.IN_FLIGHT_META: [0, 2]})
+    site = HangingRobots()
+    with SiteServer(site) as server:
+        url = server.url.rstrip("/")
+        old = old.replace(url=f"{url}/a")
+        fresh = scrapy.Request(f"{url}/b")
+        requests = [old, fresh] if old_first else [fresh, old]
+        try:
+            result = run_chunk(
+                Obeys, {}, [request_to_json(r, spider) for r in requests],
+                crawl=ledger.crawl, run_id=RUN, chunk_id="0/0", pages_per_chunk=50,
+                time_left=4.0, store=ledger.store,
+            )  # fmt: skip
+        finally:
+            site.release.set()
+    assert result.stats.get("robots_bounded") == 1, result.stats
+    assert result.pending == []
+    assert sorted(item["id"] for item in result.items) == ["a", "b"]

@@ -112,6 +112,9 @@ class CrawlJob(Job):
             throttle_base=self.throttle_base,
             known=KNOWN.known(ctx.run_id),
         )
+        if result.fatal:
+            # Retrying would meet the same request: the spider must change.
+            raise PermanentError(f"crawl chunk gave up: {result.fatal[0]}")
         KNOWN.remember(ctx.run_id, ctx.chunk_id, ctx._token, result.claims)
         for error in result.errors:
             ctx.log.error("crawl chunk: %s", error)

@@ -30,6 +30,7 @@ import fanout.crawl.components as components
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import book_of
 from fanout.crawl.codec import decode_value, request_from_json
+from fanout.crawl.politeness import note_frontier
 
 if TYPE_CHECKING:
     from fanout.backends.base import Store
@@ -46,6 +47,8 @@ class ChunkResult:
     errors: list[str] = field(default_factory=list)
     #: Fingerprints this attempt claimed in the ledger (``fanout.crawl.known``).
     claims: list[str] = field(default_factory=list)
+    #: Why the chunk gave up (a request it cannot hand on): a permanent error.
+    fatal: list[str] = field(default_factory=list)
 
 
 def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -> type[Spider]:
@@ -60,7 +63,9 @@ def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -
             book = book_of(self.crawler)
             if frontier is not None:
                 for data in frontier:  # claimed by the parent: the chunk holds them
-                    engine.crawl(book.adopt(request_from_json(data, self)))
+                    request = book.adopt(request_from_json(data, self))
+                    note_frontier(request)
+                    engine.crawl(request)
                 return
             starts: list[Request] = []
             async for thing in super().start():
@@ -299,6 +304,8 @@ def run_chunk(
                 result.errors.append(event["error"])
             elif "claims" in event:
                 result.claims = [str(fp) for fp in event["claims"]]
+            elif "fatal" in event:
+                result.fatal.append(str(event["fatal"]))
     _, status = os.waitpid(pid, 0)
     if status != 0 or (result.errors and not result.stats):
         detail = result.errors[-1].strip().splitlines()[-1] if result.errors else ""

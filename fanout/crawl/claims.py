@@ -13,7 +13,9 @@ middlewares and fanout's throttle hand-off copy ``meta``, so:
 - a redirect's target carries its *source's* claim, a different fingerprint:
   the target is a page of its own and is claimed like a new link (so a target
   that another chunk, or this chunk's frontier, holds is not fetched twice,
-  even though Scrapy gives the target the source's ``dont_filter``);
+  even though Scrapy gives the target the source's ``dont_filter``); a
+  redirect to its own URL is dropped, as Scrapy's dupe filter drops it, unless
+  the source was ``dont_filter``;
 - a request the spider yields with ``dont_filter=True`` is honoured, as Scrapy
   honours it: no claim, no check (and any claim copied into its meta from the
   response is dropped, so it cannot pass for a copy).
@@ -30,6 +32,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from scrapy import Request, Spider
+from w3lib.url import canonicalize_url
 
 from fanout.backends.crawlstate import CrawlState
 from fanout.crawl.channel import CHUNK
@@ -130,7 +133,7 @@ class ClaimBook:
             return True  # the spider's own dont_filter
         fp = self.fingerprint(request)
         if claim == fp:
-            if fp in self.answered:
+            if fp in self.answered or _redirected_to_itself(request):
                 self.stats.inc_value("fanout/dupes_copy")
                 return False
             self.held.add(fp)
@@ -142,6 +145,20 @@ class ClaimBook:
     def answer(self, request: Request) -> None:
         """The page of ``request`` got its response in this chunk."""
         self.answered.add(self.fingerprint(request))
+
+
+def _redirected_to_itself(request: Request) -> bool:
+    """Whether ``request`` is a redirect to the URL it came from that Scrapy's
+    dupe filter would drop. It carries its source's claim, which is then its own
+    fingerprint, and would pass for a retry of the page (fetched again until
+    ``REDIRECT_MAX_TIMES``); Scrapy follows it only when the source was
+    ``dont_filter`` (as its retries are), which the redirect keeps."""
+    if request.dont_filter:
+        return False
+    hops = request.meta.get("redirect_urls")
+    if not hops:
+        return False
+    return bool(canonicalize_url(hops[-1]) == canonicalize_url(request.url))
 
 
 class ClaimBatch:
@@ -166,13 +183,21 @@ class ClaimBatch:
     def process_spider_output(
         self, response: Any, result: Iterable[Any], spider: Spider | None = None
     ) -> Iterator[Any]:
-        """Items now; requests once the callback is done, claimed as one batch."""
+        """Items now; requests once the callback is done, claimed as one batch.
+        A callback that raises keeps what it yielded first, as Scrapy keeps it:
+        those requests are claimed and followed, then the error goes on."""
         requests: list[Request] = []
-        for thing in result:
-            if isinstance(thing, Request):
-                requests.append(thing)
-            else:
-                yield thing
+        try:
+            for thing in result:
+                if isinstance(thing, Request):
+                    requests.append(thing)
+                else:
+                    yield thing
+        except Exception:
+            # Without this the batch so far would die with the generator: its
+            # pages never fetched, silently (the error is only logged).
+            yield from self._admit(requests)
+            raise
         yield from self._admit(requests)
 
     async def process_spider_output_async(
@@ -180,11 +205,16 @@ class ClaimBatch:
     ) -> AsyncIterator[Any]:
         """The same, for asynchronous callbacks."""
         requests: list[Request] = []
-        async for thing in result:
-            if isinstance(thing, Request):
-                requests.append(thing)
-            else:
-                yield thing
+        try:
+            async for thing in result:
+                if isinstance(thing, Request):
+                    requests.append(thing)
+                else:
+                    yield thing
+        except Exception:
+            for request in self._admit(requests):  # as above: not lost with the error
+                yield request
+            raise
         for request in self._admit(requests):
             yield request
 

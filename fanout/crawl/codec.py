@@ -97,6 +97,34 @@ def request_to_json(request: Request, spider: Spider) -> dict[str, Any]:
     return dict(out)
 
 
+def check_keepable(request: Request, spider: Spider) -> None:
+    """Raise :class:`CodecError` naming what of ``request`` cannot cross a chunk
+    boundary. The cheap part of :func:`request_to_json`, for every request a
+    chunk schedules: a callback that is the spider's method of the same name,
+    and meta, ``cb_kwargs`` and cookies JSON can carry (its tags included)."""
+    where = f"request {request.url}"
+    cls = f"{type(request).__module__}.{type(request).__name__}"
+    if cls not in REQUEST_CLASSES:
+        raise CodecError(f"{where}: class {cls} cannot cross a chunk boundary")
+    for name in ("callback", "errback"):
+        func = getattr(request, name)
+        if func is None or not callable(func):
+            continue
+        own = getattr(spider, getattr(func, "__name__", ""), None)
+        if own is not None and getattr(own, "__func__", None) is getattr(func, "__func__", 0):
+            continue
+        try:  # a method under another name: Scrapy's own (slower) search finds it
+            request.to_dict(spider=spider)
+        except ValueError:
+            raise CodecError(
+                f"{where}: its {name} {getattr(func, '__qualname__', func)!r} is not a spider"
+                " method (a chunk hands a request on by its callback's name)"
+            ) from None
+    encode_value(request.meta, f"{where}: meta")
+    encode_value(request.cb_kwargs, f"{where}: cb_kwargs")
+    encode_value(request.cookies, f"{where}: cookies")
+
+
 def request_from_json(data: dict[str, Any], spider: Spider) -> Request:
     """Rebuild a request; callbacks are looked up by name on ``spider`` only."""
     from scrapy.utils.misc import load_object

@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 from weakref import WeakSet
 
 from itemadapter import ItemAdapter  # here, before the fork: ~100 ms to import
@@ -45,11 +45,24 @@ from twisted.internet.defer import Deferred
 import fanout.crawl.channel as channel  # the module: CHANNEL is set per chunk
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import ClaimBatch, book_of
-from fanout.crawl.codec import CodecError, encode_value, request_to_json
-from fanout.crawl.politeness import DomainGate
+from fanout.crawl.codec import CodecError, check_keepable, encode_value, request_to_json
+from fanout.crawl.politeness import (  # the in-flight marks: re-exported, used here
+    CUT_MARGIN,
+    IN_FLIGHT_META,
+    MAX_IN_FLIGHT_HAND_ONS,
+    DomainGate,
+    in_flight_hand_ons,
+)
 from fanout.crawl.stats import summarize_stats
 
-__all__ = ["CHUNK", "send"]
+__all__ = [
+    "CHUNK",
+    "CUT_MARGIN",
+    "IN_FLIGHT_META",
+    "MAX_IN_FLIGHT_HAND_ONS",
+    "in_flight_hand_ons",
+    "send",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +73,9 @@ THROTTLE_META = "fanout_throttle"
 #: it is handed on: only such a request climbs a throttle level, not the others
 #: held back with it because their domain was backed off.
 THROTTLE_ANSWER_META = "fanout_throttle_answer"
-#: Meta key ``[retry_times, n]``: this attempt of the request was handed on
-#: still waiting for its answer ``n`` times in a row (a chunk's cut-off).
-IN_FLIGHT_META = "fanout_in_flight"
 #: Meta key keeping the request's own ``download_timeout`` while a shorter one
 #: (:class:`ParkHandedOn`) is in force.
 OWN_TIMEOUT_META = "fanout_download_timeout"
-#: An attempt handed on in flight this many times gets, in the next chunk, a
-#: download timeout that ends before that chunk's cut-off: a page slower than a
-#: chunk's time budget then times out and is retried or given up as Scrapy does,
-#: instead of being handed on for ever.
-MAX_IN_FLIGHT_HAND_ONS = 2
-#: Seconds before the cut-off at which such a shortened timeout ends.
-CUT_MARGIN = 0.3
 #: The statuses by which a site asks a crawler to slow down.
 THROTTLE_STATUSES = (429, 503)
 #: A request is handed on with back-off at most this many times for 429/503
@@ -84,15 +87,6 @@ DEFAULT_THROTTLE_BASE = 5.0
 MAX_BACKOFF = 900.0
 #: The longest ``Retry-After`` fanout waits out (seconds).
 MAX_RETRY_AFTER = 6 * 3600.0
-
-
-def in_flight_hand_ons(meta: dict[str, Any]) -> int:
-    """How many chunks in a row handed this attempt of the request on in flight
-    (``IN_FLIGHT_META``; 0 when the mark is of an earlier attempt, or absent)."""
-    mark = meta.get(IN_FLIGHT_META)
-    if isinstance(mark, list) and mark[:1] == [meta.get("retry_times", 0)]:
-        return int(mark[1])
-    return 0
 
 
 def domain_of(request: Request) -> str:
@@ -126,6 +120,18 @@ def parse_retry_after(value: bytes | None, now: float | None = None) -> float:
     return max(0.0, min(seconds, MAX_RETRY_AFTER))
 
 
+def give_up(reason: str) -> NoReturn:
+    """End the chunk's attempt as a permanent error (the spider cannot be
+    crawled in chunks as it is): the parent buries the chunk with ``reason``."""
+    send("fatal", reason)
+    budget: ChunkBudget | None = CHUNK.get("budget")
+    if budget is not None:
+        budget.leave()  # the stats and claims, then exits
+    assert channel.CHANNEL is not None
+    channel.CHANNEL.flush()
+    os._exit(0)
+
+
 class ChunkScheduler(Scheduler):
     """Scrapy's scheduler under the chunk's claims, leases and throttles."""
 
@@ -146,6 +152,13 @@ class ChunkScheduler(Scheduler):
     def enqueue_request(self, request: Request) -> bool:
         if not self.book.admit(request):
             return False  # a duplicate: Scrapy signals request_dropped
+        try:
+            # Now, not when it is handed on: whether a request reaches a chunk
+            # boundary is chance (the chunk's size, the site's speed), and one
+            # that cannot cross it would be lost with its claim held.
+            check_keepable(request, CHUNK["spider"])
+        except CodecError as exc:
+            give_up(f"{exc}: it cannot be handed on to another chunk")
         if self.handed_on:
             # Found after the hand-off (a late answer's links): not lost, handed on too.
             self._send_pending(request)
@@ -241,8 +254,8 @@ class ChunkScheduler(Scheduler):
         try:
             data = request_to_json(request, spider)
         except (CodecError, ValueError) as exc:
-            send("error", f"pending request {request.url} cannot be kept: {exc}")
-            return
+            # Claimed, so no other chunk will fetch it: never drop it quietly.
+            give_up(f"pending request {request.url} cannot be handed on: {exc}")
         domain = domain_of(request)
         entry: dict[str, Any] = {"request": data, "throttled": domain in self.throttled}
         if domain in self.retry_after:

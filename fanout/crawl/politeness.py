@@ -23,7 +23,12 @@ shared between them) do not both fetch it: the fetch is claimed in the run's
 seen-set, and a chunk that lost the claim waits for the file in the store (up
 to :data:`ROBOTS_WAIT`, then fetches it itself: the other chunk may have been
 cut off before the answer came). Its ``Crawl-delay`` is honoured (Scrapy's own
-middleware ignores it).
+middleware ignores it). A robots.txt that does not answer within a chunk is
+not waited for chunk after chunk: the pages waiting for it are handed on in
+flight (``IN_FLIGHT_META``), the next chunk fetches the file itself, and after
+:data:`MAX_IN_FLIGHT_HAND_ONS` such chunks the fetch must end before the
+chunk's cut-off; if it does not, the site's robots.txt is unavailable for the
+run (everything allowed, as Scrapy does when it cannot fetch one).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 from scrapy import Request
 from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
 from scrapy.exceptions import IgnoreRequest, NotConfigured
+from scrapy.http.request import NO_CALLBACK
 from scrapy.utils.defer import maybe_deferred_to_future
 from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import build_from_crawler
@@ -65,6 +71,40 @@ BACKOFF_TOLD_SLACK = 1.0
 ROBOTS_WAIT = 10.0
 #: Seconds between two looks in the store for that file.
 ROBOTS_POLL = 0.1
+#: Meta key ``[retry_times, n]``: this attempt of the request was handed on
+#: still waiting for its answer ``n`` times in a row (a chunk's cut-off). A
+#: page waiting for its site's robots.txt is one of them.
+IN_FLIGHT_META = "fanout_in_flight"
+#: An attempt handed on in flight this many times gets, in the next chunk, a
+#: download timeout that ends before that chunk's cut-off: a page slower than a
+#: chunk's time budget then times out and is retried or given up as Scrapy does,
+#: instead of being handed on for ever. So does the robots.txt such a page
+#: waits for (:class:`SharedRobotsTxt`).
+MAX_IN_FLIGHT_HAND_ONS = 2
+#: Seconds before the cut-off at which such a shortened timeout ends.
+CUT_MARGIN = 0.3
+#: The share of a chunk's time left that a bounded robots.txt fetch may take:
+#: the page that waited for it needs the rest.
+ROBOTS_SHARE = 0.5
+
+
+def in_flight_hand_ons(meta: dict[str, Any]) -> int:
+    """How many chunks in a row handed this attempt of the request on in flight
+    (``IN_FLIGHT_META``; 0 when the mark is of an earlier attempt, or absent)."""
+    mark = meta.get(IN_FLIGHT_META)
+    if isinstance(mark, list) and mark[:1] == [meta.get("retry_times", 0)]:
+        return int(mark[1])
+    return 0
+
+
+def note_frontier(request: Request) -> None:
+    """Keep, per netloc, the most chunks in a row a request of the chunk's
+    frontier was handed on in flight (:func:`in_flight_hand_ons`): whichever of
+    the site's requests the chunk sends first, its robots.txt fetch is bounded
+    by the one that has waited longest (:class:`SharedRobotsTxt`)."""
+    waited: dict[str, int] = CHUNK.setdefault("waited", {})
+    netloc = urlparse_cached(request).netloc
+    waited[netloc] = max(waited.get(netloc, 0), in_flight_hand_ons(request.meta))
 
 
 def robots_fingerprint(netloc: str) -> str:
@@ -278,12 +318,49 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
         self.store = chunk["store"]
         self.run_id: str = chunk["run_id"]
         self.gate: DomainGate | None = chunk.get("gate")
+        self.chunk = chunk
+        # Per netloc: the download timeout of this chunk's robots.txt fetch,
+        # when it must end before the chunk's cut-off.
+        self.bounds: dict[str, float] = {}
+
+    async def process_request(self, request: Request, spider: Any = None) -> None:
+        """Scrapy's check; and this chunk's own robots.txt fetch, when bounded,
+        gets its timeout here (Scrapy builds that request inside ``robot_parser``)."""
+        if request.callback is NO_CALLBACK and request.meta.get("dont_obey_robotstxt"):
+            bound = self.bounds.pop(urlparse_cached(request).netloc, None)
+            if bound is not None and urlparse_cached(request).path == "/robots.txt":
+                own = request.meta.get("download_timeout")
+                if own is None:
+                    own = getattr(self.crawler.spider, "download_timeout", None)
+                if own is None:
+                    own = self.crawler.settings.getfloat("DOWNLOAD_TIMEOUT")
+                request.meta["download_timeout"] = min(float(own), bound)
+                request.meta["dont_retry"] = True  # a retry would not fit either
+                self._stats.inc_value("fanout/robots_bounded")
+        await super().process_request(request)
 
     async def robot_parser(self, request: Request) -> Any:
         netloc = urlparse_cached(request).netloc
         if netloc not in self._parsers:
             kept = self._kept(netloc)
-            if kept is None and not self._fetch_is_ours(netloc):
+            # A page handed on while it waited (for this file, or its own
+            # answer): a fetch of the file the chunk that had it made, or waited
+            # for, was cut off with it. Waiting for another chunk's fetch again
+            # could go on chunk after chunk: this chunk fetches it; and after
+            # MAX_IN_FLIGHT_HAND_ONS such chunks, within its own time, so that
+            # a robots.txt that never answers ends as unavailable (everything
+            # allowed, as Scrapy does when it cannot fetch one), not as a crawl
+            # that stalls until the run's max_depth.
+            hand_ons = 0
+            if kept is None:
+                waited = self.chunk.get("waited", {}).get(netloc, 0)
+                hand_ons = max(in_flight_hand_ons(request.meta), waited)
+            if hand_ons >= MAX_IN_FLIGHT_HAND_ONS:
+                cut_at = float(self.chunk.get("cut_at", 0.0)) or None
+                if cut_at is not None:
+                    left = cut_at - time.monotonic() - CUT_MARGIN
+                    self.bounds[netloc] = max(0.05, left * ROBOTS_SHARE)
+            if kept is None and not self._fetch_is_ours(netloc) and not hand_ons:
                 # Another chunk is fetching it. This chunk's other requests to
                 # the site wait on ``pending``, as on Scrapy's own fetch.
                 pending: Deferred[Any] = Deferred()

@@ -30,6 +30,8 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
         "ledger_write_units": int(stats.get("fanout/ledger_write_units", 0)),
         "robots_from_store": int(stats.get("fanout/robots_from_store", 0)),
         "robots_wait_gave_up": int(stats.get("fanout/robots_wait_gave_up", 0)),
+        # robots.txt fetches given a chunk-bounded timeout (politeness.SharedRobotsTxt).
+        "robots_bounded": int(stats.get("fanout/robots_bounded", 0)),
         "in_flight_timeouts": int(stats.get("fanout/in_flight_timeouts", 0)),
         "callback_errors": callback_errors(stats),
     }

@@ -8,6 +8,8 @@ one per attribute, loaded as ``crawl_process.py:NAME``:
   the chunk overruns its hard timeout once;
 * ``failing``: the same spider, but the callback of the book page at
   ``fail_path`` raises;
+* ``unkeepable``: the same spider, but its book links carry what a chunk
+  cannot hand on (``-p how=callback``: a lambda callback; ``how=meta``: a set in meta);
 * ``throttled``: the trap spider with Scrapy's retries off, with a small
   ``throttle_base``, for a site that answers 503 for a while;
 * ``reordering``: a spider that takes another path on a retry (see
@@ -91,6 +93,28 @@ class FailingBooks(BooksSpider):
         yield from super().parse_book(response)
 
 
+class UnkeepableBooks(BooksSpider):
+    """Follows book links with what a chunk cannot hand on: ``how=callback``, a
+    callback that is not a spider method (a lambda); ``how=meta``, a set in
+    ``meta``. Scrapy fetches such requests in one process; a chunk boundary
+    needs them as data."""
+
+    name = "unkeepable-books"
+
+    def __init__(self, how: str = "callback", *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.how = how
+
+    def parse(self, response: Response, **kwargs: Any) -> Iterator[Request]:
+        for request in super().parse(response, **kwargs):
+            if request.callback == self.parse_book:
+                if self.how == "callback":
+                    request = request.replace(callback=lambda r: self.parse_book(r))
+                else:
+                    request = request.replace(meta={**request.meta, "seen": {response.url}})
+            yield request
+
+
 class NoRetries(TrapSpider):
     """Follows every link; Scrapy's own retry is off, so a 503 reaches fanout."""
 
@@ -104,6 +128,9 @@ stalling = CrawlJob(
 )
 failing = CrawlJob(
     FailingBooks, schema=BOOK_SCHEMA, name="failing", pages_per_chunk=15, **FAST_RETRY
+)
+unkeepable = CrawlJob(
+    UnkeepableBooks, schema=BOOK_SCHEMA, name="unkeepable", pages_per_chunk=15, **FAST_RETRY
 )
 throttled = CrawlJob(
     NoRetries,
