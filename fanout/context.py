@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fanout.errors import NotJsonError, PermanentError, RecordError
 from fanout.inputs import list_inputs, open_input
-from fanout.messages import encode_payload, value_problem
+from fanout.json_fields import value_problem
+from fanout.messages import encode_payload
 
 if TYPE_CHECKING:
     from fanout.avro import RecordWriter

@@ -28,7 +28,8 @@ from fanout.events import events_for
 from fanout.fairness import register_run, served_runs
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import canonical_ref, load_job
-from fanout.messages import ChunkMessage, MessageError, decode, offload, params_problem, resolve
+from fanout.json_fields import params_problem
+from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.settings import RunKind, RunSettings, kind_of, recorded_settings
 from fanout.tables.contract import check_contract
 

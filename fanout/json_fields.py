@@ -6,6 +6,8 @@ errors read the same). Imports nothing of fanout's."""
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -144,3 +146,41 @@ def parse_object(body: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise FieldError("message", "Input should be an object")
     return obj
+
+
+def params_problem(params: Mapping[str, Any]) -> str | None:
+    """Why a run's ``params`` cannot travel as a chunk's payload (None if they
+    can), checked at submit, where the user can still fix them (see
+    :func:`value_problem`)."""
+    return value_problem(params, "params")
+
+
+def value_problem(value: object, where: str) -> str | None:
+    """Why ``value`` cannot be a message's payload or cursor (None if it can),
+    named ``where``: not JSON (a set, bytes, a key that is not a string),
+    nested deeper than a message may be, a lone surrogate, NaN or an infinity
+    (not JSON), or an integer too long for Python to write out as text."""
+    problem = json_problem(value, where, 1, typed=True)
+    if problem is not None:
+        text = str(problem)
+        if text.startswith("message:"):  # the one error json_problem places there
+            return f"{where} is nested too deep (at most {MAX_DEPTH - 2} levels)"
+        if text.endswith(".[key]: Input should be a valid string"):
+            return f"{text.split('.[key]:')[0]} has a key that is not a string"
+        return text
+    stack: list[tuple[object, str]] = [(value, where)]
+    while stack:  # the depth is bounded now: json_problem checked it
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((sub, f"{path}.{key}") for key, sub in item.items())
+        elif isinstance(item, list):
+            stack.extend((sub, f"{path}.{i}") for i, sub in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            return f"{path}: {item} is not JSON (NaN and infinities are not numbers there)"
+        elif type(item) is int:
+            try:
+                str(item)
+            except ValueError:  # past sys.get_int_max_str_digits()
+                limit = sys.get_int_max_str_digits()
+                return f"{path}: an integer of more than {limit} digits"
+    return None
