@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any, Final
@@ -184,3 +185,19 @@ def value_problem(value: object, where: str) -> str | None:
                 limit = sys.get_int_max_str_digits()
                 return f"{path}: an integer of more than {limit} digits"
     return None
+
+
+#: What ``ensure_ascii=False`` leaves raw but SQS refuses in a body (it takes
+#: only #x9 #xA #xD #x20-#xD7FF #xE000-#xFFFD #x10000-#x10FFFF; JSON escapes the
+#: controls itself): U+FFFE, U+FFFF and lone surrogates. Sent raw, the send
+#: failed and the run waited forever on a child that never went out.
+_SQS_REFUSED: Final = re.compile("[\ud800-\udfff\ufffe\uffff]")
+
+
+def sqs_safe(text: str) -> str:
+    """The JSON ``text`` with the characters SQS refuses written as ``\\uXXXX``
+    escapes: the same JSON value. Such a character can only be inside a JSON
+    string (JSON's whitespace is ASCII), where its escape means the same."""
+    if text.isascii() or _SQS_REFUSED.search(text) is None:
+        return text
+    return _SQS_REFUSED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)

@@ -39,6 +39,7 @@ from fanout.json_fields import (
     json_ok,
     json_problem,
     parse_object,
+    sqs_safe,
 )
 
 if TYPE_CHECKING:
@@ -468,22 +469,6 @@ _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 #: The same output, refusing NaN and infinities: a spawned payload's (see
 #: :func:`encode_payload`), which :func:`encode_child` places in a body as is.
 _STRICT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-#: What ``ensure_ascii=False`` leaves raw but SQS refuses in a body (it takes
-#: only #x9 #xA #xD #x20-#xD7FF #xE000-#xFFFD #x10000-#x10FFFF; JSON escapes the
-#: controls itself): U+FFFE, U+FFFF and lone surrogates. Sent raw, the send
-#: failed and the run waited forever on a child that never went out.
-_SQS_REFUSED: Final = re.compile("[\ud800-\udfff\ufffe\uffff]")
-
-
-def sqs_safe(text: str) -> str:
-    """The JSON ``text`` with the characters SQS refuses written as ``\\uXXXX``
-    escapes: the same JSON value. Such a character can only be inside a JSON
-    string (JSON's whitespace is ASCII), where its escape means the same."""
-    if text.isascii() or _SQS_REFUSED.search(text) is None:
-        return text
-    return _SQS_REFUSED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def encode_payload(value: Any) -> str:

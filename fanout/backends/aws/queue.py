@@ -51,6 +51,7 @@ from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import client, error_code
 from fanout.backends.base import Delivery
 from fanout.fairness import group_of
+from fanout.json_fields import sqs_safe
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +89,17 @@ _BAD_CHARS = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
 
 def _sendable(body: str) -> str:
     """``body``, or, if it is JSON holding characters SQS refuses, the same JSON
-    with them escaped (as ``fanout.messages.sqs_safe`` does); any other body as
-    it is, for :meth:`SqsQueue._check` to refuse."""
+    with them escaped (``fanout.json_fields.sqs_safe``); any other body as it
+    is, for :meth:`SqsQueue._check` to refuse."""
     if body.isascii() or _BAD_CHARS.search(body) is None:
         return body
     try:
-        json.loads(body)  # strict: no raw control character, so only those inside strings
+        # Strict: no raw control character, so what is left to escape is what
+        # sqs_safe escapes (U+FFFE, U+FFFF, lone surrogates), inside strings.
+        json.loads(body)
     except ValueError:
         return body
-    return _BAD_CHARS.sub(lambda m: f"\\u{ord(m.group()):04x}", body)
+    return sqs_safe(body)
 
 
 def _seconds(value: float, limit: int) -> int:
