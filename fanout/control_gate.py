@@ -26,8 +26,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fanout.backends.base import Backend, Delivery
-from fanout.backends.runcontrols import ControlState, controls_of
-from fanout.controls import Admission, admit, is_cancelled, release, tolerance_exceeded
+from fanout.backends.runcontrols import ControlContended, ControlState, controls_of
+from fanout.controls import (
+    Admission,
+    admit,
+    contended,
+    is_cancelled,
+    release,
+    tolerance_exceeded,
+)
 from fanout.events import EventSink, emit
 from fanout.limits import RunLimits
 from fanout.outcomes import Handled
@@ -81,13 +88,22 @@ class Gate:
         self, run_id: str, settings: RunLimits, token: str, expires: float, receives: int
     ) -> Admission:
         """Whether attempt ``token`` may start now (see :func:`fanout.controls.admit`).
-        A run with no cap costs one read; a capped one, one atomic change."""
+        A run with no cap costs one read; a capped one, one atomic change.
+
+        A change that lost every round to other workers is a refusal like a
+        full run's, not a failure: the delivery comes back later and nothing is
+        counted against the task (as a failure, five of them would have
+        dead-lettered a healthy chunk of a busy capped run)."""
         cap, now = settings.max_concurrency, time.time()
         if cap is None:
             return admit(self._read(run_id), token, None, expires, now)
-        return self.controls.change_control(
-            run_id, lambda state: admit(state, token, cap, expires, now, receives)
-        )
+        try:
+            return self.controls.change_control(
+                run_id, lambda state: admit(state, token, cap, expires, now, receives)
+            )
+        except ControlContended as exc:
+            log.warning("%s; its delivery is handed back", exc)
+            return contended(receives)
 
     @contextmanager
     def batch(self) -> Iterator[None]:

@@ -96,9 +96,18 @@ def admit(
         state["slots"] = slots
         return Admission(True, held=True)
     state["slots"] = slots  # lapsed slots dropped
-    avg = float(state.get("avg", DEFAULT_AVG))
+    return Admission(False, retry_after=_wait(float(state.get("avg", DEFAULT_AVG)), receives))
+
+
+def contended(receives: int = 1) -> Admission:
+    """The refusal of a delivery whose admission could not get its write in
+    (``ControlContended``): handed back like one over the cap, no attempt spent."""
+    return Admission(False, retry_after=_wait(DEFAULT_AVG, receives))
+
+
+def _wait(avg: float, receives: int) -> float:
     wait = max(MIN_WAIT, avg) * max(receives, 1)
-    return Admission(False, retry_after=min(MAX_WAIT, wait) * _rng.uniform(0.5, 1.0))
+    return min(MAX_WAIT, wait) * _rng.uniform(0.5, 1.0)
 
 
 def release(state: dict[str, Any], token: str, took: float | None = None) -> bool:

@@ -13,11 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 from click.testing import CliRunner, Result
 
 from fanout import coordinator
 from fanout.backends import open_backend
-from fanout.backends.base import Backend, RunState, TaskState
+from fanout.backends.base import Backend, RunState, TaskKey, TaskState
 from fanout.cli import main
 from fanout.dispatch import Dispatcher
 from fanout.runner import LEASE_GRACE
@@ -118,6 +119,37 @@ def test_pause_and_resume_on_aws(aws: Backend, tmp_path: Path) -> None:
     assert run is not None and run.state == RunState.SUCCEEDED and run.records == 12
 
 
+def test_an_admission_that_loses_every_race_hands_the_delivery_back_without_a_failure(
+    aws: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Many containers admitting one capped run at once: a delivery whose slot
+    write never gets in is refused like one over the cap (no attempt, no
+    failure), not failed: five such deliveries would have dead-lettered it."""
+    params = {"chunks": 1, "steps": 1, "step_s": 0.0, "log": str(tmp_path / "slices.log")}
+    run_id = coordinator.submit(aws, JOB, params, {"max_concurrency": 2}).run_id
+    client = aws.ledger.client  # type: ignore[attr-defined]
+    put = client.put_item
+
+    def always_beaten(**kwargs: object) -> object:
+        item = kwargs.get("Item")
+        if isinstance(item, dict) and item.get("sk", {}).get("S") == "CONTROL":
+            raise ClientError(
+                {"Error": {"Code": "ConditionalCheckFailedException", "Message": "beaten"}},
+                "PutItem",
+            )
+        return put(**kwargs)
+
+    monkeypatch.setattr(client, "put_item", always_beaten)
+    (delivery,) = aws.queue.receive(1, 30)
+    assert Dispatcher(aws).handle(delivery, 10.0) == "capped"
+    task = aws.ledger.get_task(TaskKey(run_id, "0", 0))
+    assert task is not None and task.state == TaskState.QUEUED and task.attempt == 0
+    assert "failed (delivery" not in caplog.text and "changed under every one" in caplog.text
+    monkeypatch.setattr(client, "put_item", put)  # the crowd moves on: it runs
+    run = drain(aws, run_id)
+    assert run.state == RunState.SUCCEEDED and run.retries == 0 and run.records == 1
+
+
 def _overlap(intervals: list[tuple[float, float]]) -> int:
     points = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
     most = now = 0
@@ -141,7 +173,12 @@ def test_max_concurrency_holds_across_concurrent_invocations_on_aws(
         runner = Dispatcher(backend)
         try:
             while not stop.is_set():
-                for delivery in backend.queue.receive(1, 10 + LEASE_GRACE):
+                deliveries = backend.queue.receive(1, 10 + LEASE_GRACE)
+                if not deliveries:
+                    # As the SQS event source long-polls: containers spinning on
+                    # an empty queue would starve the one working (one GIL).
+                    stop.wait(0.05)
+                for delivery in deliveries:
                     outcomes[runner.handle(delivery, 10.0)] += 1
         finally:
             backend.close()

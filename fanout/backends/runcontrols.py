@@ -20,6 +20,12 @@ T = TypeVar("T")
 ControlState = dict[str, Any]
 
 
+class ControlContended(RuntimeError):
+    """A change to a run's control state lost every optimistic round to other
+    writers (many workers admitting one capped run at once). Nothing changed:
+    the caller may simply try again later."""
+
+
 @runtime_checkable
 class RunControls(Protocol):
     """A run's control state, and cancelling its queued tasks. Every method is atomic."""
@@ -31,7 +37,8 @@ class RunControls(Protocol):
         """Apply ``change`` to the run's control state (in place) and store the
         result, atomically; returns what ``change`` returned. ``change`` may be
         called more than once (an optimistic write that lost a race is retried
-        on a fresh read), so it must depend on the state alone."""
+        on a fresh read), so it must depend on the state alone. Raises
+        :class:`ControlContended` if it could not get its write in."""
 
     def cancel_queued(self, run_id: str, now: float) -> tuple[int, bool]:
         """Cancel every queued task of the run, moving its counters with them:

@@ -15,6 +15,8 @@ transaction, so the outstanding counter stays exact.
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -32,13 +34,19 @@ from fanout.backends.aws.ledger_items import (
 )
 from fanout.backends.base import TaskEvent, TaskState
 from fanout.backends.rules import history_event
-from fanout.backends.runcontrols import ControlState
+from fanout.backends.runcontrols import ControlContended, ControlState
 
 T = TypeVar("T")
 
 #: Optimistic rounds before a change gives up (each lost one means another
 #: writer changed the item in between).
 _TRIES = 20
+#: The longest pause (s) between two rounds. Rounds back off with full jitter
+#: (from 5 ms, doubling), so writers that collided spread out instead of
+#: colliding again in lockstep; 20 rounds wait at most about 3 s in all.
+_MAX_PAUSE = 0.2
+
+_rng = random.Random()
 
 
 class DynamoRunControls(DynamoTable):
@@ -57,7 +65,9 @@ class DynamoRunControls(DynamoTable):
     def change_control(self, run_id: str, change: Callable[[ControlState], T]) -> T:
         """Read, apply ``change``, write back conditional on the version read."""
         key = self._control_key(run_id)
-        for _ in range(_TRIES):
+        for round_ in range(_TRIES):
+            if round_:
+                time.sleep(_rng.uniform(0, min(_MAX_PAUSE, 0.005 * 2**round_)))
             item = self._get(key, ["control", "ver"])
             state: ControlState = json.loads(item["control"]["S"]) if item else {}
             version = _int(item, "ver") if item else 0
@@ -79,7 +89,9 @@ class DynamoRunControls(DynamoTable):
                     continue
                 raise
             return result
-        raise RuntimeError(f"run {run_id}: control state too contended")
+        raise ControlContended(
+            f"run {run_id}: its control state changed under every one of {_TRIES} tries"
+        )
 
     def cancel_queued(self, run_id: str, now: float) -> tuple[int, bool]:
         """Cancel the run's queued tasks, 99 to a transaction with the run's counters."""
