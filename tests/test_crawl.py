@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,8 +126,6 @@ def test_requests_round_trip_as_json_without_pickle() -> None:
         dont_filter=True,
     )
     data = request_to_json(original, spider)
-    import json
-
     again = request_from_json(json.loads(json.dumps(data)), spider)
     assert (again.url, again.method, again.body) == (original.url, "POST", original.body)
     assert again.headers.getlist("X-Token") == [b"t"]
@@ -137,6 +138,60 @@ def test_requests_round_trip_as_json_without_pickle() -> None:
     assert isinstance(request_from_json(request_to_json(form, spider), spider), FormRequest)
     js = JsonRequest("http://example.test/j", data={"a": 1})
     assert isinstance(request_from_json(request_to_json(js, spider), spider), JsonRequest)
+
+
+class _Product(scrapy.Item):
+    name = scrapy.Field()
+    seller = scrapy.Field()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seller:
+    id: int
+    since: tuple[int, int]
+    rank: int = dataclasses.field(default=0, init=False)
+
+
+def test_items_in_meta_and_cb_kwargs_travel_as_their_own_classes() -> None:
+    """Scrapy's "pass the item on" pattern: an Item (holding a dataclass) in meta,
+    a dataclass in cb_kwargs, rebuilt as the same classes with the same values."""
+    spider = _Spider()
+    seller = _Seller(7, (2019, 5))
+    object.__setattr__(seller, "rank", 3)  # a field __init__ does not take
+    product = _Product(name="lamp", seller=seller)
+    original = scrapy.Request(
+        "http://example.test/p/1",
+        callback=spider.parse_item,
+        meta={"product": product, "many": [product]},
+        cb_kwargs={"seller": seller},
+    )
+    again = request_from_json(json.loads(json.dumps(request_to_json(original, spider))), spider)
+    got = again.meta["product"]
+    assert type(got) is _Product and dict(got) == dict(product)
+    assert type(got["seller"]) is _Seller and got["seller"].rank == 3
+    assert type(again.meta["many"][0]) is _Product
+    assert again.cb_kwargs == {"seller": seller}
+
+
+def test_an_item_class_a_message_names_is_looked_up_never_imported() -> None:
+    """A message is untrusted: a class it names must already be loaded, and be an
+    Item or a dataclass; one defined in a function cannot be found by name."""
+    spider = _Spider()
+    good = request_to_json(
+        scrapy.Request("http://example.test/", meta={"p": _Product(name="x")}), spider
+    )
+    fields = good["meta"]["p"]["$item"]["fields"]
+    for name in ("subprocess:Popen", "not_a_loaded_module:Thing", "os:path", f"{__name__}:nope"):
+        forged = {**good, "meta": {"p": {"$item": {"class": name, "fields": fields}}}}
+        with pytest.raises(CodecError, match="is not a loaded Item or dataclass"):
+            request_from_json(forged, spider)
+    assert "not_a_loaded_module" not in sys.modules
+
+    class Local(scrapy.Item):
+        name = scrapy.Field()
+
+    with pytest.raises(CodecError, match="Local is not importable by name"):
+        request_to_json(scrapy.Request("http://example.test/", meta={"p": Local(name="x")}), spider)
 
 
 def test_untrusted_request_data_is_refused() -> None:

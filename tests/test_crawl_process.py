@@ -650,3 +650,29 @@ def test_a_request_that_cannot_be_handed_on_fails_the_run_clearly(
     # Buried at once (a permanent error), not retried to its last attempt.
     assert [outcomes(t) for t in dead] == [["permanent", "dead"]] * len(dead)
     assert result.returncode != 0 and "cannot be handed on" in result.stderr, result.stderr
+
+
+def test_items_passed_on_in_meta_and_cb_kwargs_cross_chunk_boundaries(home: Path) -> None:
+    """Scrapy's "pass the item on" pattern: a catalogue page puts an ``Item`` in
+    each book request's ``meta`` and a dataclass in its ``cb_kwargs``. Chunks of
+    15 pages hand most of those requests on, as data: each book page gets back
+    the same classes with the catalogue page's values, and yields once."""
+    site = BookSite(80)
+    with SiteServer(site) as server:
+        result = fanout(
+            home, "run", job("carrying"), *params(start_url=server.url),
+            "-w", "2", "--chunk-timeout", "20",
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    run_id = run_id_of(result)
+    assert status(home, run_id)["chunks"]["done"] > 3  # requests did cross boundaries
+    got = records(home, run_id)
+    assert sorted(urlsplit(r["url"]).path for r in got) == sorted(site.expected_books())
+    lists = {page.path: page for page in site.layout.catalogue}
+    book_paths = {book.number: book.path for book in site.layout.books}
+    for record in got:
+        listed_on = urlsplit(record["listed_on"]).path
+        assert listed_on in lists, record
+        links = [book_paths[n] for n in lists[listed_on].books]
+        assert links[record["position"] - 1] == urlsplit(record["url"]).path, record
+        assert record["depth"] >= 1 and record["title"], record

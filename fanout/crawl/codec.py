@@ -7,16 +7,25 @@ priority, ``dont_filter`` and flags. Values JSON has no type for (bytes,
 datetimes, decimals, tuples) travel tagged, as ``{"$bytes": "<base64>"}`` and
 the like. Request classes are limited to Scrapy's own: a message is untrusted
 input, and loading a class named by it would import arbitrary code.
+
+Items in ``meta`` or ``cb_kwargs`` (Scrapy's common "pass the item on to the
+next page" pattern) travel as ``{"$item": {"class": "module:Qual", "fields":
+{...}}}`` and are rebuilt as the same class. For the same reason as requests,
+the class is only looked up among modules already imported (the spider's own,
+and what it imported), never imported on a message's say-so, and it must be a
+:class:`scrapy.Item` subclass or a dataclass.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
+import sys
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from scrapy import Request, Spider
+from scrapy import Item, Request, Spider
 
 #: Request classes a message may name (anything else is refused).
 REQUEST_CLASSES = {
@@ -56,6 +65,10 @@ def encode_value(value: Any, where: str = "value") -> Any:
         return {"$date": value.isoformat()}
     if isinstance(value, Decimal):
         return {"$decimal": str(value)}
+    if isinstance(value, Item) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type)
+    ):
+        return {"$item": _encode_item(value, where)}
     raise CodecError(f"{where}: {type(value).__name__} cannot travel as JSON (no pickle)")
 
 
@@ -79,7 +92,52 @@ def decode_value(value: Any) -> Any:
             return tuple(decode_value(v) for v in inner)
         if tag == "$dict":
             return {k: decode_value(v) for k, v in inner.items()}
+        if tag == "$item":
+            return _decode_item(inner)
     return {k: decode_value(v) for k, v in value.items()}
+
+
+def _encode_item(item: Any, where: str) -> dict[str, Any]:
+    cls = type(item)
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if "<locals>" in cls.__qualname__ or _item_class(name) is not cls:
+        raise CodecError(
+            f"{where}: item class {cls.__qualname__} is not importable by name"
+            " (define it at the top level of a module)"
+        )
+    if isinstance(item, Item):
+        fields = dict(item)
+    else:
+        fields = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
+    out = {k: encode_value(v, f"{where}.{k}") for k, v in fields.items()}
+    return {"class": name, "fields": out}
+
+
+def _item_class(name: str) -> type | None:
+    """The item class ``module:Qual`` names, among modules already imported."""
+    module_name, _, qualname = name.partition(":")
+    found: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part, None) if part and found is not None else None
+    if isinstance(found, type) and (issubclass(found, Item) or dataclasses.is_dataclass(found)):
+        return found
+    return None
+
+
+def _decode_item(data: Any) -> Any:
+    name = data.get("class") if isinstance(data, dict) else None
+    cls = _item_class(name) if isinstance(name, str) else None
+    if cls is None:
+        raise CodecError(f"item class {name!r} is not a loaded Item or dataclass")
+    fields = {k: decode_value(v) for k, v in (data.get("fields") or {}).items()}
+    if issubclass(cls, Item):
+        return cls(fields)
+    init = {f.name for f in dataclasses.fields(cast(Any, cls)) if f.init}
+    item = cls(**{k: v for k, v in fields.items() if k in init})
+    for k, v in fields.items():
+        if k not in init:
+            object.__setattr__(item, k, v)  # a field set after __init__ (frozen ones too)
+    return item
 
 
 def request_to_json(request: Request, spider: Spider) -> dict[str, Any]:

@@ -10,6 +10,9 @@ one per attribute, loaded as ``crawl_process.py:NAME``:
   ``fail_path`` raises;
 * ``unkeepable``: the same spider, but its book links carry what a chunk
   cannot hand on (``-p how=callback``: a lambda callback; ``how=meta``: a set in meta);
+* ``carrying``: the same spider, but each book link carries what the catalogue
+  page knew as a Scrapy ``Item`` in ``meta`` and a dataclass in ``cb_kwargs``
+  (Scrapy's "pass the item on" pattern), across chunk boundaries;
 * ``throttled``: the trap spider with Scrapy's retries off, with a small
   ``throttle_base``, for a site that answers 503 for a while;
 * ``reordering``: a spider that takes another path on a retry (see
@@ -25,11 +28,12 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from scrapy import Request
+from scrapy import Field, Item, Request
 from scrapy.http import Response
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +119,64 @@ class UnkeepableBooks(BooksSpider):
             yield request
 
 
+class Listing(Item):
+    """What a catalogue page knows of a book it links to."""
+
+    listed_on = Field()
+    position = Field()
+    url = Field()  # filled on the book page
+    title = Field()
+
+
+@dataclass
+class Seen:
+    """Where the crawl was when it found the link."""
+
+    depth: int
+    listed_at: float
+
+
+LISTING_SCHEMA = {
+    "type": "record",
+    "name": "listed_book",
+    "fields": [
+        {"name": "url", "type": "string"},
+        {"name": "title", "type": "string"},
+        {"name": "listed_on", "type": "string"},
+        {"name": "position", "type": "int"},
+        {"name": "depth", "type": "int"},
+    ],
+}
+
+
+class CarryingBooks(BooksSpider):
+    """Passes a ``Listing`` item in ``meta`` and a ``Seen`` dataclass in
+    ``cb_kwargs`` from each catalogue page to its book pages, and yields the
+    item, completed, from the book page."""
+
+    name = "carrying-books"
+
+    def parse(self, response: Response, **kwargs: Any) -> Iterator[Request]:
+        position = 0
+        for request in super().parse(response, **kwargs):
+            if request.callback == self.parse_book:
+                position += 1
+                listing = Listing(listed_on=response.url, position=position)
+                seen = Seen(depth=response.meta.get("depth", 0), listed_at=time.time())
+                request = request.replace(
+                    meta={**request.meta, "listing": listing}, cb_kwargs={"seen": seen}
+                )
+            yield request
+
+    def parse_book(self, response: Response, seen: Seen | None = None) -> Iterator[Any]:  # type: ignore[override]
+        listing = response.meta["listing"]
+        assert isinstance(listing, Listing) and isinstance(seen, Seen), (listing, seen)
+        for book in super().parse_book(response):
+            listing["url"] = book["url"]
+            listing["title"] = book["title"]
+            yield {**dict(listing), "depth": seen.depth}
+
+
 class NoRetries(TrapSpider):
     """Follows every link; Scrapy's own retry is off, so a 503 reaches fanout."""
 
@@ -131,6 +193,9 @@ failing = CrawlJob(
 )
 unkeepable = CrawlJob(
     UnkeepableBooks, schema=BOOK_SCHEMA, name="unkeepable", pages_per_chunk=15, **FAST_RETRY
+)
+carrying = CrawlJob(
+    CarryingBooks, schema=LISTING_SCHEMA, name="carrying", pages_per_chunk=15, **FAST_RETRY
 )
 throttled = CrawlJob(
     NoRetries,
