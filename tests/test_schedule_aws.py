@@ -347,3 +347,33 @@ def test_a_copy_of_a_tick_another_handler_is_firing_is_handed_back_not_dropped(
     at(monkeypatch, (tick + timedelta(minutes=8)).isoformat())  # the claim is abandoned now
     assert deliver(aws, fire_message("tree", stamp)) == []
     assert aws.ledger.get_run(run_id) is not None
+
+
+def test_finding_unsettled_claims_reads_them_alone(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every fire under ``overlap skip`` (and every scheduler pass) asks for the
+    schedule's unsettled claims: that read covers the claims not yet settled,
+    not every tick the schedule fired in the past week."""
+    from fanout.schedules import open_store
+
+    store = open_store(aws)
+    base = _latest_tick() - timedelta(days=2)
+    for i in range(40):
+        assert store.claim_tick("tree", base + timedelta(minutes=5 * i))
+        if i != 17:
+            store.settle_tick("tree", base + timedelta(minutes=5 * i))
+    scanned: list[int] = []
+    query = store.dynamodb.query  # type: ignore[attr-defined]
+
+    def counted(**kwargs: Any) -> Any:
+        page = query(**kwargs)
+        scanned.append(page["ScannedCount"])
+        return page
+
+    monkeypatch.setattr(store.dynamodb, "query", counted)  # type: ignore[attr-defined]
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    assert store.unsettled_ticks("tree", later) == [base + timedelta(minutes=5 * 17)]
+    assert sum(scanned) == 1, scanned
+    store.release_tick("tree", base + timedelta(minutes=5 * 17))
+    assert store.unsettled_ticks("tree", later) == []

@@ -12,7 +12,12 @@ there; whoever receives a fire message reads the schedule back from EventBridge
 
 Claimed ticks (``fanout --backend aws scheduler --at``) are items of the ledger
 table under their own partition, ``SCHEDULE#<name>``, which no ledger query or
-index ever reads.
+index ever reads: ``TICK#<epoch>`` per claimed tick, and beside each claim not
+yet settled a ``PENDING#<epoch>`` marker, written and removed in the same
+transaction as the claim's own change, so finding the unsettled claims reads
+those alone, not every tick the schedule ever fired. A new claim forgets
+settled claims older than :data:`~fanout.schedules.model.KEEP_TICKS`, all but
+the latest one before it, as the local store does.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from __future__ import annotations
 import builtins
 import json
 import os
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import client, error_code
 from fanout.errors import UserError
 from fanout.messages import ScheduleFire
-from fanout.schedules.model import Schedule, TickClaim
+from fanout.schedules.model import KEEP_TICKS, Schedule, TickClaim
 from fanout.schedules.spec import as_utc, parse_spec
 
 #: The environment variable naming the role EventBridge sends with.
@@ -167,74 +174,124 @@ class EventBridgeScheduleStore:
             if error_code(exc) in _NOT_FOUND:
                 return False
             raise
-        for tick in self._ticks(name, newest_first=False, limit=None):
-            self.dynamodb.delete_item(
-                TableName=self.table, Key={"pk": {"S": _pk(name)}, "sk": {"S": tick}}
-            )
+        for prefix in ("TICK#", "PENDING#"):
+            for sk in self._keys(name, prefix):
+                self.dynamodb.delete_item(TableName=self.table, Key=self._key(name, sk))
         return True
+
+    def _keys(self, name: str, prefix: str) -> builtins.list[str]:
+        kwargs: dict[str, object] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
+            "ExpressionAttributeValues": {":pk": {"S": _pk(name)}, ":prefix": {"S": prefix}},
+            "ProjectionExpression": "sk",
+            "ConsistentRead": True,
+        }
+        return [item["sk"]["S"] for item in self._query(kwargs)]
+
+    def _query(self, kwargs: dict[str, object], limit: int | None = None) -> Iterator[Any]:
+        """The items of a query, page after page (at most ``limit`` pages' worth
+        once ``limit`` items were found)."""
+        found = 0
+        while True:
+            page = self.dynamodb.query(**kwargs)
+            items = page.get("Items", ())
+            yield from items
+            found += len(items)
+            if (limit is not None and found >= limit) or "LastEvaluatedKey" not in page:
+                return
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     # -- claims -------------------------------------------------------------------
 
     def claim_tick(self, name: str, tick: datetime) -> bool:
-        """A conditional put of the tick's item: True for exactly one caller."""
-        item = {
-            "pk": {"S": _pk(name)},
-            "sk": {"S": _sk(tick)},
-            "claimed_at": {"N": repr(datetime.now(UTC).timestamp())},
-        }
+        """The tick's item and its pending marker, one transaction conditional on
+        the item not existing: True for exactly one caller."""
+        claimed_at = {"N": repr(datetime.now(UTC).timestamp())}
+        claim = {"pk": {"S": _pk(name)}, "sk": {"S": _sk(tick)}, "claimed_at": claimed_at}
+        pending = {"pk": {"S": _pk(name)}, "sk": {"S": _pending(tick)}, "claimed_at": claimed_at}
         try:
-            self.dynamodb.put_item(
-                TableName=self.table, Item=item, ConditionExpression="attribute_not_exists(pk)"
+            self.dynamodb.transact_write_items(
+                TransactItems=[
+                    {
+                        "Put": {
+                            "TableName": self.table,
+                            "Item": claim,
+                            "ConditionExpression": "attribute_not_exists(pk)",
+                        }
+                    },
+                    {"Put": {"TableName": self.table, "Item": pending}},
+                ]
             )
         except Exception as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
+            if _lost_condition(exc):
                 return False
             raise
+        self._forget_old(name, tick)
         return True
 
+    def _forget_old(self, name: str, tick: datetime) -> None:
+        """Delete claims older than KEEP_TICKS and older than ``tick``, but the
+        latest of them: the next pass counts missed ticks from it, also when the
+        claim of ``tick`` is released. Their pending markers stay (an unsettled
+        claim still fires)."""
+        horizon = min(as_utc(tick), datetime.now(UTC) - KEEP_TICKS) - timedelta(seconds=1)
+        old = self._ticks(name, newest_first=True, limit=None, upto=horizon)
+        for sk in old[1:]:
+            self.dynamodb.delete_item(TableName=self.table, Key=self._key(name, sk))
+
+    def _key(self, name: str, sk: str) -> dict[str, Any]:
+        return {"pk": {"S": _pk(name)}, "sk": {"S": sk}}
+
     def release_tick(self, name: str, tick: datetime) -> None:
-        """Delete the tick's item, so a later pass claims and fires it again."""
-        self.dynamodb.delete_item(
-            TableName=self.table, Key={"pk": {"S": _pk(name)}, "sk": {"S": _sk(tick)}}
+        """Delete the tick's item and its marker, so a later pass claims and fires it again."""
+        self.dynamodb.transact_write_items(
+            TransactItems=[
+                {"Delete": {"TableName": self.table, "Key": self._key(name, sk)}}
+                for sk in (_sk(tick), _pending(tick))
+            ]
         )
 
     def settle_tick(self, name: str, tick: datetime) -> None:
-        """Mark the claimed ``tick`` as dealt with (only if its claim is there)."""
+        """Mark the claimed ``tick`` as dealt with and drop its marker (only if its
+        claim is there)."""
         try:
-            self.dynamodb.update_item(
-                TableName=self.table,
-                Key={"pk": {"S": _pk(name)}, "sk": {"S": _sk(tick)}},
-                UpdateExpression="SET settled = :yes",
-                ConditionExpression="attribute_exists(pk)",
-                ExpressionAttributeValues={":yes": {"BOOL": True}},
+            self.dynamodb.transact_write_items(
+                TransactItems=[
+                    {
+                        "Update": {
+                            "TableName": self.table,
+                            "Key": self._key(name, _sk(tick)),
+                            "UpdateExpression": "SET settled = :yes",
+                            "ConditionExpression": "attribute_exists(pk)",
+                            "ExpressionAttributeValues": {":yes": {"BOOL": True}},
+                        }
+                    },
+                    {"Delete": {"TableName": self.table, "Key": self._key(name, _pending(tick))}},
+                ]
             )
         except Exception as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
+            if not _lost_condition(exc):
                 raise
 
     def unsettled_ticks(self, name: str, claimed_before: datetime) -> builtins.list[datetime]:
-        """Claimed, never settled, claimed before ``claimed_before``; oldest first."""
+        """Claimed, never settled, claimed before ``claimed_before``; oldest first.
+        Reads the pending markers only."""
         kwargs: dict[str, object] = {
             "TableName": self.table,
-            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :tick)",
-            "FilterExpression": "attribute_not_exists(settled) AND claimed_at < :before",
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :pending)",
+            "FilterExpression": "claimed_at < :before",
             "ExpressionAttributeValues": {
                 ":pk": {"S": _pk(name)},
-                ":tick": {"S": "TICK#"},
+                ":pending": {"S": "PENDING#"},
                 ":before": {"N": repr(as_utc(claimed_before).timestamp())},
             },
             "ConsistentRead": True,
         }
-        found: builtins.list[datetime] = []
-        while True:
-            page = self.dynamodb.query(**kwargs)
-            found.extend(
-                datetime.fromtimestamp(int(item["sk"]["S"].removeprefix("TICK#")), UTC)
-                for item in page.get("Items", ())
-            )
-            if "LastEvaluatedKey" not in page:
-                return sorted(found)
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return sorted(
+            datetime.fromtimestamp(int(item["sk"]["S"].removeprefix("PENDING#")), UTC)
+            for item in self._query(kwargs)
+        )
 
     def tick_claim(self, name: str, tick: datetime) -> TickClaim | None:
         """The claim of ``tick`` (a consistent read), or None if unclaimed."""
@@ -277,13 +334,7 @@ class EventBridgeScheduleStore:
         }
         if limit is not None:
             kwargs["Limit"] = limit
-        found: builtins.list[str] = []
-        while True:
-            page = self.dynamodb.query(**kwargs)
-            found.extend(item["sk"]["S"] for item in page.get("Items", ()))
-            if (limit is not None and len(found) >= limit) or "LastEvaluatedKey" not in page:
-                return found
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return [item["sk"]["S"] for item in self._query(kwargs, limit)]
 
     def close(self) -> None:
         """Nothing to release: the boto3 clients are shared by the process."""
@@ -295,3 +346,18 @@ def _pk(name: str) -> str:
 
 def _sk(tick: datetime) -> str:
     return f"TICK#{int(as_utc(tick).timestamp()):012d}"
+
+
+def _pending(tick: datetime) -> str:
+    return f"PENDING#{int(as_utc(tick).timestamp()):012d}"
+
+
+def _lost_condition(exc: Exception) -> bool:
+    """Whether ``exc`` is a transaction (or a write) refused for its condition."""
+    code = error_code(exc)
+    if code == "ConditionalCheckFailedException":
+        return True
+    if code != "TransactionCanceledException":
+        return False
+    reasons = getattr(exc, "response", {}).get("CancellationReasons") or []
+    return any(r.get("Code") == "ConditionalCheckFailed" for r in reasons)

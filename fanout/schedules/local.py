@@ -13,11 +13,11 @@ import builtins
 import sqlite3
 import threading
 import weakref
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from fanout.backends.local.db import Database
 from fanout.errors import UserError
-from fanout.schedules.model import Schedule, TickClaim
+from fanout.schedules.model import KEEP_TICKS, Schedule, TickClaim
 from fanout.schedules.spec import as_utc
 
 #: One statement each: they run inside a write transaction (``executescript``
@@ -35,10 +35,6 @@ SCHEMA = (
     PRIMARY KEY (name, tick)
 )""",
 )
-
-#: Claimed ticks older than this are forgotten (all but the latest one): a claim
-#: only has to outlive the processes racing for the same tick.
-KEEP_TICKS = timedelta(days=7)
 
 
 def _seconds(when: datetime) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import builtins
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
@@ -18,6 +18,9 @@ from fanout.schedules.spec import Spec, as_utc, floor_minute, parse_spec
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 #: The run param a scheduled run gets its tick in, when its job declares it.
 SCHEDULED_TIME = "scheduled_time"
+#: Claimed ticks older than this are forgotten (all but the latest one before a
+#: new claim): a claim only has to outlive the processes racing for its tick.
+KEEP_TICKS = timedelta(days=7)
 
 Overlap = Literal["skip", "allow"]
 CatchUp = Literal["none", "latest", "all"]

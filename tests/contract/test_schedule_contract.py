@@ -144,6 +144,25 @@ def test_releasing_the_latest_claim_keeps_the_one_before(store: ScheduleStore) -
     assert store.last_tick("pulse") == old
 
 
+def test_claims_a_week_old_are_forgotten_but_the_latest_before_a_new_one(
+    store: ScheduleStore,
+) -> None:
+    """A schedule that fires for years keeps about a week of claims, not every
+    tick it ever fired (a store read per fire must not grow with its age)."""
+    store.add(make(expression="@daily"))
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    old = [today - timedelta(days=days) for days in (40, 30, 20, 10)]
+    for tick in old:
+        assert store.claim_tick("pulse", tick)
+        store.settle_tick("pulse", tick)
+    assert store.claim_tick("pulse", today)
+    assert store.last_tick("pulse", old[-1]) == old[-1]  # the latest one before today's
+    assert store.last_tick("pulse", old[-2]) is None  # the older ones are gone
+    store.release_tick("pulse", today)
+    assert store.last_tick("pulse") == old[-1]
+    assert store.claim_tick("pulse", old[0]) is True  # forgotten: claimable again
+
+
 def test_claimed_ticks_stay_unsettled_until_settled(store: ScheduleStore) -> None:
     """What a scheduler killed between a claim and its submit leaves behind:
     a claimed tick never settled, found by ``unsettled_ticks`` once old enough."""
