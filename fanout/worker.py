@@ -58,7 +58,8 @@ _BATCH_BYTES = 16384
 #: How long an idle child sleeps between empty polls, at most (s).
 MAX_POLL_SLEEP = 0.2
 #: After a failed receive (a full disk, an unreachable queue) a child waits this
-#: long before it tries again, doubling up to ``MAX_RECEIVE_BACKOFF`` (s).
+#: long before it tries again, doubling up to ``MAX_RECEIVE_BACKOFF`` (s); so
+#: does the supervisor after its own checks failed.
 RECEIVE_BACKOFF = 0.5
 MAX_RECEIVE_BACKOFF = 5.0
 #: A prefetched message may wait this long in a child before it is started; one
@@ -80,6 +81,36 @@ REAP_EVERY = 10.0
 #: How often a pool moves dead-lettered messages back and looks for stalled
 #: runs (see ``recover``), idle or not.
 REDRIVE_EVERY = 60.0
+
+
+class _Failing:
+    """The failures of one loop's backend calls (a full disk, a locked or
+    unreachable queue): dying there would only have the pool start a process
+    that dies the same way, a traceback each time. Nothing was taken, so
+    nothing is lost by waiting: say so once, back off (doubling), retry."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.wait = 0.0  # the current back-off (0: the last call worked)
+        self.until = 0.0
+
+    def failed(self, exc: Exception) -> float:
+        """Note a failure; returns how long to wait before trying again."""
+        if not self.wait:
+            log.warning("%s failed, backing off: %s: %s", self.what, type(exc).__name__, exc)
+        self.wait = min(max(self.wait * 2, RECEIVE_BACKOFF), MAX_RECEIVE_BACKOFF)
+        self.until = time.monotonic() + self.wait
+        return self.wait
+
+    def worked(self) -> None:
+        """Note a call that worked."""
+        if self.wait:
+            log.warning("%s works again", self.what)
+            self.wait = 0.0
+
+    def waiting(self) -> bool:
+        """Whether the back-off after a failure is still running."""
+        return bool(self.wait) and time.monotonic() < self.until
 
 
 @dataclass(frozen=True)
@@ -217,25 +248,16 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     batches = isinstance(backend.ledger, BatchLedger)
     sleep = 0.005
-    failing = 0.0  # the back-off after a failed receive (0: the last one worked)
+    receiving = _Failing("queue receive")
     batch = 1
     try:
         while not stop.is_set() and os.getppid() == parent:
             try:
                 deliveries = backend.queue.receive(batch, visibility)
             except Exception as e:
-                # A full disk, a locked or unreachable queue: dying here would
-                # only have the supervisor start a child that dies the same way
-                # (a crash loop, a traceback each time). Nothing was received,
-                # so nothing is lost by waiting: say so once, back off, retry.
-                if not failing:
-                    log.warning("queue receive failed, backing off: %s: %s", type(e).__name__, e)
-                failing = min(max(failing * 2, RECEIVE_BACKOFF), MAX_RECEIVE_BACKOFF)
-                stop.wait(failing)
+                stop.wait(receiving.failed(e))
                 continue
-            if failing:
-                log.warning("queue receive works again")
-                failing = 0.0
+            receiving.worked()
             if not deliveries:
                 stop.wait(sleep)  # not time.sleep: a stopped child leaves at once
                 sleep = min(sleep * 2, MAX_POLL_SLEEP)
@@ -320,7 +342,11 @@ class WorkerPool:
         """Supervise until ``until()`` is true, the queue is idle (``until_idle``),
         or a signal asks to stop."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        recover(self.backend)
+        checks = _Failing("the pool's queue and ledger checks")
+        try:
+            recover(self.backend)
+        except Exception as e:
+            checks.failed(e)
         # What the supervisor holds now (modules, the loaded job) lives as long as
         # it does. Frozen before the fork, as the gc docs advise: the children's
         # collections leave those pages uncopied, and the supervisor's own exit
@@ -341,36 +367,41 @@ class WorkerPool:
                 if tick is not None and now >= next_tick:
                     tick()
                     next_tick = now + tick_every
-                if now < next_check:
+                if now < next_check or checks.waiting():
                     if self._nap(0.02):
                         next_check = 0.0
                     continue
                 next_check = now + check_every
-                if until is not None and until():
-                    break
-                if until_idle or until is not None:
-                    busy = any(s.deadline.value for s in self.slots)
-                    if not busy and self.backend.queue.pending() == 0:
-                        redrive = now >= next_redrive
-                        if redrive:
-                            next_redrive = now + REDRIVE_EVERY
-                        if recover(self.backend, redrive=redrive):
+                try:
+                    if until is not None and until():
+                        break
+                    if until_idle or until is not None:
+                        busy = any(s.deadline.value for s in self.slots)
+                        if not busy and self.backend.queue.pending() == 0:
+                            redrive = now >= next_redrive
+                            if redrive:
+                                next_redrive = now + REDRIVE_EVERY
+                            if recover(self.backend, redrive=redrive):
+                                idle_since = 0.0
+                            elif until_idle:
+                                # Idle twice in a row: nothing is in flight between checks.
+                                if idle_since and now - idle_since > 0.2:
+                                    break
+                                idle_since = idle_since or now
+                        else:
                             idle_since = 0.0
-                        elif until_idle:
-                            # Idle twice in a row: nothing is in flight between checks.
-                            if idle_since and now - idle_since > 0.2:
-                                break
-                            idle_since = idle_since or now
-                    else:
-                        idle_since = 0.0
+                    if now >= next_redrive:
+                        # Busy or not: a run whose message was lost must not wait for
+                        # the queue to empty (other runs may keep it busy for hours).
+                        next_redrive = now + REDRIVE_EVERY
+                        recover(self.backend)
+                    checks.worked()
+                except Exception as e:
+                    checks.failed(e)
+                    idle_since = 0.0  # not known to be idle
                 if self._was_subreaper is not None and now >= next_reap:
                     next_reap = now + REAP_EVERY
                     reap(exited_children(self._own_children()), within=0.0)
-                if now >= next_redrive:
-                    # Busy or not: a run whose message was lost must not wait for
-                    # the queue to empty (other runs may keep it busy for hours).
-                    next_redrive = now + REDRIVE_EVERY
-                    recover(self.backend)
                 if self._nap(0.02):
                     next_check = 0.0
         finally:

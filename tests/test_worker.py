@@ -75,24 +75,29 @@ def test_a_full_disk_at_receive_is_logged_once_and_waited_out(home: Path, tmp_pa
     # A receive that fails (SQLite: "database or disk is full") used to kill
     # the worker child with a traceback; the supervisor started another,
     # which died the same way: a crash loop, a traceback a few times a second.
+    # The supervisor's own checks (its start-up recovery, the idle check of
+    # --until-idle) died the same way, taking the whole worker down.
     run_id = submit(home, chunks=2, rows=3)
     full = tmp_path / "full"
     full.touch()
     env = {"FANOUT_TEST_QUEUE_FULL": str(full)}
     command = [sys.executable, str(QUEUE_FULL)]
-    with worker(home, tmp_path, "-w", "1", command=command, env=env) as proc:
+    with worker(home, tmp_path, "-w", "1", "--until-idle", command=command, env=env) as proc:
         wait_for("a failed receive", (tmp_path / "full.count").exists, 20)
+        wait_for("a failed check", (tmp_path / "full.checks").exists, 20)
         time.sleep(3)
-        failed = len((tmp_path / "full.count").read_bytes())
-        assert failed < 10  # backed off, not spinning
+        assert len((tmp_path / "full.count").read_bytes()) < 10  # backed off, not spinning
+        assert len((tmp_path / "full.checks").read_bytes()) < 10
+        assert proc.poll() is None  # --until-idle: not idle, not dead
         full.unlink()  # the disk has room again
-        wait_for("the run", lambda: status(home, run_id)["state"] == "succeeded", 30)
-        assert proc.poll() is None
+        assert proc.wait(timeout=30) == 0
+    assert status(home, run_id)["state"] == "succeeded"
     log = next(tmp_path.glob("worker-*.log")).read_text()
     assert "Traceback" not in log
     lines = [line for line in log.splitlines() if "disk is full" in line]
-    assert len(lines) == 1, log
-    assert "receive" in lines[0] and "backing off" in lines[0]
+    assert len(lines) == 2, log
+    assert any("receive" in line and "backing off" in line for line in lines), lines
+    assert any("checks" in line and "backing off" in line for line in lines), lines
     assert_exact_output(home, run_id, chunks=2, rows=3)
 
 

@@ -65,9 +65,7 @@ def encode_value(value: Any, where: str = "value") -> Any:
         return {"$date": value.isoformat()}
     if isinstance(value, Decimal):
         return {"$decimal": str(value)}
-    if isinstance(value, Item) or (
-        dataclasses.is_dataclass(value) and not isinstance(value, type)
-    ):
+    if isinstance(value, Item) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
         return {"$item": _encode_item(value, where)}
     raise CodecError(f"{where}: {type(value).__name__} cannot travel as JSON (no pickle)")
 
