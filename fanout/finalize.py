@@ -1,6 +1,19 @@
 """The end of a run: once its outstanding counter reaches zero, write
 ``runs/<run_id>/_manifest.json`` listing exactly the committed files, record
-the run's final state and announce it (``run.finished``)."""
+the run's final state and announce it (``run.finished``).
+
+One finalizer at a time: :meth:`~fanout.backends.base.Ledger.begin_finalize`
+grants the run to one caller, and again to another once the first has been at
+it for :data:`FINALIZE_STALE` seconds (it is presumed dead). A finalizer that
+was only slow must then leave the run alone, or its manifest, listing the files
+of its time, could replace a later one (a replay reopened and finished the run
+meanwhile). So it writes the manifest only if the ledger still names it just
+before the write, and records the final state only if the ledger still names
+it (``finish(began=...)``). A finalizer that takes over after that check still
+has the whole manifest to build before it writes its own, so the later write
+is the newer one, unless this process stalls between the check and its write
+for longer than that (a store without conditional writes cannot fence it).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +21,7 @@ import json
 import logging
 import time
 
-from fanout.backends.base import Ledger, Store, TaskState
+from fanout.backends.base import Ledger, RunState, Store, TaskState
 from fanout.backends.keys import manifest_key
 from fanout.controls import final_state
 from fanout.events import EventSink, emit
@@ -64,13 +77,21 @@ def finalize_run(
         "schema": record.settings.get(SCHEMA),
     }
     manifest = expand_parts(store, manifest)  # issue 14: a table's files, by partition
+    if not _still_mine(ledger, run_id, now):
+        return False
     key = manifest_key(run_id)
     store.put(key, json.dumps(manifest, indent=1).encode())
     # Issue 14: idempotent, so before the run is marked finished.
     update_glue(store, join_table(store, manifest))
     if record.settings.get("compact"):
         compact_run_partitions(store, manifest)  # issue 14: -S compact=true
-    ledger.finish(run_id, state, key, time.time())
+    if not ledger.finish(run_id, state, key, time.time(), began=now):
+        log.error(
+            "run %s: another finalizer took over while this one wrote the manifest;"
+            " its own manifest stands only if it wrote it after this one",
+            run_id,
+        )
+        return False
     emit(
         events,
         "run.finished",
@@ -91,3 +112,16 @@ def finalize_run(
         len(files),
     )
     return True
+
+
+def _still_mine(ledger: Ledger, run_id: str, began: float) -> bool:
+    """Whether the ledger still names the finalizer that began at ``began``."""
+    run = ledger.get_run(run_id)
+    if run is not None and run.state is RunState.FINALIZING and run.finalize_at == began:
+        return True
+    log.warning(
+        "run %s: another finalizer took over after %.0fs; this one leaves the run to it",
+        run_id,
+        time.time() - began,
+    )
+    return False

@@ -104,7 +104,7 @@ def test_a_replay_takes_over_a_finalizer_that_died(
     flag.touch()
     run_id = _run(mem, {"max_attempts": 1}, chunks=2, rows=2, broken_flag=str(flag))
     finish = mem.ledger.finish
-    mem.ledger.finish = lambda *args: None  # type: ignore[method-assign]  # died before it
+    mem.ledger.finish = lambda *args, **kwargs: None  # type: ignore[method-assign]  # died before it
     deadline = time.monotonic() + 10
     while mem.ledger.get_run(run_id).state != RunState.FINALIZING:  # type: ignore[union-attr]
         assert time.monotonic() < deadline
@@ -119,3 +119,38 @@ def test_a_replay_takes_over_a_finalizer_that_died(
     run = drain(mem, run_id)
     assert run.state == RunState.SUCCEEDED and run.records == 4
     assert coordinator.read_manifest(mem, run_id)["records"] == 4
+
+
+def test_a_slow_finalizer_taken_over_leaves_the_manifest_to_the_newer_one(
+    mem: Backend, tmp_path: Path
+) -> None:
+    # A finalizer lists the done tasks, then stalls past FINALIZE_STALE. The
+    # sweep takes the run over and finishes it, a replay reopens it, and the
+    # replayed run is finalized with every record. The slow one then wakes
+    # up: it used to write its old listing over the newer manifest.
+    from fanout.backends.base import TaskState
+    from fanout.events import events_for
+    from fanout.finalize import finalize_run
+
+    flag = tmp_path / "broken"
+    flag.touch()
+    run_id = _run(mem, {"max_attempts": 1}, chunks=3, rows=4, broken_flag=str(flag))
+    list_tasks = mem.ledger.list_tasks
+    stalled: list[str] = []
+
+    def list_then_stall(*args: Any, **kwargs: Any) -> Any:
+        listed = list_tasks(*args, **kwargs)
+        if not stalled and args[1:2] == ((TaskState.DONE,),):
+            stalled.append(run_id)
+            time.sleep(0.01)
+            assert finalize_run(mem.ledger, mem.store, events_for(mem), run_id, stale_after=0.0)
+            flag.unlink()
+            coordinator.replay(mem, run_id, wait=0.0)
+            assert drain(mem, run_id).records == 12
+        return listed
+
+    mem.ledger.list_tasks = list_then_stall  # type: ignore[method-assign]
+    run = drain(mem, run_id)
+    assert stalled == [run_id]
+    assert run.state == RunState.SUCCEEDED and run.records == 12
+    assert coordinator.read_manifest(mem, run_id)["records"] == 12

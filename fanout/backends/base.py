@@ -194,6 +194,7 @@ class RunRecord:
     retries: int = 0
     manifest_key: str | None = None
     stats: dict[str, int] = field(default_factory=dict)  # summed over committed tasks
+    finalize_at: float | None = None  # when its finalizer began: who may finish it
 
 
 class ClaimOutcome(enum.StrEnum):
@@ -340,8 +341,18 @@ class Ledger(Protocol):
         """Take the right to write the manifest: true once per drain (or again after
         ``stale_after`` seconds, if the finalizer died)."""
 
-    def finish(self, run_id: str, state: RunState, manifest_key: str, now: float) -> None:
-        """Record the run's final state and manifest."""
+    def finish(
+        self,
+        run_id: str,
+        state: RunState,
+        manifest_key: str,
+        now: float,
+        began: float | None = None,
+    ) -> bool:
+        """Record the run's final state and manifest, unless the run was reopened
+        meanwhile or (given ``began``, the ``now`` of the caller's
+        :meth:`begin_finalize`) another finalizer took it over. Returns whether
+        it recorded them."""
 
     def close(self) -> None:
         """Release connections."""

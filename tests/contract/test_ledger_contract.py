@@ -278,6 +278,24 @@ def test_begin_finalize_is_granted_once_unless_stale(backend: Backend) -> None:
     assert not backend.ledger.begin_finalize(RUN, now + 500, 60)
 
 
+def test_finish_is_refused_to_a_finalizer_another_took_over(backend: Backend) -> None:
+    _run(backend)
+    now = time.time()
+    _claim(backend)
+    backend.ledger.commit(ROOT, "t1", None, "committed", now)
+    assert backend.ledger.begin_finalize(RUN, now, 60)
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.finalize_at == now  # who finalizes, exactly
+    assert backend.ledger.begin_finalize(RUN, now + 120, 60)  # taken over
+    assert not backend.ledger.finish(RUN, RunState.FAILED, "old.json", now + 121, began=now)
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.state == RunState.FINALIZING and run.manifest_key is None
+    assert backend.ledger.finish(RUN, RunState.SUCCEEDED, "m.json", now + 122, began=now + 120)
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.state == RunState.SUCCEEDED and run.manifest_key == "m.json"
+    assert not backend.ledger.finish(RUN, RunState.SUCCEEDED, "m.json", now + 123)  # done
+
+
 def test_stop_cancels_queued_tasks_at_claim(backend: Backend) -> None:
     _run(backend)
     _claim(backend)

@@ -201,13 +201,23 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
         )
         return self._update(e, _run_key(run_id)) is not None
 
-    def finish(self, run_id: str, state: RunState, manifest_key: str, now: float) -> None:
-        """Record the final state, unless the run was reopened meanwhile."""
+    def finish(
+        self,
+        run_id: str,
+        state: RunState,
+        manifest_key: str,
+        now: float,
+        began: float | None = None,
+    ) -> bool:
+        """Record the final state, unless the run was reopened meanwhile or
+        another finalizer took it over (``began``)."""
         e = _Expr().set("state", state.value).set("manifest_key", manifest_key)
         e.set("finished_at", now).set("updated_at", now)
         e.where(f"{e.n('state')} = {e.v(RunState.FINALIZING.value)}")
         e.where(f"{e.n('outstanding')} = {e.v(0)}")
-        self._update(e, _run_key(run_id))
+        if began is not None:
+            e.where(f"{e.n('finalize_at')} = {e.v(began)}")
+        return self._update(e, _run_key(run_id)) is not None
 
     # -- registration ----------------------------------------------------------------
 

@@ -214,6 +214,7 @@ def _run(item: Item) -> RunRecord:
         retries=d["retries"],
         manifest_key=d.get("manifest_key"),
         stats={str(k): int(v) for k, v in d["stats"].items()},
+        finalize_at=float(d["finalize_at"]) if d.get("finalize_at") is not None else None,
     )
 
 

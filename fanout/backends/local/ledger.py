@@ -141,14 +141,25 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
             )
             return cur.rowcount == 1
 
-    def finish(self, run_id: str, state: RunState, manifest_key: str, now: float) -> None:
-        """Record the final state, unless the run was reopened meanwhile."""
+    def finish(
+        self,
+        run_id: str,
+        state: RunState,
+        manifest_key: str,
+        now: float,
+        began: float | None = None,
+    ) -> bool:
+        """Record the final state, unless the run was reopened meanwhile or
+        another finalizer took it over (``began``)."""
+        sql = (
+            "UPDATE runs SET state = ?, manifest_key = ?, finished_at = ?, updated_at = ?"
+            " WHERE run_id = ? AND state = 'finalizing' AND outstanding = 0"
+        )
+        args: tuple[object, ...] = (state.value, manifest_key, now, now, run_id)
+        if began is not None:
+            sql, args = sql + " AND finalize_at = ?", (*args, began)
         with self.db.write() as conn:
-            conn.execute(
-                "UPDATE runs SET state = ?, manifest_key = ?, finished_at = ?, updated_at = ?"
-                " WHERE run_id = ? AND state = 'finalizing' AND outstanding = 0",
-                (state.value, manifest_key, now, now, run_id),
-            )
+            return conn.execute(sql, args).rowcount == 1
 
     # -- tasks ----------------------------------------------------------------
 

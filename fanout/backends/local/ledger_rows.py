@@ -107,6 +107,7 @@ def run_record(row: sqlite3.Row) -> RunRecord:
         retries=row["retries"],
         manifest_key=row["manifest_key"],
         stats=json.loads(row["stats"]),
+        finalize_at=row["finalize_at"],
     )
 
 
