@@ -9,12 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, Output, RunRecord, RunState, TaskRecord, TaskState
-from fanout.cli import main
 from fanout.cost import (
     LAMBDA_PLATFORM_BYTES,
     Prices,
@@ -27,13 +25,10 @@ from fanout.cost import (
 )
 from fanout.messages import ChunkMessage, encode
 from fanout.metrics import ChunkMetrics, emf_document
+from support.cli import cli
 from support.helpers import TREE, drain
 
 RUN = "tree-20261122T140000-abcdef"
-
-
-def cli(home: Path, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--home", str(home), *args], prog_name="fanout")
 
 
 def known_run() -> tuple[RunRecord, list[TaskRecord]]:

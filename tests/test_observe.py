@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
 from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, Failure, RunState, TaskKey
-from fanout.cli import main
 from fanout.cli_observe import watch_run
 from fanout.dispatch import Dispatcher
 from fanout.logs import NOISY_LOGGERS, configure_logging, resolve_level
 from fanout.messages import decode
 from fanout.metrics import ChunkMetrics, EmfMetrics, emf_document, metrics_for
 from fanout.runner import LEASE_GRACE, Attempt, Runner
+from support.cli import cli
 from support.helpers import TREE, FixedJitter, drain
 
 CHUNK_KEYS = [
@@ -60,10 +59,6 @@ def local(home: Path) -> Iterator[Backend]:
     backend = open_backend("local", home=home)
     yield backend
     backend.close()
-
-
-def cli(home: Path, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--home", str(home), *args], prog_name="fanout")
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

@@ -15,16 +15,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, NewTask, RunRecord, RunState
 from fanout.backends.local.ledger import SQLiteLedger
-from fanout.cli import main
 from fanout.schedules import Schedule, open_store
 from fanout.schedules.fire import Fired, due, next_wake, run_loop
 from fanout.schedules.spec import parse_spec
+from support.cli import cli, ok
 from support.helpers import TREE, drain
 from support.procs import CLI, wait_for, worker
 
@@ -50,15 +50,6 @@ def process(payload, ctx):
 
 def t(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
-
-
-def cli(home: Path, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--home", str(home), *args], prog_name="fanout")
-
-
-def ok(result: Result) -> str:
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result.stdout
 
 
 def user_error(result: Result, *needles: str) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from fanout.cli import main
 from fanout.tables.compat import why_unreadable
+from support.cli import cli
 
 
 def record(*fields: dict[str, Any], name: str = "reading") -> dict[str, Any]:
@@ -133,10 +133,6 @@ def write_job(tmp: Path, name: str, schema: dict[str, Any], **kw: str) -> str:
     path = tmp / f"{name}.py"
     path.write_text(JOB_TEMPLATE.format(schema=json.dumps(schema), extra=extra))
     return str(path)
-
-
-def cli(home: Path, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--home", str(home), *args], prog_name="fanout")
 
 
 def refused(result: Result) -> str:

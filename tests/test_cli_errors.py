@@ -1,0 +1,399 @@
+"""Bad input to the ``fanout`` command line: exit 2 and one line naming the
+problem, never a traceback (a missing or broken job file, params that do not
+validate, a home that cannot be made or written, an empty run id).
+
+Commands that start worker processes run as real subprocesses; the others go
+through click's CliRunner.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from fanout.cli import main
+from support.cli import assert_user_error, cli, ok
+from support.helpers import TREE
+from support.procs import fanout
+
+WORK = ["-w", "2", "--chunk-timeout", "10"]
+
+# -- bad input: exit 2, one line -------------------------------------------------
+
+SYNTAX_ERROR = "def broken(:\n"
+NO_JOB = "x = 1\n"
+BAD_SCHEMA = """\
+from fanout import Job
+
+job = Job("noschema", schema="no_such_schema")
+
+
+@job.process
+def process(payload, ctx):
+    pass
+"""
+
+ODD_SCHEMA = """
+from fanout import Job
+job = Job("odd", schema=42)
+"""
+ODD_PARAMS = """
+from fanout import Job
+class Params:
+    rows = 1
+job = Job("odd", params=Params)
+"""
+RAISING_VALIDATOR = """
+from pydantic import BaseModel, field_validator
+from fanout import Job
+class Params(BaseModel):
+    a: int = 1
+    @field_validator("a")
+    @classmethod
+    def check(cls, value):
+        raise RuntimeError("boom")
+job = Job("odd", params=Params)
+@job.process
+def process(chunk, ctx):
+    return None
+"""
+
+#: A job without a Params model or a plan: its params are its one chunk's payload.
+DICT_JOB = """
+from fanout import Job
+job = Job("dict")
+@job.process
+def process(chunk, ctx):
+    return None
+"""
+_BIG_INT = "9" * 5000  # past Python's 4,300 digits of int-to-text conversion
+_DEEP = "[" * 250 + "]" * 250  # deeper than a message may nest (200)
+_DEEPER = "[" * 5000 + "]" * 5000  # deeper than Python's JSON decoder goes
+
+#: Params no message can carry: they used to crash `submit` (a ValueError,
+#: RecursionError or MessageError traceback), or pass it and fail later.
+UNENCODABLE_PARAMS: list[tuple[str, dict[str, str], list[str], list[str]]] = (
+    [
+        (
+            f"params {name} ({job})",
+            {"p.json": text, "dict.py": DICT_JOB},
+            ["submit", path, "--params-file", "{tmp}/p.json"],
+            ["p.json" if name.startswith("file") else "params", *needles],
+        )
+        for job, path in (("dict job", "{tmp}/dict.py"), ("model job", TREE))
+        for name, text, needles in (
+            ("file with a huge int", f'{{"rows": {_BIG_INT}}}', ["4300 digits"]),
+            ("file nested too deep for JSON", f'{{"rows": {_DEEPER}}}', ["nested too deep"]),
+        )
+    ]
+    + [
+        (
+            f"params {name}",
+            {"p.json": text, "dict.py": DICT_JOB},
+            ["submit", "{tmp}/dict.py", "--params-file", "{tmp}/p.json"],
+            ["params", *needles],
+        )
+        for name, text, needles in (
+            ("with NaN", '{"x": NaN}', ["x", "NaN"]),
+            ("with Infinity", '{"x": [1, -Infinity]}', ["x.1", "NaN"]),
+            ("nested too deep", f'{{"x": {_DEEP}}}', ["nested", "deep"]),
+            ("with a lone surrogate", '{"x": "\\ud800"}', ["x", "lone surrogate"]),
+        )
+    ]
+    + [
+        (
+            "param with a huge int",
+            {"dict.py": DICT_JOB},
+            ["submit", "{tmp}/dict.py", "-p", f"x=[{_BIG_INT}]"],
+            ["--param 'x'", "4300 digits"],
+        ),
+        (
+            "param nested too deep for JSON",
+            {"dict.py": DICT_JOB},
+            ["submit", "{tmp}/dict.py", "-p", f"x={_DEEPER}"],
+            ["--param 'x'", "nested too deep"],
+        ),
+    ]
+)
+
+#: (name, files to write, argv with {tmp} for the directory, what the message names)
+BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
+    ("missing job file", {}, ["validate", "{tmp}/missing.py"], ["missing.py", "does not exist"]),
+    (
+        "syntax error",
+        {"syn.py": SYNTAX_ERROR},
+        ["submit", "{tmp}/syn.py"],
+        ["syn.py", "SyntaxError", "line 1"],
+    ),
+    ("no Job", {"nojob.py": NO_JOB}, ["validate", "{tmp}/nojob.py"], ["defines no Job"]),
+    ("no such attr in file", {}, ["validate", TREE + ":nope"], ["no Job named 'nope'"]),
+    (
+        "no such attr in module",
+        {},
+        ["submit", "fanout.jobs:nope"],
+        ["module fanout.jobs", "no Job named 'nope'"],
+    ),
+    ("no such module", {}, ["validate", "no_such_module_xyz:job"], ["no_such_module_xyz"]),
+    ("invalid param", {}, ["submit", TREE, "-p", "rows=abc"], ["rows", "integer"]),
+    ("invalid list param", {}, ["validate", TREE, "-p", 'fail_chunks=["x"]'], ["fail_chunks"]),
+    ("param without =", {}, ["submit", TREE, "-p", "rows"], ["--param 'rows'", "KEY=VALUE"]),
+    (
+        "params file missing",
+        {},
+        ["submit", TREE, "--params-file", "{tmp}/nope.json"],
+        ["nope.json", "does not exist"],
+    ),
+    (
+        "params file not JSON",
+        {"bad.json": "{rows: 1"},
+        ["validate", TREE, "--params-file", "{tmp}/bad.json"],
+        ["bad.json", "not valid JSON"],
+    ),
+    (
+        "params file not an object",
+        {"list.json": "[1, 2]"},
+        ["submit", TREE, "--params-file", "{tmp}/list.json"],
+        ["list.json", "JSON object"],
+    ),
+    ("setting out of range", {}, ["submit", TREE, "-S", "max_attempts=0"], ["max_attempts"]),
+    ("unknown setting", {}, ["submit", TREE, "-S", "max_attempt=2"], ["max_attempt"]),
+    ("setting without =", {}, ["submit", TREE, "-S", "max_attempts"], ["KEY=VALUE"]),
+    ("bad setting on validate", {}, ["validate", TREE, "-S", "codec=zstd"], ["codec"]),
+    (
+        "schema name not found",
+        {"noschema.py": BAD_SCHEMA},
+        ["submit", "{tmp}/noschema.py"],
+        ["no_such_schema", "not found"],
+    ),
+    (
+        "schema name not found on validate",
+        {"noschema.py": BAD_SCHEMA},
+        ["validate", "{tmp}/noschema.py"],
+        ["no_such_schema"],
+    ),
+    ("status of unknown run", {}, ["status", "tree-nope"], ["unknown run id 'tree-nope'"]),
+    ("failed of unknown run", {}, ["failed", "tree-nope"], ["unknown run id 'tree-nope'"]),
+    ("replay of unknown run", {}, ["replay", "tree-nope"], ["unknown run id 'tree-nope'"]),
+    ("cat of unknown run", {}, ["cat", "tree-nope"], ["unknown run id 'tree-nope'"]),
+    ("status without runs", {}, ["status"], ["no runs yet"]),
+    ("cat without runs", {}, ["cat"], ["no runs yet"]),
+    ("misspelled param", {}, ["submit", TREE, "-p", "row=5"], ["unknown param 'row'", "rows"]),
+    ("missing argument", {}, ["run"], ["Missing argument 'JOB'", "fanout run --help"]),
+    ("unknown option", {}, ["--bogus", "runs"], ["No such option '--bogus'"]),
+    ("out of range option", {}, ["worker", "--workers", "0"], ["--workers", "0"]),
+    ("a storm of workers", {}, ["run", TREE, "-w", "100000"], ["--workers", "1<=x<=256"]),
+    # A NaN passes every range check; an endless timeout or back-off never ends.
+    ("nan chunk timeout", {}, ["run", TREE, "--chunk-timeout", "nan"], ["not a finite number"]),
+    ("endless chunk timeout", {}, ["worker", "--chunk-timeout", "inf"], ["--chunk-timeout"]),
+    ("endless back-off", {}, ["submit", TREE, "-S", "backoff_base=1e308"], ["backoff_base"]),
+    ("nan back-off cap", {}, ["submit", TREE, "-S", "backoff_cap=nan"], ["backoff_cap", "finite"]),
+    ("param not UTF-8", {}, ["submit", TREE, "-p", "rows=\udcff"], ["'rows'", "not valid UTF-8"]),
+    ("schema of a wrong type", {"s42.py": ODD_SCHEMA}, ["validate", "{tmp}/s42.py"], ["schema"]),
+    (
+        "params that are not a model",
+        {"pp.py": ODD_PARAMS},
+        ["validate", "{tmp}/pp.py"],
+        ["params must be a pydantic BaseModel class"],
+    ),
+    (
+        "a params validator that raises",
+        {"pv.py": RAISING_VALIDATOR},
+        ["submit", "{tmp}/pv.py", "-p", "a=2"],
+        ["the params model raised RuntimeError: boom"],
+    ),
+    (
+        "a rate that never fires",
+        {},
+        ["schedule", "add", "s", TREE, "--cron", "rate(99999999999999999999 days)"],
+        ["never fire"],
+    ),
+    (
+        "a start in year 9999",
+        {},
+        ["schedule", "add", "s", TREE, "--cron", "*/5 * * * *", "--start", "9999-12-31T23:59Z"],
+        ["--start", "1970 to 2099"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("files", "argv", "needles"),
+    [pytest.param(f, a, n, id=name) for name, f, a, n in BAD_INPUT + UNENCODABLE_PARAMS],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    home: Path, tmp_path: Path, files: dict[str, str], argv: list[str], needles: list[str]
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert_user_error(cli(home, *args), *needles)
+    if home.exists():
+        # Nothing was submitted.
+        assert ok(cli(home, "runs", "--json")) == ""
+
+
+@pytest.mark.parametrize(
+    "make_args",
+    [
+        pytest.param(lambda tmp: ["run", str(tmp / "missing.py")], id="missing job file"),
+        pytest.param(lambda tmp: ["run", TREE, "-p", "chunks=many"], id="invalid param"),
+        pytest.param(lambda tmp: ["run", TREE, "-S", "max_attempts=0"], id="bad setting"),
+        pytest.param(lambda tmp: ["replay", "tree-nope", "--work"], id="replay unknown run"),
+    ],
+)
+def test_bad_input_to_worker_commands_in_a_real_process(
+    home: Path, tmp_path: Path, make_args: Callable[[Path], list[str]]
+) -> None:
+    result = fanout(home, *make_args(tmp_path), *WORK, timeout=30)
+    line = assert_user_error(result)
+    assert "\n" not in line
+    if home.exists():
+        assert ok(cli(home, "runs", "--json")) == ""
+
+
+def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    assert_user_error(cli(tmp_path / "a-file" / "home", "runs"), "cannot use", "Not a directory")
+
+
+def test_an_empty_home_is_refused_not_taken_for_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    empty = CliRunner().invoke(main, ["--home", "", "runs"], prog_name="fanout")
+    assert_user_error(empty, "--home", "is empty")
+    assert list(tmp_path.iterdir()) == []  # no database among the user's files
+
+
+def test_output_that_cannot_be_written_is_one_line(home: Path, tmp_path: Path) -> None:
+    # In a process of its own: the supervisor gc.freeze()s the process it runs in.
+    assert fanout(home, "run", TREE, "-p", "chunks=1", "-w", "1").returncode == 0
+    run_id = json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])["run_id"]
+    missing = tmp_path / "no-such-dir" / "report.html"
+    result = cli(home, "report", run_id, "-o", str(missing))
+    assert_user_error(result, "cannot write", "report.html")
+
+
+# -- a home that cannot be written -------------------------------------------------
+
+HOME_COMMANDS = [
+    ["runs"],
+    ["status"],
+    ["submit", TREE, "-p", "chunks=1"],
+    ["cat"],
+    ["failed", "x"],
+    ["replay", "x"],
+    ["cancel", "x"],
+    ["worker", "--until-idle", "-w", "1"],
+    ["run", TREE, "-p", "chunks=1", "-w", "1"],
+    ["schedule", "list"],
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "named"),
+    [("read-only", "read-only file system"), ("full", "no space left")],
+)
+def test_a_home_that_cannot_be_written_is_one_line_and_exit_2(
+    tmp_path: Path, fault: str, named: str
+) -> None:
+    # Every command opened the ledger's SQLite database, which failed deep
+    # inside (sqlite3.OperationalError: unable to open database file / disk
+    # I/O error): a traceback and exit 1, naming neither the home nor why.
+    from support.small_disk import fanout_on_small_disk, namespaces_available
+
+    if not namespaces_available():
+        pytest.skip("needs unshare --user --mount for a file system of the test's own")
+    setup = [["submit", TREE, "-p", "chunks=1"]]
+    results = fanout_on_small_disk(tmp_path, setup, fault, HOME_COMMANDS)
+    for command, result in zip(HOME_COMMANDS, results, strict=True):
+        line = assert_user_error(result, named)
+        assert "home" in line, (command, line)
+
+
+def test_a_home_that_fills_up_during_a_command_is_one_line_and_exit_2(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import sqlite3
+
+    from fanout import coordinator
+
+    ok(cli(home, "runs"))  # the home opens fine; the disk fills up later
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(coordinator, "submit", full)
+    assert_user_error(cli(home, "submit", TREE), "cannot use", "as fanout's home")
+
+    def no_space(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(home / "runs" / "x"))
+
+    monkeypatch.setattr(coordinator, "submit", no_space)
+    assert_user_error(cli(home, "submit", TREE), "no space left")
+
+    def bug(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("no such table: runs")
+
+    monkeypatch.setattr(coordinator, "submit", bug)  # not the user's to fix: a traceback
+    assert isinstance(cli(home, "submit", TREE).exception, sqlite3.OperationalError)
+
+
+@pytest.mark.parametrize(
+    ("params", "needles"),
+    [
+        pytest.param({1: "x"}, ["params", "key", "string"], id="int key"),
+        pytest.param({(1, 2): "x"}, ["params", "key", "string"], id="tuple key"),
+        pytest.param({"x": {1, 2}}, ["params.x", "not a valid JSON value"], id="a set"),
+        pytest.param({"x": 10**5000}, ["params.x", "4300 digits"], id="huge int"),
+        pytest.param({"x": float("nan")}, ["params.x", "NaN"], id="nan"),
+    ],
+)
+def test_submit_refuses_params_no_message_can_carry(
+    tmp_path: Path, params: dict[Any, Any], needles: list[str]
+) -> None:
+    from fanout import coordinator
+    from fanout.backends import open_backend
+    from fanout.errors import ParamsError
+
+    (tmp_path / "dict.py").write_text(DICT_JOB)
+    backend = open_backend("memory")
+    try:
+        with pytest.raises(ParamsError) as caught:
+            coordinator.submit(backend, str(tmp_path / "dict.py"), params)
+        for needle in needles:
+            assert needle in str(caught.value), (needle, str(caught.value))
+        assert backend.ledger.list_runs() == []
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["cat", ""], id="cat"),
+        pytest.param(["status", ""], id="status"),
+        pytest.param(["status", "", "--json"], id="status json"),
+        pytest.param(["status", " "], id="status blank"),
+        pytest.param(["failed", ""], id="failed"),
+        pytest.param(["logs", ""], id="logs"),
+        pytest.param(["cost", ""], id="cost"),
+        pytest.param(["replay", ""], id="replay"),
+        pytest.param(["cancel", ""], id="cancel"),
+        pytest.param(["pause", ""], id="pause"),
+        pytest.param(["resume", ""], id="resume"),
+        pytest.param(["report", ""], id="report"),
+    ],
+)
+def test_an_empty_run_id_is_one_line_and_exit_2(home: Path, argv: list[str]) -> None:
+    # `fanout cat ''` (a variable that was empty) showed the latest run's
+    # records, as if no run id had been given: someone else's output.
+    run_id = ok(cli(home, "submit", TREE, "-p", "chunks=1")).strip()
+    line = assert_user_error(cli(home, *argv), "run id", "empty")
+    assert run_id not in line
