@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import socket
 import struct
 from collections import Counter
@@ -30,7 +28,14 @@ import pytest
 from fanout.backends.base import Backend
 from support.hardsite import HOSTS, HardServer, HardSite, _BacklogServer, _RecordingHandler
 from support.helpers import JOBS
-from support.procs import crawl_processes, fanout, get_run, run_id_of, status, wait_for, worker
+from support.procs import (
+    fanout,
+    get_run,
+    kill_worker_mid_crawl,
+    run_id_of,
+    status,
+    worker,
+)
 from support.sites import HTML, NOT_FOUND, Reply
 
 JOB = str(JOBS / "hard_crawl.py")
@@ -260,18 +265,9 @@ def test_sigkill_mid_crawl_on_the_hard_site_then_resume_gives_every_item_once(
         run_id = submitted.stdout.strip()
         args = ("--workers", "2", "--chunk-timeout", "6")
         with worker(home, tmp_path, *args) as proc:
-
-            def midway() -> list[int]:
-                run = get_run(ledger, run_id)
-                if run.tasks_done < 3 or run.state.value != "running":
-                    return []
-                if sum(server.hits.values()) < len(site.pages) // 3:
-                    return []
-                return crawl_processes(proc.pid)
-
-            wait_for("chunks committed and crawls in flight", midway, 40, 0.02)
-            os.killpg(proc.pid, signal.SIGKILL)
-            assert proc.wait(timeout=10) == -signal.SIGKILL
+            kill_worker_mid_crawl(
+                ledger, run_id, proc, lambda: sum(server.hits.values()), len(site.pages) // 3
+            )
         assert get_run(ledger, run_id).state.value == "running", "the kill came too late"
         # The dead worker's leases and messages come back after 6 + 5 (+ 5) s.
         resume = fanout(home, "worker", "--until-idle", *args, timeout=150)

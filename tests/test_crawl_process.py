@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import signal
 import socket
 import threading
 import time
@@ -36,10 +34,9 @@ from fanout.crawl import THROTTLE_META, components, politeness
 from support.helpers import JOBS
 from support.procs import (
     alive,
-    crawl_processes,
     fanout,
     get_run,
-    group_members,
+    kill_worker_mid_crawl,
     outcomes,
     run_id_of,
     status,
@@ -105,21 +102,9 @@ def test_sigkill_mid_crawl_then_resume_gives_every_book_once(
         run_id = submitted.stdout.strip()
         args = ("--workers", "2", "--chunk-timeout", "6")
         with worker(home, tmp_path, *args) as proc:
-
-            def midway() -> list[int]:
-                # Some chunks committed, the run not finished, and crawls in flight.
-                run = get_run(ledger, run_id)
-                if run.tasks_done < 3 or run.state.value != "running":
-                    return []
-                if sum(site.hits.values()) < pages // 3:
-                    return []
-                return crawl_processes(proc.pid)
-
-            crawling = wait_for("chunks committed and crawls in flight", midway, 40, 0.02)
-            os.killpg(proc.pid, signal.SIGKILL)
-            assert proc.wait(timeout=10) == -signal.SIGKILL
-            # Workers and their forked crawl processes: nothing of the group is left.
-            wait_for("the worker's group to be empty", lambda: not group_members(proc.pid), 5)
+            crawling = kill_worker_mid_crawl(
+                ledger, run_id, proc, lambda: sum(site.hits.values()), pages // 3
+            )
             assert [pid for pid in crawling if alive(pid)] == []
 
         run = get_run(ledger, run_id)

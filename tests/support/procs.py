@@ -122,3 +122,30 @@ def status(home: Path, run_id: str) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     st: dict[str, Any] = json.loads(result.stdout)
     return st
+
+
+def kill_worker_mid_crawl(
+    ledger: Backend,
+    run_id: str,
+    proc: subprocess.Popen[str],
+    fetched: Callable[[], int],
+    enough: int,
+) -> list[int]:
+    """Wait until the worker ``proc`` has committed some chunks of the crawl
+    ``run_id`` (still running), the site has answered ``enough`` requests
+    (``fetched()``) and crawl processes are in flight; then SIGKILL its whole
+    process group and wait for every member to be gone. Returns the crawl
+    processes that were in flight."""
+
+    def midway() -> list[int]:
+        run = get_run(ledger, run_id)
+        if run.tasks_done < 3 or run.state.value != "running" or fetched() < enough:
+            return []
+        return crawl_processes(proc.pid)
+
+    crawling: list[int] = wait_for("chunks committed and crawls in flight", midway, 40, 0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    # Workers and their forked crawl processes: nothing of the group is left.
+    wait_for("the worker's group to be empty", lambda: not group_members(proc.pid), 5)
+    return crawling
