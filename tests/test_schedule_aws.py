@@ -377,3 +377,76 @@ def test_finding_unsettled_claims_reads_them_alone(
     assert sum(scanned) == 1, scanned
     store.release_tick("tree", base + timedelta(minutes=5 * 17))
     assert store.unsettled_ticks("tree", later) == []
+
+
+def test_a_long_history_of_claims_is_forgotten_a_few_at_a_claim(aws: Backend) -> None:
+    """A schedule that fired for years before claims were forgotten sheds them
+    over its next claims, a few each, not all in one handler's time."""
+    from fanout.schedules import open_store
+
+    store = open_store(aws)
+    today = _latest_tick()
+    client, table = aws.ledger.client, aws.ledger.table  # type: ignore[attr-defined]
+    for days in range(50, 20, -1):  # 30 old claims, settled, as earlier versions kept them
+        tick = int((today - timedelta(days=days)).timestamp())
+        client.put_item(
+            TableName=table,
+            Item={
+                "pk": {"S": "SCHEDULE#tree"},
+                "sk": {"S": f"TICK#{tick:012d}"},
+                "claimed_at": {"N": str(tick)},
+                "settled": {"BOOL": True},
+            },
+        )
+
+    def claims() -> int:
+        query = client.query(
+            TableName=table,
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": {"S": "SCHEDULE#tree"}},
+            ConsistentRead=True,
+        )
+        return len(query["Items"])
+
+    before = claims()
+    assert store.claim_tick("tree", today)
+    # 10 forgotten (of the 29 old ones that may go), 2 items for the new claim.
+    assert claims() == before - 10 + 2
+    assert store.claim_tick("tree", today + timedelta(minutes=5))
+    assert store.claim_tick("tree", today + timedelta(minutes=10))
+    assert store.last_tick("tree", today - timedelta(days=21)) == today - timedelta(days=21)
+    assert store.last_tick("tree", today - timedelta(days=22)) is None
+
+
+def test_a_claim_cancelled_for_a_conflict_finds_the_winner_or_tries_again(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two claims of one tick at once (a duplicate delivery beside ``scheduler
+    --at``) may both be cancelled for a transaction conflict: the loser says
+    False once the other claim shows, and tries again while none does."""
+    from botocore.exceptions import ClientError
+
+    from fanout.schedules import open_store
+
+    store, other = open_store(aws), open_store(aws)
+    transact = store.dynamodb.transact_write_items  # type: ignore[attr-defined]
+    conflicts: list[int] = []
+
+    def conflicting(**kwargs: Any) -> Any:
+        if len(conflicts) < 2:
+            conflicts.append(1)
+            if len(conflicts) == 2:  # the other claimant got in this time
+                assert other.claim_tick("tree", won)
+            error = {
+                "Error": {"Code": "TransactionCanceledException", "Message": "conflict"},
+                "CancellationReasons": [{"Code": "TransactionConflict"}, {"Code": "None"}],
+            }
+            raise ClientError(error, "TransactWriteItems")  # type: ignore[arg-type]
+        return transact(**kwargs)
+
+    won = _latest_tick() - timedelta(minutes=5)
+    monkeypatch.setattr(store.dynamodb, "transact_write_items", conflicting)  # type: ignore[attr-defined]
+    assert store.claim_tick("tree", won) is False  # a retry, then the winner's claim
+    assert conflicts == [1, 1]
+    conflicts.append(1)  # no more conflicts
+    assert store.claim_tick("tree", _latest_tick()) is True

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -43,6 +44,12 @@ SCHEDULED_TIME_PLACEHOLDER = "<aws.scheduler.scheduled-time>"
 #: EventBridge's limit on a target's input.
 MAX_INPUT = 8192
 _NOT_FOUND = ("ResourceNotFoundException",)
+#: Tries of a tick's claim cancelled for a conflict with another claim of it.
+_CONFLICT_TRIES = 3
+#: Old claims forgotten at most a claim (see ``_forget_old``).
+_PRUNE_EACH = 10
+
+log = logging.getLogger("fanout.scheduler")
 
 
 def group_name(stage: str | None = None) -> str:
@@ -210,35 +217,54 @@ class EventBridgeScheduleStore:
         claimed_at = {"N": repr(datetime.now(UTC).timestamp())}
         claim = {"pk": {"S": _pk(name)}, "sk": {"S": _sk(tick)}, "claimed_at": claimed_at}
         pending = {"pk": {"S": _pk(name)}, "sk": {"S": _pending(tick)}, "claimed_at": claimed_at}
+        items = [
+            {
+                "Put": {
+                    "TableName": self.table,
+                    "Item": claim,
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            },
+            {"Put": {"TableName": self.table, "Item": pending}},
+        ]
+        for attempt in range(_CONFLICT_TRIES):
+            try:
+                self.dynamodb.transact_write_items(TransactItems=items)
+                break
+            except Exception as exc:
+                if _cancelled_for(exc, "ConditionalCheckFailed"):
+                    return False
+                # Two claims of one tick at once (a duplicate delivery beside
+                # `scheduler --at`) may both be cancelled for the conflict: the
+                # claim may exist by now, else try again.
+                if not _cancelled_for(exc, "TransactionConflict") or attempt + 1 == _CONFLICT_TRIES:
+                    raise
+                if self.tick_claim(name, tick) is not None:
+                    return False
         try:
-            self.dynamodb.transact_write_items(
-                TransactItems=[
-                    {
-                        "Put": {
-                            "TableName": self.table,
-                            "Item": claim,
-                            "ConditionExpression": "attribute_not_exists(pk)",
-                        }
-                    },
-                    {"Put": {"TableName": self.table, "Item": pending}},
-                ]
-            )
-        except Exception as exc:
-            if _lost_condition(exc):
-                return False
-            raise
-        self._forget_old(name, tick)
+            self._forget_old(name, tick)
+        except Exception as exc:  # the claim stands; the next one prunes
+            log.warning("schedule %s: old tick claims not pruned: %s", name, exc)
         return True
 
     def _forget_old(self, name: str, tick: datetime) -> None:
-        """Delete claims older than KEEP_TICKS and older than ``tick``, but the
-        latest of them: the next pass counts missed ticks from it, also when the
-        claim of ``tick`` is released. Their pending markers stay (an unsettled
-        claim still fires)."""
+        """Forget (claim and marker) up to :data:`_PRUNE_EACH` of the claims older
+        than KEEP_TICKS and older than ``tick``, oldest first, never the latest of
+        them: the next pass counts missed ticks from it, also when the claim of
+        ``tick`` is released. A few a claim: a schedule that fired for years
+        before pruning existed sheds its history over its next claims, not in
+        one handler."""
         horizon = min(as_utc(tick), datetime.now(UTC) - KEEP_TICKS) - timedelta(seconds=1)
-        old = self._ticks(name, newest_first=True, limit=None, upto=horizon)
-        for sk in old[1:]:
-            self.dynamodb.delete_item(TableName=self.table, Key=self._key(name, sk))
+        kept = self._ticks(name, newest_first=True, limit=1, upto=horizon)
+        if not kept:
+            return
+        before = _tick_of(kept[0]) - timedelta(seconds=1)
+        for sk in self._ticks(name, newest_first=False, limit=_PRUNE_EACH, upto=before)[
+            :_PRUNE_EACH
+        ]:
+            old = _tick_of(sk)
+            for key in (_pending(old), _sk(old)):  # the marker first: never one without its claim
+                self.dynamodb.delete_item(TableName=self.table, Key=self._key(name, key))
 
     def _key(self, name: str, sk: str) -> dict[str, Any]:
         return {"pk": {"S": _pk(name)}, "sk": {"S": sk}}
@@ -254,7 +280,7 @@ class EventBridgeScheduleStore:
 
     def settle_tick(self, name: str, tick: datetime) -> None:
         """Mark the claimed ``tick`` as dealt with and drop its marker (only if its
-        claim is there)."""
+        claim is there; a marker whose claim is gone goes anyway)."""
         try:
             self.dynamodb.transact_write_items(
                 TransactItems=[
@@ -271,8 +297,12 @@ class EventBridgeScheduleStore:
                 ]
             )
         except Exception as exc:
-            if not _lost_condition(exc):
+            if not _cancelled_for(exc, "ConditionalCheckFailed"):
                 raise
+            # No claim (released, or forgotten): a marker left behind would have
+            # the tick fired again and again, and skip every later tick under
+            # `overlap skip`.
+            self.dynamodb.delete_item(TableName=self.table, Key=self._key(name, _pending(tick)))
 
     def unsettled_ticks(self, name: str, claimed_before: datetime) -> builtins.list[datetime]:
         """Claimed, never settled, claimed before ``claimed_before``; oldest first.
@@ -352,12 +382,18 @@ def _pending(tick: datetime) -> str:
     return f"PENDING#{int(as_utc(tick).timestamp()):012d}"
 
 
-def _lost_condition(exc: Exception) -> bool:
-    """Whether ``exc`` is a transaction (or a write) refused for its condition."""
+def _tick_of(sk: str) -> datetime:
+    return datetime.fromtimestamp(int(sk.split("#", 1)[1]), UTC)
+
+
+def _cancelled_for(exc: Exception, reason: str) -> bool:
+    """Whether ``exc`` is a transaction cancelled for ``reason`` (DynamoDB's
+    per-item ``CancellationReasons`` code), or for a condition, a single write
+    refused for its condition."""
     code = error_code(exc)
     if code == "ConditionalCheckFailedException":
-        return True
+        return reason == "ConditionalCheckFailed"
     if code != "TransactionCanceledException":
         return False
     reasons = getattr(exc, "response", {}).get("CancellationReasons") or []
-    return any(r.get("Code") == "ConditionalCheckFailed" for r in reasons)
+    return any(r.get("Code") == reason for r in reasons)

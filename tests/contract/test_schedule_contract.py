@@ -163,6 +163,26 @@ def test_claims_a_week_old_are_forgotten_but_the_latest_before_a_new_one(
     assert store.claim_tick("pulse", old[0]) is True  # forgotten: claimable again
 
 
+def test_a_forgotten_claim_is_not_fired_again(store: ScheduleStore) -> None:
+    """An old claim whose scheduler died unsettled is forgotten with the rest;
+    it must not stay listed as unsettled (it would fire at every pass, and
+    under ``overlap skip`` hold every later tick back)."""
+    store.add(make(expression="@daily"))
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    dead, kept = today - timedelta(days=40), today - timedelta(days=30)
+    assert store.claim_tick("pulse", dead)  # never settled
+    assert store.claim_tick("pulse", kept)
+    store.settle_tick("pulse", kept)
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    assert store.unsettled_ticks("pulse", later) == [dead]
+    assert store.claim_tick("pulse", today)
+    assert store.unsettled_ticks("pulse", later) == [today]
+    store.settle_tick("pulse", dead)  # a late settle of the forgotten one: nothing comes back
+    store.settle_tick("pulse", today)
+    assert store.unsettled_ticks("pulse", later) == []
+    assert store.last_tick("pulse", kept) == kept
+
+
 def test_claimed_ticks_stay_unsettled_until_settled(store: ScheduleStore) -> None:
     """What a scheduler killed between a claim and its submit leaves behind:
     a claimed tick never settled, found by ``unsettled_ticks`` once old enough."""
