@@ -29,6 +29,7 @@ the tolerance.
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,10 @@ MAX_WAIT = 60.0
 DEFAULT_AVG = 0.5
 
 _rng = random.Random()
+# A forked worker would otherwise draw the same "random" delays as its siblings
+# (Python reseeds only the random module's own generator at fork): the herd
+# that jitter is there to spread would come back in lockstep.
+os.register_at_fork(after_in_child=_rng.seed)
 
 
 @dataclass(frozen=True, slots=True)

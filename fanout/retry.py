@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 _rng = random.Random()
+# A forked worker would otherwise draw the same "random" delays as its siblings
+# (Python reseeds only the random module's own generator at fork): the herd
+# that jitter is there to spread would come back in lockstep.
+os.register_at_fork(after_in_child=_rng.seed)
 
 
 def compute_backoff(

@@ -15,6 +15,7 @@ transaction, so the outstanding counter stays exact.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -42,11 +43,16 @@ T = TypeVar("T")
 #: writer changed the item in between).
 _TRIES = 20
 #: The longest pause (s) between two rounds. Rounds back off with full jitter
-#: (from 5 ms, doubling), so writers that collided spread out instead of
-#: colliding again in lockstep; 20 rounds wait at most about 3 s in all.
+#: (up to 10 ms after the first lost round, doubling), so writers that collided
+#: spread out instead of colliding again in lockstep; 20 rounds wait at most
+#: about 3 s in all.
 _MAX_PAUSE = 0.2
 
 _rng = random.Random()
+# A forked worker would otherwise draw the same "random" delays as its siblings
+# (Python reseeds only the random module's own generator at fork): the herd
+# that jitter is there to spread would come back in lockstep.
+os.register_at_fork(after_in_child=_rng.seed)
 
 
 class DynamoRunControls(DynamoTable):
