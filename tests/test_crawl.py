@@ -16,7 +16,7 @@ from scrapy.http import FormRequest, JsonRequest
 from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, RunState, TaskState
-from fanout.crawl.codec import CodecError, request_from_json, request_to_json
+from fanout.crawl.codec import CodecError, check_keepable, request_from_json, request_to_json
 from support.helpers import JOBS, drain
 from support.sites import SiteServer, TrapSite
 
@@ -173,9 +173,10 @@ def test_items_in_meta_and_cb_kwargs_travel_as_their_own_classes() -> None:
     assert again.cb_kwargs == {"seller": seller}
 
 
-def test_an_item_class_a_message_names_is_looked_up_never_imported() -> None:
-    """A message is untrusted: a class it names must already be loaded, and be an
-    Item or a dataclass; one defined in a function cannot be found by name."""
+def test_an_item_class_a_message_names_must_be_one_of_its_spider() -> None:
+    """A message is untrusted: the class it names must be an Item or dataclass
+    the spider's module defines or imports, found without importing anything,
+    and only that class's own fields are set."""
     spider = _Spider()
     good = request_to_json(
         scrapy.Request("http://example.test/", meta={"p": _Product(name="x")}), spider
@@ -183,15 +184,61 @@ def test_an_item_class_a_message_names_is_looked_up_never_imported() -> None:
     fields = good["meta"]["p"]["$item"]["fields"]
     for name in ("subprocess:Popen", "not_a_loaded_module:Thing", "os:path", f"{__name__}:nope"):
         forged = {**good, "meta": {"p": {"$item": {"class": name, "fields": fields}}}}
-        with pytest.raises(CodecError, match="is not a loaded Item or dataclass"):
+        with pytest.raises(CodecError, match="is not an item class of this spider"):
             request_from_json(forged, spider)
     assert "not_a_loaded_module" not in sys.modules
+    seller = f"{__name__}:_Seller"
+    for odd in ({"__dict__": {}}, {"id": 1, "since": [1, 2], "__class__": "x"}, {"price": 1}):
+        forged = {**good, "meta": {"p": {"$item": {"class": seller, "fields": odd}}}}
+        with pytest.raises(CodecError, match="cannot be rebuilt"):
+            request_from_json(forged, spider)
 
-    class Local(scrapy.Item):
-        name = scrapy.Field()
 
-    with pytest.raises(CodecError, match="Local is not importable by name"):
-        request_to_json(scrapy.Request("http://example.test/", meta={"p": Local(name="x")}), spider)
+@dataclasses.dataclass
+class _WithInitVar:
+    price: int
+    currency: dataclasses.InitVar[str]
+
+
+@dataclasses.dataclass
+class _Rescaling:
+    cents: int
+
+    def __post_init__(self) -> None:
+        self.cents *= 100  # a second __init__ would scale it again
+
+
+@dataclasses.dataclass
+class _Unset:
+    seen: int = dataclasses.field(init=False)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (_WithInitVar(5, "EUR"), "cannot be rebuilt from its fields"),
+        (_Rescaling(2), "is not equal to itself"),
+        (_Unset(), "cannot be rebuilt from its fields"),
+    ],
+    ids=["InitVar", "__post_init__ that changes fields", "unset init=False field"],
+)
+def test_an_item_that_would_not_rebuild_as_itself_is_refused_when_scheduled(
+    value: object, reason: str
+) -> None:
+    request = scrapy.Request("http://example.test/", meta={"p": value})
+    with pytest.raises(CodecError, match=reason):
+        check_keepable(request, _Spider())
+
+
+def test_an_item_class_the_spider_s_module_does_not_know_is_refused() -> None:
+    class Elsewhere(scrapy.Spider):
+        name = "elsewhere"
+
+    Elsewhere.__module__ = "fanout.crawl.codec"  # a module that imports no item class of ours
+    with pytest.raises(CodecError, match="is not defined or imported in the spider's module"):
+        request_to_json(
+            scrapy.Request("http://example.test/", meta={"p": _Product(name="x")}), Elsewhere()
+        )
 
 
 def test_untrusted_request_data_is_refused() -> None:
