@@ -1,10 +1,14 @@
-"""Back-off: one pure function, exponential with full jitter, capped."""
+"""Back-off: one pure function, exponential with full jitter, capped; and
+:class:`Failing`, the back-off of a loop whose backend calls fail."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import time
 
+_worker_log = logging.getLogger("fanout.worker")
 _rng = random.Random()
 # A forked worker would otherwise draw the same "random" delays as its siblings
 # (Python reseeds only the random module's own generator at fork): the herd
@@ -26,3 +30,43 @@ def compute_backoff(
         return 0.0
     ceiling = min(cap, base * 2.0 ** min(attempt - 1, 62))
     return (rng or _rng).uniform(0.0, ceiling)
+
+
+class Failing:
+    """The failures of one loop's backend calls (a full disk, a locked or
+    unreachable queue): dying there would only have the pool start a process
+    that dies the same way, a traceback each time. Nothing was taken, so
+    nothing is lost by waiting: say so once, back off (doubling), retry."""
+
+    def __init__(
+        self, what: str, first: float = 0.5, most: float = 5.0, log: logging.Logger = _worker_log
+    ) -> None:
+        self.what = what
+        self.first, self.most = first, most
+        self.log = log
+        self.wait = 0.0  # the current back-off (0: the last call worked)
+        self.until = 0.0
+        self.since = 0.0  # when the failures began (monotonic)
+
+    def failed(self, exc: Exception) -> float:
+        """Note a failure; returns how long to wait before trying again."""
+        if not self.wait:
+            self.since = time.monotonic()
+            self.log.warning("%s failed, backing off: %s: %s", self.what, type(exc).__name__, exc)
+        self.wait = min(max(self.wait * 2, self.first), self.most)
+        self.until = time.monotonic() + self.wait
+        return self.wait
+
+    def worked(self) -> None:
+        """Note a call that worked."""
+        if self.wait:
+            self.log.warning("%s works again", self.what)
+            self.wait = 0.0
+
+    def waiting(self) -> bool:
+        """Whether the back-off after a failure is still running."""
+        return bool(self.wait) and time.monotonic() < self.until
+
+    def failing_for(self) -> float:
+        """How long the calls have failed in a row (s; 0 if the last one worked)."""
+        return time.monotonic() - self.since if self.wait else 0.0

@@ -46,6 +46,7 @@ from fanout.processes import (
     resident_mb,
     subreaper,
 )
+from fanout.retry import Failing
 from fanout.runner import LEASE_GRACE, Runner
 
 log = logging.getLogger("fanout.worker")
@@ -62,6 +63,11 @@ MAX_POLL_SLEEP = 0.2
 #: does the supervisor after its own checks failed.
 RECEIVE_BACKOFF = 0.5
 MAX_RECEIVE_BACKOFF = 5.0
+#: A pool told to stop once its work is done (``fanout run``, ``--until-idle``)
+#: gives up after its checks failed this long in a row (s), raising the last
+#: error: a backend that stays broken (a corrupt database, a table gone) must
+#: not keep it waiting for ever. A plain ``fanout worker`` keeps trying.
+GIVE_UP_AFTER = 60.0
 #: A prefetched message may wait this long in a child before it is started; one
 #: that waited longer is handed back, so its visibility always covers a full chunk.
 PREFETCH_SLACK = 5.0
@@ -81,36 +87,6 @@ REAP_EVERY = 10.0
 #: How often a pool moves dead-lettered messages back and looks for stalled
 #: runs (see ``recover``), idle or not.
 REDRIVE_EVERY = 60.0
-
-
-class _Failing:
-    """The failures of one loop's backend calls (a full disk, a locked or
-    unreachable queue): dying there would only have the pool start a process
-    that dies the same way, a traceback each time. Nothing was taken, so
-    nothing is lost by waiting: say so once, back off (doubling), retry."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.wait = 0.0  # the current back-off (0: the last call worked)
-        self.until = 0.0
-
-    def failed(self, exc: Exception) -> float:
-        """Note a failure; returns how long to wait before trying again."""
-        if not self.wait:
-            log.warning("%s failed, backing off: %s: %s", self.what, type(exc).__name__, exc)
-        self.wait = min(max(self.wait * 2, RECEIVE_BACKOFF), MAX_RECEIVE_BACKOFF)
-        self.until = time.monotonic() + self.wait
-        return self.wait
-
-    def worked(self) -> None:
-        """Note a call that worked."""
-        if self.wait:
-            log.warning("%s works again", self.what)
-            self.wait = 0.0
-
-    def waiting(self) -> bool:
-        """Whether the back-off after a failure is still running."""
-        return bool(self.wait) and time.monotonic() < self.until
 
 
 @dataclass(frozen=True)
@@ -248,7 +224,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     batches = isinstance(backend.ledger, BatchLedger)
     sleep = 0.005
-    receiving = _Failing("queue receive")
+    receiving = Failing("queue receive", RECEIVE_BACKOFF, MAX_RECEIVE_BACKOFF)
     batch = 1
     try:
         while not stop.is_set() and os.getppid() == parent:
@@ -342,11 +318,13 @@ class WorkerPool:
         """Supervise until ``until()`` is true, the queue is idle (``until_idle``),
         or a signal asks to stop."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        checks = _Failing("the pool's queue and ledger checks")
+        checks = Failing("the pool's queue and ledger checks", RECEIVE_BACKOFF, MAX_RECEIVE_BACKOFF)
         try:
             recover(self.backend)
+            recovered = True
         except Exception as e:
             checks.failed(e)
+            recovered = False
         # What the supervisor holds now (modules, the loaded job) lives as long as
         # it does. Frozen before the fork, as the gc docs advise: the children's
         # collections leave those pages uncopied, and the supervisor's own exit
@@ -358,15 +336,19 @@ class WorkerPool:
             self._spawn(i)
         next_tick = idle_since = next_check = 0.0
         next_reap = time.time() + REAP_EVERY
-        next_redrive = time.time() + REDRIVE_EVERY  # recover() above just did one
+        # recover() above just did one (unless it failed: then at the first chance)
+        next_redrive = time.time() + REDRIVE_EVERY if recovered else 0.0
         check_every = CHECK_EVERY.get(self.opts.backend, 0.02)
         try:
             while not self.stop_event.is_set():
                 now = time.time()
                 self._police(now)
                 if tick is not None and now >= next_tick:
-                    tick()
                     next_tick = now + tick_every
+                    try:
+                        tick()
+                    except Exception as e:  # it reads the ledger too
+                        checks.failed(e)
                 if now < next_check or checks.waiting():
                     if self._nap(0.02):
                         next_check = 0.0
@@ -399,6 +381,8 @@ class WorkerPool:
                 except Exception as e:
                     checks.failed(e)
                     idle_since = 0.0  # not known to be idle
+                    if (until is not None or until_idle) and checks.failing_for() > GIVE_UP_AFTER:
+                        raise
                 if self._was_subreaper is not None and now >= next_reap:
                     next_reap = now + REAP_EVERY
                     reap(exited_children(self._own_children()), within=0.0)
@@ -413,7 +397,8 @@ class WorkerPool:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if tick is not None:
-                tick()
+                with contextlib.suppress(Exception):  # the last progress line, if it can
+                    tick()
 
     def _nap(self, seconds: float) -> bool:
         """Sleep ``seconds``, or until a child says a run may have ended (True)."""

@@ -101,6 +101,26 @@ def test_a_full_disk_at_receive_is_logged_once_and_waited_out(home: Path, tmp_pa
     assert_exact_output(home, run_id, chunks=2, rows=3)
 
 
+def test_a_pool_told_to_finish_gives_up_on_a_backend_that_stays_broken(
+    home: Path, tmp_path: Path
+) -> None:
+    # --until-idle (and `fanout run`) must end: a disk that never frees, a
+    # database that stays corrupt, used to have the pool wait for ever once
+    # its checks backed off instead of crashing. After GIVE_UP_AFTER (60 s;
+    # 2 s here) it says why in one line.
+    submit(home, chunks=2, rows=3)
+    full = tmp_path / "full"
+    full.touch()
+    env = {"FANOUT_TEST_QUEUE_FULL": str(full), "FANOUT_TEST_GIVE_UP_AFTER": "2"}
+    command = [sys.executable, str(QUEUE_FULL)]
+    with worker(home, tmp_path, "-w", "1", "--until-idle", command=command, env=env) as proc:
+        assert proc.wait(timeout=30) == 2
+    log = next(tmp_path.glob("worker-*.log")).read_text()
+    assert "Traceback" not in log
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "disk is full" in errors[0], log
+
+
 @pytest.mark.slow
 def test_hard_timeout_kills_the_chunk_and_retries_it(home: Path, ledger: Backend) -> None:
     params = {"chunks": 3, "rows": 20, "sleep_chunks": [1], "sleep": 60.0}
