@@ -83,12 +83,12 @@ def finalize_run(
     store.put(key, json.dumps(manifest, indent=1).encode())
     # Issue 14: idempotent, so before the run is marked finished.
     update_glue(store, join_table(store, manifest))
-    if record.settings.get("compact"):
+    if record.settings.get("compact") and _still_mine(ledger, run_id, now):
         compact_run_partitions(store, manifest)  # issue 14: -S compact=true
     if not ledger.finish(run_id, state, key, time.time(), began=now):
         log.error(
-            "run %s: another finalizer took over while this one wrote the manifest;"
-            " its own manifest stands only if it wrote it after this one",
+            "run %s: taken over by another finalizer, or reopened, while this one wrote"
+            " the manifest; the finalizer that finishes it writes it again",
             run_id,
         )
         return False
