@@ -395,5 +395,5 @@ def _cancelled_for(exc: Exception, reason: str) -> bool:
         return reason == "ConditionalCheckFailed"
     if code != "TransactionCanceledException":
         return False
-    reasons = getattr(exc, "response", {}).get("CancellationReasons") or []
+    reasons = (getattr(exc, "response", None) or {}).get("CancellationReasons") or []
     return any(r.get("Code") == reason for r in reasons)

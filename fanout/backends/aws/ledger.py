@@ -55,7 +55,7 @@ from fanout.backends.aws.ledger_items import (
     create_table,
 )
 from fanout.backends.aws.ledger_register import RETRIES, Registrar
-from fanout.backends.aws.ledger_stats import DomainStats, split_stats
+from fanout.backends.aws.ledger_stats import STATS_IN_COMMIT, DomainStats, split_stats
 from fanout.backends.aws.runcontrols import DynamoRunControls
 from fanout.backends.base import (
     FINISHED_TASK_STATES,
@@ -403,21 +403,28 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
                 bytes=output.bytes if output else 0,
             )
             own, domains = split_stats(stats or {})
-            if own:
-                _sum_stats(run["Update"], own)
+            names = list(own)
+            if names:
+                _sum_stats(run["Update"], {n: own[n] for n in names[:STATS_IN_COMMIT]})
             entries = [
                 {"Update": e.update(self.table, _task_key(key))},
                 *(self._orphan_entry(o, token, now) for o in head),
                 run,
             ]
-            # A crawl's per-domain counters, on items of their own (ledger_stats):
-            # those the transaction has no room for are added once it committed.
+            # A crawl's per-domain counters, on items of their own, and the run's
+            # counters past the budget (ledger_stats): what the transaction has
+            # no room for is added once it committed.
             by_domain = self._domain_entries(key.run_id, domains)
             room = MAX_TRANSACTION_ITEMS - len(entries)
             entries += by_domain[:room]
             if self._transact(entries) is None:
-                if by_domain[room:]:
-                    self._add_after_commit(key, token, by_domain[room:])
+                rest = self._run_stats_entries(
+                    key.run_id, {n: own[n] for n in names[STATS_IN_COMMIT:]}
+                )
+                step = MAX_TRANSACTION_ITEMS - 1
+                later = [by_domain[i : i + step] for i in range(room, len(by_domain), step)]
+                if later or rest:
+                    self._add_after_commit(key, token, later + [[entry] for entry in rest])
                 return Settle(ok=True, drained=self._drained(key.run_id))
         raise RuntimeError(f"commit {key}: too much contention")
 

@@ -1,4 +1,5 @@
-"""A crawl's per-domain counters on DynamoDB, one item per run and domain.
+"""A commit's counters on DynamoDB: a crawl's per-domain ones on an item per
+run and domain, the others in the run item, past a budget after the commit.
 
 A commit's stats are summed into the run item (``stats.<name>``), except the
 per-domain ones (``domain/<domain>/<what>``, ``fanout.crawl.stats``): those go
@@ -10,12 +11,21 @@ the run item passed 400 KB after some thousands of domains in a run. A domain
 item stays small (a few counters), and one ``ADD`` of a domain is a short
 expression.
 
+The run's own counters are summed in the commit's update of the run item, up
+to :data:`STATS_IN_COMMIT` names (each costs about 55 bytes of that update's
+4 KB expression); a job's ``ctx.stats`` may count by name freely (by country,
+by status code), so the names past that go to the run item right after, in
+updates of at most :data:`STATS_PER_UPDATE` names.
+
 The domain items of a commit go into its transaction while it has room (100
-items, less the task, the run and the orphans it cancels); the rest are added
-right after the commit, in transactions guarded by the commit (the task done
-by this token), each with an idempotency token, so a retry counts nothing
-twice. A worker that dies between its commit and those leaves them uncounted:
-these are figures for ``fanout status``, and they never count a page twice.
+items, less the task, the run and the orphans it cancels); they and the run's
+counters past the budget are added right after the commit, in transactions
+guarded by the commit (the task done by this token), each with an idempotency
+token kept across the tries of its batch, so a call that landed but whose
+answer was lost counts nothing twice; only a transaction DynamoDB cancelled
+(which wrote nothing) is tried under a new token. A worker that dies between
+its commit and those leaves them uncounted: these are figures for ``fanout
+status``, and they never count a page twice.
 """
 
 from __future__ import annotations
@@ -25,12 +35,13 @@ import logging
 from collections.abc import Mapping
 
 from fanout.backends.aws.ledger_items import (
-    MAX_TRANSACTION_ITEMS,
     DynamoTable,
     Item,
     _av,
     _key,
+    _run_key,
     _run_pk,
+    _sum_stats,
     _task_key,
 )
 from fanout.backends.base import TaskKey, TaskState
@@ -47,6 +58,10 @@ _COUNTER = "c/"
 _MAX_DOMAIN_BYTES = 900
 #: Transactions tried per batch of domain items added after a commit.
 _TRIES = 5
+#: The run's own counter names summed in a commit's transaction (see above).
+STATS_IN_COMMIT = 40
+#: Counter names a follow-up update of the run item sums, at most.
+STATS_PER_UPDATE = 60
 
 
 def split_stats(stats: Mapping[str, int]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
@@ -93,41 +108,61 @@ class DomainStats(DynamoTable):
             entries.append({"Update": update})
         return entries
 
-    def _add_after_commit(self, key: TaskKey, token: str, entries: list[Item]) -> None:
-        """Add the domain ``entries`` a commit had no room for, each batch only
-        while the task is done by ``token`` (never for an attempt that lost)."""
-        size = MAX_TRANSACTION_ITEMS - 1
-        for start in range(0, len(entries), size):
-            guard = {
-                "ConditionCheck": {
-                    "TableName": self.table,
-                    "Key": _task_key(key),
-                    "ConditionExpression": "#s = :done AND #by = :t",
-                    "ExpressionAttributeNames": {"#s": "state", "#by": "committed_by"},
-                    "ExpressionAttributeValues": {
-                        ":done": _av(TaskState.DONE.value),
-                        ":t": _av(token),
-                    },
-                }
+    def _run_stats_entries(self, run_id: str, stats: Mapping[str, int]) -> list[Item]:
+        """Updates of the run item summing ``stats``, :data:`STATS_PER_UPDATE` names each."""
+        names = list(stats)
+        entries = []
+        for start in range(0, len(names), STATS_PER_UPDATE):
+            update: Item = {
+                "TableName": self.table,
+                "Key": _run_key(run_id),
+                "UpdateExpression": "SET #u = #u",  # _sum_stats adds its clauses before it
+                "ExpressionAttributeNames": {"#u": "updated_at"},
+                "ExpressionAttributeValues": {},
             }
-            batch = [guard, *entries[start : start + size]]
+            _sum_stats(update, {n: stats[n] for n in names[start : start + STATS_PER_UPDATE]})
+            entries.append({"Update": update})
+        return entries
+
+    def _add_after_commit(self, key: TaskKey, token: str, batches: list[list[Item]]) -> None:
+        """Add what a commit had no room for (each batch one transaction; an item
+        at most once in a batch), each batch only while the task is done by
+        ``token`` (never for an attempt that lost)."""
+        guard = {
+            "ConditionCheck": {
+                "TableName": self.table,
+                "Key": _task_key(key),
+                "ConditionExpression": "#s = :done AND #by = :t",
+                "ExpressionAttributeNames": {"#s": "state", "#by": "committed_by"},
+                "ExpressionAttributeValues": {
+                    ":done": _av(TaskState.DONE.value),
+                    ":t": _av(token),
+                },
+            }
+        }
+        for number, entries in enumerate(batches):
+            cancelled = 0
             for attempt in range(_TRIES):
-                # One token per batch and try: botocore's own retries of a call
-                # that may have landed count nothing twice; a cancelled one
-                # wrote nothing, and is tried afresh.
-                seed = f"{key.run_id}|{key.chunk_id}|{key.seq}|{token}|{start}|{attempt}"
+                # One token per batch, kept while a call may have landed (a lost
+                # answer, a timeout): DynamoDB applies a token once. Only a
+                # cancelled transaction, which wrote nothing, gets a new one.
+                seed = f"{key.run_id}|{key.chunk_id}|{key.seq}|{token}|{number}|{cancelled}"
                 request = hashlib.sha256(seed.encode()).hexdigest()[:36]
                 try:
                     self.client.transact_write_items(
-                        TransactItems=batch, ClientRequestToken=request
+                        TransactItems=[guard, *entries], ClientRequestToken=request
                     )
                     break
                 except Exception as exc:
-                    reasons = getattr(exc, "response", {}).get("CancellationReasons") or []
+                    reasons = (getattr(exc, "response", None) or {}).get(
+                        "CancellationReasons"
+                    ) or []
                     if any(r.get("Code") == "ConditionalCheckFailed" for r in reasons[:1]):
                         return  # the task is not ours any more (replayed): nothing to add
+                    if reasons:
+                        cancelled += 1
                     if attempt == _TRIES - 1:
-                        log.warning("task %s: per-domain stats not all counted: %s", key, exc)
+                        log.warning("task %s: stats not all counted: %s", key, exc)
                         return
 
     def domain_stats(self, run_id: str) -> dict[str, int]:
