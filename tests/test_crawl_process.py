@@ -637,6 +637,25 @@ def test_a_request_that_cannot_be_handed_on_fails_the_run_clearly(
     assert result.returncode != 0 and "cannot be handed on" in result.stderr, result.stderr
 
 
+def test_a_chunk_that_gives_up_lets_go_of_its_sites_at_once(home: Path) -> None:
+    """A chunk buried for a request it cannot hand on used to leave with its
+    domain leases held: on a polite site (a download delay makes a lease
+    exclusive) every other chunk then waited for the site until the lease
+    lapsed, a chunk timeout (30 s here), for a chunk that was long gone."""
+    site = BookSite(80)
+    with SiteServer(site) as server:
+        started = time.monotonic()
+        result = fanout(
+            home, "run", job("polite_unkeepable"),
+            *params(start_url=server.url, how="meta", only=site.layout.books[-1].path),
+            "-w", "2", "--chunk-timeout", "30", timeout=120,
+        )  # fmt: skip
+        took = time.monotonic() - started
+    st = status(home, run_id_of(result))
+    assert st["chunks"]["dead"] == 1 and st["chunks"]["done"] > 5, st["chunks"]
+    assert took < 15, f"the run took {took:.1f}s: the dead chunk's site lease held it back"
+
+
 def test_items_passed_on_in_meta_and_cb_kwargs_cross_chunk_boundaries(home: Path) -> None:
     """Scrapy's "pass the item on" pattern: a catalogue page puts an ``Item`` in
     each book request's ``meta`` and a dataclass in its ``cb_kwargs``. Chunks of

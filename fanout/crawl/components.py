@@ -26,6 +26,7 @@ parent through :mod:`fanout.crawl.channel`, one JSON line per event.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import os
@@ -124,6 +125,12 @@ def give_up(reason: str) -> NoReturn:
     """End the chunk's attempt as a permanent error (the spider cannot be
     crawled in chunks as it is): the parent buries the chunk with ``reason``."""
     send("fatal", reason)
+    gate: DomainGate | None = CHUNK.get("gate")
+    if gate is not None:
+        # The process ends now, its requests with it: its domain leases must
+        # not hold other chunks off the sites until they lapse (a chunk timeout).
+        with contextlib.suppress(Exception):
+            gate.release()
     budget: ChunkBudget | None = CHUNK.get("budget")
     if budget is not None:
         budget.leave()  # the stats and claims, then exits

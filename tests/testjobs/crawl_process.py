@@ -8,8 +8,9 @@ one per attribute, loaded as ``crawl_process.py:NAME``:
   the chunk overruns its hard timeout once;
 * ``failing``: the same spider, but the callback of the book page at
   ``fail_path`` raises;
-* ``unkeepable``: the same spider, but its book links carry what a chunk
-  cannot hand on (``-p how=callback``: a lambda callback; ``how=meta``: a set in meta);
+* ``unkeepable``: the same spider, but its book links (or only the one to
+  ``-p only=<path>``) carry what a chunk cannot hand on (``-p how=callback``: a
+  lambda callback; ``how=meta``: a set in meta);
 * ``carrying``: the same spider, but each book link carries what the catalogue
   page knew as a Scrapy ``Item`` in ``meta`` and a dataclass in ``cb_kwargs``
   (Scrapy's "pass the item on" pattern), across chunk boundaries;
@@ -105,13 +106,15 @@ class UnkeepableBooks(BooksSpider):
 
     name = "unkeepable-books"
 
-    def __init__(self, how: str = "callback", *args: Any, **kwargs: Any) -> None:
+    def __init__(self, how: str = "callback", only: str = "", *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.how = how
+        self.only = only  # a URL path: only the link to that book (default: every one)
 
     def parse(self, response: Response, **kwargs: Any) -> Iterator[Request]:
         for request in super().parse(response, **kwargs):
-            if request.callback == self.parse_book:
+            mine = not self.only or urlsplit(request.url).path == self.only
+            if request.callback == self.parse_book and mine:
                 if self.how == "callback":
                     request = request.replace(callback=lambda r: self.parse_book(r))
                 else:
@@ -193,6 +196,18 @@ failing = CrawlJob(
 )
 unkeepable = CrawlJob(
     UnkeepableBooks, schema=BOOK_SCHEMA, name="unkeepable", pages_per_chunk=15, **FAST_RETRY
+)
+
+
+class PoliteUnkeepableBooks(UnkeepableBooks):
+    """The same, with a download delay: a chunk's lease on the site is exclusive."""
+
+    name = "polite-unkeepable-books"
+    custom_settings = {**BooksSpider.custom_settings, "DOWNLOAD_DELAY": 0.02}
+
+
+polite_unkeepable = CrawlJob(
+    PoliteUnkeepableBooks, schema=BOOK_SCHEMA, name="polite", pages_per_chunk=4, **FAST_RETRY
 )
 carrying = CrawlJob(
     CarryingBooks, schema=LISTING_SCHEMA, name="carrying", pages_per_chunk=15, **FAST_RETRY
