@@ -39,7 +39,7 @@ from fanout.cli_controls import COMMANDS as CONTROL_COMMANDS
 from fanout.cli_controls import status_fields, status_line, summary_lines
 from fanout.errors import UserError
 from fanout.jobs import load_job
-from fanout.limits import RunLimits
+from fanout.limits import RunKind, RunLimits, kind_of
 
 EXIT_USAGE = 2
 
@@ -486,11 +486,14 @@ def status(
         from fanout.cli_observe import failures_line
 
         click.echo(failures_line(st))
-    if st.run.stats or st.pending_requests or st.backoffs:
+    if kind_of(st.run.settings) is RunKind.CRAWL:
         from fanout.cli_observe import crawl_lines
 
         for line in crawl_lines(dict(st.run.stats), st.pending_requests, st.backoffs):
             click.echo(line)
+    elif st.run.stats:  # a job's own counters (ctx.stats)
+        counters = sorted(st.run.stats.items())
+        click.echo("stats: " + ", ".join(f"{k} {v:,}" for k, v in counters))
     if st.run.manifest_key and st.run.state in TERMINAL_RUN_STATES:
         click.echo(f"manifest: {backend.store.url(st.run.manifest_key)}")
 

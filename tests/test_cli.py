@@ -90,6 +90,14 @@ def test_run_then_status_runs_cat_failed(home: Path) -> None:
     assert_user_error(cli(home, "replay", run_id, "--chunk", "0/1"), "no dead chunk '0/1'")
 
 
+def test_status_shows_a_job_s_own_counters_as_its_stats(home: Path) -> None:
+    result = fanout(home, "run", TREE, *p(chunks=3, rows=2, stat_names=2), *WORK)
+    assert result.returncode == 0, result.stderr
+    shown = ok(cli(home, "status", run_id_of(result))).splitlines()
+    assert "stats: kind/000 3, kind/001 3" in shown, shown
+    assert not [line for line in shown if line.startswith("crawl:")], shown  # not a crawl
+
+
 def test_run_json_prints_one_status_object(home: Path) -> None:
     result = fanout(home, "run", TREE, *p(chunks=2, rows=3), *WORK, "--json")
     assert result.returncode == 0, result.stderr

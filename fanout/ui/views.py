@@ -30,6 +30,7 @@ from fanout.backends.base import (
 )
 from fanout.cli_observe import chunk_events, progress
 from fanout.errors import UserError
+from fanout.limits import RunKind, kind_of
 from fanout.ui.timeline import Bar, Throughput, Timeline, lay_out, throughput
 
 #: Runs per page of the runs list.
@@ -250,9 +251,9 @@ class Crawl:
 
 def crawl_figures(run: RunRecord, elapsed: float) -> Crawl | None:
     """Pages/s, HTTP statuses and per-domain figures; None for a run that is no crawl."""
+    if kind_of(run.settings) is not RunKind.CRAWL:
+        return None  # a job's own counters may be named "pages" too
     stats = dict(run.stats)
-    if "pages" not in stats:
-        return None
     domains: dict[str, dict[str, int]] = {}
     for key in [k for k in stats if k.startswith("domain/")]:
         name, _, what = key[len("domain/") :].partition("/")

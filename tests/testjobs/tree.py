@@ -37,6 +37,7 @@ class Params(BaseModel):
     big_payload: int = 0  # bytes of padding in each child payload
     # ctx.spawn(..., delay=) of every child; "nan" as text, as params cannot hold NaN.
     spawn_delay: float | str = 0.0
+    stat_names: int = 0  # each call counts 1 under each of ctx.stats["kind/000"...]
 
 
 job = Job("tree", params=Params, schema=SCHEMA, backoff_base=0.01, backoff_cap=0.05)
@@ -61,6 +62,8 @@ def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
         os._exit(3)
     if top in p.sleep_chunks and ctx.attempt == 1:
         time.sleep(p.sleep)
+    for i in range(p.stat_names):
+        ctx.stats[f"kind/{i:03d}"] += 1
     start = ctx.cursor or 0
     end = min(p.rows, start + p.step) if p.step else p.rows
     for n in range(start, end):

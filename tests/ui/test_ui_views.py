@@ -96,7 +96,8 @@ def test_a_crawl_runs_page_shows_pages_per_second_statuses_and_domains(
 ) -> None:
     from fanout.backends.base import NewTask, RunRecord
 
-    run = RunRecord("crawl-1", "c.py", "crawl", {}, {}, created_at=1000.0)
+    crawl = {"kind": "crawl"}  # as a CrawlJob's run records it
+    run = RunRecord("crawl-1", "c.py", "crawl", {}, crawl, created_at=1000.0)
     local_backend.ledger.create_run(run, NewTask("0", 0, 0, "{}"))
     stats = {
         "pages": 300,
@@ -109,13 +110,13 @@ def test_a_crawl_runs_page_shows_pages_per_second_statuses_and_domains(
         "domain/<b>.example/status/404": 10,
         "domain/<b>.example/throttled": 3,
     }
-    figures = views.crawl_figures(RunRecord("r", "j", "j", {}, {}, stats=stats), 60.0)
+    figures = views.crawl_figures(RunRecord("r", "j", "j", {}, crawl, stats=stats), 60.0)
     assert figures is not None
     assert figures.pages_per_s == 5.0
     assert figures.statuses == {"200": 290, "404": 10}
     assert figures.domains[0] == ("a.example", 200, {"200": 200}, 0)
     assert figures.domains[1] == ("<b>.example", 100, {"404": 10}, 3)
-    assert views.crawl_figures(RunRecord("r", "j", "j", {}, {}), 1.0) is None
+    assert views.crawl_figures(RunRecord("r", "j", "j", {}, {}, stats=stats), 1.0) is None  # ETL
     db = local_backend.ledger.db  # type: ignore[attr-defined]
     with db.write() as conn:
         conn.execute("UPDATE runs SET stats = ? WHERE run_id = 'crawl-1'", (json.dumps(stats),))
