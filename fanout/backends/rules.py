@@ -190,6 +190,13 @@ def after_failure(kind: FailureKind, attempt: int, max_attempts: int) -> Failure
     return FailureVerdict.RETRY
 
 
+def spends_attempt(kind: FailureKind) -> bool:
+    """Whether an attempt that failed with ``kind`` counts against the task's
+    budget and the run's retries: not one the user interrupted (Ctrl-C, a
+    stopped worker), which the ledger hands back as if never made."""
+    return kind != FailureKind.INTERRUPTED
+
+
 def may_have_orphans(attempts: int) -> bool:
     """Whether a task claimed ``attempts`` times in its life may have children
     an earlier attempt registered and the committing one did not (orphans to

@@ -11,6 +11,7 @@ from fanout.backends.base import (
     Backend,
     ClaimOutcome,
     Failure,
+    FailureKind,
     NewTask,
     Output,
     RunRecord,
@@ -276,6 +277,25 @@ def test_begin_finalize_is_granted_once_unless_stale(backend: Backend) -> None:
     run = backend.ledger.get_run(RUN)
     assert run is not None and run.state == RunState.SUCCEEDED and run.manifest_key == "m.json"
     assert not backend.ledger.begin_finalize(RUN, now + 500, 60)
+
+
+def test_an_interrupted_attempt_is_not_counted(backend: Backend) -> None:
+    """Ctrl-C or a stopped worker hands the chunk back as if never tried: not
+    against its budget (the next claim is attempt 1 again), not a retry."""
+    _run(backend)
+    first = _claim(backend, token="t1")
+    assert first.task is not None and first.task.attempt - first.task.attempt_floor == 1
+    interrupted = Failure(FailureKind.INTERRUPTED, "the worker was stopped")
+    assert backend.ledger.retry(ROOT, "t1", interrupted, 0, time.time())
+    again = _claim(backend, token="t2")
+    assert again.task is not None and again.task.attempt - again.task.attempt_floor == 1
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.retries == 0
+    assert backend.ledger.retry(ROOT, "t2", Failure(FailureKind.ERROR, "boom"), 0, time.time())
+    third = _claim(backend, token="t3")
+    assert third.task is not None and third.task.attempt - third.task.attempt_floor == 2
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.retries == 1
 
 
 def test_finish_is_refused_to_a_finalizer_another_took_over(backend: Backend) -> None:

@@ -88,6 +88,7 @@ from fanout.backends.rules import (
     may_have_orphans,
     may_reopen,
     rule_claim,
+    spends_attempt,
 )
 from fanout.errors import RunFinalizingError
 
@@ -464,11 +465,13 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
         e.set("lease_expires", 0).set("not_before", not_before).set("error", failure.error)
         e.set("traceback", failure.traceback).set("updated_at", now).bump()
         e.append("history", _failed(failure, now, attempt_in_budget(task)))
+        spent = spends_attempt(failure.kind)
+        if not spent:
+            e.add("attempt_floor", 1)  # an interrupted attempt is not counted
         e.where(_is_token(e, token))
-        entries = [
-            {"Update": e.update(self.table, _task_key(key))},
-            self._run_counters(key.run_id, now, retries=1),
-        ]
+        entries = [{"Update": e.update(self.table, _task_key(key))}]
+        if spent:
+            entries.append(self._run_counters(key.run_id, now, retries=1))
         return self._transact(entries) is None
 
     def bury(self, key: TaskKey, token: str, failure: Failure, now: float) -> Settle:

@@ -60,6 +60,7 @@ from fanout.backends.rules import (
     may_have_orphans,
     may_reopen,
     rule_claim,
+    spends_attempt,
 )
 from fanout.errors import RunFinalizingError
 
@@ -447,10 +448,12 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float
     ) -> bool:
         """Give the lease back after a failed attempt; no claim before ``not_before``."""
+        spent = spends_attempt(failure.kind)
         with self.db.write() as conn:
             cur = conn.execute(
                 "UPDATE tasks SET state = 'queued', lease_token = NULL, lease_expires = 0,"
-                f" not_before = ?, error = ?, traceback = ?, updated_at = ?, {APPEND}"
+                f" not_before = ?, error = ?, traceback = ?, updated_at = ?, {APPEND},"
+                " attempt_floor = attempt_floor + ?"
                 " WHERE run_id = ? AND chunk_id = ? AND seq = ? AND state = 'running'"
                 " AND lease_token = ?",
                 (
@@ -459,13 +462,17 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
                     failure.traceback,
                     now,
                     failure_event(failure, now),
+                    0 if spent else 1,  # an interrupted attempt is not counted
                     *key_args(key),
                     token,
                 ),
             )
             if cur.rowcount != 1:
                 return False
-            conn.execute("UPDATE runs SET retries = retries + 1 WHERE run_id = ?", (key.run_id,))
+            if spent:
+                conn.execute(
+                    "UPDATE runs SET retries = retries + 1 WHERE run_id = ?", (key.run_id,)
+                )
             return True
 
     def bury(self, key: TaskKey, token: str, failure: Failure, now: float) -> Settle:
