@@ -103,7 +103,7 @@ def home_problem(home: Path, exc: BaseException) -> str:
         st = os.statvfs(found)
         if st.f_flag & os.ST_RDONLY:
             why = "it is on a read-only file system"
-        elif st.f_bavail == 0:
+        elif st.f_bavail == 0 and st.f_blocks > 0:  # /proc and the like have no blocks
             why = "its disk is full (no space left on the device)"
     if why is None and isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         why = "its disk is full (no space left on the device)"

@@ -261,6 +261,13 @@ def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     assert_user_error(cli(tmp_path / "a-file" / "home", "runs"), "cannot use", "Not a directory")
 
 
+def test_a_home_on_a_pseudo_file_system_is_not_called_full(tmp_path: Path) -> None:
+    # /proc reports no free blocks, having none at all: the reason is what the
+    # system said, not "disk is full".
+    line = assert_user_error(cli(Path("/proc/fanout-home"), "runs"), "cannot use")
+    assert "full" not in line, line
+
+
 def test_an_empty_home_is_refused_not_taken_for_the_current_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

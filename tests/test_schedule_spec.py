@@ -120,6 +120,8 @@ def test_cron_and_rate_agree_on_a_five_minute_grid() -> None:
         ("rate(5 weeks)", "expected rate("),
         ("rate(five minutes)", "expected rate("),
         ("at(2026-03-01T10:00:00)", "not supported"),
+        ("@fortnightly", "is not an alias fanout knows (use one of @yearly"),
+        ("@reboot", "is not an alias fanout knows"),
     ],
 )
 def test_bad_expressions_say_what_is_wrong(expression: str, needle: str) -> None:

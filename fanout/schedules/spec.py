@@ -187,6 +187,8 @@ def parse_spec(text: str) -> Spec:
         return _parse_aws_cron(text)
     if lowered.startswith("at("):
         raise _bad(text, "one-time at(...) schedules are not supported (use `fanout submit`)")
+    if lowered.startswith("@") and lowered not in _ALIASES:
+        raise _bad(text, f"is not an alias fanout knows (use one of {', '.join(_ALIASES)})")
     cron = _ALIASES.get(lowered, text)
     fields = cron.split()
     if len(fields) != 5:
