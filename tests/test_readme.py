@@ -22,6 +22,7 @@ def test_readme_job_example_runs(mem: Backend, tmp_path: Path) -> None:
     docs.mkdir()
     (docs / "a.txt").write_text("the quick brown fox\njumps over\n")
     (docs / "b.txt").write_text("lazy dogs\n")
+    (docs / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")  # as docs/ has: not text
     run_id = coordinator.submit(mem, str(job), {"source": str(docs), "min_length": 4}).run_id
     assert drain(mem, run_id).state == RunState.SUCCEEDED
     got = sorted(
