@@ -637,6 +637,28 @@ def test_a_request_that_cannot_be_handed_on_fails_the_run_clearly(
     assert result.returncode != 0 and "cannot be handed on" in result.stderr, result.stderr
 
 
+def test_a_start_that_raises_before_any_request_fails_the_run_saying_why(home: Path) -> None:
+    """``-p start_url=notaurl``: Scrapy logs the error and the crawl used to
+    "succeed" with no records. Nothing can ever be crawled: the run fails,
+    naming the error."""
+    result = fanout(home, "run", job("books"), *params(start_url="notaurl"), "-w", "1")
+    assert result.returncode == 1, result.stderr
+    st = status(home, run_id_of(result))
+    assert st["state"] == "failed" and st["chunks"]["dead"] == 1, st
+    shown = fanout(home, "failed", run_id_of(result)).stdout
+    assert "start raised before it yielded anything" in shown and "Missing scheme" in shown, shown
+
+
+def test_what_a_start_yielded_before_it_raised_is_crawled(home: Path) -> None:
+    """As in Scrapy: the requests a spider's start yielded before an error are
+    crawled (they were dropped with the error)."""
+    site = BookSite(40)
+    with SiteServer(site) as server:
+        result = fanout(home, "run", job("half_start"), *params(start_url=server.url), "-w", "1")
+    assert result.returncode == 0, result.stderr
+    assert_books_exactly_once(home, run_id_of(result), site.expected_books())
+
+
 def test_a_chunk_that_gives_up_lets_go_of_its_sites_at_once(home: Path) -> None:
     """A chunk buried for a request it cannot hand on used to leave with its
     domain leases held: on a polite site (a download delay makes a lease

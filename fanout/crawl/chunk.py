@@ -30,6 +30,7 @@ import fanout.crawl.components as components
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import book_of
 from fanout.crawl.codec import decode_value, request_from_json
+from fanout.crawl.components import give_up
 from fanout.crawl.politeness import note_frontier
 
 if TYPE_CHECKING:
@@ -68,11 +69,25 @@ def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -
                     engine.crawl(request)
                 return
             starts: list[Request] = []
-            async for thing in super().start():
-                if isinstance(thing, Request):
-                    starts.append(thing)
-                else:
-                    yield thing
+            items = 0
+            failed: Exception | None = None
+            try:
+                async for thing in super().start():
+                    if isinstance(thing, Request):
+                        starts.append(thing)
+                    else:
+                        items += 1
+                        yield thing
+            except Exception as exc:
+                if not starts and not items:
+                    # Nothing to crawl, ever (a start URL with no scheme, a
+                    # spider argument missing): a run that "succeeds" with no
+                    # records would hide it. The chunk is buried, saying why.
+                    give_up(
+                        f"the spider's start raised before it yielded anything:"
+                        f" {type(exc).__name__}: {exc}"
+                    )
+                failed = exc  # Scrapy logs it and crawls what came before
             # Claimed in one call, even with Scrapy's default dont_filter on
             # start requests, so that a link back to a start page is a duplicate;
             # a start request is crawled anyway when its dont_filter says so.
@@ -80,6 +95,8 @@ def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -
             for request in starts:
                 if id(request) in won or request.dont_filter:
                     engine.crawl(request)
+            if failed is not None:
+                raise failed
 
     ChunkSpider.__name__ = ChunkSpider.__qualname__ = base.__name__
     ChunkSpider.__module__ = base.__module__

@@ -14,6 +14,7 @@ one per attribute, loaded as ``crawl_process.py:NAME``:
 * ``carrying``: the same spider, but each book link carries what the catalogue
   page knew as a Scrapy ``Item`` in ``meta`` and a dataclass in ``cb_kwargs``
   (Scrapy's "pass the item on" pattern), across chunk boundaries;
+* ``half_start``: the same spider, but its ``start()`` raises after its first request;
 * ``throttled``: the trap spider with Scrapy's retries off, with a small
   ``throttle_base``, for a site that answers 503 for a while;
 * ``reordering``: a spider that takes another path on a retry (see
@@ -180,6 +181,17 @@ class CarryingBooks(BooksSpider):
             yield {**dict(listing), "depth": seen.depth}
 
 
+class HalfStart(BooksSpider):
+    """Its start yields the home page, then raises (a bug after the first
+    request): Scrapy logs the error and crawls what came before it."""
+
+    name = "half-start"
+
+    async def start(self) -> Any:
+        yield Request(self.start_urls[0], callback=self.parse)
+        raise ValueError("a bug in start(), after its first request")
+
+
 class NoRetries(TrapSpider):
     """Follows every link; Scrapy's own retry is off, so a 503 reaches fanout."""
 
@@ -206,6 +218,7 @@ class PoliteUnkeepableBooks(UnkeepableBooks):
     custom_settings = {**BooksSpider.custom_settings, "DOWNLOAD_DELAY": 0.02}
 
 
+half_start = CrawlJob(HalfStart, schema=BOOK_SCHEMA, name="half-start", pages_per_chunk=40)
 polite_unkeepable = CrawlJob(
     PoliteUnkeepableBooks, schema=BOOK_SCHEMA, name="polite", pages_per_chunk=4, **FAST_RETRY
 )
