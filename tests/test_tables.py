@@ -247,22 +247,31 @@ def test_gc_dry_run_lists_exactly_the_files_a_crashed_attempt_left(tmp_path: Pat
     # Quick chunks are claimed and committed in batches (fanout.batches): a
     # batch-mate that finished before the crash lost its commit too: it is
     # recorded as interrupted and retried. Every such attempt's files are left.
+    # An interrupted attempt is not counted, so its retry has the same attempt
+    # number: the attempt that committed is told by its token (its output key's).
     backend = open_backend("local", home=home)
     try:
+        tasks = backend.ledger.list_tasks(run_id)
         uncommitted = {
             f"{t.chunk_id.replace('/', '.')}-s{t.seq}-a{e['attempt']}-"
-            for t in backend.ledger.list_tasks(run_id)
+            for t in tasks
             for e in t.history
             if e["outcome"] in ("crashed", "interrupted")
         }
+        committed = {t.output.key.rsplit("-", 1)[1][:8] for t in tasks if t.output is not None}
     finally:
         backend.close()
     assert "0.1-s0-a1-" in uncommitted
     store_root = home / "store"
+
+    def attempt_left(name: str) -> bool:
+        tag = next((t for t in uncommitted if f".{t}" in name or name.startswith(t)), None)
+        return tag is not None and name.split(tag, 1)[1][:8] not in committed
+
     left = sorted(
         str(p.relative_to(store_root))
         for p in store_root.rglob("*")
-        if p.is_file() and any(f".{tag}" in p.name or p.name.startswith(tag) for tag in uncommitted)
+        if p.is_file() and attempt_left(p.name)
     )
     # The killed attempt's three days and parts list (a batch-mate not started
     # when the worker died wrote nothing).
