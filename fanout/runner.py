@@ -44,7 +44,7 @@ from fanout.backends.base import (
     TaskEvent,
     TaskKey,
 )
-from fanout.backends.rules import CRASHED_LAST, FailureVerdict, after_failure
+from fanout.backends.rules import CRASHED_LAST, FailureVerdict, after_failure, spends_attempt
 from fanout.chunklog import chunk_event
 from fanout.context import ChunkContext, Continue
 from fanout.control_gate import Gate
@@ -517,7 +517,9 @@ class Runner:
                     duration_s=failure.duration,
                     retry_in_s=round(delay, 3),
                 )
-                record_attempt(self.metrics, job_name, attempt, "retried", failure.duration, 0)
+                # An interrupted attempt is no retry (rules.spends_attempt).
+                outcome = "retried" if spends_attempt(failure.kind) else "interrupted"
+                record_attempt(self.metrics, job_name, attempt, outcome, failure.duration, 0)
                 self.queue.release(attempt.receipt, delay)
                 return Handled.RETRY
             return Handled.LEASE_LOST

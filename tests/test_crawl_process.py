@@ -647,6 +647,19 @@ def test_a_start_that_raises_before_any_request_fails_the_run_saying_why(home: P
     assert st["state"] == "failed" and st["chunks"]["dead"] == 1, st
     shown = fanout(home, "failed", run_id_of(result)).stdout
     assert "start raised before it yielded anything" in shown and "Missing scheme" in shown, shown
+    # An ordinary failure, retried: the service a start() asks may be down for a moment.
+    backend = open_backend("local", home=home)
+    try:
+        (dead,) = backend.ledger.list_tasks(run_id_of(result), (TaskState.DEAD,))
+    finally:
+        backend.close()
+    assert outcomes(dead) == ["error", "error", "error", "dead"], dead.history
+
+
+def test_a_start_that_closes_the_spider_ends_the_crawl_as_scrapy_does(home: Path) -> None:
+    result = fanout(home, "run", job("closing_start"), *params(start_url="http://x.test/"))
+    assert result.returncode == 0, result.stderr
+    assert status(home, run_id_of(result))["state"] == "succeeded"
 
 
 def test_what_a_start_yielded_before_it_raised_is_crawled(home: Path) -> None:

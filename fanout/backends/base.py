@@ -152,7 +152,7 @@ class TaskRecord:
     seq: int
     state: TaskState
     attempt: int  # claims so far (lifetime)
-    attempt_floor: int  # attempts before the last replay; the budget counts from here
+    attempt_floor: int  # attempts the budget does not count (before a replay, or interrupted)
     depth: int
     message: str
     lease_token: str | None = None

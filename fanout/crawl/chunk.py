@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import scrapy.crawler  # noqa: F401  (imported before the fork: children start warm)
 from scrapy import Request, Spider
+from scrapy.exceptions import CloseSpider
 
 import fanout.crawl.channel as channel_module
 import fanout.crawl.components as components
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import book_of
 from fanout.crawl.codec import decode_value, request_from_json
-from fanout.crawl.components import give_up
+from fanout.crawl.components import fail_chunk
 from fanout.crawl.politeness import note_frontier
 
 if TYPE_CHECKING:
@@ -78,12 +79,15 @@ def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -
                     else:
                         items += 1
                         yield thing
+            except CloseSpider:
+                raise  # Scrapy's own way to stop: not a failure
             except Exception as exc:
                 if not starts and not items:
-                    # Nothing to crawl, ever (a start URL with no scheme, a
-                    # spider argument missing): a run that "succeeds" with no
-                    # records would hide it. The chunk is buried, saying why.
-                    give_up(
+                    # Nothing to crawl (a start URL with no scheme, a spider
+                    # argument missing, a service start() asks that is down): a
+                    # run that "succeeds" with no records would hide it. The
+                    # chunk fails, saying why, and is retried like any other.
+                    fail_chunk(
                         f"the spider's start raised before it yielded anything:"
                         f" {type(exc).__name__}: {exc}"
                     )

@@ -139,6 +139,20 @@ def give_up(reason: str) -> NoReturn:
     os._exit(0)
 
 
+def fail_chunk(reason: str) -> NoReturn:
+    """End the chunk's attempt as an ordinary failure, retried within the run's
+    ``max_attempts`` like any other: the parent raises with ``reason``. For a
+    chunk that has fetched and claimed nothing (its leases are let go)."""
+    send("error", reason)
+    gate: DomainGate | None = CHUNK.get("gate")
+    if gate is not None:
+        with contextlib.suppress(Exception):
+            gate.release()
+    assert channel.CHANNEL is not None
+    channel.CHANNEL.flush()
+    os._exit(1)
+
+
 class ChunkScheduler(Scheduler):
     """Scrapy's scheduler under the chunk's claims, leases and throttles."""
 

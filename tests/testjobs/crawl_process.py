@@ -15,6 +15,7 @@ one per attribute, loaded as ``crawl_process.py:NAME``:
   page knew as a Scrapy ``Item`` in ``meta`` and a dataclass in ``cb_kwargs``
   (Scrapy's "pass the item on" pattern), across chunk boundaries;
 * ``half_start``: the same spider, but its ``start()`` raises after its first request;
+* ``closing_start``: the same spider, but its ``start()`` raises ``CloseSpider``;
 * ``throttled``: the trap spider with Scrapy's retries off, with a small
   ``throttle_base``, for a site that answers 503 for a while;
 * ``reordering``: a spider that takes another path on a retry (see
@@ -36,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from scrapy import Field, Item, Request
+from scrapy.exceptions import CloseSpider
 from scrapy.http import Response
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,6 +194,16 @@ class HalfStart(BooksSpider):
         raise ValueError("a bug in start(), after its first request")
 
 
+class ClosingStart(BooksSpider):
+    """Its start stops the crawl at once, the Scrapy way (``CloseSpider``)."""
+
+    name = "closing-start"
+
+    async def start(self) -> Any:
+        raise CloseSpider("nothing to do today")
+        yield  # an async generator, as start() is
+
+
 class NoRetries(TrapSpider):
     """Follows every link; Scrapy's own retry is off, so a 503 reaches fanout."""
 
@@ -218,6 +230,7 @@ class PoliteUnkeepableBooks(UnkeepableBooks):
     custom_settings = {**BooksSpider.custom_settings, "DOWNLOAD_DELAY": 0.02}
 
 
+closing_start = CrawlJob(ClosingStart, schema=BOOK_SCHEMA, name="closing", pages_per_chunk=40)
 half_start = CrawlJob(HalfStart, schema=BOOK_SCHEMA, name="half-start", pages_per_chunk=40)
 polite_unkeepable = CrawlJob(
     PoliteUnkeepableBooks, schema=BOOK_SCHEMA, name="polite", pages_per_chunk=4, **FAST_RETRY
