@@ -429,31 +429,6 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
                 return Settle(ok=True, drained=self._drained(key.run_id))
         raise RuntimeError(f"commit {key}: too much contention")
 
-    def _orphans(self, key: TaskKey, token: str) -> list[Item]:
-        """Queued children of ``key`` that ``token``'s attempt did not register."""
-        return [
-            entry
-            for entry in self._query(
-                IndexName="gsi2",
-                KeyConditionExpression="gsi2pk = :kids",
-                ExpressionAttributeValues={
-                    ":kids": {"S": _kids_key(key.run_id, key.chunk_id, key.seq)}
-                },
-            )
-            if entry.get("state", {}).get("S") == TaskState.QUEUED
-            and entry.get("spawned_by", {}).get("S") != token
-        ]
-
-    def _orphan_entry(self, entry: Item, token: str, now: float) -> Item:
-        """A transaction entry cancelling one orphan, if it is still one."""
-        e = _Expr().set("state", TaskState.CANCELLED.value).set("updated_at", now).bump()
-        attempt = _int(entry, "attempt") - _int(entry, "attempt_floor")
-        e.append("history", history_event(TaskEvent.ORPHANED, now, attempt))
-        by = e.n("spawned_by")
-        e.where(f"{e.n('state')} = {e.v(TaskState.QUEUED.value)}")
-        e.where(f"attribute_not_exists({by}) OR {by} <> {e.v(token)}")
-        return {"Update": e.update(self.table, _key(entry["pk"]["S"], entry["sk"]["S"]))}
-
     def retry(
         self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float
     ) -> bool:

@@ -14,6 +14,7 @@ from fanout.backends.aws.ledger_items import (
     Item,
     _av,
     _Expr,
+    _int,
     _is_token,
     _is_version,
     _key,
@@ -296,3 +297,28 @@ class Registrar(DynamoTable):
                 return None
             batch = self._plan(run_id, tasks, now, spawned_by)
         raise RuntimeError(f"register in {run_id}: too much contention")
+
+    def _orphans(self, key: TaskKey, token: str) -> list[Item]:
+        """Queued children of ``key`` that ``token``'s attempt did not register."""
+        return [
+            entry
+            for entry in self._query(
+                IndexName="gsi2",
+                KeyConditionExpression="gsi2pk = :kids",
+                ExpressionAttributeValues={
+                    ":kids": {"S": _kids_key(key.run_id, key.chunk_id, key.seq)}
+                },
+            )
+            if entry.get("state", {}).get("S") == TaskState.QUEUED
+            and entry.get("spawned_by", {}).get("S") != token
+        ]
+
+    def _orphan_entry(self, entry: Item, token: str, now: float) -> Item:
+        """A transaction entry cancelling one orphan, if it is still one."""
+        e = _Expr().set("state", TaskState.CANCELLED.value).set("updated_at", now).bump()
+        attempt = _int(entry, "attempt") - _int(entry, "attempt_floor")
+        e.append("history", history_event(TaskEvent.ORPHANED, now, attempt))
+        by = e.n("spawned_by")
+        e.where(f"{e.n('state')} = {e.v(TaskState.QUEUED.value)}")
+        e.where(f"attribute_not_exists({by}) OR {by} <> {e.v(token)}")
+        return {"Update": e.update(self.table, _key(entry["pk"]["S"], entry["sk"]["S"]))}

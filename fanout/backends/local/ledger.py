@@ -371,7 +371,7 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
             for r, orphans in zip(requests, committed, strict=True):
                 if orphans is not None:
                     sums.setdefault(r.key.run_id, RunSums()).add(r, orphans)
-            drained = {run_id: self._count(conn, run_id, s) for run_id, s in sums.items()}
+            drained = {run_id: s.apply(conn, run_id) for run_id, s in sums.items()}
         last = {
             r.key.run_id: i
             for i, (r, o) in enumerate(zip(requests, committed, strict=True))
@@ -425,24 +425,6 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
                 (r.now, row_event(TaskEvent.ORPHANED, r.now), *key_args(r.key), r.token),
             ).rowcount
         )
-
-    @staticmethod
-    def _count(conn: sqlite3.Connection, run_id: str, s: RunSums) -> bool:
-        """Move a run's counters by the commits of a batch; whether it drained."""
-        run = conn.execute(
-            "UPDATE runs SET outstanding = outstanding - ? - ?, tasks_done = tasks_done + ?,"
-            " tasks_cancelled = tasks_cancelled + ?,"
-            " records = records + ?, bytes = bytes + ?, updated_at = ? WHERE run_id = ?"
-            " RETURNING outstanding, stats",
-            (s.done, s.orphans, s.done, s.orphans, s.records, s.bytes, s.now, run_id),
-        ).fetchone()
-        if s.stats:
-            # Summed here, under the same write lock, so no increment is lost.
-            total = json.loads(run[1])
-            for name, value in s.stats.items():
-                total[name] = total.get(name, 0) + value
-            conn.execute("UPDATE runs SET stats = ? WHERE run_id = ?", (json.dumps(total), run_id))
-        return is_drained(run[0])
 
     def retry(
         self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float

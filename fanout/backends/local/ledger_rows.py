@@ -20,7 +20,7 @@ from fanout.backends.base import (
     TaskState,
     took_field,
 )
-from fanout.backends.rules import history_event
+from fanout.backends.rules import history_event, is_drained
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -161,6 +161,33 @@ class RunSums:
         self.now = max(self.now, r.now)
         for name, value in (r.stats or {}).items():
             self.stats[name] = self.stats.get(name, 0) + value
+
+    def apply(self, conn: sqlite3.Connection, run_id: str) -> bool:
+        """Move the run's counters by these commits (in the caller's write
+        transaction); whether the run drained."""
+        run = conn.execute(
+            "UPDATE runs SET outstanding = outstanding - ? - ?, tasks_done = tasks_done + ?,"
+            " tasks_cancelled = tasks_cancelled + ?,"
+            " records = records + ?, bytes = bytes + ?, updated_at = ? WHERE run_id = ?"
+            " RETURNING outstanding, stats",
+            (
+                self.done,
+                self.orphans,
+                self.done,
+                self.orphans,
+                self.records,
+                self.bytes,
+                self.now,
+                run_id,
+            ),
+        ).fetchone()
+        if self.stats:
+            # Summed here, under the same write lock, so no increment is lost.
+            total = json.loads(run[1])
+            for name, value in self.stats.items():
+                total[name] = total.get(name, 0) + value
+            conn.execute("UPDATE runs SET stats = ? WHERE run_id = ?", (json.dumps(total), run_id))
+        return is_drained(run[0])
 
 
 # Appends one JSON event to a task's history inside the UPDATE itself, stamped
