@@ -27,6 +27,7 @@ from fanout.cli_common import (
     MAX_WORKERS,
     RUN_ID,
     FiniteFloat,
+    aws_problem,
     cannot_write,
     exit_code,
     group_backend,
@@ -130,6 +131,12 @@ class _Group(click.Group):
             if obj.get("backend_name") == "aws" or not cannot_write(exc):
                 raise
             click.echo(f"error: {home_problem(obj['home'], exc)}", err=True)
+            ctx.exit(EXIT_USAGE)
+        except Exception as exc:
+            problem = aws_problem(exc)  # AWS unreachable, or no credentials, from here
+            if problem is None:
+                raise
+            click.echo(f"error: {problem}", err=True)
             ctx.exit(EXIT_USAGE)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:

@@ -124,6 +124,36 @@ def cannot_write(exc: BaseException) -> bool:
     return False
 
 
+#: botocore's errors that say AWS cannot be reached or signed in to from here:
+#: the user's to fix (an endpoint, credentials, a region), not a bug.
+_AWS_UNREACHABLE = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ConnectionClosedError",
+        "ProxyConnectionError",
+    }
+)
+_AWS_NO_CREDENTIALS = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+)
+
+
+def aws_problem(exc: BaseException) -> str | None:
+    """One line for an AWS error a user fixes where they run fanout (no endpoint,
+    no credentials, no region); None for anything else."""
+    if not type(exc).__module__.startswith("botocore"):
+        return None
+    name = type(exc).__name__
+    if name in _AWS_UNREACHABLE:
+        return f"cannot reach AWS: {exc} (check the network, or AWS_ENDPOINT_URL)"
+    if name in _AWS_NO_CREDENTIALS:
+        return f"no usable AWS credentials: {exc}"
+    if name == "NoRegionError":
+        return "no AWS region: set AWS_REGION or AWS_DEFAULT_REGION"
+    return None
+
+
 def _open_aws_stage() -> Backend:
     """The AWS backend of ``FANOUT_STAGE``: its stack's resources (put in the
     environment for worker children too), or one line saying it is not deployed."""

@@ -9,6 +9,9 @@ through click's CliRunner.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from click.testing import CliRunner
 from fanout.cli import main
 from support.cli import assert_user_error, cli, ok
 from support.helpers import TREE
+from support.lambda_source import checkout_pythonpath
 from support.procs import fanout
 
 WORK = ["-w", "2", "--chunk-timeout", "10"]
@@ -404,3 +408,60 @@ def test_an_empty_run_id_is_one_line_and_exit_2(home: Path, argv: list[str]) -> 
     run_id = ok(cli(home, "submit", TREE, "-p", "chunks=1")).strip()
     line = assert_user_error(cli(home, *argv), "run id", "empty")
     assert run_id not in line
+
+
+# -- AWS that cannot be reached or signed in to from here ---------------------------
+
+AWS_STACK = {
+    "FANOUT_AWS_QUEUE": "https://sqs.us-east-1.amazonaws.com/123456789012/q",
+    "FANOUT_AWS_BUCKET": "b",
+    "FANOUT_AWS_TABLE": "t",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"AWS_DEFAULT_REGION": "", "AWS_REGION": ""}, "no AWS region"),
+        (
+            {
+                "AWS_ACCESS_KEY_ID": "",
+                "AWS_SECRET_ACCESS_KEY": "",
+                "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                "AWS_CONFIG_FILE": "/nonexistent",
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+            "no usable AWS credentials",
+        ),
+    ],
+    ids=["no region", "no credentials"],
+)
+def test_aws_that_cannot_be_signed_in_to_is_one_line(
+    tmp_path: Path, env: dict[str, str], needle: str
+) -> None:
+    # These were botocore tracebacks (NoRegionError, NoCredentialsError).
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    clean.update({**AWS_STACK, **{k: v for k, v in env.items() if v}})
+    result = subprocess.run(
+        [sys.executable, "-m", "fanout.cli", "--backend", "aws", "runs"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, "PYTHONPATH": checkout_pythonpath(), "HOME": str(tmp_path)},
+    )
+    assert_user_error(result, needle)
+
+
+def test_an_endpoint_that_is_down_is_named_in_one_line() -> None:
+    # After botocore's own retries (about a minute), the error a user gets.
+    from botocore.exceptions import EndpointConnectionError
+
+    from fanout.cli_common import aws_problem
+
+    down = EndpointConnectionError(endpoint_url="http://127.0.0.1:9/")
+    assert aws_problem(down) == (
+        'cannot reach AWS: Could not connect to the endpoint URL: "http://127.0.0.1:9/"'
+        " (check the network, or AWS_ENDPOINT_URL)"
+    )
+    assert aws_problem(RuntimeError("a bug")) is None
