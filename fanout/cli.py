@@ -522,7 +522,8 @@ def replay(
 ) -> None:
     """Put RUN's dead chunks back in the queue (after you fixed the job)."""
     reopened = coordinator.replay(group_backend(ctx), run_id, chunks or None)
-    click.echo(f"replaying {len(reopened)} chunks of {run_id}", err=True)
+    n = len(reopened)
+    click.echo(f"replaying {n} chunk{'' if n == 1 else 's'} of {run_id}", err=True)
     if work:
         _work(ctx, run_id, workers, chunk_timeout, False, chunk_memory)
     else:

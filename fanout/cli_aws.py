@@ -45,11 +45,19 @@ def create(stage: str) -> None:
     topic = settings.events_topic or f"fanout-{stage}-run-events"
     made = create_resources(replace(settings, events_topic=topic))
     group = group_name(stage)
+    scheduler = client("scheduler", settings)
     try:
-        client("scheduler", settings).create_schedule_group(Name=group)
+        # Looked for first: moto replaces an existing group (and drops its
+        # schedules) where AWS answers ConflictException.
+        scheduler.get_schedule_group(Name=group)
     except Exception as exc:
-        if error_code(exc) != "ConflictException":  # exists already
+        if error_code(exc) != "ResourceNotFoundException":
             raise
+        try:
+            scheduler.create_schedule_group(Name=group)
+        except Exception as exc2:
+            if error_code(exc2) != "ConflictException":  # made meanwhile
+                raise
     click.echo(f"queue: {made['queue_url']}")
     click.echo(f"bucket: {made['bucket']}")
     click.echo(f"table: {settings.table}")

@@ -116,7 +116,7 @@ class Dispatcher:
         self.backend.queue.ack(delivery.receipt)
         refused = sender_refusal(self.backend.name, delivery.sender, "sweep")
         if refused:
-            log.error("dropping %s", refused)
+            log.error("dropping a sweep message: %s", refused)
             return Handled.REFUSED
         for action in recover(self.backend):
             log.warning("recovery sweep: %s", action)

@@ -106,6 +106,13 @@ def test_aws_create_then_destroy_without_cloudformation(
     made = cli("aws", "create", "--stage", "emu")
     assert made.exit_code == 0, made.output
     monkeypatch.setenv("FANOUT_STAGE", "emu")
+    # Made again: idempotent, and the stage's schedules are kept (moto replaced
+    # the schedule group, and dropped its schedules, when asked to create it).
+    monkeypatch.setenv("FANOUT_AWS_SCHEDULE_ROLE", "arn:aws:iam::123456789012:role/s")
+    kept = cli("--backend", "aws", "schedule", "add", "kept", TREE, "--cron", "@daily")
+    assert kept.exit_code == 0, kept.output
+    assert cli("aws", "create", "--stage", "emu").exit_code == 0
+    assert "kept" in cli("--backend", "aws", "schedule", "list").stdout
     submitted = cli("--backend", "aws", "submit", TREE, "-p", "chunks=1", "-p", "rows=2")
     assert submitted.exit_code == 0, submitted.output
     run_id = submitted.stdout.strip().splitlines()[-1]  # (moto may print a warning first)

@@ -202,7 +202,7 @@ def test_replay_after_fix_rewrites_the_manifest(home: Path, tmp_path: Path) -> N
     flag.unlink()  # the fix
     result = fanout(home, "replay", run_id, "--work", *WORK)
     assert result.returncode == 0, result.stderr
-    assert f"replaying 1 chunks of {run_id}" in result.stderr
+    assert f"replaying 1 chunk of {run_id}" in result.stderr
     assert f"run {run_id} succeeded: 12 records" in result.stdout
 
     after = manifest(home, run_id)

@@ -332,7 +332,7 @@ def handle_fire(backend: Backend, delivery: Delivery, message: ScheduleFire) -> 
     back first, and the run id makes the retry harmless."""
     refused = sender_refusal(backend.name, delivery.sender, "fire")
     if refused:
-        log.error("dropping %s", refused)
+        log.error("dropping a fire message: %s", refused)
         backend.queue.ack(delivery.receipt)
         return Handled.REFUSED
     store = open_store(backend)
