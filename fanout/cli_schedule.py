@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from pydantic import BaseModel
 
 from fanout.cli_common import group_backend, split_pairs
@@ -131,6 +132,13 @@ def add(
     ref = _job_ref(job, backend_name)
     if backend_name == "aws":
         spec.aws_expression()  # fail before any AWS call if EventBridge cannot say it
+        if ctx.get_parameter_source("catch_up") is ParameterSource.COMMANDLINE:
+            raise UserError(
+                "--catch-up does not apply on AWS: EventBridge fires every tick itself"
+                " (a missed one is not fired later)"
+            )
+        # EventBridge fires from now on, whatever the start: none in the past.
+        first = spec.first_at_or_after(max(begin, now)) or first
     entry = Schedule(
         name=name,
         expression=expression,

@@ -134,6 +134,22 @@ def test_rate_starts_on_the_epoch_grid(aws: Backend, start: str, first: str) -> 
     assert found["StartDate"].isoformat() == f"{first}+00:00"
 
 
+def test_a_start_in_the_past_is_not_shown_as_the_first_fire(aws: Backend) -> None:
+    # EventBridge fires from now on: a first fire printed in the past (the
+    # start's tick) was a promise it does not keep; `show` said the truth.
+    out = ok(cli("schedule", "add", "past", "--cron", "@hourly", "tests/testjobs/tree.py",
+                 "--start", "2026-01-01T00:00:00Z"))  # fmt: skip
+    first = datetime.fromisoformat(out.rstrip().rsplit("first fire ", 1)[1].replace("Z", "+00:00"))
+    assert datetime.now(UTC) <= first <= datetime.now(UTC) + timedelta(hours=1), out
+
+
+def test_catch_up_is_refused_on_aws_where_it_cannot_apply(aws: Backend) -> None:
+    refused = cli("schedule", "add", "cu", "--cron", "@hourly", "tests/testjobs/tree.py",
+                  "--catch-up", "all")  # fmt: skip
+    assert refused.exit_code == 2 and "--catch-up does not apply on AWS" in refused.stderr
+    assert "cu" not in ok(cli("schedule", "list"))
+
+
 def test_list_show_remove_through_the_same_commands(aws: Backend) -> None:
     ok(cli("schedule", "add", "b", "--cron", "rate(1 hour)", "tests/testjobs/tree.py"))
     ok(cli("schedule", "add", "a", "--cron", "cron(0 12 ? * 6L *)", "tests/testjobs/tree.py"))
