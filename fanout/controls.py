@@ -29,14 +29,13 @@ the tolerance.
 from __future__ import annotations
 
 import math
-import os
-import random
 from dataclasses import dataclass
 from typing import Any
 
 from fanout.backends.base import RunRecord, RunState
 from fanout.backends.rules import final_state as ledger_final_state
 from fanout.limits import RunLimits, limits_of
+from fanout.retry import JITTER
 
 #: ``stop_reason`` of a run stopped by ``fanout cancel``.
 CANCEL_REASON = "cancelled (fanout cancel)"
@@ -48,12 +47,6 @@ MIN_WAIT = 0.2
 MAX_WAIT = 60.0
 #: The duration assumed for a run's chunks before any finished (s).
 DEFAULT_AVG = 0.5
-
-_rng = random.Random()
-# A forked worker would otherwise draw the same "random" delays as its siblings
-# (Python reseeds only the random module's own generator at fork): the herd
-# that jitter is there to spread would come back in lockstep.
-os.register_at_fork(after_in_child=_rng.seed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +105,7 @@ def contended(receives: int = 1) -> Admission:
 
 def _wait(avg: float, receives: int) -> float:
     wait = max(MIN_WAIT, avg) * max(receives, 1)
-    return min(MAX_WAIT, wait) * _rng.uniform(0.5, 1.0)
+    return min(MAX_WAIT, wait) * JITTER.uniform(0.5, 1.0)
 
 
 def release(state: dict[str, Any], token: str, took: float | None = None) -> bool:

@@ -8,12 +8,20 @@ import os
 import random
 import time
 
-_worker_log = logging.getLogger("fanout.worker")
-_rng = random.Random()
-# A forked worker would otherwise draw the same "random" delays as its siblings
-# (Python reseeds only the random module's own generator at fork): the herd
-# that jitter is there to spread would come back in lockstep.
-os.register_at_fork(after_in_child=_rng.seed)
+log = logging.getLogger("fanout.worker")
+
+#: The generator of every jittered delay in fanout (retry back-off, capped
+#: admissions, DynamoDB control rounds). Reseeded in a forked child: a forked
+#: worker would otherwise draw the same "random" delays as its siblings (Python
+#: reseeds only the random module's own generator at fork), and the herd that
+#: jitter is there to spread would come back in lockstep.
+JITTER = random.Random()
+os.register_at_fork(after_in_child=JITTER.seed)
+
+#: After a failed call (:class:`Failing`) a loop waits this long before it
+#: tries again, doubling up to ``MAX_FAIL_BACKOFF`` (s).
+FAIL_BACKOFF = 0.5
+MAX_FAIL_BACKOFF = 5.0
 
 
 def compute_backoff(
@@ -29,7 +37,7 @@ def compute_backoff(
     if attempt < 1:
         return 0.0
     ceiling = min(cap, base * 2.0 ** min(attempt - 1, 62))
-    return (rng or _rng).uniform(0.0, ceiling)
+    return (rng or JITTER).uniform(0.0, ceiling)
 
 
 class Failing:
@@ -38,12 +46,8 @@ class Failing:
     that dies the same way, a traceback each time. Nothing was taken, so
     nothing is lost by waiting: say so once, back off (doubling), retry."""
 
-    def __init__(
-        self, what: str, first: float = 0.5, most: float = 5.0, log: logging.Logger = _worker_log
-    ) -> None:
+    def __init__(self, what: str) -> None:
         self.what = what
-        self.first, self.most = first, most
-        self.log = log
         self.wait = 0.0  # the current back-off (0: the last call worked)
         self.until = 0.0
         self.since = 0.0  # when the failures began (monotonic)
@@ -52,15 +56,15 @@ class Failing:
         """Note a failure; returns how long to wait before trying again."""
         if not self.wait:
             self.since = time.monotonic()
-            self.log.warning("%s failed, backing off: %s: %s", self.what, type(exc).__name__, exc)
-        self.wait = min(max(self.wait * 2, self.first), self.most)
+            log.warning("%s failed, backing off: %s: %s", self.what, type(exc).__name__, exc)
+        self.wait = min(max(self.wait * 2, FAIL_BACKOFF), MAX_FAIL_BACKOFF)
         self.until = time.monotonic() + self.wait
         return self.wait
 
     def worked(self) -> None:
         """Note a call that worked."""
         if self.wait:
-            self.log.warning("%s works again", self.what)
+            log.warning("%s works again", self.what)
             self.wait = 0.0
 
     def waiting(self) -> bool:

@@ -58,11 +58,6 @@ _SLOT_BYTES = 2048
 _BATCH_BYTES = 16384
 #: How long an idle child sleeps between empty polls, at most (s).
 MAX_POLL_SLEEP = 0.2
-#: After a failed receive (a full disk, an unreachable queue) a child waits this
-#: long before it tries again, doubling up to ``MAX_RECEIVE_BACKOFF`` (s); so
-#: does the supervisor after its own checks failed.
-RECEIVE_BACKOFF = 0.5
-MAX_RECEIVE_BACKOFF = 5.0
 #: A pool told to stop once its work is done (``fanout run``, ``--until-idle``)
 #: gives up after its checks failed this long in a row (s), raising the last
 #: error: a backend that stays broken (a corrupt database, a table gone) must
@@ -224,7 +219,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     batches = isinstance(backend.ledger, BatchLedger)
     sleep = 0.005
-    receiving = Failing("queue receive", RECEIVE_BACKOFF, MAX_RECEIVE_BACKOFF)
+    receiving = Failing("queue receive")
     batch = 1
     try:
         while not stop.is_set() and os.getppid() == parent:
@@ -318,7 +313,7 @@ class WorkerPool:
         """Supervise until ``until()`` is true, the queue is idle (``until_idle``),
         or a signal asks to stop."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        checks = Failing("the pool's queue and ledger checks", RECEIVE_BACKOFF, MAX_RECEIVE_BACKOFF)
+        checks = Failing("the pool's queue and ledger checks")
         try:
             recover(self.backend)
             recovered = True

@@ -181,7 +181,7 @@ def test_a_failed_chunk_waits_its_back_off_capped_by_the_run_settings(
     wait 0.75 x min(0.3, 0.2 x 2^(n-1)) = 0.15, 0.225, 0.225 s. A runner that
     retries at once, ignores the cap, drops the jitter or counts attempts off
     by one gets other delays."""
-    monkeypatch.setattr("fanout.retry._rng", FixedJitter(0.75))
+    monkeypatch.setattr("fanout.retry.JITTER", FixedJitter(0.75))
     expected = [0.15, 0.225, 0.225]
     released: list[float] = []
     release = mem.queue.release

@@ -139,7 +139,7 @@ def test_failures_log_at_warning_and_error_with_their_kind(
     configure_logging(stage="prod", fmt="json", stream=out)
     # The tree job's back-off: base 0.01 s, so attempt 1's ceiling is 0.01 s;
     # with the jitter fixed at half of it the retry waits 0.005 s.
-    monkeypatch.setattr("fanout.retry._rng", FixedJitter(0.5))
+    monkeypatch.setattr("fanout.retry.JITTER", FixedJitter(0.5))
     run_id = coordinator.submit(
         mem, TREE, {"chunks": 1, "rows": 2, "fail_chunks": [0], "fail_times": 1}
     ).run_id

@@ -84,7 +84,7 @@ def fake_aws(monkeypatch: Any, **env: str) -> None:
 class FixedJitter(random.Random):
     """A random source whose ``uniform(a, b)`` is always ``a + fraction * (b - a)``,
     so a test can predict the back-off an attempt gets (set it as
-    ``fanout.retry._rng``). Any fraction but 0 and 1 also tells a jittered delay
+    ``fanout.retry.JITTER``). Any fraction but 0 and 1 also tells a jittered delay
     from one without jitter."""
 
     def __init__(self, fraction: float) -> None:

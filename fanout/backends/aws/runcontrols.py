@@ -15,8 +15,6 @@ transaction, so the outstanding counter stays exact.
 from __future__ import annotations
 
 import json
-import os
-import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -36,6 +34,7 @@ from fanout.backends.aws.ledger_items import (
 from fanout.backends.base import TaskEvent, TaskState
 from fanout.backends.rules import history_event
 from fanout.backends.runcontrols import ControlContended, ControlState
+from fanout.retry import JITTER
 
 T = TypeVar("T")
 
@@ -47,12 +46,6 @@ _TRIES = 20
 #: spread out instead of colliding again in lockstep; 20 rounds wait at most
 #: about 3 s in all.
 _MAX_PAUSE = 0.2
-
-_rng = random.Random()
-# A forked worker would otherwise draw the same "random" delays as its siblings
-# (Python reseeds only the random module's own generator at fork): the herd
-# that jitter is there to spread would come back in lockstep.
-os.register_at_fork(after_in_child=_rng.seed)
 
 
 class DynamoRunControls(DynamoTable):
@@ -73,7 +66,7 @@ class DynamoRunControls(DynamoTable):
         key = self._control_key(run_id)
         for round_ in range(_TRIES):
             if round_:
-                time.sleep(_rng.uniform(0, min(_MAX_PAUSE, 0.005 * 2**round_)))
+                time.sleep(JITTER.uniform(0, min(_MAX_PAUSE, 0.005 * 2**round_)))
             item = self._get(key, ["control", "ver"])
             state: ControlState = json.loads(item["control"]["S"]) if item else {}
             version = _int(item, "ver") if item else 0
