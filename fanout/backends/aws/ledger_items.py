@@ -335,13 +335,16 @@ class DynamoTable:
                 return
             params["ExclusiveStartKey"] = reply["LastEvaluatedKey"]
 
-    def _transact(self, items: Sequence[Item]) -> list[str] | None:
+    def _transact(self, items: Sequence[Item], token: str | None = None) -> list[str] | None:
         """Run one transaction: None if it committed, else each item's
         cancellation code (``ConditionalCheckFailed``, ``TransactionConflict``,
-        ``None`` for items that were fine)."""
+        ``None`` for items that were fine). ``token``: its idempotency token
+        (``ClientRequestToken``), for a caller that retries a call whose
+        answer may have been lost."""
         assert 0 < len(items) <= MAX_TRANSACTION_ITEMS
+        extra = {"ClientRequestToken": token} if token is not None else {}
         try:
-            self.client.transact_write_items(TransactItems=list(items))
+            self.client.transact_write_items(TransactItems=list(items), **extra)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
                 raise

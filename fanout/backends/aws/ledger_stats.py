@@ -149,21 +149,19 @@ class DomainStats(DynamoTable):
                 seed = f"{key.run_id}|{key.chunk_id}|{key.seq}|{token}|{number}|{cancelled}"
                 request = hashlib.sha256(seed.encode()).hexdigest()[:36]
                 try:
-                    self.client.transact_write_items(
-                        TransactItems=[guard, *entries], ClientRequestToken=request
-                    )
-                    break
-                except Exception as exc:
-                    reasons = (getattr(exc, "response", None) or {}).get(
-                        "CancellationReasons"
-                    ) or []
-                    if any(r.get("Code") == "ConditionalCheckFailed" for r in reasons[:1]):
+                    reasons = self._transact([guard, *entries], token=request)
+                except Exception as exc:  # the answer lost: the same token again
+                    why: object = exc
+                else:
+                    if reasons is None:
+                        break
+                    if reasons[0] == "ConditionalCheckFailed":
                         return  # the task is not ours any more (replayed): nothing to add
-                    if reasons:
-                        cancelled += 1
-                    if attempt == _TRIES - 1:
-                        log.warning("task %s: stats not all counted: %s", key, exc)
-                        return
+                    cancelled += 1
+                    why = f"cancelled ({', '.join(reasons)})"
+                if attempt == _TRIES - 1:
+                    log.warning("task %s: stats not all counted: %s", key, why)
+                    return
 
     def domain_stats(self, run_id: str) -> dict[str, int]:
         """The run's per-domain counters, as ``domain/<domain>/<what>``."""
