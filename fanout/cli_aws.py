@@ -36,28 +36,16 @@ def create(stage: str) -> None:
     """Create the queue (and its DLQ), bucket, table, events topic and schedule
     group of STAGE, named as the CLI looks for them (idempotent)."""
     from fanout.backends.aws import AwsSettings
-    from fanout.backends.aws.clients import client, error_code
+    from fanout.backends.aws.clients import client
     from fanout.backends.aws.resources import create_resources
-    from fanout.schedules.aws import group_name
+    from fanout.schedules.aws import ensure_group, group_name
 
     stage = _stage(stage)
     settings = AwsSettings.from_env(stage)
     topic = settings.events_topic or f"fanout-{stage}-run-events"
     made = create_resources(replace(settings, events_topic=topic))
     group = group_name(stage)
-    scheduler = client("scheduler", settings)
-    try:
-        # Looked for first: moto replaces an existing group (and drops its
-        # schedules) where AWS answers ConflictException.
-        scheduler.get_schedule_group(Name=group)
-    except Exception as exc:
-        if error_code(exc) != "ResourceNotFoundException":
-            raise
-        try:
-            scheduler.create_schedule_group(Name=group)
-        except Exception as exc2:
-            if error_code(exc2) != "ConflictException":  # made meanwhile
-                raise
+    ensure_group(client("scheduler", settings), group)
     click.echo(f"queue: {made['queue_url']}")
     click.echo(f"bucket: {made['bucket']}")
     click.echo(f"table: {settings.table}")

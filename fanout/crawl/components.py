@@ -125,12 +125,7 @@ def give_up(reason: str) -> NoReturn:
     """End the chunk's attempt as a permanent error (the spider cannot be
     crawled in chunks as it is): the parent buries the chunk with ``reason``."""
     send("fatal", reason)
-    gate: DomainGate | None = CHUNK.get("gate")
-    if gate is not None:
-        # The process ends now, its requests with it: its domain leases must
-        # not hold other chunks off the sites until they lapse (a chunk timeout).
-        with contextlib.suppress(Exception):
-            gate.release()
+    _let_sites_go()
     budget: ChunkBudget | None = CHUNK.get("budget")
     if budget is not None:
         budget.leave()  # the stats and claims, then exits
@@ -144,13 +139,20 @@ def fail_chunk(reason: str) -> NoReturn:
     ``max_attempts`` like any other: the parent raises with ``reason``. For a
     chunk that has fetched and claimed nothing (its leases are let go)."""
     send("error", reason)
+    _let_sites_go()
+    assert channel.CHANNEL is not None
+    channel.CHANNEL.flush()
+    os._exit(1)
+
+
+def _let_sites_go() -> None:
+    """Release the chunk's domain leases as it leaves early: the process ends
+    now, its requests with it, and its leases must not hold other chunks off
+    the sites until they lapse (a chunk timeout)."""
     gate: DomainGate | None = CHUNK.get("gate")
     if gate is not None:
         with contextlib.suppress(Exception):
             gate.release()
-    assert channel.CHANNEL is not None
-    channel.CHANNEL.flush()
-    os._exit(1)
 
 
 class ChunkScheduler(Scheduler):

@@ -69,6 +69,22 @@ def fire_input(schedule: Schedule) -> str:
     return json.dumps(body, separators=(",", ":"))
 
 
+def ensure_group(scheduler: Any, group: str) -> None:
+    """Make the schedule group ``group`` unless it exists. Looked for first:
+    moto replaces an existing group (dropping its schedules) where AWS answers
+    ConflictException."""
+    try:
+        scheduler.get_schedule_group(Name=group)
+    except Exception as exc:
+        if error_code(exc) not in _NOT_FOUND:
+            raise
+        try:
+            scheduler.create_schedule_group(Name=group)
+        except Exception as exc2:  # created meanwhile by another process
+            if error_code(exc2) != "ConflictException":
+                raise
+
+
 class EventBridgeScheduleStore:
     """A :class:`~fanout.schedules.model.ScheduleStore` on EventBridge Scheduler
     (claims in the ledger table)."""
@@ -90,16 +106,7 @@ class EventBridgeScheduleStore:
         return str(attributes["Attributes"]["QueueArn"])
 
     def _ensure_group(self) -> None:
-        try:
-            self.scheduler.get_schedule_group(Name=self.group)
-        except Exception as exc:
-            if error_code(exc) not in _NOT_FOUND:
-                raise
-            try:
-                self.scheduler.create_schedule_group(Name=self.group)
-            except Exception as exc2:  # created meanwhile by another process
-                if error_code(exc2) != "ConflictException":
-                    raise
+        ensure_group(self.scheduler, self.group)
 
     def add(self, schedule: Schedule) -> None:
         """Create the EventBridge schedule; :class:`UserError` if the name is taken,
@@ -326,9 +333,7 @@ class EventBridgeScheduleStore:
     def tick_claim(self, name: str, tick: datetime) -> TickClaim | None:
         """The claim of ``tick`` (a consistent read), or None if unclaimed."""
         item = self.dynamodb.get_item(
-            TableName=self.table,
-            Key={"pk": {"S": _pk(name)}, "sk": {"S": _sk(tick)}},
-            ConsistentRead=True,
+            TableName=self.table, Key=self._key(name, _sk(tick)), ConsistentRead=True
         ).get("Item")
         if item is None:
             return None
