@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import json
 import multiprocessing as mp
 import re
@@ -32,15 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
-
-import fastavro
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from ceiling import ceiling_line  # noqa: E402
+from plain_loop import plain_loop  # noqa: E402
 
 from support.make_readings import write_readings  # noqa: E402
 
@@ -155,34 +152,6 @@ def profile_noop(tmp: Path, chunks: int, top: int = 25) -> None:
     print("      exclusive, by line:")
     for name, n in own.most_common(top // 2):
         print(f"      {100 * n / total:5.1f}%  {name}")
-
-
-def plain_loop(src: Path, out: Path, schema: dict[str, object], codec: str) -> int:
-    """What a user writes by hand: csv → dict → fastavro, one Avro file per CSV."""
-    parsed = fastavro.parse_schema(schema)
-    total = 0
-    out.mkdir(parents=True, exist_ok=True)
-    for path in sorted(src.glob("*.csv")):
-        records = []
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            next(reader)
-            for line, (meter_id, read_at, kwh) in enumerate(reader, 1):
-                value = float(kwh)
-                records.append(
-                    {
-                        "meter_id": meter_id,
-                        "read_at": datetime.fromisoformat(read_at),
-                        "kwh": value,
-                        "adjusted_kwh": value * 1.0 + 0.0,
-                        "source": path.name,
-                        "line": line,
-                    }
-                )
-        with (out / (path.stem + ".avro")).open("wb") as f:
-            fastavro.writer(f, parsed, records, codec=codec)
-        total += len(records)
-    return total
 
 
 def bench_etl(tmp: Path, rows: int) -> None:

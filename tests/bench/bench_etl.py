@@ -3,11 +3,11 @@ the csv → fastavro loop a user would write by hand (issue 11's target: at leas
 0.9 of the loop's rate on 300,000 rows).
 
     python tests/bench/bench_etl.py [--rows 300000] [--files 20] [--repeat 5] [--workers 1]
-                                    [--per-chunk]
+                                    [--per-chunk] [--startup]
 
 Each round, interleaved so that a busy spell of the machine hits both alike:
 
-* plain, in this process: ``bench_engine.plain_loop`` (csv.reader → dict →
+* plain, in this process: ``plain_loop.plain_loop`` (csv.reader → dict →
   ``fastavro.writer``, one Avro file per CSV, same schema and codec);
 * plain, as a script: the same loop in a fresh interpreter (``python -c``),
   so it pays interpreter start-up and ``import fastavro`` as a user's script does;
@@ -20,7 +20,9 @@ time (the CPU time of the child processes, workers included: steadier on a
 loaded machine). The target is the ratio against the in-process loop, the
 stricter of the two. ``--per-chunk`` adds what the chunks cost without the CLI:
 one file through the loop against one chunk handed to fanout's dispatcher in
-this process, interleaved. Not a test: CI does not run it.
+this process, interleaved. ``--startup`` adds what start-up is made of (the
+interpreter, the loop's imports, the example job's imports, the CLI's), each in a
+fresh interpreter. Not a test: CI does not run it.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from bench_engine import plain_loop  # noqa: E402
 from ceiling import ceiling_line  # noqa: E402
+from plain_loop import plain_loop  # noqa: E402
 
 from support.make_readings import write_readings  # noqa: E402
 
@@ -52,7 +54,7 @@ SCHEMA = ROOT / "schemas" / "meter_reading.avsc"
 SCRIPT = """\
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from bench_engine import plain_loop
+from plain_loop import plain_loop
 from pathlib import Path
 schema = json.loads(Path(sys.argv[2]).read_text())
 print(plain_loop(Path(sys.argv[3]), Path(sys.argv[4]), schema, "deflate"))
@@ -111,12 +113,42 @@ def per_chunk(src: Path, tmp: Path, rounds: int) -> tuple[float, float]:
     return statistics.median(plain), statistics.median(fanout)
 
 
+#: What start-up is made of, each a fresh interpreter run to completion: the
+#: floor any script pays, the loop's imports, the example job's own imports
+#: (its pydantic ``Params`` model: pydantic, its plugin scan, the model's
+#: build), and the CLI with everything ``fanout run`` imports before a chunk.
+STARTUP = {
+    "interpreter (python -c pass)": "pass",
+    "the loop's imports (fastavro, csv)": "import csv, fastavro",
+    "the job's imports (pydantic Params, fanout.Job)": (
+        "import runpy, sys; runpy.run_path(sys.argv[1])"
+    ),
+    "the CLI, all `fanout run` imports": (
+        "import fastavro, fanout.cli, fanout.coordinator, fanout.worker, fanout.dispatch"
+    ),
+}
+
+
+def startup(env: dict[str, str], rounds: int) -> dict[str, float]:
+    """Median wall seconds of each :data:`STARTUP` snippet, interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in STARTUP}
+    for _ in range(rounds):
+        for name, code in STARTUP.items():
+            times[name].append(timed_child([sys.executable, "-c", code, JOB], env)[0])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--startup",
+        action="store_true",
+        help="also time what start-up is made of: the interpreter, the job's imports, the CLI",
+    )
     parser.add_argument(
         "--per-chunk",
         action="store_true",
@@ -151,6 +183,7 @@ def main() -> None:
             if i < 0:
                 figures = {name: [] for name in figures}
         chunk_figures = per_chunk(src, tmp, min(8, args.files)) if args.per_chunk else None
+        startup_figures = startup(env, 3 * args.repeat) if args.startup else None
 
     def median(name: str, index: int) -> float:
         return statistics.median(f[index] for f in figures[name])
@@ -178,6 +211,10 @@ def main() -> None:
             f"  one file in process, no CLI: loop {plain_s:.3f}s, fanout chunk {chunk_s:.3f}s"
             f" (median of {min(8, args.files)}): ratio {plain_s / chunk_s:.2f}"
         )
+    if startup_figures is not None:
+        print(f"  start-up, median of {3 * args.repeat} fresh interpreters each:")
+        for name, seconds in startup_figures.items():
+            print(f"    {name:<50} {1000 * seconds:6.1f} ms")
     if args.workers > 1:
         print(f"  {ceiling_line(args.workers)}")
 
