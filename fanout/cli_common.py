@@ -68,7 +68,7 @@ def group_backend(ctx: click.Context) -> Backend:
     obj = ctx.ensure_object(dict)
     if "backend" not in obj:
         if obj["backend_name"] == "aws":
-            backend = _open_aws_stage()
+            backend = _open_aws_stage(patient=ctx.command.name in PATIENT_COMMANDS)
         else:
             try:
                 backend = open_backend(obj["backend_name"], home=obj["home"])
@@ -154,10 +154,20 @@ def aws_problem(exc: BaseException) -> str | None:
     return None
 
 
-def _open_aws_stage() -> Backend:
+#: Commands that work the queue (for hours, unattended): their AWS calls keep
+#: every retry. Any other command is one a person waits on at a prompt.
+PATIENT_COMMANDS = frozenset({"run", "worker"})
+
+
+def _open_aws_stage(patient: bool) -> Backend:
     """The AWS backend of ``FANOUT_STAGE``: its stack's resources (put in the
-    environment for worker children too), or one line saying it is not deployed."""
+    environment for worker children too), or one line saying it is not deployed.
+    Not ``patient``: its calls give up after botocore's default 3 attempts."""
+    from fanout.backends.aws import clients
     from fanout.backends.aws.stack import export_stage, not_deployed
+
+    if not patient:
+        clients.interactive()
 
     export_stage()
     try:

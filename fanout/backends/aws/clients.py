@@ -2,9 +2,11 @@
 
 Every client retries throttling and transient errors itself (botocore's
 ``standard`` retry mode, up to 10 attempts with jittered back-off), so the
-backend code only ever sees errors that survived those retries.
+backend code only ever sees errors that survived those retries. A command a
+person waits on at a prompt takes botocore's default of 3 (:func:`interactive`):
+10 attempts at an endpoint that refuses connections take ~45 s to say so.
 
-Clients are cached per ``(process, service, settings)``: boto3 clients are
+Clients are cached per ``(process, service, settings, attempts)``: boto3 clients are
 thread-safe and expensive to build, but must not cross a ``fork`` (their
 connection pools would be shared by two processes), hence the pid in the key.
 """
@@ -23,19 +25,34 @@ from fanout.backends.aws import AwsSettings
 #: botocore retries throttling (``ThrottlingException``, ``SlowDown``, ...) and
 #: transient errors (5xx, connection resets) itself, with back-off.
 RETRIES: dict[str, Any] = {"mode": "standard", "max_attempts": 10}
+#: Attempts per call in a command a person waits on (botocore's own default).
+INTERACTIVE_ATTEMPTS = 3
+#: Seconds to open a connection. AWS endpoints answer in milliseconds; botocore's
+#: 60 s default, times 10 attempts, would leave a worker (or a Lambda in a VPC
+#: with no route to the service) hanging 10 minutes on an endpoint it cannot reach.
+CONNECT_TIMEOUT = 5.0
 
 #: Enough pooled connections for a worker's threads and s3transfer's.
 MAX_POOL_CONNECTIONS = 50
 
 _lock = threading.Lock()
-_clients: dict[tuple[int, str, AwsSettings], Any] = {}
+_clients: dict[tuple[int, str, AwsSettings, int], Any] = {}
 _sessions: dict[int, Any] = {}  # one per process (by pid), like the clients
+_attempts = RETRIES["max_attempts"]
+
+
+def interactive() -> None:
+    """Give this process's clients built from now on botocore's default of
+    :data:`INTERACTIVE_ATTEMPTS` per call: for a CLI command a person waits on,
+    not for workers (whose calls are worth retrying long)."""
+    global _attempts
+    _attempts = INTERACTIVE_ATTEMPTS
 
 
 def client(service: str, settings: AwsSettings) -> Any:
     """The boto3 client of ``service`` ("sqs", "s3", "dynamodb") for ``settings``'
     region and endpoint, shared by the threads of this process."""
-    key = (os.getpid(), service, settings)
+    key = (os.getpid(), service, settings, _attempts)
     found = _clients.get(key)
     if found is not None:
         return found
@@ -53,7 +70,11 @@ def client(service: str, settings: AwsSettings) -> Any:
                 service,
                 region_name=settings.region,
                 endpoint_url=settings.endpoint_url,
-                config=Config(retries=RETRIES, max_pool_connections=MAX_POOL_CONNECTIONS),
+                config=Config(
+                    retries={**RETRIES, "max_attempts": _attempts},
+                    connect_timeout=CONNECT_TIMEOUT,
+                    max_pool_connections=MAX_POOL_CONNECTIONS,
+                ),
             )
             _clients[key] = found
         return found
