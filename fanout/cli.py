@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from fanout import control_ops, coordinator
+from fanout import coordinator
 from fanout.backends import BACKENDS, default_home
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend
 from fanout.cli_common import (
@@ -244,8 +244,8 @@ def _work(
         if as_json:
             return
         now = time.time()
-        st = coordinator.Status(coordinator.get_run(backend, run_id))
-        line = _progress_line(st, control_ops.shown_state(backend, st.run))
+        st, shown = coordinator.live_status(backend, coordinator.get_run(backend, run_id))
+        line = _progress_line(st, shown)
         if tty:
             click.echo("\r" + line.ljust(110), err=True, nl=False)
         elif now - last_print[0] >= 5.0:

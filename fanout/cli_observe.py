@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from fanout import control_ops, coordinator
+from fanout import coordinator
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, TaskRecord, TaskState
 from fanout.cli_common import RUN_ID, exit_code, group_backend, human, utc_time
 from fanout.errors import UserError
@@ -92,8 +92,7 @@ def watch_run(
     ``as_json``). Returns the exit code: 0 if the run succeeded, else 1."""
     tty = sys.stdout.isatty() and not as_json
     while True:
-        st = coordinator.Status(coordinator.get_run(backend, run_id))
-        shown = control_ops.shown_state(backend, st.run)  # paused, cancelling...
+        st, shown = coordinator.live_status(backend, coordinator.get_run(backend, run_id))
         if as_json:
             click.echo(json.dumps(progress(st, shown)))
         elif tty:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, RunState, TaskState
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, TaskState
 from fanout.backends.runcontrols import controls_of
 from fanout.controls import (
     CANCEL_REASON,
@@ -57,8 +57,9 @@ def cancel(backend: Backend, run_id: str, events: EventSink | None = None) -> Ou
     # died half way). A paused run's deliveries would be dropped before their
     # claim: let them reach it, and be cancelled there.
     controls = controls_of(backend.ledger)
-    controls.change_control(run_id, lambda state: set_paused(state, False))
-    cancelled, drained = controls.cancel_queued(run_id, time.time())
+    now = time.time()
+    controls.change_control(run_id, lambda state: set_paused(state, False, now))
+    cancelled, drained = controls.cancel_queued(run_id, now)
     run = _run(backend, run_id)
     if not recorded and is_cancelled(run):
         # The ledger's answer, not a read before the stop: of two cancels at
@@ -87,8 +88,9 @@ def pause(backend: Backend, run_id: str) -> Outcome:
     run = _run(backend, run_id)
     if run.state in TERMINAL_RUN_STATES:
         return Outcome(run_id, False, f"run {run_id} already ended: {run.state.value}")
+    now = time.time()
     changed = controls_of(backend.ledger).change_control(
-        run_id, lambda state: set_paused(state, True)
+        run_id, lambda state: set_paused(state, True, now)
     )
     if not changed:
         return Outcome(run_id, False, f"run {run_id} is already paused")
@@ -102,8 +104,9 @@ def resume(backend: Backend, run_id: str) -> Outcome:
     run = _run(backend, run_id)
     if run.state in TERMINAL_RUN_STATES:
         return Outcome(run_id, False, f"run {run_id} already ended: {run.state.value}")
+    now = time.time()
     changed = controls_of(backend.ledger).change_control(
-        run_id, lambda state: set_paused(state, False)
+        run_id, lambda state: set_paused(state, False, now)
     )
     if not changed:
         return Outcome(run_id, False, f"run {run_id} is not paused")
@@ -125,16 +128,6 @@ def sweep(backend: Backend, run: RunRecord) -> bool:
         controls.cancel_queued(run.run_id, time.time())
         return False
     return bool(controls.read_control(run.run_id).get("paused"))
-
-
-def shown_state(backend: Backend, run: RunRecord) -> str:
-    """The run's state as every progress display shows it: ``paused``,
-    ``cancelling`` or ``stopping`` for a running run its controls hold, else its
-    own (a control read only for a running run)."""
-    if run.state != RunState.RUNNING:
-        return run.state.value
-    state = controls_of(backend.ledger).read_control(run.run_id)
-    return display_state(run, bool(state.get("paused")))
 
 
 def control_info(backend: Backend, run: RunRecord, tasks: dict[str, int]) -> dict[str, Any]:

@@ -4,11 +4,14 @@ tolerated failures, written once for every backend.
 A run's **control state** is one small JSON object the ledger keeps beside the
 run (``fanout.backends.runcontrols``)::
 
-    {"paused": false, "slots": {"<lease token>": <expires>}, "avg": 0.21}
+    {"paused": false, "slots": {"<lease token>": <expires>}, "avg": 0.21,
+     "paused_at": <since>, "paused_s": 12.5}
 
 - ``paused``: no chunk of the run is admitted (its message is acknowledged and
   ``fanout resume`` sends the run's queued tasks again, so a paused run costs
-  no polling however long it stays paused).
+  no polling however long it stays paused). ``paused_at`` is when the pause in
+  hand began, ``paused_s`` the seconds of the pauses before it: a run's rate
+  counts the time it was let run, not the night it was paused.
 - ``slots``: the attempts holding one of the run's ``max_concurrency`` slots,
   with the wall-clock time the slot lapses (the attempt's lease expiry: a
   worker that dies holds its slot no longer than its hard timeout).
@@ -120,11 +123,26 @@ def release(state: dict[str, Any], token: str, took: float | None = None) -> boo
     return held
 
 
-def set_paused(state: dict[str, Any], paused: bool) -> bool:
-    """Pause or resume (in place); true if that changed anything."""
+def set_paused(state: dict[str, Any], paused: bool, now: float) -> bool:
+    """Pause or resume (in place) at ``now``; true if that changed anything."""
     changed = bool(state.get("paused")) != paused
+    if changed and paused:
+        state["paused_at"] = now
+    elif changed:
+        state["paused_s"] = round(paused_seconds(state, now), 3)
+        state.pop("paused_at", None)
     state["paused"] = paused
     return changed
+
+
+def paused_seconds(state: dict[str, Any], until: float) -> float:
+    """Seconds the run has been paused, the pause in hand counted up to ``until``."""
+    before = state.get("paused_s", 0.0)
+    total = float(before) if isinstance(before, int | float) else 0.0
+    since = state.get("paused_at")
+    if state.get("paused") and isinstance(since, int | float):
+        total += max(0.0, until - since)
+    return total
 
 
 def settings_of(run: RunRecord) -> RunLimits:

@@ -23,6 +23,8 @@ from fanout.backends.base import (
     TaskRecord,
     TaskState,
 )
+from fanout.backends.runcontrols import controls_of
+from fanout.controls import display_state, paused_seconds
 from fanout.errors import ParamsError, RunFinalizingError, UnknownRunError, UserError
 from fanout.events import events_for
 from fanout.fairness import register_run, served_runs
@@ -248,15 +250,18 @@ class Status:
     #: A crawl's domains backed off run-wide now (a 429/503 answer), with the
     #: seconds their back-off has left.
     backoffs: dict[str, float] = field(default_factory=dict)
+    #: Seconds the run was paused (``fanout pause``), left out of ``elapsed``.
+    paused_for: float = 0.0
 
     @property
     def elapsed(self) -> float:
+        """Seconds the run has been let run: its life, less its pauses."""
         end = self.run.finished_at or time.time()
-        return max(0.0, end - self.run.created_at)
+        return max(0.0, end - self.run.created_at - self.paused_for)
 
     @property
     def rate(self) -> float:
-        """Records per second over the run's life."""
+        """Records per second over the run's life, its pauses left out."""
         return self.run.records / self.elapsed if self.elapsed > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -284,6 +289,19 @@ class Status:
             "last_timeout": self.last_timeout,
             "backoffs": self.backoffs,
         }
+
+
+def live_status(
+    backend: Backend, run: RunRecord, counts: dict[str, int] | None = None
+) -> tuple[Status, str]:
+    """What a progress display shows of ``run`` (read just now): its counters,
+    its pauses left out of its rate, and its state as shown (``paused``,
+    ``cancelling``...), from one read of its controls. ``counts``: its tasks by
+    state, where the display has them."""
+    control = controls_of(backend.ledger).read_control(run.run_id)
+    paused_for = paused_seconds(control, run.finished_at or time.time())
+    shown = display_state(run, bool(control.get("paused")))
+    return Status(run, dict(counts or {}), paused_for=paused_for), shown
 
 
 def status(backend: Backend, run_id: str) -> Status:
@@ -324,7 +342,9 @@ def status(backend: Backend, run_id: str) -> Status:
         now = time.time()
         ends = backend.crawl.backoffs(run_id, now)
         backoffs = {domain: round(end - now, 1) for domain, end in sorted(ends.items())}
-    return Status(run, counts, pending, timed_out, crashed, latest, backoffs)
+    control = controls_of(backend.ledger).read_control(run_id)
+    paused_for = paused_seconds(control, run.finished_at or time.time())
+    return Status(run, counts, pending, timed_out, crashed, latest, backoffs, paused_for)
 
 
 def checkpoint(backend: Backend, task: TaskRecord) -> Any:

@@ -14,6 +14,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from fanout.backends.base import Backend, RunState, TaskState
 from support.helpers import JOBS
 from support.lambda_source import checkout_pythonpath
@@ -282,6 +284,20 @@ def test_status_of_a_paused_run_says_paused_in_its_first_line(home: Path) -> Non
     assert fanout(home, "resume", run_id).returncode == 0
     first = fanout(home, "status", run_id).stdout.splitlines()[0]
     assert first.split()[:2] == [run_id, "running"], first
+
+
+def test_a_runs_rate_leaves_out_the_time_it_was_paused(home: Path) -> None:
+    # A run paused overnight showed a rate over its whole life, pauses and all.
+    started = time.time()
+    run_id = fanout(home, "submit", JOB, "-p", "chunks=2").stdout.strip()
+    assert fanout(home, "pause", run_id).returncode == 0
+    frozen = status(home, run_id)["elapsed_s"]
+    time.sleep(2.0)
+    still = status(home, run_id)["elapsed_s"]
+    assert still == pytest.approx(frozen, abs=0.05)  # no time passes for a paused run
+    assert fanout(home, "resume", run_id).returncode == 0
+    elapsed = status(home, run_id)["elapsed_s"]
+    assert elapsed < time.time() - started - 2.0
 
 
 def test_fanout_runs_progress_line_says_paused_while_its_run_is(

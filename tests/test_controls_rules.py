@@ -15,6 +15,7 @@ from fanout.controls import (
     display_state,
     final_state,
     live_slots,
+    paused_seconds,
     release,
     set_paused,
     tolerance,
@@ -57,13 +58,26 @@ def test_a_refused_delivery_waits_longer_the_more_often_it_came() -> None:
 
 def test_a_paused_run_admits_nothing_capped_or_not() -> None:
     state: dict[str, Any] = {}
-    assert set_paused(state, True) is True and set_paused(state, True) is False
+    assert set_paused(state, True, 0.0) is True and set_paused(state, True, 0.0) is False
     for cap in (None, 5):
         admission = admit(state, "a", cap, expires=10.0, now=0.0)
         assert admission.paused and not admission.go
     assert live_slots(state, 0.0) == {}
-    set_paused(state, False)
+    set_paused(state, False, 0.0)
     assert admit(state, "a", None, expires=10.0, now=0.0).go
+
+
+def test_the_time_a_run_was_paused_is_summed_over_its_pauses() -> None:
+    state: dict[str, Any] = {}
+    assert paused_seconds(state, 50.0) == 0.0
+    set_paused(state, True, 100.0)
+    assert paused_seconds(state, 130.0) == 30.0  # the pause in hand, so far
+    set_paused(state, True, 120.0)  # paused again: the pause began at 100 still
+    set_paused(state, False, 160.0)
+    assert paused_seconds(state, 1000.0) == 60.0  # over: no longer growing
+    set_paused(state, True, 200.0)
+    set_paused(state, False, 205.5)
+    assert paused_seconds(state, 1000.0) == 65.5
 
 
 @pytest.mark.parametrize(

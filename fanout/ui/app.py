@@ -108,8 +108,8 @@ class RunViews:
             ended = run.state in TERMINAL_RUN_STATES and old.run.state not in TERMINAL_RUN_STATES
             if unchanged or (now - old.built_at < wait and not ended):
                 # The counters come from the run record, read just now.
-                st = coordinator.Status(run, old.counts)
-                shown = control_ops.shown_state(self.backend, run)  # paused: no run change
+                # paused: no change of the run's, but one of its shown state
+                st, shown = coordinator.live_status(self.backend, run, old.counts)
                 return dataclasses.replace(old, run=run, progress=progress(st, shown))
         started = time.perf_counter()
         view = views.run_view(self.backend, run_id, now)

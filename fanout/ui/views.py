@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from fanout import control_ops, coordinator
+from fanout import coordinator
 from fanout.backends.base import (
     TERMINAL_RUN_STATES,
     Backend,
@@ -312,10 +312,10 @@ def run_view(backend: Backend, run_id: str, now: float | None = None) -> RunView
     start = min((b.start for b in placed), default=run.created_at)
     end = max((b.end for b in placed), default=start)
     tl = Timeline(placed, lanes, start, end, unmeasured)
-    st = coordinator.Status(run, counts)
+    st, shown = coordinator.live_status(backend, run, counts)
     return RunView(
         run=run,
-        progress=progress(st, control_ops.shown_state(backend, run)),
+        progress=progress(st, shown),
         counts=counts,
         timeline=tl,
         throughput=throughput(placed),
