@@ -17,7 +17,6 @@ import json
 import math
 import os
 import uuid
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -185,18 +184,22 @@ SYNC_INTERVAL = 64_000
 class RecordWriter:
     """Accumulates records and produces one Avro object container file.
 
-    ``add`` is the hot path (called once per emitted record): it only appends
-    to a batch. Every ``batch_size`` records, and at :meth:`finish`, the batch
-    is checked column-wise and written by fastavro without per-record
-    validation (see the module docstring for what is checked where). A record
-    that does not fit raises :class:`RecordError` naming its 0-based index
-    among the records added to this writer and the offending field; the writer
-    is unusable afterwards.
+    ``add`` is the hot path (called once per emitted record): it encodes the
+    record into the current block at once, by fastavro without per-record
+    validation, so what is written is the record as it was when added (a job
+    may reuse or change its dict afterwards), and a record fastavro cannot
+    encode (a missing field, a key that is no field, a value of the wrong
+    kind) raises there. Every ``batch_size`` records, and at :meth:`finish`,
+    the records added since are checked column-wise for the values fastavro
+    would have coerced silently (see :mod:`fanout.avro_check`). A record that
+    does not fit raises :class:`RecordError` naming its 0-based index among
+    the records added to this writer and the offending field; the writer is
+    unusable afterwards.
 
     Args:
         schema: the record schema.
         codec: an Avro codec fastavro supports (``"null"``, ``"deflate"``, ...).
-        batch_size: records per batch (keyword-only).
+        batch_size: records per column-wise check (keyword-only).
     """
 
     def __init__(self, schema: Schema, codec: str = "deflate", *, batch_size: int = 8192):
@@ -205,8 +208,9 @@ class RecordWriter:
         self.schema = schema
         self.codec = codec
         self._batch_size = batch_size
+        #: The records encoded since the last column-wise check, for the next.
         self._batch: list[dict[str, Any]] = []
-        self._written = 0
+        self._checked = 0
         self._checker = schema.checker()
         self._buf = io.BytesIO()
         # strict_allow_default: fastavro raises for keys that are not fields and
@@ -219,28 +223,34 @@ class RecordWriter:
             sync_interval=SYNC_INTERVAL,
             options={"strict_allow_default": True},
         )
+        self._write = self._writer.write
         self._failure: Exception | None = None
         self._result: bytes | None = None
 
     @property
     def count(self) -> int:
-        """How many records have been added (written or pending)."""
-        return self._written + len(self._batch)
+        """How many records have been added."""
+        return self._checked + len(self._batch)
 
     def add(self, record: dict[str, Any]) -> None:
         """Add one record (a dict whose keys are the schema's field names).
 
         Raises:
-            RecordError: when this call completes a batch, a record of the
-                batch does not fit the schema (or is not a dict).
+            RecordError: the record cannot be encoded in the schema; or this
+                call completes a batch and a record of it does not fit.
         """
+        try:
+            self._write(record)
+        except Exception as exc:  # fastavro raises TypeError/ValueError/KeyError/...
+            self._check_usable()
+            self._bad_write(record, exc)
         batch = self._batch
         batch.append(record)
         if len(batch) >= self._batch_size:
-            self._flush()
+            self._check_batch()
 
     def finish(self) -> bytes:
-        """Write the pending records and return the whole Avro file.
+        """Check the pending records and return the whole Avro file.
 
         Returns b"" if no record was added, so the caller can skip the file.
         Calling it again returns the same bytes; ``add`` afterwards raises.
@@ -250,19 +260,22 @@ class RecordWriter:
         """
         if self._result is not None:
             return self._result
-        if self._batch:
-            self._flush()
         self._check_usable()
-        if self._written == 0:
+        if self._batch:
+            self._check_batch()
+        if self._checked == 0:
             self._result = b""
         else:
             self._writer.flush()
             self._result = self._buf.getvalue()
         self._buf = io.BytesIO()
-        self._batch_size = 0  # any further add() goes to _flush(), which raises
+        self._write = self._refuse
         return self._result
 
     # -- internals ----------------------------------------------------------
+
+    def _refuse(self, record: object) -> None:
+        raise RuntimeError("RecordWriter.add() called after finish() or a failure")
 
     def _check_usable(self) -> None:
         if self._failure is not None:
@@ -271,54 +284,39 @@ class RecordWriter:
             raise RuntimeError("RecordWriter.add() called after finish()")
 
     def _fail(self, exc: Exception) -> Exception:
-        """Remember the failure: from now on every add() and finish() raises it."""
+        """Remember the failure: from now on every add() and finish() raises it.
+        (The block buffer may hold part of a record: the writer is done.)"""
         self._failure = exc
-        self._batch_size = 0  # any further add() goes to _flush(), which raises
+        self._write = self._refuse
         return exc
 
-    def _flush(self) -> None:
-        self._check_usable()
+    def _bad_write(self, record: Any, exc: Exception) -> None:
+        """fastavro could not encode ``record``: raise RecordError saying why,
+        in the checker's words where it has them; or for an earlier record of
+        the batch, not yet checked, that does not fit either (the first is named)."""
+        self._check_batch()
+        problem = self._checker.explain(record)
+        if problem is None:
+            problem = " ".join(f"{type(exc).__name__}: {exc}".split())
+        index = self.count
+        raise self._fail(
+            RecordError(f"record {index} does not fit schema {self.schema.name}: {problem}")
+        ) from exc
+
+    def _check_batch(self) -> None:
         batch = self._batch
         if not self._checker.batch_ok(batch):
-            self._raise_first_bad(batch, None)  # returns if it was a false alarm
-        try:
-            deque(map(self._writer.write, batch), maxlen=0)
-        except Exception as exc:  # fastavro raises TypeError/ValueError/KeyError/...
-            self._raise_first_bad(batch, exc)
-            # No record fails on its own: not a record problem (e.g. codec). The
-            # block buffer may hold a partial record, so the writer is dead.
-            self._fail(exc)
-            raise
-        self._written += len(batch)
+            for offset, record in enumerate(batch):
+                problem = self._checker.explain(record)
+                if problem is not None:
+                    raise self._fail(
+                        RecordError(
+                            f"record {self._checked + offset} does not fit schema "
+                            f"{self.schema.name}: {problem}"
+                        )
+                    )
+        self._checked += len(batch)
         self._batch = []
-
-    def _raise_first_bad(self, batch: list[dict[str, Any]], exc: Exception | None) -> None:
-        """Raise RecordError for the first record of ``batch`` that does not fit.
-
-        ``exc`` is the exception fastavro raised writing the batch (None if only
-        the column checks complained). Returns if no record is at fault.
-        """
-        checker = self._checker
-        parsed = self.schema.parsed
-        for offset, record in enumerate(batch):
-            problem = checker.explain(record)
-            if problem is None and exc is not None:
-                try:
-                    fastavro.schemaless_writer(
-                        io.BytesIO(), parsed, record, strict_allow_default=True
-                    )
-                except Exception as single:
-                    problem = " ".join(f"{type(single).__name__}: {single}".split())
-            if problem is not None:
-                error = self._fail(
-                    RecordError(
-                        f"record {self._written + offset} does not fit schema "
-                        f"{self.schema.name}: {problem}"
-                    )
-                )
-                if exc is None:
-                    raise error
-                raise error from exc
 
 
 # ---------------------------------------------------------------------------

@@ -3,11 +3,15 @@
 fastavro's own per-record validation (``validator=True``) costs ~40-70% of the
 write time, so :class:`RecordWriter` writes *without* it and instead:
 
-* at ``add`` time, nothing: ``add`` only appends to the batch (even a type
-  check per record would cost ~0.5%);
-* at batch time (every ``batch_size`` records and at ``finish``), before
-  fastavro writes the batch, runs column-wise checks (C-speed ``map``/``set``/
-  ``min``/``max`` over one field of the whole batch) for the cases where
+* at ``add`` time, fastavro encodes the record unvalidated into the current
+  block (so what is written is the record as added, whatever the job does to
+  its dict afterwards), and raises for what it cannot encode; the record is
+  also kept for the batch's check (even a type check per record would cost
+  ~0.5%);
+* at batch time (every ``batch_size`` records and at ``finish``), the records
+  added since are checked column-wise (C-speed ``map``/``set``/``min``/``max``
+  over one field of the whole batch; a record changed after its ``add`` is
+  checked as changed, though written as added) for the cases where
   fastavro's unvalidated writer silently accepts a wrong value, coercing it
   instead of raising, or writes a file it cannot read back:
 
