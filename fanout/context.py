@@ -99,6 +99,8 @@ class ChunkContext:
             # The hot path: one call per record, straight into the writer.
             self.emit = writer.add  # type: ignore[method-assign]
         self.spawned: list[Spawn] = []
+        #: The checkpoint ``resume_at`` made last, to check it was returned.
+        self._resumed: Continue | None = None
         #: Counters added to the run's stats when the chunk commits (``fanout status``).
         self.stats: Counter[str] = Counter()
 
@@ -146,7 +148,28 @@ class ChunkContext:
             raise NotJsonError(
                 f"ctx.resume_at: the cursor is not JSON a message can carry: {problem}"
             )
-        return Continue(cursor)
+        self._resumed = Continue(cursor)
+        return self._resumed
+
+    def outcome(self, result: Any) -> Continue | None:
+        """What the job's ``process`` returned, as the chunk's end: None, or the
+        checkpoint of ``return ctx.resume_at(cursor)``. Anything else raises
+        :class:`PermanentError`: it would otherwise be dropped in silence, and
+        the chunk's work with it (a generator never run, a checkpoint made but
+        not returned, whose continuation would never start)."""
+        if isinstance(result, Continue):
+            return result
+        if self._resumed is not None:
+            raise PermanentError(
+                "process called ctx.resume_at() but did not return its result"
+                f" (returned {_what(result)}): write `return ctx.resume_at(cursor)`"
+            )
+        if result is not None:
+            raise PermanentError(
+                f"process returned {_what(result)}; it must return None, or"
+                " ctx.resume_at(cursor) to checkpoint (records go out through ctx.emit)"
+            )
+        return None
 
     def emit(self, record: dict[str, Any]) -> None:
         """Write one output record (checked against the job's Avro schema)."""
@@ -207,3 +230,12 @@ def _check_json(value: Any, what: str) -> str:
         raise NotJsonError(f"{what} must be JSON (no pickle): {exc}") from None
     except RecursionError:
         raise NotJsonError(f"{what} must be JSON: it is nested too deep") from None
+
+
+def _what(value: Any) -> str:
+    """``value`` named for an error message, cut short."""
+    if value is None:
+        return "None"
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"a {type(value).__name__} ({text})"

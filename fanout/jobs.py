@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import sys
@@ -129,6 +130,15 @@ class Job:
 
     def process(self, fn: ProcessFn) -> ProcessFn:
         """Decorator: ``fn(payload, ctx)`` runs one chunk."""
+        # A generator (or coroutine) function's body would never run: calling
+        # it only makes the generator, and the chunk would "succeed" empty.
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise ValueError(
+                f"job {self.name}: process {fn.__name__}() is a generator (it has a"
+                " `yield`); emit records with ctx.emit(record) instead"
+            )
+        if inspect.iscoroutinefunction(fn):
+            raise ValueError(f"job {self.name}: process {fn.__name__}() must not be async")
         self.process_fn = fn
         return fn
 

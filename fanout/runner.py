@@ -351,8 +351,8 @@ class Runner:
                     ctx.spawn(child)
             else:
                 assert job.process_fn is not None
-                result = job.process_fn(payload, ctx)
-                if isinstance(result, Continue):
+                result = ctx.outcome(job.process_fn(payload, ctx))
+                if result is not None:
                     # Told to stop (cancel, pause) is no lack of progress.
                     if msg.seq > 0 and result.cursor == cursor and ctx.told_to_stop is None:
                         return self.fail(attempt, no_progress(cursor, timeout))

@@ -68,6 +68,15 @@ def process(chunk, ctx):
     return None
 """
 
+GENERATOR_PROCESS = """
+from fanout import Job
+job = Job("gen", schema={"type": "record", "name": "r", "fields": [{"name": "n", "type": "long"}]})
+@job.process
+def process(chunk, ctx):
+    for n in range(100):
+        yield {"n": n}
+"""
+
 #: A job without a Params model or a plan: its params are its one chunk's payload.
 DICT_JOB = """
 from fanout import Job
@@ -204,6 +213,14 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
         {"pp.py": ODD_PARAMS},
         ["validate", "{tmp}/pp.py"],
         ["params must be a pydantic BaseModel class"],
+    ),
+    (
+        # It ran no code and "succeeded" with 0 records: calling a generator
+        # function only makes the generator.
+        "a process that is a generator",
+        {"gen.py": GENERATOR_PROCESS},
+        ["validate", "{tmp}/gen.py"],
+        ["process process() is a generator", "ctx.emit"],
     ),
     (
         "a params validator that raises",

@@ -717,3 +717,41 @@ def test_what_a_plan_may_return(
         (task,) = mem.ledger.list_tasks(run_id)
         assert len(task.history) == 2  # one attempt, then dead: no retry can fix it
         assert error in (task.error or "")
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        # The run "succeeded" with 951 of 1,000 records: the return was ignored.
+        ("    return 42", "process returned a int (42); it must return None"),
+        # The continuation never ran, and the run succeeded.
+        ("    ctx.resume_at(5)", "process called ctx.resume_at() but did not return its result"),
+        ("    return", None),
+        ("    return ctx.resume_at(5) if ctx.cursor is None else None", None),
+    ],
+)
+def test_what_process_may_return(
+    mem: Backend, tmp_path: Path, body: str, error: str | None
+) -> None:
+    job = tmp_path / "returner.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('returner', schema={'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
+        "@job.plan\n"
+        "def plan(params, ctx):\n"
+        "    return [{'x': 1}]\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'x': ctx.cursor or 0})\n"
+        f"{body}\n"
+    )
+    run_id = coordinator.submit(mem, str(job)).run_id
+    run = drain(mem, run_id)
+    if error is None:
+        assert run.state == RunState.SUCCEEDED
+    else:
+        assert run.state == RunState.FAILED
+        dead = [t for t in mem.ledger.list_tasks(run_id) if t.state == TaskState.DEAD]
+        assert len(dead) == 1 and len(dead[0].history) == 2  # no retry can fix it
+        assert error in (dead[0].error or "")
