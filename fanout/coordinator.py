@@ -7,6 +7,7 @@ import secrets
 import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -129,6 +130,7 @@ def replay(
     while its manifest is written. A finalizer dead for ``FINALIZE_STALE`` is
     taken over meanwhile."""
     get_run(backend, run_id)
+    _not_collected(backend, run_id)
     dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
     if chunk_ids:
         unknown = sorted(set(chunk_ids) - {t.chunk_id for t in dead})
@@ -363,6 +365,7 @@ def read_manifest(backend: Backend, run_id: str) -> dict[str, Any]:
     if run.state not in TERMINAL_RUN_STATES:
         # Includes a replayed run: its old manifest no longer tells the truth.
         raise UserError(f"run {run_id} has not finished (state: {run.state.value})")
+    _not_collected(backend, run_id)
     key = run.manifest_key or keys.manifest_key(run_id)
     try:
         manifest: dict[str, Any] = json.loads(backend.store.get(key))
@@ -371,10 +374,35 @@ def read_manifest(backend: Backend, run_id: str) -> dict[str, Any]:
     return manifest
 
 
+def _not_collected(backend: Backend, run_id: str) -> None:
+    """:class:`UserError` if ``fanout gc --older-than`` removed the run's objects."""
+    try:
+        note = json.loads(backend.store.get(keys.collected_key(run_id)))
+    except KeyError:
+        return
+    when = note.get("collected_at") if isinstance(note, dict) else None
+    at = ""
+    if isinstance(when, int | float):
+        at = f" at {datetime.fromtimestamp(when, UTC).isoformat(timespec='seconds')}"
+    raise UserError(
+        f"run {run_id}'s files were removed by `fanout gc --older-than`{at};"
+        " submit the job again for its output"
+    )
+
+
 def committed_records(backend: Backend, run_id: str) -> Iterator[dict[str, Any]]:
-    """Every committed record of a finished run, in manifest order."""
+    """Every committed record of a finished run, in manifest order; a file the
+    manifest lists that is gone (compacted into a table, removed by hand) is
+    a :class:`UserError` naming it."""
     from fanout.avro import read_records
 
     for entry in read_manifest(backend, run_id)["files"]:
-        with backend.store.open(entry["key"]) as f:
+        try:
+            f = backend.store.open(entry["key"])
+        except KeyError:
+            raise UserError(
+                f"run {run_id}'s output file {entry['key']} is gone: compacted into its"
+                " table (read that with `fanout read TABLE`), or removed"
+            ) from None
+        with f:
             yield from read_records(f)

@@ -348,6 +348,40 @@ def test_gc_removes_finished_runs_payloads_and_stray_files_not_a_replayable_runs
     assert len(records) == 8  # the committed output is untouched
 
 
+def test_a_run_gc_removed_for_its_age_is_refused_by_replay_and_cat(backend: Backend) -> None:
+    """Replay reran the dead chunk of a run whose files gc had removed and
+    reported success over a manifest of files no longer there; cat printed a
+    KeyError traceback."""
+    from fanout.errors import UserError
+    from fanout.tables.gc import collect
+
+    tree = str(TESTS / "testjobs" / "tree.py")
+    failing = {"chunks": 2, "rows": 2, "fail_chunks": [1], "fail_times": 9}
+    dead = coordinator.submit(backend, tree, failing, {"max_attempts": 1})
+    assert drain(backend, dead.run_id).state == "failed"
+    removed = collect(backend.store, backend.ledger, older_than=0.0)
+    assert {g.reason for g in removed} == {"old run"}
+    left = list(backend.store.list(f"runs/{dead.run_id}/"))
+    assert left == [f"runs/{dead.run_id}/_collected.json"]
+    for attempt in (
+        lambda: coordinator.replay(backend, dead.run_id),
+        lambda: list(coordinator.committed_records(backend, dead.run_id)),
+    ):
+        with pytest.raises(UserError, match="removed by `fanout gc --older-than` at 20"):
+            attempt()
+    assert collect(backend.store, backend.ledger, older_than=0.0) == []  # the note stays
+
+
+def test_cat_of_a_run_whose_file_is_gone_names_the_file(backend: Backend) -> None:
+    from fanout.errors import UserError
+
+    run = run_job(backend, tag="a", chunks=2, rows=6)
+    gone = coordinator.read_manifest(backend, run.run_id)["files"][0]["key"]
+    backend.store.delete(gone)  # as a compaction of its table does
+    with pytest.raises(UserError, match=f"output file {gone} is gone"):
+        list(coordinator.committed_records(backend, run.run_id))
+
+
 #: Where a compaction is killed: (operation, key substring, nth), one run each.
 KILL_POINTS = [
     ("put", "/_compactions/", 1),  # intent written, no new file yet

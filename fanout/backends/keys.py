@@ -4,6 +4,7 @@ The layout, the one place it is spelled out (everything else calls these)::
 
     runs/<run_id>/data/<chunk>-s<seq>-a<attempt>-<token8>.avro  a chunk's output
     runs/<run_id>/_manifest.json                  the committed files of a finished run
+    runs/<run_id>/_collected.json                 what is left of a run `fanout gc` removed
     runs/<run_id>/dead/<chunk>-s<seq>.json        a dead task's message and history
     runs/<run_id>/payloads/<chunk>-s<seq>-<token8>.json  an offloaded payload and cursor
     runs/<run_id>/crawl/robots/<host>.json        a crawl's copy of a site's robots.txt
@@ -59,6 +60,13 @@ def output_key(run_id: str, chunk_id: str, seq: int, attempt: int, token: str) -
 def manifest_key(run_id: str) -> str:
     """Where a finished run's manifest is written."""
     return f"runs/{run_id}/_manifest.json"
+
+
+def collected_key(run_id: str) -> str:
+    """Where ``fanout gc --older-than`` notes that it removed the run's objects:
+    the ledger still lists the run's chunks (it has no delete API), so replay
+    and ``cat`` must learn from here that their files are gone."""
+    return f"runs/{run_id}/_collected.json"
 
 
 def dead_task_key(run_id: str, chunk_id: str, seq: int) -> str:

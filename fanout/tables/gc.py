@@ -13,8 +13,11 @@ What :func:`collect` finds (each with its reason):
   (a run with dead chunks keeps them for ``fanout replay``).
 - ``catalog``: catalog versions older than the last :data:`KEEP_VERSIONS`.
 - ``old run`` (with ``older_than``): every object under ``runs/<run>/`` of a run
-  that finished longer ago. A table's files are not under ``runs/``: a
-  committed file of a table is never removed.
+  that finished longer ago, but a note that it did (``keys.collected_key``),
+  written before the first delete: ``fanout replay`` and ``fanout cat`` refuse
+  such a run by it, where they would rerun its dead chunks into a manifest of
+  files no longer there. A table's files are not under ``runs/``: a committed
+  file of a table is never removed.
 
 The ledger's records are left as they are (it has no delete API).
 """
@@ -31,6 +34,7 @@ from fanout.backends.base import TERMINAL_RUN_STATES, Ledger, RunRecord, Store, 
 from fanout.backends.keys import (
     RUNS_PREFIX,
     TABLES_PREFIX,
+    collected_key,
     run_of_key,
     table_catalog_key,
     table_prefix,
@@ -40,6 +44,8 @@ from fanout.tables.compact import recover
 
 __all__ = ["KEEP_VERSIONS", "Garbage", "collect", "parse_age", "table_names"]
 
+#: The reason of the objects of a whole run removed for its age.
+OLD_RUN = "old run"
 #: Catalog versions kept (readers that listed a little earlier may still read one).
 KEEP_VERSIONS = 10
 #: A table file written by a chunk attempt: ``<run_id>.<chunk>-s<seq>-a<attempt>-<token8>.avro``.
@@ -78,6 +84,10 @@ def collect(
     found += _table_garbage(store, runs, dry_run)
     found += _run_garbage(store, runs, older_than, now)
     if not dry_run:
+        old = {run_of_key(g.key) or "" for g in found if g.reason == OLD_RUN}
+        for run_id in sorted(old - {""}):
+            note = {"collected_at": now, "older_than": older_than}
+            store.put(collected_key(run_id), json.dumps(note).encode())
         for item in found:
             if item.reason != "compaction":  # recover() deleted those already
                 store.delete(item.key)
@@ -161,7 +171,7 @@ def _run_garbage(store: Store, runs: _Runs, older_than: float | None, now: float
         if run is None or run.state not in TERMINAL_RUN_STATES:
             continue  # running (or unknown to this ledger): nothing is garbage yet
         if older_than is not None and (run.finished_at or now) < now - older_than:
-            out += [Garbage(k, "old run") for k in keys]
+            out += [Garbage(k, OLD_RUN) for k in keys if k != collected_key(run_id)]
             continue
         committed = {
             t.output.key
