@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,6 +206,11 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
     # Ctrl-C reaches the whole process group; the supervisor decides for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # What jobs print is no output of the command: `fanout run --json` prints
+    # one JSON object on stdout, and a reader that closes it (`| head -1`) must
+    # not fail a chunk with BrokenPipeError. Their prints join the logs on stderr.
+    sys.stdout.flush()
+    os.dup2(2, 1)
     backend = open_backend(opts.backend, home=opts.home)
     if opts.only_run is not None:
         serve_run_only(backend.queue, opts.only_run)

@@ -212,3 +212,33 @@ def test_replay_after_fix_rewrites_the_manifest(home: Path, tmp_path: Path) -> N
     assert_exact_output(home, run_id, chunks=3, rows=4)
     assert ok(cli(home, "failed", run_id)) == f"run {run_id} has no dead chunks\n"
     assert_user_error(cli(home, "replay", run_id), "no dead chunks")
+
+
+PRINTING_JOB = """
+from fanout import Job
+schema = {"type": "record", "name": "r", "fields": [{"name": "n", "type": "long"}]}
+job = Job("printer", schema=schema)
+@job.plan
+def plan(params, ctx):
+    print("planning")
+    return [{"n": n} for n in range(3)]
+@job.process
+def process(chunk, ctx):
+    for i in range(2000):
+        print("chatty job line", chunk["n"], i)
+    ctx.emit({"n": chunk["n"]})
+"""
+
+
+def test_what_a_job_prints_goes_to_stderr_not_into_the_commands_output(
+    home: Path, tmp_path: Path
+) -> None:
+    # The job's prints came before `run --json`'s JSON on stdout, so it did not
+    # parse; and `fanout run | head -1` failed the chunk with BrokenPipeError.
+    job = tmp_path / "printer.py"
+    job.write_text(PRINTING_JOB)
+    result = fanout(home, "run", str(job), "-w", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)  # the whole of stdout: one JSON object
+    assert outcome["state"] == "succeeded" and outcome["records"] == 3
+    assert "planning" in result.stderr and "chatty job line 2 1999" in result.stderr
