@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from fanout.backends import open_backend
-from fanout.backends.base import BatchLedger, Delivery, Failure, FailureKind
+from fanout.backends.base import BatchLedger, Delivery, Failure, FailureKind, RunState
 from fanout.coordinator import recover
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
 from fanout.fairness import serve_run_only
+from fanout.finalize import FINALIZE_STALE
 from fanout.outcomes import Handled
 from fanout.processes import (
     descendants,
@@ -288,6 +289,7 @@ class WorkerPool:
         self.crashed = 0
         self.out_of_memory = 0
         self._signals = 0
+        self._waited_for: set[str] = set()  # runs whose finalizer it said it waits for
         #: The subreaper attribute before run() set it (None: not set).
         self._was_subreaper: bool | None = None
         #: Worker processes whose death was handled (their orphans ended).
@@ -366,6 +368,8 @@ class WorkerPool:
                                 next_redrive = now + REDRIVE_EVERY
                             if recover(self.backend, redrive=redrive):
                                 idle_since = 0.0
+                            elif until_idle and self._finalizing_elsewhere():
+                                idle_since = 0.0  # the run is not done until its manifest is
                             elif until_idle:
                                 # Idle twice in a row: nothing is in flight between checks.
                                 if idle_since and now - idle_since > 0.2:
@@ -400,6 +404,22 @@ class WorkerPool:
             if tick is not None:
                 with contextlib.suppress(Exception):  # the last progress line, if it can
                     tick()
+
+    def _finalizing_elsewhere(self) -> bool:
+        """Whether a run is being finalized by another process (or was, by one
+        that died: the recovery sweep takes it over once it is stale, 60 s).
+        An idle ``--until-idle`` pool waits for it, where it exited 0 with the
+        run unfinished. Said once per run."""
+        runs = self.backend.ledger.list_runs(limit=1, states=(RunState.FINALIZING,))
+        for run in runs:
+            if run.run_id not in self._waited_for:
+                self._waited_for.add(run.run_id)
+                log.warning(
+                    "waiting for run %s's finalizer (taken over if silent %.0f s)",
+                    run.run_id,
+                    FINALIZE_STALE,
+                )
+        return bool(runs)
 
     def _nap(self, seconds: float) -> bool:
         """Sleep ``seconds``, or until a child says a run may have ended (True)."""

@@ -391,6 +391,32 @@ def test_until_idle_exits_by_itself_on_an_empty_home(home: Path) -> None:
     assert runs.returncode == 0 and runs.stdout == ""
 
 
+def test_until_idle_waits_for_a_run_whose_finalizer_died(
+    home: Path, ledger: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a SIGKILL of the process finalizing a run, `worker --until-idle`
+    # exited 0 at once with the run still "finalizing"; the sweep would take
+    # it over only once the finalizer was silent FINALIZE_STALE.
+    from fanout import coordinator
+    from fanout import runner as runner_mod
+    from fanout.backends.base import RunState
+    from fanout.finalize import FINALIZE_STALE
+    from support.helpers import drain
+
+    run_id = coordinator.submit(ledger, TREE, {"chunks": 2, "rows": 3}).run_id
+    monkeypatch.setattr(runner_mod, "finalize_run", lambda *a, **k: False)  # it died first
+    with pytest.raises(AssertionError, match="did not finish"):
+        drain(ledger, run_id, limit=3.0)
+    # The finalizer that died began FINALIZE_STALE - 3 s ago: stale in 3 s.
+    assert ledger.ledger.begin_finalize(run_id, time.time() - FINALIZE_STALE + 3, FINALIZE_STALE)
+    result = fanout(home, "worker", "--until-idle", "-w", "1", timeout=60)
+    assert result.returncode == 0, result.stderr
+    run = ledger.ledger.get_run(run_id)
+    assert run is not None and run.state == RunState.SUCCEEDED, run
+    assert f"waiting for run {run_id}'s finalizer" in result.stderr
+    assert_exact_output(home, run_id, chunks=2, rows=3)
+
+
 #: ``fanout run`` with the supervisor's poll of the ledger and an idle child's
 #: longest sleep both stretched to 60 s: only being woken ends it soon.
 SLOW_POLLS = (
