@@ -550,9 +550,13 @@ def test_bad_input_is_one_line_and_exit_2(home: Path, args: list[str], needles: 
         ("cron(0 0 1 1 ? 2031-2030)", ["year range '2031-2030'", "write 2030-2031"]),
         ("0 5-5 * * *", ["hour range '5-5' starts where it ends", "write 5"]),
         ("0 0 * * SUN-SUN", ["day-of-week range 'SUN-SUN' starts where it ends", "write SUN"]),
+        # Accepted, and fired hourly: a step past the field matches its first value.
+        ("*/61 * * * *", ["minute step '*/61' is longer than the field (0-59)", "write 0"]),
+        ("0 3-9/30 * * *", ["hour step '3-9/30'", "matches 3 alone"]),
+        ("cron(0 0 1/40 * ? *)", ["day-of-month step '1/40'", "write 1"]),
     ],
 )
-def test_add_refuses_a_range_that_runs_backwards(
+def test_add_refuses_ranges_and_steps_that_cannot_mean_what_they_say(
     home: Path, expression: str, needles: list[str]
 ) -> None:
     """croniter wraps 22-2 round where EventBridge and other crons differ, so a

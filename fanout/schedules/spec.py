@@ -348,9 +348,10 @@ _AWS_LAYOUT = (
 
 def check_ranges(spec: Spec) -> None:
     """Refuse, with a :class:`ScheduleSpecError` naming the field and what to write
-    instead, a range that runs backwards (hour ``22-2``: write ``22-23,0-2``) or
-    starts where it ends (``5-5``: write ``5``), which croniter reads unlike
-    other crons, EventBridge among them.
+    instead, a step longer than its field (minute ``*/61``), and a range that
+    runs backwards (hour ``22-2``: write ``22-23,0-2``) or starts where it ends
+    (``5-5``: write ``5``), which croniter reads unlike other crons,
+    EventBridge among them.
 
     For an expression being added (``fanout schedule add``), not for a stored
     one: parse_spec does not call it, so a schedule saved by an older fanout
@@ -367,9 +368,24 @@ def check_ranges(spec: Spec) -> None:
         fields, layout = spec.cron.split(), _CRON_LAYOUT  # an alias as its fields
     for field, value in zip(layout, fields, strict=True):
         for item in value.split(","):
-            problem = _range_problem(field, item)
+            problem = _step_problem(field, item) or _range_problem(field, item)
             if problem is not None:
                 raise _bad(spec.text, problem)
+
+
+def _step_problem(field: _Field, item: str) -> str | None:
+    """A step longer than the field's values (minute ``*/61``, hour ``*/25``)
+    matches its first value only, and cannot mean what was meant (``*/61``
+    fired hourly). A step of the field's length (``*/60``, hour ``*/24``) is
+    let be: once an hour or a day is what it says."""
+    base, slash, step = item.partition("/")
+    if not slash or not step.isdigit() or int(step) <= field.high - field.low + 1:
+        return None
+    first = field.low if base in ("*", "?") else base.split("-")[0]
+    return (
+        f"{field.name} step {item!r} is longer than the field ({field.low}-{field.high}),"
+        f" so it matches {first} alone; write {first}"
+    )
 
 
 def _range_problem(field: _Field, item: str) -> str | None:
