@@ -383,6 +383,8 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
                 )
             )
         return
+    if not records:
+        click.echo("no runs yet (start one with `fanout run JOB`)", err=True)
     for r in records:
         when = utc_time(r.created_at)
         click.echo(f"{r.run_id:<50} {r.state.value:<10} {r.records:>12,} records  {when}")

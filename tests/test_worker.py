@@ -386,9 +386,11 @@ def test_until_idle_exits_by_itself_on_an_empty_home(home: Path) -> None:
     assert time.monotonic() - started < 10
     assert "Traceback" not in result.stderr
     assert f"fanout worker: 2 processes on {home}" in result.stderr
-    # And `fanout runs` on that home is empty.
+    # And `fanout runs` on that home is empty, and says so to a person.
     runs = fanout(home, "runs", "--json")
-    assert runs.returncode == 0 and runs.stdout == ""
+    assert runs.returncode == 0 and runs.stdout == "" and runs.stderr == ""
+    runs = fanout(home, "runs")
+    assert runs.returncode == 0 and runs.stdout == "" and "no runs yet" in runs.stderr
 
 
 def test_until_idle_waits_for_a_run_whose_finalizer_died(
