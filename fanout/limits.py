@@ -27,6 +27,38 @@ class RunKind(enum.StrEnum):
     CRAWL = "crawl"  # a Scrapy spider, run by fanout.crawl.CrawlJob
 
 
+#: Where a crawl's per-domain counters are named, ``domain/<domain>/<what>``
+#: (``fanout.crawl.stats``): the ledgers keep them apart from the run's own.
+DOMAIN_STATS = "domain/"
+#: The most distinct counter names (per-domain ones aside) a chunk's
+#: ``ctx.stats`` may hold, and the longest name. A run's counters live in its
+#: one ledger record, whose size DynamoDB caps at 400 KB: a job counting by an
+#: unbounded key (a URL, a customer id) would fill it, and then no chunk of the
+#: run could commit. Checked on every backend, so a job that runs locally
+#: runs on AWS.
+MAX_STAT_NAMES = 200
+MAX_STAT_NAME = 200
+
+
+def stats_problem(stats: Mapping[str, Any]) -> str | None:
+    """What is wrong with a chunk's ``ctx.stats``, or None."""
+    own = 0
+    for name, value in stats.items():
+        if not isinstance(name, str) or not name:
+            return f"ctx.stats: a counter name must be a non-empty string, not {name!r}"
+        if len(name) > MAX_STAT_NAME:
+            return f"ctx.stats: counter name {name[:40]!r}... is over {MAX_STAT_NAME} characters"
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"ctx.stats[{name!r}] is {value!r}: counters count in whole numbers"
+        own += not name.startswith(DOMAIN_STATS)
+    if own > MAX_STAT_NAMES:
+        return (
+            f"ctx.stats has {own:,} counter names, over {MAX_STAT_NAMES} a chunk: count by"
+            " a bounded set of names (a status, a country), not by an id or a URL"
+        )
+    return None
+
+
 #: What submit records in ``RunRecord.settings`` beside the run's limits.
 KIND = "kind"
 SCHEMA = "schema"

@@ -63,7 +63,7 @@ from fanout.failures import (
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.isolation import ProcessState
 from fanout.jobs import Job, activate, load_job
-from fanout.limits import SCHEMA, RunLimits, limits_of
+from fanout.limits import SCHEMA, RunLimits, limits_of, stats_problem
 from fanout.messages import ChunkMessage, decode, resolve
 from fanout.metrics import MetricsSink, metrics_for, record_attempt
 from fanout.outcomes import Handled
@@ -357,6 +357,8 @@ class Runner:
                     if msg.seq > 0 and result.cursor == cursor and ctx.told_to_stop is None:
                         return self.fail(attempt, no_progress(cursor, timeout))
                     continuation = result
+            if (problem := stats_problem(ctx.stats)) is not None:
+                raise PermanentError(problem)  # the job's: a retry would count the same
             data = writer.finish() if writer is not None and writer.count else b""
         except BaseException as exc:
             # The job's code: sys.exit(), KeyboardInterrupt and the like included,

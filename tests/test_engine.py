@@ -755,3 +755,36 @@ def test_what_process_may_return(
         dead = [t for t in mem.ledger.list_tasks(run_id) if t.state == TaskState.DEAD]
         assert len(dead) == 1 and len(dead[0].history) == 2  # no retry can fix it
         assert error in (dead[0].error or "")
+
+
+@pytest.mark.parametrize(
+    ("count", "error"),
+    [
+        # One name per row: the run's DynamoDB record reached its 400 KB at
+        # ~10,000 names, and then no chunk of the run could commit.
+        ("for i in range(201): ctx.stats[f'row-{i}'] += 1", "201 counter names, over 200"),
+        ("ctx.stats['kwh'] += 0.5", "ctx.stats['kwh'] is 0.5: counters count in whole numbers"),
+        ("ctx.stats['x' * 201] += 1", "is over 200 characters"),
+        ("for i in range(200): ctx.stats[f'row-{i}'] += 1", None),
+        ("for i in range(500): ctx.stats[f'domain/d{i}/pages'] += 1", None),  # a crawl's
+    ],
+)
+def test_what_a_chunk_may_count(
+    mem: Backend, tmp_path: Path, count: str, error: str | None
+) -> None:
+    job = tmp_path / "counter.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('counter')\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        f"    {count}\n"
+    )
+    run_id = coordinator.submit(mem, str(job), {"x": 1}).run_id
+    run = drain(mem, run_id)
+    if error is None:
+        assert run.state == RunState.SUCCEEDED and run.stats
+    else:
+        assert run.state == RunState.FAILED and not run.stats
+        (dead,) = mem.ledger.list_tasks(run_id)
+        assert len(dead.history) == 2 and error in (dead.error or "")

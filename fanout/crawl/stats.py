@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fanout.limits import DOMAIN_STATS
+
 
 def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
     """The crawl counters fanout keeps per run (``fanout status``)."""
@@ -40,7 +42,7 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
         if key.startswith(prefix):
             out["status/" + key[len(prefix) :]] = int(value)
         elif key.startswith("fanout/domain/"):
-            out["domain/" + key[len("fanout/domain/") :]] = int(value)
+            out[DOMAIN_STATS + key[len("fanout/domain/") :]] = int(value)
     return {k: v for k, v in out.items() if v}
 
 

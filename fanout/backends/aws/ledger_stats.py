@@ -45,11 +45,10 @@ from fanout.backends.aws.ledger_items import (
     _task_key,
 )
 from fanout.backends.base import TaskKey, TaskState
+from fanout.limits import DOMAIN_STATS
 
 log = logging.getLogger(__name__)
 
-#: Where per-domain stats are named (``fanout.crawl.stats``): ``domain/<d>/<what>``.
-DOMAIN_STATS = "domain/"
 #: The sort key prefix of a run's domain stat items.
 _DSTAT = "DSTAT#"
 #: The prefix of a counter attribute of a domain stat item (apart from pk, sk).
