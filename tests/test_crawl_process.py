@@ -292,6 +292,56 @@ def test_a_busy_host_is_left_alone_for_throttle_base_then_fetched(home: Path) ->
     assert climbed and climbed <= refused, (climbed, refused)
 
 
+class BrokenPageSite(BusySite):
+    """:class:`BusySite` whose ``localhost`` page ``/b/0`` answers 503, always."""
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if host.partition(":")[0] == "localhost" and key == "/b/0":
+            with self._lock:
+                self.log.append((time.time(), "localhost", key, 503))
+            return Reply(503, (("Content-Type", HTML),), b"broken")
+        return super().respond(key, host, hit)
+
+
+def test_a_page_that_always_answers_503_is_given_up_and_holds_its_host_back_briefly(
+    home: Path,
+) -> None:
+    # Its back-off climbed 8 levels and held the whole host back longer at
+    # each: the run went on for 20 minutes (at throttle_base 5 s), where Scrapy
+    # gives the page up after 3 tries in seconds.
+    if socket.gethostbyname("localhost") != "127.0.0.1":
+        pytest.skip("the second host name of the site, localhost, is not 127.0.0.1 here")
+    throttle_base = 0.5
+    site = BrokenPageSite(items=12, busy=0)
+    started = time.monotonic()
+    with SiteServer(site) as server:
+        result = fanout(
+            home,
+            "run",
+            job("throttled"),
+            *params(start_url=server.url),
+            "-w",
+            "2",
+            "--chunk-timeout",
+            "10",
+            env={"THROTTLE_BASE": str(throttle_base)},
+        )
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    run_id = run_id_of(result)
+    st = status(home, run_id)
+    assert st["state"] == "succeeded", st
+    ids = Counter(r["id"] for r in records(home, run_id))
+    assert sorted(i for i, n in ids.items() if n > 1) == []
+    assert set(ids) == site.expected() - {"b-0"}  # given up, as Scrapy would
+    broken = [t for t, h, key, _ in site.log if h == "localhost" and key == "/b/0"]
+    assert len(broken) == 1 + components.MAX_THROTTLE_LEVEL, broken
+    # The host's other pages waited one back-off at most, not the broken page's.
+    others = [t for t, h, key, _ in site.log if h == "localhost" and key != "/b/0"]
+    assert max(others) - broken[0] < 6 * throttle_base + 2.0, (others, broken)
+    assert took < 30, f"{took:.1f}s"
+
+
 def handed_on_levels(home: Path, run_id: str) -> list[tuple[str, str, int]]:
     """(host name, path, throttle level) of every request the run's chunks were
     handed (their messages in the ledger)."""
