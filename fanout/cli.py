@@ -38,6 +38,7 @@ from fanout.cli_common import (
 )
 from fanout.cli_controls import COMMANDS as CONTROL_COMMANDS
 from fanout.cli_controls import status_fields, status_line, summary_lines
+from fanout.controls import stop_line
 from fanout.errors import UserError
 from fanout.jobs import load_job
 from fanout.limits import RunKind, RunLimits, kind_of
@@ -202,7 +203,7 @@ def _summary(status: coordinator.Status, backend: Backend) -> str:
         f" ({human(status.rate)} records/s)"
     ]
     if r.stop_reason:
-        lines.append(f"stopped: {r.stop_reason}")
+        lines.append(stop_line(r.stop_reason))
     lines += summary_lines(r)  # run controls: cancelled count, tolerated failures
     if status.tasks["dead"]:
         lines.append(
@@ -488,7 +489,7 @@ def status(
     click.echo(f"bytes {st.run.bytes:,}  outstanding {st.run.outstanding}")
     click.echo(status_line(controls))
     if st.run.stop_reason:
-        click.echo(f"stopped: {st.run.stop_reason}")
+        click.echo(stop_line(st.run.stop_reason))
     if st.timed_out or st.crashed:
         from fanout.cli_observe import failures_line
 

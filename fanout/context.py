@@ -99,6 +99,8 @@ class ChunkContext:
             # The hot path: one call per record, straight into the writer.
             self.emit = writer.add  # type: ignore[method-assign]
         self.spawned: list[Spawn] = []
+        #: Why the job ended its run (:meth:`stop_run`), else None.
+        self.stop_reason: str | None = None
         #: The checkpoint ``resume_at`` made last, to check it was returned.
         self._resumed: Continue | None = None
         #: Counters added to the run's stats when the chunk commits (``fanout status``).
@@ -150,6 +152,14 @@ class ChunkContext:
             )
         self._resumed = Continue(cursor)
         return self._resumed
+
+    def stop_run(self, reason: str) -> None:
+        """End the run once this chunk commits, saying ``reason``: no chunk of it
+        starts afterwards (queued ones are cancelled, running ones finish) and
+        what this chunk spawns or resumes is dropped. The run ends as one that
+        ran out of work (succeeded, or failed with dead chunks), ``reason``
+        shown. A spider's ``CloseSpider`` does this."""
+        self.stop_reason = str(reason) or "stop_run"
 
     def outcome(self, result: Any) -> Continue | None:
         """What the job's ``process`` returned, as the chunk's end: None, or the

@@ -44,6 +44,16 @@ from fanout.retry import JITTER
 CANCEL_REASON = "cancelled (fanout cancel)"
 #: ``stop_reason`` of a run whose dead chunks went over its tolerance starts so.
 TOLERANCE_PREFIX = "tolerated failures exceeded"
+#: ``stop_reason`` of a run its job ended (``ctx.stop_run``; a spider's
+#: ``CloseSpider``) starts so: a deliberate end, not a runaway bound.
+JOB_STOP_PREFIX = "stopped by the job: "
+
+
+def stop_line(reason: str) -> str:
+    """How a summary says why the run stopped (the job's own words say it already)."""
+    return reason if reason.startswith(JOB_STOP_PREFIX) else f"stopped: {reason}"
+
+
 #: A delivery refused for a slot waits at least this long (s) before it is
 #: delivered again, and at most :data:`MAX_WAIT`; SQS rounds up to whole seconds.
 MIN_WAIT = 0.2
@@ -179,17 +189,21 @@ def tolerance_exceeded(settings: RunLimits, dead: int, chunks: int) -> str | Non
 
 def final_state(run: RunRecord, dead: int) -> RunState:
     """The state a drained run with ``dead`` dead chunks ends in: the run
-    controls' states first, then the ledger's rule
+    controls' states first, a run its job stopped as one that ran out of work,
+    then the ledger's rule
     (:func:`fanout.backends.rules.final_state`)."""
     if is_cancelled(run):
         return RunState.CANCELLED
-    if run.stop_reason and run.stop_reason.startswith(TOLERANCE_PREFIX):
+    reason = run.stop_reason
+    if reason and reason.startswith(TOLERANCE_PREFIX):
         return RunState.FAILED
-    if dead and not run.stop_reason:
+    if reason and reason.startswith(JOB_STOP_PREFIX):
+        reason = None  # it ends as if it had run out of work
+    if dead and not reason:
         allowed = tolerance(settings_of(run), run.chunks_total)
         if allowed is not None and dead <= allowed:
             return RunState.SUCCEEDED_WITH_FAILURES
-    return ledger_final_state(run.stop_reason, dead)
+    return ledger_final_state(reason, dead)
 
 
 def display_state(run: RunRecord, paused: bool) -> str:

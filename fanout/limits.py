@@ -18,6 +18,8 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
+from fanout.backends.base import DOMAIN_STATS
+
 
 class RunKind(enum.StrEnum):
     """What kind of job a run runs, declared by the job's class (``Job.kind``)
@@ -27,9 +29,6 @@ class RunKind(enum.StrEnum):
     CRAWL = "crawl"  # a Scrapy spider, run by fanout.crawl.CrawlJob
 
 
-#: Where a crawl's per-domain counters are named, ``domain/<domain>/<what>``
-#: (``fanout.crawl.stats``): the ledgers keep them apart from the run's own.
-DOMAIN_STATS = "domain/"
 #: The most distinct counter names (per-domain ones aside) a chunk's
 #: ``ctx.stats`` may hold, and the longest name. A run's counters live in its
 #: one ledger record, whose size DynamoDB caps at 400 KB: a job counting by an

@@ -8,10 +8,10 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fanout.backends.base import CommitRequest, Delivery, TaskKey
+from fanout.backends.base import CommitRequest, Delivery, RunRecord, TaskKey
 from fanout.failures import Attempt
 from fanout.jobs import Job
-from fanout.limits import RunLimits
+from fanout.limits import SCHEMA, RunLimits, limits_of
 from fanout.messages import ChunkMessage
 
 if TYPE_CHECKING:
@@ -33,6 +33,17 @@ class RunInfo:
     schema: Any
     job: Job | None = None
     params: BaseModel | dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, record: RunRecord) -> RunInfo:
+        """What a worker keeps of the run ``record``."""
+        return cls(
+            job_ref=record.job,
+            job_name=record.job_name,
+            raw_params=record.params,
+            settings=limits_of(record.settings),
+            schema=record.settings.get(SCHEMA),
+        )
 
 
 @dataclass

@@ -63,7 +63,7 @@ from fanout.failures import (
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.isolation import ProcessState
 from fanout.jobs import Job, activate, load_job
-from fanout.limits import SCHEMA, RunLimits, limits_of, stats_problem
+from fanout.limits import RunLimits, stats_problem
 from fanout.messages import ChunkMessage, decode, resolve
 from fanout.metrics import MetricsSink, metrics_for, record_attempt
 from fanout.outcomes import Handled
@@ -405,6 +405,7 @@ class Runner:
             self.store,
             self.queue.max_message_bytes,
             attempt.token,
+            ctx.stop_reason,
         )
         if children:
             tasks = [task for task, _ in children]
@@ -576,14 +577,7 @@ class Runner:
             record = self.ledger.get_run(run_id)
             if record is None:
                 return None
-            run = RunInfo(
-                job_ref=record.job,
-                job_name=record.job_name,
-                raw_params=record.params,
-                settings=limits_of(record.settings),
-                schema=record.settings.get(SCHEMA),
-            )
-            self._runs[run_id] = run
+            run = self._runs[run_id] = RunInfo.of(record)
         return run
 
     def _job(self, run_id: str, run: RunInfo) -> tuple[Job, Any]:

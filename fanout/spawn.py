@@ -12,6 +12,7 @@ from typing import Any
 
 from fanout.backends.base import NewTask, Store
 from fanout.context import Continue, Spawn
+from fanout.controls import JOB_STOP_PREFIX
 from fanout.errors import PermanentError
 from fanout.limits import RunLimits
 from fanout.messages import ChunkMessage, MessageError, encode_child, offload
@@ -26,11 +27,15 @@ def next_tasks(
     store: Store,
     limit: int,
     token: str,
+    stop: str | None = None,
 ) -> tuple[list[tuple[NewTask, float]], str | None]:
     """The tasks the chunk ``msg`` asks for, each with its queue delay (s), or
-    the runaway bound they would break. ``payload`` is the chunk's own (its
+    why the run stops: the runaway bound they would break, or the job's own
+    ``ctx.stop_run``. ``payload`` is the chunk's own (its
     continuation carries it on); bodies over ``limit`` bytes are offloaded to
     ``store``, under keys of the attempt ``token`` (``messages.offload``)."""
+    if stop is not None:
+        return [], JOB_STOP_PREFIX + stop
     tasks: list[tuple[NewTask, float]] = []
     if spawned:
         depth = msg.depth + 1

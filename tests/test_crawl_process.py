@@ -455,6 +455,34 @@ def test_an_exception_in_a_callback_loses_that_page_only(home: Path, ledger: Bac
     assert_books_exactly_once(home, run_id, expected)
 
 
+def test_close_spider_in_a_callback_ends_the_crawl_as_scrapy_does(home: Path) -> None:
+    # It closed its own chunk only: the other chunks crawled on, every page was
+    # fetched, and nothing said the spider had closed.
+    pages = 200
+    close_path = "/catalogue/book_3/index.html"
+    with SiteServer(Slow(BookSite(pages), 0.02)) as site:
+        result = fanout(
+            home,
+            "run",
+            job("closing"),
+            *params(start_url=site.url, close_path=close_path),
+            "-w",
+            "2",
+            "--chunk-timeout",
+            "10",
+        )
+        fetched = sum(site.hits.values())
+    assert result.returncode == 0, result.stderr
+    run_id = run_id_of(result)
+    st = status(home, run_id)
+    assert st["state"] == "succeeded", st
+    assert st["stop_reason"] == "stopped by the job: the spider closed (enough)", st
+    assert "the spider closed (enough)" in result.stdout
+    got = records(home, run_id)
+    assert len(got) == len({r["url"] for r in got}) < pages  # each once, not all
+    assert fetched < pages, fetched
+
+
 # -- a page that never answers ------------------------------------------------------
 
 

@@ -19,6 +19,11 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 from fanout.backends.crawlstate import CrawlState
 
+#: Where a crawl's per-domain counters are named in a run's stats,
+#: ``domain/<domain>/<what>`` (``fanout.crawl.stats``): the ledgers may keep
+#: them apart from the run's own (DynamoDB: an item per domain).
+DOMAIN_STATS = "domain/"
+
 
 class TaskState(enum.StrEnum):
     """Where one task (a chunk id at one ``seq``) stands."""

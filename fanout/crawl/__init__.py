@@ -121,6 +121,10 @@ class CrawlJob(Job):
         for item in result.items:
             ctx.emit(item)
         ctx.stats.update(result.stats)
+        if result.closed is not None:
+            # CloseSpider: Scrapy's crawl ends there, and so does the run.
+            ctx.stop_run(f"the spider closed ({result.closed})")
+            return
         ctx.stats["handed_on"] += len(result.pending)  # requests passed to child chunks
         self._hand_on(result.pending, ctx, lineage)
 

@@ -51,6 +51,8 @@ class ChunkResult:
     claims: list[str] = field(default_factory=list)
     #: Why the chunk gave up (a request it cannot hand on): a permanent error.
     fatal: list[str] = field(default_factory=list)
+    #: The reason the spider closed itself with (``CloseSpider``), if it did.
+    closed: str | None = None
 
 
 def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -> type[Spider]:
@@ -327,6 +329,8 @@ def run_chunk(
                 result.claims = [str(fp) for fp in event["claims"]]
             elif "fatal" in event:
                 result.fatal.append(str(event["fatal"]))
+            elif "closed" in event:
+                result.closed = str(event["closed"])
     _, status = os.waitpid(pid, 0)
     if status != 0 or (result.errors and not result.stats):
         detail = result.errors[-1].strip().splitlines()[-1] if result.errors else ""

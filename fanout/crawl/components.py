@@ -77,6 +77,10 @@ THROTTLE_ANSWER_META = "fanout_throttle_answer"
 #: Meta key keeping the request's own ``download_timeout`` while a shorter one
 #: (:class:`ParkHandedOn`) is in force.
 OWN_TIMEOUT_META = "fanout_download_timeout"
+#: Why a chunk's spider closes when the crawl goes on in other chunks: its
+#: share fetched, its time up, nothing left but requests held back, a signal.
+#: Any other reason is the spider's own (``CloseSpider``): the crawl ends.
+CARRY_ON_REASONS = frozenset({"fanout_pages", "fanout_deadline", "finished", "shutdown"})
 #: The statuses by which a site asks a crawler to slow down.
 THROTTLE_STATUSES = (429, 503)
 #: A request is handed on with back-off at most this many times for 429/503
@@ -258,7 +262,13 @@ class ChunkScheduler(Scheduler):
         return bool(self.waiting) or bool(super().has_pending_requests())
 
     def close(self, reason: str) -> Any:
-        self.hand_on()
+        if reason in CARRY_ON_REASONS:
+            self.hand_on()
+        else:
+            # The spider closed itself (CloseSpider, Scrapy's CloseSpider
+            # extension): in Scrapy the crawl ends there, its queue dropped.
+            # So does the run (CrawlJob stops it), and nothing is handed on.
+            send("closed", reason)
         return super().close(reason)
 
     def hand_on(self, extra: Iterable[Request] = ()) -> None:

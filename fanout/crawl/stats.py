@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fanout.limits import DOMAIN_STATS
+from fanout.backends.base import DOMAIN_STATS
 
 
 def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:

@@ -101,6 +101,22 @@ class FailingBooks(BooksSpider):
         yield from super().parse_book(response)
 
 
+class ClosingBooks(BooksSpider):
+    """Closes the spider (``CloseSpider("enough")``) in the callback of the book
+    page at ``close_path``, as a spider that found what it came for does."""
+
+    name = "closing-books"
+
+    def __init__(self, close_path: str = "", *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.close_path = close_path
+
+    def parse_book(self, response: Response) -> Iterator[dict[str, Any]]:
+        if urlsplit(response.url).path == self.close_path:
+            raise CloseSpider("enough")
+        yield from super().parse_book(response)
+
+
 class UnkeepableBooks(BooksSpider):
     """Follows book links with what a chunk cannot hand on: ``how=callback``, a
     callback that is not a spider method (a lambda); ``how=meta``, a set in
@@ -218,6 +234,9 @@ stalling = CrawlJob(
 failing = CrawlJob(
     FailingBooks, schema=BOOK_SCHEMA, name="failing", pages_per_chunk=15, **FAST_RETRY
 )
+closing = CrawlJob(
+    ClosingBooks, schema=BOOK_SCHEMA, name="closing-books", pages_per_chunk=15, **FAST_RETRY
+)
 unkeepable = CrawlJob(
     UnkeepableBooks, schema=BOOK_SCHEMA, name="unkeepable", pages_per_chunk=15, **FAST_RETRY
 )
@@ -232,7 +251,10 @@ class PoliteUnkeepableBooks(UnkeepableBooks):
 
 closing_start = CrawlJob(ClosingStart, schema=BOOK_SCHEMA, name="closing", pages_per_chunk=40)
 half_start = CrawlJob(HalfStart, schema=BOOK_SCHEMA, name="half-start", pages_per_chunk=40)
-polite_unkeepable = CrawlJob(
+polite_closing = CrawlJob(
+    ClosingBooks, schema=BOOK_SCHEMA, name="closing-books", pages_per_chunk=15, **FAST_RETRY
+)
+unkeepable = CrawlJob(
     PoliteUnkeepableBooks, schema=BOOK_SCHEMA, name="polite", pages_per_chunk=4, **FAST_RETRY
 )
 carrying = CrawlJob(

@@ -44,8 +44,7 @@ from fanout.backends.aws.ledger_items import (
     _sum_stats,
     _task_key,
 )
-from fanout.backends.base import TaskKey, TaskState
-from fanout.limits import DOMAIN_STATS
+from fanout.backends.base import DOMAIN_STATS, TaskKey, TaskState
 
 log = logging.getLogger(__name__)
 
