@@ -788,3 +788,28 @@ def test_what_a_chunk_may_count(
         assert run.state == RunState.FAILED and not run.stats
         (dead,) = mem.ledger.list_tasks(run_id)
         assert len(dead.history) == 2 and error in (dead.error or "")
+
+
+def test_a_job_that_stops_its_run_ends_it_succeeded(mem: Backend, tmp_path: Path) -> None:
+    job = tmp_path / "finder.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('finder', schema={'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
+        "@job.plan\n"
+        "def plan(params, ctx):\n"
+        "    return [{'x': x} for x in range(10)]\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'x': chunk['x']})\n"
+        "    if chunk['x'] == 0:\n"
+        "        ctx.spawn({'x': 100})  # dropped: the run ends with this chunk\n"
+        "        ctx.stop_run('found it')\n"
+    )
+    run_id = coordinator.submit(mem, str(job)).run_id
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED
+    assert run.stop_reason == "stopped by the job: found it"
+    xs = [r["x"] for r in coordinator.committed_records(mem, run_id)]
+    assert 0 in xs and 100 not in xs and len(xs) < 10  # the chunks queued after it: cancelled
+    assert run.tasks_cancelled == 10 - len(xs)
