@@ -189,9 +189,11 @@ class RecordWriter:
     validation, so what is written is the record as it was when added (a job
     may reuse or change its dict afterwards), and a record fastavro cannot
     encode (a missing field, a key that is no field, a value of the wrong
-    kind) raises there. Every ``batch_size`` records, and at :meth:`finish`,
-    the records added since are checked column-wise for the values fastavro
-    would have coerced silently (see :mod:`fanout.avro_check`). A record that
+    kind) raises there. It keeps a shallow copy, and every ``batch_size``
+    records, and at :meth:`finish`, the copies are checked column-wise for the
+    values fastavro would have coerced silently (see :mod:`fanout.avro_check`):
+    a value nested in a list or dict that the job changes after the call is
+    checked as changed, though written as it was. A record that
     does not fit raises :class:`RecordError` naming its 0-based index among
     the records added to this writer and the offending field; the writer is
     unusable afterwards.
@@ -241,11 +243,14 @@ class RecordWriter:
         """
         try:
             self._write(record)
+            # A copy for the batch's check: a job may reuse its dict (or clear
+            # it) after the call, and the check must see what was written.
+            kept = record.copy()
         except Exception as exc:  # fastavro raises TypeError/ValueError/KeyError/...
             self._check_usable()
             self._bad_write(record, exc)
         batch = self._batch
-        batch.append(record)
+        batch.append(kept)
         if len(batch) >= self._batch_size:
             self._check_batch()
 

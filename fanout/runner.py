@@ -359,7 +359,9 @@ class Runner:
                     continuation = result
             if (problem := stats_problem(ctx.stats)) is not None:
                 raise PermanentError(problem)  # the job's: a retry would count the same
-            data = writer.finish() if writer is not None and writer.count else b""
+            # Even with no record counted: a job that caught a RecordError (and
+            # every refusal after it) must not commit the chunk empty.
+            data = writer.finish() if writer is not None else b""
         except BaseException as exc:
             # The job's code: sys.exit(), KeyboardInterrupt and the like included,
             # or the worker would die with no cause recorded.

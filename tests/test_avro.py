@@ -648,3 +648,23 @@ def test_a_record_is_written_as_it_was_when_added(meter: Schema) -> None:
     assert [(r["line"], r["kwh"]) for r in back] == [
         (reading(i)["line"], reading(i)["kwh"]) for i in range(5)
     ]
+
+
+def test_a_reused_dict_is_checked_as_it_was_at_each_add(meter: Schema) -> None:
+    # The check looked at the dict as it was at the batch's end: a bad value
+    # overwritten later passed, and clearing the dict after the last add failed
+    # the chunk for records written correctly.
+    writer = RecordWriter(meter, batch_size=100)
+    row: dict[str, Any] = {}
+    for i in range(3):
+        row.update(reading(i))
+        writer.add(row)
+    row.clear()
+    assert len(list(read_records(io.BytesIO(writer.finish())))) == 3
+    writer = RecordWriter(meter, batch_size=100)
+    row = {}
+    for i, kwh in enumerate([1.0, True, 3.0]):  # True would be written as 1.0
+        row.update(reading(i, kwh=kwh))
+        writer.add(row)
+    with pytest.raises(RecordError, match=r"record 1 .*True is not a double"):
+        writer.finish()

@@ -813,3 +813,29 @@ def test_a_job_that_stops_its_run_ends_it_succeeded(mem: Backend, tmp_path: Path
     xs = [r["x"] for r in coordinator.committed_records(mem, run_id)]
     assert 0 in xs and 100 not in xs and len(xs) < 10  # the chunks queued after it: cancelled
     assert run.tasks_cancelled == 10 - len(xs)
+
+
+def test_a_job_that_catches_record_errors_does_not_commit_its_chunk_empty(
+    mem: Backend, tmp_path: Path
+) -> None:
+    # The first record failed at its emit and was not counted; the job caught
+    # that and every refusal after it, and the chunk committed with 0 records.
+    job = tmp_path / "catcher.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "from fanout.errors import RecordError\n"
+        "job = Job('catcher', schema={'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    for x in ['oops', 1, 2, 3]:\n"
+        "        try:\n"
+        "            ctx.emit({'x': x})\n"
+        "        except RecordError:\n"
+        "            ctx.stats['bad'] += 1\n"
+    )
+    run_id = coordinator.submit(mem, str(job), {"n": 1}).run_id
+    run = drain(mem, run_id)
+    assert run.state == RunState.FAILED and run.records == 0
+    (dead,) = mem.ledger.list_tasks(run_id)
+    assert "record 0 does not fit schema" in (dead.error or "")
