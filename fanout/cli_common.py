@@ -68,7 +68,8 @@ def group_backend(ctx: click.Context) -> Backend:
     obj = ctx.ensure_object(dict)
     if "backend" not in obj:
         if obj["backend_name"] == "aws":
-            backend = _open_aws_stage(patient=ctx.command.name in PATIENT_COMMANDS)
+            patient = ctx.command.name in PATIENT_COMMANDS or bool(ctx.params.get("watch"))
+            backend = _open_aws_stage(patient=patient)
         else:
             try:
                 backend = open_backend(obj["backend_name"], home=obj["home"])
@@ -154,9 +155,13 @@ def aws_problem(exc: BaseException) -> str | None:
     return None
 
 
-#: Commands that work the queue (for hours, unattended): their AWS calls keep
-#: every retry. Any other command is one a person waits on at a prompt.
-PATIENT_COMMANDS = frozenset({"run", "worker"})
+#: Commands that work long or in bulk, often unattended (the queue, the
+#: dashboard, a run's cancel or replay, the store's garbage and compaction):
+#: their AWS calls keep every retry, as does ``status --watch``. Any other
+#: command is a quick one a person waits on at a prompt.
+PATIENT_COMMANDS = frozenset(
+    {"run", "worker", "ui", "gc", "compact", "catalog", "cancel", "replay", "deploy"}
+)
 
 
 def _open_aws_stage(patient: bool) -> Backend:

@@ -292,7 +292,9 @@ def _import_file(path: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        with _no_exit_at_import(path):
+        # What the module prints as it loads is no output of the command
+        # (`fanout run --json` prints one JSON object on stdout): to stderr.
+        with _no_exit_at_import(path), contextlib.redirect_stdout(sys.stderr):
             spec.loader.exec_module(module)
     except UserError:
         raise

@@ -216,6 +216,7 @@ def test_replay_after_fix_rewrites_the_manifest(home: Path, tmp_path: Path) -> N
 
 PRINTING_JOB = """
 from fanout import Job
+print("module loaded")  # in the CLI's process too, at submit
 schema = {"type": "record", "name": "r", "fields": [{"name": "n", "type": "long"}]}
 job = Job("printer", schema=schema)
 @job.plan
@@ -242,3 +243,4 @@ def test_what_a_job_prints_goes_to_stderr_not_into_the_commands_output(
     outcome = json.loads(result.stdout)  # the whole of stdout: one JSON object
     assert outcome["state"] == "succeeded" and outcome["records"] == 3
     assert "planning" in result.stderr and "chatty job line 2 1999" in result.stderr
+    assert "module loaded" in result.stderr

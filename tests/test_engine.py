@@ -767,6 +767,7 @@ def test_what_process_may_return(
         ("ctx.stats['x' * 201] += 1", "is over 200 characters"),
         ("for i in range(200): ctx.stats[f'row-{i}'] += 1", None),
         ("for i in range(500): ctx.stats[f'domain/d{i}/pages'] += 1", None),  # a crawl's
+        ("ctx.stats['domain/' + 'h' * 250 + '.test/pages'] += 1", None),  # a long host
     ],
 )
 def test_what_a_chunk_may_count(
