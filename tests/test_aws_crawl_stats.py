@@ -119,3 +119,28 @@ def test_a_batch_whose_answer_was_lost_is_tried_again_under_the_same_token(
     assert tokens[0] == tokens[1]  # the answer was lost: the same token
     assert tokens[2] != tokens[1]  # cancelled: a new one
     assert coordinator.get_run(aws, run).stats["domain/late.example.com/pages"] == 5
+
+
+def test_a_run_record_with_no_room_for_more_counters_still_commits_its_chunks(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At DynamoDB's 400 KB for the run's item (moto does not enforce it), the
+    # commit's transaction was refused whole, retried, and refused again: no
+    # chunk of the run could commit. The chunk now commits without its counters.
+    ledger: Any = aws.ledger
+    transact = ledger._transact
+
+    def full_run_item(items: Any, token: str | None = None) -> Any:
+        updates = [i.get("Update", {}) for i in items]
+        if any("#stats" in u.get("ExpressionAttributeNames", {}) for u in updates):
+            return ["ValidationError" if "#stats" in str(i) else "None" for i in items]
+        return transact(items, token)
+
+    monkeypatch.setattr(ledger, "_transact", full_run_item)
+    run = coordinator.submit(aws, TREE, {"chunks": 1}).run_id
+    key = TaskKey(run, "0", 0)
+    assert ledger.claim(key, "tok", 30, 3, time.time()).outcome.value == "claimed"
+    settle = ledger.commit(key, "tok", None, TaskEvent.COMMITTED, time.time(), {"pages": 3})
+    assert settle.ok
+    record = coordinator.get_run(aws, run)
+    assert record.tasks_done == 1 and "pages" not in record.stats

@@ -30,6 +30,7 @@ duplicate deliveries and crashes, as in the SQLite ledger this one mirrors.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Collection, Mapping
 
 from fanout.backends.aws.ledger_items import (
@@ -93,6 +94,8 @@ from fanout.backends.rules import (
 from fanout.errors import RunFinalizingError
 
 __all__ = ["DynamoLedger", "create_table"]
+
+log = logging.getLogger(__name__)
 
 
 class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, domain stats
@@ -355,6 +358,7 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
         children). The earlier attempt's registrations are at least a lease (or
         a back-off) old by then, far longer than the index lags.
         """
+        counted = True  # the stats go in, until the run's item has no room for them
         for _ in range(RETRIES):
             task = self._leased(key, token)
             if task is None:
@@ -403,7 +407,7 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
                 records=records,
                 bytes=output.bytes if output else 0,
             )
-            own, domains = split_stats(stats or {})
+            own, domains = split_stats(stats or {}) if counted else ({}, {})
             names = list(own)
             if names:
                 _sum_stats(run["Update"], {n: own[n] for n in names[:STATS_IN_COMMIT]})
@@ -418,7 +422,15 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
             by_domain = self._domain_entries(key.run_id, domains)
             room = MAX_TRANSACTION_ITEMS - len(entries)
             entries += by_domain[:room]
-            if self._transact(entries) is None:
+            reasons = self._transact(entries)
+            if reasons is not None and counted and reasons[entries.index(run)] == "ValidationError":
+                # The run's item is at DynamoDB's 400 KB (counters by tens of
+                # thousands of names): the chunk's data commits, its counters
+                # cannot. Losing them beats a run no chunk of which can commit.
+                log.warning("task %s: its stats not counted: the run's record is full", key)
+                counted = False
+                continue
+            if reasons is None:
                 rest = self._run_stats_entries(
                     key.run_id, {n: own[n] for n in names[STATS_IN_COMMIT:]}
                 )
