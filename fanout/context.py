@@ -248,4 +248,5 @@ def _what(value: Any) -> str:
         return "None"
     text = repr(value)
     text = text if len(text) <= 60 else text[:57] + "..."
-    return f"a {type(value).__name__} ({text})"
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({text})"

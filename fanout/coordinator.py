@@ -131,6 +131,7 @@ def replay(
     taken over meanwhile."""
     get_run(backend, run_id)
     _not_collected(backend, run_id)
+    _outputs_kept(backend, run_id)
     dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
     if chunk_ids:
         unknown = sorted(set(chunk_ids) - {t.chunk_id for t in dead})
@@ -388,6 +389,21 @@ def _not_collected(backend: Backend, run_id: str) -> None:
         f"run {run_id}'s files were removed by `fanout gc --older-than`{at};"
         " submit the job again for its output"
     )
+
+
+def _outputs_kept(backend: Backend, run_id: str) -> None:
+    """:class:`UserError` if the run's committed files are gone without a note
+    of gc's (the bucket's ``RunRetentionDays`` rule expired them, or a hand):
+    a replay would finish the run over a manifest of files no longer there.
+    One file is looked at, the first committed."""
+    for task in backend.ledger.list_tasks(run_id, (TaskState.DONE,), history=False):
+        if task.output is not None and task.output.records:
+            if not backend.store.exists(task.output.key):
+                raise UserError(
+                    f"run {run_id}'s output files are gone (first missing:"
+                    f" {task.output.key}); submit the job again for its output"
+                )
+            return
 
 
 def committed_records(backend: Backend, run_id: str) -> Iterator[dict[str, Any]]:

@@ -132,13 +132,13 @@ class Job:
         """Decorator: ``fn(payload, ctx)`` runs one chunk."""
         # A generator (or coroutine) function's body would never run: calling
         # it only makes the generator, and the chunk would "succeed" empty.
+        what = f"job {self.name}: process {getattr(fn, '__name__', fn)!s}()"
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise ValueError(
-                f"job {self.name}: process {fn.__name__}() is a generator (it has a"
-                " `yield`); emit records with ctx.emit(record) instead"
+                f"{what} is a generator (it has a `yield`); emit records with ctx.emit(record)"
             )
         if inspect.iscoroutinefunction(fn):
-            raise ValueError(f"job {self.name}: process {fn.__name__}() must not be async")
+            raise ValueError(f"{what} must not be async")
         self.process_fn = fn
         return fn
 

@@ -723,7 +723,7 @@ def test_what_a_plan_may_return(
     ("body", "error"),
     [
         # The run "succeeded" with 951 of 1,000 records: the return was ignored.
-        ("    return 42", "process returned a int (42); it must return None"),
+        ("    return 42", "process returned an int (42); it must return None"),
         # The continuation never ran, and the run succeeded.
         ("    ctx.resume_at(5)", "process called ctx.resume_at() but did not return its result"),
         ("    return", None),

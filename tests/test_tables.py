@@ -372,6 +372,21 @@ def test_a_run_gc_removed_for_its_age_is_refused_by_replay_and_cat(backend: Back
     assert collect(backend.store, backend.ledger, older_than=0.0) == []  # the note stays
 
 
+def test_replay_of_a_run_whose_files_expired_without_gc_is_refused(backend: Backend) -> None:
+    # The bucket's RunRetentionDays rule expires runs/ objects (gc's note too):
+    # replay reran the dead chunk into a manifest of files no longer there.
+    from fanout.errors import UserError
+
+    tree = str(TESTS / "testjobs" / "tree.py")
+    failing = {"chunks": 2, "rows": 2, "fail_chunks": [1], "fail_times": 9}
+    dead = coordinator.submit(backend, tree, failing, {"max_attempts": 1})
+    assert drain(backend, dead.run_id).state == "failed"
+    for key in list(backend.store.list(f"runs/{dead.run_id}/")):
+        backend.store.delete(key)
+    with pytest.raises(UserError, match="output files are gone"):
+        coordinator.replay(backend, dead.run_id)
+
+
 def test_cat_of_a_run_whose_file_is_gone_names_the_file(backend: Backend) -> None:
     from fanout.errors import UserError
 
