@@ -369,7 +369,9 @@ class WorkerPool:
                             if recover(self.backend, redrive=redrive):
                                 idle_since = 0.0
                             elif until_idle and self._finalizing_elsewhere():
-                                idle_since = 0.0  # the run is not done until its manifest is
+                                # Not done until its manifest is; looked at once
+                                # a second, not at the queue's pace.
+                                idle_since, next_check = 0.0, now + 1.0
                             elif until_idle:
                                 # Idle twice in a row: nothing is in flight between checks.
                                 if idle_since and now - idle_since > 0.2:
