@@ -251,10 +251,7 @@ class PoliteUnkeepableBooks(UnkeepableBooks):
 
 closing_start = CrawlJob(ClosingStart, schema=BOOK_SCHEMA, name="closing", pages_per_chunk=40)
 half_start = CrawlJob(HalfStart, schema=BOOK_SCHEMA, name="half-start", pages_per_chunk=40)
-polite_closing = CrawlJob(
-    ClosingBooks, schema=BOOK_SCHEMA, name="closing-books", pages_per_chunk=15, **FAST_RETRY
-)
-unkeepable = CrawlJob(
+polite_unkeepable = CrawlJob(
     PoliteUnkeepableBooks, schema=BOOK_SCHEMA, name="polite", pages_per_chunk=4, **FAST_RETRY
 )
 carrying = CrawlJob(
