@@ -138,6 +138,9 @@ def _dispatcher() -> tuple[Dispatcher, _Watchdog]:
         from fanout.logs import configure_logging
 
         configure_logging()
+        from fanout.backends.aws.clients import LAMBDA_ATTEMPTS, limit_attempts
+
+        limit_attempts(LAMBDA_ATTEMPTS)
         backend = open_backend("aws")
         watchdog = _Watchdog()
         runner = _PackagedRunner(backend, on_start=watchdog.start, on_end=watchdog.end)
@@ -146,44 +149,73 @@ def _dispatcher() -> tuple[Dispatcher, _Watchdog]:
     return _warm[1], _warm[2]
 
 
-def _hand_back(dispatcher: Dispatcher, records: list[dict[str, Any]]) -> list[str]:
+def _hand_back(dispatcher: Dispatcher, records: list[Any], context: Any) -> list[str]:
     """Release the batch's ``records`` this invocation has no time to start, at
     once, and return their message ids for ``batchItemFailures`` (so they are
     not deleted). Only reported, they waited out the queue's visibility timeout
     (at least 6 x the function's timeout when deployed): chunks sat idle, and a
     schedule's tick came back too late to fire (``schedules.guard.FIRE_LATE``)
-    and was dropped."""
+    and was dropped. Once a release fails (SQS unreachable: each one would
+    spend botocore's retries) or the last second has come, the rest are only
+    reported: the invocation must answer before its time is up."""
     ids = []
+    releasing = True
     for record in records:
-        ids.append(str(record.get("messageId", "")))
+        ids.append(_field(record, "messageId"))
+        if not releasing or context.get_remaining_time_in_millis() < 1000:
+            continue
         try:
-            dispatcher.backend.queue.release(str(record.get("receiptHandle", "")), 0.0)
+            dispatcher.backend.queue.release(_field(record, "receiptHandle"), 0.0)
         except Exception:
             # Reported all the same: it comes back when its visibility runs out.
-            log.exception("could not hand back record %s", ids[-1])
+            log.exception("could not hand back record %s (the rest are only reported)", ids[-1])
+            releasing = False
     return ids
+
+
+def _field(record: Any, name: str) -> str:
+    """A record's string field; "" where an event SQS never sends lacks it."""
+    value = record.get(name, "") if isinstance(record, dict) else ""
+    return str(value) if value is not None else ""
+
+
+def _receive_count(attributes: Any) -> int:
+    try:
+        return max(1, int(attributes.get("ApproximateReceiveCount", 1)))
+    except (AttributeError, TypeError, ValueError):
+        return 1
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """The SQS event source handler: ``{"batchItemFailures": [...]}``."""
     dispatcher, watchdog = _dispatcher()
-    records = list(event.get("Records", ()))
-    watchdog.begin_batch([str(r.get("receiptHandle", "")) for r in records])
+    found = event.get("Records") if isinstance(event, dict) else None
+    records: list[Any] = list(found) if isinstance(found, list) else []
+    watchdog.begin_batch([_field(r, "receiptHandle") for r in records])
     failures: list[str] = []
     for i, record in enumerate(records):
-        message_id = str(record.get("messageId", ""))
-        receipt = str(record.get("receiptHandle", ""))
+        message_id = _field(record, "messageId")
+        receipt = _field(record, "receiptHandle")
         timeout = context.get_remaining_time_in_millis() / 1000.0 - SAFETY
         if timeout < MIN_TIMEOUT:
             # Too little time left for this record and the ones after it.
-            failures.extend(_hand_back(dispatcher, records[i:]))
+            if i == 0:
+                log.warning(
+                    "%.1f s left: too little to start a chunk (at least %.0f s): raise the"
+                    " function's timeout",
+                    timeout + SAFETY,
+                    MIN_TIMEOUT + SAFETY,
+                )
+            failures.extend(_hand_back(dispatcher, records[i:], context))
             break
         watchdog.starting(receipt)
-        attributes = record.get("attributes") or {}
+        attributes = record.get("attributes") if isinstance(record, dict) else None
+        attributes = attributes if isinstance(attributes, dict) else {}
         delivery = Delivery(
-            body=record.get("body", ""),  # checked by the dispatcher: may not be text
+            # Checked by the dispatcher: may not be text (or no record at all).
+            body=record.get("body", "") if isinstance(record, dict) else record,
             receipt=receipt,
-            receive_count=int(attributes.get("ApproximateReceiveCount", 1)),
+            receive_count=_receive_count(attributes),
             message_id=message_id,
             sender=attributes.get("SenderId"),
         )

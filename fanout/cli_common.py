@@ -133,6 +133,7 @@ _AWS_UNREACHABLE = frozenset(
         "ConnectTimeoutError",
         "ConnectionClosedError",
         "ProxyConnectionError",
+        "SSLError",  # https to a plain-HTTP endpoint, a proxy that intercepts TLS
     }
 )
 _AWS_NO_CREDENTIALS = frozenset(
@@ -143,6 +144,8 @@ _AWS_NO_CREDENTIALS = frozenset(
 def aws_problem(exc: BaseException) -> str | None:
     """One line for an AWS error a user fixes where they run fanout (no endpoint,
     no credentials, no region); None for anything else."""
+    if isinstance(exc, ValueError) and str(exc).startswith("Invalid endpoint"):
+        return f"{exc} (check AWS_ENDPOINT_URL: a URL such as https://host:port)"
     if not type(exc).__module__.startswith("botocore"):
         return None
     name = type(exc).__name__
@@ -152,6 +155,8 @@ def aws_problem(exc: BaseException) -> str | None:
         return f"no usable AWS credentials: {exc}"
     if name == "NoRegionError":
         return "no AWS region: set AWS_REGION or AWS_DEFAULT_REGION"
+    if name == "InvalidRegionError":
+        return f"{exc} (check AWS_REGION or AWS_DEFAULT_REGION)"
     return None
 
 

@@ -216,6 +216,16 @@ def effective_parameters(overrides: Mapping[str, str], template: Path = TEMPLATE
         visibility = int(values["VisibilityTimeout"])
     except (KeyError, ValueError) as exc:
         raise UserError(f"FunctionTimeout/VisibilityTimeout must be integers: {exc}") from None
+    for name, spec in declared.items():
+        # CloudFormation checks these only when the stack is created: say it here.
+        low, high = spec.get("MinValue"), spec.get("MaxValue")
+        if name in overrides and (low is not None or high is not None):
+            try:
+                value = float(values[name])
+            except ValueError:
+                raise UserError(f"{name} must be a number, not {values[name]!r}") from None
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise UserError(f"{name} {values[name]} is not between {low} and {high}")
     if visibility < VISIBILITY_FACTOR * timeout:
         raise UserError(
             f"VisibilityTimeout {visibility} is under {VISIBILITY_FACTOR} x FunctionTimeout"

@@ -63,3 +63,57 @@ def test_an_error_over_dynamodbs_item_limit_is_recorded_clipped(aws: Backend) ->
     assert "clipped" in error and len(error) < 10_000
     assert [e["outcome"] for e in task.history] == ["error", "error", "dead"]
     assert all(len(e.get("error", "")) < 10_000 for e in task.history)
+
+
+def test_a_release_that_fails_leaves_the_rest_only_reported(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With SQS unreachable, each release spent botocore's retries (~70 s): an
+    # invocation with 3 records to hand back answered after 274 s of its 60.
+    import fanout.aws_lambda as lambda_mod
+    from support.lambda_source import Countdown, sqs_event
+
+    for _ in range(3):
+        coordinator.submit(aws, TREE, {"chunks": 1, "rows": 1})
+    messages = aws.queue.sqs.receive_message(  # type: ignore[attr-defined]
+        QueueUrl=aws.queue.url,
+        MaxNumberOfMessages=10,  # type: ignore[attr-defined]
+    )["Messages"]
+    assert len(messages) == 3
+    lambda_mod._dispatcher()  # warm: its backend is the one to break
+    calls: list[str] = []
+
+    def unreachable(receipt: str, delay: float) -> None:
+        calls.append(receipt)
+        raise ConnectionError("SQS unreachable")
+
+    monkeypatch.setattr(aws.queue, "release", unreachable)
+    warm = lambda_mod._warm
+    assert warm is not None
+    monkeypatch.setattr(warm[0].queue, "release", unreachable)
+    response = lambda_mod.handler(sqs_event(messages), Countdown(2_500))
+    assert len(response["batchItemFailures"]) == 3  # all reported
+    assert len(calls) == 1  # one release tried, not one per record
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"Records": None},
+        {},
+        {"Records": ["not a record"]},
+        {
+            "Records": [
+                {"messageId": "m1", "body": "{}", "attributes": {"ApproximateReceiveCount": "x"}}
+            ]
+        },
+    ],
+    ids=["null records", "no records", "a string record", "a bad receive count"],
+)
+def test_events_sqs_never_sends_do_not_raise(aws: Backend, event: dict[str, object]) -> None:
+    # They raised (TypeError, AttributeError, ValueError) and failed the batch.
+    import fanout.aws_lambda as lambda_mod
+    from support.lambda_source import Countdown
+
+    response = lambda_mod.handler(event, Countdown(10_000))
+    assert isinstance(response["batchItemFailures"], list)

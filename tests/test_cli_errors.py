@@ -430,6 +430,7 @@ def test_an_empty_run_id_is_one_line_and_exit_2(home: Path, argv: list[str]) -> 
 
 # -- AWS that cannot be reached or signed in to from here ---------------------------
 
+FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
 AWS_STACK = {
     "FANOUT_AWS_QUEUE": "https://sqs.us-east-1.amazonaws.com/123456789012/q",
     "FANOUT_AWS_BUCKET": "b",
@@ -452,8 +453,14 @@ AWS_STACK = {
             },
             "no usable AWS credentials",
         ),
+        # These were tracebacks: a ValueError, botocore's InvalidRegionError.
+        (
+            {**FAKE_KEYS, "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": "not-a-url"},
+            "Invalid endpoint: not-a-url (check AWS_ENDPOINT_URL",
+        ),
+        ({**FAKE_KEYS, "AWS_REGION": "bad!region"}, "'bad!region' doesn't match a supported"),
     ],
-    ids=["no region", "no credentials"],
+    ids=["no region", "no credentials", "endpoint not a URL", "region not a region"],
 )
 def test_aws_that_cannot_be_signed_in_to_is_one_line(
     tmp_path: Path, env: dict[str, str], needle: str

@@ -329,6 +329,16 @@ def test_visibility_check_rejects_short_visibility() -> None:
         effective_parameters({"Nope": "1"})
 
 
+def test_a_function_timeout_no_chunk_fits_in_is_refused() -> None:
+    # At 4 s (which the template allowed) every invocation handed its records
+    # back, having under the 5 s a chunk needs: a run that never moved.
+    with pytest.raises(UserError, match="FunctionTimeout 4 is not between 10 and 900"):
+        effective_parameters({"FunctionTimeout": "4", "VisibilityTimeout": "24"})
+    with pytest.raises(UserError, match="must be integers"):
+        effective_parameters({"FunctionTimeout": "soon"})
+    assert effective_parameters({"FunctionTimeout": "10", "VisibilityTimeout": "60"})
+
+
 def test_function(template: dict[str, Any]) -> None:
     props = template["Resources"]["Function"]["Properties"]
     assert props["RecursiveLoop"] == "Allow"

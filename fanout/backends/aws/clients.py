@@ -27,6 +27,10 @@ from fanout.backends.aws import AwsSettings
 RETRIES: dict[str, Any] = {"mode": "standard", "max_attempts": 10}
 #: Attempts per call in a command a person waits on (botocore's own default).
 INTERACTIVE_ATTEMPTS = 3
+#: Attempts per call in the Lambda handler, whose invocation must answer
+#: within its time: 10 attempts at an unreachable service took ~70 s a call.
+#: A call that fails fails its record, which SQS delivers again.
+LAMBDA_ATTEMPTS = 5
 #: Seconds to open a connection. AWS endpoints answer in milliseconds; botocore's
 #: 60 s default, times 10 attempts, would leave a worker (or a Lambda in a VPC
 #: with no route to the service) hanging 10 minutes on an endpoint it cannot reach.
@@ -45,8 +49,13 @@ def interactive() -> None:
     """Give this process's clients built from now on botocore's default of
     :data:`INTERACTIVE_ATTEMPTS` per call: for a CLI command a person waits on,
     not for workers (whose calls are worth retrying long)."""
+    limit_attempts(INTERACTIVE_ATTEMPTS)
+
+
+def limit_attempts(attempts: int) -> None:
+    """Give this process's clients built from now on ``attempts`` per call."""
     global _attempts
-    _attempts = INTERACTIVE_ATTEMPTS
+    _attempts = attempts
 
 
 def client(service: str, settings: AwsSettings) -> Any:
