@@ -527,6 +527,8 @@ def replay(
     click.echo(f"replaying {n} chunk{'' if n == 1 else 's'} of {run_id}", err=True)
     if work:
         _work(ctx, run_id, workers, chunk_timeout, False, chunk_memory)
+    elif ctx.obj["backend_name"] == "aws":
+        click.echo("the stage's Lambda function takes them from the queue", err=True)
     else:
         click.echo("work them with `fanout worker --until-idle`", err=True)
 

@@ -279,7 +279,8 @@ def no_progress(cursor: Any, timeout: float) -> Failure:
     return Failure(
         FailureKind.NO_PROGRESS,
         f"resume_at({shown}) made no progress since the previous slice: chunk timeout too"
-        f" short for this job ({timeout:g}s; raise --chunk-timeout)",
+        f" short for this job ({timeout:g}s; raise --chunk-timeout, or on AWS the"
+        " FunctionTimeout stack parameter)",
     )
 
 

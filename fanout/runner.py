@@ -208,9 +208,8 @@ class Runner:
         """What to claim for ``delivery``, or what became of it without a claim
         (an unknown run, a forged ``seq``, a paused or capped run)."""
         run = self._run(msg.run_id)
-        if run is None:
-            log.warning("dropping a message for unknown run %s", msg.run_id)
-            self.queue.ack(delivery.receipt)
+        if run is None:  # forged, or another stage's: kept (fanout dead-letters)
+            drop_invalid(self.queue, self.store, delivery, f"unknown run {msg.run_id!r}")
             return Handled.UNKNOWN_RUN
         if msg.seq > run.settings.max_continuations:
             return drop_invalid(

@@ -538,6 +538,10 @@ def test_invalid_and_foreign_messages_are_dropped(mem: Backend) -> None:
     outcomes = [dispatcher.handle(d, 5) for d in mem.queue.receive(10, 30)]
     assert outcomes == ["invalid", "invalid", "unknown run"]
     assert mem.queue.pending() == 0
+    # All three kept for `fanout dead-letters`: the unknown run's was only logged.
+    letters = [json.loads(mem.store.get(k)) for k in mem.store.list("dead-letters/")]
+    assert len(letters) == 3
+    assert any("unknown run 'nosuchrun'" in str(letter) for letter in letters)
 
 
 def test_forged_payload_is_ignored_in_favour_of_the_ledger(mem: Backend) -> None:
