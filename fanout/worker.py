@@ -262,6 +262,10 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
                     dispatcher.handle(delivery, opts.chunk_timeout)
             quick = (time.monotonic() - received) / len(deliveries) < QUICK_CHUNK
             batch = min(opts.batch, batch * 2) if quick else 1
+            # What the chunks printed, out now: a child stopped at the pool's
+            # end would take its buffer with it.
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
     finally:
         backend.close()
         # Processes a job started (and left running) end with the worker process
