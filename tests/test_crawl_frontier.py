@@ -134,7 +134,7 @@ def test_a_timed_out_redirect_source_leads_once_to_a_frontier_page(local: Backen
 
 
 def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
-    from fanout.crawl.components import MAX_RETRY_AFTER, parse_retry_after
+    from fanout.crawl.backoff import MAX_RETRY_AFTER, parse_retry_after
 
     assert parse_retry_after(b"120") == 120.0
     assert parse_retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT", now=1445412460.0) == 20.0

@@ -30,7 +30,7 @@ from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, TaskState
 from fanout.backends.crawlstate import DomainAsk
-from fanout.crawl import THROTTLE_META, components, politeness
+from fanout.crawl import THROTTLE_META, backoff, components, politeness
 from support.helpers import JOBS
 from support.procs import (
     alive,
@@ -335,7 +335,7 @@ def test_a_page_that_always_answers_503_is_given_up_and_holds_its_host_back_brie
     assert sorted(i for i, n in ids.items() if n > 1) == []
     assert set(ids) == site.expected() - {"b-0"}  # given up, as Scrapy would
     broken = [t for t, h, key, _ in site.log if h == "localhost" and key == "/b/0"]
-    assert len(broken) == 1 + components.MAX_THROTTLE_LEVEL, broken
+    assert len(broken) == 1 + backoff.MAX_THROTTLE_LEVEL, broken
     # The host's other pages waited one back-off at most, not the broken page's.
     others = [t for t, h, key, _ in site.log if h == "localhost" and key != "/b/0"]
     assert max(others) - broken[0] < 6 * throttle_base + 2.0, (others, broken)
@@ -622,7 +622,7 @@ def test_a_503_is_kept_for_later_unless_the_spider_asked_for_it(
     _, response = answer(503, handle_httpstatus_all=True)
     assert not isinstance(response, Request)
     # Held back too often: given up, as Scrapy would give up.
-    _, response = answer(503, **{THROTTLE_META: components.MAX_THROTTLE_LEVEL})
+    _, response = answer(503, **{THROTTLE_META: backoff.MAX_THROTTLE_LEVEL})
     assert not isinstance(response, Request)
     assert crawler.stats.get_value("fanout/throttle_gave_up") == 1
     # Outside a chunk the middleware is not there at all.

@@ -27,14 +27,14 @@ import os
 from typing import Any
 
 from fanout.context import ChunkContext
-from fanout.crawl.chunk import prewarm, run_chunk
-from fanout.crawl.components import (
+from fanout.crawl.backoff import (
     DEFAULT_THROTTLE_BASE,
     MAX_BACKOFF,
     MAX_RETRY_AFTER,
     THROTTLE_ANSWER_META,
     THROTTLE_META,
 )
+from fanout.crawl.chunk import prewarm, run_chunk
 from fanout.crawl.known import KNOWN, MAX_LINEAGE, parse_lineage
 from fanout.errors import PermanentError
 from fanout.jobs import Job

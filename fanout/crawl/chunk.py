@@ -27,7 +27,7 @@ from scrapy import Request, Spider
 from scrapy.exceptions import CloseSpider
 
 import fanout.crawl.channel as channel_module
-import fanout.crawl.components as components
+from fanout.crawl.backoff import DEFAULT_THROTTLE_BASE
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import book_of
 from fanout.crawl.codec import decode_value, request_from_json
@@ -275,7 +275,7 @@ def run_chunk(
     log_level: str = "WARNING",
     token: str = "",
     store: Store | None = None,
-    throttle_base: float = components.DEFAULT_THROTTLE_BASE,
+    throttle_base: float = DEFAULT_THROTTLE_BASE,
     known: set[str] | None = None,
 ) -> ChunkResult:
     """Crawl one chunk in a forked process and collect what it sent.

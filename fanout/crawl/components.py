@@ -27,7 +27,6 @@ parent through :mod:`fanout.crawl.channel`, one JSON line per event.
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import logging
 import os
 import time
@@ -44,6 +43,15 @@ from scrapy.utils.httpobj import urlparse_cached
 from twisted.internet.defer import Deferred
 
 import fanout.crawl.channel as channel  # the module: CHANNEL is set per chunk
+from fanout.crawl.backoff import (
+    DEFAULT_THROTTLE_BASE,
+    MAX_BACKOFF,
+    MAX_THROTTLE_LEVEL,
+    THROTTLE_ANSWER_META,
+    THROTTLE_META,
+    THROTTLE_STATUSES,
+    parse_retry_after,
+)
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import ClaimBatch, book_of
 from fanout.crawl.codec import CodecError, check_keepable, encode_value, request_to_json
@@ -67,13 +75,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Meta key counting how often a request was held back after it was answered
-#: 429/503 itself (it sets the back-off of the chunk that carries it on).
-THROTTLE_META = "fanout_throttle"
-#: Meta key set on a request answered 429/503 (and on Scrapy's retry of it) until
-#: it is handed on: only such a request climbs a throttle level, not the others
-#: held back with it because their domain was backed off.
-THROTTLE_ANSWER_META = "fanout_throttle_answer"
 #: Meta key keeping the request's own ``download_timeout`` while a shorter one
 #: (:class:`ParkHandedOn`) is in force.
 OWN_TIMEOUT_META = "fanout_download_timeout"
@@ -81,19 +82,6 @@ OWN_TIMEOUT_META = "fanout_download_timeout"
 #: share fetched, its time up, nothing left but requests held back, a signal.
 #: Any other reason is the spider's own (``CloseSpider``): the crawl ends.
 CARRY_ON_REASONS = frozenset({"fanout_pages", "fanout_deadline", "finished", "shutdown"})
-#: The statuses by which a site asks a crawler to slow down.
-THROTTLE_STATUSES = (429, 503)
-#: A request is handed on with back-off at most this many times for 429/503
-#: answers of its own; after that its last answer goes to the spider as Scrapy
-#: would (an HttpError to its errback). At 8, one URL that always answered 503
-#: kept its run going for 20 minutes, where Scrapy gives up after 3 tries.
-MAX_THROTTLE_LEVEL = 3
-#: The first back-off (s) of a throttled domain's requests (``CrawlJob``'s
-#: ``throttle_base``), and the longest fanout's own back-off grows to.
-DEFAULT_THROTTLE_BASE = 5.0
-MAX_BACKOFF = 900.0
-#: The longest ``Retry-After`` fanout waits out (seconds).
-MAX_RETRY_AFTER = 6 * 3600.0
 
 
 def domain_of(request: Request) -> str:
@@ -107,24 +95,6 @@ def gate_of(crawler: Any) -> DomainGate:
         gate = DomainGate(crawler, CHUNK)
         CHUNK["gate"] = gate
     return gate
-
-
-def parse_retry_after(value: bytes | None, now: float | None = None) -> float:
-    """Seconds a ``Retry-After`` header asks for (0 when absent or unreadable)."""
-    if not value:
-        return 0.0
-    text = value.decode("latin-1").strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return 0.0
-        seconds = when.timestamp() - (now if now is not None else time.time())
-    if seconds != seconds:  # NaN
-        return 0.0
-    return max(0.0, min(seconds, MAX_RETRY_AFTER))
 
 
 def give_up(reason: str) -> NoReturn:

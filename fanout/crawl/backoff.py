@@ -1,0 +1,48 @@
+"""How a crawl backs off a site that asks it to (429 and 503 answers, their
+``Retry-After``): the constants and the header's reading, without Scrapy.
+The middlewares that apply them are in :mod:`fanout.crawl.components`; the
+hand-on delays in :class:`fanout.crawl.CrawlJob`."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+#: Meta key counting how often a request was held back after it was answered
+#: 429/503 itself (it sets the back-off of the chunk that carries it on).
+THROTTLE_META = "fanout_throttle"
+#: Meta key set on a request answered 429/503 (and on Scrapy's retry of it) until
+#: it is handed on: only such a request climbs a throttle level, not the others
+#: held back with it because their domain was backed off.
+THROTTLE_ANSWER_META = "fanout_throttle_answer"
+#: The statuses by which a site asks a crawler to slow down.
+THROTTLE_STATUSES = (429, 503)
+#: A request is handed on with back-off at most this many times for 429/503
+#: answers of its own; after that its last answer goes to the spider as Scrapy
+#: would (an HttpError to its errback). At 8, one URL that always answered 503
+#: kept its run going for 20 minutes, where Scrapy gives up after 3 tries.
+MAX_THROTTLE_LEVEL = 3
+#: The first back-off (s) of a throttled domain's requests (``CrawlJob``'s
+#: ``throttle_base``), and the longest fanout's own back-off grows to.
+DEFAULT_THROTTLE_BASE = 5.0
+MAX_BACKOFF = 900.0
+#: The longest ``Retry-After`` fanout waits out (seconds).
+MAX_RETRY_AFTER = 6 * 3600.0
+
+
+def parse_retry_after(value: bytes | None, now: float | None = None) -> float:
+    """Seconds a ``Retry-After`` header asks for (0 when absent or unreadable)."""
+    if not value:
+        return 0.0
+    text = value.decode("latin-1").strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return 0.0
+        seconds = when.timestamp() - (now if now is not None else time.time())
+    if seconds != seconds:  # NaN
+        return 0.0
+    return max(0.0, min(seconds, MAX_RETRY_AFTER))
