@@ -261,6 +261,18 @@ def test_the_documented_layers_are_the_enforced_ones() -> None:
     assert positions == sorted(positions, reverse=True), "the table lists the top layer first"
 
 
+#: Issue 11: no module of fanout over this many lines (one job a module).
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_over_600_lines() -> None:
+    sizes = {
+        str(path.relative_to(REPO)): len(path.read_text(encoding="utf-8").splitlines())
+        for path in (REPO / "fanout").rglob("*.py")
+    }
+    assert sizes and {m: n for m, n in sizes.items() if n >= MAX_MODULE_LINES} == {}
+
+
 def test_every_design_note_cited_exists() -> None:
     """Code that cites docs/architecture.md names a section it has."""
     headings = {
