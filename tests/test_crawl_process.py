@@ -235,11 +235,11 @@ class BusySite:
 
 
 @pytest.mark.slow
-def test_a_busy_host_is_left_alone_for_throttle_base_then_fetched(home: Path) -> None:
+def run_throttled(home: Path, site: BusySite, throttle_base: float) -> str:
+    """``fanout run`` of the ``throttled`` job on ``site`` (two host names, so
+    skipped where localhost is not 127.0.0.1), 2 workers; its run id."""
     if socket.gethostbyname("localhost") != "127.0.0.1":
         pytest.skip("the second host name of the site, localhost, is not 127.0.0.1 here")
-    throttle_base = 0.5
-    site = BusySite(items=12, busy=3)
     with SiteServer(site) as server:
         result = fanout(
             home,
@@ -253,7 +253,13 @@ def test_a_busy_host_is_left_alone_for_throttle_base_then_fetched(home: Path) ->
             env={"THROTTLE_BASE": str(throttle_base)},
         )
     assert result.returncode == 0, result.stderr
-    run_id = run_id_of(result)
+    return run_id_of(result)
+
+
+def test_a_busy_host_is_left_alone_for_throttle_base_then_fetched(home: Path) -> None:
+    throttle_base = 0.5
+    site = BusySite(items=12, busy=3)
+    run_id = run_throttled(home, site, throttle_base)
     st = status(home, run_id)
     assert st["state"] == "succeeded", st
     assert st["stats"].get("throttled", 0) > 0, st["stats"]
@@ -309,26 +315,11 @@ def test_a_page_that_always_answers_503_is_given_up_and_holds_its_host_back_brie
     # Its back-off climbed 8 levels and held the whole host back longer at
     # each: the run went on for 20 minutes (at throttle_base 5 s), where Scrapy
     # gives the page up after 3 tries in seconds.
-    if socket.gethostbyname("localhost") != "127.0.0.1":
-        pytest.skip("the second host name of the site, localhost, is not 127.0.0.1 here")
     throttle_base = 0.5
     site = BrokenPageSite(items=12, busy=0)
     started = time.monotonic()
-    with SiteServer(site) as server:
-        result = fanout(
-            home,
-            "run",
-            job("throttled"),
-            *params(start_url=server.url),
-            "-w",
-            "2",
-            "--chunk-timeout",
-            "10",
-            env={"THROTTLE_BASE": str(throttle_base)},
-        )
+    run_id = run_throttled(home, site, throttle_base)
     took = time.monotonic() - started
-    assert result.returncode == 0, result.stderr
-    run_id = run_id_of(result)
     st = status(home, run_id)
     assert st["state"] == "succeeded", st
     ids = Counter(r["id"] for r in records(home, run_id))
