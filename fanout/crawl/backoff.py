@@ -19,9 +19,12 @@ THROTTLE_ANSWER_META = "fanout_throttle_answer"
 THROTTLE_STATUSES = (429, 503)
 #: A request is handed on with back-off at most this many times for 429/503
 #: answers of its own; after that its last answer goes to the spider as Scrapy
-#: would (an HttpError to its errback). At 8, one URL that always answered 503
-#: kept its run going for 20 minutes, where Scrapy gives up after 3 tries.
-MAX_THROTTLE_LEVEL = 3
+#: would (an HttpError to its errback). At 8, with the site's back-off growing
+#: with it, one URL that always answered 503 kept its run going for 20
+#: minutes; at 5 (the site held back one ``throttle_base`` at a time) it is
+#: given up after about a minute at the default base, patience enough for a
+#: site's per-minute quota that sends no Retry-After.
+MAX_THROTTLE_LEVEL = 5
 #: The first back-off (s) of a throttled domain's requests (``CrawlJob``'s
 #: ``throttle_base``), and the longest fanout's own back-off grows to.
 DEFAULT_THROTTLE_BASE = 5.0

@@ -30,6 +30,7 @@ import fanout.crawl.channel as channel_module
 from fanout.crawl.backoff import DEFAULT_THROTTLE_BASE
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import book_of
+from fanout.crawl.closing import spider_closed_itself
 from fanout.crawl.codec import decode_value, request_from_json
 from fanout.crawl.components import fail_chunk
 from fanout.crawl.politeness import note_frontier
@@ -81,7 +82,8 @@ def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -
                     else:
                         items += 1
                         yield thing
-            except CloseSpider:
+            except CloseSpider as exc:
+                spider_closed_itself(str(exc.reason))
                 raise  # Scrapy's own way to stop: not a failure
             except Exception as exc:
                 if not starts and not items:
@@ -139,6 +141,8 @@ def _settings(spider_cls: type[Spider], log_level: str) -> Any:
     spider_mw = settings.getdict("SPIDER_MIDDLEWARES_BASE")
     # Nearest the engine: claims what every other spider middleware let through.
     spider_mw[here + "ClaimOutput"] = 10
+    # Nearest the spider: a CloseSpider from a callback ends the run too.
+    spider_mw["fanout.crawl.closing.CloseWatch"] = 2000
     settings.set("SPIDER_MIDDLEWARES_BASE", spider_mw, priority="cmdline")
     extensions = settings.getdict("EXTENSIONS_BASE")
     extensions[here + "ChunkBudget"] = 0

@@ -54,6 +54,7 @@ from fanout.crawl.backoff import (
 )
 from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import ClaimBatch, book_of
+from fanout.crawl.closing import SPIDER_CLOSED
 from fanout.crawl.codec import CodecError, check_keepable, encode_value, request_to_json
 from fanout.crawl.politeness import (  # the in-flight marks: re-exported, used here
     CUT_MARGIN,
@@ -78,10 +79,6 @@ logger = logging.getLogger(__name__)
 #: Meta key keeping the request's own ``download_timeout`` while a shorter one
 #: (:class:`ParkHandedOn`) is in force.
 OWN_TIMEOUT_META = "fanout_download_timeout"
-#: Why a chunk's spider closes when the crawl goes on in other chunks: its
-#: share fetched, its time up, nothing left but requests held back, a signal.
-#: Any other reason is the spider's own (``CloseSpider``): the crawl ends.
-CARRY_ON_REASONS = frozenset({"fanout_pages", "fanout_deadline", "finished", "shutdown"})
 
 
 def domain_of(request: Request) -> str:
@@ -232,13 +229,12 @@ class ChunkScheduler(Scheduler):
         return bool(self.waiting) or bool(super().has_pending_requests())
 
     def close(self, reason: str) -> Any:
-        if reason in CARRY_ON_REASONS:
+        # A spider that raised CloseSpider ends the crawl, its queue dropped as
+        # in Scrapy (and the run, see CloseWatch); any other close is the
+        # chunk's alone (its share fetched, its time up, Scrapy's CLOSESPIDER_*
+        # and memory limits, which count per chunk): the crawl goes on.
+        if SPIDER_CLOSED not in CHUNK:
             self.hand_on()
-        else:
-            # The spider closed itself (CloseSpider, Scrapy's CloseSpider
-            # extension): in Scrapy the crawl ends there, its queue dropped.
-            # So does the run (CrawlJob stops it), and nothing is handed on.
-            send("closed", reason)
         return super().close(reason)
 
     def hand_on(self, extra: Iterable[Request] = ()) -> None:
