@@ -75,6 +75,9 @@ class Ready:
     attempt: Attempt
     request: CommitRequest
     children: list[tuple[str, float]]  # (message, delay), sent once committed
+    #: The job's own ``ctx.stop_run``, recorded once the commit is: a stop
+    #: written first would cancel this very chunk's retry if the commit failed.
+    stop_after: str | None = None
 
     def commit_args(self) -> tuple[Any, ...]:
         """The arguments of ``Ledger.commit``."""

@@ -247,7 +247,8 @@ class Runner:
                     key,
                     extra={"fanout": {**fields, "event": "dead", "failure": FailureKind.CRASHED}},
                 )
-                self._keep_dead_letter(key, f"{CRASHED_LAST.kind}: {CRASHED_LAST.error}", "")
+                error = f"{CRASHED_LAST.kind}: {CRASHED_LAST.error}"
+                keep_dead_task(self.ledger, self.store, self.events, key, error, "")
             if claim.outcome is ClaimOutcome.MISSING:
                 log.warning("dropping a message for unregistered task %s", key)
             if claim.outcome is ClaimOutcome.FINISHED:
@@ -420,16 +421,20 @@ class Runner:
                 children = []
             elif registration.lease_lost:
                 children = []  # the commit below fails too: another attempt owns the task
-        if stop_reason:
-            log.warning("run %s stopped: %s", key.run_id, stop_reason)
-            self.ledger.stop(key.run_id, stop_reason)
-            emit(self.events, "run.stopped", key.run_id, reason=stop_reason, chunk_id=key.chunk_id)
+        if stop_reason and ctx.stop_reason is None:  # a runaway bound: at once
+            self._stop(key, stop_reason)
         outcome = TaskEvent.CONTINUED if continuation is not None else TaskEvent.COMMITTED
         now = time.time()
         request = CommitRequest(
             key, attempt.token, output, outcome, now, dict(ctx.stats) or None, attempt.took(now)
         )
-        return Ready(run, attempt, request, [(t.message, d) for t, d in children])
+        stop_after = stop_reason if ctx.stop_reason is not None else None
+        return Ready(run, attempt, request, [(t.message, d) for t, d in children], stop_after)
+
+    def _stop(self, key: TaskKey, reason: str) -> None:
+        log.warning("run %s stopped: %s", key.run_id, reason)
+        self.ledger.stop(key.run_id, reason)
+        emit(self.events, "run.stopped", key.run_id, reason=reason, chunk_id=key.chunk_id)
 
     def settled(self, ready: Ready, settle: Settle) -> Handled:
         """Finish an attempt the ledger answered ``settle`` to committing: on
@@ -468,6 +473,8 @@ class Runner:
         # before these sends is repaired by the redelivery of this message
         # (see handle: a finished task re-sends its queued children).
         self._send(ready.children)
+        if ready.stop_after:
+            self._stop(key, ready.stop_after)
         self.queue.ack(attempt.receipt)
         if settle.drained:
             self.finalize(key.run_id)
@@ -546,15 +553,13 @@ class Runner:
             duration_s=failure.duration,
         )
         record_attempt(self.metrics, job_name, attempt, "dead", failure.duration, 0)
-        self._keep_dead_letter(key, f"{failure.kind}: {failure.error}", failure.traceback)
+        error = f"{failure.kind}: {failure.error}"
+        keep_dead_task(self.ledger, self.store, self.events, key, error, failure.traceback)
         self.queue.ack(attempt.receipt)
         # Run controls: past its tolerated failures the run stops (and may drain).
         if self.gate.after_dead(key.run_id, settings) or settle.drained:
             self.finalize(key.run_id)
         return Handled.DEAD
-
-    def _keep_dead_letter(self, key: TaskKey, error: str, tb: str) -> None:
-        keep_dead_task(self.ledger, self.store, self.events, key, error, tb)
 
     # -- the end of a run ---------------------------------------------------------
 

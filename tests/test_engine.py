@@ -844,3 +844,36 @@ def test_a_job_that_catches_record_errors_does_not_commit_its_chunk_empty(
     assert run.state == RunState.FAILED and run.records == 0
     (dead,) = mem.ledger.list_tasks(run_id)
     assert "record 0 does not fit schema" in (dead.error or "")
+
+
+def test_a_stopping_chunk_whose_commit_failed_is_retried_and_kept(
+    mem: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop was written before the commit: when the commit then failed,
+    # the chunk's retry was cancelled at its claim and its records were lost,
+    # the very ones it stopped the run for, while the run "succeeded".
+    job = tmp_path / "finder.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('finder', schema={'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'x': 42})\n"
+        "    ctx.stop_run('found it')\n"
+    )
+    commit = mem.ledger.commit
+    failed: list[bool] = []
+
+    def fails_once(*args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("the ledger was unreachable")
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(mem.ledger, "commit", fails_once)
+    run_id = coordinator.submit(mem, str(job), {"n": 1}).run_id
+    run = drain(mem, run_id)
+    assert failed and run.state == RunState.SUCCEEDED
+    assert run.stop_reason == "stopped by the job: found it"
+    assert [r["x"] for r in coordinator.committed_records(mem, run_id)] == [42]
