@@ -177,7 +177,7 @@ def _open_aws_stage(patient: bool) -> Backend:
     from fanout.backends.aws.stack import export_stage, not_deployed
 
     if not patient:
-        clients.interactive()
+        clients.limit_attempts(clients.INTERACTIVE_ATTEMPTS)
 
     export_stage()
     try:

@@ -301,10 +301,15 @@ def live_status(
     its pauses left out of its rate, and its state as shown (``paused``,
     ``cancelling``...), from one read of its controls. ``counts``: its tasks by
     state, where the display has them."""
+    paused_for, paused = _pauses(backend, run)
+    return Status(run, dict(counts or {}), paused_for=paused_for), display_state(run, paused)
+
+
+def _pauses(backend: Backend, run: RunRecord) -> tuple[float, bool]:
+    """From one read of the run's controls: the seconds it was paused (up to
+    now, or its end) and whether it is paused now."""
     control = controls_of(backend.ledger).read_control(run.run_id)
-    paused_for = paused_seconds(control, run.finished_at or time.time())
-    shown = display_state(run, bool(control.get("paused")))
-    return Status(run, dict(counts or {}), paused_for=paused_for), shown
+    return paused_seconds(control, run.finished_at or time.time()), bool(control.get("paused"))
 
 
 def status(backend: Backend, run_id: str) -> Status:
@@ -345,8 +350,7 @@ def status(backend: Backend, run_id: str) -> Status:
         now = time.time()
         ends = backend.crawl.backoffs(run_id, now)
         backoffs = {domain: round(end - now, 1) for domain, end in sorted(ends.items())}
-    control = controls_of(backend.ledger).read_control(run_id)
-    paused_for = paused_seconds(control, run.finished_at or time.time())
+    paused_for, _ = _pauses(backend, run)
     return Status(run, counts, pending, timed_out, crashed, latest, backoffs, paused_for)
 
 

@@ -46,11 +46,12 @@ def stats_problem(stats: Mapping[str, Any]) -> str | None:
     for name, value in stats.items():
         if not isinstance(name, str) or not name:
             return f"ctx.stats: a counter name must be a non-empty string, not {name!r}"
-        if len(name) > MAX_STAT_NAME and not name.startswith(DOMAIN_STATS):
+        domain = name.startswith(DOMAIN_STATS)
+        if len(name) > MAX_STAT_NAME and not domain:
             return f"ctx.stats: counter name {name[:40]!r}... is over {MAX_STAT_NAME} characters"
         if not isinstance(value, int) or isinstance(value, bool):
             return f"ctx.stats[{name!r}] is {value!r}: counters count in whole numbers"
-        own += not name.startswith(DOMAIN_STATS)
+        own += not domain
     if own > MAX_STAT_NAMES:
         return (
             f"ctx.stats has {own:,} counter names, over {MAX_STAT_NAMES} a chunk: count by"

@@ -84,8 +84,8 @@ def collect(
     found += _table_garbage(store, runs, dry_run)
     found += _run_garbage(store, runs, older_than, now)
     if not dry_run:
-        old = {run_of_key(g.key) or "" for g in found if g.reason == OLD_RUN}
-        for run_id in sorted(old - {""}):
+        old = {run_id for g in found if g.reason == OLD_RUN if (run_id := run_of_key(g.key))}
+        for run_id in sorted(old):
             note = {"collected_at": now, "older_than": older_than}
             store.put(collected_key(run_id), json.dumps(note).encode())
         for item in found:

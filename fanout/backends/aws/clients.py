@@ -3,7 +3,7 @@
 Every client retries throttling and transient errors itself (botocore's
 ``standard`` retry mode, up to 10 attempts with jittered back-off), so the
 backend code only ever sees errors that survived those retries. A command a
-person waits on at a prompt takes botocore's default of 3 (:func:`interactive`):
+person waits on at a prompt takes botocore's default of 3 (:func:`limit_attempts`):
 10 attempts at an endpoint that refuses connections take ~45 s to say so.
 
 Clients are cached per ``(process, service, settings, attempts)``: boto3 clients are
@@ -45,15 +45,10 @@ _sessions: dict[int, Any] = {}  # one per process (by pid), like the clients
 _attempts = RETRIES["max_attempts"]
 
 
-def interactive() -> None:
-    """Give this process's clients built from now on botocore's default of
-    :data:`INTERACTIVE_ATTEMPTS` per call: for a CLI command a person waits on,
-    not for workers (whose calls are worth retrying long)."""
-    limit_attempts(INTERACTIVE_ATTEMPTS)
-
-
 def limit_attempts(attempts: int) -> None:
-    """Give this process's clients built from now on ``attempts`` per call."""
+    """Give this process's clients built from now on ``attempts`` per call
+    (:data:`INTERACTIVE_ATTEMPTS` for a CLI command a person waits on,
+    :data:`LAMBDA_ATTEMPTS` in the Lambda handler)."""
     global _attempts
     _attempts = attempts
 
