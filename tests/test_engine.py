@@ -29,6 +29,18 @@ def _items(backend: Backend, run_id: str) -> Counter[str]:
     return Counter(r["item"] for r in coordinator.committed_records(backend, run_id))
 
 
+def _x_job(tmp_path: Path, name: str, code: str) -> str:
+    """Write a job ``name`` whose records are ``{"x": <long>}``, defined by
+    ``code`` (its plan and process); its path."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(
+        "from fanout import Job\n"
+        f"job = Job({name!r}, schema={{'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 'x', 'type': 'long'}]})\n" + code
+    )
+    return str(path)
+
+
 def _assert_exactly_once(backend: Backend, run_id: str, **params: Any) -> None:
     items = _items(backend, run_id)
     assert [i for i, n in items.items() if n > 1] == []
@@ -697,20 +709,18 @@ def test_what_a_plan_may_return(
 ) -> None:
     """A plan that returns a dict or a string fails at once with one line; it
     used to make one chunk per key or per character."""
-    job = tmp_path / "planner.py"
-    job.write_text(
-        "from fanout import Job\n"
-        "job = Job('planner', schema={'type': 'record', 'name': 'r',"
-        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
+    job = _x_job(
+        tmp_path,
+        "planner",
         "@job.plan\n"
         "def plan(params, ctx):\n"
         "    ctx.spawn({'x': 1})\n"
         f"    return {returns}\n"
         "@job.process\n"
         "def process(chunk, ctx):\n"
-        "    ctx.emit({'x': chunk['x']})\n"
+        "    ctx.emit({'x': chunk['x']})\n",
     )
-    run_id = coordinator.submit(mem, str(job)).run_id
+    run_id = coordinator.submit(mem, job).run_id
     run = drain(mem, run_id)
     if error is None:
         assert run.state == RunState.SUCCEEDED
@@ -737,20 +747,18 @@ def test_what_a_plan_may_return(
 def test_what_process_may_return(
     mem: Backend, tmp_path: Path, body: str, error: str | None
 ) -> None:
-    job = tmp_path / "returner.py"
-    job.write_text(
-        "from fanout import Job\n"
-        "job = Job('returner', schema={'type': 'record', 'name': 'r',"
-        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
+    job = _x_job(
+        tmp_path,
+        "returner",
         "@job.plan\n"
         "def plan(params, ctx):\n"
         "    return [{'x': 1}]\n"
         "@job.process\n"
         "def process(chunk, ctx):\n"
         "    ctx.emit({'x': ctx.cursor or 0})\n"
-        f"{body}\n"
+        f"{body}\n",
     )
-    run_id = coordinator.submit(mem, str(job)).run_id
+    run_id = coordinator.submit(mem, job).run_id
     run = drain(mem, run_id)
     if error is None:
         assert run.state == RunState.SUCCEEDED
@@ -796,11 +804,9 @@ def test_what_a_chunk_may_count(
 
 
 def test_a_job_that_stops_its_run_ends_it_succeeded(mem: Backend, tmp_path: Path) -> None:
-    job = tmp_path / "finder.py"
-    job.write_text(
-        "from fanout import Job\n"
-        "job = Job('finder', schema={'type': 'record', 'name': 'r',"
-        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
+    job = _x_job(
+        tmp_path,
+        "finder",
         "@job.plan\n"
         "def plan(params, ctx):\n"
         "    return [{'x': x} for x in range(10)]\n"
@@ -809,9 +815,9 @@ def test_a_job_that_stops_its_run_ends_it_succeeded(mem: Backend, tmp_path: Path
         "    ctx.emit({'x': chunk['x']})\n"
         "    if chunk['x'] == 0:\n"
         "        ctx.spawn({'x': 100})  # dropped: the run ends with this chunk\n"
-        "        ctx.stop_run('found it')\n"
+        "        ctx.stop_run('found it')\n",
     )
-    run_id = coordinator.submit(mem, str(job)).run_id
+    run_id = coordinator.submit(mem, job).run_id
     run = drain(mem, run_id)
     assert run.state == RunState.SUCCEEDED
     assert run.stop_reason == "stopped by the job: found it"
@@ -825,21 +831,19 @@ def test_a_job_that_catches_record_errors_does_not_commit_its_chunk_empty(
 ) -> None:
     # The first record failed at its emit and was not counted; the job caught
     # that and every refusal after it, and the chunk committed with 0 records.
-    job = tmp_path / "catcher.py"
-    job.write_text(
-        "from fanout import Job\n"
+    job = _x_job(
+        tmp_path,
+        "catcher",
         "from fanout.errors import RecordError\n"
-        "job = Job('catcher', schema={'type': 'record', 'name': 'r',"
-        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
         "@job.process\n"
         "def process(chunk, ctx):\n"
         "    for x in ['oops', 1, 2, 3]:\n"
         "        try:\n"
         "            ctx.emit({'x': x})\n"
         "        except RecordError:\n"
-        "            ctx.stats['bad'] += 1\n"
+        "            ctx.stats['bad'] += 1\n",
     )
-    run_id = coordinator.submit(mem, str(job), {"n": 1}).run_id
+    run_id = coordinator.submit(mem, job, {"n": 1}).run_id
     run = drain(mem, run_id)
     assert run.state == RunState.FAILED and run.records == 0
     (dead,) = mem.ledger.list_tasks(run_id)
@@ -852,15 +856,13 @@ def test_a_stopping_chunk_whose_commit_failed_is_retried_and_kept(
     # The stop was written before the commit: when the commit then failed,
     # the chunk's retry was cancelled at its claim and its records were lost,
     # the very ones it stopped the run for, while the run "succeeded".
-    job = tmp_path / "finder.py"
-    job.write_text(
-        "from fanout import Job\n"
-        "job = Job('finder', schema={'type': 'record', 'name': 'r',"
-        " 'fields': [{'name': 'x', 'type': 'long'}]})\n"
+    job = _x_job(
+        tmp_path,
+        "finder",
         "@job.process\n"
         "def process(chunk, ctx):\n"
         "    ctx.emit({'x': 42})\n"
-        "    ctx.stop_run('found it')\n"
+        "    ctx.stop_run('found it')\n",
     )
     commit = mem.ledger.commit
     failed: list[bool] = []
@@ -872,7 +874,7 @@ def test_a_stopping_chunk_whose_commit_failed_is_retried_and_kept(
         return commit(*args, **kwargs)
 
     monkeypatch.setattr(mem.ledger, "commit", fails_once)
-    run_id = coordinator.submit(mem, str(job), {"n": 1}).run_id
+    run_id = coordinator.submit(mem, job, {"n": 1}).run_id
     run = drain(mem, run_id)
     assert failed and run.state == RunState.SUCCEEDED
     assert run.stop_reason == "stopped by the job: found it"
