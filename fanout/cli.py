@@ -208,7 +208,7 @@ def _summary(status: coordinator.Status, backend: Backend) -> str:
     if status.tasks["dead"]:
         lines.append(
             f"{status.tasks['dead']} dead chunks: see `fanout failed {r.run_id}`,"
-            f" fix the job, then `fanout replay {r.run_id}`"
+            f" fix the cause (the job, its input, the site), then `fanout replay {r.run_id}`"
         )
     if r.manifest_key and r.state in TERMINAL_RUN_STATES:
         lines.append(f"manifest: {backend.store.url(r.manifest_key)}")

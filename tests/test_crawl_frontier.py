@@ -301,6 +301,8 @@ def test_links_an_errback_yields_are_each_fetched_once(local: Backend) -> None:
         )  # fmt: skip
         hits = server.hits
     assert result.errors == [] and result.pending == []
+    # Its errback handled the dead host's failure, as in Scrapy: not kept.
+    assert result.given_up == []
     assert Counter(item["id"] for item in result.items) == Counter(
         {"errback": 1, "a": 1, "b": 1, "c": 1}
     )

@@ -235,9 +235,10 @@ class BusySite:
 
 
 @pytest.mark.slow
-def run_throttled(home: Path, site: BusySite, throttle_base: float) -> str:
+def run_throttled(home: Path, site: BusySite, throttle_base: float, code: int = 0) -> str:
     """``fanout run`` of the ``throttled`` job on ``site`` (two host names, so
-    skipped where localhost is not 127.0.0.1), 2 workers; its run id."""
+    skipped where localhost is not 127.0.0.1), 2 workers, exiting ``code``; its
+    run id."""
     if socket.gethostbyname("localhost") != "127.0.0.1":
         pytest.skip("the second host name of the site, localhost, is not 127.0.0.1 here")
     with SiteServer(site) as server:
@@ -252,7 +253,7 @@ def run_throttled(home: Path, site: BusySite, throttle_base: float) -> str:
             "10",
             env={"THROTTLE_BASE": str(throttle_base)},
         )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == code, result.stderr
     return run_id_of(result)
 
 
@@ -309,24 +310,30 @@ class BrokenPageSite(BusySite):
         return super().respond(key, host, hit)
 
 
-def test_a_page_that_always_answers_503_is_given_up_and_holds_its_host_back_briefly(
+def test_a_page_that_always_answers_503_is_kept_dead_and_holds_its_host_back_briefly(
     home: Path,
 ) -> None:
     # Its back-off climbed 8 levels and held the whole host back longer at
     # each: the run went on for 20 minutes (at throttle_base 5 s), where Scrapy
-    # gives the page up after 3 tries in seconds.
+    # gives the page up after 3 tries in seconds. Given up, it was then lost
+    # while the run succeeded: now it has its rounds (fanout.crawl.givenup)
+    # and ends in a dead chunk, for `fanout replay`.
     throttle_base = 0.5
     site = BrokenPageSite(items=12, busy=0)
     started = time.monotonic()
-    run_id = run_throttled(home, site, throttle_base)
+    run_id = run_throttled(home, site, throttle_base, code=1)
     took = time.monotonic() - started
     st = status(home, run_id)
-    assert st["state"] == "succeeded", st
+    assert st["state"] == "failed" and st["chunks"]["dead"] == 1, st
     ids = Counter(r["id"] for r in records(home, run_id))
     assert sorted(i for i, n in ids.items() if n > 1) == []
-    assert set(ids) == site.expected() - {"b-0"}  # given up, as Scrapy would
+    assert set(ids) == site.expected() - {"b-0"}  # every other page's item
+    failed = fanout(home, "failed", run_id)
+    assert "/b/0: HTTP 503" in failed.stdout, failed.stdout
     broken = [t for t, h, key, _ in site.log if h == "localhost" and key == "/b/0"]
-    assert len(broken) == 1 + backoff.MAX_THROTTLE_LEVEL, broken
+    # The throttle rescue's tries (RETRY_TIMES 0: one each), then one per round
+    # of its own (max_attempts 3: 2 more), not another climb of back-offs each.
+    assert len(broken) == 1 + backoff.MAX_THROTTLE_LEVEL + 2, broken
     # The host's other pages waited one back-off at most, not the broken page's.
     others = [t for t, h, key, _ in site.log if h == "localhost" and key != "/b/0"]
     assert max(others) - broken[0] < 6 * throttle_base + 2.0, (others, broken)
@@ -499,7 +506,8 @@ def test_a_page_that_never_answers_times_out_as_in_scrapy_not_handed_on_for_ever
     chunk sends it again. For a page that never answers (or answers slower than
     a chunk), that would go on until the run's max_depth stopped it. After two
     hand-ons in a row the request must answer before the cut-off or time out:
-    Scrapy's retry then retries it, or gives it up, and the run ends."""
+    Scrapy's retry then retries it, or gives it up; given up in each of its
+    rounds (fanout.crawl.givenup), it ends in a dead chunk, and the run ends."""
     pages = 60
     stuck = "/catalogue/book_3/index.html"
     expected = expected_books(pages)
@@ -516,19 +524,24 @@ def test_a_page_that_never_answers_times_out_as_in_scrapy_not_handed_on_for_ever
                 "2",
                 "--chunk-timeout",
                 "4",
-                timeout=150,
+                "-S",
+                "max_attempts=2",  # 2 rounds of Scrapy's retries for the page
+                timeout=240,
             )
             stuck_hits = site.hits[stuck]
         finally:
             hanging.release.set()
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 1, result.stderr[-2000:]
     run_id = run_id_of(result)
     st = status(home, run_id)
-    assert st["state"] == "succeeded", st
-    # Scrapy's 3 attempts (RETRY_TIMES 2), each sent in at most 3 chunks in a row.
-    assert 3 <= stuck_hits <= 9, stuck_hits
+    assert st["state"] == "failed" and st["chunks"]["dead"] == 1, st
+    # Scrapy's 3 attempts (RETRY_TIMES 2) per round, 2 rounds (max_attempts);
+    # each attempt sent in at most 3 chunks in a row.
+    assert 2 * 3 <= stuck_hits <= 2 * 3 * 3, stuck_hits
     assert st["stats"].get("in_flight_timeouts", 0) >= 1, st["stats"]
     assert f"{stuck} has not answered within a chunk's time budget" in result.stderr
+    failed = fanout(home, "failed", run_id)
+    assert f"{stuck}: DownloadTimeoutError" in failed.stdout, failed.stdout
     del expected[stuck]
     assert_books_exactly_once(home, run_id, expected)
 

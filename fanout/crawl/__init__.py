@@ -35,6 +35,7 @@ from fanout.crawl.backoff import (
     THROTTLE_META,
 )
 from fanout.crawl.chunk import prewarm, run_chunk
+from fanout.crawl.givenup import RequestGivenUp, rounds_given_up
 from fanout.crawl.known import KNOWN, MAX_LINEAGE, parse_lineage
 from fanout.errors import PermanentError
 from fanout.jobs import Job
@@ -115,6 +116,17 @@ class CrawlJob(Job):
         if result.fatal:
             # Retrying would meet the same request: the spider must change.
             raise PermanentError(f"crawl chunk gave up: {result.fatal[0]}")
+        settings = ctx.settings or self.settings
+        for entry in result.given_up:
+            rounds = rounds_given_up(entry["request"])
+            if rounds >= max(2, settings.max_attempts):
+                # Its last round, in a chunk of its own (it is alone there): dead,
+                # for `fanout replay` once the site is fixed (fanout.crawl.givenup).
+                raise RequestGivenUp(
+                    f"given up again after {rounds} rounds of Scrapy's retries:"
+                    f" {entry['request'].get('method', 'GET')} {entry['request'].get('url')}:"
+                    f" {entry.get('reason', '?')}"
+                )
         KNOWN.remember(ctx.run_id, ctx.chunk_id, ctx._token, result.claims)
         for error in result.errors:
             ctx.log.error("crawl chunk: %s", error)
@@ -127,6 +139,28 @@ class CrawlJob(Job):
             return
         ctx.stats["handed_on"] += len(result.pending)  # requests passed to child chunks
         self._hand_on(result.pending, ctx, lineage)
+        self._keep_given_up(result.given_up, ctx, lineage)
+
+    def _keep_given_up(
+        self, given_up: list[dict[str, Any]], ctx: ChunkContext, lineage: dict[str, str]
+    ) -> None:
+        """Each request Scrapy gave up on gets a chunk of its own, after the
+        run's retry back-off for the rounds it has had: fetched again there, or
+        given up in its last round and dead (:mod:`fanout.crawl.givenup`). In a
+        stable order, as ``_hand_on``."""
+        settings = ctx.settings or self.settings
+        for entry in sorted(given_up, key=lambda e: json.dumps(e["request"], sort_keys=True)):
+            request = entry["request"]
+            ctx.log.warning(
+                "crawl chunk: %s %s given up (%s): it gets a chunk of its own",
+                request.get("method", "GET"),
+                request.get("url"),
+                entry.get("reason", "?"),
+            )
+            pause = compute_backoff(
+                rounds_given_up(request), base=settings.backoff_base, cap=settings.backoff_cap
+            )
+            self._spawn_parts([request], ctx, lineage, 1, pause)
 
     def _chunk_pages(self, ctx: ChunkContext) -> int:
         """The pages this chunk fetches at most: ``pages_per_chunk``, or a
@@ -147,11 +181,7 @@ class CrawlJob(Job):
     ) -> None:
         """Pending requests become child chunks of at most ``pages_per_chunk``
         each, of even sizes, in a stable order (a re-run of this chunk makes the
-        same children). Each
-        child's payload carries its lineage: ``lineage`` (this chunk's own) and
-        this attempt, which is the one that committed if the child exists."""
-        ancestors = list((lineage or {}).items())[-(MAX_LINEAGE - 1) :]
-        lines = {**dict(ancestors), ctx.chunk_id: ctx._token}
+        same children)."""
         normal: list[dict[str, Any]] = []
         throttled: dict[tuple[int, float], list[dict[str, Any]]] = {}
         for entry in sorted(pending, key=lambda e: json.dumps(e["request"], sort_keys=True)):
@@ -171,8 +201,7 @@ class CrawlJob(Job):
             else:
                 normal.append(request)
         size = self._pages_per_chunk(ctx)
-        for part in _even_parts(normal, size):
-            ctx.spawn({"requests": part, "lineage": lines})
+        self._spawn_parts(normal, ctx, lineage, size)
         for (level, asked), requests in sorted(throttled.items()):
             # At least the base: a throttled site is always given a pause.
             delay = min(
@@ -180,9 +209,27 @@ class CrawlJob(Job):
                 self.throttle_base
                 + compute_backoff(level, base=self.throttle_base, cap=MAX_BACKOFF),
             )
-            delay = max(delay, asked)
-            for part in _even_parts(requests, size):
-                ctx.spawn({"requests": part, "lineage": lines}, delay=delay)
+            self._spawn_parts(requests, ctx, lineage, size, max(delay, asked))
+
+    @staticmethod
+    def _spawn_parts(
+        requests: list[dict[str, Any]],
+        ctx: ChunkContext,
+        lineage: dict[str, str] | None,
+        size: int,
+        delay: float = 0.0,
+    ) -> None:
+        """Child chunks of ``requests``, at most ``size`` each (``_even_parts``).
+        Each child's payload carries its lineage: ``lineage`` (this chunk's own)
+        and this attempt, which is the one that committed if the child exists.
+        A request Scrapy gave up on before goes alone: its chunk may end dead
+        (``fanout.crawl.givenup``), and must not take others with it."""
+        ancestors = list((lineage or {}).items())[-(MAX_LINEAGE - 1) :]
+        lines = {**dict(ancestors), ctx.chunk_id: ctx._token}
+        alone = [[r] for r in requests if rounds_given_up(r)]
+        rest = [r for r in requests if not rounds_given_up(r)]
+        for part in _even_parts(rest, size) + alone:
+            ctx.spawn({"requests": part, "lineage": lines}, delay=delay)
 
 
 def _even_parts(items: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:

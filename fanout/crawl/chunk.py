@@ -54,6 +54,8 @@ class ChunkResult:
     fatal: list[str] = field(default_factory=list)
     #: The reason the spider closed itself with (``CloseSpider``), if it did.
     closed: str | None = None
+    #: Requests Scrapy gave up on, each with why (``fanout.crawl.givenup``).
+    given_up: list[dict[str, Any]] = field(default_factory=list)
 
 
 def frontier_spider(base: type[Spider], frontier: list[dict[str, Any]] | None) -> type[Spider]:
@@ -130,8 +132,10 @@ def _settings(spider_cls: type[Spider], log_level: str) -> Any:
     middlewares = settings.getdict("DOWNLOADER_MIDDLEWARES_BASE")
     # Sees a response just before Scrapy's retry (550) does ...
     middlewares[here + "ThrottleWatch"] = 555
-    # ... and last, nearest the engine, once every other middleware let it through.
-    middlewares[here + "ThrottleRescue"] = 0
+    # ... and nearest the engine, once every other middleware let it through;
+    middlewares[here + "ThrottleRescue"] = 1
+    # what got past both given up: kept (fanout.crawl.givenup).
+    middlewares["fanout.crawl.givenup.GiveUpWatch"] = 0
     # First, nearest the downloader: late answers of requests handed on.
     middlewares[here + "ParkHandedOn"] = 1000
     # robots.txt once per run, from the store (same place as Scrapy's own).
@@ -335,6 +339,8 @@ def run_chunk(
                 result.fatal.append(str(event["fatal"]))
             elif "closed" in event:
                 result.closed = str(event["closed"])
+            elif "given_up" in event:
+                result.given_up.append(event["given_up"])
     _, status = os.waitpid(pid, 0)
     if status != 0 or (result.errors and not result.stats):
         detail = result.errors[-1].strip().splitlines()[-1] if result.errors else ""

@@ -40,6 +40,8 @@ class CloseWatch:
     def from_crawler(cls, crawler: Any) -> CloseWatch:
         return cls(crawler)
 
-    def process_spider_exception(self, response: Any, exception: Exception, spider: Spider) -> None:
+    def process_spider_exception(
+        self, response: Any, exception: Exception, spider: Spider | None = None
+    ) -> None:
         if isinstance(exception, CloseSpider):
             spider_closed_itself(str(exception.reason))

@@ -13,6 +13,8 @@ parent through :mod:`fanout.crawl.channel`, one JSON line per event.
   that mark a domain answering 429/503 as throttled (before Scrapy's retry sees
   the response, noting ``Retry-After``) and keep the request that got such an
   answer, once Scrapy's retry gave up on it, for a later chunk.
+- :class:`~fanout.crawl.givenup.GiveUpWatch` (its own module): a request
+  Scrapy's retry gave up on is kept, not lost.
 - :class:`ParkHandedOn`: the downloader middleware nearest the downloader,
   which swallows the late answer of a request already handed on (see
   :class:`ChunkBudget`).
@@ -56,6 +58,7 @@ from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import ClaimBatch, book_of
 from fanout.crawl.closing import SPIDER_CLOSED
 from fanout.crawl.codec import CodecError, check_keepable, encode_value, request_to_json
+from fanout.crawl.givenup import GIVEN_UP_META, spider_wants
 from fanout.crawl.politeness import (  # the in-flight marks: re-exported, used here
     CUT_MARGIN,
     IN_FLIGHT_META,
@@ -336,26 +339,20 @@ class ThrottleRescue:
     def from_crawler(cls, crawler: Any) -> ThrottleRescue:
         return cls(crawler)
 
-    def _spider_wants(self, request: Request, status: int, spider: Spider | None) -> bool:
-        meta = request.meta
-        if meta.get("handle_httpstatus_all", False):
-            return True
-        if "handle_httpstatus_list" in meta:
-            return status in meta["handle_httpstatus_list"]
-        if self.allow_all:
-            return True
-        return status in self.allowed or status in getattr(spider, "handle_httpstatus_list", ())
-
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
     ) -> Any:
         if response.status not in THROTTLE_STATUSES:
             return response
         spider = spider or getattr(self.crawler, "spider", None)
-        if self._spider_wants(request, response.status, spider):
+        if spider_wants(request, response.status, spider, self.allow_all, self.allowed):
             return response
         if int(request.meta.get(THROTTLE_META, 0)) >= MAX_THROTTLE_LEVEL:
             self.crawler.stats.inc_value("fanout/throttle_gave_up")
+            return response
+        if request.meta.get(GIVEN_UP_META):
+            # Given up before: its rounds (fanout.crawl.givenup) count its
+            # failures now, each after the run's retry back-off.
             return response
         self.crawler.stats.inc_value("fanout/throttle_kept")
         # The same request: dont_filter gets it past Scrapy's own checks, and

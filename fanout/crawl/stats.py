@@ -20,6 +20,8 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
         ),
         "http_retries": int(stats.get("retry/count", 0)),
         "download_errors": int(stats.get("downloader/exception_count", 0)),
+        # Requests Scrapy's retry gave up on (each kept: fanout.crawl.givenup).
+        "given_up": int(stats.get("fanout/given_up", 0)),
         "throttled": int(stats.get("fanout/throttled", 0)),
         "throttle_gave_up": int(stats.get("fanout/throttle_gave_up", 0)),
         "handed_on_in_flight": int(stats.get("fanout/handed_on_in_flight", 0)),
