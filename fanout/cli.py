@@ -349,10 +349,11 @@ def _home(value: str | None) -> Path | None:
 @click.pass_context
 def main(ctx: click.Context, home: Path | None, backend_name: str, verbose: int) -> None:
     """fanout: long jobs split into checkpointed chunks, written as Avro."""
-    from fanout.logs import configure_logging
+    from fanout.logs import configure_logging, whole_lines
 
     # -v / -vv, else FANOUT_LOG_LEVEL, else by FANOUT_STAGE; FANOUT_LOG_FORMAT=json|text.
     configure_logging(verbose)
+    whole_lines(sys.stderr)  # shared with the workers (stdout is the command's output)
     ctx.ensure_object(dict)
     ctx.obj["home"] = home or default_home()
     ctx.obj["backend_name"] = backend_name

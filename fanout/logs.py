@@ -24,6 +24,7 @@ handler at cold start):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -106,6 +107,20 @@ class _StreamHandler(logging.Handler):
             stream.flush()
         except Exception:
             self.handleError(record)
+
+
+def whole_lines(*streams: TextIO) -> None:
+    """Make ``streams`` write whole lines, one ``write`` each: several
+    processes share stderr (the CLI, every worker, the chunks they run), and
+    unbuffered (``PYTHONUNBUFFERED``, common in containers and CI) a print is
+    a write per argument, which the others' writes interleave with, mangling
+    a third of a chatty job's lines under load. Buffered, a full 8 KiB buffer
+    goes in one write over ``PIPE_BUF``, which a pipe need not keep whole."""
+    for stream in streams:
+        reconfigure = getattr(stream, "reconfigure", None)  # not on a test's StringIO
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(line_buffering=True, write_through=False)
 
 
 def _parse_level(text: str) -> int | None:

@@ -36,6 +36,7 @@ from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
 from fanout.fairness import serve_run_only
 from fanout.finalize import FINALIZE_STALE
+from fanout.logs import whole_lines
 from fanout.outcomes import Handled
 from fanout.processes import (
     descendants,
@@ -212,6 +213,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
     # not fail a chunk with BrokenPipeError. Their prints join the logs on stderr.
     sys.stdout.flush()
     os.dup2(2, 1)
+    whole_lines(sys.stdout, sys.stderr)
     backend = open_backend(opts.backend, home=opts.home)
     if opts.only_run is not None:
         serve_run_only(backend.queue, opts.only_run)
