@@ -81,7 +81,12 @@ class Attempt:
 
 def describe(exc: BaseException) -> str:
     """``Type: first line of the message``."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    try:
+        message = str(exc)
+    except Exception as bad:  # a job's exception whose __str__ raises
+        # Not the job's exception's failure as fanout's own internal error.
+        message = f"(its message could not be made: {type(bad).__name__} in __str__)"
+    text = message.splitlines()[0] if message else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,12 +139,21 @@ class ProcessState:
     sets a new ``_X_AMZN_TRACE_ID`` before each invocation. Only what goes
     through ``os.environ`` is seen (not a bare ``os.putenv`` or C code's
     ``setenv``), and what changed during the chunk is undone whichever thread
-    changed it (a thread a job leaves running should not keep state there)."""
+    changed it (a thread a job leaves running should not keep state there).
+
+    Timers and signal handlers too: an ``alarm()`` a chunk left set went off
+    in a later chunk, and its SIGALRM killed the worker there, that chunk
+    blamed (and retried) for it."""
 
     def __init__(self) -> None:
         self.cwd = os.getcwd()
         self.umask = os.umask(0o022)
         os.umask(self.umask)
+        #: The handlers the process runs chunks with (those Python set: others
+        #: read as None and cannot be put back from Python).
+        self.handlers = {
+            sig: handler for sig in _SIGNALS if (handler := signal.getsignal(sig)) is not None
+        }
         #: The environment the chunk in hand started its job code with (encoded).
         self._environ: dict[Any, Any] | None = None
 
@@ -157,6 +168,7 @@ class ProcessState:
         """Put the working directory, the umask and the environment back (two
         or three syscalls and one dict compare, when the chunk changed nothing)."""
         os.umask(self.umask)
+        self._signals_back()
         environ, self._environ = self._environ, None
         # One C-level compare of the encoded mappings (0.2 us); only a chunk that
         # changed something pays for the walk, and only its keys are set again.
@@ -170,6 +182,28 @@ class ProcessState:
         # (If the start directory is gone itself, there is nothing to go back to.)
         with contextlib.suppress(OSError):
             os.chdir(self.cwd)
+
+    def _signals_back(self) -> None:
+        """Stop the wall-clock timer a chunk left running (a syscall) and put
+        back the handlers it changed (a lookup each)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals are the main thread's to handle (an embedding's own thread)
+        for timer in _TIMERS:
+            signal.setitimer(timer, 0)
+        for sig, handler in self.handlers.items():
+            if signal.getsignal(sig) is not handler:
+                with contextlib.suppress(OSError, ValueError, TypeError):
+                    signal.signal(sig, handler)
+
+
+#: Signals whose handling a job may change in its chunk and leave so, to the
+#: cost of later chunks: SIGINT and SIGTERM (a worker leaves them to its
+#: supervisor) and SIGPIPE (Python ignores it: a write to a closed socket
+#: raises, not kills). Half a microsecond each to look at, per chunk.
+_SIGNALS = tuple(int(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE))
+#: The wall-clock timer (``alarm``, ``setitimer(ITIMER_REAL)``), whose SIGALRM
+#: ends a process by default. (The CPU-time timers, a profiler's, are left.)
+_TIMERS = (signal.ITIMER_REAL,)
 
 
 def _raw_environ() -> dict[Any, Any]:

@@ -30,6 +30,8 @@ CASES = [
     ("signal", [], "crashed", "killed by SIGKILL"),
     ("memory", ["--chunk-memory", "200"], "out of memory", "over its 200 MB limit"),
     ("sleep", ["--chunk-timeout", "1"], "timed out", "1s hard timeout"),
+    # Its __str__ raises: was fanout's "internal error: RuntimeError: no message".
+    ("unspeakable", [], "error", "Unspeakable: (its message could not be made"),
 ]
 
 

@@ -530,6 +530,53 @@ def test_a_chunk_that_changes_directory_or_umask_does_not_change_them_for_the_ne
     assert {(s["cwd"], s["umask"]) for s in seen} == {(str(start), mask)}
 
 
+ALARM_JOB = """
+import os, signal, time
+from fanout import Job
+
+SCHEMA = {
+    "type": "record",
+    "name": "seen",
+    "fields": [{"name": "i", "type": "long"}, {"name": "term", "type": "string"}],
+}
+job = Job("alarm", schema=SCHEMA)
+FIRST = "@FIRST@"
+
+
+@job.plan
+def plan(params, ctx):
+    for i in range(6):
+        yield {"i": i}
+
+
+@job.process
+def process(chunk, ctx):
+    ctx.emit({"i": chunk["i"], "term": repr(signal.getsignal(signal.SIGTERM))})
+    if not os.path.exists(FIRST):  # the first chunk to run, as a careless job would:
+        open(FIRST, "w").close()
+        signal.alarm(1)  # forgotten, and
+        signal.signal(signal.SIGTERM, lambda *_: None)  # its handler left behind
+    time.sleep(0.3)
+"""
+
+
+def test_a_chunk_s_forgotten_alarm_and_signal_handler_do_not_outlive_it(
+    home: Path, tmp_path: Path
+) -> None:
+    # One worker, chunks of 0.3 s one after another: the alarm went off in the
+    # fourth, whose worker SIGALRM killed (that chunk retried, blamed for it).
+    job = tmp_path / "alarm_job.py"
+    job.write_text(ALARM_JOB.replace("@FIRST@", str(tmp_path / "first")))
+    result = fanout(home, "run", str(job), "-w", "1")
+    assert result.returncode == 0, result.stderr
+    st = status(home, run_id_of(result))
+    assert st["state"] == "succeeded" and st["retries"] == 0 and st["crashed"] == 0, st
+    seen = [json.loads(line) for line in fanout(home, "cat").stdout.splitlines()]
+    assert sorted(s["i"] for s in seen) == list(range(6))
+    # The worker's own handling (SIGTERM is its supervisor's) in every chunk.
+    assert {s["term"] for s in seen} == {repr(signal.SIG_IGN)}
+
+
 ENVIRON = str(JOBS / "environ.py")
 #: What the worker's environment gives the environ job's chunks.
 GIVEN = {

@@ -1,5 +1,6 @@
 """A job whose one chunk ends in the way ``mode`` names: each way a job's code
-can end a chunk other than returning or raising an ``Exception``."""
+can end a chunk other than returning or raising an ``Exception`` (and an
+``Exception`` whose message cannot be made)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ class Params(BaseModel):
 job = Job("exits", params=Params, max_attempts=1)
 
 
+class Unspeakable(Exception):
+    """An exception whose message cannot be made (its ``__str__`` raises)."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
 @job.process
 def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
     mode = ctx.params.mode
@@ -29,6 +37,8 @@ def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
         raise KeyboardInterrupt
     if mode == "huge-error":  # one line of 500 KB: over DynamoDB's item limit
         raise RuntimeError("the start " + "x" * 500_000 + " the end")
+    if mode == "unspeakable":  # the job's own error, not an internal one of fanout
+        raise Unspeakable
     if mode == "os._exit":
         os._exit(7)
     if mode == "signal":
