@@ -29,6 +29,7 @@ from fanout.cli_common import (
     FiniteFloat,
     aws_problem,
     cannot_write,
+    counted,
     exit_code,
     group_backend,
     home_problem,
@@ -199,7 +200,7 @@ def _summary(status: coordinator.Status, backend: Backend) -> str:
     r = status.run
     lines = [
         f"run {r.run_id} {r.state.value}: {r.records:,} records, {r.bytes:,} bytes"
-        f" from {status.tasks['done']} chunks in {status.elapsed:.2f}s"
+        f" from {counted(status.tasks['done'], 'chunk')} in {status.elapsed:.2f}s"
         f" ({human(status.rate)} records/s)"
     ]
     if r.stop_reason:
@@ -207,7 +208,7 @@ def _summary(status: coordinator.Status, backend: Backend) -> str:
     lines += summary_lines(r)  # run controls: cancelled count, tolerated failures
     if status.tasks["dead"]:
         lines.append(
-            f"{status.tasks['dead']} dead chunks: see `fanout failed {r.run_id}`,"
+            f"{counted(status.tasks['dead'], 'dead chunk')}: see `fanout failed {r.run_id}`,"
             f" fix the cause (the job, its input, the site), then `fanout replay {r.run_id}`"
         )
     if r.manifest_key and r.state in TERMINAL_RUN_STATES:

@@ -238,6 +238,11 @@ def human(n: float) -> str:
     return f"{n:.3g}T"
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 dead chunk``, ``2 dead chunks``: ``n`` of ``noun`` in English."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def utc_time(at: float, millis: bool = False) -> str:
     """A Unix time as ``2026-11-22 16:14:25Z`` (UTC, like run ids and schedules),
     with milliseconds when asked."""

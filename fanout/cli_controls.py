@@ -15,7 +15,7 @@ import click
 
 from fanout import control_ops
 from fanout.backends.base import Backend, RunRecord, RunState
-from fanout.cli_common import RUN_ID, group_backend
+from fanout.cli_common import RUN_ID, counted, group_backend
 
 
 @click.command()
@@ -58,8 +58,8 @@ def status_line(fields: dict[str, Any]) -> str:
 def summary_lines(run: RunRecord) -> list[str]:
     """What ``fanout run`` adds to its summary for a run the controls ended."""
     if run.state == RunState.SUCCEEDED_WITH_FAILURES:
-        plural = "chunk" if run.tasks_dead == 1 else "chunks"
-        return [f"succeeded with {run.tasks_dead} dead {plural}, within the tolerated failures"]
+        dead = counted(run.tasks_dead, "dead chunk")
+        return [f"succeeded with {dead}, within the tolerated failures"]
     if run.tasks_cancelled and run.stop_reason:
-        return [f"{run.tasks_cancelled} chunks cancelled"]
+        return [f"{counted(run.tasks_cancelled, 'chunk')} cancelled"]
     return []

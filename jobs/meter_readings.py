@@ -22,7 +22,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from fanout import Job
 
@@ -35,6 +35,15 @@ class Params(BaseModel):
     source: str = str(Path(__file__).parent / "data" / "readings")
     scale: float = 1.0  # adjustment factor applied to kwh
     offset: float = 0.0  # added after scaling
+
+    @field_validator("source")
+    @classmethod
+    def _a_directory(cls, source: str) -> str:
+        # A typo is told at submit, in one line, not found by a dead plan chunk.
+        # (An s3:// prefix is listed when the run plans.)
+        if not source or (not source.startswith("s3://") and not Path(source).is_dir()):
+            raise ValueError(f"{source!r} is not a directory (nor an s3:// prefix)")
+        return source
 
 
 job = Job("meter-readings", params=Params, schema="meter_reading")

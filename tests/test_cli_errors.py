@@ -26,6 +26,9 @@ from support.helpers import TREE
 from support.lambda_source import checkout_pythonpath
 from support.procs import fanout
 
+#: The example ETL job (its Params check that ``source`` is a directory).
+METER = str(Path(__file__).resolve().parents[1] / "jobs" / "meter_readings.py")
+
 WORK = ["-w", "2", "--chunk-timeout", "10"]
 
 # -- bad input: exit 2, one line -------------------------------------------------
@@ -197,6 +200,10 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("status without runs", {}, ["status"], ["no runs yet"]),
     ("cat without runs", {}, ["cat"], ["no runs yet"]),
     ("misspelled param", {}, ["submit", TREE, "-p", "row=5"], ["unknown param 'row'", "rows"]),
+    # The example's: it planned nothing (an empty source is the current
+    # directory) and succeeded, or a dead plan chunk told of the typo.
+    ("no such source", {}, ["submit", METER, "-p", "source={tmp}/nope"], ["nope", "directory"]),
+    ("empty source", {}, ["validate", METER, "-p", "source="], ["source", "not a directory"]),
     ("missing argument", {}, ["run"], ["Missing argument 'JOB'", "fanout run --help"]),
     ("unknown option", {}, ["--bogus", "runs"], ["No such option '--bogus'"]),
     ("out of range option", {}, ["worker", "--workers", "0"], ["--workers", "0"]),
