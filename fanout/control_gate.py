@@ -15,7 +15,8 @@ checkpoints.
   seconds, and not at all during a chunk's first :data:`PROBE_EVERY` seconds
   (its admission just read the same state).
 - **Tolerated failures**, when a chunk is dead: past the run's tolerance the
-  run is stopped and its queued tasks cancelled at once.
+  run is stopped and its queued tasks cancelled at once; so is a run a chunk
+  stops (a runaway bound, ``ctx.stop_run``): :meth:`Gate.stop`.
 """
 
 from __future__ import annotations
@@ -160,8 +161,26 @@ class Gate:
         reason = tolerance_exceeded(settings, run.tasks_dead, run.chunks_total)
         if reason is None:
             return False
+        return self.stop(run_id, reason)
+
+    def after_delayed_children(self, run_id: str) -> bool:
+        """A chunk just sent children with a delay: in a run stopped meanwhile
+        (a chunk running when it stopped), they are cancelled now, not when
+        their delay is over. Returns whether the run drained."""
+        run = self.backend.ledger.get_run(run_id)
+        if run is None or not run.stop_reason:
+            return False
+        return self.controls.cancel_queued(run_id, time.time())[1]
+
+    def stop(self, run_id: str, reason: str, chunk_id: str | None = None) -> bool:
+        """Stop the run for ``reason`` (a runaway bound, ``ctx.stop_run``, its
+        tolerance exceeded) and cancel its queued tasks at once, those waiting
+        out a delay included: left for their claims, a crawl's throttled
+        children kept a stopped run "stopping" for minutes. Running chunks
+        finish. Returns whether the run drained (the caller finalizes it)."""
         log.warning("run %s stopped: %s", run_id, reason)
         self.backend.ledger.stop(run_id, reason)
         cancelled, drained = self.controls.cancel_queued(run_id, time.time())
-        emit(self.events, "run.stopped", run_id, reason=reason, cancelled=cancelled)
+        details = {"chunk_id": chunk_id} if chunk_id is not None else {}
+        emit(self.events, "run.stopped", run_id, reason=reason, cancelled=cancelled, **details)
         return drained

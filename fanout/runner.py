@@ -49,7 +49,7 @@ from fanout.chunklog import chunk_event
 from fanout.context import ChunkContext, Continue
 from fanout.control_gate import Gate
 from fanout.errors import PermanentError
-from fanout.events import EventSink, emit, events_for
+from fanout.events import EventSink, events_for
 from fanout.failures import (
     Attempt,
     clip_failure,
@@ -422,7 +422,7 @@ class Runner:
             elif registration.lease_lost:
                 children = []  # the commit below fails too: another attempt owns the task
         if stop_reason and ctx.stop_reason is None:  # a runaway bound: at once
-            self._stop(key, stop_reason)
+            self.gate.stop(key.run_id, stop_reason, key.chunk_id)  # (this task still runs)
         outcome = TaskEvent.CONTINUED if continuation is not None else TaskEvent.COMMITTED
         now = time.time()
         request = CommitRequest(
@@ -430,11 +430,6 @@ class Runner:
         )
         stop_after = stop_reason if ctx.stop_reason is not None else None
         return Ready(run, attempt, request, [(t.message, d) for t, d in children], stop_after)
-
-    def _stop(self, key: TaskKey, reason: str) -> None:
-        log.warning("run %s stopped: %s", key.run_id, reason)
-        self.ledger.stop(key.run_id, reason)
-        emit(self.events, "run.stopped", key.run_id, reason=reason, chunk_id=key.chunk_id)
 
     def settled(self, ready: Ready, settle: Settle) -> Handled:
         """Finish an attempt the ledger answered ``settle`` to committing: on
@@ -473,10 +468,13 @@ class Runner:
         # before these sends is repaired by the redelivery of this message
         # (see handle: a finished task re-sends its queued children).
         self._send(ready.children)
+        drained = settle.drained
         if ready.stop_after:
-            self._stop(key, ready.stop_after)
+            drained = self.gate.stop(key.run_id, ready.stop_after, key.chunk_id) or drained
+        elif any(delay for _, delay in ready.children):  # rare: one ledger read
+            drained = self.gate.after_delayed_children(key.run_id) or drained
         self.queue.ack(attempt.receipt)
-        if settle.drained:
+        if drained:
             self.finalize(key.run_id)
         return Handled(outcome.value)  # committed or continued
 

@@ -18,6 +18,7 @@ from fanout.dispatch import Dispatcher
 from fanout.metrics import EmfMetrics
 from fanout.runner import Attempt, Runner
 from support.helpers import TREE, FixedJitter, drain
+from support.procs import fanout
 from testjobs.tree import SCHEMA, Params, expected_items
 
 
@@ -416,6 +417,7 @@ def test_runaway_max_depth_stops_the_run(mem: Backend, caplog: pytest.LogCapture
         "time": stopped["time"],
         "reason": reason,
         "chunk_id": chunk,
+        "cancelled": run.tasks_cancelled,  # the queued ones, at once
     }
     manifest = coordinator.read_manifest(mem, run_id)
     assert manifest["state"] == "stopped" and manifest["records"] == run.records
@@ -824,6 +826,43 @@ def test_a_job_that_stops_its_run_ends_it_succeeded(mem: Backend, tmp_path: Path
     xs = [r["x"] for r in coordinator.committed_records(mem, run_id)]
     assert 0 in xs and 100 not in xs and len(xs) < 10  # the chunks queued after it: cancelled
     assert run.tasks_cancelled == 10 - len(xs)
+
+
+@pytest.mark.parametrize("first", ["stop", "spawn"])
+def test_a_stopped_run_does_not_wait_for_its_delayed_chunks(
+    home: Path, tmp_path: Path, first: str
+) -> None:
+    # Chunk 0 spawns a child delayed 60 s (as a crawl hands a throttled site's
+    # pages on), chunk 1 stops the run; either may commit first. Queued chunks
+    # were cancelled only when claimed: the run stayed "stopping", and
+    # `fanout run` waited, until the delay was over.
+    stop_wait, spawn_wait = (0.0, 1.0) if first == "stop" else (1.0, 0.0)
+    job = _x_job(
+        tmp_path,
+        "delayed",
+        "import time\n"
+        "@job.plan\n"
+        "def plan(params, ctx):\n"
+        "    return [{'x': 0}, {'x': 1}]\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    if chunk['x'] == 0:\n"
+        f"        time.sleep({spawn_wait})\n"
+        "        ctx.spawn({'x': 100}, delay=60)\n"
+        "    elif chunk['x'] == 1:\n"
+        f"        time.sleep({stop_wait})\n"
+        "        ctx.stop_run('found it')\n"
+        "    ctx.emit({'x': chunk['x']})\n",
+    )
+    started = time.monotonic()
+    result = fanout(home, "run", job, "-w", "2", "--json", timeout=50)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["state"] == "succeeded", outcome
+    assert outcome["stop_reason"] == "stopped by the job: found it", outcome
+    assert outcome["records"] == 2 and outcome["chunks"]["cancelled"] == 1, outcome
+    assert took < 20, f"{took:.1f} s"
 
 
 def test_a_job_that_catches_record_errors_does_not_commit_its_chunk_empty(
