@@ -178,8 +178,11 @@ class Gate:
         out a delay included: left for their claims, a crawl's throttled
         children kept a stopped run "stopping" for minutes. Running chunks
         finish. Returns whether the run drained (the caller finalizes it)."""
+        if not self.backend.ledger.stop(run_id, reason):
+            # Stopped already, its queued chunks cancelled then (what was queued
+            # since is cancelled at its claim, or by after_delayed_children).
+            return False
         log.warning("run %s stopped: %s", run_id, reason)
-        self.backend.ledger.stop(run_id, reason)
         cancelled, drained = self.controls.cancel_queued(run_id, time.time())
         details = {"chunk_id": chunk_id} if chunk_id is not None else {}
         emit(self.events, "run.stopped", run_id, reason=reason, cancelled=cancelled, **details)
