@@ -480,30 +480,37 @@ def test_a_child_that_dies_mid_batch_hands_its_batch_back_at_once(
 
 # -- what a chunk changes in its process -------------------------------------------
 
-CHDIR_JOB = """
-import os
+
+def seen_job(name: str, fields: str, process: str) -> str:
+    """A job ``name`` of 6 chunks, one after another on one worker, each
+    emitting what it saw (``fields``: the schema's) by ``process`` (its body)."""
+    return f"""
+import os, signal, time
 from fanout import Job
 
-SCHEMA = {
-    "type": "record",
-    "name": "seen",
-    "fields": [{"name": "cwd", "type": "string"}, {"name": "umask", "type": "int"}],
-}
-job = Job("chdir", schema=SCHEMA)
+job = Job({name!r}, schema={{"type": "record", "name": "seen", "fields": [{fields}]}})
 
 
 @job.plan
 def plan(params, ctx):
     for i in range(6):
-        yield {"i": i}
+        yield {{"i": i}}
 
 
 @job.process
 def process(chunk, ctx):
+{process}"""
+
+
+CHDIR_JOB = seen_job(
+    "chdir",
+    '{"name": "cwd", "type": "string"}, {"name": "umask", "type": "int"}',
+    """\
     mask = os.umask(0o077)
     ctx.emit({"cwd": os.getcwd(), "umask": mask})
     os.chdir("/")  # and leave the process so, as a careless job would
-"""
+""",
+)
 
 
 def test_a_chunk_that_changes_directory_or_umask_does_not_change_them_for_the_next(
@@ -530,34 +537,18 @@ def test_a_chunk_that_changes_directory_or_umask_does_not_change_them_for_the_ne
     assert {(s["cwd"], s["umask"]) for s in seen} == {(str(start), mask)}
 
 
-ALARM_JOB = """
-import os, signal, time
-from fanout import Job
-
-SCHEMA = {
-    "type": "record",
-    "name": "seen",
-    "fields": [{"name": "i", "type": "long"}, {"name": "term", "type": "string"}],
-}
-job = Job("alarm", schema=SCHEMA)
-FIRST = "@FIRST@"
-
-
-@job.plan
-def plan(params, ctx):
-    for i in range(6):
-        yield {"i": i}
-
-
-@job.process
-def process(chunk, ctx):
+ALARM_JOB = seen_job(
+    "alarm",
+    '{"name": "i", "type": "long"}, {"name": "term", "type": "string"}',
+    """\
     ctx.emit({"i": chunk["i"], "term": repr(signal.getsignal(signal.SIGTERM))})
-    if not os.path.exists(FIRST):  # the first chunk to run, as a careless job would:
-        open(FIRST, "w").close()
+    if not os.path.exists("@FIRST@"):  # the first chunk to run, as a careless job would:
+        open("@FIRST@", "w").close()
         signal.alarm(1)  # forgotten, and
         signal.signal(signal.SIGTERM, lambda *_: None)  # its handler left behind
     time.sleep(0.3)
-"""
+""",
+)
 
 
 def test_a_chunk_s_forgotten_alarm_and_signal_handler_do_not_outlive_it(
