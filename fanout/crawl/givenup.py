@@ -15,9 +15,9 @@ own, after the run's retry back-off, for another round of Scrapy's retries:
 ``max_attempts`` rounds in all, as a failed chunk gets ``max_attempts``
 attempts (but at least one round of its own, so that a chunk holding other
 requests never dies for it). Given up in its last round, its chunk is dead at
-once (:class:`RequestGivenUp`): counted
-against the run's tolerated failures, listed by ``fanout failed`` and fetched
-again by ``fanout replay`` once the site is fixed, like any failed chunk.
+once (:class:`RequestGivenUp`): counted against the run's tolerated failures,
+listed by ``fanout failed`` and fetched again by ``fanout replay`` once the
+site is fixed, like any failed chunk.
 
 The rounds are chunks, not retries of one chunk: a retried chunk could find
 the site throttled and hand the request on to a new chunk, whose attempts
