@@ -98,6 +98,7 @@ def test_a_page_that_never_answers_fails_the_run_and_replay_fetches_it_once_fixe
     with SiteServer(site) as server:
         result = crawl(home, server.url)
         assert result.returncode == 1, result.stderr[-3000:]
+        assert "-S tolerated_failures=N" in result.stdout  # how to accept such a page
         run_id = run_id_of(result)
         st = status(home, run_id)
         assert st["state"] == "failed" and st["chunks"]["dead"] == 1, st
@@ -116,6 +117,20 @@ def test_a_page_that_never_answers_fails_the_run_and_replay_fetches_it_once_fixe
         assert replay.returncode == 0, replay.stderr[-3000:]
     assert status(home, run_id)["state"] == "succeeded"
     assert items(home, run_id) == Counter(dict.fromkeys(site.expected(), 1))
+
+
+def test_a_crawl_that_tolerates_a_failure_succeeds_with_the_page_kept_dead(home: Path) -> None:
+    # What the failed run's summary suggests, for a site that always has a few
+    # broken pages: the run succeeds, and the page is still there to replay.
+    site = FailingPage(failures=float("inf"), status=500)
+    with SiteServer(site) as server:
+        result = crawl(home, server.url, "-S", "tolerated_failures=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = run_id_of(result)
+    st = status(home, run_id)
+    assert st["state"] == "succeeded_with_failures" and st["chunks"]["dead"] == 1, st
+    assert items(home, run_id) == Counter(dict.fromkeys(site.expected() - {"p2", "p6"}, 1))
+    assert "p/2: HTTP 500" in fanout(home, "failed", run_id).stdout
 
 
 def free_port() -> int:
