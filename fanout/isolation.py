@@ -20,6 +20,7 @@ Lambda the runtime's per-invocation ``_X_AMZN_TRACE_ID`` is the one kept).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -143,7 +144,8 @@ class ProcessState:
 
     Timers and signal handlers too: an ``alarm()`` a chunk left set went off
     in a later chunk, and its SIGALRM killed the worker there, that chunk
-    blamed (and retried) for it."""
+    blamed (and retried) for it. And stdout and stderr, if a chunk closed
+    them: every later chunk's logs went nowhere."""
 
     def __init__(self) -> None:
         self.cwd = os.getcwd()
@@ -152,10 +154,13 @@ class ProcessState:
         #: The handlers the process runs chunks with (those Python set: others
         #: read as None and cannot be put back from Python).
         self.handlers = {
-            sig: handler for sig in _SIGNALS if (handler := signal.getsignal(sig)) is not None
+            sig: handler for sig in _SIGNALS if (handler := _getsignal(sig)) is not None
         }
         #: The environment the chunk in hand started its job code with (encoded).
         self._environ: dict[Any, Any] | None = None
+        self._std = _std_kept()
+        #: What fds 1 and 2 were when the chunk in hand started its job code.
+        self._std_at_start: dict[int, tuple[int, int] | None] = {}
 
     def job_code_starts(self) -> None:
         """Note the environment as it is now, just before the chunk's job code
@@ -163,12 +168,23 @@ class ProcessState:
         # A shallow copy of the encoded mapping: 0.1 us, where dict(os.environ)
         # decodes every entry (17 us, a fifth of a no-op chunk).
         self._environ = _raw_environ().copy()
+        self._std_at_start = {fd: _identity(fd) for fd in self._std}
 
     def restore(self) -> None:
         """Put the working directory, the umask and the environment back (two
         or three syscalls and one dict compare, when the chunk changed nothing)."""
         os.umask(self.umask)
         self._signals_back()
+        at_start, self._std_at_start = self._std_at_start, {}
+        for fd, (copy, identity) in self._std.items():
+            # Closed by the chunk, or closed and taken by a file it (or fanout,
+            # after it) opened, where logs would then be written: put back, if
+            # it is the process's own at the start (a test runner may have put
+            # its capture there, which is not ours to undo).
+            start = at_start.get(fd)
+            if start == identity and _identity(fd) != start:
+                with contextlib.suppress(OSError):
+                    os.dup2(copy, fd)
         environ, self._environ = self._environ, None
         # One C-level compare of the encoded mappings (0.2 us); only a chunk that
         # changed something pays for the walk, and only its keys are set again.
@@ -191,7 +207,7 @@ class ProcessState:
         for timer in _TIMERS:
             signal.setitimer(timer, 0)
         for sig, handler in self.handlers.items():
-            if signal.getsignal(sig) is not handler:
+            if _getsignal(sig) != handler:
                 with contextlib.suppress(OSError, ValueError, TypeError):
                     signal.signal(sig, handler)
 
@@ -201,9 +217,44 @@ class ProcessState:
 #: supervisor) and SIGPIPE (Python ignores it: a write to a closed socket
 #: raises, not kills). Half a microsecond each to look at, per chunk.
 _SIGNALS = tuple(int(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE))
+#: ``signal.getsignal`` without its conversion of 0 and 1 to an enum, which is
+#: most of its 0.5 us (SIG_DFL and SIG_IGN come back as those ints).
+_getsignal: Any = importlib.import_module("_signal").getsignal
 #: The wall-clock timer (``alarm``, ``setitimer(ITIMER_REAL)``), whose SIGALRM
 #: ends a process by default. (The CPU-time timers, a profiler's, are left.)
 _TIMERS = (signal.ITIMER_REAL,)
+
+
+#: This process's copies of stdout and stderr: its pid, then fd -> (copy,
+#: what the fd was when copied).
+_STD_KEPT: tuple[int, dict[int, tuple[int, tuple[int, int]]]] = (0, {})
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """The file ``fd`` is (device, inode), or None if it is closed (a syscall)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _std_kept() -> dict[int, tuple[int, tuple[int, int]]]:
+    """Copies of fds 1 and 2 as they are now, made once per process, to put
+    back one a chunk closed (see :meth:`ProcessState.restore`)."""
+    global _STD_KEPT
+    pid, kept = _STD_KEPT
+    if pid != os.getpid():
+        for copy, _ in kept.values():  # a forked child's inherited copies
+            with contextlib.suppress(OSError):
+                os.close(copy)
+        kept = {}
+        for fd in (1, 2):
+            identity = _identity(fd)
+            if identity is not None:  # (not open: nothing to keep)
+                kept[fd] = (os.dup(fd), identity)
+        _STD_KEPT = (os.getpid(), kept)
+    return kept
 
 
 def _raw_environ() -> dict[Any, Any]:

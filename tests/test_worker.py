@@ -568,6 +568,36 @@ def test_a_chunk_s_forgotten_alarm_and_signal_handler_do_not_outlive_it(
     assert {s["term"] for s in seen} == {repr(signal.SIG_IGN)}
 
 
+CLOSES_STDERR_JOB = seen_job(
+    "closes-stderr",
+    '{"name": "i", "type": "long"}',
+    """\
+    ctx.log.warning("chunk %d says hello", chunk["i"])
+    if not os.path.exists("@FIRST@"):  # the first chunk to run, as a careless job would:
+        open("@FIRST@", "w").close()
+        os.close(2)
+        globals()["kept"] = open("@FILE@", "w")  # kept open: it takes fd 2
+    ctx.emit({"i": chunk["i"]})
+""",
+)
+
+
+def test_a_chunk_that_closes_stderr_does_not_take_later_chunks_logs_with_it(
+    home: Path, tmp_path: Path
+) -> None:
+    # The later chunks' log lines went into the first file opened after the
+    # close (fd 2 is the lowest free one): a job's file here, or fanout's own.
+    job = tmp_path / "closes_job.py"
+    opened = tmp_path / "opened.txt"
+    text = CLOSES_STDERR_JOB.replace("@FIRST@", str(tmp_path / "first"))
+    job.write_text(text.replace("@FILE@", str(opened)))
+    result = fanout(home, "run", str(job), "-w", "1")
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "says hello" in line]
+    assert len(said) == 6, result.stderr
+    assert "says hello" not in opened.read_text()
+
+
 ENVIRON = str(JOBS / "environ.py")
 #: What the worker's environment gives the environ job's chunks.
 GIVEN = {
