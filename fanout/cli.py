@@ -21,7 +21,7 @@ import click
 
 from fanout import coordinator
 from fanout.backends import BACKENDS, default_home
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunState
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend
 from fanout.cli_common import (
     MAX_CHUNK_TIMEOUT,
     MAX_WORKERS,
@@ -38,7 +38,7 @@ from fanout.cli_common import (
     unreadable_json,
 )
 from fanout.cli_controls import COMMANDS as CONTROL_COMMANDS
-from fanout.cli_controls import status_fields, status_line, summary_lines
+from fanout.cli_controls import dead_lines, status_fields, status_line, summary_lines
 from fanout.controls import stop_line
 from fanout.errors import UserError
 from fanout.jobs import load_job
@@ -206,18 +206,7 @@ def _summary(status: coordinator.Status, backend: Backend) -> str:
     if r.stop_reason:
         lines.append(stop_line(r.stop_reason))
     lines += summary_lines(r)  # run controls: cancelled count, tolerated failures
-    if status.tasks["dead"]:
-        lines.append(
-            f"{counted(status.tasks['dead'], 'dead chunk')}: see `fanout failed {r.run_id}`,"
-            f" fix the cause (the job, its input, the site), then `fanout replay {r.run_id}`"
-        )
-        if kind_of(r.settings) is RunKind.CRAWL and r.state is RunState.FAILED:
-            # Pages a site would not serve (fanout.crawl.givenup): some sites
-            # always have a few, which a crawl may accept.
-            lines.append(
-                "pages a site cannot serve can be accepted: run with"
-                " -S tolerated_failures=N (or tolerated_failure_percent=P)"
-            )
+    lines += dead_lines(r, status.tasks["dead"])
     if r.manifest_key and r.state in TERMINAL_RUN_STATES:
         lines.append(f"manifest: {backend.store.url(r.manifest_key)}")
     return "\n".join(lines)

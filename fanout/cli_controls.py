@@ -16,6 +16,7 @@ import click
 from fanout import control_ops
 from fanout.backends.base import Backend, RunRecord, RunState
 from fanout.cli_common import RUN_ID, counted, group_backend
+from fanout.limits import RunKind, kind_of
 
 
 @click.command()
@@ -63,3 +64,21 @@ def summary_lines(run: RunRecord) -> list[str]:
     if run.tasks_cancelled and run.stop_reason:
         return [f"{counted(run.tasks_cancelled, 'chunk')} cancelled"]
     return []
+
+
+def dead_lines(run: RunRecord, dead: int) -> list[str]:
+    """What ``fanout run`` says of a run's ``dead`` chunks: where to read why,
+    what to do; for a failed crawl, how to accept pages a site cannot serve
+    (fanout.crawl.givenup: some sites always have a few)."""
+    if not dead:
+        return []
+    lines = [
+        f"{counted(dead, 'dead chunk')}: see `fanout failed {run.run_id}`,"
+        f" fix the cause (the job, its input, the site), then `fanout replay {run.run_id}`"
+    ]
+    if kind_of(run.settings) is RunKind.CRAWL and run.state is RunState.FAILED:
+        lines.append(
+            "pages a site cannot serve can be accepted: run with"
+            " -S tolerated_failures=N (or tolerated_failure_percent=P)"
+        )
+    return lines
