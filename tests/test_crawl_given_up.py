@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from support.helpers import JOBS
 from support.procs import fanout, run_id_of, status
 from support.sites import HTML, NOT_FOUND, Reply, SiteServer
+from testjobs.hard_crawl import THROTTLE_BASE
 
 JOB = str(JOBS / "hard_crawl.py")
 #: ``hard_crawl.py:tutorial`` sets RETRY_TIMES 3: each round is 4 requests.
@@ -46,6 +48,7 @@ class FailingPage:
     def __init__(self, failures: float, status: int = 500) -> None:
         self.failures = failures
         self.status = status
+        self.asked: list[float] = []  # when /p/2 was asked for (monotonic)
 
     def expected(self) -> set[str]:
         return {f"p{n}" for n in range(7)}
@@ -53,6 +56,8 @@ class FailingPage:
     def respond(self, key: str, host: str, hit: int) -> Reply:
         if key == "/":
             return Reply(200, PAGE, page(None, [f"/p/{n}" for n in range(6)]))
+        if key == "/p/2":
+            self.asked.append(time.monotonic())
         if key == "/p/2" and hit <= self.failures:
             return Reply(self.status, PAGE, b"<p>not now</p>")
         if key.startswith("/p/") and key[3:].isdigit() and int(key[3:]) <= 6:
@@ -105,8 +110,11 @@ def test_a_page_that_never_answers_fails_the_run_and_replay_fetches_it_once_fixe
         # Every other page's item is kept; the failing page's, and what only
         # it links to, are not there yet.
         assert items(home, run_id) == Counter(dict.fromkeys(site.expected() - {"p2", "p6"}, 1))
-        # max_attempts (3) rounds of Scrapy's retries: its chunk's, then two of its own.
+        # max_attempts (3) rounds of Scrapy's retries: its chunk's, then two of its own,
+        # each after the crawl's first pause for a site at least (its throttle_base).
         assert server.hits["/p/2"] == ROUND * 3, dict(server.hits)
+        pauses = [site.asked[n * ROUND] - site.asked[n * ROUND - 1] for n in (1, 2)]
+        assert min(pauses) >= THROTTLE_BASE, pauses
         failed = fanout(home, "failed", run_id)
         assert failed.returncode == 0, failed.stderr
         assert "GET " + server.url + "p/2: HTTP 502" in failed.stdout, failed.stdout

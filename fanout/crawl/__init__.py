@@ -145,7 +145,8 @@ class CrawlJob(Job):
         self, given_up: list[dict[str, Any]], ctx: ChunkContext, lineage: dict[str, str]
     ) -> None:
         """Each request Scrapy gave up on gets a chunk of its own, after the
-        run's retry back-off for the rounds it has had: fetched again there, or
+        run's retry back-off for the rounds it has had (``throttle_base`` at
+        least): fetched again there, or
         given up in its last round and dead (:mod:`fanout.crawl.givenup`). In a
         stable order, as ``_hand_on``."""
         settings = ctx.settings or self.settings
@@ -157,8 +158,14 @@ class CrawlJob(Job):
                 request.get("url"),
                 entry.get("reason", "?"),
             )
-            pause = compute_backoff(
-                rounds_given_up(request), base=settings.backoff_base, cap=settings.backoff_cap
+            # At least the crawl's own first pause for a site (throttle_base, 5 s
+            # by default): the run's retry back-off (1 s, jittered from 0) had
+            # every page of a site that restarts in a few seconds dead.
+            pause = max(
+                self.throttle_base,
+                compute_backoff(
+                    rounds_given_up(request), base=settings.backoff_base, cap=settings.backoff_cap
+                ),
             )
             self._spawn_parts([request], ctx, lineage, 1, pause)
 

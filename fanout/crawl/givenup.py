@@ -11,7 +11,8 @@ In a crawl chunk, :class:`GiveUpWatch` sees each such request once Scrapy's
 retry (and fanout's throttle rescue) let it go, and sends it to the parent (a
 ``given_up`` event), counting the rounds it was given up in its meta
 (``GIVEN_UP_META``). The parent (``CrawlJob``) hands it on to a chunk of its
-own, after the run's retry back-off, for another round of Scrapy's retries:
+own, after the run's retry back-off (at least the crawl's ``throttle_base``),
+for another round of Scrapy's retries:
 ``max_attempts`` rounds in all, as a failed chunk gets ``max_attempts``
 attempts (but at least one round of its own, so that a chunk holding other
 requests never dies for it). Given up in its last round, its chunk is dead at

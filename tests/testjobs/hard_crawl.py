@@ -139,8 +139,16 @@ class CrawlDelay(Tutorial):
     }
 
 
+#: The first pause before a site is asked again (a throttled site, a given-up
+#: page's next round): short for tests, measurable (tests/test_crawl_given_up.py).
+THROTTLE_BASE = 1.0
+
+
 def _job(spider: type[Any], name: str) -> CrawlJob:
-    return CrawlJob(spider, schema=SCHEMA, name=name, pages_per_chunk=PAGES_PER_CHUNK, **FAST_RETRY)
+    return CrawlJob(
+        spider, schema=SCHEMA, name=name, pages_per_chunk=PAGES_PER_CHUNK,
+        throttle_base=THROTTLE_BASE, **FAST_RETRY,
+    )  # fmt: skip
 
 
 tutorial = _job(Tutorial, "hard-tutorial")
