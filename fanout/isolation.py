@@ -171,20 +171,12 @@ class ProcessState:
         self._std_at_start = {fd: _identity(fd) for fd in self._std}
 
     def restore(self) -> None:
-        """Put the working directory, the umask and the environment back (two
-        or three syscalls and one dict compare, when the chunk changed nothing)."""
+        """Put the working directory, the umask, the environment, the timer,
+        signal handlers, stdout and stderr back (some 5 us of syscalls and
+        compares, when the chunk changed nothing)."""
         os.umask(self.umask)
         self._signals_back()
-        at_start, self._std_at_start = self._std_at_start, {}
-        for fd, (copy, identity) in self._std.items():
-            # Closed by the chunk, or closed and taken by a file it (or fanout,
-            # after it) opened, where logs would then be written: put back, if
-            # it is the process's own at the start (a test runner may have put
-            # its capture there, which is not ours to undo).
-            start = at_start.get(fd)
-            if start == identity and _identity(fd) != start:
-                with contextlib.suppress(OSError):
-                    os.dup2(copy, fd)
+        self._std_back()
         environ, self._environ = self._environ, None
         # One C-level compare of the encoded mappings (0.2 us); only a chunk that
         # changed something pays for the walk, and only its keys are set again.
@@ -198,6 +190,18 @@ class ProcessState:
         # (If the start directory is gone itself, there is nothing to go back to.)
         with contextlib.suppress(OSError):
             os.chdir(self.cwd)
+
+    def _std_back(self) -> None:
+        """Put fds 1 and 2 back if the chunk closed them (a file opened after
+        the close takes the fd, and logs would be written into it) or pointed
+        them elsewhere; only if they were the process's own at the chunk's
+        start (a test runner may have put its capture there, not ours to undo)."""
+        at_start, self._std_at_start = self._std_at_start, {}
+        for fd, (copy, identity) in self._std.items():
+            start = at_start.get(fd)
+            if start == identity and _identity(fd) != start:
+                with contextlib.suppress(OSError):
+                    os.dup2(copy, fd)
 
     def _signals_back(self) -> None:
         """Stop the wall-clock timer a chunk left running (a syscall) and put

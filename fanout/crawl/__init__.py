@@ -146,9 +146,8 @@ class CrawlJob(Job):
     ) -> None:
         """Each request Scrapy gave up on gets a chunk of its own, after the
         run's retry back-off for the rounds it has had (``throttle_base`` at
-        least): fetched again there, or
-        given up in its last round and dead (:mod:`fanout.crawl.givenup`). In a
-        stable order, as ``_hand_on``."""
+        least): fetched again there, or given up in its last round and dead
+        (:mod:`fanout.crawl.givenup`). In a stable order, as ``_hand_on``."""
         settings = ctx.settings or self.settings
         for entry in sorted(given_up, key=lambda e: json.dumps(e["request"], sort_keys=True)):
             request = entry["request"]
@@ -233,8 +232,13 @@ class CrawlJob(Job):
         (``fanout.crawl.givenup``), and must not take others with it."""
         ancestors = list((lineage or {}).items())[-(MAX_LINEAGE - 1) :]
         lines = {**dict(ancestors), ctx.chunk_id: ctx._token}
-        alone = [[r] for r in requests if rounds_given_up(r)]
-        rest = [r for r in requests if not rounds_given_up(r)]
+        rest: list[dict[str, Any]] = []
+        alone: list[list[dict[str, Any]]] = []
+        for request in requests:
+            if rounds_given_up(request):
+                alone.append([request])
+            else:
+                rest.append(request)
         for part in _even_parts(rest, size) + alone:
             ctx.spawn({"requests": part, "lineage": lines}, delay=delay)
 

@@ -58,7 +58,7 @@ from fanout.crawl.channel import CHUNK, send
 from fanout.crawl.claims import ClaimBatch, book_of
 from fanout.crawl.closing import SPIDER_CLOSED
 from fanout.crawl.codec import CodecError, check_keepable, encode_value, request_to_json
-from fanout.crawl.givenup import GIVEN_UP_META, spider_wants
+from fanout.crawl.givenup import GIVEN_UP_META, SpiderWants
 from fanout.crawl.politeness import (  # the in-flight marks: re-exported, used here
     CUT_MARGIN,
     IN_FLIGHT_META,
@@ -325,15 +325,15 @@ class ThrottleRescue:
     as an HTTP error; instead its request is scheduled again, is held back (its
     domain is throttled) and goes to a later chunk, after a back-off. Not when
     the spider asked to see such answers (``handle_httpstatus_list``), nor after
-    ``MAX_THROTTLE_LEVEL`` back-offs. The copy carries the request's claim."""
+    ``MAX_THROTTLE_LEVEL`` back-offs, nor for a request Scrapy gave up on before
+    (its rounds count its failures: :mod:`fanout.crawl.givenup`). The copy
+    carries the request's claim."""
 
     def __init__(self, crawler: Any) -> None:
         if not CHUNK:
             raise NotConfigured
         self.crawler = crawler
-        settings = crawler.settings
-        self.allow_all = settings.getbool("HTTPERROR_ALLOW_ALL")
-        self.allowed = set(settings.getlist("HTTPERROR_ALLOWED_CODES"))
+        self.spider_wants = SpiderWants(crawler)
 
     @classmethod
     def from_crawler(cls, crawler: Any) -> ThrottleRescue:
@@ -344,16 +344,13 @@ class ThrottleRescue:
     ) -> Any:
         if response.status not in THROTTLE_STATUSES:
             return response
-        spider = spider or getattr(self.crawler, "spider", None)
-        if spider_wants(request, response.status, spider, self.allow_all, self.allowed):
+        if self.spider_wants(request, response.status, spider):
             return response
         if int(request.meta.get(THROTTLE_META, 0)) >= MAX_THROTTLE_LEVEL:
             self.crawler.stats.inc_value("fanout/throttle_gave_up")
             return response
         if request.meta.get(GIVEN_UP_META):
-            # Given up before: its rounds (fanout.crawl.givenup) count its
-            # failures now, each after the run's retry back-off.
-            return response
+            return response  # given up before: its rounds count its failures now
         self.crawler.stats.inc_value("fanout/throttle_kept")
         # The same request: dont_filter gets it past Scrapy's own checks, and
         # its claim (copied meta) keeps the ledger from being asked again.

@@ -58,23 +58,26 @@ def rounds_given_up(request: dict[str, Any]) -> int:
     return int((request.get("meta") or {}).get(GIVEN_UP_META, 0))
 
 
-def spider_wants(
-    request: Request,
-    status: int,
-    spider: Spider | None,
-    allow_all: bool,
-    allowed: set[Any],
-) -> bool:
-    """Whether the spider asked to see an answer of ``status`` (Scrapy's
-    ``HttpErrorMiddleware`` rules): then it is the spider's, not a failure."""
-    meta = request.meta
-    if meta.get("handle_httpstatus_all", False):
-        return True
-    if "handle_httpstatus_list" in meta:
-        return status in meta["handle_httpstatus_list"]
-    if allow_all:
-        return True
-    return status in allowed or status in getattr(spider, "handle_httpstatus_list", ())
+class SpiderWants:
+    """Whether the spider asked to see an answer of some status (Scrapy's
+    ``HttpErrorMiddleware`` rules, from the crawler's settings): then the
+    answer is the spider's, not a failure to keep or hold back."""
+
+    def __init__(self, crawler: Any) -> None:
+        self.crawler = crawler
+        self.allow_all = crawler.settings.getbool("HTTPERROR_ALLOW_ALL")
+        self.allowed = set(crawler.settings.getlist("HTTPERROR_ALLOWED_CODES"))
+
+    def __call__(self, request: Request, status: int, spider: Spider | None) -> bool:
+        meta = request.meta
+        if meta.get("handle_httpstatus_all", False):
+            return True
+        if "handle_httpstatus_list" in meta:
+            return status in meta["handle_httpstatus_list"]
+        if self.allow_all:
+            return True
+        spider = spider or getattr(self.crawler, "spider", None)
+        return status in self.allowed or status in getattr(spider, "handle_httpstatus_list", ())
 
 
 class GiveUpWatch:
@@ -90,8 +93,7 @@ class GiveUpWatch:
         self.codes = {int(code) for code in settings.getlist("RETRY_HTTP_CODES")}
         names = settings.getlist("RETRY_EXCEPTIONS")
         self.exceptions = tuple(load_object(e) if isinstance(e, str) else e for e in names)
-        self.allow_all = settings.getbool("HTTPERROR_ALLOW_ALL")
-        self.allowed = set(settings.getlist("HTTPERROR_ALLOWED_CODES"))
+        self.spider_wants = SpiderWants(crawler)
 
     @classmethod
     def from_crawler(cls, crawler: Any) -> GiveUpWatch:
@@ -101,10 +103,12 @@ class GiveUpWatch:
         self, request: Request, response: Any, spider: Spider | None = None
     ) -> Any:
         status = response.status
-        if status in self.codes and self._keeps(request):
-            spider = spider or getattr(self.crawler, "spider", None)
-            if not spider_wants(request, status, spider, self.allow_all, self.allowed):
-                self._given_up(request, f"HTTP {status}")
+        if (
+            status in self.codes
+            and self._keeps(request)
+            and not self.spider_wants(request, status, spider)
+        ):
+            self._given_up(request, f"HTTP {status}")
         return response
 
     def process_exception(
