@@ -30,7 +30,7 @@ from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, TaskState
 from fanout.backends.crawlstate import DomainAsk
-from fanout.crawl import THROTTLE_META, backoff, components, politeness
+from fanout.crawl import THROTTLE_META, backoff, channel, components, politeness
 from support.helpers import JOBS
 from support.procs import (
     alive,
@@ -600,10 +600,17 @@ def test_links_followed_by_a_killed_attempt_are_not_lost(home: Path, tmp_path: P
 # -- the throttle middleware, unit -------------------------------------------------
 
 
+def chunk_context(monkeypatch: pytest.MonkeyPatch, chunk: dict[str, Any]) -> None:
+    """Run the components as inside a chunk whose context is ``chunk`` (empty:
+    outside one), where both the components and their base read it."""
+    monkeypatch.setattr(channel, "CHUNK", chunk)
+    monkeypatch.setattr(components, "CHUNK", chunk)
+
+
 def test_a_503_is_kept_for_later_unless_the_spider_asked_for_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(components, "CHUNK", {"chunk_id": "0"})  # inside a chunk
+    chunk_context(monkeypatch, {"chunk_id": "0"})  # inside a chunk
     crawler = get_crawler(Spider)
     rescue = components.ThrottleRescue(crawler)
 
@@ -630,7 +637,7 @@ def test_a_503_is_kept_for_later_unless_the_spider_asked_for_it(
     assert not isinstance(response, Request)
     assert crawler.stats.get_value("fanout/throttle_gave_up") == 1
     # Outside a chunk the middleware is not there at all.
-    monkeypatch.setattr(components, "CHUNK", {})
+    chunk_context(monkeypatch, {})
     with pytest.raises(NotConfigured):
         components.ThrottleRescue(crawler)
 
@@ -643,9 +650,7 @@ def test_an_attempt_handed_on_in_flight_twice_must_answer_before_the_cut_off(
     from types import SimpleNamespace
 
     cut_at = time.monotonic() + 2.0
-    monkeypatch.setattr(
-        components, "CHUNK", {"chunk_id": "0", "budget": SimpleNamespace(cut_at=cut_at)}
-    )
+    chunk_context(monkeypatch, {"chunk_id": "0", "budget": SimpleNamespace(cut_at=cut_at)})
     park = components.ParkHandedOn(get_crawler(Spider))
 
     def sent(attempt: int, handed_on: int) -> Request:

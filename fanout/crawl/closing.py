@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from scrapy import Spider
-from scrapy.exceptions import CloseSpider, NotConfigured
+from scrapy.exceptions import CloseSpider
 
-from fanout.crawl.channel import CHUNK, send
+from fanout.crawl.channel import CHUNK, InChunk, send
 
 #: Where the chunk notes the reason of a ``CloseSpider`` its spider raised.
 SPIDER_CLOSED = "spider_closed"
@@ -28,17 +28,9 @@ def spider_closed_itself(reason: str) -> None:
         send("closed", reason)
 
 
-class CloseWatch:
+class CloseWatch(InChunk):
     """Spider middleware nearest the spider: sees a ``CloseSpider`` a callback
     raised (:func:`spider_closed_itself`), then lets Scrapy close as it does."""
-
-    def __init__(self, crawler: Any) -> None:
-        if not CHUNK:
-            raise NotConfigured
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> CloseWatch:
-        return cls(crawler)
 
     def process_spider_exception(
         self, response: Any, exception: Exception, spider: Spider | None = None

@@ -54,7 +54,7 @@ from fanout.crawl.backoff import (
     THROTTLE_STATUSES,
     parse_retry_after,
 )
-from fanout.crawl.channel import CHUNK, send
+from fanout.crawl.channel import CHUNK, InChunk, send
 from fanout.crawl.claims import ClaimBatch, book_of
 from fanout.crawl.closing import SPIDER_CLOSED
 from fanout.crawl.codec import CodecError, check_keepable, encode_value, request_to_json
@@ -280,20 +280,11 @@ class ClaimOutput(ClaimBatch):
         return cls(crawler)
 
 
-class ThrottleWatch:
+class ThrottleWatch(InChunk):
     """Downloader middleware, just above Scrapy's retry: a 429/503 answer marks
     its domain as throttled, so that the retry Scrapy schedules (and every other
     request to that domain) is held back for a later chunk, not sent at once.
     A ``Retry-After`` longer than fanout's own back-off sets the domain's."""
-
-    def __init__(self, crawler: Any) -> None:
-        if not CHUNK:
-            raise NotConfigured
-        self.crawler = crawler
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> ThrottleWatch:
-        return cls(crawler)
 
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
@@ -319,7 +310,7 @@ class ThrottleWatch:
         return response
 
 
-class ThrottleRescue:
+class ThrottleRescue(InChunk):
     """Downloader middleware, nearest the engine: a 429/503 answer that got
     through Scrapy's retry (``RETRY_TIMES`` spent, or retry off) would be dropped
     as an HTTP error; instead its request is scheduled again, is held back (its
@@ -330,14 +321,8 @@ class ThrottleRescue:
     carries the request's claim."""
 
     def __init__(self, crawler: Any) -> None:
-        if not CHUNK:
-            raise NotConfigured
-        self.crawler = crawler
+        super().__init__(crawler)
         self.spider_wants = SpiderWants(crawler)
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> ThrottleRescue:
-        return cls(crawler)
 
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
@@ -357,7 +342,7 @@ class ThrottleRescue:
         return request.replace(dont_filter=True)
 
 
-class ParkHandedOn:
+class ParkHandedOn(InChunk):
     """Downloader middleware nearest the downloader: the answer to a request the
     chunk already handed on (at its cut-off) never reaches the spider, so the
     page is parsed once, by the chunk that has it now. It also notes every
@@ -365,16 +350,10 @@ class ParkHandedOn:
     downloader's active set a moment longer, but is not in flight any more."""
 
     def __init__(self, crawler: Any) -> None:
-        if not CHUNK:
-            raise NotConfigured
-        self.crawler = crawler
+        super().__init__(crawler)
         # Weak: a request's id may be reused once it is gone.
         self.handed_on: WeakSet[Request] = CHUNK.setdefault("handed_on", WeakSet())
         self.answered: WeakSet[Request] = CHUNK.setdefault("answered", WeakSet())
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> ParkHandedOn:
-        return cls(crawler)
 
     def process_request(self, request: Request, spider: Spider | None = None) -> None:
         """A request already handed on in flight ``MAX_IN_FLIGHT_HAND_ONS`` times
@@ -421,15 +400,13 @@ class ParkHandedOn:
         return None
 
 
-class ChunkBudget:
+class ChunkBudget(InChunk):
     """Closes the spider when the chunk has fetched ``pages`` responses or its
     soft deadline minus the drain time is near; at the cut-off (just before the
     soft deadline) hands on what is still in flight and leaves."""
 
     def __init__(self, crawler: Any) -> None:
-        if not CHUNK:
-            raise NotConfigured
-        self.crawler = crawler
+        super().__init__(crawler)
         self.pages = 0
         self.limit = int(CHUNK["pages_per_chunk"])
         self.close_at = float(CHUNK["close_at"])  # time.monotonic()
@@ -444,10 +421,6 @@ class ChunkBudget:
         crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
         crawler.signals.connect(self.engine_stopped, signal=signals.engine_stopped)
         self.timer: Any = None
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> ChunkBudget:
-        return cls(crawler)
 
     def spider_opened(self, spider: Spider) -> None:
         from twisted.internet import task

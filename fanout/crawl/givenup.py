@@ -35,12 +35,11 @@ from __future__ import annotations
 from typing import Any
 
 from scrapy import Request, Spider
-from scrapy.exceptions import NotConfigured
 from scrapy.http.request import NO_CALLBACK
 from scrapy.utils.misc import load_object
 
 from fanout.crawl.backoff import THROTTLE_ANSWER_META, THROTTLE_META
-from fanout.crawl.channel import CHUNK, send
+from fanout.crawl.channel import CHUNK, InChunk, send
 from fanout.crawl.codec import CodecError, request_to_json
 from fanout.errors import PermanentError
 
@@ -80,24 +79,18 @@ class SpiderWants:
         return status in self.allowed or status in getattr(spider, "handle_httpstatus_list", ())
 
 
-class GiveUpWatch:
+class GiveUpWatch(InChunk):
     """Downloader middleware nearest the engine: a request Scrapy's retry gave
     up on (see the module's docstring) is sent to the parent to be kept."""
 
     def __init__(self, crawler: Any) -> None:
-        if not CHUNK:
-            raise NotConfigured
+        super().__init__(crawler)
         settings = crawler.settings
-        self.crawler = crawler
         self.enabled = settings.getbool("RETRY_ENABLED")
         self.codes = {int(code) for code in settings.getlist("RETRY_HTTP_CODES")}
         names = settings.getlist("RETRY_EXCEPTIONS")
         self.exceptions = tuple(load_object(e) if isinstance(e, str) else e for e in names)
         self.spider_wants = SpiderWants(crawler)
-
-    @classmethod
-    def from_crawler(cls, crawler: Any) -> GiveUpWatch:
-        return cls(crawler)
 
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
