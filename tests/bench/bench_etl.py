@@ -163,6 +163,7 @@ def main() -> None:
         rows = (args.rows // args.files) * args.files
         env = child_env(tmp / "pycache")
         figures: dict[str, list[tuple[float, float]]] = {"plain": [], "script": [], "fanout": []}
+        phases: list[tuple[float, float, float]] = []
         for i in range(-1, args.repeat):  # round -1 warms the byte-code cache up
             cpu, wall = time.process_time(), time.perf_counter()
             assert plain_loop(src, tmp / f"plain-{i}", schema, "deflate") == rows
@@ -174,14 +175,27 @@ def main() -> None:
             figures["script"].append((w, c))
 
             cli = [sys.executable, "-m", "fanout.cli", "--home", str(tmp / f"home-{i}"), "run"]
+            began = time.time()
             w, c, out = timed_child(
                 [*cli, JOB, "-p", f"source={src}", "-w", str(args.workers), "--json"], env
             )
             status = json.loads(out.strip().splitlines()[-1])
             assert status["state"] == "succeeded" and status["records"] == rows, status
             figures["fanout"].append((w, c))
+            # Where fanout's wall time went, by the run's own timestamps: before
+            # the run exists (start-up, loading the job), the run (plan, chunks,
+            # finalizing), and after it ended (the CLI's exit).
+            ended = began + w
+            phases.append(
+                (
+                    status["created_at"] - began,
+                    status["finished_at"] - status["created_at"],
+                    ended - status["finished_at"],
+                )
+            )
             if i < 0:
                 figures = {name: [] for name in figures}
+                phases = []
         chunk_figures = per_chunk(src, tmp, min(8, args.files)) if args.per_chunk else None
         startup_figures = startup(env, 3 * args.repeat) if args.startup else None
 
@@ -205,6 +219,18 @@ def main() -> None:
         cpu = median(base, 1) / median("fanout", 1)
         target = "   (target >= 0.9)" if base == "plain" else ""
         print(f"  fanout / {base:<7} by wall {wall:.2f}, by CPU {cpu:.2f}{target}")
+    before, during, after = (statistics.median(p[k] for p in phases) for k in range(3))
+    print(
+        f"  fanout's wall time: {before:.3f}s before the run exists (start-up, the job"
+        f" loaded), {during:.3f}s the run, {after:.3f}s exit"
+    )
+    # The best the target allows for: chunks that cost exactly the loop's time,
+    # after the same start-up and exit.
+    loop = median("plain", 0)
+    print(
+        f"  with the run as fast as the loop itself, the ratio would be"
+        f" {loop / (loop + before + after):.2f}"
+    )
     if chunk_figures is not None:
         plain_s, chunk_s = chunk_figures
         print(
