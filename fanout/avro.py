@@ -16,12 +16,13 @@ import io
 import json
 import math
 import os
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime, time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 import fastavro
 from fastavro.write import Writer
@@ -31,6 +32,7 @@ from fanout.errors import RecordError, SchemaError
 from fanout.filestamp import Stamp, stamp_of
 
 __all__ = [
+    "Encoded",
     "RecordWriter",
     "Schema",
     "load_schema",
@@ -180,6 +182,45 @@ def _build(raw: Any, what: str, path: Path | None) -> Schema:
 #: meter-readings output is 13% larger with it, at the same speed.
 SYNC_INTERVAL = 64_000
 
+#: A chunk's Avro file is built in memory up to this size, then moved to a
+#: temporary file (in ``tempfile``'s directory: $TMPDIR, /tmp on Lambda), so a
+#: chunk that emits gigabytes needs that much disk, not memory.
+SPILL_BYTES = 8 * 1024 * 1024
+
+#: Encoded bytes between two column-wise checks at most, beside ``batch_size``:
+#: a batch keeps the records it has not checked alive, and 8,192 records of a
+#: megabyte each would be 8 GB. Looked at every ``_LOOK_EVERY`` records.
+CHECK_BYTES = 4 * 1024 * 1024
+_LOOK_EVERY = 64
+
+
+class Encoded:
+    """A finished Avro file: its size, and its bytes to read (in memory, or in a
+    temporary file past :data:`SPILL_BYTES`). False when it is empty."""
+
+    __slots__ = ("_file", "size")
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        self._file = file
+        #: The file's length in bytes.
+        self.size = size
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def file(self) -> BinaryIO:
+        """The file, from its start (each call rewinds it): for ``Store.put``."""
+        self._file.seek(0)
+        return cast(BinaryIO, self._file)
+
+    def read(self) -> bytes:
+        """The whole file in memory."""
+        return self.file().read()
+
+    def close(self) -> None:
+        """Let the file go (a temporary file is deleted)."""
+        self._file.close()
+
 
 class RecordWriter:
     """Accumulates records and produces one Avro object container file.
@@ -189,8 +230,10 @@ class RecordWriter:
     validation, so what is written is the record as it was when added (a job
     may reuse or change its dict afterwards), and a record fastavro cannot
     encode (a missing field, a key that is no field, a value of the wrong
-    kind) raises there. It keeps a shallow copy, and every ``batch_size``
-    records, and at :meth:`finish`, the copies are checked column-wise for the
+    kind) raises there. The file is built in memory, and in a temporary file
+    past :data:`SPILL_BYTES`. It keeps a shallow copy, and every ``batch_size``
+    records (or :data:`CHECK_BYTES` of output), and at :meth:`finish_file`, the
+    copies are checked column-wise for the
     values fastavro would have coerced silently (see :mod:`fanout.avro_check`):
     a value nested in a list or dict that the job changes after the call is
     checked as changed, though written as it was. A record that
@@ -214,7 +257,13 @@ class RecordWriter:
         self._batch: list[dict[str, Any]] = []
         self._checked = 0
         self._checker = schema.checker()
-        self._buf = io.BytesIO()
+        # Closed by the Encoded that finish_file() returns (or with the writer).
+        self._buf: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPILL_BYTES)  # noqa: SIM115
+        #: The file's size at which the batch is checked, whatever its length.
+        self._check_at = CHECK_BYTES
+        #: The batch length at which add() looks whether to check the batch:
+        #: every _LOOK_EVERY records, so the hot path makes one comparison.
+        self._look_at = min(batch_size, _LOOK_EVERY)
         # strict_allow_default: fastavro raises for keys that are not fields and
         # for missing fields without a default (at no measurable cost), where
         # it would otherwise drop the former and write null for the latter.
@@ -227,7 +276,7 @@ class RecordWriter:
         )
         self._write = self._writer.write
         self._failure: Exception | None = None
-        self._result: bytes | None = None
+        self._result: Encoded | None = None
 
     @property
     def count(self) -> int:
@@ -251,14 +300,13 @@ class RecordWriter:
             self._bad_write(record, exc)
         batch = self._batch
         batch.append(kept)
-        if len(batch) >= self._batch_size:
-            self._check_batch()
+        if len(batch) >= self._look_at:
+            self._look()
 
-    def finish(self) -> bytes:
-        """Check the pending records and return the whole Avro file.
-
-        Returns b"" if no record was added, so the caller can skip the file.
-        Calling it again returns the same bytes; ``add`` afterwards raises.
+    def finish_file(self) -> Encoded:
+        """Check the pending records and return the whole Avro file (empty, and
+        false, if no record was added, so the caller can skip it). Calling it
+        again returns the same; ``add`` afterwards raises. The caller closes it.
 
         Raises:
             RecordError: a pending record does not fit the schema.
@@ -269,13 +317,17 @@ class RecordWriter:
         if self._batch:
             self._check_batch()
         if self._checked == 0:
-            self._result = b""
+            self._buf.close()
+            self._result = Encoded(io.BytesIO(), 0)
         else:
             self._writer.flush()
-            self._result = self._buf.getvalue()
-        self._buf = io.BytesIO()
+            self._result = Encoded(self._buf, self._buf.tell())
         self._write = self._refuse
         return self._result
+
+    def finish(self) -> bytes:
+        """:meth:`finish_file`, read into memory: b"" if no record was added."""
+        return self.finish_file().read()
 
     # -- internals ----------------------------------------------------------
 
@@ -308,6 +360,13 @@ class RecordWriter:
             RecordError(f"record {index} does not fit schema {self.schema.name}: {problem}")
         ) from exc
 
+    def _look(self) -> None:
+        """Check the batch if it is full, or holds :data:`CHECK_BYTES` of output."""
+        if len(self._batch) >= self._batch_size or self._buf.tell() >= self._check_at:
+            self._check_batch()
+        else:
+            self._look_at = min(self._batch_size, self._look_at + _LOOK_EVERY)
+
     def _check_batch(self) -> None:
         batch = self._batch
         if not self._checker.batch_ok(batch):
@@ -322,6 +381,8 @@ class RecordWriter:
                     )
         self._checked += len(batch)
         self._batch = []
+        self._check_at = self._buf.tell() + CHECK_BYTES
+        self._look_at = min(self._batch_size, _LOOK_EVERY)
 
 
 # ---------------------------------------------------------------------------

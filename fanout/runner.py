@@ -28,7 +28,7 @@ import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fanout.backends import keys
 from fanout.backends.base import (
@@ -70,6 +70,9 @@ from fanout.outcomes import Handled
 from fanout.phases import LEASE_GRACE, Ask, Ready, RunInfo
 from fanout.retry import compute_backoff
 from fanout.spawn import next_tasks, plan_payloads
+
+if TYPE_CHECKING:
+    from fanout.avro import Encoded
 
 log = logging.getLogger("fanout.runner")
 
@@ -361,7 +364,7 @@ class Runner:
                 raise PermanentError(problem)  # the job's: a retry would count the same
             # Even with no record counted: a job that caught a RecordError (and
             # every refusal after it) must not commit the chunk empty.
-            data = writer.finish() if writer is not None else b""
+            data = writer.finish_file() if writer is not None else None
         except BaseException as exc:
             # The job's code: sys.exit(), KeyboardInterrupt and the like included,
             # or the worker would die with no cause recorded.
@@ -384,7 +387,7 @@ class Runner:
         payload: Any,
         ctx: ChunkContext,
         continuation: Continue | None,
-        data: bytes,
+        data: Encoded | None,
         writer: Any,
     ) -> Ready:
         key, settings = attempt.key, run.settings
@@ -392,11 +395,11 @@ class Runner:
         if getattr(writer, "partitioned", False):  # issue 14: partition files + parts list
             output = writer.commit(self.store, key, attempt.attempt, attempt.token)
         elif data:
-            okey = keys.output_key(
-                key.run_id, key.chunk_id, key.seq, attempt.attempt, attempt.token
-            )
-            self.store.put(okey, data)
-            output = Output(okey, writer.count, len(data))
+            k, a = key, attempt
+            okey = keys.output_key(k.run_id, k.chunk_id, k.seq, a.attempt, a.token)
+            self.store.put(okey, data.file())
+            data.close()  # (else a temporary file lives until the writer goes)
+            output = Output(okey, writer.count, data.size)
 
         children, stop_reason = next_tasks(
             msg,

@@ -13,12 +13,13 @@ attempt that never committed are named by no committed parts list.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from fanout.avro import RecordWriter, Schema
+from fanout.avro import Encoded, RecordWriter, Schema
 from fanout.backends.base import Output, Store, TaskKey
 from fanout.backends.keys import chunk_parts_key, table_file_key
 from fanout.errors import RecordError
@@ -38,7 +39,7 @@ def make_writer(job: Job, schema: Schema, codec: str) -> RecordWriter:
     """The writer of one chunk of ``job``: a table job's partitions, else one file.
 
     Typed as a RecordWriter because ChunkContext and the runner take one: a
-    PartitionedWriter offers all they use of it (``add``, ``count``, ``finish``)."""
+    PartitionedWriter offers all they use of it (``add``, ``count``, ``finish_file``)."""
     spec: TableSpec | None = getattr(job, "table_spec", None)
     if spec is None:
         return RecordWriter(schema, codec=codec)
@@ -49,9 +50,9 @@ class PartitionedWriter:
     """Routes each record to its partition's :class:`RecordWriter`.
 
     Offers what the runner and ``ChunkContext`` use of a RecordWriter (``add``,
-    ``count``, ``finish``); ``finish`` returns a short description of the
-    partitions (empty when no record was added), so the runner's "anything to
-    write?" test holds, and :meth:`commit` writes the files.
+    ``count``, ``finish_file``); ``finish_file`` checks every partition's records
+    and returns a short description of the partitions (empty when no record was
+    added), and :meth:`commit` writes the files.
     """
 
     #: What the runner tests (it does not import this module unless a job has a schema).
@@ -65,7 +66,7 @@ class PartitionedWriter:
         self._count = 0
         logical = field_logical_type(schema.raw, spec.field) if spec.field else None
         self._logical = logical if isinstance(logical, str) else None
-        self._files: dict[str, bytes] | None = None
+        self._files: dict[str, Encoded] | None = None
         #: Per partition, the chunk-wide number of each record it holds.
         self._indices: dict[str, list[int]] = {}
 
@@ -103,17 +104,17 @@ class PartitionedWriter:
             writer.add(record)
         self._count += 1
 
-    def finish(self) -> bytes:
-        """Finish every partition's file; returns b"" when nothing was added."""
+    def finish_file(self) -> Encoded:
+        """Finish every partition's file; returns the partitions' names (as
+        JSON), empty when nothing was added."""
         if self._files is None:
             files = {}
             for partition, writer in sorted(self._writers.items()):
                 with self._renumbered(partition):
-                    files[partition] = writer.finish()
+                    files[partition] = writer.finish_file()
             self._files = files
-        if not self._count:
-            return b""
-        return json.dumps(sorted(self._files)).encode()
+        names = json.dumps(sorted(self._files)).encode() if self._count else b""
+        return Encoded(io.BytesIO(names), len(names))
 
     def commit(self, store: Store, key: TaskKey, attempt: int, token: str) -> Output | None:
         """Write the partition files, then the parts list; returns the parts list
@@ -126,10 +127,11 @@ class PartitionedWriter:
             if not data:
                 continue
             fkey = table_file_key(self.spec.table, partition, f"{stem}.avro")
-            store.put(fkey, data)
+            store.put(fkey, data.file())
+            data.close()
             records = self._writers[partition].count
             entries.append(
-                {"key": fkey, "partition": partition, "records": records, "bytes": len(data)}
+                {"key": fkey, "partition": partition, "records": records, "bytes": data.size}
             )
         if not entries:
             return None
