@@ -395,11 +395,10 @@ class Runner:
         if getattr(writer, "partitioned", False):  # issue 14: partition files + parts list
             output = writer.commit(self.store, key, attempt.attempt, attempt.token)
         elif data:
-            k, a = key, attempt
-            okey = keys.output_key(k.run_id, k.chunk_id, k.seq, a.attempt, a.token)
-            self.store.put(okey, data.file())
+            at = keys.output_key(key.run_id, key.chunk_id, key.seq, attempt.attempt, attempt.token)
+            self.store.put(at, data.file())
             data.close()  # (else a temporary file lives until the writer goes)
-            output = Output(okey, writer.count, data.size)
+            output = Output(at, writer.count, data.size)
 
         children, stop_reason = next_tasks(
             msg,
