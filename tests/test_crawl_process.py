@@ -30,7 +30,7 @@ from fanout import coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, TaskState
 from fanout.backends.crawlstate import DomainAsk
-from fanout.crawl import THROTTLE_META, backoff, channel, components, politeness
+from fanout.crawl import THROTTLE_META, backoff, channel, components, politeness, throttle
 from support.helpers import JOBS
 from support.procs import (
     alive,
@@ -604,7 +604,8 @@ def chunk_context(monkeypatch: pytest.MonkeyPatch, chunk: dict[str, Any]) -> Non
     """Run the components as inside a chunk whose context is ``chunk`` (empty:
     outside one), where both the components and their base read it."""
     monkeypatch.setattr(channel, "CHUNK", chunk)
-    monkeypatch.setattr(components, "CHUNK", chunk)
+    for module in (components, throttle):
+        monkeypatch.setattr(module, "CHUNK", chunk)
 
 
 def test_a_503_is_kept_for_later_unless_the_spider_asked_for_it(
@@ -612,7 +613,7 @@ def test_a_503_is_kept_for_later_unless_the_spider_asked_for_it(
 ) -> None:
     chunk_context(monkeypatch, {"chunk_id": "0"})  # inside a chunk
     crawler = get_crawler(Spider)
-    rescue = components.ThrottleRescue(crawler)
+    rescue = throttle.ThrottleRescue(crawler)
 
     def answer(status: int, **meta: Any) -> tuple[Request, Any]:
         request = Request("http://busy.test/page", meta=meta)
@@ -639,7 +640,39 @@ def test_a_503_is_kept_for_later_unless_the_spider_asked_for_it(
     # Outside a chunk the middleware is not there at all.
     chunk_context(monkeypatch, {})
     with pytest.raises(NotConfigured):
-        components.ThrottleRescue(crawler)
+        throttle.ThrottleRescue(crawler)
+
+
+def test_a_host_that_cannot_be_reached_is_held_back_but_a_broken_page_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused, unresolvable, connect timed out: the host's fault, the request is
+    scheduled again (held back with its domain). A reset or a timeout after the
+    connection was made may be the page's: left to the given-up rounds."""
+    from twisted.internet import error
+    from twisted.web._newclient import ResponseNeverReceived
+
+    chunk_context(monkeypatch, {"chunk_id": "0"})
+    crawler = get_crawler(Spider)
+    rescue = throttle.ThrottleRescue(crawler)
+
+    def failed(exc: Exception, **meta: Any) -> Any:
+        return rescue.process_exception(Request("http://down.test/p", meta=meta), exc)
+
+    for host_fault in (
+        error.ConnectionRefusedError(),
+        error.DNSLookupError(),
+        error.TCPTimedOutError(),
+    ):
+        kept = failed(host_fault, depth=3)
+        assert isinstance(kept, Request) and kept.dont_filter and kept.meta["depth"] == 3
+    for page_fault in (ResponseNeverReceived([]), error.ConnectionLost(), TimeoutError()):
+        assert failed(page_fault) is None
+    assert failed(error.ConnectionRefusedError(), dont_retry=True) is None
+    assert (
+        failed(error.ConnectionRefusedError(), **{THROTTLE_META: backoff.MAX_THROTTLE_LEVEL})
+        is None
+    )
 
 
 def test_an_attempt_handed_on_in_flight_twice_must_answer_before_the_cut_off(

@@ -131,9 +131,9 @@ def _settings(spider_cls: type[Spider], log_level: str) -> Any:
     settings.set("DUPEFILTER_CLASS", "scrapy.dupefilters.BaseDupeFilter", priority="cmdline")
     middlewares = settings.getdict("DOWNLOADER_MIDDLEWARES_BASE")
     # Sees a response just before Scrapy's retry (550) does ...
-    middlewares[here + "ThrottleWatch"] = 555
+    middlewares["fanout.crawl.throttle.ThrottleWatch"] = 555
     # ... and nearest the engine, once every other middleware let it through;
-    middlewares[here + "ThrottleRescue"] = 1
+    middlewares["fanout.crawl.throttle.ThrottleRescue"] = 1
     # what got past both given up: kept (fanout.crawl.givenup).
     middlewares["fanout.crawl.givenup.GiveUpWatch"] = 0
     # First, nearest the downloader: late answers of requests handed on.

@@ -45,20 +45,10 @@ from scrapy.utils.httpobj import urlparse_cached
 from twisted.internet.defer import Deferred
 
 import fanout.crawl.channel as channel  # the module: CHANNEL is set per chunk
-from fanout.crawl.backoff import (
-    DEFAULT_THROTTLE_BASE,
-    MAX_BACKOFF,
-    MAX_THROTTLE_LEVEL,
-    THROTTLE_ANSWER_META,
-    THROTTLE_META,
-    THROTTLE_STATUSES,
-    parse_retry_after,
-)
 from fanout.crawl.channel import CHUNK, InChunk, send
 from fanout.crawl.claims import ClaimBatch, book_of
 from fanout.crawl.closing import SPIDER_CLOSED
 from fanout.crawl.codec import CodecError, check_keepable, encode_value, request_to_json
-from fanout.crawl.givenup import GIVEN_UP_META, SpiderWants
 from fanout.crawl.politeness import (  # the in-flight marks: re-exported, used here
     CUT_MARGIN,
     IN_FLIGHT_META,
@@ -278,68 +268,6 @@ class ClaimOutput(ClaimBatch):
     @classmethod
     def from_crawler(cls, crawler: Any) -> ClaimOutput:
         return cls(crawler)
-
-
-class ThrottleWatch(InChunk):
-    """Downloader middleware, just above Scrapy's retry: a 429/503 answer marks
-    its domain as throttled, so that the retry Scrapy schedules (and every other
-    request to that domain) is held back for a later chunk, not sent at once.
-    A ``Retry-After`` longer than fanout's own back-off sets the domain's."""
-
-    def process_response(
-        self, request: Request, response: Any, spider: Spider | None = None
-    ) -> Any:
-        if response.status in THROTTLE_STATUSES:
-            scheduler = self.crawler.engine.scheduler
-            domain = domain_of(request)
-            scheduler.throttled.add(domain)
-            request.meta[THROTTLE_ANSWER_META] = True  # Scrapy's retry copies it
-            self.crawler.stats.inc_value(f"fanout/domain/{domain}/throttled")
-            wait = parse_retry_after(response.headers.get(b"Retry-After"))
-            if wait:
-                scheduler.retry_after[domain] = max(wait, scheduler.retry_after.get(domain, 0.0))
-            self.crawler.stats.inc_value("fanout/throttled")
-            # Every other chunk crawling the site backs off too, for the first
-            # back-off (or the site's Retry-After when longer): not for this
-            # request's own, which grows with its level. One URL that always
-            # answers 503 would otherwise hold its whole site back for longer
-            # and longer; a site busy all over answers the next try 429 again.
-            base = float(CHUNK.get("throttle_base", DEFAULT_THROTTLE_BASE))
-            gate = gate_of(self.crawler)
-            gate.back_off(gate.key(request), time.time() + max(wait, min(MAX_BACKOFF, base)))
-        return response
-
-
-class ThrottleRescue(InChunk):
-    """Downloader middleware, nearest the engine: a 429/503 answer that got
-    through Scrapy's retry (``RETRY_TIMES`` spent, or retry off) would be dropped
-    as an HTTP error; instead its request is scheduled again, is held back (its
-    domain is throttled) and goes to a later chunk, after a back-off. Not when
-    the spider asked to see such answers (``handle_httpstatus_list``), nor after
-    ``MAX_THROTTLE_LEVEL`` back-offs, nor for a request Scrapy gave up on before
-    (its rounds count its failures: :mod:`fanout.crawl.givenup`). The copy
-    carries the request's claim."""
-
-    def __init__(self, crawler: Any) -> None:
-        super().__init__(crawler)
-        self.spider_wants = SpiderWants(crawler)
-
-    def process_response(
-        self, request: Request, response: Any, spider: Spider | None = None
-    ) -> Any:
-        if response.status not in THROTTLE_STATUSES:
-            return response
-        if self.spider_wants(request, response.status, spider):
-            return response
-        if int(request.meta.get(THROTTLE_META, 0)) >= MAX_THROTTLE_LEVEL:
-            self.crawler.stats.inc_value("fanout/throttle_gave_up")
-            return response
-        if request.meta.get(GIVEN_UP_META):
-            return response  # given up before: its rounds count its failures now
-        self.crawler.stats.inc_value("fanout/throttle_kept")
-        # The same request: dont_filter gets it past Scrapy's own checks, and
-        # its claim (copied meta) keeps the ledger from being asked again.
-        return request.replace(dont_filter=True)
 
 
 class ParkHandedOn(InChunk):

@@ -23,6 +23,8 @@ def summarize_stats(stats: dict[str, Any]) -> dict[str, int]:
         # Requests Scrapy's retry gave up on (each kept: fanout.crawl.givenup).
         "given_up": int(stats.get("fanout/given_up", 0)),
         "throttled": int(stats.get("fanout/throttled", 0)),
+        # Connections a site's host refused (or never let happen): held back.
+        "unreachable": int(stats.get("fanout/unreachable", 0)),
         "throttle_gave_up": int(stats.get("fanout/throttle_gave_up", 0)),
         "handed_on_in_flight": int(stats.get("fanout/handed_on_in_flight", 0)),
         "new_urls": int(stats.get("fanout/new_urls", 0)),

@@ -1,0 +1,176 @@
+"""A site that asks the crawl to slow down, or that cannot be reached, is backed
+off run-wide: its requests wait for a later chunk instead of being sent (and
+failing) now. The constants and the ``Retry-After`` reading are in
+:mod:`fanout.crawl.backoff`; the hand-on delays in :class:`fanout.crawl.CrawlJob`.
+
+Two downloader middlewares, one each side of Scrapy's retry:
+
+* :class:`ThrottleWatch`, just above the retry, sees every answer and every
+  failure first. A 429/503 answer, or a connection the site's host refused or
+  never let happen (:func:`unreachable`: nothing listens, no DNS name, the
+  connect timed out), marks the domain as throttled in this chunk, so that
+  Scrapy's retry of the request, and every other request to the domain, is
+  held back for a later chunk; and it backs the domain off run-wide for
+  ``throttle_base`` (or the site's ``Retry-After``), so the other chunks wait
+  too.
+* :class:`ThrottleRescue`, nearest the engine: a request the retry gave up on
+  for one of those reasons is scheduled again, held back with its domain,
+  rather than dropped, up to ``MAX_THROTTLE_LEVEL`` hand-ons of its own; only
+  then does Scrapy's give-up stand (and :mod:`fanout.crawl.givenup` keep it).
+
+Why a host that cannot be reached is treated as one that asked to slow down:
+a site restarting for a minute failed every request sent to it, each of which
+Scrapy gave up after its quick retries; every page in flight, and every page
+the frontier sent after it, became a chunk of its own (276 of 300 pages for a
+60 s outage), each a process. Held back with their domain, the frontier waits
+in the chunks it was in, and only the few requests in flight at each probe
+climb a level. A failure after the connection was made (a reset, a timeout of
+the answer, a truncated body) may be the page's own: it is left to the retry
+and the given-up rounds, so a single broken page does not hold its site back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from scrapy import Request, Spider
+from scrapy.http.request import NO_CALLBACK
+from scrapy.utils.misc import load_object
+from twisted.internet.error import ConnectError, DNSLookupError
+
+from fanout.crawl.backoff import (
+    DEFAULT_THROTTLE_BASE,
+    MAX_BACKOFF,
+    MAX_THROTTLE_LEVEL,
+    THROTTLE_ANSWER_META,
+    THROTTLE_META,
+    THROTTLE_STATUSES,
+    parse_retry_after,
+)
+from fanout.crawl.channel import CHUNK, InChunk
+from fanout.crawl.components import domain_of, gate_of
+from fanout.crawl.givenup import GIVEN_UP_META, SpiderWants
+
+__all__ = ["ThrottleRescue", "ThrottleWatch", "unreachable"]
+
+
+def _host_errors() -> tuple[type[BaseException], ...]:
+    """Twisted's connect errors (refused, connect timeout, no route), its DNS
+    error, and the names newer Scrapy wraps two of them in (absent in older)."""
+    found: list[type[BaseException]] = [ConnectError, DNSLookupError]
+    for name in (
+        "scrapy.exceptions.DownloadConnectionRefusedError",
+        "scrapy.exceptions.CannotResolveHostError",
+    ):
+        with contextlib.suppress(ImportError, NameError, AttributeError):
+            found.append(load_object(name))
+    return tuple(found)
+
+
+_HOST_ERRORS = _host_errors()
+
+
+def unreachable(exception: BaseException) -> bool:
+    """Whether ``exception`` says no connection to the host could be made: its
+    cause is the host (down, restarting, not resolvable), not the page."""
+    return isinstance(exception, _HOST_ERRORS)
+
+
+class ThrottleWatch(InChunk):
+    """Downloader middleware, just above Scrapy's retry: a 429/503 answer, or a
+    host that cannot be reached, marks its domain as throttled, so that the
+    retry Scrapy schedules (and every other request to that domain) is held
+    back for a later chunk, not sent at once. A ``Retry-After`` longer than
+    fanout's own back-off sets the domain's."""
+
+    def process_response(
+        self, request: Request, response: Any, spider: Spider | None = None
+    ) -> Any:
+        if response.status in THROTTLE_STATUSES:
+            wait = parse_retry_after(response.headers.get(b"Retry-After"))
+            self._hold(request, wait)
+            self.crawler.stats.inc_value("fanout/throttled")
+        return response
+
+    def process_exception(
+        self, request: Request, exception: Exception, spider: Spider | None = None
+    ) -> None:
+        if unreachable(exception) and _rescuable(self.crawler, request):
+            self._hold(request, 0.0)
+            self.crawler.stats.inc_value("fanout/unreachable")
+
+    def _hold(self, request: Request, wait: float) -> None:
+        scheduler = self.crawler.engine.scheduler
+        domain = domain_of(request)
+        scheduler.throttled.add(domain)
+        request.meta[THROTTLE_ANSWER_META] = True  # Scrapy's retry copies it
+        self.crawler.stats.inc_value(f"fanout/domain/{domain}/throttled")
+        if wait:
+            scheduler.retry_after[domain] = max(wait, scheduler.retry_after.get(domain, 0.0))
+        # Every other chunk crawling the site backs off too, for the first
+        # back-off (or the site's Retry-After when longer): not for this
+        # request's own, which grows with its level. One URL that always
+        # answers 503 would otherwise hold its whole site back for longer
+        # and longer; a site busy all over answers the next try 429 again.
+        base = float(CHUNK.get("throttle_base", DEFAULT_THROTTLE_BASE))
+        gate = gate_of(self.crawler)
+        gate.back_off(gate.key(request), time.time() + max(wait, min(MAX_BACKOFF, base)))
+
+
+class ThrottleRescue(InChunk):
+    """Downloader middleware, nearest the engine: a 429/503 answer that got
+    through Scrapy's retry (``RETRY_TIMES`` spent, or retry off) would be dropped
+    as an HTTP error, and a host that could not be reached given up; instead
+    the request is scheduled again, is held back (its domain is throttled) and
+    goes to a later chunk, after a back-off. Not when the spider asked to see
+    such answers (``handle_httpstatus_list``), nor after ``MAX_THROTTLE_LEVEL``
+    back-offs, nor for a request Scrapy gave up on before (its rounds count its
+    failures: :mod:`fanout.crawl.givenup`). The copy carries the request's claim."""
+
+    def __init__(self, crawler: Any) -> None:
+        super().__init__(crawler)
+        self.spider_wants = SpiderWants(crawler)
+
+    def process_response(
+        self, request: Request, response: Any, spider: Spider | None = None
+    ) -> Any:
+        if response.status not in THROTTLE_STATUSES:
+            return response
+        if self.spider_wants(request, response.status, spider):
+            return response
+        return self._again(request) or response
+
+    def process_exception(
+        self, request: Request, exception: Exception, spider: Spider | None = None
+    ) -> Request | None:
+        if unreachable(exception) and _rescuable(self.crawler, request):
+            return self._again(request)
+        return None
+
+    def _again(self, request: Request) -> Request | None:
+        """The request scheduled again (to be held back), or None: let it go."""
+        if int(request.meta.get(THROTTLE_META, 0)) >= MAX_THROTTLE_LEVEL:
+            self.crawler.stats.inc_value("fanout/throttle_gave_up")
+            return None
+        if request.meta.get(GIVEN_UP_META):
+            return None  # given up before: its rounds count its failures now
+        self.crawler.stats.inc_value("fanout/throttle_kept")
+        # The same request: dont_filter gets it past Scrapy's own checks, and
+        # its claim (copied meta) keeps the ledger from being asked again.
+        return request.replace(dont_filter=True)
+
+
+def _rescuable(crawler: Any, request: Request) -> bool:
+    """Whether a failed download of ``request`` may be held back and tried
+    again later, as Scrapy's retry would have tried it: retry is on, the spider
+    did not mark it ``dont_retry``, it is a page of the spider's (not Scrapy's
+    own robots.txt, fetched outside the scheduler), and it was not handed on
+    already at the chunk's cut-off."""
+    return (
+        crawler.settings.getbool("RETRY_ENABLED")
+        and request.callback is not NO_CALLBACK
+        and not request.meta.get("dont_retry", False)
+        and request not in CHUNK.get("handed_on", ())
+    )

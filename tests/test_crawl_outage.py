@@ -1,0 +1,96 @@
+"""A site that goes down in the middle of a crawl and comes back (a restart, a
+deploy) is waited for, not given up page by page (``fanout/crawl/throttle.py``).
+
+Through the CLI: ``fanout run`` crawls a 200-page site; after 40 pages the
+server stops listening (connections refused) for 8 s, then listens again on the
+same port. The run must succeed with every item once, no page given up (each
+used to become a chunk of its own, several rounds each), and the site's pages
+must have been held back: the crawl counted the refusals (``unreachable``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from support.helpers import JOBS
+from support.lambda_source import checkout_pythonpath
+from support.procs import CLI, fanout
+from support.sites import HTML, Reply, SiteServer
+
+JOB = str(JOBS / "hard_crawl.py")
+PAGES = 200
+PAGE = (("Content-Type", HTML),)
+#: How long the site is down: past a page's given-up rounds at the test jobs'
+#: 1 s throttle_base (hard_crawl.THROTTLE_BASE), as a minute is at the default 5 s.
+DOWN = 8.0
+
+
+class Hub:
+    """``/`` links to ``/p/0`` .. ``/p/199``, each an item page, a little slow."""
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if key == "/":
+            links = "".join(f'<a href="/p/{n}">{n}</a>' for n in range(PAGES))
+            return Reply(200, PAGE, f"<html><body>{links}</body></html>".encode())
+        n = key.rsplit("/", 1)[-1]
+        body = f'<html><body><article class="page" data-id="p{n}"><h1>{n}</h1></article>'
+        return Reply(200, PAGE, (body + "</body></html>").encode(), delay=0.05)
+
+
+def test_a_site_down_for_a_while_mid_crawl_is_waited_for_and_every_page_kept(
+    home: Path,
+) -> None:
+    site = SiteServer(Hub()).start()
+    port = site.port
+    back = None
+    command = [*CLI, "--home", str(home), "run", f"{JOB}:tutorial", "-p", f"start_url={site.url}"]
+    proc = subprocess.Popen(
+        [*command, "-S", "pages_per_chunk=20", "-w", "2", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": checkout_pythonpath()},
+    )
+    # Drained as it comes: a full pipe would block the crawl's logging.
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True),  # type: ignore[union-attr]
+        threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True),  # type: ignore[union-attr]
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sum(site.hits.values()) < 40:
+            assert proc.poll() is None and time.monotonic() < deadline, "the crawl ended early"
+            time.sleep(0.005)
+        site.stop()  # connections refused from now on
+        time.sleep(DOWN)
+        back = SiteServer(Hub(), port=port).start()
+        assert proc.wait(timeout=120) == 0, "".join(err)[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        site.stop()
+        if back is not None:
+            back.stop()
+    for reader in readers:
+        reader.join(timeout=10)
+
+    st = json.loads(out[0].strip().splitlines()[-1])
+    assert st["state"] == "succeeded", st
+    assert st["stats"].get("unreachable", 0) > 0, st["stats"]  # the outage was met
+    assert st["stats"].get("given_up", 0) == 0, st["stats"]
+    assert "given up" not in err[0]
+    cat = fanout(home, "cat", st["run_id"])
+    assert cat.returncode == 0, cat.stderr
+    ids = Counter(json.loads(line)["id"] for line in cat.stdout.splitlines())
+    assert ids == Counter({f"p{n}": 1 for n in range(PAGES)})
