@@ -1,11 +1,13 @@
-"""A site that goes down in the middle of a crawl and comes back (a restart, a
+"""A site that goes away in the middle of a crawl and comes back (a restart, a
 deploy) is waited for, not given up page by page (``fanout/crawl/throttle.py``).
 
-Through the CLI: ``fanout run`` crawls a 200-page site; after 40 pages the
-server stops listening (connections refused) for 8 s, then listens again on the
-same port. The run must succeed with every item once, no page given up (each
-used to become a chunk of its own, several rounds each), and the site's pages
-must have been held back: the crawl counted the refusals (``unreachable``).
+Through the CLI: ``fanout run`` crawls a 200-page site; after 40 pages the site
+goes away for 8 s, in two ways: the server stops listening (connections
+refused), then listens again on the same port; or a proxy answers 502 to every
+page (the application behind it restarting). The run must succeed with every
+item once, no page given up (each used to become a chunk of its own, several
+rounds each), and the site's pages must have been held back: the crawl counted
+the failures as the site's (``unreachable``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+import pytest
 
 from support.helpers import JOBS
 from support.lambda_source import checkout_pythonpath
@@ -32,9 +36,15 @@ DOWN = 8.0
 
 
 class Hub:
-    """``/`` links to ``/p/0`` .. ``/p/199``, each an item page, a little slow."""
+    """``/`` links to ``/p/0`` .. ``/p/199``, each an item page, a little slow;
+    while ``away``, a proxy's 502 for every page."""
+
+    def __init__(self) -> None:
+        self.away = False
 
     def respond(self, key: str, host: str, hit: int) -> Reply:
+        if self.away:
+            return Reply(502, PAGE, b"<html><body>502 Bad Gateway</body></html>")
         if key == "/":
             links = "".join(f'<a href="/p/{n}">{n}</a>' for n in range(PAGES))
             return Reply(200, PAGE, f"<html><body>{links}</body></html>".encode())
@@ -43,10 +53,12 @@ class Hub:
         return Reply(200, PAGE, (body + "</body></html>").encode(), delay=0.05)
 
 
-def test_a_site_down_for_a_while_mid_crawl_is_waited_for_and_every_page_kept(
-    home: Path,
+@pytest.mark.parametrize("how", ["refused", "502"])
+def test_a_site_away_for_a_while_mid_crawl_is_waited_for_and_every_page_kept(
+    home: Path, how: str
 ) -> None:
-    site = SiteServer(Hub()).start()
+    hub = Hub()
+    site = SiteServer(hub).start()
     port = site.port
     back = None
     command = [*CLI, "--home", str(home), "run", f"{JOB}:tutorial", "-p", f"start_url={site.url}"]
@@ -71,9 +83,14 @@ def test_a_site_down_for_a_while_mid_crawl_is_waited_for_and_every_page_kept(
         while sum(site.hits.values()) < 40:
             assert proc.poll() is None and time.monotonic() < deadline, "the crawl ended early"
             time.sleep(0.005)
-        site.stop()  # connections refused from now on
-        time.sleep(DOWN)
-        back = SiteServer(Hub(), port=port).start()
+        if how == "refused":
+            site.stop()  # connections refused from now on
+            time.sleep(DOWN)
+            back = SiteServer(hub, port=port).start()
+        else:
+            hub.away = True
+            time.sleep(DOWN)
+            hub.away = False
         assert proc.wait(timeout=120) == 0, "".join(err)[-3000:]
     finally:
         if proc.poll() is None:

@@ -649,11 +649,15 @@ def test_a_host_that_cannot_be_reached_is_held_back_but_a_broken_page_is_not(
     """Refused, unresolvable, connect timed out: the host's fault, the request is
     scheduled again (held back with its domain). A reset or a timeout after the
     connection was made may be the page's: left to the given-up rounds."""
+    from types import SimpleNamespace
+
     from twisted.internet import error
     from twisted.web._newclient import ResponseNeverReceived
 
     chunk_context(monkeypatch, {"chunk_id": "0"})
     crawler = get_crawler(Spider)
+    held: set[str] = set()  # the domains the chunk holds back
+    crawler.engine = SimpleNamespace(scheduler=SimpleNamespace(throttled=held))  # type: ignore[assignment]
     rescue = throttle.ThrottleRescue(crawler)
 
     def failed(exc: Exception, **meta: Any) -> Any:
@@ -668,7 +672,14 @@ def test_a_host_that_cannot_be_reached_is_held_back_but_a_broken_page_is_not(
         assert isinstance(kept, Request) and kept.dont_filter and kept.meta["depth"] == 3
     for page_fault in (ResponseNeverReceived([]), error.ConnectionLost(), TimeoutError()):
         assert failed(page_fault) is None
+    # ... unless its site is held back as away (pages failed in a row): then kept.
+    held.add("down.test")
+    assert isinstance(failed(error.ConnectionLost()), Request)
+    held.clear()
     assert failed(error.ConnectionRefusedError(), dont_retry=True) is None
+    # The spider handles this request's failures itself: its errback gets them.
+    with_errback = Request("http://down.test/p", errback=lambda failure: None)
+    assert rescue.process_exception(with_errback, error.ConnectionRefusedError()) is None
     assert (
         failed(error.ConnectionRefusedError(), **{THROTTLE_META: backoff.MAX_THROTTLE_LEVEL})
         is None

@@ -200,7 +200,10 @@ class CrawlJob(Job):
                     # with it keep theirs, or one busy moment would grow every
                     # held request's back-off at each hand-on, for ever.
                     level += 1
-                    meta[THROTTLE_META] = level
+                # Level 0 included: the next chunk knows the request was held
+                # back with its site (fanout.crawl.throttle: a failure of it is
+                # taken as the site's).
+                meta[THROTTLE_META] = level
                 # The site's own Retry-After, when it asks for longer.
                 asked = min(float(entry.get("retry_after", 0.0)), MAX_RETRY_AFTER)
                 throttled.setdefault((level, asked), []).append(request)

@@ -57,6 +57,12 @@ def rounds_given_up(request: dict[str, Any]) -> int:
     return int((request.get("meta") or {}).get(GIVEN_UP_META, 0))
 
 
+def retry_exceptions(settings: Any) -> tuple[type[BaseException], ...]:
+    """The download failures Scrapy's retry retries (``RETRY_EXCEPTIONS``)."""
+    names = settings.getlist("RETRY_EXCEPTIONS")
+    return tuple(load_object(e) if isinstance(e, str) else e for e in names)
+
+
 class SpiderWants:
     """Whether the spider asked to see an answer of some status (Scrapy's
     ``HttpErrorMiddleware`` rules, from the crawler's settings): then the
@@ -88,8 +94,7 @@ class GiveUpWatch(InChunk):
         settings = crawler.settings
         self.enabled = settings.getbool("RETRY_ENABLED")
         self.codes = {int(code) for code in settings.getlist("RETRY_HTTP_CODES")}
-        names = settings.getlist("RETRY_EXCEPTIONS")
-        self.exceptions = tuple(load_object(e) if isinstance(e, str) else e for e in names)
+        self.exceptions = retry_exceptions(settings)
         self.spider_wants = SpiderWants(crawler)
 
     def process_response(

@@ -6,9 +6,11 @@ failing) now. The constants and the ``Retry-After`` reading are in
 Two downloader middlewares, one each side of Scrapy's retry:
 
 * :class:`ThrottleWatch`, just above the retry, sees every answer and every
-  failure first. A 429/503 answer, or a connection the site's host refused or
+  failure first. A 429/503 answer, a connection the site's host refused or
   never let happen (:func:`unreachable`: nothing listens, no DNS name, the
-  connect timed out), marks the domain as throttled in this chunk, so that
+  connect timed out), or :data:`DOWN_AFTER` pages in a row failing in a way
+  that may be the site's or the page's (a gateway's 502/504, a reset, no
+  answer, a timeout) marks the domain as throttled in this chunk, so that
   Scrapy's retry of the request, and every other request to the domain, is
   held back for a later chunk; and it backs the domain off run-wide for
   ``throttle_base`` (or the site's ``Retry-After``), so the other chunks wait
@@ -25,8 +27,10 @@ the frontier sent after it, became a chunk of its own (276 of 300 pages for a
 60 s outage), each a process. Held back with their domain, the frontier waits
 in the chunks it was in, and only the few requests in flight at each probe
 climb a level. A failure after the connection was made (a reset, a timeout of
-the answer, a truncated body) may be the page's own: it is left to the retry
-and the given-up rounds, so a single broken page does not hold its site back.
+the answer, a proxy's 502) may be the page's own: alone, it is left to the
+retry and the given-up rounds, so a single broken page does not hold its site
+back; several pages failing in a row, with no good answer between them, are
+the site's (an application restarting behind its proxy answers 502 to all).
 """
 
 from __future__ import annotations
@@ -51,9 +55,18 @@ from fanout.crawl.backoff import (
 )
 from fanout.crawl.channel import CHUNK, InChunk
 from fanout.crawl.components import domain_of, gate_of
-from fanout.crawl.givenup import GIVEN_UP_META, SpiderWants
+from fanout.crawl.givenup import GIVEN_UP_META, SpiderWants, retry_exceptions
 
-__all__ = ["ThrottleRescue", "ThrottleWatch", "unreachable"]
+__all__ = ["DOWN_AFTER", "GATEWAY_STATUSES", "ThrottleRescue", "ThrottleWatch", "unreachable"]
+
+#: Answers by which a gateway says the site behind it is away (a proxy's 502
+#: and 504, Cloudflare's 522 and 524): the site's, not the page's, once
+#: :data:`DOWN_AFTER` pages answered so in a row.
+GATEWAY_STATUSES = frozenset({502, 504, 522, 524})
+#: Distinct pages of a domain whose fetch failed in a row, with no good answer
+#: between them (a gateway status, a reset, no answer, a timeout), that make
+#: the failures the site's: one broken page alone never holds its site back.
+DOWN_AFTER = 3
 
 
 def _host_errors() -> tuple[type[BaseException], ...]:
@@ -79,25 +92,60 @@ def unreachable(exception: BaseException) -> bool:
 
 
 class ThrottleWatch(InChunk):
-    """Downloader middleware, just above Scrapy's retry: a 429/503 answer, or a
-    host that cannot be reached, marks its domain as throttled, so that the
-    retry Scrapy schedules (and every other request to that domain) is held
-    back for a later chunk, not sent at once. A ``Retry-After`` longer than
-    fanout's own back-off sets the domain's."""
+    """Downloader middleware, just above Scrapy's retry: a 429/503 answer, a
+    host that cannot be reached, or :data:`DOWN_AFTER` pages failing in a row
+    marks its domain as throttled, so that the retry Scrapy schedules (and
+    every other request to that domain) is held back for a later chunk, not
+    sent at once. A ``Retry-After`` longer than fanout's own back-off sets the
+    domain's."""
+
+    def __init__(self, crawler: Any) -> None:
+        super().__init__(crawler)
+        self.spider_wants = SpiderWants(crawler)
+        self.page_errors = retry_exceptions(crawler.settings)
+        #: Per domain: the pages that failed since its last good answer.
+        self.failing: dict[str, set[str]] = {}
 
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
     ) -> Any:
-        if response.status in THROTTLE_STATUSES:
+        status = response.status
+        if status in THROTTLE_STATUSES:
             wait = parse_retry_after(response.headers.get(b"Retry-After"))
             self._hold(request, wait)
             self.crawler.stats.inc_value("fanout/throttled")
+        elif status in GATEWAY_STATUSES:
+            if _rescuable(self.crawler, request) and not self.spider_wants(request, status, spider):
+                self._failed(request)
+        else:
+            self.failing.pop(domain_of(request), None)  # the site answers
         return response
 
     def process_exception(
         self, request: Request, exception: Exception, spider: Spider | None = None
     ) -> None:
-        if unreachable(exception) and _rescuable(self.crawler, request):
+        if not _rescuable(self.crawler, request):
+            return
+        if unreachable(exception):
+            self._hold(request, 0.0)
+            self.crawler.stats.inc_value("fanout/unreachable")
+        elif isinstance(exception, self.page_errors):
+            self._failed(request)
+
+    def _failed(self, request: Request) -> None:
+        """A fetch that may have failed for the page or for the site: the
+        site's once :data:`DOWN_AFTER` pages failed in a row, while the domain
+        is held back already, or when the request was held back with its site
+        before (a chunk of a few such requests, tried after an outage, would
+        not reach :data:`DOWN_AFTER`)."""
+        domain = domain_of(request)
+        pages = self.failing.setdefault(domain, set())
+        pages.add(request.url)
+        if (
+            len(pages) >= DOWN_AFTER
+            or domain in self.crawler.engine.scheduler.throttled
+            or THROTTLE_META in request.meta
+        ):
             self._hold(request, 0.0)
             self.crawler.stats.inc_value("fanout/unreachable")
 
@@ -122,8 +170,9 @@ class ThrottleWatch(InChunk):
 class ThrottleRescue(InChunk):
     """Downloader middleware, nearest the engine: a 429/503 answer that got
     through Scrapy's retry (``RETRY_TIMES`` spent, or retry off) would be dropped
-    as an HTTP error, and a host that could not be reached given up; instead
-    the request is scheduled again, is held back (its domain is throttled) and
+    as an HTTP error, and a host that could not be reached given up (so would a
+    page that failed while its site is held back as away); instead the request
+    is scheduled again, is held back (its domain is throttled) and
     goes to a later chunk, after a back-off. Not when the spider asked to see
     such answers (``handle_httpstatus_list``), nor after ``MAX_THROTTLE_LEVEL``
     back-offs, nor for a request Scrapy gave up on before (its rounds count its
@@ -132,22 +181,34 @@ class ThrottleRescue(InChunk):
     def __init__(self, crawler: Any) -> None:
         super().__init__(crawler)
         self.spider_wants = SpiderWants(crawler)
+        self.page_errors = retry_exceptions(crawler.settings)
 
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
     ) -> Any:
-        if response.status not in THROTTLE_STATUSES:
+        status = response.status
+        if status not in THROTTLE_STATUSES and not (
+            status in GATEWAY_STATUSES and self._held(request)
+        ):
             return response
-        if self.spider_wants(request, response.status, spider):
+        if self.spider_wants(request, status, spider):
             return response
         return self._again(request) or response
 
     def process_exception(
         self, request: Request, exception: Exception, spider: Spider | None = None
     ) -> Request | None:
-        if unreachable(exception) and _rescuable(self.crawler, request):
+        if not _rescuable(self.crawler, request):
+            return None
+        if unreachable(exception) or (
+            isinstance(exception, self.page_errors) and self._held(request)
+        ):
             return self._again(request)
         return None
+
+    def _held(self, request: Request) -> bool:
+        """Whether the request's domain is held back (the site's, not the page's)."""
+        return domain_of(request) in self.crawler.engine.scheduler.throttled
 
     def _again(self, request: Request) -> Request | None:
         """The request scheduled again (to be held back), or None: let it go."""
@@ -165,11 +226,13 @@ class ThrottleRescue(InChunk):
 def _rescuable(crawler: Any, request: Request) -> bool:
     """Whether a failed download of ``request`` may be held back and tried
     again later, as Scrapy's retry would have tried it: retry is on, the spider
-    did not mark it ``dont_retry``, it is a page of the spider's (not Scrapy's
-    own robots.txt, fetched outside the scheduler), and it was not handed on
-    already at the chunk's cut-off."""
+    did not mark it ``dont_retry`` nor give it an errback (it handles the
+    request's failures itself, and expects them as soon as the retry is spent),
+    it is a page of the spider's (not Scrapy's own robots.txt, fetched outside
+    the scheduler), and it was not handed on already at the chunk's cut-off."""
     return (
         crawler.settings.getbool("RETRY_ENABLED")
+        and request.errback is None
         and request.callback is not NO_CALLBACK
         and not request.meta.get("dont_retry", False)
         and request not in CHUNK.get("handed_on", ())
