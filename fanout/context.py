@@ -7,9 +7,9 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from fanout.errors import NotJsonError, PermanentError, RecordError
 from fanout.inputs import list_inputs, open_input
@@ -18,9 +18,19 @@ from fanout.messages import encode_payload
 
 if TYPE_CHECKING:
     from fanout.avro import RecordWriter
-    from fanout.backends.base import Store
+    from fanout.backends.base import RunRecord, Store
     from fanout.backends.crawlstate import CrawlState
     from fanout.limits import RunLimits
+
+
+class RunProbe(Protocol):
+    """The run as a chunk sees it while it runs (``fanout.control_gate.Probe``)."""
+
+    def __call__(self) -> str | None:
+        """``"cancelled"``, ``"paused"`` or None."""
+
+    def run(self) -> RunRecord | None:
+        """The run's record now."""
 
 
 #: The longest ``spawn`` delay (s). SQS keeps a message 14 days at most, however
@@ -75,7 +85,7 @@ class ChunkContext:
         settings: RunLimits | None = None,
         store: Store | None = None,
         token: str = "",
-        probe: Callable[[], str | None] | None = None,
+        probe: RunProbe | None = None,
     ) -> None:
         self.params = params
         self.run_id = run_id
@@ -137,6 +147,12 @@ class ChunkContext:
         """``"cancelled"`` or ``"paused"`` once the run is (read at most once a
         second), else None."""
         return self._probe() if self._probe is not None else None
+
+    def _run_so_far(self) -> RunRecord | None:
+        """The run's record now: records and stats of its committed chunks, its
+        start (a ledger read; fanout's CrawlJob counts Scrapy's CLOSESPIDER_*
+        run-wide with it). None outside a worker."""
+        return self._probe.run() if self._probe is not None else None
 
     def resume_at(self, cursor: Any) -> Continue:
         """Checkpoint: ``return ctx.resume_at(cursor)`` ends this chunk; a continuation

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fanout.backends.base import Backend, Delivery
+from fanout.backends.base import Backend, Delivery, RunRecord
 from fanout.backends.runcontrols import ControlContended, ControlState, controls_of
 from fanout.controls import (
     Admission,
@@ -74,6 +74,11 @@ class Probe:
             # The chunk goes on as it was told last; the next probe asks again.
             log.warning("could not read the controls of run %s: %s", self.run_id, exc)
         return self.state
+
+    def run(self) -> RunRecord | None:
+        """The run's record as the ledger has it now (a read each call): what
+        its committed chunks added up to so far."""
+        return self.gate.backend.ledger.get_run(self.run_id)
 
 
 class Gate:

@@ -25,39 +25,20 @@ import pytest
 from support.helpers import JOBS
 from support.lambda_source import checkout_pythonpath
 from support.procs import CLI, fanout
-from support.sites import HTML, Reply, SiteServer
+from support.sites import HubSite, SiteServer
 
 JOB = str(JOBS / "hard_crawl.py")
 PAGES = 200
-PAGE = (("Content-Type", HTML),)
 #: How long the site is down: past a page's given-up rounds at the test jobs'
 #: 1 s throttle_base (hard_crawl.THROTTLE_BASE), as a minute is at the default 5 s.
 DOWN = 8.0
-
-
-class Hub:
-    """``/`` links to ``/p/0`` .. ``/p/199``, each an item page, a little slow;
-    while ``away``, a proxy's 502 for every page."""
-
-    def __init__(self) -> None:
-        self.away = False
-
-    def respond(self, key: str, host: str, hit: int) -> Reply:
-        if self.away:
-            return Reply(502, PAGE, b"<html><body>502 Bad Gateway</body></html>")
-        if key == "/":
-            links = "".join(f'<a href="/p/{n}">{n}</a>' for n in range(PAGES))
-            return Reply(200, PAGE, f"<html><body>{links}</body></html>".encode())
-        n = key.rsplit("/", 1)[-1]
-        body = f'<html><body><article class="page" data-id="p{n}"><h1>{n}</h1></article>'
-        return Reply(200, PAGE, (body + "</body></html>").encode(), delay=0.05)
 
 
 @pytest.mark.parametrize("how", ["refused", "502"])
 def test_a_site_away_for_a_while_mid_crawl_is_waited_for_and_every_page_kept(
     home: Path, how: str
 ) -> None:
-    hub = Hub()
+    hub = HubSite(PAGES)
     site = SiteServer(hub).start()
     port = site.port
     back = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 from fanout.context import ChunkContext
@@ -37,6 +38,7 @@ from fanout.crawl.backoff import (
 from fanout.crawl.chunk import prewarm, run_chunk
 from fanout.crawl.givenup import RequestGivenUp, rounds_given_up
 from fanout.crawl.known import KNOWN, MAX_LINEAGE, parse_lineage
+from fanout.crawl.limits import remaining, spent, spider_limits
 from fanout.errors import PermanentError
 from fanout.jobs import Job
 from fanout.limits import RunKind
@@ -80,6 +82,8 @@ class CrawlJob(Job):
         )
         self.spider_cls = spider_cls
         self.throttle_base = throttle_base
+        #: The spider's CLOSESPIDER_* limits counted run-wide (fanout.crawl.limits).
+        self.limits = spider_limits(spider_cls)
         self.process(self._process)
         # Now, in the process that loads the job: `fanout run` loads it before
         # forking its workers, which then start warm (each worker would
@@ -97,6 +101,12 @@ class CrawlJob(Job):
         # this worker's to trust (fanout.crawl.known).
         lineage = {} if frontier is None else parse_lineage(payload.get("lineage"))
         KNOWN.learn(ctx.run_id, lineage)
+        closespider = self._closespider(ctx)
+        if closespider is not None and (reason := spent(closespider)) is not None:
+            # Nothing left of a CLOSESPIDER_* limit: the crawl is over, its
+            # frontier dropped as Scrapy drops its queue when the spider closes.
+            ctx.stop_run(f"the spider closed ({reason})")
+            return
         log_level = logging.getLevelName(logging.getLogger("fanout").getEffectiveLevel())
         result = run_chunk(
             self.spider_cls,
@@ -112,6 +122,7 @@ class CrawlJob(Job):
             store=ctx._store,
             throttle_base=self.throttle_base,
             known=KNOWN.known(ctx.run_id),
+            closespider=closespider,
         )
         if result.fatal:
             # Retrying would meet the same request: the spider must change.
@@ -140,6 +151,16 @@ class CrawlJob(Job):
         ctx.stats["handed_on"] += len(result.pending)  # requests passed to child chunks
         self._hand_on(result.pending, ctx, lineage)
         self._keep_given_up(result.given_up, ctx, lineage)
+
+    def _closespider(self, ctx: ChunkContext) -> dict[str, float] | None:
+        """What is left of the spider's CLOSESPIDER_* limits after the run's
+        committed chunks (``fanout.crawl.limits``); None when it sets none."""
+        if not self.limits:
+            return None
+        run = ctx._run_so_far()
+        if run is None:
+            return None
+        return remaining(self.limits, run.records, run.stats, run.created_at, time.time())
 
     def _keep_given_up(
         self, given_up: list[dict[str, Any]], ctx: ChunkContext, lineage: dict[str, str]

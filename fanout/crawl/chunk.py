@@ -121,7 +121,9 @@ UNUSED_EXTENSIONS = (
 )
 
 
-def _settings(spider_cls: type[Spider], log_level: str) -> Any:
+def _settings(
+    spider_cls: type[Spider], log_level: str, closespider: dict[str, float] | None = None
+) -> Any:
     from scrapy.settings import Settings
 
     settings = Settings()
@@ -167,6 +169,9 @@ def _settings(spider_cls: type[Spider], log_level: str) -> Any:
     # Scrapy logs its versions at start-up even below its log level, reading
     # package metadata and running `uname -p`: ~30 ms a chunk, for nothing.
     settings.set("LOG_VERSIONS", [], priority="cmdline")
+    # Above the spider's own: what is left of its run-wide limits (fanout.crawl.limits).
+    for name, left in (closespider or {}).items():
+        settings.set(name, left if name == "CLOSESPIDER_TIMEOUT" else int(left), priority="cmdline")
     return settings
 
 
@@ -259,7 +264,7 @@ def _child(
 
                 # Scrapy installs its own root log handler at LOG_LEVEL.
                 logging.root.handlers.clear()
-                settings = _settings(spider_cls, chunk["log_level"])
+                settings = _settings(spider_cls, chunk["log_level"], chunk["closespider"])
                 process = CrawlerProcess(settings)
                 process.crawl(frontier_spider(spider_cls, frontier), **spider_kwargs)
                 process.start(install_signal_handlers=False)
@@ -285,6 +290,7 @@ def run_chunk(
     store: Store | None = None,
     throttle_base: float = DEFAULT_THROTTLE_BASE,
     known: set[str] | None = None,
+    closespider: dict[str, float] | None = None,
 ) -> ChunkResult:
     """Crawl one chunk in a forked process and collect what it sent.
 
@@ -293,6 +299,8 @@ def run_chunk(
     before it, hands on whatever still waits for an answer. ``known``: the
     fingerprints committed chunks of the run hold, not asked of the ledger
     again (the forked chunk shares the set; it must not change it).
+    ``closespider``: what is left of the spider's run-wide CLOSESPIDER_* limits
+    (``fanout.crawl.limits``), the chunk's own limits.
     """
     drain = max(1.0, 0.2 * time_left)  # time kept for in-flight requests to finish
     now = time.monotonic()
@@ -313,6 +321,7 @@ def run_chunk(
         "worker_pid": os.getpid(),
         "throttle_base": throttle_base,  # a throttled domain's first back-off, run-wide
         "known": known if known is not None else set(),
+        "closespider": closespider or {},
     }
     prewarm()
     read_fd, write_fd = os.pipe()

@@ -47,8 +47,9 @@ from twisted.internet.defer import Deferred
 import fanout.crawl.channel as channel  # the module: CHANNEL is set per chunk
 from fanout.crawl.channel import CHUNK, InChunk, send
 from fanout.crawl.claims import ClaimBatch, book_of
-from fanout.crawl.closing import SPIDER_CLOSED
+from fanout.crawl.closing import SPIDER_CLOSED, spider_closed_itself
 from fanout.crawl.codec import CodecError, check_keepable, encode_value, request_to_json
+from fanout.crawl.limits import REASONS
 from fanout.crawl.politeness import (  # the in-flight marks: re-exported, used here
     CUT_MARGIN,
     IN_FLIGHT_META,
@@ -223,9 +224,12 @@ class ChunkScheduler(Scheduler):
 
     def close(self, reason: str) -> Any:
         # A spider that raised CloseSpider ends the crawl, its queue dropped as
-        # in Scrapy (and the run, see CloseWatch); any other close is the
-        # chunk's alone (its share fetched, its time up, Scrapy's CLOSESPIDER_*
-        # and memory limits, which count per chunk): the crawl goes on.
+        # in Scrapy (and the run, see CloseWatch), and so does a CLOSESPIDER_*
+        # limit counted run-wide (fanout.crawl.limits); any other close is the
+        # chunk's alone (its share fetched, its time up, Scrapy's memory limit,
+        # CLOSESPIDER_*_NO_ITEM): the crawl goes on.
+        if reason in REASONS:
+            spider_closed_itself(reason)
         if SPIDER_CLOSED not in CHUNK:
             self.hand_on()
         return super().close(reason)

@@ -491,6 +491,28 @@ class TrapSpider(scrapy.Spider):
 # --- the book site -----------------------------------------------------------------------
 
 
+class HubSite:
+    """``/`` links to ``/p/0`` .. ``/p/N-1``, each an item page (``article.page``,
+    as ``testjobs/hard_crawl.py`` reads it), a little slow; while ``away``, a
+    proxy's 502 for every page (the application behind it restarting)."""
+
+    def __init__(self, pages: int, delay: float = 0.05) -> None:
+        self.pages = pages
+        self.delay = delay
+        self.away = False
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        html = (("Content-Type", HTML),)
+        if self.away:
+            return Reply(502, html, b"<html><body>502 Bad Gateway</body></html>")
+        if key == "/":
+            links = "".join(f'<a href="/p/{n}">{n}</a>' for n in range(self.pages))
+            return Reply(200, html, f"<html><body>{links}</body></html>".encode())
+        n = key.rsplit("/", 1)[-1]
+        body = f'<html><body><article class="page" data-id="p{n}"><h1>{n}</h1></article>'
+        return Reply(200, html, (body + "</body></html>").encode(), delay=self.delay)
+
+
 class BookSite:
     """A books.toscrape-like site of exactly ``pages`` HTML pages (see ``support.make_site``).
 

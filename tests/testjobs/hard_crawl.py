@@ -10,7 +10,9 @@ Scrapy, nothing fanout-specific inside it; ``CrawlJob`` wraps it:
   (not randomized: plain Scrapy spreads it over 0.5-1.5x, so only a fixed delay
   can be asserted), ``ROBOTSTXT_OBEY``;
 * ``crawl_delay``: like ``polite`` but with no ``DOWNLOAD_DELAY``: the site's
-  robots.txt ``Crawl-delay`` is what must space the requests.
+  robots.txt ``Crawl-delay`` is what must space the requests;
+* ``limited``: ``tutorial`` with ``CLOSESPIDER_ITEMCOUNT``/``PAGECOUNT`` from
+  the environment (``HARD_CLOSE_ITEMS``, ``HARD_CLOSE_PAGES``).
 
 Spiders get the site as a spider argument (``-p start_url=...``). Settings a
 test varies come from the environment at import, as ``trap_crawl.py`` does:
@@ -139,6 +141,18 @@ class CrawlDelay(Tutorial):
     }
 
 
+class Limited(Tutorial):
+    """The tutorial spider with Scrapy's ``CLOSESPIDER_*`` limits, from the
+    environment: ``HARD_CLOSE_ITEMS`` (ITEMCOUNT), ``HARD_CLOSE_PAGES`` (PAGECOUNT)."""
+
+    name = "limited"
+    custom_settings = {
+        **Tutorial.custom_settings,
+        "CLOSESPIDER_ITEMCOUNT": int(os.environ.get("HARD_CLOSE_ITEMS", "0")),
+        "CLOSESPIDER_PAGECOUNT": int(os.environ.get("HARD_CLOSE_PAGES", "0")),
+    }
+
+
 #: The first pause before a site is asked again (a throttled site, a given-up
 #: page's next round): short for tests, measurable (tests/test_crawl_given_up.py).
 THROTTLE_BASE = 1.0
@@ -156,3 +170,4 @@ rules = _job(Rules, "hard-rules")
 sitemap = _job(Sitemap, "hard-sitemap")
 polite = _job(Polite, "hard-polite")
 crawl_delay = _job(CrawlDelay, "hard-crawl-delay")
+limited = _job(Limited, "hard-limited")
