@@ -359,3 +359,42 @@ def test_requests_handed_on_are_split_into_chunks_of_even_sizes() -> None:
     assert sizes(250) == [250]
     assert sizes(7) == [7]
     assert sizes(0) == []
+
+
+def test_a_site_that_stays_away_is_tried_again_after_pauses_that_double() -> None:
+    # Requests held because their site is away (refused, failing all over) go
+    # on together, whatever their levels, after throttle_base, then twice and
+    # four times that, no more; each try was a chunk per pages_per_chunk of them
+    # after throttle_base alone, for as long as the site stayed away.
+    import time
+
+    from fanout.context import ChunkContext
+    from fanout.crawl import CrawlJob
+    from fanout.crawl.backoff import AWAY_META, THROTTLE_META
+
+    job = CrawlJob(scrapy.Spider, schema=None, name="t", pages_per_chunk=250, throttle_base=5.0)
+
+    def handed_on(away: int, levels: list[int]) -> tuple[list[float], list[dict[str, Any]]]:
+        ctx = ChunkContext(
+            params={}, run_id="r", chunk_id="0/1", seq=0, attempt=1, cursor=None,
+            soft_deadline=time.monotonic() + 60, writer=None, job_name="t",
+            settings=job.settings,
+        )  # fmt: skip
+        meta = {AWAY_META: away} if away else {}
+        pending = [
+            {
+                "request": {"url": f"http://a.test/{i}", "meta": {**meta, THROTTLE_META: level}},
+                "throttled": True,
+                "away": True,
+            }
+            for i, level in enumerate(levels)
+        ]
+        job._hand_on(pending, ctx)
+        requests = [r for s in ctx.spawned for r in s.payload["requests"]]
+        return [s.delay for s in ctx.spawned], requests
+
+    pauses = [handed_on(away, [0, 0, 2])[0] for away in range(5)]
+    assert pauses == [[5.0], [10.0], [20.0], [20.0], [20.0]]
+    _, requests = handed_on(1, [0, 3])
+    assert [r["meta"][AWAY_META] for r in requests] == [2, 2]
+    assert [r["meta"][THROTTLE_META] for r in requests] == [0, 3]  # their own levels kept

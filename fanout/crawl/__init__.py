@@ -29,7 +29,9 @@ from typing import Any
 
 from fanout.context import ChunkContext
 from fanout.crawl.backoff import (
+    AWAY_META,
     DEFAULT_THROTTLE_BASE,
+    MAX_AWAY_FACTOR,
     MAX_BACKOFF,
     MAX_RETRY_AFTER,
     THROTTLE_ANSWER_META,
@@ -211,6 +213,7 @@ class CrawlJob(Job):
         same children)."""
         normal: list[dict[str, Any]] = []
         throttled: dict[tuple[int, float], list[dict[str, Any]]] = {}
+        away_from: dict[float, list[dict[str, Any]]] = {}  # sites away, by Retry-After
         for entry in sorted(pending, key=lambda e: json.dumps(e["request"], sort_keys=True)):
             request = entry["request"]
             if entry["throttled"]:
@@ -227,11 +230,29 @@ class CrawlJob(Job):
                 meta[THROTTLE_META] = level
                 # The site's own Retry-After, when it asks for longer.
                 asked = min(float(entry.get("retry_after", 0.0)), MAX_RETRY_AFTER)
-                throttled.setdefault((level, asked), []).append(request)
+                # Held because its site is away (refused, failing all over):
+                # counted, so a long outage is probed ever less often (each
+                # probe is a chunk per pages_per_chunk of its requests).
+                away = int(meta.get(AWAY_META, 0)) + bool(entry.get("away"))
+                if away:
+                    meta[AWAY_META] = away
+                    away_from.setdefault(asked, []).append(request)
+                else:
+                    throttled.setdefault((level, asked), []).append(request)
             else:
                 normal.append(request)
         size = self._pages_per_chunk(ctx)
         self._spawn_parts(normal, ctx, lineage, size)
+        for asked, requests in sorted(away_from.items()):
+            # Together, whatever their levels (which only say when each is given
+            # up): a site that is away is away for all of them. The pause
+            # doubles with the times they were held, from throttle_base to
+            # MAX_AWAY_FACTOR times it.
+            away = max(int(r["meta"][AWAY_META]) for r in requests)
+            for request in requests:
+                request["meta"][AWAY_META] = away
+            pause = self.throttle_base * min(MAX_AWAY_FACTOR, 2.0 ** (away - 1))
+            self._spawn_parts(requests, ctx, lineage, size, max(pause, asked))
         for (level, asked), requests in sorted(throttled.items()):
             # At least the base: a throttled site is always given a pause.
             delay = min(

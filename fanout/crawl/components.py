@@ -131,6 +131,8 @@ class ChunkScheduler(Scheduler):
         self.parked: list[Request] = []  # domains whose lease another chunk holds
         self.waiting: dict[str, list[Request]] = {}  # domains whose slots are all in flight
         self.throttled: set[str] = set()
+        #: Throttled because the site is away, not asking to slow down (throttle.py).
+        self.away: set[str] = set()
         self.retry_after: dict[str, float] = {}  # per throttled domain, seconds
         self.handed_on = False
         self.parking_until = 0.0  # monotonic: parked requests keep the spider open until then
@@ -256,6 +258,8 @@ class ChunkScheduler(Scheduler):
             give_up(f"pending request {request.url} cannot be handed on: {exc}")
         domain = domain_of(request)
         entry: dict[str, Any] = {"request": data, "throttled": domain in self.throttled}
+        if domain in self.away:
+            entry["away"] = True
         if domain in self.retry_after:
             entry["retry_after"] = self.retry_after[domain]
         send("pending", entry)

@@ -38,7 +38,7 @@ from scrapy import Request, Spider
 from scrapy.http.request import NO_CALLBACK
 from scrapy.utils.misc import load_object
 
-from fanout.crawl.backoff import THROTTLE_ANSWER_META, THROTTLE_META
+from fanout.crawl.backoff import AWAY_META, THROTTLE_ANSWER_META, THROTTLE_META
 from fanout.crawl.channel import CHUNK, InChunk, send
 from fanout.crawl.codec import CodecError, request_to_json
 from fanout.errors import PermanentError
@@ -132,7 +132,7 @@ class GiveUpWatch(InChunk):
         again.meta[GIVEN_UP_META] = int(request.meta.get(GIVEN_UP_META, 0)) + 1
         # A new round: Scrapy's retries afresh, and the throttle back-off too (the
         # rounds, not the throttle rescue, count its failures from now on).
-        for key in ("retry_times", THROTTLE_META, THROTTLE_ANSWER_META):
+        for key in ("retry_times", THROTTLE_META, THROTTLE_ANSWER_META, AWAY_META):
             again.meta.pop(key, None)
         try:
             data = request_to_json(again, CHUNK["spider"])

@@ -26,8 +26,13 @@ Scrapy gave up after its quick retries; every page in flight, and every page
 the frontier sent after it, became a chunk of its own (276 of 300 pages for a
 60 s outage), each a process. Held back with their domain, the frontier waits
 in the chunks it was in, and only the few requests in flight at each probe
-climb a level. A failure after the connection was made (a reset, a timeout of
-the answer, a proxy's 502) may be the page's own: alone, it is left to the
+climb a level. A site held as away (not one that asked to slow down) is tried
+again after ever longer pauses, up to ``MAX_AWAY_FACTOR`` times
+``throttle_base`` (:data:`~fanout.crawl.backoff.AWAY_META`, counted by
+``CrawlJob``): every try is a chunk per ``pages_per_chunk`` of its requests.
+
+A failure after the connection was made (a reset, a timeout of the answer, a
+proxy's 502) may be the page's own: alone, it is left to the
 retry and the given-up rounds, so a single broken page does not hold its site
 back; several pages failing in a row, with no good answer between them, are
 the site's (an application restarting behind its proxy answers 502 to all).
@@ -130,7 +135,7 @@ class ThrottleWatch(InChunk):
         if not _rescuable(self.crawler, request):
             return
         if unreachable(exception):
-            self._hold(request, 0.0)
+            self._hold(request, 0.0, away=True)
             self.crawler.stats.inc_value("fanout/unreachable")
         elif isinstance(exception, self.page_errors):
             self._failed(request)
@@ -149,13 +154,15 @@ class ThrottleWatch(InChunk):
             or domain in self.crawler.engine.scheduler.throttled
             or THROTTLE_META in request.meta
         ):
-            self._hold(request, 0.0)
+            self._hold(request, 0.0, away=True)
             self.crawler.stats.inc_value("fanout/unreachable")
 
-    def _hold(self, request: Request, wait: float) -> None:
+    def _hold(self, request: Request, wait: float, *, away: bool = False) -> None:
         scheduler = self.crawler.engine.scheduler
         domain = domain_of(request)
         scheduler.throttled.add(domain)
+        if away:  # its requests wait longer each time (CrawlJob._hand_on)
+            scheduler.away.add(domain)
         request.meta[THROTTLE_ANSWER_META] = True  # Scrapy's retry copies it
         self.crawler.stats.inc_value(f"fanout/domain/{domain}/throttled")
         if wait:
