@@ -113,6 +113,8 @@ class ThrottleWatch(InChunk):
         self.page_errors = retry_exceptions(crawler.settings)
         #: Per domain: the pages that failed since its last good answer.
         self.failing: dict[str, set[str]] = {}
+        #: The domains that gave this chunk a good answer.
+        self.answered: set[str] = set()
 
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
@@ -126,7 +128,9 @@ class ThrottleWatch(InChunk):
             if _rescuable(self.crawler, request) and not self.spider_wants(request, status, spider):
                 self._failed(request)
         else:
-            self.failing.pop(domain_of(request), None)  # the site answers
+            domain = domain_of(request)  # the site answers
+            self.failing.pop(domain, None)
+            self.answered.add(domain)
         return response
 
     def process_exception(
@@ -144,15 +148,17 @@ class ThrottleWatch(InChunk):
         """A fetch that may have failed for the page or for the site: the
         site's once :data:`DOWN_AFTER` pages failed in a row, while the domain
         is held back already, or when the request was held back with its site
-        before (a chunk of a few such requests, tried after an outage, would
-        not reach :data:`DOWN_AFTER`)."""
+        before and the site has not answered this chunk yet (a chunk of a few
+        such requests, trying a site again after an outage, would not reach
+        :data:`DOWN_AFTER`; once the site answers, a broken page among them is
+        one page again)."""
         domain = domain_of(request)
         pages = self.failing.setdefault(domain, set())
         pages.add(request.url)
         if (
             len(pages) >= DOWN_AFTER
             or domain in self.crawler.engine.scheduler.throttled
-            or THROTTLE_META in request.meta
+            or (THROTTLE_META in request.meta and domain not in self.answered)
         ):
             self._hold(request, 0.0, away=True)
             self.crawler.stats.inc_value("fanout/unreachable")
