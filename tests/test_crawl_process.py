@@ -686,6 +686,58 @@ def test_a_host_that_cannot_be_reached_is_held_back_but_a_broken_page_is_not(
     )
 
 
+def test_pages_failing_in_a_row_hold_their_site_back_but_one_broken_page_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Five pages failing with no good answer between them are the site's; so is
+    a failure of a page held back with its site before, until the site answers."""
+    from types import SimpleNamespace
+
+    from twisted.internet import error
+
+    chunk_context(monkeypatch, {"chunk_id": "0"})
+    backed_off: list[str] = []
+    gate = SimpleNamespace(key=lambda r: "site.test", back_off=lambda k, t: backed_off.append(k))
+    monkeypatch.setattr(throttle, "gate_of", lambda crawler: gate)
+
+    def watch() -> tuple[throttle.ThrottleWatch, set[str]]:
+        crawler = get_crawler(Spider)
+        held: set[str] = set()
+        scheduler = SimpleNamespace(throttled=held, away=set(), retry_after={})
+        crawler.engine = SimpleNamespace(scheduler=scheduler)  # type: ignore[assignment]
+        return throttle.ThrottleWatch(crawler), held
+
+    def answer(w: throttle.ThrottleWatch, path: str, status: int, **meta: Any) -> None:
+        request = Request(f"http://site.test/{path}", meta=meta)
+        w.process_response(request, HtmlResponse(request.url, status=status, request=request))
+
+    w, held = watch()
+    for n in range(throttle.DOWN_AFTER - 1):
+        answer(w, f"p{n}", 502)
+        answer(w, f"p{n}", 502)  # the same page again is no new evidence
+    assert not held
+    answer(w, "ok", 200)  # a good answer: the run of failures starts again
+    for n in range(throttle.DOWN_AFTER - 1):
+        answer(w, f"q{n}", 502)
+    assert not held
+    answer(w, "q-last", 502)
+    assert held == {"site.test"} and backed_off == ["site.test"]
+
+    # Held back with its site before, and the site has not answered: away.
+    w, held = watch()
+    w.process_exception(
+        Request("http://site.test/r", meta={THROTTLE_META: 0}), error.ConnectionLost()
+    )
+    assert held == {"site.test"}
+    # The site answered this chunk: a broken page among the held ones is one page.
+    w, held = watch()
+    answer(w, "fine", 200)
+    w.process_exception(
+        Request("http://site.test/r", meta={THROTTLE_META: 0}), error.ConnectionLost()
+    )
+    assert not held
+
+
 def test_an_attempt_handed_on_in_flight_twice_must_answer_before_the_cut_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
