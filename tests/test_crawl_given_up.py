@@ -154,6 +154,8 @@ def test_an_unreachable_start_url_fails_the_run_and_replay_crawls_it_once_up(
     port = free_port()
     result = crawl(home, f"http://127.0.0.1:{port}/")
     assert result.returncode == 1, result.stderr[-3000:]
+    # Waited for first, as a site that is away (fanout.crawl.throttle), and said so.
+    assert f"127.0.0.1:{port} away (refused" in result.stderr, result.stderr[-3000:]
     run_id = run_id_of(result)
     st = status(home, run_id)
     assert st["state"] == "failed" and st["chunks"]["dead"] == 1, st

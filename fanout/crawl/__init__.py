@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from fanout.context import ChunkContext
 from fanout.crawl.backoff import (
@@ -251,8 +252,18 @@ class CrawlJob(Job):
             away = max(int(r["meta"][AWAY_META]) for r in requests)
             for request in requests:
                 request["meta"][AWAY_META] = away
-            pause = self.throttle_base * min(MAX_AWAY_FACTOR, 2.0 ** (away - 1))
-            self._spawn_parts(requests, ctx, lineage, size, max(pause, asked))
+            pause = max(asked, self.throttle_base * min(MAX_AWAY_FACTOR, 2.0 ** (away - 1)))
+            # Said, or a start URL nothing answers would wait minutes in silence.
+            hosts = sorted({urlsplit(r.get("url", "")).netloc for r in requests})
+            ctx.log.warning(
+                "crawl chunk: %s away (refused, or failing all over): %d request%s held"
+                " back, tried again in %.0f s",
+                ", ".join(hosts[:3]) + (" ..." if len(hosts) > 3 else ""),
+                len(requests),
+                "" if len(requests) == 1 else "s",
+                pause,
+            )
+            self._spawn_parts(requests, ctx, lineage, size, pause)
         for (level, asked), requests in sorted(throttled.items()):
             # At least the base: a throttled site is always given a pause.
             delay = min(
