@@ -87,11 +87,12 @@ def test_a_site_away_for_a_while_mid_crawl_is_waited_for_and_every_page_kept(
     st = json.loads(out[0].strip().splitlines()[-1])
     assert st["state"] == "succeeded", st
     assert st["stats"].get("unreachable", 0) > 0, st["stats"]  # the outage was met
-    # Some 30 pages were given up, each a chunk of its own, before. A chunk
-    # with fewer than DOWN_AFTER pages left when the site went away cannot
-    # tell it from broken pages: those few are given up (and fetched in their
-    # rounds, once another chunk has held the site back or it is back).
-    assert st["stats"].get("given_up", 0) < DOWN_AFTER, st["stats"]
+    # Some 30 pages were given up, each a chunk of its own, before (in the 502
+    # mode, some died and the run failed). A chunk with fewer than DOWN_AFTER
+    # pages left when the site went away cannot tell it from broken pages:
+    # those few are given up (a page once per round), and fetched in their
+    # rounds, held while the run backs the site off, or once it is back.
+    assert st["stats"].get("given_up", 0) < 3 * DOWN_AFTER, st["stats"]
     cat = fanout(home, "cat", st["run_id"])
     assert cat.returncode == 0, cat.stderr
     ids = Counter(json.loads(line)["id"] for line in cat.stdout.splitlines())

@@ -50,7 +50,9 @@ from scrapy.utils.misc import load_object
 from twisted.internet.error import ConnectError, DNSLookupError
 
 from fanout.crawl.backoff import (
+    AWAY_META,
     DEFAULT_THROTTLE_BASE,
+    MAX_AWAY_FACTOR,
     MAX_BACKOFF,
     MAX_THROTTLE_LEVEL,
     THROTTLE_ANSWER_META,
@@ -179,8 +181,15 @@ class ThrottleWatch(InChunk):
         # answers 503 would otherwise hold its whole site back for longer
         # and longer; a site busy all over answers the next try 429 again.
         base = float(CHUNK.get("throttle_base", DEFAULT_THROTTLE_BASE))
+        span = base
+        if away:
+            # A site that is away is backed off for as long as its held requests
+            # pause (CrawlJob._hand_on): a request given up alone, trying its
+            # round in its own chunk, is then held too, not failed, in between.
+            tries = int(request.meta.get(AWAY_META, 0)) + 1
+            span = base * min(MAX_AWAY_FACTOR, 2.0 ** (tries - 1))
         gate = gate_of(self.crawler)
-        gate.back_off(gate.key(request), time.time() + max(wait, min(MAX_BACKOFF, base)))
+        gate.back_off(gate.key(request), time.time() + max(wait, min(MAX_BACKOFF, span)))
 
 
 class ThrottleRescue(InChunk):
