@@ -57,6 +57,23 @@ def rounds_given_up(request: dict[str, Any]) -> int:
     return int((request.get("meta") or {}).get(GIVEN_UP_META, 0))
 
 
+def fanout_may_keep(request: Request, retry_enabled: bool) -> bool:
+    """Whether a failed download of ``request`` is fanout's to keep (given up:
+    this module) or hold back (``fanout.crawl.throttle``), as Scrapy's retry
+    would have tried it again: retry is on, the spider did not mark it
+    ``dont_retry`` nor give it an errback (it handles the request's failures
+    itself, and expects them as soon as the retry is spent), it is a page of
+    the spider's (not Scrapy's own robots.txt, fetched outside the scheduler),
+    and it was not handed on already at the chunk's cut-off."""
+    return (
+        retry_enabled
+        and request.errback is None
+        and request.callback is not NO_CALLBACK
+        and not request.meta.get("dont_retry", False)
+        and request not in CHUNK.get("handed_on", ())
+    )
+
+
 def retry_exceptions(settings: Any) -> tuple[type[BaseException], ...]:
     """The download failures Scrapy's retry retries (``RETRY_EXCEPTIONS``)."""
     names = settings.getlist("RETRY_EXCEPTIONS")
@@ -117,13 +134,7 @@ class GiveUpWatch(InChunk):
             self._given_up(request, f"{type(exception).__name__}: {text}"[:300])
 
     def _keeps(self, request: Request) -> bool:
-        return (
-            self.enabled
-            and request.errback is None
-            and request.callback is not NO_CALLBACK
-            and not request.meta.get("dont_retry", False)
-            and request not in CHUNK.get("handed_on", ())
-        )
+        return fanout_may_keep(request, self.enabled)
 
     def _given_up(self, request: Request, reason: str) -> None:
         self.crawler.stats.inc_value("fanout/given_up")

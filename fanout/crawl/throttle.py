@@ -45,7 +45,6 @@ import time
 from typing import Any
 
 from scrapy import Request, Spider
-from scrapy.http.request import NO_CALLBACK
 from scrapy.utils.misc import load_object
 from twisted.internet.error import ConnectError, DNSLookupError
 
@@ -62,7 +61,12 @@ from fanout.crawl.backoff import (
 )
 from fanout.crawl.channel import CHUNK, InChunk
 from fanout.crawl.components import domain_of, gate_of
-from fanout.crawl.givenup import GIVEN_UP_META, SpiderWants, retry_exceptions
+from fanout.crawl.givenup import (
+    GIVEN_UP_META,
+    SpiderWants,
+    fanout_may_keep,
+    retry_exceptions,
+)
 
 __all__ = ["DOWN_AFTER", "GATEWAY_STATUSES", "ThrottleRescue", "ThrottleWatch", "unreachable"]
 
@@ -113,6 +117,7 @@ class ThrottleWatch(InChunk):
         super().__init__(crawler)
         self.spider_wants = SpiderWants(crawler)
         self.page_errors = retry_exceptions(crawler.settings)
+        self.retry_enabled = crawler.settings.getbool("RETRY_ENABLED")
         #: Per domain: the pages that failed since its last good answer.
         self.failing: dict[str, set[str]] = {}
         #: The domains that gave this chunk a good answer.
@@ -127,7 +132,9 @@ class ThrottleWatch(InChunk):
             self._hold(request, wait)
             self.crawler.stats.inc_value("fanout/throttled")
         elif status in GATEWAY_STATUSES:
-            if _rescuable(self.crawler, request) and not self.spider_wants(request, status, spider):
+            if fanout_may_keep(request, self.retry_enabled) and not self.spider_wants(
+                request, status, spider
+            ):
                 self._failed(request)
         else:
             domain = domain_of(request)  # the site answers
@@ -138,7 +145,7 @@ class ThrottleWatch(InChunk):
     def process_exception(
         self, request: Request, exception: Exception, spider: Spider | None = None
     ) -> None:
-        if not _rescuable(self.crawler, request):
+        if not fanout_may_keep(request, self.retry_enabled):
             return
         if unreachable(exception):
             self._hold(request, 0.0, away=True)
@@ -207,6 +214,7 @@ class ThrottleRescue(InChunk):
         super().__init__(crawler)
         self.spider_wants = SpiderWants(crawler)
         self.page_errors = retry_exceptions(crawler.settings)
+        self.retry_enabled = crawler.settings.getbool("RETRY_ENABLED")
 
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
@@ -223,7 +231,7 @@ class ThrottleRescue(InChunk):
     def process_exception(
         self, request: Request, exception: Exception, spider: Spider | None = None
     ) -> Request | None:
-        if not _rescuable(self.crawler, request):
+        if not fanout_may_keep(request, self.retry_enabled):
             return None
         if unreachable(exception) or (
             isinstance(exception, self.page_errors) and self._held(request)
@@ -246,19 +254,3 @@ class ThrottleRescue(InChunk):
         # The same request: dont_filter gets it past Scrapy's own checks, and
         # its claim (copied meta) keeps the ledger from being asked again.
         return request.replace(dont_filter=True)
-
-
-def _rescuable(crawler: Any, request: Request) -> bool:
-    """Whether a failed download of ``request`` may be held back and tried
-    again later, as Scrapy's retry would have tried it: retry is on, the spider
-    did not mark it ``dont_retry`` nor give it an errback (it handles the
-    request's failures itself, and expects them as soon as the retry is spent),
-    it is a page of the spider's (not Scrapy's own robots.txt, fetched outside
-    the scheduler), and it was not handed on already at the chunk's cut-off."""
-    return (
-        crawler.settings.getbool("RETRY_ENABLED")
-        and request.errback is None
-        and request.callback is not NO_CALLBACK
-        and not request.meta.get("dont_retry", False)
-        and request not in CHUNK.get("handed_on", ())
-    )
