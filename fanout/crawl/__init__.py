@@ -32,11 +32,11 @@ from fanout.context import ChunkContext
 from fanout.crawl.backoff import (
     AWAY_META,
     DEFAULT_THROTTLE_BASE,
-    MAX_AWAY_FACTOR,
     MAX_BACKOFF,
     MAX_RETRY_AFTER,
     THROTTLE_ANSWER_META,
     THROTTLE_META,
+    away_pause,
 )
 from fanout.crawl.chunk import prewarm, run_chunk
 from fanout.crawl.givenup import RequestGivenUp, rounds_given_up
@@ -252,7 +252,7 @@ class CrawlJob(Job):
             away = max(int(r["meta"][AWAY_META]) for r in requests)
             for request in requests:
                 request["meta"][AWAY_META] = away
-            pause = max(asked, self.throttle_base * min(MAX_AWAY_FACTOR, 2.0 ** (away - 1)))
+            pause = max(asked, away_pause(self.throttle_base, away))
             # Said, or a start URL nothing answers would wait minutes in silence.
             hosts = sorted({urlsplit(r.get("url", "")).netloc for r in requests})
             ctx.log.warning(

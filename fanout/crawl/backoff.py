@@ -26,6 +26,16 @@ AWAY_META = "fanout_away"
 #: start after it: a 30 s outage at a 1 s base made 329 chunks without the
 #: doubling, 85 with it up to 16 s (done 13 s after the site was back).
 MAX_AWAY_FACTOR = 4.0
+
+
+def away_pause(base: float, tries: int) -> float:
+    """The pause (s) before a site held as away for the ``tries``-th time (1
+    and up) is tried again: ``base``, doubling, at most :data:`MAX_AWAY_FACTOR`
+    times it. The held requests wait this long, and the run backs the site off
+    for as long (``fanout.crawl.throttle``)."""
+    return base * min(MAX_AWAY_FACTOR, 2.0 ** (max(1, tries) - 1))
+
+
 #: The statuses by which a site asks a crawler to slow down.
 THROTTLE_STATUSES = (429, 503)
 #: A request is handed on with back-off at most this many times for 429/503

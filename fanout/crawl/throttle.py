@@ -51,12 +51,12 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from fanout.crawl.backoff import (
     AWAY_META,
     DEFAULT_THROTTLE_BASE,
-    MAX_AWAY_FACTOR,
     MAX_BACKOFF,
     MAX_THROTTLE_LEVEL,
     THROTTLE_ANSWER_META,
     THROTTLE_META,
     THROTTLE_STATUSES,
+    away_pause,
     parse_retry_after,
 )
 from fanout.crawl.channel import CHUNK, InChunk
@@ -193,8 +193,7 @@ class ThrottleWatch(InChunk):
             # A site that is away is backed off for as long as its held requests
             # pause (CrawlJob._hand_on): a request given up alone, trying its
             # round in its own chunk, is then held too, not failed, in between.
-            tries = int(request.meta.get(AWAY_META, 0)) + 1
-            span = base * min(MAX_AWAY_FACTOR, 2.0 ** (tries - 1))
+            span = away_pause(base, int(request.meta.get(AWAY_META, 0)) + 1)
         gate = gate_of(self.crawler)
         gate.back_off(gate.key(request), time.time() + max(wait, min(MAX_BACKOFF, span)))
 
