@@ -173,7 +173,14 @@ def test_a_child_that_dies_is_recorded_as_crashed_and_retried(home: Path, ledger
     assert {str(t.history[0]["error"]) for t in crashed} == {
         "worker process exited with code 3 (os._exit, or a crash in native code)"
     }
-    others = [o for (chunk_id, _), o in history.items() if chunk_id != "0/2"]
+    # A quick chunk that finished in the crashing child's batch, its commit not
+    # yet written, died with it: handed back as interrupted (no attempt spent)
+    # and run again. That is timing; any other outcome is not.
+    others = [
+        [o for o in outcome if o != "interrupted"]
+        for (chunk_id, _), outcome in history.items()
+        if chunk_id != "0/2"
+    ]
     assert all(o in (["committed"], ["continued"]) for o in others), history
     st = status(home, run_id)
     assert st["state"] == "succeeded" and st["retries"] == 3
