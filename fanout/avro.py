@@ -27,6 +27,7 @@ from typing import IO, Any, BinaryIO, cast
 import fastavro
 from fastavro.write import Writer
 
+from fanout.avro_blocks import BlockPipeline, worth_it
 from fanout.avro_check import RecordChecker, short
 from fanout.errors import RecordError, SchemaError
 from fanout.filestamp import Stamp, stamp_of
@@ -239,7 +240,9 @@ class RecordWriter:
     checked as changed, though written as it was. A record that
     does not fit raises :class:`RecordError` naming its 0-based index among
     the records added to this writer and the offending field; the writer is
-    unusable afterwards.
+    unusable afterwards, as it is after a MemoryError or OSError (a full disk),
+    which are raised as they are: no fault of the record's. Where a core is
+    spare, blocks are compressed in a thread (:mod:`fanout.avro_blocks`).
 
     Args:
         schema: the record schema.
@@ -264,16 +267,23 @@ class RecordWriter:
         #: The batch length at which add() looks whether to check the batch:
         #: every _LOOK_EVERY records, so the hot path makes one comparison.
         self._look_at = min(batch_size, _LOOK_EVERY)
+        # Blocks are compressed in a thread where that can gain (avro_blocks):
+        # fastavro writes its header through it at once, then hands blocks over
+        # (it is file enough for fastavro: write, flush, seekable).
+        self._pipe = BlockPipeline(self._buf) if worth_it(codec, Writer) else None
+        out = cast(IO[bytes], self._pipe) if self._pipe is not None else self._buf
         # strict_allow_default: fastavro raises for keys that are not fields and
         # for missing fields without a default (at no measurable cost), where
         # it would otherwise drop the former and write null for the latter.
         self._writer = Writer(  # ValueError on an unknown codec
-            self._buf,
+            out,
             schema.parsed,
             codec=codec,
             sync_interval=SYNC_INTERVAL,
             options={"strict_allow_default": True},
         )
+        if self._pipe is not None:
+            self._pipe.take_blocks_of(self._writer)
         self._write = self._writer.write
         self._failure: Exception | None = None
         self._result: Encoded | None = None
@@ -295,6 +305,12 @@ class RecordWriter:
             # A copy for the batch's check: a job may reuse its dict (or clear
             # it) after the call, and the check must see what was written.
             kept = record.copy()
+        except (MemoryError, OSError) as exc:
+            # Not the record's fault (memory, a full disk past SPILL_BYTES, a
+            # block the compression thread failed): a transient failure, not a
+            # permanent RecordError. The writer is unusable all the same.
+            self._check_usable()
+            raise self._fail(exc) from None
         except Exception as exc:  # fastavro raises TypeError/ValueError/KeyError/...
             self._check_usable()
             self._bad_write(record, exc)
@@ -321,6 +337,8 @@ class RecordWriter:
             self._result = Encoded(io.BytesIO(), 0)
         else:
             self._writer.flush()
+            if self._pipe is not None:
+                self._pipe.drain()
             self._result = Encoded(self._buf, self._buf.tell())
         self._write = self._refuse
         return self._result

@@ -29,6 +29,7 @@ from multiprocessing.sharedctypes import Synchronized, SynchronizedString
 from pathlib import Path
 from typing import Any
 
+from fanout.avro_blocks import share_cores_with
 from fanout.backends import open_backend
 from fanout.backends.base import BatchLedger, Delivery, Failure, FailureKind, RunState
 from fanout.coordinator import recover
@@ -214,6 +215,7 @@ def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: 
     sys.stdout.flush()
     os.dup2(2, 1)
     whole_lines(sys.stdout, sys.stderr)
+    share_cores_with(opts.workers)  # a core to spare for compressing? (avro_blocks)
     backend = open_backend(opts.backend, home=opts.home)
     if opts.only_run is not None:
         serve_run_only(backend.queue, opts.only_run)

@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.isolation",
             "fanout.processes",
             "fanout.avro_check",
+            "fanout.avro_blocks",
             "fanout.fairness",
             "fanout.outcomes",
             "fanout.json_fields",

@@ -1,0 +1,156 @@
+"""Blocks compressed in a thread (fanout.avro_blocks): the file is the one
+fastavro alone writes, block for block, whatever the codec, in a forked child
+too; and a block the thread fails to compress fails the file."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import zlib
+from typing import Any
+
+import fastavro
+import pytest
+from avro.datafile import DataFileReader
+from avro.io import DatumReader
+
+from fanout import avro_blocks
+from fanout.avro import SYNC_INTERVAL, RecordWriter, load_schema
+
+SCHEMA = load_schema(
+    {
+        "type": "record",
+        "name": "row",
+        "fields": [{"name": "n", "type": "long"}, {"name": "text", "type": "string"}],
+    }
+)
+
+
+def rows(count: int) -> list[dict[str, Any]]:
+    # Text that compresses, but not to nothing: blocks of SYNC_INTERVAL bytes each.
+    return [{"n": n, "text": f"row {n} " + "xyz" * (n % 50)} for n in range(count)]
+
+
+def write(records: list[dict[str, Any]], codec: str) -> bytes:
+    writer = RecordWriter(SCHEMA, codec)
+    for record in records:
+        writer.add(record)
+    return writer.finish()
+
+
+def blocks(data: bytes) -> list[tuple[int, int]]:
+    """(records, compressed bytes) of each block of an Avro file."""
+    return [(b.num_records, b.size) for b in fastavro.block_reader(io.BytesIO(data))]
+
+
+@pytest.fixture(params=[True, False], ids=["thread", "inline"])
+def threaded(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    monkeypatch.setattr(avro_blocks, "_cores", lambda: 2 if request.param else 1)
+    return bool(request.param)
+
+
+@pytest.mark.parametrize("codec", ["deflate", "bzip2", "xz"])
+def test_a_threaded_file_is_the_inline_file_block_for_block(
+    codec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = rows(20_000)  # ~30 blocks: many more than AHEAD in flight
+    monkeypatch.setattr(avro_blocks, "_cores", lambda: 2)
+    submitted: list[int] = []
+    submit = avro_blocks.ThreadPoolExecutor.submit
+
+    def counting(self: Any, fn: Any, *args: Any) -> Any:
+        submitted.append(len(args[1]))
+        return submit(self, fn, *args)
+
+    monkeypatch.setattr(avro_blocks.ThreadPoolExecutor, "submit", counting)
+    threaded = write(records, codec)
+    monkeypatch.setattr(avro_blocks, "_cores", lambda: 1)
+    inline = write(records, codec)
+    assert len(submitted) > 3 * avro_blocks.AHEAD  # the thread did compress them
+    assert blocks(threaded) == blocks(inline)
+    assert len(blocks(threaded)) == len(submitted)
+    # Past the header (its sync marker is random), the same bytes but the markers.
+    assert len(threaded) == len(inline)
+    assert list(fastavro.reader(io.BytesIO(threaded))) == records
+    if codec != "xz":  # (which Apache avro does not read)
+        with DataFileReader(io.BytesIO(threaded), DatumReader()) as reader:
+            assert reader.meta["avro.codec"] == codec.encode()
+            assert list(reader) == records
+
+
+def test_each_file_is_whole_whichever_way_it_was_compressed(threaded: bool) -> None:
+    for count in (0, 1, 5_000):
+        data = write(rows(count), "deflate")
+        assert list(fastavro.reader(io.BytesIO(data))) == rows(count) if count else data == b""
+
+
+def test_big_blocks_stay_in_order(threaded: bool) -> None:
+    """Records larger than a block, so each is a block of its own."""
+    big = [{"n": n, "text": chr(65 + n % 26) * (3 * SYNC_INTERVAL + n)} for n in range(12)]
+    data = write(big, "deflate")
+    assert [count for count, _ in blocks(data)] == [1] * 12
+    assert list(fastavro.reader(io.BytesIO(data))) == big
+
+
+def _child(conn: Any) -> None:
+    conn.send(write(rows(3_000), "deflate"))
+    conn.close()
+
+
+def test_a_forked_child_compresses_with_a_thread_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parent's thread does not exist in a forked worker child: the child
+    makes its own, or its first block would wait for ever."""
+    monkeypatch.setattr(avro_blocks, "_cores", lambda: 2)
+    write(rows(3_000), "deflate")  # the parent's thread, now
+    assert avro_blocks._pool is not None
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(child,))
+    proc.start()
+    try:
+        assert parent.poll(60), "the child's file never came"
+        data = parent.recv()
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
+    assert list(fastavro.reader(io.BytesIO(data))) == rows(3_000)
+
+
+def test_a_block_the_thread_cannot_compress_fails_the_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(avro_blocks, "_cores", lambda: 2)
+
+    def broken(block: bytes, level: int = -1) -> bytes:
+        raise MemoryError("no memory for zlib")
+
+    monkeypatch.setattr(zlib, "compress", broken)
+    with pytest.raises(MemoryError, match="no memory for zlib"):
+        write(rows(5_000), "deflate")
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "thread"), [(2, 1, True), (2, 2, False), (4, 3, True)]
+)
+def test_a_thread_compresses_only_where_a_core_is_spare(
+    cores: int, workers: int, thread: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker pool's children that take every core compress inline: the
+    thread's hand-offs would only cost them CPU."""
+    monkeypatch.setattr(avro_blocks, "_cores", lambda: cores)
+    monkeypatch.setattr(avro_blocks, "_sharing", 1)
+    avro_blocks.share_cores_with(workers)  # what each worker child does
+    submitted: list[object] = []
+    submit = avro_blocks.ThreadPoolExecutor.submit
+    monkeypatch.setattr(
+        avro_blocks.ThreadPoolExecutor,
+        "submit",
+        lambda self, fn, *args: submitted.append(fn) or submit(self, fn, *args),
+    )
+    records = rows(5_000)
+    assert list(fastavro.reader(io.BytesIO(write(records, "deflate")))) == records
+    assert bool(submitted) is thread
