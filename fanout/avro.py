@@ -336,9 +336,14 @@ class RecordWriter:
             self._buf.close()
             self._result = Encoded(io.BytesIO(), 0)
         else:
-            self._writer.flush()
-            if self._pipe is not None:
-                self._pipe.drain()
+            try:
+                self._writer.flush()
+                if self._pipe is not None:
+                    self._pipe.drain()
+            except Exception as exc:
+                # (a full disk): fastavro's block is half handed over, so a
+                # second call would write it twice. The writer is done.
+                raise self._fail(exc) from None
             self._result = Encoded(self._buf, self._buf.tell())
         self._write = self._refuse
         return self._result

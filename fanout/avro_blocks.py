@@ -124,7 +124,14 @@ class BlockPipeline:
         """Hand ``block`` to the thread, to be written when compressed; wait
         for the oldest block first if :data:`AHEAD` are in flight."""
         assert self._block_writer is not None, "take_blocks_of() first"
-        self._pending.append(_executor().submit(_compress, self._block_writer, block, level))
+        try:
+            future = _executor().submit(_compress, self._block_writer, block, level)
+        except RuntimeError:
+            # The interpreter is shutting down (a record written from a thread
+            # the main thread left behind): no new futures, so compress inline.
+            self.write(_compress(self._block_writer, block, level))
+            return
+        self._pending.append(future)
         self._in_flight += 1
         self._write_ready(AHEAD)
 

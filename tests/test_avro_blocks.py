@@ -154,3 +154,47 @@ def test_a_thread_compresses_only_where_a_core_is_spare(
     records = rows(5_000)
     assert list(fastavro.reader(io.BytesIO(write(records, "deflate")))) == records
     assert bool(submitted) is thread
+
+
+def test_after_interpreter_shutdown_blocks_are_compressed_inline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record written from a thread the main thread left behind: the pool
+    takes no new work then, and a good record must not become a RecordError."""
+
+    class ShutDown:
+        def submit(self, *args: Any) -> None:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(avro_blocks, "_cores", lambda: 2)
+    monkeypatch.setattr(avro_blocks, "_executor", ShutDown)
+    records = rows(5_000)
+    assert list(fastavro.reader(io.BytesIO(write(records, "deflate")))) == records
+
+
+@pytest.mark.parametrize("thread", [True, False])
+def test_a_file_that_failed_to_finish_never_finishes_half_written(
+    thread: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk as the file finishes: called again (the disk has room by
+    then), finish_file raises again rather than return a file with a block
+    written twice."""
+    monkeypatch.setattr(avro_blocks, "_cores", lambda: 2 if thread else 1)
+    writer = RecordWriter(SCHEMA, "deflate")
+    for record in rows(5_000):
+        writer.add(record)
+    buf = writer._buf
+    real = buf.write
+    full = [True]
+
+    def write_once_full(data: bytes) -> int:
+        if full:
+            full.clear()
+            raise OSError(28, "No space left on device")
+        return real(data)
+
+    monkeypatch.setattr(buf, "write", write_once_full)
+    with pytest.raises(OSError, match="No space left"):
+        writer.finish_file()
+    with pytest.raises(OSError, match="No space left"):
+        writer.finish_file()
