@@ -179,6 +179,11 @@ def test_list_after_delete(backend: Backend) -> None:
 
 def test_list_while_writing(backend: Backend) -> None:
     """Listing is safe during writes: it sees only whole objects."""
+    if backend.name == "aws":
+        # moto's in-process S3 is not thread-safe: a put that replaces a key
+        # closes the buffer a concurrent list reads the key's ETag from
+        # ("I/O operation on closed file", met under pytest -n 3).
+        pytest.skip("moto's in-process S3 is not a concurrency test")
     store = backend.store
     store.put("runs/r1/kept", b"x")
     done = threading.Event()
