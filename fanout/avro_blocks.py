@@ -4,9 +4,12 @@ fastavro encodes a chunk's records and, each time a block fills, compresses it,
 all in the chunk's thread. With the deflate codec the compression is about a
 fifth of what writing the meter-readings output costs (``tests/bench/bench_etl.py``).
 zlib (like bz2 and lzma) lets go of the GIL while it compresses, so a second
-thread can compress block *n* while the chunk's thread encodes block *n + 1*:
-where the machine has a core to spare (one worker on a laptop, a Lambda
-function of 1,769 MB and more), a chunk's wall time drops by that fifth.
+thread can compress block *n* while the chunk's thread encodes block *n + 1*.
+Where the machine has a core to spare (one worker on a laptop, a Lambda
+function of 1,769 MB and more), writing took 7-20% less wall time on
+2026-12-07 (README, "Blocks deflated in a thread"), for 2-15% more CPU; with
+no core spare it took more of both, so a worker pool's children that take
+every core compress inline (:func:`share_cores_with`).
 
 The file is byte for byte what fastavro alone writes: the blocks are compressed
 by fastavro's own block writer, into memory, and written in order. At most
@@ -59,8 +62,7 @@ _sharing = 1
 def share_cores_with(processes: int) -> None:
     """Say this process is one of ``processes`` that keep a core busy each (a
     worker pool's children). Where they take every core, a compression thread
-    gains nothing: the thread's hand-offs only cost CPU (some 2-8% of a chunk's
-    on the meter-readings bench), so blocks are compressed inline."""
+    gains nothing and its hand-offs cost CPU, so blocks are compressed inline."""
     global _sharing
     _sharing = max(1, processes)
 
