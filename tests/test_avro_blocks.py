@@ -26,6 +26,13 @@ SCHEMA = load_schema(
 )
 
 
+@pytest.fixture(autouse=True)
+def idle_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread is chosen by cores and load: each test says its cores, on a
+    machine otherwise idle (a test run's own load must not decide)."""
+    monkeypatch.setattr(avro_blocks, "_load", lambda: 0.0)
+
+
 def rows(count: int) -> list[dict[str, Any]]:
     # Text that compresses, but not to nothing: blocks of SYNC_INTERVAL bytes each.
     return [{"n": n, "text": f"row {n} " + "xyz" * (n % 50)} for n in range(count)]
@@ -135,14 +142,23 @@ def test_a_block_the_thread_cannot_compress_fails_the_file(
 
 
 @pytest.mark.parametrize(
-    ("cores", "workers", "thread"), [(2, 1, True), (2, 2, False), (4, 3, True)]
+    ("cores", "workers", "load", "thread"),
+    [
+        (2, 1, 0.0, True),
+        (2, 2, 0.0, False),
+        (4, 3, 0.0, True),
+        (2, 1, 1.4, True),
+        (2, 1, 2.3, False),
+    ],
 )
 def test_a_thread_compresses_only_where_a_core_is_spare(
-    cores: int, workers: int, thread: bool, monkeypatch: pytest.MonkeyPatch
+    cores: int, workers: int, load: float, thread: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker pool's children that take every core compress inline: the
-    thread's hand-offs would only cost them CPU."""
+    """A worker pool's children that take every core compress inline, and so
+    does a process on a machine loaded past its cores: the thread's hand-offs
+    would only cost them CPU."""
     monkeypatch.setattr(avro_blocks, "_cores", lambda: cores)
+    monkeypatch.setattr(avro_blocks, "_load", lambda: load)
     monkeypatch.setattr(avro_blocks, "_sharing", 1)
     avro_blocks.share_cores_with(workers)  # what each worker child does
     submitted: list[object] = []
