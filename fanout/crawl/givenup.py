@@ -57,23 +57,6 @@ def rounds_given_up(request: dict[str, Any]) -> int:
     return int((request.get("meta") or {}).get(GIVEN_UP_META, 0))
 
 
-def fanout_may_keep(request: Request, retry_enabled: bool) -> bool:
-    """Whether a failed download of ``request`` is fanout's to keep (given up:
-    this module) or hold back (``fanout.crawl.throttle``), as Scrapy's retry
-    would have tried it again: retry is on, the spider did not mark it
-    ``dont_retry`` nor give it an errback (it handles the request's failures
-    itself, and expects them as soon as the retry is spent), it is a page of
-    the spider's (not Scrapy's own robots.txt, fetched outside the scheduler),
-    and it was not handed on already at the chunk's cut-off."""
-    return (
-        retry_enabled
-        and request.errback is None
-        and request.callback is not NO_CALLBACK
-        and not request.meta.get("dont_retry", False)
-        and request not in CHUNK.get("handed_on", ())
-    )
-
-
 def retry_exceptions(settings: Any) -> tuple[type[BaseException], ...]:
     """The download failures Scrapy's retry retries (``RETRY_EXCEPTIONS``)."""
     names = settings.getlist("RETRY_EXCEPTIONS")
@@ -102,17 +85,42 @@ class SpiderWants:
         return status in self.allowed or status in getattr(spider, "handle_httpstatus_list", ())
 
 
-class GiveUpWatch(InChunk):
+class RetryRules(InChunk):
+    """What the middlewares that keep (this module) or hold back
+    (``fanout.crawl.throttle``) failed requests read of Scrapy's retry, once a
+    chunk: whether it is on, the failures it retries, and which answers the
+    spider asked to see."""
+
+    def __init__(self, crawler: Any) -> None:
+        super().__init__(crawler)
+        self.retry_enabled = crawler.settings.getbool("RETRY_ENABLED")
+        self.page_errors = retry_exceptions(crawler.settings)
+        self.spider_wants = SpiderWants(crawler)
+
+    def may_keep(self, request: Request) -> bool:
+        """Whether a failed download of ``request`` is fanout's to keep or hold
+        back, as Scrapy's retry would have tried it again: retry is on, the
+        spider did not mark it ``dont_retry`` nor give it an errback (it handles
+        the request's failures itself, and expects them as soon as the retry is
+        spent), it is a page of the spider's (not Scrapy's own robots.txt,
+        fetched outside the scheduler), and it was not handed on already at the
+        chunk's cut-off."""
+        return (
+            self.retry_enabled
+            and request.errback is None
+            and request.callback is not NO_CALLBACK
+            and not request.meta.get("dont_retry", False)
+            and request not in CHUNK.get("handed_on", ())
+        )
+
+
+class GiveUpWatch(RetryRules):
     """Downloader middleware nearest the engine: a request Scrapy's retry gave
     up on (see the module's docstring) is sent to the parent to be kept."""
 
     def __init__(self, crawler: Any) -> None:
         super().__init__(crawler)
-        settings = crawler.settings
-        self.enabled = settings.getbool("RETRY_ENABLED")
-        self.codes = {int(code) for code in settings.getlist("RETRY_HTTP_CODES")}
-        self.exceptions = retry_exceptions(settings)
-        self.spider_wants = SpiderWants(crawler)
+        self.codes = {int(code) for code in crawler.settings.getlist("RETRY_HTTP_CODES")}
 
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
@@ -120,7 +128,7 @@ class GiveUpWatch(InChunk):
         status = response.status
         if (
             status in self.codes
-            and self._keeps(request)
+            and self.may_keep(request)
             and not self.spider_wants(request, status, spider)
         ):
             self._given_up(request, f"HTTP {status}")
@@ -129,12 +137,9 @@ class GiveUpWatch(InChunk):
     def process_exception(
         self, request: Request, exception: Exception, spider: Spider | None = None
     ) -> None:
-        if isinstance(exception, self.exceptions) and self._keeps(request):
+        if isinstance(exception, self.page_errors) and self.may_keep(request):
             text = " ".join(str(exception).split())
             self._given_up(request, f"{type(exception).__name__}: {text}"[:300])
-
-    def _keeps(self, request: Request) -> bool:
-        return fanout_may_keep(request, self.enabled)
 
     def _given_up(self, request: Request, reason: str) -> None:
         self.crawler.stats.inc_value("fanout/given_up")

@@ -59,14 +59,9 @@ from fanout.crawl.backoff import (
     away_pause,
     parse_retry_after,
 )
-from fanout.crawl.channel import CHUNK, InChunk
+from fanout.crawl.channel import CHUNK
 from fanout.crawl.components import domain_of, gate_of
-from fanout.crawl.givenup import (
-    GIVEN_UP_META,
-    SpiderWants,
-    fanout_may_keep,
-    retry_exceptions,
-)
+from fanout.crawl.givenup import GIVEN_UP_META, RetryRules
 
 __all__ = ["DOWN_AFTER", "GATEWAY_STATUSES", "ThrottleRescue", "ThrottleWatch", "unreachable"]
 
@@ -105,7 +100,7 @@ def unreachable(exception: BaseException) -> bool:
     return isinstance(exception, _HOST_ERRORS)
 
 
-class ThrottleWatch(InChunk):
+class ThrottleWatch(RetryRules):
     """Downloader middleware, just above Scrapy's retry: a 429/503 answer, a
     host that cannot be reached, or :data:`DOWN_AFTER` pages failing in a row
     marks its domain as throttled, so that the retry Scrapy schedules (and
@@ -115,9 +110,6 @@ class ThrottleWatch(InChunk):
 
     def __init__(self, crawler: Any) -> None:
         super().__init__(crawler)
-        self.spider_wants = SpiderWants(crawler)
-        self.page_errors = retry_exceptions(crawler.settings)
-        self.retry_enabled = crawler.settings.getbool("RETRY_ENABLED")
         #: Per domain: the pages that failed since its last good answer.
         self.failing: dict[str, set[str]] = {}
         #: The domains that gave this chunk a good answer.
@@ -132,9 +124,7 @@ class ThrottleWatch(InChunk):
             self._hold(request, wait)
             self.crawler.stats.inc_value("fanout/throttled")
         elif status in GATEWAY_STATUSES:
-            if fanout_may_keep(request, self.retry_enabled) and not self.spider_wants(
-                request, status, spider
-            ):
+            if self.may_keep(request) and not self.spider_wants(request, status, spider):
                 self._failed(request)
         else:
             domain = domain_of(request)  # the site answers
@@ -145,7 +135,7 @@ class ThrottleWatch(InChunk):
     def process_exception(
         self, request: Request, exception: Exception, spider: Spider | None = None
     ) -> None:
-        if not fanout_may_keep(request, self.retry_enabled):
+        if not self.may_keep(request):
             return
         if unreachable(exception):
             self._hold(request, 0.0, away=True)
@@ -198,7 +188,7 @@ class ThrottleWatch(InChunk):
         gate.back_off(gate.key(request), time.time() + max(wait, min(MAX_BACKOFF, span)))
 
 
-class ThrottleRescue(InChunk):
+class ThrottleRescue(RetryRules):
     """Downloader middleware, nearest the engine: a 429/503 answer that got
     through Scrapy's retry (``RETRY_TIMES`` spent, or retry off) would be dropped
     as an HTTP error, and a host that could not be reached given up (so would a
@@ -208,12 +198,6 @@ class ThrottleRescue(InChunk):
     such answers (``handle_httpstatus_list``), nor after ``MAX_THROTTLE_LEVEL``
     back-offs, nor for a request Scrapy gave up on before (its rounds count its
     failures: :mod:`fanout.crawl.givenup`). The copy carries the request's claim."""
-
-    def __init__(self, crawler: Any) -> None:
-        super().__init__(crawler)
-        self.spider_wants = SpiderWants(crawler)
-        self.page_errors = retry_exceptions(crawler.settings)
-        self.retry_enabled = crawler.settings.getbool("RETRY_ENABLED")
 
     def process_response(
         self, request: Request, response: Any, spider: Spider | None = None
@@ -230,7 +214,7 @@ class ThrottleRescue(InChunk):
     def process_exception(
         self, request: Request, exception: Exception, spider: Spider | None = None
     ) -> Request | None:
-        if not fanout_may_keep(request, self.retry_enabled):
+        if not self.may_keep(request):
             return None
         if unreachable(exception) or (
             isinstance(exception, self.page_errors) and self._held(request)
