@@ -270,7 +270,7 @@ class RecordWriter:
         # Blocks are compressed in a thread where that can gain (avro_blocks):
         # fastavro writes its header through it at once, then hands blocks over
         # (it is file enough for fastavro: write, flush, seekable).
-        self._pipe = BlockPipeline(self._buf) if worth_it(codec, Writer) else None
+        self._pipe = BlockPipeline(self._buf) if worth_it(codec) else None
         out = cast(IO[bytes], self._pipe) if self._pipe is not None else self._buf
         # strict_allow_default: fastavro raises for keys that are not fields and
         # for missing fields without a default (at no measurable cost), where

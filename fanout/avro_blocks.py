@@ -25,6 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
+from fastavro.write import Writer
+
 #: Blocks handed to the thread and not yet written, at most.
 AHEAD = 2
 
@@ -75,18 +77,18 @@ def _load() -> float:
         return 0.0
 
 
-def worth_it(codec: str, writer_class: type) -> bool:
+#: Whether fastavro's ``Writer`` is its compiled one, whose block writers take
+#: the file itself (the pure-Python ones take an encoder).
+_COMPILED = Writer.__module__ == "fastavro._write"
+
+
+def worth_it(codec: str) -> bool:
     """Whether compressing in a thread can gain anything: a codec that
-    compresses, fastavro's compiled ``Writer`` (whose block writers take the
-    file itself; the pure-Python ones take an encoder), and a core to spare:
-    more cores than this process's pool takes, and than the machine's load (a
-    busy machine's other work, which no pool counts; beside a busy test suite
-    the thread lost 17% of wall time)."""
-    return (
-        codec != "null"
-        and writer_class.__module__ == "fastavro._write"
-        and _cores() > max(_sharing, _load())
-    )
+    compresses, fastavro's compiled ``Writer``, and a core to spare: more cores
+    than this process's pool takes, and than the machine's load (a busy
+    machine's other work, which no pool counts; beside a busy test suite the
+    thread lost 17% of wall time)."""
+    return _COMPILED and codec != "null" and _cores() > max(_sharing, _load())
 
 
 def _compress(block_writer: BlockWriter, block: bytes, level: Any) -> bytes:

@@ -122,7 +122,7 @@ def main() -> None:
     n = len(records)
     same = len(list(fastavro.reader(io.BytesIO(outputs["ours"])))) == n
     print(f"records: {n:,}  codec: {codec}  rounds: {args.repeat}")
-    threaded = "a thread" if avro_blocks.worth_it(codec, fastavro.write.Writer) else "inline"
+    threaded = "a thread" if avro_blocks.worth_it(codec) else "inline"
     for label, key in (
         ("plain fastavro.writer", "plain"),
         (f"RecordWriter ({threaded})", "ours"),
