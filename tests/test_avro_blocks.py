@@ -33,6 +33,20 @@ def idle_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(avro_blocks, "_load", lambda: 0.0)
 
 
+@pytest.fixture
+def submitted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the blocks handed to the compression thread, in order."""
+    sizes: list[int] = []
+    submit = avro_blocks.ThreadPoolExecutor.submit
+
+    def counting(self: Any, fn: Any, *args: Any) -> Any:
+        sizes.append(len(args[1]))
+        return submit(self, fn, *args)
+
+    monkeypatch.setattr(avro_blocks.ThreadPoolExecutor, "submit", counting)
+    return sizes
+
+
 def rows(count: int) -> list[dict[str, Any]]:
     # Text that compresses, but not to nothing: blocks of SYNC_INTERVAL bytes each.
     return [{"n": n, "text": f"row {n} " + "xyz" * (n % 50)} for n in range(count)]
@@ -58,18 +72,10 @@ def threaded(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize("codec", ["deflate", "bzip2", "xz"])
 def test_a_threaded_file_is_the_inline_file_block_for_block(
-    codec: str, monkeypatch: pytest.MonkeyPatch
+    codec: str, monkeypatch: pytest.MonkeyPatch, submitted: list[int]
 ) -> None:
     records = rows(20_000)  # ~30 blocks: many more than AHEAD in flight
     monkeypatch.setattr(avro_blocks, "_cores", lambda: 2)
-    submitted: list[int] = []
-    submit = avro_blocks.ThreadPoolExecutor.submit
-
-    def counting(self: Any, fn: Any, *args: Any) -> Any:
-        submitted.append(len(args[1]))
-        return submit(self, fn, *args)
-
-    monkeypatch.setattr(avro_blocks.ThreadPoolExecutor, "submit", counting)
     threaded = write(records, codec)
     monkeypatch.setattr(avro_blocks, "_cores", lambda: 1)
     inline = write(records, codec)
@@ -152,7 +158,12 @@ def test_a_block_the_thread_cannot_compress_fails_the_file(
     ],
 )
 def test_a_thread_compresses_only_where_a_core_is_spare(
-    cores: int, workers: int, load: float, thread: bool, monkeypatch: pytest.MonkeyPatch
+    cores: int,
+    workers: int,
+    load: float,
+    thread: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    submitted: list[int],
 ) -> None:
     """A worker pool's children that take every core compress inline, and so
     does a process on a machine loaded past its cores: the thread's hand-offs
@@ -161,13 +172,6 @@ def test_a_thread_compresses_only_where_a_core_is_spare(
     monkeypatch.setattr(avro_blocks, "_load", lambda: load)
     monkeypatch.setattr(avro_blocks, "_sharing", 1)
     avro_blocks.share_cores_with(workers)  # what each worker child does
-    submitted: list[object] = []
-    submit = avro_blocks.ThreadPoolExecutor.submit
-    monkeypatch.setattr(
-        avro_blocks.ThreadPoolExecutor,
-        "submit",
-        lambda self, fn, *args: submitted.append(fn) or submit(self, fn, *args),
-    )
     records = rows(5_000)
     assert list(fastavro.reader(io.BytesIO(write(records, "deflate")))) == records
     assert bool(submitted) is thread
