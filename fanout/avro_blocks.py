@@ -69,12 +69,72 @@ def share_cores_with(processes: int) -> None:
     _sharing = max(1, processes)
 
 
+#: Above this share of the last 10 s in which some task waited for a CPU (the
+#: kernel's pressure stall figure), the machine has no core to spare.
+STALL_LIMIT = 0.10
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except OSError:  # not Linux, or a kernel built without it
+        return None
+
+
+def _running() -> int | None:
+    """Tasks running or waiting for a CPU right now, this one included (the
+    fourth field of /proc/loadavg, "R/T"); None where unknown."""
+    text = _read("/proc/loadavg")
+    try:
+        return int(text.split()[3].split("/")[0]) if text else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _stall() -> float | None:
+    """The share of the last 10 s in which some task waited for a CPU (Linux's
+    pressure stall information, /proc/pressure/cpu); None where unknown."""
+    text = _read("/proc/pressure/cpu")
+    if not text:
+        return None
+    for word in text.split():
+        if word.startswith("avg10="):
+            try:
+                return float(word[6:]) / 100
+            except ValueError:
+                return None
+    return None
+
+
 def _load() -> float:
     """The machine's load average over the last minute (0 where unknown)."""
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return 0.0
+
+
+def _spare_core() -> bool:
+    """Whether a core is free for the compression thread: more cores than this
+    process's pool takes (:func:`share_cores_with`), fewer tasks running right
+    now than cores, and no task kept waiting for a CPU lately.
+
+    The last is read from the kernel's pressure stall figure where it has one:
+    it reacts within seconds, and it does not count this process's own work as
+    load, as the load average does (a minute late, so one run right after
+    another found the machine "busy" with itself and compressed inline). Where
+    the kernel has none, the load average stands in."""
+    cores = _cores()
+    if cores <= _sharing:
+        return False
+    running = _running()
+    if running is not None and running >= cores:
+        return False
+    stall = _stall()
+    if stall is not None:
+        return stall < STALL_LIMIT
+    return _load() < cores
 
 
 #: Whether fastavro's ``Writer`` is its compiled one, whose block writers take
@@ -84,11 +144,11 @@ _COMPILED = Writer.__module__ == "fastavro._write"
 
 def worth_it(codec: str) -> bool:
     """Whether compressing in a thread can gain anything: a codec that
-    compresses, fastavro's compiled ``Writer``, and a core to spare: more cores
-    than this process's pool takes, and than the machine's load (a busy
-    machine's other work, which no pool counts; beside a busy test suite the
-    thread lost 17% of wall time)."""
-    return _COMPILED and codec != "null" and _cores() > max(_sharing, _load())
+    compresses, fastavro's compiled ``Writer``, and a core to spare
+    (:func:`_spare_core`; beside a busy test suite the thread lost 17% of
+    wall time). Asked for each file, so a machine that turns busy is seen
+    at the next chunk."""
+    return _COMPILED and codec != "null" and _spare_core()
 
 
 def _compress(block_writer: BlockWriter, block: bytes, level: Any) -> bytes:
