@@ -187,6 +187,12 @@ class Gate:
             # Stopped already, its queued chunks cancelled then (what was queued
             # since is cancelled at its claim, or by after_delayed_children).
             return False
+        return self.stopped(run_id, reason, chunk_id)
+
+    def stopped(self, run_id: str, reason: str | None, chunk_id: str | None = None) -> bool:
+        """The run was just stopped for ``reason`` (by :meth:`stop`, or by the
+        commit of the chunk that called ``ctx.stop_run``): cancel its queued
+        tasks and say so. Returns whether the run drained."""
         log.warning("run %s stopped: %s", run_id, reason)
         cancelled, drained = self.controls.cancel_queued(run_id, time.time())
         details = {"chunk_id": chunk_id} if chunk_id is not None else {}

@@ -75,11 +75,8 @@ class Ready:
     attempt: Attempt
     request: CommitRequest
     children: list[tuple[str, float]]  # (message, delay), sent once committed
-    #: The job's own ``ctx.stop_run``, recorded once the commit is: a stop
-    #: written first would cancel this very chunk's retry if the commit failed.
-    stop_after: str | None = None
 
     def commit_args(self) -> tuple[Any, ...]:
         """The arguments of ``Ledger.commit``."""
         r = self.request
-        return (r.key, r.token, r.output, r.outcome, r.now, r.stats, r.duration)
+        return (r.key, r.token, r.output, r.outcome, r.now, r.stats, r.duration, r.stop_reason)

@@ -10,8 +10,8 @@ of message elsewhere. The order of the commit steps is the correctness model
 2. register the children and the continuation (``fanout.spawn``: conditional
    creates that raise the run's outstanding counter);
 3. commit the task in the ledger (conditional on still holding the lease),
-   which lowers the counter; the step that takes it to zero finalizes the run
-   (``fanout.finalize``);
+   which lowers the counter (and records a stop the chunk asked for); the step
+   that takes it to zero finalizes the run (``fanout.finalize``);
 4. send the children's messages (a child runs only once its parent
    committed), then acknowledge the message.
 
@@ -427,11 +427,13 @@ class Runner:
             self.gate.stop(key.run_id, stop_reason, key.chunk_id)  # (this task still runs)
         outcome = TaskEvent.CONTINUED if continuation is not None else TaskEvent.COMMITTED
         now = time.time()
+        # The job's own ctx.stop_run goes in the commit's step: written before, a failed
+        # commit's retry would be cancelled; after, a worker dying between would lose it.
+        stop, stats = stop_reason if ctx.stop_reason is not None else None, dict(ctx.stats)
         request = CommitRequest(
-            key, attempt.token, output, outcome, now, dict(ctx.stats) or None, attempt.took(now)
+            key, attempt.token, output, outcome, now, stats or None, attempt.took(now), stop
         )
-        stop_after = stop_reason if ctx.stop_reason is not None else None
-        return Ready(run, attempt, request, [(t.message, d) for t, d in children], stop_after)
+        return Ready(run, attempt, request, [(t.message, d) for t, d in children])
 
     def settled(self, ready: Ready, settle: Settle) -> Handled:
         """Finish an attempt the ledger answered ``settle`` to committing: on
@@ -471,8 +473,8 @@ class Runner:
         # (see handle: a finished task re-sends its queued children).
         self._send(ready.children)
         drained = settle.drained
-        if ready.stop_after:
-            drained = self.gate.stop(key.run_id, ready.stop_after, key.chunk_id) or drained
+        if settle.stopped:
+            drained = self.gate.stopped(key.run_id, request.stop_reason, key.chunk_id) or drained
         elif any(delay for _, delay in ready.children):  # rare: one ledger read
             drained = self.gate.after_delayed_children(key.run_id) or drained
         self.queue.ack(attempt.receipt)
@@ -505,13 +507,10 @@ class Runner:
         self.gate.release(key.run_id, settings, attempt.token, failure.duration)  # run controls
         verdict = after_failure(failure.kind, attempt.attempt, settings.max_attempts)
         if verdict is not FailureVerdict.DEAD:
-            delay = (
-                0.0
-                if verdict is FailureVerdict.RETRY_NOW
-                else compute_backoff(
-                    attempt.attempt, base=settings.backoff_base, cap=settings.backoff_cap
-                )
+            delay = compute_backoff(
+                attempt.attempt, base=settings.backoff_base, cap=settings.backoff_cap
             )
+            delay = 0.0 if verdict is FailureVerdict.RETRY_NOW else delay
             if self.ledger.retry(key, attempt.token, failure, now + delay, now):
                 chunk_event(
                     logging.WARNING,

@@ -828,6 +828,44 @@ def test_a_job_that_stops_its_run_ends_it_succeeded(mem: Backend, tmp_path: Path
     assert run.tasks_cancelled == 10 - len(xs)
 
 
+def test_a_worker_that_dies_right_after_the_stopping_commit_does_not_lose_the_stop(
+    mem: Backend, tmp_path: Path, fast_leases: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop was written after the commit: a worker that died in between left
+    # the chunk committed and the run going on, every queued chunk run.
+    job = _x_job(
+        tmp_path,
+        "finder",
+        "@job.plan\n"
+        "def plan(params, ctx):\n"
+        "    return [{'x': x} for x in range(5)]\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'x': chunk['x']})\n"
+        "    if chunk['x'] == 0:\n"
+        "        ctx.stop_run('found it')\n",
+    )
+    commit = mem.ledger.commit
+    crashed: list[TaskKey] = []
+
+    def dies_after(key: TaskKey, *args: Any, **kwargs: Any) -> Any:
+        settle = commit(key, *args, **kwargs)
+        if key.chunk_id == "0/0" and not crashed:
+            crashed.append(key)
+            raise _Crash  # committed; the process died before the next step
+        return settle
+
+    monkeypatch.setattr(mem.ledger, "commit", dies_after)
+    run_id = coordinator.submit(mem, job).run_id
+    with pytest.raises(_Crash):
+        drain(mem, run_id, chunk_timeout=0.2, runner=Runner(mem))
+    run = drain(mem, run_id, chunk_timeout=0.2, runner=Runner(mem))
+    assert crashed and run.state == RunState.SUCCEEDED
+    assert run.stop_reason == "stopped by the job: found it"
+    assert [r["x"] for r in coordinator.committed_records(mem, run_id)] == [0]
+    assert (run.tasks_done, run.tasks_cancelled) == (2, 4)  # the plan and chunk 0
+
+
 @pytest.mark.parametrize("first", ["stop", "spawn"])
 def test_a_stopped_run_does_not_wait_for_its_delayed_chunks(
     home: Path, tmp_path: Path, first: str

@@ -232,6 +232,9 @@ class Settle:
 
     ok: bool  # False: the lease was lost (another attempt owns the task now)
     drained: bool = False
+    #: A commit that carried a ``stop_reason``: whether it recorded the run's
+    #: stop (False where the run had been stopped already).
+    stopped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,11 +305,15 @@ class Ledger(Protocol):
         now: float,
         stats: Mapping[str, int] | None = None,
         duration: float | None = None,
+        stop_reason: str | None = None,
     ) -> Settle:
         """Mark the task done with its output, if ``token`` still holds the lease.
         ``outcome`` (``COMMITTED`` or ``CONTINUED``) goes into its history, with the
         attempt's ``duration`` (s) when given; ``stats`` (counters such as pages
-        fetched) are added to the run's."""
+        fetched) are added to the run's. A ``stop_reason`` (the job's
+        ``ctx.stop_run``) stops the run in the same step, unless it was stopped
+        already (:attr:`Settle.stopped` says which): a worker that dies right
+        after the commit cannot lose the stop."""
 
     def retry(
         self, key: TaskKey, token: str, failure: Failure, not_before: float, now: float
@@ -386,6 +393,7 @@ class CommitRequest:
     now: float
     stats: Mapping[str, int] | None = None
     duration: float | None = None
+    stop_reason: str | None = None
 
 
 @runtime_checkable

@@ -138,3 +138,24 @@ def test_a_claim_given_back_is_as_if_never_made(backend: Backend) -> None:
     assert again.outcome is ClaimOutcome.CLAIMED and again.attempt == 1
     run = backend.ledger.get_run(RUN)
     assert run is not None and (run.retries, run.outstanding) == (0, 2)
+
+
+def test_a_batch_of_commits_records_the_first_stop_of_the_batch(backend: Backend) -> None:
+    """Two chunks of one batch that both stop the run: the first committed
+    stops it, the other is told it did not; a refused commit stops nothing."""
+    ledger = _batch_ledger(backend)
+    _run_with_children(backend, 3)
+    now = time.time()
+    claims = ledger.claim_many([ClaimRequest(_key(i), f"t{i}", 30.0, 3) for i in range(2)], now)
+    assert all(c.outcome is ClaimOutcome.CLAIMED for c in claims)
+
+    def commit(i: int, token: str, stop: str) -> CommitRequest:
+        return CommitRequest(_key(i), token, None, TaskEvent.COMMITTED, now, None, 0.1, stop)
+
+    settles = ledger.commit_many(
+        [commit(0, "stolen", "refused"), commit(0, "t0", "first"), commit(1, "t1", "second")]
+    )
+    assert [(s.ok, s.stopped) for s in settles] == [(False, False), (True, True), (True, False)]
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.stop_reason == "first" and run.tasks_done == 3
+    assert backend.ledger.claim(_key(2), "t2", 30.0, 3, now).outcome is ClaimOutcome.CANCELLED

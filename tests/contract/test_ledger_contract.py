@@ -508,3 +508,40 @@ def test_stop_says_whether_it_recorded_the_reason(backend: Backend) -> None:
     assert backend.ledger.stop(RUN, "second") is False
     run = backend.ledger.get_run(RUN)
     assert run is not None and run.stop_reason == "first"
+
+
+def test_a_commit_that_stops_the_run_records_it_in_the_same_step(backend: Backend) -> None:
+    """A chunk's ``ctx.stop_run`` goes in with its commit: a worker that dies
+    right after the commit cannot lose it, and the run's queued tasks are
+    cancelled at their claims whoever claims them. A commit that is refused
+    stops nothing; a later stop leaves the first reason, and says so."""
+    _run(backend)
+    _claim(backend)
+    backend.ledger.register(RUN, _children(3), max_chunks=100)
+    refused = backend.ledger.commit(ROOT, "other", None, "committed", time.time(), stop_reason="x")
+    assert not refused.ok and not refused.stopped
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.stop_reason is None
+    settle = backend.ledger.commit(ROOT, "t1", None, "committed", time.time(), stop_reason="found")
+    assert settle.ok and settle.stopped and not settle.drained
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.stop_reason == "found" and run.tasks_done == 1
+    assert _claim(backend, key=TaskKey(RUN, "0/0")).outcome == ClaimOutcome.CANCELLED
+    # A second chunk that stops the run too: it commits, the first reason stays.
+    assert _claim(backend, key=TaskKey(RUN, "0/1")).outcome == ClaimOutcome.CANCELLED
+    assert backend.ledger.stop(RUN, "later") is False
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.stop_reason == "found"
+
+
+def test_a_commit_in_a_stopped_run_commits_and_says_it_did_not_stop_it(backend: Backend) -> None:
+    _run(backend)
+    _claim(backend)
+    assert backend.ledger.stop(RUN, "cancelled by the user") is True
+    settle = backend.ledger.commit(
+        ROOT, "t1", Output("k.avro", 5, 50), "committed", time.time(), stop_reason="found"
+    )
+    assert settle.ok and settle.drained and not settle.stopped
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.stop_reason == "cancelled by the user"
+    assert (run.records, run.tasks_done, run.outstanding) == (5, 1, 0)

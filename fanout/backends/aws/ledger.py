@@ -349,9 +349,11 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
         now: float,
         stats: Mapping[str, int] | None = None,
         duration: float | None = None,
+        stop_reason: str | None = None,
     ) -> Settle:
-        """Mark the task done with its output, if the lease is still ours, and
-        cancel the orphans an earlier attempt registered (in the same transaction).
+        """Mark the task done with its output, if the lease is still ours, cancel
+        the orphans an earlier attempt registered and stop the run for
+        ``stop_reason`` (unless stopped: then tried again without), in one transaction.
 
         Orphans are found on ``gsi2``, which is eventually consistent, and only
         for a task that had an earlier attempt (a first attempt has no one else's
@@ -359,6 +361,7 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
         a back-off) old by then, far longer than the index lags.
         """
         counted = True  # the stats go in, until the run's item has no room for them
+        stopping = bool(stop_reason)  # until the run is found stopped already
         for _ in range(RETRIES):
             task = self._leased(key, token)
             if task is None:
@@ -398,9 +401,10 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
             took = took_field(duration)
             e.append("history", history_event(outcome, now, attempt, records=records, **took))
             e.where(_is_token(e, token))
-            run = self._run_counters(
+            run = self._run_commit(
                 key.run_id,
                 now,
+                stop_reason if stopping else None,
                 outstanding=-1 - len(head),
                 tasks_done=1,
                 tasks_cancelled=len(head),
@@ -430,6 +434,9 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
                 log.warning("task %s: its stats not counted: the run's record is full", key)
                 counted = False
                 continue
+            if stopping and reasons and reasons[entries.index(run)] == "ConditionalCheckFailed":
+                stopping = False  # stopped already (or gone: then the retry fails too)
+                continue
             if reasons is None:
                 rest = self._run_stats_entries(
                     key.run_id, {n: own[n] for n in names[STATS_IN_COMMIT:]}
@@ -438,7 +445,7 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
                 later = [by_domain[i : i + step] for i in range(room, len(by_domain), step)]
                 if later or rest:
                     self._add_after_commit(key, token, later + [[entry] for entry in rest])
-                return Settle(ok=True, drained=self._drained(key.run_id))
+                return Settle(ok=True, drained=self._drained(key.run_id), stopped=stopping)
         raise RuntimeError(f"commit {key}: too much contention")
 
     def retry(

@@ -59,13 +59,29 @@ class Registrar(DynamoTable):
     ) -> Item:
         """A transaction entry moving the run's counters (if the run exists and,
         given ``chunks_below``, its ``chunks_total`` is at most that before)."""
+        e = self._counters(now, chunks_below, **counters)
+        return {"Update": e.update(self.table, _run_key(run_id))}
+
+    def _run_commit(
+        self, run_id: str, now: float, stop_reason: str | None, **counters: int
+    ) -> Item:
+        """:meth:`_run_counters` for a commit, which also stops the run for
+        ``stop_reason`` if given (and the run is not stopped: else it fails)."""
+        e = self._counters(now, None, **counters)
+        if stop_reason is not None:
+            e.set("stop_reason", stop_reason)
+            e.where(f"attribute_not_exists({e.n('stop_reason')})")
+        return {"Update": e.update(self.table, _run_key(run_id))}
+
+    @staticmethod
+    def _counters(now: float, chunks_below: int | None, **counters: int) -> _Expr:
         e = _Expr().set("updated_at", now)
         for name, amount in counters.items():
             e.add(name, amount)
         e.where(f"attribute_exists({e.n('pk')})")
         if chunks_below is not None:
             e.where(f"{e.n('chunks_total')} <= {e.v(chunks_below)}")
-        return {"Update": e.update(self.table, _run_key(run_id))}
+        return e
 
     def _new_task(self, run_id: str, t: NewTask, now: float, spawned_by: str | None) -> Item:
         item: Item = {

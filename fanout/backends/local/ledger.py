@@ -43,6 +43,7 @@ from fanout.backends.local.ledger_rows import (
     key_args,
     row_event,
     run_record,
+    stop_run,
     task_record,
 )
 from fanout.backends.local.runcontrols import SQLiteRunControls
@@ -125,11 +126,7 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
     def stop(self, run_id: str, reason: str) -> bool:
         """Record the first reason the run stopped; whether this call recorded it."""
         with self.db.write() as conn:
-            cur = conn.execute(
-                "UPDATE runs SET stop_reason = ? WHERE run_id = ? AND stop_reason IS NULL",
-                (reason, run_id),
-            )
-            return cur.rowcount == 1
+            return stop_run(conn, run_id, reason)
 
     def begin_finalize(self, run_id: str, now: float, stale_after: float) -> bool:
         """Move a drained run to ``finalizing``; true for the one caller that did."""
@@ -352,11 +349,12 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         now: float,
         stats: Mapping[str, int] | None = None,
         duration: float | None = None,
+        stop_reason: str | None = None,
     ) -> Settle:
-        """Mark the task done with its output, if the lease is still ours."""
-        return self.commit_many([CommitRequest(key, token, output, outcome, now, stats, duration)])[
-            0
-        ]
+        """Mark the task done with its output, if the lease is still ours (and
+        stop the run for ``stop_reason``, if given and it was not stopped yet)."""
+        request = CommitRequest(key, token, output, outcome, now, stats, duration, stop_reason)
+        return self.commit_many([request])[0]
 
     def commit_many(self, requests: Sequence[CommitRequest]) -> list[Settle]:
         """:meth:`commit` for each request, in one transaction (``BatchLedger``).
@@ -372,13 +370,24 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
                 if orphans is not None:
                     sums.setdefault(r.key.run_id, RunSums()).add(r, orphans)
             drained = {run_id: s.apply(conn, run_id) for run_id, s in sums.items()}
+            # A chunk's ctx.stop_run, in the commit's transaction (the first
+            # reason stands): the request that recorded it is told so.
+            stopped = {
+                i
+                for i, (r, o) in enumerate(zip(requests, committed, strict=True))
+                if o is not None and r.stop_reason and stop_run(conn, r.key.run_id, r.stop_reason)
+            }
         last = {
             r.key.run_id: i
             for i, (r, o) in enumerate(zip(requests, committed, strict=True))
             if o is not None
         }
         return [
-            Settle(ok=o is not None, drained=last.get(r.key.run_id) == i and drained[r.key.run_id])
+            Settle(
+                ok=o is not None,
+                drained=last.get(r.key.run_id) == i and drained[r.key.run_id],
+                stopped=i in stopped,
+            )
             for i, (r, o) in enumerate(zip(requests, committed, strict=True))
         ]
 

@@ -229,3 +229,13 @@ def commit_args(r: CommitRequest) -> tuple[object, ...]:
         *key_args(r.key),
         r.token,
     )
+
+
+def stop_run(conn: sqlite3.Connection, run_id: str, reason: str) -> bool:
+    """Record the run's first stop reason (in the caller's write transaction);
+    whether this call recorded it."""
+    cur = conn.execute(
+        "UPDATE runs SET stop_reason = ? WHERE run_id = ? AND stop_reason IS NULL",
+        (reason, run_id),
+    )
+    return cur.rowcount == 1
