@@ -19,7 +19,6 @@ from typing import Any
 
 import click
 
-from fanout import coordinator
 from fanout.backends import BACKENDS, default_home
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend
 from fanout.cli_common import (
@@ -29,21 +28,21 @@ from fanout.cli_common import (
     FiniteFloat,
     aws_problem,
     cannot_write,
-    counted,
     exit_code,
     group_backend,
     home_problem,
-    human,
     split_pairs,
     unreadable_json,
 )
 from fanout.cli_controls import COMMANDS as CONTROL_COMMANDS
-from fanout.cli_controls import dead_lines, status_fields, status_line, summary_lines
+from fanout.cli_controls import progress_line, run_summary, status_fields, status_line
 from fanout.controls import stop_line
 from fanout.errors import UserError
 from fanout.jobs import load_job
 from fanout.limits import RunKind, RunLimits, kind_of
 
+# The coordinator (and with it pydantic, ~0.1 s) is imported by the commands
+# that use it: `fanout --help` and the control commands start without it.
 EXIT_USAGE = 2
 
 
@@ -184,34 +183,6 @@ def _latest_run(backend: Backend) -> str:
     return runs[0].run_id
 
 
-def _progress_line(status: coordinator.Status, state: str | None = None) -> str:
-    # From the run's counters only: cheap enough to print twice a second. `state`
-    # is what to show for the run's (paused rather than running, for one).
-    r = status.run
-    finished = r.tasks_done + r.tasks_dead + r.tasks_cancelled
-    return (
-        f"{r.run_id}  {state or r.state.value}  chunks {finished}/{r.tasks_total}"
-        f" ({r.tasks_dead} dead, {r.retries} retries)"
-        f"  records {r.records:,}  {human(status.rate)}/s  {status.elapsed:.1f}s"
-    )
-
-
-def _summary(status: coordinator.Status, backend: Backend) -> str:
-    r = status.run
-    lines = [
-        f"run {r.run_id} {r.state.value}: {r.records:,} records, {r.bytes:,} bytes"
-        f" from {counted(status.tasks['done'], 'chunk')} in {status.elapsed:.2f}s"
-        f" ({human(status.rate)} records/s)"
-    ]
-    if r.stop_reason:
-        lines.append(stop_line(r.stop_reason))
-    lines += summary_lines(r)  # run controls: cancelled count, tolerated failures
-    lines += dead_lines(r, status.tasks["dead"])
-    if r.manifest_key and r.state in TERMINAL_RUN_STATES:
-        lines.append(f"manifest: {backend.store.url(r.manifest_key)}")
-    return "\n".join(lines)
-
-
 def _work(
     ctx: click.Context,
     run_id: str,
@@ -221,6 +192,7 @@ def _work(
     chunk_memory: int | None = None,
 ) -> None:
     """Work the queue until ``run_id`` finishes, showing progress; exit with its outcome."""
+    from fanout import coordinator
     from fanout.worker import WorkerOptions, WorkerPool
 
     backend = group_backend(ctx)
@@ -243,7 +215,7 @@ def _work(
             return
         now = time.time()
         st, shown = coordinator.live_status(backend, coordinator.get_run(backend, run_id))
-        line = _progress_line(st, shown)
+        line = progress_line(st, shown)
         if tty:
             click.echo("\r" + line.ljust(110), err=True, nl=False)
         elif now - last_print[0] >= 5.0:
@@ -262,7 +234,7 @@ def _work(
     if as_json:
         click.echo(json.dumps(status.to_dict()))
     else:
-        click.echo(_summary(status, backend))
+        click.echo(run_summary(status, backend))
     if not finished():
         click.echo(f"interrupted: resume with `fanout worker --until-idle` ({run_id})", err=True)
         ctx.exit(130)
@@ -373,6 +345,8 @@ def run(
     as_json: bool,
 ) -> None:
     """Submit JOB and work it to completion on this machine."""
+    from fanout import coordinator
+
     record = coordinator.submit(
         group_backend(ctx), job, _params(params, params_file), split_pairs(settings, "--setting")
     )
@@ -392,6 +366,8 @@ def submit(
     settings: tuple[str, ...],
 ) -> None:
     """Submit JOB (enqueue only) and print the run id."""
+    from fanout import coordinator
+
     record = coordinator.submit(
         group_backend(ctx), job, _params(params, params_file), split_pairs(settings, "--setting")
     )
@@ -471,6 +447,8 @@ def status(
     ctx: click.Context, run_id: str | None, as_json: bool, watch: bool, interval: float
 ) -> None:
     """Progress of RUN (default: the latest run)."""
+    from fanout import coordinator
+
     backend = group_backend(ctx)
     if watch:
         from fanout.cli_observe import watch_run
@@ -482,7 +460,7 @@ def status(
     if as_json:
         click.echo(json.dumps({**st.to_dict(), "controls": controls}))
         return
-    click.echo(_progress_line(st, controls["state"]))
+    click.echo(progress_line(st, controls["state"]))
     click.echo("chunks: " + ", ".join(f"{k} {v}" for k, v in st.tasks.items()))
     click.echo(f"bytes {st.run.bytes:,}  outstanding {st.run.outstanding}")
     click.echo(status_line(controls))
@@ -520,6 +498,8 @@ def replay(
     work: bool,
 ) -> None:
     """Put RUN's dead chunks back in the queue (after you fixed the job)."""
+    from fanout import coordinator
+
     reopened = coordinator.replay(group_backend(ctx), run_id, chunks or None)
     n = len(reopened)
     click.echo(f"replaying {n} chunk{'' if n == 1 else 's'} of {run_id}", err=True)
@@ -537,6 +517,7 @@ def replay(
 @click.pass_context
 def cat(ctx: click.Context, run_id: str | None, limit: int | None) -> None:
     """The committed records of RUN as JSON lines (from its manifest)."""
+    from fanout import coordinator
     from fanout.avro import to_json_safe
 
     backend = group_backend(ctx)

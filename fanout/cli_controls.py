@@ -1,6 +1,6 @@
 """The run control commands: ``fanout cancel RUN``, ``fanout pause RUN`` and
-``fanout resume RUN``, and the lines ``fanout status`` and ``fanout run`` add
-for a run's controls.
+``fanout resume RUN``, and the lines ``fanout status`` and ``fanout run`` print
+of a run: its progress, its summary and its controls.
 
 Registered on the group by :mod:`fanout.cli`; shared helpers come from
 :mod:`fanout.cli_common`. Each command is idempotent (exit 0 whether or not it
@@ -9,14 +9,18 @@ changed anything); an unknown run id is one line and exit 2.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from fanout import control_ops
-from fanout.backends.base import Backend, RunRecord, RunState
-from fanout.cli_common import RUN_ID, counted, group_backend
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, RunState
+from fanout.cli_common import RUN_ID, counted, group_backend, human
+from fanout.controls import stop_line
 from fanout.limits import RunKind, kind_of
+
+if TYPE_CHECKING:
+    from fanout.coordinator import Status
 
 
 @click.command()
@@ -82,3 +86,33 @@ def dead_lines(run: RunRecord, dead: int) -> list[str]:
             " -S tolerated_failures=N (or tolerated_failure_percent=P)"
         )
     return lines
+
+
+def progress_line(status: Status, state: str | None = None) -> str:
+    """The line ``fanout run`` redraws as its run goes: ``state`` is what to
+    show for the run's (paused rather than running, for one). From the run's
+    counters only: cheap enough to print twice a second."""
+    r = status.run
+    finished = r.tasks_done + r.tasks_dead + r.tasks_cancelled
+    return (
+        f"{r.run_id}  {state or r.state.value}  chunks {finished}/{r.tasks_total}"
+        f" ({r.tasks_dead} dead, {r.retries} retries)"
+        f"  records {r.records:,}  {human(status.rate)}/s  {status.elapsed:.1f}s"
+    )
+
+
+def run_summary(status: Status, backend: Backend) -> str:
+    """What ``fanout run`` prints when its run ended."""
+    r = status.run
+    lines = [
+        f"run {r.run_id} {r.state.value}: {r.records:,} records, {r.bytes:,} bytes"
+        f" from {counted(status.tasks['done'], 'chunk')} in {status.elapsed:.2f}s"
+        f" ({human(status.rate)} records/s)"
+    ]
+    if r.stop_reason:
+        lines.append(stop_line(r.stop_reason))
+    lines += summary_lines(r)  # run controls: cancelled count, tolerated failures
+    lines += dead_lines(r, status.tasks["dead"])
+    if r.manifest_key and r.state in TERMINAL_RUN_STATES:
+        lines.append(f"manifest: {backend.store.url(r.manifest_key)}")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,8 +197,39 @@ def test_fanout_run_imports_no_other_command() -> None:
     help_text, _, last = done.stdout.rstrip().rpartition("\n")
     assert "Submit JOB and work it to completion" in help_text
     loaded = set(json.loads(last))
-    assert "fanout.coordinator" in loaded  # the probe did import run's own code
+    assert "fanout.cli_controls" in loaded  # the probe did import the CLI's own modules
     assert sorted(m for m in loaded for n in NOT_FOR_RUN if m == n or m.startswith(n + ".")) == []
+
+
+#: ``fanout [COMMAND] --help``: what the CLI imported to answer it.
+HELP_PROBE = """\
+import json, sys
+from fanout.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("argv", [["cancel", "--help"], ["pause", "--help"], ["run", "--help"]])
+def test_a_command_starts_without_pydantic_unless_it_needs_it(argv: list[str]) -> None:
+    """The coordinator, and with it pydantic (~0.1 s), is imported by the
+    commands that submit or read runs when they run, not by every command.
+    (`fanout --help` still imports every command's module, for their help.)"""
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE, *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    help_text, _, last = done.stdout.rstrip().rpartition("\n")
+    assert "Usage: " in help_text
+    loaded = set(json.loads(last))
+    assert {"pydantic", "fanout.coordinator", "fanout.settings"} & loaded == set()
 
 
 def test_fanout_help_lists_every_command_each_from_its_module() -> None:
