@@ -37,6 +37,9 @@ class RunProbe(Protocol):
 #: often it is re-delayed, so a longer wait would outlive its message.
 MAX_SPAWN_DELAY = 12 * 24 * 3600.0
 
+#: The longest reason ``stop_run`` keeps, in characters (the rest is cut).
+MAX_STOP_REASON = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class Continue:
@@ -174,8 +177,14 @@ class ChunkContext:
         starts afterwards (queued ones are cancelled, running ones finish) and
         what this chunk spawns or resumes is dropped. The run ends as one that
         ran out of work (succeeded, or failed with dead chunks), ``reason``
-        shown. A spider's ``CloseSpider`` does this."""
-        self.stop_reason = str(reason) or "stop_run"
+        shown (its first :data:`MAX_STOP_REASON` characters). A spider's
+        ``CloseSpider`` does this."""
+        reason = str(reason) or "stop_run"
+        if len(reason) > MAX_STOP_REASON:
+            # It is kept on the run's record, which a DynamoDB item bounds (400 KB):
+            # a reason past that would refuse the commit itself, again and again.
+            reason = reason[:MAX_STOP_REASON] + " [...]"
+        self.stop_reason = reason
 
     def outcome(self, result: Any) -> Continue | None:
         """What the job's ``process`` returned, as the chunk's end: None, or the

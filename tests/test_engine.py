@@ -828,6 +828,26 @@ def test_a_job_that_stops_its_run_ends_it_succeeded(mem: Backend, tmp_path: Path
     assert run.tasks_cancelled == 10 - len(xs)
 
 
+def test_a_stop_reason_is_kept_to_its_first_thousand_characters(
+    mem: Backend, tmp_path: Path
+) -> None:
+    # Kept whole, a reason of megabytes went into the run's record with the
+    # commit: past a DynamoDB item's 400 KB, the commit itself was refused.
+    job = _x_job(
+        tmp_path,
+        "verbose",
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'x': 1})\n"
+        "    ctx.stop_run('found it: ' + 'x' * 1_000_000)\n",
+    )
+    run = drain(mem, coordinator.submit(mem, job).run_id)
+    assert run.state == RunState.SUCCEEDED and run.records == 1
+    assert run.stop_reason is not None
+    assert run.stop_reason.startswith("stopped by the job: found it: xxx")
+    assert run.stop_reason.endswith("x [...]") and len(run.stop_reason) < 1100
+
+
 def test_a_worker_that_dies_right_after_the_stopping_commit_does_not_lose_the_stop(
     mem: Backend, tmp_path: Path, fast_leases: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
