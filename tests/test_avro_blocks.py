@@ -30,7 +30,6 @@ SCHEMA = load_schema(
 def idle_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """The thread is chosen by cores and load: each test says its cores, on a
     machine otherwise idle (a test run's own load must not decide)."""
-    monkeypatch.setattr(avro_blocks, "_running", lambda: 1)
     monkeypatch.setattr(avro_blocks, "_stall", lambda: 0.0)
     monkeypatch.setattr(avro_blocks, "_load", lambda: 0.0)
 
@@ -150,22 +149,20 @@ def test_a_block_the_thread_cannot_compress_fails_the_file(
 
 
 @pytest.mark.parametrize(
-    ("cores", "workers", "running", "stall", "load", "thread"),
+    ("cores", "workers", "stall", "load", "thread"),
     [
-        (2, 1, 1, 0.0, 0.0, True),
-        (2, 2, 1, 0.0, 0.0, False),  # a pool that takes every core
-        (4, 3, 1, 0.0, 0.0, True),
-        (2, 1, 2, 0.0, 0.0, False),  # another task runs on the other core now
-        (2, 1, 1, 0.3, 0.0, False),  # tasks were kept waiting for a CPU lately
-        (2, 1, 1, 0.02, 2.4, True),  # the load average, a minute late, counts this run
-        (2, 1, None, None, 1.4, True),  # no /proc: the load average decides
-        (2, 1, None, None, 2.3, False),
+        (2, 1, 0.0, 0.0, True),
+        (2, 2, 0.0, 0.0, False),  # a pool that takes every core
+        (4, 3, 0.0, 0.0, True),
+        (2, 1, 0.6, 0.0, False),  # tasks were kept waiting for a CPU lately
+        (2, 1, 0.08, 2.4, True),  # the load average, a minute late, counts this run
+        (2, 1, None, 1.4, True),  # no pressure figure: the load average decides
+        (2, 1, None, 2.3, False),
     ],
 )
 def test_a_thread_compresses_only_where_a_core_is_spare(
     cores: int,
     workers: int,
-    running: int | None,
     stall: float | None,
     load: float,
     thread: bool,
@@ -176,7 +173,6 @@ def test_a_thread_compresses_only_where_a_core_is_spare(
     does a process on a machine whose cores are all taken: the thread's
     hand-offs would only cost them CPU."""
     monkeypatch.setattr(avro_blocks, "_cores", lambda: cores)
-    monkeypatch.setattr(avro_blocks, "_running", lambda: running)
     monkeypatch.setattr(avro_blocks, "_stall", lambda: stall)
     monkeypatch.setattr(avro_blocks, "_load", lambda: load)
     monkeypatch.setattr(avro_blocks, "_sharing", 1)
@@ -186,25 +182,22 @@ def test_a_thread_compresses_only_where_a_core_is_spare(
     assert bool(submitted) is thread
 
 
-def test_the_machine_is_read_from_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The figures come from /proc as Linux writes it (and are None where a
-    file is missing or odd), not from a guess."""
+def test_the_pressure_is_read_from_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figure comes from /proc/pressure/cpu as Linux writes it (None where
+    the file is missing or odd), not from a guess."""
     files = {
-        "/proc/loadavg": "0.52 0.58 0.59 3/467 12345\n",
         "/proc/pressure/cpu": (
             "some avg10=12.50 avg60=3.10 avg300=0.80 total=1234\n"
             "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
         ),
     }
-    monkeypatch.undo()  # the real readers, over these files
+    monkeypatch.undo()  # the real reader, over these files
     monkeypatch.setattr(avro_blocks, "_read", files.get)
-    assert avro_blocks._running() == 3
     assert avro_blocks._stall() == pytest.approx(0.125)
-    files.clear()
-    assert avro_blocks._running() is None and avro_blocks._stall() is None
-    files["/proc/loadavg"] = "garbage"
     files["/proc/pressure/cpu"] = "some avg10=x"
-    assert avro_blocks._running() is None and avro_blocks._stall() is None
+    assert avro_blocks._stall() is None
+    files.clear()
+    assert avro_blocks._stall() is None
 
 
 def test_after_interpreter_shutdown_blocks_are_compressed_inline(

@@ -84,6 +84,23 @@ def timed_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]
     return time.perf_counter() - wall, children_cpu() - cpu, out
 
 
+def same_records(plain_out: Path, home: Path, rows: int) -> None:
+    """Both sides wrote the same records (fanout's, from its run's committed
+    files): a loop that wrote less would be a kinder baseline."""
+    import fastavro
+
+    def records(files: list[Path]) -> list[tuple[object, ...]]:
+        found = []
+        for path in files:
+            with path.open("rb") as f:
+                found += [tuple(r.values()) for r in fastavro.reader(f)]
+        return sorted(found, key=lambda r: (str(r[4]), r[5]))
+
+    plain = records(sorted(plain_out.glob("*.avro")))
+    ours = records(sorted(home.glob("store/runs/*/data/*.avro")))
+    assert len(plain) == len(ours) == rows and plain == ours, "the loop and the job differ"
+
+
 def per_chunk(src: Path, tmp: Path, rounds: int) -> tuple[float, float]:
     """The job's chunks against the loop without the CLI: median seconds of one
     file through ``plain_loop`` and of one chunk of the same size handed to
@@ -196,6 +213,7 @@ def main() -> None:
             if i < 0:
                 figures = {name: [] for name in figures}
                 phases = []
+                same_records(tmp / f"plain-{i}", tmp / f"home-{i}", rows)
         chunk_figures = per_chunk(src, tmp, min(8, args.files)) if args.per_chunk else None
         startup_figures = startup(env, 3 * args.repeat) if args.startup else None
 
