@@ -48,6 +48,17 @@ def _run_with_children(backend: Backend, n: int) -> None:
     assert backend.ledger.commit(ROOT, "root", None, TaskEvent.COMMITTED, now).ok
 
 
+def _claimed(backend: Backend, children: int, claimed: int) -> tuple[BatchLedger, float]:
+    """A run of ``children`` children, the first ``claimed`` claimed in one batch
+    (tokens ``t0``, ``t1``...): its ledger, and the time of the claims."""
+    ledger = _batch_ledger(backend)
+    _run_with_children(backend, children)
+    now = time.time()
+    asks = [ClaimRequest(_key(i), f"t{i}", 30.0, 3) for i in range(claimed)]
+    assert all(c.outcome is ClaimOutcome.CLAIMED for c in ledger.claim_many(asks, now))
+    return ledger, now
+
+
 def test_a_batch_of_claims_answers_each_as_a_claim_would(backend: Backend) -> None:
     ledger = _batch_ledger(backend)
     _run_with_children(backend, 4)
@@ -80,11 +91,7 @@ def test_a_batch_of_claims_answers_each_as_a_claim_would(backend: Backend) -> No
 
 
 def test_a_batch_of_commits_moves_the_counters_exactly_and_drains_once(backend: Backend) -> None:
-    ledger = _batch_ledger(backend)
-    _run_with_children(backend, 4)
-    now = time.time()
-    claims = ledger.claim_many([ClaimRequest(_key(i), f"t{i}", 30.0, 3) for i in range(4)], now)
-    assert all(c.outcome is ClaimOutcome.CLAIMED for c in claims)
+    ledger, now = _claimed(backend, children=4, claimed=4)
 
     def commit(i: int, token: str, records: int) -> CommitRequest:
         output = Output(f"runs/{RUN}/data/{i}.avro", records, 10 * records)
@@ -119,11 +126,7 @@ def test_a_batch_of_commits_moves_the_counters_exactly_and_drains_once(backend: 
 
 
 def test_a_claim_given_back_is_as_if_never_made(backend: Backend) -> None:
-    ledger = _batch_ledger(backend)
-    _run_with_children(backend, 3)
-    now = time.time()
-    claims = ledger.claim_many([ClaimRequest(_key(i), f"t{i}", 30.0, 3) for i in range(3)], now)
-    assert all(c.outcome is ClaimOutcome.CLAIMED for c in claims)
+    ledger, now = _claimed(backend, children=3, claimed=3)
     assert backend.ledger.commit(_key(2), "t2", None, TaskEvent.COMMITTED, now).ok
     # 0/0 by its own token; 0/1 by a token that does not hold it; 0/2 committed.
     given = ledger.give_back_many([(_key(0), "t0"), (_key(1), "nope"), (_key(2), "t2")], now)
@@ -143,11 +146,7 @@ def test_a_claim_given_back_is_as_if_never_made(backend: Backend) -> None:
 def test_a_batch_of_commits_records_the_first_stop_of_the_batch(backend: Backend) -> None:
     """Two chunks of one batch that both stop the run: the first committed
     stops it, the other is told it did not; a refused commit stops nothing."""
-    ledger = _batch_ledger(backend)
-    _run_with_children(backend, 3)
-    now = time.time()
-    claims = ledger.claim_many([ClaimRequest(_key(i), f"t{i}", 30.0, 3) for i in range(2)], now)
-    assert all(c.outcome is ClaimOutcome.CLAIMED for c in claims)
+    ledger, now = _claimed(backend, children=3, claimed=2)
 
     def commit(i: int, token: str, stop: str) -> CommitRequest:
         return CommitRequest(_key(i), token, None, TaskEvent.COMMITTED, now, None, 0.1, stop)
