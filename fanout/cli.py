@@ -541,21 +541,13 @@ def validate(
     job: str, params: tuple[str, ...], params_file: str | None, settings: tuple[str, ...]
 ) -> None:
     """Load JOB and its schema and check params, without running anything."""
+    from fanout.coordinator import settings_for
+
     loaded = load_job(job)
     loaded.check()
     model = loaded.validate_params(_params(params, params_file))
-    # The -S settings too, as `fanout submit` would check them.
-    overrides = split_pairs(settings, "--setting")
-    from pydantic import ValidationError
-
-    from fanout.settings import RunSettings
-
-    try:
-        run_settings = RunSettings.model_validate({**loaded.settings.model_dump(), **overrides})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        raise UserError(f"setting {where}: {err['msg']}") from None
+    # The -S settings too, as `fanout submit` checks them.
+    run_settings = settings_for(loaded, split_pairs(settings, "--setting"))
     schema = loaded.schema
     click.echo(f"job {loaded.name}: ok")
     click.echo(f"  schema: {schema.name if schema else '(none: emits nothing)'}")

@@ -55,7 +55,20 @@ class RunId(click.ParamType[str]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and not value.strip():
             self.fail("the run id is empty (see `fanout runs` for the run ids)", param, ctx)
+        if isinstance(value, str) and not is_text(value):
+            self.fail(f"{value!r} is no run id: bytes that are not UTF-8", param, ctx)
         return value
+
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` is text a store can keep: a command-line argument of
+    bytes that are not UTF-8 arrives as lone surrogates, which no ledger,
+    database or file name takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: The type of every command's run id argument.

@@ -8,6 +8,7 @@ Registered on the group by :mod:`fanout.cli`; shared helpers come from
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 from datetime import datetime
@@ -210,13 +211,14 @@ def show(ctx: click.Context, name: str, count: int, after: str | None) -> None:
 @click.pass_context
 def remove(ctx: click.Context, name: str) -> None:
     """Remove schedule NAME (runs it started are kept)."""
-    if not _store(ctx).remove(name):
+    # (A name no schedule can have is not looked up: it may not even be text.)
+    if not re.match(NAME_PATTERN, name) or not _store(ctx).remove(name):
         raise UserError(f"no schedule named {name!r} (see `fanout schedule list`)")
     click.echo(f"schedule {name} removed")
 
 
 def _get(store: ScheduleStore, name: str) -> Schedule:
-    entry = store.get(name)
+    entry = store.get(name) if re.match(NAME_PATTERN, name) else None
     if entry is None:
         raise UserError(f"no schedule named {name!r} (see `fanout schedule list`)")
     return entry

@@ -26,12 +26,11 @@ from fanout.backends.base import (
 )
 from fanout.backends.runcontrols import controls_of
 from fanout.controls import display_state, paused_seconds
-from fanout.errors import ParamsError, RunFinalizingError, UnknownRunError, UserError
+from fanout.errors import RunFinalizingError, UnknownRunError, UserError
 from fanout.events import events_for
 from fanout.fairness import register_run, served_runs
 from fanout.finalize import FINALIZE_STALE, finalize_run
-from fanout.jobs import canonical_ref, load_job
-from fanout.json_fields import params_problem
+from fanout.jobs import Job, canonical_ref, load_job
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.settings import RunKind, RunSettings, kind_of, recorded_settings
 from fanout.tables.contract import check_contract
@@ -57,19 +56,9 @@ def submit(
     """
     job = load_job(job_ref)
     job.check()
-    model = job.validate_params(params or {})
+    model = job.validate_params(params or {})  # and as JSON a message can carry
     raw_params = model.model_dump(mode="json") if isinstance(model, BaseModel) else dict(model)
-    # Refused here, in one line: a chunk's message could not carry them (the
-    # root's payload, or what the job passes on), and they would fail later.
-    problem = params_problem(raw_params)
-    if problem is not None:
-        raise ParamsError(f"params for job {job.name}: {problem}")
-    try:
-        run_settings = RunSettings.model_validate({**job.settings.model_dump(), **(settings or {})})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        raise UserError(f"setting {where}: {err['msg']}") from None
+    run_settings = settings_for(job, settings or {})
     schema = job.schema
     if job.table_spec is not None:  # issue 14: the table's schema contract, before any write
         check_contract(backend.store, job.table_spec, schema.raw if schema else None, job.name)
@@ -96,6 +85,17 @@ def submit(
     # queued tasks of a run that has nothing in the queue.
     backend.queue.send([body])
     return run
+
+
+def settings_for(job: Job, overrides: Mapping[str, Any]) -> RunSettings:
+    """The run's settings: the job's, with ``overrides`` (``-S KEY=VALUE``);
+    :class:`UserError` (one line) names a setting out of range."""
+    try:
+        return RunSettings.model_validate({**job.settings.model_dump(), **overrides})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        raise UserError(f"setting {where}: {err['msg']}") from None
 
 
 def get_run(backend: Backend, run_id: str) -> RunRecord:

@@ -19,6 +19,7 @@ from fanout.errors import JobLoadError, ParamsError, UserError
 from fanout.filestamp import Stamp, stamp_of
 from fanout.isolation import JobModules, import_fresh
 from fanout.isolation import activate as activate_modules
+from fanout.json_fields import params_problem
 from fanout.limits import RunKind
 from fanout.tables.spec import pop_table_spec
 
@@ -143,8 +144,12 @@ class Job:
         return fn
 
     def validate_params(self, raw: Mapping[str, Any]) -> BaseModel | dict[str, Any]:
-        """Params checked against the job's model; :class:`ParamsError` names the field."""
+        """Params checked against the job's model, and as JSON a message can
+        carry (no NaN or infinity, no bytes...): :class:`ParamsError` names the
+        field. Every path that takes params checks them here (submit, validate,
+        a schedule's add), so none lets through what another refuses."""
         if self.params_model is None:
+            self._params_travel(dict(raw))
             return dict(raw)
         from pydantic import ValidationError  # imported already, by the params model
 
@@ -160,13 +165,22 @@ class Job:
                     f" (known: {', '.join(fields) or 'none'})"
                 )
         try:
-            return self.params_model.model_validate(dict(raw))
+            model = self.params_model.model_validate(dict(raw))
         except ValidationError as exc:
             raise ParamsError(f"params for job {self.name}: {_first_error(exc)}") from None
         except Exception as exc:  # a validator of the job's that raised something else
             raise ParamsError(
                 f"params for job {self.name}: the params model raised {type(exc).__name__}: {exc}"
             ) from None
+        self._params_travel(model.model_dump(mode="json"))
+        return model
+
+    def _params_travel(self, params: dict[str, Any]) -> None:
+        # A chunk's message could not carry them (the root's payload, or what
+        # the job passes on): refused now, in one line, not failed later.
+        problem = params_problem(params)
+        if problem is not None:
+            raise ParamsError(f"params for job {self.name}: {problem}")
 
     def schema_dirs(self) -> list[Path]:
         """Where a schema given by name is looked up, in order."""

@@ -88,6 +88,16 @@ job = Job("dict")
 def process(chunk, ctx):
     return None
 """
+FLOAT_JOB = """
+from pydantic import BaseModel
+from fanout import Job
+class Params(BaseModel):
+    scale: float = 1.0
+job = Job("floaty", params=Params)
+@job.process
+def process(chunk, ctx):
+    return None
+"""
 _BIG_INT = "9" * 5000  # past Python's 4,300 digits of int-to-text conversion
 _DEEP = "[" * 250 + "]" * 250  # deeper than a message may nest (200)
 _DEEPER = "[" * 5000 + "]" * 5000  # deeper than Python's JSON decoder goes
@@ -121,6 +131,17 @@ UNENCODABLE_PARAMS: list[tuple[str, dict[str, str], list[str], list[str]]] = (
             ("nested too deep", f'{{"x": {_DEEP}}}', ["nested", "deep"]),
             ("with a lone surrogate", '{"x": "\\ud800"}', ["x", "lone surrogate"]),
         )
+    ]
+    + [
+        # validate and schedule add said ok to what submit refuses (a schedule
+        # then failed at every tick): one check, in Job.validate_params, for all.
+        (
+            f"{' '.join(argv[:2])} with an infinite param",
+            {"f.py": FLOAT_JOB},
+            [*argv, "{tmp}/f.py", "-p", "scale=inf"],
+            ["params.scale", "inf is not JSON"],
+        )
+        for argv in (["validate"], ["schedule", "add", "s", "--cron", "@daily"], ["submit"])
     ]
     + [
         (
@@ -197,6 +218,21 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("failed of unknown run", {}, ["failed", "tree-nope"], ["unknown run id 'tree-nope'"]),
     ("replay of unknown run", {}, ["replay", "tree-nope"], ["unknown run id 'tree-nope'"]),
     ("cat of unknown run", {}, ["cat", "tree-nope"], ["unknown run id 'tree-nope'"]),
+    # Bytes that are not UTF-8 (they arrive as lone surrogates) went to the
+    # ledger and came back a UnicodeEncodeError traceback.
+    *(
+        (f"{command} of an undecodable run id", {}, [command, "ab\udcffcd"], ["no run id", "UTF-8"])
+        for command in ("status", "cat", "cancel", "logs", "failed", "replay")
+    ),
+    *(
+        (
+            f"schedule {command} of an undecodable name",
+            {},
+            ["schedule", command, "s\udcff"],
+            ["no schedule named"],
+        )
+        for command in ("show", "remove")
+    ),
     ("status without runs", {}, ["status"], ["no runs yet"]),
     ("cat without runs", {}, ["cat"], ["no runs yet"]),
     ("misspelled param", {}, ["submit", TREE, "-p", "row=5"], ["unknown param 'row'", "rows"]),
