@@ -120,6 +120,7 @@ def deploy(
     from fanout.deploy import build_zip, layer_report, parse_parameters, plan
     from fanout.deploy import deploy as deploy_stack
 
+    stage = _stage(stage)  # before anything is built: it names the stack and its bucket
     overrides = parse_parameters(parameters)
     if dry_run:
         with tempfile.TemporaryDirectory() as tmp:

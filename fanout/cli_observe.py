@@ -363,7 +363,9 @@ def dead_letters(ctx: click.Context, limit: int, as_json: bool, show_body: bool)
 
 
 @click.command()
-@click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "-n", "--limit", type=click.IntRange(min=1, max=1_000_000), default=20, show_default=True
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def runs(ctx: click.Context, limit: int, as_json: bool) -> None:

@@ -97,9 +97,12 @@ def read(ctx: click.Context, table: str, partition: str | None, limit: int | Non
 
     store = group_backend(ctx).store
     catalog = require_catalog(store, table)
+    files = live_files(catalog, partition)
+    if partition is not None and not files:  # a typo is not an empty partition
+        raise UserError(f"table {table} has no partition {partition!r}")
     reader_schema = fastavro.parse_schema(catalog.schemas[-1]["schema"])
     printed = 0
-    for f in live_files(catalog, partition):
+    for f in files:
         with store.open(f["key"]) as fo:
             for record in fastavro.reader(fo, reader_schema=reader_schema):
                 if limit is not None and printed >= limit:

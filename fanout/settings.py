@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fanout.fairness import PRIORITY_PATTERN
+from fanout.fairness import PRIORITY_PATTERN, WEIGHTS
 from fanout.limits import DEFAULTS as D  # the defaults, written once
 from fanout.limits import KIND, SCHEMA, RunKind, kind_of
 from fanout.messages import MAX_SEQ
@@ -71,6 +71,15 @@ class RunSettings(BaseModel):
     priority: str = Field(
         D.priority, pattern=PRIORITY_PATTERN, description="high, normal, low, or a weight"
     )
+
+    @field_validator("priority")
+    @classmethod
+    def _a_weight_above_zero(cls, priority: str) -> str:
+        # A weight of 0 would never be served (fairness.weight_of made it 0.001).
+        if priority not in WEIGHTS and float(priority) <= 0:
+            raise ValueError(f"priority {priority}: a weight must be more than 0")
+        return priority
+
     # Tables (fanout.tables.commit): compaction as the run's last step.
     compact: bool = Field(
         D.compact, description="table jobs: compact what the run wrote when it ends"

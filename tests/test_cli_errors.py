@@ -218,6 +218,19 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("failed of unknown run", {}, ["failed", "tree-nope"], ["unknown run id 'tree-nope'"]),
     ("replay of unknown run", {}, ["replay", "tree-nope"], ["unknown run id 'tree-nope'"]),
     ("cat of unknown run", {}, ["cat", "tree-nope"], ["unknown run id 'tree-nope'"]),
+    # Found by an adversarial pass: each printed a traceback, or said nothing.
+    ("runs past any limit", {}, ["runs", "-n", str(2**63)], ["--limit", "1<=x<=1000000"]),
+    *(
+        (f"{command} of a path for a table", {}, [command, name], [repr(name), "no table name"])
+        for command, name in (("read", ".."), ("schema", ""), ("compact", "a/../../b"))
+    ),
+    ("a priority of 0", {}, ["submit", TREE, "-S", "priority=0.000"], ["priority", "more than 0"]),
+    (
+        "deploy to a stage no bucket can be named",
+        {},
+        ["deploy", "--stage", "Bad_Stage!/../x", "--dry-run", "--root", "{tmp}"],
+        ["stage 'Bad_Stage!/../x'", "lowercase"],
+    ),
     # Bytes that are not UTF-8 (they arrive as lone surrogates) went to the
     # ledger and came back a UnicodeEncodeError traceback.
     *(

@@ -470,3 +470,17 @@ def test_compaction_killed_at_each_step_keeps_every_record_once(
             assert not extra  # swapped (or never started): nothing left over
     finally:
         backend.close()
+
+
+def test_read_names_a_partition_the_table_does_not_have(tmp_path: Path) -> None:
+    # `read --partition dt=1999-01-01` printed nothing and exited 0, as for an
+    # empty partition; `compact` already said no such partition.
+    home = tmp_path / "home"
+    ran = fanout(home, "run", JOB, "-p", "chunks=1", "-p", "rows=4", "-p", "days=2", "--json")
+    assert ran.returncode == 0, ran.stderr
+    day = fanout(home, "read", "readings", "--partition", "dt=2024-01-01")
+    assert day.returncode == 0 and len(day.stdout.splitlines()) == 2, day.stderr
+    for partition in ("dt=1999-01-01", "garbage", "../x"):
+        missing = fanout(home, "read", "readings", "--partition", partition)
+        assert missing.returncode == 2 and missing.stdout == ""
+        assert missing.stderr.strip() == f"error: table readings has no partition {partition!r}"

@@ -31,6 +31,7 @@ from typing import Any
 from fanout.backends.base import Store
 from fanout.backends.keys import table_catalog_key, table_catalog_prefix
 from fanout.errors import UserError
+from fanout.tables.spec import TABLE_NAME
 
 __all__ = ["Catalog", "CatalogConflict", "live_files", "read_catalog", "update_catalog"]
 
@@ -103,8 +104,17 @@ def read_catalog(store: Store, table: str) -> Catalog | None:
     raise CatalogConflict(f"table {table}: its catalog keeps changing under the reader")
 
 
+def check_table_name(table: str) -> None:
+    """:class:`UserError` for a name no table can have (``..``, ``a/b``, ""):
+    such a name is not looked up in the store at all."""
+    if not TABLE_NAME.match(table):
+        raise UserError(f"{table!r} is no table name: use letters, digits, '.', '_' or '-'")
+
+
 def require_catalog(store: Store, table: str) -> Catalog:
-    """The table's current catalog; :class:`UserError` if there is no such table."""
+    """The table's current catalog; :class:`UserError` if there is no such table
+    (nor could be: a name like ``..`` is not looked up in the store at all)."""
+    check_table_name(table)
     catalog = read_catalog(store, table)
     if catalog is None:
         raise UserError(f"unknown table {table!r} (no catalog under {table_catalog_prefix(table)})")

@@ -35,7 +35,13 @@ import fastavro
 from fanout.backends.base import Store
 from fanout.backends.keys import compaction_key, table_file_key, table_prefix
 from fanout.errors import UserError
-from fanout.tables.catalog import Catalog, live_files, require_catalog, update_catalog
+from fanout.tables.catalog import (
+    Catalog,
+    check_table_name,
+    live_files,
+    require_catalog,
+    update_catalog,
+)
 
 __all__ = ["CompactionResult", "compact", "recover"]
 
@@ -131,6 +137,7 @@ def compact(
     Raises:
         UserError: no such table, or the partition holds no file.
     """
+    check_table_name(table)
     result = CompactionResult(secrets.token_hex(6))
     result.repaired = recover(store, table, stale_after)
     catalog = require_catalog(store, table)

@@ -42,7 +42,8 @@ EVOLUTIONS = ("evolve", "freeze")
 #: Hive's name for the partition of a missing (null) value.
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: What a table may be named (it is a directory of the store).
+TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -90,7 +91,7 @@ def pop_table_spec(job_name: str, settings: dict[str, Any]) -> TableSpec | None:
             raise ValueError(f"job {job_name}: schema_evolution needs a table (partition_by=...)")
         return None
     name = job_name if table is None else table
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not TABLE_NAME.match(name):
         raise ValueError(f"job {job_name}: table {name!r}: use letters, digits, '.', '_' or '-'")
     evolution = "evolve" if evolution is None else evolution
     if evolution not in EVOLUTIONS:
