@@ -128,8 +128,11 @@ def replay(
     is waited out for up to ``wait`` seconds, then refused
     (:class:`~fanout.errors.RunFinalizingError`): the ledger will not reopen it
     while its manifest is written. A finalizer dead for ``FINALIZE_STALE`` is
-    taken over meanwhile."""
-    get_run(backend, run_id)
+    taken over meanwhile. Locally, a job that still does not load is refused
+    (:class:`UserError`), not run into the same death once more."""
+    run = get_run(backend, run_id)
+    if backend.name != "aws":  # (on AWS the job is the deployed code's, not this machine's)
+        _job_loads(run)
     _not_collected(backend, run_id)
     _outputs_kept(backend, run_id)
     dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
@@ -156,6 +159,18 @@ def replay(
     if reopened:
         backend.queue.send([t.message for t in reopened])
     return reopened
+
+
+def _job_loads(run: RunRecord) -> None:
+    """A replay comes after a fix: a job file that still fails to import, or no
+    longer takes the run's params, is told in one line before any chunk is
+    reopened (each would otherwise spend its attempts and die again)."""
+    try:
+        job = load_job(run.job)
+        job.check()
+        job.validate_params(run.params)
+    except UserError as exc:
+        raise UserError(f"run {run.run_id}: its job must load before a replay: {exc}") from None
 
 
 #: A running run whose tasks (and counters) have not changed for this long,

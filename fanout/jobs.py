@@ -274,6 +274,9 @@ def load_job(ref: str, run_id: str | None = None) -> Job:
         where = target
         stamps = _stamps([str(path), *own.files()])
     else:
+        if Path(target).is_dir() and not (Path(target) / "__init__.py").exists():
+            # Imported, it would be a namespace package, with no code and no Job.
+            raise JobLoadError(f"{target} is a directory: name a job file (path/to/job.py)")
         module, own, stamps = _import_module(target), None, {}
         where = f"module {target}"
     job = _find_job(module, attr, where)

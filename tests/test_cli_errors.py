@@ -572,3 +572,38 @@ def test_errors_that_are_not_the_users_to_fix_are_left_alone() -> None:
     from fanout.cli_common import aws_problem
 
     assert aws_problem(RuntimeError("a bug")) is None
+
+
+def test_replay_refuses_a_job_that_still_does_not_load(home: Path, tmp_path: Path) -> None:
+    """A replay of a run whose job file is broken was taken: each dead chunk
+    spent its attempts on the import error and died again. Now one line, exit
+    2, and nothing reopened; after the fix the replay goes through."""
+    from fanout import coordinator
+    from fanout.backends import open_backend
+    from support.helpers import drain
+
+    job = tmp_path / "flaky.py"
+    failing = "@job.process\ndef process(chunk, ctx):\n    raise ValueError('bad input')\n"
+    header = "from fanout import Job\njob = Job('flaky')\n"
+    job.write_text(header + failing)
+    backend = open_backend("local", home=home)
+    try:
+        run_id = coordinator.submit(backend, str(job), settings={"max_attempts": 1}).run_id
+        assert drain(backend, run_id).state == "failed"
+    finally:
+        backend.close()
+    job.write_text(header + "def broken(:\n")
+    assert_user_error(cli(home, "replay", run_id), run_id, "must load before a replay", "flaky.py")
+    assert "dead" in ok(cli(home, "status", run_id))  # nothing was reopened
+    job.write_text(header + "@job.process\ndef process(chunk, ctx):\n    return None\n")
+    assert "replaying 1 chunk" in cli(home, "replay", run_id).output
+
+
+def test_a_directory_named_as_a_job_is_told_so(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `fanout run data` (a directory, no .py) was imported as a namespace
+    # package and refused as "module data defines no Job".
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(cli(home, "run", "data"), "data is a directory", "name a job file")
