@@ -605,6 +605,47 @@ def test_a_chunk_that_closes_stderr_does_not_take_later_chunks_logs_with_it(
     assert "says hello" not in opened.read_text()
 
 
+CLOSES_STREAMS_JOB = seen_job(
+    "closes-streams",
+    '{"name": "i", "type": "long"}',
+    """\
+    import sys
+    print("chunk", chunk["i"], "prints")
+    ctx.log.warning("chunk %d says hello", chunk["i"])
+    if not os.path.exists("@FIRST@"):  # the first chunk to run, as a careless job would:
+        open("@FIRST@", "w").close()
+        sys.stdout.close()  # (fds 1 and 2 stay open: only Python's objects close)
+        sys.stderr.close()
+    elif not os.path.exists("@FAILED@"):  # the next one fails once, and is retried
+        open("@FAILED@", "w").close()
+        raise ValueError("once")
+    ctx.emit({"i": chunk["i"]})
+""",
+)
+
+
+def test_a_chunk_that_closes_sys_stdout_and_stderr_does_not_fail_later_chunks(
+    home: Path, tmp_path: Path
+) -> None:
+    # Every later print raised "I/O operation on closed file": innocent chunks
+    # died, and fanout's own log lines raised in the worker, its retries
+    # waiting out a lease (70 s) instead of their back-off.
+    job = tmp_path / "closes_streams.py"
+    text = CLOSES_STREAMS_JOB.replace("@FIRST@", str(tmp_path / "first"))
+    job.write_text(text.replace("@FAILED@", str(tmp_path / "failed")))
+    started = time.monotonic()
+    result = fanout(home, "run", str(job), "-w", "1", "-S", "backoff_base=0.1", timeout=60)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    st = status(home, run_id_of(result))
+    assert st["state"] == "succeeded" and st["retries"] == 1 and st["crashed"] == 0, st
+    assert took < 30, f"{took:.1f} s"
+    said = [line for line in result.stderr.splitlines() if "says hello" in line]
+    printed = [line for line in result.stderr.splitlines() if line.endswith(" prints")]
+    assert len(said) == len(printed) == 7, result.stderr  # six chunks, one of them twice
+    assert "once; retry in" in result.stderr  # the retry said so
+
+
 ENVIRON = str(JOBS / "environ.py")
 #: What the worker's environment gives the environ job's chunks.
 GIVEN = {
