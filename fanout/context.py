@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from fanout.errors import NotJsonError, PermanentError, RecordError
 from fanout.inputs import list_inputs, open_input
-from fanout.json_fields import value_problem
+from fanout.json_fields import storable, value_problem
 from fanout.messages import encode_payload
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class ChunkContext:
         ran out of work (succeeded, or failed with dead chunks), ``reason``
         shown (its first :data:`MAX_STOP_REASON` characters). A spider's
         ``CloseSpider`` does this."""
-        reason = str(reason) or "stop_run"
+        reason = storable(str(reason)) or "stop_run"  # (a lone surrogate: escaped)
         if len(reason) > MAX_STOP_REASON:
             # It is kept on the run's record, which a DynamoDB item bounds (400 KB):
             # a reason past that would refuse the commit itself, again and again.

@@ -26,6 +26,7 @@ from fanout.backends import keys
 from fanout.backends.base import Delivery, Failure, FailureKind, Ledger, Queue, Store, TaskKey
 from fanout.errors import PermanentError, RecordError
 from fanout.events import EventSink, emit
+from fanout.json_fields import storable
 from fanout.outcomes import Handled
 
 log = logging.getLogger("fanout.runner")
@@ -112,11 +113,12 @@ def _fit(text: str, limit: int, keep_end: bool) -> str:
 def clip_failure(failure: Failure) -> Failure:
     """``failure`` with its error and traceback clipped to what the ledger
     records (:data:`MAX_ERROR_BYTES`, :data:`MAX_TRACEBACK_BYTES`), head and
-    tail kept. A huge exception text (a whole response body in the message)
-    made the ledger's write of the failure fail (DynamoDB's 400 KB item limit),
-    so the attempt was never recorded as failed."""
-    error = clip(failure.error, MAX_ERROR_BYTES)
-    tb = clip(failure.traceback, MAX_TRACEBACK_BYTES)
+    tail kept, and made text a ledger takes (:func:`storable`). A huge
+    exception text (a whole response body in the message) made the ledger's
+    write of the failure fail (DynamoDB's 400 KB item limit), so the attempt
+    was never recorded as failed."""
+    error = clip(storable(failure.error), MAX_ERROR_BYTES)
+    tb = clip(storable(failure.traceback), MAX_TRACEBACK_BYTES)
     if error is failure.error and tb is failure.traceback:
         return failure
     return replace(failure, error=error, traceback=tb)

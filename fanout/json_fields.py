@@ -201,3 +201,17 @@ def sqs_safe(text: str) -> str:
     if text.isascii() or _SQS_REFUSED.search(text) is None:
         return text
     return _SQS_REFUSED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def storable(text: str) -> str:
+    """``text``, with any lone surrogate written as its escape (``\\udcff``).
+    Python makes them of bytes that are not UTF-8 (a file name, an argument),
+    and an exception carries them into its message: written as they were, the
+    ledger's write of the failure raised UnicodeEncodeError (SQLite, DynamoDB
+    alike), the attempt was recorded as crashed only when its lease ran out,
+    and its error was lost."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

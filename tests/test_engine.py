@@ -848,6 +848,36 @@ def test_a_stop_reason_is_kept_to_its_first_thousand_characters(
     assert run.stop_reason.endswith("x [...]") and len(run.stop_reason) < 1100
 
 
+def test_a_lone_surrogate_in_an_error_or_a_stop_reason_is_recorded_escaped(
+    mem: Backend, tmp_path: Path
+) -> None:
+    # Bytes that are not UTF-8 (a file name) make lone surrogates, and an
+    # exception carries them: the ledger's write of the failure raised
+    # UnicodeEncodeError, the attempt counted as crashed a lease later, and
+    # its error was lost; in ctx.stop_run, the batch's commit failed.
+    job = _x_job(
+        tmp_path,
+        "surrogates",
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    if chunk['mode'] == 'raise':\n"
+        "        raise ValueError('cannot open bad\\udcff.csv')\n"
+        "    ctx.emit({'x': 1})\n"
+        "    ctx.stop_run('found in bad\\udcff.csv')\n",
+    )
+    settings = {"max_attempts": 2, "backoff_base": 0.01}
+    failing = coordinator.submit(mem, job, {"mode": "raise"}, settings).run_id
+    run = drain(mem, failing, limit=20)
+    assert run.state == RunState.FAILED and run.retries == 1
+    (dead,) = mem.ledger.list_tasks(failing, (TaskState.DEAD,))
+    assert dead.error == "error: ValueError: cannot open bad\\udcff.csv"
+    assert [e["outcome"] for e in dead.history] == ["error", "error", "dead"]
+    stopping = coordinator.submit(mem, job, {"mode": "stop"}, settings).run_id
+    run = drain(mem, stopping, limit=20)
+    assert run.state == RunState.SUCCEEDED and run.records == 1 and run.retries == 0
+    assert run.stop_reason == "stopped by the job: found in bad\\udcff.csv"
+
+
 def test_a_worker_that_dies_right_after_the_stopping_commit_does_not_lose_the_stop(
     mem: Backend, tmp_path: Path, fast_leases: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
