@@ -112,6 +112,8 @@ class ChunkContext:
             # The hot path: one call per record, straight into the writer.
             self.emit = writer.add  # type: ignore[method-assign]
         self.spawned: list[Spawn] = []
+        #: The job's code returned (:meth:`end`): what it asks for now is refused.
+        self._ended = False
         #: Why the job ended its run (:meth:`stop_run`), else None.
         self.stop_reason: str | None = None
         #: The checkpoint ``resume_at`` made last, to check it was returned.
@@ -179,12 +181,26 @@ class ChunkContext:
         ran out of work (succeeded, or failed with dead chunks), ``reason``
         shown (its first :data:`MAX_STOP_REASON` characters). A spider's
         ``CloseSpider`` does this."""
+        self._still_running("stop_run")
         reason = storable(str(reason)) or "stop_run"  # (a lone surrogate: escaped)
         if len(reason) > MAX_STOP_REASON:
             # It is kept on the run's record, which a DynamoDB item bounds (400 KB):
             # a reason past that would refuse the commit itself, again and again.
             reason = reason[:MAX_STOP_REASON] + " [...]"
         self.stop_reason = reason
+
+    def end(self) -> None:
+        """The job's code returned: a ``spawn`` or ``stop_run`` from a thread it
+        left running raises from now on, as a late ``emit`` does, where it was
+        dropped in silence (the children it asked for never existed)."""
+        self._ended = True
+
+    def _still_running(self, what: str) -> None:
+        if self._ended:
+            raise RuntimeError(
+                f"ctx.{what}() called after chunk {self.chunk_id} ended (from a thread"
+                " the job left running?): it would be lost"
+            )
 
     def outcome(self, result: Any) -> Continue | None:
         """What the job's ``process`` returned, as the chunk's end: None, or the
@@ -215,6 +231,7 @@ class ChunkContext:
     def spawn(self, payload: Any, delay: float = 0.0) -> None:
         """Start a child chunk with ``payload`` (JSON) once this chunk commits,
         after ``delay`` seconds."""
+        self._still_running("spawn")
         text = _check_json(payload, "ctx.spawn: the payload")
         delay = float(delay)
         if not 0 <= delay <= MAX_SPAWN_DELAY:  # also false for NaN

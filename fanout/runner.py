@@ -360,6 +360,7 @@ class Runner:
                     if msg.seq > 0 and result.cursor == cursor and ctx.told_to_stop is None:
                         return self.fail(attempt, no_progress(cursor, timeout))
                     continuation = result
+            ctx.end()  # a thread the job left running may not spawn now
             if (problem := stats_problem(ctx.stats)) is not None:
                 raise PermanentError(problem)  # the job's: a retry would count the same
             # Even with no record counted: a job that caught a RecordError (and

@@ -878,6 +878,34 @@ def test_a_lone_surrogate_in_an_error_or_a_stop_reason_is_recorded_escaped(
     assert run.stop_reason == "stopped by the job: found in bad\\udcff.csv"
 
 
+def test_a_spawn_from_a_thread_after_its_chunk_ended_raises(mem: Backend, tmp_path: Path) -> None:
+    # It was dropped in silence: the children it asked for never existed.
+    said = tmp_path / "said.txt"
+    job = _x_job(
+        tmp_path,
+        "late",
+        "import threading, time\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    def late():\n"
+        "        time.sleep(0.3)\n"
+        "        try:\n"
+        "            ctx.spawn({'x': 99})\n"
+        "            said = 'spawned'\n"
+        "        except RuntimeError as exc:\n"
+        "            said = str(exc)\n"
+        f"        open({str(said)!r}, 'w').write(said)\n"
+        "    threading.Thread(target=late).start()\n"
+        "    ctx.emit({'x': 1})\n",
+    )
+    run = drain(mem, coordinator.submit(mem, job).run_id)
+    assert run.state == RunState.SUCCEEDED and run.tasks_total == 1
+    deadline = time.monotonic() + 10
+    while not said.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "ctx.spawn() called after chunk 0 ended" in said.read_text()
+
+
 def test_a_worker_that_dies_right_after_the_stopping_commit_does_not_lose_the_stop(
     mem: Backend, tmp_path: Path, fast_leases: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -184,10 +184,11 @@ def prewarm() -> None:
     global _warm
     if _warm:
         return
-    from scrapy.settings import Settings
     from scrapy.utils.misc import load_object
 
-    settings = Settings()
+    # A chunk's own settings: Scrapy's components and fanout's (its throttle,
+    # given-up and robots.txt middlewares, its scheduler, pipeline, extension).
+    settings = _settings(Spider, "WARNING")
     for name in (
         "DOWNLOADER_MIDDLEWARES_BASE",
         "SPIDER_MIDDLEWARES_BASE",
@@ -206,6 +207,7 @@ def prewarm() -> None:
             except Exception:  # an optional component whose extra is not installed
                 continue
     for name in (
+        "SCHEDULER",
         "SCHEDULER_PRIORITY_QUEUE",
         "SCHEDULER_MEMORY_QUEUE",
         "STATS_CLASS",
