@@ -15,6 +15,7 @@ import pytest
 from fanout import coordinator
 from fanout.backends.base import Backend, Failure, RunState, TaskKey, TaskState
 from fanout.dispatch import Dispatcher
+from fanout.failures import list_messages
 from fanout.metrics import EmfMetrics
 from fanout.runner import Attempt, Runner
 from support.helpers import TREE, FixedJitter, drain
@@ -904,6 +905,26 @@ def test_a_spawn_from_a_thread_after_its_chunk_ended_raises(mem: Backend, tmp_pa
     while not said.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "ctx.spawn() called after chunk 0 ended" in said.read_text()
+
+
+def test_a_queued_row_that_is_not_utf_8_is_dead_lettered_not_a_stalled_queue(
+    ledger: Backend,
+) -> None:
+    local = ledger
+    # Written into the queue's table by something other than send (a tool, a
+    # damaged file): SQLite's decoding failed every receive, every run stalled.
+    run_id = _run(local, chunks=2, rows=3)
+    with local.queue.db.write() as conn:  # type: ignore[attr-defined]
+        conn.execute(
+            "INSERT INTO messages (queue, body, visible_at, receive_count, sent_at, grp)"
+            " VALUES ('work', CAST(x'7b2276223a317dfffe' AS TEXT), 0, 0, 0, ?)",
+            (run_id,),  # in the run's turn of the queue
+        )
+    run = drain(local, run_id)
+    assert run.state == RunState.SUCCEEDED
+    _assert_exactly_once(local, run_id, chunks=2, rows=3)
+    (letter,) = list_messages(local.store)
+    assert letter["body"] == '{"v":1}\ufffd\ufffd', letter
 
 
 def test_a_worker_that_dies_right_after_the_stopping_commit_does_not_lose_the_stop(

@@ -77,7 +77,7 @@ WHERE id IN (
     SELECT id FROM messages WHERE queue = ? AND grp = ? AND visible_at <= ?
     ORDER BY visible_at, id LIMIT ?
 )
-RETURNING id, body, receive_count
+RETURNING id, CAST(body AS BLOB), receive_count
 """
 _SERVED = "UPDATE queue_groups SET served = served + ? WHERE queue = ? AND grp = ?"
 # A group with no message left (in flight included) leaves the rota.
@@ -165,7 +165,7 @@ class SQLiteQueue:
             return []
         now = time.time()
         hidden, name = now + max(visibility, 0.0), self.name
-        rows: list[tuple[int, str, int]] = []
+        rows: list[tuple[int, bytes, int]] = []
         with self.db.write() as conn:
             self._flush(conn)
             for group, weight in conn.execute(_GROUPS, (name,)).fetchall():
@@ -183,7 +183,14 @@ class SQLiteQueue:
                     conn.execute(_DROP_GROUP, (name, group, name, group))
         # RETURNING has no defined order; the ids are the send order.
         rows.sort(key=lambda row: row[0])
-        return [Delivery(body, f"{id_}:{count}", count, str(id_)) for id_, body, count in rows]
+        # Bytes, decoded here: a row that is not UTF-8 (written by something
+        # else than send) made SQLite's own decoding fail the whole receive,
+        # for every message of every run, for ever. Decoded with U+FFFD in
+        # place of the bad bytes, it is dead-lettered as the garbage it is.
+        return [
+            Delivery(body.decode("utf-8", "replace"), f"{id_}:{count}", count, str(id_))
+            for id_, body, count in rows
+        ]
 
     def ack(self, receipt: str) -> None:
         """Delete the message, unless it was redelivered since ``receipt`` was issued."""
