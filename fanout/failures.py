@@ -190,6 +190,15 @@ def keep_message(store: Store, delivery: Delivery, reason: str, tb: str = "") ->
     return key
 
 
+def keep_missing(store: Store, delivery: Delivery, key: TaskKey) -> None:
+    """Keep the dead letter of a message naming a task its run never
+    registered (forged, or a bug's: the engine registers a task before it sends
+    its message), as an unknown run's is kept; the caller acknowledges it.
+    Only logged before, it left no trace ``fanout dead-letters`` could show."""
+    at = keep_message(store, delivery, f"run {key.run_id} has no task {key.chunk_id} seq {key.seq}")
+    log.error("dropping a message for unregistered task %s (kept at %s)", key, at)
+
+
 def drop_invalid(queue: Queue, store: Store, delivery: Delivery, reason: str) -> Handled:
     """Drop a message that is not a valid fanout message: keep it as a dead letter
     (``fanout dead-letters``) with the reason, and acknowledge it. Returns the

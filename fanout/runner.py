@@ -58,6 +58,7 @@ from fanout.failures import (
     failure_of,
     interruptible,
     keep_dead_task,
+    keep_missing,
     no_progress,
 )
 from fanout.finalize import FINALIZE_STALE, finalize_run
@@ -252,8 +253,8 @@ class Runner:
                 )
                 error = f"{CRASHED_LAST.kind}: {CRASHED_LAST.error}"
                 keep_dead_task(self.ledger, self.store, self.events, key, error, "")
-            if claim.outcome is ClaimOutcome.MISSING:
-                log.warning("dropping a message for unregistered task %s", key)
+            if claim.outcome is ClaimOutcome.MISSING:  # forged: kept, as an unknown run's is
+                keep_missing(self.store, delivery, key)
             if claim.outcome is ClaimOutcome.FINISHED:
                 # A redelivery: the attempt that finished may have died before
                 # sending its children. Sending again is harmless (claims dedupe).
@@ -344,9 +345,8 @@ class Runner:
                 probe=self.gate.probe(msg.run_id),  # run controls: cancel and pause
             )
             continuation = None
-            # The job's own code starts here: its environment is noted now, after
-            # the load above, so what the job module set at import is no change
-            # of this chunk's (``work`` puts the rest back).
+            # The job's own code starts: its environment noted now, after the load
+            # above (what its module set at import is no change of this chunk's).
             self._process.job_code_starts()
             if msg.kind == "plan":
                 assert job.plan_fn is not None

@@ -927,6 +927,23 @@ def test_a_queued_row_that_is_not_utf_8_is_dead_lettered_not_a_stalled_queue(
     assert letter["body"] == '{"v":1}\ufffd\ufffd', letter
 
 
+def test_a_message_for_a_task_its_run_never_registered_is_kept_as_a_dead_letter(
+    mem: Backend,
+) -> None:
+    # Only logged before: `fanout dead-letters` showed an unknown run's forged
+    # message, and nothing of one naming a real run's unknown chunk.
+    from fanout.messages import ChunkMessage, encode
+
+    run_id = _run(mem, chunks=2, rows=2)
+    mem.queue.send([encode(ChunkMessage(run_id=run_id, chunk_id="0/99", payload={"x": 1}))])
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED
+    _assert_exactly_once(mem, run_id, chunks=2, rows=2)
+    (letter,) = list_messages(mem.store)
+    assert letter["reason"] == f"run {run_id} has no task 0/99 seq 0", letter
+    assert '"chunk_id":"0/99"' in letter["body"]
+
+
 def test_a_worker_that_dies_right_after_the_stopping_commit_does_not_lose_the_stop(
     mem: Backend, tmp_path: Path, fast_leases: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
