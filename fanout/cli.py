@@ -42,7 +42,8 @@ from fanout.jobs import load_job
 from fanout.limits import RunKind, RunLimits, kind_of
 
 # The coordinator (and with it pydantic, ~0.1 s) is imported by the commands
-# that use it: `fanout --help` and the control commands start without it.
+# that use it: the control commands and `fanout run --help` start without it.
+# (`fanout --help` imports every command's module, for their help lines.)
 EXIT_USAGE = 2
 
 

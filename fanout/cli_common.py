@@ -24,6 +24,7 @@ import click
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, RunRecord, RunState
 from fanout.errors import UserError
+from fanout.json_fields import is_utf8
 
 #: The longest ``--chunk-timeout`` (s): a chunk that must be stopped is stopped.
 MAX_CHUNK_TIMEOUT = 86400.0
@@ -55,20 +56,10 @@ class RunId(click.ParamType[str]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and not value.strip():
             self.fail("the run id is empty (see `fanout runs` for the run ids)", param, ctx)
-        if isinstance(value, str) and not is_text(value):
+        if isinstance(value, str) and not is_utf8(value):
+            # (an argument of bytes that are not UTF-8: no ledger takes it)
             self.fail(f"{value!r} is no run id: bytes that are not UTF-8", param, ctx)
         return value
-
-
-def is_text(value: str) -> bool:
-    """Whether ``value`` is text a store can keep: a command-line argument of
-    bytes that are not UTF-8 arrives as lone surrogates, which no ledger,
-    database or file name takes."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 #: The type of every command's run id argument.

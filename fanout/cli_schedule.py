@@ -113,9 +113,7 @@ def add(
     start: str | None,
 ) -> None:
     """Add schedule NAME: submit JOB at every tick of EXPR."""
-    import re
-
-    if not re.match(NAME_PATTERN, name):
+    if not _a_name(name):
         raise UserError(
             f"schedule name {name!r}: use at most 64 letters, digits, '.', '_' or '-',"
             " starting with a letter or digit"
@@ -211,14 +209,19 @@ def show(ctx: click.Context, name: str, count: int, after: str | None) -> None:
 @click.pass_context
 def remove(ctx: click.Context, name: str) -> None:
     """Remove schedule NAME (runs it started are kept)."""
-    # (A name no schedule can have is not looked up: it may not even be text.)
-    if not re.match(NAME_PATTERN, name) or not _store(ctx).remove(name):
+    if not _a_name(name) or not _store(ctx).remove(name):
         raise UserError(f"no schedule named {name!r} (see `fanout schedule list`)")
     click.echo(f"schedule {name} removed")
 
 
+def _a_name(name: str) -> bool:
+    """Whether ``name`` is one a schedule can have (what is not is not looked up:
+    it may not even be text a store takes)."""
+    return re.fullmatch(NAME_PATTERN, name) is not None
+
+
 def _get(store: ScheduleStore, name: str) -> Schedule:
-    entry = store.get(name) if re.match(NAME_PATTERN, name) else None
+    entry = store.get(name) if _a_name(name) else None
     if entry is None:
         raise UserError(f"no schedule named {name!r} (see `fanout schedule list`)")
     return entry

@@ -16,7 +16,8 @@ checkpoints.
   (its admission just read the same state).
 - **Tolerated failures**, when a chunk is dead: past the run's tolerance the
   run is stopped and its queued tasks cancelled at once; so is a run a chunk
-  stops (a runaway bound, ``ctx.stop_run``): :meth:`Gate.stop`.
+  stops: a runaway bound by :meth:`Gate.stop`, ``ctx.stop_run`` by the chunk's
+  commit (which records it), then :meth:`Gate.stopped`.
 """
 
 from __future__ import annotations
@@ -178,9 +179,9 @@ class Gate:
         return self.controls.cancel_queued(run_id, time.time())[1]
 
     def stop(self, run_id: str, reason: str, chunk_id: str | None = None) -> bool:
-        """Stop the run for ``reason`` (a runaway bound, ``ctx.stop_run``, its
-        tolerance exceeded) and cancel its queued tasks at once, those waiting
-        out a delay included: left for their claims, a crawl's throttled
+        """Stop the run for ``reason`` (a runaway bound, its tolerance exceeded;
+        ``ctx.stop_run`` is recorded by the commit) and cancel its queued tasks
+        at once, those waiting out a delay included: left for their claims, a crawl's throttled
         children kept a stopped run "stopping" for minutes. Running chunks
         finish. Returns whether the run drained (the caller finalizes it)."""
         if not self.backend.ledger.stop(run_id, reason):

@@ -274,11 +274,11 @@ def load_job(ref: str, run_id: str | None = None) -> Job:
         where = target
         stamps = _stamps([str(path), *own.files()])
     else:
-        if Path(target).is_dir() and not (Path(target) / "__init__.py").exists():
-            # Imported, it would be a namespace package, with no code and no Job.
-            raise JobLoadError(f"{target} is a directory: name a job file (path/to/job.py)")
         module, own, stamps = _import_module(target), None, {}
         where = f"module {target}"
+        if getattr(module, "__file__", None) is None and hasattr(module, "__path__"):
+            # A directory, imported as a namespace package: no code, no Job.
+            raise JobLoadError(f"{target} is a directory: name a job file (path/to/job.py)")
     job = _find_job(module, attr, where)
     if job.source is None and getattr(module, "__file__", None):
         job.source = Path(str(module.__file__)).resolve()

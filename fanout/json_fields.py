@@ -210,8 +210,17 @@ def storable(text: str) -> str:
     ledger's write of the failure raised UnicodeEncodeError (SQLite, DynamoDB
     alike), the attempt was recorded as crashed only when its lease ran out,
     and its error was lost."""
+    if is_utf8(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: no lone surrogate in it (Python
+    makes them of bytes that are not UTF-8: a file name, an argument), which
+    no ledger, database or message takes."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
+        return False
+    return True

@@ -103,7 +103,15 @@ class _StreamHandler(logging.Handler):
         """Write one formatted record and a newline."""
         try:
             stream = self._stream if self._stream is not None else sys.stderr
-            stream.write(self.format(record) + "\n")
+            line = self.format(record) + "\n"
+            if self._stream is None and getattr(stream, "closed", False):
+                # A job's chunk closed sys.stderr (fd 2 stays open; the runner
+                # opens the stream again once the chunk is settled). The lines
+                # of its failure, logged before that, go to fd 2 itself: written
+                # to the closed stream they raised, and the retry was lost.
+                os.write(2, line.encode("utf-8", "backslashreplace"))
+                return
+            stream.write(line)
             stream.flush()
         except Exception:
             self.handleError(record)

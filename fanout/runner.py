@@ -430,10 +430,9 @@ class Runner:
         now = time.time()
         # The job's own ctx.stop_run goes in the commit's step: written before, a failed
         # commit's retry would be cancelled; after, a worker dying between would lose it.
-        stop, stats = stop_reason if ctx.stop_reason is not None else None, dict(ctx.stats)
-        request = CommitRequest(
-            key, attempt.token, output, outcome, now, stats or None, attempt.took(now), stop
-        )
+        stop = stop_reason if ctx.stop_reason is not None else None
+        stats, took = dict(ctx.stats) or None, attempt.took(now)
+        request = CommitRequest(key, attempt.token, output, outcome, now, stats, took, stop)
         return Ready(run, attempt, request, [(t.message, d) for t, d in children])
 
     def settled(self, ready: Ready, settle: Settle) -> Handled:
@@ -508,10 +507,8 @@ class Runner:
         self.gate.release(key.run_id, settings, attempt.token, failure.duration)  # run controls
         verdict = after_failure(failure.kind, attempt.attempt, settings.max_attempts)
         if verdict is not FailureVerdict.DEAD:
-            delay = compute_backoff(
-                attempt.attempt, base=settings.backoff_base, cap=settings.backoff_cap
-            )
-            delay = 0.0 if verdict is FailureVerdict.RETRY_NOW else delay
+            n = 0 if verdict is FailureVerdict.RETRY_NOW else attempt.attempt  # 0: no wait
+            delay = compute_backoff(n, base=settings.backoff_base, cap=settings.backoff_cap)
             if self.ledger.retry(key, attempt.token, failure, now + delay, now):
                 chunk_event(
                     logging.WARNING,

@@ -31,6 +31,7 @@ def idle_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     """The thread is chosen by cores and load: each test says its cores, on a
     machine otherwise idle (a test run's own load must not decide)."""
     monkeypatch.setattr(avro_blocks, "_stall", lambda: 0.0)
+    monkeypatch.setattr(avro_blocks, "STALL_EVERY", 0.0)  # each writer reads it
     monkeypatch.setattr(avro_blocks, "_load", lambda: 0.0)
 
 
@@ -155,6 +156,7 @@ def test_a_block_the_thread_cannot_compress_fails_the_file(
         (2, 2, 0.0, 0.0, False),  # a pool that takes every core
         (4, 3, 0.0, 0.0, True),
         (2, 1, 0.6, 0.0, False),  # tasks were kept waiting for a CPU lately
+        (2, 1, 0.4, 0.0, False),  # at the limit
         (2, 1, 0.08, 2.4, True),  # the load average, a minute late, counts this run
         (2, 1, None, 1.4, True),  # no pressure figure: the load average decides
         (2, 1, None, 2.3, False),
@@ -180,6 +182,19 @@ def test_a_thread_compresses_only_where_a_core_is_spare(
     records = rows(5_000)
     assert list(fastavro.reader(io.BytesIO(write(records, "deflate")))) == records
     assert bool(submitted) is thread
+
+
+def test_the_pressure_is_read_once_a_second_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some 40 us a reading: a quick chunk's writer uses the last second's."""
+    readings = iter([0.0, 0.9])
+    monkeypatch.setattr(avro_blocks, "_stall", lambda: next(readings))
+    monkeypatch.setattr(avro_blocks, "STALL_EVERY", 1.0)
+    monkeypatch.setattr(avro_blocks, "_stall_read", (-1.0, None))
+    now = [1000.0]
+    monkeypatch.setattr(avro_blocks, "_clock", lambda: now[0])
+    assert [avro_blocks._recent_stall() for _ in range(3)] == [0.0, 0.0, 0.0]
+    now[0] += 1.0
+    assert avro_blocks._recent_stall() == 0.9
 
 
 def test_the_pressure_is_read_from_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -222,7 +222,12 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("runs past any limit", {}, ["runs", "-n", str(2**63)], ["--limit", "1<=x<=1000000"]),
     *(
         (f"{command} of a path for a table", {}, [command, name], [repr(name), "no table name"])
-        for command, name in (("read", ".."), ("schema", ""), ("compact", "a/../../b"))
+        for command, name in (
+            ("read", ".."),
+            ("schema", ""),
+            ("compact", "a/../../b"),
+            ("read", "t\n"),  # ($ matched before a final newline)
+        )
     ),
     ("a priority of 0", {}, ["submit", TREE, "-S", "priority=0.000"], ["priority", "more than 0"]),
     (
@@ -606,4 +611,5 @@ def test_a_directory_named_as_a_job_is_told_so(
     # package and refused as "module data defines no Job".
     (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as `python -m fanout.cli` has the cwd
     assert_user_error(cli(home, "run", "data"), "data is a directory", "name a job file")

@@ -616,7 +616,8 @@ CLOSES_STREAMS_JOB = seen_job(
         open("@FIRST@", "w").close()
         sys.stdout.close()  # (fds 1 and 2 stay open: only Python's objects close)
         sys.stderr.close()
-    elif not os.path.exists("@FAILED@"):  # the next one fails once, and is retried
+        raise ValueError("closed")  # and fails, its retry logged with stderr closed
+    elif not os.path.exists("@FAILED@"):  # a later one fails once, and is retried
         open("@FAILED@", "w").close()
         raise ValueError("once")
     ctx.emit({"i": chunk["i"]})
@@ -638,12 +639,12 @@ def test_a_chunk_that_closes_sys_stdout_and_stderr_does_not_fail_later_chunks(
     took = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     st = status(home, run_id_of(result))
-    assert st["state"] == "succeeded" and st["retries"] == 1 and st["crashed"] == 0, st
+    assert st["state"] == "succeeded" and st["retries"] == 2 and st["crashed"] == 0, st
     assert took < 30, f"{took:.1f} s"
     said = [line for line in result.stderr.splitlines() if "says hello" in line]
     printed = [line for line in result.stderr.splitlines() if line.endswith(" prints")]
-    assert len(said) == len(printed) == 7, result.stderr  # six chunks, one of them twice
-    assert "once; retry in" in result.stderr  # the retry said so
+    assert len(said) == len(printed) == 8, result.stderr  # six chunks, two of them twice
+    assert "closed; retry in" in result.stderr and "once; retry in" in result.stderr
 
 
 ENVIRON = str(JOBS / "environ.py")

@@ -107,7 +107,7 @@ def read_catalog(store: Store, table: str) -> Catalog | None:
 def check_table_name(table: str) -> None:
     """:class:`UserError` for a name no table can have (``..``, ``a/b``, ""):
     such a name is not looked up in the store at all."""
-    if not TABLE_NAME.match(table):
+    if not TABLE_NAME.fullmatch(table):
         raise UserError(f"{table!r} is no table name: use letters, digits, '.', '_' or '-'")
 
 

@@ -91,7 +91,7 @@ def pop_table_spec(job_name: str, settings: dict[str, Any]) -> TableSpec | None:
             raise ValueError(f"job {job_name}: schema_evolution needs a table (partition_by=...)")
         return None
     name = job_name if table is None else table
-    if not isinstance(name, str) or not TABLE_NAME.match(name):
+    if not isinstance(name, str) or not TABLE_NAME.fullmatch(name):
         raise ValueError(f"job {job_name}: table {name!r}: use letters, digits, '.', '_' or '-'")
     evolution = "evolve" if evolution is None else evolution
     if evolution not in EVOLUTIONS:

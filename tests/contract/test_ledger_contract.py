@@ -527,7 +527,7 @@ def test_a_commit_that_stops_the_run_records_it_in_the_same_step(backend: Backen
     run = backend.ledger.get_run(RUN)
     assert run is not None and run.stop_reason == "found" and run.tasks_done == 1
     assert _claim(backend, key=TaskKey(RUN, "0/0")).outcome == ClaimOutcome.CANCELLED
-    # A second chunk that stops the run too: it commits, the first reason stays.
+    # Every queued task is cancelled at its claim, and a later stop keeps the first reason.
     assert _claim(backend, key=TaskKey(RUN, "0/1")).outcome == ClaimOutcome.CANCELLED
     assert backend.ledger.stop(RUN, "later") is False
     run = backend.ledger.get_run(RUN)

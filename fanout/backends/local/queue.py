@@ -186,7 +186,8 @@ class SQLiteQueue:
         # Bytes, decoded here: a row that is not UTF-8 (written by something
         # else than send) made SQLite's own decoding fail the whole receive,
         # for every message of every run, for ever. Decoded with U+FFFD in
-        # place of the bad bytes, it is dead-lettered as the garbage it is.
+        # place of the bad bytes, it is an invalid message (dead-lettered), or
+        # one that still names its task: the ledger's copy of it is what runs.
         return [
             Delivery(body.decode("utf-8", "replace"), f"{id_}:{count}", count, str(id_))
             for id_, body, count in rows
