@@ -25,6 +25,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from fanout.backends.base import Delivery
 from fanout.backends.local.db import Database
@@ -77,7 +78,7 @@ WHERE id IN (
     SELECT id FROM messages WHERE queue = ? AND grp = ? AND visible_at <= ?
     ORDER BY visible_at, id LIMIT ?
 )
-RETURNING id, CAST(body AS BLOB), receive_count
+RETURNING id, CAST(body AS BLOB), typeof(body) = 'text', receive_count
 """
 _SERVED = "UPDATE queue_groups SET served = served + ? WHERE queue = ? AND grp = ?"
 # A group with no message left (in flight included) leaves the rota.
@@ -165,7 +166,7 @@ class SQLiteQueue:
             return []
         now = time.time()
         hidden, name = now + max(visibility, 0.0), self.name
-        rows: list[tuple[int, bytes, int]] = []
+        rows: list[tuple[int, bytes, int, int]] = []
         with self.db.write() as conn:
             self._flush(conn)
             for group, weight in conn.execute(_GROUPS, (name,)).fetchall():
@@ -183,14 +184,9 @@ class SQLiteQueue:
                     conn.execute(_DROP_GROUP, (name, group, name, group))
         # RETURNING has no defined order; the ids are the send order.
         rows.sort(key=lambda row: row[0])
-        # Bytes, decoded here: a row that is not UTF-8 (written by something
-        # else than send) made SQLite's own decoding fail the whole receive,
-        # for every message of every run, for ever. Decoded with U+FFFD in
-        # place of the bad bytes, it is an invalid message (dead-lettered), or
-        # one that still names its task: the ledger's copy of it is what runs.
         return [
-            Delivery(body.decode("utf-8", "replace"), f"{id_}:{count}", count, str(id_))
-            for id_, body, count in rows
+            Delivery(_text(body, is_text), f"{id_}:{count}", count, str(id_))
+            for id_, body, is_text, count in rows
         ]
 
     def ack(self, receipt: str) -> None:
@@ -301,6 +297,20 @@ def _rejoin_orphans(db: Database) -> None:
     if orphans:
         with db.write() as conn:
             conn.executemany(_NEW_GROUP, [(queue, group, queue) for queue, group in orphans])
+
+
+def _text(body: bytes, is_text: int) -> Any:
+    """A message's body as the dispatcher takes it: text, or the bytes of a row
+    that is not (written into the table by something other than ``send``: a
+    tool, a damaged file), which it dead-letters as "not text". Read as bytes
+    and decoded here: SQLite's own decoding of a row that is not UTF-8 failed
+    the whole receive, for every message of every run, for ever."""
+    if is_text:
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return body
 
 
 def _parse_receipt(receipt: str) -> tuple[int, int]:
