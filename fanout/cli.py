@@ -22,6 +22,7 @@ import click
 from fanout.backends import BACKENDS, default_home
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend
 from fanout.cli_common import (
+    MAX_CHUNK_MEMORY,
     MAX_CHUNK_TIMEOUT,
     MAX_WORKERS,
     RUN_ID,
@@ -268,7 +269,7 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "--chunk-memory",
-        type=click.IntRange(min=16),
+        type=click.IntRange(min=16, max=MAX_CHUNK_MEMORY),
         default=None,
         metavar="MB",
         help="Memory limit of a chunk (MB, the worker process's resident memory);"

@@ -28,6 +28,9 @@ from fanout.json_fields import is_utf8
 
 #: The longest ``--chunk-timeout`` (s): a chunk that must be stopped is stopped.
 MAX_CHUNK_TIMEOUT = 86400.0
+#: The largest ``--chunk-memory`` (MB, 64 TiB): past any machine's memory, a
+#: limit that could never apply is a typo (an extra digit, bytes for MB).
+MAX_CHUNK_MEMORY = 64 * 1024 * 1024
 #: The most ``--workers``: a typo (``-w 1000``) forks no storm of processes,
 #: and past this many one SQLite file's write lock is the limit anyway.
 MAX_WORKERS = 256

@@ -220,6 +220,12 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("cat of unknown run", {}, ["cat", "tree-nope"], ["unknown run id 'tree-nope'"]),
     # Found by an adversarial pass: each printed a traceback, or said nothing.
     ("runs past any limit", {}, ["runs", "-n", str(2**63)], ["--limit", "1<=x<=1000000"]),
+    (
+        "a chunk memory past any machine's",
+        {},
+        ["worker", "--until-idle", "--chunk-memory", "99999999999999999999"],
+        ["--chunk-memory", "16<=x<=67108864"],
+    ),
     *(
         (f"{command} of a path for a table", {}, [command, name], [repr(name), "no table name"])
         for command, name in (
