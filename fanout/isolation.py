@@ -161,8 +161,6 @@ class ProcessState:
         self._std = _std_kept()
         #: What fds 1 and 2 were when the chunk in hand started its job code.
         self._std_at_start: dict[int, tuple[int, int] | None] = {}
-        #: ``sys.stdout`` and ``sys.stderr`` then.
-        self._streams_at_start: tuple[Any, Any] | None = None
 
     def job_code_starts(self) -> None:
         """Note the environment as it is now, just before the chunk's job code
@@ -171,7 +169,6 @@ class ProcessState:
         # decodes every entry (17 us, a fifth of a no-op chunk).
         self._environ = _raw_environ().copy()
         self._std_at_start = {fd: _identity(fd) for fd in self._std}
-        self._streams_at_start = (sys.stdout, sys.stderr)
 
     def restore(self) -> None:
         """Put the working directory, the umask, the environment, the timer,
@@ -205,10 +202,8 @@ class ProcessState:
             if start == identity and _identity(fd) != start:
                 with contextlib.suppress(OSError):
                     os.dup2(copy, fd)
-        streams, self._streams_at_start = self._streams_at_start, None
-        if streams is not None:
-            sys.stdout = _stream_back(sys.stdout, streams[0], 1)
-            sys.stderr = _stream_back(sys.stderr, streams[1], 2)
+        sys.stdout = _stream_back(sys.stdout, 1)
+        sys.stderr = _stream_back(sys.stderr, 2)
 
     def _signals_back(self) -> None:
         """Stop the wall-clock timer a chunk left running (a syscall) and put
@@ -241,23 +236,21 @@ _TIMERS = (signal.ITIMER_REAL,)
 _STD_KEPT: tuple[int, dict[int, tuple[int, tuple[int, int]]]] = (0, {})
 
 
-def _stream_back(now: Any, start: Any, fd: int) -> Any:
-    """``sys.stdout`` (or ``stderr``) as the chunk found it, ``start``. A chunk
-    that replaced it had later chunks print into its replacement; one that
-    closed it (``sys.stdout.close()``, which leaves fd 1 open) had every later
-    print in the process, and fanout's own log lines, raise "I/O operation on
-    closed file", failing innocent chunks. A closed one is opened again on its
-    fd, as it was. (Two compares a chunk, when nothing changed.)"""
-    if now is start and not _closed(start):
+def _stream_back(now: Any, fd: int) -> Any:
+    """``sys.stdout`` (or ``stderr``), opened again on its fd if a chunk closed
+    it (``sys.stdout.close()``, which leaves fd 1 open): every later print in
+    the process, and fanout's own log lines, raised "I/O operation on closed
+    file", failing innocent chunks. One that is open is left as it is, even
+    replaced: another thread may have put its own there (a test runner's
+    capture, ``contextlib.redirect_stdout``), not ours to undo."""
+    if not _closed(now):
         return now
-    if not _closed(start):
-        return start
     try:
         fresh = open(  # noqa: SIM115  # (it is the process's stream from now on)
             fd,
             "w",
-            encoding=getattr(start, "encoding", None),
-            errors=getattr(start, "errors", None),
+            encoding=getattr(now, "encoding", None),
+            errors=getattr(now, "errors", None),
             closefd=False,
         )
     except (OSError, ValueError, TypeError, LookupError):
