@@ -24,7 +24,7 @@ import click
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, RunRecord, RunState
 from fanout.errors import UserError
-from fanout.json_fields import is_utf8
+from fanout.json_fields import utf8
 
 #: The longest ``--chunk-timeout`` (s): a chunk that must be stopped is stopped.
 MAX_CHUNK_TIMEOUT = 86400.0
@@ -59,7 +59,7 @@ class RunId(click.ParamType[str]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and not value.strip():
             self.fail("the run id is empty (see `fanout runs` for the run ids)", param, ctx)
-        if isinstance(value, str) and not is_utf8(value):
+        if isinstance(value, str) and not utf8(value):
             # (an argument of bytes that are not UTF-8: no ledger takes it)
             self.fail(f"{value!r} is no run id: bytes that are not UTF-8", param, ctx)
         return value
@@ -205,10 +205,8 @@ def split_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"{what} {pair!r} is not KEY=VALUE")
-        try:
-            pair.encode("utf-8")
-        except UnicodeEncodeError:  # bytes that are not UTF-8, as the shell passed them
-            raise UserError(f"{what} {key!r}: the value is not valid UTF-8 text") from None
+        if not utf8(pair):  # bytes that are not UTF-8, as the shell passed them
+            raise UserError(f"{what} {key!r}: the value is not valid UTF-8 text")
         if value[:1] in "[{":
             try:
                 out[key] = json.loads(value)

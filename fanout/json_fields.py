@@ -130,11 +130,8 @@ def parse_object(body: str) -> dict[str, Any]:
     """``body`` as a JSON object; :class:`FieldError` at ``message`` if it is not
     one. ``json.loads`` itself, less its two regular-expression scans for
     whitespace (a third of its time on a message's body)."""
-    if not body.isascii():
-        try:
-            body.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate, not escaped: not UTF-8 text
-            raise FieldError("message", "Invalid JSON: lone surrogate") from None
+    if not body.isascii() and not utf8(body):  # a lone surrogate, not escaped
+        raise FieldError("message", "Invalid JSON: lone surrogate")
     start = 0 if body[:1] == "{" else len(body) - len(body.lstrip(WHITESPACE))
     try:
         obj, end = DECODER.raw_decode(body, start)
@@ -210,17 +207,6 @@ def storable(text: str) -> str:
     ledger's write of the failure raised UnicodeEncodeError (SQLite, DynamoDB
     alike), the attempt was recorded as crashed only when its lease ran out,
     and its error was lost."""
-    if is_utf8(text):
+    if utf8(text):
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def is_utf8(text: str) -> bool:
-    """Whether ``text`` encodes as UTF-8: no lone surrogate in it (Python
-    makes them of bytes that are not UTF-8: a file name, an argument), which
-    no ledger, database or message takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
