@@ -39,7 +39,7 @@ from fanout.cli_controls import COMMANDS as CONTROL_COMMANDS
 from fanout.cli_controls import progress_line, run_summary, status_fields, status_line
 from fanout.controls import stop_line
 from fanout.errors import UserError
-from fanout.jobs import load_job
+from fanout.jobs import load_checked
 from fanout.limits import RunKind, RunLimits, kind_of
 
 # The coordinator (and with it pydantic, ~0.1 s) is imported by the commands
@@ -543,13 +543,9 @@ def validate(
     job: str, params: tuple[str, ...], params_file: str | None, settings: tuple[str, ...]
 ) -> None:
     """Load JOB and its schema and check params, without running anything."""
-    from fanout.coordinator import settings_for
-
-    loaded = load_job(job)
-    loaded.check()
-    model = loaded.validate_params(_params(params, params_file))
+    loaded, model = load_checked(job, _params(params, params_file))
     # The -S settings too, as `fanout submit` checks them.
-    run_settings = settings_for(loaded, split_pairs(settings, "--setting"))
+    run_settings = loaded.settings.overridden(split_pairs(settings, "--setting"))
     schema = loaded.schema
     click.echo(f"job {loaded.name}: ok")
     click.echo(f"  schema: {schema.name if schema else '(none: emits nothing)'}")

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from fanout.cli_common import group_backend, split_pairs
 from fanout.errors import UserError
-from fanout.jobs import canonical_ref, is_path_ref, load_job
+from fanout.jobs import canonical_ref, is_path_ref, load_checked
 from fanout.schedules import Schedule, ScheduleStore, check_ranges, open_store, parse_spec
 from fanout.schedules.fire import Fired, fire_due, run_loop, takes_scheduled_time
 from fanout.schedules.model import NAME_PATTERN, SCHEDULED_TIME, iso, now_utc, parse_time
@@ -56,10 +56,9 @@ def _checked_params(job_ref: str, params: dict[str, Any], first: datetime) -> di
     ``scheduled_time`` when the job takes one) so a typo fails here, not at 3 a.m."""
     if SCHEDULED_TIME in params:
         raise UserError(f"--param {SCHEDULED_TIME} is set by the scheduler to each tick's time")
-    job = load_job(job_ref)
-    job.check()
+    # (takes_scheduled_time loads the job: one that does not load is told there)
     sample = {**params, SCHEDULED_TIME: iso(first)} if takes_scheduled_time(job_ref) else params
-    model = job.validate_params(sample)
+    _, model = load_checked(job_ref, sample)
     if not isinstance(model, BaseModel):
         return params
     # What the user set, as the model normalized it (a relative path made absolute).

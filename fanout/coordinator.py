@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from fanout import control_ops
 from fanout.backends import keys
@@ -30,9 +30,9 @@ from fanout.errors import RunFinalizingError, UnknownRunError, UserError
 from fanout.events import events_for
 from fanout.fairness import register_run, served_runs
 from fanout.finalize import FINALIZE_STALE, finalize_run
-from fanout.jobs import Job, canonical_ref, load_job
+from fanout.jobs import canonical_ref, load_checked
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
-from fanout.settings import RunKind, RunSettings, kind_of, recorded_settings
+from fanout.settings import RunKind, kind_of, recorded_settings
 from fanout.tables.contract import check_contract
 
 
@@ -54,11 +54,9 @@ def submit(
     Raises :class:`UserError` (one line) for a job that does not load, params
     that do not validate or settings that are out of range.
     """
-    job = load_job(job_ref)
-    job.check()
-    model = job.validate_params(params or {})  # and as JSON a message can carry
+    job, model = load_checked(job_ref, params or {})
     raw_params = model.model_dump(mode="json") if isinstance(model, BaseModel) else dict(model)
-    run_settings = settings_for(job, settings or {})
+    run_settings = job.settings.overridden(settings or {})
     schema = job.schema
     if job.table_spec is not None:  # issue 14: the table's schema contract, before any write
         check_contract(backend.store, job.table_spec, schema.raw if schema else None, job.name)
@@ -85,17 +83,6 @@ def submit(
     # queued tasks of a run that has nothing in the queue.
     backend.queue.send([body])
     return run
-
-
-def settings_for(job: Job, overrides: Mapping[str, Any]) -> RunSettings:
-    """The run's settings: the job's, with ``overrides`` (``-S KEY=VALUE``);
-    :class:`UserError` (one line) names a setting out of range."""
-    try:
-        return RunSettings.model_validate({**job.settings.model_dump(), **overrides})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        raise UserError(f"setting {where}: {err['msg']}") from None
 
 
 def get_run(backend: Backend, run_id: str) -> RunRecord:
@@ -166,9 +153,7 @@ def _job_loads(run: RunRecord) -> None:
     longer takes the run's params, is told in one line before any chunk is
     reopened (each would otherwise spend its attempts and die again)."""
     try:
-        job = load_job(run.job)
-        job.check()
-        job.validate_params(run.params)
+        load_checked(run.job, run.params)
     except UserError as exc:
         raise UserError(f"run {run.run_id}: its job must load before a replay: {exc}") from None
 

@@ -254,6 +254,15 @@ def canonical_ref(ref: str) -> str:
     return str(Path(ref).resolve()) if is_path_ref(ref) else ref
 
 
+def load_checked(ref: str, params: Mapping[str, Any]) -> tuple[Job, BaseModel | dict[str, Any]]:
+    """The job ``ref`` names, checked runnable, and ``params`` validated by it
+    (:meth:`Job.validate_params`): what submit, validate and replay each ask
+    before anything is written. :class:`UserError` (one line) if not."""
+    job = load_job(ref)
+    job.check()
+    return job, job.validate_params(params)
+
+
 def load_job(ref: str, run_id: str | None = None) -> Job:
     """Load the job named by ``ref`` (``path.py``, ``path.py:attr`` or ``module[:attr]``).
 

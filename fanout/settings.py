@@ -6,10 +6,12 @@ defaults are written, and :class:`RunKind`, re-exported here)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fanout.errors import UserError
 from fanout.fairness import PRIORITY_PATTERN, WEIGHTS
 from fanout.limits import DEFAULTS as D  # the defaults, written once
 from fanout.limits import KIND, SCHEMA, RunKind, kind_of
@@ -84,6 +86,16 @@ class RunSettings(BaseModel):
     compact: bool = Field(
         D.compact, description="table jobs: compact what the run wrote when it ends"
     )
+
+    def overridden(self, overrides: Mapping[str, Any]) -> RunSettings:
+        """These settings (a job's), with ``overrides`` (``-S KEY=VALUE``);
+        :class:`UserError` (one line) names a setting out of range."""
+        try:
+            return RunSettings.model_validate({**self.model_dump(), **overrides})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            raise UserError(f"setting {where}: {err['msg']}") from None
 
 
 def recorded_settings(settings: RunSettings, kind: RunKind, schema: Any) -> dict[str, Any]:
