@@ -156,13 +156,13 @@ def test_cli_import_leaves_croniter_and_the_schedule_model_for_the_schedule_comm
     assert json.loads(after) is True
 
 
-#: ``fanout run --help`` parses the command line as ``fanout run JOB`` does
-#: before it submits; then reports what the CLI imported.
-RUN_PROBE = """\
+#: ``fanout [COMMAND] --help`` (``fanout run --help`` parses the command line as
+#: ``fanout run JOB`` does before it submits); then reports what the CLI imported.
+HELP_PROBE = """\
 import json, sys
 from fanout.cli import main
 try:
-    main(["run", "--help"])
+    main(sys.argv[1:])
 except SystemExit:
     pass
 print(json.dumps(sorted(sys.modules)))
@@ -191,7 +191,11 @@ NOT_FOR_RUN = (
 
 def test_fanout_run_imports_no_other_command() -> None:
     done = subprocess.run(
-        [sys.executable, "-c", RUN_PROBE], capture_output=True, text=True, cwd=REPO, timeout=60
+        [sys.executable, "-c", HELP_PROBE, "run", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     help_text, _, last = done.stdout.rstrip().rpartition("\n")
@@ -199,18 +203,6 @@ def test_fanout_run_imports_no_other_command() -> None:
     loaded = set(json.loads(last))
     assert "fanout.cli_controls" in loaded  # the probe did import the CLI's own modules
     assert sorted(m for m in loaded for n in NOT_FOR_RUN if m == n or m.startswith(n + ".")) == []
-
-
-#: ``fanout [COMMAND] --help``: what the CLI imported to answer it.
-HELP_PROBE = """\
-import json, sys
-from fanout.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit:
-    pass
-print(json.dumps(sorted(sys.modules)))
-"""
 
 
 @pytest.mark.parametrize("argv", [["cancel", "--help"], ["pause", "--help"], ["run", "--help"]])
