@@ -21,6 +21,7 @@ import click
 
 from fanout.backends import BACKENDS, default_home
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend
+from fanout.backends.rules import was_cancelled
 from fanout.cli_common import (
     MAX_CHUNK_MEMORY,
     MAX_CHUNK_TIMEOUT,
@@ -499,12 +500,15 @@ def replay(
     chunk_memory: int | None,
     work: bool,
 ) -> None:
-    """Put RUN's dead chunks back in the queue (after you fixed the job)."""
+    """Put RUN's dead chunks back in the queue (after you fixed the job); a
+    stopped run goes on with the chunks its stop cancelled."""
     from fanout import coordinator
 
     reopened = coordinator.replay(group_backend(ctx), run_id, chunks or None)
     n = len(reopened)
-    click.echo(f"replaying {n} chunk{'' if n == 1 else 's'} of {run_id}", err=True)
+    revived = sum(was_cancelled(t) for t in reopened)
+    also = f" ({revived} of them cancelled when it stopped)" if revived else ""
+    click.echo(f"replaying {n} chunk{'' if n == 1 else 's'} of {run_id}{also}", err=True)
     if work:
         _work(ctx, run_id, workers, chunk_timeout, False, chunk_memory)
     elif ctx.obj["backend_name"] == "aws":

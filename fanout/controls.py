@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fanout.backends.base import RunRecord, RunState
+from fanout.backends.rules import JOB_STOP_PREFIX
 from fanout.backends.rules import final_state as ledger_final_state
 from fanout.limits import RunLimits, limits_of
 from fanout.retry import JITTER
@@ -44,9 +45,8 @@ from fanout.retry import JITTER
 CANCEL_REASON = "cancelled (fanout cancel)"
 #: ``stop_reason`` of a run whose dead chunks went over its tolerance starts so.
 TOLERANCE_PREFIX = "tolerated failures exceeded"
-#: ``stop_reason`` of a run its job ended (``ctx.stop_run``; a spider's
-#: ``CloseSpider``) starts so: a deliberate end, not a runaway bound.
-JOB_STOP_PREFIX = "stopped by the job: "
+# (A job's own stop starts with JOB_STOP_PREFIX, from the ledger rules:
+# a replay goes by it, see replay_revives.)
 
 
 def stop_line(reason: str) -> str:

@@ -111,7 +111,10 @@ def replay(
     wait: float = REPLAY_WAIT,
 ) -> list[TaskRecord]:
     """Put dead chunks (all, or those named) back in the queue; the run reopens
-    and its manifest is rewritten when it drains again. A run being finalized
+    and its manifest is rewritten when it drains again. A stopped run (a
+    cancel, its tolerance, a runaway bound) goes on: the chunks its stop
+    cancelled come back too, but not those the job's own stop cancelled
+    (:func:`~fanout.backends.rules.replay_revives`). A run being finalized
     is waited out for up to ``wait`` seconds, then refused
     (:class:`~fanout.errors.RunFinalizingError`): the ledger will not reopen it
     while its manifest is written. A finalizer dead for ``FINALIZE_STALE`` is
@@ -127,7 +130,7 @@ def replay(
         unknown = sorted(set(chunk_ids) - {t.chunk_id for t in dead})
         if unknown:
             raise UserError(f"run {run_id} has no dead chunk {unknown[0]!r} (see `fanout failed`)")
-    elif not dead:
+    elif not dead and not (run.tasks_cancelled and run.stop_reason):
         raise UserError(f"run {run_id} has no dead chunks to replay")
     deadline = time.monotonic() + wait
     while True:
@@ -143,8 +146,10 @@ def replay(
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)
-    if reopened:
-        backend.queue.send([t.message for t in reopened])
+    if not reopened and not chunk_ids:
+        # (stopped, with nothing dead, and what it cancelled was orphans or the job's own stop)
+        raise UserError(f"run {run_id} has no dead chunks to replay")
+    backend.queue.send([t.message for t in reopened])
     return reopened
 
 

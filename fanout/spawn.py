@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fanout.backends.base import NewTask, Store
+from fanout.backends.rules import JOB_STOP_PREFIX
 from fanout.context import Continue, Spawn
-from fanout.controls import JOB_STOP_PREFIX
 from fanout.errors import PermanentError
 from fanout.limits import RunLimits
 from fanout.messages import ChunkMessage, MessageError, encode_child, offload

@@ -274,6 +274,50 @@ def test_beyond_the_tolerance_the_run_stops_early(
     assert f"stopped: {run.stop_reason}" in result.stdout
 
 
+def test_a_replay_after_the_tolerance_stopped_the_run_runs_the_cancelled_chunks_too(
+    home: Path, tmp_path: Path, ledger: Backend
+) -> None:
+    # The replay used to clear the stop and rerun the 2 dead chunks only: the
+    # 18 the stop had cancelled never ran, and the run ended "succeeded" with
+    # 2 records of 20.
+    flag = tmp_path / "poisoned"
+    flag.touch()
+    params = ["-p", "chunks=20", "-p", "poison=[0,1]", "-p", f"poison_flag={flag}"]
+    result = fanout(home, "run", JOB, *params, "-S", "tolerated_failures=1", "-w", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    run_id = result.stderr.splitlines()[0].split()[1]
+    stopped = get_run(ledger, run_id)
+    assert stopped.state == RunState.FAILED and stopped.tasks_cancelled >= 10
+    done = sum(_committed(home, run_id).values())
+    assert done == 20 - 2 - stopped.tasks_cancelled
+
+    flag.unlink()  # the job fixed
+    replayed = fanout(home, "replay", run_id, "--work", "-w", "1")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    revived = stopped.tasks_cancelled
+    assert (
+        f"replaying {2 + revived} chunks of {run_id} ({revived} of them cancelled when it stopped)"
+        in replayed.stderr
+    )
+    run = get_run(ledger, run_id)
+    assert (run.state, run.stop_reason, run.tasks_cancelled) == (RunState.SUCCEEDED, None, 0)
+    assert _committed(home, run_id) == Counter({(c, 0): 1 for c in range(20)})
+
+
+def test_a_cancelled_run_goes_on_when_replayed(home: Path, ledger: Backend) -> None:
+    # Nothing died: the replay is how a cancelled run is taken up again.
+    run_id = fanout(home, "submit", JOB, "-p", "chunks=3").stdout.strip()
+    assert fanout(home, "cancel", run_id).returncode == 0
+    drained = fanout(home, "worker", "--until-idle", timeout=60)
+    assert drained.returncode == 0, drained.stderr
+    assert get_run(ledger, run_id).state == RunState.CANCELLED
+    replayed = fanout(home, "replay", run_id, "--work", "-w", "1")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "replaying 1 chunk of" in replayed.stderr  # the plan: it had not run
+    assert get_run(ledger, run_id).state == RunState.SUCCEEDED
+    assert _committed(home, run_id) == Counter({(c, 0): 1 for c in range(3)})
+
+
 def test_status_of_a_paused_run_says_paused_in_its_first_line(home: Path) -> None:
     submitted = fanout(home, "submit", JOB, "-p", "chunks=2")
     assert submitted.returncode == 0, submitted.stderr

@@ -278,3 +278,38 @@ def test_a_run_is_not_reopened_while_it_finalizes() -> None:
 
     assert not may_reopen(RunState.FINALIZING)
     assert all(may_reopen(s) for s in RunState if s != RunState.FINALIZING)
+
+
+def _ended(state: TaskState, *events: TaskEvent) -> TaskRecord:
+    t = task(state, attempt=1)
+    t.history = [history_event(e, NOW, 1) for e in events]
+    return t
+
+
+@pytest.mark.parametrize(
+    ("stop", "t", "revived"),
+    [
+        (None, _ended(TaskState.DEAD, TaskEvent.DEAD), True),
+        ("cancelled (fanout cancel)", _ended(TaskState.DEAD, TaskEvent.DEAD), True),
+        # What the stop cancelled comes back with the replay, which clears it...
+        ("tolerated failures exceeded: 2", _ended(TaskState.CANCELLED, TaskEvent.CANCELLED), True),
+        ("cancelled (fanout cancel)", _ended(TaskState.CANCELLED, TaskEvent.CANCELLED), True),
+        # ...unless the job stopped the run; an orphan never does; nor a task
+        # cancelled before a replay cleared the stop (the replay revived it then).
+        ("stopped by the job: enough", _ended(TaskState.CANCELLED, TaskEvent.CANCELLED), False),
+        ("tolerated failures exceeded: 2", _ended(TaskState.CANCELLED, TaskEvent.ORPHANED), False),
+        (None, _ended(TaskState.CANCELLED, TaskEvent.CANCELLED), False),
+        ("cancelled (fanout cancel)", _ended(TaskState.DONE, TaskEvent.COMMITTED), False),
+        ("cancelled (fanout cancel)", task(TaskState.QUEUED), False),
+    ],
+)
+def test_what_a_replay_puts_back_in_the_queue(
+    stop: str | None, t: TaskRecord, revived: bool
+) -> None:
+    from fanout.backends.rules import replay_revives, was_cancelled
+
+    assert replay_revives(stop, t) is revived
+    replayed = _ended(TaskState.QUEUED, *(e["outcome"] for e in t.history), TaskEvent.REPLAYED)
+    assert was_cancelled(replayed) is (
+        t.state == TaskState.CANCELLED and t.history[-1]["outcome"] == "cancelled"
+    )

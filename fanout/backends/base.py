@@ -347,7 +347,10 @@ class Ledger(Protocol):
         self, run_id: str, chunk_ids: Collection[str] | None, now: float
     ) -> list[TaskRecord]:
         """Put dead tasks (all, or those of ``chunk_ids``) back in the queue state with a
-        fresh attempt budget, and the run back to running. Returns the reopened tasks."""
+        fresh attempt budget, and the run back to running, its stop (if any)
+        cleared; with the stop, the tasks it cancelled come back too
+        (:func:`~fanout.backends.rules.replay_revives`). Returns the reopened
+        tasks (dead and revived)."""
 
     def begin_finalize(self, run_id: str, now: float, stale_after: float) -> bool:
         """Take the right to write the manifest: true once per drain (or again after

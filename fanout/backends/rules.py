@@ -16,7 +16,8 @@ the two ledgers cannot drift apart, and each is tested on its own
 - :func:`may_have_orphans`: whether a commit must look for children an
   earlier attempt registered;
 - :func:`final_state`: the state of a drained run;
-- :func:`may_reopen`: whether a replay may reopen the run now.
+- :func:`may_reopen`: whether a replay may reopen the run now, and
+  :func:`replay_revives`: which of its tasks it puts back in the queue.
 
 The correctness model they serve is in ``docs/architecture.md``.
 """
@@ -234,6 +235,36 @@ def may_reopen(state: RunState) -> bool:
     without the replayed records) would be the run's. A dead finalizer's run
     is finalized by the recovery sweep, after which the replay goes through."""
     return state != RunState.FINALIZING
+
+
+#: ``stop_reason`` of a run its job ended (``ctx.stop_run``; a spider's
+#: ``CloseSpider``) starts so: a deliberate end, not a runaway bound.
+JOB_STOP_PREFIX = "stopped by the job: "
+
+
+def replay_revives(stop_reason: str | None, task: TaskRecord) -> bool:
+    """Whether a replay of a run stopped for ``stop_reason`` (None: not
+    stopped) puts ``task`` back in the queue: a dead task always; a task the
+    stop cancelled too, unless the job itself stopped the run (it ran out of
+    work). A replay clears the stop, so the run goes on, and a chunk it had
+    cancelled would otherwise never run while the run ended ``succeeded``
+    (after a tolerance stop, most of the run). An orphan stays cancelled: the
+    attempt that registered it never counted, and the one that did registered
+    its own."""
+    if task.state == TaskState.DEAD:
+        return True
+    if task.state != TaskState.CANCELLED or not stop_reason:
+        return False
+    if stop_reason.startswith(JOB_STOP_PREFIX):
+        return False
+    last = task.history[-1].get("outcome") if task.history else None
+    return last == TaskEvent.CANCELLED
+
+
+def was_cancelled(task: TaskRecord) -> bool:
+    """Whether a task a replay reopened had been cancelled (by its run's
+    stop), not dead: the event before its ``replayed`` one says."""
+    return len(task.history) > 1 and task.history[-2].get("outcome") == TaskEvent.CANCELLED
 
 
 def finalizing_refusal(run_id: str) -> str:

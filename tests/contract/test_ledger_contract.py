@@ -247,6 +247,55 @@ def test_reopen_only_named_chunks(backend: Backend) -> None:
     assert [t.chunk_id for t in backend.ledger.list_tasks(RUN, (TaskState.DEAD,))] == ["0/0", "0/2"]
 
 
+def _stopped_run_with_a_dead_a_cancelled_and_an_orphan(backend: Backend, reason: str) -> None:
+    """Root registers 0/0..0/2 in a first attempt and only 0/0, 0/1 in the
+    attempt that commits, so 0/2 is an orphan (cancelled by that commit);
+    0/0 dies, the run stops for ``reason``, and the claim of 0/1 cancels it."""
+    _run(backend)
+    now = time.time()
+    _claim(backend, token="p1", lease=1.0, now=now)
+    assert backend.ledger.register(RUN, _kids(3, "p1"), 100, spawned_by="p1").created == 3
+    _claim(backend, token="p2", now=now + 2)  # p1's lease ran out: taken over
+    backend.ledger.register(RUN, _kids(2, "p2"), 100, spawned_by="p2")
+    backend.ledger.commit(ROOT, "p2", None, "committed", now + 3)
+    dead = TaskKey(RUN, "0/0")
+    _claim(backend, key=dead, token="a")
+    backend.ledger.bury(dead, "a", Failure("permanent", "poison"), time.time())
+    assert backend.ledger.stop(RUN, reason)
+    assert _claim(backend, key=TaskKey(RUN, "0/1"), token="c").outcome == ClaimOutcome.CANCELLED
+    for chunk, event in (("0/1", "cancelled"), ("0/2", "orphaned")):
+        task = backend.ledger.get_task(TaskKey(RUN, chunk))
+        assert task is not None and task.state == TaskState.CANCELLED
+        assert task.history[-1]["outcome"] == event
+
+
+def test_a_replay_of_a_stopped_run_revives_what_the_stop_cancelled(backend: Backend) -> None:
+    # The replay clears the stop so the replayed chunk may run; the chunks the
+    # stop cancelled used to stay cancelled, and the run ended "succeeded"
+    # without them. They come back with it; an orphan does not.
+    _stopped_run_with_a_dead_a_cancelled_and_an_orphan(backend, "tolerated failures exceeded")
+    reopened = backend.ledger.reopen(RUN, None, time.time())
+    assert [t.chunk_id for t in reopened] == ["0/0", "0/1"]
+    assert all(t.state == TaskState.QUEUED for t in reopened)
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.stop_reason is None and run.state == RunState.RUNNING
+    assert (run.outstanding, run.tasks_dead, run.tasks_cancelled) == (2, 0, 1)
+    revived = _claim(backend, key=TaskKey(RUN, "0/1"), token="r")
+    assert revived.outcome == ClaimOutcome.CLAIMED and revived.attempt == 1
+    orphan = backend.ledger.get_task(TaskKey(RUN, "0/2"))
+    assert orphan is not None and orphan.state == TaskState.CANCELLED
+
+
+def test_a_replay_of_a_run_its_job_stopped_leaves_the_rest_cancelled(backend: Backend) -> None:
+    # The job said the run was done (ctx.stop_run): what it cancelled stays so.
+    _stopped_run_with_a_dead_a_cancelled_and_an_orphan(backend, "stopped by the job: enough")
+    assert [t.chunk_id for t in backend.ledger.reopen(RUN, None, time.time())] == ["0/0"]
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and (run.outstanding, run.tasks_cancelled) == (1, 2)
+    task = backend.ledger.get_task(TaskKey(RUN, "0/1"))
+    assert task is not None and task.state == TaskState.CANCELLED
+
+
 def test_fan_in_drains_exactly_once(backend: Backend) -> None:
     _run(backend)
     _claim(backend)

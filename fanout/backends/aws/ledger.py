@@ -48,7 +48,6 @@ from fanout.backends.aws.ledger_items import (
     _py,
     _run,
     _run_key,
-    _run_pk,
     _sum_stats,
     _task,
     _task_key,
@@ -56,6 +55,7 @@ from fanout.backends.aws.ledger_items import (
     create_table,
 )
 from fanout.backends.aws.ledger_register import RETRIES, Registrar
+from fanout.backends.aws.ledger_reopen import Reopener
 from fanout.backends.aws.ledger_stats import STATS_IN_COMMIT, DomainStats, split_stats
 from fanout.backends.aws.runcontrols import DynamoRunControls
 from fanout.backends.base import (
@@ -84,21 +84,18 @@ from fanout.backends.rules import (
     attempt_in_budget,
     chunk_order,
     claim_without_write,
-    finalizing_refusal,
     history_event,
     may_have_orphans,
-    may_reopen,
     rule_claim,
     spends_attempt,
 )
-from fanout.errors import RunFinalizingError
 
 __all__ = ["DynamoLedger", "create_table"]
 
 log = logging.getLogger(__name__)
 
 
-class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, domain stats
+class DynamoLedger(Registrar, Reopener, DynamoRunControls, DomainStats):  # + controls, stats
     """The :class:`~fanout.backends.base.Ledger` on one DynamoDB table."""
 
     def _drained(self, run_id: str) -> bool:
@@ -517,76 +514,6 @@ class DynamoLedger(Registrar, DynamoRunControls, DomainStats):  # + controls, do
         """The task, or None."""
         item = self._get(_task_key(key))
         return _task(item) if item else None
-
-    def list_tasks(
-        self, run_id: str, states: Collection[TaskState] | None = None, *, history: bool = True
-    ) -> list[TaskRecord]:
-        """The run's tasks in chunk order (a strongly consistent query of the run)."""
-        params: Item = {
-            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :task)",
-            "ExpressionAttributeValues": {
-                ":pk": {"S": _run_pk(run_id)},
-                ":task": {"S": "TASK#"},
-            },
-            "ConsistentRead": True,
-        }
-        if states is not None:
-            if not states:
-                return []
-            _filter_states(params, states)
-        tasks = [_task(item, history) for item in self._query(**params)]
-        tasks.sort(key=chunk_order)
-        return tasks
-
-    def reopen(
-        self, run_id: str, chunk_ids: Collection[str] | None, now: float
-    ) -> list[TaskRecord]:
-        """Dead tasks back to queued with a fresh attempt budget; the run reopens.
-
-        Each transaction reopens up to 99 tasks with the run's counters, so
-        the counters are exact after each; a larger replay is several
-        transactions (a crash between them reopens only part: run it again).
-        Refused (:class:`RunFinalizingError`) while the run is finalizing: the
-        read says so, and the transaction is conditional on it still being
-        true (a finalizer that begins in between makes it read again)."""
-        reopened: list[TaskRecord] = []
-        for _ in range(RETRIES):
-            run = self._get(_run_key(run_id), ["state"])
-            if run is not None and not may_reopen(RunState(run["state"]["S"])):
-                raise RunFinalizingError(finalizing_refusal(run_id))
-            dead = [
-                t
-                for t in self.list_tasks(run_id, (TaskState.DEAD,))
-                if chunk_ids is None or t.chunk_id in chunk_ids
-            ]
-            if not dead:
-                break
-            batch = dead[: MAX_TRANSACTION_ITEMS - 1]
-            entries = []
-            for t in batch:
-                e = _Expr().set("state", TaskState.QUEUED.value).set("attempt_floor", t.attempt)
-                e.set("not_before", 0).remove("lease_token").set("lease_expires", 0)
-                event = history_event(TaskEvent.REPLAYED, now, attempt_in_budget(t))
-                e.set("updated_at", now).append("history", event).bump()
-                e.where(f"{e.n('state')} = {e.v(TaskState.DEAD.value)}")
-                entries.append({"Update": e.update(self.table, _task_key(t.key))})
-                t.state, t.attempt_floor, t.not_before = TaskState.QUEUED, t.attempt, 0.0
-                t.lease_token, t.lease_expires, t.updated_at = None, 0.0, now
-                t.history.append(event)
-            # A replay runs what the user asked for, even in a run a bound had stopped.
-            e = _Expr().set("state", RunState.RUNNING.value).set("updated_at", now)
-            e.remove("stop_reason").remove("finished_at")
-            e.add("outstanding", len(batch)).add("tasks_dead", -len(batch))
-            e.where(f"attribute_exists({e.n('pk')})")
-            e.where(f"{e.n('state')} <> {e.v(RunState.FINALIZING.value)}")
-            entries.append({"Update": e.update(self.table, _run_key(run_id))})
-            if self._transact(entries) is None:
-                reopened.extend(batch)
-                if len(batch) == len(dead):
-                    break
-            # Else a task changed meanwhile (or more remain): read the dead ones again.
-        reopened.sort(key=chunk_order)
-        return reopened
 
     def close(self) -> None:
         """Close the client's connections."""

@@ -41,6 +41,7 @@ from fanout.backends.local.ledger_rows import (
     commit_args,
     failure_event,
     key_args,
+    reopen_tasks,
     row_event,
     run_record,
     stop_run,
@@ -55,15 +56,12 @@ from fanout.backends.rules import (
     attempt_in_budget,
     chunk_order,
     claim_without_write,
-    finalizing_refusal,
     history_event,
     is_drained,
     may_have_orphans,
-    may_reopen,
     rule_claim,
     spends_attempt,
 )
-from fanout.errors import RunFinalizingError
 
 
 class _OverLimit(Exception):
@@ -555,36 +553,11 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
     def reopen(
         self, run_id: str, chunk_ids: Collection[str] | None, now: float
     ) -> list[TaskRecord]:
-        """Dead tasks back to queued with a fresh attempt budget; the run reopens.
-        Refused (:class:`RunFinalizingError`) while the run is finalizing."""
+        """Dead tasks (and those a stop cancelled) back to queued with a fresh
+        attempt budget; the run reopens (:func:`reopen_tasks`). Refused
+        (:class:`RunFinalizingError`) while the run is finalizing."""
         with self.db.write() as conn:
-            run = conn.execute("SELECT state FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            # Read in the write transaction: no finalizer can begin between it and the update.
-            if run is not None and not may_reopen(RunState(run[0])):
-                raise RunFinalizingError(finalizing_refusal(run_id))
-            sql = "SELECT chunk_id, seq FROM tasks WHERE run_id = ? AND state = 'dead'"
-            keys = [
-                (r[0], r[1])
-                for r in conn.execute(sql, (run_id,))
-                if chunk_ids is None or r[0] in chunk_ids
-            ]
-            reopened = []
-            for chunk_id, seq in keys:
-                cur = conn.execute(
-                    "UPDATE tasks SET state = 'queued', attempt_floor = attempt, not_before = 0,"
-                    f" lease_token = NULL, lease_expires = 0, updated_at = ?, {APPEND}"
-                    " WHERE run_id = ? AND chunk_id = ? AND seq = ? RETURNING *",
-                    (now, row_event(TaskEvent.REPLAYED, now), run_id, chunk_id, seq),
-                )
-                reopened.append(task_record(cur.fetchone()))
-            if reopened:
-                # A replay runs what the user asked for, even in a run a bound had stopped.
-                conn.execute(
-                    "UPDATE runs SET outstanding = outstanding + ?, tasks_dead = tasks_dead - ?,"
-                    " state = 'running', stop_reason = NULL, finished_at = NULL, updated_at = ?"
-                    " WHERE run_id = ?",
-                    (len(reopened), len(reopened), now, run_id),
-                )
+            reopened = reopen_tasks(conn, run_id, chunk_ids, now)
         reopened.sort(key=chunk_order)
         return reopened
 

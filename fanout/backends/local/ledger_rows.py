@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from fanout.backends.base import (
@@ -20,7 +21,14 @@ from fanout.backends.base import (
     TaskState,
     took_field,
 )
-from fanout.backends.rules import history_event, is_drained
+from fanout.backends.rules import (
+    finalizing_refusal,
+    history_event,
+    is_drained,
+    may_reopen,
+    replay_revives,
+)
+from fanout.errors import RunFinalizingError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -239,3 +247,48 @@ def stop_run(conn: sqlite3.Connection, run_id: str, reason: str) -> bool:
         (reason, run_id),
     )
     return cur.rowcount == 1
+
+
+def reopen_tasks(
+    conn: sqlite3.Connection, run_id: str, chunk_ids: Collection[str] | None, now: float
+) -> list[TaskRecord]:
+    """A replay, in the caller's write transaction: the dead tasks (those of
+    ``chunk_ids``, if given) and, if the run was stopped, the tasks its stop
+    cancelled (:func:`~fanout.backends.rules.replay_revives`) back to queued
+    with a fresh attempt budget; the run back to running, its stop cleared.
+    Refused (:class:`RunFinalizingError`) while the run is finalizing."""
+    run = conn.execute("SELECT state, stop_reason FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    # Read in the write transaction: no finalizer can begin between it and the update.
+    if run is None:
+        return []
+    if not may_reopen(RunState(run[0])):
+        raise RunFinalizingError(finalizing_refusal(run_id))
+    rows = conn.execute(
+        "SELECT * FROM tasks WHERE run_id = ? AND state IN ('dead', 'cancelled')", (run_id,)
+    )
+    todo = [
+        t
+        for t in map(task_record, rows)
+        if replay_revives(run[1], t)
+        and (t.state != TaskState.DEAD or chunk_ids is None or t.chunk_id in chunk_ids)
+    ]
+    reopened = []
+    for t in todo:
+        cur = conn.execute(
+            "UPDATE tasks SET state = 'queued', attempt_floor = attempt, not_before = 0,"
+            f" lease_token = NULL, lease_expires = 0, updated_at = ?, {APPEND}"
+            " WHERE run_id = ? AND chunk_id = ? AND seq = ? RETURNING *",
+            (now, row_event(TaskEvent.REPLAYED, now), *key_args(t.key)),
+        )
+        reopened.append(task_record(cur.fetchone()))
+    if reopened:
+        dead = sum(t.state == TaskState.DEAD for t in todo)
+        # A replay runs what the user asked for, even in a run a bound had
+        # stopped; the chunks the stop cancelled run with it.
+        conn.execute(
+            "UPDATE runs SET outstanding = outstanding + ?, tasks_dead = tasks_dead - ?,"
+            " tasks_cancelled = tasks_cancelled - ?, state = 'running', stop_reason = NULL,"
+            " finished_at = NULL, updated_at = ? WHERE run_id = ?",
+            (len(reopened), dead, len(reopened) - dead, now, run_id),
+        )
+    return reopened
