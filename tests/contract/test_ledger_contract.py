@@ -296,6 +296,27 @@ def test_a_replay_of_a_run_its_job_stopped_leaves_the_rest_cancelled(backend: Ba
     assert task is not None and task.state == TaskState.CANCELLED
 
 
+def test_a_replay_revives_more_cancelled_tasks_than_one_transaction_holds(
+    backend: Backend,
+) -> None:
+    # DynamoDB writes 99 tasks a transaction and clears the stop with the
+    # last: every task comes back, and the counters are exact.
+    from fanout.backends.runcontrols import controls_of
+
+    _run(backend)
+    _claim(backend, token="p")
+    assert backend.ledger.register(RUN, _kids(150, "k"), 1000, spawned_by="p").created == 150
+    backend.ledger.commit(ROOT, "p", None, "committed", time.time())
+    assert backend.ledger.stop(RUN, "cancelled (fanout cancel)")
+    assert controls_of(backend.ledger).cancel_queued(RUN, time.time()) == (150, True)
+    reopened = backend.ledger.reopen(RUN, None, time.time())
+    assert [t.chunk_id for t in reopened] == [f"0/{i}" for i in range(150)]
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.stop_reason is None
+    assert (run.outstanding, run.tasks_cancelled, run.state) == (150, 0, RunState.RUNNING)
+    assert backend.ledger.list_tasks(RUN, (TaskState.CANCELLED,)) == []
+
+
 def test_fan_in_drains_exactly_once(backend: Backend) -> None:
     _run(backend)
     _claim(backend)
