@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from fanout.backends import open_backend
-from fanout.backends.base import Backend, Delivery, Failure, FailureKind
+from fanout.backends.base import Backend, Delivery, Failure, FailureKind, sqs_sent_at
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt
 from fanout.jobs import Job
@@ -218,6 +218,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             receive_count=_receive_count(attributes),
             message_id=message_id,
             sender=attributes.get("SenderId"),
+            sent_at=sqs_sent_at(attributes),
         )
         try:
             outcome = dispatcher.handle(delivery, timeout)

@@ -183,11 +183,25 @@ def keep_message(store: Store, delivery: Delivery, reason: str, tb: str = "") ->
         "body_chars": len(text),
         "traceback": tb,
     }
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in mid)[:80]
-    key = keys.dead_message_key(stamp, safe)
+    # Named by when the message was sent, where the queue says, and its id:
+    # a message dead-lettered again (its worker killed before the ack)
+    # overwrites its first letter rather than adding a second.
+    sent = delivery.sent_at if delivery.sent_at is not None else now
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(sent))
+    key = keys.dead_message_key(stamp, _key_safe(mid))
     store.put(key, json.dumps(letter, indent=1).encode())
     return key
+
+
+def _key_safe(message_id: str) -> str:
+    """``message_id`` as a store key's part: letters, digits, ``-`` and ``_``,
+    with a digest of the id where it had to be changed, so two ids never name
+    one letter (``a.b`` and ``a_b``, or two long ids alike in their first 80)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in message_id)
+    if safe == message_id and len(safe) <= 80:
+        return safe
+    digest = hashlib.sha1(message_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{safe[:80]}-{digest}"
 
 
 def keep_missing(store: Store, delivery: Delivery, key: TaskKey) -> None:

@@ -107,8 +107,9 @@ def test_a_release_that_fails_leaves_the_rest_only_reported(
                 {"messageId": "m1", "body": "{}", "attributes": {"ApproximateReceiveCount": "x"}}
             ]
         },
+        {"Records": [{"messageId": "m1", "body": "{}", "attributes": {"SentTimestamp": "x"}}]},
     ],
-    ids=["null records", "no records", "a string record", "a bad receive count"],
+    ids=["null records", "no records", "a string record", "a bad receive count", "a bad sent time"],
 )
 def test_events_sqs_never_sends_do_not_raise(aws: Backend, event: dict[str, object]) -> None:
     # They raised (TypeError, AttributeError, ValueError) and failed the batch.

@@ -4,16 +4,18 @@ sweep → recovery. Nothing is routed by searching the body's text."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from fanout import coordinator
-from fanout.backends.base import Backend, RunState, TaskKey
+from fanout.backends.base import Backend, Delivery, RunState, TaskKey, sqs_sent_at
 from fanout.dispatch import Dispatcher
-from fanout.failures import list_messages
+from fanout.failures import keep_message, list_messages
 from fanout.messages import (
     SWEEP_BODY,
     ChunkMessage,
@@ -82,6 +84,48 @@ def test_a_body_that_merely_mentions_a_tick_is_kept_as_an_invalid_message(mem: B
     assert letter["reason"].startswith("invalid message: chunk_id: String should match pattern")
     assert letter["body"] == body
     assert mem.queue.pending() == 0
+
+
+def test_an_invalid_message_delivered_again_is_kept_once(mem: Backend) -> None:
+    """Its worker killed before the deferred ack reached the queue, an invalid
+    message comes back and is dropped again: its second letter, a second
+    later, was a second dead letter of one message."""
+    mem.queue.send(['{"v": 1, "kind": "nonsense"}'])
+    (first,) = mem.queue.receive(1, 30)
+    assert Dispatcher(mem).handle(first, 10) == "invalid"
+    time.sleep(1.1)  # a letter's name has the time to the second
+    again = dataclasses.replace(first, receive_count=2)  # the ack never arrived
+    assert Dispatcher(mem).handle(again, 10) == "invalid"
+    (letter,) = list_messages(mem.store)
+    assert letter["deliveries"] == 2
+
+
+def test_dead_letters_of_ids_alike_once_made_safe_are_both_kept(mem: Backend) -> None:
+    # Ids are made safe for a key by replacing what is not a letter or digit:
+    # "a.b" and "a_b" named one letter, and the second overwrote the first.
+    sent = time.time()
+    for mid in ("a.b", "a_b", "x" * 100 + "1", "x" * 100 + "2"):
+        keep_message(mem.store, Delivery(f"body of {mid}", "r", 1, mid, sent_at=sent), "bad")
+    letters = list_messages(mem.store)
+    assert sorted(letter["message_id"] for letter in letters) == sorted(
+        ["a.b", "a_b", "x" * 100 + "1", "x" * 100 + "2"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("attributes", "sent"),
+    [
+        ({"SentTimestamp": "1700000000123"}, 1_700_000_000.123),
+        ({}, None),
+        ({"SentTimestamp": "soon"}, None),
+        ({"SentTimestamp": "nan"}, None),
+        ({"SentTimestamp": "-5"}, None),
+    ],
+)
+def test_sqs_sent_timestamp_is_read_in_seconds(
+    attributes: dict[str, str], sent: float | None
+) -> None:
+    assert sqs_sent_at(attributes) == sent
 
 
 def test_a_malformed_tick_is_kept_with_the_field_at_fault(mem: Backend) -> None:

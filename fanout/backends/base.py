@@ -13,9 +13,10 @@ ledger in a state the next call can reason about. The contract suite in
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from fanout.backends.crawlstate import CrawlState
 
@@ -434,6 +435,20 @@ class Delivery:
     message_id: str = ""  # the queue's id for it, for logs and dead letters
     #: Who sent it, where the queue says (SQS's ``SenderId``); None elsewhere.
     sender: str | None = None
+    #: When the queue took it (s since the epoch), where it says: its dead
+    #: letter is named by it and the id, so a redelivery's overwrites it.
+    sent_at: float | None = None
+
+
+def sqs_sent_at(attributes: Mapping[str, Any]) -> float | None:
+    """SQS's ``SentTimestamp`` (milliseconds since the epoch, as text) in
+    seconds, from a received message's or a Lambda event record's attributes;
+    None if it is missing or not a number."""
+    try:
+        sent = float(attributes["SentTimestamp"]) / 1000
+    except (KeyError, TypeError, ValueError):
+        return None
+    return sent if math.isfinite(sent) and sent >= 0 else None
 
 
 @runtime_checkable

@@ -131,6 +131,20 @@ def test_receive_count_increments_on_each_delivery(backend: Backend) -> None:
     assert counts == [1, 2, 3]
 
 
+def test_each_delivery_says_when_its_message_was_sent(backend: Backend) -> None:
+    # The same time on every delivery of one message: its dead letter is named
+    # by it, so a message dead-lettered twice (its ack lost) is kept once.
+    q = backend.queue
+    short, past_short, _, _ = timing(q)
+    before = time.time()
+    q.send(["m"])
+    [first] = q.receive(10, short)
+    time.sleep(past_short)
+    [second] = q.receive(10, LONG)
+    assert first.sent_at is not None and before - 1.0 <= first.sent_at <= time.time() + 1.0
+    assert second.sent_at == first.sent_at
+
+
 def test_ack_with_stale_receipt_is_ignored(backend: Backend) -> None:
     q = backend.queue
     require(q, "exact_receipts", "a stale receipt may still act on the message")

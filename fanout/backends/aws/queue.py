@@ -49,7 +49,7 @@ from typing import Any
 
 from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import client, error_code
-from fanout.backends.base import Delivery
+from fanout.backends.base import Delivery, sqs_sent_at
 from fanout.fairness import group_of
 from fanout.json_fields import sqs_safe
 
@@ -223,7 +223,11 @@ class SqsQueue:
                 WaitTimeSeconds=0,
                 # SenderId: fire and sweep messages are obeyed only from the
                 # scheduler role (fanout.schedules.guard).
-                MessageSystemAttributeNames=["ApproximateReceiveCount", "SenderId"],
+                MessageSystemAttributeNames=[
+                    "ApproximateReceiveCount",
+                    "SenderId",
+                    "SentTimestamp",
+                ],
             )
             messages = response.get("Messages") or []
             if not messages:
@@ -238,6 +242,7 @@ class SqsQueue:
                         count,
                         message_id=m.get("MessageId", ""),
                         sender=attributes.get("SenderId"),
+                        sent_at=sqs_sent_at(attributes),
                     )
                 )
         return got

@@ -78,7 +78,7 @@ WHERE id IN (
     SELECT id FROM messages WHERE queue = ? AND grp = ? AND visible_at <= ?
     ORDER BY visible_at, id LIMIT ?
 )
-RETURNING id, CAST(body AS BLOB), typeof(body) = 'text', receive_count
+RETURNING id, CAST(body AS BLOB), typeof(body) = 'text', receive_count, sent_at
 """
 _SERVED = "UPDATE queue_groups SET served = served + ? WHERE queue = ? AND grp = ?"
 # A group with no message left (in flight included) leaves the rota.
@@ -166,7 +166,7 @@ class SQLiteQueue:
             return []
         now = time.time()
         hidden, name = now + max(visibility, 0.0), self.name
-        rows: list[tuple[int, bytes, int, int]] = []
+        rows: list[tuple[int, bytes, int, int, float]] = []
         with self.db.write() as conn:
             self._flush(conn)
             for group, weight in conn.execute(_GROUPS, (name,)).fetchall():
@@ -185,8 +185,8 @@ class SQLiteQueue:
         # RETURNING has no defined order; the ids are the send order.
         rows.sort(key=lambda row: row[0])
         return [
-            Delivery(_text(body, is_text), f"{id_}:{count}", count, str(id_))
-            for id_, body, is_text, count in rows
+            Delivery(_text(body, is_text), f"{id_}:{count}", count, str(id_), sent_at=sent)
+            for id_, body, is_text, count, sent in rows
         ]
 
     def ack(self, receipt: str) -> None:
