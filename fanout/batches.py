@@ -76,9 +76,19 @@ def run_batch(
     assert isinstance(ledger, BatchLedger)
     results: list[Outcome | None] = [None] * len(items)
     asks: list[tuple[int, Ask]] = []
+    # A second delivery of a task in the batch (SQS delivers at least once)
+    # is handled after it: claimed beside it, it met its live lease and was
+    # handed back for the rest of that lease.
+    tasks: set[tuple[str, str, int]] = set()
+    again: list[int] = []
     now = time.time()
     with runner.gate.batch():
         for i, (delivery, msg) in enumerate(items):
+            task = (msg.run_id, msg.chunk_id, msg.seq)
+            if task in tasks:
+                again.append(i)
+                continue
+            tasks.add(task)
             try:
                 if not runner.batchable(msg):
                     results[i] = runner.handle(delivery, msg, timeout)
@@ -93,6 +103,16 @@ def run_batch(
                 asks.append((i, ask))
     if asks:
         _Batch(runner, ledger, results, on_batch).run(asks, now, stop)
+    for i in again:
+        delivery, msg = items[i]
+        try:
+            if stop is not None and stop():
+                runner.queue.release(delivery.receipt, 0.0)
+                results[i] = Handled.HANDED_BACK
+            else:
+                results[i] = runner.handle(delivery, msg, timeout)
+        except Exception as exc:
+            results[i] = exc
     return [r if r is not None else RuntimeError("left unsettled") for r in results]
 
 

@@ -193,6 +193,23 @@ class _ChildDied(BaseException):
     """Stands for os._exit in the chunk: nothing after it runs in the child."""
 
 
+def test_a_duplicate_in_the_same_batch_is_settled_with_it_not_a_lease_later(
+    local: Backend,
+) -> None:
+    # Two deliveries of one task in a batch: the second's claim met the
+    # first's live lease and was handed back for the rest of that lease (the
+    # chunk timeout and more), which `worker --until-idle` then waited out.
+    run_id, dispatcher = _planned(local, chunks=3, rows=2)
+    deliveries = local.queue.receive(3, 30)
+    local.queue.send([deliveries[0].body])  # SQS delivers at least once
+    [duplicate] = local.queue.receive(1, 30)
+    results = dispatcher.handle_many([*deliveries, duplicate], 20)
+    assert results == [Handled.COMMITTED] * 3 + [Handled.FINISHED]
+    assert local.queue.pending() == 0  # nothing handed back to come again later
+    assert local.ledger.get_run(run_id).state == RunState.SUCCEEDED  # type: ignore[union-attr]
+    _exactly_once(local, run_id, chunks=3, rows=2)
+
+
 def test_a_batch_child_that_died_leaves_its_chunk_hidden_until_failed(home: Path) -> None:
     """The supervisor hands back what a dead child held, and must not make the
     chunk in hand visible before it has recorded the crash: another child would
