@@ -12,14 +12,16 @@ import sys
 import time
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from fanout import coordinator
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, TaskRecord, TaskState
 from fanout.cli_common import RUN_ID, exit_code, group_backend, human, utc_time
 from fanout.errors import UserError
+
+if TYPE_CHECKING:  # the coordinator (and pydantic) is imported by the commands that use it
+    from fanout.coordinator import Status
 
 #: Width of the progress bar, in characters.
 BAR_WIDTH = 24
@@ -39,7 +41,7 @@ def _seconds(s: float) -> str:
 # -- status --watch ------------------------------------------------------------------
 
 
-def progress(st: coordinator.Status, state: str | None = None) -> dict[str, Any]:
+def progress(st: Status, state: str | None = None) -> dict[str, Any]:
     """What the progress bar shows, from the run's counters only (one read);
     ``state``: the run's state as ``fanout status`` shows it (``paused``,
     ``cancelling``), when the caller read its controls."""
@@ -65,7 +67,7 @@ def progress(st: coordinator.Status, state: str | None = None) -> dict[str, Any]
     }
 
 
-def progress_bar(st: coordinator.Status, state: str | None = None) -> str:
+def progress_bar(st: Status, state: str | None = None) -> str:
     """One line: ``[#####-----]  40% chunks 4/10 ...  ETA ~3.0s`` (or the state)."""
     p = progress(st, state)
     frac = p["finished"] / p["total"] if p["total"] else 0.0
@@ -90,6 +92,8 @@ def watch_run(
     """Redraw the progress bar every ``interval`` seconds until the run ends (a
     line per interval without a terminal; a JSON object per interval with
     ``as_json``). Returns the exit code: 0 if the run succeeded, else 1."""
+    from fanout import coordinator
+
     tty = sys.stdout.isatty() and not as_json
     while True:
         st, shown = coordinator.live_status(backend, coordinator.get_run(backend, run_id))
@@ -112,7 +116,7 @@ def watch_run(
     return exit_code(st.run)
 
 
-def failures_line(st: coordinator.Status) -> str:
+def failures_line(st: Status) -> str:
     """``2 chunk attempts timed out (last: 0/3 seq 1, attempt 2, from cursor 1200); 1 crashed``."""
     parts = []
     if st.timed_out:
@@ -186,6 +190,8 @@ def _details(row: dict[str, Any]) -> str:
 @click.pass_context
 def logs(ctx: click.Context, run_id: str, chunk: str | None, as_json: bool) -> None:
     """RUN's chunk events, oldest first: time, chunk, seq, attempt, outcome, details."""
+    from fanout import coordinator
+
     backend = group_backend(ctx)
     coordinator.get_run(backend, run_id)
     tasks = backend.ledger.list_tasks(run_id)
@@ -251,6 +257,7 @@ def _usd(x: float) -> str:
 @click.pass_context
 def cost(ctx: click.Context, run_id: str, memory_mb: int, as_json: bool) -> None:
     """Estimate what RUN would cost on AWS, from its own measured figures."""
+    from fanout import coordinator
     from fanout import cost as costs
 
     backend = group_backend(ctx)
@@ -399,6 +406,8 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.pass_context
 def failed(ctx: click.Context, run_id: str, show_tb: bool, as_json: bool) -> None:
     """Dead chunks of RUN, with their errors and attempt history."""
+    from fanout import coordinator
+
     backend = group_backend(ctx)
     coordinator.get_run(backend, run_id)
     dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))

@@ -13,18 +13,19 @@ import signal
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
-from pydantic import BaseModel
 
 from fanout.cli_common import group_backend, split_pairs
 from fanout.errors import UserError
 from fanout.jobs import canonical_ref, is_path_ref, load_checked
 from fanout.schedules import Schedule, ScheduleStore, check_ranges, open_store, parse_spec
-from fanout.schedules.fire import Fired, fire_due, run_loop, takes_scheduled_time
 from fanout.schedules.model import NAME_PATTERN, SCHEDULED_TIME, iso, now_utc, parse_time
+
+if TYPE_CHECKING:
+    from fanout.schedules.fire import Fired
 
 EXIT_FAILED = 1
 
@@ -56,6 +57,10 @@ def _checked_params(job_ref: str, params: dict[str, Any], first: datetime) -> di
     ``scheduled_time`` when the job takes one) so a typo fails here, not at 3 a.m."""
     if SCHEDULED_TIME in params:
         raise UserError(f"--param {SCHEDULED_TIME} is set by the scheduler to each tick's time")
+    from pydantic import BaseModel
+
+    from fanout.schedules.fire import takes_scheduled_time
+
     # (takes_scheduled_time loads the job: one that does not load is told there)
     sample = {**params, SCHEDULED_TIME: iso(first)} if takes_scheduled_time(job_ref) else params
     _, model = load_checked(job_ref, sample)
@@ -244,6 +249,10 @@ def scheduler(ctx: click.Context, at: str | None) -> None:
     Several schedulers may share a home: each tick is claimed by one of them.
     Workers run what it submits (or use `fanout worker --with-scheduler`).
     """
+    # Here, not at the top: firing imports the coordinator (and pydantic),
+    # which `fanout --help` and the other schedule commands do without.
+    from fanout.schedules.fire import fire_due, run_loop
+
     backend_name = ctx.obj["backend_name"]
     if at is not None:
         when = parse_time(at, "--at")

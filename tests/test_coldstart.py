@@ -224,6 +224,23 @@ def test_a_command_starts_without_pydantic_unless_it_needs_it(argv: list[str]) -
     assert {"pydantic", "fanout.coordinator", "fanout.settings"} & loaded == set()
 
 
+def test_fanout_help_imports_every_command_but_not_the_coordinator() -> None:
+    """`fanout --help` imports each command's module for its help line; those
+    modules import the coordinator (and the run machinery behind it) in the
+    commands that use it, not at the top."""
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(done.stdout.rstrip().rpartition("\n")[2]))
+    assert {"fanout.cli_observe", "fanout.cli_schedule"} <= loaded
+    assert {"fanout.coordinator", "fanout.schedules.fire", "fanout.runner"} & loaded == set()
+
+
 def test_fanout_help_lists_every_command_each_from_its_module() -> None:
     from click.testing import CliRunner
 
