@@ -345,6 +345,32 @@ def test_a_tick_claimed_by_a_killed_handler_fires_when_redelivered_late(
     assert [r.run_id for r in aws.ledger.list_runs()] == [run_id]
 
 
+def test_a_late_tick_whose_firing_fails_once_more_is_fired_by_the_next_copy(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The handler that takes over a killed one's claim (late: past FIRE_LATE)
+    # hits an AWS error in its submit. It gave the claim back, so the next
+    # copy found no claim and was refused as late: the tick was lost.
+    import fanout.schedules.fire as fire_mod
+
+    tick = _latest_tick()
+    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
+           "-p", "chunks=1", "--start", f"{tick - timedelta(days=1):%Y-%m-%dT%H:%MZ}"))  # fmt: skip
+    _claimed_by_a_handler_that_died(aws, tick)
+    at(monkeypatch, (tick + timedelta(minutes=15)).isoformat())
+    real = fire_mod.submit
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("the ledger is unreachable")
+
+    monkeypatch.setattr(fire_mod, "submit", unreachable)
+    stamp = tick.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert len(deliver(aws, fire_message("tree", stamp))) == 1  # failed: comes again
+    monkeypatch.setattr(fire_mod, "submit", real)
+    assert deliver(aws, fire_message("tree", stamp)) == []
+    assert aws.ledger.get_run(f"tree-{tick:%Y%m%dT%H%M}") is not None
+
+
 def test_a_copy_of_a_tick_another_handler_is_firing_is_handed_back_not_dropped(
     aws: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

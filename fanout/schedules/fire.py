@@ -329,7 +329,9 @@ def handle_fire(backend: Backend, delivery: Delivery, message: ScheduleFire) -> 
     schedule would fire now, and once: see :mod:`fanout.schedules.guard`. A
     refused message is logged with its reason and dropped. Infrastructure
     errors propagate, so the message is redelivered: the tick's claim is given
-    back first, and the run id makes the retry harmless."""
+    back first (unless it was an abandoned claim this handler took over: kept,
+    it fires the redelivery however late), and the run id makes the retry
+    harmless."""
     refused = sender_refusal(backend.name, delivery.sender, "fire")
     if refused:
         log.error("dropping a fire message: %s", refused)
@@ -383,7 +385,12 @@ def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime
     try:
         result = fire(backend, schedule, tick, store)
     except BaseException:
-        store.release_tick(name, tick)  # not submitted: the redelivery fires it
+        # Not submitted: the redelivery fires it. A claim this handler made is
+        # given back, for the redelivery to claim anew; an abandoned one it
+        # took over is kept (abandoned still), since the redelivery of a tick
+        # that old finds no claim refused as late, and the tick lost.
+        if claim is None:
+            store.release_tick(name, tick)
         raise
     store.settle_tick(name, tick)
     _log(result)
