@@ -24,6 +24,7 @@ from fanout.backends.base import (
     TaskRecord,
     TaskState,
 )
+from fanout.backends.rules import replayable
 from fanout.backends.runcontrols import controls_of
 from fanout.controls import display_state, paused_seconds
 from fanout.errors import RunFinalizingError, UnknownRunError, UserError
@@ -130,7 +131,7 @@ def replay(
         unknown = sorted(set(chunk_ids) - {t.chunk_id for t in dead})
         if unknown:
             raise UserError(f"run {run_id} has no dead chunk {unknown[0]!r} (see `fanout failed`)")
-    elif not dead and not (run.tasks_cancelled and run.stop_reason):
+    elif not replayable(len(dead), run.tasks_cancelled):
         raise UserError(f"run {run_id} has no dead chunks to replay")
     deadline = time.monotonic() + wait
     while True:
@@ -147,7 +148,7 @@ def replay(
                 raise
             time.sleep(0.2)
     if not reopened and not chunk_ids:
-        # (stopped, with nothing dead, and what it cancelled was orphans or the job's own stop)
+        # (nothing dead, and what was cancelled was orphans or the job's own stop's)
         raise UserError(f"run {run_id} has no dead chunks to replay")
     backend.queue.send([t.message for t in reopened])
     return reopened

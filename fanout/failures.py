@@ -253,7 +253,8 @@ def keep_dead_task(
 
 
 def list_messages(store: Store, limit: int = 100) -> list[dict[str, Any]]:
-    """The newest ``limit`` message dead letters, oldest first, each with its ``key``."""
+    """The ``limit`` message dead letters of the newest messages (by when they
+    were sent: a letter is named so), oldest first, each with its ``key``."""
     found = list(store.list(keys.DEAD_LETTERS))[-limit:]
     letters = []
     for key in found:

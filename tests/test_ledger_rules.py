@@ -280,9 +280,13 @@ def test_a_run_is_not_reopened_while_it_finalizes() -> None:
     assert all(may_reopen(s) for s in RunState if s != RunState.FINALIZING)
 
 
-def _ended(state: TaskState, *events: TaskEvent) -> TaskRecord:
+def _ended(state: TaskState, *events: TaskEvent, by_job: bool = False) -> TaskRecord:
+    from fanout.backends.rules import cancel_event
+
     t = task(state, attempt=1)
     t.history = [history_event(e, NOW, 1) for e in events]
+    if by_job:
+        t.history[-1] = cancel_event("stopped by the job: done", NOW, 1)
     return t
 
 
@@ -294,11 +298,18 @@ def _ended(state: TaskState, *events: TaskEvent) -> TaskRecord:
         # What the stop cancelled comes back with the replay, which clears it...
         ("tolerated failures exceeded: 2", _ended(TaskState.CANCELLED, TaskEvent.CANCELLED), True),
         ("cancelled (fanout cancel)", _ended(TaskState.CANCELLED, TaskEvent.CANCELLED), True),
-        # ...unless the job stopped the run; an orphan never does; nor a task
-        # cancelled before a replay cleared the stop (the replay revived it then).
+        # ...and with the next replay, if one cleared the stop and died half way...
+        (None, _ended(TaskState.CANCELLED, TaskEvent.CANCELLED), True),
+        # ...unless the job stopped the run (its event says so, or its stop
+        # still in place does); an orphan never does.
         ("stopped by the job: enough", _ended(TaskState.CANCELLED, TaskEvent.CANCELLED), False),
+        (
+            "cancelled (fanout cancel)",
+            _ended(TaskState.CANCELLED, TaskEvent.CANCELLED, by_job=True),
+            False,
+        ),
+        (None, _ended(TaskState.CANCELLED, TaskEvent.CANCELLED, by_job=True), False),
         ("tolerated failures exceeded: 2", _ended(TaskState.CANCELLED, TaskEvent.ORPHANED), False),
-        (None, _ended(TaskState.CANCELLED, TaskEvent.CANCELLED), False),
         ("cancelled (fanout cancel)", _ended(TaskState.DONE, TaskEvent.COMMITTED), False),
         ("cancelled (fanout cancel)", task(TaskState.QUEUED), False),
     ],

@@ -371,6 +371,39 @@ def test_a_late_tick_whose_firing_fails_once_more_is_fired_by_the_next_copy(
     assert aws.ledger.get_run(f"tree-{tick:%Y%m%dT%H%M}") is not None
 
 
+def test_the_last_copy_of_a_tick_that_keeps_failing_gives_its_claim_back(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kept after every failure, the abandoned claim outlived the message
+    # (dead-lettered at its fifth delivery): an unsettled claim that, under
+    # overlap "skip", held back every later tick of the schedule.
+    import fanout.aws_lambda as lambda_mod
+    import fanout.schedules.fire as fire_mod
+    from fanout.failures import POISON_TRIES
+    from fanout.schedules import open_store
+
+    tick = _latest_tick()
+    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
+           "-p", "chunks=1", "--start", f"{tick - timedelta(days=1):%Y-%m-%dT%H:%MZ}"))  # fmt: skip
+    _claimed_by_a_handler_that_died(aws, tick)
+    at(monkeypatch, (tick + timedelta(minutes=15)).isoformat())
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("the ledger is unreachable")
+
+    monkeypatch.setattr(fire_mod, "submit", unreachable)
+    sqs, url = aws.queue.sqs, aws.queue.url  # type: ignore[attr-defined]
+    sqs.send_message(QueueUrl=url, MessageBody=fire_message("tree", f"{tick:%Y-%m-%dT%H:%M:%SZ}"))
+    (message,) = sqs.receive_message(QueueUrl=url, AttributeNames=["All"])["Messages"]
+    store = open_store(aws)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    for delivery in range(POISON_TRIES - 1, POISON_TRIES + 1):
+        message["Attributes"]["ApproximateReceiveCount"] = str(delivery)
+        lambda_mod.handler(sqs_event([message]), Countdown(60_000))
+        kept = store.unsettled_ticks("tree", later) == [tick]
+        assert kept is (delivery < POISON_TRIES), delivery  # kept until its last copy
+
+
 def test_a_copy_of_a_tick_another_handler_is_firing_is_handed_back_not_dropped(
     aws: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

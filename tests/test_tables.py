@@ -316,6 +316,26 @@ def test_gc_never_touches_the_files_of_a_run_still_running(ledger: Backend) -> N
     assert table_items(ledger.store) == expected("a", 2, 6) + expected("b", 3, 6)
 
 
+def test_gc_keeps_the_payloads_of_a_cancelled_run_for_its_replay(backend: Backend) -> None:
+    # A replay of a cancelled run runs the chunks the cancel stopped: gc took
+    # their offloaded payloads (it kept those of runs with dead chunks only),
+    # and the replay then ran chunks whose payloads were gone.
+    from fanout import control_ops
+    from fanout.tables.gc import collect
+
+    tree = str(TESTS / "testjobs" / "tree.py")
+    params = {"chunks": 2, "rows": 2, "children": 1, "depth": 1, "big_payload": 300_000}
+    run = coordinator.submit(backend, tree, params)
+    deliver(backend, 3)  # the plan and both chunks: their children's payloads offloaded
+    assert control_ops.cancel(backend, run.run_id).changed
+    assert drain(backend, run.run_id).state == "cancelled"
+    payloads = list(backend.store.list(f"runs/{run.run_id}/payloads/"))
+    assert len(payloads) == 2
+    assert [g for g in collect(backend.store, backend.ledger) if g.reason == "payload"] == []
+    assert [t.chunk_id for t in coordinator.replay(backend, run.run_id)] == ["0/0/0", "0/1/0"]
+    assert drain(backend, run.run_id).state == "succeeded"
+
+
 def test_gc_removes_finished_runs_payloads_and_stray_files_not_a_replayable_runs(
     backend: Backend,
 ) -> None:

@@ -94,8 +94,9 @@ def robots_key(run_id: str, netloc: str) -> str:
 
 
 def dead_message_key(stamp: str, message_id: str) -> str:
-    """Where the dead letter of a message (``stamp``: its UTC time, ``message_id``:
-    made safe for a key by the caller) is kept."""
+    """Where the dead letter of a message (``stamp``: the UTC time it was sent,
+    or kept where the queue does not say; ``message_id``: made safe for a key
+    by the caller) is kept."""
     return f"{DEAD_LETTERS}{stamp}-{message_id}.json"
 
 

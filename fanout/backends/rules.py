@@ -242,23 +242,43 @@ def may_reopen(state: RunState) -> bool:
 JOB_STOP_PREFIX = "stopped by the job: "
 
 
+#: A ``cancelled`` history event's mark that its run's stop was the job's own
+#: (:data:`JOB_STOP_PREFIX`): a replay leaves such a task cancelled.
+BY_JOB = "by_job"
+
+
+def cancel_event(stop_reason: str | None, now: float, attempt: int | None) -> dict[str, object]:
+    """The history event of a task its run's stop (``stop_reason``) cancelled:
+    marked :data:`BY_JOB` if the job itself stopped the run."""
+    by_job = bool(stop_reason) and str(stop_reason).startswith(JOB_STOP_PREFIX)
+    extra: dict[str, object] = {BY_JOB: True} if by_job else {}
+    return history_event(TaskEvent.CANCELLED, now, attempt, **extra)
+
+
 def replay_revives(stop_reason: str | None, task: TaskRecord) -> bool:
-    """Whether a replay of a run stopped for ``stop_reason`` (None: not
-    stopped) puts ``task`` back in the queue: a dead task always; a task the
+    """Whether a replay of a run whose stop is ``stop_reason`` now (None: not
+    stopped) puts ``task`` back in the queue: a dead task always; a task a
     stop cancelled too, unless the job itself stopped the run (it ran out of
-    work). A replay clears the stop, so the run goes on, and a chunk it had
-    cancelled would otherwise never run while the run ended ``succeeded``
-    (after a tolerance stop, most of the run). An orphan stays cancelled: the
-    attempt that registered it never counted, and the one that did registered
-    its own."""
+    work: the event says so, :func:`cancel_event`; and a job's stop still in
+    place says so for events written before they did). A replay clears the
+    stop, so the run goes on, and a chunk the stop had cancelled would
+    otherwise never run while the run ended ``succeeded`` (after a tolerance
+    stop, most of the run). An orphan stays cancelled: the attempt that
+    registered it never counted, and the one that did registered its own."""
     if task.state == TaskState.DEAD:
         return True
-    if task.state != TaskState.CANCELLED or not stop_reason:
+    if task.state != TaskState.CANCELLED or not task.history:
         return False
-    if stop_reason.startswith(JOB_STOP_PREFIX):
+    if stop_reason is not None and stop_reason.startswith(JOB_STOP_PREFIX):
         return False
-    last = task.history[-1].get("outcome") if task.history else None
-    return last == TaskEvent.CANCELLED
+    last = task.history[-1]
+    return last.get("outcome") == TaskEvent.CANCELLED and not last.get(BY_JOB)
+
+
+def replayable(tasks_dead: int, tasks_cancelled: int) -> bool:
+    """Whether a finished run may have chunks for a replay to run (dead, or
+    cancelled by its stop): its offloaded payloads are kept for them."""
+    return tasks_dead > 0 or tasks_cancelled > 0
 
 
 def was_cancelled(task: TaskRecord) -> bool:

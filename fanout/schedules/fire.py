@@ -43,6 +43,7 @@ from typing import Any
 from fanout.backends.base import Backend, Delivery, RunState
 from fanout.coordinator import submit
 from fanout.errors import UserError
+from fanout.failures import POISON_TRIES
 from fanout.jobs import load_job
 from fanout.messages import ScheduleFire
 from fanout.outcomes import Handled
@@ -339,7 +340,9 @@ def handle_fire(backend: Backend, delivery: Delivery, message: ScheduleFire) -> 
         return Handled.REFUSED
     store = open_store(backend)
     try:
-        outcome = _fire_once(backend, store, message.schedule, message.scheduled_time)
+        # Its last delivery: a failure now dead-letters the message (settle_poison).
+        last = delivery.receive_count >= POISON_TRIES
+        outcome = _fire_once(backend, store, message.schedule, message.scheduled_time, last)
     finally:
         store.close()
     if outcome is Handled.SCHEDULE_IN_HAND:
@@ -350,7 +353,9 @@ def handle_fire(backend: Backend, delivery: Delivery, message: ScheduleFire) -> 
     return outcome
 
 
-def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime) -> Handled:
+def _fire_once(
+    backend: Backend, store: ScheduleStore, name: str, when: datetime, last: bool = False
+) -> Handled:
     """Check, claim and fire one tick of a fire message; what happened.
 
     A tick claimed already is finished, not refused: its claim says it was on
@@ -388,8 +393,11 @@ def _fire_once(backend: Backend, store: ScheduleStore, name: str, when: datetime
         # Not submitted: the redelivery fires it. A claim this handler made is
         # given back, for the redelivery to claim anew; an abandoned one it
         # took over is kept (abandoned still), since the redelivery of a tick
-        # that old finds no claim refused as late, and the tick lost.
-        if claim is None:
+        # that old finds no claim refused as late, and the tick lost. On the
+        # message's last delivery it is given back all the same: no copy
+        # comes again, and an unsettled claim would hold back the schedule's
+        # later ticks under overlap "skip" for ever.
+        if claim is None or last:
             store.release_tick(name, tick)
         raise
     store.settle_tick(name, tick)

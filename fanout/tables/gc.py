@@ -9,8 +9,9 @@ What :func:`collect` finds (each with its reason):
   touched: its committed files join the table only when it finishes.
 - ``compaction``: files a finished or long-dead compaction left
   (:func:`fanout.tables.compact.recover`).
-- ``payload``: offloaded chunk payloads of a finished run with no dead chunks
-  (a run with dead chunks keeps them for ``fanout replay``).
+- ``payload``: offloaded chunk payloads of a finished run with no dead or
+  cancelled chunks (a run with some keeps them for ``fanout replay``, which
+  runs the dead ones and those a stop cancelled).
 - ``catalog``: catalog versions older than the last :data:`KEEP_VERSIONS`.
 - ``old run`` (with ``older_than``): every object under ``runs/<run>/`` of a run
   that finished longer ago, but a note that it did (``keys.collected_key``),
@@ -39,6 +40,7 @@ from fanout.backends.keys import (
     table_catalog_key,
     table_prefix,
 )
+from fanout.backends.rules import replayable
 from fanout.tables.catalog import read_catalog, versions
 from fanout.tables.compact import recover
 
@@ -178,11 +180,11 @@ def _run_garbage(store: Store, runs: _Runs, older_than: float | None, now: float
             for t in runs.ledger.list_tasks(run_id, (TaskState.DONE,))
             if t.output is not None
         }
-        replayable = run.tasks_dead > 0
+        kept = replayable(run.tasks_dead, run.tasks_cancelled)
         for key in keys:
             kind = key.split("/")[2]
             if kind in ("data", "parts") and key not in committed:
                 out.append(Garbage(key, "uncommitted"))
-            elif kind == "payloads" and not replayable:
+            elif kind == "payloads" and not kept:
                 out.append(Garbage(key, "payload"))
     return out

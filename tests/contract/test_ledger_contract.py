@@ -297,11 +297,15 @@ def test_a_replay_of_a_run_its_job_stopped_leaves_the_rest_cancelled(backend: Ba
 
 
 def test_a_replay_revives_more_cancelled_tasks_than_one_transaction_holds(
-    backend: Backend,
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # DynamoDB writes 99 tasks a transaction and clears the stop with the
-    # last: every task comes back, and the counters are exact.
+    # DynamoDB writes 99 tasks a transaction: every task comes back, and the
+    # counters are exact. Its transactions that went through counted against
+    # its tries (here 1), and a large replay stopped half way, its stop kept.
+    import fanout.backends.aws.ledger_reopen as aws_reopen
     from fanout.backends.runcontrols import controls_of
+
+    monkeypatch.setattr(aws_reopen, "RETRIES", 1)
 
     _run(backend)
     _claim(backend, token="p")
@@ -315,6 +319,35 @@ def test_a_replay_revives_more_cancelled_tasks_than_one_transaction_holds(
     assert run is not None and run.stop_reason is None
     assert (run.outstanding, run.tasks_cancelled, run.state) == (150, 0, RunState.RUNNING)
     assert backend.ledger.list_tasks(RUN, (TaskState.CANCELLED,)) == []
+
+
+def test_what_a_jobs_own_stop_cancelled_stays_so_through_a_later_stop(backend: Backend) -> None:
+    # The job stopped its run; a replay of its dead chunk cleared that stop,
+    # and a cancel came after: the next replay went by the run's stop then
+    # (a cancel) and revived what the job's stop had cancelled as well.
+    _stopped_run_with_a_dead_a_cancelled_and_an_orphan(backend, "stopped by the job: enough")
+    assert [t.chunk_id for t in backend.ledger.reopen(RUN, None, time.time())] == ["0/0"]
+    assert backend.ledger.stop(RUN, "cancelled (fanout cancel)")
+    assert _claim(backend, key=TaskKey(RUN, "0/0"), token="x").outcome == ClaimOutcome.CANCELLED
+    assert [t.chunk_id for t in backend.ledger.reopen(RUN, None, time.time())] == ["0/0"]
+    task = backend.ledger.get_task(TaskKey(RUN, "0/1"))
+    assert task is not None and task.state == TaskState.CANCELLED
+
+
+def test_a_cancel_that_comes_after_a_replay_cleared_the_stop_leaves_its_tasks(
+    backend: Backend,
+) -> None:
+    # A cancel (or the recovery sweep) that saw the run stopped, then a
+    # replay: its tasks were cancelled again with the stop gone, and the run
+    # ended "succeeded" without them.
+    from fanout.backends.runcontrols import controls_of
+
+    _stopped_run_with_a_dead_a_cancelled_and_an_orphan(backend, "cancelled (fanout cancel)")
+    assert [t.chunk_id for t in backend.ledger.reopen(RUN, None, time.time())] == ["0/0", "0/1"]
+    cancelled, drained = controls_of(backend.ledger).cancel_queued(RUN, time.time())
+    assert (cancelled, drained) == (0, False)
+    queued = backend.ledger.list_tasks(RUN, (TaskState.QUEUED,))
+    assert [t.chunk_id for t in queued] == ["0/0", "0/1"]
 
 
 def test_fan_in_drains_exactly_once(backend: Backend) -> None:

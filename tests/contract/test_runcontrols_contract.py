@@ -90,6 +90,9 @@ def test_cancel_queued_cancels_only_queued_tasks_and_moves_the_counters(
     ledger.register(RUN, [NewTask(f"0/{i}", 0, 1, "{}", "0", 0) for i in range(5)], 100, "t0")
     ledger.commit(TaskKey(RUN, "0", 0), "t0", None, "committed", now)
     ledger.claim(TaskKey(RUN, "0/0", 0), "t1", 30, 3, now)  # one running
+    # Not stopped: nothing is cancelled (a replay may have cleared the stop).
+    assert controls_of(ledger).cancel_queued(RUN, time.time()) == (0, False)
+    assert ledger.stop(RUN, "cancelled (fanout cancel)")
     cancelled, drained = controls_of(ledger).cancel_queued(RUN, time.time())
     assert (cancelled, drained) == (4, False)
     run = ledger.get_run(RUN)

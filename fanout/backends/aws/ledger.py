@@ -82,6 +82,7 @@ from fanout.backends.rules import (
     ClaimVerdict,
     ParentFacts,
     attempt_in_budget,
+    cancel_event,
     chunk_order,
     claim_without_write,
     history_event,
@@ -271,7 +272,8 @@ class DynamoLedger(Registrar, Reopener, DynamoRunControls, DomainStats):  # + co
         if verdict is ClaimVerdict.ORPHANED:
             return self._cancel_at_claim(key, task, version, now, TaskEvent.ORPHANED)
         if verdict is ClaimVerdict.STOPPED:
-            return self._cancel_at_claim(key, task, version, now, TaskEvent.CANCELLED)
+            stop = run["stop_reason"]["S"] if run is not None else None
+            return self._cancel_at_claim(key, task, version, now, TaskEvent.CANCELLED, stop)
         attempt = attempt_in_budget(task)
         e = _Expr()
         e.where(_is_version(e, version)).bump()
@@ -311,12 +313,26 @@ class DynamoLedger(Registrar, Reopener, DynamoRunControls, DomainStats):  # + co
         return Claim(ClaimOutcome.CLAIMED, task=task, attempt=attempt + 1, takeover=takeover)
 
     def _cancel_at_claim(
-        self, key: TaskKey, task: TaskRecord, version: int, now: float, outcome: TaskEvent
+        self,
+        key: TaskKey,
+        task: TaskRecord,
+        version: int,
+        now: float,
+        outcome: TaskEvent,
+        stop: str | None = None,
     ) -> Claim | None:
+        """Cancel the task at its claim: an orphan, or a task of a run
+        stopped for ``stop``."""
         e = _Expr()
         e.where(_is_version(e, version)).bump()
         e.set("state", TaskState.CANCELLED.value).remove("lease_token").set("updated_at", now)
-        e.append("history", history_event(outcome, now, attempt_in_budget(task)))
+        attempt = attempt_in_budget(task)
+        event = (
+            cancel_event(stop, now, attempt)
+            if outcome is TaskEvent.CANCELLED
+            else history_event(outcome, now, attempt)
+        )
+        e.append("history", event)
         entries = [
             {"Update": e.update(self.table, _task_key(key))},
             self._run_counters(key.run_id, now, outstanding=-1, tasks_cancelled=1),

@@ -31,8 +31,8 @@ from fanout.backends.aws.ledger_items import (
     _run_key,
     _run_pk,
 )
-from fanout.backends.base import TaskEvent, TaskState
-from fanout.backends.rules import history_event
+from fanout.backends.base import TaskState
+from fanout.backends.rules import cancel_event
 from fanout.backends.runcontrols import ControlContended, ControlState
 from fanout.retry import JITTER
 
@@ -93,9 +93,15 @@ class DynamoRunControls(DynamoTable):
         )
 
     def cancel_queued(self, run_id: str, now: float) -> tuple[int, bool]:
-        """Cancel the run's queued tasks, 99 to a transaction with the run's counters."""
+        """Cancel the run's queued tasks, 99 to a transaction with the run's
+        counters, each conditional on the run's stop being the one read: a
+        replay that cleared it meanwhile keeps its tasks queued."""
         cancelled = 0
         for _ in range(_TRIES):
+            run = self._get(_run_key(run_id), ["stop_reason"])
+            stop = run["stop_reason"]["S"] if run is not None and "stop_reason" in run else None
+            if stop is None:
+                break  # not stopped (any more): nothing of it to cancel
             queued = list(
                 self._query(
                     KeyConditionExpression="pk = :pk AND begins_with(sk, :task)",
@@ -115,25 +121,27 @@ class DynamoRunControls(DynamoTable):
             clean = True
             for start in range(0, len(queued), MAX_TRANSACTION_ITEMS - 1):
                 part = queued[start : start + MAX_TRANSACTION_ITEMS - 1]
-                entries = [self._cancel_entry(item, now) for item in part]
+                entries = [self._cancel_entry(item, stop, now) for item in part]
                 e = _Expr().set("updated_at", now)
                 e.add("outstanding", -len(part)).add("tasks_cancelled", len(part))
-                e.where(f"attribute_exists({e.n('pk')})")
+                e.where(f"{e.n('stop_reason')} = {e.v(stop)}")
                 entries.append({"Update": e.update(self.table, _run_key(run_id))})
                 if self._transact(entries) is None:
                     cancelled += len(part)
                 else:
-                    clean = False  # a task changed meanwhile: read the queued ones again
+                    clean = False  # a task or the stop changed meanwhile: read again
+                    break
             if clean:
                 break
         item = self._get(_run_key(run_id), ["outstanding"])
         return cancelled, item is not None and _int(item, "outstanding") == 0
 
-    def _cancel_entry(self, item: Item, now: float) -> Item:
-        """A transaction entry cancelling one task, if it is still queued."""
+    def _cancel_entry(self, item: Item, stop: str, now: float) -> Item:
+        """A transaction entry cancelling one task for the run's ``stop``, if
+        it is still queued."""
         attempt = _int(item, "attempt") - _int(item, "attempt_floor")
         e = _Expr().set("state", TaskState.CANCELLED.value).remove("lease_token")
-        event = history_event(TaskEvent.CANCELLED, now, attempt)
+        event = cancel_event(stop, now, attempt)
         e.set("updated_at", now).append("history", event).bump()
         e.where(f"{e.n('state')} = {e.v(TaskState.QUEUED.value)}")
         return {"Update": e.update(self.table, _key(item["pk"]["S"], item["sk"]["S"]))}

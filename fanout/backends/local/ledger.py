@@ -54,6 +54,7 @@ from fanout.backends.rules import (
     ClaimVerdict,
     ParentFacts,
     attempt_in_budget,
+    cancel_event,
     chunk_order,
     claim_without_write,
     history_event,
@@ -307,7 +308,11 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
             return answer
         verdict = ruling.verdict
         if verdict in (ClaimVerdict.ORPHANED, ClaimVerdict.STOPPED):
-            event = TaskEvent.ORPHANED if verdict is ClaimVerdict.ORPHANED else TaskEvent.CANCELLED
+            event = (
+                row_event(TaskEvent.ORPHANED, now)
+                if verdict is ClaimVerdict.ORPHANED
+                else json.dumps(cancel_event(row["run_stop"], now, None))
+            )
             drained = self._settle(conn, key, TaskState.CANCELLED, now, event)
             return Claim(ClaimOutcome.CANCELLED, drained=drained)
         takeover = None
@@ -497,7 +502,7 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
                     *key_args(key),
                 ),
             )
-        return self._settle(conn, key, TaskState.DEAD, now, TaskEvent.DEAD)
+        return self._settle(conn, key, TaskState.DEAD, now, row_event(TaskEvent.DEAD, now))
 
     @staticmethod
     def _settle(
@@ -505,13 +510,14 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
         key: TaskKey,
         state: TaskState,
         now: float,
-        outcome: TaskEvent,
+        event: str,
     ) -> bool:
-        """Finish a task without output (dead or cancelled); true if the run drained."""
+        """Finish a task without output (dead or cancelled), with its history
+        ``event`` (:func:`row_event`); true if the run drained."""
         conn.execute(
             f"UPDATE tasks SET state = ?, lease_token = NULL, updated_at = ?, {APPEND}"
             " WHERE run_id = ? AND chunk_id = ? AND seq = ?",
-            (state.value, now, row_event(outcome, now), *key_args(key)),
+            (state.value, now, event, *key_args(key)),
         )
         column = "tasks_dead" if state == TaskState.DEAD else "tasks_cancelled"
         row = conn.execute(

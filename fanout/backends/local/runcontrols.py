@@ -12,9 +12,8 @@ import json
 from collections.abc import Callable
 from typing import TypeVar
 
-from fanout.backends.base import TaskEvent
 from fanout.backends.local.db import Database
-from fanout.backends.rules import history_event
+from fanout.backends.rules import cancel_event
 from fanout.backends.runcontrols import ControlState
 
 T = TypeVar("T")
@@ -66,17 +65,24 @@ class SQLiteRunControls:
         return result
 
     def cancel_queued(self, run_id: str, now: float) -> tuple[int, bool]:
-        """Cancel the run's queued tasks and count them, in one transaction."""
-        event = json.dumps(history_event(TaskEvent.CANCELLED, now, None))
+        """Cancel the run's queued tasks and count them, in one transaction,
+        if the run is stopped (a replay may have cleared the stop since the
+        caller saw it: then its tasks are the replay's, and stay queued)."""
         with self.db.write() as conn:
-            cancelled = conn.execute(
-                "UPDATE tasks SET state = 'cancelled', lease_token = NULL, updated_at = ?,"
-                # The ledger's history event, stamped with the attempt it is about.
-                " history = json_insert(history, '$[#]',"
-                " json_set(json(?), '$.attempt', attempt - attempt_floor))"
-                " WHERE run_id = ? AND state = 'queued'",
-                (now, event, run_id),
-            ).rowcount
+            run = conn.execute(
+                "SELECT stop_reason FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            stop = run[0] if run is not None else None
+            cancelled = 0
+            if stop is not None:
+                cancelled = conn.execute(
+                    "UPDATE tasks SET state = 'cancelled', lease_token = NULL, updated_at = ?,"
+                    # The ledger's history event, stamped with the attempt it is about.
+                    " history = json_insert(history, '$[#]',"
+                    " json_set(json(?), '$.attempt', attempt - attempt_floor))"
+                    " WHERE run_id = ? AND state = 'queued'",
+                    (now, json.dumps(cancel_event(stop, now, None)), run_id),
+                ).rowcount
             row = conn.execute(
                 "UPDATE runs SET outstanding = outstanding - ?,"
                 " tasks_cancelled = tasks_cancelled + ?, updated_at = ?"
