@@ -205,6 +205,10 @@ def split_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"{what} {pair!r} is not KEY=VALUE")
+        if key in out:
+            # The last one won: a typo'd repeat went unnoticed. (A --params-file
+            # value is overridden by a --param of the same key, on purpose.)
+            raise UserError(f"{what} {key!r} is given twice")
         if not utf8(pair):  # bytes that are not UTF-8, as the shell passed them
             raise UserError(f"{what} {key!r}: the value is not valid UTF-8 text")
         if value[:1] in "[{":

@@ -180,6 +180,19 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
     ("invalid param", {}, ["submit", TREE, "-p", "rows=abc"], ["rows", "integer"]),
     ("invalid list param", {}, ["validate", TREE, "-p", 'fail_chunks=["x"]'], ["fail_chunks"]),
     ("param without =", {}, ["submit", TREE, "-p", "rows"], ["--param 'rows'", "KEY=VALUE"]),
+    # The last one won, silently.
+    (
+        "param twice",
+        {},
+        ["submit", TREE, "-p", "rows=1", "-p", "rows=2"],
+        ["'rows' is given twice"],
+    ),
+    (
+        "setting twice",
+        {},
+        ["run", TREE, "-S", "max_attempts=2", "-S", "max_attempts=3"],
+        ["--setting 'max_attempts' is given twice"],
+    ),
     (
         "params file missing",
         {},
