@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import threading
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from click.core import ParameterSource
 from fanout.cli_common import group_backend, split_pairs
 from fanout.errors import UserError
 from fanout.jobs import canonical_ref, is_path_ref, load_checked
+from fanout.processes import SignalStop
 from fanout.schedules import Schedule, ScheduleStore, check_ranges, open_store, parse_spec
 from fanout.schedules.model import NAME_PATTERN, SCHEDULED_TIME, iso, now_utc, parse_time
 
@@ -270,7 +270,7 @@ def scheduler(ctx: click.Context, at: str | None) -> None:
             " without --at is the local backend's loop"
         )
     backend, store = group_backend(ctx), _store(ctx)
-    stop = threading.Event()
+    stop = SignalStop()  # set by the handler: a threading.Event could deadlock there
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     count = len(store.list())
     click.echo(f"fanout scheduler: {count} schedules on {ctx.obj['home']} (Ctrl-C stops)", err=True)
@@ -279,4 +279,5 @@ def scheduler(ctx: click.Context, at: str | None) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        stop.close()
     click.echo("fanout scheduler: stopped", err=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import time
 
@@ -156,3 +157,40 @@ def kill_all(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+
+
+class SignalStop:
+    """A stop flag that a signal handler may set.
+
+    ``threading.Event.set()`` (and multiprocessing's) takes the event's lock, so
+    a handler calling it deadlocks if the signal came while the main thread
+    held that lock (entering or leaving ``wait()``). ``set()`` here takes no
+    lock: a flag and a byte on a pipe, which wakes ``wait()`` at once.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._set = False
+
+    def set(self) -> None:
+        """Ask to stop (safe in a signal handler)."""
+        self._set = True
+        with contextlib.suppress(OSError):  # the pipe is full: a wake-up is there already
+            os.write(self._write, b"x")
+
+    def is_set(self) -> bool:
+        """Whether :meth:`set` was called."""
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds, or until :meth:`set`; return :meth:`is_set`."""
+        if not self._set:
+            select.select([self._read], [], [], timeout)
+        return self._set
+
+    def close(self) -> None:
+        """Close the pipe."""
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -314,10 +314,14 @@ class WorkerPool:
         self.procs[i] = proc
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only a count, which the loop (every 20 ms) and _shutdown act on: a
+        # handler calling stop_event.set() ran again, on a second signal, inside
+        # that set()'s wait for the sleepers it woke, and hung on its semaphore.
         self._signals += 1
-        self.stop_event.set()
-        if self._signals == 1:
-            log.warning("stopping: finishing chunks in hand (signal again to force)")
+
+    def _stopping(self) -> bool:
+        """Whether the pool is to stop (a signal came, or stop_event is set)."""
+        return bool(self._signals) or self.stop_event.is_set()
 
     def run(
         self,
@@ -351,7 +355,7 @@ class WorkerPool:
         next_redrive = time.time() + REDRIVE_EVERY if recovered else 0.0
         check_every = CHECK_EVERY.get(self.opts.backend, 0.02)
         try:
-            while not self.stop_event.is_set():
+            while not self._stopping():
                 now = time.time()
                 self._police(now)
                 if tick is not None and now >= next_tick:
@@ -509,7 +513,7 @@ class WorkerPool:
                             FailureKind.TIMED_OUT, f"chunk exceeded its {limit:g}s hard timeout"
                         ),
                     )
-                if not self.stop_event.is_set():
+                if not self._stopping():
                     self._spawn(i)
             elif deadline and (used := self._over_memory(proc.pid)) is not None:
                 self._kill(proc)
@@ -525,7 +529,7 @@ class WorkerPool:
                             " (--chunk-memory)",
                         ),
                     )
-                if not self.stop_event.is_set():
+                if not self._stopping():
                     self._spawn(i)
             elif not proc.is_alive():
                 proc.join()
@@ -537,7 +541,7 @@ class WorkerPool:
                 if attempt is not None:
                     self.crashed += 1
                     self._fail(attempt, Failure(FailureKind.CRASHED, exit_cause(proc.exitcode)))
-                if not self.stop_event.is_set():
+                if not self._stopping():
                     self._spawn(i)
 
     def _end_orphans(self, worker: int | None) -> None:
@@ -575,6 +579,8 @@ class WorkerPool:
         return used if used is not None and used > limit else None
 
     def _shutdown(self) -> None:
+        if self._signals:
+            log.warning("stopping: finishing chunks in hand (signal again to force)")
         self.stop_event.set()
         deadline = max([s.deadline.value for s in self.slots] + [time.time()]) + 1.0
         for i, proc in enumerate(self.procs):

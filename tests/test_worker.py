@@ -386,6 +386,28 @@ def test_graceful_stop_finishes_work_in_hand_then_resume_is_exact(
 # -- idle ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+def test_signals_that_come_together_stop_the_worker_not_hang_it(
+    home: Path, tmp_path: Path
+) -> None:
+    # `timeout` relays its own TERM, a group kill reaches the supervisor with
+    # the rest: its handler ran again while the first was setting the stop
+    # event, on the same semaphore, and the worker hung until SIGKILL (about
+    # half the tries). Here, three at once, several times over.
+    for round_ in range(5):
+        with worker(home, tmp_path, "--workers", "2") as proc:
+            wait_for("the worker's children", lambda: len(group_members(proc.pid)) >= 3, 30)
+            time.sleep(1.0)  # the children idle, asleep on the stop event
+            for _ in range(3):
+                os.kill(proc.pid, signal.SIGTERM)
+                time.sleep(0)  # apart by a few microseconds, as a relayed signal is
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"round {round_}: the worker hung after three SIGTERMs")
+            wait_for("the worker's group to be empty", lambda: not group_members(proc.pid), 5)
+
+
 def test_until_idle_exits_by_itself_on_an_empty_home(home: Path) -> None:
     started = time.monotonic()
     result = fanout(home, "worker", "--until-idle", "--workers", "2", timeout=30)

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import islice, takewhile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fanout.backends.base import Backend, Delivery, RunState
 from fanout.coordinator import submit
@@ -246,10 +245,19 @@ def next_wake(store: ScheduleStore, now: datetime) -> datetime | None:
     return min(found) if found else None
 
 
+class StopFlag(Protocol):
+    """What :func:`run_loop` stops by: a ``threading.Event``, a multiprocessing
+    one, or :class:`fanout.processes.SignalStop` (which a signal handler may set)."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
 def run_loop(
     backend: Backend,
     store: ScheduleStore,
-    stop: threading.Event,
+    stop: StopFlag,
     report: Callable[[Fired], None] | None = None,
     clock: Callable[[], datetime] = now_utc,
 ) -> None:
