@@ -387,9 +387,7 @@ def test_graceful_stop_finishes_work_in_hand_then_resume_is_exact(
 
 
 @pytest.mark.slow
-def test_signals_that_come_together_stop_the_worker_not_hang_it(
-    home: Path, tmp_path: Path
-) -> None:
+def test_signals_that_come_together_stop_the_worker_not_hang_it(home: Path, tmp_path: Path) -> None:
     # `timeout` relays its own TERM, a group kill reaches the supervisor with
     # the rest: its handler ran again while the first was setting the stop
     # event, on the same semaphore, and the worker hung until SIGKILL (about
