@@ -160,6 +160,7 @@ class _Batch:
         self._tell()
         began = time.monotonic()
         watchdog = _watchdog()
+        first = True
         while True:
             with self._lock:
                 if not self.waiting:
@@ -172,12 +173,29 @@ class _Batch:
             if late:
                 self._give_back(rest)
                 break
+            if not first and self._held_back(ask.key.run_id):
+                # Stopped or paused since the batch's claim: no chunk starts
+                # after that. Given back, it is cancelled at its next claim (or
+                # dropped by a paused run's admission, for `fanout resume`).
+                self._give_back([(i, ask, attempt)])
+                continue
+            first = False
             watchdog.arm(self)
             try:
                 self._start(i, ask, attempt)
             finally:
                 watchdog.disarm()
         self._flush()
+
+    def _held_back(self, run_id: str) -> bool:
+        """Whether the run was stopped or paused (one read; the first start of a
+        batch goes by its admission, just made). A failed read starts it: the
+        claim stands, as a chunk in flight at a stop does."""
+        try:
+            return run_id in self.ledger.held_back((run_id,))
+        except Exception as exc:
+            log.warning("could not read whether run %s was stopped: %s", run_id, exc)
+            return False
 
     def _start(self, i: int, ask: Ask, attempt: Attempt) -> None:
         runner = self.runner

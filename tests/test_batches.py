@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fanout import coordinator
+from fanout import control_ops, coordinator
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, Failure, FailureKind, RunState, TaskKey
 from fanout.dispatch import Dispatcher
@@ -144,6 +144,47 @@ def test_a_chunk_that_runs_long_gets_the_finished_ones_before_it_committed(
     assert dispatcher.handle_many(deliveries, 20) == [Handled.COMMITTED] * 3
     assert done_while_sleeping == [["0", "0/0", "0/1"]]
     _exactly_once(local, run_id, **params)
+
+
+@pytest.mark.parametrize("control", ["cancel", "pause"])
+def test_a_run_stopped_or_paused_mid_batch_starts_no_more_of_its_chunks(
+    local: Backend, control: str
+) -> None:
+    """Another worker cancels (or pauses) the run while the batch's first chunk
+    runs: the claims after it were made before, but none of them starts; they
+    are given back, then cancelled at their claim (or, paused, dropped for
+    ``fanout resume``). They used to run and commit after the stop."""
+    run_id, dispatcher = _planned(local, chunks=5, rows=1)
+    deliveries = local.queue.receive(10, 30)
+    assert len(deliveries) == 5
+    started: list[str] = []
+    real = dispatcher.runner.work
+
+    def work(ask: Any, attempt: Any) -> Any:
+        started.append(ask.key.chunk_id)
+        if len(started) == 1:
+            other = open_backend("local", home=local_home(local))
+            try:
+                getattr(control_ops, control)(other, run_id)
+            finally:
+                other.close()
+        return real(ask, attempt)
+
+    dispatcher.runner.work = work  # type: ignore[method-assign]
+    results = dispatcher.handle_many(deliveries, 20)
+    assert started == ["0/0"]
+    assert results == [Handled.COMMITTED] + [Handled.HANDED_BACK] * 4
+    # Their messages are back at once; claimed again, they are settled by the control.
+    again = local.queue.receive(10, 30)
+    assert len(again) == 4
+    outcome = Handled.CANCELLED if control == "cancel" else Handled.PAUSED
+    assert [dispatcher.handle(d, 20) for d in again] == [outcome] * 4
+    assert started == ["0/0"]
+    tasks = {t.chunk_id: t for t in local.ledger.list_tasks(run_id)}
+    for i in range(1, 5):
+        task = tasks[f"0/{i}"]
+        assert task.attempt == 0  # never started: no attempt counted
+        assert task.state == ("cancelled" if control == "cancel" else "queued")
 
 
 def test_a_chunk_that_spawns_is_committed_before_the_next_starts(local: Backend) -> None:

@@ -424,6 +424,12 @@ class BatchLedger(Protocol):
         nothing in its history, if ``token`` still holds its lease. Whether each
         was given back, in one step."""
 
+    def held_back(self, run_ids: Collection[str]) -> set[str]:
+        """The runs of ``run_ids`` in which no attempt may start now: stopped
+        (cancelled, over their tolerance, a bound, ``ctx.stop_run``) or paused.
+        A batch asks before each start past its first: an attempt claimed
+        before a stop or a pause is given back, not started after it."""
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:

@@ -158,3 +158,21 @@ def test_a_batch_of_commits_records_the_first_stop_of_the_batch(backend: Backend
     run = backend.ledger.get_run(RUN)
     assert run is not None and run.stop_reason == "first" and run.tasks_done == 3
     assert backend.ledger.claim(_key(2), "t2", 30.0, 3, now).outcome is ClaimOutcome.CANCELLED
+
+
+def test_held_back_names_the_runs_stopped_or_paused_now(backend: Backend) -> None:
+    """What a batch asks before each start past its first."""
+    from fanout.backends.runcontrols import controls_of
+
+    ledger, now = _claimed(backend, children=2, claimed=0)
+    other = RunRecord("b2", "/jobs/x.py", "x", {}, {"max_attempts": 3}, created_at=now)
+    backend.ledger.create_run(other, NewTask("0", 0, 0, "{}"))
+    assert ledger.held_back([RUN, "b2", "no-such-run"]) == set()
+    controls = controls_of(backend.ledger)
+    controls.change_control("b2", lambda state: state.update(paused=True))
+    assert ledger.held_back([RUN, "b2"]) == {"b2"}
+    controls.change_control("b2", lambda state: state.update(paused=False))
+    assert ledger.held_back([RUN, "b2"]) == set()
+    assert backend.ledger.stop(RUN, "cancelled")
+    assert ledger.held_back([RUN, "b2"]) == {RUN}
+    assert ledger.held_back([]) == set()

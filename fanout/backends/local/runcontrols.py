@@ -9,7 +9,7 @@ The rules are in :mod:`fanout.controls`; the Protocol is
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 from fanout.backends.local.db import Database
@@ -63,6 +63,19 @@ class SQLiteRunControls:
                 (run_id, json.dumps(state, separators=(",", ":"), sort_keys=True)),
             )
         return result
+
+    def held_back(self, run_ids: Collection[str]) -> set[str]:
+        """The runs of ``run_ids`` stopped or paused now (``BatchLedger``): one read."""
+        self._controls()
+        ids = list(run_ids)
+        marks = ",".join("?" * len(ids))
+        rows = self.db.conn.execute(
+            "SELECT r.run_id FROM runs r LEFT JOIN run_controls c ON c.run_id = r.run_id"
+            f" WHERE r.run_id IN ({marks}) AND (r.stop_reason IS NOT NULL"
+            " OR coalesce(json_extract(c.state, '$.paused'), 0))",
+            ids,
+        ).fetchall()
+        return {row[0] for row in rows}
 
     def cancel_queued(self, run_id: str, now: float) -> tuple[int, bool]:
         """Cancel the run's queued tasks and count them, in one transaction,
