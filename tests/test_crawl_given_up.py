@@ -9,7 +9,9 @@ through the CLI as a user runs a crawl:
 * a start URL nothing listens on fails the run, where it "succeeded" with no
   records; once the site is up, ``fanout replay`` crawls it;
 * an answer the spider asked to see (``handle_httpstatus_list``) is the
-  spider's, not a failure.
+  spider's, not a failure;
+* a site with many pages that always fail is not taken for a site that is
+  away: its broken pages end dead, its good pages are all kept.
 """
 
 from __future__ import annotations
@@ -196,3 +198,53 @@ def test_an_answer_the_spider_asked_to_see_is_not_kept_as_a_failure(
     st = status(home, run_id_of(result))
     assert st["state"] == "succeeded" and "given_up" not in st["stats"], st
     assert hits["/p/2"] == ROUND, dict(hits)  # Scrapy's retries, then the spider's
+
+
+class ManyBrokenPages:
+    """A tree of ``pages`` item pages (``/p/n`` links to ``/p/4n+1`` .. ``/p/4n+4``);
+    every eighth also links to ``/broken/n``, which answers 502 to every request."""
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+
+    def expected(self) -> set[str]:
+        return {f"p{n}" for n in range(self.pages)}
+
+    def broken(self) -> int:
+        return len(range(0, self.pages, 8))
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        if key == "/":
+            return Reply(200, PAGE, page(None, ["/p/0"]))
+        if key.startswith("/broken/"):
+            return Reply(502, PAGE, b"<p>bad gateway</p>")
+        if key.startswith("/p/") and key[3:].isdigit() and int(key[3:]) < self.pages:
+            n = int(key[3:])
+            links = [f"/p/{c}" for c in range(4 * n + 1, 4 * n + 5) if c < self.pages]
+            return Reply(200, PAGE, page(f"p{n}", links + ([f"/broken/{n}"] if n % 8 == 0 else [])))
+        return NOT_FOUND
+
+
+def test_a_site_with_many_broken_pages_is_not_taken_for_a_site_that_is_away(
+    home: Path,
+) -> None:
+    """One page in nine always fails: each is a broken page, dead after its
+    rounds, and the site's good pages are all kept. The broken pages, held back
+    together, used to fail "in a row" in the next chunk and mark the site away
+    run-wide, again and again: the good pages were handed on generation after
+    generation until the run stopped at max_depth, some never fetched."""
+    site = ManyBrokenPages(200)
+    with SiteServer(site) as server:
+        started = time.monotonic()
+        result = fanout(
+            home, "run", f"{JOB}:tutorial", "-p", f"start_url={server.url}", "-w", "2",
+            "-S", "pages_per_chunk=20", timeout=300,
+        )  # fmt: skip
+        took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr[-3000:]
+    run_id = run_id_of(result)
+    st = status(home, run_id)
+    assert st["state"] == "failed" and st["chunks"]["dead"] == site.broken(), st
+    assert st["chunks"]["cancelled"] == 0, st
+    assert items(home, run_id) == Counter(dict.fromkeys(site.expected(), 1))
+    assert took < 120, took

@@ -100,6 +100,14 @@ def unreachable(exception: BaseException) -> bool:
     return isinstance(exception, _HOST_ERRORS)
 
 
+def failed_before(request: Request) -> bool:
+    """Whether the request failed on its own before: Scrapy retried it, it was
+    held back for its own answer or failure (its throttle level), or given up."""
+    meta = request.meta
+    retried = int(meta.get("retry_times", 0))
+    return bool(retried or int(meta.get(THROTTLE_META, 0)) or meta.get(GIVEN_UP_META))
+
+
 class ThrottleWatch(RetryRules):
     """Downloader middleware, just above Scrapy's retry: a 429/503 answer, a
     host that cannot be reached, or :data:`DOWN_AFTER` pages failing in a row
@@ -151,6 +159,14 @@ class ThrottleWatch(RetryRules):
         such requests, trying a site again after an outage, would not reach
         :data:`DOWN_AFTER`; once the site answers, a broken page among them is
         one page again)."""
+        if failed_before(request):
+            # A page that failed on its own before (Scrapy retried it, it was held
+            # for failing itself, or given up) failing again says nothing new
+            # about its site. Counted, the held-back broken pages of a site, sent
+            # together in the next chunk, failed "in a row" and marked it away
+            # again, run-wide: every good page of the site was held back
+            # generation after generation, and the run stopped at max_depth.
+            return
         domain = domain_of(request)
         pages = self.failing.setdefault(domain, set())
         pages.add(request.url)
