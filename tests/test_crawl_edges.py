@@ -7,6 +7,8 @@ every trap crosses chunk boundaries:
   another domain, a redirect to a redirect source;
 * a server that resets or closes connections before answering;
 * a server with a listen backlog of 1 under a crawl's concurrency;
+* an answer on its way to the spider (held by a downloader middleware) at a
+  chunk's cut-off;
 * a worker killed (SIGKILL) mid-crawl of the hard site, then a new one.
 
 Each asserts what ``tests/test_crawl_hard.py`` asserts: every item once, no
@@ -36,7 +38,7 @@ from support.procs import (
     status,
     worker,
 )
-from support.sites import HTML, NOT_FOUND, Reply
+from support.sites import HTML, NOT_FOUND, HubSite, Reply, SiteServer
 
 JOB = str(JOBS / "hard_crawl.py")
 
@@ -229,6 +231,32 @@ def test_connections_reset_or_closed_before_the_answer_lose_no_page(home: Path) 
     # Scrapy's retries, or Twisted's own for a GET whose kept-alive connection
     # was closed before its answer: either way seen, and fetched again once.
     assert st["stats"].get("download_errors", 0) > 0, st["stats"]
+
+
+# -- an answer on its way at the cut-off ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_answer_on_its_way_to_the_spider_at_the_cut_off_is_parsed_not_lost(
+    home: Path,
+) -> None:
+    """A downloader middleware (``hard_crawl.HoldStartAnswer``) holds the start
+    page's answer until just past the root chunk's cut-off: the answer is no
+    longer in flight (it is not handed on) and not yet the scraper's. The chunk
+    left without it, so the run "succeeded" with no item at all; it now waits
+    for it and parses it, and every page follows."""
+    site = HubSite(12, delay=0.0)
+    with SiteServer(site) as server:
+        result = fanout(
+            home, "run", f"{JOB}:held_start", "-p", f"start_url={server.url}", "-w", "1",
+            "--chunk-timeout", "8", timeout=120,
+        )  # fmt: skip
+        hits = server.hits
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = run_id_of(result)
+    assert status(home, run_id)["state"] == "succeeded"
+    assert items(home, run_id) == Counter({f"p{n}": 1 for n in range(12)})
+    assert hits["/"] == 1, dict(hits)
 
 
 # -- a listen backlog of 1 -----------------------------------------------------------

@@ -19,6 +19,13 @@ THROTTLE_ANSWER_META = "fanout_throttle_answer"
 #: away (``fanout.crawl.throttle``): the pause before it is tried again doubles
 #: with it, from ``throttle_base`` to :data:`MAX_AWAY_FACTOR` times that.
 AWAY_META = "fanout_away"
+#: Meta key set on a request whose fetch failed while its site answered other
+#: pages (a good answer came after the failure): a broken page, whose failures
+#: are its own, never taken as its site's (``fanout.crawl.throttle``).
+OWN_FAILURE_META = "fanout_own_failure"
+#: The chunk's key (``fanout.crawl.channel.CHUNK``) of the URLs found broken so,
+#: marked when they are handed on.
+OWN_FAILURES = "own_failures"
 #: The longest pause before a site that stays away is tried again, in
 #: ``throttle_base``s (20 s at the default): also about the longest a crawl
 #: waits, once the site is back, before it notices. Fewer probes of a long

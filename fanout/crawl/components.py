@@ -45,6 +45,7 @@ from scrapy.utils.httpobj import urlparse_cached
 from twisted.internet.defer import Deferred
 
 import fanout.crawl.channel as channel  # the module: CHANNEL is set per chunk
+from fanout.crawl.backoff import OWN_FAILURE_META, OWN_FAILURES
 from fanout.crawl.channel import CHUNK, InChunk, send
 from fanout.crawl.claims import ClaimBatch, book_of
 from fanout.crawl.closing import SPIDER_CLOSED, spider_closed_itself
@@ -251,6 +252,8 @@ class ChunkScheduler(Scheduler):
 
     def _send_pending(self, request: Request) -> None:
         spider = CHUNK["spider"]
+        if request.url in CHUNK.get(OWN_FAILURES, ()):
+            request.meta[OWN_FAILURE_META] = True  # a broken page (fanout.crawl.throttle)
         try:
             data = request_to_json(request, spider)
         except (CodecError, ValueError) as exc:
@@ -464,9 +467,18 @@ class ChunkBudget(InChunk):
             # Responses being parsed finish first, however long they take: a
             # page half parsed would lose the links it has not yielded yet. A
             # callback that never ends meets the hard timeout, and the attempt
-            # is retried whole.
-            if engine.scraper.slot.is_idle():
+            # is retried whole. So do answers on their way to the scraper (past
+            # the downloader's middlewares, not yet handed to it: an event loop
+            # turn apart), which is_idle() does not see: a chunk that left then
+            # lost the page, neither parsed nor handed on.
+            if engine.scraper.slot.is_idle() and not on_their_way():
                 self.leave()
+
+        def on_their_way() -> bool:
+            slot = engine._slot
+            return slot is not None and any(
+                r not in parked and r.callback is not NO_CALLBACK for r in slot.inprogress
+            )
 
         task.LoopingCall(finish).start(0.02)
 

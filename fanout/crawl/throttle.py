@@ -53,6 +53,8 @@ from fanout.crawl.backoff import (
     DEFAULT_THROTTLE_BASE,
     MAX_BACKOFF,
     MAX_THROTTLE_LEVEL,
+    OWN_FAILURE_META,
+    OWN_FAILURES,
     THROTTLE_ANSWER_META,
     THROTTLE_META,
     THROTTLE_STATUSES,
@@ -100,12 +102,11 @@ def unreachable(exception: BaseException) -> bool:
     return isinstance(exception, _HOST_ERRORS)
 
 
-def failed_before(request: Request) -> bool:
-    """Whether the request failed on its own before: Scrapy retried it, it was
-    held back for its own answer or failure (its throttle level), or given up."""
-    meta = request.meta
-    retried = int(meta.get("retry_times", 0))
-    return bool(retried or int(meta.get(THROTTLE_META, 0)) or meta.get(GIVEN_UP_META))
+def own_failure(request: Request) -> bool:
+    """Whether the request's page is known broken: it failed before while its
+    site answered other pages (this chunk's good answer came after its failure,
+    or an earlier chunk's did: the mark it was handed on with)."""
+    return bool(request.meta.get(OWN_FAILURE_META)) or request.url in CHUNK.get(OWN_FAILURES, ())
 
 
 class ThrottleWatch(RetryRules):
@@ -136,7 +137,10 @@ class ThrottleWatch(RetryRules):
                 self._failed(request)
         else:
             domain = domain_of(request)  # the site answers
-            self.failing.pop(domain, None)
+            failed = self.failing.pop(domain, None)
+            if failed:
+                # The site answers after they failed: their pages are broken.
+                CHUNK.setdefault(OWN_FAILURES, set()).update(failed)
             self.answered.add(domain)
         return response
 
@@ -159,13 +163,15 @@ class ThrottleWatch(RetryRules):
         such requests, trying a site again after an outage, would not reach
         :data:`DOWN_AFTER`; once the site answers, a broken page among them is
         one page again)."""
-        if failed_before(request):
-            # A page that failed on its own before (Scrapy retried it, it was held
-            # for failing itself, or given up) failing again says nothing new
-            # about its site. Counted, the held-back broken pages of a site, sent
-            # together in the next chunk, failed "in a row" and marked it away
-            # again, run-wide: every good page of the site was held back
-            # generation after generation, and the run stopped at max_depth.
+        if own_failure(request):
+            # A broken page failing again says nothing about its site. Counted,
+            # the held-back broken pages of a site, sent together in the next
+            # chunk, failed "in a row" and marked it away again, run-wide: its
+            # good pages were held back generation after generation, and the
+            # run stopped at max_depth. (Not every page that failed before: in
+            # an outage, every page in flight fails, and its retries are the
+            # evidence that the site is still away.)
+            request.meta[OWN_FAILURE_META] = True
             return
         domain = domain_of(request)
         pages = self.failing.setdefault(domain, set())

@@ -12,7 +12,9 @@ Scrapy, nothing fanout-specific inside it; ``CrawlJob`` wraps it:
 * ``crawl_delay``: like ``polite`` but with no ``DOWNLOAD_DELAY``: the site's
   robots.txt ``Crawl-delay`` is what must space the requests;
 * ``limited``: ``tutorial`` with ``CLOSESPIDER_ITEMCOUNT``/``PAGECOUNT`` from
-  the environment (``HARD_CLOSE_ITEMS``, ``HARD_CLOSE_PAGES``).
+  the environment (``HARD_CLOSE_ITEMS``, ``HARD_CLOSE_PAGES``);
+* ``held_start``: ``tutorial`` behind a downloader middleware that holds the
+  start URL's answer until just past the chunk's cut-off.
 
 Spiders get the site as a spider argument (``-p start_url=...``). Settings a
 test varies come from the environment at import, as ``trap_crawl.py`` does:
@@ -25,9 +27,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import scrapy
 from scrapy.http import Response, TextResponse
@@ -153,6 +157,31 @@ class Limited(Tutorial):
     }
 
 
+class HoldStartAnswer:
+    """A downloader middleware that answers asynchronously, as a user's may (a
+    lookup, a rate limiter): it holds the start URL's answer until just past the
+    chunk's cut-off (read from the chunk's settings, so the timing holds on a
+    loaded machine), then lets it on to the spider."""
+
+    def process_response(self, request: Any, response: Response, spider: Any = None) -> Any:
+        if urlsplit(request.url).path not in ("", "/"):
+            return response  # not the site's root
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        from fanout.crawl.channel import CHUNK
+
+        wait = max(0.0, float(CHUNK["cut_at"]) + 0.3 - time.monotonic())
+        return deferLater(reactor, wait, lambda: response)
+
+
+class HeldStart(Tutorial):
+    """The tutorial spider behind :class:`HoldStartAnswer`."""
+
+    name = "held-start"
+    custom_settings = {**Tutorial.custom_settings, "DOWNLOADER_MIDDLEWARES": {HoldStartAnswer: 543}}
+
+
 #: The first pause before a site is asked again (a throttled site, a given-up
 #: page's next round): short for tests, measurable (tests/test_crawl_given_up.py);
 #: shorter still where a test only needs the pauses over (``HARD_THROTTLE_BASE``).
@@ -172,3 +201,4 @@ sitemap = _job(Sitemap, "hard-sitemap")
 polite = _job(Polite, "hard-polite")
 crawl_delay = _job(CrawlDelay, "hard-crawl-delay")
 limited = _job(Limited, "hard-limited")
+held_start = _job(HeldStart, "hard-held-start")
