@@ -120,6 +120,8 @@ def test_dead_letters_of_ids_alike_once_made_safe_are_both_kept(mem: Backend) ->
         ({"SentTimestamp": "soon"}, None),
         ({"SentTimestamp": "nan"}, None),
         ({"SentTimestamp": "-5"}, None),
+        ({"SentTimestamp": "9" * 30}, None),  # a dead letter could not be named by it
+        ({"SentTimestamp": "inf"}, None),
     ],
 )
 def test_sqs_sent_timestamp_is_read_in_seconds(

@@ -13,7 +13,6 @@ ledger in a state the next call can reason about. The contract suite in
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol, runtime_checkable
@@ -449,12 +448,17 @@ class Delivery:
 def sqs_sent_at(attributes: Mapping[str, Any]) -> float | None:
     """SQS's ``SentTimestamp`` (milliseconds since the epoch, as text) in
     seconds, from a received message's or a Lambda event record's attributes;
-    None if it is missing or not a number."""
+    None if it is missing, not a number, or not a time (a dead letter is named
+    by it: past the year 9999 the name could not be made)."""
     try:
         sent = float(attributes["SentTimestamp"]) / 1000
     except (KeyError, TypeError, ValueError):
         return None
-    return sent if math.isfinite(sent) and sent >= 0 else None
+    return sent if 0 <= sent < _YEAR_10000 else None
+
+
+#: 10000-01-01T00:00:00Z in seconds since the epoch.
+_YEAR_10000 = 253_402_300_800.0
 
 
 @runtime_checkable
