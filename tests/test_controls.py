@@ -232,15 +232,23 @@ def test_max_concurrency_holds_across_4_worker_processes(
     assert st["retries"] == 0  # handed back for a slot is no failure
 
 
+def _poisoned_run(
+    home: Path, tmp_path: Path, poison: str, workers: int
+) -> tuple[Path, subprocess.CompletedProcess[str], str]:
+    """``fanout run`` of 20 chunks, those in ``poison`` failing while the flag
+    file exists, one failure tolerated: (the flag, the result, the run id)."""
+    flag = tmp_path / "poisoned"
+    flag.touch()
+    params = ["-p", "chunks=20", "-p", f"poison={poison}", "-p", f"poison_flag={flag}"]
+    result = fanout(home, "run", JOB, *params, "-S", "tolerated_failures=1", "-w", str(workers))
+    return flag, result, result.stderr.splitlines()[0].split()[1]
+
+
 def test_tolerated_failure_succeeds_with_failures_and_replays(
     home: Path, tmp_path: Path, ledger: Backend
 ) -> None:
-    flag = tmp_path / "poisoned"
-    flag.touch()
-    params = ["-p", "chunks=20", "-p", "poison=[3]", "-p", f"poison_flag={flag}"]
-    result = fanout(home, "run", JOB, *params, "-S", "tolerated_failures=1", "-w", "2")
+    flag, result, run_id = _poisoned_run(home, tmp_path, "[3]", workers=2)
     assert result.returncode == 0, result.stdout + result.stderr
-    run_id = result.stderr.splitlines()[0].split()[1]
     assert f"run {run_id} succeeded_with_failures" in result.stdout
     assert "succeeded with 1 dead chunk" in result.stdout
     failed = fanout(home, "failed", run_id)
@@ -280,12 +288,8 @@ def test_a_replay_after_the_tolerance_stopped_the_run_runs_the_cancelled_chunks_
     # The replay used to clear the stop and rerun the 2 dead chunks only: the
     # 18 the stop had cancelled never ran, and the run ended "succeeded" with
     # 2 records of 20.
-    flag = tmp_path / "poisoned"
-    flag.touch()
-    params = ["-p", "chunks=20", "-p", "poison=[0,1]", "-p", f"poison_flag={flag}"]
-    result = fanout(home, "run", JOB, *params, "-S", "tolerated_failures=1", "-w", "1")
+    flag, result, run_id = _poisoned_run(home, tmp_path, "[0,1]", workers=1)
     assert result.returncode == 1, result.stdout + result.stderr
-    run_id = result.stderr.splitlines()[0].split()[1]
     stopped = get_run(ledger, run_id)
     assert stopped.state == RunState.FAILED and stopped.tasks_cancelled >= 10
     done = sum(_committed(home, run_id).values())

@@ -325,18 +325,24 @@ def _claimed_by_a_handler_that_died(aws: Backend, tick: datetime) -> None:
     assert store.claim_tick("tree", tick)
 
 
+def _abandoned_late_tick(aws: Backend, monkeypatch: pytest.MonkeyPatch) -> datetime:
+    """A schedule whose latest tick a killed handler claimed, and the clock
+    15 minutes on (past FIRE_LATE): the tick."""
+    tick = _latest_tick()
+    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
+           "-p", "chunks=1", "--start", f"{tick - timedelta(days=1):%Y-%m-%dT%H:%MZ}"))  # fmt: skip
+    _claimed_by_a_handler_that_died(aws, tick)
+    at(monkeypatch, (tick + timedelta(minutes=15)).isoformat())
+    return tick
+
+
 def test_a_tick_claimed_by_a_killed_handler_fires_when_redelivered_late(
     aws: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Redelivered after the queue's visibility timeout (6 x the function's
     # timeout when deployed), past FIRE_LATE: the claim shows the tick was on
     # time when it came, so it is finished, not refused as late and lost.
-    tick = _latest_tick()
-    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
-           "-p", "chunks=1", "--start", f"{tick - timedelta(days=1):%Y-%m-%dT%H:%MZ}"))  # fmt: skip
-    _claimed_by_a_handler_that_died(aws, tick)
-    late = tick + timedelta(minutes=15)
-    at(monkeypatch, late.isoformat())
+    tick = _abandoned_late_tick(aws, monkeypatch)
     assert deliver(aws, fire_message("tree", tick.strftime("%Y-%m-%dT%H:%M:%SZ"))) == []
     run_id = f"tree-{tick:%Y%m%dT%H%M}"
     assert aws.ledger.get_run(run_id) is not None
@@ -353,11 +359,7 @@ def test_a_late_tick_whose_firing_fails_once_more_is_fired_by_the_next_copy(
     # copy found no claim and was refused as late: the tick was lost.
     import fanout.schedules.fire as fire_mod
 
-    tick = _latest_tick()
-    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
-           "-p", "chunks=1", "--start", f"{tick - timedelta(days=1):%Y-%m-%dT%H:%MZ}"))  # fmt: skip
-    _claimed_by_a_handler_that_died(aws, tick)
-    at(monkeypatch, (tick + timedelta(minutes=15)).isoformat())
+    tick = _abandoned_late_tick(aws, monkeypatch)
     real = fire_mod.submit
 
     def unreachable(*args: Any, **kwargs: Any) -> Any:
@@ -382,11 +384,7 @@ def test_the_last_copy_of_a_tick_that_keeps_failing_gives_its_claim_back(
     from fanout.failures import POISON_TRIES
     from fanout.schedules import open_store
 
-    tick = _latest_tick()
-    ok(cli("schedule", "add", "tree", "--cron", "*/5 * * * *", "tests/testjobs/tree.py",
-           "-p", "chunks=1", "--start", f"{tick - timedelta(days=1):%Y-%m-%dT%H:%MZ}"))  # fmt: skip
-    _claimed_by_a_handler_that_died(aws, tick)
-    at(monkeypatch, (tick + timedelta(minutes=15)).isoformat())
+    tick = _abandoned_late_tick(aws, monkeypatch)
 
     def unreachable(*args: Any, **kwargs: Any) -> Any:
         raise ConnectionError("the ledger is unreachable")
