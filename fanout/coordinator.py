@@ -24,7 +24,7 @@ from fanout.backends.base import (
     TaskRecord,
     TaskState,
 )
-from fanout.backends.rules import replayable
+from fanout.backends.rules import replay_revives, replayable
 from fanout.backends.runcontrols import controls_of
 from fanout.controls import display_state, paused_seconds
 from fanout.errors import RunFinalizingError, UnknownRunError, UserError
@@ -128,9 +128,7 @@ def replay(
     _outputs_kept(backend, run_id)
     dead = backend.ledger.list_tasks(run_id, (TaskState.DEAD,))
     if chunk_ids:
-        unknown = sorted(set(chunk_ids) - {t.chunk_id for t in dead})
-        if unknown:
-            raise UserError(f"run {run_id} has no dead chunk {unknown[0]!r} (see `fanout failed`)")
+        _named_chunks_replayable(backend, run, set(chunk_ids) - {t.chunk_id for t in dead})
     elif not replayable(len(dead), run.tasks_cancelled):
         raise UserError(f"run {run_id} has no dead chunks to replay")
     deadline = time.monotonic() + wait
@@ -152,6 +150,25 @@ def replay(
         raise UserError(f"run {run_id} has no dead chunks to replay")
     backend.queue.send([t.message for t in reopened])
     return reopened
+
+
+def _named_chunks_replayable(backend: Backend, run: RunRecord, not_dead: set[str]) -> None:
+    """``replay --chunk``: a name that is no dead chunk must be one the run's
+    stop cancelled (the replay puts those back anyway); else one line says why."""
+    if not not_dead:
+        return
+    cancelled = backend.ledger.list_tasks(run.run_id, (TaskState.CANCELLED,))
+    revived = {t.chunk_id for t in cancelled if replay_revives(run.stop_reason, t)}
+    unknown = sorted(not_dead - revived)
+    if not unknown:
+        return
+    name = unknown[0]
+    if name in {t.chunk_id for t in cancelled}:
+        raise UserError(
+            f"run {run.run_id}'s chunk {name!r} was cancelled by the job's own stop"
+            " (ctx.stop_run) or as an orphan: a replay does not run it again"
+        )
+    raise UserError(f"run {run.run_id} has no dead chunk {name!r} (see `fanout failed`)")
 
 
 def _job_loads(run: RunRecord) -> None:

@@ -315,7 +315,8 @@ def test_a_cancelled_run_goes_on_when_replayed(home: Path, ledger: Backend) -> N
     drained = fanout(home, "worker", "--until-idle", timeout=60)
     assert drained.returncode == 0, drained.stderr
     assert get_run(ledger, run_id).state == RunState.CANCELLED
-    replayed = fanout(home, "replay", run_id, "--work", "-w", "1")
+    # Named, the chunk the cancel stopped (not dead): put back, not refused.
+    replayed = fanout(home, "replay", run_id, "--chunk", "0", "--work", "-w", "1")
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert "replaying 1 chunk of" in replayed.stderr  # the plan: it had not run
     assert get_run(ledger, run_id).state == RunState.SUCCEEDED

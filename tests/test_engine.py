@@ -15,6 +15,7 @@ import pytest
 from fanout import coordinator
 from fanout.backends.base import Backend, Failure, RunState, TaskKey, TaskState
 from fanout.dispatch import Dispatcher
+from fanout.errors import UserError
 from fanout.failures import list_messages
 from fanout.metrics import EmfMetrics
 from fanout.runner import Attempt, Runner
@@ -827,6 +828,12 @@ def test_a_job_that_stops_its_run_ends_it_succeeded(mem: Backend, tmp_path: Path
     xs = [r["x"] for r in coordinator.committed_records(mem, run_id)]
     assert 0 in xs and 100 not in xs and len(xs) < 10  # the chunks queued after it: cancelled
     assert run.tasks_cancelled == 10 - len(xs)
+    # Named to a replay, a chunk the job's stop cancelled is refused, saying why.
+    cancelled = mem.ledger.list_tasks(run_id, (TaskState.CANCELLED,))
+    with pytest.raises(UserError, match="cancelled by the job's own stop"):
+        coordinator.replay(mem, run_id, [cancelled[0].chunk_id])
+    with pytest.raises(UserError, match="has no dead chunk '0/77'"):
+        coordinator.replay(mem, run_id, ["0/77"])
 
 
 def test_a_stop_reason_is_kept_to_its_first_thousand_characters(
