@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import click
@@ -38,72 +37,16 @@ from fanout.cli_common import (
 )
 from fanout.cli_controls import COMMANDS as CONTROL_COMMANDS
 from fanout.cli_controls import progress_line, run_summary, status_fields, status_line
+from fanout.cli_lazy import LAZY_COMMANDS
 from fanout.controls import stop_line
 from fanout.errors import UserError
 from fanout.jobs import load_checked
 from fanout.limits import RunKind, RunLimits, kind_of
 
 # The coordinator (and with it pydantic, ~0.1 s) is imported by the commands
-# that use it: the control commands and `fanout run --help` start without it.
-# (`fanout --help` imports every command's module, for their help lines.)
+# that use it: the control commands, `fanout run --help` and `fanout --help`
+# start without it (the other modules' commands: fanout.cli_lazy).
 EXIT_USAGE = 2
-
-
-def _observe() -> ModuleType:
-    from fanout import cli_observe
-
-    return cli_observe
-
-
-def _aws() -> ModuleType:
-    from fanout import cli_aws
-
-    return cli_aws
-
-
-def _schedules() -> ModuleType:
-    from fanout import cli_schedule
-
-    return cli_schedule
-
-
-def _ui() -> ModuleType:
-    from fanout import cli_ui
-
-    return cli_ui
-
-
-def _tables() -> ModuleType:
-    from fanout import cli_tables
-
-    return cli_tables
-
-
-#: Commands defined in other modules (none of which imports this one), each
-#: imported when it is invoked, or listed (``fanout --help``): every command
-#: starts this interpreter, and ``fanout run`` need not import the dashboard,
-#: the schedules (croniter), the table tools or the AWS commands (issue 11:
-#: CLI start-up is part of what a user waits for; tests/test_coldstart.py).
-#: Command name: (the loader of its module, the command's name there).
-LAZY_COMMANDS: dict[str, tuple[Callable[[], ModuleType], str]] = {
-    "runs": (_observe, "runs"),
-    "failed": (_observe, "failed"),
-    "logs": (_observe, "logs"),
-    "cost": (_observe, "cost"),
-    "dead-letters": (_observe, "dead_letters"),
-    "aws": (_aws, "aws"),
-    "deploy": (_aws, "deploy"),
-    "schedule": (_schedules, "schedule"),
-    "scheduler": (_schedules, "scheduler"),
-    "ui": (_ui, "ui"),
-    "report": (_ui, "report"),
-    "tables": (_tables, "tables"),
-    "schema": (_tables, "schema"),
-    "read": (_tables, "read"),
-    "compact": (_tables, "compact"),
-    "gc": (_tables, "gc"),
-    "catalog": (_tables, "catalog"),
-}
 
 
 class _Group(click.Group):
@@ -113,12 +56,26 @@ class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``fanout --help``: a command not imported yet is
+        listed by its :data:`LAZY_COMMANDS` help line, not imported for it."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            command = self.commands.get(name)
+            if command is None:
+                rows.append((name, LAZY_COMMANDS[name].short_help(limit)))
+            elif not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
         if command is None and cmd_name in LAZY_COMMANDS:
-            load, attr = LAZY_COMMANDS[cmd_name]
-            command = getattr(load(), attr)
-            assert isinstance(command, click.Command) and command.name == cmd_name, cmd_name
+            command = LAZY_COMMANDS[cmd_name].command()
+            assert command.name == cmd_name, cmd_name
             self.add_command(command)
         return command
 
