@@ -103,7 +103,11 @@ def read(ctx: click.Context, table: str, partition: str | None, limit: int | Non
     reader_schema = fastavro.parse_schema(catalog.schemas[-1]["schema"])
     printed = 0
     for f in files:
-        with store.open(f["key"]) as fo:
+        try:
+            fo = store.open(f["key"])
+        except KeyError:
+            raise UserError(_gone(store, catalog, f["key"], printed)) from None
+        with fo:
             for record in fastavro.reader(fo, reader_schema=reader_schema):
                 if limit is not None and printed >= limit:
                     return
@@ -198,3 +202,16 @@ def register_tables(group: click.Group) -> None:
     """Add the table commands to ``group`` (the ``fanout`` command)."""
     for command in TABLE_COMMANDS:
         group.add_command(command)
+
+
+def _gone(store: Any, catalog: Any, key: str, printed: int) -> str:
+    """Why a file of the catalog read at the start is not in the store: a
+    compaction swapped it out and deleted it meanwhile, or it was removed by hand."""
+    now = read_catalog(store, catalog.table)
+    if now is not None and now.version != catalog.version:
+        return (
+            f"table {catalog.table} changed while it was read (catalog version"
+            f" {catalog.version} to {now.version}: {now.data.get('operation', 'an update')}),"
+            f" after {printed} records: read it again"
+        )
+    return f"table {catalog.table}: its file {key} is in the catalog but not in the store"

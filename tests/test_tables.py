@@ -492,6 +492,52 @@ def test_compaction_killed_at_each_step_keeps_every_record_once(
         backend.close()
 
 
+def test_a_read_that_a_compaction_overtakes_says_so_in_one_line(
+    small_files: Path, tmp_path: Path
+) -> None:
+    # A compaction swapped and deleted the files of the catalog version the
+    # read began with: the read died with a KeyError traceback, part printed.
+    home = tmp_path / "home"
+    shutil.copytree(small_files, home)
+    script = str(TESTS / "support" / "compact_mid_read.py")
+    read = fanout(home, "read", "readings", script=script, FANOUT_TEST_COMPACT="readings")
+    assert read.returncode == 2, read.stderr
+    (line,) = read.stderr.splitlines()
+    assert line.startswith("error: table readings changed while it was read"), line
+    assert "compaction" in line and "read it again" in line, line
+    assert f"after {len(read.stdout.splitlines())} records" in line, line
+    again = fanout(home, "read", "readings")  # and then reads whole
+    assert again.returncode == 0, again.stderr
+    assert len(again.stdout.splitlines()) == sum(expected("a", 100, 4).values())
+
+
+def test_a_table_file_or_catalog_damaged_by_hand_is_one_line(
+    small_files: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(small_files, home)
+    backend = open_backend("local", home=home)
+    try:
+        catalog = read_catalog(backend.store, "readings")
+        assert catalog is not None
+        gone = catalog.files[5]["key"]
+        backend.store.delete(gone)
+        read = fanout(home, "read", "readings")
+        assert read.returncode == 2 and "Traceback" not in read.stderr
+        assert read.stderr.strip() == (
+            f"error: table readings: its file {gone} is in the catalog but not in the store"
+        )
+        newest = home / "store" / "tables" / "readings" / "_catalog"
+        latest = max(newest.iterdir(), key=lambda p: p.name)
+        latest.write_text("{bad")
+        for args in (["read", "readings"], ["tables"], ["schema", "readings"]):
+            done = fanout(home, *args)
+            assert done.returncode == 2 and "Traceback" not in done.stderr, (args, done.stderr)
+            assert "is not a fanout catalog" in done.stderr, (args, done.stderr)
+    finally:
+        backend.close()
+
+
 def test_read_names_a_partition_the_table_does_not_have(tmp_path: Path) -> None:
     # `read --partition dt=1999-01-01` printed nothing and exited 0, as for an
     # empty partition; `compact` already said no such partition.

@@ -97,7 +97,10 @@ def read_catalog(store: Store, table: str) -> Catalog | None:
             raw = store.get(table_catalog_key(table, found[-1]))
         except KeyError:
             continue  # pruned by gc between the listing and the read: list again
-        data = json.loads(raw)
+        try:
+            data = json.loads(raw)
+        except ValueError:  # (UnicodeDecodeError too)
+            data = None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise UserError(f"table {table}: catalog version {found[-1]} is not a fanout catalog")
         return Catalog(table, found[-1], data)
