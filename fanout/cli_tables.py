@@ -46,6 +46,8 @@ def tables(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
+    if not rows:  # to a person, as `fanout runs` says "no runs yet"
+        click.echo("no tables yet (a job with a table spec writes one)", err=True)
     for r in rows:
         click.echo(
             f"{r['table']}: {r['partitions']} partitions, {r['files']} files,"
@@ -78,7 +80,8 @@ def schema(ctx: click.Context, table: str, as_json: bool) -> None:
         return
     for entry in catalog.schemas:
         fields = ", ".join(
-            f"{f['name']}:{_type_name(f['type'])}" + ("=" if "default" in f else "")
+            f"{f['name']}:{_type_name(f['type'])}"
+            + (f"={json.dumps(f['default'])}" if "default" in f else "")
             for f in entry["schema"].get("fields", [])
         )
         click.echo(f"v{entry['version']}  {utc_time(entry['at'])}  job {entry['job']}  {fields}")

@@ -167,7 +167,8 @@ def test_evolve_accepts_an_added_default_and_refuses_a_type_change(tmp_path: Pat
     assert history.exit_code == 0, history.output
     lines = history.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["v1", "v2", "v3"]
-    assert "unit:string=" in lines[1] and "kwh:double" in lines[2]
+    # A field's default is shown, as JSON (a null default printed as nothing).
+    assert 'unit:string="kWh"' in lines[1] and "kwh:double" in lines[2]
     assert len(json.loads(cli(home, "schema", "meters", "--json").stdout)) == 3
 
 

@@ -538,6 +538,14 @@ def test_a_table_file_or_catalog_damaged_by_hand_is_one_line(
         backend.close()
 
 
+def test_tables_on_a_home_without_any_says_so_to_a_person(tmp_path: Path) -> None:
+    empty = fanout(tmp_path / "home", "tables")
+    assert empty.returncode == 0 and empty.stdout == ""
+    assert empty.stderr.strip() == "no tables yet (a job with a table spec writes one)"
+    as_json = fanout(tmp_path / "home", "tables", "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == [] and as_json.stderr == ""
+
+
 def test_read_names_a_partition_the_table_does_not_have(tmp_path: Path) -> None:
     # `read --partition dt=1999-01-01` printed nothing and exited 0, as for an
     # empty partition; `compact` already said no such partition.

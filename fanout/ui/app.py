@@ -339,7 +339,9 @@ class Guard(BaseHTTPMiddleware):
                 )
                 return response
             auth = request.headers.get("authorization", "")
-            presented = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
+            scheme, _, credentials = auth.partition(" ")
+            # The scheme is case-insensitive (RFC 9110): "bearer x" is "Bearer x".
+            presented = credentials.strip() if scheme.lower() == "bearer" else None
             presented = presented or request.cookies.get(TOKEN_COOKIE)
             if presented is None or not hmac.compare_digest(
                 presented.encode(), config.token.encode()

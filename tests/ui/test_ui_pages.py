@@ -150,6 +150,8 @@ def test_chunk_page_has_attempts_error_traceback_and_events(
     assert "PermanentError" in body
     assert "Replay this chunk" in body
     assert "<td>permanent</td>" in body and "<td>dead</td>" in body
+    # The error carries its kind ("error: ValueError...") and was labelled "error:" again.
+    assert 'last failure: <span class="error">permanent: PermanentError' in body
     missing = client.get(f"/runs/{failed.run_id}/chunks/9/9")
     assert missing.status_code == 404 and "no chunk" in missing.text
     assert client.get("/runs/no-such-run").status_code == 404
@@ -291,6 +293,8 @@ def test_host_and_token_checks(failed: Failed, make_client: Client) -> None:
     assert guarded.get(f"/runs/{failed.run_id}").status_code == 401
     assert guarded.get("/", headers={"Authorization": f"Bearer {secret}x"}).status_code == 401
     assert guarded.get("/", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    assert guarded.get("/", headers={"Authorization": f"bearer {secret}"}).status_code == 200
+    assert guarded.get("/", headers={"Authorization": f"Basic {secret}"}).status_code == 401
     assert guarded.get("/", params={"token": "wrong"}).status_code == 401
     trade = guarded.get("/", params={"token": secret, "state": "failed"})
     assert trade.status_code == 303 and trade.headers["location"] == "/?state=failed"
