@@ -51,6 +51,10 @@ def _missing_extra(exc: ImportError) -> UserError:
 @click.pass_context
 def ui(ctx: click.Context, host: str, port: int, read_only: bool, token: str | None) -> None:
     """Serve the web dashboard of this backend's runs and print its URL."""
+    if token is not None and not token.strip():
+        # `--token "$VAR"` with VAR unset: the user meant a guarded dashboard,
+        # and would get an open one (on loopback) without a word.
+        raise UserError("--token is empty (an unset variable?): give the token, or leave it out")
     token = token or os.environ.get(TOKEN_ENV) or None
     loopback = is_loopback(host)
     if not loopback and token is None:

@@ -67,6 +67,12 @@ def test_ui_refuses_bad_binds_in_one_line(failed: Failed) -> None:
     ]
     res = fanout(failed.home, "ui", "--token", "short")
     assert res.returncode == 2 and "at least 16 characters" in res.stderr
+    # An empty one (`--token "$UNSET"`) served an open dashboard, without a word.
+    res = fanout(failed.home, "ui", "--token", "")
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        "error: --token is empty (an unset variable?): give the token, or leave it out"
+    )
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
