@@ -20,6 +20,7 @@ import click
 
 from fanout.backends import BACKENDS, default_home
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend
+from fanout.backends.keys import collected_key
 from fanout.backends.rules import was_cancelled
 from fanout.cli_common import (
     MAX_CHUNK_MEMORY,
@@ -439,7 +440,10 @@ def status(
         counters = sorted(st.run.stats.items())
         click.echo("stats: " + ", ".join(f"{k} {v:,}" for k, v in counters))
     if st.run.manifest_key and st.run.state in TERMINAL_RUN_STATES:
-        click.echo(f"manifest: {backend.store.url(st.run.manifest_key)}")
+        if backend.store.exists(collected_key(st.run.run_id)):
+            click.echo("manifest: removed with the run's files by `fanout gc --older-than`")
+        else:
+            click.echo(f"manifest: {backend.store.url(st.run.manifest_key)}")
 
 
 @main.command()

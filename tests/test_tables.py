@@ -392,6 +392,19 @@ def test_a_run_gc_removed_for_its_age_is_refused_by_replay_and_cat(backend: Back
     assert collect(backend.store, backend.ledger, older_than=0.0) == []  # the note stays
 
 
+def test_status_of_a_run_gc_removed_does_not_point_at_its_manifest(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ran = fanout(home, "run", JOB, "-p", "chunks=1", "-p", "rows=2", "--json")
+    assert ran.returncode == 0, ran.stderr
+    run_id = json.loads(ran.stdout)["run_id"]
+    before = fanout(home, "status", run_id)
+    assert f"manifest: {home / 'store' / 'runs' / run_id / '_manifest.json'}" in before.stdout
+    assert fanout(home, "gc", "--older-than", "0s").returncode == 0
+    after = fanout(home, "status", run_id)
+    assert after.returncode == 0, after.stderr
+    assert "manifest: removed with the run's files by `fanout gc --older-than`" in after.stdout
+
+
 def test_replay_of_a_run_whose_files_expired_without_gc_is_refused(backend: Backend) -> None:
     # The bucket's RunRetentionDays rule expires runs/ objects (gc's note too):
     # replay reran the dead chunk into a manifest of files no longer there.
