@@ -249,7 +249,7 @@ def test_an_answer_on_its_way_to_the_spider_at_the_cut_off_is_parsed_not_lost(
     with SiteServer(site) as server:
         result = fanout(
             home, "run", f"{JOB}:held_start", "-p", f"start_url={server.url}", "-w", "1",
-            "--chunk-timeout", "8", timeout=120,
+            "--chunk-timeout", "12", timeout=120,
         )  # fmt: skip
         hits = server.hits
     assert result.returncode == 0, result.stderr[-3000:]
