@@ -189,26 +189,8 @@ NOT_FOR_RUN = (
 )
 
 
-def test_fanout_run_imports_no_other_command() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", HELP_PROBE, "run", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    help_text, _, last = done.stdout.rstrip().rpartition("\n")
-    assert "Submit JOB and work it to completion" in help_text
-    loaded = set(json.loads(last))
-    assert "fanout.cli_controls" in loaded  # the probe did import the CLI's own modules
-    assert sorted(m for m in loaded for n in NOT_FOR_RUN if m == n or m.startswith(n + ".")) == []
-
-
-@pytest.mark.parametrize("argv", [["cancel", "--help"], ["pause", "--help"], ["run", "--help"]])
-def test_a_command_starts_without_pydantic_unless_it_needs_it(argv: list[str]) -> None:
-    """The coordinator, and with it pydantic (~0.1 s), is imported by the
-    commands that submit or read runs when they run, not by every command."""
+def probe_help(*argv: str) -> tuple[str, set[str]]:
+    """``fanout ARGV`` in a fresh interpreter: its help text, and the modules it imported."""
     done = subprocess.run(
         [sys.executable, "-c", HELP_PROBE, *argv],
         capture_output=True,
@@ -218,8 +200,22 @@ def test_a_command_starts_without_pydantic_unless_it_needs_it(argv: list[str]) -
     )
     assert done.returncode == 0, done.stderr
     help_text, _, last = done.stdout.rstrip().rpartition("\n")
+    return help_text, set(json.loads(last))
+
+
+def test_fanout_run_imports_no_other_command() -> None:
+    help_text, loaded = probe_help("run", "--help")
+    assert "Submit JOB and work it to completion" in help_text
+    assert "fanout.cli_controls" in loaded  # the probe did import the CLI's own modules
+    assert sorted(m for m in loaded for n in NOT_FOR_RUN if m == n or m.startswith(n + ".")) == []
+
+
+@pytest.mark.parametrize("argv", [["cancel", "--help"], ["pause", "--help"], ["run", "--help"]])
+def test_a_command_starts_without_pydantic_unless_it_needs_it(argv: list[str]) -> None:
+    """The coordinator, and with it pydantic (~0.1 s), is imported by the
+    commands that submit or read runs when they run, not by every command."""
+    help_text, loaded = probe_help(*argv)
     assert "Usage: " in help_text
-    loaded = set(json.loads(last))
     assert {"pydantic", "fanout.coordinator", "fanout.settings"} & loaded == set()
 
 
@@ -227,17 +223,8 @@ def test_fanout_help_imports_no_other_command_nor_pydantic() -> None:
     """`fanout --help` lists the other modules' commands by their help lines
     (fanout.cli_lazy), not by importing them: it imported the schedules (and
     pydantic with them), the dashboard, the table tools, ~0.15 s."""
-    done = subprocess.run(
-        [sys.executable, "-c", HELP_PROBE, "--help"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    help_text, _, last = done.stdout.rstrip().rpartition("\n")
+    help_text, loaded = probe_help("--help")
     assert "Cron schedules: submit a job" in help_text  # listed all the same
-    loaded = set(json.loads(last))
     assert "fanout.cli_controls" in loaded
     assert sorted(m for m in loaded for n in NOT_FOR_RUN if m == n or m.startswith(n + ".")) == []
     assert {"pydantic", "fanout.coordinator", "fanout.runner"} & loaded == set()
