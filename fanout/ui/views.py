@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -112,9 +113,11 @@ def parse_cursor(text: str | None) -> tuple[float, str] | None:
         return None
     at, sep, run_id = text.partition("~")
     try:
-        if not sep or not run_id:
+        when = float(at)
+        # A time: not NaN (every comparison false, an empty page) nor infinite.
+        if not sep or not run_id or not math.isfinite(when):
             raise ValueError(text)
-        return float(at), run_id
+        return when, run_id
     except ValueError:
         raise UserError(f"bad page cursor {text!r}") from None
 

@@ -113,6 +113,8 @@ def test_runs_page_paginates_without_reading_tasks(
         path = html.unescape(older.group(1)) if older else ""
     assert pages == 3 and seen == newest_first
     assert client.get("/", params={"before": "nonsense"}).status_code == 400
+    for cursor in ("nan~x", "1e999~x", "-inf~x", "12.5~"):
+        assert client.get("/", params={"before": cursor}).status_code == 400, cursor
     # A filter rides along with the cursor.
     body = client.get("/", params={"job": "fake", "state": "running"}).text
     older = re.search(r'rel="next" href="([^"]+)"', body)
