@@ -690,14 +690,26 @@ def test_pages_failing_in_a_row_hold_their_site_back_but_one_broken_page_does_no
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Five pages failing with no good answer between them are the site's; so is
-    a failure of a page held back with its site before, until the site answers."""
+    a failure of a page held back with its site before, until the site answers
+    (this chunk, or any chunk after the hold); a page that failed while its
+    site answered is broken, its failures its own."""
     from types import SimpleNamespace
 
     from twisted.internet import error
 
     chunk_context(monkeypatch, {"chunk_id": "0"})
     backed_off: list[str] = []
-    gate = SimpleNamespace(key=lambda r: "site.test", back_off=lambda k, t: backed_off.append(k))
+    answered_at: list[float] = [0.0]  # the run's latest good answer, as the gate heard
+
+    def site_answered(request: Request) -> None:
+        answered_at[0] = time.time()
+
+    gate = SimpleNamespace(
+        key=lambda r: "site.test",
+        back_off=lambda k, t: backed_off.append(k),
+        site_answered=site_answered,
+        answered_since=lambda r, since: answered_at[0] > since,
+    )
     monkeypatch.setattr(throttle, "gate_of", lambda crawler: gate)
 
     def watch() -> tuple[throttle.ThrottleWatch, set[str]]:
@@ -736,6 +748,34 @@ def test_pages_failing_in_a_row_hold_their_site_back_but_one_broken_page_does_no
         Request("http://site.test/r", meta={THROTTLE_META: 0}), error.ConnectionLost()
     )
     assert not held
+
+    # Held back as away at `held_at`; the site answered another chunk since:
+    # the page is broken (held back together, broken pages kept their site
+    # "away" until the run's max_depth), and is marked so from now on.
+    w, held = watch()
+    held_at = time.time() - 5
+    answered_at[0] = held_at - 1  # before the hold: no news of the site since
+    probe = {THROTTLE_META: 0, backoff.AWAY_META: 3, backoff.AWAY_AT_META: held_at}
+    w.process_exception(Request("http://site.test/s", meta=dict(probe)), error.ConnectionLost())
+    assert held == {"site.test"}
+    w, held = watch()
+    answered_at[0] = held_at + 1  # another chunk had a good answer after the hold
+    broken = Request("http://site.test/s", meta=dict(probe))
+    w.process_exception(broken, error.ConnectionLost())
+    assert not held and broken.meta[backoff.OWN_FAILURE_META] is True
+
+    # A page that failed, then the site answered (in this chunk): broken, for
+    # good; its failure does not make the fifth of a run of failures.
+    answered_at[0] = 0.0
+    w, held = watch()
+    answer(w, "t", 502)
+    answer(w, "fine", 200)
+    for n in range(throttle.DOWN_AFTER - 1):
+        answer(w, f"u{n}", 502)
+    answer(w, "t", 502)
+    assert not held
+    answer(w, "u-last", 502)  # the fifth that may be the site's
+    assert held == {"site.test"}
 
 
 def test_an_attempt_handed_on_in_flight_twice_must_answer_before_the_cut_off(

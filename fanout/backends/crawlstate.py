@@ -67,6 +67,8 @@ class DomainAsk:
     now: float
     in_use: int = 0
     backoff_until: float = 0.0
+    #: When the holder last had a good answer from the domain (0: never).
+    answered_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,9 @@ class DomainGrant:
     holders: int = 1
     delay: float = 0.0
     backoff_until: float = 0.0
+    #: The latest good answer from the domain any chunk of the run reported
+    #: (0: none): a page failing after it is the page's, not the site's.
+    answered_at: float = 0.0
 
 
 def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGrant:
@@ -105,7 +110,8 @@ def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
     another holder grew into them would wait for that holder to trim itself.
 
     ``state["backoff_until"]`` is the domain's run-wide back-off: the latest end
-    any chunk asked for, kept while it lasts, returned with every grant.
+    any chunk asked for, kept while it lasts, returned with every grant; and
+    ``state["answered_at"]`` the latest good answer any chunk reported.
     """
     backoff = max(ask.backoff_until, float(state.get("backoff_until", 0.0)))
     if backoff > ask.now:
@@ -113,8 +119,11 @@ def grant_domain(state: dict[str, Any], holder: str, ask: DomainAsk) -> DomainGr
     else:
         state.pop("backoff_until", None)  # over: the state stays as small as before
         backoff = 0.0
+    answered = max(ask.answered_at, float(state.get("answered_at", 0.0)))
+    if answered:
+        state["answered_at"] = answered
     grant = _grant_slots(state, holder, ask)
-    return replace(grant, backoff_until=backoff) if backoff else grant
+    return replace(grant, backoff_until=backoff, answered_at=answered)
 
 
 def backoff_of(state: dict[str, Any], now: float) -> float:

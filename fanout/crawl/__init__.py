@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from fanout.context import ChunkContext
 from fanout.crawl.backoff import (
+    AWAY_AT_META,
     AWAY_META,
     DEFAULT_THROTTLE_BASE,
     MAX_BACKOFF,
@@ -250,8 +251,10 @@ class CrawlJob(Job):
             # doubles with the times they were held, from throttle_base to
             # MAX_AWAY_FACTOR times it.
             away = max(int(r["meta"][AWAY_META]) for r in requests)
+            held_at = time.time()
             for request in requests:
                 request["meta"][AWAY_META] = away
+                request["meta"][AWAY_AT_META] = held_at
             pause = max(asked, away_pause(self.throttle_base, away))
             # Said, or a start URL nothing answers would wait minutes in silence.
             hosts = sorted({urlsplit(r.get("url", "")).netloc for r in requests})

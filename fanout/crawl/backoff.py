@@ -23,6 +23,10 @@ AWAY_META = "fanout_away"
 #: pages (a good answer came after the failure): a broken page, whose failures
 #: are its own, never taken as its site's (``fanout.crawl.throttle``).
 OWN_FAILURE_META = "fanout_own_failure"
+#: Meta key: when (wall clock) a request was last handed on held because its
+#: site was away. Failing after the site answered some chunk since, it is a
+#: broken page, not a sign the site is still away (``fanout.crawl.throttle``).
+AWAY_AT_META = "fanout_away_at"
 #: The chunk's key (``fanout.crawl.channel.CHUNK``) of the URLs found broken so,
 #: marked when they are handed on.
 OWN_FAILURES = "own_failures"

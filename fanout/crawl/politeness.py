@@ -135,6 +135,10 @@ class DomainGate:
         self.renewed = time.monotonic()
         self.over: set[str] = set()  # trimmed below what it has in flight: charged for it
         self.backoff_told: dict[str, float] = {}  # wall clock, per domain: told the run
+        #: Wall clock, per domain: this chunk's last good answer, and the run's
+        #: latest as the last grant said (fanout.crawl.throttle: broken pages).
+        self.good_at: dict[str, float] = {}
+        self.run_good_at: dict[str, float] = {}
 
     def key(self, request: Request) -> str:
         """The domain of ``request`` as Scrapy's downloader keys its slots."""
@@ -180,6 +184,17 @@ class DomainGate:
             busy = self._busy(key)
             self._apply(key, self._ask(key, self.capacity, in_use=busy), busy)
 
+    def site_answered(self, request: Request) -> None:
+        """A good answer from ``request``'s site (not a gateway's or a throttle's):
+        told the run with this chunk's next ask of the domain."""
+        self.good_at[self.key(request)] = time.time()
+
+    def answered_since(self, request: Request, since: float) -> bool:
+        """Whether ``request``'s site gave any chunk of the run a good answer
+        after ``since`` (wall clock), as far as this chunk has heard."""
+        key = self.key(request)
+        return max(self.good_at.get(key, 0.0), self.run_good_at.get(key, 0.0)) > since
+
     def _busy(self, key: str) -> int:
         """Requests of the chunk to ``key`` that have not been answered yet."""
         downloader = self.crawler.engine.downloader
@@ -200,8 +215,11 @@ class DomainGate:
             now=now,
             in_use=in_use,
             backoff_until=backoff_until,
+            answered_at=self.good_at.get(key, 0.0),
         )
         grant: DomainGrant = self.crawl.lease_domain(self.run_id, key, self.holder, ask)
+        if grant.answered_at:
+            self.run_good_at[key] = max(grant.answered_at, self.run_good_at.get(key, 0.0))
         if want > 0 and grant.backoff_until > now:  # (letting go, the chunk is closing)
             self._backed_off(key, grant.backoff_until - now)
         return grant

@@ -49,6 +49,7 @@ from scrapy.utils.misc import load_object
 from twisted.internet.error import ConnectError, DNSLookupError
 
 from fanout.crawl.backoff import (
+    AWAY_AT_META,
     AWAY_META,
     DEFAULT_THROTTLE_BASE,
     MAX_BACKOFF,
@@ -102,11 +103,15 @@ def unreachable(exception: BaseException) -> bool:
     return isinstance(exception, _HOST_ERRORS)
 
 
-def own_failure(request: Request) -> bool:
+def own_failure(request: Request, gate: Any) -> bool:
     """Whether the request's page is known broken: it failed before while its
     site answered other pages (this chunk's good answer came after its failure,
-    or an earlier chunk's did: the mark it was handed on with)."""
-    return bool(request.meta.get(OWN_FAILURE_META)) or request.url in CHUNK.get(OWN_FAILURES, ())
+    or an earlier chunk's did: the mark it was handed on with); or it was held
+    back with its site as away, and the site has answered some chunk since."""
+    if request.meta.get(OWN_FAILURE_META) or request.url in CHUNK.get(OWN_FAILURES, ()):
+        return True
+    held_at = request.meta.get(AWAY_AT_META)
+    return held_at is not None and gate.answered_since(request, float(held_at))
 
 
 class ThrottleWatch(RetryRules):
@@ -137,6 +142,7 @@ class ThrottleWatch(RetryRules):
                 self._failed(request)
         else:
             domain = domain_of(request)  # the site answers
+            gate_of(self.crawler).site_answered(request)
             failed = self.failing.pop(domain, None)
             if failed:
                 # The site answers after they failed: their pages are broken.
@@ -163,14 +169,15 @@ class ThrottleWatch(RetryRules):
         such requests, trying a site again after an outage, would not reach
         :data:`DOWN_AFTER`; once the site answers, a broken page among them is
         one page again)."""
-        if own_failure(request):
+        if own_failure(request, gate_of(self.crawler)):
             # A broken page failing again says nothing about its site. Counted,
             # the held-back broken pages of a site, sent together in the next
             # chunk, failed "in a row" and marked it away again, run-wide: its
             # good pages were held back generation after generation, and the
             # run stopped at max_depth. (Not every page that failed before: in
             # an outage, every page in flight fails, and its retries are the
-            # evidence that the site is still away.)
+            # evidence that the site is still away; nor a page held with its
+            # site, until the site answers again: no chunk hears from it then.)
             request.meta[OWN_FAILURE_META] = True
             return
         domain = domain_of(request)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from fanout.backends.base import (
     Backend,
@@ -145,6 +146,24 @@ def test_a_domain_back_off_is_kept_for_every_chunk_and_listed_until_it_ends(
     assert crawl.backoffs(RUN, time.time()) == {"a.test": until}
     assert crawl.backoffs(RUN, until + 1) == {}
     assert crawl.backoffs("another-run", time.time()) == {}
+
+
+def test_the_latest_good_answer_any_chunk_reported_is_told_to_every_chunk(
+    backend: Backend,
+) -> None:
+    """What tells a broken page from a site that is away (fanout.crawl.throttle)."""
+    _run(backend)
+    crawl = _crawl(backend)
+    assert crawl.lease_domain(RUN, "a.test", "0/1", _ask(2)).answered_at == 0.0
+    now = time.time()
+    crawl.lease_domain(RUN, "a.test", "0/1", replace(_ask(2), answered_at=now - 5))
+    crawl.lease_domain(RUN, "a.test", "0/2", replace(_ask(2), answered_at=now))
+    # An older report does not move it back; another domain has its own.
+    crawl.lease_domain(RUN, "a.test", "0/1", replace(_ask(2), answered_at=now - 5))
+    assert crawl.lease_domain(RUN, "a.test", "0/3", _ask(2)).answered_at == now
+    assert crawl.lease_domain(RUN, "b.test", "0/3", _ask(2)).answered_at == 0.0
+    # Letting a domain go keeps it too.
+    assert crawl.lease_domain(RUN, "a.test", "0/2", _ask(0)).answered_at == now
 
 
 def test_another_process_sees_the_claims_and_leases(
