@@ -12,7 +12,7 @@ import click
 
 class Lazy(NamedTuple):
     """A command defined in another module: its loader, its name there, and its
-    help line (tests/test_cli.py checks it is the command's own)."""
+    help line (tests/test_coldstart.py checks it is the command's own)."""
 
     load: Callable[[], ModuleType]
     attr: str
@@ -65,7 +65,7 @@ def _tables() -> ModuleType:
 #: pydantic), the table tools or the AWS commands (issue 11: CLI start-up is
 #: part of what a user waits for; tests/test_coldstart.py). Command name: (the
 #: loader of its module, the command's name there, its help line for
-#: ``fanout --help``, which so imports none of them; tests/test_cli.py checks
+#: ``fanout --help``, which so imports none of them; tests/test_coldstart.py checks
 #: each line is the command's own).
 LAZY_COMMANDS: dict[str, Lazy] = {
     "runs": Lazy(_observe, "runs", "Recent runs, newest first."),

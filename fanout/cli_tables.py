@@ -12,9 +12,10 @@ from typing import Any
 
 import click
 
+from fanout.backends.base import Store
 from fanout.cli_common import FiniteFloat, group_backend, utc_time
 from fanout.errors import UserError
-from fanout.tables.catalog import live_files, read_catalog, require_catalog
+from fanout.tables.catalog import Catalog, live_files, read_catalog, require_catalog
 from fanout.tables.gc import collect, parse_age, table_names
 
 __all__ = ["TABLE_COMMANDS", "register_tables"]
@@ -207,7 +208,7 @@ def register_tables(group: click.Group) -> None:
         group.add_command(command)
 
 
-def _gone(store: Any, catalog: Any, key: str, printed: int) -> str:
+def _gone(store: Store, catalog: Catalog, key: str, printed: int) -> str:
     """Why a file of the catalog read at the start is not in the store: a
     compaction swapped it out and deleted it meanwhile, or it was removed by hand."""
     now = read_catalog(store, catalog.table)

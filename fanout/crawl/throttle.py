@@ -65,6 +65,7 @@ from fanout.crawl.backoff import (
 from fanout.crawl.channel import CHUNK
 from fanout.crawl.components import domain_of, gate_of
 from fanout.crawl.givenup import GIVEN_UP_META, RetryRules
+from fanout.crawl.politeness import DomainGate
 
 __all__ = ["DOWN_AFTER", "GATEWAY_STATUSES", "ThrottleRescue", "ThrottleWatch", "unreachable"]
 
@@ -103,7 +104,7 @@ def unreachable(exception: BaseException) -> bool:
     return isinstance(exception, _HOST_ERRORS)
 
 
-def own_failure(request: Request, gate: Any) -> bool:
+def own_failure(request: Request, gate: DomainGate) -> bool:
     """Whether the request's page is known broken: it failed before while its
     site answered other pages (this chunk's good answer came after its failure,
     or an earlier chunk's did: the mark it was handed on with); or it was held
