@@ -27,7 +27,14 @@ import time
 from typing import Any
 
 from fanout.backends import open_backend
-from fanout.backends.base import Backend, Delivery, Failure, FailureKind, sqs_sent_at
+from fanout.backends.base import (
+    Backend,
+    Delivery,
+    Failure,
+    FailureKind,
+    sqs_failures,
+    sqs_sent_at,
+)
 from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt
 from fanout.jobs import Job
@@ -219,6 +226,9 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             message_id=message_id,
             sender=attributes.get("SenderId"),
             sent_at=sqs_sent_at(attributes),
+            failures=sqs_failures(
+                record.get("messageAttributes") if isinstance(record, dict) else None
+            ),
         )
         try:
             outcome = dispatcher.handle(delivery, timeout)

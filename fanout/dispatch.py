@@ -47,6 +47,7 @@ class Dispatcher:
         """Handle one delivery, a chunk under a hard ``timeout`` (s); returns what
         happened. The message was released back to the queue (not acknowledged)
         exactly when the result is in :data:`fanout.outcomes.RELEASED`."""
+        envelope = None
         try:
             try:
                 envelope = decode_envelope(delivery.body)
@@ -65,7 +66,10 @@ class Dispatcher:
             return self._sweep(delivery)
         except Exception as exc:
             reason, tb = describe(exc), traceback.format_exc()
-            return settle_poison(self.backend.queue, self.backend.store, delivery, reason, tb)
+            q, store = self.backend.queue, self.backend.store
+            # Only a chunk message may come back as a copy (see settle_poison).
+            checked = not isinstance(envelope, ChunkMessage)
+            return settle_poison(q, store, delivery, reason, tb, sender_checked=checked)
 
     def handle_many(
         self,

@@ -179,6 +179,7 @@ def keep_message(store: Store, delivery: Delivery, reason: str, tb: str = "") ->
         "at": round(now, 3),
         "reason": reason,
         "deliveries": delivery.receive_count,
+        "failures": delivery.failures,
         "body": text[:KEEP_BODY],
         "body_chars": len(text),
         "traceback": tb,
@@ -268,16 +269,33 @@ def list_messages(store: Store, limit: int = 100) -> list[dict[str, Any]]:
     return letters
 
 
-def settle_poison(queue: Queue, store: Store, delivery: Delivery, reason: str, tb: str) -> Handled:
+def settle_poison(
+    queue: Queue,
+    store: Store,
+    delivery: Delivery,
+    reason: str,
+    tb: str,
+    *,
+    sender_checked: bool = False,
+) -> Handled:
     """A delivery that failed outside the job's code with no attempt in hand:
-    hand it back to be tried again shortly, or, after :data:`POISON_TRIES`
-    deliveries, keep it as a dead letter and acknowledge it. Never raises."""
-    mid, tries = message_id(delivery), delivery.receive_count
+    hand it back to be tried again shortly, or, on its :data:`POISON_TRIES`-th
+    failure, keep it as a dead letter and acknowledge it. Never raises.
+
+    Failures are counted, not receives (``Delivery.failures``, raised by the
+    queue's ``release_failed``): a chunk message handed back harmlessly (its
+    task busy, its parent still running, its run capped) is received again
+    and again, and counting those would dead-letter it at its first passing
+    error. A message whose sender is checked (``sender_checked``: a schedule's
+    tick, a sweep) cannot be handed back as a copy on SQS, which would be
+    sent by us; its receives are counted, as ``fanout.schedules.fire`` does."""
+    mid = message_id(delivery)
+    tries = delivery.receive_count if sender_checked else delivery.failures + 1
     try:
         if tries >= POISON_TRIES:
             key = keep_message(store, delivery, reason, tb)
             log.error(
-                "message %s dead-lettered after %d deliveries: %s (kept at %s)",
+                "message %s dead-lettered after %d failed deliveries: %s (kept at %s)",
                 mid,
                 tries,
                 reason,
@@ -287,17 +305,21 @@ def settle_poison(queue: Queue, store: Store, delivery: Delivery, reason: str, t
             return Handled.DEAD_LETTERED
         delay = poison_delay(tries)
         log.error(
-            "message %s failed (delivery %d of %d): %s; tried again in %gs",
+            "message %s failed (failure %d of %d): %s; tried again in %gs",
             mid,
             tries,
             POISON_TRIES,
             reason,
             delay,
         )
-        queue.release(delivery.receipt, delay)
+        if sender_checked:
+            queue.release(delivery.receipt, delay)
+        else:
+            queue.release_failed(delivery, delay)
     except Exception:
         # The backend itself is failing: the message comes back when its
-        # visibility runs out, and its receive count still grows.
+        # visibility runs out, its failure not counted; a message that fails
+        # so for ever is bounded by SQS's redrive policy (fanout.backends.aws.queue).
         log.exception("message %s could not be handed back", mid)
     return Handled.REQUEUED
 

@@ -122,6 +122,47 @@ def test_sqs_messages_carry_their_run_as_message_group(aws: Backend) -> None:
     assert message["Attributes"]["MessageGroupId"] == run_id
 
 
+def test_the_copy_of_a_failed_sqs_message_keeps_its_group(aws: Backend) -> None:
+    """A message that failed is handed back as a copy (``release_failed``): in
+    its run's group still, or SQS's fair queue would serve it as no run's."""
+    run_id = coordinator.submit(aws, JOB, {"chunks": 2}).run_id
+    (delivery,) = aws.queue.receive(1, 30)
+    aws.queue.release_failed(delivery, 0)
+    reply = aws.queue.sqs.receive_message(  # type: ignore[attr-defined]
+        QueueUrl=aws.queue.url,  # type: ignore[attr-defined]
+        MessageSystemAttributeNames=["MessageGroupId"],
+        MessageAttributeNames=["All"],
+    )
+    (message,) = reply["Messages"]
+    assert message["Attributes"]["MessageGroupId"] == run_id
+    assert message["MessageAttributes"]["fanout-failures"]["StringValue"] == "1"
+
+
+def test_a_queue_made_before_failures_were_counted_is_brought_up_to_date(tmp_path: Path) -> None:
+    """A messages table with neither a group nor a failure count (an older
+    database) gains both when opened, its messages kept."""
+    home = tmp_path / "home"
+    home.mkdir()
+    with sqlite3.connect(home / "fanout.db") as conn:
+        conn.execute(
+            "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL,"
+            " body TEXT NOT NULL, visible_at REAL NOT NULL,"
+            " receive_count INTEGER NOT NULL DEFAULT 0, sent_at REAL NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO messages (queue, body, visible_at, sent_at) VALUES ('work', 'old', 0, 0)"
+        )
+    backend = open_backend("local", home=home)
+    try:
+        (delivery,) = backend.queue.receive(5, 30)
+        assert (delivery.body, delivery.failures) == ("old", 0)
+        backend.queue.release_failed(delivery, 0)
+        (again,) = backend.queue.receive(5, 30)
+        assert (again.body, again.failures, again.receive_count) == ("old", 1, 2)
+    finally:
+        backend.close()
+
+
 def test_messages_whose_group_left_the_rota_are_still_served(tmp_path: Path) -> None:
     """A message with no row in the rota (a database edited by hand) was never
     received while ``pending()`` counted it: ``worker --until-idle`` waited for ever."""

@@ -15,13 +15,18 @@ import json
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fanout import coordinator
 from fanout.backends import open_backend
-from fanout.backends.base import RunState
-from support.helpers import TREE
+from fanout.backends.base import Backend, RunState
+from fanout.dispatch import Dispatcher
+from fanout.failures import POISON_TRIES, list_messages
+from fanout.outcomes import Handled
+from support.helpers import TREE, drain
 from support.procs import fanout, get_run
 
 #: A tick that cannot be converted to UTC (past year 9999): OverflowError in the engine.
@@ -186,3 +191,130 @@ def test_clip_keeps_head_and_tail_within_the_byte_limit() -> None:
         assert len(clipped.encode()) <= 1000
         assert clipped.startswith("HEAD" + char) and clipped.endswith(char + "TAIL")
         assert "characters clipped" in clipped
+
+
+@pytest.fixture(params=["memory", "aws"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    """A backend to drive in this process: memory, or AWS under moto."""
+    if request.param == "memory":
+        backend = open_backend("memory")
+        yield backend
+        backend.close()
+        return
+    from moto import mock_aws
+
+    from fanout.backends.aws import AwsSettings
+    from fanout.backends.aws.clients import clear_cache
+    from fanout.backends.aws.resources import create_resources
+    from support.helpers import fake_aws
+
+    fake_aws(monkeypatch, FANOUT_STAGE="poison")
+    clear_cache()
+    with mock_aws():
+        create_resources(AwsSettings.from_env())
+        backend = open_backend("aws")
+        yield backend
+        backend.close()
+    clear_cache()
+
+
+def _broken(run_id: str) -> None:
+    raise OSError("ledger unreachable")
+
+
+def test_hand_backs_that_are_no_failure_do_not_bring_a_message_near_its_dead_letter(
+    engine: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk message handed back without a failure (its task busy, its parent
+    running, its run capped: each only a ``release``) more times than
+    ``POISON_TRIES``, then failing once outside the job's code (the ledger
+    unreachable), is tried again, not dead-lettered; the run then succeeds.
+    Counted by receives, that one passing error dead-lettered it."""
+    monkeypatch.setattr("fanout.failures.poison_delay", lambda deliveries: 0.0)
+    run = coordinator.submit(engine, TREE, {"chunks": 2, "rows": 3})
+    queue = engine.queue
+    for _ in range(POISON_TRIES + 2):
+        (delivery,) = queue.receive(1, 30)
+        queue.release(delivery.receipt, 0.0)
+    (delivery,) = queue.receive(1, 30)
+    assert delivery.receive_count > POISON_TRIES
+    with monkeypatch.context() as broken:
+        broken.setattr(engine.ledger, "get_run", _broken)
+        assert Dispatcher(engine).handle(delivery, 10) is Handled.REQUEUED
+    assert list_messages(engine.store) == []
+    done = drain(engine, run.run_id)
+    assert done.state is RunState.SUCCEEDED and done.records == 2 * 3, done
+
+
+def test_a_message_that_fails_every_delivery_is_dead_lettered_at_its_last_failure(
+    engine: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting failures still bounds a poison message: harmless hand-backs
+    between its failures change nothing, and its ``POISON_TRIES``-th failure
+    keeps it as a dead letter that says how many there were."""
+    monkeypatch.setattr("fanout.failures.poison_delay", lambda deliveries: 0.0)
+    coordinator.submit(engine, TREE, {"chunks": 1, "rows": 1})
+    queue = engine.queue
+    monkeypatch.setattr(engine.ledger, "get_run", _broken)
+    outcomes = []
+    for failure in range(POISON_TRIES):
+        (delivery,) = queue.receive(1, 30)
+        assert delivery.failures == failure
+        queue.release(delivery.receipt, 0.0)  # a harmless hand-back in between
+        (delivery,) = queue.receive(1, 30)
+        outcomes.append(Dispatcher(engine).handle(delivery, 10))
+    assert outcomes == [Handled.REQUEUED] * (POISON_TRIES - 1) + [Handled.DEAD_LETTERED]
+    assert queue.receive(1, 30) == []
+    (letter,) = list_messages(engine.store)
+    assert "ledger unreachable" in letter["reason"]
+    assert letter["failures"] == POISON_TRIES - 1  # the ones before the last
+
+
+def test_on_lambda_a_chunk_message_failing_outside_the_job_is_dead_lettered_at_its_last_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through the Lambda handler, driven like the SQS event source: the failure
+    count travels with the message (its copy's attribute, in the record's
+    ``messageAttributes``), so a chunk message that fails every delivery is
+    kept after ``POISON_TRIES`` of them, not left to the queue's redrive after
+    50; hand-backs that are no failure in between do not count."""
+    from moto import mock_aws
+
+    import fanout.aws_lambda as lambda_mod
+    from fanout.backends.aws import AwsSettings
+    from fanout.backends.aws.clients import clear_cache
+    from fanout.backends.aws.ledger import DynamoLedger
+    from fanout.backends.aws.resources import create_resources
+    from support.helpers import fake_aws
+    from support.lambda_source import EventSource
+
+    fake_aws(monkeypatch, FANOUT_STAGE="poison")
+    monkeypatch.setattr(lambda_mod, "_warm", None)
+    monkeypatch.setattr("fanout.failures.poison_delay", lambda deliveries: 0.0)
+    clear_cache()
+    with mock_aws():
+        create_resources(AwsSettings.from_env())
+        backend = open_backend("aws")
+        try:
+            coordinator.submit(backend, TREE, {"chunks": 1, "rows": 1})
+            monkeypatch.setattr(DynamoLedger, "get_run", lambda self, run_id: _broken(run_id))
+            queue = backend.queue
+            source = EventSource(queue.sqs, queue.url, timeout_ms=30_000, visibility=30)  # type: ignore[attr-defined]
+            seen = []
+            for _ in range(3 * POISON_TRIES):
+                messages = source.receive()
+                if not messages:
+                    break
+                (message,) = messages
+                seen.append(message["Attributes"]["ApproximateReceiveCount"])
+                # A harmless hand-back first (as a busy task's), then a delivery.
+                queue.release(message["ReceiptHandle"], 0.0)
+                source.invoke(source.receive())
+            assert queue.pending() == 0
+            (letter,) = list_messages(backend.store)
+            assert "ledger unreachable" in letter["reason"]
+            assert letter["failures"] == POISON_TRIES - 1
+            assert seen == ["1"] * POISON_TRIES  # each failure handed back a fresh copy
+        finally:
+            backend.close()
+    clear_cache()

@@ -443,6 +443,11 @@ class Delivery:
     #: When the queue took it (s since the epoch), where it says: its dead
     #: letter is named by it and the id, so a redelivery's overwrites it.
     sent_at: float | None = None
+    #: Its deliveries so far that failed outside the job's code and were handed
+    #: back by :meth:`Queue.release_failed`: what ``fanout.failures.POISON_TRIES``
+    #: counts. Not ``receive_count``, which every harmless hand-back (a busy
+    #: task, a parent still running, a capped run) also raises.
+    failures: int = 0
 
 
 def sqs_sent_at(attributes: Mapping[str, Any]) -> float | None:
@@ -459,6 +464,23 @@ def sqs_sent_at(attributes: Mapping[str, Any]) -> float | None:
 
 #: 10000-01-01T00:00:00Z in seconds since the epoch.
 _YEAR_10000 = 253_402_300_800.0
+
+#: The SQS message attribute counting a message's failed deliveries
+#: (:attr:`Delivery.failures`): SQS keeps no count but its receives, so the
+#: AWS queue's ``release_failed`` hands a failed message back as a copy that
+#: carries the count.
+FAILURES = "fanout-failures"
+
+
+def sqs_failures(attributes: Any) -> int:
+    """The :data:`FAILURES` count of a message's attributes, as SQS returns
+    them (``StringValue``) or a Lambda event record has them (``stringValue``);
+    0 where it is missing or not a count."""
+    try:
+        value = attributes[FAILURES]
+        return max(0, int(value.get("StringValue", value.get("stringValue"))))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return 0
 
 
 @runtime_checkable
@@ -481,6 +503,12 @@ class Queue(Protocol):
     def release(self, receipt: str, delay: float) -> None:
         """Make a received message visible again after ``delay`` seconds (rounded
         up to the queue's unit: whole seconds on SQS)."""
+
+    def release_failed(self, delivery: Delivery, delay: float) -> None:
+        """Hand back a delivery that failed outside the job's code, visible
+        again after ``delay`` seconds, its next delivery's ``failures`` one
+        higher. The message may come back as a copy (SQS: a new message id,
+        sent by the caller; so not for a message whose sender is checked)."""
 
     def pending(self) -> int:
         """Messages not yet deleted (visible, delayed or in flight)."""

@@ -224,6 +224,43 @@ def test_release_with_delay(backend: Backend) -> None:
     assert again.body == "m"
 
 
+def test_release_failed_counts_failures_and_a_plain_release_does_not(backend: Backend) -> None:
+    """What the poison guard counts (``fanout.failures.settle_poison``): a
+    harmless hand-back raises the receive count only; a failed one, the
+    delivery's ``failures`` too, whichever copy of the message comes back."""
+    q = backend.queue
+    q.send(["m"])
+    [first] = q.receive(10, LONG)
+    assert first.failures == 0
+    q.release(first.receipt, 0)
+    [second] = q.receive(10, LONG)
+    assert (second.body, second.failures, second.receive_count) == ("m", 0, 2)
+    q.release_failed(second, 0)
+    [third] = q.receive(10, LONG)
+    assert (third.body, third.failures) == ("m", 1)
+    q.release(third.receipt, 0)
+    [fourth] = q.receive(10, LONG)
+    assert fourth.failures == 1
+    q.release_failed(fourth, 0)
+    [fifth] = q.receive(10, LONG)
+    assert (fifth.body, fifth.failures) == ("m", 2)
+    q.ack(fifth.receipt)
+    assert q.receive(10, LONG) == []
+    assert q.pending() == 0, "handed back as a copy: the original is gone"
+
+
+def test_release_failed_with_delay(backend: Backend) -> None:
+    q = backend.queue
+    q.send(["m"])
+    _, _, hide, past_hide = timing(q)
+    [first] = q.receive(10, LONG)
+    q.release_failed(first, hide)
+    assert q.receive(10, LONG) == [], "handed back with a delay: not visible yet"
+    time.sleep(past_hide)
+    [again] = q.receive(10, LONG)
+    assert (again.body, again.failures) == ("m", 1)
+
+
 def test_send_with_delay(backend: Backend) -> None:
     q = backend.queue
     _, _, hide, past_hide = timing(q)

@@ -53,7 +53,15 @@ def sqs_event(messages: list[dict[str, Any]], queue_arn: str = "") -> dict[str, 
                 "receiptHandle": m["ReceiptHandle"],
                 "body": m["Body"],
                 "attributes": m.get("Attributes", {}),
-                "messageAttributes": {},
+                "messageAttributes": {
+                    name: {
+                        "stringValue": value.get("StringValue"),
+                        "stringListValues": [],
+                        "binaryListValues": [],
+                        "dataType": value.get("DataType", "String"),
+                    }
+                    for name, value in (m.get("MessageAttributes") or {}).items()
+                },
                 "md5OfBody": m.get("MD5OfBody", ""),
                 "eventSource": "aws:sqs",
                 "eventSourceARN": queue_arn,
@@ -86,6 +94,7 @@ class EventSource:
             MaxNumberOfMessages=self.batch,
             VisibilityTimeout=self.visibility,
             AttributeNames=["All"],
+            MessageAttributeNames=["All"],
         ).get("Messages", [])
         self.records += len(got)
         self.redelivered += sum(

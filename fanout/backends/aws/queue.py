@@ -49,7 +49,7 @@ from typing import Any
 
 from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import client, error_code
-from fanout.backends.base import Delivery, sqs_sent_at
+from fanout.backends.base import FAILURES, Delivery, sqs_failures, sqs_sent_at
 from fanout.fairness import group_of
 from fanout.json_fields import sqs_safe
 
@@ -228,6 +228,7 @@ class SqsQueue:
                     "SenderId",
                     "SentTimestamp",
                 ],
+                MessageAttributeNames=[FAILURES],
             )
             messages = response.get("Messages") or []
             if not messages:
@@ -243,6 +244,7 @@ class SqsQueue:
                         message_id=m.get("MessageId", ""),
                         sender=attributes.get("SenderId"),
                         sent_at=sqs_sent_at(attributes),
+                        failures=sqs_failures(m.get("MessageAttributes")),
                     )
                 )
         return got
@@ -275,6 +277,39 @@ class SqsQueue:
             # Also "total visibility beyond 12 hours": the message then simply
             # becomes visible when its current timeout ends, and is claimed WAIT.
             log.debug("release of a stale receipt ignored: %s", exc)
+
+    def release_failed(self, delivery: Delivery, delay: float) -> None:
+        """Hand back a delivery that failed, counting the failure: SQS cannot
+        change a message, so a copy is sent, delayed by ``delay`` (rounded up;
+        at most 900 s) and carrying the count as :data:`FAILURES`, and then the
+        delivery is deleted. A crash in between leaves both, which the ledger
+        tells apart; a copy that cannot be sent (SQS refuses or fails it) falls
+        back to :meth:`release`, the failure not counted, and SQS's own redrive
+        policy still bounds the message's receives.
+
+        The copy's ``SenderId`` is the caller's: a message whose sender is
+        checked (a schedule's tick, a sweep) must be handed back with
+        :meth:`release`, its receives counted instead."""
+        entry: dict[str, Any] = {
+            "QueueUrl": self.url,
+            "MessageBody": delivery.body,
+            "DelaySeconds": _seconds(delay, MAX_DELAY),
+            "MessageAttributes": {
+                FAILURES: {"DataType": "Number", "StringValue": str(delivery.failures + 1)}
+            },
+        }
+        group = group_of(delivery.body)
+        if group:
+            entry["MessageGroupId"] = group
+        try:
+            self.sqs.send_message(**entry)
+        except Exception:
+            log.warning(
+                "could not send the copy of a failed message; released instead", exc_info=True
+            )
+            self.release(delivery.receipt, delay)
+            return
+        self.ack(delivery.receipt)
 
     def pending(self) -> int:
         """Messages not yet deleted: visible, delayed and in flight (SQS's
@@ -315,7 +350,7 @@ class SqsQueue:
                 QueueUrl=dlq,
                 MaxNumberOfMessages=min(MAX_BATCH, limit - moved),
                 VisibilityTimeout=REDRIVE_VISIBILITY,
-                MessageAttributeNames=[REDRIVES],
+                MessageAttributeNames=[REDRIVES, FAILURES],
             ).get("Messages", [])
             if not messages:
                 break
@@ -331,14 +366,7 @@ class SqsQueue:
             if not back:
                 continue
             entries = {
-                str(i): {
-                    "Id": str(i),
-                    "MessageBody": m["Body"],
-                    "MessageAttributes": {
-                        REDRIVES: {"DataType": "Number", "StringValue": str(trips)}
-                    },
-                }
-                for i, (m, trips) in enumerate(back)
+                str(i): _redriven(m, trips) | {"Id": str(i)} for i, (m, trips) in enumerate(back)
             }
             _send_entries(
                 "SQS",
@@ -379,6 +407,20 @@ class SqsQueue:
 
     def close(self) -> None:
         """Nothing to release: the boto3 client is shared by the process."""
+
+
+def _redriven(message: dict[str, Any], trips: int) -> dict[str, Any]:
+    """The batch entry moving ``message`` back from the DLQ on its ``trips``-th
+    trip: its failures still counted, its fair-share group kept."""
+    attributes = {REDRIVES: {"DataType": "Number", "StringValue": str(trips)}}
+    failures = sqs_failures(message.get("MessageAttributes"))
+    if failures:
+        attributes[FAILURES] = {"DataType": "Number", "StringValue": str(failures)}
+    entry: dict[str, Any] = {"MessageBody": message["Body"], "MessageAttributes": attributes}
+    group = group_of(message["Body"])
+    if group:
+        entry["MessageGroupId"] = group
+    return entry
 
 
 def _send_entries(

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS messages (
     visible_at REAL NOT NULL,
     receive_count INTEGER NOT NULL DEFAULT 0,
     sent_at REAL NOT NULL,
-    grp TEXT NOT NULL DEFAULT ''
+    grp TEXT NOT NULL DEFAULT '',
+    failures INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_queue_visible ON messages (queue, visible_at);
 CREATE TABLE IF NOT EXISTS queue_groups (
@@ -78,7 +79,7 @@ WHERE id IN (
     SELECT id FROM messages WHERE queue = ? AND grp = ? AND visible_at <= ?
     ORDER BY visible_at, id LIMIT ?
 )
-RETURNING id, CAST(body AS BLOB), typeof(body) = 'text', receive_count, sent_at
+RETURNING id, CAST(body AS BLOB), typeof(body) = 'text', receive_count, sent_at, failures
 """
 _SERVED = "UPDATE queue_groups SET served = served + ? WHERE queue = ? AND grp = ?"
 # A group with no message left (in flight included) leaves the rota.
@@ -89,6 +90,10 @@ _DROP_GROUP = (
 
 _ACK = "DELETE FROM messages WHERE id = ? AND receive_count = ? AND queue = ?"
 _RELEASE = "UPDATE messages SET visible_at = ? WHERE id = ? AND receive_count = ? AND queue = ?"
+_RELEASE_FAILED = (
+    "UPDATE messages SET visible_at = ?, failures = failures + 1"
+    " WHERE id = ? AND receive_count = ? AND queue = ?"
+)
 _PENDING = "SELECT count(*) FROM messages WHERE queue = ?"
 
 
@@ -166,7 +171,7 @@ class SQLiteQueue:
             return []
         now = time.time()
         hidden, name = now + max(visibility, 0.0), self.name
-        rows: list[tuple[int, bytes, int, int, float]] = []
+        rows: list[tuple[int, bytes, int, int, float, int]] = []
         with self.db.write() as conn:
             self._flush(conn)
             for group, weight in conn.execute(_GROUPS, (name,)).fetchall():
@@ -185,8 +190,15 @@ class SQLiteQueue:
         # RETURNING has no defined order; the ids are the send order.
         rows.sort(key=lambda row: row[0])
         return [
-            Delivery(_text(body, is_text), f"{id_}:{count}", count, str(id_), sent_at=sent)
-            for id_, body, is_text, count, sent in rows
+            Delivery(
+                _text(body, is_text),
+                f"{id_}:{count}",
+                count,
+                str(id_),
+                sent_at=sent,
+                failures=failed,
+            )
+            for id_, body, is_text, count, sent, failed in rows
         ]
 
     def ack(self, receipt: str) -> None:
@@ -222,6 +234,13 @@ class SQLiteQueue:
         with self.db.write() as conn:
             conn.execute(_RELEASE, (visible_at, id_, count, self.name))
 
+    def release_failed(self, delivery: Delivery, delay: float) -> None:
+        """As :meth:`release`, counting one more failed delivery of the message."""
+        id_, count = _parse_receipt(delivery.receipt)
+        visible_at = time.time() + max(delay, 0.0)
+        with self.db.write() as conn:
+            conn.execute(_RELEASE_FAILED, (visible_at, id_, count, self.name))
+
     def pending(self) -> int:
         """Messages of this queue not yet deleted (visible, delayed or in flight),
         of the groups it serves (see :meth:`serve_only`)."""
@@ -247,20 +266,25 @@ class SQLiteQueue:
 
 
 def _migrate(db: Database) -> None:
-    """Give the messages of a database made before fair sharing their group."""
+    """Bring the messages table of an older database up to date: their group
+    (made before fair sharing) and their count of failed deliveries (made
+    before it was kept apart from the receive count)."""
 
-    def has_group(conn: sqlite3.Connection) -> bool:
-        return "grp" in {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
+    def has(conn: sqlite3.Connection, column: str) -> bool:
+        return column in {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
 
-    if not has_group(db.conn):
+    if not has(db.conn, "grp"):
         with db.write() as conn:
-            if has_group(conn):
-                return  # another process migrated it meanwhile
-            conn.execute("ALTER TABLE messages ADD COLUMN grp TEXT NOT NULL DEFAULT ''")
-            conn.execute(
-                "INSERT OR IGNORE INTO queue_groups (queue, grp)"
-                " SELECT DISTINCT queue, '' FROM messages"
-            )
+            if not has(conn, "grp"):  # else another process migrated it meanwhile
+                conn.execute("ALTER TABLE messages ADD COLUMN grp TEXT NOT NULL DEFAULT ''")
+                conn.execute(
+                    "INSERT OR IGNORE INTO queue_groups (queue, grp)"
+                    " SELECT DISTINCT queue, '' FROM messages"
+                )
+    if not has(db.conn, "failures"):
+        with db.write() as conn:
+            if not has(conn, "failures"):
+                conn.execute("ALTER TABLE messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0")
 
 
 # Messages whose group is not in the rota: receive() would never serve them while
