@@ -359,10 +359,10 @@ def dead_letters(ctx: click.Context, limit: int, as_json: bool, show_body: bool)
             click.echo(json.dumps({k: v for k, v in letter.items() if k != "traceback"}))
             continue
         when = utc_time(float(letter.get("at", 0.0)))
-        click.echo(
-            f"{when}  message {letter.get('message_id')}  after {letter.get('deliveries')}"
-            f" deliveries: {letter.get('reason')}"
-        )
+        # Letters written before failures were counted have none: their receives.
+        failed = letter.get("failures", letter.get("deliveries"))
+        how = f"after {failed} failed deliveries" if failed else "dropped at once"
+        click.echo(f"{when}  message {letter.get('message_id')}  {how}: {letter.get('reason')}")
         if show_body:
             click.echo(f"    body ({letter.get('body_chars')} chars): {letter.get('body')!r}")
     if not letters and not as_json:

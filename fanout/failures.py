@@ -168,8 +168,12 @@ def message_id(delivery: Delivery) -> str:
     return "sha1-" + hashlib.sha1(body).hexdigest()[:16]
 
 
-def keep_message(store: Store, delivery: Delivery, reason: str, tb: str = "") -> str:
-    """Write the dead letter of a message that will not be handled; returns its key."""
+def keep_message(
+    store: Store, delivery: Delivery, reason: str, tb: str = "", failures: int = 0
+) -> str:
+    """Write the dead letter of a message that will not be handled; returns its
+    key. ``failures``: its failed deliveries, this one included (0: dropped
+    at once, not valid)."""
     body: Any = delivery.body
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
     now = time.time()
@@ -179,7 +183,7 @@ def keep_message(store: Store, delivery: Delivery, reason: str, tb: str = "") ->
         "at": round(now, 3),
         "reason": reason,
         "deliveries": delivery.receive_count,
-        "failures": delivery.failures,
+        "failures": failures,
         "body": text[:KEEP_BODY],
         "body_chars": len(text),
         "traceback": tb,
@@ -293,7 +297,7 @@ def settle_poison(
     tries = delivery.receive_count if sender_checked else delivery.failures + 1
     try:
         if tries >= POISON_TRIES:
-            key = keep_message(store, delivery, reason, tb)
+            key = keep_message(store, delivery, reason, tb, tries)
             log.error(
                 "message %s dead-lettered after %d failed deliveries: %s (kept at %s)",
                 mid,

@@ -103,6 +103,9 @@ def test_poison_messages_are_dead_lettered_and_the_worker_keeps_working(home: Pa
     assert plain.returncode == 0
     assert len(plain.stdout.splitlines()) == 4
     assert "OverflowError: date value out of range" in plain.stdout
+    (fired,) = [line for line in plain.stdout.splitlines() if "OverflowError" in line]
+    assert "after 5 failed deliveries" in fired
+    assert plain.stdout.count("dropped at once") == 3, plain.stdout
 
 
 def test_poison_messages_on_lambda_are_dead_lettered_not_redelivered_forever(
@@ -267,7 +270,7 @@ def test_a_message_that_fails_every_delivery_is_dead_lettered_at_its_last_failur
     assert queue.receive(1, 30) == []
     (letter,) = list_messages(engine.store)
     assert "ledger unreachable" in letter["reason"]
-    assert letter["failures"] == POISON_TRIES - 1  # the ones before the last
+    assert letter["failures"] == POISON_TRIES
 
 
 def test_on_lambda_a_chunk_message_failing_outside_the_job_is_dead_lettered_at_its_last_failure(
@@ -313,7 +316,7 @@ def test_on_lambda_a_chunk_message_failing_outside_the_job_is_dead_lettered_at_i
             assert queue.pending() == 0
             (letter,) = list_messages(backend.store)
             assert "ledger unreachable" in letter["reason"]
-            assert letter["failures"] == POISON_TRIES - 1
+            assert letter["failures"] == POISON_TRIES
             assert seen == ["1"] * POISON_TRIES  # each failure handed back a fresh copy
         finally:
             backend.close()
