@@ -15,7 +15,6 @@ import json
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -196,29 +195,12 @@ def test_clip_keeps_head_and_tail_within_the_byte_limit() -> None:
         assert "characters clipped" in clipped
 
 
-@pytest.fixture(params=["memory", "aws"])
-def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
-    """A backend to drive in this process: memory, or AWS under moto."""
-    if request.param == "memory":
-        backend = open_backend("memory")
-        yield backend
-        backend.close()
-        return
-    from moto import mock_aws
-
-    from fanout.backends.aws import AwsSettings
-    from fanout.backends.aws.clients import clear_cache
-    from fanout.backends.aws.resources import create_resources
-    from support.helpers import fake_aws
-
-    fake_aws(monkeypatch, FANOUT_STAGE="poison")
-    clear_cache()
-    with mock_aws():
-        create_resources(AwsSettings.from_env())
-        backend = open_backend("aws")
-        yield backend
-        backend.close()
-    clear_cache()
+@pytest.fixture(params=["mem", "aws"])
+def engine(request: pytest.FixtureRequest) -> Backend:
+    """A backend driven in this process: memory, or AWS under moto (the
+    ``mem`` and ``aws`` fixtures of conftest.py)."""
+    backend: Backend = request.getfixturevalue(request.param)
+    return backend
 
 
 def _broken(run_id: str) -> None:
@@ -274,50 +256,33 @@ def test_a_message_that_fails_every_delivery_is_dead_lettered_at_its_last_failur
 
 
 def test_on_lambda_a_chunk_message_failing_outside_the_job_is_dead_lettered_at_its_last_failure(
-    monkeypatch: pytest.MonkeyPatch,
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through the Lambda handler, driven like the SQS event source: the failure
     count travels with the message (its copy's attribute, in the record's
     ``messageAttributes``), so a chunk message that fails every delivery is
     kept after ``POISON_TRIES`` of them, not left to the queue's redrive after
     50; hand-backs that are no failure in between do not count."""
-    from moto import mock_aws
-
-    import fanout.aws_lambda as lambda_mod
-    from fanout.backends.aws import AwsSettings
-    from fanout.backends.aws.clients import clear_cache
     from fanout.backends.aws.ledger import DynamoLedger
-    from fanout.backends.aws.resources import create_resources
-    from support.helpers import fake_aws
     from support.lambda_source import EventSource
 
-    fake_aws(monkeypatch, FANOUT_STAGE="poison")
-    monkeypatch.setattr(lambda_mod, "_warm", None)
     monkeypatch.setattr("fanout.failures.poison_delay", lambda deliveries: 0.0)
-    clear_cache()
-    with mock_aws():
-        create_resources(AwsSettings.from_env())
-        backend = open_backend("aws")
-        try:
-            coordinator.submit(backend, TREE, {"chunks": 1, "rows": 1})
-            monkeypatch.setattr(DynamoLedger, "get_run", lambda self, run_id: _broken(run_id))
-            queue = backend.queue
-            source = EventSource(queue.sqs, queue.url, timeout_ms=30_000, visibility=30)  # type: ignore[attr-defined]
-            seen = []
-            for _ in range(3 * POISON_TRIES):
-                messages = source.receive()
-                if not messages:
-                    break
-                (message,) = messages
-                seen.append(message["Attributes"]["ApproximateReceiveCount"])
-                # A harmless hand-back first (as a busy task's), then a delivery.
-                queue.release(message["ReceiptHandle"], 0.0)
-                source.invoke(source.receive())
-            assert queue.pending() == 0
-            (letter,) = list_messages(backend.store)
-            assert "ledger unreachable" in letter["reason"]
-            assert letter["failures"] == POISON_TRIES
-            assert seen == ["1"] * POISON_TRIES  # each failure handed back a fresh copy
-        finally:
-            backend.close()
-    clear_cache()
+    coordinator.submit(aws, TREE, {"chunks": 1, "rows": 1})
+    monkeypatch.setattr(DynamoLedger, "get_run", lambda self, run_id: _broken(run_id))
+    queue = aws.queue
+    source = EventSource(queue.sqs, queue.url, timeout_ms=30_000, visibility=30)  # type: ignore[attr-defined]
+    seen = []
+    for _ in range(3 * POISON_TRIES):
+        messages = source.receive()
+        if not messages:
+            break
+        (message,) = messages
+        seen.append(message["Attributes"]["ApproximateReceiveCount"])
+        # A harmless hand-back first (as a busy task's), then a delivery.
+        queue.release(message["ReceiptHandle"], 0.0)
+        source.invoke(source.receive())
+    assert queue.pending() == 0
+    (letter,) = list_messages(aws.store)
+    assert "ledger unreachable" in letter["reason"]
+    assert letter["failures"] == POISON_TRIES
+    assert seen == ["1"] * POISON_TRIES  # each failure handed back a fresh copy
