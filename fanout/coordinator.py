@@ -214,7 +214,14 @@ def recover(
     its own lost wait ``stalled_after``, and other runs do not look empty.
     """
     actions = []
-    moved = backend.queue.redrive() if redrive else 0
+    moved = 0
+    if redrive:
+        try:
+            moved = backend.queue.redrive()
+        except Exception as exc:
+            # The DLQ's messages wait for the next sweep; stranded tasks and
+            # dead finalizers, below, must not. (Callers log the actions.)
+            actions.append(f"could not move dead-lettered messages back: {exc}")
     if moved:
         actions.append(f"moved {moved} dead-lettered messages back to the queue")
     states = (RunState.RUNNING, RunState.FINALIZING)

@@ -164,3 +164,90 @@ def test_a_registration_larger_than_a_transaction_counts_exactly(aws: Backend) -
     run = ledger.get_run(RUN)
     assert run is not None and (run.outstanding, run.tasks_cancelled) == (120, 130)
     assert len(ledger.queued_children(ROOT)) == 120
+
+
+#: SQS's own limit on a message: its body and its attributes together.
+SQS_LIMIT = 256 * 1024
+
+
+def _sqs_size(entry: dict[str, object]) -> int:
+    """What real SQS counts against its limit: the body and each attribute's
+    name, type and value (moto counts the body only)."""
+    size = len(str(entry["MessageBody"]).encode())
+    attributes = entry.get("MessageAttributes") or {}
+    assert isinstance(attributes, dict)
+    for name, value in attributes.items():
+        size += len(name.encode()) + len(value["DataType"]) + len(value["StringValue"].encode())
+    return size
+
+
+def _real_sqs_sizes(aws: Backend, monkeypatch: pytest.MonkeyPatch, refuse: str = "") -> None:
+    """Make the queue's client refuse what real SQS refuses: a message over its
+    limit, attributes included (a batch entry as the sender's fault); and a
+    body starting with ``refuse``, to stand for any entry SQS refuses."""
+    sqs = aws.queue.sqs  # type: ignore[attr-defined]
+    send_message, send_batch = sqs.send_message, sqs.send_message_batch
+
+    def too_big(entry: dict[str, object]) -> bool:
+        body = str(entry["MessageBody"])
+        return _sqs_size(entry) > SQS_LIMIT or (bool(refuse) and body.startswith(refuse))
+
+    def one(**call: object) -> object:
+        if too_big(call):
+            raise ValueError("InvalidParameterValue: message too long")
+        return send_message(**call)
+
+    def batch(QueueUrl: str, Entries: list[dict[str, object]]) -> dict[str, object]:
+        ok = [e for e in Entries if not too_big(e)]
+        answer = dict(send_batch(QueueUrl=QueueUrl, Entries=ok)) if ok else {}
+        answer["Failed"] = [
+            {"Id": e["Id"], "SenderFault": True, "Code": "InvalidParameterValue", "Message": "long"}
+            for e in Entries
+            if too_big(e)
+        ]
+        return answer
+
+    monkeypatch.setattr(sqs, "send_message", one)
+    monkeypatch.setattr(sqs, "send_message_batch", batch)
+
+
+def test_the_largest_message_sent_can_be_handed_back_with_its_failure_count(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine sends a body of up to ``max_message_bytes`` as it is (larger
+    ones go to the store): its copy, with the failure count, must fit SQS's
+    limit too, or its failures would never be counted (each copy refused, the
+    message only released) and it would go round far past five."""
+    _real_sqs_sizes(aws, monkeypatch)
+    body = "x" * aws.queue.max_message_bytes
+    aws.queue.send([body])
+    for failures in range(3):
+        (delivery,) = aws.queue.receive(1, 30)
+        assert (len(delivery.body), delivery.failures) == (len(body), failures)
+        aws.queue.release_failed(delivery, 0)
+
+
+def test_a_message_sqs_will_not_take_back_stays_in_the_dlq_and_the_sweep_goes_on(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One dead-lettered message SQS refuses to take back made every recovery
+    sweep raise at its first step, so a run whose message was lost was never
+    re-sent. It is left in the DLQ (logged); the others are moved back."""
+    from fanout import coordinator
+    from fanout.backends.base import TaskState
+
+    _dead_letter_after_one_receive(aws)
+    aws.queue.send(["refused by SQS", "poisoned"])
+    _poison(aws)
+    _real_sqs_sizes(aws, monkeypatch, refuse="refused")
+    assert aws.queue.redrive() == 1
+    (back,) = aws.queue.receive(10, 30)
+    assert back.body == "poisoned"
+    aws.queue.ack(back.receipt)
+    # A run whose only message was lost: the sweep re-sends it all the same.
+    _run(aws)
+    assert aws.ledger.get_task(ROOT).state is TaskState.QUEUED  # type: ignore[union-attr]
+    actions = coordinator.recover(aws, redrive=True)
+    assert any("re-sent" in a for a in actions), actions
+    (resent,) = aws.queue.receive(10, 30)
+    assert resent.body == '{"m": 0}'

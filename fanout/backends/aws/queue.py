@@ -64,6 +64,9 @@ MAX_VISIBILITY = 43_200  # VisibilityTimeout (12 hours)
 #: many a message may make (see :meth:`SqsQueue.redrive`).
 REDRIVES = "fanout-redrives"
 MAX_REDRIVES = 3
+#: Bytes of a message kept for the attributes fanout sets (FAILURES and
+#: REDRIVES: each name, type and value, about 25 bytes), with room to spare.
+ATTRIBUTE_ROOM = 256
 #: How long a redrive sweep hides the DLQ messages it is moving (s).
 REDRIVE_VISIBILITY = 60
 
@@ -110,8 +113,12 @@ def _seconds(value: float, limit: int) -> int:
 class SqsQueue:
     """The :class:`~fanout.backends.base.Queue` of the AWS backend, on one SQS queue."""
 
-    #: SQS's message size limit (UTF-8 bytes of the body), also per batch.
-    max_message_bytes: int = 256 * 1024
+    #: The largest body sent as it is (UTF-8 bytes), also per batch: SQS's
+    #: limit (256 KiB) less :data:`ATTRIBUTE_ROOM`, since SQS counts message
+    #: attributes against it too. A larger body goes to the store (the engine
+    #: offloads by this figure), so a message can always be handed back with
+    #: its failure count and moved back from the DLQ with its trips.
+    max_message_bytes: int = 256 * 1024 - ATTRIBUTE_ROOM
 
     #: Visibility timeouts and delays are whole seconds (rounded up).
     min_visibility: float = 1.0
@@ -356,7 +363,7 @@ class SqsQueue:
                 break
             back = []
             for m in messages:
-                trips = int(m.get("MessageAttributes", {}).get(REDRIVES, {}).get("StringValue", 0))
+                trips = _count(m.get("MessageAttributes"), REDRIVES)
                 if trips >= MAX_REDRIVES:
                     log.error(
                         "message %s stays in the DLQ after %d redrives", m["MessageId"], trips
@@ -368,20 +375,32 @@ class SqsQueue:
             entries = {
                 str(i): _redriven(m, trips) | {"Id": str(i)} for i, (m, trips) in enumerate(back)
             }
-            _send_entries(
+            refused = _send_entries(
                 "SQS",
                 lambda batch: self.sqs.send_message_batch(QueueUrl=self.url, Entries=batch),
                 entries,
+                keep_going=True,
             )
-            # Deleted only once re-sent: a crash in between duplicates, never loses.
-            self.sqs.delete_message_batch(
-                QueueUrl=dlq,
-                Entries=[
-                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
-                    for i, (m, _) in enumerate(back)
-                ],
-            )
-            moved += len(back)
+            for failed in refused:
+                # Left in the DLQ, not lost; one such message must not stop the
+                # sweep (recovery's other steps come after this one).
+                m = back[int(failed["Id"])][0]
+                log.error(
+                    "message %s stays in the DLQ: SQS refused to take it back: %s: %s",
+                    m["MessageId"],
+                    failed.get("Code"),
+                    failed.get("Message"),
+                )
+            taken = [
+                (i, m) for i, (m, _) in enumerate(back) if str(i) not in {f["Id"] for f in refused}
+            ]
+            if taken:
+                # Deleted only once re-sent: a crash in between duplicates, never loses.
+                self.sqs.delete_message_batch(
+                    QueueUrl=dlq,
+                    Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in taken],
+                )
+            moved += len(taken)
         if moved:
             log.warning("moved %d dead-lettered messages back to %s", moved, self.url)
         return moved
@@ -409,6 +428,14 @@ class SqsQueue:
         """Nothing to release: the boto3 client is shared by the process."""
 
 
+def _count(attributes: Any, name: str) -> int:
+    """The count a message attribute ``name`` holds; 0 if missing or not a count."""
+    try:
+        return max(0, int(attributes[name]["StringValue"]))
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
 def _redriven(message: dict[str, Any], trips: int) -> dict[str, Any]:
     """The batch entry moving ``message`` back from the DLQ on its ``trips``-th
     trip: its failures still counted, its fair-share group kept."""
@@ -427,22 +454,29 @@ def _send_entries(
     service: str,
     call: Callable[[list[dict[str, Any]]], dict[str, Any]],
     entries: dict[str, dict[str, Any]],
-) -> None:
+    *,
+    keep_going: bool = False,
+) -> list[dict[str, Any]]:
     """Send a batch with ``call`` (``SendMessageBatch`` or ``PublishBatch``: the
     same ``Failed`` answer), re-sending the entries the service failed on its
-    side; the sender's faults are ``ValueError`` (resending cannot help)."""
+    side; the sender's faults are ``ValueError`` (resending cannot help), or,
+    with ``keep_going``, returned (the service's ``Failed`` entries) while the
+    rest are sent."""
+    refused: list[dict[str, Any]] = []
     for attempt in range(1, SEND_ATTEMPTS + 1):
         response = call(list(entries.values()))
         failed = response.get("Failed") or []
-        if not failed:
-            return
         sender_faults = [f for f in failed if f.get("SenderFault")]
-        if sender_faults:
+        if sender_faults and not keep_going:
             first = sender_faults[0]
             raise ValueError(
                 f"{service} refused {len(sender_faults)} message(s):"
                 f" {first.get('Code')}: {first.get('Message')}"
             )
+        refused += sender_faults
+        failed = [f for f in failed if not f.get("SenderFault")]
+        if not failed:
+            return refused
         entries = {f["Id"]: entries[f["Id"]] for f in failed}
         log.warning(
             "%s failed %d of a batch (attempt %d): %s",
