@@ -20,7 +20,7 @@ from click.core import ParameterSource
 from fanout.cli_common import group_backend, split_pairs
 from fanout.errors import UserError
 from fanout.jobs import canonical_ref, is_path_ref, load_checked
-from fanout.processes import SignalStop
+from fanout.processes import SharedFlag
 from fanout.schedules import Schedule, ScheduleStore, check_ranges, open_store, parse_spec
 from fanout.schedules.model import NAME_PATTERN, SCHEDULED_TIME, iso, now_utc, parse_time
 
@@ -270,7 +270,7 @@ def scheduler(ctx: click.Context, at: str | None) -> None:
             " without --at is the local backend's loop"
         )
     backend, store = group_backend(ctx), _store(ctx)
-    stop = SignalStop()  # set by the handler: a threading.Event could deadlock there
+    stop = SharedFlag()  # set by the handler: a threading.Event could deadlock there
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     count = len(store.list())
     click.echo(f"fanout scheduler: {count} schedules on {ctx.obj['home']} (Ctrl-C stops)", err=True)

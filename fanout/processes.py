@@ -11,6 +11,7 @@ import os
 import select
 import signal
 import time
+from multiprocessing.sharedctypes import RawValue
 
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / (1024 * 1024) if hasattr(os, "sysconf") else 0.0
 
@@ -159,35 +160,58 @@ def kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-class SignalStop:
-    """A stop flag that a signal handler may set.
+class SharedFlag:
+    """A stop or wake-up flag that a signal handler may set and that forked
+    children share, which no process can wedge by dying.
 
-    ``threading.Event.set()`` (and multiprocessing's) takes the event's lock, so
-    a handler calling it deadlocks if the signal came while the main thread
-    held that lock (entering or leaving ``wait()``). ``set()`` here takes no
-    lock: a flag and a byte on a pipe, which wakes ``wait()`` at once.
+    ``multiprocessing.Event.set()`` waits for every process asleep in its
+    ``wait()`` to wake: one SIGKILLed there never does, so ``set()`` hung for
+    ever (the worker pool's shutdown, after an idle child was killed). And
+    ``threading.Event.set()`` takes the event's lock, so a signal handler
+    calling it deadlocks if the signal came while the main thread held that
+    lock. Here nothing waits on anyone: the flag is a byte of shared memory
+    without a lock, and :meth:`wait` sleeps in ``select()`` on a pipe that
+    :meth:`set` writes a byte to, which wakes every waiter (a waiter never
+    reads it; :meth:`take`, for a flag with one waiter, empties it).
+    Made before the children are forked: they inherit both.
     """
 
     def __init__(self) -> None:
+        self._flag = RawValue(ctypes.c_bool, False)
         self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
-        self._set = False
 
     def set(self) -> None:
-        """Ask to stop (safe in a signal handler)."""
-        self._set = True
+        """Raise the flag and wake every waiter (safe in a signal handler)."""
+        self._flag.value = True
         with contextlib.suppress(OSError):  # the pipe is full: a wake-up is there already
             os.write(self._write, b"x")
 
     def is_set(self) -> bool:
-        """Whether :meth:`set` was called."""
-        return self._set
+        """Whether the flag is up."""
+        return bool(self._flag.value)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, or until :meth:`set`; return :meth:`is_set`."""
-        if not self._set:
-            select.select([self._read], [], [], timeout)
-        return self._set
+        if not self._flag.value:
+            with contextlib.suppress(InterruptedError, ValueError):  # (closed)
+                select.select([self._read], [], [], timeout)
+        return bool(self._flag.value)
+
+    def take(self, timeout: float) -> bool:
+        """:meth:`wait`, and lower the flag if it was up, for a flag one process
+        waits on (a child's "look now"); returns whether it was. A set() just
+        after is seen by what the waiter does next anyway."""
+        was = self.wait(timeout)
+        if was:
+            self._flag.value = False
+        # Emptied whatever the flag says: a byte a set() wrote after the last
+        # take() emptied the pipe would make every wait() return at once.
+        with contextlib.suppress(OSError):  # (empty: BlockingIOError)
+            while os.read(self._read, 4096):
+                pass
+        return was
 
     def close(self) -> None:
         """Close the pipe."""

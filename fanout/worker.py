@@ -40,6 +40,7 @@ from fanout.finalize import FINALIZE_STALE
 from fanout.logs import whole_lines
 from fanout.outcomes import Handled
 from fanout.processes import (
+    SharedFlag,
     descendants,
     die_with_parent,
     exited_children,
@@ -102,11 +103,10 @@ class WorkerOptions:
     #: as Lambda does at its memory size. None: no limit.
     chunk_memory: int | None = None
     #: Be a child subreaper (Linux): what a chunk started and its worker process,
-    #: dying on its own (a segfault, the kernel's OOM killer), left running comes
-    #: to the supervisor, which ends it; so do processes chunks detach, ended
-    #: when the pool stops and reaped when they end. For a process whose only
-    #: children are the pool's (the CLI's): any other child that ends would be
-    #: reaped by the pool, its exit status lost to its owner.
+    #: dying on its own (a segfault, the OOM killer), left running comes to the
+    #: supervisor, which ends it; so do processes chunks detach, ended when the
+    #: pool stops and reaped when they end. Only for a process whose only
+    #: children are the pool's (the CLI's): another's exit status would be lost.
     adopt_orphans: bool = False
     #: Work this run's messages only (and the group-less ones), where the queue
     #: can pick (the local one): ``fanout run`` leaves other runs in its home
@@ -287,10 +287,11 @@ class WorkerPool:
             # Its recovery and idle checks then look at its run only (coordinator.recover).
             serve_run_only(self.backend.queue, opts.only_run)
         self.runner = Runner(self.backend)
-        self.stop_event = _CTX.Event()
+        # Not mp.Event: one a child was SIGKILLed in hung set() (SharedFlag).
+        self.stop_event = SharedFlag()
         #: Set by a child that finished finalizing a run: ``run(until=...)``
         #: looks at once instead of at its next poll (a short run's exit).
-        self.wake = _CTX.Event()
+        self.wake = SharedFlag()
         self.slots = [_Slot() for _ in range(opts.workers)]
         self.procs: list[Any] = [None] * opts.workers
         self.timed_out = 0
@@ -365,7 +366,7 @@ class WorkerPool:
                     except Exception as e:  # it reads the ledger too
                         checks.failed(e)
                 if now < next_check or checks.waiting():
-                    if self._nap(0.02):
+                    if self.wake.take(0.02):
                         next_check = 0.0
                     continue
                 next_check = now + check_every
@@ -405,7 +406,7 @@ class WorkerPool:
                 if self._was_subreaper is not None and now >= next_reap:
                     next_reap = now + REAP_EVERY
                     reap(exited_children(self._own_children()), within=0.0)
-                if self._nap(0.02):
+                if self.wake.take(0.02):
                     next_check = 0.0
         finally:
             self._shutdown()
@@ -434,13 +435,6 @@ class WorkerPool:
                     FINALIZE_STALE,
                 )
         return bool(runs)
-
-    def _nap(self, seconds: float) -> bool:
-        """Sleep ``seconds``, or until a child says a run may have ended (True)."""
-        if self.wake.wait(seconds):
-            self.wake.clear()
-            return True
-        return False
 
     def _release_prefetched(self, slot: _Slot) -> None:
         """Hand back the messages a dead child had received but not started, and
@@ -597,3 +591,5 @@ class WorkerPool:
                 # Forced stop: hand the chunk back so nothing is lost.
                 self._fail(attempt, Failure(FailureKind.INTERRUPTED, "the worker was stopped"))
         self.backend.close()
+        for flag in (self.stop_event, self.wake):
+            flag.close()

@@ -797,3 +797,25 @@ def test_processes_a_chunk_detached_are_not_left_zombies_of_the_worker(
         time.sleep(0.5)  # the detached sleep has ended
         wait_for("no zombie left", lambda: not _zombies_of(proc.pid), 15)
         assert proc.poll() is None  # still working
+
+
+def test_a_child_killed_while_idle_does_not_hang_the_worker_s_stop(
+    home: Path, tmp_path: Path
+) -> None:
+    # An idle child sleeps in the stop flag's wait(). As a multiprocessing
+    # Event, the supervisor's set() at shutdown then waited for the killed
+    # child to wake, for ever: `fanout run` never exited after its run ended,
+    # nor `fanout worker` on SIGTERM (found with a crawl, kill -9 of a worker).
+    with worker(home, tmp_path, "--workers", "2") as proc:
+        wait_for("the worker's children", lambda: len(group_members(proc.pid)) >= 3, 30)
+        time.sleep(1.0)  # the children idle, asleep on the stop flag
+        child = next(pid for pid in group_members(proc.pid) if pid != proc.pid)
+        os.kill(child, signal.SIGKILL)
+        time.sleep(1.0)  # the supervisor replaces it
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the worker hung on SIGTERM after a child was killed while idle")
+        assert proc.returncode == 0, proc.returncode
+        wait_for("the worker's group to be empty", lambda: not group_members(proc.pid), 5)

@@ -247,7 +247,7 @@ def next_wake(store: ScheduleStore, now: datetime) -> datetime | None:
 
 class StopFlag(Protocol):
     """What :func:`run_loop` stops by: a ``threading.Event``, a multiprocessing
-    one, or :class:`fanout.processes.SignalStop` (which a signal handler may set)."""
+    one, or :class:`fanout.processes.SharedFlag` (which a signal handler may set)."""
 
     def is_set(self) -> bool: ...
 
