@@ -17,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime, time
@@ -29,7 +30,7 @@ from fastavro.write import Writer
 
 from fanout.avro_blocks import BlockPipeline, worth_it
 from fanout.avro_check import RecordChecker, short
-from fanout.errors import RecordError, SchemaError
+from fanout.errors import PermanentError, RecordError, SchemaError
 from fanout.filestamp import Stamp, stamp_of
 
 __all__ = [
@@ -193,6 +194,8 @@ SPILL_BYTES = 8 * 1024 * 1024
 #: megabyte each would be 8 GB. Looked at every ``_LOOK_EVERY`` records.
 CHECK_BYTES = 4 * 1024 * 1024
 _LOOK_EVERY = 64
+#: The current thread's id (bound here: the hot path calls it once a record).
+_thread_id = threading.get_ident
 
 
 class Encoded:
@@ -287,6 +290,9 @@ class RecordWriter:
         self._write = self._writer.write
         self._failure: Exception | None = None
         self._result: Encoded | None = None
+        #: The thread whose records this writer takes: the first to add one.
+        self._owner: int | None = None
+        self._adopting = threading.Lock()
 
     @property
     def count(self) -> int:
@@ -296,10 +302,15 @@ class RecordWriter:
     def add(self, record: dict[str, Any]) -> None:
         """Add one record (a dict whose keys are the schema's field names).
 
+        Records come from one thread, the first to add one: from another,
+        PermanentError, and the writer fails (its file is not committed).
+
         Raises:
             RecordError: the record cannot be encoded in the schema; or this
                 call completes a batch and a record of it does not fit.
         """
+        if _thread_id() != self._owner:
+            self._adopt()
         try:
             self._write(record)
             # A copy for the batch's check: a job may reuse its dict (or clear
@@ -329,6 +340,9 @@ class RecordWriter:
         """
         if self._result is not None:
             return self._result
+        # A thread the job left running adds no more (a record added after
+        # the count was taken would be lost or, amid a block, corrupt the file).
+        self._owner = _thread_id()
         self._check_usable()
         if self._batch:
             self._check_batch()
@@ -353,6 +367,28 @@ class RecordWriter:
         return self.finish_file().read()
 
     # -- internals ----------------------------------------------------------
+
+    def _adopt(self) -> None:
+        """The first record's thread becomes the writer's; another is refused.
+        A lock rather than a check on the hot path: a thread check costs
+        ~1% of an add(), a lock about ten times as much (tests/bench/bench_avro.py),
+        and jobs emit from one thread."""
+        me = _thread_id()
+        with self._adopting:
+            if self._owner is None:
+                self._owner = me
+            if self._owner == me:
+                return
+        # Records from two threads at once interleaved fastavro's block writes
+        # and the batch's check: corrupt files in runs that succeeded.
+        raise self._fail(
+            PermanentError(
+                "ctx.emit() called from a second thread: records must come from one"
+                " thread (emit in process() what the threads return, e.g. `for rows in"
+                " pool.map(work, items): ...`), or from a thread left running after"
+                " the chunk ended"
+            )
+        )
 
     def _refuse(self, record: object) -> None:
         raise RuntimeError("RecordWriter.add() called after finish() or a failure")
