@@ -226,6 +226,35 @@ class Encoded:
         self._file.close()
 
 
+class OneThread:
+    """Whose records a writer takes: those of the first thread to add one.
+    Records from two threads at once interleaved fastavro's block writes and
+    the batch's check, and runs succeeded with corrupt files. A check rather
+    than a lock on the hot path: it costs ~1% of an add(), a lock about ten
+    times as much (tests/bench/bench_avro.py), and jobs emit from one thread."""
+
+    def __init__(self) -> None:
+        #: The thread whose records are taken (its ``threading.get_ident()``).
+        self.owner: int | None = None
+        self._adopting = threading.Lock()
+
+    def refusal(self) -> PermanentError | None:
+        """None if the calling thread may add (the first becomes the owner),
+        else why not; for a caller whose thread is not :attr:`owner`."""
+        me = _thread_id()
+        with self._adopting:
+            if self.owner is None:
+                self.owner = me
+            if self.owner == me:
+                return None
+        return PermanentError(
+            "ctx.emit() called from a second thread: records must come from one"
+            " thread (emit in process() what the threads return, e.g. `for rows in"
+            " pool.map(work, items): ...`), or from a thread left running after"
+            " the chunk ended"
+        )
+
+
 class RecordWriter:
     """Accumulates records and produces one Avro object container file.
 
@@ -290,14 +319,22 @@ class RecordWriter:
         self._write = self._writer.write
         self._failure: Exception | None = None
         self._result: Encoded | None = None
-        #: The thread whose records this writer takes: the first to add one.
-        self._owner: int | None = None
-        self._adopting = threading.Lock()
+        self._thread = OneThread()
 
     @property
     def count(self) -> int:
         """How many records have been added."""
         return self._checked + len(self._batch)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the file so far (what its commit will write, roughly)."""
+        if self._result is not None:
+            return self._result.size
+        try:
+            return self._buf.tell()
+        except ValueError:  # closed: an empty file, or a failed writer
+            return 0
 
     def add(self, record: dict[str, Any]) -> None:
         """Add one record (a dict whose keys are the schema's field names).
@@ -309,8 +346,8 @@ class RecordWriter:
             RecordError: the record cannot be encoded in the schema; or this
                 call completes a batch and a record of it does not fit.
         """
-        if _thread_id() != self._owner:
-            self._adopt()
+        if _thread_id() != self._thread.owner and (refused := self._thread.refusal()):
+            raise self._fail(refused)
         try:
             self._write(record)
             # A copy for the batch's check: a job may reuse its dict (or clear
@@ -342,7 +379,7 @@ class RecordWriter:
             return self._result
         # A thread the job left running adds no more (a record added after
         # the count was taken would be lost or, amid a block, corrupt the file).
-        self._owner = _thread_id()
+        self._thread.owner = _thread_id()
         self._check_usable()
         if self._batch:
             self._check_batch()
@@ -367,28 +404,6 @@ class RecordWriter:
         return self.finish_file().read()
 
     # -- internals ----------------------------------------------------------
-
-    def _adopt(self) -> None:
-        """The first record's thread becomes the writer's; another is refused.
-        A lock rather than a check on the hot path: a thread check costs
-        ~1% of an add(), a lock about ten times as much (tests/bench/bench_avro.py),
-        and jobs emit from one thread."""
-        me = _thread_id()
-        with self._adopting:
-            if self._owner is None:
-                self._owner = me
-            if self._owner == me:
-                return
-        # Records from two threads at once interleaved fastavro's block writes
-        # and the batch's check: corrupt files in runs that succeeded.
-        raise self._fail(
-            PermanentError(
-                "ctx.emit() called from a second thread: records must come from one"
-                " thread (emit in process() what the threads return, e.g. `for rows in"
-                " pool.map(work, items): ...`), or from a thread left running after"
-                " the chunk ended"
-            )
-        )
 
     def _refuse(self, record: object) -> None:
         raise RuntimeError("RecordWriter.add() called after finish() or a failure")

@@ -40,6 +40,12 @@ MAX_SPAWN_DELAY = 12 * 24 * 3600.0
 #: The longest reason ``stop_run`` keeps, in characters (the rest is cut).
 MAX_STOP_REASON = 1000
 
+#: What ``time_left()`` assumes a commit moves a second (bytes of output): a
+#: local copy and fsync (~450 MB/s on a cloud VM's disk), an S3 upload from
+#: Lambda (~60-100 MB/s), with room for a slower disk. A chunk of a few MB
+#: keeps back a few hundredths of a second.
+COMMIT_RATE = 50 * 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Continue:
@@ -136,11 +142,18 @@ class ChunkContext:
         )
 
     def time_left(self) -> float:
-        """Seconds left before the soft deadline (checkpoint when this gets small);
-        0 once the run is cancelled or paused."""
+        """Seconds left before the soft deadline (checkpoint when this gets small),
+        less the time committing the output written so far will take (at
+        :data:`COMMIT_RATE`); 0 once the run is cancelled or paused."""
         if self._probe is not None and self._probe() is not None:
             return 0.0
-        return self._soft_deadline - time.monotonic()
+        left = self._soft_deadline - time.monotonic()
+        if self._writer is not None:
+            # The commit copies and syncs the file (locally) or uploads it: a
+            # chunk writing hundreds of MB ran to the soft deadline, and its
+            # commit then ran past the hard one, attempt after attempt.
+            left -= self._writer.size / COMMIT_RATE
+        return left
 
     @property
     def cancelled(self) -> bool:

@@ -571,3 +571,36 @@ def test_read_names_a_partition_the_table_does_not_have(tmp_path: Path) -> None:
         missing = fanout(home, "read", "readings", "--partition", partition)
         assert missing.returncode == 2 and missing.stdout == ""
         assert missing.stderr.strip() == f"error: table readings has no partition {partition!r}"
+
+
+def test_a_table_job_s_records_from_a_second_thread_fail_its_chunk() -> None:
+    # As a plain job's do (tests/test_job_values.py): the partitioned writer's
+    # own count and record numbers would race, whatever each partition's
+    # writer does.
+    import threading
+    from datetime import UTC, datetime
+
+    from fanout.errors import PermanentError
+    from fanout.tables.writer import make_writer
+    from testjobs.readings_table import job
+
+    assert job.schema is not None
+    writer = make_writer(job, job.schema, "null")
+    day = datetime(2024, 1, 1, tzinfo=UTC)
+    writer.add({"item": "a", "read_at": day, "kwh": 1.0})
+    raised: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            writer.add({"item": "b", "read_at": day, "kwh": 2.0})
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert len(raised) == 1 and isinstance(raised[0], PermanentError), raised
+    assert "second thread" in str(raised[0])
+    with pytest.raises(PermanentError, match="second thread"):
+        writer.finish_file()
+    assert writer.count == 1 and writer.size > 0

@@ -16,13 +16,14 @@ import contextlib
 import io
 import json
 import re
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from fanout.avro import Encoded, RecordWriter, Schema
+from fanout.avro import Encoded, OneThread, RecordWriter, Schema
 from fanout.backends.base import Output, Store, TaskKey
 from fanout.backends.keys import chunk_parts_key, table_file_key
-from fanout.errors import RecordError
+from fanout.errors import PermanentError, RecordError
 from fanout.tables.commit import PARTS_KIND, PARTS_VERSION
 from fanout.tables.spec import TableSpec, field_logical_type, partition_value
 
@@ -39,7 +40,7 @@ def make_writer(job: Job, schema: Schema, codec: str) -> RecordWriter:
     """The writer of one chunk of ``job``: a table job's partitions, else one file.
 
     Typed as a RecordWriter because ChunkContext and the runner take one: a
-    PartitionedWriter offers all they use of it (``add``, ``count``, ``finish_file``)."""
+    PartitionedWriter offers all they use of it (``add``, ``count``, ``size``, ``finish_file``)."""
     spec: TableSpec | None = getattr(job, "table_spec", None)
     if spec is None:
         return RecordWriter(schema, codec=codec)
@@ -50,7 +51,8 @@ class PartitionedWriter:
     """Routes each record to its partition's :class:`RecordWriter`.
 
     Offers what the runner and ``ChunkContext`` use of a RecordWriter (``add``,
-    ``count``, ``finish_file``); ``finish_file`` checks every partition's records
+    ``count``, ``size``, ``finish_file``), records from one thread as it takes
+    them (:class:`~fanout.avro.OneThread`); ``finish_file`` checks every partition's records
     and returns a short description of the partitions (empty when no record was
     added), and :meth:`commit` writes the files.
     """
@@ -69,6 +71,8 @@ class PartitionedWriter:
         self._files: dict[str, Encoded] | None = None
         #: Per partition, the chunk-wide number of each record it holds.
         self._indices: dict[str, list[int]] = {}
+        self._thread = OneThread()
+        self._refused: PermanentError | None = None  # a second thread's records
 
     @contextlib.contextmanager
     def _renumbered(self, partition: str) -> Iterator[None]:
@@ -89,11 +93,19 @@ class PartitionedWriter:
         """Records added so far, over every partition."""
         return self._count
 
+    @property
+    def size(self) -> int:
+        """Bytes of the partitions' files so far."""
+        return sum(writer.size for writer in self._writers.values())
+
     def add(self, record: dict[str, Any]) -> None:
         """Add one record to its partition; ``RecordError`` if it has no partition
         value or (as with RecordWriter) does not fit the schema."""
         if self._files is not None:
             raise RuntimeError("PartitionedWriter.add() called after finish()")
+        if threading.get_ident() != self._thread.owner and (refused := self._thread.refusal()):
+            self._refused = refused  # (and the chunk fails at its finish, as in RecordWriter)
+            raise refused
         partition = partition_value(self.spec, record, self._count, self._logical)
         writer = self._writers.get(partition)
         if writer is None:
@@ -107,6 +119,8 @@ class PartitionedWriter:
     def finish_file(self) -> Encoded:
         """Finish every partition's file; returns the partitions' names (as
         JSON), empty when nothing was added."""
+        if self._refused is not None:
+            raise self._refused
         if self._files is None:
             files = {}
             for partition, writer in sorted(self._writers.items()):
