@@ -277,6 +277,18 @@ def _child(
         os._exit(code)
 
 
+def windows(time_left: float) -> tuple[float, float]:
+    """How long before a chunk's soft deadline (``time_left`` s away) it stops
+    taking new requests (the drain, kept for those in flight to finish) and
+    cuts off (the cut, to send what is pending and leave). The drain is at
+    most half of what is left: at 1 s, it was all of it, so a chunk with a
+    short timeout took no request, handed its whole frontier on, and so did
+    each after it until max_depth stopped the run, pages never fetched."""
+    drain = min(max(1.0, 0.2 * time_left), 0.5 * time_left)
+    cut = min(max(0.2, min(0.5, 0.05 * time_left)), 0.5 * drain)
+    return drain, cut
+
+
 def run_chunk(
     spider_cls: type[Spider],
     spider_kwargs: dict[str, Any],
@@ -304,9 +316,8 @@ def run_chunk(
     ``closespider``: what is left of the spider's run-wide CLOSESPIDER_* limits
     (``fanout.crawl.limits``), the chunk's own limits.
     """
-    drain = max(1.0, 0.2 * time_left)  # time kept for in-flight requests to finish
+    drain, cut = windows(time_left)
     now = time.monotonic()
-    cut = max(0.2, min(0.5, 0.05 * time_left))  # to send what is pending and leave
     chunk = {
         "run_id": run_id,
         "chunk_id": chunk_id,
