@@ -30,7 +30,7 @@ from fastavro.write import Writer
 
 from fanout.avro_blocks import BlockPipeline, worth_it
 from fanout.avro_check import RecordChecker, short
-from fanout.errors import PermanentError, RecordError, SchemaError
+from fanout.errors import PermanentError, RecordError, SchemaError, UserError
 from fanout.filestamp import Stamp, stamp_of
 
 __all__ = [
@@ -463,13 +463,24 @@ class RecordWriter:
 # Reading
 
 
-def read_records(data: BinaryIO) -> Iterator[dict[str, Any]]:
-    """Yield the records of an Avro object container file.
+def read_records(
+    data: BinaryIO, name: str = "", reader_schema: Any = None
+) -> Iterator[dict[str, Any]]:
+    """Yield the records of an Avro object container file (read as
+    ``reader_schema``, if given, else as written).
 
     Timestamps come back as aware UTC datetimes, dates as ``date``, decimals as
-    ``Decimal`` (see :func:`to_json_safe` to print them as JSON).
+    ``Decimal`` (see :func:`to_json_safe` to print them as JSON). A file that
+    cannot be read (truncated, a damaged block, not Avro) is a
+    :class:`UserError` naming it (``name``, its store key) and what is wrong,
+    where fastavro raised zlib.error, EOFError (which click takes for Ctrl-D:
+    "aborted", exit 130) or ValueError.
     """
-    yield from fastavro.reader(data)  # type: ignore[misc]
+    try:
+        yield from fastavro.reader(data, reader_schema=reader_schema)  # type: ignore[misc]
+    except Exception as exc:
+        what = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise UserError(f"file {name or '(unnamed)'} cannot be read as Avro: {what}") from None
 
 
 def to_json_safe(record: Mapping[str, Any]) -> dict[str, Any]:

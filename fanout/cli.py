@@ -119,11 +119,29 @@ class _Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+class _Repeated(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys each come once: json keeps the last of a
+    repeated key in silence, and the first value would be lost unseen."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _Repeated(key)
+        found[key] = value
+    return found
+
+
 def _params(pairs: tuple[str, ...], params_file: str | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if params_file:
         try:
-            loaded = json.loads(Path(params_file).read_text())
+            loaded = json.loads(Path(params_file).read_text(), object_pairs_hook=_once_each)
+        except _Repeated as exc:  # as a -p key given twice is
+            raise UserError(f"params file {params_file} gives key {exc.key!r} twice") from None
         except FileNotFoundError:
             raise UserError(f"params file {params_file} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -97,7 +97,7 @@ def read(ctx: click.Context, table: str, partition: str | None, limit: int | Non
     """The records of TABLE as JSON lines, read through its catalog (each once)."""
     import fastavro
 
-    from fanout.avro import to_json_safe
+    from fanout.avro import read_records, to_json_safe
 
     store = group_backend(ctx).store
     catalog = require_catalog(store, table)
@@ -112,10 +112,10 @@ def read(ctx: click.Context, table: str, partition: str | None, limit: int | Non
         except KeyError:
             raise UserError(_gone(store, catalog, f["key"], printed)) from None
         with fo:
-            for record in fastavro.reader(fo, reader_schema=reader_schema):
+            for record in read_records(fo, f["key"], reader_schema):
                 if limit is not None and printed >= limit:
                     return
-                row = to_json_safe(record)  # type: ignore[arg-type]  # a record schema: dicts
+                row = to_json_safe(record)
                 sys.stdout.write(json.dumps(row, separators=(",", ":")) + "\n")
                 printed += 1
 

@@ -455,4 +455,4 @@ def committed_records(backend: Backend, run_id: str) -> Iterator[dict[str, Any]]
                 " table (read that with `fanout read TABLE`), or removed"
             ) from None
         with f:
-            yield from read_records(f)
+            yield from read_records(f, entry["key"])

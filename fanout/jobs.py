@@ -166,13 +166,18 @@ class Job:
                 )
         try:
             model = self.params_model.model_validate(dict(raw))
+            dumped = model.model_dump(mode="json")
         except ValidationError as exc:
             raise ParamsError(f"params for job {self.name}: {_first_error(exc)}") from None
-        except Exception as exc:  # a validator of the job's that raised something else
+        except KeyboardInterrupt:
+            raise  # Ctrl-C while it ran
+        except BaseException as exc:  # a validator of the job's that raised something else
+            # SystemExit too: `submit` exited 0 with no run made, or with the
+            # validator's code and no word; another BaseException, a traceback.
             raise ParamsError(
                 f"params for job {self.name}: the params model raised {type(exc).__name__}: {exc}"
             ) from None
-        self._params_travel(model.model_dump(mode="json"))
+        self._params_travel(dumped)
         return model
 
     def _params_travel(self, params: dict[str, Any]) -> None:

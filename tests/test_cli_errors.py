@@ -211,6 +211,13 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
         ["submit", TREE, "--params-file", "{tmp}/list.json"],
         ["list.json", "JSON object"],
     ),
+    (
+        # The last one won in silence, where a repeated -p key is refused.
+        "params file with a key twice",
+        {"twice.json": '{"chunks": 2, "opts": {"a": 1}, "chunks": 3}'},
+        ["submit", TREE, "--params-file", "{tmp}/twice.json"],
+        ["twice.json", "gives key 'chunks' twice"],
+    ),
     ("setting out of range", {}, ["submit", TREE, "-S", "max_attempts=0"], ["max_attempts"]),
     ("unknown setting", {}, ["submit", TREE, "-S", "max_attempt=2"], ["max_attempt"]),
     ("setting without =", {}, ["submit", TREE, "-S", "max_attempts"], ["KEY=VALUE"]),
@@ -307,6 +314,20 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
         {"pv.py": RAISING_VALIDATOR},
         ["submit", "{tmp}/pv.py", "-p", "a=2"],
         ["the params model raised RuntimeError: boom"],
+    ),
+    (
+        # `submit` exited 0 with no run id and no run made.
+        "a params validator that exits",
+        {"pv.py": RAISING_VALIDATOR.replace('RuntimeError("boom")', "SystemExit(0)")},
+        ["submit", "{tmp}/pv.py", "-p", "a=2"],
+        ["the params model raised SystemExit"],
+    ),
+    (
+        # A traceback and exit 1.
+        "a params validator that raises a BaseException",
+        {"pv.py": RAISING_VALIDATOR.replace('RuntimeError("boom")', "GeneratorExit('odd')")},
+        ["validate", "{tmp}/pv.py", "-p", "a=2"],
+        ["the params model raised GeneratorExit: odd"],
     ),
     (
         "a rate that never fires",
@@ -632,3 +653,26 @@ def test_a_directory_named_as_a_job_is_told_so(
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # as `python -m fanout.cli` has the cwd
     assert_user_error(cli(home, "run", "data"), "data is a directory", "name a job file")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a damaged block"])
+def test_cat_and_read_of_a_damaged_output_file_is_one_line(
+    home: Path, tmp_path: Path, damage: str
+) -> None:
+    # A truncated file: "aborted", exit 130 (fastavro's EOFError, which click
+    # takes for Ctrl-D); a damaged deflate block: a zlib.error traceback.
+    table_job = str(Path(__file__).parent / "testjobs" / "readings_table.py")
+    for job in (METER, table_job):
+        done = fanout(home, "run", job, *WORK, timeout=120)
+        assert done.returncode == 0, done.stderr
+    for path in sorted((home / "store").rglob("*.avro")):
+        data = path.read_bytes()
+        if damage == "truncated":
+            path.write_bytes(data[: len(data) // 2])
+        else:  # bytes in the middle of the first block, past the header
+            middle = len(data) // 2
+            path.write_bytes(data[:middle] + b"\xff" * 64 + data[middle + 64 :])
+    meter_run = json.loads(ok(cli(home, "runs", "--json")).splitlines()[-1])["run_id"]
+    line = assert_user_error(fanout(home, "cat", meter_run), "cannot be read as Avro")
+    assert f"runs/{meter_run}/" in line
+    assert_user_error(fanout(home, "read", "readings"), "cannot be read as Avro")
