@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import signal
 import time
 import traceback
@@ -81,14 +82,21 @@ class Attempt:
 
 
 def describe(exc: BaseException) -> str:
-    """``Type: first line of the message``."""
+    """``Type: first line of the message``, its control characters escaped."""
     try:
         message = str(exc)
     except Exception as bad:  # a job's exception whose __str__ raises
         # Not the job's exception's failure as fanout's own internal error.
         message = f"(its message could not be made: {type(bad).__name__} in __str__)"
     text = message.splitlines()[0] if message else ""
+    # Shown on terminals (logs, `fanout failed`): an escape sequence from a
+    # crawled page or a job's message must not recolour, retitle or clear one.
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: Control characters but the tab (C0, DEL and C1).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def clip(text: str, limit: int) -> str:

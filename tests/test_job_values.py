@@ -132,3 +132,24 @@ def test_a_thread_left_running_after_the_chunk_adds_nothing_to_it(
     time.sleep(0.5)  # the thread's emits come, and are refused
     assert run.state == RunState.SUCCEEDED and run.records == 1, run
     assert [r["s"] for r in coordinator.committed_records(mem, run_id)] == ["from process"]
+
+
+def test_a_job_error_s_control_characters_reach_no_terminal_raw(
+    mem: Backend, tmp_path: Path
+) -> None:
+    # An escape sequence in an exception's message (a crawled page's text, say)
+    # reached `fanout failed` and every log line on stderr as it was.
+    job = tmp_path / "ansi.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('ansi', max_attempts=1)\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    raise ValueError('\\x1b[2J\\x1b]0;pwned\\x07 bell\\x00 tab\\there')\n"
+    )
+    run_id = coordinator.submit(mem, str(job), {}).run_id
+    assert drain(mem, run_id).state == RunState.FAILED
+    (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
+    error = dead.error or ""
+    assert "\\x1b[2J\\x1b]0;pwned\\x07 bell\\x00 tab\there" in error, repr(error)
+    assert not any(ord(c) < 32 and c != "\t" for c in error), repr(error)
