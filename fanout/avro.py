@@ -16,9 +16,11 @@ import io
 import json
 import math
 import os
+import struct
 import tempfile
 import threading
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 from fastavro.write import Writer
 
 from fanout.avro_blocks import BlockPipeline, worth_it
@@ -227,30 +230,38 @@ class Encoded:
 
 
 class OneThread:
-    """Whose records a writer takes: those of the first thread to add one.
-    Records from two threads at once interleaved fastavro's block writes and
-    the batch's check, and runs succeeded with corrupt files. A check rather
-    than a lock on the hot path: it costs ~1% of an add(), a lock about ten
-    times as much (tests/bench/bench_avro.py), and jobs emit from one thread."""
+    """Whose records a writer takes: those of one thread at a time, the first
+    to add one, or the next once it has ended. Records from two threads at once
+    interleaved fastavro's block writes and the batch's check, and runs
+    succeeded with corrupt files. A check rather than a lock on the hot path:
+    it costs ~1% of an add(), a lock about ten times as much
+    (tests/bench/bench_avro.py), and jobs emit from one thread."""
 
     def __init__(self) -> None:
         #: The thread whose records are taken (its ``threading.get_ident()``).
         self.owner: int | None = None
+        self._thread: threading.Thread | None = None
         self._adopting = threading.Lock()
 
-    def refusal(self) -> PermanentError | None:
-        """None if the calling thread may add (the first becomes the owner),
-        else why not; for a caller whose thread is not :attr:`owner`."""
-        me = _thread_id()
+    def take(self) -> None:
+        """The calling thread's records are taken from now on (and no other's)."""
         with self._adopting:
-            if self.owner is None:
-                self.owner = me
-            if self.owner == me:
+            self.owner, self._thread = _thread_id(), threading.current_thread()
+
+    def refusal(self) -> PermanentError | None:
+        """None if the calling thread may add (it becomes the owner, if there
+        was none or the owner has ended), else why not; for a caller whose
+        thread is not :attr:`owner`. (An ended thread's id may be reused: the
+        check on the id alone took a second thread as the first, or not, by chance.)"""
+        with self._adopting:
+            if self.owner is None or (self._thread is not None and not self._thread.is_alive()):
+                self.owner, self._thread = _thread_id(), threading.current_thread()
+            if self.owner == _thread_id():
                 return None
         return PermanentError(
             "ctx.emit() called from a second thread: records must come from one"
-            " thread (emit in process() what the threads return, e.g. `for rows in"
-            " pool.map(work, items): ...`), or from a thread left running after"
+            " thread at a time (emit in process() what the threads return, e.g. `for rows"
+            " in pool.map(work, items): ...`), or from a thread left running after"
             " the chunk ended"
         )
 
@@ -379,7 +390,7 @@ class RecordWriter:
             return self._result
         # A thread the job left running adds no more (a record added after
         # the count was taken would be lost or, amid a block, corrupt the file).
-        self._thread.owner = _thread_id()
+        self._thread.take()
         self._check_usable()
         if self._batch:
             self._check_batch()
@@ -463,6 +474,22 @@ class RecordWriter:
 # Reading
 
 
+#: What fastavro raises for a file that is not whole Avro: truncated (EOFError),
+#: a damaged block (zlib.error, ValueError for a missing sync marker), bytes
+#: that decode to nonsense (IndexError, KeyError, TypeError, UnicodeDecodeError,
+#: struct.error), or records no reader schema can take.
+_UNREADABLE = (
+    EOFError,
+    ValueError,
+    zlib.error,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    SchemaResolutionError,
+)
+
+
 def read_records(
     data: BinaryIO, name: str = "", reader_schema: Any = None
 ) -> Iterator[dict[str, Any]]:
@@ -478,7 +505,7 @@ def read_records(
     """
     try:
         yield from fastavro.reader(data, reader_schema=reader_schema)  # type: ignore[misc]
-    except Exception as exc:
+    except _UNREADABLE as exc:  # not OSError or MemoryError: no fault of the file's
         what = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         raise UserError(f"file {name or '(unnamed)'} cannot be read as Avro: {what}") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -35,6 +36,8 @@ from fanout.jobs import canonical_ref, load_checked
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.settings import RunKind, kind_of, recorded_settings
 from fanout.tables.contract import check_contract
+
+log = logging.getLogger("fanout.coordinator")
 
 
 def new_run_id(job_name: str) -> str:
@@ -214,14 +217,15 @@ def recover(
     its own lost wait ``stalled_after``, and other runs do not look empty.
     """
     actions = []
-    moved = 0
+    moved, redrive_error = 0, None
     if redrive:
         try:
             moved = backend.queue.redrive()
         except Exception as exc:
             # The DLQ's messages wait for the next sweep; stranded tasks and
-            # dead finalizers, below, must not. (Callers log the actions.)
-            actions.append(f"could not move dead-lettered messages back: {exc}")
+            # dead finalizers, below, must not. Raised at the end, for the
+            # caller to report as before.
+            redrive_error = exc
     if moved:
         actions.append(f"moved {moved} dead-lettered messages back to the queue")
     states = (RunState.RUNNING, RunState.FINALIZING)
@@ -247,6 +251,10 @@ def recover(
             if stranded:
                 backend.queue.send(stranded)
                 actions.append(f"re-sent {len(stranded)} stranded tasks of {run.run_id}")
+    if redrive_error is not None:
+        for action in actions:  # (the caller logs them when it gets them)
+            log.warning("recovery sweep: %s", action)
+        raise redrive_error
     return actions
 
 

@@ -185,8 +185,9 @@ class SharedFlag:
     def set(self) -> None:
         """Raise the flag and wake every waiter (safe in a signal handler)."""
         self._flag.value = True
-        with contextlib.suppress(OSError):  # the pipe is full: a wake-up is there already
-            os.write(self._write, b"x")
+        if self._write >= 0:  # (not closed: its number may be another file's now)
+            with contextlib.suppress(OSError):  # the pipe is full: a wake-up is there already
+                os.write(self._write, b"x")
 
     def is_set(self) -> bool:
         """Whether the flag is up."""
@@ -194,8 +195,8 @@ class SharedFlag:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, or until :meth:`set`; return :meth:`is_set`."""
-        if not self._flag.value:
-            with contextlib.suppress(InterruptedError, ValueError):  # (closed)
+        if not self._flag.value and self._read >= 0:
+            with contextlib.suppress(InterruptedError):
                 select.select([self._read], [], [], timeout)
         return bool(self._flag.value)
 
@@ -208,13 +209,16 @@ class SharedFlag:
             self._flag.value = False
         # Emptied whatever the flag says: a byte a set() wrote after the last
         # take() emptied the pipe would make every wait() return at once.
-        with contextlib.suppress(OSError):  # (empty: BlockingIOError)
-            while os.read(self._read, 4096):
+        with contextlib.suppress(OSError):  # (empty: BlockingIOError; closed: EBADF)
+            while self._read >= 0 and os.read(self._read, 4096):
                 pass
         return was
 
     def close(self) -> None:
-        """Close the pipe."""
-        for fd in (self._read, self._write):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Close the pipe; the flag still answers :meth:`is_set`, and
+        :meth:`set` and :meth:`wait` no longer touch a file."""
+        read, write, self._read, self._write = self._read, self._write, -1, -1
+        for fd in (read, write):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)

@@ -251,3 +251,22 @@ def test_a_message_sqs_will_not_take_back_stays_in_the_dlq_and_the_sweep_goes_on
     assert any("re-sent" in a for a in actions), actions
     (resent,) = aws.queue.receive(10, 30)
     assert resent.body == '{"m": 0}'
+
+
+def test_a_redrive_that_fails_does_not_keep_the_sweep_from_the_rest(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its error (a throttled DLQ read, say) escaped recover() at its first
+    # step: no stranded task was re-sent, no dead finalizer replaced. It is
+    # raised at the end now, for the caller to report as before.
+    from fanout import coordinator
+
+    def throttled(limit: int = 1000) -> int:
+        raise RuntimeError("ThrottlingException")
+
+    monkeypatch.setattr(aws.queue, "redrive", throttled)
+    _run(aws)  # a run whose only message was lost
+    with pytest.raises(RuntimeError, match="Throttling"):
+        coordinator.recover(aws, redrive=True)
+    (resent,) = aws.queue.receive(10, 30)
+    assert resent.body == '{"m": 0}'

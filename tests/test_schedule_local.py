@@ -478,6 +478,28 @@ def test_worker_with_scheduler_runs_scheduled_runs(
     assert done[0] >= f"w-{now:%Y%m%dT%H%M}"
 
 
+def test_a_scheduler_process_killed_while_idle_does_not_hang_its_stop(home: Path) -> None:
+    # Its stop flag was a multiprocessing Event: the child killed in wait()
+    # (the OOM killer, kill -9) made set() wait for it for ever, and with it
+    # `fanout worker --with-scheduler` on SIGTERM (found in review).
+    import multiprocessing
+    import os
+    import time
+
+    from fanout.schedules.fire import start_process
+
+    stop = start_process("local", home)
+    (child,) = [p for p in multiprocessing.active_children() if p.name == "fanout-scheduler"]
+    time.sleep(1.0)  # asleep on its stop flag
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(5)
+    stopping = threading.Thread(target=stop, daemon=True)
+    stopping.start()
+    stopping.join(15)
+    assert not stopping.is_alive(), "stopping the killed scheduler process hung"
+
+
 # -- the schedule commands ------------------------------------------------------------
 
 

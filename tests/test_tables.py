@@ -604,3 +604,37 @@ def test_a_table_job_s_records_from_a_second_thread_fail_its_chunk() -> None:
     with pytest.raises(PermanentError, match="second thread"):
         writer.finish_file()
     assert writer.count == 1 and writer.size > 0
+
+
+def test_a_table_writer_s_size_may_be_asked_while_partitions_are_added() -> None:
+    # ctx.time_left() reads it, from any thread: while the emitting thread
+    # added partitions, it raised "dictionary changed size during iteration".
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    from fanout.tables.writer import make_writer
+    from testjobs.readings_table import job
+
+    assert job.schema is not None
+    writer = make_writer(job, job.schema, "null")
+    day = datetime(2000, 1, 1, tzinfo=UTC)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        while not done.is_set():
+            try:
+                writer.size  # noqa: B018
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    try:
+        for n in range(3000):
+            writer.add({"item": str(n), "read_at": day + timedelta(days=n), "kwh": 1.0})
+    finally:
+        done.set()
+        asking.join()
+    assert errors == []

@@ -47,7 +47,7 @@ from fanout.jobs import load_job
 from fanout.messages import ScheduleFire
 from fanout.outcomes import Handled
 from fanout.packaged import job_refusal
-from fanout.processes import die_with_parent
+from fanout.processes import SharedFlag, die_with_parent
 from fanout.schedules import open_store
 from fanout.schedules.guard import sender_refusal, tick_refusal
 from fanout.schedules.model import (
@@ -292,7 +292,7 @@ def start_process(backend_name: str, home: Path) -> Callable[[], None]:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    stop = ctx.Event()
+    stop = SharedFlag()  # not mp.Event: a child killed in its wait() hung set() for ever
     proc = ctx.Process(
         target=_process_main, args=(backend_name, home, stop), name="fanout-scheduler", daemon=True
     )
@@ -304,6 +304,7 @@ def start_process(backend_name: str, home: Path) -> Callable[[], None]:
         if proc.is_alive():
             proc.kill()
             proc.join()
+        stop.close()
 
     return stop_process
 

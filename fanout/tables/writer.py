@@ -96,7 +96,9 @@ class PartitionedWriter:
     @property
     def size(self) -> int:
         """Bytes of the partitions' files so far."""
-        return sum(writer.size for writer in self._writers.values())
+        # A copy first: time_left() may be asked from another thread while
+        # the emitting one adds a partition.
+        return sum(writer.size for writer in list(self._writers.values()))
 
     def add(self, record: dict[str, Any]) -> None:
         """Add one record to its partition; ``RecordError`` if it has no partition
@@ -119,6 +121,7 @@ class PartitionedWriter:
     def finish_file(self) -> Encoded:
         """Finish every partition's file; returns the partitions' names (as
         JSON), empty when nothing was added."""
+        self._thread.take()  # a thread the job left running adds no partition now
         if self._refused is not None:
             raise self._refused
         if self._files is None:
