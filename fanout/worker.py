@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.sharedctypes import Synchronized, SynchronizedString
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +115,18 @@ class WorkerOptions:
 
 class _Slot:
     """Shared memory between one child and the supervisor: the attempt in hand,
-    and the receipts of the messages it received but has not started yet."""
+    and the receipts of the messages it received but has not started yet.
+    Without locks (a child killed holding one would wedge the supervisor's
+    next read for ever): the supervisor reads the texts only once the child
+    is dead, and the deadline, written last, as one aligned double."""
 
     def __init__(self) -> None:
-        self.deadline: Synchronized[float] = _CTX.Value(ctypes.c_double, 0.0)
-        self.attempt: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)
-        self.prefetched: SynchronizedString = _CTX.Array(ctypes.c_char, _SLOT_BYTES)
-        self.finalizing: SynchronizedString = _CTX.Array(ctypes.c_char, 256)
+        self.deadline: Any = _CTX.Value(ctypes.c_double, 0.0, lock=False)
+        self.attempt: Any = _CTX.Array(ctypes.c_char, _SLOT_BYTES, lock=False)
+        self.prefetched: Any = _CTX.Array(ctypes.c_char, _SLOT_BYTES, lock=False)
+        self.finalizing: Any = _CTX.Array(ctypes.c_char, 256, lock=False)
         #: The claimed, unsettled attempts of the batch in hand (fanout.batches).
-        self.batch: SynchronizedString = _CTX.Array(ctypes.c_char, _BATCH_BYTES)
+        self.batch: Any = _CTX.Array(ctypes.c_char, _BATCH_BYTES, lock=False)
         self._lines: dict[str, str] = {}  # the child's: attempt token -> its JSON line
 
     def finalize(self, run_id: str) -> None:
@@ -133,7 +135,7 @@ class _Slot:
 
     def take_finalizing(self) -> str:
         """The run a dead child was finalizing, if any (and forget it)."""
-        run_id = self.finalizing.value.decode()
+        run_id: str = self.finalizing.value.decode()
         self.finalizing.value = b""
         return run_id
 
