@@ -359,9 +359,12 @@ def dead_letters(ctx: click.Context, limit: int, as_json: bool, show_body: bool)
             click.echo(json.dumps({k: v for k, v in letter.items() if k != "traceback"}))
             continue
         when = utc_time(float(letter.get("at", 0.0)))
-        # Letters written before failures were counted have none: their receives.
-        failed = letter.get("failures", letter.get("deliveries"))
-        how = f"after {failed} failed deliveries" if failed else "dropped at once"
+        # Failures are counted for chunk messages (letters before 2026-12-07: none).
+        failed, delivered = letter.get("failures"), letter.get("deliveries") or 1
+        if failed:
+            how = f"after {failed} failed deliveries"
+        else:
+            how = f"after {delivered} deliveries" if delivered > 1 else "dropped at once"
         click.echo(f"{when}  message {letter.get('message_id')}  {how}: {letter.get('reason')}")
         if show_body:
             click.echo(f"    body ({letter.get('body_chars')} chars): {letter.get('body')!r}")

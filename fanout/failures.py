@@ -180,8 +180,8 @@ def keep_message(
     store: Store, delivery: Delivery, reason: str, tb: str = "", failures: int = 0
 ) -> str:
     """Write the dead letter of a message that will not be handled; returns its
-    key. ``failures``: its failed deliveries, this one included (0: dropped
-    at once, not valid)."""
+    key. ``failures``: its failed deliveries, this one included (0: not
+    counted, as for a message dropped at once, not valid)."""
     body: Any = delivery.body
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
     now = time.time()
@@ -305,7 +305,8 @@ def settle_poison(
     tries = delivery.receive_count if sender_checked else delivery.failures + 1
     try:
         if tries >= POISON_TRIES:
-            key = keep_message(store, delivery, reason, tb, tries)
+            # A tick's or sweep's receives are no count of its failures.
+            key = keep_message(store, delivery, reason, tb, 0 if sender_checked else tries)
             log.error(
                 "message %s dead-lettered after %d failed deliveries: %s (kept at %s)",
                 mid,
@@ -326,8 +327,8 @@ def settle_poison(
         )
         if sender_checked:
             queue.release(delivery.receipt, delay)
-        else:
-            queue.release_failed(delivery, delay)
+        elif queue.release_failed(delivery, delay):
+            return Handled.COPIED  # (settled: not to be handed back again)
     except Exception:
         # The backend itself is failing: the message comes back when its
         # visibility runs out, its failure not counted; a message that fails

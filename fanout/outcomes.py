@@ -39,6 +39,9 @@ class Handled(enum.StrEnum):
     INVALID = "invalid"  # not a fanout message: kept as a dead letter
     DEAD_LETTERED = "dead-lettered"  # failed every delivery: kept as a dead letter
     REQUEUED = "requeued"  # failed outside the job's code: handed back
+    # Failed outside the job's code: a copy sent in its place (SQS), this
+    # delivery settled (the Lambda event source deletes it, if we could not).
+    COPIED = "requeued as a copy"
     REFUSED = "refused"  # a tick or sweep from a sender not obeyed
     SWEPT = "swept"  # a recovery sweep ran
     # A schedule's tick.

@@ -183,7 +183,8 @@ def _sqs_size(entry: dict[str, object]) -> int:
 
 def _real_sqs_sizes(aws: Backend, monkeypatch: pytest.MonkeyPatch, refuse: str = "") -> None:
     """Make the queue's client refuse what real SQS refuses: a message over its
-    limit, attributes included (a batch entry as the sender's fault); and a
+    limit, attributes included (a batch entry as the sender's fault), a batch
+    over it in all (the whole batch); and a
     body starting with ``refuse``, to stand for any entry SQS refuses."""
     sqs = aws.queue.sqs  # type: ignore[attr-defined]
     send_message, send_batch = sqs.send_message, sqs.send_message_batch
@@ -198,6 +199,8 @@ def _real_sqs_sizes(aws: Backend, monkeypatch: pytest.MonkeyPatch, refuse: str =
         return send_message(**call)
 
     def batch(QueueUrl: str, Entries: list[dict[str, object]]) -> dict[str, object]:
+        if sum(_sqs_size(e) for e in Entries) > SQS_LIMIT:
+            raise ValueError("BatchRequestTooLong: batch requests cannot be longer than 262144")
         ok = [e for e in Entries if not too_big(e)]
         answer = dict(send_batch(QueueUrl=QueueUrl, Entries=ok)) if ok else {}
         answer["Failed"] = [
@@ -270,3 +273,18 @@ def test_a_redrive_that_fails_does_not_keep_the_sweep_from_the_rest(
         coordinator.recover(aws, redrive=True)
     (resent,) = aws.queue.receive(10, 30)
     assert resent.body == '{"m": 0}'
+
+
+def test_large_dead_lettered_messages_are_moved_back_in_batches_sqs_takes(
+    aws: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ten at a time whatever their size: three of the largest the engine sends
+    # made a batch SQS refuses whole, every sweep, none of them moved.
+    _dead_letter_after_one_receive(aws)
+    bodies = [str(n) * aws.queue.max_message_bytes for n in range(3)]
+    aws.queue.send(bodies)
+    _poison(aws)
+    _real_sqs_sizes(aws, monkeypatch)
+    assert aws.queue.redrive() == 3
+    back = sorted(d.body for d in aws.queue.receive(10, 30))
+    assert back == bodies

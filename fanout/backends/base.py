@@ -504,11 +504,13 @@ class Queue(Protocol):
         """Make a received message visible again after ``delay`` seconds (rounded
         up to the queue's unit: whole seconds on SQS)."""
 
-    def release_failed(self, delivery: Delivery, delay: float) -> None:
+    def release_failed(self, delivery: Delivery, delay: float) -> bool:
         """Hand back a delivery that failed outside the job's code, visible
         again after ``delay`` seconds, its next delivery's ``failures`` one
         higher. The message may come back as a copy (SQS: a new message id,
-        sent by the caller; so not for a message whose sender is checked)."""
+        sent by the caller; so not for a message whose sender is checked):
+        then True, and this delivery is to be acknowledged, not released
+        (deleted already, unless that failed); False if released in place."""
 
     def pending(self) -> int:
         """Messages not yet deleted (visible, delayed or in flight)."""

@@ -64,6 +64,8 @@ MAX_VISIBILITY = 43_200  # VisibilityTimeout (12 hours)
 #: many a message may make (see :meth:`SqsQueue.redrive`).
 REDRIVES = "fanout-redrives"
 MAX_REDRIVES = 3
+#: SQS's limit on a message, attributes included, and on a batch's total.
+SQS_LIMIT = 256 * 1024
 #: Bytes of a message kept for the attributes fanout sets (FAILURES and
 #: REDRIVES: each name, type and value, about 25 bytes), with room to spare.
 ATTRIBUTE_ROOM = 256
@@ -118,7 +120,7 @@ class SqsQueue:
     #: attributes against it too. A larger body goes to the store (the engine
     #: offloads by this figure), so a message can always be handed back with
     #: its failure count and moved back from the DLQ with its trips.
-    max_message_bytes: int = 256 * 1024 - ATTRIBUTE_ROOM
+    max_message_bytes: int = SQS_LIMIT - ATTRIBUTE_ROOM
 
     #: Visibility timeouts and delays are whole seconds (rounded up).
     min_visibility: float = 1.0
@@ -285,14 +287,14 @@ class SqsQueue:
             # becomes visible when its current timeout ends, and is claimed WAIT.
             log.debug("release of a stale receipt ignored: %s", exc)
 
-    def release_failed(self, delivery: Delivery, delay: float) -> None:
+    def release_failed(self, delivery: Delivery, delay: float) -> bool:
         """Hand back a delivery that failed, counting the failure: SQS cannot
         change a message, so a copy is sent, delayed by ``delay`` (rounded up;
         at most 900 s) and carrying the count as :data:`FAILURES`, and then the
         delivery is deleted. A crash in between leaves both, which the ledger
         tells apart; a copy that cannot be sent (SQS refuses or fails it) falls
         back to :meth:`release`, the failure not counted, and SQS's own redrive
-        policy still bounds the message's receives.
+        policy still bounds the message's receives. True once the copy is sent.
 
         The copy's ``SenderId`` is the caller's: a message whose sender is
         checked (a schedule's tick, a sweep) must be handed back with
@@ -315,8 +317,16 @@ class SqsQueue:
                 "could not send the copy of a failed message; released instead", exc_info=True
             )
             self.release(delivery.receipt, delay)
-            return
-        self.ack(delivery.receipt)
+            return False
+        try:
+            self.ack(delivery.receipt)
+        except Exception:
+            # The copy carries on. Not raised: the caller would report the
+            # delivery released, and the original would come back beside its
+            # copy, two lineages of one message each dead-lettered on its own.
+            # The Lambda event source deletes a delivery it is not told failed.
+            log.warning("could not delete a failed message sent again as a copy", exc_info=True)
+        return True
 
     def pending(self) -> int:
         """Messages not yet deleted: visible, delayed and in flight (SQS's
@@ -375,12 +385,16 @@ class SqsQueue:
             entries = {
                 str(i): _redriven(m, trips) | {"Id": str(i)} for i, (m, trips) in enumerate(back)
             }
-            refused = _send_entries(
-                "SQS",
-                lambda batch: self.sqs.send_message_batch(QueueUrl=self.url, Entries=batch),
-                entries,
-                keep_going=True,
-            )
+            refused = []
+            # Within SQS's limit on a whole batch too: ten large messages in one
+            # were refused together (BatchRequestTooLong), small ones with them.
+            for group in _by_size(entries):
+                refused += _send_entries(
+                    "SQS",
+                    lambda batch: self.sqs.send_message_batch(QueueUrl=self.url, Entries=batch),
+                    group,
+                    keep_going=True,
+                )
             for failed in refused:
                 # Left in the DLQ, not lost; one such message must not stop the
                 # sweep (recovery's other steps come after this one).
@@ -426,6 +440,22 @@ class SqsQueue:
 
     def close(self) -> None:
         """Nothing to release: the boto3 client is shared by the process."""
+
+
+def _by_size(entries: dict[str, dict[str, Any]]) -> Iterator[dict[str, dict[str, Any]]]:
+    """``entries`` in groups whose bodies and attributes (counted at
+    :data:`ATTRIBUTE_ROOM` an entry) fit one batch of SQS's message limit."""
+    group: dict[str, dict[str, Any]] = {}
+    total = 0
+    for key, entry in entries.items():
+        size = len(entry["MessageBody"].encode()) + ATTRIBUTE_ROOM
+        if group and total + size > SQS_LIMIT:
+            yield group
+            group, total = {}, 0
+        group[key] = entry
+        total += size
+    if group:
+        yield group
 
 
 def _count(attributes: Any, name: str) -> int:

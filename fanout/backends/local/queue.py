@@ -234,12 +234,14 @@ class SQLiteQueue:
         with self.db.write() as conn:
             conn.execute(_RELEASE, (visible_at, id_, count, self.name))
 
-    def release_failed(self, delivery: Delivery, delay: float) -> None:
-        """As :meth:`release`, counting one more failed delivery of the message."""
+    def release_failed(self, delivery: Delivery, delay: float) -> bool:
+        """As :meth:`release`, counting one more failed delivery of the message
+        (in place: False)."""
         id_, count = _parse_receipt(delivery.receipt)
         visible_at = time.time() + max(delay, 0.0)
         with self.db.write() as conn:
             conn.execute(_RELEASE_FAILED, (visible_at, id_, count, self.name))
+        return False
 
     def pending(self) -> int:
         """Messages of this queue not yet deleted (visible, delayed or in flight),
