@@ -4,6 +4,7 @@ them between phases too."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,23 @@ class RunInfo:
             raw_params=record.params,
             settings=limits_of(record.settings),
             schema=record.settings.get(SCHEMA),
+        )
+
+    def schema_drift(self, job: Job) -> str | None:
+        """Why ``job`` (loaded anew) may not write this run's chunks, if its
+        schema is no longer the one submit recorded and checked against its
+        table; None otherwise. A table reads every file by its catalog: a file
+        written with another schema left it unreadable, the run succeeded."""
+        spec = getattr(job, "table_spec", None)
+        if spec is None or job.schema is None or self.schema is None:
+            return None  # (a plain run's files each carry their own schema)
+        if json.dumps(job.schema.raw, sort_keys=True) == json.dumps(self.schema, sort_keys=True):
+            return None
+        return (
+            f"the job's schema changed since the run was submitted, and its chunks"
+            f" write to table {spec.table}, whose contract was checked with the old one:"
+            " submit a new run (its schema is checked against the table), or put the"
+            " schema back to finish this one"
         )
 
 

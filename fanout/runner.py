@@ -591,6 +591,8 @@ class Runner:
         activate(job)
         if job is not run.job:
             job.check()
+            if (drift := run.schema_drift(job)) is not None:
+                raise PermanentError(drift)
             run.params = job.validate_params(run.raw_params)
             run.job = job
         return job, run.params

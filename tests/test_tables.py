@@ -638,3 +638,58 @@ def test_a_table_writer_s_size_may_be_asked_while_partitions_are_added() -> None
         done.set()
         asking.join()
     assert errors == []
+
+
+def test_a_schema_changed_after_submit_does_not_reach_the_table(
+    ledger: Backend, tmp_path: Path
+) -> None:
+    # The contract is checked at submit; a worker loading the job later, with
+    # its .avsc edited meanwhile (n: long -> double), wrote files the table's
+    # catalog (n: long) cannot read: the run succeeded, `fanout read` failed
+    # midway and `compact` crashed (found by a black-box helper).
+    from fanout.tables.catalog import read_catalog as catalog_of
+
+    (tmp_path / "schemas").mkdir()
+    avsc = tmp_path / "schemas" / "rec.avsc"
+    fields = (
+        '[{"name":"item","type":"string"},{"name":"site","type":"string"},{"name":"n","type":"%s"}]'
+    )
+    avsc.write_text('{"type":"record","name":"rec","fields":%s}' % (fields % "long"))
+    job = tmp_path / "sk.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('sk', schema='rec', partition_by='site', table='sk', max_attempts=2)\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'item': 'x', 'site': 'north', 'n': chunk.get('n', 1)})\n"
+    )
+    first = coordinator.submit(ledger, str(job), {})
+    assert drain(ledger, first.run_id).state == "succeeded"
+    second = coordinator.submit(ledger, str(job), {"n": 2})
+    avsc.write_text('{"type":"record","name":"rec","fields":%s}' % (fields % "double"))
+    assert drain(ledger, second.run_id).state == "failed"
+    (dead,) = ledger.ledger.list_tasks(second.run_id, (TaskState.DEAD,))
+    assert dead.attempt == 1 and "schema changed since the run was submitted" in (dead.error or "")
+    catalog = catalog_of(ledger.store, "sk")
+    assert catalog is not None and len(catalog.schemas) == 1
+    files = [k for k in ledger.store.list("tables/sk/") if k.endswith(".avro")]
+    assert len(files) == 1  # the first run's only: nothing the catalog cannot read
+
+
+def test_a_partition_value_too_long_or_out_of_range_is_a_record_error() -> None:
+    # A value ~250 bytes escaped made a file name the disk refused ("File name
+    # too long"), and a time past year 9999 in UTC an OverflowError: both
+    # internal errors, retried until the chunk died, naming no record (found
+    # by a black-box helper). Each is the record's fault, told at once.
+    from fanout.errors import RecordError
+    from fanout.tables.spec import TableSpec, partition_value
+
+    by_site = TableSpec("t", "site")
+    assert partition_value(by_site, {"site": "中" * 20}, 0, None).startswith("site=%E4")
+    with pytest.raises(RecordError, match="record 4: field 'site' is too long to partition by"):
+        partition_value(by_site, {"site": "中" * 40}, 4, None)
+    by_hour = TableSpec("t", "at", "hour")
+    with pytest.raises(RecordError, match="record 2: field 'at' is not a time to partition by"):
+        partition_value(by_hour, {"at": "9999-12-31T23:59:59-01:00"}, 2, None)
+    with pytest.raises(RecordError, match="not a time"):
+        partition_value(by_hour, {"at": 10**18}, 0, "timestamp-millis")

@@ -127,6 +127,11 @@ def field_logical_type(schema_raw: dict[str, Any], field: str) -> str | bool | N
     return False
 
 
+#: The longest partition path segment (``field=value``, escaped, in bytes):
+#: a file name on most local disks is at most 255 bytes.
+MAX_SEGMENT = 200
+
+
 def partition_value(spec: TableSpec, record: Any, index: int, logical: str | None) -> str:
     """The partition path segment of ``record`` (``dt=2024-01-01``), "" for an
     unpartitioned table. ``index`` numbers the record in its chunk and
@@ -146,10 +151,21 @@ def partition_value(spec: TableSpec, record: Any, index: int, logical: str | Non
         )
     value = record[spec.field]
     if spec.granularity is None:
-        return f"{spec.field}={_escape(value)}"
+        segment = f"{spec.field}={_escape(value)}"
+        if len(segment.encode()) > MAX_SEGMENT:
+            # A file name on most disks is at most 255 bytes: past that the
+            # put failed as an internal error, retried until the chunk died.
+            raise RecordError(
+                f"record {index}: field {spec.field!r} is too long to partition by"
+                f" ({len(segment.encode())} bytes escaped, at most {MAX_SEGMENT})"
+            )
+        return segment
     if value is None:
         return f"{TIME_COLUMN}={NULL_PARTITION}"
-    moment = _as_utc(value, logical)
+    try:
+        moment = _as_utc(value, logical)
+    except (OverflowError, ValueError):  # past year 9999 in UTC, or before year 1
+        moment = None
     if moment is None:
         raise RecordError(
             f"record {index}: field {spec.field!r} is not a time to partition by"
