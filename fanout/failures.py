@@ -91,12 +91,18 @@ def describe(exc: BaseException) -> str:
     text = message.splitlines()[0] if message else ""
     # Shown on terminals (logs, `fanout failed`): an escape sequence from a
     # crawled page or a job's message must not recolour, retitle or clear one.
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = _CONTROL.sub(_escaped, text)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-#: Control characters but the tab (C0, DEL and C1).
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+#: Control characters but the tab (C0, DEL and C1), and the bidirectional
+#: overrides and isolates, which can reverse what a line shows.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def clip(text: str, limit: int) -> str:

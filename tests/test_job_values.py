@@ -193,11 +193,12 @@ def test_a_job_error_s_control_characters_reach_no_terminal_raw(
         "job = Job('ansi', max_attempts=1)\n"
         "@job.process\n"
         "def process(chunk, ctx):\n"
-        "    raise ValueError('\\x1b[2J\\x1b]0;pwned\\x07 bell\\x00 tab\\there')\n"
+        "    raise ValueError('\\x1b[2J\\x1b]0;pwned\\x07 bell\\x00 tab\\there \\u202eevil')\n"
     )
     run_id = coordinator.submit(mem, str(job), {}).run_id
     assert drain(mem, run_id).state == RunState.FAILED
     (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
     error = dead.error or ""
-    assert "\\x1b[2J\\x1b]0;pwned\\x07 bell\\x00 tab\there" in error, repr(error)
+    assert "\\x1b[2J\\x1b]0;pwned\\x07 bell\\x00 tab\there \\u202eevil" in error, repr(error)
     assert not any(ord(c) < 32 and c != "\t" for c in error), repr(error)
+    assert "\u202e" not in error  # a right-to-left override would reverse the line

@@ -332,7 +332,10 @@ class Guard(BaseHTTPMiddleware):
                     return _plain(401, "wrong token")
                 # Trade the token in the URL for a cookie, and drop it from the URL.
                 rest = {k: v for k, v in request.query_params.items() if k != "token"}
-                target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
+                # One leading slash: "//evil.example/" would send the browser
+                # to another host (an open redirect).
+                path = "/" + request.url.path.lstrip("/")
+                target = path + (f"?{urlencode(rest)}" if rest else "")
                 response = RedirectResponse(target, status_code=303)
                 response.set_cookie(
                     TOKEN_COOKIE, config.token, httponly=True, samesite="strict", path="/"

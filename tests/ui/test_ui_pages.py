@@ -301,6 +301,11 @@ def test_host_and_token_checks(failed: Failed, make_client: Client) -> None:
     trade = guarded.get("/", params={"token": secret, "state": "failed"})
     assert trade.status_code == 303 and trade.headers["location"] == "/?state=failed"
     assert "httponly" in trade.headers["set-cookie"].lower()
+    # Not an open redirect: "//evil.example/" was sent on as a link to that host.
+    away = guarded.get(
+        "http://testserver//evil.example/", params={"token": secret}, follow_redirects=False
+    )
+    assert away.status_code == 303 and away.headers["location"] == "/evil.example/"
     # The cookie now rides along (TestClient keeps it), a POST needs CSRF as well.
     assert guarded.get("/").status_code == 200
     url = f"/runs/{failed.run_id}/replay"
