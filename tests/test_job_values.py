@@ -9,7 +9,7 @@ import pytest
 
 from fanout import coordinator
 from fanout.backends.base import Backend, RunState, TaskState
-from support.helpers import drain
+from support.helpers import add_from_another_thread, drain
 
 #: A job that hands fanout one value no message can carry, as its cursor
 #: (``ctx.resume_at``) or as a spawned payload (``ctx.spawn``), by name.
@@ -155,24 +155,13 @@ def test_threads_that_emit_one_after_another_are_each_taken() -> None:
 
 
 def test_a_second_thread_emitting_while_the_first_lives_is_refused() -> None:
-    import threading
 
     from fanout.avro import RecordWriter, load_schema
     from fanout.errors import PermanentError
 
     writer = RecordWriter(load_schema(SCHEMA_N), codec="null")
     writer.add({"n": 0})  # this thread's, alive throughout
-    refused: list[BaseException] = []
-
-    def emit() -> None:
-        try:
-            writer.add({"n": 1})
-        except BaseException as exc:
-            refused.append(exc)
-
-    thread = threading.Thread(target=emit)
-    thread.start()
-    thread.join()
+    refused = add_from_another_thread(writer, {"n": 1})
     assert len(refused) == 1 and isinstance(refused[0], PermanentError), refused
     with pytest.raises(PermanentError, match="second thread"):
         writer.finish_file()  # nothing half-written is committed

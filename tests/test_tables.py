@@ -28,6 +28,7 @@ from fanout.backends import open_backend
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, Store, TaskState
 from fanout.dispatch import Dispatcher
 from fanout.tables.catalog import read_catalog
+from support.helpers import add_from_another_thread
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -577,7 +578,6 @@ def test_a_table_job_s_records_from_a_second_thread_fail_its_chunk() -> None:
     # As a plain job's do (tests/test_job_values.py): the partitioned writer's
     # own count and record numbers would race, whatever each partition's
     # writer does.
-    import threading
     from datetime import UTC, datetime
 
     from fanout.errors import PermanentError
@@ -588,17 +588,7 @@ def test_a_table_job_s_records_from_a_second_thread_fail_its_chunk() -> None:
     writer = make_writer(job, job.schema, "null")
     day = datetime(2024, 1, 1, tzinfo=UTC)
     writer.add({"item": "a", "read_at": day, "kwh": 1.0})
-    raised: list[BaseException] = []
-
-    def other() -> None:
-        try:
-            writer.add({"item": "b", "read_at": day, "kwh": 2.0})
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=other)
-    thread.start()
-    thread.join()
+    raised = add_from_another_thread(writer, {"item": "b", "read_at": day, "kwh": 2.0})
     assert len(raised) == 1 and isinstance(raised[0], PermanentError), raised
     assert "second thread" in str(raised[0])
     with pytest.raises(PermanentError, match="second thread"):

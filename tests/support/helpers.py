@@ -93,3 +93,22 @@ class FixedJitter(random.Random):
 
     def uniform(self, a: float, b: float) -> float:
         return a + self.fraction * (b - a)
+
+
+def add_from_another_thread(writer: Any, record: dict[str, Any]) -> list[BaseException]:
+    """``writer.add(record)`` in a thread of its own, run to its end; what it
+    raised (the one-thread rule of ``fanout.avro.OneThread``), if anything."""
+    import threading
+
+    raised: list[BaseException] = []
+
+    def add() -> None:
+        try:
+            writer.add(record)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=add)
+    thread.start()
+    thread.join()
+    return raised
