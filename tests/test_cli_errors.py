@@ -676,3 +676,5 @@ def test_cat_and_read_of_a_damaged_output_file_is_one_line(
     line = assert_user_error(fanout(home, "cat", meter_run), "cannot be read as Avro")
     assert f"runs/{meter_run}/" in line
     assert_user_error(fanout(home, "read", "readings"), "cannot be read as Avro")
+    # A traceback from compact (a black-box helper's table of an unreadable file).
+    assert_user_error(fanout(home, "compact", "readings"), "cannot be read as Avro")

@@ -32,6 +32,7 @@ from typing import Any
 
 import fastavro
 
+from fanout.avro import read_records
 from fanout.backends.base import Store
 from fanout.backends.keys import compaction_key, table_file_key, table_prefix
 from fanout.errors import UserError
@@ -213,7 +214,8 @@ def _merge(store: Store, old: list[str], new: str, schema: Any, codec: str) -> t
         nonlocal count
         for key in old:
             with store.open(key) as f:
-                for record in fastavro.reader(f, reader_schema=schema):
+                # A file no reader can take is one line naming it, not a traceback.
+                for record in read_records(f, key, schema):
                     count += 1
                     yield record
 
