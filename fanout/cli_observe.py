@@ -397,9 +397,12 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
         return
     if not records:
         click.echo("no runs yet (start one with `fanout run JOB`)", err=True)
+    # As wide as the longest state shown ("succeeded_with_failures" pushed its
+    # row's columns out of line).
+    width = max([10, *(len(r.state.value) for r in records)])
     for r in records:
         when = utc_time(r.created_at)
-        click.echo(f"{r.run_id:<50} {r.state.value:<10} {r.records:>12,} records  {when}")
+        click.echo(f"{r.run_id:<50} {r.state.value:<{width}} {r.records:>12,} records  {when}")
 
 
 @click.command()

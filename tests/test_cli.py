@@ -250,3 +250,19 @@ def test_what_a_job_prints_goes_to_stderr_not_into_the_commands_output(
     printed = {f"chatty job line {n} {i}" for n in range(3) for i in range(2000)}
     assert {line for line in printed if lines[line] != 1} == set()
     assert "module loaded" in result.stderr
+
+
+def test_runs_keeps_its_columns_in_line_whatever_the_states(home: Path) -> None:
+    # "succeeded_with_failures" is longer than the 10 characters the state
+    # column had: its row's records and time stood out of line.
+    ok(cli(home, "run", TREE, *p(chunks=2, rows=2), "-w", "1"))
+    tolerated = cli(
+        home, "run", TREE, *p(chunks=2, rows=2, fail_chunks=[1], fail_times=9),
+        "-S", "max_attempts=1", "-S", "tolerated_failures=1", "-w", "1",
+    )  # fmt: skip
+    assert tolerated.exit_code == 0, tolerated.output
+    lines = ok(cli(home, "runs")).splitlines()
+    assert len(lines) == 2
+    assert any("succeeded_with_failures" in line for line in lines), lines
+    columns = {line.index(" records  ") for line in lines}
+    assert len(columns) == 1, lines
