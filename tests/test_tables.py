@@ -683,3 +683,7 @@ def test_a_partition_value_too_long_or_out_of_range_is_a_record_error() -> None:
         partition_value(by_hour, {"at": "9999-12-31T23:59:59-01:00"}, 2, None)
     with pytest.raises(RecordError, match="not a time"):
         partition_value(by_hour, {"at": 10**18}, 0, "timestamp-millis")
+    # Years before 1000 keep the yyyy of every other partition (dt=1-01-01-00 was).
+    assert partition_value(by_hour, {"at": "0001-01-01T00:30:00+00:00"}, 0, None) == (
+        "dt=0001-01-01-00"
+    )

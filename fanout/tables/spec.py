@@ -171,7 +171,10 @@ def partition_value(spec: TableSpec, record: Any, index: int, logical: str | Non
             f"record {index}: field {spec.field!r} is not a time to partition by"
             f" (got {type(value).__name__} {str(value)[:40]!r})"
         )
-    return f"{TIME_COLUMN}={moment.strftime(GRANULARITIES[spec.granularity])}"
+    # The year always 4 digits: strftime writes year 1 as "1" (dt=1-01-01, out
+    # of the yyyy-MM-dd format Athena's projection reads).
+    spelled = GRANULARITIES[spec.granularity].replace("%Y", f"{moment.year:04d}")
+    return f"{TIME_COLUMN}={moment.strftime(spelled)}"
 
 
 def _escape(value: Any) -> str:
