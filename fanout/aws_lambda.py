@@ -32,7 +32,7 @@ from fanout.backends.base import (
     Delivery,
     Failure,
     FailureKind,
-    sqs_failures,
+    sqs_count,
     sqs_sent_at,
 )
 from fanout.dispatch import Dispatcher
@@ -226,7 +226,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             message_id=message_id,
             sender=attributes.get("SenderId"),
             sent_at=sqs_sent_at(attributes),
-            failures=sqs_failures(
+            failures=sqs_count(
                 record.get("messageAttributes") if isinstance(record, dict) else None
             ),
         )

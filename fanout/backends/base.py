@@ -472,12 +472,12 @@ _YEAR_10000 = 253_402_300_800.0
 FAILURES = "fanout-failures"
 
 
-def sqs_failures(attributes: Any) -> int:
-    """The :data:`FAILURES` count of a message's attributes, as SQS returns
-    them (``StringValue``) or a Lambda event record has them (``stringValue``);
-    0 where it is missing or not a count."""
+def sqs_count(attributes: Any, name: str = FAILURES) -> int:
+    """The count the message attribute ``name`` holds (:data:`FAILURES` by
+    default), as SQS returns it (``StringValue``) or a Lambda event record has
+    it (``stringValue``); 0 where it is missing or not a count."""
     try:
-        value = attributes[FAILURES]
+        value = attributes[name]
         return max(0, int(value.get("StringValue", value.get("stringValue"))))
     except (KeyError, TypeError, ValueError, AttributeError):
         return 0

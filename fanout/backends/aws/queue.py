@@ -49,7 +49,7 @@ from typing import Any
 
 from fanout.backends.aws import AwsSettings
 from fanout.backends.aws.clients import client, error_code
-from fanout.backends.base import FAILURES, Delivery, sqs_failures, sqs_sent_at
+from fanout.backends.base import FAILURES, Delivery, sqs_count, sqs_sent_at
 from fanout.fairness import group_of
 from fanout.json_fields import sqs_safe
 
@@ -194,10 +194,7 @@ class SqsQueue:
             for i, body in enumerate(batch)
         }
         for entry in entries.values():
-            # Fair sharing (fanout.fairness): SQS fair queues key on the group.
-            group = group_of(entry["MessageBody"])
-            if group:
-                entry["MessageGroupId"] = group
+            _grouped(entry)
         _send_entries(
             "SQS",
             lambda e: self.sqs.send_message_batch(QueueUrl=self.url, Entries=e),
@@ -253,7 +250,7 @@ class SqsQueue:
                         message_id=m.get("MessageId", ""),
                         sender=attributes.get("SenderId"),
                         sent_at=sqs_sent_at(attributes),
-                        failures=sqs_failures(m.get("MessageAttributes")),
+                        failures=sqs_count(m.get("MessageAttributes")),
                     )
                 )
         return got
@@ -307,11 +304,8 @@ class SqsQueue:
                 FAILURES: {"DataType": "Number", "StringValue": str(delivery.failures + 1)}
             },
         }
-        group = group_of(delivery.body)
-        if group:
-            entry["MessageGroupId"] = group
         try:
-            self.sqs.send_message(**entry)
+            self.sqs.send_message(**_grouped(entry))
         except Exception:
             log.warning(
                 "could not send the copy of a failed message; released instead", exc_info=True
@@ -373,7 +367,7 @@ class SqsQueue:
                 break
             back = []
             for m in messages:
-                trips = _count(m.get("MessageAttributes"), REDRIVES)
+                trips = sqs_count(m.get("MessageAttributes"), REDRIVES)
                 if trips >= MAX_REDRIVES:
                     log.error(
                         "message %s stays in the DLQ after %d redrives", m["MessageId"], trips
@@ -405,9 +399,8 @@ class SqsQueue:
                     failed.get("Code"),
                     failed.get("Message"),
                 )
-            taken = [
-                (i, m) for i, (m, _) in enumerate(back) if str(i) not in {f["Id"] for f in refused}
-            ]
+            left = {f["Id"] for f in refused}
+            taken = [(i, m) for i, (m, _) in enumerate(back) if str(i) not in left]
             if taken:
                 # Deleted only once re-sent: a crash in between duplicates, never loses.
                 self.sqs.delete_message_batch(
@@ -458,23 +451,20 @@ def _by_size(entries: dict[str, dict[str, Any]]) -> Iterator[dict[str, dict[str,
         yield group
 
 
-def _count(attributes: Any, name: str) -> int:
-    """The count a message attribute ``name`` holds; 0 if missing or not a count."""
-    try:
-        return max(0, int(attributes[name]["StringValue"]))
-    except (KeyError, TypeError, ValueError):
-        return 0
-
-
 def _redriven(message: dict[str, Any], trips: int) -> dict[str, Any]:
     """The batch entry moving ``message`` back from the DLQ on its ``trips``-th
     trip: its failures still counted, its fair-share group kept."""
     attributes = {REDRIVES: {"DataType": "Number", "StringValue": str(trips)}}
-    failures = sqs_failures(message.get("MessageAttributes"))
+    failures = sqs_count(message.get("MessageAttributes"))
     if failures:
         attributes[FAILURES] = {"DataType": "Number", "StringValue": str(failures)}
-    entry: dict[str, Any] = {"MessageBody": message["Body"], "MessageAttributes": attributes}
-    group = group_of(message["Body"])
+    return _grouped({"MessageBody": message["Body"], "MessageAttributes": attributes})
+
+
+def _grouped(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` (a send's, its body under ``MessageBody``) with its message's
+    fair-share group (:mod:`fanout.fairness`), which SQS fair queues key on."""
+    group = group_of(entry["MessageBody"])
     if group:
         entry["MessageGroupId"] = group
     return entry
