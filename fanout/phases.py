@@ -4,7 +4,6 @@ them between phases too."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -54,10 +53,14 @@ class RunInfo:
         spec = getattr(job, "table_spec", None)
         if spec is None or job.schema is None or self.schema is None:
             return None  # (a plain run's files each carry their own schema)
-        if json.dumps(job.schema.raw, sort_keys=True) == json.dumps(self.schema, sort_keys=True):
+        # The table contract's own comparison; imported here, for table jobs only.
+        from fanout.tables.contract import same_schema, schema_change
+
+        if same_schema(job.schema.raw, self.schema):
             return None
         return (
-            f"the job's schema changed since the run was submitted, and its chunks"
+            f"the job's schema changed since the run was submitted"
+            f" ({schema_change(self.schema, job.schema.raw)}), and its chunks"
             f" write to table {spec.table}, whose contract was checked with the old one:"
             " submit a new run (its schema is checked against the table), or put the"
             " schema back to finish this one"

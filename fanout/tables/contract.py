@@ -28,10 +28,11 @@ from fanout.tables.catalog import update_catalog
 from fanout.tables.compat import why_unreadable
 from fanout.tables.spec import TableSpec, field_logical_type
 
-__all__ = ["check_contract", "schema_change"]
+__all__ = ["check_contract", "same_schema", "schema_change"]
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_schema(a: Any, b: Any) -> bool:
+    """Whether two schemas (or parts of one) are the same JSON, key order aside."""
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
@@ -46,7 +47,7 @@ def schema_change(old: dict[str, Any], new: dict[str, Any]) -> str:
         if name not in after:
             return f"field {name!r} removed"
     for name, field in after.items():
-        if not _same(field, before[name]):
+        if not same_schema(field, before[name]):
             return f"field {name!r} changed"
     return "the schema changed (name, namespace, order or documentation)"
 
@@ -76,7 +77,7 @@ def check_contract(store: Store, spec: TableSpec, schema_raw: Any, job_name: str
             raise UserError(f"table {table} is partitioned by {have}; job {job_name} by {want}")
         history = snap["schemas"]
         glue = bool(snap.get("glue")) or spec.glue  # once asked for, kept up to date
-        if history and _same(history[-1]["schema"], schema_raw):
+        if history and same_schema(history[-1]["schema"], schema_raw):
             version = history[-1]["version"]
             if glue == bool(snap.get("glue")):
                 return None
