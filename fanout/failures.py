@@ -337,8 +337,9 @@ def settle_poison(
             return Handled.COPIED  # (settled: not to be handed back again)
     except Exception:
         # The backend itself is failing: the message comes back when its
-        # visibility runs out, its failure not counted; a message that fails
-        # so for ever is bounded by SQS's redrive policy (fanout.backends.aws.queue).
+        # visibility runs out, its failure not counted (on SQS, its receives
+        # are still bounded by the queue's redrive policy; locally, it comes
+        # back until the backend works again).
         log.exception("message %s could not be handed back", mid)
     return Handled.REQUEUED
 
