@@ -34,8 +34,14 @@ def p(**params: Any) -> list[str]:
     ]
 
 
-def assert_user_error(result: Result | subprocess.CompletedProcess[str], *needles: str) -> str:
-    """Exit 2, one line on stderr starting ``error:`` (naming ``needles``), no traceback."""
+def assert_user_error(
+    result: Result | subprocess.CompletedProcess[str], *needles: str, streamed: bool = False
+) -> str:
+    """Exit 2, one line on stderr starting ``error:`` (naming ``needles``), no traceback.
+
+    ``streamed``: a command that streams records (``fanout cat``) may have
+    printed whole JSON lines before it met the problem; nothing else.
+    """
     if isinstance(result, Result):
         code, stdout, stderr = result.exit_code, result.stdout, result.stderr
         # Only the deliberate exit, no exception escaping the command.
@@ -51,5 +57,10 @@ def assert_user_error(result: Result | subprocess.CompletedProcess[str], *needle
     assert lines[0].startswith("error: "), stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
-    assert stdout == ""
+    if streamed:
+        assert stdout == "" or stdout.endswith("\n"), stdout[-200:]
+        for printed in stdout.splitlines():
+            assert isinstance(json.loads(printed), dict), printed
+    else:
+        assert stdout == ""
     return lines[0]
