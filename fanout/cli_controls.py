@@ -93,10 +93,11 @@ def progress_line(status: Status, state: str | None = None) -> str:
     show for the run's (paused rather than running, for one). From the run's
     counters only: cheap enough to print twice a second."""
     r = status.run
-    finished = r.tasks_done + r.tasks_dead + r.tasks_cancelled
+    # Cancelled chunks did not run: named apart, not counted as finished work.
+    cancelled = f"{r.tasks_cancelled} cancelled, " if r.tasks_cancelled else ""
     return (
-        f"{r.run_id}  {state or r.state.value}  chunks {finished}/{r.tasks_total}"
-        f" ({r.tasks_dead} dead, {r.retries} retries)"
+        f"{r.run_id}  {state or r.state.value}  chunks {r.tasks_done + r.tasks_dead}"
+        f"/{r.tasks_total} ({r.tasks_dead} dead, {cancelled}{r.retries} retries)"
         f"  records {r.records:,}  {human(status.rate)}/s  {status.elapsed:.1f}s"
     )
 

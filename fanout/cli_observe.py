@@ -59,6 +59,7 @@ def progress(st: Status, state: str | None = None) -> dict[str, Any]:
         "finished": finished,
         "total": r.tasks_total,
         "dead": r.tasks_dead,
+        "cancelled": r.tasks_cancelled,
         "retries": r.retries,
         "records": r.records,
         "records_per_s": round(st.rate, 1),
@@ -70,13 +71,18 @@ def progress(st: Status, state: str | None = None) -> dict[str, Any]:
 def progress_bar(st: Status, state: str | None = None) -> str:
     """One line: ``[#####-----]  40% chunks 4/10 ...  ETA ~3.0s`` (or the state)."""
     p = progress(st, state)
-    frac = p["finished"] / p["total"] if p["total"] else 0.0
+    # A cancelled chunk ended without doing its work: the bar and the count
+    # show the chunks that ran (a cancelled run's bar is not full), and the
+    # cancelled ones are named beside them.
+    ran = p["finished"] - p["cancelled"]
+    frac = ran / p["total"] if p["total"] else 0.0
     filled = int(frac * BAR_WIDTH)
     bar = "#" * filled + "-" * (BAR_WIDTH - filled)
     tail = f"ETA ~{_seconds(p['eta_s'])}" if p["eta_s"] is not None else p["state"]
-    dead = f" ({p['dead']} dead)" if p["dead"] else ""
+    ended = [f"{p[k]} {k}" for k in ("dead", "cancelled") if p[k]]
+    notes = f" ({', '.join(ended)})" if ended else ""
     return (
-        f"[{bar}] {frac:4.0%}  chunks {p['finished']:,}/{p['total']:,}{dead}"
+        f"[{bar}] {frac:4.0%}  chunks {ran:,}/{p['total']:,}{notes}"
         f"  records {p['records']:,}  {human(p['records_per_s'])}/s"
         f"  {_seconds(p['elapsed_s'])}  {tail}"
     )

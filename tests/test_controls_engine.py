@@ -10,6 +10,7 @@ import pytest
 
 from fanout import control_ops, coordinator
 from fanout.backends.base import Backend, RunState, TaskKey, TaskState
+from fanout.cli_controls import progress_line
 from fanout.cli_observe import watch_run
 from fanout.dispatch import Dispatcher
 from fanout.runner import Runner
@@ -110,3 +111,26 @@ def test_a_second_cancel_says_already_cancelling_and_emits_nothing(mem: Backend)
     assert not second.changed
     assert second.message == f"run {run_id} is already cancelling"
     assert [e["type"] for e in sink.events] == ["run.stopped"]
+
+
+def test_the_progress_of_a_cancelled_run_counts_its_cancelled_chunks_apart(
+    mem: Backend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The bar of a cancelled run was full ("100%  chunks 5/5"): its cancelled
+    # chunks were counted as finished work.
+    run_id = coordinator.submit(mem, JOB, {"chunks": 4}).run_id
+    dispatcher = Dispatcher(mem)
+    (plan,) = mem.queue.receive(1, 30)
+    assert dispatcher.handle(plan, 10.0) == "committed"
+    (first,) = mem.queue.receive(1, 30)
+    assert dispatcher.handle(first, 10.0) == "committed"
+    assert control_ops.cancel(mem, run_id).changed
+    run = drain(mem, run_id)
+    assert run.state == RunState.CANCELLED and run.tasks_cancelled == 3, run
+    assert watch_run(mem, run_id, 0.1, as_json=False, sleep=_stop) == 1
+    bar = capsys.readouterr().out.splitlines()[0]
+    filled = bar[1 : bar.index("]")]
+    assert filled.count("#") == len(filled) * 2 // 5, bar  # 2 of 5 chunks ran
+    assert "40%  chunks 2/5 (3 cancelled)" in bar and bar.endswith("cancelled"), bar
+    line = progress_line(coordinator.status(mem, run_id))
+    assert "chunks 2/5 (0 dead, 3 cancelled, 0 retries)" in line, line
