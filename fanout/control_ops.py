@@ -52,6 +52,9 @@ def cancel(backend: Backend, run_id: str, events: EventSink | None = None) -> Ou
     run = _run(backend, run_id)
     if run.state in TERMINAL_RUN_STATES:
         return Outcome(run_id, False, f"run {run_id} already ended: {run.state.value}")
+    # Counted before the stop: a chunk told of it may checkpoint at once, and
+    # one running at the cancel was still stopped by it.
+    running = len(backend.ledger.list_tasks(run_id, (TaskState.RUNNING,)))
     recorded = backend.ledger.stop(run_id, CANCEL_REASON)  # claims cancel what arrives later
     # Done again by a second cancel, all of it idempotent (a first one may have
     # died half way). A paused run's deliveries would be dropped before their
@@ -72,7 +75,6 @@ def cancel(backend: Backend, run_id: str, events: EventSink | None = None) -> Ou
     emit(events or events_for(backend), "run.stopped", run_id, reason=CANCEL_REASON)
     if drained:
         finalize_run(backend.ledger, backend.store, events or events_for(backend), run_id)
-    running = len(backend.ledger.list_tasks(run_id, (TaskState.RUNNING,)))
     tail = f", {running} running chunks stop at their next checkpoint" if running else ""
     return Outcome(
         run_id,

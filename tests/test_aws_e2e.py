@@ -135,8 +135,10 @@ def test_etl_on_lambda_over_http_matches_the_local_backend(
         s3.put_object(Bucket=bucket, Key=f"inputs/readings/{path.name}", Body=path.read_bytes())
     run_id = coordinator.submit(aws, ETL, {"source": f"s3://{bucket}/inputs/readings/"}).run_id
 
-    # The function times out after 6 s; the queue hides a received batch for 20 s.
-    source = _source(aws, timeout_ms=6_000, visibility=20, batch=4)
+    # The function times out after 9 s; the queue hides a received batch for 20 s.
+    # (The handler starts a chunk only with 5 s left; on a loaded machine, 6 s
+    # was not enough for a cold invocation's clients and claim before that.)
+    source = _source(aws, timeout_ms=9_000, visibility=20, batch=4)
     run = _drive(source, aws, run_id, tmp_path, kill_batch=2, duplicate_batch=3)
 
     assert run.state == RunState.SUCCEEDED and run.outstanding == 0
@@ -183,7 +185,10 @@ def test_crawl_on_lambda_over_http_matches_the_local_backend(aws: Backend, tmp_p
     assert max(hits_on_aws.values()) == 1, [k for k, n in hits_on_aws.items() if n > 1]
     assert run.tasks_total > 2  # the frontier really was handed on between chunks
     # What the seen-set and domain leases cost on DynamoDB, from the run's own
-    # counts: at most 1.2 write units a new URL, about one ledger call a page.
+    # counts: one write unit a new URL for the seen-set, and a lease call costs
+    # one more (about 1.17 a new URL in all here, on a quiet machine). Lease calls
+    # are polls of a busy domain, so their number grows with the time chunks
+    # wait on each other: on a loaded machine 38 here, not 19 (1.32 a new URL).
     stats = run.stats
     pages, new_urls = stats["pages"], stats["new_urls"]
     calls = stats["ledger_claim_calls"] + stats["ledger_lease_calls"]
@@ -193,7 +198,8 @@ def test_crawl_on_lambda_over_http_matches_the_local_backend(aws: Backend, tmp_p
         f" calls a page, {write_units / new_urls:.2f} write units a new URL,"
         f" {read_units / pages:.2f} read units a page"
     )
-    assert write_units / new_urls <= 1.2, stats
+    assert write_units - stats["ledger_lease_calls"] == new_urls, stats
+    assert stats["ledger_lease_calls"] <= 0.5 * pages, stats
     assert calls / pages <= 1.2, stats
 
 
