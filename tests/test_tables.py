@@ -317,6 +317,70 @@ def test_gc_never_touches_the_files_of_a_run_still_running(ledger: Backend) -> N
     assert table_items(ledger.store) == expected("a", 2, 6) + expected("b", 3, 6)
 
 
+class _FinishOnListing:
+    """A store whose first listing of ``prefix`` first runs ``finish``: a run
+    that joins its table and finishes while gc is at work."""
+
+    def __init__(self, store: Store, prefix: str, finish: Any) -> None:
+        self.store, self.prefix, self.finish = store, prefix, finish
+
+    def list(self, prefix: str) -> Any:
+        if prefix == self.prefix and self.finish is not None:
+            finish, self.finish = self.finish, None
+            finish()
+        return self.store.list(prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_gc_keeps_the_files_of_a_run_that_finished_while_it_collected(ledger: Backend) -> None:
+    # gc read the catalog, then listed the table's files, then asked whether
+    # their runs had finished: a run that joined the table and finished between
+    # the catalog read and the listing had every committed file deleted as an
+    # attempt's leftover (a black-box helper lost 10,000 of 70,000 records with
+    # a gc loop beside ordinary runs).
+    from fanout.tables.gc import collect
+
+    run_job(ledger, tag="a", chunks=2, rows=6)
+    record = coordinator.submit(ledger, JOB, {"tag": "b", "chunks": 2, "rows": 6})
+    deliver(ledger, 2)  # the plan and one chunk: the run is still running
+    store = _FinishOnListing(ledger.store, "tables/readings/", lambda: drain(ledger, record.run_id))
+    removed = collect(store, ledger.ledger)  # type: ignore[arg-type]
+    assert store.finish is None  # the run did finish during the collection
+    assert [g for g in removed if g.reason == "uncommitted"] == []
+    assert table_items(ledger.store) == expected("a", 2, 6) + expected("b", 2, 6)
+
+
+def test_a_catalog_change_is_not_lost_to_a_version_number_gc_pruned(ledger: Backend) -> None:
+    # A writer read version N; before it wrote N+1, ten more changes landed and
+    # gc pruned N+1. Its write-if-absent then won the freed number, below the
+    # head no reader looks past: its change was lost without an error (a
+    # compaction's then deleted the files it had replaced, still live).
+    from fanout.tables.catalog import update_catalog, versions
+    from fanout.tables.gc import KEEP_VERSIONS, collect
+
+    run_job(ledger, tag="a", chunks=1, rows=2)
+    store = ledger.store
+    calls = []
+
+    def slow_change(snap: dict[str, Any]) -> dict[str, Any]:
+        calls.append(snap["version"])
+        if len(calls) == 1:  # meanwhile: other changes, then a gc
+            for n in range(KEEP_VERSIONS + 1):
+                update_catalog(store, "readings", lambda snap: snap, f"other change {n}")
+            collect(store, ledger.ledger)
+            assert snap["version"] + 1 not in versions(store, "readings")  # pruned
+        snap["note"] = "the slow change"
+        return snap
+
+    written = update_catalog(store, "readings", slow_change, "slow change")
+    head = read_catalog(store, "readings")
+    assert head is not None and head.version == written.version
+    assert head.data.get("note") == "the slow change"
+    assert len(calls) == 2 and calls[1] == calls[0] + KEEP_VERSIONS + 1  # made again, on the head
+
+
 def test_gc_keeps_the_payloads_of_a_cancelled_run_for_its_replay(backend: Backend) -> None:
     # A replay of a cancelled run runs the chunks the cancel stopped: gc took
     # their offloaded payloads (it kept those of runs with dead chunks only),

@@ -10,7 +10,12 @@ is new, and never re-adds a file that compaction has since replaced).
 A change is made by writing version N+1 with the store's write-if-absent
 (``If-None-Match: *`` on S3, ``link()`` locally): of two writers that read
 version N, exactly one writes N+1; the other reads N+1 and applies its change
-again (:func:`update_catalog`). Readers take the highest version. So every
+again (:func:`update_catalog`). Readers take the highest version. gc prunes
+old versions, which makes their numbers free again: a writer that read N, and
+wrote N+1 only after ten more changes and a gc had pruned the first N+1, would
+win a version no reader takes. Each version names the one it was made from
+(``id``, ``parent``), and a writer that finds a higher version not made from
+its own writes its change again on the head (:func:`_superseded`). So every
 change — a run joining the table, a schema version, a compaction's swap — is
 one atomic step, and a crash before it leaves the previous version in force.
 
@@ -23,6 +28,7 @@ runs' key lists are not compacted (a known limit: see the README).
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,12 +153,41 @@ def update_catalog(
                 return current
             return Catalog(table, 0, empty_snapshot(table))
         version = (current.version if current else 0) + 1
-        new = {**new, "version": version, "operation": operation, "updated_at": time.time()}
+        new = {
+            **new,
+            "version": version,
+            "operation": operation,
+            "updated_at": time.time(),
+            "id": secrets.token_hex(8),
+            "parent": current.data.get("id") if current else None,
+        }
         body = json.dumps(new, separators=(",", ":")).encode()
-        if store.put(table_catalog_key(table, version), body, if_absent=True):
-            return Catalog(table, version, new)
+        key = table_catalog_key(table, version)
+        if store.put(key, body, if_absent=True):
+            if not _superseded(store, table, version, new["id"]):
+                return Catalog(table, version, new)
+            store.delete(key)  # below the head: no reader takes it; write the change again
+            continue
         time.sleep(min(0.5, 0.01 * 2**attempt))  # another writer won: read it, retry
     raise CatalogConflict(f"table {table}: could not swap the catalog in {SWAP_ATTEMPTS} tries")
+
+
+def _superseded(store: Store, table: str, version: int, vid: str) -> bool:
+    """Whether ``version``, just written (as ``vid``), came after gc had pruned
+    an earlier version of that number: then higher versions were there before
+    it, and the next one was not made from it. Pruning keeps the highest
+    versions, so with none higher it is the head. The next one gone too means
+    gc pruned it, which it does only with ten versions above it: written in
+    the moment since ours, if ours were the real one, so it is taken for the
+    pruned case."""
+    if not any(v > version for v in versions(store, table)):
+        return False
+    try:
+        following = json.loads(store.get(table_catalog_key(table, version + 1)))
+    except KeyError:
+        return True
+    # A version written before versions named their parent is taken as made from ours.
+    return bool(following.get("parent", vid) != vid)
 
 
 def live_files(catalog: Catalog, partition: str | None = None) -> list[dict[str, Any]]:

@@ -81,10 +81,9 @@ def collect(
 ) -> list[Garbage]:
     """Find the garbage and, unless ``dry_run``, delete it; returns it sorted."""
     now = time.time() if now is None else now
-    runs = _Runs(ledger)
     found: list[Garbage] = []
-    found += _table_garbage(store, runs, dry_run)
-    found += _run_garbage(store, runs, older_than, now)
+    found += _table_garbage(store, ledger, dry_run)
+    found += _run_garbage(store, ledger, older_than, now)
     if not dry_run:
         old = {run_id for g in found if g.reason == OLD_RUN if (run_id := run_of_key(g.key))}
         for run_id in sorted(old):
@@ -122,25 +121,32 @@ def table_names(store: Store) -> list[str]:
     return sorted(names)
 
 
-def _table_garbage(store: Store, runs: _Runs, dry_run: bool) -> list[Garbage]:
+def _table_garbage(store: Store, ledger: Ledger, dry_run: bool) -> list[Garbage]:
     out: list[Garbage] = []
     for table in table_names(store):
         out += [Garbage(k, "compaction") for k in recover(store, table, dry_run=dry_run)]
+        # The order is what makes this safe: the files, then their runs' states,
+        # then the catalog. A run joins its table before it is marked finished,
+        # so a run read as finished here has its files in the catalog read after
+        # it. Read the other way round, a run that joined and finished between
+        # the two reads had its committed files taken for an attempt's leftovers
+        # and deleted. The runs are read afresh for each table, after its listing:
+        # a state read earlier may predate a replay that reopened the run.
+        runs = _Runs(ledger)
+        candidates = []
+        for key in store.list(table_prefix(table)):
+            rest = key[len(table_prefix(table)) :]
+            if any(seg.startswith("_") for seg in rest.split("/")[:-1]):
+                continue  # the table's own metadata
+            match = _ATTEMPT_FILE.match(rest.rsplit("/", 1)[-1])
+            if match is not None and runs.finished(match.group("run")):
+                candidates.append(key)
         pending = _pending_compaction_files(store, table)
         catalog = read_catalog(store, table)
         if catalog is None:
             continue
         live = {f["key"] for f in catalog.files}
-        for key in store.list(table_prefix(table)):
-            rest = key[len(table_prefix(table)) :]
-            if any(seg.startswith("_") for seg in rest.split("/")[:-1]):
-                continue  # the table's own metadata
-            if key in live or key in pending:
-                continue
-            name = rest.rsplit("/", 1)[-1]
-            match = _ATTEMPT_FILE.match(name)
-            if match is not None and runs.finished(match.group("run")):
-                out.append(Garbage(key, "uncommitted"))
+        out += [Garbage(k, "uncommitted") for k in candidates if k not in live | pending]
         for version in versions(store, table)[:-KEEP_VERSIONS]:
             out.append(Garbage(table_catalog_key(table, version), "catalog"))
     return out
@@ -161,12 +167,17 @@ def _pending_compaction_files(store: Store, table: str) -> set[str]:
     return keys
 
 
-def _run_garbage(store: Store, runs: _Runs, older_than: float | None, now: float) -> list[Garbage]:
+def _run_garbage(
+    store: Store, ledger: Ledger, older_than: float | None, now: float
+) -> list[Garbage]:
     by_run: dict[str, list[str]] = defaultdict(list)
     for key in store.list(RUNS_PREFIX):
         run_id = run_of_key(key)
         if run_id is not None:
             by_run[run_id].append(key)
+    # Read after the listing (as for tables above): a file of a replay that
+    # reopened a run is only listed with the run read as running.
+    runs = _Runs(ledger)
     out: list[Garbage] = []
     for run_id, keys in sorted(by_run.items()):
         run = runs.get(run_id)
