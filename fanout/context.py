@@ -95,8 +95,10 @@ class ChunkContext:
         store: Store | None = None,
         token: str = "",
         probe: RunProbe | None = None,
+        plan: bool = False,
     ) -> None:
         self.params = params
+        self._plan = plan  # the run's plan: it makes the first chunks, in one call
         self.run_id = run_id
         self.chunk_id = chunk_id
         self.seq = seq
@@ -174,7 +176,14 @@ class ChunkContext:
 
     def resume_at(self, cursor: Any) -> Continue:
         """Checkpoint: ``return ctx.resume_at(cursor)`` ends this chunk; a continuation
-        runs the same payload with ``ctx.cursor == cursor``. The cursor must be JSON."""
+        runs the same payload with ``ctx.cursor == cursor``. The cursor must be JSON.
+        Not in a plan: it would end the plan with its other chunks never made."""
+        if self._plan:
+            raise PermanentError(
+                "ctx.resume_at() is for process, not plan: a plan makes the run's first"
+                " chunks in one call (to list a lot, yield a chunk that lists a page,"
+                " spawns a chunk per item and resumes at the next page)"
+            )
         _check_json(cursor, "ctx.resume_at: the cursor")
         # Once per chunk, so checked here in full, where the job's traceback
         # points at its call: a message's rules, beyond what json encodes (it

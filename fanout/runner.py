@@ -343,6 +343,7 @@ class Runner:
                 store=self.store,
                 token=attempt.token,
                 probe=self.gate.probe(msg.run_id),  # run controls: cancel and pause
+                plan=msg.kind == "plan",
             )
             continuation = None
             # The job's own code starts: its environment noted now, after the load

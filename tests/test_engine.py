@@ -737,6 +737,38 @@ def test_what_a_plan_may_return(
         assert error in (task.error or "")
 
 
+@pytest.mark.parametrize("form", ["generator", "list"])
+def test_a_plan_that_checkpoints_fails_instead_of_dropping_its_other_chunks(
+    mem: Backend, tmp_path: Path, form: str
+) -> None:
+    # A plan that listed its inputs a page per slice (`return ctx.resume_at(...)`)
+    # made its first page of chunks, and the run "succeeded" with 3 of 10 records:
+    # the checkpoint was dropped in silence.
+    body = {
+        "generator": "    for i in range(3):\n        yield {'x': i}\n",
+        "list": "    pass\n",
+    }[form]
+    tail = (
+        "    return ctx.resume_at(3)\n"
+        if form == "generator"
+        else ("    ctx.resume_at(3)\n    return [{'x': 0}]\n")
+    )
+    job = _x_job(
+        tmp_path,
+        "pager",
+        "@job.plan\n"
+        "def plan(params, ctx):\n"
+        f"{body}{tail}"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'x': chunk['x']})\n",
+    )
+    run = drain(mem, coordinator.submit(mem, job).run_id)
+    assert run.state == RunState.FAILED and run.chunks_total == 1, run
+    (task,) = mem.ledger.list_tasks(run_id=run.run_id)
+    assert "ctx.resume_at() is for process, not plan" in (task.error or ""), task.error
+
+
 @pytest.mark.parametrize(
     ("body", "error"),
     [
