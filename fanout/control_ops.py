@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, TaskState
+from fanout.backends.base import TERMINAL_RUN_STATES, Backend, RunRecord, RunState, TaskState
 from fanout.backends.runcontrols import controls_of
 from fanout.controls import (
     CANCEL_REASON,
@@ -49,13 +49,14 @@ def cancel(backend: Backend, run_id: str, events: EventSink | None = None) -> Ou
     """Cancel the run: its queued and waiting tasks at once, its running chunks
     at their next checkpoint (``ctx.time_left()`` is 0, ``ctx.cancelled`` true)
     or their hard timeout. What was committed stays; the run ends ``cancelled``."""
-    run = _run(backend, run_id)
-    if run.state in TERMINAL_RUN_STATES:
-        return Outcome(run_id, False, f"run {run_id} already ended: {run.state.value}")
+    if (late := _too_late(_run(backend, run_id), "cancel")) is not None:
+        return late
     # Counted before the stop: a chunk told of it may checkpoint at once, and
     # one running at the cancel was still stopped by it.
     running = len(backend.ledger.list_tasks(run_id, (TaskState.RUNNING,)))
     recorded = backend.ledger.stop(run_id, CANCEL_REASON)  # claims cancel what arrives later
+    if not recorded and (late := _too_late(_run(backend, run_id), "cancel")) is not None:
+        return late
     # Done again by a second cancel, all of it idempotent (a first one may have
     # died half way). A paused run's deliveries would be dropped before their
     # claim: let them reach it, and be cancelled there.
@@ -84,12 +85,32 @@ def cancel(backend: Backend, run_id: str, events: EventSink | None = None) -> Ou
     )
 
 
-def pause(backend: Backend, run_id: str) -> Outcome:
-    """Pause the run: no new chunk of it starts (running ones checkpoint at their
-    next ``ctx.time_left()`` and their continuations wait) until ``resume``."""
-    run = _run(backend, run_id)
+def _too_late(run: RunRecord, what: str) -> Outcome | None:
+    """The answer to ``what`` (cancel, pause) on a run that no longer runs
+    chunks: finalizing (every chunk ended) or ended; else None."""
+    run_id = run.run_id
     if run.state in TERMINAL_RUN_STATES:
         return Outcome(run_id, False, f"run {run_id} already ended: {run.state.value}")
+    if run.state == RunState.FINALIZING:
+        return Outcome(
+            run_id,
+            False,
+            f"run {run_id} is finalizing: every chunk has ended, nothing is left to {what}",
+        )
+    return None
+
+
+def pause(backend: Backend, run_id: str) -> Outcome:
+    """Pause the run: no new chunk of it starts (running ones checkpoint at their
+    next ``ctx.time_left()`` and their continuations wait) until ``resume``.
+    Not a run that is finalizing or stopping (cancelled, over its tolerance):
+    no chunk of it starts anyway, and a pause would outlive its end."""
+    run = _run(backend, run_id)
+    if (late := _too_late(run, "pause")) is not None:
+        return late
+    if run.stop_reason:
+        shown = "cancelling" if is_cancelled(run) else f"stopping ({run.stop_reason})"
+        return Outcome(run_id, False, f"run {run_id} is {shown}: no chunk of it starts anyway")
     now = time.time()
     changed = controls_of(backend.ledger).change_control(
         run_id, lambda state: set_paused(state, True, now)

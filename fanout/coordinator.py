@@ -27,7 +27,7 @@ from fanout.backends.base import (
 )
 from fanout.backends.rules import replay_revives, replayable
 from fanout.backends.runcontrols import controls_of
-from fanout.controls import display_state, paused_seconds
+from fanout.controls import display_state, paused_seconds, set_paused
 from fanout.errors import RunFinalizingError, UnknownRunError, UserError
 from fanout.events import events_for
 from fanout.fairness import register_run, served_runs
@@ -151,6 +151,13 @@ def replay(
     if not reopened and not chunk_ids:
         # (nothing dead, and what was cancelled was orphans or the job's own stop's)
         raise UserError(f"run {run_id} has no dead chunks to replay")
+    if run.state in TERMINAL_RUN_STATES:
+        # A pause that outlived its run's end (one that landed beside a cancel)
+        # would hold the replay's chunks, unseen: the replay starts it afresh.
+        now = time.time()
+        controls_of(backend.ledger).change_control(
+            run_id, lambda state: set_paused(state, False, now)
+        )
     backend.queue.send([t.message for t in reopened])
     return reopened
 

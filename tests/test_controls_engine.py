@@ -13,6 +13,8 @@ from fanout.backends.base import Backend, RunState, TaskKey, TaskState
 from fanout.cli_controls import progress_line
 from fanout.cli_observe import watch_run
 from fanout.dispatch import Dispatcher
+from fanout.events import events_for
+from fanout.finalize import finalize_run
 from fanout.runner import Runner
 from support.helpers import JOBS, drain
 
@@ -134,3 +136,49 @@ def test_the_progress_of_a_cancelled_run_counts_its_cancelled_chunks_apart(
     assert "40%  chunks 2/5 (3 cancelled)" in bar and bar.endswith("cancelled"), bar
     line = progress_line(coordinator.status(mem, run_id))
     assert "chunks 2/5 (0 dead, 3 cancelled, 0 retries)" in line, line
+
+
+def test_cancel_and_pause_of_a_finalizing_run_say_it_is_too_late(mem: Backend) -> None:
+    # A cancel while the manifest was written answered "cancelling run ...: 0
+    # queued chunks cancelled" and the run ended succeeded with a cancel's
+    # reason shown (its finalizer dead: cancelled, with every chunk done).
+    run_id = coordinator.submit(mem, JOB, {"chunks": 1}).run_id
+    (plan,) = mem.queue.receive(1, 30)
+    assert Dispatcher(mem).handle(plan, 10.0) == "committed"
+    key = TaskKey(run_id, "0/0", 0)
+    assert mem.ledger.claim(key, "t", 60, 3, time.time()).task
+    assert mem.ledger.commit(key, "t", None, "committed", time.time()).drained
+    assert mem.ledger.begin_finalize(run_id, time.time(), 60)  # a finalizer at work
+    for op, verb in ((control_ops.cancel, "cancel"), (control_ops.pause, "pause")):
+        outcome = op(mem, run_id)
+        assert not outcome.changed
+        assert outcome.message == (
+            f"run {run_id} is finalizing: every chunk has ended, nothing is left to {verb}"
+        )
+    assert finalize_run(mem.ledger, mem.store, events_for(mem), run_id, 0.0)
+    run = mem.ledger.get_run(run_id)
+    assert run is not None and run.state == RunState.SUCCEEDED and run.stop_reason is None
+
+
+def test_a_cancelling_run_is_not_paused_and_a_replay_clears_a_stale_pause(mem: Backend) -> None:
+    # A pause beside a cancel outlived the run's end; `fanout replay --work`
+    # then reopened the run paused and waited, showing nothing.
+    from fanout.backends.runcontrols import controls_of
+    from fanout.controls import set_paused
+
+    run_id = coordinator.submit(mem, JOB, {"chunks": 2}).run_id
+    (plan,) = mem.queue.receive(1, 30)
+    assert Dispatcher(mem).handle(plan, 10.0) == "committed"
+    assert mem.ledger.claim(TaskKey(run_id, "0/0", 0), "t", 60, 3, time.time()).task
+    assert control_ops.cancel(mem, run_id).changed  # 0/0 runs on: the run is cancelling
+    refused = control_ops.pause(mem, run_id)
+    assert not refused.changed
+    assert refused.message == f"run {run_id} is cancelling: no chunk of it starts anyway"
+    # The pause that landed between the two (read before the cancel, written after).
+    controls_of(mem.ledger).change_control(run_id, lambda s: set_paused(s, True, time.time()))
+    assert mem.ledger.commit(TaskKey(run_id, "0/0", 0), "t", None, "committed", time.time()).drained
+    assert finalize_run(mem.ledger, mem.store, events_for(mem), run_id, 0.0)
+    assert coordinator.get_run(mem, run_id).state == RunState.CANCELLED
+    assert [t.chunk_id for t in coordinator.replay(mem, run_id)] == ["0/1"]
+    run = drain(mem, run_id)
+    assert run.state == RunState.SUCCEEDED and run.records == 1  # 0/0 committed nothing

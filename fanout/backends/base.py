@@ -326,7 +326,8 @@ class Ledger(Protocol):
     def stop(self, run_id: str, reason: str) -> bool:
         """Note why the run stopped (a runaway bound, a cancel): queued tasks are
         cancelled when claimed. The first reason stays; returns whether this
-        call recorded it (False: the run was stopping already)."""
+        call recorded it (False: the run was stopping already, or is no longer
+        running: a finalizing run has no chunk left to stop)."""
 
     def queued_children(self, key: TaskKey) -> list[TaskRecord]:
         """Tasks registered by ``key`` that are still queued (to re-send them when a

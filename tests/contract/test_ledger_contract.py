@@ -613,6 +613,22 @@ def test_stop_says_whether_it_recorded_the_reason(backend: Backend) -> None:
     assert run is not None and run.stop_reason == "first"
 
 
+def test_a_run_that_is_finalizing_or_ended_is_not_stopped(backend: Backend) -> None:
+    # A cancel that landed while the manifest was written ended the run
+    # "succeeded" with a cancel's reason (its finalizer had read the run
+    # first), or, its finalizer dead, "cancelled" with every chunk done.
+    _run(backend)
+    now = time.time()
+    _claim(backend)
+    backend.ledger.commit(ROOT, "t1", None, "committed", now)
+    assert backend.ledger.begin_finalize(RUN, now, 60)
+    assert backend.ledger.stop(RUN, "cancelled (fanout cancel)") is False
+    backend.ledger.finish(RUN, RunState.SUCCEEDED, "m.json", now + 1)
+    assert backend.ledger.stop(RUN, "cancelled (fanout cancel)") is False
+    run = backend.ledger.get_run(RUN)
+    assert run is not None and run.state == RunState.SUCCEEDED and run.stop_reason is None
+
+
 def test_a_commit_that_stops_the_run_records_it_in_the_same_step(backend: Backend) -> None:
     """A chunk's ``ctx.stop_run`` goes in with its commit: a worker that dies
     right after the commit cannot lose it, and the run's queued tasks are

@@ -185,10 +185,12 @@ class DynamoLedger(Registrar, Reopener, DynamoRunControls, DomainStats):  # + co
         return ordered
 
     def stop(self, run_id: str, reason: str) -> bool:
-        """Record the first reason the run stopped; whether this call recorded it."""
+        """Record the first reason the run stopped; whether this call recorded it.
+        Not once the run is finalizing or ended (see the local ledger's)."""
         e = _Expr().set("stop_reason", reason)
         e.where(f"attribute_exists({e.n('pk')})")
         e.where(f"attribute_not_exists({e.n('stop_reason')})")
+        e.where(f"{e.n('state')} = {e.v(RunState.RUNNING.value)}")
         return self._update(e, _run_key(run_id)) is not None
 
     def begin_finalize(self, run_id: str, now: float, stale_after: float) -> bool:

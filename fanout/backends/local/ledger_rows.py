@@ -241,9 +241,12 @@ def commit_args(r: CommitRequest) -> tuple[object, ...]:
 
 def stop_run(conn: sqlite3.Connection, run_id: str, reason: str) -> bool:
     """Record the run's first stop reason (in the caller's write transaction);
-    whether this call recorded it."""
+    whether this call recorded it. Not once the run is finalizing or ended: it
+    has no chunk left to stop, and its finalizer may have read its state
+    already (a cancel then ended a run "succeeded" with a cancel's reason)."""
     cur = conn.execute(
-        "UPDATE runs SET stop_reason = ? WHERE run_id = ? AND stop_reason IS NULL",
+        "UPDATE runs SET stop_reason = ? WHERE run_id = ? AND stop_reason IS NULL"
+        " AND state = 'running'",
         (reason, run_id),
     )
     return cur.rowcount == 1
