@@ -33,6 +33,7 @@ from fanout.cli_common import (
     exit_code,
     group_backend,
     home_problem,
+    open_std_streams,
     split_pairs,
     unreadable_json,
 )
@@ -102,6 +103,7 @@ class _Group(click.Group):
             ctx.exit(EXIT_USAGE)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        open_std_streams()  # before any file is opened
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
@@ -100,6 +101,32 @@ _NO_WRITE_SQLITE = (
 )
 
 
+def open_std_streams() -> None:
+    """Put ``/dev/null`` on fd 0, 1 or 2 if the command was started with it
+    closed (``>&-``, as cron jobs and daemons may be), and give Python streams
+    for them. Python leaves ``sys.stdout`` None then: the worker's children
+    died flushing it and were started again, for ever; ``fanout run`` with
+    stderr closed exited 1 in silence, its run left with no worker. And the
+    next file opened (the ledger's database) would be given the free fd, and
+    the command's output with it."""
+    for fd in (0, 1, 2):
+        try:
+            # Open, and for output writable: a launcher's shell script left
+            # read-only on fd 2 (a pyenv shim run with `2>&-`) fails every write.
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)  # OSError if closed
+            usable = fd == 0 or flags & os.O_ACCMODE != os.O_RDONLY
+        except OSError:
+            usable = False
+        if not usable:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, encoding="utf-8", closefd=False))  # noqa: SIM115
+
+
 def home_problem(home: Path, exc: BaseException) -> str:
     """One line naming why ``home`` cannot serve as fanout's home, from the file
     system it is on (read-only, full) when that says, else from ``exc``."""
@@ -114,7 +141,10 @@ def home_problem(home: Path, exc: BaseException) -> str:
         elif st.f_bavail == 0 and st.f_blocks > 0:  # /proc and the like have no blocks
             why = "its disk is full (no space left on the device)"
     if why is None and isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        why = "its disk is full (no space left on the device)"
+        # The home's file system has room: the full device is another one
+        # (`fanout run > /dev/full` was told its home's disk was full).
+        where = exc.filename or "standard output, or a file the job writes"
+        return f"cannot write: no space left on the device of {where} (the home {home} has room)"
     if why is None and isinstance(exc, OSError):
         why = f"{exc.filename or home}: {exc.strerror or exc}"
     if why is None and found.is_dir() and not os.access(found, os.W_OK):

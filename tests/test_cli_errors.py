@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from fanout.cli import main
 from support.cli import assert_user_error, cli, ok
 from support.helpers import TREE
 from support.lambda_source import checkout_pythonpath
-from support.procs import fanout
+from support.procs import CLI, fanout
 
 #: The example ETL job (its Params check that ``source`` is a directory).
 METER = str(Path(__file__).resolve().parents[1] / "jobs" / "meter_readings.py")
@@ -682,3 +683,39 @@ def test_cat_and_read_of_a_damaged_output_file_is_one_line(
     assert_user_error(fanout(home, "read", "readings"), "cannot be read as Avro", streamed=True)
     # A traceback from compact (a black-box helper's table of an unreadable file).
     assert_user_error(fanout(home, "compact", "readings"), "cannot be read as Avro")
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-", "<&-", ">&- 2>&- <&-"])
+def test_fanout_run_with_standard_streams_closed_runs_its_job(home: Path, closed: str) -> None:
+    # Cron jobs and daemons may start a command with fd 1 or 2 closed. With
+    # stdout closed, each worker child died flushing it and was started again,
+    # for ever (tracebacks at 30 a second); with stderr closed, `fanout run`
+    # exited 1 in silence after its submit, the run left with no worker.
+    command = f"{shlex.join([*CLI, '--home', str(home), 'run', METER, *WORK])} {closed}"
+    done = subprocess.run(
+        ["sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "PYTHONPATH": checkout_pythonpath()},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = json.loads(ok(cli(home, "runs", "--json")).splitlines()[-1])
+    assert run["state"] == "succeeded" and run["records"] == 4000, run
+
+
+def test_fanout_run_into_a_full_stdout_does_not_blame_the_home(home: Path) -> None:
+    # `fanout run > /dev/full` said "cannot use HOME as fanout's home: its disk
+    # is full" (its home had 77 GB free) of a run that had succeeded.
+    command = f"{shlex.join([*CLI, '--home', str(home), 'run', METER, *WORK])} > /dev/full"
+    done = subprocess.run(
+        ["sh", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "PYTHONPATH": checkout_pythonpath()},
+    )
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write: no space left on the device of standard output")
+    assert "fanout's home" not in line
