@@ -77,7 +77,10 @@ OLD_ENVELOPE: TypeAdapter[Any] = TypeAdapter(
 
 
 def old_decode(body: str) -> tuple[str, Any]:
-    """("ok", fields) or ("error", "field: words") as the old models decoded ``body``."""
+    """("ok", fields) or ("error", ["field: words", ...]) as the old models
+    decoded ``body``: every error of the model that claimed it, since which one
+    pydantic lists first changed between its releases (2.14 puts a field's
+    error before an extra key's)."""
     try:
         return "ok", OLD_ENVELOPE.validate_json(body).model_dump(mode="json")
     except ValidationError as exc:
@@ -93,9 +96,10 @@ def old_decode(body: str) -> tuple[str, Any]:
             ),
             by_member.get("OldChunkMessage") or errors,
         )
-        first = claimed[0]
-        where = ".".join(str(p) for p in first["loc"][1:]) or "message"
-        return "error", f"{where}: {first['msg']}"
+        return "error", [
+            f"{'.'.join(str(p) for p in err['loc'][1:]) or 'message'}: {err['msg']}"
+            for err in claimed
+        ]
 
 
 def new_decode(body: str) -> tuple[str, Any]:
@@ -219,7 +223,8 @@ def test_the_hand_written_checks_decide_every_body_as_the_old_models_did() -> No
     for body in corpus:
         old, new = old_decode(body), new_decode(body)
         if old[0] == new[0] == "error":
-            assert same_error(old[1], new[1]), (body[:200], old, new)
+            # The hand-written checks name one of the problems the model found.
+            assert any(same_error(problem, new[1]) for problem in old[1]), (body[:200], old, new)
         elif old[0] == new[0] == "ok":  # the same fields (NaN too: compared as JSON)
             assert json.dumps(old[1], sort_keys=True) == json.dumps(new[1], sort_keys=True)
         else:  # only the lax coercions may differ, and only as a refusal
