@@ -13,6 +13,7 @@ from fanout.failures import Attempt
 from fanout.jobs import Job
 from fanout.limits import SCHEMA, RunLimits, limits_of
 from fanout.messages import ChunkMessage
+from fanout.schema_diff import same_schema, schema_change
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -46,24 +47,26 @@ class RunInfo:
         )
 
     def schema_drift(self, job: Job) -> str | None:
-        """Why ``job`` (loaded anew) may not write this run's chunks, if its
-        schema is no longer the one submit recorded and checked against its
-        table; None otherwise. A table reads every file by its catalog: a file
-        written with another schema left it unreadable, the run succeeded."""
-        spec = getattr(job, "table_spec", None)
-        if spec is None or job.schema is None or self.schema is None:
-            return None  # (a plain run's files each carry their own schema)
-        # The table contract's own comparison; imported here, for table jobs only.
-        from fanout.tables.contract import same_schema, schema_change
-
-        if same_schema(job.schema.raw, self.schema):
+        """Why ``job`` (loaded anew: edited mid-run, or fixed before a replay)
+        may not write this run's chunks, if its schema is no longer the one
+        submit recorded; None otherwise. The run's manifest names that schema
+        for every file, and a table reads every file by its catalog's: a run
+        succeeded with files of two schemas (a replay after a field's type was
+        changed: `qty` an int in some, a string in others) and a manifest that
+        described only the first."""
+        if job.schema is None or self.schema is None or same_schema(job.schema.raw, self.schema):
             return None
+        spec = getattr(job, "table_spec", None)
+        written = (
+            f"its chunks write to table {spec.table}, whose contract was checked with the old one"
+            if spec is not None
+            else "its files and manifest are in the old one"
+        )
         return (
             f"the job's schema changed since the run was submitted"
-            f" ({schema_change(self.schema, job.schema.raw)}), and its chunks"
-            f" write to table {spec.table}, whose contract was checked with the old one:"
-            " submit a new run (its schema is checked against the table), or put the"
-            " schema back to finish this one"
+            f" ({schema_change(self.schema, job.schema.raw)}), and {written}:"
+            " submit a new run (it takes the new schema), or put the schema back to"
+            " finish this one"
         )
 
 

@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.outcomes",
             "fanout.json_fields",
             "fanout.filestamp",
+            "fanout.schema_diff",
         ],
     ),
     ("seams", ["fanout.backends.base", "fanout.backends.crawlstate", "fanout.backends.keys"]),

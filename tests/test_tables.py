@@ -730,6 +730,41 @@ def test_a_schema_changed_after_submit_does_not_reach_the_table(
     assert len(files) == 1  # the first run's only: nothing the catalog cannot read
 
 
+def test_a_plain_run_replayed_after_a_schema_change_is_not_written_in_two_schemas(
+    ledger: Backend, tmp_path: Path
+) -> None:
+    # A chunk died of a bad record (qty "3 units" for an int); the user made
+    # qty a string and replayed: the run succeeded with files in two schemas
+    # (qty 3 and qty "3 units") and a manifest naming only the first, which a
+    # reader given it could not read the new file with (a black-box helper's).
+    (tmp_path / "schemas").mkdir()
+    avsc = tmp_path / "schemas" / "sale.avsc"
+    schema = '{"type":"record","name":"sale","fields":[{"name":"qty","type":"%s"}]}'
+    avsc.write_text(schema % "int")
+    job = tmp_path / "sales.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('sales', schema='sale', max_attempts=1)\n"
+        "@job.plan\n"
+        "def plan(params, ctx):\n"
+        "    return [{'qty': 3}, {'qty': '3 units'}]\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'qty': chunk['qty']})\n"
+    )
+    run = coordinator.submit(ledger, str(job), {})
+    assert drain(ledger, run.run_id).state == "failed"
+    avsc.write_text(schema % "string")
+    # (`fanout replay --work` is a new process, which loads the job anew; so here.)
+    job.write_text(job.read_text() + "# qty is a string now\n")
+    assert [t.chunk_id for t in coordinator.replay(ledger, run.run_id)] == ["0/1"]
+    assert drain(ledger, run.run_id).state == "failed"
+    (dead,) = ledger.ledger.list_tasks(run.run_id, (TaskState.DEAD,))
+    assert "schema changed since the run was submitted (field 'qty' changed)" in (dead.error or "")
+    assert "its files and manifest are in the old one" in (dead.error or "")
+    assert [r["qty"] for r in coordinator.committed_records(ledger, run.run_id)] == [3]
+
+
 def test_a_partition_value_too_long_or_out_of_range_is_a_record_error() -> None:
     # A value ~250 bytes escaped made a file name the disk refused ("File name
     # too long"), and a time past year 9999 in UTC an OverflowError: both

@@ -18,38 +18,17 @@ rule, exit code 2 at the CLI.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from fanout.backends.base import Store
 from fanout.errors import UserError
+from fanout.schema_diff import same_schema, schema_change
 from fanout.tables.catalog import update_catalog
 from fanout.tables.compat import why_unreadable
 from fanout.tables.spec import TableSpec, field_logical_type
 
 __all__ = ["check_contract", "same_schema", "schema_change"]
-
-
-def same_schema(a: Any, b: Any) -> bool:
-    """Whether two schemas (or parts of one) are the same JSON, key order aside."""
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-
-def schema_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """The first difference between two record schemas, for people."""
-    before = {f["name"]: f for f in old.get("fields", [])}
-    after = {f["name"]: f for f in new.get("fields", [])}
-    for name in after:
-        if name not in before:
-            return f"field {name!r} added"
-    for name in before:
-        if name not in after:
-            return f"field {name!r} removed"
-    for name, field in after.items():
-        if not same_schema(field, before[name]):
-            return f"field {name!r} changed"
-    return "the schema changed (name, namespace, order or documentation)"
 
 
 def check_contract(store: Store, spec: TableSpec, schema_raw: Any, job_name: str) -> int:
