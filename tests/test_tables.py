@@ -381,6 +381,41 @@ def test_a_catalog_change_is_not_lost_to_a_version_number_gc_pruned(ledger: Back
     assert len(calls) == 2 and calls[1] == calls[0] + KEEP_VERSIONS + 1  # made again, on the head
 
 
+def test_a_compaction_that_loses_the_race_while_reading_says_so_in_one_line(
+    ledger: Backend,
+) -> None:
+    # Two compactions a moment apart: the second read a file the first had
+    # swapped out and deleted, and died with a KeyError traceback, leaving its
+    # intent and files for the next compaction to "repair".
+    from fanout.errors import UserError
+    from fanout.tables.compact import compact
+
+    run_job(ledger, tag="a", chunks=3, rows=6)
+    store = ledger.store
+    first_open = []
+
+    class Racing:
+        def open(self, key: str) -> Any:
+            if not first_open:
+                first_open.append(key)
+                compact(store, "readings")  # the other one, start to end
+            return store.open(key)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+    with pytest.raises(UserError, match="another compaction replaced these files first"):
+        compact(Racing(), "readings")  # type: ignore[arg-type]
+    assert first_open and not store.exists(first_open[0])
+    assert list(store.list("tables/readings/_compactions/")) == []
+    catalog = read_catalog(store, "readings")
+    assert catalog is not None
+    live = {f["key"] for f in catalog.files}
+    avro = {k for k in store.list("tables/readings/") if k.endswith(".avro")}
+    assert avro == live  # no file of the loser left behind
+    assert table_items(store) == expected("a", 3, 6)
+
+
 def test_gc_keeps_the_payloads_of_a_cancelled_run_for_its_replay(backend: Backend) -> None:
     # A replay of a cancelled run runs the chunks the cancel stopped: gc took
     # their offloaded payloads (it kept those of runs with dead chunks only),

@@ -28,7 +28,7 @@ import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import fastavro
 
@@ -162,7 +162,12 @@ def compact(
     store.put(compaction_key(table, result.compaction_id), json.dumps(intent).encode())
     new_entries = []
     for group in groups:
-        records, nbytes = _merge(store, group["old"], group["new"], schema, codec)
+        try:
+            records, nbytes = _merge(store, group["old"], group["new"], schema, codec)
+        except KeyError:
+            # A file to merge is gone: another compaction swapped these files
+            # out and deleted them while this one read them.
+            _superseded(store, table, result.compaction_id, groups)
         new_entries.append(
             {
                 "key": group["new"],
@@ -185,13 +190,7 @@ def compact(
     try:
         swapped = update_catalog(store, table, swap, f"compaction {result.compaction_id}")
     except _Superseded:
-        # Another compaction replaced some of these files first: ours are garbage.
-        for group in groups:
-            store.delete(group["new"])
-        store.delete(compaction_key(table, result.compaction_id))
-        raise UserError(
-            f"table {table}: another compaction replaced these files first; run it again"
-        ) from None
+        _superseded(store, table, result.compaction_id, groups)
     result.version = swapped.version
     for key in sorted(old_keys):
         store.delete(key)
@@ -204,6 +203,17 @@ def compact(
 
 class _Superseded(Exception):
     """The swap found an old file no longer live."""
+
+
+def _superseded(
+    store: Store, table: str, compaction_id: str, groups: list[dict[str, Any]]
+) -> NoReturn:
+    """Another compaction replaced some of these files first: this one's files
+    and intent are garbage, removed now (not left for the next to "repair")."""
+    for group in groups:
+        store.delete(group["new"])
+    store.delete(compaction_key(table, compaction_id))
+    raise UserError(f"table {table}: another compaction replaced these files first; run it again")
 
 
 def _merge(store: Store, old: list[str], new: str, schema: Any, codec: str) -> tuple[int, int]:
