@@ -13,13 +13,16 @@ SQS's own redrive policy says.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import json
 import logging
 import re
 import signal
 import time
 import traceback
+import types
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -138,10 +141,43 @@ def clip_failure(failure: Failure) -> Failure:
     return replace(failure, error=error, traceback=tb)
 
 
+#: A traceback deeper than this many frames is told by its first and last halves.
+TRACEBACK_FRAMES = 100
+
+
+def format_traceback(exc: BaseException) -> str:
+    """``traceback.format_exception(exc)``, but a deep stack by its first and
+    last :data:`TRACEBACK_FRAMES` / 2 frames: a runaway recursion under a raised
+    recursion limit (a million frames) took 23 s to format, past the chunk's
+    hard timeout, and the attempt was recorded as timed out, its cause lost."""
+    depth, tb = 0, exc.__traceback__
+    while tb is not None and depth <= TRACEBACK_FRAMES:
+        depth, tb = depth + 1, tb.tb_next
+    if depth <= TRACEBACK_FRAMES:
+        return "".join(traceback.format_exception(exc))
+    half = TRACEBACK_FRAMES // 2
+    first = itertools.islice(traceback.walk_tb(exc.__traceback__), half)
+    last: collections.deque[types.TracebackType] = collections.deque(maxlen=half)
+    total, tb = 0, exc.__traceback__
+    while tb is not None:  # following the links is cheap; formatting each frame is not
+        last.append(tb)
+        total, tb = total + 1, tb.tb_next
+    frames = traceback.StackSummary.extract
+    return "".join(
+        [
+            "Traceback (most recent call last):\n",
+            *frames(first).format(),
+            f"  ... {total - 2 * half:,} frames not shown ...\n",
+            *frames((t.tb_frame, t.tb_lineno) for t in last).format(),
+            *traceback.format_exception_only(exc),
+        ]
+    )
+
+
 def failure_of(exc: BaseException) -> Failure:
     """The recorded cause of an exception raised by the job's code (call inside
     the ``except`` block: the traceback is the one being handled)."""
-    tb = traceback.format_exc()
+    tb = format_traceback(exc)
     if isinstance(exc, RecordError):
         return Failure(FailureKind.BAD_RECORD, describe(exc), tb)
     if isinstance(exc, PermanentError):

@@ -30,6 +30,9 @@ CASES = [
     ("signal", [], "crashed", "killed by SIGKILL"),
     ("memory", ["--chunk-memory", "200"], "out of memory", "over its 200 MB limit"),
     ("sleep", ["--chunk-timeout", "1"], "timed out", "1s hard timeout"),
+    # Formatting its 200,000 frames took longer than the recursion (a million,
+    # 23 s: "timed out", the cause lost): a deep stack is told by its ends.
+    ("recursion", [], "error", "RecursionError: maximum recursion depth exceeded"),
     # Its __str__ raises: was fanout's "internal error: RuntimeError: no message".
     ("unspeakable", [], "error", "Unspeakable: (its message could not be made"),
 ]

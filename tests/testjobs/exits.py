@@ -51,6 +51,13 @@ def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
         time.sleep(60)
     if mode == "sleep":
         time.sleep(60)
+    if mode == "recursion":  # a runaway recursion under a raised limit
+
+        def deeper(n: int) -> int:
+            return deeper(n + 1)
+
+        sys.setrecursionlimit(200_000)
+        deeper(0)
     if mode == "no-progress":
         return ctx.resume_at(0)
     return None
