@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fanout.backends.base import TERMINAL_RUN_STATES, Backend, TaskRecord, TaskState
+from fanout.backends.base import (
+    TERMINAL_RUN_STATES,
+    Backend,
+    Ledger,
+    RunRecord,
+    RunState,
+    TaskRecord,
+    TaskState,
+)
 from fanout.cli_common import RUN_ID, exit_code, group_backend, human, utc_time
 from fanout.errors import UserError
 
@@ -386,7 +394,11 @@ def dead_letters(ctx: click.Context, limit: int, as_json: bool, show_body: bool)
 @click.pass_context
 def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Recent runs, newest first."""
-    records = group_backend(ctx).ledger.list_runs(limit=limit)
+    ledger = group_backend(ctx).ledger
+    records = ledger.list_runs(limit=limit)
+    # As `fanout status` shows it: a running run may be paused, cancelling or
+    # stopping (its controls are read for running runs only).
+    shown = {r.run_id: _shown_state(ledger, r) for r in records}
     if as_json:
         for r in records:
             click.echo(
@@ -395,6 +407,7 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
                         "run_id": r.run_id,
                         "job": r.job_name,
                         "state": r.state.value,
+                        "shown_state": shown[r.run_id],
                         "records": r.records,
                         "created_at": r.created_at,
                     }
@@ -405,10 +418,22 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
         click.echo("no runs yet (start one with `fanout run JOB`)", err=True)
     # As wide as the longest state shown ("succeeded_with_failures" pushed its
     # row's columns out of line).
-    width = max([10, *(len(r.state.value) for r in records)])
+    width = max([10, *(len(state) for state in shown.values())])
     for r in records:
         when = utc_time(r.created_at)
-        click.echo(f"{r.run_id:<50} {r.state.value:<{width}} {r.records:>12,} records  {when}")
+        state = shown[r.run_id]
+        click.echo(f"{r.run_id:<50} {state:<{width}} {r.records:>12,} records  {when}")
+
+
+def _shown_state(ledger: Ledger, run: RunRecord) -> str:
+    """The run's state as ``fanout status`` shows it (:func:`display_state`)."""
+    from fanout.backends.runcontrols import controls_of
+    from fanout.controls import display_state
+
+    if run.state != RunState.RUNNING:
+        return run.state.value
+    paused = bool(controls_of(ledger).read_control(run.run_id).get("paused"))
+    return display_state(run, paused)
 
 
 @click.command()

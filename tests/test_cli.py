@@ -266,3 +266,31 @@ def test_runs_keeps_its_columns_in_line_whatever_the_states(home: Path) -> None:
     assert any("succeeded_with_failures" in line for line in lines), lines
     columns = {line.index(" records  ") for line in lines}
     assert len(columns) == 1, lines
+
+
+def test_runs_shows_a_paused_or_cancelling_run_as_status_does(home: Path) -> None:
+    # `fanout runs` printed the ledger's raw state: "running" for a paused run
+    # that `fanout status` called paused.
+    from fanout import control_ops, coordinator
+    from fanout.backends import open_backend
+    from fanout.backends.base import TaskKey
+
+    backend = open_backend("local", home=home)
+    try:
+        paused = coordinator.submit(backend, TREE, {"chunks": 1}).run_id
+        cancelling = coordinator.submit(backend, TREE, {"chunks": 1}).run_id
+        plain = coordinator.submit(backend, TREE, {"chunks": 1}).run_id
+        assert control_ops.pause(backend, paused).changed
+        # A chunk in flight keeps a cancelled run cancelling.
+        assert backend.ledger.claim(TaskKey(cancelling, "0", 0), "t", 60, 3, 0.0).task
+        assert control_ops.cancel(backend, cancelling).changed
+    finally:
+        backend.close()
+    rows = {line.split()[0]: line.split()[1] for line in ok(cli(home, "runs")).splitlines()}
+    assert rows == {paused: "paused", cancelling: "cancelling", plain: "running"}
+    shown = [json.loads(line) for line in ok(cli(home, "runs", "--json")).splitlines()]
+    assert {r["run_id"]: (r["state"], r["shown_state"]) for r in shown} == {
+        paused: ("running", "paused"),
+        cancelling: ("running", "cancelling"),
+        plain: ("running", "running"),
+    }
