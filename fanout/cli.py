@@ -137,8 +137,12 @@ def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def _params(pairs: tuple[str, ...], params_file: str | None) -> dict[str, Any]:
+def _params(pairs: tuple[str, ...], params_files: tuple[str, ...]) -> dict[str, Any]:
     params: dict[str, Any] = {}
+    if len(params_files) > 1:
+        # click keeps the last of a repeated option: the first file was dropped unseen.
+        raise UserError("--params-file is given more than once: give one file (and -p for more)")
+    params_file = params_files[0] if params_files else None
     if params_file:
         try:
             loaded = json.loads(Path(params_file).read_text(), object_pairs_hook=_once_each)
@@ -237,7 +241,11 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="Run setting: " + ", ".join(f.name for f in dataclasses.fields(RunLimits)) + ".",
     )(fn)
     fn = click.option(
-        "--params-file", type=click.Path(dir_okay=False), help="JSON object of params."
+        "--params-file",
+        "params_files",
+        multiple=True,  # to refuse a second one (see _params), not to merge them
+        type=click.Path(dir_okay=False),
+        help="JSON object of params.",
     )(fn)
     fn = click.option(
         "-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A job param."
@@ -318,7 +326,7 @@ def run(
     ctx: click.Context,
     job: str,
     params: tuple[str, ...],
-    params_file: str | None,
+    params_files: tuple[str, ...],
     settings: tuple[str, ...],
     workers: int,
     chunk_timeout: float,
@@ -329,7 +337,7 @@ def run(
     from fanout import coordinator
 
     record = coordinator.submit(
-        group_backend(ctx), job, _params(params, params_file), split_pairs(settings, "--setting")
+        group_backend(ctx), job, _params(params, params_files), split_pairs(settings, "--setting")
     )
     if not as_json:
         click.echo(f"run {record.run_id}", err=True)
@@ -343,14 +351,14 @@ def submit(
     ctx: click.Context,
     job: str,
     params: tuple[str, ...],
-    params_file: str | None,
+    params_files: tuple[str, ...],
     settings: tuple[str, ...],
 ) -> None:
     """Submit JOB (enqueue only) and print the run id."""
     from fanout import coordinator
 
     record = coordinator.submit(
-        group_backend(ctx), job, _params(params, params_file), split_pairs(settings, "--setting")
+        group_backend(ctx), job, _params(params, params_files), split_pairs(settings, "--setting")
     )
     click.echo(record.run_id)
 
@@ -525,10 +533,10 @@ def cat(ctx: click.Context, run_id: str | None, limit: int | None) -> None:
 @main.command()
 @_job_options
 def validate(
-    job: str, params: tuple[str, ...], params_file: str | None, settings: tuple[str, ...]
+    job: str, params: tuple[str, ...], params_files: tuple[str, ...], settings: tuple[str, ...]
 ) -> None:
     """Load JOB and its schema and check params, without running anything."""
-    loaded, model = load_checked(job, _params(params, params_file))
+    loaded, model = load_checked(job, _params(params, params_files))
     # The -S settings too, as `fanout submit` checks them.
     run_settings = loaded.settings.overridden(split_pairs(settings, "--setting"))
     schema = loaded.schema

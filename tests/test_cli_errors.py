@@ -219,6 +219,13 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
         ["submit", TREE, "--params-file", "{tmp}/twice.json"],
         ["twice.json", "gives key 'chunks' twice"],
     ),
+    (
+        # click kept the last of two: the first file's params were dropped unseen.
+        "params file given twice",
+        {"a.json": '{"chunks": 2}', "b.json": '{"rows": 3}'},
+        ["validate", TREE, "--params-file", "{tmp}/a.json", "--params-file", "{tmp}/b.json"],
+        ["--params-file is given more than once"],
+    ),
     ("setting out of range", {}, ["submit", TREE, "-S", "max_attempts=0"], ["max_attempts"]),
     ("unknown setting", {}, ["submit", TREE, "-S", "max_attempt=2"], ["max_attempt"]),
     ("setting without =", {}, ["submit", TREE, "-S", "max_attempts"], ["KEY=VALUE"]),
