@@ -161,11 +161,10 @@ class Runner:
         raise exc
 
     def takes_ctrl_c(self) -> bool:
-        """Whether a KeyboardInterrupt out of a job may be a user's Ctrl-C, to
-        hand the chunk back and stop on (no attempt spent), rather than the
-        job's own failure: only in a process that takes SIGINT as one
-        (``fanout.failures.interruptible``). A host nobody presses Ctrl-C in
-        (Lambda) says no."""
+        """Whether a KeyboardInterrupt out of a job may be a user's Ctrl-C, to hand
+        the chunk back and stop on (no attempt spent), not the job's own failure:
+        only where SIGINT is taken as one (``fanout.failures.interruptible``; on
+        Lambda, where nobody presses Ctrl-C, no)."""
         return interruptible()
 
     def forget_in_hand(self) -> None:
@@ -359,7 +358,8 @@ class Runner:
                 if result is not None:
                     # Told to stop (cancel, pause) is no lack of progress.
                     if msg.seq > 0 and result.cursor == cursor and ctx.told_to_stop is None:
-                        return self.fail(attempt, no_progress(cursor, timeout))
+                        took = time.monotonic() - started  # (a job's bug, or its budget?)
+                        return self.fail(attempt, no_progress(cursor, timeout, took))
                     continuation = result
             ctx.end()  # a thread the job left running may not spawn now
             if (problem := stats_problem(ctx.stats)) is not None:

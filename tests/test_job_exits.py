@@ -70,8 +70,23 @@ def test_each_end_of_a_chunk_is_recorded_with_its_cause_at_once(
     assert f"{kind}: " in shown.stdout and words in shown.stdout, shown.stdout
 
 
-def test_a_continuation_that_makes_no_progress_fails_naming_the_setting(home: Path) -> None:
-    result = fanout(home, "run", EXITS, "-p", "mode=no-progress", "-w", "1", "--chunk-timeout", "5")
+@pytest.mark.parametrize(
+    ("mode", "timeout", "words"),
+    [
+        # It returned at once with the cursor it was given: the advice to raise
+        # --chunk-timeout pointed away from the job's bug.
+        ("no-progress", "5", "the slice returned after"),
+        (
+            "no-progress-slow",
+            "3",
+            "chunk timeout too short for this job (3s; raise --chunk-timeout",
+        ),
+    ],
+)
+def test_a_continuation_that_makes_no_progress_fails_saying_why(
+    home: Path, mode: str, timeout: str, words: str
+) -> None:
+    result = fanout(home, "run", EXITS, "-p", f"mode={mode}", "-w", "1", "--chunk-timeout", timeout)
     assert result.returncode == 1, result.stderr
     run_id = run_id_of(result)
     backend = open_backend("local", home=home)
@@ -82,9 +97,8 @@ def test_a_continuation_that_makes_no_progress_fails_naming_the_setting(home: Pa
     # seq 0 resumes from no cursor; seq 1 resumes from the same cursor again: dead.
     assert [(t.seq, t.state) for t in tasks] == [(0, TaskState.DONE), (1, TaskState.DEAD)]
     shown = fanout(home, "failed", run_id)
-    assert "no progress" in shown.stdout
-    assert "chunk timeout too short for this job" in shown.stdout
-    assert "--chunk-timeout" in shown.stdout
+    assert "no progress: resume_at(0) made no progress since the previous slice" in shown.stdout
+    assert words in shown.stdout, shown.stdout
 
 
 def test_a_job_that_calls_os_exit_at_import_is_refused_with_one_line(
