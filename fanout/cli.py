@@ -532,14 +532,26 @@ def cat(ctx: click.Context, run_id: str | None, limit: int | None) -> None:
 
 @main.command()
 @_job_options
+@click.pass_context
 def validate(
-    job: str, params: tuple[str, ...], params_files: tuple[str, ...], settings: tuple[str, ...]
+    ctx: click.Context,
+    job: str,
+    params: tuple[str, ...],
+    params_files: tuple[str, ...],
+    settings: tuple[str, ...],
 ) -> None:
     """Load JOB and its schema and check params, without running anything."""
     loaded, model = load_checked(job, _params(params, params_files))
     # The -S settings too, as `fanout submit` checks them.
     run_settings = loaded.settings.overridden(split_pairs(settings, "--setting"))
     schema = loaded.schema
+    if loaded.table_spec is not None:
+        # And the table's schema contract, as submit checks it (recording nothing):
+        # validate said ok of a job whose submit then refused its schema change.
+        from fanout.tables.contract import check_contract
+
+        raw = schema.raw if schema else None
+        check_contract(group_backend(ctx).store, loaded.table_spec, raw, loaded.name, dry_run=True)
     click.echo(f"job {loaded.name}: ok")
     click.echo(f"  schema: {schema.name if schema else '(none: emits nothing)'}")
     click.echo(f"  plan: {'yes' if loaded.plan_fn else 'no (one chunk holding the params)'}")

@@ -200,3 +200,33 @@ def test_unknown_table_and_bad_options_are_one_line_errors(tmp_path: Path) -> No
     assert "age '7x'" in refused(cli(home, "gc", "--older-than", "7x"))
     bad = write_job(tmp_path, "bad", V1, schema_evolution="sometimes")
     assert "schema_evolution must be 'evolve' or 'freeze'" in refused(cli(home, "submit", bad))
+
+
+def test_validate_checks_a_table_job_against_its_table_and_records_nothing(tmp_path: Path) -> None:
+    # `fanout validate` said ok of a job whose submit then refused its schema
+    # change (a black-box helper's find).
+    from support.cli import assert_user_error, cli, ok
+    from support.procs import fanout
+
+    home = tmp_path / "home"
+    (tmp_path / "schemas").mkdir()
+    avsc = tmp_path / "schemas" / "rec.avsc"
+    schema = '{"type":"record","name":"rec","fields":[{"name":"item","type":"string"}%s]}'
+    avsc.write_text(schema % "")
+    job = tmp_path / "tj.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('tj', schema='rec', table='tj')\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'item': 'x'})\n"
+    )
+    ok(cli(home, "run", str(job), "-w", "1"))
+    versions = sorted((home / "store" / "tables" / "tj" / "_catalog").iterdir())
+    avsc.write_text(schema % ',{"name":"n","type":"long"}')  # no default: refused
+    # (As processes: a job loaded in this one would keep the schema it read.)
+    assert_user_error(fanout(home, "validate", str(job)), "schema change refused", "'n'")
+    avsc.write_text(schema % ',{"name":"n","type":"long","default":0}')  # accepted
+    accepted = fanout(home, "validate", str(job))
+    assert accepted.returncode == 0 and "job tj: ok" in accepted.stdout, accepted.stderr
+    assert sorted((home / "store" / "tables" / "tj" / "_catalog").iterdir()) == versions

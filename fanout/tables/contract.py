@@ -18,22 +18,26 @@ rule, exit code 2 at the CLI.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from fanout.backends.base import Store
 from fanout.errors import UserError
 from fanout.schema_diff import same_schema, schema_change
-from fanout.tables.catalog import update_catalog
+from fanout.tables.catalog import empty_snapshot, read_catalog, update_catalog
 from fanout.tables.compat import why_unreadable
 from fanout.tables.spec import TableSpec, field_logical_type
 
 __all__ = ["check_contract", "same_schema", "schema_change"]
 
 
-def check_contract(store: Store, spec: TableSpec, schema_raw: Any, job_name: str) -> int:
+def check_contract(
+    store: Store, spec: TableSpec, schema_raw: Any, job_name: str, *, dry_run: bool = False
+) -> int:
     """Check the job's schema against the table's and record it if it is new;
-    returns the table's schema version the run writes with.
+    returns the table's schema version the run writes with. ``dry_run``
+    (``fanout validate``): check only, record nothing.
 
     Raises:
         UserError: the change breaks the contract, or the job does not fit the
@@ -83,6 +87,10 @@ def check_contract(store: Store, spec: TableSpec, schema_raw: Any, job_name: str
         snap["glue"] = glue
         return snap
 
+    if dry_run:
+        current = read_catalog(store, table)
+        change(json.loads(json.dumps(current.data)) if current else empty_snapshot(table))
+        return version
     update_catalog(store, table, change, f"schema of job {job_name}")
     return version
 
