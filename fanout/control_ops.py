@@ -137,7 +137,10 @@ def resume(backend: Backend, run_id: str) -> Outcome:
     if tasks:
         backend.queue.send([t.message for t in tasks])
     return Outcome(
-        run_id, True, f"resumed run {run_id}: {len(tasks)} chunks sent again", resent=len(tasks)
+        run_id,
+        True,
+        f"resumed run {run_id}: {len(tasks)} chunk{'' if len(tasks) == 1 else 's'} sent again",
+        resent=len(tasks),
     )
 
 

@@ -363,12 +363,26 @@ def _import_module(name: str) -> ModuleType:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name and name.startswith(exc.name):
-            raise JobLoadError(f"job module {name} not found") from None
+            raise JobLoadError(f"job module {name} not found{_beside_hint(name)}") from None
         raise JobLoadError(f"job module {name} does not import: {_describe(exc)}") from exc
     except UserError:
         raise
     except BaseException as exc:
         raise JobLoadError(f"job module {name} does not import: {_describe(exc)}") from exc
+
+
+def _beside_hint(name: str) -> str:
+    """Why a module that is there, under the current directory, was not found:
+    the ``fanout`` script, unlike ``python -m``, does not put the current
+    directory on the module path."""
+    path = Path(*name.split("."))
+    on_path = "" in sys.path or os.getcwd() in sys.path
+    if on_path or not (path.with_suffix(".py").is_file() or path.is_dir()):
+        return ""
+    return (
+        f" (it is under the current directory, which the module path does not hold:"
+        f" name the file, {path.with_suffix('.py')}, or set PYTHONPATH=.)"
+    )
 
 
 def _describe(exc: BaseException) -> str:
