@@ -184,6 +184,13 @@ class ChunkContext:
                 " chunks in one call (to list a lot, yield a chunk that lists a page,"
                 " spawns a chunk per item and resumes at the next page)"
             )
+        if cursor is None:
+            # None is what a chunk's first slice sees: its continuation could
+            # not tell that it is one, and would start the chunk over.
+            raise PermanentError(
+                "ctx.resume_at(None): None is the cursor of a chunk's first slice;"
+                " resume at a value (an offset, a key, a page token)"
+            )
         _check_json(cursor, "ctx.resume_at: the cursor")
         # Once per chunk, so checked here in full, where the job's traceback
         # points at its call: a message's rules, beyond what json encodes (it

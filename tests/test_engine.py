@@ -778,6 +778,9 @@ def test_a_plan_that_checkpoints_fails_instead_of_dropping_its_other_chunks(
         ("    ctx.resume_at(5)", "process called ctx.resume_at() but did not return its result"),
         ("    return", None),
         ("    return ctx.resume_at(5) if ctx.cursor is None else None", None),
+        # Its continuation saw ctx.cursor None, as a first slice does: it could
+        # not tell, and started the chunk over (a black-box helper's find).
+        ("    return ctx.resume_at(None)", "ctx.resume_at(None): None is the cursor"),
     ],
 )
 def test_what_process_may_return(
