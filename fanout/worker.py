@@ -15,7 +15,6 @@ hands their chunks back to the queue.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import multiprocessing as mp
@@ -52,14 +51,11 @@ from fanout.processes import (
 )
 from fanout.retry import Failing
 from fanout.runner import LEASE_GRACE, Runner
+from fanout.worker_slot import Slot
 
 log = logging.getLogger("fanout.worker")
 
 _CTX = mp.get_context("fork")  # children inherit the loaded job; no pickling of state
-_SLOT_BYTES = 2048
-#: Room for the attempts of a batch: 25 at ~200-600 bytes (long run and chunk ids);
-#: those that do not fit are taken over when their leases expire.
-_BATCH_BYTES = 16384
 #: How long an idle child sleeps between empty polls, at most (s).
 MAX_POLL_SLEEP = 0.2
 #: A pool told to stop once its work is done (``fanout run``, ``--until-idle``)
@@ -113,95 +109,7 @@ class WorkerOptions:
     only_run: str | None = None
 
 
-class _Slot:
-    """Shared memory between one child and the supervisor: the attempt in hand,
-    and the receipts of the messages it received but has not started yet.
-    Without locks (a child killed holding one would wedge the supervisor's
-    next read for ever): the supervisor reads the texts only once the child
-    is dead, and the deadline, written last, as one aligned double."""
-
-    def __init__(self) -> None:
-        self.deadline: Any = _CTX.Value(ctypes.c_double, 0.0, lock=False)
-        self.attempt: Any = _CTX.Array(ctypes.c_char, _SLOT_BYTES, lock=False)
-        self.prefetched: Any = _CTX.Array(ctypes.c_char, _SLOT_BYTES, lock=False)
-        self.finalizing: Any = _CTX.Array(ctypes.c_char, 256, lock=False)
-        #: The claimed, unsettled attempts of the batch in hand (fanout.batches).
-        self.batch: Any = _CTX.Array(ctypes.c_char, _BATCH_BYTES, lock=False)
-        self._lines: dict[str, str] = {}  # the child's: attempt token -> its JSON line
-
-    def finalize(self, run_id: str) -> None:
-        """The run whose manifest the child is writing ("" when done)."""
-        self.finalizing.value = run_id.encode()[:255]
-
-    def take_finalizing(self) -> str:
-        """The run a dead child was finalizing, if any (and forget it)."""
-        run_id: str = self.finalizing.value.decode()
-        self.finalizing.value = b""
-        return run_id
-
-    def hold_batch(self, waiting: list[Attempt], finished: list[Attempt]) -> None:
-        """Note a batch's claimed attempts not settled yet (not started, and
-        finished but not committed), so that if this child dies the supervisor
-        hands them back at once, not when their leases expire (as many as fit:
-        the rest are taken over then). Told after every chunk of a batch: each
-        attempt's line is made once."""
-        lines = self._lines
-        text = ""
-        for mark, attempts in (("w", waiting), ("f", finished)):
-            for attempt in attempts:
-                line = lines.get(attempt.token)
-                if line is None:
-                    line = lines[attempt.token] = attempt.to_json() + "\n"
-                line = mark + line
-                if len(text) + len(line) >= _BATCH_BYTES:
-                    break
-                text += line
-        if not text:
-            lines.clear()
-        self.batch.value = text.encode()
-
-    def take_batch(self) -> tuple[list[Attempt], list[Attempt]]:
-        """The batch attempts a dead child left unsettled (and forget them):
-        (not started, finished)."""
-        lines = self.batch.value.decode().splitlines()
-        self.batch.value = b""
-        waiting = [Attempt.from_json(line[1:]) for line in lines if line[:1] == "w"]
-        finished = [Attempt.from_json(line[1:]) for line in lines if line[:1] == "f"]
-        return waiting, finished
-
-    def hold(self, receipts: list[str]) -> None:
-        """Note the receipts of prefetched messages (as many as fit), so that if this
-        child dies the supervisor hands them back at once instead of leaving them
-        invisible for a whole visibility timeout."""
-        text = ""
-        for receipt in receipts:
-            if len(text) + len(receipt) + 1 >= _SLOT_BYTES:
-                break  # the rest come back when their visibility expires
-            text += receipt + ","
-        self.prefetched.value = text.encode()
-
-    def take_prefetched(self) -> list[str]:
-        """The receipts a dead child left behind (and forget them)."""
-        text = self.prefetched.value.decode()
-        self.prefetched.value = b""
-        return [r for r in text.split(",") if r]
-
-    def start(self, attempt: Attempt) -> None:
-        self.attempt.value = attempt.to_json().encode()[: _SLOT_BYTES - 1]
-        self.deadline.value = attempt.deadline
-
-    def end(self) -> None:
-        self.deadline.value = 0.0
-
-    def take(self) -> Attempt | None:
-        """The attempt the child was running when it was stopped, if any."""
-        if self.deadline.value == 0.0:
-            return None
-        self.deadline.value = 0.0
-        return Attempt.from_json(self.attempt.value.decode())
-
-
-def _child_main(opts: WorkerOptions, slot: _Slot, stop: Any, wake: Any, parent: int) -> None:
+def _child_main(opts: WorkerOptions, slot: Slot, stop: Any, wake: Any, parent: int) -> None:
     die_with_parent()
     mark_worker(parent)  # what its chunks start is known for its (see adopt_orphans)
     # What the child inherits (the supervisor's modules, the loaded job) lives
@@ -294,7 +202,7 @@ class WorkerPool:
         #: Set by a child that finished finalizing a run: ``run(until=...)``
         #: looks at once instead of at its next poll (a short run's exit).
         self.wake = SharedFlag()
-        self.slots = [_Slot() for _ in range(opts.workers)]
+        self.slots = [Slot() for _ in range(opts.workers)]
         self.procs: list[Any] = [None] * opts.workers
         self.timed_out = 0
         self.crashed = 0
@@ -438,7 +346,7 @@ class WorkerPool:
                 )
         return bool(runs)
 
-    def _release_prefetched(self, slot: _Slot) -> None:
+    def _release_prefetched(self, slot: Slot) -> None:
         """Hand back the messages a dead child had received but not started, and
         finish the run it was finalizing: left alone, the run would stay
         "finalizing" until the recovery sweep finds the finalizer stale (60 s).

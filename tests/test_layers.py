@@ -91,7 +91,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("schedules", ["fanout.schedules", "fanout.schedules.*"]),
     ("batches", ["fanout.batches"]),
     ("dispatch", ["fanout.dispatch"]),
-    ("hosts", ["fanout.worker", "fanout.aws_lambda"]),
+    ("hosts", ["fanout.worker", "fanout.worker_slot", "fanout.aws_lambda"]),
     (
         "interfaces",
         [
