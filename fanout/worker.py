@@ -35,6 +35,7 @@ from fanout.dispatch import Dispatcher
 from fanout.failures import Attempt, exit_cause
 from fanout.fairness import serve_run_only
 from fanout.finalize import FINALIZE_STALE
+from fanout.jobs import load_job
 from fanout.logs import whole_lines
 from fanout.outcomes import Handled
 from fanout.processes import (
@@ -213,6 +214,8 @@ class WorkerPool:
         self._was_subreaper: bool | None = None
         #: Worker processes whose death was handled (their orphans ended).
         self._buried: set[int] = set()
+        #: Runs whose job this process loaded, for the children it forks (_warm).
+        self._warmed: set[str] = set()
 
     def _spawn(self, i: int) -> None:
         proc = _CTX.Process(
@@ -398,6 +401,25 @@ class WorkerPool:
         if self.runner.fail(attempt, failure) == Handled.LEASE_LOST:
             with contextlib.suppress(Exception):
                 self.backend.queue.release(attempt.receipt, 0.0)
+        if not self._stopping():  # (a child is started in its place)
+            self._warm(attempt.key.run_id)
+
+    def _warm(self, run_id: str) -> None:
+        """Load the run's job here, once, so that the child started in place of
+        one that died (forked from this process) starts with the job's imports.
+        A fresh child of ``fanout worker`` imported them in its chunk's time: a
+        crawl chunk spent seconds importing Scrapy on a loaded machine, timed
+        out, and its retry in the next fresh child did the same, until the
+        chunk was dead. (``fanout run`` loads its job before it forks.)"""
+        if run_id in self._warmed:
+            return
+        self._warmed.add(run_id)
+        try:
+            run = self.backend.ledger.get_run(run_id)
+            if run is not None:
+                load_job(run.job)
+        except Exception as exc:  # the child will say why the job does not load
+            log.debug("did not load the job of %s in the supervisor: %s", run_id, exc)
 
     def _police(self, now: float) -> None:
         """Kill children past their hard deadline; replace children that died."""

@@ -155,6 +155,40 @@ def test_hard_timeout_kills_the_chunk_and_retries_it(home: Path, ledger: Backend
 
 
 @pytest.mark.slow
+def test_a_chunk_whose_job_imports_slowly_is_retried_in_a_warm_child(
+    home: Path, ledger: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh child of `fanout worker` imported the job's libraries in its
+    # chunk's time (Scrapy for a crawl, seconds on a loaded machine): the chunk
+    # timed out, and its retry in the next fresh child did the same, until it
+    # was dead (a crawl in CI beside other work). The supervisor now loads the
+    # job of a chunk whose child died, and the child in its place starts warm.
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "heavylib.py").write_text("import time\ntime.sleep(3.5)  # a heavy import\n")
+    job = tmp_path / "jobs" / "slowimport.py"
+    job.parent.mkdir()
+    job.write_text(
+        "import heavylib  # noqa: F401\n"
+        "from fanout import Job\n"
+        "job = Job('slowimport', schema={'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 'n', 'type': 'long'}]}, max_attempts=3)\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    ctx.emit({'n': 1})\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(lib))  # a library, not a module beside the job
+    submitted = fanout(home, "submit", str(job), timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = submitted.stdout.strip()
+    done = fanout(home, "worker", "--until-idle", "-w", "1", "--chunk-timeout", "3", timeout=90)
+    assert done.returncode == 0, done.stderr
+    task = ledger.ledger.get_task(TaskKey(run_id, "0"))
+    assert task is not None and outcomes(task) == ["timed out", "committed"], task.history
+    assert get_run(ledger, run_id).state == "succeeded"
+
+
+@pytest.mark.slow
 def test_a_child_that_dies_is_recorded_as_crashed_and_retried(home: Path, ledger: Backend) -> None:
     params = {"chunks": 4, "rows": 15, "step": 5, "crash_chunks": [2]}
     result = fanout(home, "run", TREE, *_params_args(params), "-w", "2", "--chunk-timeout", "5")
