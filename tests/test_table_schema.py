@@ -230,3 +230,33 @@ def test_validate_checks_a_table_job_against_its_table_and_records_nothing(tmp_p
     accepted = fanout(home, "validate", str(job))
     assert accepted.returncode == 0 and "job tj: ok" in accepted.stdout, accepted.stderr
     assert sorted((home / "store" / "tables" / "tj" / "_catalog").iterdir()) == versions
+
+
+def test_a_partition_is_named_by_its_value_as_written_or_as_stored(tmp_path: Path) -> None:
+    # `fanout read --partition site=a/b` said the table had no such partition:
+    # only the escaped name (site=a%2Fb) was found, and nothing said so.
+    from support.cli import assert_user_error, cli, ok
+
+    home = tmp_path / "home"
+    job = tmp_path / "sites.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('sites', schema={'type': 'record', 'name': 's', 'fields': [\n"
+        "    {'name': 'site', 'type': 'string'}, {'name': 'n', 'type': 'long'}]},\n"
+        "    table='sites', partition_by='site')\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    for site in ('a/b', 'ünï', 'plain'):\n"
+        "        for n in range(2):\n"
+        "            ctx.emit({'site': site, 'n': n})\n"
+    )
+    ok(cli(home, "run", str(job), "-w", "1"))
+    for name, site in (("site=a/b", "a/b"), ("site=a%2Fb", "a/b"), ("site=ünï", "ünï")):
+        rows = [
+            json.loads(line)
+            for line in ok(cli(home, "read", "sites", "--partition", name)).splitlines()
+        ]
+        assert sorted((r["site"], r["n"]) for r in rows) == [(site, 0), (site, 1)], name
+    assert_user_error(
+        cli(home, "read", "sites", "--partition", "site=a/c"), "no partition 'site=a/c'"
+    )

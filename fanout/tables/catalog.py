@@ -37,7 +37,7 @@ from typing import Any
 from fanout.backends.base import Store
 from fanout.backends.keys import table_catalog_key, table_catalog_prefix
 from fanout.errors import UserError
-from fanout.tables.spec import TABLE_NAME
+from fanout.tables.spec import TABLE_NAME, escape_partition
 
 __all__ = ["Catalog", "CatalogConflict", "live_files", "read_catalog", "update_catalog"]
 
@@ -191,8 +191,17 @@ def _superseded(store: Store, table: str, version: int, vid: str) -> bool:
 
 
 def live_files(catalog: Catalog, partition: str | None = None) -> list[dict[str, Any]]:
-    """The live files of the table (or of one partition), sorted by key."""
+    """The live files of the table (or of one partition), sorted by key. The
+    partition may be named as stored (``site=a%2Fb``) or by its value as
+    written (``site=a/b``, ``site=ünï``), which is escaped to find it."""
     files = catalog.files
     if partition is not None:
-        files = [f for f in files if f["partition"] == partition]
+        named = {partition, _escaped(partition)}
+        files = [f for f in files if f["partition"] in named]
     return sorted(files, key=lambda f: f["key"])
+
+
+def _escaped(partition: str) -> str:
+    """``column=value`` with the value escaped as partition names are."""
+    column, sep, value = partition.partition("=")
+    return f"{column}{sep}{escape_partition(value)}" if sep and value else partition

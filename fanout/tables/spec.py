@@ -190,6 +190,11 @@ def _escape(value: Any) -> str:
     return quote(text, safe="-_.~ ")
 
 
+def escape_partition(value: str) -> str:
+    """A partition value typed by a person, escaped as a written one is."""
+    return _escape(value)
+
+
 def unescape(text: str) -> str:
     """A partition value as it was written (undoes the ``%XX`` escaping)."""
     return unquote(text)
