@@ -692,20 +692,25 @@ def test_cat_and_read_of_a_damaged_output_file_is_one_line(
     assert_user_error(fanout(home, "compact", "readings"), "cannot be read as Avro")
 
 
-@pytest.mark.parametrize("closed", [">&-", "2>&-", "<&-", ">&- 2>&- <&-"])
-def test_fanout_run_with_standard_streams_closed_runs_its_job(home: Path, closed: str) -> None:
-    # Cron jobs and daemons may start a command with fd 1 or 2 closed. With
-    # stdout closed, each worker child died flushing it and was started again,
-    # for ever (tracebacks at 30 a second); with stderr closed, `fanout run`
-    # exited 1 in silence after its submit, the run left with no worker.
-    command = f"{shlex.join([*CLI, '--home', str(home), 'run', METER, *WORK])} {closed}"
-    done = subprocess.run(
+def _meter_run_redirected(home: Path, redirection: str) -> subprocess.CompletedProcess[str]:
+    """``fanout run`` of the example job through a shell, with ``redirection``."""
+    command = f"{shlex.join([*CLI, '--home', str(home), 'run', METER, *WORK])} {redirection}"
+    return subprocess.run(
         ["sh", "-c", command],
         capture_output=True,
         text=True,
         timeout=90,
         env={**os.environ, "PYTHONPATH": checkout_pythonpath()},
     )
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-", "<&-", ">&- 2>&- <&-"])
+def test_fanout_run_with_standard_streams_closed_runs_its_job(home: Path, closed: str) -> None:
+    # Cron jobs and daemons may start a command with fd 1 or 2 closed. With
+    # stdout closed, each worker child died flushing it and was started again,
+    # for ever (tracebacks at 30 a second); with stderr closed, `fanout run`
+    # exited 1 in silence after its submit, the run left with no worker.
+    done = _meter_run_redirected(home, closed)
     assert done.returncode == 0, done.stderr[-2000:]
     run = json.loads(ok(cli(home, "runs", "--json")).splitlines()[-1])
     assert run["state"] == "succeeded" and run["records"] == 4000, run
@@ -714,14 +719,7 @@ def test_fanout_run_with_standard_streams_closed_runs_its_job(home: Path, closed
 def test_fanout_run_into_a_full_stdout_does_not_blame_the_home(home: Path) -> None:
     # `fanout run > /dev/full` said "cannot use HOME as fanout's home: its disk
     # is full" (its home had 77 GB free) of a run that had succeeded.
-    command = f"{shlex.join([*CLI, '--home', str(home), 'run', METER, *WORK])} > /dev/full"
-    done = subprocess.run(
-        ["sh", "-c", command],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env={**os.environ, "PYTHONPATH": checkout_pythonpath()},
-    )
+    done = _meter_run_redirected(home, "> /dev/full")
     assert done.returncode == 2
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("error: cannot write: no space left on the device of standard output")
