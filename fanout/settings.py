@@ -20,6 +20,11 @@ from fanout.messages import MAX_SEQ
 __all__ = ["KIND", "SCHEMA", "RunKind", "RunSettings", "kind_of", "recorded_settings"]
 
 
+#: The most a count setting may be: far past any run, and exact as a JSON and a
+#: DynamoDB number (an unbounded -S max_concurrency=1e23 was taken as given).
+MAX_COUNT = 10**9
+
+
 class RunSettings(BaseModel):
     """Per-run limits, defaulted from the job and overridable per run (``-S KEY=VALUE``)."""
 
@@ -42,7 +47,10 @@ class RunSettings(BaseModel):
         D.backoff_cap, ge=0, le=86400, allow_inf_nan=False, description="no retry waits longer (s)"
     )
     max_chunks: int = Field(
-        D.max_chunks, ge=1, description="distinct chunks a run may register besides its root"
+        D.max_chunks,
+        ge=1,
+        le=MAX_COUNT,
+        description="distinct chunks a run may register besides its root",
     )
     max_depth: int = Field(D.max_depth, ge=0, le=63, description="spawn generations below the root")
     max_continuations: int = Field(
@@ -52,16 +60,21 @@ class RunSettings(BaseModel):
     pages_per_chunk: int = Field(
         D.pages_per_chunk,
         ge=1,
+        le=MAX_COUNT,
         description="crawl jobs: responses a chunk fetches before handing on",
     )
     # Run controls (fanout.controls).
     max_concurrency: int | None = Field(
         D.max_concurrency,
         ge=1,
+        le=MAX_COUNT,
         description="chunks of the run running at once, at most (all workers)",
     )
     tolerated_failures: int | None = Field(
-        D.tolerated_failures, ge=0, description="dead chunks the run may end with and still succeed"
+        D.tolerated_failures,
+        ge=0,
+        le=MAX_COUNT,
+        description="dead chunks the run may end with and still succeed",
     )
     tolerated_failure_percent: float | None = Field(
         D.tolerated_failure_percent,

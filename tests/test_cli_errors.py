@@ -227,6 +227,13 @@ BAD_INPUT: list[tuple[str, dict[str, str], list[str], list[str]]] = [
         ["--params-file is given more than once"],
     ),
     ("setting out of range", {}, ["submit", TREE, "-S", "max_attempts=0"], ["max_attempts"]),
+    (
+        # Taken as given (a black-box helper's find): no count needs more than 10**9.
+        "a count past any run",
+        {},
+        ["submit", TREE, "-S", f"max_concurrency={10**23}"],
+        ["max_concurrency", "less than or equal to 1000000000"],
+    ),
     ("unknown setting", {}, ["submit", TREE, "-S", "max_attempt=2"], ["max_attempt"]),
     ("setting without =", {}, ["submit", TREE, "-S", "max_attempts"], ["KEY=VALUE"]),
     ("bad setting on validate", {}, ["validate", TREE, "-S", "codec=zstd"], ["codec"]),
