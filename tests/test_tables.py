@@ -416,6 +416,51 @@ def test_a_compaction_that_loses_the_race_while_reading_says_so_in_one_line(
     assert table_items(store) == expected("a", 3, 6)
 
 
+@pytest.mark.parametrize("meanwhile", ["ten changes and a gc", "an older fanout's change"])
+def test_a_compaction_whose_own_catalog_version_looks_stale_keeps_its_files(
+    ledger: Backend, meanwhile: str
+) -> None:
+    # The review of the stale-version check: a writer that paused after its
+    # write while ten changes and a gc went by (its version and the next one
+    # pruned), or whose next version an older fanout wrote (copying its id),
+    # took its own version for a stale one and swapped again; the compaction
+    # then found its old files gone, took that for a lost race and deleted its
+    # new files, the ones the catalog read: every record of the table lost.
+    from fanout.backends.keys import table_catalog_key
+    from fanout.tables.catalog import update_catalog
+    from fanout.tables.compact import compact
+    from fanout.tables.gc import KEEP_VERSIONS, collect
+
+    run_job(ledger, tag="a", chunks=3, rows=6)
+    store = ledger.store
+
+    def after_the_swap() -> None:
+        if meanwhile == "ten changes and a gc":
+            for n in range(KEEP_VERSIONS + 1):
+                update_catalog(store, "readings", lambda snap: snap, f"other change {n}")
+            collect(store, ledger.ledger)
+        else:  # what update_catalog did before versions had an id and a parent
+            head = read_catalog(store, "readings")
+            assert head is not None
+            data = {**head.data, "version": head.version + 1, "operation": "old fanout"}
+            key = table_catalog_key("readings", head.version + 1)
+            assert store.put(key, json.dumps(data).encode(), if_absent=True)
+
+    class PauseAfterTheSwap:
+        def put(self, key: str, data: Any, *, if_absent: bool = False) -> bool:
+            done = store.put(key, data, if_absent=if_absent)
+            if done and "/_catalog/" in key and b'"operation":"compaction' in data:
+                after_the_swap()
+            return done
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+    result = compact(PauseAfterTheSwap(), "readings")  # type: ignore[arg-type]
+    assert result.files_before > result.files_after > 0
+    assert table_items(store) == expected("a", 3, 6)  # every file the catalog names is there
+
+
 def test_gc_keeps_the_payloads_of_a_cancelled_run_for_its_replay(backend: Backend) -> None:
     # A replay of a cancelled run runs the chunks the cancel stopped: gc took
     # their offloaded payloads (it kept those of runs with dead chunks only),

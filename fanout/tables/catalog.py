@@ -15,7 +15,10 @@ old versions, which makes their numbers free again: a writer that read N, and
 wrote N+1 only after ten more changes and a gc had pruned the first N+1, would
 win a version no reader takes. Each version names the one it was made from
 (``id``, ``parent``), and a writer that finds a higher version not made from
-its own writes its change again on the head (:func:`_superseded`). So every
+its own writes its change again on the head (:func:`_superseded`). That check
+can take a writer's own version for a stale one (it paused after its write
+while ten more changes and a gc went by), so every change must be one that,
+made again on a snapshot that has it, changes nothing. So every
 change — a run joining the table, a schema version, a compaction's swap — is
 one atomic step, and a crash before it leaves the previous version in force.
 
@@ -139,7 +142,8 @@ def update_catalog(
     """Apply ``change`` to the current snapshot and swap the result in as the next
     version. ``change`` gets a copy it may modify and returns the new snapshot,
     or None for "nothing to change" (the current catalog is returned). It may be
-    called several times (once per lost race), so it must only compute.
+    called several times (once per lost race), so it must only compute, and
+    made again on a snapshot that has its change already it must return None.
 
     Raises:
         CatalogConflict: other writers won :data:`SWAP_ATTEMPTS` times in a row.
@@ -186,8 +190,9 @@ def _superseded(store: Store, table: str, version: int, vid: str) -> bool:
         following = json.loads(store.get(table_catalog_key(table, version + 1)))
     except KeyError:
         return True
-    # A version written before versions named their parent is taken as made from ours.
-    return bool(following.get("parent", vid) != vid)
+    # Made from ours: it names ours as its parent; or it was written by an older
+    # fanout, which copied the snapshot it read, our id with it (or named none).
+    return vid not in (following.get("parent", vid), following.get("id"))
 
 
 def live_files(catalog: Catalog, partition: str | None = None) -> list[dict[str, Any]]:

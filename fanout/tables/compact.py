@@ -164,7 +164,7 @@ def compact(
     for group in groups:
         try:
             records, nbytes = _merge(store, group["old"], group["new"], schema, codec)
-        except KeyError:
+        except _Gone:
             # A file to merge is gone: another compaction swapped these files
             # out and deleted them while this one read them.
             _superseded(store, table, result.compaction_id, groups)
@@ -180,8 +180,15 @@ def compact(
         result.records += records
     old_keys = {k for g in groups for k in g["old"]}
 
-    def swap(snap: dict[str, Any]) -> dict[str, Any]:
+    new_keys = {e["key"] for e in new_entries}
+
+    def swap(snap: dict[str, Any]) -> dict[str, Any] | None:
         live = {f["key"] for f in snap["files"]}
+        if new_keys <= live:
+            # Swapped in already: this change again (update_catalog may take
+            # its own version for a stale one) changes nothing. Deleting these
+            # files as a lost race's would delete what the catalog reads.
+            return None
         if not old_keys <= live:
             raise _Superseded()
         snap["files"] = [f for f in snap["files"] if f["key"] not in old_keys] + new_entries
@@ -205,6 +212,10 @@ class _Superseded(Exception):
     """The swap found an old file no longer live."""
 
 
+class _Gone(Exception):
+    """A file to merge is no longer in the store."""
+
+
 def _superseded(
     store: Store, table: str, compaction_id: str, groups: list[dict[str, Any]]
 ) -> NoReturn:
@@ -223,7 +234,11 @@ def _merge(store: Store, old: list[str], new: str, schema: Any, codec: str) -> t
     def records() -> Any:
         nonlocal count
         for key in old:
-            with store.open(key) as f:
+            try:
+                opened = store.open(key)
+            except KeyError:
+                raise _Gone(key) from None
+            with opened as f:
                 # A file no reader can take is one line naming it, not a traceback.
                 for record in read_records(f, key, schema):
                     count += 1
