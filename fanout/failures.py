@@ -145,11 +145,54 @@ def clip_failure(failure: Failure) -> Failure:
 TRACEBACK_FRAMES = 100
 
 
+#: How ``traceback`` joins a chain of exceptions, innermost first.
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
 def format_traceback(exc: BaseException) -> str:
-    """``traceback.format_exception(exc)``, but a deep stack by its first and
-    last :data:`TRACEBACK_FRAMES` / 2 frames: a runaway recursion under a raised
-    recursion limit (a million frames) took 23 s to format, past the chunk's
-    hard timeout, and the attempt was recorded as timed out, its cause lost."""
+    """``traceback.format_exception(exc)``, chain included, but each deep stack
+    told by its first and last :data:`TRACEBACK_FRAMES` / 2 frames: a runaway
+    recursion under a raised recursion limit (a million frames) took 23 s to
+    format, past the chunk's hard timeout, and the attempt was recorded as
+    timed out, its cause lost; as long when the job raised another exception
+    from it."""
+    links, joins, seen = [exc], [], {id(exc)}
+    while len(links) < 10:
+        last = links[-1]
+        if last.__cause__ is not None:
+            nxt, join = last.__cause__, _CAUSE
+        elif last.__context__ is not None and not last.__suppress_context__:
+            nxt, join = last.__context__, _CONTEXT
+        else:
+            break
+        if id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        links.append(nxt)
+        joins.append(join)
+    out = []
+    for i in range(len(links) - 1, -1, -1):  # the innermost first, as Python prints
+        out.append(_format_one(links[i]))
+        if i:
+            out.append(joins[i - 1])
+    return "".join(out)
+
+
+def _format_one(exc: BaseException) -> str:
+    """One exception of a chain, its stack bounded (see :func:`format_traceback`).
+    Its links are taken off while it is formatted: ``traceback`` extracts every
+    frame of a cause even when told not to print it (``chain=False``)."""
+    cause, context, suppress = exc.__cause__, exc.__context__, exc.__suppress_context__
+    exc.__cause__ = exc.__context__ = None
+    try:
+        return _format_alone(exc)
+    finally:
+        exc.__cause__, exc.__context__ = cause, context
+        exc.__suppress_context__ = suppress
+
+
+def _format_alone(exc: BaseException) -> str:
     depth, tb = 0, exc.__traceback__
     while tb is not None and depth <= TRACEBACK_FRAMES:
         depth, tb = depth + 1, tb.tb_next

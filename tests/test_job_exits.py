@@ -33,6 +33,8 @@ CASES = [
     # Formatting its 200,000 frames took longer than the recursion (a million,
     # 23 s: "timed out", the cause lost): a deep stack is told by its ends.
     ("recursion", [], "error", "RecursionError: maximum recursion depth exceeded"),
+    # As long when the job raised another exception from it (a review's find).
+    ("recursion-wrapped", [], "error", "ValueError: wrapped"),
     # Its __str__ raises: was fanout's "internal error: RuntimeError: no message".
     ("unspeakable", [], "error", "Unspeakable: (its message could not be made"),
 ]
@@ -149,3 +151,31 @@ def test_a_finalizer_that_dies_is_taken_over_at_once(home: Path, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert "succeeded" in result.stdout
     assert took < 15, took
+
+
+def test_a_deep_stack_in_a_chain_is_told_by_its_ends_with_the_chain_kept() -> None:
+    # The first bounded formatter printed only the outer exception of a deep
+    # stack: the KeyError it came from, and the "direct cause" line, were gone.
+    from fanout.failures import TRACEBACK_FRAMES, format_traceback
+
+    def deeper(n: int) -> None:
+        if n == 0:
+            raise KeyError("the root cause")
+        deeper(n - 1)
+
+    try:
+        try:
+            deeper(TRACEBACK_FRAMES * 3)
+        except KeyError as exc:
+            raise RuntimeError("the job's own words") from exc
+    except RuntimeError as exc:
+        told = format_traceback(exc)
+        assert exc.__cause__ is not None  # the exception is left as it was
+    assert "frames not shown" in told
+    root, cause_line, outer = (
+        told.index("KeyError: 'the root cause'"),
+        told.index("The above exception was the direct cause"),
+        told.index("RuntimeError: the job's own words"),
+    )
+    assert root < cause_line < outer
+    assert told.count("\n") < 3 * TRACEBACK_FRAMES  # not one line per frame

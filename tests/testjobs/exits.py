@@ -51,13 +51,18 @@ def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
         time.sleep(60)
     if mode == "sleep":
         time.sleep(60)
-    if mode == "recursion":  # a runaway recursion under a raised limit
+    if mode in ("recursion", "recursion-wrapped"):  # a runaway recursion, a raised limit
 
         def deeper(n: int) -> int:
             return deeper(n + 1)
 
         sys.setrecursionlimit(200_000)
-        deeper(0)
+        try:
+            deeper(0)
+        except RecursionError as exc:
+            if mode == "recursion":
+                raise
+            raise ValueError("wrapped") from exc
     if mode == "no-progress":  # at once: the job's bug
         return ctx.resume_at(0)
     if mode == "no-progress-slow":  # after its whole budget: too short a timeout
