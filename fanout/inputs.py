@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 from typing import Any, BinaryIO, cast
+
+from fanout.errors import PermanentError
 
 
 def _split_s3(url: str) -> tuple[str, str]:
@@ -46,14 +49,57 @@ def list_inputs(prefix: str) -> list[str]:
         )
     path = Path(prefix.removeprefix("file://")).expanduser()
     if path.is_file():
-        return [str(path)]
+        return [_named(str(path))]
     if not path.is_dir():
         raise FileNotFoundError(f"input {prefix} does not exist")
+    return sorted(_walk(path))
+
+
+def _walk(top: Path) -> list[str]:
+    """The regular files under ``top`` (not dot-files), links to directories
+    followed once each. A directory that cannot be read is an error, not a part
+    of the input left out: a run "succeeded" without it. A FIFO or a socket is
+    no input (reading one waited out the chunk's timeout)."""
     found: list[str] = []
-    for root, dirs, files in os.walk(path):
+    seen: set[tuple[int, int]] = set()
+
+    def refuse(exc: OSError) -> None:
+        raise exc
+
+    for root, dirs, files in os.walk(top, onerror=refuse, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree: walked already
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs.sort()
-        found.extend(os.path.join(root, f) for f in files if not f.startswith("."))
-    return sorted(found)
+        for name in files:
+            full = os.path.join(root, name)
+            if name.startswith(".") or not _regular(full):
+                continue
+            found.append(_named(full))
+    return found
+
+
+def _regular(path: str) -> bool:
+    """A regular file, or a link to one (a broken link too: reading it says why)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
+def _named(path: str) -> str:
+    """``path``, refused if its name is not UTF-8: no chunk payload can carry
+    it (JSON), and the plan died naming no file."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise PermanentError(
+            f"input {shown} has a name that is not UTF-8: rename it (no chunk can name it)"
+        ) from None
+    return path
 
 
 class _S3Body(io.RawIOBase):

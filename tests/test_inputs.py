@@ -43,6 +43,62 @@ def test_local_listing_is_recursive_sorted_and_skips_dotfiles(tmp_path: Path) ->
         list_inputs(str(tmp_path / "nope"))
 
 
+def test_local_listing_follows_directory_links_once_and_lists_regular_files(
+    tmp_path: Path,
+) -> None:
+    # A linked directory under the source was left out in silence (its files
+    # never read, the run "succeeded"), and a FIFO named *.csv was listed: its
+    # chunk waited out its timeout on every attempt (a black-box helper's finds).
+    import os
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "r.csv").write_text("r")
+    (real / "sub" / "s.csv").write_text("s")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.csv").write_text("a")
+    (src / "linked").symlink_to(real)
+    (src / "up").symlink_to(src)  # a loop: walked once
+    os.mkfifo(src / "pipe.csv")
+    assert list_inputs(str(src)) == [
+        str(src / "a.csv"),
+        str(src / "linked" / "r.csv"),
+        str(src / "linked" / "sub" / "s.csv"),
+    ]
+
+
+def test_local_listing_refuses_what_it_cannot_read_or_name(tmp_path: Path) -> None:
+    # An unreadable directory was skipped (the run succeeded without its files),
+    # and a file named in bytes that are not UTF-8 killed the plan at its spawn
+    # naming no file (a black-box helper's finds).
+    import os
+
+    from fanout.errors import PermanentError
+
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "ok.csv").write_text("x")
+    bad = os.fsencode(str(named)) + b"/caf\xe9.csv"
+    with open(bad, "w") as f:
+        f.write("x")
+    with pytest.raises(PermanentError, match=r"caf\\xe9.csv has a name that is not UTF-8"):
+        list_inputs(str(named))
+    locked = tmp_path / "locked"
+    (locked / "inner").mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path: object) -> object:  # (as root, a chmod 000 would not stop us)
+        if str(path).endswith("inner"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "scandir", scandir)
+        with pytest.raises(PermissionError, match="inner"):
+            list_inputs(str(locked))
+
+
 def test_s3_listing_and_reading(s3_bucket: str) -> None:
     s3 = boto3.client("s3")
     for key in ("in/b.csv", "in/a.csv", "other/c.csv"):
