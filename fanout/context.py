@@ -126,6 +126,9 @@ class ChunkContext:
         self.stop_reason: str | None = None
         #: The checkpoint ``resume_at`` made last, to check it was returned.
         self._resumed: Continue | None = None
+        #: Whether the job asked :meth:`time_left`: one that never did cannot
+        #: have stopped for lack of time.
+        self.asked_time = False
         #: Counters added to the run's stats when the chunk commits (``fanout status``).
         self.stats: Counter[str] = Counter()
 
@@ -147,6 +150,7 @@ class ChunkContext:
         """Seconds left before the soft deadline (checkpoint when this gets small),
         less the time committing the output written so far will take (at
         :data:`COMMIT_RATE`); 0 once the run is cancelled or paused."""
+        self.asked_time = True  # (a continuation that made no progress: see no_progress)
         if self._probe is not None and self._probe() is not None:
             return 0.0
         left = self._soft_deadline - time.monotonic()

@@ -423,25 +423,25 @@ def settle_poison(
     return Handled.REQUEUED
 
 
-def no_progress(cursor: Any, timeout: float, took: float | None = None) -> Failure:
+def no_progress(cursor: Any, timeout: float, asked_time: bool = True) -> Failure:
     """A continuation that resumes from the cursor it was given would repeat
     itself up to ``max_continuations`` times: fail it at once, saying why. A
-    slice that used its time had too little of it; one that returned within
-    half of it (``took`` seconds) did not move its cursor on: the job's bug,
-    which the timeout advice would only have hidden."""
+    job that never asked ``ctx.time_left()`` did not stop for lack of time: its
+    cursor does not move on (a slice that took 0.001 s was told to raise
+    --chunk-timeout). One that asked may have had too little of it."""
     shown = json.dumps(cursor)
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     head = f"resume_at({shown}) made no progress since the previous slice: "
-    if took is not None and took < 0.5 * timeout:
+    if not asked_time:
         return Failure(
             FailureKind.NO_PROGRESS,
-            head + f"the slice returned after {took:.3g}s of its {timeout:g}s with the cursor"
-            " it was given (move ctx.cursor on, or return None when the chunk is done)",
+            head + "the job resumed at the cursor it was given without asking"
+            " ctx.time_left() (move the cursor on, or return None when the chunk is done)",
         )
     return Failure(
         FailureKind.NO_PROGRESS,
         head + f"chunk timeout too short for this job ({timeout:g}s; raise --chunk-timeout,"
-        " or on AWS the FunctionTimeout stack parameter)",
+        " or on AWS the FunctionTimeout stack parameter), or the job does not move its cursor on",
     )
 
 

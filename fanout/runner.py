@@ -358,8 +358,8 @@ class Runner:
                 if result is not None:
                     # Told to stop (cancel, pause) is no lack of progress.
                     if msg.seq > 0 and result.cursor == cursor and ctx.told_to_stop is None:
-                        took = time.monotonic() - started  # (a job's bug, or its budget?)
-                        return self.fail(attempt, no_progress(cursor, timeout, took))
+                        # (A job's bug, or too short a budget? see no_progress)
+                        return self.fail(attempt, no_progress(cursor, timeout, ctx.asked_time))
                     continuation = result
             ctx.end()  # a thread the job left running may not spawn now
             if (problem := stats_problem(ctx.stats)) is not None:
