@@ -101,11 +101,13 @@ def test_lambda_hands_back_records_it_has_no_time_for(lambda_env: Backend) -> No
 def test_lambda_records_a_chunk_past_its_hard_timeout_as_timed_out(lambda_env: Backend) -> None:
     # Chunk 1 sleeps past the invocation's time on its first attempt; the
     # handler's watchdog records the timeout before Lambda would kill it, and
-    # the stale attempt's late commit is refused.
-    params = {"chunks": 2, "rows": 3, "sleep_chunks": [1], "sleep": 4.5}
+    # the stale attempt's late commit is refused. (8 s: the handler starts a
+    # chunk only with 5 s left, and on a loaded machine the batch's first
+    # chunk took more than the 0.5 s that 5.5 s left it.)
+    params = {"chunks": 2, "rows": 3, "sleep_chunks": [1], "sleep": 7.0}
     run_id = coordinator.submit(lambda_env, TREE, params).run_id
     _event_source_poll(lambda_env)  # the plan
-    records, failures = _event_source_poll(lambda_env, remaining_ms=5_500)
+    records, failures = _event_source_poll(lambda_env, remaining_ms=8_000)
     assert records == 2 and failures >= 1
     (slow,) = [t for t in lambda_env.ledger.list_tasks(run_id) if t.chunk_id == "0/1"]
     assert [e["outcome"] for e in slow.history][:1] == ["timed out"], slow.history
@@ -119,10 +121,10 @@ def test_a_permanent_failure_after_the_watchdog_keeps_the_retry(lambda_env: Back
     # The watchdog retries chunk 1 (timed out); the stale attempt then fails
     # permanently (a bad record). Its bury finds the lease gone and must leave
     # the message, which carries the retry, on the queue.
-    params = {"chunks": 2, "rows": 3, "sleep_chunks": [1], "sleep": 4.5, "bad_record_chunk": 1}
+    params = {"chunks": 2, "rows": 3, "sleep_chunks": [1], "sleep": 7.0, "bad_record_chunk": 1}
     run_id = coordinator.submit(lambda_env, TREE, params).run_id
     _event_source_poll(lambda_env)  # the plan
-    _event_source_poll(lambda_env, remaining_ms=5_500)
+    _event_source_poll(lambda_env, remaining_ms=8_000)
     run = _poll_until_finished(lambda_env, run_id)
     assert run is not None and run.state == RunState.FAILED, run
     (dead,) = lambda_env.ledger.list_tasks(run_id, (TaskState.DEAD,))
