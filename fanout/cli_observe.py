@@ -473,7 +473,10 @@ def failed(ctx: click.Context, run_id: str, show_tb: bool, as_json: bool) -> Non
             detail = f": {event['error']}" if "error" in event else ""
             click.echo(f"    attempt {event.get('attempt')}: {event.get('outcome')}{detail}")
         if cursor is not None or (t.error or "").startswith("timed out"):
-            where = f"cursor {json.dumps(cursor)}" if cursor is not None else "none (first slice)"
+            shown = json.dumps(cursor)
+            if len(shown) > 200:  # a 5 MB cursor was printed whole (--json has it all)
+                shown = f"{shown[:200]}... ({len(shown):,} characters)"
+            where = f"cursor {shown}" if cursor is not None else "none (first slice)"
             click.echo(f"    last checkpoint: {where}")
         if show_tb and t.traceback:
             click.echo("    " + t.traceback.rstrip().replace("\n", "\n    "))

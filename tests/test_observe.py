@@ -477,3 +477,26 @@ def test_status_watch_exit_code_and_json(home: Path, local: Backend) -> None:
     assert d["state"] == "failed" and d["finished"] == d["total"] == 2 and d["dead"] == 1
     assert d["eta_s"] is None
     assert cli(home, "status", ok, "--watch", "--interval", "0").exit_code == 2
+
+
+def test_failed_shortens_a_large_checkpoint_and_json_keeps_it(home: Path, tmp_path: Path) -> None:
+    # A chunk that checkpointed a 5 MB cursor and then died made `fanout failed`
+    # print all 5 MB of it on one line (a black-box helper's find).
+    job = tmp_path / "bigcursor.py"
+    job.write_text(
+        "from fanout import Job, PermanentError\n"
+        "job = Job('bigcursor')\n"
+        "@job.process\n"
+        "def process(chunk, ctx):\n"
+        "    if ctx.cursor is None:\n"
+        "        return ctx.resume_at({'blob': 'y' * 300_000})\n"
+        "    raise PermanentError('stop here')\n"
+    )
+    ran = cli(home, "run", str(job), "-w", "1", "--json")
+    assert ran.exit_code == 1, ran.output
+    run_id = json.loads(ran.stdout.splitlines()[-1])["run_id"]
+    out = cli(home, "failed", run_id)
+    (line,) = [x for x in out.stdout.splitlines() if x.startswith("    last checkpoint:")]
+    assert len(line) < 300 and line.endswith("(300,012 characters)"), line[:400]
+    (d,) = json_lines(cli(home, "failed", run_id, "--json").stdout)
+    assert d["cursor"] == {"blob": "y" * 300_000}
