@@ -545,7 +545,9 @@ def validate(
     # The -S settings too, as `fanout submit` checks them.
     run_settings = loaded.settings.overridden(split_pairs(settings, "--setting"))
     schema = loaded.schema
-    if loaded.table_spec is not None:
+    obj = ctx.obj or {}
+    no_home = obj.get("backend_name") == "local" and not Path(obj["home"]).exists()
+    if loaded.table_spec is not None and not no_home:  # (no home: no table yet, none made)
         # And the table's schema contract, as submit checks it (recording nothing):
         # validate said ok of a job whose submit then refused its schema change.
         from fanout.tables.contract import check_contract

@@ -140,6 +140,8 @@ def home_problem(home: Path, exc: BaseException) -> str:
             why = "it is on a read-only file system"
         elif st.f_bavail == 0 and st.f_blocks > 0:  # /proc and the like have no blocks
             why = "its disk is full (no space left on the device)"
+        elif st.f_favail == 0 and st.f_files > 0:  # room for bytes, none for a new file
+            why = "its file system has no free inodes (no space left on the device)"
     if why is None and isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         # The home's file system has room: the full device is another one
         # (`fanout run > /dev/full` was told its home's disk was full).

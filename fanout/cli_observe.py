@@ -81,8 +81,10 @@ def progress_bar(st: Status, state: str | None = None) -> str:
     p = progress(st, state)
     # A cancelled chunk ended without doing its work: the bar and the count
     # show the chunks that ran (a cancelled run's bar is not full), and the
-    # cancelled ones are named beside them.
-    ran = p["finished"] - p["cancelled"]
+    # cancelled ones are named beside them; but a run that succeeded (its job
+    # stopped it, with chunks left over) did all it had to: its bar is full.
+    succeeded = st.run.state in (RunState.SUCCEEDED, RunState.SUCCEEDED_WITH_FAILURES)
+    ran = p["finished"] - (0 if succeeded else p["cancelled"])
     frac = ran / p["total"] if p["total"] else 0.0
     filled = int(frac * BAR_WIDTH)
     bar = "#" * filled + "-" * (BAR_WIDTH - filled)

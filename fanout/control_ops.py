@@ -91,7 +91,8 @@ def _too_late(run: RunRecord, what: str) -> Outcome | None:
     run_id = run.run_id
     if run.state in TERMINAL_RUN_STATES:
         return Outcome(run_id, False, f"run {run_id} already ended: {run.state.value}")
-    if run.state == RunState.FINALIZING:
+    if run.state == RunState.FINALIZING or run.outstanding == 0:
+        # (outstanding 0 while running: drained, its finalizer about to begin, or dead)
         return Outcome(
             run_id,
             False,

@@ -148,6 +148,8 @@ def test_cancel_and_pause_of_a_finalizing_run_say_it_is_too_late(mem: Backend) -
     key = TaskKey(run_id, "0/0", 0)
     assert mem.ledger.claim(key, "t", 60, 3, time.time()).task
     assert mem.ledger.commit(key, "t", None, "committed", time.time()).drained
+    # Drained, its finalizer not begun yet (or dead before it began): too late too.
+    assert not control_ops.cancel(mem, run_id).changed
     assert mem.ledger.begin_finalize(run_id, time.time(), 60)  # a finalizer at work
     for op, verb in ((control_ops.cancel, "cancel"), (control_ops.pause, "pause")):
         outcome = op(mem, run_id)

@@ -869,6 +869,12 @@ def test_a_job_that_stops_its_run_ends_it_succeeded(mem: Backend, tmp_path: Path
         coordinator.replay(mem, run_id, [cancelled[0].chunk_id])
     with pytest.raises(UserError, match="has no dead chunk '0/77'"):
         coordinator.replay(mem, run_id, ["0/77"])
+    # It did all it had to: its progress bar is full, the chunks left over named.
+    from fanout.cli_observe import progress_bar
+
+    bar = progress_bar(coordinator.status(mem, run_id))
+    assert bar.startswith("[" + "#" * 24 + "] 100%"), bar
+    assert f"({run.tasks_cancelled} cancelled)" in bar, bar
 
 
 def test_a_stop_reason_is_kept_to_its_first_thousand_characters(

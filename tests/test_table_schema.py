@@ -221,6 +221,9 @@ def test_validate_checks_a_table_job_against_its_table_and_records_nothing(tmp_p
         "def process(chunk, ctx):\n"
         "    ctx.emit({'item': 'x'})\n"
     )
+    # No home yet: nothing to check against, and validate makes none (the review).
+    first = fanout(home, "validate", str(job))
+    assert first.returncode == 0 and not home.exists(), first.stderr
     ok(cli(home, "run", str(job), "-w", "1"))
     versions = sorted((home / "store" / "tables" / "tj" / "_catalog").iterdir())
     avsc.write_text(schema % ',{"name":"n","type":"long"}')  # no default: refused
