@@ -59,12 +59,13 @@ def plan(params: Params, ctx: Any) -> Iterator[dict[str, str]]:
 
 @job.process
 def process(chunk: dict[str, Any], ctx: Any) -> Any:
-    """Convert one CSV file, from row ``ctx.cursor`` (1-based) if resuming."""
+    """Convert one CSV file, from the cursor ``[row, lines]`` if resuming: the
+    first data row not yet emitted (1-based) and the text lines read before it."""
     path: str = chunk["path"]
     params: Params = ctx.params
     scale = params.scale
     offset = params.offset
-    start: int = ctx.cursor or 1  # the first data row not yet emitted
+    start, skip = ctx.cursor or (1, 0)
     emit = ctx.emit
     time_left = ctx.time_left
     parse_time = datetime.fromisoformat
@@ -76,12 +77,14 @@ def process(chunk: dict[str, Any], ctx: Any) -> Any:
             return None  # an empty file: nothing to emit
         if [h.strip().lstrip("\ufeff") for h in header] != HEADER:
             raise ValueError(f"{path}: header is {header}, expected {','.join(HEADER)}")
-        rows: Iterator[list[str]] = reader
-        if start > 1:
-            rows = islice(reader, start - 1, None)  # skip the rows already emitted
-        for line, row in enumerate(rows, start):
-            if not line % CHECK_EVERY and line != start and time_left() < MIN_TIME_LEFT:
-                return ctx.resume_at(line)
+        # A continuation skips the lines read before it as lines, not as rows:
+        # parsing them again cost each slice more than the last, until slices
+        # of a big file made a thousand rows each. (A quoted field's line
+        # breaks count as lines too, as the reader counted them.)
+        lines_before = skip - reader.line_num if skip else 0
+        if lines_before:
+            next(islice(text, lines_before - 1, None), None)
+        for line, row in enumerate(reader, start):
             try:
                 meter_id, read_at, kwh_text = row
                 kwh = float(kwh_text)
@@ -102,6 +105,8 @@ def process(chunk: dict[str, Any], ctx: Any) -> Any:
                     "line": line,
                 }
             )
+            if not line % CHECK_EVERY and time_left() < MIN_TIME_LEFT:
+                return ctx.resume_at([line + 1, lines_before + reader.line_num])
     return None
 
 
