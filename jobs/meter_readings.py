@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, field_validator
 
-from fanout import Job
+from fanout import Job, PermanentError
 
 HEADER = ["meter_id", "read_at", "kwh"]
 CHECK_EVERY = 1000  # rows between time-budget checks
@@ -72,41 +72,53 @@ def process(chunk: dict[str, Any], ctx: Any) -> Any:
 
     with io.TextIOWrapper(ctx.open(path), encoding="utf-8", newline="") as text:
         reader = csv.reader(text)
-        header = next(reader, None)
-        if header is None:
-            return None  # an empty file: nothing to emit
-        if [h.strip().lstrip("\ufeff") for h in header] != HEADER:
-            raise ValueError(f"{path}: header is {header}, expected {','.join(HEADER)}")
-        # A continuation skips the lines read before it as lines, not as rows:
-        # parsing them again cost each slice more than the last, until slices
-        # of a big file made a thousand rows each. (A quoted field's line
-        # breaks count as lines too, as the reader counted them.)
-        lines_before = skip - reader.line_num if skip else 0
-        if lines_before:
-            next(islice(text, lines_before - 1, None), None)
-        for line, row in enumerate(reader, start):
-            try:
-                meter_id, read_at, kwh_text = row
-                kwh = float(kwh_text)
-                when = parse_time(read_at)
-            except ValueError:
-                if not row:
-                    continue  # a blank line
-                raise ValueError(f"{path} line {line}: {_row_problem(row)}") from None
-            if when.tzinfo is not UTC:
-                when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-            emit(
-                {
-                    "meter_id": meter_id,
-                    "read_at": when,
-                    "kwh": kwh,
-                    "adjusted_kwh": kwh * scale + offset,
-                    "source": path,
-                    "line": line,
-                }
-            )
-            if not line % CHECK_EVERY and time_left() < MIN_TIME_LEFT:
-                return ctx.resume_at([line + 1, lines_before + reader.line_num])
+        lines_before = 0  # (told in an error: the lines skipped by a continuation)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return None  # an empty file: nothing to emit
+            if [h.strip().lstrip("\ufeff") for h in header] != HEADER:
+                raise ValueError(f"{path}: header is {header}, expected {','.join(HEADER)}")
+            # A continuation skips the lines read before it as lines, not as rows:
+            # parsing them again cost each slice more than the last, until slices
+            # of a big file made a thousand rows each. (A quoted field's line
+            # breaks count as lines too, as the reader counted them.)
+            if skip:
+                lines_before = skip - reader.line_num
+            if lines_before:
+                next(islice(text, lines_before - 1, None), None)
+            for line, row in enumerate(reader, start):
+                try:
+                    meter_id, read_at, kwh_text = row
+                    kwh = float(kwh_text)
+                    when = parse_time(read_at)
+                except ValueError:
+                    if not row:
+                        continue  # a blank line
+                    raise ValueError(f"{path} line {line}: {_row_problem(row)}") from None
+                if when.tzinfo is not UTC:
+                    try:
+                        when = when.replace(tzinfo=UTC) if not when.tzinfo else when.astimezone(UTC)
+                    except OverflowError:  # 9999-12-31T23:30-01:00 is past year 9999 in UTC
+                        raise ValueError(
+                            f"{path} line {line}: read_at {read_at!r} is out of range in UTC"
+                        ) from None
+                emit(
+                    {
+                        "meter_id": meter_id,
+                        "read_at": when,
+                        "kwh": kwh,
+                        "adjusted_kwh": kwh * scale + offset,
+                        "source": path,
+                        "line": line,
+                    }
+                )
+                if not line % CHECK_EVERY and time_left() < MIN_TIME_LEFT:
+                    return ctx.resume_at([line + 1, lines_before + reader.line_num])
+        except (UnicodeDecodeError, csv.Error) as exc:
+            # The file's own fault, the same at every attempt: named, and not retried.
+            at = lines_before + reader.line_num
+            raise PermanentError(f"{path} line {at}: {type(exc).__name__}: {exc}") from None
     return None
 
 

@@ -179,11 +179,8 @@ def test_the_example_job_resumes_a_file_by_its_lines_each_row_once(tmp_path: Pat
         )
 
 
-def test_an_example_job_continuation_does_not_parse_the_rows_before_it(tmp_path: Path) -> None:
-    # What makes resuming cheap: the lines before the cursor are skipped, not
-    # parsed. A row there that the csv module refuses (a field over its size
-    # limit) is no concern of a continuation that starts after it; parsed
-    # again, as continuations did, it failed every one of them.
+def _example_job() -> Any:
+    """The example ETL job's module, loaded here (its process called directly)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -192,17 +189,14 @@ def test_an_example_job_continuation_does_not_parse_the_rows_before_it(tmp_path:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    data = tmp_path / "r.csv"
-    rows = ["meter_id,read_at,kwh", "M1,2024-01-01T00:00:00+00:00,1"]
-    rows += ["M2," + "x" * 200_000 + ",2"]  # more than csv's field limit
-    rows += [f"M{n},2024-01-01T00:00:00+00:00,{n}" for n in (3, 4, 5)]
-    data.write_text("\n".join(rows) + "\n")
-    emitted: list[dict[str, Any]] = []
+    return module
+
+
+def _ctx(module: Any, source: Path, cursor: Any, emitted: list[dict[str, Any]]) -> Any:
+    """What the example job's process uses of its context."""
 
     class Ctx:
-        params = module.Params(source=str(tmp_path))
-        cursor = [3, 3]  # rows 1 and 2 done: the header and two lines read
-
+        params = module.Params(source=str(source))
         emit = staticmethod(emitted.append)
 
         @staticmethod
@@ -213,5 +207,36 @@ def test_an_example_job_continuation_does_not_parse_the_rows_before_it(tmp_path:
         def open(path: str) -> Any:
             return open_input(path)
 
-    assert module.process({"path": str(data)}, Ctx()) is None
+    ctx = Ctx()
+    ctx.cursor = cursor  # type: ignore[attr-defined]
+    return ctx
+
+
+def test_the_example_job_names_the_file_and_line_of_bytes_it_cannot_read(
+    tmp_path: Path,
+) -> None:
+    # A Latin-1 file failed with "UnicodeDecodeError: 'utf-8' codec can't decode
+    # byte 0xe9 in position 22", naming no file, retried at every attempt.
+    from fanout.errors import PermanentError
+
+    data = tmp_path / "latin.csv"
+    data.write_bytes(b"meter_id,read_at,kwh\nM1,2024-01-01T00:00:00+00:00,1\nCaf\xe9,x,1\n")
+    with pytest.raises(PermanentError, match=r"latin.csv line \d+: UnicodeDecodeError"):
+        _example_job().process({"path": str(data)}, _ctx(_example_job(), tmp_path, None, []))
+
+
+def test_an_example_job_continuation_does_not_parse_the_rows_before_it(tmp_path: Path) -> None:
+    # What makes resuming cheap: the lines before the cursor are skipped, not
+    # parsed. A row there that the csv module refuses (a field over its size
+    # limit) is no concern of a continuation that starts after it; parsed
+    # again, as continuations did, it failed every one of them.
+    module = _example_job()
+    data = tmp_path / "r.csv"
+    rows = ["meter_id,read_at,kwh", "M1,2024-01-01T00:00:00+00:00,1"]
+    rows += ["M2," + "x" * 200_000 + ",2"]  # more than csv's field limit
+    rows += [f"M{n},2024-01-01T00:00:00+00:00,{n}" for n in (3, 4, 5)]
+    data.write_text("\n".join(rows) + "\n")
+    emitted: list[dict[str, Any]] = []
+    # Rows 1 and 2 done: the header and two lines read.
+    assert module.process({"path": str(data)}, _ctx(module, tmp_path, [3, 3], emitted)) is None
     assert [(r["line"], r["kwh"]) for r in emitted] == [(3, 3.0), (4, 4.0), (5, 5.0)]
