@@ -29,6 +29,7 @@ from fanout.cli_common import (
     RUN_ID,
     FiniteFloat,
     aws_problem,
+    bulk_stdout,
     cannot_write,
     exit_code,
     group_backend,
@@ -516,7 +517,7 @@ def cat(ctx: click.Context, run_id: str | None, limit: int | None) -> None:
     from fanout.avro import to_json_safe
 
     backend = group_backend(ctx)
-    out = sys.stdout
+    out = bulk_stdout()
     records = coordinator.committed_records(backend, run_id or _latest_run(backend))
     try:
         for i, record in enumerate(records):

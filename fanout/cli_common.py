@@ -127,6 +127,19 @@ def open_std_streams() -> None:
             setattr(sys, name, open(fd, mode, encoding="utf-8", closefd=False))  # noqa: SIM115
 
 
+def bulk_stdout() -> Any:
+    """``sys.stdout`` for many lines of output (``cat``, ``read``): buffered in
+    blocks, unless it is a terminal. Under ``PYTHONUNBUFFERED`` (set in many
+    containers and CI) each record was a write of its own: ``fanout cat`` into a
+    pipe ran at half the speed (a million records: 21.4 s, 11.8 s without)."""
+    out = sys.stdout
+    reconfigure = getattr(out, "reconfigure", None)  # (not on a test's StringIO)
+    if reconfigure is not None and not out.isatty():
+        with contextlib.suppress(ValueError, OSError):
+            reconfigure(write_through=False, line_buffering=False)
+    return out
+
+
 def home_problem(home: Path, exc: BaseException) -> str:
     """One line naming why ``home`` cannot serve as fanout's home, from the file
     system it is on (read-only, full) when that says, else from ``exc``."""

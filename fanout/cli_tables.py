@@ -7,13 +7,12 @@ modules this one imports :mod:`fanout.cli_common`, never ``fanout.cli``.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
 
 from fanout.backends.base import Store
-from fanout.cli_common import FiniteFloat, group_backend, utc_time
+from fanout.cli_common import FiniteFloat, bulk_stdout, group_backend, utc_time
 from fanout.errors import UserError
 from fanout.tables.catalog import Catalog, live_files, read_catalog, require_catalog
 from fanout.tables.gc import collect, parse_age, table_names
@@ -105,6 +104,7 @@ def read(ctx: click.Context, table: str, partition: str | None, limit: int | Non
     if partition is not None and not files:  # a typo is not an empty partition
         raise UserError(f"table {table} has no partition {partition!r}")
     reader_schema = fastavro.parse_schema(catalog.schemas[-1]["schema"])
+    out = bulk_stdout()
     printed = 0
     for f in files:
         try:
@@ -116,7 +116,7 @@ def read(ctx: click.Context, table: str, partition: str | None, limit: int | Non
                 if limit is not None and printed >= limit:
                     return
                 row = to_json_safe(record)
-                sys.stdout.write(json.dumps(row, separators=(",", ":")) + "\n")
+                out.write(json.dumps(row, separators=(",", ":")) + "\n")
                 printed += 1
 
 

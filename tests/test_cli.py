@@ -294,3 +294,27 @@ def test_runs_shows_a_paused_or_cancelling_run_as_status_does(home: Path) -> Non
         cancelling: ("running", "cancelling"),
         plain: ("running", "running"),
     }
+
+
+def test_cat_buffers_its_output_in_blocks_even_under_pythonunbuffered(
+    monkeypatch: Any,
+) -> None:
+    # Under PYTHONUNBUFFERED stdout writes through: `fanout cat` into a pipe made
+    # a write per record, at half the speed (a black-box helper's 1M records:
+    # 21.4 s, 11.8 s without the variable). A terminal keeps its line buffering.
+    import io
+    import sys
+
+    from fanout.cli_common import bulk_stdout
+
+    piped = io.TextIOWrapper(io.BytesIO(), write_through=True)
+    monkeypatch.setattr(sys, "stdout", piped)
+    assert bulk_stdout() is piped and not piped.write_through and not piped.line_buffering
+
+    class Terminal(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Terminal(io.BytesIO(), write_through=True)
+    monkeypatch.setattr(sys, "stdout", tty)
+    assert bulk_stdout() is tty and tty.write_through
