@@ -43,7 +43,9 @@ class Params(BaseModel):
         # (An s3:// prefix is listed when the run plans.)
         if not source or (not source.startswith("s3://") and not Path(source).is_dir()):
             raise ValueError(f"{source!r} is not a directory (nor an s3:// prefix)")
-        return source
+        # Made absolute here, where it was given: a `fanout worker` started in
+        # another directory found no `data` and failed every chunk.
+        return source if source.startswith("s3://") else str(Path(source).resolve())
 
 
 job = Job("meter-readings", params=Params, schema="meter_reading")

@@ -240,3 +240,15 @@ def test_an_example_job_continuation_does_not_parse_the_rows_before_it(tmp_path:
     # Rows 1 and 2 done: the header and two lines read.
     assert module.process({"path": str(data)}, _ctx(module, tmp_path, [3, 3], emitted)) is None
     assert [(r["line"], r["kwh"]) for r in emitted] == [(3, 3.0), (4, 4.0), (5, 5.0)]
+
+
+def test_the_example_job_takes_a_relative_source_as_where_it_was_submitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `fanout submit jobs/meter_readings.py -p source=data` from one directory and
+    # `fanout worker` from another: every chunk failed, "data does not exist".
+    module = _example_job()
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert module.Params(source="data").source == str(tmp_path / "data")
+    assert module.Params(source="s3://bucket/in/").source == "s3://bucket/in/"
