@@ -145,8 +145,8 @@ def _table_garbage(store: Store, ledger: Ledger, dry_run: bool) -> list[Garbage]
         catalog = read_catalog(store, table)
         if catalog is None:
             continue
-        live = {f["key"] for f in catalog.files}
-        out += [Garbage(k, "uncommitted") for k in candidates if k not in live | pending]
+        kept = {f["key"] for f in catalog.files} | pending
+        out += [Garbage(k, "uncommitted") for k in candidates if k not in kept]
         for version in versions(store, table)[:-KEEP_VERSIONS]:
             out.append(Garbage(table_catalog_key(table, version), "catalog"))
     return out
