@@ -86,6 +86,12 @@ def empty_snapshot(table: str) -> dict[str, Any]:
     }
 
 
+def editable_snapshot(current: Catalog | None, table: str) -> dict[str, Any]:
+    """A copy of ``current``'s contents for a change to modify (the empty
+    table's, before its first version)."""
+    return json.loads(json.dumps(current.data)) if current else empty_snapshot(table)
+
+
 def versions(store: Store, table: str) -> list[int]:
     """The catalog's versions present in the store, ascending."""
     out = []
@@ -150,8 +156,7 @@ def update_catalog(
     """
     for attempt in range(SWAP_ATTEMPTS):
         current = read_catalog(store, table)
-        base = json.loads(json.dumps(current.data)) if current else empty_snapshot(table)
-        new = change(base)
+        new = change(editable_snapshot(current, table))
         if new is None:
             if current is not None:
                 return current

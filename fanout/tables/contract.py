@@ -18,14 +18,13 @@ rule, exit code 2 at the CLI.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from fanout.backends.base import Store
 from fanout.errors import UserError
 from fanout.schema_diff import same_schema, schema_change
-from fanout.tables.catalog import empty_snapshot, read_catalog, update_catalog
+from fanout.tables.catalog import editable_snapshot, read_catalog, update_catalog
 from fanout.tables.compat import why_unreadable
 from fanout.tables.spec import TableSpec, field_logical_type
 
@@ -88,8 +87,7 @@ def check_contract(
         return snap
 
     if dry_run:
-        current = read_catalog(store, table)
-        change(json.loads(json.dumps(current.data)) if current else empty_snapshot(table))
+        change(editable_snapshot(read_catalog(store, table), table))
         return version
     update_catalog(store, table, change, f"schema of job {job_name}")
     return version

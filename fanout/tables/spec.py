@@ -151,7 +151,7 @@ def partition_value(spec: TableSpec, record: Any, index: int, logical: str | Non
         )
     value = record[spec.field]
     if spec.granularity is None:
-        segment = f"{spec.field}={_escape(value)}"
+        segment = f"{spec.field}={escape_partition(value)}"
         if len(segment.encode()) > MAX_SEGMENT:
             # A file name on most disks is at most 255 bytes: past that the
             # put failed as an internal error, retried until the chunk died.
@@ -177,7 +177,9 @@ def partition_value(spec: TableSpec, record: Any, index: int, logical: str | Non
     return f"{TIME_COLUMN}={moment.strftime(spelled)}"
 
 
-def _escape(value: Any) -> str:
+def escape_partition(value: Any) -> str:
+    """A partition value as its path segment spells it (a record's, or one
+    typed by a person to name the partition)."""
     if value is None or value == "":
         return NULL_PARTITION
     if isinstance(value, bool):
@@ -188,11 +190,6 @@ def _escape(value: Any) -> str:
         text = str(getattr(value, "value", value))
     # Hive escapes such characters as %XX too; '/' must never open a new level.
     return quote(text, safe="-_.~ ")
-
-
-def escape_partition(value: str) -> str:
-    """A partition value typed by a person, escaped as a written one is."""
-    return _escape(value)
 
 
 def unescape(text: str) -> str:
