@@ -20,13 +20,12 @@ back to be tried again shortly, and dead-letters it once it failed
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Callable, Sequence
 from typing import cast
 
 from fanout.backends.base import Backend, BatchLedger, Delivery
 from fanout.batches import BatchHook, run_batch
-from fanout.failures import describe, drop_invalid, settle_poison
+from fanout.failures import describe, drop_invalid, format_traceback, settle_poison
 from fanout.messages import ChunkMessage, MessageError, ScheduleFire, decode_envelope
 from fanout.outcomes import Handled
 from fanout.runner import Runner
@@ -65,7 +64,7 @@ class Dispatcher:
                 return handle_fire(self.backend, delivery, envelope)
             return self._sweep(delivery)
         except Exception as exc:
-            reason, tb = describe(exc), traceback.format_exc()
+            reason, tb = describe(exc), format_traceback(exc)
             q, store = self.backend.queue, self.backend.store
             # Only a chunk message may come back as a copy (see settle_poison).
             checked = not isinstance(envelope, ChunkMessage)
@@ -104,7 +103,7 @@ class Dispatcher:
                 outcomes = [exc] * len(items)
             for (i, delivery, _), outcome in zip(chunks, outcomes, strict=True):
                 if isinstance(outcome, Exception):
-                    tb = "".join(traceback.format_exception(outcome))
+                    tb = format_traceback(outcome)
                     q, store = self.backend.queue, self.backend.store
                     outcome = settle_poison(q, store, delivery, describe(outcome), tb)
                 results[i] = outcome

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
@@ -56,6 +55,7 @@ from fanout.failures import (
     describe,
     drop_invalid,
     failure_of,
+    format_traceback,
     interruptible,
     keep_dead_task,
     keep_missing,
@@ -151,7 +151,7 @@ class Runner:
         attempt, self._in_hand = self._in_hand, None
         if attempt is None:
             raise exc
-        tb = "".join(traceback.format_exception(exc))
+        tb = format_traceback(exc)
         # A PermanentError here is the job's (a spawned payload that is no message).
         kind = FailureKind.PERMANENT if isinstance(exc, PermanentError) else FailureKind.INTERNAL
         try:
