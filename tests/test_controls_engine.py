@@ -67,15 +67,20 @@ def _stop(_: float) -> None:
     raise _Stop
 
 
+def _two_of_five_done(mem: Backend) -> str:
+    """A run of four chunks whose plan and first chunk committed; its id."""
+    run_id = coordinator.submit(mem, JOB, {"chunks": 4}).run_id
+    dispatcher = Dispatcher(mem)
+    for _ in range(2):
+        (delivery,) = mem.queue.receive(1, 30)
+        assert dispatcher.handle(delivery, 10.0) == "committed"
+    return run_id
+
+
 def test_status_watch_shows_a_paused_run_as_paused_without_an_eta(
     mem: Backend, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_id = coordinator.submit(mem, JOB, {"chunks": 4}).run_id
-    dispatcher = Dispatcher(mem)
-    (plan,) = mem.queue.receive(1, 30)
-    assert dispatcher.handle(plan, 10.0) == "committed"
-    (first,) = mem.queue.receive(1, 30)
-    assert dispatcher.handle(first, 10.0) == "committed"  # 2 of 5 done: an ETA exists
+    run_id = _two_of_five_done(mem)  # an ETA exists
     assert control_ops.pause(mem, run_id).changed
     with pytest.raises(_Stop):
         watch_run(mem, run_id, 0.1, as_json=True, sleep=_stop)
@@ -120,12 +125,7 @@ def test_the_progress_of_a_cancelled_run_counts_its_cancelled_chunks_apart(
 ) -> None:
     # The bar of a cancelled run was full ("100%  chunks 5/5"): its cancelled
     # chunks were counted as finished work.
-    run_id = coordinator.submit(mem, JOB, {"chunks": 4}).run_id
-    dispatcher = Dispatcher(mem)
-    (plan,) = mem.queue.receive(1, 30)
-    assert dispatcher.handle(plan, 10.0) == "committed"
-    (first,) = mem.queue.receive(1, 30)
-    assert dispatcher.handle(first, 10.0) == "committed"
+    run_id = _two_of_five_done(mem)
     assert control_ops.cancel(mem, run_id).changed
     run = drain(mem, run_id)
     assert run.state == RunState.CANCELLED and run.tasks_cancelled == 3, run
