@@ -118,7 +118,7 @@ LAZY_COMMANDS: dict[str, Lazy] = {
     "schema": Lazy(
         _tables,
         "schema",
-        "The schema history of TABLE, oldest first (the last is current).",
+        "The schema history of TABLE, oldest first (the last not pending is current).",
     ),
     "read": Lazy(
         _tables,

@@ -39,7 +39,7 @@ def tables(ctx: click.Context, as_json: bool) -> None:
                 "files": len(catalog.files),
                 "records": sum(f["records"] for f in catalog.files),
                 "bytes": sum(f["bytes"] for f in catalog.files),
-                "schema_version": len(catalog.schemas),
+                "schema_version": catalog.schema["version"] if catalog.schema else 0,
                 "runs": len(catalog.data["runs"]),
             }
         )
@@ -73,7 +73,7 @@ def _type_name(kind: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="The full schemas, as JSON.")
 @click.pass_context
 def schema(ctx: click.Context, table: str, as_json: bool) -> None:
-    """The schema history of TABLE, oldest first (the last is current)."""
+    """The schema history of TABLE, oldest first (the last not pending is current)."""
     catalog = require_catalog(group_backend(ctx).store, table)
     if as_json:
         click.echo(json.dumps(catalog.schemas, indent=1))
@@ -84,7 +84,11 @@ def schema(ctx: click.Context, table: str, as_json: bool) -> None:
             + (f"={json.dumps(f['default'])}" if "default" in f else "")
             for f in entry["schema"].get("fields", [])
         )
-        click.echo(f"v{entry['version']}  {utc_time(entry['at'])}  job {entry['job']}  {fields}")
+        pending = entry.get("pending")
+        held = f"  (pending: no file yet; held by {', '.join(pending)})" if pending else ""
+        click.echo(
+            f"v{entry['version']}  {utc_time(entry['at'])}  job {entry['job']}  {fields}{held}"
+        )
 
 
 @click.command()
@@ -103,7 +107,9 @@ def read(ctx: click.Context, table: str, partition: str | None, limit: int | Non
     files = live_files(catalog, partition)
     if partition is not None and not files:  # a typo is not an empty partition
         raise UserError(f"table {table} has no partition {partition!r}")
-    reader_schema = fastavro.parse_schema(catalog.schemas[-1]["schema"])
+    if catalog.schema is None:  # only pending versions: no file yet
+        return
+    reader_schema = fastavro.parse_schema(catalog.schema["schema"])
     out = bulk_stdout()
     printed = 0
     for f in files:

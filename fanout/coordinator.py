@@ -33,9 +33,10 @@ from fanout.events import events_for
 from fanout.fairness import register_run, served_runs
 from fanout.finalize import FINALIZE_STALE, finalize_run
 from fanout.jobs import canonical_ref, load_checked
+from fanout.limits import SCHEMA, table_setting, table_spec_of
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.settings import RunKind, kind_of, recorded_settings
-from fanout.tables.contract import check_contract
+from fanout.tables.contract import check_contract, release_schema
 
 log = logging.getLogger("fanout.coordinator")
 
@@ -62,15 +63,20 @@ def submit(
     raw_params = model.model_dump(mode="json") if isinstance(model, BaseModel) else dict(model)
     run_settings = job.settings.overridden(settings or {})
     schema = job.schema
-    if job.table_spec is not None:  # issue 14: the table's schema contract, before any write
-        check_contract(backend.store, job.table_spec, schema.raw if schema else None, job.name)
+    run_id = run_id or new_run_id(job.name)
+    spec = job.table_spec
+    if spec is not None:  # issue 14: the table's schema contract, before any write
+        raw = schema.raw if schema else None
+        check_contract(backend.store, spec, raw, job.name, run_id=run_id)
     now = time.time()
     run = RunRecord(
-        run_id=run_id or new_run_id(job.name),
+        run_id=run_id,
         job=canonical_ref(job_ref),
         job_name=job.name,
         params=raw_params,
-        settings=recorded_settings(run_settings, job.kind, schema.raw if schema else None),
+        settings=recorded_settings(
+            run_settings, job.kind, schema.raw if schema else None, table_setting(spec)
+        ),
         created_at=now,
     )
     # A job without a plan gets one chunk holding the params.
@@ -81,7 +87,14 @@ def submit(
     # A token of this submit's own: a second submit of the same run id (a
     # schedule's tick fired twice) writes its payload apart, and loses at create_run.
     body = offload(root, backend.store, backend.queue.max_message_bytes, secrets.token_hex(8))
-    backend.ledger.create_run(run, NewTask("0", 0, 0, body))
+    try:
+        backend.ledger.create_run(run, NewTask("0", 0, 0, body))
+    except KeyError:
+        raise  # the run exists (a twin submit of a schedule tick): it holds its version
+    except Exception:
+        if spec is not None:  # no run: nothing holds the schema version for it
+            release_schema(backend.store, spec.table, run.run_id)
+        raise
     register_run(backend.queue, run.run_id, run_settings.priority)  # fair sharing by priority
     # Should this send be lost (a crash right here), the recovery sweep re-sends
     # queued tasks of a run that has nothing in the queue.
@@ -134,6 +147,36 @@ def replay(
         _named_chunks_replayable(backend, run, set(chunk_ids) - {t.chunk_id for t in dead})
     elif not replayable(len(dead), run.tasks_cancelled):
         raise UserError(f"run {run_id} has no dead chunks to replay")
+    ended = run.state in TERMINAL_RUN_STATES
+    if ended:
+        # Its end gave back the table schema version it had not written with:
+        # held again first, so that a table's contract that refuses it now
+        # refuses the replay, before any chunk is reopened.
+        spec = table_spec_of(run.settings)
+        if spec is not None:
+            schema = run.settings.get(SCHEMA)
+            check_contract(backend.store, spec, schema, run.job_name, run_id=run_id)
+    try:
+        reopened = _reopen(backend, run_id, chunk_ids, wait)
+    except BaseException:
+        if ended and (spec := table_spec_of(run.settings)) is not None:
+            release_schema(backend.store, spec.table, run_id)
+        raise
+    if ended:
+        # A pause that outlived its run's end (one that landed beside a cancel)
+        # would hold the replay's chunks, unseen: the replay starts it afresh.
+        now = time.time()
+        controls_of(backend.ledger).change_control(
+            run_id, lambda state: set_paused(state, False, now)
+        )
+    backend.queue.send([t.message for t in reopened])
+    return reopened
+
+
+def _reopen(
+    backend: Backend, run_id: str, chunk_ids: Collection[str] | None, wait: float
+) -> list[TaskRecord]:
+    """The ledger's reopen, a run being finalized waited out (see :func:`replay`)."""
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -151,14 +194,6 @@ def replay(
     if not reopened and not chunk_ids:
         # (nothing dead, and what was cancelled was orphans or the job's own stop's)
         raise UserError(f"run {run_id} has no dead chunks to replay")
-    if run.state in TERMINAL_RUN_STATES:
-        # A pause that outlived its run's end (one that landed beside a cancel)
-        # would hold the replay's chunks, unseen: the replay starts it afresh.
-        now = time.time()
-        controls_of(backend.ledger).change_control(
-            run_id, lambda state: set_paused(state, False, now)
-        )
-    backend.queue.send([t.message for t in reopened])
     return reopened
 
 

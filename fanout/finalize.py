@@ -20,13 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Any
 
 from fanout.backends.base import Ledger, RunState, Store, TaskState
 from fanout.backends.keys import manifest_key
 from fanout.controls import final_state
 from fanout.events import EventSink, emit
-from fanout.limits import SCHEMA
+from fanout.limits import SCHEMA, table_spec_of
 from fanout.tables.commit import compact_run_partitions, expand_parts, join_table, update_glue
+from fanout.tables.contract import release_schema
 
 log = logging.getLogger("fanout.runner")
 
@@ -63,7 +65,7 @@ def finalize_run(
     ]
     # Stopped, failed, succeeded, or (run controls) cancelled, succeeded with failures.
     state = final_state(record, len(dead))
-    manifest = {
+    manifest: dict[str, Any] = {
         "version": 1,
         "run_id": run_id,
         "job": record.job_name,
@@ -71,7 +73,7 @@ def finalize_run(
         "stop_reason": record.stop_reason,
         "created_at": record.created_at,
         "finished_at": now,
-        "records": sum(f["records"] for f in files),  # type: ignore[misc]
+        "records": sum(f["records"] for f in files),
         "files": files,
         "dead_chunks": [{"chunk_id": t.chunk_id, "seq": t.seq, "error": t.error} for t in dead],
         "schema": record.settings.get(SCHEMA),
@@ -83,6 +85,9 @@ def finalize_run(
     store.put(key, json.dumps(manifest, indent=1).encode())
     # Issue 14: idempotent, so before the run is marked finished.
     update_glue(store, join_table(store, manifest))
+    spec = table_spec_of(record.settings)
+    if spec is not None and not any(f.get("table") == spec.table for f in manifest["files"]):
+        release_schema(store, spec.table, run_id)  # no file: its schema is not the table's
     if record.settings.get("compact") and _still_mine(ledger, run_id, now):
         compact_run_partitions(store, manifest)  # issue 14: -S compact=true
     if not ledger.finish(run_id, state, key, time.time(), began=now):

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fanout.backends.base import DOMAIN_STATS
+from fanout.tables.spec import TableSpec
 
 
 class RunKind(enum.StrEnum):
@@ -63,6 +64,20 @@ def stats_problem(stats: Mapping[str, Any]) -> str | None:
 #: What submit records in ``RunRecord.settings`` beside the run's limits.
 KIND = "kind"
 SCHEMA = "schema"
+#: The job's table spec, for a job that writes a table (``fanout.tables.contract``).
+TABLE = "table"
+
+
+def table_setting(spec: TableSpec | None) -> dict[str, Any] | None:
+    """A table spec as a run's settings record it (None: no table)."""
+    return None if spec is None else dataclasses.asdict(spec)
+
+
+def table_spec_of(settings: Mapping[str, Any]) -> TableSpec | None:
+    """The table spec a run's settings recorded at submit (None: no table, or a
+    run submitted before they recorded it)."""
+    recorded = settings.get(TABLE)
+    return TableSpec(**recorded) if isinstance(recorded, dict) else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

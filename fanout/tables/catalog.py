@@ -69,9 +69,16 @@ class Catalog:
 
     @property
     def schemas(self) -> list[dict[str, Any]]:
-        """The schema history, oldest first; the last is the table's schema."""
+        """The schema history, oldest first, pending versions included."""
         schemas: list[dict[str, Any]] = self.data["schemas"]
         return schemas
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The table's schema: the last version files were written with (a
+        pending one, which no run has written with yet, is not; see
+        ``fanout.tables.contract``), as its history entry; None before any."""
+        return next((e for e in reversed(self.schemas) if "pending" not in e), None)
 
 
 def empty_snapshot(table: str) -> dict[str, Any]:

@@ -8,9 +8,12 @@
    ``table`` and ``partitions`` (files and records by partition);
 2. :func:`join_table` after the manifest is written and before the run is
    marked finished: the run's files are added to the table's catalog in one
-   atomic swap. It is idempotent (a run adds only the files it has not added
-   before), so a finalizer that dies between the two steps, and the one that
-   takes over, or a replay that finalizes the run again, add each file once.
+   atomic swap, which confirms the schema version they were written with
+   (``fanout.tables.contract``); a run that wrote no file to its table gives
+   its pending version back instead (``release_schema``). It is idempotent (a
+   run adds only the files it has not added before), so a finalizer that dies
+   between the two steps, and the one that takes over, or a replay that
+   finalizes the run again, add each file once.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 from fanout.backends.base import Store
 from fanout.tables.catalog import Catalog, update_catalog
+from fanout.tables.contract import confirm_version
 
 __all__ = [
     "PARTS_KIND",
@@ -97,10 +101,12 @@ def join_table(store: Store, manifest: dict[str, Any]) -> list[Catalog]:
     for table, files in sorted(by_table.items()):
 
         def change(snap: dict[str, Any], files: list[dict[str, Any]] = files) -> Any:
+            # The version its files were written with now holds data: confirmed.
+            confirmed = confirm_version(snap, manifest.get("schema"), manifest["job"])
             seen = set(snap["runs"].get(run_id, []))
             new = [f for f in files if f["key"] not in seen]
             if not new:
-                return None
+                return snap if confirmed else None
             snap["files"].extend(
                 {
                     "key": f["key"],

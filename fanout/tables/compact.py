@@ -144,9 +144,10 @@ def compact(
     catalog = require_catalog(store, table)
     if partition is not None and not live_files(catalog, partition):
         raise UserError(f"table {table} has no partition {partition!r}")
-    if not catalog.schemas:
-        raise UserError(f"table {table} has no schema in its catalog")
-    schema = fastavro.parse_schema(catalog.schemas[-1]["schema"])
+    if catalog.schema is None:
+        return result  # no version written with yet: no file either
+    # The confirmed schema: its files stay readable should a pending one be given back.
+    schema = fastavro.parse_schema(catalog.schema["schema"])
     plan = plan_groups(catalog, partition, target_bytes)
     if not plan:
         return result

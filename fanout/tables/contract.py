@@ -12,6 +12,18 @@ recorded, so a change is refused before anything is written:
   appended to the history, in the same atomic catalog swap as the check, so two
   submits racing with different schemas are checked one after the other.
 
+A version a submit appends is **pending** (``"pending": [run ids]``) until a
+run joins the table with files of it (:func:`fanout.tables.commit.join_table`
+confirms it). Readers and compaction take the last *confirmed* version as the
+table's schema (:attr:`~fanout.tables.catalog.Catalog.schema`), and a run that
+ends without a file in the table gives its pending version back
+(:func:`release_schema`): a submitted run that was cancelled or failed must not
+change the table's schema for good (a version dropping a column would hide it
+from reads, compaction would then drop its values, and the table's own job
+could no longer add it back). A new schema is still checked against pending
+versions too, since their runs may yet write files with them. A replay of an
+ended run registers its schema again (``coordinator.replay``).
+
 A refusal is a :class:`UserError`: one line naming the table, the field and the
 rule, exit code 2 at the CLI.
 """
@@ -28,15 +40,28 @@ from fanout.tables.catalog import editable_snapshot, read_catalog, update_catalo
 from fanout.tables.compat import why_unreadable
 from fanout.tables.spec import TableSpec, field_logical_type
 
-__all__ = ["check_contract", "same_schema", "schema_change"]
+__all__ = [
+    "check_contract",
+    "confirm_version",
+    "release_schema",
+    "same_schema",
+    "schema_change",
+]
 
 
 def check_contract(
-    store: Store, spec: TableSpec, schema_raw: Any, job_name: str, *, dry_run: bool = False
+    store: Store,
+    spec: TableSpec,
+    schema_raw: Any,
+    job_name: str,
+    *,
+    run_id: str | None = None,
+    dry_run: bool = False,
 ) -> int:
-    """Check the job's schema against the table's and record it if it is new;
-    returns the table's schema version the run writes with. ``dry_run``
-    (``fanout validate``): check only, record nothing.
+    """Check the job's schema against the table's and record it if it is new, as
+    pending for ``run_id`` (see the module docstring); returns the table's schema
+    version the run writes with. ``dry_run`` (``fanout validate``): check only,
+    record nothing.
 
     Raises:
         UserError: the change breaks the contract, or the job does not fit the
@@ -60,8 +85,13 @@ def check_contract(
         history = snap["schemas"]
         glue = bool(snap.get("glue")) or spec.glue  # once asked for, kept up to date
         if history and same_schema(history[-1]["schema"], schema_raw):
-            version = history[-1]["version"]
-            if glue == bool(snap.get("glue")):
+            last = history[-1]
+            version = last["version"]
+            # A pending version is held by each run that may write with it.
+            joins = "pending" in last and run_id is not None and run_id not in last["pending"]
+            if joins:
+                last["pending"].append(run_id)
+            if glue == bool(snap.get("glue")) and not joins:
                 return None
             snap["glue"] = glue
             return snap
@@ -79,9 +109,8 @@ def check_contract(
                     f" (the new schema must read files written with version {old['version']})"
                 )
         version = len(history) + 1
-        history.append(
-            {"version": version, "schema": schema_raw, "job": job_name, "at": time.time()}
-        )
+        entry = {"version": version, "schema": schema_raw, "job": job_name, "at": time.time()}
+        history.append({**entry, "pending": [run_id]} if run_id is not None else entry)
         snap["partitioning"] = partitioning
         snap["glue"] = glue
         return snap
@@ -91,6 +120,59 @@ def check_contract(
         return version
     update_catalog(store, table, change, f"schema of job {job_name}")
     return version
+
+
+def release_schema(store: Store, table: str, run_id: str) -> None:
+    """``run_id`` ended without a file in ``table``: it no longer holds a
+    pending version, and the pending versions at the end of the history that no
+    run holds any more are taken back (see the module docstring)."""
+
+    def change(snap: dict[str, Any]) -> dict[str, Any] | None:
+        history = snap["schemas"]
+        held = [e for e in history if run_id in e.get("pending", ())]
+        for entry in held:
+            entry["pending"].remove(run_id)
+        dropped = False
+        while history and history[-1].get("pending") == []:
+            history.pop()
+            dropped = True
+        if not held and not dropped:
+            return None
+        if not history:
+            snap["partitioning"] = None  # (no version: no file either) a new start
+        return snap
+
+    update_catalog(store, table, change, f"run {run_id} ended without files")
+
+
+def confirm_version(snap: dict[str, Any], schema_raw: Any, job_name: str) -> bool:
+    """A run joins the table with files of ``schema_raw``: the version it wrote
+    with is confirmed (no longer pending), in ``snap``; returns whether ``snap``
+    changed. A version given back meanwhile (a replay raced with the run's
+    end) is appended again, checked as at submit.
+
+    Raises:
+        UserError: that schema could no longer be added (a newer schema came).
+    """
+    history = snap["schemas"]
+    entry = next((e for e in reversed(history) if same_schema(e["schema"], schema_raw)), None)
+    if entry is not None:
+        if "pending" not in entry:
+            return False
+        del entry["pending"]
+        return True
+    table = snap["table"]
+    for old in reversed(history):
+        problem = why_unreadable(schema_raw, old["schema"])
+        if problem is not None:
+            raise UserError(
+                f"table {table}: job {job_name}'s files cannot join: {problem}"
+                f" (its schema must read files written with version {old['version']})"
+            )
+    history.append(
+        {"version": len(history) + 1, "schema": schema_raw, "job": job_name, "at": time.time()}
+    )
+    return True
 
 
 def _show(partitioning: dict[str, Any]) -> str:

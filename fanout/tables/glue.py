@@ -102,9 +102,9 @@ def hive_type(avro_type: Any) -> str:
 
 def table_input(catalog: Catalog, bucket: str) -> dict[str, Any]:
     """Glue's ``TableInput`` for the table (see the module docstring)."""
-    if not catalog.schemas:
-        raise UserError(f"table {catalog.table} has no schema in its catalog")
-    schema = dict(catalog.schemas[-1]["schema"])
+    if catalog.schema is None:
+        raise UserError(f"table {catalog.table} has no data yet: no run has written to it")
+    schema = dict(catalog.schema["schema"])
     part = catalog.data.get("partitioning") or {}
     column, field, granularity = part.get("column"), part.get("field"), part.get("granularity")
     if column and not granularity:

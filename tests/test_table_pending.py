@@ -1,0 +1,128 @@
+"""A table's schema changes when a run writes files with it, not when one is
+submitted: a submitted run that ends without a file gives its schema version
+back (``fanout.tables.contract``), and readers and compaction use the last
+version files were written with.
+
+Before, a submit appended its schema for good. A job submitted with a column
+dropped and then cancelled hid that column from ``fanout read``, the next
+compaction rewrote every file without its values, and the table's own job
+could no longer submit (its column "added without a default").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from support.cli import assert_user_error, cli, ok
+
+FIELDS = {
+    "item": {"name": "item", "type": "string"},
+    "n": {"name": "n", "type": "long"},  # no default: a schema without it cannot add it back
+}
+
+JOB = """
+from fanout import Job, PermanentError
+
+job = Job("meters", schema={schema}, table="meters")
+
+
+@job.process
+def process(payload, ctx):
+    if {fail}:
+        raise PermanentError("the bug of the day")
+    for i in range(3):
+        ctx.emit({record})
+"""
+
+
+def job_file(tmp: Path, name: str, fields: list[str], fail: bool = False) -> str:
+    schema = {"type": "record", "name": "reading", "fields": [FIELDS[f] for f in fields]}
+    values = {"item": f"'{name}-' + str(i)", "n": "i"}
+    # (unit is left to its default)
+    record = "{" + ", ".join(f"{f!r}: {values[f]}" for f in fields if f != "unit") + "}"
+    path = tmp / f"{name}.py"
+    path.write_text(JOB.format(schema=json.dumps(schema), record=record, fail=fail))
+    return str(path)
+
+
+def rows(home: Path) -> list[dict[str, object]]:
+    return sorted(
+        (json.loads(line) for line in ok(cli(home, "read", "meters")).splitlines()),
+        key=lambda r: str(r["item"]),
+    )
+
+
+def versions(home: Path) -> list[str]:
+    return [line.split()[0] for line in ok(cli(home, "schema", "meters")).splitlines()]
+
+
+def test_a_cancelled_run_leaves_the_tables_schema_and_its_columns_as_they_were(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
+    before = rows(home)
+    assert [r["n"] for r in before] == [0, 1, 2]
+
+    # A job that drops column n, submitted (checked, its version pending), then cancelled.
+    dropped = job_file(tmp_path, "v2", ["item"])
+    run_id = ok(cli(home, "submit", dropped)).strip()
+    assert "pending" in ok(cli(home, "schema", "meters")).splitlines()[-1]
+    ok(cli(home, "cancel", run_id))
+    ok(cli(home, "worker", "--until-idle", "-w", "1"))
+    assert json.loads(ok(cli(home, "status", run_id, "--json")))["state"] == "cancelled"
+
+    assert versions(home) == ["v1"]
+    assert rows(home) == before  # column n still read
+    ok(cli(home, "compact", "meters", "--target-mb", "1"))
+    assert rows(home) == before  # and its values still in the compacted file
+    # The table's own job still submits, and runs.
+    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
+    assert len(rows(home)) == 6
+
+
+def test_a_failed_run_gives_its_version_back_and_a_replay_after_the_fix_takes_it_again(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
+    broken = job_file(tmp_path, "v2", ["item"], fail=True)
+    failed = cli(home, "run", broken, "-w", "1")
+    assert failed.exit_code == 1, failed.output
+    assert versions(home) == ["v1"]
+    run_id = json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])["run_id"]
+
+    # While the failed run holds nothing, another job's schema may not be checked
+    # against it; its replay, after the fix, registers v2 again and writes with it.
+    job_file(tmp_path, "v2", ["item"])  # the fix, in the same file
+    ok(cli(home, "replay", run_id))
+    ok(cli(home, "worker", "--until-idle", "-w", "1"))
+    assert json.loads(ok(cli(home, "status", run_id, "--json")))["state"] == "succeeded"
+    lines = ok(cli(home, "schema", "meters")).splitlines()
+    assert [line.split()[0] for line in lines] == ["v1", "v2"] and "pending" not in lines[-1]
+    assert sorted(r["item"] for r in rows(home)) == [
+        *(f"v1-{i}" for i in range(3)),
+        *(f"v2-{i}" for i in range(3)),
+    ]
+    assert all("n" not in r for r in rows(home))  # read with v2, which has no n
+
+
+def test_a_replay_the_table_now_refuses_is_one_line_and_reopens_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
+    # A job adding `unit` as a string fails; then another adds it as a long, and
+    # writes: the first one's schema can no longer read the table.
+    FIELDS["unit"] = {"name": "unit", "type": "string", "default": "kWh"}
+    broken = job_file(tmp_path, "strings", ["item", "n", "unit"], fail=True)
+    assert cli(home, "run", broken, "-w", "1").exit_code == 1
+    run_id = json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])["run_id"]
+    FIELDS["unit"] = {"name": "unit", "type": "long", "default": 0}
+    ok(cli(home, "run", job_file(tmp_path, "longs", ["item", "n", "unit"]), "-w", "1"))
+    assert versions(home) == ["v1", "v2"]
+
+    FIELDS["unit"] = {"name": "unit", "type": "string", "default": "kWh"}
+    job_file(tmp_path, "strings", ["item", "n", "unit"])  # "fixed"
+    assert_user_error(cli(home, "replay", run_id), "schema change refused", "'unit'")
+    assert json.loads(ok(cli(home, "status", run_id, "--json")))["state"] == "failed"
+    assert versions(home) == ["v1", "v2"]
