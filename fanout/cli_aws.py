@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -23,6 +24,17 @@ def _stage(stage: str) -> str:
             f"stage {stage!r}: use 1 to 31 lowercase letters, digits or '-' (it names a bucket)"
         )
     return stage
+
+
+def _not_a_stack(settings: Any, stage: str, instead: str) -> None:
+    """:class:`UserError` if STAGE is a CloudFormation stack (``fanout deploy``):
+    its resources share the names ``fanout aws`` gives, and ``create`` would
+    set its own attributes and queue policy over the stack's (a visibility
+    timeout below the function's, the TLS-only denies gone)."""
+    from fanout.backends.aws.stack import stack_name, stack_outputs
+
+    if stack_outputs(settings, stage) is not None:
+        raise UserError(f"stage {stage} is the CloudFormation stack {stack_name(stage)}: {instead}")
 
 
 @click.group()
@@ -42,6 +54,7 @@ def create(stage: str) -> None:
 
     stage = _stage(stage)
     settings = AwsSettings.from_env(stage)
+    _not_a_stack(settings, stage, "update the stack (fanout deploy --stage ...)")
     topic = settings.events_topic or f"fanout-{stage}-run-events"
     made = create_resources(replace(settings, events_topic=topic))
     group = group_name(stage)
@@ -63,17 +76,17 @@ def destroy(stage: str, force: bool) -> None:
     """Delete what `fanout aws create --stage STAGE` made. A bucket that is not
     empty is refused (it holds the runs' output) unless --force."""
     from fanout.backends.aws import AwsSettings
-    from fanout.backends.aws.stack import stack_name, stack_outputs
+    from fanout.backends.aws.stack import stack_name
     from fanout.backends.aws.teardown import destroy_resources
     from fanout.schedules.aws import group_name
 
     stage = _stage(stage)
     settings = AwsSettings.from_env(stage)
-    if stack_outputs(settings, stage) is not None:
-        raise UserError(
-            f"stage {stage} is the CloudFormation stack {stack_name(stage)}: delete the stack"
-            f" (aws cloudformation delete-stack --stack-name {stack_name(stage)})"
-        )
+    _not_a_stack(
+        settings,
+        stage,
+        f"delete the stack (aws cloudformation delete-stack --stack-name {stack_name(stage)})",
+    )
     topic = settings.events_topic or f"fanout-{stage}-run-events"
     lines = destroy_resources(
         settings, group=group_name(stage), events_topic=topic.rsplit(":", 1)[-1], force=force

@@ -59,6 +59,21 @@ def test_the_cli_finds_a_deployed_stack_from_fanout_stage_alone(
     outputs = deploy("qa", REPO, code_bucket="fanout-code", layer_zip=layer)
     # The template's bucket name carries the account and region: not fanout-qa-store.
     assert outputs["BucketName"] != "fanout-qa-store"
+    # `fanout aws create` on the stack's stage set its own queue attributes over
+    # the stack's (visibility 30 s, below the function's timeout) and put its
+    # policy in place of the stack's TLS-only denies (a black-box helper's find).
+    sqs = boto3.client("sqs")
+
+    def queue_attributes() -> dict[str, str]:
+        got = sqs.get_queue_attributes(QueueUrl=outputs["QueueUrl"], AttributeNames=["All"])
+        return dict(got["Attributes"])
+
+    attributes = queue_attributes()
+    for command in ("create", "destroy"):
+        refused = cli("aws", command, "--stage", "qa")
+        assert refused.exit_code == 2, refused.output
+        assert "stage qa is the CloudFormation stack fanout-qa" in refused.output
+    assert queue_attributes() == attributes
 
     monkeypatch.setenv("FANOUT_STAGE", "qa")
     submitted = cli("--backend", "aws", "submit", TREE, "-p", "chunks=2", "-p", "rows=3")
@@ -139,3 +154,29 @@ def test_aws_create_then_destroy_without_cloudformation(
         assert f"{what}: deleted" in gone.output, gone.output
     after = cli("--backend", "aws", "runs")
     assert after.exit_code == 2 and "stage emu is not deployed" in after.output
+
+
+def test_a_dispatch_topic_adds_its_statement_to_the_queue_policy(
+    moto: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its statement used to replace the whole policy: an earlier topic's
+    # deliveries were refused without a word, and any deny a user added went.
+    import boto3
+
+    monkeypatch.setenv("FANOUT_AWS_DISPATCH_TOPIC", "first")
+    assert cli("aws", "create", "--stage", "emu").exit_code == 0
+    sqs = boto3.client("sqs")
+    url = sqs.get_queue_url(QueueName="fanout-emu-work")["QueueUrl"]
+
+    def statements() -> list[dict[str, object]]:
+        policy = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])
+        return list(json.loads(policy["Attributes"]["Policy"])["Statement"])
+
+    deny = {"Sid": "TLSOnly", "Effect": "Deny", "Principal": "*", "Action": "sqs:*"}
+    policy = {"Version": "2012-10-17", "Statement": [*statements(), deny]}
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(policy)})
+    monkeypatch.setenv("FANOUT_AWS_DISPATCH_TOPIC", "second")
+    assert cli("aws", "create", "--stage", "emu").exit_code == 0
+    assert cli("aws", "create", "--stage", "emu").exit_code == 0  # no statement twice
+    sids = [st["Sid"] for st in statements()]
+    assert sorted(sids) == ["TLSOnly", "fanout-dispatch-first", "fanout-dispatch-second"]

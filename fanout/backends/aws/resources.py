@@ -198,19 +198,21 @@ def create_dispatch(settings: AwsSettings, queue_url: str) -> str | None:
     # SNS delivers to SQS as the SNS service principal: without this statement
     # the subscription exists but every delivery is silently refused. Scoped to
     # this topic, so no other topic can write to the work queue.
-    policy = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "fanout-dispatch",
-                "Effect": "Allow",
-                "Principal": {"Service": "sns.amazonaws.com"},
-                "Action": "sqs:SendMessage",
-                "Resource": queue_arn,
-                "Condition": {"ArnEquals": {"aws:SourceArn": arn}},
-            }
-        ],
+    sid = f"fanout-dispatch-{arn.rsplit(':', 1)[-1]}"
+    statement = {
+        "Sid": sid,
+        "Effect": "Allow",
+        "Principal": {"Service": "sns.amazonaws.com"},
+        "Action": "sqs:SendMessage",
+        "Resource": queue_arn,
+        "Condition": {"ArnEquals": {"aws:SourceArn": arn}},
     }
+    # Added to the queue's policy, not put in its place: the statements already
+    # there (another topic's, a TLS-only deny) stay.
+    current = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["Policy"])
+    policy = json.loads(current.get("Attributes", {}).get("Policy") or "{}")
+    kept = [st for st in policy.get("Statement", []) if st.get("Sid") != sid]
+    policy = {"Version": "2012-10-17", **policy, "Statement": [*kept, statement]}
     sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"Policy": json.dumps(policy)})
     sns = client("sns", settings)
     # SNS returns the existing subscription for the same topic, protocol,
