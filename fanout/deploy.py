@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import os
 import shlex
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -78,25 +79,51 @@ MAX_ZIP_BYTES = 50 * 1024 * 1024
 VISIBILITY_FACTOR = 6
 
 
-def _files(base: Path, prefix: str) -> Iterator[tuple[str, Path]]:
-    """``(archive name, path)`` of the files under ``base`` worth packaging."""
-    for path in base.rglob("*"):
-        rel = path.relative_to(base)
-        if any(part in EXCLUDED_DIRS or part.startswith(".") for part in rel.parts):
+def _files(base: Path, prefix: str, within: Path) -> Iterator[tuple[str, Path]]:
+    """``(archive name, path)`` of the files under ``base`` worth packaging.
+    Links are followed as ``ctx.list`` follows them (each directory once), so a
+    job finds on Lambda what it finds here, but only to a target inside
+    ``within`` (the project): one out of it could ship any file (a key)."""
+    seen: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        directory = Path(dirpath)
+        real = directory.resolve()
+        if real in seen:  # a link back to a directory already walked
+            dirnames[:] = []
             continue
-        if not path.is_file() or path.suffix in EXCLUDED_SUFFIXES:
-            continue
-        yield f"{prefix}/{rel.as_posix()}", path
+        seen.add(real)
+        rel = directory.relative_to(base)
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS and not d.startswith(".")]
+        for name in dirnames:
+            _inside(directory / name, prefix, base, within)
+        for name in filenames:
+            path = directory / name
+            if name.startswith(".") or path.suffix in EXCLUDED_SUFFIXES:
+                continue
+            _inside(path, prefix, base, within)
+            if path.is_file():  # (not a FIFO, a socket, a dangling link)
+                yield f"{prefix}/{(rel / name).as_posix()}", path
+
+
+def _inside(path: Path, prefix: str, base: Path, within: Path) -> None:
+    """:class:`UserError` for a symbolic link whose target is outside ``within``."""
+    if path.is_symlink() and not path.resolve().is_relative_to(within):
+        shown = f"{prefix}/{path.relative_to(base).as_posix()}"
+        raise UserError(
+            f"{shown} is a link to {path.resolve()}, outside {within}: deploy ships no"
+            " file from outside the project (copy it in, or remove the link)"
+        )
 
 
 def zip_entries(root: Path) -> list[tuple[str, Path]]:
     """What :func:`build_zip` packs, sorted by archive name."""
     package = Path(fanout.__file__).resolve().parent
-    entries = [e for e in _files(package, "fanout") if not e[0].startswith(NOT_ON_LAMBDA)]
+    entries = [e for e in _files(package, "fanout", package) if not e[0].startswith(NOT_ON_LAMBDA)]
+    project = root.resolve()
     for name in PROJECT_DIRS:
         directory = root / name
         if directory.is_dir():
-            entries.extend(_files(directory, name))
+            entries.extend(_files(directory, name, project))
     return sorted(entries)
 
 

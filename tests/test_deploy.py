@@ -663,3 +663,24 @@ def test_the_stage_schedule_group_is_part_of_the_stack(template: dict[str, Any])
     assert group_name("x") == "fanout-x"
     read = next(s for _, s in _statements(template) if s.get("Action") == "scheduler:GetSchedule")
     assert "schedule/fanout-${Stage}/*" in str(read["Resource"])
+
+
+def test_links_in_jobs_ship_as_followed_locally_and_never_from_outside(tmp_path: Path) -> None:
+    # A linked directory (jobs/data -> ../data) was left out silently, so a job
+    # that listed it locally found nothing on Lambda; a linked file shipped its
+    # target wherever it was (a black-box helper's find).
+    root = _project(tmp_path)
+    (root / "data").mkdir()
+    (root / "data" / "r.csv").write_text("a,b\n")
+    (root / "jobs" / "data").symlink_to(root / "data", target_is_directory=True)
+    (root / "jobs" / "loop").symlink_to(root / "jobs", target_is_directory=True)  # walked once
+    (root / "jobs" / "b.py").symlink_to(root / "jobs" / "a.py")
+    names = zipfile.ZipFile(build_zip(root, tmp_path / "in.zip")).namelist()
+    assert {"jobs/data/r.csv", "jobs/b.py", "jobs/a.py"} <= set(names)
+    assert not [n for n in names if n.startswith("jobs/loop/")]
+
+    secret = tmp_path / "creds.txt"
+    secret.write_text("aws_secret_access_key = x\n")
+    (root / "jobs" / "creds.txt").symlink_to(secret)
+    with pytest.raises(UserError, match=r"^jobs/creds.txt is a link to .*creds.txt, outside"):
+        build_zip(root, tmp_path / "out.zip")
