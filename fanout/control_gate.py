@@ -35,6 +35,7 @@ from fanout.controls import (
     contended,
     is_cancelled,
     release,
+    tolerance_chunks,
     tolerance_exceeded,
 )
 from fanout.events import EventSink, emit
@@ -164,7 +165,7 @@ class Gate:
         run = self.backend.ledger.get_run(run_id)
         if run is None or run.stop_reason:
             return False
-        reason = tolerance_exceeded(settings, run.tasks_dead, run.chunks_total)
+        reason = tolerance_exceeded(settings, run.tasks_dead, tolerance_chunks(run))
         if reason is None:
             return False
         return self.stop(run_id, reason)

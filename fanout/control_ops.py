@@ -21,6 +21,7 @@ from fanout.controls import (
     set_paused,
     settings_of,
     tolerance,
+    tolerance_chunks,
 )
 from fanout.errors import UnknownRunError
 from fanout.events import EventSink, emit, events_for
@@ -162,7 +163,7 @@ def control_info(backend: Backend, run: RunRecord, tasks: dict[str, int]) -> dic
     chunks, tolerated failures used."""
     state = controls_of(backend.ledger).read_control(run.run_id)
     settings = settings_of(run)
-    allowed = tolerance(settings, run.chunks_total)
+    allowed = tolerance(settings, tolerance_chunks(run))
     return {
         "state": display_state(run, bool(state.get("paused"))),
         "max_concurrency": settings.max_concurrency,

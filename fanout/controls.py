@@ -38,7 +38,7 @@ from typing import Any
 from fanout.backends.base import RunRecord, RunState
 from fanout.backends.rules import JOB_STOP_PREFIX
 from fanout.backends.rules import final_state as ledger_final_state
-from fanout.limits import RunLimits, limits_of
+from fanout.limits import PLANNED, RunLimits, limits_of
 from fanout.retry import JITTER
 
 #: ``stop_reason`` of a run stopped by ``fanout cancel``.
@@ -177,6 +177,14 @@ def tolerance(settings: RunLimits, chunks: int) -> int | None:
     return max(allowed) if allowed else None
 
 
+def tolerance_chunks(run: RunRecord) -> int:
+    """The chunks a run's tolerated failures are counted of: those registered,
+    its plan left out (it makes the work chunks and does none of their work:
+    counted, 8 dead of 8 work chunks passed a tolerance of 89%)."""
+    planned = bool(run.settings.get(PLANNED))
+    return run.chunks_total - 1 if planned and run.chunks_total > 1 else run.chunks_total
+
+
 def tolerance_exceeded(settings: RunLimits, dead: int, chunks: int) -> str | None:
     """The stop reason of a run whose ``dead`` chunks (of ``chunks`` registered
     so far) went over its tolerance, or None. Only a run with a tolerance set
@@ -200,7 +208,7 @@ def final_state(run: RunRecord, dead: int) -> RunState:
     if reason and reason.startswith(JOB_STOP_PREFIX):
         reason = None  # it ends as if it had run out of work
     if dead and not reason:
-        allowed = tolerance(settings_of(run), run.chunks_total)
+        allowed = tolerance(settings_of(run), tolerance_chunks(run))
         if allowed is not None and dead <= allowed:
             return RunState.SUCCEEDED_WITH_FAILURES
     return ledger_final_state(reason, dead)

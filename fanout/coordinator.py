@@ -75,7 +75,11 @@ def submit(
         job_name=job.name,
         params=raw_params,
         settings=recorded_settings(
-            run_settings, job.kind, schema.raw if schema else None, table_setting(spec)
+            run_settings,
+            job.kind,
+            schema.raw if schema else None,
+            table_setting(spec),
+            planned=job.plan_fn is not None,
         ),
         created_at=now,
     )

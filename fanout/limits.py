@@ -64,6 +64,8 @@ def stats_problem(stats: Mapping[str, Any]) -> str | None:
 #: What submit records in ``RunRecord.settings`` beside the run's limits.
 KIND = "kind"
 SCHEMA = "schema"
+#: Whether the run's first chunk is the job's plan (it makes the others).
+PLANNED = "planned"
 #: The job's table spec, for a job that writes a table (``fanout.tables.contract``).
 TABLE = "table"
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fanout.errors import UserError
 from fanout.fairness import PRIORITY_PATTERN, WEIGHTS
 from fanout.limits import DEFAULTS as D  # the defaults, written once
-from fanout.limits import KIND, SCHEMA, TABLE, RunKind, kind_of
+from fanout.limits import KIND, PLANNED, SCHEMA, TABLE, RunKind, kind_of
 from fanout.messages import MAX_SEQ
 
 __all__ = ["KIND", "SCHEMA", "RunKind", "RunSettings", "kind_of", "recorded_settings"]
@@ -112,9 +112,14 @@ class RunSettings(BaseModel):
 
 
 def recorded_settings(
-    settings: RunSettings, kind: RunKind, schema: Any, table: dict[str, Any] | None = None
+    settings: RunSettings,
+    kind: RunKind,
+    schema: Any,
+    table: dict[str, Any] | None = None,
+    *,
+    planned: bool = False,
 ) -> dict[str, Any]:
-    """A run's settings as submit records them: its limits, kind, schema and
-    (a job that writes a table) its table spec."""
-    recorded = {**settings.model_dump(), KIND: kind.value, SCHEMA: schema}
+    """A run's settings as submit records them: its limits, kind, schema,
+    whether it starts with a plan and (a job that writes a table) its table spec."""
+    recorded = {**settings.model_dump(), KIND: kind.value, SCHEMA: schema, PLANNED: planned}
     return recorded if table is None else {**recorded, TABLE: table}

@@ -276,7 +276,7 @@ def test_beyond_the_tolerance_the_run_stops_early(
     run_id = result.stderr.splitlines()[0].split()[1]
     run = get_run(ledger, run_id)
     assert run.state == RunState.FAILED
-    assert run.stop_reason == "tolerated failures exceeded: 2 dead chunks of 21, 1 tolerated"
+    assert run.stop_reason == "tolerated failures exceeded: 2 dead chunks of 20, 1 tolerated"
     assert run.tasks_dead == 2 and run.tasks_cancelled >= 10
     assert f"{run.tasks_cancelled} chunks cancelled" in result.stdout
     assert f"stopped: {run.stop_reason}" in result.stdout

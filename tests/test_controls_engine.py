@@ -184,3 +184,18 @@ def test_a_cancelling_run_is_not_paused_and_a_replay_clears_a_stale_pause(mem: B
     assert [t.chunk_id for t in coordinator.replay(mem, run_id)] == ["0/1"]
     run = drain(mem, run_id)
     assert run.state == RunState.SUCCEEDED and run.records == 1  # 0/0 committed nothing
+
+
+@pytest.mark.parametrize(("poison", "state"), [(7, "succeeded_with_failures"), (8, "failed")])
+def test_a_tolerated_percentage_is_of_the_work_chunks_not_the_plan(
+    mem: Backend, poison: int, state: str
+) -> None:
+    # The plan counted as a chunk: 8 dead of 8 work chunks passed at 89% ("8 of 9").
+    run_id = coordinator.submit(
+        mem,
+        JOB,
+        {"chunks": 8, "poison": list(range(poison))},
+        {"tolerated_failure_percent": 89, "max_attempts": 1},
+    ).run_id
+    run = drain(mem, run_id, chunk_timeout=5)
+    assert run.tasks_dead == poison and run.state.value == state
