@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from support.cli import assert_user_error, cli, ok
 
 FIELDS = {
@@ -39,8 +41,8 @@ def process(payload, ctx):
 def job_file(tmp: Path, name: str, fields: list[str], fail: bool = False) -> str:
     schema = {"type": "record", "name": "reading", "fields": [FIELDS[f] for f in fields]}
     values = {"item": f"'{name}-' + str(i)", "n": "i"}
-    # (unit is left to its default)
-    record = "{" + ", ".join(f"{f!r}: {values[f]}" for f in fields if f != "unit") + "}"
+    # (the other fields are left to their defaults)
+    record = "{" + ", ".join(f"{f!r}: {values[f]}" for f in fields if f in values) + "}"
     path = tmp / f"{name}.py"
     path.write_text(JOB.format(schema=json.dumps(schema), record=record, fail=fail))
     return str(path)
@@ -108,21 +110,41 @@ def test_a_failed_run_gives_its_version_back_and_a_replay_after_the_fix_takes_it
     assert all("n" not in r for r in rows(home))  # read with v2, which has no n
 
 
-def test_a_replay_the_table_now_refuses_is_one_line_and_reopens_nothing(tmp_path: Path) -> None:
+def test_a_replay_the_table_now_refuses_is_one_line_and_reopens_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home = tmp_path / "home"
     ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
     # A job adding `unit` as a string fails; then another adds it as a long, and
     # writes: the first one's schema can no longer read the table.
-    FIELDS["unit"] = {"name": "unit", "type": "string", "default": "kWh"}
+    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
     broken = job_file(tmp_path, "strings", ["item", "n", "unit"], fail=True)
     assert cli(home, "run", broken, "-w", "1").exit_code == 1
     run_id = json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])["run_id"]
-    FIELDS["unit"] = {"name": "unit", "type": "long", "default": 0}
+    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "long", "default": 0})
     ok(cli(home, "run", job_file(tmp_path, "longs", ["item", "n", "unit"]), "-w", "1"))
     assert versions(home) == ["v1", "v2"]
 
-    FIELDS["unit"] = {"name": "unit", "type": "string", "default": "kWh"}
+    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
     job_file(tmp_path, "strings", ["item", "n", "unit"])  # "fixed"
     assert_user_error(cli(home, "replay", run_id), "schema change refused", "'unit'")
     assert json.loads(ok(cli(home, "status", run_id, "--json")))["state"] == "failed"
     assert versions(home) == ["v1", "v2"]
+
+
+def test_a_version_given_back_amid_the_history_no_longer_binds_later_schemas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
+    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
+    monkeypatch.setitem(FIELDS, "site", {"name": "site", "type": "string", "default": "x"})
+    with_unit = ok(cli(home, "submit", job_file(tmp_path, "unit", ["item", "n", "unit"])))
+    ok(cli(home, "submit", job_file(tmp_path, "site", ["item", "n", "site"])))
+    ok(cli(home, "cancel", with_unit.strip()))
+    ok(cli(home, "worker", "--until-idle", "-w", "1"))
+    # The unit version is gone, though a version came after it: a schema with
+    # unit as a long, which could not read strings, is accepted now.
+    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "long", "default": 0})
+    ok(cli(home, "submit", job_file(tmp_path, "both", ["item", "n", "site", "unit"])))
+    assert versions(home) == ["v1", "v3", "v4"]

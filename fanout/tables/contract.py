@@ -108,7 +108,7 @@ def check_contract(
                     f"table {table}: schema change refused: {problem}"
                     f" (the new schema must read files written with version {old['version']})"
                 )
-        version = len(history) + 1
+        version = next_version(history)
         entry = {"version": version, "schema": schema_raw, "job": job_name, "at": time.time()}
         history.append({**entry, "pending": [run_id]} if run_id is not None else entry)
         snap["partitioning"] = partitioning
@@ -122,23 +122,28 @@ def check_contract(
     return version
 
 
+def next_version(history: list[dict[str, Any]]) -> int:
+    """The number a new version takes: one above the highest (a version given
+    back leaves a gap amid the history, or frees the last number)."""
+    return max((e["version"] for e in history), default=0) + 1
+
+
 def release_schema(store: Store, table: str, run_id: str) -> None:
     """``run_id`` ended without a file in ``table``: it no longer holds a
-    pending version, and the pending versions at the end of the history that no
-    run holds any more are taken back (see the module docstring)."""
+    pending version, and the pending versions no run holds any more are taken
+    back (see the module docstring). One amid the history goes too: no file
+    was written with it, so it only held later schemas to reading it."""
 
     def change(snap: dict[str, Any]) -> dict[str, Any] | None:
         history = snap["schemas"]
         held = [e for e in history if run_id in e.get("pending", ())]
         for entry in held:
             entry["pending"].remove(run_id)
-        dropped = False
-        while history and history[-1].get("pending") == []:
-            history.pop()
-            dropped = True
-        if not held and not dropped:
+        kept = [e for e in history if e.get("pending") != []]
+        if not held and len(kept) == len(history):
             return None
-        if not history:
+        snap["schemas"] = kept
+        if not kept:
             snap["partitioning"] = None  # (no version: no file either) a new start
         return snap
 
@@ -170,7 +175,7 @@ def confirm_version(snap: dict[str, Any], schema_raw: Any, job_name: str) -> boo
                 f" (its schema must read files written with version {old['version']})"
             )
     history.append(
-        {"version": len(history) + 1, "schema": schema_raw, "job": job_name, "at": time.time()}
+        {"version": next_version(history), "schema": schema_raw, "job": job_name, "at": time.time()}
     )
     return True
 
