@@ -21,11 +21,13 @@ arguments, as ``scrapy crawl -a key=value`` passes them.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fanout.context import ChunkContext
@@ -43,16 +45,41 @@ from fanout.crawl.chunk import prewarm, run_chunk
 from fanout.crawl.givenup import RequestGivenUp, rounds_given_up
 from fanout.crawl.known import KNOWN, MAX_LINEAGE, parse_lineage
 from fanout.crawl.limits import remaining, spent, spider_limits
-from fanout.errors import PermanentError
+from fanout.errors import ParamsError, PermanentError
 from fanout.jobs import Job
 from fanout.limits import RunKind
 from fanout.retry import compute_backoff
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = ["ROOT_SHARE", "THROTTLE_META", "CrawlJob"]
 
 #: The root chunk fetches ``pages_per_chunk // ROOT_SHARE`` pages: it runs
 #: alone, so the sooner it hands on, the sooner other workers crawl too.
 ROOT_SHARE = 4
+
+
+def spider_refuses(spider_cls: type[Any], kwargs: dict[str, Any]) -> str | None:
+    """Why ``spider_cls(**kwargs)`` would fail for its arguments alone, or None
+    (a spider that builds itself its own way, in a ``from_crawler`` of its own,
+    is not judged: Scrapy's own spiders' call ``cls(*args, **kwargs)``)."""
+    own = [c for c in spider_cls.__mro__ if not c.__module__.startswith(("scrapy.", "builtins"))]
+    if any("from_crawler" in vars(c) for c in own):
+        return None
+    try:
+        signature = inspect.signature(spider_cls.__init__)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(None, **kwargs)
+    except TypeError as exc:
+        takes = [n for n in list(signature.parameters)[1:] if n not in ("args", "kwargs")]
+        return (
+            f"spider {spider_cls.__name__}: {exc}"
+            f" (its __init__ takes: {', '.join(takes) or 'nothing'})"
+        )
+    return None
 
 
 class CrawlJob(Job):
@@ -93,6 +120,16 @@ class CrawlJob(Job):
         # forking its workers, which then start warm (each worker would
         # otherwise spend ~0.3 s on it in its first chunk).
         prewarm()
+
+    def validate_params(self, raw: Mapping[str, Any]) -> BaseModel | dict[str, Any]:
+        """As :meth:`Job.validate_params`, and the params must be arguments the
+        spider takes (they are its ``-a`` arguments): a misspelled one is
+        refused at submit, not met by every chunk."""
+        params = super().validate_params(raw)
+        problem = spider_refuses(self.spider_cls, dict(params))
+        if problem is not None:
+            raise ParamsError(f"params for job {self.name}: {problem}")
+        return params
 
     def _process(self, payload: Any, ctx: ChunkContext) -> None:
         crawl = ctx._crawl

@@ -268,9 +268,17 @@ def _child(
                 logging.root.handlers.clear()
                 settings = _settings(spider_cls, chunk["log_level"], chunk["closespider"])
                 process = CrawlerProcess(settings)
-                process.crawl(frontier_spider(spider_cls, frontier), **spider_kwargs)
+                crawled = process.crawl(frontier_spider(spider_cls, frontier), **spider_kwargs)
+                # The spider is built inside the crawl's Deferred: an exception
+                # there (its __init__ raised) ended the chunk with nothing
+                # crawled and no error, and the run "succeeded" with 0 records.
+                failed: list[Any] = []
+                crawled.addErrback(failed.append)
                 process.start(install_signal_handlers=False)
-                code = 0
+                if failed:
+                    send("error", failed[0].getTraceback())
+                else:
+                    code = 0
             except BaseException:
                 send("error", traceback.format_exc())
     finally:
