@@ -94,7 +94,9 @@ _UUID_RE = re.compile(
 )
 _EPOCH_DAYS = date(1970, 1, 1).toordinal()
 _MIN_SECONDS = (datetime(1, 1, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).days * 86400
-_MAX_SECONDS = (datetime(9999, 12, 31, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).days * 86400
+#: The first second after year 9999 (its last day is in range to its last instant).
+_END_SECONDS = (datetime(9999, 12, 31, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).days * 86400
+_END_SECONDS += 86400
 # Ints a logical type can hold and still be read back as a Python value.
 _INT_RANGES: dict[str, tuple[int, int]] = {
     "date": (date.min.toordinal() - _EPOCH_DAYS, date.max.toordinal() - _EPOCH_DAYS),
@@ -103,7 +105,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 }
 for _unit, _scale in (("millis", 1000), ("micros", 1_000_000), ("nanos", 1_000_000_000)):
     for _prefix in ("timestamp", "local-timestamp"):
-        _INT_RANGES[f"{_prefix}-{_unit}"] = (_MIN_SECONDS * _scale, _MAX_SECONDS * _scale)
+        _INT_RANGES[f"{_prefix}-{_unit}"] = (_MIN_SECONDS * _scale, _END_SECONDS * _scale - 1)
 
 # Exact Python types that pass the fast column check for each lenient type.
 # Anything else (subclasses included) sends the batch to the strict per-record

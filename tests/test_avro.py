@@ -336,6 +336,19 @@ def test_field_errors(meter: Schema, field: str, value: Any, problem: str) -> No
     assert problem in message
 
 
+def test_the_last_instant_of_year_9999_is_in_range_as_an_int_as_it_is_as_a_datetime(
+    meter: Schema,
+) -> None:
+    # As an int, the range ended at 9999-12-31T00:00 (a black-box helper's find):
+    # the aware datetime of the same instant was accepted, its millis refused.
+    last = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+    as_int = {**reading(0), "read_at": 253_402_300_799_999}
+    back = list(read_records(io.BytesIO(write(meter, [as_int, {**reading(1), "read_at": last}]))))
+    assert [r["read_at"] for r in back] == [last, last]
+    past = {**reading(0), "read_at": 253_402_300_800_000}  # year 10000
+    assert "is out of range for timestamp-millis" in record_error(meter, [past])
+
+
 def test_missing_required_field(meter: Schema) -> None:
     records = [reading(i) for i in range(5)]
     del records[4]["adjusted_kwh"]
