@@ -23,18 +23,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import os
 import shlex
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import fanout
 from fanout.backends.aws.clients import error_code
 from fanout.backends.aws.resources import make_private_bucket
 from fanout.backends.aws.stack import stack_name
 from fanout.backends.aws.store import MISSING_CODES
+from fanout.deploy_files import zip_entries
 from fanout.deploy_layer import (
     FUNCTION_MOUNT,
     MAX_UNZIPPED_BYTES,
@@ -57,19 +56,6 @@ from fanout.errors import UserError
 #: The template shipped next to the package in the source tree.
 TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "template.yaml"
 
-#: Directories of the user's project that go into the zip besides ``fanout``.
-PROJECT_DIRS = ("jobs", "schemas")
-#: Subpackages of fanout the function never imports: the dashboard, whose
-#: libraries (the ``ui`` extra) are not in the layer.
-NOT_ON_LAMBDA = ("fanout/ui/",)
-
-#: Directory names never packaged: tests, docs and caches are not needed at run
-#: time and would only make the zip larger (and non-reproducible, for caches).
-EXCLUDED_DIRS = frozenset(
-    {"__pycache__", "tests", "test", "docs", "doc", ".git", ".mypy_cache", ".pytest_cache"}
-)
-EXCLUDED_SUFFIXES = frozenset({".pyc", ".pyo"})
-
 #: Lambda's limit for a zip uploaded through S3, unzipped size aside.
 MAX_ZIP_BYTES = 50 * 1024 * 1024
 
@@ -77,54 +63,6 @@ MAX_ZIP_BYTES = 50 * 1024 * 1024
 #: the function's timeout (AWS's advice), so a batch is not redelivered while the
 #: function still retries it. CloudFormation cannot multiply, hence this check.
 VISIBILITY_FACTOR = 6
-
-
-def _files(base: Path, prefix: str, within: Path) -> Iterator[tuple[str, Path]]:
-    """``(archive name, path)`` of the files under ``base`` worth packaging.
-    Links are followed as ``ctx.list`` follows them (each directory once), so a
-    job finds on Lambda what it finds here, but only to a target inside
-    ``within`` (the project): one out of it could ship any file (a key)."""
-    seen: set[Path] = set()
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-        directory = Path(dirpath)
-        real = directory.resolve()
-        if real in seen:  # a link back to a directory already walked
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        rel = directory.relative_to(base)
-        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS and not d.startswith(".")]
-        for name in dirnames:
-            _inside(directory / name, prefix, base, within)
-        for name in filenames:
-            path = directory / name
-            if name.startswith(".") or path.suffix in EXCLUDED_SUFFIXES:
-                continue
-            _inside(path, prefix, base, within)
-            if path.is_file():  # (not a FIFO, a socket, a dangling link)
-                yield f"{prefix}/{(rel / name).as_posix()}", path
-
-
-def _inside(path: Path, prefix: str, base: Path, within: Path) -> None:
-    """:class:`UserError` for a symbolic link whose target is outside ``within``."""
-    if path.is_symlink() and not path.resolve().is_relative_to(within):
-        shown = f"{prefix}/{path.relative_to(base).as_posix()}"
-        raise UserError(
-            f"{shown} is a link to {path.resolve()}, outside {within}: deploy ships no"
-            " file from outside the project (copy it in, or remove the link)"
-        )
-
-
-def zip_entries(root: Path) -> list[tuple[str, Path]]:
-    """What :func:`build_zip` packs, sorted by archive name."""
-    package = Path(fanout.__file__).resolve().parent
-    entries = [e for e in _files(package, "fanout", package) if not e[0].startswith(NOT_ON_LAMBDA)]
-    project = root.resolve()
-    for name in PROJECT_DIRS:
-        directory = root / name
-        if directory.is_dir():
-            entries.extend(_files(directory, name, project))
-    return sorted(entries)
 
 
 def build_zip(

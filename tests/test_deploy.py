@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -683,4 +684,18 @@ def test_links_in_jobs_ship_as_followed_locally_and_never_from_outside(tmp_path:
     secret.write_text("aws_secret_access_key = x\n")
     (root / "jobs" / "creds.txt").symlink_to(secret)
     with pytest.raises(UserError, match=r"^jobs/creds.txt is a link to .*creds.txt, outside"):
+        build_zip(root, tmp_path / "out.zip")
+    (root / "jobs" / "creds.txt").unlink()
+    # A second name for a directory ships under both (a job may open either),
+    # whatever order the directory lists them in (the review's find).
+    (root / "jobs" / "b").symlink_to(root / "data", target_is_directory=True)
+    names = zipfile.ZipFile(build_zip(root, tmp_path / "two.zip")).namelist()
+    assert {"jobs/data/r.csv", "jobs/b/r.csv"} <= set(names)
+    # schemas/ itself a link out of the project: refused too.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.key").write_text("k\n")
+    shutil.rmtree(root / "schemas")
+    (root / "schemas").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UserError, match=r"^schemas is a link to .*elsewhere, outside"):
         build_zip(root, tmp_path / "out.zip")

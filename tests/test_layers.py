@@ -99,6 +99,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "fanout.cli_*",
             "fanout.deploy",
             "fanout.deploy_layer",
+            "fanout.deploy_files",
             "fanout.ui",
             "fanout.ui.*",
         ],

@@ -10,7 +10,7 @@ import sys
 
 from conftest import REPO
 
-from fanout.deploy import zip_entries
+from fanout.deploy_files import zip_entries
 
 #: Runs ``fanout report`` with the ui extra's libraries made unimportable.
 WITHOUT_EXTRA = """
