@@ -9,6 +9,7 @@ import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from pydantic import BaseModel
@@ -36,7 +37,8 @@ from fanout.jobs import canonical_ref, load_checked
 from fanout.limits import SCHEMA, table_setting, table_spec_of
 from fanout.messages import ChunkMessage, MessageError, decode, offload, resolve
 from fanout.settings import RunKind, kind_of, recorded_settings
-from fanout.tables.contract import check_contract, release_schema
+from fanout.tables.contract import check_contract, hold_for_replay, release_schema
+from fanout.tables.spec import TableSpec
 
 log = logging.getLogger("fanout.coordinator")
 
@@ -90,20 +92,30 @@ def submit(
         root = ChunkMessage(run_id=run.run_id, chunk_id="0", payload=raw_params)
     # A token of this submit's own: a second submit of the same run id (a
     # schedule's tick fired twice) writes its payload apart, and loses at create_run.
-    body = offload(root, backend.store, backend.queue.max_message_bytes, secrets.token_hex(8))
     try:
+        body = offload(root, backend.store, backend.queue.max_message_bytes, secrets.token_hex(8))
         backend.ledger.create_run(run, NewTask("0", 0, 0, body))
     except KeyError:
         raise  # the run exists (a twin submit of a schedule tick): it holds its version
-    except Exception:
-        if spec is not None:  # no run: nothing holds the schema version for it
-            release_schema(backend.store, spec.table, run.run_id)
+    except BaseException:
+        if spec is not None:
+            _unheld(backend, spec, run.run_id)
         raise
     register_run(backend.queue, run.run_id, run_settings.priority)  # fair sharing by priority
     # Should this send be lost (a crash right here), the recovery sweep re-sends
     # queued tasks of a run that has nothing in the queue.
     backend.queue.send([body])
     return run
+
+
+def _unheld(backend: Backend, spec: TableSpec, run_id: str) -> None:
+    """A submit failed after its schema check: no run, nothing holds the version
+    for it. (A failure that may yet have made the run, a timeout, leaves it.)"""
+    try:
+        if backend.ledger.get_run(run_id) is None:
+            release_schema(backend.store, spec.table, run_id)
+    except Exception as exc:  # the ledger or store down: the hold stays
+        log.warning("run %s was not made; its schema hold stays: %s", run_id, exc)
 
 
 def get_run(backend: Backend, run_id: str) -> RunRecord:
@@ -151,22 +163,24 @@ def replay(
         _named_chunks_replayable(backend, run, set(chunk_ids) - {t.chunk_id for t in dead})
     elif not replayable(len(dead), run.tasks_cancelled):
         raise UserError(f"run {run_id} has no dead chunks to replay")
-    ended = run.state in TERMINAL_RUN_STATES
-    if ended:
-        # Its end gave back the table schema version it had not written with:
-        # held again first, so that a table's contract that refuses it now
-        # refuses the replay, before any chunk is reopened.
-        spec = table_spec_of(run.settings)
-        if spec is not None:
-            schema = run.settings.get(SCHEMA)
-            check_contract(backend.store, spec, schema, run.job_name, run_id=run_id)
+    # Its end may have given back the table schema version it had not written
+    # with: held again (idempotent) before anything is reopened, so that a table
+    # that can no longer take its files refuses the replay; and again after,
+    # should the end of a finalizer the reopen waited for have given it back.
+    spec = table_spec_of(run.settings)
+    hold = partial(_hold_version, backend, run, spec)
+    hold()
     try:
         reopened = _reopen(backend, run_id, chunk_ids, wait)
     except BaseException:
-        if ended and (spec := table_spec_of(run.settings)) is not None:
+        if spec is not None and run.state in TERMINAL_RUN_STATES:
             release_schema(backend.store, spec.table, run_id)
         raise
-    if ended:
+    try:
+        hold()
+    except UserError as exc:  # a submit in that moment: its join will say why it cannot
+        log.warning("run %s: %s", run_id, exc)
+    if run.state in TERMINAL_RUN_STATES:
         # A pause that outlived its run's end (one that landed beside a cancel)
         # would hold the replay's chunks, unseen: the replay starts it afresh.
         now = time.time()
@@ -175,6 +189,13 @@ def replay(
         )
     backend.queue.send([t.message for t in reopened])
     return reopened
+
+
+def _hold_version(backend: Backend, run: RunRecord, spec: TableSpec | None) -> None:
+    """The run's hold on its table's schema version (see :func:`replay`)."""
+    if spec is not None:
+        schema = run.settings.get(SCHEMA)
+        hold_for_replay(backend.store, spec, schema, run.run_id, run.job_name)
 
 
 def _reopen(

@@ -25,6 +25,7 @@ from typing import Any
 from fanout.backends.base import Ledger, RunState, Store, TaskState
 from fanout.backends.keys import manifest_key
 from fanout.controls import final_state
+from fanout.errors import UserError
 from fanout.events import EventSink, emit
 from fanout.limits import SCHEMA, table_spec_of
 from fanout.tables.commit import compact_run_partitions, expand_parts, join_table, update_glue
@@ -84,9 +85,22 @@ def finalize_run(
     key = manifest_key(run_id)
     store.put(key, json.dumps(manifest, indent=1).encode())
     # Issue 14: idempotent, so before the run is marked finished.
-    update_glue(store, join_table(store, manifest))
+    try:
+        update_glue(store, join_table(store, manifest))
+    except UserError as exc:
+        # Its table can no longer take its files (another schema came while a
+        # replay raced its end): said, in a run that fails, rather than a
+        # finalizer that fails forever. Its files stay in its manifest.
+        log.error("run %s: %s", run_id, exc)
+        state = RunState.FAILED
+        manifest = {**manifest, "state": state.value, "table_error": str(exc)}
+        store.put(key, json.dumps(manifest, indent=1).encode())
     spec = table_spec_of(record.settings)
-    if spec is not None and not any(f.get("table") == spec.table for f in manifest["files"]):
+    if (
+        spec is not None
+        and not any(f.get("table") == spec.table for f in manifest["files"])
+        and _still_mine(ledger, run_id, now)  # (a replay since holds it again)
+    ):
         release_schema(store, spec.table, run_id)  # no file: its schema is not the table's
     if record.settings.get("compact") and _still_mine(ledger, run_id, now):
         compact_run_partitions(store, manifest)  # issue 14: -S compact=true

@@ -79,7 +79,11 @@ def table_spec_of(settings: Mapping[str, Any]) -> TableSpec | None:
     """The table spec a run's settings recorded at submit (None: no table, or a
     run submitted before they recorded it)."""
     recorded = settings.get(TABLE)
-    return TableSpec(**recorded) if isinstance(recorded, dict) else None
+    if not isinstance(recorded, dict):
+        return None
+    # (the fields this version knows: a run recorded by another keeps loading)
+    known = {f.name for f in dataclasses.fields(TableSpec)}
+    return TableSpec(**{k: v for k, v in recorded.items() if k in known})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -78,7 +78,17 @@ class Catalog:
         """The table's schema: the last version files were written with (a
         pending one, which no run has written with yet, is not; see
         ``fanout.tables.contract``), as its history entry; None before any."""
-        return next((e for e in reversed(self.schemas) if "pending" not in e), None)
+        runs = self.data["runs"]
+        # (held by a run with files in the table: one an older fanout joined,
+        # which did not confirm it)
+        return next(
+            (
+                e
+                for e in reversed(self.schemas)
+                if "pending" not in e or any(r in runs for r in e["pending"])
+            ),
+            None,
+        )
 
 
 def empty_snapshot(table: str) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def join_table(store: Store, manifest: dict[str, Any]) -> list[Catalog]:
 
         def change(snap: dict[str, Any], files: list[dict[str, Any]] = files) -> Any:
             # The version its files were written with now holds data: confirmed.
-            confirmed = confirm_version(snap, manifest.get("schema"), manifest["job"])
+            confirmed = confirm_version(snap, manifest.get("schema"), manifest["job"], run_id)
             seen = set(snap["runs"].get(run_id, []))
             new = [f for f in files if f["key"] not in seen]
             if not new:

@@ -21,8 +21,10 @@ ends without a file in the table gives its pending version back
 change the table's schema for good (a version dropping a column would hide it
 from reads, compaction would then drop its values, and the table's own job
 could no longer add it back). A new schema is still checked against pending
-versions too, since their runs may yet write files with them. A replay of an
-ended run registers its schema again (``coordinator.replay``).
+versions too, since their runs may yet write files with them. A replay holds
+its run's version again (:func:`hold_for_replay`): the entry of its schema, or
+one placed before the table's current schema, never after it, so that the
+table does not go back to an older schema for it.
 
 A refusal is a :class:`UserError`: one line naming the table, the field and the
 rule, exit code 2 at the CLI.
@@ -43,6 +45,8 @@ from fanout.tables.spec import TableSpec, field_logical_type
 __all__ = [
     "check_contract",
     "confirm_version",
+    "hold_for_replay",
+    "hold_for_run",
     "release_schema",
     "same_schema",
     "schema_change",
@@ -150,34 +154,108 @@ def release_schema(store: Store, table: str, run_id: str) -> None:
     update_catalog(store, table, change, f"run {run_id} ended without files")
 
 
-def confirm_version(snap: dict[str, Any], schema_raw: Any, job_name: str) -> bool:
-    """A run joins the table with files of ``schema_raw``: the version it wrote
-    with is confirmed (no longer pending), in ``snap``; returns whether ``snap``
-    changed. A version given back meanwhile (a replay raced with the run's
-    end) is appended again, checked as at submit.
+def confirm_version(snap: dict[str, Any], schema_raw: Any, job_name: str, run_id: str) -> bool:
+    """``run_id`` joins the table with files of ``schema_raw``: the version it
+    wrote with is confirmed (no longer pending) and the run holds no other, in
+    ``snap``; returns whether ``snap`` changed. A version given back meanwhile
+    (a replay raced with the run's end) is held again first (:func:`hold_for_run`).
 
     Raises:
-        UserError: that schema could no longer be added (a newer schema came).
+        UserError: the table can no longer take files of that schema.
     """
     history = snap["schemas"]
-    entry = next((e for e in reversed(history) if same_schema(e["schema"], schema_raw)), None)
-    if entry is not None:
-        if "pending" not in entry:
-            return False
+    changed = False
+    # The version it holds; else (it was submitted with the table's schema) the
+    # confirmed one of its schema, not another run's pending one of the same
+    # schema: its files must not confirm a version that run may give back.
+    entry = _held_by(history, run_id) or _last_with(history, schema_raw, confirmed=True)
+    if entry is None:
+        changed = hold_for_run(snap, schema_raw, job_name, run_id)
+        entry = _held_by(history, run_id)
+        assert entry is not None  # (held just now)
+    for e in history:
+        if run_id in e.get("pending", ()) and e is not entry:
+            e["pending"].remove(run_id)
+            changed = True
+    if "pending" in entry:
         del entry["pending"]
+        changed = True
+    snap["schemas"] = [e for e in history if e.get("pending") != []]
+    return changed
+
+
+def hold_for_run(snap: dict[str, Any], schema_raw: Any, job_name: str, run_id: str) -> bool:
+    """A run whose files are (or will be) of ``schema_raw``, though the table's
+    schema may have moved on since its submit (a replay; a join whose version
+    was given back), holds the version of its schema, in ``snap``: the entry of
+    that schema if the history has one (a holder of it while pending), else a
+    new pending one: placed before the table's current schema if that can read
+    the run's files, so that a replay does not take the table back to an older
+    schema; else last, as its submit placed it, if it can read every version's.
+    Returns whether ``snap`` changed.
+
+    Raises:
+        UserError: neither place will do: the table can no longer take its files.
+    """
+    history = snap["schemas"]
+    if _last_with(history, schema_raw, confirmed=True) is not None:
+        return False  # files of it are readable for good: nothing to hold
+    entry = _last_with(history, schema_raw)
+    if entry is not None:
+        if run_id in entry["pending"]:
+            return False
+        entry["pending"].append(run_id)
         return True
-    table = snap["table"]
-    for old in reversed(history):
+    confirmed = [i for i, e in enumerate(history) if "pending" not in e]
+    # Before the current schema if it (and what came after) can read the run's
+    # files; else last, as at its submit, if it can read every version's.
+    at = confirmed[-1] if confirmed else len(history)
+    if any(why_unreadable(e["schema"], schema_raw) for e in history[at:]):
+        at = len(history)
+    for old in reversed(history[:at]) if at == len(history) else ():
         problem = why_unreadable(schema_raw, old["schema"])
         if problem is not None:
             raise UserError(
-                f"table {table}: job {job_name}'s files cannot join: {problem}"
-                f" (its schema must read files written with version {old['version']})"
+                f"table {snap['table']}: run {run_id}'s schema is no longer one the table can"
+                f" take: {problem} (it must read files written with version {old['version']})"
             )
-    history.append(
-        {"version": next_version(history), "schema": schema_raw, "job": job_name, "at": time.time()}
-    )
+    new = {"version": next_version(history), "schema": schema_raw, "job": job_name}
+    history.insert(at, {**new, "at": time.time(), "pending": [run_id]})
     return True
+
+
+def hold_for_replay(store: Store, spec: TableSpec, schema_raw: Any, run: str, job: str) -> None:
+    """:func:`hold_for_run` for a replay of ``run``, as one catalog change;
+    :class:`UserError` (one line) if the table can no longer take its files."""
+
+    def change(snap: dict[str, Any]) -> dict[str, Any] | None:
+        if not snap["schemas"] and snap["partitioning"] is None:
+            snap["partitioning"] = spec.describe()  # (every version given back)
+        elif snap["partitioning"] != spec.describe():
+            have, want = _show(snap["partitioning"]), _show(spec.describe())
+            raise UserError(f"table {spec.table} is partitioned by {have}; run {run} by {want}")
+        return snap if hold_for_run(snap, schema_raw, job, run) else None
+
+    update_catalog(store, spec.table, change, f"schema of replayed run {run}")
+
+
+def _last_with(
+    history: list[dict[str, Any]], schema_raw: Any, *, confirmed: bool = False
+) -> dict[str, Any] | None:
+    """The latest history entry of ``schema_raw`` (a confirmed one), or None."""
+    return next(
+        (
+            e
+            for e in reversed(history)
+            if same_schema(e["schema"], schema_raw) and not (confirmed and "pending" in e)
+        ),
+        None,
+    )
+
+
+def _held_by(history: list[dict[str, Any]], run_id: str) -> dict[str, Any] | None:
+    """The pending entry ``run_id`` holds, or None."""
+    return next((e for e in reversed(history) if run_id in e.get("pending", ())), None)
 
 
 def _show(partitioning: dict[str, Any]) -> str:
