@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -203,3 +204,39 @@ def test_files_of_the_tables_schema_do_not_confirm_another_runs_pending_version(
     assert json.loads(ok(cli(home, "status", first, "--json")))["state"] == "succeeded"
     assert versions(home) == ["v1", "v2"]
     assert all("c" in r for r in rows(home)) and len(rows(home)) == 9
+
+
+def test_a_run_its_table_can_no_longer_take_ends_failed_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its join raised in the finalizer, at every try: the run stayed
+    # "finalizing" for good, its files never joined (review's find). Here its
+    # hold is lost (as when a replay raced the run's end) and an incompatible
+    # version comes meanwhile.
+    from fanout.backends import open_backend
+    from fanout.tables.catalog import update_catalog
+
+    home = tmp_path / "home"
+    ok(cli(home, "run", job_file(tmp_path, "x", ["item", "n"]), "-w", "1"))
+    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
+    run_id = ok(cli(home, "submit", job_file(tmp_path, "strings", ["item", "n", "unit"]))).strip()
+    longs = {"name": "unit", "type": "long", "default": 0}
+    fields = [FIELDS["item"], FIELDS["n"], longs]
+    incompatible = {"type": "record", "name": "reading", "fields": fields}
+
+    def lose_the_hold(snap: dict[str, Any]) -> dict[str, Any]:
+        snap["schemas"] = [e for e in snap["schemas"] if "pending" not in e]
+        snap["schemas"].append({"version": 9, "schema": incompatible, "job": "x", "at": 0.0})
+        return snap
+
+    backend = open_backend("local", home=home)
+    try:
+        update_catalog(backend.store, "meters", lose_the_hold, "test")
+    finally:
+        backend.close()
+    ok(cli(home, "worker", "--until-idle", "-w", "1"))
+    status = json.loads(ok(cli(home, "status", run_id, "--json")))
+    assert status["state"] == "failed" and status["records"] == 3, status
+    manifest = json.loads((home / "store" / status["manifest"]).read_text())
+    assert "'unit': long cannot be read as string" in manifest["table_error"]
+    assert not [r for r in rows(home) if str(r["item"]).startswith("strings")]
