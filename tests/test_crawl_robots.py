@@ -204,3 +204,28 @@ def test_a_robots_txt_pages_waited_for_across_chunks_gets_a_bounded_fetch(
     assert result.stats.get("robots_bounded") == 1, result.stats
     assert result.pending == []
     assert sorted(item["id"] for item in result.items) == ["a", "b"]
+
+
+class RulesIn404(SlowRobots):
+    """robots.txt answers 404, with rules in its body (Scrapy parses them)."""
+
+    def respond(self, key: str, host: str, hit: int) -> Reply:
+        reply = super().respond(key, host, hit)
+        return reply._replace(status=404, delay=0.0) if key == "/robots.txt" else reply
+
+
+def test_every_chunk_obeys_what_the_fetching_chunk_read_whatever_the_status(
+    ledger: Backend,
+) -> None:
+    # The chunk that fetched a 404 robots.txt obeyed its body, as Scrapy does;
+    # the others read "no rules" from the store and crawled what it forbade
+    # (a black-box helper's find: 40 pages plain Scrapy did not fetch).
+    with SiteServer(RulesIn404()) as server:
+        url = server.url.rstrip("/")
+        first = run(ledger, "0/0", ("/a",), url)
+        second = run(ledger, "0/1", ("/b", "/c", "/d"), url)
+        hits = server.hits
+    assert second.stats.get("robots_from_store") == 1
+    items = Counter(item["id"] for r in (first, second) for item in r.items)
+    assert items == Counter({"a": 1, "b": 1, "c": 1})
+    assert hits["/robots.txt"] == 1 and hits["/d"] == 0

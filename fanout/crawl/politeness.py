@@ -431,7 +431,9 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
         return None
 
     async def _parse_robots(self, response: Any, netloc: str, request: Request) -> None:
-        body = response.body if 200 <= response.status < 300 else b""
+        # Kept whatever its status: Scrapy parses the body of any answer (a 404
+        # page's), and every chunk must apply what the one that fetched it did.
+        body = response.body
         data = json.dumps({"status": response.status, "body": body.decode("utf-8", "replace")})
         self.store.put(robots_key(self.run_id, netloc), data.encode(), if_absent=True)
         # The delay first: the requests waiting for this file go out right after.
@@ -454,9 +456,9 @@ class SharedRobotsTxt(RobotsTxtMiddleware):
         if not self.store.exists(key):
             return None
         data = json.loads(self.store.get(key))
-        if 200 <= int(data.get("status", 0)) < 300:
-            return str(data.get("body", "")).encode()
-        return b""  # no robots.txt: everything is allowed, as Scrapy does
+        # The body of whatever answered, as the fetching chunk parsed it (none
+        # for a fetch that failed: then nothing is obeyed, as Scrapy does).
+        return str(data.get("body", "")).encode()
 
     def _note_delay(self, request: Request, parser: Any) -> None:
         """Hand robots.txt's ``Crawl-delay`` for our user agent to the gate."""
