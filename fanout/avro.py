@@ -19,9 +19,10 @@ import os
 import struct
 import tempfile
 import threading
+import time as time_module
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime, time
 from decimal import Decimal
 from pathlib import Path
@@ -229,6 +230,19 @@ class Encoded:
         self._file.close()
 
 
+#: How long finish waits for an add a thread left running has in flight (s).
+IN_FLIGHT_WAIT = 5.0
+
+
+def wait_out(in_flight: Callable[[], bool]) -> None:
+    """Wait until ``in_flight()`` is false (an add under way in a thread the
+    job left running ends: microseconds, unless it was descheduled), for at
+    most :data:`IN_FLIGHT_WAIT`."""
+    deadline = time_module.monotonic() + IN_FLIGHT_WAIT
+    while in_flight() and time_module.monotonic() < deadline:
+        time_module.sleep(0.0005)
+
+
 class OneThread:
     """Whose records a writer takes: those of one thread at a time, the first
     to add one, or the next once it has ended. Records from two threads at once
@@ -331,6 +345,7 @@ class RecordWriter:
         self._failure: Exception | None = None
         self._result: Encoded | None = None
         self._thread = OneThread()
+        self._in_add = False
 
     @property
     def count(self) -> int:
@@ -357,26 +372,34 @@ class RecordWriter:
             RecordError: the record cannot be encoded in the schema; or this
                 call completes a batch and a record of it does not fit.
         """
-        if _thread_id() != self._thread.owner and (refused := self._thread.refusal()):
-            raise self._fail(refused)
+        # In flight, then the owner check: finish_file() takes the writer, then
+        # waits out an add in flight, so one of the two sees the other (under
+        # the GIL). A thread left running had passed its check, and its block
+        # write ran beside the flush: runs succeeded with corrupt files.
+        self._in_add = True
         try:
-            self._write(record)
-            # A copy for the batch's check: a job may reuse its dict (or clear
-            # it) after the call, and the check must see what was written.
-            kept = record.copy()
-        except (MemoryError, OSError) as exc:
-            # Not the record's fault (memory, a full disk past SPILL_BYTES, a
-            # block the compression thread failed): a transient failure, not a
-            # permanent RecordError. The writer is unusable all the same.
-            self._check_usable()
-            raise self._fail(exc) from None
-        except Exception as exc:  # fastavro raises TypeError/ValueError/KeyError/...
-            self._check_usable()
-            self._bad_write(record, exc)
-        batch = self._batch
-        batch.append(kept)
-        if len(batch) >= self._look_at:
-            self._look()
+            if _thread_id() != self._thread.owner and (refused := self._thread.refusal()):
+                raise self._fail(refused)
+            try:
+                self._write(record)
+                # A copy for the batch's check: a job may reuse its dict (or clear
+                # it) after the call, and the check must see what was written.
+                kept = record.copy()
+            except (MemoryError, OSError) as exc:
+                # Not the record's fault (memory, a full disk past SPILL_BYTES, a
+                # block the compression thread failed): a transient failure, not a
+                # permanent RecordError. The writer is unusable all the same.
+                self._check_usable()
+                raise self._fail(exc) from None
+            except Exception as exc:  # fastavro raises TypeError/ValueError/KeyError/...
+                self._check_usable()
+                self._bad_write(record, exc)
+            batch = self._batch
+            batch.append(kept)
+            if len(batch) >= self._look_at:
+                self._look()
+        finally:
+            self._in_add = False
 
     def finish_file(self) -> Encoded:
         """Check the pending records and return the whole Avro file (empty, and
@@ -391,6 +414,7 @@ class RecordWriter:
         # A thread the job left running adds no more (a record added after
         # the count was taken would be lost or, amid a block, corrupt the file).
         self._thread.take()
+        wait_out(lambda: self._in_add)
         self._check_usable()
         if self._batch:
             self._check_batch()

@@ -82,6 +82,11 @@ def process(payload, ctx):
     def work(t):
         for n in range(payload["rows"]):
             ctx.emit({"t": t, "n": n, "s": "x" * (n % 50)})
+    if payload.get("owner_left"):  # the thread emits all; process stops waiting for it
+        thread = threading.Thread(target=work, args=(0,), daemon=True)
+        thread.start()
+        thread.join(timeout=0.05)
+        return None
     if payload.get("left"):
         ctx.emit({"t": -1, "n": 0, "s": "from process"})
         threading.Thread(target=lambda: (time.sleep(0.2), work(0)), daemon=True).start()
@@ -108,6 +113,26 @@ def test_records_emitted_from_two_threads_at_once_fail_the_chunk_not_the_file(
     (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
     assert dead.attempt == 1, dead.history  # no retry can fix it
     assert "ctx.emit() called from a second thread" in (dead.error or ""), dead.error
+
+
+@pytest.mark.parametrize("codec", ["deflate", "null"])
+def test_a_thread_still_emitting_when_process_returns_never_leaves_a_corrupt_file(
+    mem: Backend, tmp_path: Path, codec: str
+) -> None:
+    # Its add() had passed the one-thread check before the chunk's finish took
+    # the writer, and its block write ran beside the flush: the run succeeded
+    # with files that could not be read (4 runs of 4, a black-box helper's find).
+    job = _thread_job(tmp_path)
+    for _ in range(3):
+        params = {"rows": 300_000, "threads": 1, "owner_left": True}
+        run_id = coordinator.submit(mem, job, params, {"codec": codec}).run_id
+        run = drain(mem, run_id)
+        if run.state == RunState.SUCCEEDED:
+            records = list(coordinator.committed_records(mem, run_id))  # raises if corrupt
+            assert len(records) == run.records, (len(records), run.records)
+        else:
+            (dead,) = mem.ledger.list_tasks(run_id, (TaskState.DEAD,))
+            assert "ctx.emit() called from a second thread" in (dead.error or ""), dead.error
 
 
 def test_records_from_one_thread_other_than_process_s_are_written(

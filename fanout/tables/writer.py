@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from fanout.avro import Encoded, OneThread, RecordWriter, Schema
+from fanout.avro import Encoded, OneThread, RecordWriter, Schema, wait_out
 from fanout.backends.base import Output, Store, TaskKey
 from fanout.backends.keys import chunk_parts_key, table_file_key
 from fanout.errors import PermanentError, RecordError
@@ -72,6 +72,7 @@ class PartitionedWriter:
         #: Per partition, the chunk-wide number of each record it holds.
         self._indices: dict[str, list[int]] = {}
         self._thread = OneThread()
+        self._in_add = False
         self._refused: PermanentError | None = None  # a second thread's records
 
     @contextlib.contextmanager
@@ -105,23 +106,28 @@ class PartitionedWriter:
         value or (as with RecordWriter) does not fit the schema."""
         if self._files is not None:
             raise RuntimeError("PartitionedWriter.add() called after finish()")
-        if threading.get_ident() != self._thread.owner and (refused := self._thread.refusal()):
-            self._refused = refused  # (and the chunk fails at its finish, as in RecordWriter)
-            raise refused
-        partition = partition_value(self.spec, record, self._count, self._logical)
-        writer = self._writers.get(partition)
-        if writer is None:
-            writer = self._writers[partition] = RecordWriter(self.schema, codec=self.codec)
-            self._indices[partition] = []
-        self._indices[partition].append(self._count)
-        with self._renumbered(partition):
-            writer.add(record)
-        self._count += 1
+        self._in_add = True  # (waited out by finish_file, as in RecordWriter)
+        try:
+            if threading.get_ident() != self._thread.owner and (refused := self._thread.refusal()):
+                self._refused = refused  # (and the chunk fails at its finish, as in RecordWriter)
+                raise refused
+            partition = partition_value(self.spec, record, self._count, self._logical)
+            writer = self._writers.get(partition)
+            if writer is None:
+                writer = self._writers[partition] = RecordWriter(self.schema, codec=self.codec)
+                self._indices[partition] = []
+            self._indices[partition].append(self._count)
+            with self._renumbered(partition):
+                writer.add(record)
+            self._count += 1
+        finally:
+            self._in_add = False
 
     def finish_file(self) -> Encoded:
         """Finish every partition's file; returns the partitions' names (as
         JSON), empty when nothing was added."""
         self._thread.take()  # a thread the job left running adds no partition now
+        wait_out(lambda: self._in_add)
         if self._refused is not None:
             raise self._refused
         if self._files is None:
