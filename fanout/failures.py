@@ -156,7 +156,22 @@ def format_traceback(exc: BaseException) -> str:
     recursion under a raised recursion limit (a million frames) took 23 s to
     format, past the chunk's hard timeout, and the attempt was recorded as
     timed out, its cause lost; as long when the job raised another exception
-    from it."""
+    from it. Never raises: an exception whose traceback cannot be walked (a
+    ``__traceback__`` that raises) killed the worker that formatted it."""
+    try:
+        return _format_chain(exc)
+    except Exception as problem:
+        return (
+            f"{_type_name(exc)} (its traceback could not be formatted:"
+            f" {_type_name(problem)})\n"
+        )
+
+
+def _type_name(exc: BaseException) -> str:
+    return type(exc).__qualname__
+
+
+def _format_chain(exc: BaseException) -> str:
     links, joins, seen = [exc], [], {id(exc)}
     while len(links) < 10:
         last = links[-1]

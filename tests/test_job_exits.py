@@ -37,6 +37,9 @@ CASES = [
     ("recursion-wrapped", [], "error", "ValueError: wrapped"),
     # Its __str__ raises: was fanout's "internal error: RuntimeError: no message".
     ("unspeakable", [], "error", "Unspeakable: (its message could not be made"),
+    # Its __traceback__ raises: formatting it killed the worker, and the attempt
+    # showed only as "crashed" once its lease ran out (a black-box helper's find).
+    ("untraceable", [], "error", "Untraceable: the job's words"),
 ]
 
 

@@ -21,6 +21,14 @@ class Params(BaseModel):
 job = Job("exits", params=Params, max_attempts=1)
 
 
+class Untraceable(Exception):
+    """An exception whose traceback cannot be walked (its ``__traceback__`` raises)."""
+
+    @property  # type: ignore[override]
+    def __traceback__(self) -> None:
+        raise RuntimeError("no traceback")
+
+
 class Unspeakable(Exception):
     """An exception whose message cannot be made (its ``__str__`` raises)."""
 
@@ -39,6 +47,8 @@ def process(chunk: dict, ctx):  # type: ignore[no-untyped-def]
         raise RuntimeError("the start " + "x" * 500_000 + " the end")
     if mode == "unspeakable":  # the job's own error, not an internal one of fanout
         raise Unspeakable
+    if mode == "untraceable":
+        raise Untraceable("the job's words")
     if mode == "os._exit":
         os._exit(7)
     if mode == "signal":
