@@ -141,6 +141,8 @@ class _Batch:
             ClaimRequest(a.key, a.token, a.lease_seconds, a.run.settings.max_attempts)
             for _, a in asks
         ]
+        if self.on_batch is not None:  # (a child dying amid the claims leaves none held)
+            self.on_batch([a.unclaimed() for _, a in asks], [])
         try:
             claims = self.ledger.claim_many(requests, now)
         except Exception as exc:

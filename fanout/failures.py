@@ -161,10 +161,7 @@ def format_traceback(exc: BaseException) -> str:
     try:
         return _format_chain(exc)
     except Exception as problem:
-        return (
-            f"{_type_name(exc)} (its traceback could not be formatted:"
-            f" {_type_name(problem)})\n"
-        )
+        return f"{_type_name(exc)} (its traceback could not be formatted: {_type_name(problem)})\n"
 
 
 def _type_name(exc: BaseException) -> str:

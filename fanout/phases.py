@@ -89,6 +89,11 @@ class Ask:
         """The lease outlives the hard timeout by LEASE_GRACE."""
         return self.timeout + LEASE_GRACE
 
+    def unclaimed(self) -> Attempt:
+        """The attempt its claim would start, as a supervisor needs it to give
+        the claim back (no number, no deadline: it has not started)."""
+        return Attempt(self.key, self.token, 0, self.delivery.receipt, 0.0)
+
 
 @dataclass(frozen=True)
 class Ready:

@@ -100,14 +100,13 @@ class Runner:
         events: EventSink | None = None,
         metrics: MetricsSink | None = None,
         on_finalize: Callable[[str], None] | None = None,
+        on_claim: Callable[[list[Attempt], list[Attempt]], None] | None = None,
     ) -> None:
-        """``events``: where run events go (``fanout.events``); by default the
-        backend's own sink (SNS on AWS with an events topic, else nowhere).
-        ``metrics``: where per-attempt chunk metrics go (``fanout.metrics``); by
-        default CloudWatch's embedded metric format on Lambda, else nowhere.
-        ``on_finalize``: told the run id this process starts finalizing, and ""
-        when it is done (the local worker's supervisor finishes the job of a
-        child that died meanwhile)."""
+        """``events``, ``metrics``: where run events and chunk metrics go (the
+        backend's by default: SNS, CloudWatch EMF on Lambda, else nowhere).
+        ``on_finalize`` (a run id, "" when done) and ``on_claim`` (the attempts
+        about to be claimed) let a local worker's supervisor finish, or give
+        back, what a child that died left."""
         self.backend = backend
         self.ledger = backend.ledger
         self.queue = backend.queue
@@ -115,6 +114,7 @@ class Runner:
         self.on_start = on_start
         self.on_end = on_end
         self.on_finalize = on_finalize
+        self.on_claim = on_claim
         #: Put back after every chunk: a chunk's os.chdir, os.umask or os.environ
         #: changes are not the next one's.
         self._process = ProcessState()
@@ -182,6 +182,8 @@ class Runner:
         ask = self.ask(delivery, msg, timeout, time.time())
         if isinstance(ask, Handled):
             return ask
+        if self.on_claim is not None:
+            self.on_claim([ask.unclaimed()], [])
         claim = self.ledger.claim(
             ask.key, ask.token, ask.lease_seconds, ask.run.settings.max_attempts, ask.now
         )
@@ -562,9 +564,8 @@ class Runner:
     # -- the end of a run ---------------------------------------------------------
 
     def finalize(self, run_id: str, stale_after: float = FINALIZE_STALE) -> bool:
-        """Write the manifest of a drained run and record its final state.
-        Only one caller per drain does the work (another may take over once it
-        is ``stale_after`` seconds old); returns whether this one did."""
+        """Write the manifest of a drained run and record its final state
+        (:func:`fanout.finalize.finalize_run`); returns whether this one did."""
         if self.on_finalize is not None:
             self.on_finalize(run_id)  # a supervisor takes over if this process dies
         try:

@@ -136,7 +136,13 @@ def _child_main(opts: WorkerOptions, slot: Slot, stop: Any, wake: Any, parent: i
         if not run_id:
             wake.set()  # a run may have ended: the supervisor looks now, not at its next poll
 
-    runner = Runner(backend, on_start=slot.start, on_end=slot.end, on_finalize=on_finalize)
+    runner = Runner(
+        backend,
+        on_start=slot.start,
+        on_end=slot.end,
+        on_finalize=on_finalize,
+        on_claim=slot.hold_batch,
+    )
     dispatcher = Dispatcher(backend, runner)
     visibility = opts.chunk_timeout + LEASE_GRACE + PREFETCH_SLACK
     batches = isinstance(backend.ledger, BatchLedger)

@@ -35,7 +35,7 @@ class Slot:
         self.finalizing: Any = _CTX.Array(ctypes.c_char, 256, lock=False)
         #: The claimed, unsettled attempts of the batch in hand (fanout.batches).
         self.batch: Any = _CTX.Array(ctypes.c_char, _BATCH_BYTES, lock=False)
-        self._lines: dict[str, str] = {}  # the child's: attempt token -> its JSON line
+        self._lines: dict[Attempt, str] = {}  # the child's: attempt -> its JSON line
 
     def finalize(self, run_id: str) -> None:
         """The run whose manifest the child is writing ("" when done)."""
@@ -53,19 +53,19 @@ class Slot:
         hands them back at once, not when their leases expire (as many as fit:
         the rest are taken over then). Told after every chunk of a batch: each
         attempt's line is made once."""
-        lines = self._lines
+        known, lines = self._lines, {}
         text = ""
         for mark, attempts in (("w", waiting), ("f", finished)):
             for attempt in attempts:
-                line = lines.get(attempt.token)
-                if line is None:
-                    line = lines[attempt.token] = attempt.to_json() + "\n"
+                # (by the whole attempt: a claim's note before it and after it
+                # share a token)
+                line = known.get(attempt) or attempt.to_json() + "\n"
+                lines[attempt] = line
                 line = mark + line
                 if len(text) + len(line) >= _BATCH_BYTES:
                     break
                 text += line
-        if not text:
-            lines.clear()
+        self._lines = lines  # only those told now: the cache does not grow chunk by chunk
         self.batch.value = text.encode()
 
     def take_batch(self) -> tuple[list[Attempt], list[Attempt]]:

@@ -183,3 +183,16 @@ def test_a_deep_stack_in_a_chain_is_told_by_its_ends_with_the_chain_kept() -> No
     )
     assert root < cause_line < outer
     assert told.count("\n") < 3 * TRACEBACK_FRAMES  # not one line per frame
+
+
+def test_a_worker_process_dying_amid_its_claims_gives_them_back_at_once(home: Path) -> None:
+    # The claims a child made and had not started yet (a batch's, or the next
+    # chunk's) were known to its supervisor only once noted after the claim: a
+    # child dying in between left them to their leases, the run stalled for the
+    # chunk timeout (70 s at the default; a black-box helper's find).
+    for _ in range(4):
+        began = time.monotonic()
+        result = fanout(home, "run", str(JOBS / "late_exit.py"), "-w", "2", "--chunk-timeout", "30")
+        assert result.returncode == 0, result.stderr
+        assert "succeeded: 120 records" in result.stdout, result.stdout
+        assert time.monotonic() - began < 15, "a claim waited for its lease"
