@@ -30,7 +30,6 @@ from fanout.cli_common import (
     FiniteFloat,
     aws_problem,
     bulk_stdout,
-    cannot_write,
     exit_code,
     group_backend,
     home_problem,
@@ -43,6 +42,7 @@ from fanout.cli_controls import progress_line, run_summary, status_fields, statu
 from fanout.cli_lazy import LAZY_COMMANDS
 from fanout.controls import stop_line
 from fanout.errors import UserError
+from fanout.failures import cannot_write
 from fanout.jobs import load_checked
 from fanout.limits import RunKind, RunLimits, kind_of
 

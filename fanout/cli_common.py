@@ -89,18 +89,6 @@ def group_backend(ctx: click.Context) -> Backend:
     return result
 
 
-#: Errors of a file system that cannot take a write: read-only, full, over quota.
-_NO_WRITE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
-#: What SQLite says when the database's file system cannot take a write (it
-#: keeps the errno to itself).
-_NO_WRITE_SQLITE = (
-    "database or disk is full",
-    "attempt to write a readonly database",
-    "unable to open database file",
-    "disk i/o error",
-)
-
-
 def open_std_streams() -> None:
     """Put ``/dev/null`` on fd 0, 1 or 2 if the command was started with it
     closed (``>&-``, as cron jobs and daemons may be), and give Python streams
@@ -165,16 +153,6 @@ def home_problem(home: Path, exc: BaseException) -> str:
     if why is None and found.is_dir() and not os.access(found, os.W_OK):
         why = f"{found} is not writable"
     return f"cannot use {home} as fanout's home: {why or exc}"
-
-
-def cannot_write(exc: BaseException) -> bool:
-    """Whether ``exc`` says the local backend's files cannot be written (a
-    read-only or full file system), as opposed to a bug."""
-    if isinstance(exc, OSError):
-        return exc.errno in _NO_WRITE_ERRNOS
-    if isinstance(exc, sqlite3.OperationalError):
-        return str(exc).lower().startswith(_NO_WRITE_SQLITE)
-    return False
 
 
 #: botocore's errors that say AWS cannot be reached or signed in to from here:

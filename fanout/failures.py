@@ -14,12 +14,14 @@ SQS's own redrive policy says.
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import itertools
 import json
 import logging
 import re
 import signal
+import sys
 import time
 import traceback
 import types
@@ -426,12 +428,12 @@ def settle_poison(
             queue.release(delivery.receipt, delay)
         elif queue.release_failed(delivery, delay):
             return Handled.COPIED  # (settled: not to be handed back again)
-    except Exception:
+    except Exception as problem:
         # The backend itself is failing: the message comes back when its
         # visibility runs out, its failure not counted (on SQS, its receives
         # are still bounded by the queue's redrive policy; locally, it comes
         # back until the backend works again).
-        log.exception("message %s could not be handed back", mid)
+        log_failure("message %s could not be handed back", mid, exc=problem)
     return Handled.REQUEUED
 
 
@@ -461,3 +463,36 @@ def interruptible() -> bool:
     """Whether this process takes Ctrl-C as KeyboardInterrupt (worker children
     ignore SIGINT: a KeyboardInterrupt there can only be the job's own)."""
     return signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+#: Errors of a file system that cannot take a write: read-only, full, over quota.
+_NO_WRITE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+#: What SQLite says when the database's file system cannot take a write (it
+#: keeps the errno to itself).
+_NO_WRITE_SQLITE = (
+    "database or disk is full",
+    "attempt to write a readonly database",
+    "unable to open database file",
+    "disk i/o error",
+)
+
+
+def cannot_write(exc: BaseException) -> bool:
+    """Whether ``exc`` says the local backend's files cannot be written (a
+    read-only or full file system), as opposed to a bug."""
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_WRITE_ERRNOS
+    sqlite3 = sys.modules.get("sqlite3")  # (not imported: not one of its errors)
+    if sqlite3 is not None and isinstance(exc, sqlite3.OperationalError):
+        return str(exc).lower().startswith(_NO_WRITE_SQLITE)
+    return False
+
+
+def log_failure(message: str, *args: Any, exc: BaseException) -> None:
+    """``log.exception(message, *args)``, but one line for a file system that
+    cannot take a write (a full disk repeats it at every try: a traceback each
+    time filled the terminal, and said nothing more)."""
+    if cannot_write(exc):
+        log.error(message + ": %s (no space, or a read-only file system)", *args, exc)
+    else:
+        log.exception(message, *args)

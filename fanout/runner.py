@@ -59,6 +59,7 @@ from fanout.failures import (
     interruptible,
     keep_dead_task,
     keep_missing,
+    log_failure,
     no_progress,
 )
 from fanout.finalize import FINALIZE_STALE, finalize_run
@@ -156,8 +157,8 @@ class Runner:
         kind = FailureKind.PERMANENT if isinstance(exc, PermanentError) else FailureKind.INTERNAL
         try:
             return self.fail(attempt, Failure(kind, describe(exc), tb))
-        except Exception:
-            log.exception("could not record the failure of %s", attempt.key)
+        except Exception as problem:
+            log_failure("could not record the failure of %s", attempt.key, exc=problem)
         raise exc
 
     def takes_ctrl_c(self) -> bool:
@@ -573,8 +574,6 @@ class Runner:
         finally:
             if self.on_finalize is not None:
                 self.on_finalize("")
-
-    # -- caches -------------------------------------------------------------------
 
     def _run(self, run_id: str) -> RunInfo | None:
         run = self._runs.get(run_id)

@@ -196,3 +196,28 @@ def test_a_worker_process_dying_amid_its_claims_gives_them_back_at_once(home: Pa
         assert result.returncode == 0, result.stderr
         assert "succeeded: 120 records" in result.stdout, result.stdout
         assert time.monotonic() - began < 15, "a claim waited for its lease"
+
+
+def test_a_file_system_that_takes_no_write_is_logged_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A full disk repeats its failure at every try: each was logged with a
+    # whole traceback, and stderr filled with them (a black-box helper's find).
+    import errno
+    import logging
+    import sqlite3
+
+    from fanout.failures import cannot_write, log_failure
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert cannot_write(full) and cannot_write(sqlite3.OperationalError("database or disk is full"))
+    assert not cannot_write(ValueError("a bug")) and not cannot_write(OSError(errno.ENOENT, "x"))
+    with caplog.at_level(logging.ERROR, logger="fanout.runner"):
+        log_failure("could not record the failure of %s", "run:0/1#0", exc=full)
+        try:
+            raise ValueError("a bug")
+        except ValueError as bug:
+            log_failure("could not record the failure of %s", "run:0/2#0", exc=bug)
+    quiet, loud = caplog.records
+    assert quiet.exc_info is None and "No space left on device" in quiet.getMessage()
+    assert loud.exc_info is not None  # anything else keeps its traceback
