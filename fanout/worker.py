@@ -32,6 +32,7 @@ from fanout.backends import open_backend
 from fanout.backends.base import BatchLedger, Delivery, Failure, FailureKind, RunState
 from fanout.coordinator import recover
 from fanout.dispatch import Dispatcher
+from fanout.errors import UserError
 from fanout.failures import Attempt, exit_cause
 from fanout.fairness import serve_run_only
 from fanout.finalize import FINALIZE_STALE
@@ -64,6 +65,10 @@ MAX_POLL_SLEEP = 0.2
 #: error: a backend that stays broken (a corrupt database, a table gone) must
 #: not keep it waiting for ever. A plain ``fanout worker`` keeps trying.
 GIVE_UP_AFTER = 60.0
+#: A one-shot pool stops, saying so, once its local home's disk has been full
+#: this long (s): its chunks could record nothing, and `fanout run` showed the
+#: same progress line for ever. A plain ``fanout worker`` waits for space.
+DISK_FULL_WAIT = 10.0
 #: A prefetched message may wait this long in a child before it is started; one
 #: that waited longer is handed back, so its visibility always covers a full chunk.
 PREFETCH_SLACK = 5.0
@@ -216,6 +221,7 @@ class WorkerPool:
         self.out_of_memory = 0
         self._signals = 0
         self._waited_for: set[str] = set()  # runs whose finalizer it said it waits for
+        self._full_since = self._disk_looked = 0.0
         #: The subreaper attribute before run() set it (None: not set).
         self._was_subreaper: bool | None = None
         #: Worker processes whose death was handled (their orphans ended).
@@ -289,6 +295,8 @@ class WorkerPool:
                         next_check = 0.0
                     continue
                 next_check = now + check_every
+                if (until is not None or until_idle) and (full := self._disk_full(now)):
+                    raise UserError(full)
                 try:
                     if until is not None and until():
                         break
@@ -338,6 +346,28 @@ class WorkerPool:
             if tick is not None:
                 with contextlib.suppress(Exception):  # the last progress line, if it can
                     tick()
+
+    def _disk_full(self, now: float) -> str | None:
+        """One line if the local home's disk has been full for
+        :data:`DISK_FULL_WAIT` (looked at once a second), else None."""
+        root = getattr(self.backend.store, "root", None)
+        if not isinstance(root, Path) or now < self._disk_looked + 1.0:
+            return None
+        self._disk_looked = now
+        try:
+            st = os.statvfs(root)
+        except OSError:
+            return None
+        if not (st.f_bavail == 0 and st.f_blocks > 0):
+            self._full_since = 0.0
+            return None
+        self._full_since = self._full_since or now
+        if now - self._full_since < DISK_FULL_WAIT:
+            return None
+        return (
+            f"the disk of {root.parent} is full (no space left on the device): free some"
+            " space, then `fanout worker --until-idle` finishes the work (nothing is lost)"
+        )
 
     def _finalizing_elsewhere(self) -> bool:
         """Whether a run is being finalized by another process (or was, by one

@@ -221,3 +221,46 @@ def test_a_file_system_that_takes_no_write_is_logged_in_one_line(
     quiet, loud = caplog.records
     assert quiet.exc_info is None and "No space left on device" in quiet.getMessage()
     assert loud.exc_info is not None  # anything else keeps its traceback
+
+
+def test_fanout_run_stops_saying_so_when_its_homes_disk_stays_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the home's disk full, `fanout run` showed the same progress line
+    # for ever (5 minutes, until killed; a black-box helper's find).
+    import json
+    import os
+
+    from fanout import worker
+    from support.cli import cli, ok
+
+    home = tmp_path / "home"
+    job = tmp_path / "slow.py"
+    job.write_text(
+        "import time\nfrom fanout import Job\n"
+        "job = Job('slow', schema={'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 'n', 'type': 'long'}]})\n"
+        "@job.process\ndef process(payload, ctx):\n"
+        "    time.sleep(2)\n    ctx.emit({'n': 1})\n"
+    )
+    real = os.statvfs
+
+    def full(path: object) -> os.statvfs_result:
+        st = real(path)  # type: ignore[arg-type]
+        if str(path).startswith(str(home)):
+            return os.statvfs_result((*st[:4], 0, *st[5:]))  # f_bavail: none
+        return st
+
+    monkeypatch.setattr(worker, "DISK_FULL_WAIT", 0.5)
+    monkeypatch.setattr(os, "statvfs", full)
+    began = time.monotonic()
+    stopped = cli(home, "run", str(job), "-w", "1")
+    assert stopped.exit_code == 2 and "Traceback" not in stopped.output, stopped.output
+    started, said = stopped.stderr.splitlines()  # the run's id, then why it stopped
+    assert started.startswith("run slow-"), stopped.stderr
+    assert said.startswith("error: the disk of") and "is full" in said and "--until-idle" in said
+    assert time.monotonic() - began < 10
+    monkeypatch.setattr(os, "statvfs", real)  # space freed
+    ok(cli(home, "worker", "--until-idle", "-w", "1"))
+    run = json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])
+    assert run["state"] == "succeeded" and run["records"] == 1, run
