@@ -74,7 +74,7 @@ def ui(ctx: click.Context, host: str, port: int, read_only: bool, token: str | N
         backend,
         read_only=read_only,
         token=token,
-        allowed_hosts=LOOPBACK_HOSTS if token is None else None,
+        allowed_hosts=served_hosts(host, LOOPBACK_HOSTS) if token is None else None,
     )
     sock = _listen(host, port)
     server = uvicorn.Server(
@@ -124,3 +124,11 @@ def report(ctx: click.Context, run_id: str, output: Path) -> None:
     except OSError as exc:  # a missing directory, a full disk, ...
         raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
     click.echo(f"wrote {output} ({size:,} bytes)")
+
+
+def served_hosts(host: str, loopback: frozenset[str]) -> frozenset[str]:
+    """The Host names served without a token: the loopback names, and the
+    loopback address it was bound to (``--host 127.0.0.2`` printed its URL,
+    then answered every request to it 400 "unexpected Host header")."""
+    bare = host.strip("[]")
+    return frozenset(loopback | {bare, f"[{bare}]"})

@@ -77,6 +77,7 @@ class RunRow:
     fraction: float
     rate: float
     elapsed: float
+    shown_state: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +169,13 @@ def runs_page(
     chosen = runs[:per_page]
     rows = []
     for r in chosen:
-        finished = r.tasks_done + r.tasks_dead + r.tasks_cancelled
-        elapsed = _elapsed(r, now)
+        # As `fanout runs`/`status` show it: paused/cancelling/stopping, the
+        # pauses left out of elapsed and rate, cancelled chunks not counted as run
+        # (except for a run that succeeded: its job stopped it, its bar is full).
+        st, shown = coordinator.live_status(backend, r)
+        succeeded = r.state in (RunState.SUCCEEDED, RunState.SUCCEEDED_WITH_FAILURES)
+        finished = r.tasks_done + r.tasks_dead + (r.tasks_cancelled if succeeded else 0)
+        elapsed = st.elapsed
         rows.append(
             RunRow(
                 r,
@@ -177,6 +183,7 @@ def runs_page(
                 finished / r.tasks_total if r.tasks_total else 0.0,
                 r.records / elapsed if elapsed > 0 else 0.0,
                 elapsed,
+                shown,
             )
         )
     return RunsPage(
@@ -350,6 +357,25 @@ class ChunkView:
     slices: list[Slice]
     events: list[dict[str, Any]]
     bars: list[Bar]
+    hidden: int = 0  # earlier slices not read (past MAX_SLICES)
+
+
+def _last_seq(backend: Backend, run_id: str, chunk_id: str) -> int:
+    """The chunk's last seq (slices are numbered 0..n-1 without gaps), found
+    with O(log n) ``get_task`` reads; -1 if the chunk has none."""
+
+    def has(seq: int) -> bool:
+        return backend.ledger.get_task(TaskKey(run_id, chunk_id, seq)) is not None
+
+    if not has(0):
+        return -1
+    lo, hi = 0, 1
+    while has(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # has(lo), not has(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if has(mid) else (lo, mid)
+    return lo
 
 
 def chunk_view(backend: Backend, run_id: str, chunk_id: str) -> ChunkView:
@@ -358,8 +384,11 @@ def chunk_view(backend: Backend, run_id: str, chunk_id: str) -> ChunkView:
     from fanout.ui.timeline import attempts
 
     run = coordinator.get_run(backend, run_id)
+    last = _last_seq(backend, run_id, chunk_id)
+    # The last slices, not the first: the latest (running, dead) one is the one that matters.
+    first = max(0, last - MAX_SLICES + 1)
     tasks: list[TaskRecord] = []
-    for seq in range(MAX_SLICES):
+    for seq in range(first, last + 1):
         task = backend.ledger.get_task(TaskKey(run_id, chunk_id, seq))
         if task is None:
             break
@@ -371,7 +400,7 @@ def chunk_view(backend: Backend, run_id: str, chunk_id: str) -> ChunkView:
         cursor = coordinator.checkpoint(backend, t)
         slices.append(Slice(t, None if cursor is None else json.dumps(cursor)))
     bars, _ = attempts(tasks)
-    return ChunkView(run, chunk_id, slices, chunk_events(tasks), bars)
+    return ChunkView(run, chunk_id, slices, chunk_events(tasks), bars, hidden=first)
 
 
 # -- failures ----------------------------------------------------------------------

@@ -285,6 +285,19 @@ def test_read_only_hides_and_refuses_actions(failed: Failed, make_client: Client
     assert _dead(failed.backend, failed.run_id) == ["0/1", "0/2"]
 
 
+def test_ui_bound_to_another_loopback_address_serves_its_own_url(
+    failed: Failed, make_client: Client
+) -> None:
+    # `fanout ui --host 127.0.0.2` printed http://127.0.0.2:PORT/ and then
+    # answered every request there 400 (a black-box helper's find).
+    from fanout.cli_ui import served_hosts
+    from fanout.ui.app import LOOPBACK_HOSTS
+
+    client = make_client(failed.backend, allowed_hosts=served_hosts("127.0.0.2", LOOPBACK_HOSTS))
+    assert client.get("/", headers={"Host": "127.0.0.2:8765"}).status_code == 200
+    assert client.get("/", headers={"Host": "evil.example:8765"}).status_code == 400
+
+
 def test_host_and_token_checks(failed: Failed, make_client: Client) -> None:
     open_ = make_client(failed.backend)
     rebound = open_.get("/", headers={"Host": "evil.example:8765"})

@@ -5,6 +5,7 @@ ledger's tasks more than once per interval)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -163,3 +164,54 @@ def test_a_paused_runs_page_says_paused_built_or_cached(local_backend: Backend) 
     cached = cache.get(run_id)  # the run record did not change: the cached view
     assert cache.builds == 1
     assert (cached.progress["state"], cached.progress["eta_s"]) == ("paused", None)
+
+
+def test_the_runs_page_shows_a_paused_run_as_paused_and_a_cancelled_one_not_complete(
+    local_backend: Backend,
+) -> None:
+    # The runs page printed the record's state ("running" for a paused run) and
+    # counted cancelled chunks as done: a cancelled run showed 52/52 (a
+    # black-box helper's find; `fanout runs` and the run page said otherwise).
+    from fanout import control_ops, coordinator
+    from fanout.dispatch import Dispatcher
+    from support.helpers import JOBS
+
+    backend = local_backend
+    job = str(JOBS / "controlled.py")
+    paused = coordinator.submit(backend, job, {"chunks": 4}).run_id
+    dispatcher = Dispatcher(backend)
+    (plan,) = backend.queue.receive(1, 30)
+    dispatcher.handle(plan, 10.0)
+    assert control_ops.pause(backend, paused).changed
+    row = next(r for r in views.runs_page(backend).rows if r.run.run_id == paused)
+    assert row.shown_state == "paused"
+
+    control_ops.cancel(backend, paused)
+    row = next(r for r in views.runs_page(backend).rows if r.run.run_id == paused)
+    run = row.run
+    assert run.state.value == "cancelled" and run.tasks_cancelled == 4, run
+    assert row.finished == 1 and row.fraction < 1.0  # the plan ran; 4 cancelled did not
+
+
+def test_a_chunks_page_shows_its_last_slices_and_says_how_many_it_leaves_out(
+    local_backend: Backend, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # It showed the first MAX_SLICES slices: a chunk's dead last slice (its
+    # error, its Replay button) was not on its page, and nothing said so.
+    from fanout import coordinator
+    from support.helpers import drain
+
+    job = tmp_path / "slices.py"
+    job.write_text(
+        "from fanout import Job\n"
+        "job = Job('slices', schema={'type': 'record', 'name': 'r',"
+        " 'fields': [{'name': 's', 'type': 'long'}]})\n"
+        "@job.process\ndef process(payload, ctx):\n"
+        "    s = ctx.cursor or 0\n    ctx.emit({'s': s})\n"
+        "    return ctx.resume_at(s + 1) if s < 4 else None\n"
+    )
+    monkeypatch.setattr(views, "MAX_SLICES", 3)
+    run_id = coordinator.submit(local_backend, str(job)).run_id
+    assert drain(local_backend, run_id).records == 5
+    view = views.chunk_view(local_backend, run_id, "0")
+    assert [s.task.seq for s in view.slices] == [2, 3, 4] and view.hidden == 2
