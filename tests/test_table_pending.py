@@ -64,6 +64,14 @@ def rows(home: Path) -> list[dict[str, object]]:
     )
 
 
+def latest_run(home: Path) -> str:
+    return str(json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])["run_id"])
+
+
+def state(home: Path, run_id: str) -> str:
+    return str(json.loads(ok(cli(home, "status", run_id, "--json")))["state"])
+
+
 def versions(home: Path) -> list[str]:
     return [line.split()[0] for line in ok(cli(home, "schema", "meters")).splitlines()]
 
@@ -82,7 +90,7 @@ def test_a_cancelled_run_leaves_the_tables_schema_and_its_columns_as_they_were(
     assert "pending" in ok(cli(home, "schema", "meters")).splitlines()[-1]
     ok(cli(home, "cancel", run_id))
     ok(cli(home, "worker", "--until-idle", "-w", "1"))
-    assert json.loads(ok(cli(home, "status", run_id, "--json")))["state"] == "cancelled"
+    assert state(home, run_id) == "cancelled"
 
     assert versions(home) == ["v1"]
     assert rows(home) == before  # column n still read
@@ -102,14 +110,14 @@ def test_a_failed_run_gives_its_version_back_and_a_replay_after_the_fix_takes_it
     failed = cli(home, "run", broken, "-w", "1")
     assert failed.exit_code == 1, failed.output
     assert versions(home) == ["v1"]
-    run_id = json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])["run_id"]
+    run_id = latest_run(home)
 
     # While the failed run holds nothing, another job's schema may not be checked
     # against it; its replay, after the fix, registers v2 again and writes with it.
     job_file(tmp_path, "v2", ["item"])  # the fix, in the same file
     ok(cli(home, "replay", run_id))
     ok(cli(home, "worker", "--until-idle", "-w", "1"))
-    assert json.loads(ok(cli(home, "status", run_id, "--json")))["state"] == "succeeded"
+    assert state(home, run_id) == "succeeded"
     lines = ok(cli(home, "schema", "meters")).splitlines()
     assert [line.split()[0] for line in lines] == ["v1", "v2"] and "pending" not in lines[-1]
     assert sorted(r["item"] for r in rows(home)) == [
@@ -129,7 +137,7 @@ def test_a_replay_the_table_now_refuses_is_one_line_and_reopens_nothing(
     monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
     broken = job_file(tmp_path, "strings", ["item", "n", "unit"], fail=True)
     assert cli(home, "run", broken, "-w", "1").exit_code == 1
-    run_id = json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])["run_id"]
+    run_id = latest_run(home)
     monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "long", "default": 0})
     ok(cli(home, "run", job_file(tmp_path, "longs", ["item", "n", "unit"]), "-w", "1"))
     assert versions(home) == ["v1", "v2"]
@@ -139,7 +147,7 @@ def test_a_replay_the_table_now_refuses_is_one_line_and_reopens_nothing(
     assert_user_error(
         cli(home, "replay", run_id), f"run {run_id}'s schema is no longer one the table", "'unit'"
     )
-    assert json.loads(ok(cli(home, "status", run_id, "--json")))["state"] == "failed"
+    assert state(home, run_id) == "failed"
     assert versions(home) == ["v1", "v2"]
 
 
@@ -170,14 +178,14 @@ def test_a_replay_of_an_older_run_does_not_take_the_table_back_to_its_schema(
     home = tmp_path / "home"
     old = job_file(tmp_path, "old", ["item", "n"], fail="chunk['c'] == 1")
     assert cli(home, "run", old, "-p", "chunks=2", "-w", "1").exit_code == 1  # 3 records in
-    run_id = json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])["run_id"]
+    run_id = latest_run(home)
     monkeypatch.setitem(FIELDS, "c", {"name": "c", "type": "string", "default": "dflt"})
     ok(cli(home, "run", job_file(tmp_path, "new", ["item", "n", "c"]), "-w", "1"))
 
     job_file(tmp_path, "old", ["item", "n"])  # the fix
     ok(cli(home, "replay", run_id))
     ok(cli(home, "worker", "--until-idle", "-w", "1"))
-    assert json.loads(ok(cli(home, "status", run_id, "--json")))["state"] == "succeeded"
+    assert state(home, run_id) == "succeeded"
     assert versions(home) == ["v1", "v2"]
     ok(cli(home, "compact", "meters", "--target-mb", "1"))
     got = {str(r["item"]): r.get("c") for r in rows(home)}
@@ -201,7 +209,7 @@ def test_files_of_the_tables_schema_do_not_confirm_another_runs_pending_version(
     ok(cli(home, "submit", job_file(tmp_path, "failing", ["item", "n"], fail=True)))
     assert "pending" in ok(cli(home, "schema", "meters")).splitlines()[-1]  # v3, as x
     ok(cli(home, "worker", "--until-idle", "-w", "1"))
-    assert json.loads(ok(cli(home, "status", first, "--json")))["state"] == "succeeded"
+    assert state(home, first) == "succeeded"
     assert versions(home) == ["v1", "v2"]
     assert all("c" in r for r in rows(home)) and len(rows(home)) == 9
 
