@@ -237,9 +237,12 @@ IN_FLIGHT_WAIT = 5.0
 def wait_out(in_flight: Callable[[], bool]) -> None:
     """Wait until ``in_flight()`` is false (an add under way in a thread the
     job left running ends: microseconds, unless it was descheduled), for at
-    most :data:`IN_FLIGHT_WAIT`."""
+    most :data:`IN_FLIGHT_WAIT`; then RuntimeError (the attempt fails and is
+    retried), not a file finished beside a block write."""
     deadline = time_module.monotonic() + IN_FLIGHT_WAIT
-    while in_flight() and time_module.monotonic() < deadline:
+    while in_flight():
+        if time_module.monotonic() > deadline:
+            raise RuntimeError("a thread the job left running was still adding a record")
         time_module.sleep(0.0005)
 
 
@@ -414,7 +417,10 @@ class RecordWriter:
         # A thread the job left running adds no more (a record added after
         # the count was taken would be lost or, amid a block, corrupt the file).
         self._thread.take()
-        wait_out(lambda: self._in_add)
+        try:
+            wait_out(lambda: self._in_add)
+        except RuntimeError as exc:
+            raise self._fail(exc) from None
         self._check_usable()
         if self._batch:
             self._check_batch()

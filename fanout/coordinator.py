@@ -169,17 +169,17 @@ def replay(
     # should the end of a finalizer the reopen waited for have given it back.
     spec = table_spec_of(run.settings)
     hold = partial(_hold_version, backend, run, spec)
-    hold()
+    took = hold()
     try:
         reopened = _reopen(backend, run_id, chunk_ids, wait)
     except BaseException:
-        if spec is not None and run.state in TERMINAL_RUN_STATES:
+        if spec is not None and took:  # (the hold this replay took, only)
             release_schema(backend.store, spec.table, run_id)
         raise
     try:
         hold()
-    except UserError as exc:  # a submit in that moment: its join will say why it cannot
-        log.warning("run %s: %s", run_id, exc)
+    except Exception as exc:  # (a submit in that moment: its join will say why it cannot)
+        log.warning("run %s: its table schema version could not be held again: %s", run_id, exc)
     if run.state in TERMINAL_RUN_STATES:
         # A pause that outlived its run's end (one that landed beside a cancel)
         # would hold the replay's chunks, unseen: the replay starts it afresh.
@@ -191,11 +191,13 @@ def replay(
     return reopened
 
 
-def _hold_version(backend: Backend, run: RunRecord, spec: TableSpec | None) -> None:
-    """The run's hold on its table's schema version (see :func:`replay`)."""
-    if spec is not None:
-        schema = run.settings.get(SCHEMA)
-        hold_for_replay(backend.store, spec, schema, run.run_id, run.job_name)
+def _hold_version(backend: Backend, run: RunRecord, spec: TableSpec | None) -> bool:
+    """The run's hold on its table's schema version (see :func:`replay`):
+    whether it took one."""
+    if spec is None:
+        return False
+    schema = run.settings.get(SCHEMA)
+    return hold_for_replay(backend.store, spec, schema, run.run_id, run.job_name)
 
 
 def _reopen(

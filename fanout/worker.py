@@ -358,7 +358,9 @@ class WorkerPool:
             st = os.statvfs(root)
         except OSError:
             return None
-        if not (st.f_bavail == 0 and st.f_blocks > 0):
+        # (root may still write the blocks reserved for it: full is none free)
+        free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+        if not (free == 0 and st.f_blocks > 0):
             self._full_since = 0.0
             return None
         self._full_since = self._full_since or now
@@ -396,20 +398,27 @@ class WorkerPool:
         and put the message off for the whole lease."""
         waiting, finished = slot.take_batch()
         claimed = {a.receipt for a in waiting} | {a.receipt for a in finished}
-        if slot.deadline.value:
-            in_hand = Attempt.from_json(slot.attempt.value.decode())
-            claimed.add(in_hand.receipt)
-            # The batch's note of it may be older than its start.
-            waiting = [a for a in waiting if a.token != in_hand.token]
-            finished = [a for a in finished if a.token != in_hand.token]
+        if slot.attempt.value:
+            # The last attempt started, in hand or not: the note of it as waiting
+            # (made before its claim) is older than its start. Given back, an
+            # attempt that died between its end and its commit would not count,
+            # and a chunk that kills its worker there would run for ever.
+            started = Attempt.from_json(slot.attempt.value.decode())
+            waiting = [a for a in waiting if a.token != started.token]
+            if slot.deadline.value:
+                claimed.add(started.receipt)
+                finished = [a for a in finished if a.token != started.token]
         if waiting and isinstance(self.backend.ledger, BatchLedger):
-            # Never started: given back as if never claimed.
+            # Never started: given back as if never claimed; a message only if
+            # its claim was (one the ledger put off keeps its delay).
+            given: list[bool] = []
             with contextlib.suppress(Exception):
                 claims = [(a.key, a.token) for a in waiting]
-                self.backend.ledger.give_back_many(claims, time.time())
-            for attempt in waiting:
-                with contextlib.suppress(Exception):
-                    self.backend.queue.release(attempt.receipt, 0.0)
+                given = self.backend.ledger.give_back_many(claims, time.time())
+            for attempt, ok in zip(waiting, given, strict=False):
+                if ok:
+                    with contextlib.suppress(Exception):
+                        self.backend.queue.release(attempt.receipt, 0.0)
         for receipt in slot.take_prefetched():
             if receipt not in claimed:
                 with contextlib.suppress(Exception):

@@ -248,7 +248,7 @@ def test_fanout_run_stops_saying_so_when_its_homes_disk_stays_full(
     def full(path: object) -> os.statvfs_result:
         st = real(path)  # type: ignore[arg-type]
         if str(path).startswith(str(home)):
-            return os.statvfs_result((*st[:4], 0, *st[5:]))  # f_bavail: none
+            return os.statvfs_result((*st[:3], 0, 0, *st[5:]))  # f_bfree, f_bavail: none
         return st
 
     monkeypatch.setattr(worker, "DISK_FULL_WAIT", 0.5)
@@ -264,3 +264,15 @@ def test_fanout_run_stops_saying_so_when_its_homes_disk_stays_full(
     ok(cli(home, "worker", "--until-idle", "-w", "1"))
     run = json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])
     assert run["state"] == "succeeded" and run["records"] == 1, run
+
+
+def test_a_chunk_that_kills_its_worker_between_its_end_and_its_commit_dies_in_the_end(
+    home: Path,
+) -> None:
+    # The note made before a claim was taken, once the chunk had ended and
+    # before its commit, for one never started: its claim was given back
+    # uncounted, and the chunk ran for ever (131 worker deaths in 45 s; the
+    # review's find). It counts, and is dead after its max_attempts.
+    result = fanout(home, "run", str(JOBS / "dies_at_commit.py"), "-w", "1", "--chunk-timeout", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "succeeded" not in result.stdout and "2 records" in result.stdout, result.stdout

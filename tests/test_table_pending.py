@@ -248,3 +248,29 @@ def test_a_run_its_table_can_no_longer_take_ends_failed_saying_why(
     manifest = json.loads((home / "store" / status["manifest"]).read_text())
     assert "'unit': long cannot be read as string" in manifest["table_error"]
     assert not [r for r in rows(home) if str(r["item"]).startswith("strings")]
+
+
+def test_a_replayed_run_whose_version_was_given_back_goes_before_the_current_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its version given back at its end, and the table moved on since with a
+    # schema that reads its files: the replay's version goes before the
+    # current one, which stays the table's (the review asked for this case).
+    home = tmp_path / "home"
+    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
+    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
+    monkeypatch.setitem(FIELDS, "site", {"name": "site", "type": "string", "default": "x"})
+    broken = job_file(tmp_path, "unit", ["item", "n", "unit"], fail=True)
+    assert cli(home, "run", broken, "-w", "1").exit_code == 1
+    run_id = latest_run(home)
+    ok(cli(home, "run", job_file(tmp_path, "site", ["item", "n", "site"]), "-w", "1"))
+    assert versions(home) == ["v1", "v2"]
+
+    job_file(tmp_path, "unit", ["item", "n", "unit"])  # the fix
+    ok(cli(home, "replay", run_id))
+    ok(cli(home, "worker", "--until-idle", "-w", "1"))
+    assert state(home, run_id) == "succeeded"
+    assert versions(home) == ["v1", "v3", "v2"]  # v3 (unit) placed before v2 (site)
+    got = rows(home)
+    assert len(got) == 9 and all(r["site"] == "x" for r in got)
+    assert all("unit" not in r for r in got)  # read with v2, the table's schema still

@@ -224,19 +224,24 @@ def hold_for_run(snap: dict[str, Any], schema_raw: Any, job_name: str, run_id: s
     return True
 
 
-def hold_for_replay(store: Store, spec: TableSpec, schema_raw: Any, run: str, job: str) -> None:
+def hold_for_replay(store: Store, spec: TableSpec, schema_raw: Any, run: str, job: str) -> bool:
     """:func:`hold_for_run` for a replay of ``run``, as one catalog change;
+    returns whether it took a hold (to undo should the replay not go on).
     :class:`UserError` (one line) if the table can no longer take its files."""
+    took = False
 
     def change(snap: dict[str, Any]) -> dict[str, Any] | None:
+        nonlocal took
         if not snap["schemas"] and snap["partitioning"] is None:
             snap["partitioning"] = spec.describe()  # (every version given back)
         elif snap["partitioning"] != spec.describe():
             have, want = _show(snap["partitioning"]), _show(spec.describe())
             raise UserError(f"table {spec.table} is partitioned by {have}; run {run} by {want}")
-        return snap if hold_for_run(snap, schema_raw, job, run) else None
+        took = hold_for_run(snap, schema_raw, job, run)
+        return snap if took else None
 
     update_catalog(store, spec.table, change, f"schema of replayed run {run}")
+    return took
 
 
 def _last_with(
