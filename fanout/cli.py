@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from fanout.backends import BACKENDS, default_home
+from fanout.backends import default_home
 from fanout.backends.base import TERMINAL_RUN_STATES, Backend
 from fanout.backends.keys import collected_key
 from fanout.backends.rules import was_cancelled
@@ -108,6 +108,10 @@ class _Group(click.Group):
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            # `fanout`, `fanout schedule`: the help, as --help prints it, not one line.
+            click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+            sys.exit(EXIT_USAGE)
         except click.UsageError as exc:
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
             message = " ".join(exc.format_message().split())
@@ -289,6 +293,10 @@ def _home(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
+#: The backends a command may use.
+CLI_BACKENDS = ("local", "aws")
+
+
 # -- commands --------------------------------------------------------------------
 
 
@@ -301,7 +309,13 @@ def _home(value: str | None) -> Path | None:
     help="Local backend home (default: $FANOUT_HOME or ./.fanout).",
 )
 @click.option(
-    "--backend", "backend_name", type=click.Choice(BACKENDS), default="local", show_default=True
+    "--backend",
+    "backend_name",
+    # (not "memory": a backend of one process, for tests; `run` on it waited for
+    # ever, its workers each with a memory of their own)
+    type=click.Choice(CLI_BACKENDS),
+    default="local",
+    show_default=True,
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.version_option(package_name="fanout")

@@ -31,7 +31,17 @@ EXIT_FAILED = 1
 
 
 def _store(ctx: click.Context) -> ScheduleStore:
-    store = open_store(group_backend(ctx))
+    import sqlite3
+
+    from fanout.cli_common import home_problem
+
+    backend = group_backend(ctx)
+    try:
+        store = open_store(backend)
+    except sqlite3.Error as exc:  # a schedules table that is not fanout's
+        raise UserError(
+            f"{home_problem(ctx.obj['home'], exc)} (its schedules table is not fanout's)"
+        ) from None
     ctx.call_on_close(store.close)
     return store
 

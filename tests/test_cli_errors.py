@@ -752,3 +752,31 @@ def test_a_job_module_under_the_current_directory_not_on_the_path_is_named_with_
     )
     line = assert_user_error(done, "job module myjobs.j not found")
     assert "under the current directory" in line and "myjobs/j.py" in line, line
+
+
+def test_a_home_whose_schedules_table_is_another_tools_is_one_line(tmp_path: Path) -> None:
+    # Its fanout.db had a `schedules` table of its own: schedule list/add and
+    # the scheduler printed sqlite3 tracebacks (a black-box helper's find).
+    import sqlite3
+
+    home = tmp_path / "other"
+    home.mkdir()
+    with sqlite3.connect(home / "fanout.db") as db:
+        db.execute("CREATE TABLE schedules (id INTEGER PRIMARY KEY, cron TEXT)")
+    for args in (("schedule", "list"), ("scheduler", "--at", "2030-01-01T00:00Z")):
+        assert_user_error(cli(home, *args), "cannot use", "schedules table is not fanout's")
+
+
+def test_a_group_without_its_command_prints_its_help_not_one_squashed_line() -> None:
+    for args in ([], ["schedule"]):
+        result = CliRunner().invoke(main, args, prog_name="fanout")
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("Usage: fanout"), result.output
+        assert "\nCommands:\n" in result.output and "Traceback" not in result.output
+
+
+def test_the_memory_backend_is_not_offered_on_the_command_line(tmp_path: Path) -> None:
+    # It is a backend of one process, for tests: `fanout --backend memory run`
+    # showed "running 0/1" for ever, its workers each with a memory of their own.
+    result = CliRunner().invoke(main, ["--backend", "memory", "runs"], prog_name="fanout")
+    assert_user_error(result, "'memory' is not one of 'local', 'aws'")

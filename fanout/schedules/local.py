@@ -62,6 +62,10 @@ def _create_tables(db: Database) -> None:
                 conn.execute(
                     "ALTER TABLE schedule_ticks ADD COLUMN settled INTEGER NOT NULL DEFAULT 1"
                 )
+            # Tables of these names that are not fanout's (another tool's database)
+            # fail here, when the store opens, not in the middle of a command.
+            conn.execute("SELECT name, definition FROM schedules LIMIT 0")
+            conn.execute("SELECT name, tick, claimed_at, settled FROM schedule_ticks LIMIT 0")
         _READY.add(db)
 
 
