@@ -780,3 +780,17 @@ def test_the_memory_backend_is_not_offered_on_the_command_line(tmp_path: Path) -
     # showed "running 0/1" for ever, its workers each with a memory of their own.
     result = CliRunner().invoke(main, ["--backend", "memory", "runs"], prog_name="fanout")
     assert_user_error(result, "'memory' is not one of 'local', 'aws'")
+
+
+def test_a_home_a_newer_fanout_made_is_refused_in_one_line(tmp_path: Path) -> None:
+    # A home of another layout was used as it was: a task insert that broke a
+    # newer column's NOT NULL was skipped without a word (INSERT OR IGNORE),
+    # and `fanout run` showed "running 0/1" for ever (a black-box helper's find).
+    import sqlite3
+
+    home = tmp_path / "home"
+    ok(cli(home, "runs"))
+    with sqlite3.connect(home / "fanout.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1  # stamped
+        db.execute("PRAGMA user_version = 7")
+    assert_user_error(cli(home, "runs"), "a newer fanout made it (home format 7")

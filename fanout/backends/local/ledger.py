@@ -224,9 +224,12 @@ class SQLiteLedger(SQLiteRunControls):  # run controls: cancel, pause, max_concu
             for t in tasks
         ]
         insert = (
-            "INSERT OR IGNORE INTO tasks (run_id, chunk_id, seq, state, depth, message,"
+            "INSERT INTO tasks (run_id, chunk_id, seq, state, depth, message,"
             " updated_at, parent_chunk, parent_seq, spawned_by, not_before)"
             " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
+            # Only a task that exists is skipped (OR IGNORE skipped a row that
+            # broke any constraint, NOT NULL included, without a word).
+            " ON CONFLICT (run_id, chunk_id, seq) DO NOTHING"
         )
         before = conn.total_changes
         conn.executemany(insert, [r for r in rows if r[2] == 0])
