@@ -576,6 +576,10 @@ def test_bad_input_is_one_line_and_exit_2(home: Path, args: list[str], needles: 
         ("*/61 * * * *", ["minute step '*/61' is longer than the field (0-59)", "write 0"]),
         ("0 3-9/30 * * *", ["hour step '3-9/30'", "matches 3 alone"]),
         ("cron(0 0 1/40 * ? *)", ["day-of-month step '1/40'", "write 1"]),
+        # Vixie cron and cronie: both days must match (a field starting with *
+        # counts as unrestricted); croniter: either (a black-box helper's find).
+        ("0 0 */2 * 5", ["day-of-month '*/2' with a restricted day-of-week", "write 1-31/2"]),
+        ("0 9 1,15 * */2", ["day-of-week '*/2' with a restricted day-of-month", "write 0-6/2"]),
     ],
 )
 def test_add_refuses_ranges_and_steps_that_cannot_mean_what_they_say(

@@ -371,6 +371,25 @@ def check_ranges(spec: Spec) -> None:
             problem = _step_problem(field, item) or _range_problem(field, item)
             if problem is not None:
                 raise _bad(spec.text, problem)
+    if spec.kind == "cron":
+        _starred_day_problem(spec.text, fields[2], fields[4])
+
+
+def _starred_day_problem(text: str, dom: str, dow: str) -> None:
+    """A day field that starts with ``*`` but is not ``*`` (``*/2``), the other
+    one restricted: Vixie cron and cronie fire when both days match (a field
+    starting with ``*`` counts as unrestricted), croniter when either does, so
+    ``0 0 */2 * 5`` fired on every odd day and every Friday."""
+    pairs = (("day-of-month", dom, "day-of-week", dow), ("day-of-week", dow, "day-of-month", dom))
+    for name, value, other_name, other in pairs:
+        if value.startswith("*") and value != "*" and other not in ("*", "?"):
+            first = "1-31" if name == "day-of-month" else "0-6"
+            raise _bad(
+                text,
+                f"{name} {value!r} with a restricted {other_name}: crons disagree on"
+                f" whether both days or either must match; write {first}{value[1:]}"
+                " for either (as fanout reads it)",
+            )
 
 
 def _step_problem(field: _Field, item: str) -> str | None:
