@@ -405,20 +405,30 @@ class WorkerPool:
             # and a chunk that kills its worker there would run for ever.
             started = Attempt.from_json(slot.attempt.value.decode())
             waiting = [a for a in waiting if a.token != started.token]
-            if slot.deadline.value:
+            if slot.deadline.value:  # in hand: the caller fails it, with its cause
                 claimed.add(started.receipt)
                 finished = [a for a in finished if a.token != started.token]
+            elif all(a.token != started.token for a in finished):
+                # Ended, and maybe not committed (the child died between the
+                # two, likely of it): failed now and counted, not left to its
+                # lease; a no-op if it committed. Once: the slot starts clean.
+                slot.attempt.value = b""
+                crashed = Failure(
+                    FailureKind.CRASHED, "its worker died after it ran, before its commit"
+                )
+                with contextlib.suppress(Exception):
+                    self._fail(started, crashed)
         if waiting and isinstance(self.backend.ledger, BatchLedger):
-            # Never started: given back as if never claimed; a message only if
-            # its claim was (one the ledger put off keeps its delay).
-            given: list[bool] = []
+            # Never started: given back as if never claimed (a no-op for a claim
+            # that never landed), and each message visible at once: one whose
+            # claim was still to be made would otherwise stay hidden for its
+            # whole visibility timeout (40 s and more).
             with contextlib.suppress(Exception):
                 claims = [(a.key, a.token) for a in waiting]
-                given = self.backend.ledger.give_back_many(claims, time.time())
-            for attempt, ok in zip(waiting, given, strict=False):
-                if ok:
-                    with contextlib.suppress(Exception):
-                        self.backend.queue.release(attempt.receipt, 0.0)
+                self.backend.ledger.give_back_many(claims, time.time())
+            for attempt in waiting:
+                with contextlib.suppress(Exception):
+                    self.backend.queue.release(attempt.receipt, 0.0)
         for receipt in slot.take_prefetched():
             if receipt not in claimed:
                 with contextlib.suppress(Exception):

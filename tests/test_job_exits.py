@@ -273,6 +273,11 @@ def test_a_chunk_that_kills_its_worker_between_its_end_and_its_commit_dies_in_th
     # before its commit, for one never started: its claim was given back
     # uncounted, and the chunk ran for ever (131 worker deaths in 45 s; the
     # review's find). It counts, and is dead after its max_attempts.
-    result = fanout(home, "run", str(JOBS / "dies_at_commit.py"), "-w", "1", "--chunk-timeout", "2")
+    began = time.monotonic()
+    job = str(JOBS / "dies_at_commit.py")
+    result = fanout(home, "run", job, "-w", "1", "--chunk-timeout", "5")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "succeeded" not in result.stdout and "2 records" in result.stdout, result.stdout
+    # Each death recorded at once ("its worker died after it ran, before its
+    # commit"), not when the attempt's lease ran out (5 s and more, each).
+    assert time.monotonic() - began < 8
