@@ -54,6 +54,8 @@ CHUNK_ID_PATTERN = r"^[0-9]{1,9}(/[0-9]{1,9}){0,63}$"
 #: No continuation count (``RunSettings.max_continuations``) may exceed this, so a
 #: ``seq`` above it is forged: bounded here, it always fits the ledgers' integers.
 MAX_SEQ = 1_000_000
+#: The most children one chunk's slices may spawn in all (a chunk id's segment).
+MAX_SPAWNED = 999_999_999
 #: A body longer than this is refused before it is parsed (SQS's own limit is
 #: 1 MiB; fanout sends at most 256 KiB and offloads the rest to the store).
 MAX_BODY_CHARS = 1024 * 1024
@@ -77,7 +79,7 @@ class MessageError(ValueError):
 
 
 _CHUNK_FIELDS: Final = (
-    "v", "run_id", "chunk_id", "seq", "kind", "payload", "payload_ref", "cursor"
+    "v", "run_id", "chunk_id", "seq", "kind", "payload", "payload_ref", "cursor", "spawned"
 )  # fmt: skip
 _CHUNK_ALLOWED: Final = frozenset(_CHUNK_FIELDS)
 _MISSING: Final = object()
@@ -106,6 +108,7 @@ class ChunkMessage(tuple[Any, ...]):
         payload: Any
         payload_ref: str | None
         cursor: Any
+        spawned: int
     else:
         v = property(itemgetter(0), doc="The envelope's version: 1.")
         run_id = property(itemgetter(1), doc="The run.")
@@ -115,6 +118,11 @@ class ChunkMessage(tuple[Any, ...]):
         payload = property(itemgetter(5), doc="What the chunk works on (JSON).")
         payload_ref = property(itemgetter(6), doc="Where payload and cursor were offloaded.")
         cursor = property(itemgetter(7), doc="Where a continuation resumes (JSON).")
+        spawned = property(
+            itemgetter(8),
+            doc="Children the chunk's earlier slices spawned: this slice numbers its own"
+            " from there (slice 1's first child was 0/0 again, and was dropped as a duplicate).",
+        )
 
     def __new__(
         cls,
@@ -127,8 +135,9 @@ class ChunkMessage(tuple[Any, ...]):
         payload: Any = None,
         payload_ref: str | None = None,
         cursor: Any = None,
+        spawned: int = 0,
     ) -> ChunkMessage:
-        values = (v, run_id, chunk_id, seq, kind, payload, payload_ref, cursor)
+        values = (v, run_id, chunk_id, seq, kind, payload, payload_ref, cursor, spawned)
         try:
             _check_chunk(values, typed=True, walk=True)
         except FieldError as exc:
@@ -144,6 +153,7 @@ class ChunkMessage(tuple[Any, ...]):
         values = (
             get("v", 1), get("run_id", _MISSING), get("chunk_id", _MISSING), get("seq", 0),
             get("kind", "process"), get("payload"), get("payload_ref"), get("cursor"),
+            get("spawned", 0),
         )  # fmt: skip
         _check_chunk(values, typed=False, walk=walk)
         return tuple.__new__(cls, values)
@@ -191,7 +201,7 @@ def _check_chunk(values: tuple[Any, ...], typed: bool, walk: bool) -> None:
     :data:`_MISSING` for one a body lacks), the first bad one raised; ``walk``:
     whether payload and cursor need their nesting and strings checked (see
     :func:`_needs_walk`), ``typed``: their types too (see :func:`json_problem`)."""
-    v, run_id, chunk_id, seq, kind, payload, ref, cursor = values
+    v, run_id, chunk_id, seq, kind, payload, ref, cursor, spawned = values
     if (  # every check at once, the common case; the first that fails is found below
         type(v) is int
         and v == 1
@@ -204,6 +214,7 @@ def _check_chunk(values: tuple[Any, ...], typed: bool, walk: bool) -> None:
         and (kind == "process" or kind == "plan")
         and type(kind) is str
         and (ref is None or (type(ref) is str and len(ref) <= MAX_REF_CHARS))
+        and (spawned == 0 or (type(spawned) is int and 0 < spawned <= MAX_SPAWNED))
         and (not walk or (json_ok(payload, typed) and json_ok(cursor, typed)))
     ):
         return
@@ -226,6 +237,8 @@ def _check_chunk(values: tuple[Any, ...], typed: bool, walk: bool) -> None:
         raise FieldError("seq", f"Input should be less than or equal to {MAX_SEQ}")
     if type(kind) is not str or kind not in _KINDS:
         raise FieldError("kind", "Input should be 'plan' or 'process'")
+    if not is_int(spawned) or not 0 <= spawned <= MAX_SPAWNED:
+        raise FieldError("spawned", f"Input should be an integer from 0 to {MAX_SPAWNED}")
     if walk:
         for name, value in (("payload", payload), ("cursor", cursor)):
             if (
@@ -488,13 +501,15 @@ def encode(message: ChunkMessage) -> str:
     """The message as compact JSON, its fields in order: the checked fields
     written as they are (:func:`_head`), only the rest encoded (characters SQS
     refuses escaped, :func:`sqs_safe`)."""
-    v, run_id, chunk_id, seq, kind, payload, ref, cursor = message
+    v, run_id, chunk_id, seq, kind, payload, ref, cursor, spawned = message
     head = _head(v, run_id, chunk_id, seq, kind)
+    # (written only when not 0: a body without it reads as 0, as before it was)
+    tail = f',"spawned":{spawned}}}' if spawned else "}"
     if payload is None and ref is None and cursor is None:
-        return head + '"payload":null,"payload_ref":null,"cursor":null}'
+        return head + '"payload":null,"payload_ref":null,"cursor":null' + tail
     # One call of the encoder: each call builds its C encoder afresh.
     rest = sqs_safe(_ENCODER.encode({"payload": payload, "payload_ref": ref, "cursor": cursor}))
-    return head + rest[1:]
+    return head + rest[1:-1] + tail
 
 
 def encode_child(run_id: str, chunk_id: str, payload: Any, payload_text: str) -> str:
@@ -505,7 +520,7 @@ def encode_child(run_id: str, chunk_id: str, payload: Any, payload_text: str) ->
     each payload twice and built a message object for each)."""
     try:
         _check_chunk(
-            (1, run_id, chunk_id, 0, "process", payload, None, None), typed=True, walk=True
+            (1, run_id, chunk_id, 0, "process", payload, None, None, 0), typed=True, walk=True
         )
     except FieldError as exc:
         raise MessageError(f"invalid message: {exc}") from None

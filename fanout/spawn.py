@@ -41,9 +41,12 @@ def next_tasks(
         depth = msg.depth + 1
         if depth > settings.max_depth:
             return [], f"max_depth ({settings.max_depth}) reached at chunk {msg.chunk_id}"
-        for i, spawn in enumerate(spawned):
-            # The i-th child of chunk "0/3" is "0/3/i": a re-run of this chunk
-            # registers the same ids, so nothing is created twice.
+        for i, spawn in enumerate(spawned, msg.spawned):
+            # The i-th child of chunk "0/3" is "0/3/i", counted over its slices
+            # (a continuation carries on the count): a re-run of this slice
+            # registers the same ids, so nothing is created twice; and a later
+            # slice's children are new ones (numbered from 0 in each slice,
+            # they were taken for the first slice's, and dropped).
             chunk_id = f"{msg.chunk_id}/{i}"
             try:
                 body = encode_child(msg.run_id, chunk_id, spawn.payload, spawn.text)
@@ -73,6 +76,7 @@ def next_tasks(
                 kind=msg.kind,
                 payload=payload,
                 cursor=continuation.cursor,
+                spawned=msg.spawned + len(spawned),
             )
         except MessageError as exc:
             # ctx.resume_at checked the cursor; a Continue built by hand was not.
