@@ -507,10 +507,13 @@ class RecordWriter:
 #: What fastavro raises for a file that is not whole Avro: truncated (EOFError),
 #: a damaged block (zlib.error, ValueError for a missing sync marker), bytes
 #: that decode to nonsense (IndexError, KeyError, TypeError, UnicodeDecodeError,
-#: struct.error), or records no reader schema can take.
+#: struct.error), records no reader schema can take, or a value Python cannot
+#: hold (OverflowError: a timestamp past year 9999, from a file written before
+#: fanout refused one).
 _UNREADABLE = (
     EOFError,
     ValueError,
+    OverflowError,
     zlib.error,
     struct.error,
     IndexError,

@@ -25,41 +25,33 @@ write time, so :class:`RecordWriter` writes *without* it and instead:
   - ``float`` (32-bit) fields: values beyond +-3.4e38 are written as infinity.
   - ``boolean`` fields: any value is written by truthiness (``"no"`` -> true,
     ``None`` -> false). Only ``bool`` passes.
-  - ``timestamp-*``: floats are truncated, and a naive datetime is silently
-    taken as UTC (wrong by the host's UTC offset if it was local time): only
-    aware datetimes and ints pass.
-  - ``date``: a datetime is silently truncated to its date: rejected.
-  - ``time-*``: floats are truncated: only ``datetime.time`` and ints pass.
-  - raw ints for ``date``/``time-*``/``timestamp-*`` outside years 1-9999 (or
-    a day, for times) are written, and the file can then not be read back:
-    rejected.
-  - ``uuid`` strings are written unchecked, and a malformed one makes the file
-    unreadable: only ``uuid.UUID`` and well-formed strings pass.
-  - arrays: any iterable is accepted (a str becomes a list of characters, a
-    dict a list of its keys): only lists and tuples pass.
-  - the same coercions inside nested records, arrays, maps and unions.
+  - ``timestamp-*``: floats are truncated, a naive datetime is taken as UTC:
+    only aware datetimes and ints pass. ``date``: a datetime is truncated to
+    its date: rejected. ``time-*``: only ``datetime.time`` and ints pass.
+  - values outside years 1-9999 in UTC (raw ints, or an aware datetime whose
+    offset takes it past them) or outside a day (times) are written, and the
+    file can then not be read back: rejected.
+  - ``uuid`` strings are written unchecked (a malformed one makes the file
+    unreadable), and a decimal's precision is counted on the digits given, not
+    at the schema's scale: checked.
+  - arrays: any iterable is accepted (a str becomes a list of characters):
+    only lists and tuples pass. The same inside records, arrays, maps, unions.
 
 * fastavro is asked (``strict_allow_default``) to raise for record keys that
-  are not fields of the schema, which it would otherwise drop silently (a
-  misspelt optional field would lose its data), and for missing fields without
-  a default, where it would otherwise write null for a union with ``"null"``.
-  This costs nothing measurable, unlike a Python-level pass over the keys.
+  are not fields (it would drop a misspelt optional field's data) and for
+  missing fields without a default (it would write null for a union with
+  ``"null"``), at no measurable cost; a missing field with one gets it.
 
 * everything else is left to fastavro, which raises on its own when it writes
-  the batch: non-strings for strings (including strings UTF-8 cannot encode),
-  non-bytes for bytes, unknown enum symbols, fixed of the wrong size, decimals
-  of the wrong type/scale/precision, bad ISO date strings, map keys that are
-  not strings, values too large for a long, and union values that match no
-  branch (fastavro resolves unions by validating the value against each
-  branch, strictly for primitives).
+  the batch: non-strings for strings (or ones UTF-8 cannot encode), non-bytes
+  for bytes, unknown enum symbols, fixed of the wrong size, decimals of the
+  wrong type or scale, bad ISO date strings, non-string map keys, values too
+  large for a long, and union values that match no branch.
 
 Whenever a batch check fails or fastavro raises, the batch is re-examined
-record by record with a strict checker (and, failing that, by writing each
-record alone) to find the first offending record, and :class:`RecordError`
-names its index and field. The column checks compare exact types, so values
-of other types that are fine (a dict subclass, a numpy float) send their batch
-down that slow path without failing it. A field missing from the dict is
-written with its default.
+record by record (strictly, then by writing each record alone) to find the
+first offending record: :class:`RecordError` names its index and field. Values
+of other types that are fine (a numpy float) take that slow path, not failing.
 """
 
 from __future__ import annotations
@@ -93,10 +85,12 @@ _UUID_RE = re.compile(
     r"[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\}?"
 )
 _EPOCH_DAYS = date(1970, 1, 1).toordinal()
-_MIN_SECONDS = (datetime(1, 1, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).days * 86400
-#: The first second after year 9999 (its last day is in range to its last instant).
-_END_SECONDS = (datetime(9999, 12, 31, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).days * 86400
-_END_SECONDS += 86400
+#: The instants an aware datetime of a timestamp may hold (Python's, in UTC),
+#: and in seconds from the epoch, the second after the last one's included.
+_FIRST_UTC = datetime(1, 1, 1, tzinfo=UTC)
+_LAST_UTC = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+_MIN_SECONDS = (date.min.toordinal() - _EPOCH_DAYS) * 86400
+_END_SECONDS = (date.max.toordinal() - _EPOCH_DAYS + 1) * 86400
 # Ints a logical type can hold and still be read back as a Python value.
 _INT_RANGES: dict[str, tuple[int, int]] = {
     "date": (date.min.toordinal() - _EPOCH_DAYS, date.max.toordinal() - _EPOCH_DAYS),
@@ -107,9 +101,8 @@ for _unit, _scale in (("millis", 1000), ("micros", 1_000_000), ("nanos", 1_000_0
     for _prefix in ("timestamp", "local-timestamp"):
         _INT_RANGES[f"{_prefix}-{_unit}"] = (_MIN_SECONDS * _scale, _END_SECONDS * _scale - 1)
 
-# Exact Python types that pass the fast column check for each lenient type.
-# Anything else (subclasses included) sends the batch to the strict per-record
-# check, which decides.
+# Exact Python types that pass the fast column check for each lenient type
+# (anything else goes to the strict per-record check, which decides).
 _FAST_TYPES: dict[str, frozenset[type]] = {
     "null": frozenset({_NONE}),
     "boolean": frozenset({bool}),
@@ -169,7 +162,7 @@ class RecordChecker:
             # fastavro resolves a union by validating the value against each
             # branch, which is strict for primitives (and the int range); what
             # slips through: the contents of records/arrays/maps, naive or
-            # truncated datetimes, and float overflow.
+            # truncated datetimes, float overflow, and a decimal's precision.
             result = any(
                 self._needs_check(branch, seen)
                 for branch in map(self._resolve, node)
@@ -179,16 +172,16 @@ class RecordChecker:
                     isinstance(branch, dict)
                     and (
                         _logical_kind(branch.get("logicalType", "")) is not None
-                        or branch.get("logicalType") == "uuid"
+                        or branch.get("logicalType") in ("uuid", "decimal")
                     )
                 )
             )
         else:
             kind = node["type"]
             logical = node.get("logicalType")
-            if kind in ("array", "map", "record", "error") or logical == "uuid":
+            if kind in ("array", "map", "record", "error") or logical in ("uuid", "decimal"):
                 result = True
-            elif kind in ("enum", "fixed") or logical == "decimal":
+            elif kind in ("enum", "fixed"):
                 result = False
             elif logical is not None and _logical_kind(logical) is not None:
                 result = True
@@ -253,7 +246,13 @@ class RecordChecker:
                 except TypeError:
                     return False
                 if type(earliest) is datetime:
-                    return earliest.tzinfo is not None
+                    # (in UTC, as written: year 1 at +01:00 is year 0, and the
+                    # file could not be read back)
+                    return (
+                        earliest.tzinfo is not None
+                        and earliest >= _FIRST_UTC
+                        and max(column()) <= _LAST_UTC
+                    )
             if lkind is not None:
                 types = set(map(type, column()))
                 if not types <= _FAST_TYPES[lkind]:
@@ -268,11 +267,13 @@ class RecordChecker:
                 if lkind == "timestamp" and datetime in types:
                     # Comparing naive with aware datetimes raises TypeError, so
                     # the minimum is aware iff they all are.
-                    if int in types:
-                        earliest = min(v for v in column() if type(v) is datetime)
-                    else:
-                        earliest = min(column())
-                    return earliest.tzinfo is not None
+                    times = [v for v in column() if type(v) is datetime]
+                    earliest = min(times)
+                    return (
+                        earliest.tzinfo is not None
+                        and earliest >= _FIRST_UTC
+                        and max(times) <= _LAST_UTC
+                    )
                 return True
             if logical == "uuid":
                 # fastavro writes any string, and then cannot read the file back.
@@ -284,7 +285,10 @@ class RecordChecker:
                     return all(map(_UUID_RE.fullmatch, strings))
                 return True
             if logical == "decimal":
-                return True  # fastavro raises on a wrong type, scale or precision
+                # fastavro counts the digits as given, not at the schema's scale:
+                # Decimal('123456789.1') passed decimal(10,2) (11 digits), and
+                # readers that hold to the precision (Spark, Athena) fail on it.
+                return all(_explain_logical(v, node, logical, "") is None for v in column())
         if kind in ("record", "error"):
             return self._record_column_ok(list(column()), node)
         if kind == "array":
@@ -528,11 +532,14 @@ def _explain_logical(value: Any, node: Mapping[str, Any], logical: str, path: st
             return None
         if lkind in ("timestamp", "local-timestamp"):
             if not isinstance(value, datetime):
-                return _bad(path, value, f"is not a {logical} (an aware datetime or an int)")
+                which = "an aware datetime" if lkind == "timestamp" else "a naive datetime"
+                return _bad(path, value, f"is not a {logical} ({which} or an int)")
             if lkind == "timestamp" and value.tzinfo is None:
                 return _bad(
                     path, value, "is a naive datetime: give it a timezone, e.g. tzinfo=timezone.utc"
                 )
+            if lkind == "timestamp" and not _FIRST_UTC <= value <= _LAST_UTC:
+                return _bad(path, value, f"is out of range for {logical} (years 1 to 9999 in UTC)")
             return None
         if lkind == "date":
             if isinstance(value, datetime):

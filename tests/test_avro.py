@@ -544,6 +544,20 @@ def test_nested_round_trip(nested: Schema) -> None:
         ({"id": 5}, "id", "is not a UUID"),
         ({"price": Decimal("1.234")}, "price", "more than 2 decimal places"),
         ({"price": Decimal("99999.00")}, "price", "more than 6 digits"),
+        # 5 digits given, 7 at the schema's scale: fastavro wrote it (a helper's find).
+        ({"price": Decimal("12345.6")}, "price", "more than 6 digits"),
+        # Year 1 at +01:00 is year 0 in UTC, 9999-12-31T23:00-05:00 year 10000:
+        # written, and the file could not be read back (a helper's find).
+        (
+            {"seen": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))},
+            "seen",
+            "is out of range for timestamp-micros (years 1 to 9999 in UTC)",
+        ),
+        (
+            {"seen": datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))},
+            "seen",
+            "is out of range for timestamp-micros (years 1 to 9999 in UTC)",
+        ),
         ({"price": 1.5}, "price", "is not a decimal.Decimal"),
         ({"kind": "C"}, "kind", "'C' is not a symbol of enum t.kind (A, B)"),
         ({"note": 5}, "note", "5 is not a string"),
@@ -681,3 +695,23 @@ def test_a_reused_dict_is_checked_as_it_was_at_each_add(meter: Schema) -> None:
         writer.add(row)
     with pytest.raises(RecordError, match=r"record 1 .*True is not a double"):
         writer.finish()
+
+
+def test_a_file_holding_a_timestamp_python_cannot_hold_is_unreadable_in_one_line() -> None:
+    # Written before fanout refused such values (or by another writer): fastavro
+    # raised OverflowError reading it, and `fanout cat` printed a traceback.
+    import fastavro
+
+    from fanout.avro import read_records
+    from fanout.errors import UserError
+
+    raw = {
+        "type": "record",
+        "name": "r",
+        "fields": [{"name": "t", "type": {"type": "long", "logicalType": "timestamp-millis"}}],
+    }
+    data = io.BytesIO()
+    fastavro.writer(data, fastavro.parse_schema(raw), [{"t": 253_402_300_800_000}])  # year 10000
+    data.seek(0)
+    with pytest.raises(UserError, match=r"^file x\.avro cannot be read as Avro: OverflowError"):
+        list(read_records(data, "x.avro"))
