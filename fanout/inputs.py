@@ -56,10 +56,11 @@ def list_inputs(prefix: str) -> list[str]:
 
 
 def _walk(top: Path) -> list[str]:
-    """The regular files under ``top`` (not dot-files), links to directories
-    followed once each. A directory that cannot be read is an error, not a part
-    of the input left out: a run "succeeded" without it. A FIFO or a socket is
-    no input (reading one waited out the chunk's timeout)."""
+    """The regular files under ``top`` (not dot-files, nor what is under a
+    dot-directory), links to directories followed once each. A directory that
+    cannot be read is an error, not a part of the input left out: a run
+    "succeeded" without it. A FIFO or a socket is no input (reading one waited
+    out the chunk's timeout)."""
     found: list[str] = []
     seen: set[tuple[int, int]] = set()
 
@@ -72,7 +73,9 @@ def _walk(top: Path) -> list[str]:
             dirs.clear()
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs.sort()
+        # Dot-directories left out as dot-files are (a .git/ or .cache/ among
+        # the inputs was listed, file by file).
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             full = os.path.join(root, name)
             if name.startswith(".") or not _regular(full):

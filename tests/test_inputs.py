@@ -252,3 +252,16 @@ def test_the_example_job_takes_a_relative_source_as_where_it_was_submitted(
     monkeypatch.chdir(tmp_path)
     assert module.Params(source="data").source == str(tmp_path / "data")
     assert module.Params(source="s3://bucket/in/").source == "s3://bucket/in/"
+
+
+def test_local_listing_leaves_out_dot_directories_as_it_does_dot_files(tmp_path: Path) -> None:
+    # The files of a .git/ or .cache/ among the inputs were listed, each a chunk
+    # (a black-box helper's find).
+    from fanout.inputs import list_inputs
+
+    (tmp_path / ".git" / "objects").mkdir(parents=True)
+    (tmp_path / ".git" / "objects" / "ab.csv").write_text("x")
+    (tmp_path / ".hidden.csv").write_text("x")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("a")
+    assert list_inputs(str(tmp_path)) == [str(tmp_path / "data" / "a.csv")]
