@@ -90,8 +90,12 @@ class _Group(click.Group):
             ctx.exit(EXIT_USAGE)
         except (OSError, sqlite3.OperationalError) as exc:
             # The local home filled up or became read-only during the command
-            # (opening it is checked in group_backend): the user's to fix.
+            # (opening it is checked in group_backend): the user's to fix. (And
+            # botocore's connection errors are OSErrors: said as AWS problems.)
             obj = ctx.obj or {}
+            if (problem := aws_problem(exc)) is not None:
+                click.echo(f"error: {problem}", err=True)
+                ctx.exit(EXIT_USAGE)
             if obj.get("backend_name") == "aws" or not cannot_write(exc):
                 raise
             click.echo(f"error: {home_problem(obj['home'], exc)}", err=True)

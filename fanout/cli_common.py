@@ -164,8 +164,11 @@ _AWS_UNREACHABLE = frozenset(
         "ConnectionClosedError",
         "ProxyConnectionError",
         "SSLError",  # https to a plain-HTTP endpoint, a proxy that intercepts TLS
+        "ReadTimeoutError",  # an endpoint that takes connections and never answers
     }
 )
+#: botocore's errors of the AWS configuration files or profile named.
+_AWS_CONFIG = frozenset({"ProfileNotFound", "ConfigParseError", "ConfigNotFound"})
 _AWS_NO_CREDENTIALS = frozenset(
     {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 )
@@ -183,6 +186,8 @@ def aws_problem(exc: BaseException) -> str | None:
         return f"cannot reach AWS: {exc} (check the network, or AWS_ENDPOINT_URL)"
     if name in _AWS_NO_CREDENTIALS:
         return f"no usable AWS credentials: {exc}"
+    if name in _AWS_CONFIG:
+        return f"{exc} (check AWS_PROFILE and AWS_CONFIG_FILE)"
     if name == "NoRegionError":
         return "no AWS region: set AWS_REGION or AWS_DEFAULT_REGION"
     if name == "InvalidRegionError":

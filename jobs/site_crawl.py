@@ -14,7 +14,7 @@ books)::
 
 or on another copy of the site (``-p`` params are spider arguments)::
 
-    python -m tests.sites --site books --pages 5000 --port 8001 &
+    python tests/support/sites.py --site books --pages 5000 --port 8001 &
     fanout run jobs/site_crawl.py -p start_url=http://127.0.0.1:8001/
 """
 

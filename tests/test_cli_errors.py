@@ -575,8 +575,13 @@ AWS_STACK = {
             "Invalid endpoint: not-a-url (check AWS_ENDPOINT_URL",
         ),
         ({**FAKE_KEYS, "AWS_REGION": "bad!region"}, "'bad!region' doesn't match a supported"),
+        # botocore's ProfileNotFound: a traceback (a black-box helper's find).
+        (
+            {**FAKE_KEYS, "AWS_REGION": "us-east-1", "AWS_PROFILE": "nope"},
+            "(check AWS_PROFILE and AWS_CONFIG_FILE)",
+        ),
     ],
-    ids=["no region", "no credentials", "endpoint not a URL", "region not a region"],
+    ids=["no region", "no credentials", "endpoint not a URL", "region not a region", "profile"],
 )
 def test_aws_that_cannot_be_signed_in_to_is_one_line(
     tmp_path: Path, env: dict[str, str], needle: str
@@ -794,3 +799,37 @@ def test_a_home_a_newer_fanout_made_is_refused_in_one_line(tmp_path: Path) -> No
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1  # stamped
         db.execute("PRAGMA user_version = 7")
     assert_user_error(cli(home, "runs"), "a newer fanout made it (home format 7")
+
+
+def test_https_to_a_plain_http_endpoint_is_one_line(tmp_path: Path) -> None:
+    # botocore's SSLError is an OSError too: it was taken for the local home's
+    # problem, and re-raised as a traceback (a black-box helper's find).
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(
+            AWS_STACK,
+            AWS_ACCESS_KEY_ID="x",
+            AWS_SECRET_ACCESS_KEY="y",
+            AWS_REGION="us-east-1",
+            AWS_ENDPOINT_URL=f"https://127.0.0.1:{server.server_address[1]}",
+            PYTHONPATH=checkout_pythonpath(),
+            HOME=str(tmp_path),
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "fanout.cli", "--backend", "aws", "runs"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert_user_error(result, "cannot reach AWS: SSL validation failed")
