@@ -64,6 +64,18 @@ def rows(home: Path) -> list[dict[str, object]]:
     )
 
 
+#: Fields later jobs add (each with a default, so older files read).
+UNIT_AS_STRING = {"name": "unit", "type": "string", "default": "kWh"}
+SITE = {"name": "site", "type": "string", "default": "x"}
+
+
+def table_of_v1(tmp_path: Path) -> Path:
+    """A home whose table ``meters`` holds one run of ``item, n`` (v1)."""
+    home = tmp_path / "home"
+    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
+    return home
+
+
 def latest_run(home: Path) -> str:
     return str(json.loads(ok(cli(home, "runs", "--json")).splitlines()[0])["run_id"])
 
@@ -79,8 +91,7 @@ def versions(home: Path) -> list[str]:
 def test_a_cancelled_run_leaves_the_tables_schema_and_its_columns_as_they_were(
     tmp_path: Path,
 ) -> None:
-    home = tmp_path / "home"
-    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
+    home = table_of_v1(tmp_path)
     before = rows(home)
     assert [r["n"] for r in before] == [0, 1, 2]
 
@@ -104,8 +115,7 @@ def test_a_cancelled_run_leaves_the_tables_schema_and_its_columns_as_they_were(
 def test_a_failed_run_gives_its_version_back_and_a_replay_after_the_fix_takes_it_again(
     tmp_path: Path,
 ) -> None:
-    home = tmp_path / "home"
-    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
+    home = table_of_v1(tmp_path)
     broken = job_file(tmp_path, "v2", ["item"], fail=True)
     failed = cli(home, "run", broken, "-w", "1")
     assert failed.exit_code == 1, failed.output
@@ -130,11 +140,10 @@ def test_a_failed_run_gives_its_version_back_and_a_replay_after_the_fix_takes_it
 def test_a_replay_the_table_now_refuses_is_one_line_and_reopens_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    home = tmp_path / "home"
-    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
+    home = table_of_v1(tmp_path)
     # A job adding `unit` as a string fails; then another adds it as a long, and
     # writes: the first one's schema can no longer read the table.
-    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
+    monkeypatch.setitem(FIELDS, "unit", UNIT_AS_STRING)
     broken = job_file(tmp_path, "strings", ["item", "n", "unit"], fail=True)
     assert cli(home, "run", broken, "-w", "1").exit_code == 1
     run_id = latest_run(home)
@@ -142,7 +151,7 @@ def test_a_replay_the_table_now_refuses_is_one_line_and_reopens_nothing(
     ok(cli(home, "run", job_file(tmp_path, "longs", ["item", "n", "unit"]), "-w", "1"))
     assert versions(home) == ["v1", "v2"]
 
-    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
+    monkeypatch.setitem(FIELDS, "unit", UNIT_AS_STRING)
     job_file(tmp_path, "strings", ["item", "n", "unit"])  # "fixed"
     assert_user_error(
         cli(home, "replay", run_id), f"run {run_id}'s schema is no longer one the table", "'unit'"
@@ -154,10 +163,9 @@ def test_a_replay_the_table_now_refuses_is_one_line_and_reopens_nothing(
 def test_a_version_given_back_amid_the_history_no_longer_binds_later_schemas(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    home = tmp_path / "home"
-    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
-    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
-    monkeypatch.setitem(FIELDS, "site", {"name": "site", "type": "string", "default": "x"})
+    home = table_of_v1(tmp_path)
+    monkeypatch.setitem(FIELDS, "unit", UNIT_AS_STRING)
+    monkeypatch.setitem(FIELDS, "site", SITE)
     with_unit = ok(cli(home, "submit", job_file(tmp_path, "unit", ["item", "n", "unit"])))
     ok(cli(home, "submit", job_file(tmp_path, "site", ["item", "n", "site"])))
     ok(cli(home, "cancel", with_unit.strip()))
@@ -226,7 +234,7 @@ def test_a_run_its_table_can_no_longer_take_ends_failed_saying_why(
 
     home = tmp_path / "home"
     ok(cli(home, "run", job_file(tmp_path, "x", ["item", "n"]), "-w", "1"))
-    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
+    monkeypatch.setitem(FIELDS, "unit", UNIT_AS_STRING)
     run_id = ok(cli(home, "submit", job_file(tmp_path, "strings", ["item", "n", "unit"]))).strip()
     longs = {"name": "unit", "type": "long", "default": 0}
     fields = [FIELDS["item"], FIELDS["n"], longs]
@@ -256,10 +264,9 @@ def test_a_replayed_run_whose_version_was_given_back_goes_before_the_current_sch
     # Its version given back at its end, and the table moved on since with a
     # schema that reads its files: the replay's version goes before the
     # current one, which stays the table's (the review asked for this case).
-    home = tmp_path / "home"
-    ok(cli(home, "run", job_file(tmp_path, "v1", ["item", "n"]), "-w", "1"))
-    monkeypatch.setitem(FIELDS, "unit", {"name": "unit", "type": "string", "default": "kWh"})
-    monkeypatch.setitem(FIELDS, "site", {"name": "site", "type": "string", "default": "x"})
+    home = table_of_v1(tmp_path)
+    monkeypatch.setitem(FIELDS, "unit", UNIT_AS_STRING)
+    monkeypatch.setitem(FIELDS, "site", SITE)
     broken = job_file(tmp_path, "unit", ["item", "n", "unit"], fail=True)
     assert cli(home, "run", broken, "-w", "1").exit_code == 1
     run_id = latest_run(home)
