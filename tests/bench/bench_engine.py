@@ -25,6 +25,7 @@ import argparse
 import collections
 import json
 import multiprocessing as mp
+import os
 import re
 import shutil
 import subprocess
@@ -62,10 +63,13 @@ def process(chunk, ctx):
 
 
 def fanout_run(home: Path, job: str, *args: str) -> tuple[float, dict[str, object]]:
-    """``fanout run ... --json`` as a user runs it; (wall seconds, final status)."""
+    """``fanout run ... --json`` as a user runs it; (wall seconds, final status).
+    This checkout's fanout, not an installed one (an A/B from a worktree timed
+    the installed code on both sides)."""
     cmd = [sys.executable, "-m", "fanout.cli", "--home", str(home), "run", job, "--json", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     wall = time.perf_counter() - start
     status: dict[str, object] = json.loads(out.strip().splitlines()[-1])
     assert status["state"] == "succeeded", status
