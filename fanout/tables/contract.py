@@ -112,9 +112,9 @@ def check_contract(
                     f"table {table}: schema change refused: {problem}"
                     f" (the new schema must read files written with version {old['version']})"
                 )
-        version = next_version(history)
-        entry = {"version": version, "schema": schema_raw, "job": job_name, "at": time.time()}
-        history.append({**entry, "pending": [run_id]} if run_id is not None else entry)
+        entry = _new_entry(history, schema_raw, job_name, run_id)
+        version = entry["version"]
+        history.append(entry)
         snap["partitioning"] = partitioning
         snap["glue"] = glue
         return snap
@@ -126,28 +126,41 @@ def check_contract(
     return version
 
 
-def next_version(history: list[dict[str, Any]]) -> int:
-    """The number a new version takes: one above the highest (a version given
-    back leaves a gap amid the history, or frees the last number)."""
-    return max((e["version"] for e in history), default=0) + 1
+def _new_entry(
+    history: list[dict[str, Any]], schema_raw: Any, job_name: str, run_id: str | None
+) -> dict[str, Any]:
+    """A new version of ``schema_raw``, pending for ``run_id`` (if any). Its
+    number is one above the highest: a version given back leaves a gap amid the
+    history, or frees the last number."""
+    version = max((e["version"] for e in history), default=0) + 1
+    entry = {"version": version, "schema": schema_raw, "job": job_name, "at": time.time()}
+    return entry if run_id is None else {**entry, "pending": [run_id]}
+
+
+def _let_go(snap: dict[str, Any], run_id: str, keep: dict[str, Any] | None = None) -> bool:
+    """``run_id`` holds no pending version but ``keep`` any more, and the
+    versions no run holds go (one amid the history too: no file was written
+    with it, so it only held later schemas to reading it). Whether ``snap``
+    changed."""
+    history = snap["schemas"]
+    held = False
+    for entry in history:
+        if entry is not keep and run_id in entry.get("pending", ()):
+            entry["pending"].remove(run_id)
+            held = True
+    snap["schemas"] = [e for e in history if e.get("pending") != []]
+    return held or len(snap["schemas"]) != len(history)
 
 
 def release_schema(store: Store, table: str, run_id: str) -> None:
     """``run_id`` ended without a file in ``table``: it no longer holds a
     pending version, and the pending versions no run holds any more are taken
-    back (see the module docstring). One amid the history goes too: no file
-    was written with it, so it only held later schemas to reading it."""
+    back (see the module docstring and :func:`_let_go`)."""
 
     def change(snap: dict[str, Any]) -> dict[str, Any] | None:
-        history = snap["schemas"]
-        held = [e for e in history if run_id in e.get("pending", ())]
-        for entry in held:
-            entry["pending"].remove(run_id)
-        kept = [e for e in history if e.get("pending") != []]
-        if not held and len(kept) == len(history):
+        if not _let_go(snap, run_id):
             return None
-        snap["schemas"] = kept
-        if not kept:
+        if not snap["schemas"]:
             snap["partitioning"] = None  # (no version: no file either) a new start
         return snap
 
@@ -173,14 +186,10 @@ def confirm_version(snap: dict[str, Any], schema_raw: Any, job_name: str, run_id
         changed = hold_for_run(snap, schema_raw, job_name, run_id)
         entry = _held_by(history, run_id)
         assert entry is not None  # (held just now)
-    for e in history:
-        if run_id in e.get("pending", ()) and e is not entry:
-            e["pending"].remove(run_id)
-            changed = True
+    changed = _let_go(snap, run_id, keep=entry) or changed
     if "pending" in entry:
         del entry["pending"]
         changed = True
-    snap["schemas"] = [e for e in history if e.get("pending") != []]
     return changed
 
 
@@ -219,8 +228,7 @@ def hold_for_run(snap: dict[str, Any], schema_raw: Any, job_name: str, run_id: s
                 f"table {snap['table']}: run {run_id}'s schema is no longer one the table can"
                 f" take: {problem} (it must read files written with version {old['version']})"
             )
-    new = {"version": next_version(history), "schema": schema_raw, "job": job_name}
-    history.insert(at, {**new, "at": time.time(), "pending": [run_id]})
+    history.insert(at, _new_entry(history, schema_raw, job_name, run_id))
     return True
 
 
