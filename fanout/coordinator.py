@@ -64,12 +64,11 @@ def submit(
     job, model = load_checked(job_ref, params or {})
     raw_params = model.model_dump(mode="json") if isinstance(model, BaseModel) else dict(model)
     run_settings = job.settings.overridden(settings or {})
-    schema = job.schema
+    raw_schema = job.schema.raw if job.schema else None
     run_id = run_id or new_run_id(job.name)
     spec = job.table_spec
     if spec is not None:  # issue 14: the table's schema contract, before any write
-        raw = schema.raw if schema else None
-        check_contract(backend.store, spec, raw, job.name, run_id=run_id)
+        check_contract(backend.store, spec, raw_schema, job.name, run_id=run_id)
     now = time.time()
     run = RunRecord(
         run_id=run_id,
@@ -79,7 +78,7 @@ def submit(
         settings=recorded_settings(
             run_settings,
             job.kind,
-            schema.raw if schema else None,
+            raw_schema,
             table_setting(spec),
             planned=job.plan_fn is not None,
         ),
