@@ -214,7 +214,8 @@ def _check_chunk(values: tuple[Any, ...], typed: bool, walk: bool) -> None:
         and (kind == "process" or kind == "plan")
         and type(kind) is str
         and (ref is None or (type(ref) is str and len(ref) <= MAX_REF_CHARS))
-        and (spawned == 0 or (type(spawned) is int and 0 < spawned <= MAX_SPAWNED))
+        and type(spawned) is int
+        and 0 <= spawned <= MAX_SPAWNED
         and (not walk or (json_ok(payload, typed) and json_ok(cursor, typed)))
     ):
         return

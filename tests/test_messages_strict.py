@@ -263,6 +263,8 @@ def test_messages_built_in_python_are_checked_and_round_trip() -> None:
         ({"kind": "exec"}, "kind"),
         ({"spawned": -1}, "spawned"),
         ({"spawned": True}, "spawned"),
+        ({"spawned": False}, "spawned"),  # (== 0: the fast check took it)
+        ({"spawned": 0.0}, "spawned"),
     ]:
         with pytest.raises(MessageError, match=f"^invalid message: {re.escape(where)}: "):
             ChunkMessage(**{"run_id": "r", "chunk_id": "0", **bad})
