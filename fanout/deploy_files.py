@@ -49,15 +49,15 @@ def _walk(
         path = Path(entry.path)
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():  # (following a link)
-            if entry.name not in EXCLUDED_DIRS:
-                _inside(path, f"{prefix}/{path.relative_to(base).as_posix()}", within)
-                yield from _walk(path, base, prefix, within, above)
-        elif path.suffix not in EXCLUDED_SUFFIXES:
-            name = f"{prefix}/{path.relative_to(base).as_posix()}"
-            _inside(path, name, within)
-            if entry.is_file():  # (not a FIFO, a socket, a dangling link)
-                yield name, path
+        is_dir = entry.is_dir()  # (following a link)
+        if entry.name in EXCLUDED_DIRS if is_dir else path.suffix in EXCLUDED_SUFFIXES:
+            continue
+        name = f"{prefix}/{path.relative_to(base).as_posix()}"
+        _inside(path, name, within)
+        if is_dir:
+            yield from _walk(path, base, prefix, within, above)
+        elif entry.is_file():  # (not a FIFO, a socket, a dangling link)
+            yield name, path
 
 
 def _inside(path: Path, shown: str, within: Path) -> None:
