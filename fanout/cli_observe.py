@@ -26,6 +26,7 @@ from fanout.backends.base import (
     TaskState,
 )
 from fanout.cli_common import RUN_ID, exit_code, group_backend, human, utc_time
+from fanout.controls import chunks_ran
 from fanout.errors import UserError
 
 if TYPE_CHECKING:  # the coordinator (and pydantic) is imported by the commands that use it
@@ -79,12 +80,7 @@ def progress(st: Status, state: str | None = None) -> dict[str, Any]:
 def progress_bar(st: Status, state: str | None = None) -> str:
     """One line: ``[#####-----]  40% chunks 4/10 ...  ETA ~3.0s`` (or the state)."""
     p = progress(st, state)
-    # A cancelled chunk ended without doing its work: the bar and the count
-    # show the chunks that ran (a cancelled run's bar is not full), and the
-    # cancelled ones are named beside them; but a run that succeeded (its job
-    # stopped it, with chunks left over) did all it had to: its bar is full.
-    succeeded = st.run.state in (RunState.SUCCEEDED, RunState.SUCCEEDED_WITH_FAILURES)
-    ran = p["finished"] - (0 if succeeded else p["cancelled"])
+    ran = chunks_ran(st.run)  # (the cancelled ones are named beside them)
     frac = ran / p["total"] if p["total"] else 0.0
     filled = int(frac * BAR_WIDTH)
     bar = "#" * filled + "-" * (BAR_WIDTH - filled)

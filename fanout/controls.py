@@ -177,6 +177,15 @@ def tolerance(settings: RunLimits, chunks: int) -> int | None:
     return max(allowed) if allowed else None
 
 
+def chunks_ran(run: RunRecord) -> int:
+    """The chunks of ``run`` that ended having done their work, as progress
+    shows them: a cancelled chunk did not (a cancelled run's bar is not full);
+    but a run that succeeded (its job stopped it, with chunks left over) did all
+    it had to, its cancelled chunks counted with the rest."""
+    succeeded = run.state in (RunState.SUCCEEDED, RunState.SUCCEEDED_WITH_FAILURES)
+    return run.tasks_done + run.tasks_dead + (run.tasks_cancelled if succeeded else 0)
+
+
 def tolerance_chunks(run: RunRecord) -> int:
     """The chunks a run's tolerated failures are counted of: those registered,
     its plan left out (it makes the work chunks and does none of their work:

@@ -12,6 +12,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from fanout.cli_common import human, utc_time
+from fanout.controls import chunks_ran
 from fanout.ui import svg
 from fanout.ui.views import duration
 
@@ -36,6 +37,7 @@ def environment() -> Environment:
         human=human,
         pretty=_pretty,
         thousands=lambda n: f"{int(n):,}",
+        ran=chunks_ran,
     )
     env.globals.update(
         timeline_svg=svg.timeline_svg, rate_svg=svg.rate_svg, legend=svg.legend, colours=svg.COLOURS

@@ -30,6 +30,7 @@ from fanout.backends.base import (
     TaskState,
 )
 from fanout.cli_observe import chunk_events, progress
+from fanout.controls import chunks_ran
 from fanout.errors import UserError
 from fanout.limits import RunKind, kind_of
 from fanout.ui.timeline import Bar, Throughput, Timeline, lay_out, throughput
@@ -170,11 +171,9 @@ def runs_page(
     rows = []
     for r in chosen:
         # As `fanout runs`/`status` show it: paused/cancelling/stopping, the
-        # pauses left out of elapsed and rate, cancelled chunks not counted as run
-        # (except for a run that succeeded: its job stopped it, its bar is full).
+        # pauses left out of elapsed and rate, the chunks that ran.
         st, shown = coordinator.live_status(backend, r)
-        succeeded = r.state in (RunState.SUCCEEDED, RunState.SUCCEEDED_WITH_FAILURES)
-        finished = r.tasks_done + r.tasks_dead + (r.tasks_cancelled if succeeded else 0)
+        finished = chunks_ran(r)
         elapsed = st.elapsed
         rows.append(
             RunRow(
