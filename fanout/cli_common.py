@@ -25,6 +25,7 @@ import click
 from fanout.backends import open_backend
 from fanout.backends.base import Backend, RunRecord, RunState
 from fanout.errors import UserError
+from fanout.failures import disk_full
 from fanout.json_fields import utf8
 
 #: The longest ``--chunk-timeout`` (s): a chunk that must be stopped is stopped.
@@ -139,7 +140,7 @@ def home_problem(home: Path, exc: BaseException) -> str:
         st = os.statvfs(found)
         if st.f_flag & os.ST_RDONLY:
             why = "it is on a read-only file system"
-        elif st.f_bavail == 0 and st.f_blocks > 0:  # /proc and the like have no blocks
+        elif disk_full(st):
             why = "its disk is full (no space left on the device)"
         elif st.f_favail == 0 and st.f_files > 0:  # room for bytes, none for a new file
             why = "its file system has no free inodes (no space left on the device)"

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -486,6 +487,14 @@ def cannot_write(exc: BaseException) -> bool:
     if sqlite3 is not None and isinstance(exc, sqlite3.OperationalError):
         return str(exc).lower().startswith(_NO_WRITE_SQLITE)
     return False
+
+
+def disk_full(st: os.statvfs_result) -> bool:
+    """Whether the file system ``st`` describes takes no more data from this
+    process: no block free to it (root may still write the blocks reserved for
+    it; /proc and the like, with no blocks at all, are not full)."""
+    free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return free == 0 and st.f_blocks > 0
 
 
 def log_failure(message: str, *args: Any, exc: BaseException) -> None:

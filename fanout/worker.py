@@ -33,7 +33,7 @@ from fanout.backends.base import BatchLedger, Delivery, Failure, FailureKind, Ru
 from fanout.coordinator import recover
 from fanout.dispatch import Dispatcher
 from fanout.errors import UserError
-from fanout.failures import Attempt, exit_cause
+from fanout.failures import Attempt, disk_full, exit_cause
 from fanout.fairness import serve_run_only
 from fanout.finalize import FINALIZE_STALE
 from fanout.jobs import load_job
@@ -358,9 +358,7 @@ class WorkerPool:
             st = os.statvfs(root)
         except OSError:
             return None
-        # (root may still write the blocks reserved for it: full is none free)
-        free = st.f_bfree if os.geteuid() == 0 else st.f_bavail
-        if not (free == 0 and st.f_blocks > 0):
+        if not disk_full(st):
             self._full_since = 0.0
             return None
         self._full_since = self._full_since or now
